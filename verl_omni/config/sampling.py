@@ -1,0 +1,121 @@
+"""Per-request diffusion sampling parameters.
+
+One dataclass travels from the agent loop through the server actor to the engine and the pipeline, so
+every layer validates the same fields the same way. Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+SDE_TYPES = ("sde", "cps")
+
+
+@dataclass
+class DiffusionSamplingParams:
+    """What one generate call needs besides the prompt and the seeds.
+
+    The SDE window: when ``sde_window_size > 0`` only ``sde_window_size`` consecutive steps starting at
+    ``window_start`` are stochastic (and carry log-probs); all other steps are ODE steps. ``window_start``
+    is chosen per prompt group by the caller (see ``verl_omni.schedulers.flow_match_sde.choose_window``)
+    so all n samples of a group share it. ``sde_window_size == 0`` means every step is an SDE step.
+    """
+
+    num_inference_steps: int = 10
+    height: int = 64
+    width: int = 64
+    # Qwen-Image: true CFG (two forwards, combined); SD3: classic CFG. 1.0 disables guidance.
+    guidance_scale: float = 1.0
+    negative_prompt: Optional[str] = None
+    max_sequence_length: int = 64
+    noise_level: float = 0.7
+    sde_type: str = "sde"
+    sde_window_size: int = 0
+    sde_window_range: Optional[tuple[int, int]] = None
+    window_start: Optional[int] = None
+    # Keep every step's latents (needed for training); off for validation / benchmarks that only need images.
+    return_trajectory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sde_window_range is not None:
+            self.sde_window_range = tuple(int(x) for x in self.sde_window_range)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, vae_scale_factor: Optional[int] = None) -> "DiffusionSamplingParams":
+        """Raise ``ValueError`` naming the offending field; return self for chaining."""
+        _require_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        _require_int("height", self.height, minimum=1)
+        _require_int("width", self.width, minimum=1)
+        _require_int("max_sequence_length", self.max_sequence_length, minimum=1)
+        if vae_scale_factor is not None:
+            multiple = vae_scale_factor * 2  # VAE downsampling x 2x2 patchify
+            for name in ("height", "width"):
+                value = getattr(self, name)
+                if value % multiple:
+                    raise ValueError(f"{name}={value} must be a multiple of {multiple} (VAE factor x patch size)")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1.0 (1.0 = no guidance)")
+        if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
+            raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
+        if self.sde_type not in SDE_TYPES:
+            raise ValueError(f"sde_type={self.sde_type!r} is not one of {SDE_TYPES}")
+        _require_int("sde_window_size", self.sde_window_size, minimum=0)
+        if self.sde_window_size > self.num_inference_steps:
+            raise ValueError(
+                f"sde_window_size={self.sde_window_size} exceeds num_inference_steps={self.num_inference_steps}"
+            )
+        if self.sde_window_range is not None:
+            if len(self.sde_window_range) != 2:
+                raise ValueError(f"sde_window_range={self.sde_window_range!r} must be (lo, hi)")
+            lo, hi = self.sde_window_range
+            if not (0 <= lo <= hi <= self.num_inference_steps - max(self.sde_window_size, 1)):
+                raise ValueError(
+                    f"sde_window_range={self.sde_window_range!r} must satisfy 0 <= lo <= hi <= "
+                    f"num_inference_steps - sde_window_size = {self.num_inference_steps - max(self.sde_window_size, 1)}"
+                )
+        if self.window_start is not None:
+            _require_int("window_start", self.window_start, minimum=0)
+            if self.window_start + max(self.sde_window_size, 1) > self.num_inference_steps:
+                raise ValueError(
+                    f"window_start={self.window_start} + sde_window_size={self.sde_window_size} exceeds "
+                    f"num_inference_steps={self.num_inference_steps}"
+                )
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}")
+        return self
+
+    def window_steps(self) -> tuple[int, int]:
+        """[start, end) of the stochastic steps for this request."""
+        if self.sde_window_size == 0:
+            return 0, self.num_inference_steps
+        start = self.window_start if self.window_start is not None else 0
+        return start, start + self.sde_window_size
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict[str, Any]]) -> "DiffusionSamplingParams":
+        """Build from a plain dict, rejecting unknown keys (a typo must not silently use a default)."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling_params keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "DiffusionSamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+
+
+__all__ = ["DiffusionSamplingParams", "SDE_TYPES"]

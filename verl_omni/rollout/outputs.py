@@ -1,0 +1,116 @@
+"""Per-sample diffusion outputs and the unpacking of a batched engine result into them.
+
+A batched engine call returns tensors with a leading batch dimension B=N. FlowGRPO, the reward and
+verl's DataProto want one record per sample, so every field is sliced and *cloned*: no sample shares
+storage with another (a later in-place edit of one must never change its siblings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RLBatchOutput:
+    """What an RL pipeline returns for one call of batch B (all tensors on CPU).
+
+    Shapes: T = num_inference_steps; latents are the packed transformer-space latents.
+    - images:            uint8 [B, H, W, 3]
+    - latents:           [B, T+1, *latent_shape]  (x_T ... x_0; empty T dim when return_trajectory=False)
+    - log_probs:         float32 [B, T]   (0 outside the SDE window)
+    - window_mask:       bool [T]         (True where the step was stochastic and counts for training)
+    - timesteps:         float32 [T]      (the transformer's timestep input, per step)
+    - sigmas:            float32 [T+1]    (scheduler sigmas incl. the terminal one)
+    - prompt_embeds:     [B, L, D]; prompt_embeds_mask: [B, L] (None where the model has no mask)
+    - negative_*:        same, only when guidance is on
+    - pooled_*:          SD3's pooled text embeddings [B, D'] (None for Qwen-Image)
+    - seeds:             the B seeds used
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    window_mask: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    prompt_embeds: torch.Tensor
+    seeds: list[int]
+    prompt_embeds_mask: Optional[torch.Tensor] = None
+    negative_prompt_embeds: Optional[torch.Tensor] = None
+    negative_prompt_embeds_mask: Optional[torch.Tensor] = None
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+
+# Fields that have a leading batch dimension; the rest are shared per call (copied per sample).
+_PER_SAMPLE = (
+    "images",
+    "latents",
+    "log_probs",
+    "prompt_embeds",
+    "prompt_embeds_mask",
+    "negative_prompt_embeds",
+    "negative_prompt_embeds_mask",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+_SHARED = ("window_mask", "timesteps", "sigmas")
+
+
+@dataclass
+class DiffusionSample:
+    """One generated image with everything FlowGRPO needs to score and train on it."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    latents: torch.Tensor  # [T+1, *latent_shape]
+    log_probs: torch.Tensor  # [T]
+    window_mask: torch.Tensor  # bool [T]
+    timesteps: torch.Tensor  # [T]
+    sigmas: torch.Tensor  # [T+1]
+    prompt_embeds: torch.Tensor  # [L, D]
+    seed: int
+    prompt_embeds_mask: Optional[torch.Tensor] = None
+    negative_prompt_embeds: Optional[torch.Tensor] = None
+    negative_prompt_embeds_mask: Optional[torch.Tensor] = None
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    def to_payload(self) -> dict:
+        """Plain dict (numpy / tensors) for Ray or HTTP transport."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "DiffusionSample":
+        return cls(**payload)
+
+
+def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
+    """Split a batched result into independent per-sample outputs (cloned, contiguous, CPU)."""
+    n = batch.batch_size
+    if len(batch.seeds) != n:
+        raise ValueError(f"engine returned {n} images for {len(batch.seeds)} seeds")
+    samples = []
+    for i in range(n):
+        kwargs = {}
+        for name in _PER_SAMPLE:
+            value = getattr(batch, name)
+            if value is None:
+                kwargs[name] = None
+            elif value.shape[0] != n:
+                raise ValueError(f"engine field {name} has batch {value.shape[0]}, expected {n}")
+            else:
+                kwargs[name] = value[i].detach().to("cpu").clone().contiguous()
+        for name in _SHARED:
+            kwargs[name] = getattr(batch, name).detach().to("cpu").clone()
+        image = kwargs.pop("images")
+        samples.append(DiffusionSample(image=image.numpy(), seed=int(batch.seeds[i]), **kwargs))
+    return samples
