@@ -1,0 +1,186 @@
+"""Rewards: registry, weighted manager, custom functions, loud failures, OCR and JPEG scores."""
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from verl_omni.rewards import (
+    RewardComputationError,
+    RewardManager,
+    RewardTimeoutError,
+    get_reward_fn,
+    register_reward,
+)
+from verl_omni.rewards.ocr import extract_quoted_target, levenshtein_distance, ocr_text_score
+
+
+def render_text(text: str, size=(512, 128)) -> np.ndarray:
+    """Large black text on white: what a well-trained model should produce."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((24, 30), text, fill="black", font=ImageFont.load_default(size=56))
+    return np.asarray(image)
+
+
+def flat(value: int, size=(64, 64)) -> np.ndarray:
+    return np.full((*size, 3), value, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_unknown_reward_names_itself_and_the_allowed_names():
+    with pytest.raises(ValueError) as err:
+        get_reward_fn("no_such_reward")
+    assert "no_such_reward" in str(err.value)
+    assert "ocr" in str(err.value) and "jpeg" in str(err.value)
+
+
+def test_registering_a_second_function_under_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("brightness")(lambda images, prompts, metadata: [0.0] * len(images))
+
+
+# ---------------------------------------------------------------- manager
+
+
+def test_weighted_sum_and_per_reward_scores():
+    images = [flat(0), flat(255), flat(51)]
+    manager = RewardManager({"rewards": [{"name": "brightness", "weight": 2.0}, {"name": "redness", "weight": -1.0}]})
+    result = manager(images, ["a", "b", "c"], [{}, {}, {}])
+
+    np.testing.assert_allclose(result.per_reward["brightness"], [0.0, 1.0, 0.2])
+    np.testing.assert_allclose(result.per_reward["redness"], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(result.total, [0.0, 2.0, 0.4])
+    metrics = result.metrics()
+    assert metrics["reward/brightness/mean"] == pytest.approx(0.4)
+    assert metrics["reward/brightness/std"] == pytest.approx(np.std([0.0, 1.0, 0.2]))
+    assert metrics["reward/total/mean"] == pytest.approx(0.8)
+
+
+def test_redness_separates_red_from_grey():
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    scores = get_reward_fn("redness")([red, flat(128, (8, 8))], ["", ""], [{}, {}])
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0)
+
+
+def test_custom_reward_function_loaded_from_a_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(
+        "def prompt_length(images, prompts, metadata, scale=1.0):\n"
+        "    return [scale * len(p) for p in prompts]\n"
+    )
+    manager = RewardManager(
+        {
+            "rewards": [{"name": "brightness", "weight": 1.0}],
+            "custom_reward_function": {"path": str(path), "name": "prompt_length", "weight": 0.5,
+                                       "reward_kwargs": {"scale": 2.0}},
+        }
+    )
+    result = manager([flat(255), flat(0)], ["abc", "a"], None)
+    np.testing.assert_allclose(result.per_reward["custom/prompt_length"], [6.0, 2.0])
+    np.testing.assert_allclose(result.total, [1.0 + 3.0, 0.0 + 1.0])
+
+
+def test_custom_reward_function_missing_file_or_name_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        RewardManager({"custom_reward_function": {"path": str(tmp_path / "absent.py"), "name": "f"}})
+    path = tmp_path / "r.py"
+    path.write_text("def other(images, prompts, metadata):\n    return [0.0] * len(images)\n")
+    with pytest.raises(AttributeError, match="missing_fn"):
+        RewardManager({"custom_reward_function": {"path": str(path), "name": "missing_fn"}})
+
+
+def _custom_manager(tmp_path, body: str, **extra) -> RewardManager:
+    path = tmp_path / "bad_reward.py"
+    path.write_text(body)
+    return RewardManager({"custom_reward_function": {"path": str(path), "name": "score", **extra}})
+
+
+def test_a_raising_reward_names_the_reward_and_the_offending_sample(tmp_path):
+    manager = _custom_manager(
+        tmp_path,
+        "def score(images, prompts, metadata):\n"
+        "    return [1.0 / (len(p) - 4) for p in prompts]\n",  # "four" -> ZeroDivisionError
+    )
+    with pytest.raises(RewardComputationError) as err:
+        manager([flat(0)] * 3, ["one", "three", "four"], None)
+    message = str(err.value)
+    assert "custom/score" in message and "sample 2" in message and "four" in message
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+
+
+def test_a_non_finite_reward_is_an_error_naming_the_sample(tmp_path):
+    manager = _custom_manager(
+        tmp_path, "def score(images, prompts, metadata):\n    return [0.0, float('nan'), 1.0]\n"
+    )
+    with pytest.raises(RewardComputationError, match=r"custom/score.*sample 1 = nan.*'middle'"):
+        manager([flat(0)] * 3, ["first", "middle", "last"], None)
+
+
+def test_a_reward_returning_the_wrong_count_is_an_error(tmp_path):
+    manager = _custom_manager(tmp_path, "def score(images, prompts, metadata):\n    return [0.0]\n")
+    with pytest.raises(RewardComputationError, match="1 scores for 2 samples"):
+        manager([flat(0)] * 2, ["a", "b"], None)
+
+
+def test_a_slow_reward_times_out_with_its_name(tmp_path):
+    manager = _custom_manager(
+        tmp_path,
+        "import time\ndef score(images, prompts, metadata):\n    time.sleep(1)\n    return [0.0] * len(images)\n",
+        timeout_s=0.1,
+    )
+    start = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=r"custom/score.*timeout_s=0.1"):
+        manager([flat(0)], ["a"], None)
+    assert time.monotonic() - start < 0.8
+
+
+# ---------------------------------------------------------------- OCR
+
+
+def test_ocr_score_is_high_for_the_right_text_and_low_for_a_wrong_one():
+    images = [render_text("Open Cafe"), render_text("Golden Tiger"), render_text("Pixel Robot")]
+    prompts = [
+        'A storefront that says "Open Cafe"',
+        'A poster titled "golden tiger"',  # case and spacing are normalised away, as in FlowGRPO
+        'A neon sign that reads "Silver Moon"',
+    ]
+    scores = get_reward_fn("ocr")(images, prompts, [{}, {}, {}])
+    assert scores[0] >= 0.9 and scores[1] >= 0.9
+    assert scores[2] <= 0.5
+
+
+def test_ocr_on_an_image_without_text_scores_zero():
+    assert get_reward_fn("ocr")([flat(255, (128, 128))], ['say "Hello"'], [{}]) == [0.0]
+
+
+def test_ocr_prompt_without_quotes_is_a_loud_error_through_the_manager():
+    manager = RewardManager({"rewards": [{"name": "ocr"}]})
+    with pytest.raises(RewardComputationError, match=r"'ocr' failed on sample 1.*double quotes"):
+        manager([render_text("Hi"), render_text("Hi")], ['a "Hi"', "no quotes here"], None)
+
+
+def test_ocr_text_score_matches_flowgrpo_definition():
+    assert extract_quoted_target('New York with "Hello World" in fireworks') == "Hello World"
+    assert levenshtein_distance("kitten", "sitting") == 3
+    assert ocr_text_score("HELLO WORLD", "hello world") == 1.0  # lower-cased, spaces dropped
+    assert ocr_text_score("xx hello yy", "Hello") == 1.0  # target inside the recognised text
+    assert ocr_text_score("hellp", "hello") == pytest.approx(0.8)  # one edit in five characters
+    assert ocr_text_score("", "hello") == 0.0
+    assert ocr_text_score("completely unrelated text", "abc") == 0.0  # distance capped at len(target)
+
+
+# ---------------------------------------------------------------- JPEG
+
+
+def test_jpeg_compressibility_prefers_a_flat_image_to_noise():
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    compress = get_reward_fn("jpeg")([flat(128, (128, 128)), noise], ["", ""], [{}, {}])
+    size_kb = get_reward_fn("jpeg_incompressibility")([flat(128, (128, 128)), noise], ["", ""], [{}, {}])
+    assert compress[0] > compress[1]
+    assert size_kb[1] > size_kb[0] > 0
+    # FlowGRPO: compressibility = -size_kB / 500
+    np.testing.assert_allclose(compress, -np.asarray(size_kb) / 500)
