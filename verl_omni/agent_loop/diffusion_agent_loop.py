@@ -1,0 +1,276 @@
+"""Diffusion agent loop: verl's agent-loop workers, with rollout.n rows of a prompt sent as one B=N call.
+
+- ``DiffusionServerClient``: verl's ``LLMServerClient`` (acquire a server from the global load balancer,
+  release it in ``finally``) with the two diffusion verbs.
+- ``DiffusionAgentLoop``: registered in verl's agent-loop registry; ``run`` is one row (per-row path),
+  ``run_group`` is one group of n rows (batched path).
+- ``DiffusionAgentLoopWorker`` / ``DiffusionAgentLoopManager``: verl's worker and manager, subclassed
+  because verl offers no hook to hand a *group* of rows to one agent loop, nor to build a non-token batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import ray
+import torch
+from verl import DataProto
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopBase,
+    AgentLoopManager,
+    AgentLoopWorker,
+    DictConfigWrap,
+    _agent_loop_registry,
+    register,
+)
+from verl.workers.rollout.llm_server import LLMServerClient
+
+from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups, prompt_text
+from verl_omni.config.rollout import DiffusionRolloutConfig
+from verl_omni.registration import AGENT_LOOP_NAME
+from verl_omni.rollout.engines.base import get_engine_class
+from verl_omni.rollout.outputs import DiffusionSample
+from verl_omni.schedulers.flow_match_sde import choose_window
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionServerClient(LLMServerClient):
+    """Routes diffusion requests through verl's global load balancer (least in-flight, sticky by id)."""
+
+    async def generate_batched(self, request_id: str, *, prompt: str, seeds: list[int],
+                               sampling_params: dict) -> list[dict]:
+        server_id, server = await self._acquire_server(request_id)
+        try:
+            return await server.generate_batched.remote(
+                request_id=request_id, prompt=prompt, num_outputs_per_prompt=len(seeds), seeds=seeds,
+                sampling_params=sampling_params,
+            )
+        finally:
+            self._release_server(server_id, request_id=request_id)
+
+    async def generate(self, request_id: str, *, prompt: str, seed: int, sampling_params: dict) -> dict:  # type: ignore[override]
+        server_id, server = await self._acquire_server(request_id)
+        try:
+            return await server.generate.remote(request_id=request_id, prompt=prompt, seed=seed,
+                                                sampling_params=sampling_params)
+        finally:
+            self._release_server(server_id, request_id=request_id)
+
+
+@register(AGENT_LOOP_NAME)
+class DiffusionAgentLoop(AgentLoopBase):
+    """One text-to-image turn. Rows carry ``__seed__`` and ``__request_id__`` set by the worker."""
+
+    def __init__(self, trainer_config: DictConfigWrap, server_manager: DiffusionServerClient, **_: Any):
+        # verl's base __init__ builds a token builder from a tokenizer; a diffusion turn has none.
+        self.config = trainer_config.config
+        self.server_manager = server_manager
+
+    async def run(self, sampling_params: dict[str, Any], **row: Any) -> DiffusionSample:
+        start = time.perf_counter()
+        payload = await self.server_manager.generate(
+            row["__request_id__"], prompt=_row_prompt(row), seed=int(row["__seed__"]), sampling_params=sampling_params
+        )
+        sample = await _postprocess(payload)
+        sample.extra["generate_s"] = time.perf_counter() - start
+        return sample
+
+    async def run_group(self, sampling_params: dict[str, Any], rows: list[dict[str, Any]]) -> list[DiffusionSample]:
+        start = time.perf_counter()
+        payloads = await self.server_manager.generate_batched(
+            rows[0]["__request_id__"], prompt=_row_prompt(rows[0]), seeds=[int(r["__seed__"]) for r in rows],
+            sampling_params=sampling_params,
+        )
+        samples = await asyncio.gather(*[_postprocess(p) for p in payloads])
+        elapsed = time.perf_counter() - start
+        for sample in samples:
+            sample.extra["generate_s"] = elapsed
+        return list(samples)
+
+
+def _row_prompt(row: dict[str, Any]) -> str:
+    if "raw_prompt" not in row:
+        raise ValueError(f"row has no 'raw_prompt' field (fields: {sorted(k for k in row if not k.startswith('__'))})")
+    text = prompt_text(row["raw_prompt"])
+    if not text.strip():
+        raise ValueError(f"empty prompt in row {row.get('__request_id__')}")
+    return text
+
+
+async def _postprocess(payload: dict) -> DiffusionSample:
+    sample = DiffusionSample.from_payload(payload)
+    for name in ("latents", "log_probs", "prompt_embeds"):
+        value = getattr(sample, name)
+        if value is not None and value.numel() and not torch.isfinite(value.float()).all():
+            raise FloatingPointError(f"engine returned non-finite {name} for seed {sample.seed}")
+    return sample
+
+
+class DiffusionAgentLoopWorker(AgentLoopWorker):
+    """Runs a chunk of rows: batched groups as one call, the rest row by row; returns a diffusion batch."""
+
+    def __init__(self, config, llm_client: DiffusionServerClient, teacher_client=None, reward_loop_worker_handles=None):
+        # verl's worker loads a tokenizer, tools and traces for text turns; none apply here.
+        self.config = config
+        self.llm_client = llm_client
+        self.rollout = DiffusionRolloutConfig.from_omega(config.actor_rollout_ref.rollout)
+        self._engine_supports_batched = get_engine_class(self.rollout.name).supports_batched
+        self._logged_reasons: set[str] = set()
+
+    async def generate_sequences(self, batch: DataProto) -> DataProto:
+        validate = bool(batch.meta_info.get("validate", False))
+        n = int(batch.meta_info.get("n", self.rollout.val_kwargs.n if validate else self.rollout.n))
+        params = self.rollout.sampling_params(validate=validate)
+        non_tensor = batch.non_tensor_batch
+        if "agent_name" not in non_tensor:
+            non_tensor["agent_name"] = np.array([self.rollout.agent.default_agent_loop] * len(batch), dtype=object)
+        groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion,
+                             engine_supports_batched=self._engine_supports_batched)
+        step = batch.meta_info.get("global_steps", 0)
+        tasks = [self._run_group(group, non_tensor, params, step, validate) for group in groups]
+        start = time.perf_counter()
+        results = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+
+        samples: list[Optional[DiffusionSample]] = [None] * len(batch)
+        for group, group_samples in zip(groups, results):
+            for row, sample in zip(group.rows, group_samples):
+                samples[row] = sample
+        reasons = Counter(g.reason for g in groups if not g.batched)
+        for reason in reasons:
+            if reason not in self._logged_reasons:
+                self._logged_reasons.add(reason)
+                logger.warning("diffusion rollout: groups fall back to per-row calls (reason: %s)", reason)
+        metrics = {
+            "rollout/batched_groups": sum(g.batched for g in groups),
+            "rollout/fallback_groups": sum(not g.batched for g in groups),
+            **{f"rollout/fallback_reason/{r}": c for r, c in reasons.items()},
+            "rollout/generate_s": elapsed,
+        }
+        return samples_to_data_proto(samples, non_tensor, metrics)
+
+    async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
+        rows = []
+        for k, i in enumerate(group.rows):
+            row = {key: value[i] for key, value in non_tensor.items()}
+            row["__seed__"] = derive_seed(self.rollout.seed + (10_000_019 * step), group.key, k)
+            row["__request_id__"] = f"{group.key}-{k}" if not group.batched else group.key
+            rows.append(row)
+        # The SDE window is drawn per group, so the n samples of a prompt share it on both paths.
+        group_params = params
+        if params.sde_window_size > 0 and not validate:
+            start = choose_window(derive_seed(self.rollout.seed + step, group.key, -1), params.num_inference_steps,
+                                  params.sde_window_size, params.sde_window_range)
+            group_params = params.replace(window_start=start)
+        sampling = group_params.to_dict()
+        agent_name = str(rows[0]["agent_name"])
+        loop = _instantiate_agent_loop(agent_name, self.config, self.llm_client)
+        if group.batched:
+            return await loop.run_group(sampling, rows)
+        outputs = []
+        for row in rows:
+            row_loop = loop if str(row["agent_name"]) == agent_name else _instantiate_agent_loop(
+                str(row["agent_name"]), self.config, self.llm_client)
+            outputs.append(row_loop.run(sampling, **row))
+        return await asyncio.gather(*outputs)
+
+
+def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLoop:
+    if agent_name not in _agent_loop_registry:
+        raise ValueError(f"agent_name={agent_name!r} is not a registered agent loop; known: {sorted(_agent_loop_registry)}")
+    return hydra.utils.instantiate(_agent_loop_registry[agent_name], trainer_config=DictConfigWrap(config=config),
+                                   server_manager=client)
+
+
+def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metrics: dict) -> DataProto:
+    """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length."""
+    tensors: dict[str, torch.Tensor] = {
+        "images": torch.from_numpy(np.stack([s.image for s in samples])),
+        "latents": torch.stack([s.latents for s in samples]),
+        "old_log_probs": torch.stack([s.log_probs for s in samples]).float(),
+        "window_mask": torch.stack([s.window_mask for s in samples]),
+        "timesteps": torch.stack([s.timesteps for s in samples]).float(),
+        "sigmas": torch.stack([s.sigmas for s in samples]).float(),
+        "seeds": torch.tensor([s.seed for s in samples], dtype=torch.int64),
+    }
+    for prefix in ("", "negative_"):
+        embeds = [getattr(s, f"{prefix}prompt_embeds") for s in samples]
+        if any(e is None for e in embeds):
+            continue
+        masks = [getattr(s, f"{prefix}prompt_embeds_mask") for s in samples]
+        stacked, mask = _pad_embeds(embeds, masks)
+        tensors[f"{prefix}prompt_embeds"] = stacked
+        if mask is not None:
+            tensors[f"{prefix}prompt_embeds_mask"] = mask
+        pooled = [getattr(s, f"{prefix}pooled_prompt_embeds") for s in samples]
+        if all(p is not None for p in pooled):
+            tensors[f"{prefix}pooled_prompt_embeds"] = torch.stack(pooled)
+    out_non_tensor = {k: v for k, v in non_tensor.items()}
+    out_non_tensor["prompt_text"] = np.array([None] * len(samples), dtype=object)
+    for i in range(len(samples)):
+        out_non_tensor["prompt_text"][i] = prompt_text(non_tensor["raw_prompt"][i])
+    return DataProto.from_dict(tensors=tensors, non_tensors=out_non_tensor, meta_info={"metrics": metrics})
+
+
+def _pad_embeds(embeds: list[torch.Tensor], masks: list[Optional[torch.Tensor]]):
+    length = max(e.shape[0] for e in embeds)
+    if all(m is None for m in masks):
+        if any(e.shape[0] != length for e in embeds):
+            raise ValueError("prompt embeddings of different lengths and no mask to pad them with")
+        return torch.stack(embeds), None
+    padded, padded_masks = [], []
+    for e, m in zip(embeds, masks):
+        pad = length - e.shape[0]
+        padded.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
+        m = m if m is not None else torch.ones(e.shape[0], dtype=torch.long)
+        padded_masks.append(torch.nn.functional.pad(m, (0, pad)))
+    return torch.stack(padded), torch.stack(padded_masks)
+
+
+class DiffusionAgentLoopManager(AgentLoopManager):
+    """verl's manager with diffusion workers; chunks the batch on group boundaries so no group is split."""
+
+    agent_loop_workers_class = ray.remote(DiffusionAgentLoopWorker)
+
+    async def _init_agent_loop_workers(self):
+        self.agent_loop_workers = [
+            self.agent_loop_workers_class.options(num_cpus=0).remote(self.config, self.llm_client)
+            for _ in range(self.rollout_config.agent.num_workers)
+        ]
+
+    async def generate_sequences(self, prompts: DataProto) -> DataProto:  # type: ignore[override]
+        chunks = _chunk_on_groups(prompts, len(self.agent_loop_workers))
+        workers = self.agent_loop_workers[: len(chunks)]
+        outputs = await asyncio.gather(*[w.generate_sequences.remote(c) for w, c in zip(workers, chunks)])
+        metrics = Counter()
+        for out in outputs:
+            for key, value in out.meta_info.pop("metrics").items():
+                if key == "rollout/generate_s":
+                    metrics[key] = max(metrics[key], value)
+                else:
+                    metrics[key] += value
+        output = DataProto.concat(outputs)
+        output.meta_info = {"metrics": dict(metrics)}
+        return output
+
+
+def _chunk_on_groups(batch: DataProto, num_chunks: int) -> list[DataProto]:
+    uids = batch.non_tensor_batch.get("uid")
+    if uids is None or num_chunks <= 1:
+        return [batch] if num_chunks <= 1 else [c for c in batch.chunk(num_chunks) if len(c)]
+    # boundaries where the uid changes; split the list of groups as evenly as possible
+    starts = [0] + [i for i in range(1, len(uids)) if uids[i] != uids[i - 1]]
+    bounds = starts + [len(uids)]
+    per_chunk = -(-len(starts) // num_chunks)
+    chunks = []
+    for k in range(0, len(starts), per_chunk):
+        lo, hi = bounds[k], bounds[min(k + per_chunk, len(starts))]
+        chunks.append(batch.slice(lo, hi))
+    return chunks

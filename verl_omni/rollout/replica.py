@@ -1,0 +1,134 @@
+"""Rollout replicas registered in verl's ``RolloutReplicaRegistry`` as ``vllm_omni`` and ``diffusers``.
+
+A replica is one engine server (one Ray actor, one device). verl's own replicas place their servers on GPU
+resource pools; a diffusion replica places its server actor itself (a GPU when the rollout device is
+cuda, none on CPU) so the same code runs on a laptop and on a GPU node.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import ray
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica
+
+from verl_omni.config.rollout import DiffusionRolloutConfig
+from verl_omni.rollout.engines.base import EngineConfig
+from verl_omni.rollout.server import DiffusionHttpServer
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config_from(rollout: DiffusionRolloutConfig, model: Any) -> EngineConfig:
+    """Engine settings from the rollout section and ``actor_rollout_ref.model``."""
+    get = model.get if hasattr(model, "get") else lambda k, d=None: getattr(model, k, d)
+    return EngineConfig(
+        model_path=str(get("path")),
+        pipeline=get("pipeline", "qwen_image"),
+        device=rollout.device,
+        dtype=rollout.dtype,
+        lora_rank=int(get("lora_rank", 0) or 0),
+        lora_alpha=float(get("lora_alpha", 0) or 0),
+        lora_target_modules=tuple(get("target_modules", ()) or ()),
+        max_num_seqs=rollout.max_num_seqs,
+        enforce_eager=rollout.enforce_eager,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        request_timeout_s=rollout.request_timeout_s,
+    )
+
+
+class DiffusionReplica(RolloutReplica):
+    """One diffusion engine server. ``engine_name`` picks the engine behind the seam."""
+
+    engine_name = "diffusers"
+
+    def __init__(self, replica_rank: int, config: Any, model_config: Any, gpus_per_node: int = 1,
+                 is_reward_model: bool = False, is_teacher_model: bool = False, name_suffix: str = "") -> None:
+        # verl's base __init__ converts ``config`` into its LLM RolloutConfig; ours is a diffusion config.
+        self.replica_rank = replica_rank
+        self.config = config if isinstance(config, DiffusionRolloutConfig) else DiffusionRolloutConfig.from_omega(config)
+        self.model_config = model_config
+        self.world_size = 1
+        self.gpus_per_node = gpus_per_node
+        self.gpus_per_replica_node = 1
+        self.nnodes = 1
+        self.is_reward_model = is_reward_model
+        self.is_teacher_model = is_teacher_model
+        self.name_suffix = f"_{name_suffix}" if name_suffix else ""
+        self.rollout_mode: Optional[RolloutMode] = None
+        self.workers = []
+        self.resource_pool = None
+        self.bundle_indices = []
+        self.servers = []
+        self._server_address = None
+        self._server_handle = None
+
+    async def init_standalone(self):
+        self.rollout_mode = RolloutMode.STANDALONE
+        await self.launch_servers()
+
+    async def init_colocated(self, resource_pool=None):
+        # Same process layout as standalone: the trainer sleeps/wakes the engine around each update.
+        self.rollout_mode = RolloutMode.COLOCATED
+        await self.launch_servers()
+
+    async def init_hybrid(self, worker_group):
+        raise NotImplementedError(
+            f"rollout.name={self.engine_name!r} runs its engine in its own server actor; "
+            "use the FlowGRPO trainer (verl_omni.trainer.main_flowgrpo), which launches replicas standalone"
+        )
+
+    def rollout_worker_use_gpu(self) -> bool:
+        return self.config.device.startswith("cuda")
+
+    async def launch_servers(self):
+        engine_config = engine_config_from(self.config, self.model_config)
+        options = {
+            "name": f"verl_omni_{self.engine_name}_server_{self.replica_rank}{self.name_suffix}_{id(self):x}",
+            "max_concurrency": self.max_concurrency,
+            # Engines run in-process threads: the actor reserves a GPU if it uses one, no CPU slot
+            # (a 2-core machine would otherwise deadlock trainer + servers + agent workers).
+            "num_cpus": 0,
+            "num_gpus": 1 if self.rollout_worker_use_gpu() else 0,
+        }
+        server = ray.remote(DiffusionHttpServer).options(**options).remote(
+            engine_name=self.engine_name,
+            engine_config=engine_config,
+            replica_rank=self.replica_rank,
+            port_base=self.config.server_port_base,
+        )
+        host, port = await server.launch_server.remote()
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = f"{host}:{port}"
+
+    @property
+    def max_concurrency(self) -> int:
+        return 64
+
+    # ---- verbs beyond verl's base replica (which already fans out sleep / wake_up / abort)
+    async def update_lora(self, tensors: dict) -> str:
+        return await self._server_handle.update_lora.remote(tensors)
+
+    async def lora_checksum(self) -> Optional[str]:
+        return await self._server_handle.lora_checksum.remote()
+
+    async def get_stats(self) -> dict:
+        return await self._server_handle.get_stats.remote()
+
+    async def shutdown(self) -> None:
+        for server in self.servers:
+            try:
+                await server.shutdown.remote()
+            finally:
+                ray.kill(server)
+        self.servers = []
+
+
+class VllmOmniReplica(DiffusionReplica):
+    engine_name = "vllm_omni"
+
+
+class DiffusersReplica(DiffusionReplica):
+    engine_name = "diffusers"

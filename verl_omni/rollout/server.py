@@ -1,0 +1,212 @@
+"""The Ray actor that serves one diffusion engine, over Ray calls and over HTTP.
+
+verl's server manager acquires a server handle from its load balancer and calls ``generate`` on it as a
+Ray method (like verl's vLLM server); the same verbs are also served over HTTP for health checks and
+clients outside Ray. ``generate`` is ``generate_batched`` with N=1: one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.rollout.engines.base import EngineConfig, get_engine_class
+from verl_omni.rollout.outputs import unpack_batch
+from verl_omni.rollout.ports import reserve_socket
+
+logger = logging.getLogger(__name__)
+
+
+def validate_batched_request(prompt: Any, num_outputs_per_prompt: Any, seeds: Any) -> list[int]:
+    """Check a request before the engine is touched; return the seeds as ints."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if isinstance(num_outputs_per_prompt, bool) or not isinstance(num_outputs_per_prompt, int):
+        raise ValueError(f"num_outputs_per_prompt must be an int, got {type(num_outputs_per_prompt).__name__}")
+    if num_outputs_per_prompt < 1:
+        raise ValueError(f"num_outputs_per_prompt={num_outputs_per_prompt} must be >= 1")
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != num_outputs_per_prompt:
+        got = len(seeds) if isinstance(seeds, (list, tuple)) else type(seeds).__name__
+        raise ValueError(f"seeds must be a list of {num_outputs_per_prompt} ints (num_outputs_per_prompt), got {got}")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be ints, got {[type(s).__name__ for s in seeds]}")
+    return [int(s) for s in seeds]
+
+
+class DiffusionHttpServer:
+    """One engine replica. Build with ``ray.remote(DiffusionHttpServer)``; call ``launch_server`` once."""
+
+    def __init__(self, engine_name: str, engine_config: EngineConfig, replica_rank: int = 0,
+                 host: str = "127.0.0.1", port_base: Optional[int] = None):
+        self.replica_rank = replica_rank
+        self.engine_name = engine_name
+        self.engine_config = engine_config
+        self.engine = get_engine_class(engine_name)(engine_config)
+        self.host = host
+        self._port_base = None if port_base is None else port_base + replica_rank
+        self._socket = None
+        self._port: Optional[int] = None
+        self._uvicorn = None
+        self._inflight: dict[str, asyncio.Task] = {}
+        self.stats = {"engine_calls": 0, "images": 0, "engine_seconds": 0.0, "batch_sizes": []}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def launch_server(self) -> tuple[str, int]:
+        import uvicorn
+
+        self._actor_loop = asyncio.get_running_loop()
+        self._socket = reserve_socket(self.host, self._port_base)
+        self._port = self._socket.getsockname()[1]
+        config = uvicorn.Config(self._build_app(), log_level="warning", lifespan="off")
+        self._uvicorn = uvicorn.Server(config)
+        # Serve on our own loop thread: the actor's loop keeps answering Ray calls.
+        thread = threading.Thread(target=lambda: asyncio.run(self._uvicorn.serve(sockets=[self._socket])),
+                                  daemon=True, name=f"diffusion-http-{self.replica_rank}")
+        thread.start()
+        for _ in range(200):
+            if self._uvicorn.started:
+                break
+            await asyncio.sleep(0.02)
+        return self.host, self._port
+
+    def get_server_address(self) -> tuple[str, int]:
+        return self.host, self._port
+
+    def _build_app(self):
+        from fastapi import FastAPI, HTTPException
+
+        app = FastAPI(title=f"verl_omni diffusion server {self.replica_rank}")
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {"status": "ok", "engine": self.engine_name, "replica_rank": self.replica_rank}
+
+        @app.get("/stats")
+        async def stats() -> dict:
+            return self.get_stats()
+
+        @app.post("/v1/generate_batched")
+        async def generate_batched(body: dict) -> dict:
+            allowed = {"request_id", "prompt", "num_outputs_per_prompt", "seeds", "sampling_params"}
+            unknown = sorted(set(body) - allowed)
+            if unknown:
+                raise HTTPException(status_code=422, detail=f"unknown keys {unknown}; allowed: {sorted(allowed)}")
+            try:
+                outputs = await self._run_in_actor_loop(body)
+            except ValueError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            return {"outputs": [_json_summary(o) for o in outputs]}
+
+        return app
+
+    async def _run_in_actor_loop(self, body: dict):
+        # HTTP runs on its own loop thread; the engine belongs to the actor, so hop over to it.
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self.generate_batched(
+                request_id=body.get("request_id", "http"),
+                prompt=body.get("prompt"),
+                num_outputs_per_prompt=body.get("num_outputs_per_prompt", 1),
+                seeds=body.get("seeds"),
+                sampling_params=body.get("sampling_params"),
+            ),
+            self._actor_loop,
+        ))
+
+    # ------------------------------------------------------------------ generation
+    async def generate_batched(self, request_id: str, prompt: str, num_outputs_per_prompt: int,
+                               seeds: list[int], sampling_params: Optional[dict] = None) -> list[dict]:
+        """N images of one prompt from ONE engine call of batch N; returns N per-sample payloads."""
+        seeds = validate_batched_request(prompt, num_outputs_per_prompt, seeds)
+        params = DiffusionSamplingParams.from_dict(sampling_params).validate(self.engine.vae_scale_factor)
+        task = asyncio.ensure_future(self._engine_call(prompt, seeds, params))
+        self._inflight[request_id] = task
+        try:
+            batch = await asyncio.wait_for(task, timeout=self.engine_config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"replica {self.replica_rank}: request {request_id} took longer than "
+                f"request_timeout_s={self.engine_config.request_timeout_s}s"
+            ) from None
+        finally:
+            self._inflight.pop(request_id, None)
+        return [sample.to_payload() for sample in unpack_batch(batch)]
+
+    async def generate(self, request_id: str, prompt: str, seed: int, sampling_params: Optional[dict] = None) -> dict:
+        """One image: the N=1 case of ``generate_batched``."""
+        (payload,) = await self.generate_batched(request_id, prompt, 1, [seed], sampling_params)
+        return payload
+
+    async def _engine_call(self, prompt, seeds, params):
+        start = time.perf_counter()
+        batch = await self.engine.generate(prompt, seeds, params)
+        self.stats["engine_calls"] += 1
+        self.stats["images"] += len(seeds)
+        self.stats["engine_seconds"] += time.perf_counter() - start
+        self.stats["batch_sizes"].append(len(seeds))
+        return batch
+
+    def get_stats(self) -> dict:
+        return {**self.stats, "replica_rank": self.replica_rank, "inflight": len(self._inflight)}
+
+    def reset_stats(self) -> None:
+        self.stats = {"engine_calls": 0, "images": 0, "engine_seconds": 0.0, "batch_sizes": []}
+
+    # ------------------------------------------------------------------ verl's server verbs
+    async def update_lora(self, tensors: dict) -> str:
+        return await self.engine.update_lora(tensors)
+
+    async def lora_checksum(self) -> Optional[str]:
+        return await self.engine.lora_checksum()
+
+    async def sleep(self, level: int = 1) -> None:
+        await self.engine.sleep(level)
+
+    async def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        await self.engine.wake_up()
+
+    async def abort(self, request_id: str) -> bool:
+        task = self._inflight.get(request_id)
+        await self.engine.abort(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def abort_all_requests(self, reject_request: bool = False, **_: Any) -> dict:
+        ids = list(self._inflight)
+        for rid in ids:
+            await self.abort(rid)
+        return {"aborted": ids}
+
+    async def resume_generation(self) -> None:
+        return None
+
+    async def clear_kv_cache(self) -> None:  # diffusion engines keep no KV cache between requests
+        return None
+
+    async def shutdown(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        await self.engine.shutdown()
+
+
+def _json_summary(payload: dict) -> dict:
+    """JSON-safe view of a sample for HTTP clients: PNG image (base64) and per-step log-probs."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(payload["image"]).save(buf, format="PNG")
+    return {
+        "seed": payload["seed"],
+        "image_png_base64": base64.b64encode(buf.getvalue()).decode(),
+        "log_probs": payload["log_probs"].tolist(),
+        "timesteps": payload["timesteps"].tolist(),
+        "window_mask": payload["window_mask"].tolist(),
+    }

@@ -1,0 +1,72 @@
+"""Launch diffusion replicas and put them behind verl's global load balancer.
+
+The replica class comes from verl's ``RolloutReplicaRegistry`` by ``rollout.name``; requests are routed by
+verl's ``GlobalRequestLoadBalancer`` (least in-flight, sticky by request id), so groups spread over all
+replicas exactly as verl spreads LLM requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+from verl.workers.rollout.router import get_router_handle
+
+from verl_omni.config.rollout import DiffusionRolloutConfig
+
+
+class DiffusionServerManager:
+    def __init__(self, config: Any):
+        self.config = config
+        self.rollout = DiffusionRolloutConfig.from_omega(config.actor_rollout_ref.rollout)
+        self.model_config = config.actor_rollout_ref.model
+        self.replicas = []
+        self.load_balancer = None
+
+    async def start(self) -> "DiffusionServerManager":
+        replica_cls = RolloutReplicaRegistry.get(self.rollout.name)
+        self.replicas = [
+            replica_cls(replica_rank=rank, config=self.rollout, model_config=self.model_config)
+            for rank in range(self.rollout.num_replicas)
+        ]
+        await asyncio.gather(*[r.init_standalone() for r in self.replicas])
+        servers = {r.server_address: r.server_handle for r in self.replicas}
+        self.load_balancer = get_router_handle(servers=servers)
+        return self
+
+    def get_client(self):
+        from verl_omni.agent_loop.diffusion_agent_loop import DiffusionServerClient
+
+        return DiffusionServerClient(config=self.config, load_balancer_handle=self.load_balancer)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.server_address for r in self.replicas]
+
+    async def update_lora(self, tensors: dict) -> list[str]:
+        """Send LoRA tensors to every replica (in memory); returns each replica's checksum."""
+        return list(await asyncio.gather(*[r.update_lora(tensors) for r in self.replicas]))
+
+    async def lora_checksums(self) -> list[str]:
+        return list(await asyncio.gather(*[r.lora_checksum() for r in self.replicas]))
+
+    async def sleep(self) -> None:
+        await asyncio.gather(*[r.sleep() for r in self.replicas])
+
+    async def wake_up(self) -> None:
+        await asyncio.gather(*[r.wake_up() for r in self.replicas])
+
+    async def stats(self) -> list[dict]:
+        return list(await asyncio.gather(*[r.get_stats() for r in self.replicas]))
+
+    async def reset_stats(self) -> None:
+        await asyncio.gather(*[r.server_handle.reset_stats.remote() for r in self.replicas])
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*[r.shutdown() for r in self.replicas], return_exceptions=True)
+        if self.load_balancer is not None:
+            import ray
+
+            ray.kill(self.load_balancer)
+            self.load_balancer = None

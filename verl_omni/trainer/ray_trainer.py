@@ -1,0 +1,232 @@
+"""The FlowGRPO training loop: rollout → reward → advantages → LoRA update → weight sync.
+
+The driver owns the LoRA actor (one device; plain module) and talks to the engine replicas through the
+agent-loop manager (rollout) and the server manager (sleep / wake / LoRA sync). Nothing here knows which
+engine runs behind the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
+from verl_omni.rewards import RewardManager
+from verl_omni.rollout.engines.base import tensors_checksum
+from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from verl_omni.trainer.config_checks import check_config
+from verl_omni.trainer.data import PromptDataset
+from verl_omni.trainer.flowgrpo import compute_group_advantages
+from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(path: str, cache_root: str) -> str:
+    """``tiny:qwen_image`` / ``tiny:sd3`` → a tiny random pipeline built locally (no hub); else the path."""
+    if not path.startswith("tiny:"):
+        return os.path.expanduser(path)
+    from verl_omni.models.tiny import tiny_model_dir
+
+    return tiny_model_dir(path.split(":", 1)[1], root=cache_root)
+
+
+class FlowGRPOTrainer:
+    def __init__(self, config: Any):
+        self.config = config
+        self.rollout_cfg = check_config(config)
+        self.loop = asyncio.new_event_loop()
+        self.global_step = 0
+        self.output_dir = os.path.abspath(os.path.expanduser(config.trainer.default_local_dir))
+
+    # ------------------------------------------------------------------ setup
+    def init(self) -> "FlowGRPOTrainer":
+        cfg = self.config
+        OmegaConf.set_struct(cfg, False)
+        cfg.actor_rollout_ref.model.path = resolve_model_path(
+            cfg.actor_rollout_ref.model.path, os.path.join(self.output_dir, "tiny_models"))
+        OmegaConf.set_struct(cfg, True)
+        if not ray.is_initialized():
+            num_cpus = cfg.trainer.ray_num_cpus or max(4, os.cpu_count() or 1)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        self.train_data = PromptDataset(cfg.data.train_files, cfg.data.prompt_key)
+        self.val_data = None
+        if cfg.trainer.test_freq > 0 and cfg.data.get("val_files"):
+            self.val_data = PromptDataset(cfg.data.val_files, cfg.data.prompt_key, cfg.data.get("val_max_samples"))
+        self.rewards = RewardManager(OmegaConf.to_container(cfg.reward, resolve=True))
+        self.servers = self._run(DiffusionServerManager(cfg).start())
+        self.agent_loops = self._run(DiffusionAgentLoopManager.create(cfg, self.servers.get_client()))
+        model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
+        algo = self.rollout_cfg.algo
+        self.actor = DiffusionLoRAActor(ActorConfig(
+            model_path=model.path, pipeline=model.pipeline, dtype=actor.dtype, device=actor.device,
+            lora_rank=model.lora_rank, lora_alpha=model.lora_alpha, target_modules=tuple(model.target_modules),
+            lr=actor.optim.lr, weight_decay=actor.optim.weight_decay, betas=tuple(actor.optim.betas),
+            clip_ratio=actor.clip_ratio, kl_coef=actor.kl_coef, adv_clip_max=actor.adv_clip_max,
+            micro_batch_size=actor.ppo_micro_batch_size_per_gpu, ppo_epochs=actor.ppo_epochs,
+            grad_clip=actor.grad_clip, noise_level=algo.noise_level, sde_type=algo.sde_type,
+            guidance_scale=self.rollout_cfg.pipeline.true_cfg_scale,
+        ))
+        if cfg.trainer.resume_mode == "auto":
+            self._maybe_resume()
+        # The engines start from the actor's adapter (fresh or resumed): one verified sync before step 1.
+        self.sync_weights()
+        from verl.utils.tracking import Tracking
+
+        os.environ.setdefault("TENSORBOARD_DIR", os.path.join(self.output_dir, "tensorboard"))
+        loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
+        self.tracker = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, loggers,
+                                OmegaConf.to_container(cfg, resolve=True))
+        return self
+
+    def _run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def _maybe_resume(self) -> None:
+        path = find_latest_checkpoint(self.output_dir)
+        if path is None:
+            return
+        lora, meta = load_checkpoint(path, self.actor.optimizer)
+        self.actor.load_lora_state_dict(lora)
+        self.global_step = int(meta["global_step"])
+        print(f"[verl_omni] resumed from {path} at global step {self.global_step}")
+
+    # ------------------------------------------------------------------ pieces of a step
+    def sync_weights(self) -> dict[str, float]:
+        """LoRA tensors → every replica (in memory); raises unless every engine checksum equals the actor's."""
+        start = time.perf_counter()
+        tensors = self.actor.lora_state_dict()
+        expected = tensors_checksum(tensors)
+        checksums = self._run(self.servers.update_lora(tensors))
+        bad = [i for i, c in enumerate(checksums) if c != expected]
+        if bad:
+            raise RuntimeError(f"LoRA sync failed: replicas {bad} report a checksum different from the actor's")
+        self.last_lora_checksum = expected
+        return {"timing/sync_s": time.perf_counter() - start}
+
+    def rollout(self, step: int, validate: bool = False):
+        cfg = self.config
+        if validate:
+            data, n = self.val_data, self.rollout_cfg.val_kwargs.n
+            indices = list(range(len(data)))
+        else:
+            data, n = self.train_data, self.rollout_cfg.n
+            indices = data.indices_for_step(step, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+        batch = data.batch(indices, n, tag=f"{'val' if validate else 'train'}{step}")
+        batch.meta_info.update({"global_steps": step, "validate": validate, "n": n})
+        return self._run(self.agent_loops.generate_sequences(batch))
+
+    def score(self, output) -> tuple[np.ndarray, dict[str, float]]:
+        images = list(output.batch["images"].numpy())
+        prompts = list(output.non_tensor_batch["prompt_text"])
+        metadata = [
+            {key: output.non_tensor_batch[key][i] for key in ("reward_model", "data_source", "extra_info")
+             if key in output.non_tensor_batch}
+            for i in range(len(images))
+        ]
+        result = self.rewards(images, prompts, metadata)
+        return np.asarray(result.total, dtype=np.float64), result.metrics("reward")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.config
+        history = []
+        total = cfg.trainer.total_training_steps
+        bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True)
+        while self.global_step < total:
+            step = self.global_step + 1
+            metrics = self.train_step(step)
+            self.global_step = step
+            if metrics is not None:
+                history.append(metrics)
+                self.tracker.log(data=metrics, step=step)
+            if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
+                self.save(step)
+            if self.val_data is not None and (step % cfg.trainer.test_freq == 0 or step == total):
+                self.tracker.log(data=self.validate(step), step=step)
+            bar.update(1)
+        bar.close()
+        return history
+
+    def train_step(self, step: int) -> Optional[dict[str, float]]:
+        cfg = self.config
+        t0 = time.perf_counter()
+        output = self.rollout(step)
+        t_rollout = time.perf_counter() - t0
+        scores, reward_metrics = self.score(output)
+        advantages = compute_group_advantages(
+            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std,
+            clip=cfg.algorithm.adv_clip,
+        )
+        t1 = time.perf_counter()
+        if self.rollout_cfg.free_cache_engine:
+            self._run(self.servers.sleep())
+        try:
+            actor_metrics = self.actor.update(output, advantages.float())
+        except (FloatingPointError, ValueError) as exc:
+            if "non-finite" not in str(exc) or cfg.trainer.nan_policy == "stop":
+                raise
+            logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
+            actor_metrics = None
+        finally:
+            if self.rollout_cfg.free_cache_engine:
+                self._run(self.servers.wake_up())
+        t_train = time.perf_counter() - t1
+        if actor_metrics is None:
+            return None
+        sync_metrics = self.sync_weights()
+        self._write_samples(step, output, scores)
+        step_time = time.perf_counter() - t0
+        n_images = len(scores)
+        return {
+            **reward_metrics,
+            **actor_metrics,
+            **output.meta_info.get("metrics", {}),
+            **sync_metrics,
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()),
+            "advantages/mean": float(advantages.mean()),
+            "advantages/abs_max": float(advantages.abs().max()),
+            "timing/rollout_s": t_rollout,
+            "timing/train_s": t_train,
+            "timing/step_s": step_time,
+            "perf/img_per_s_rollout": n_images / max(t_rollout, 1e-9),
+        }
+
+    def validate(self, step: int) -> dict[str, float]:
+        output = self.rollout(step, validate=True)
+        scores, metrics = self.score(output)
+        self._write_samples(step, output, scores, prefix="val")
+        return {"val/reward_mean": float(scores.mean()), **{f"val/{k}": v for k, v in metrics.items()}}
+
+    def _write_samples(self, step: int, output, scores: np.ndarray, prefix: str = "train") -> None:
+        limit = self.config.trainer.sample_images_per_step
+        if limit <= 0:
+            return
+        folder = os.path.join(self.output_dir, "samples", f"{prefix}_step_{step}")
+        os.makedirs(folder, exist_ok=True)
+        images = output.batch["images"].numpy()
+        for i in range(min(limit, len(images))):
+            Image.fromarray(images[i]).save(os.path.join(folder, f"{i:03d}_reward{scores[i]:.3f}.png"))
+
+    def save(self, step: int) -> str:
+        return save_checkpoint(self.output_dir, step, self.actor.lora_state_dict(), self.actor.optimizer,
+                               {"lora_checksum": self.last_lora_checksum})
+
+    def shutdown(self) -> None:
+        try:
+            if getattr(self, "servers", None) is not None:
+                self._run(self.servers.shutdown())
+        finally:
+            self.loop.close()

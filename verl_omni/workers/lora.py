@@ -1,0 +1,42 @@
+"""LoRA on a diffusion transformer, the same way on the actor and in every engine.
+
+Both sides add the adapter with diffusers' ``add_adapter`` (peft underneath) and exchange peft state-dict
+tensors (``get_peft_model_state_dict`` names), so a checksum computed on either side is comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def add_lora_adapter(transformer: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str] = ()) -> None:
+    targets = list(target_modules) or list(DEFAULT_TARGET_MODULES)
+    names = [name for name, _ in transformer.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"actor_rollout_ref.model.target_modules {unmatched} match no module of the transformer "
+            f"(examples of module names: {names[1:6]})"
+        )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+    transformer.add_adapter(config)
+
+
+def get_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def set_lora_state_dict(transformer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = set(get_peft_model_state_dict(transformer))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"LoRA tensors do not match the engine's adapter: missing {missing}, unexpected {extra}")
+    result = set_peft_model_state_dict(transformer, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
