@@ -66,7 +66,7 @@ class FlowGRPOTrainer:
             self.val_data = PromptDataset(cfg.data.val_files, cfg.data.prompt_key, cfg.data.get("val_max_samples"))
         self.rewards = RewardManager(OmegaConf.to_container(cfg.reward, resolve=True))
         self.servers = self._run(DiffusionServerManager(cfg).start())
-        self.agent_loops = self._run(DiffusionAgentLoopManager.create(cfg, self.servers.get_client()))
+        self.agent_loops = DiffusionAgentLoopManager.create(cfg, self.servers.get_client())  # verl runs it to completion
         model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
         algo = self.rollout_cfg.algo
         self.actor = DiffusionLoRAActor(ActorConfig(

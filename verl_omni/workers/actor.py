@@ -136,6 +136,8 @@ class DiffusionLoRAActor:
             self.optimizer.zero_grad(set_to_none=True)
             for step in range(window.shape[1]):
                 step_rows = torch.nonzero(window[:, step]).flatten()
+                if step_rows.numel() == 0:
+                    continue
                 for chunk in step_rows.split(cfg.micro_batch_size):
                     out = self.compute_log_probs(data, step, chunk)
                     kl = None

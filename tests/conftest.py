@@ -1,0 +1,46 @@
+"""Shared, session-scoped fixtures: tiny random pipeline directories and the RL pipelines loaded from them."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir():
+    from verl_omni.models.tiny import tiny_model_dir
+
+    return tiny_model_dir("qwen_image")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir():
+    from verl_omni.models.tiny import tiny_model_dir
+
+    return tiny_model_dir("sd3")
+
+
+@pytest.fixture(scope="session")
+def qwen_image_rl_pipe(tiny_qwen_image_dir):
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sd3_rl_pipe(tiny_sd3_dir):
+    from verl_omni.pipelines.sd3 import SD3RLPipeline
+
+    pipe = SD3RLPipeline.from_pretrained(tiny_sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole run (starting Ray costs seconds on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

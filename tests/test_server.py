@@ -1,0 +1,139 @@
+"""The Ray server actor on the tiny Qwen-Image with the diffusers engine: generate / generate_batched,
+bad requests refused before the engine runs, HTTP, ports, LoRA sync, sleep / wake."""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from verl_omni.rollout.engines.base import EngineConfig, tensors_checksum
+from verl_omni.rollout.ports import reserve_socket
+from verl_omni.rollout.server import DiffusionHttpServer
+
+PROMPT = 'a shop sign that says "open"'
+SP = {"num_inference_steps": 4, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_qwen_image_dir):
+    actor = ray.remote(DiffusionHttpServer).options(num_cpus=0).remote(
+        "diffusers", EngineConfig(model_path=tiny_qwen_image_dir, lora_rank=4, lora_alpha=8), 0)
+    ray.get(actor.launch_server.remote())
+    yield actor
+    ray.kill(actor)
+
+
+def test_generate_batched_returns_n_independent_samples(server):
+    outs = ray.get(server.generate_batched.remote("g", PROMPT, 4, [11, 12, 13, 14], SP))
+    assert len(outs) == 4
+    assert [o["seed"] for o in outs] == [11, 12, 13, 14]
+    for o in outs:
+        assert o["image"].shape == (64, 64, 3) and o["image"].dtype == np.uint8
+        assert o["latents"].shape[0] == SP["num_inference_steps"] + 1
+        assert o["log_probs"].shape == (4,) and torch.isfinite(o["log_probs"]).all()
+        assert o["timesteps"].shape == (4,) and o["prompt_embeds"].ndim == 2
+    images = [o["image"].astype(np.int16) for o in outs]
+    assert all(np.abs(images[i] - images[j]).max() > 0 for i in range(4) for j in range(i + 1, 4))
+    # No storage shared between samples: editing one leaves its siblings intact.
+    before = outs[1]["latents"].clone()
+    outs[0]["latents"].add_(1.0)
+    assert torch.equal(outs[1]["latents"], before)
+
+
+def test_generate_is_generate_batched_with_one_output(server):
+    ray.get(server.reset_stats.remote())
+    single = ray.get(server.generate.remote("s", PROMPT, 13, SP))
+    (batched,) = ray.get(server.generate_batched.remote("b", PROMPT, 1, [13], SP))
+    assert np.array_equal(single["image"], batched["image"])
+    assert torch.equal(single["latents"], batched["latents"])
+    assert ray.get(server.get_stats.remote())["batch_sizes"] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "n, seeds, match",
+    [
+        (0, [], "num_outputs_per_prompt=0 must be >= 1"),
+        (2.0, [1, 2], "num_outputs_per_prompt must be an int"),
+        (True, [1], "num_outputs_per_prompt must be an int"),
+        (3, [1, 2], "seeds must be a list of 3"),
+        (2, [1, "2"], "seeds must be ints"),
+    ],
+)
+def test_bad_requests_fail_before_the_engine_runs(server, n, seeds, match):
+    ray.get(server.reset_stats.remote())
+    with pytest.raises(ValueError, match=match):
+        ray.get(server.generate_batched.remote("bad", PROMPT, n, seeds, SP))
+    assert ray.get(server.get_stats.remote())["engine_calls"] == 0
+
+
+def test_unknown_or_invalid_sampling_params_are_rejected(server):
+    with pytest.raises(ValueError, match="unknown sampling_params keys \\['num_steps'\\]"):
+        ray.get(server.generate_batched.remote("bad", PROMPT, 1, [1], {"num_steps": 3}))
+    with pytest.raises(ValueError, match="height=60 must be a multiple of 16"):
+        ray.get(server.generate_batched.remote("bad", PROMPT, 1, [1], {**SP, "height": 60}))
+    with pytest.raises(ValueError, match="sde_type='ode' is not one of"):
+        ray.get(server.generate_batched.remote("bad", PROMPT, 1, [1], {**SP, "sde_type": "ode"}))
+
+
+def test_http_health_generate_and_unknown_keys(server):
+    host, port = ray.get(server.get_server_address.remote())
+    health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/health", timeout=10).read())
+    assert health == {"status": "ok", "engine": "diffusers", "replica_rank": 0}
+
+    def post(body):
+        req = urllib.request.Request(f"http://{host}:{port}/v1/generate_batched", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+    out = post({"prompt": PROMPT, "num_outputs_per_prompt": 2, "seeds": [1, 2], "sampling_params": SP})
+    assert [o["seed"] for o in out["outputs"]] == [1, 2] and len(out["outputs"][0]["log_probs"]) == 4
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post({"prompt": PROMPT, "num_outputs_per_prompt": 1, "seeds": [1], "guidance": 3})
+    assert err.value.code == 422 and "guidance" in err.value.read().decode()
+
+
+def test_lora_update_changes_images_and_survives_sleep_wake(server):
+    base = ray.get(server.generate.remote("l0", PROMPT, 5, SP))
+    lora_keys = ray.get(server.__ray_call__.remote(lambda self: sorted(
+        __import__("verl_omni.workers.lora", fromlist=["x"]).get_lora_state_dict(self.engine.pipe.transformer).items(),
+        key=lambda kv: kv[0])))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in lora_keys}
+    checksum = ray.get(server.update_lora.remote(tensors))
+    assert checksum == tensors_checksum(tensors)
+    changed = ray.get(server.generate.remote("l1", PROMPT, 5, SP))
+    assert np.abs(changed["image"].astype(int) - base["image"].astype(int)).max() > 0
+
+    ray.get(server.sleep.remote())
+    with pytest.raises(RuntimeError, match="asleep"):
+        ray.get(server.generate.remote("l2", PROMPT, 5, SP))
+    ray.get(server.wake_up.remote())
+    assert ray.get(server.lora_checksum.remote()) == checksum
+    again = ray.get(server.generate.remote("l3", PROMPT, 5, SP))
+    assert np.array_equal(again["image"], changed["image"])
+
+    with pytest.raises(ValueError, match="LoRA tensors do not match"):
+        ray.get(server.update_lora.remote({"not_a_lora_key": torch.zeros(1)}))
+    zeros = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    ray.get(server.update_lora.remote(zeros))  # B = 0: the adapter is the identity again
+    restored = ray.get(server.generate.remote("l4", PROMPT, 5, SP))
+    assert np.array_equal(restored["image"], base["image"])
+
+
+def test_reserved_ports_never_collide_and_busy_ports_are_skipped():
+    socks = [reserve_socket("127.0.0.1") for _ in range(4)]
+    ports = {s.getsockname()[1] for s in socks}
+    assert len(ports) == 4
+    busy = socks[0].getsockname()[1]
+    nxt = reserve_socket("127.0.0.1", preferred_port=busy)
+    assert nxt.getsockname()[1] != busy and nxt.getsockname()[1] > busy
+    with socket.socket() as probe:  # the reserved port really is held
+        with pytest.raises(OSError):
+            probe.bind(("127.0.0.1", nxt.getsockname()[1]))
+    for s in socks + [nxt]:
+        s.close()

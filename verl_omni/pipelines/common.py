@@ -1,0 +1,148 @@
+"""Pieces both RL pipelines share: per-sample randomness, the windowed SDE denoising loop, image conversion.
+
+Per-sample randomness is what makes a batched rollout equal to N single rollouts: sample i draws its initial
+noise and every step noise from its own CPU ``torch.Generator`` seeded with ``seeds[i]``, so nothing it gets
+depends on its batch position or the batch size (and CPU generators give the same numbers on any device).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.schedulers.flow_match_sde import euler_step, reference_sigma_max, sde_step_with_logprob
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_LOGGED_ONCE: set[str] = set()
+
+
+def log_once(logger: logging.Logger, key: str, message: str) -> None:
+    """Info-log ``message`` the first time ``key`` is seen in this process."""
+    if key not in _LOGGED_ONCE:
+        _LOGGED_ONCE.add(key)
+        logger.info(message)
+
+
+def check_request(prompt: str, seeds: Sequence[int]) -> list[int]:
+    """Validate the non-params part of a request; return the seeds as plain ints."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if len(seeds) == 0:
+        raise ValueError("seeds must hold at least one seed (one image per seed)")
+    out = []
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seeds must be ints, got {seed!r}")
+        out.append(int(seed))
+    return out
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample (diffusers' ``randn_tensor`` draws row i from generator i)."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def per_sample_randn(
+    sample_shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """[B, *sample_shape] standard normal noise, row i from ``generators[i]`` (drawn on CPU, then moved)."""
+    rows = [torch.randn(tuple(sample_shape), generator=g, dtype=torch.float32) for g in generators]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def repeat_rows(tensor: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
+    """[1, ...] -> [B, ...] (a real copy, so per-sample slices never alias)."""
+    if tensor is None:
+        return None
+    return tensor.repeat(batch_size, *([1] * (tensor.ndim - 1)))
+
+
+def window_mask_for(params: DiffusionSamplingParams) -> torch.Tensor:
+    """bool [T]: the steps that are stochastic and carry log-probs. With noise_level 0 no step is stochastic."""
+    mask = torch.zeros(params.num_inference_steps, dtype=torch.bool)
+    if params.noise_level > 0:
+        start, end = params.window_steps()
+        mask[start:end] = True
+    return mask
+
+
+@dataclass
+class DenoiseResult:
+    final_latents: torch.Tensor  # [B, *latent_shape], float32
+    trajectory: torch.Tensor  # [B, T+1, *latent_shape] (x_T .. x_0), or [B, 0, *latent_shape]
+    log_probs: torch.Tensor  # float32 [B, T], 0 outside the window
+    window_mask: torch.Tensor  # bool [T]
+
+
+def denoise_with_logprobs(
+    velocity_fn: VelocityFn,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    model_timesteps: torch.Tensor,
+    params: DiffusionSamplingParams,
+    generators: Sequence[torch.Generator],
+) -> DenoiseResult:
+    """Run T steps from ``latents`` (x_T): SDE steps with log-probs inside the window, Euler ODE steps elsewhere.
+
+    ``velocity_fn(latents, timestep[B])`` is the pipeline's ``predict_velocity`` (CFG included); ``model_timesteps``
+    [T] is what the transformer receives per step, ``sigmas`` [T+1] what the scheduler math uses.
+    Step noise is drawn only inside the window, from each sample's own generator.
+    """
+    batch_size = latents.shape[0]
+    num_steps = model_timesteps.shape[0]
+    window_mask = window_mask_for(params)
+    sigma_max = reference_sigma_max(sigmas)
+    sigmas_list = [float(s) for s in sigmas.to(torch.float32)]  # float32 values, as diffusers' scheduler.sigmas
+
+    latents = latents.to(torch.float32)
+    trajectory = [latents] if params.return_trajectory else []
+    log_probs = torch.zeros(batch_size, num_steps, dtype=torch.float32)
+    for i in range(num_steps):
+        timestep = model_timesteps[i].to(latents.device).expand(batch_size)
+        velocity = velocity_fn(latents, timestep)
+        sigma = torch.tensor(sigmas_list[i], dtype=torch.float32)
+        sigma_next = torch.tensor(sigmas_list[i + 1], dtype=torch.float32)
+        if window_mask[i]:
+            noise = per_sample_randn(latents.shape[1:], generators, latents.device, torch.float32)
+            step = sde_step_with_logprob(
+                velocity, latents, sigma, sigma_next,
+                noise_level=float(params.noise_level), sde_type=params.sde_type, sigma_max=sigma_max, noise=noise,
+            )
+            latents = step.prev_sample.to(torch.float32)
+            log_probs[:, i] = step.log_prob.float().cpu()
+        else:
+            latents = euler_step(velocity, latents, sigma, sigma_next).to(torch.float32)
+        if params.return_trajectory:
+            trajectory.append(latents)
+
+    if trajectory:
+        stacked = torch.stack(trajectory, dim=1)
+    else:
+        stacked = latents.new_empty((batch_size, 0, *latents.shape[1:]))
+    return DenoiseResult(latents, stacked, log_probs, window_mask)
+
+
+def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] on CPU (diffusers' postprocess + PIL rounding)."""
+    images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def expand_timestep(timestep: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A scalar or [B] timestep as a float32 [B] tensor on ``device``."""
+    timestep = torch.as_tensor(timestep, dtype=torch.float32, device=device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch_size)
+    if timestep.shape != (batch_size,):
+        raise ValueError(f"timestep has shape {tuple(timestep.shape)}, expected a scalar or ({batch_size},)")
+    return timestep
+
+
+def cpu_or_none(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach().to("cpu")

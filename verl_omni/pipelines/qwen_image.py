@@ -1,0 +1,189 @@
+"""Qwen-Image RL pipeline: the diffusers ``QwenImagePipeline`` plus a rollout that returns what FlowGRPO needs.
+
+``rl_generate`` and the trainer's log-prob recomputation both go through :meth:`QwenImageRLPipeline.predict_velocity`
+(true CFG with diffusers' norm rescaling included), so rollout and training share one code path.
+
+Timesteps: ``RLBatchOutput.timesteps`` holds what this transformer receives, ``t / 1000`` in [0, 1] (the stock
+pipeline divides by 1000 before calling it); ``sigmas`` are the scheduler's, as diffusers computes them with
+dynamic shifting for the packed image sequence length.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.pipelines.common import (
+    check_request,
+    cpu_or_none,
+    denoise_with_logprobs,
+    expand_timestep,
+    log_once,
+    make_generators,
+    repeat_rows,
+    to_uint8_images,
+)
+from verl_omni.rollout.outputs import RLBatchOutput
+from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
+
+logger = logging.getLogger(__name__)
+
+# The stock pipeline hard-codes 34: the token count of its template prefix under the real Qwen2.5-VL tokenizer.
+STOCK_TEMPLATE_START_IDX = 34
+MAX_SEQUENCE_LENGTH = 1024  # QwenImagePipeline.check_inputs limit
+
+
+def template_prefix_length(tokenizer, template: str) -> int:
+    """Tokens of ``template`` before the prompt slot, tokenized as the pipeline tokenizes the full text.
+
+    Gives 34 for the real Qwen2.5-VL tokenizer and the right (longer) value for scratch tokenizers.
+    """
+    prefix = template.split("{}")[0]
+    return len(tokenizer(prefix).input_ids)
+
+
+class QwenImageRLPipeline(QwenImagePipeline):
+    """``QwenImagePipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
+    ``predict_velocity``."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+        # Drop exactly the template prefix, whatever tokenizer was saved (the stock value 34 is only right for
+        # the real tokenizer; with a scratch one it would leak template tokens into the embeddings).
+        if tokenizer is not None:
+            self.prompt_template_encode_start_idx = template_prefix_length(tokenizer, self.prompt_template_encode)
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def encode_prompt_for_rl(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [1, L, D], mask [1, L] int64). The mask is kept even when all ones so samples of different
+        prompts can be padded and stacked; ``predict_velocity`` drops an all-ones mask like diffusers does."""
+        embeds, mask = self._get_qwen_prompt_embeds([prompt], device=self._execution_device)
+        return embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
+
+    # ------------------------------------------------------------------------------------------ model call
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        cond: dict,
+        guidance_scale: float,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """Velocity [B, S, C] (float32) for packed ``latents`` [B, S, C] at ``timestep`` (scalar or [B], in the
+        transformer's [0, 1] units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
+
+        ``cond``: ``prompt_embeds`` [B, L, D], optional ``prompt_embeds_mask`` [B, L]; with ``guidance_scale > 1``
+        also ``negative_prompt_embeds`` / ``negative_prompt_embeds_mask`` (true CFG, two forwards, then diffusers'
+        rescaling of the combined prediction to the conditional prediction's norm).
+        """
+        batch_size = latents.shape[0]
+        device = latents.device
+        dtype = self.transformer.dtype
+        hidden_states = latents.to(dtype)
+        timestep = expand_timestep(timestep, batch_size, device)
+        img_shapes = [[(1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)]] * batch_size
+
+        def forward(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+            if mask is not None and bool(mask.all()):
+                mask = None  # as QwenImagePipeline.encode_prompt: an all-ones mask is passed as None
+            return self.transformer(
+                hidden_states=hidden_states,
+                timestep=timestep,
+                guidance=None,
+                encoder_hidden_states=embeds.to(device=device, dtype=dtype),
+                encoder_hidden_states_mask=None if mask is None else mask.to(device),
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
+
+        velocity = forward(cond["prompt_embeds"], cond.get("prompt_embeds_mask"))
+        if guidance_scale > 1:
+            if cond.get("negative_prompt_embeds") is None:
+                raise ValueError("guidance_scale > 1 needs cond['negative_prompt_embeds']")
+            negative = forward(cond["negative_prompt_embeds"], cond.get("negative_prompt_embeds_mask"))
+            combined = negative + guidance_scale * (velocity - negative)
+            cond_norm = torch.norm(velocity, dim=-1, keepdim=True)
+            combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+            velocity = combined * (cond_norm / combined_norm)
+        return velocity.float()
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def rl_sigmas(self, num_inference_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``QwenImagePipeline.__call__``."""
+        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        sigmas, timesteps = flow_match_sigmas(
+            dict(self.scheduler.config), num_inference_steps, image_seq_len, base_sigmas=base_sigmas
+        )
+        return sigmas, timesteps / 1000
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+        """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
+        params.validate(vae_scale_factor=self.vae_scale_factor)
+        if params.max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length={params.max_sequence_length} must be <= {MAX_SEQUENCE_LENGTH}")
+        seeds = check_request(prompt, seeds)
+        batch_size = len(seeds)
+        device = self._execution_device
+        height, width = params.height, params.width
+        # The schedule first: it can still reject the request (e.g. one step with shift_terminal).
+        image_seq_len = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
+        sigmas, model_timesteps = self.rl_sigmas(params.num_inference_steps, image_seq_len)
+
+        embeds, mask = self.encode_prompt_for_rl(prompt, params.max_sequence_length)
+        cond = {"prompt_embeds": repeat_rows(embeds, batch_size), "prompt_embeds_mask": repeat_rows(mask, batch_size)}
+        if params.guidance_scale > 1:
+            negative_prompt = params.negative_prompt
+            if negative_prompt is None:
+                negative_prompt = ""
+                log_once(logger, "qwen_image_empty_negative",
+                         "guidance_scale > 1 without negative_prompt: using the empty prompt as the negative")
+            neg_embeds, neg_mask = self.encode_prompt_for_rl(negative_prompt, params.max_sequence_length)
+            cond["negative_prompt_embeds"] = repeat_rows(neg_embeds, batch_size)
+            cond["negative_prompt_embeds_mask"] = repeat_rows(neg_mask, batch_size)
+
+        generators = make_generators(seeds)
+        latents = self.prepare_latents(
+            batch_size, self.transformer.config.in_channels // 4, height, width, torch.float32, device, generators
+        )
+
+        result = denoise_with_logprobs(
+            lambda x, t: self.predict_velocity(x, t, cond, params.guidance_scale, height, width),
+            latents, sigmas, model_timesteps, params, generators,
+        )
+        images = self.decode_latents(result.final_latents, height, width)
+        return RLBatchOutput(
+            images=images,
+            latents=result.trajectory.cpu(),
+            log_probs=result.log_probs,
+            window_mask=result.window_mask,
+            timesteps=model_timesteps.float().cpu(),
+            sigmas=sigmas.float().cpu(),
+            prompt_embeds=cond["prompt_embeds"].cpu(),
+            prompt_embeds_mask=cpu_or_none(cond["prompt_embeds_mask"]),
+            negative_prompt_embeds=cpu_or_none(cond.get("negative_prompt_embeds")),
+            negative_prompt_embeds_mask=cpu_or_none(cond.get("negative_prompt_embeds_mask")),
+            seeds=seeds,
+        )
+
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (latent mean / std undone)."""
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
+        latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
+        latents = latents / latents_std + latents_mean
+        decoded = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return to_uint8_images(decoded)
+
+
+__all__ = ["QwenImageRLPipeline", "template_prefix_length"]
