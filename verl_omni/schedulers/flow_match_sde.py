@@ -131,9 +131,12 @@ def compute_log_prob(
     """Log-prob [B] of a stored transition ``sample -> prev_sample`` under the policy's velocity ``model_output``.
 
     The one function the trainer calls to recompute log-probs; differentiable w.r.t. ``model_output``.
-    ``sigma`` / ``sigma_next`` may be scalars or per-sample [B] tensors.
+    ``sigma`` / ``sigma_next`` may be scalars or per-sample [B] tensors; ``sigma_max`` comes from
+    :func:`reference_sigma_max` of the stored schedule.
     """
     _check_sde_type(sde_type)
+    if noise_level <= 0:
+        raise ValueError(f"noise_level={noise_level} > 0 required: a deterministic step has no log-density")
     dtype = _compute_dtype(model_output, sample, prev_sample)
     sample = sample.to(dtype)
     sigma_t = _as_batch_sigma(sigma, sample, dtype)

@@ -84,10 +84,16 @@ class FlowGRPOTrainer:
         self.sync_weights()
         from verl.utils.tracking import Tracking
 
-        os.environ.setdefault("TENSORBOARD_DIR", os.path.join(self.output_dir, "tensorboard"))
         loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
-        self.tracker = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, loggers,
-                                OmegaConf.to_container(cfg, resolve=True))
+        # verl's tensorboard backend reads TENSORBOARD_DIR; default it to the run directory for this call only.
+        user_dir = os.environ.get("TENSORBOARD_DIR")
+        os.environ["TENSORBOARD_DIR"] = user_dir or os.path.join(self.output_dir, "tensorboard")
+        try:
+            self.tracker = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, loggers,
+                                    OmegaConf.to_container(cfg, resolve=True))
+        finally:
+            if user_dir is None:
+                del os.environ["TENSORBOARD_DIR"]
         return self
 
     def _run(self, coro):

@@ -1,0 +1,103 @@
+"""Tiny random pipelines: deterministic by seed, loadable with from_pretrained, shaped like the real models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from verl_omni.models.tiny import (
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    build_tiny_qwen_image,
+    build_tiny_sd3,
+    qwen_image_transformer_config,
+    tiny_model_dir,
+)
+
+
+def _weights(path):
+    """{component/file/tensor name: tensor} over every safetensors file of a pipeline directory."""
+    out = {}
+    for f in sorted(Path(path).rglob("*.safetensors")):
+        for name, tensor in load_file(str(f)).items():
+            out[f"{f.relative_to(path)}/{name}"] = tensor
+    return out
+
+
+@pytest.mark.parametrize("builder", [build_tiny_qwen_image, build_tiny_sd3], ids=["qwen_image", "sd3"])
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(builder, tmp_path):
+    a = _weights(builder(tmp_path / "a", seed=3))
+    b = _weights(builder(tmp_path / "b", seed=3))
+    c = _weights(builder(tmp_path / "c", seed=4))
+    assert a.keys() == b.keys() == c.keys() and len(a) > 20
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    differing = sum(not torch.equal(a[k], c[k]) for k in a)
+    assert differing > 0.5 * len(a)
+    # No all-zero weight matrices: a zero-initialised output projection would make the model output constant.
+    assert not [k for k, t in a.items() if t.ndim >= 2 and not t.any()]
+
+
+def test_tiny_qwen_image_loads_and_looks_like_qwen_image(qwen_image_rl_pipe, tiny_qwen_image_dir):
+    pipe = qwen_image_rl_pipe
+    index = json.loads((Path(tiny_qwen_image_dir) / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline"  # a plain diffusers directory
+    tcfg = pipe.transformer.config
+    assert tcfg.attention_head_dim == 128 and tuple(tcfg.axes_dims_rope) == (16, 56, 56)
+    assert tcfg.in_channels == 4 * pipe.vae.config.z_dim and tcfg.out_channels == pipe.vae.config.z_dim
+    assert tcfg.joint_attention_dim == pipe.text_encoder.config.text_config.hidden_size
+    assert pipe.vae_scale_factor == 8
+    text_cfg = pipe.text_encoder.config.text_config
+    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
+    assert sum(text_cfg.rope_parameters["mrope_section"]) * 2 == head_dim
+    sched = dict(pipe.scheduler.config)
+    assert all(sched[k] == v for k, v in QWEN_IMAGE_SCHEDULER_CONFIG.items())
+    # The scratch tokenizer round-trips text and knows the chat special tokens.
+    ids = pipe.tokenizer("<|im_start|>user\nHello, wörld!<|im_end|>").input_ids
+    assert pipe.tokenizer.decode(ids) == "<|im_start|>user\nHello, wörld!<|im_end|>"
+    assert pipe.tokenizer.convert_tokens_to_ids("<|im_start|>") == ids[0]
+    assert pipe.text_encoder.get_input_embeddings().num_embeddings >= len(pipe.tokenizer)
+
+
+def test_tiny_sd3_loads_and_looks_like_sd35(sd3_rl_pipe):
+    pipe = sd3_rl_pipe
+    assert pipe.tokenizer.model_max_length == 77 and pipe.tokenizer_2.model_max_length == 77
+    assert pipe.scheduler.config.shift == 3.0 and not pipe.scheduler.config.use_dynamic_shifting
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.in_channels == pipe.vae.config.latent_channels
+    clip_widths = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.text_encoder_3.config.d_model >= clip_widths
+    assert pipe.transformer.config.pooled_projection_dim == (
+        pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    )
+    t5_ids = pipe.tokenizer_3("a cat").input_ids
+    assert t5_ids[-1] == pipe.tokenizer_3.eos_token_id and pipe.tokenizer_3.unk_token_id not in t5_ids
+
+
+def test_bf16_build_saves_bf16_weights(tmp_path):
+    weights = _weights(build_tiny_sd3(tmp_path / "bf16", dtype=torch.bfloat16))
+    float_tensors = [t for t in weights.values() if t.is_floating_point()]
+    assert float_tensors and all(t.dtype == torch.bfloat16 for t in float_tensors)
+
+
+def test_tiny_model_dir_builds_once_and_reuses(tmp_path):
+    first = tiny_model_dir("sd3", root=tmp_path)
+    stamp = (Path(first) / "model_index.json").stat().st_mtime_ns
+    assert tiny_model_dir("sd3", root=tmp_path) == first
+    assert (Path(first) / "model_index.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [Path(first).name]  # no scratch directories left behind
+    with pytest.raises(ValueError, match="kind"):
+        tiny_model_dir("flux", root=tmp_path)
+
+
+def test_full_width_transformer_config_matches_qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    cfg = qwen_image_transformer_config(num_layers=2, full_width=True)
+    assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == 3072
+    assert (cfg["joint_attention_dim"], cfg["in_channels"], cfg["out_channels"]) == (3584, 64, 16)
+    with torch.device("meta"):  # shapes only: no memory
+        one = QwenImageTransformer2DModel(**qwen_image_transformer_config(1, True))
+        two = QwenImageTransformer2DModel(**cfg)
+    per_layer = sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in one.parameters())
+    # Qwen-Image: ~20.4B parameters over 60 layers -> ~340M per layer.
+    assert 3.0e8 < per_layer < 3.8e8
