@@ -20,6 +20,7 @@ import hydra
 import numpy as np
 import ray
 import torch
+from ray.experimental import tqdm_ray
 from verl import DataProto
 from verl.experimental.agent_loop.agent_loop import (
     AgentLoopBase,
@@ -37,6 +38,7 @@ from verl_omni.registration import AGENT_LOOP_NAME
 from verl_omni.rollout.engines.base import get_engine_class
 from verl_omni.rollout.outputs import DiffusionSample
 from verl_omni.schedulers.flow_match_sde import choose_window
+from verl_omni.trainer.flowgrpo import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +48,19 @@ class DiffusionServerClient(LLMServerClient):
 
     async def generate_batched(self, request_id: str, *, prompt: str, seeds: list[int],
                                sampling_params: dict) -> list[dict]:
-        server_id, server = await self._acquire_server(request_id)
-        try:
-            return await server.generate_batched.remote(
-                request_id=request_id, prompt=prompt, num_outputs_per_prompt=len(seeds), seeds=seeds,
-                sampling_params=sampling_params,
-            )
-        finally:
-            self._release_server(server_id, request_id=request_id)
+        return await self._call(request_id, "generate_batched", prompt=prompt, num_outputs_per_prompt=len(seeds),
+                                seeds=seeds, sampling_params=sampling_params)
 
     async def generate(self, request_id: str, *, prompt: str, seed: int, sampling_params: dict) -> dict:  # type: ignore[override]
+        return await self._call(request_id, "generate", prompt=prompt, seed=seed, sampling_params=sampling_params)
+
+    async def _call(self, request_id: str, method: str, **kwargs):
         server_id, server = await self._acquire_server(request_id)
         try:
-            return await server.generate.remote(request_id=request_id, prompt=prompt, seed=seed,
-                                                sampling_params=sampling_params)
+            return await getattr(server, method).remote(request_id=request_id, **kwargs)
+        except ray.exceptions.RayActorError as exc:
+            # A dead engine must stop the step loudly (the trainer's last checkpoint stays as it was).
+            raise RuntimeError(f"rollout server {server_id} died during request {request_id}: {exc}") from None
         finally:
             self._release_server(server_id, request_id=request_id)
 
@@ -109,7 +110,7 @@ async def _postprocess(payload: dict) -> DiffusionSample:
     for name in ("latents", "log_probs", "prompt_embeds"):
         value = getattr(sample, name)
         if value is not None and value.numel() and not torch.isfinite(value.float()).all():
-            raise FloatingPointError(f"engine returned non-finite {name} for seed {sample.seed}")
+            raise NonFiniteError(f"engine returned non-finite {name} for the sample with seed {sample.seed}")
     return sample
 
 
@@ -134,9 +135,19 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion,
                              engine_supports_batched=self._engine_supports_batched)
         step = batch.meta_info.get("global_steps", 0)
-        tasks = [self._run_group(group, non_tensor, params, step, validate) for group in groups]
+        # Ray's tqdm shows this worker's bar on the driver's console.
+        bar = tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
+
+        async def run(group: RolloutGroup):
+            result = await self._run_group(group, non_tensor, params, step, validate)
+            bar.update(len(group.rows))
+            return result
+
         start = time.perf_counter()
-        results = await asyncio.gather(*tasks)
+        try:
+            results = await asyncio.gather(*[run(group) for group in groups])
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - start
 
         samples: list[Optional[DiffusionSample]] = [None] * len(batch)

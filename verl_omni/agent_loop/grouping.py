@@ -86,6 +86,11 @@ def prompt_text(raw_prompt: Any) -> str:
     """The text to draw from a verl row: a plain string, or the last user turn of chat messages."""
     if isinstance(raw_prompt, np.ndarray):
         raw_prompt = raw_prompt.tolist()
+    if isinstance(raw_prompt, bytes):
+        try:
+            raw_prompt = raw_prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"raw_prompt is not valid UTF-8 ({exc}): {raw_prompt[:80]!r}") from None
     if isinstance(raw_prompt, str):
         return raw_prompt
     if isinstance(raw_prompt, (list, tuple)) and raw_prompt:

@@ -65,6 +65,11 @@ class QwenImageRLPipeline(QwenImagePipeline):
         """(embeds [1, L, D], mask [1, L] int64). The mask is kept even when all ones so samples of different
         prompts can be padded and stacked; ``predict_velocity`` drops an all-ones mask like diffusers does."""
         embeds, mask = self._get_qwen_prompt_embeds([prompt], device=self._execution_device)
+        if embeds.shape[1] > max_sequence_length:
+            # Truncation changes what the model sees: count it and say so, never silently.
+            self.truncated_prompts = getattr(self, "truncated_prompts", 0) + 1
+            logger.warning("prompt of %d tokens truncated to max_sequence_length=%d (%d prompts truncated so far): %.80r",
+                           embeds.shape[1], max_sequence_length, self.truncated_prompts, prompt)
         return embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
 
     # ------------------------------------------------------------------------------------------ model call

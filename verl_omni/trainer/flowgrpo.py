@@ -12,8 +12,12 @@ import numpy as np
 import torch
 
 
+class NonFiniteError(ValueError):
+    """NaN/inf where training needs finite numbers; the trainer refuses the step (``trainer.nan_policy``)."""
+
+
 def assert_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise ValueError listing the samples (dim 0) that hold NaN/inf, so the trainer can refuse the step."""
+    """Raise NonFiniteError (a ValueError) listing the samples (dim 0) that hold NaN/inf, so the trainer can refuse the step."""
     tensor = torch.as_tensor(tensor)
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
@@ -22,7 +26,7 @@ def assert_finite(name: str, tensor: torch.Tensor) -> None:
     bad = torch.nonzero(~per_sample).flatten().tolist()
     shown = bad[:20]
     more = f" (+{len(bad) - len(shown)} more)" if len(bad) > len(shown) else ""
-    raise ValueError(f"{name} has non-finite values at sample indices {shown}{more} of {per_sample.numel()}")
+    raise NonFiniteError(f"{name} has non-finite values at sample indices {shown}{more} of {per_sample.numel()}")
 
 
 def compute_group_advantages(

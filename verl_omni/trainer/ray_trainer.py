@@ -27,7 +27,7 @@ from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
-from verl_omni.trainer.flowgrpo import compute_group_advantages
+from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
 from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,17 @@ class FlowGRPOTrainer:
         return history
 
     def train_step(self, step: int) -> Optional[dict[str, float]]:
+        """One step; None when it was refused for non-finite numbers under ``trainer.nan_policy=skip``."""
+        try:
+            return self._train_step(step)
+        except NonFiniteError as exc:
+            if self.config.trainer.nan_policy == "stop":
+                raise
+            logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
+            print(f"[verl_omni] step {step} skipped: {exc}")
+            return None
+
+    def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         t0 = time.perf_counter()
         output = self.rollout(step)
@@ -180,17 +191,10 @@ class FlowGRPOTrainer:
             self._run(self.servers.sleep())
         try:
             actor_metrics = self.actor.update(output, advantages.float())
-        except (FloatingPointError, ValueError) as exc:
-            if "non-finite" not in str(exc) or cfg.trainer.nan_policy == "stop":
-                raise
-            logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
-            actor_metrics = None
         finally:
             if self.rollout_cfg.free_cache_engine:
                 self._run(self.servers.wake_up())
         t_train = time.perf_counter() - t1
-        if actor_metrics is None:
-            return None
         sync_metrics = self.sync_weights()
         self._write_samples(step, output, scores)
         step_time = time.perf_counter() - t0
@@ -213,7 +217,13 @@ class FlowGRPOTrainer:
     def validate(self, step: int) -> dict[str, float]:
         output = self.rollout(step, validate=True)
         scores, metrics = self.score(output)
-        self._write_samples(step, output, scores, prefix="val")
+        grid = validation_grid(output.batch["images"].numpy(), list(output.non_tensor_batch["prompt_text"]), scores)
+        folder = os.path.join(self.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        grid.save(os.path.join(folder, f"step_{step}.png"))
+        writer = getattr(getattr(self, "tracker", None), "logger", {}).get("tensorboard")
+        if writer is not None and hasattr(writer, "writer"):
+            writer.writer.add_image("val/grid", np.asarray(grid), step, dataformats="HWC")
         return {"val/reward_mean": float(scores.mean()), **{f"val/{k}": v for k, v in metrics.items()}}
 
     def _write_samples(self, step: int, output, scores: np.ndarray, prefix: str = "train") -> None:
@@ -236,3 +246,21 @@ class FlowGRPOTrainer:
                 self._run(self.servers.shutdown())
         finally:
             self.loop.close()
+
+
+def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4,
+                    caption_height: int = 36) -> Image.Image:
+    """One image per validation sample with its prompt and reward written under it."""
+    from PIL import ImageDraw
+
+    n, h, w = images.shape[:3]
+    cell_w = max(w, 192)
+    rows = -(-n // columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (h + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % columns) * cell_w, (i // columns) * (h + caption_height)
+        grid.paste(Image.fromarray(images[i]), (x, y))
+        draw.text((x + 2, y + h + 2), prompts[i][:32], fill="black")
+        draw.text((x + 2, y + h + 18), f"reward {scores[i]:.3f}", fill="black")
+    return grid

@@ -19,7 +19,7 @@ from verl import DataProto
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rollout.engines.diffusers import resolve_dtype
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
-from verl_omni.trainer.flowgrpo import assert_finite, flowgrpo_kl, flowgrpo_policy_loss
+from verl_omni.trainer.flowgrpo import NonFiniteError, assert_finite, flowgrpo_kl, flowgrpo_policy_loss
 from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class DiffusionLoRAActor:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite LoRA gradient norm ({grad_norm}); step refused, LoRA unchanged")
+                raise NonFiniteError(f"non-finite LoRA gradient norm ({grad_norm}); step refused, LoRA unchanged")
             self.optimizer.step()
             grad_norms.append(float(grad_norm))
         self.transformer.eval()

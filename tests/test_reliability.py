@@ -1,0 +1,200 @@
+"""Failures are loud and recoverable: dead engines, taken ports, NaNs, half-written checkpoints, bad data."""
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from helpers import make_config
+from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.trainer.checkpoint import LATEST, find_latest_checkpoint, save_checkpoint
+from verl_omni.trainer.data import PromptDataset
+from verl_omni.trainer.flowgrpo import NonFiniteError
+from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+from verl_omni.workers.lora import add_lora_adapter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
+from qwenimage_ocr import write_ocr_parquet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    return write_ocr_parquet(str(tmp_path_factory.mktemp("data")), 32, 4, 1)
+
+
+def _cfg(data_files, model_dir, out_dir, **extra):
+    train, test = data_files
+    return make_config({
+        "data.train_files": train, "data.val_files": test, "data.train_batch_size": 2,
+        "actor_rollout_ref.model.path": model_dir, "actor_rollout_ref.model.lora_rank": 4,
+        "actor_rollout_ref.actor.optim.lr": 1e-2,
+        "actor_rollout_ref.rollout.n": 4, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
+        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+        "reward.rewards": [{"name": "brightness", "weight": 1.0}],
+        "trainer.logger": ["console"], "trainer.save_freq": 1, "trainer.sample_images_per_step": 0,
+        "trainer.default_local_dir": str(out_dir), **extra,
+    })
+
+
+def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ray_session, data_files,
+                                                                                tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+        "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        trainer.train_step(1)
+        trainer.global_step = 1
+        trainer.save(1)
+        saved = trainer.actor.lora_state_dict()
+        server = trainer.servers.replicas[0].server_handle
+        killer = threading.Timer(0.3, lambda: ray.kill(server))
+        killer.start()
+        start = time.perf_counter()
+        with pytest.raises(Exception, match="died during request"):
+            trainer.train_step(2)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 60, f"a dead engine took {elapsed:.0f}s to surface"
+    finally:
+        killer.cancel()
+        trainer.shutdown()
+    assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_1")  # untouched by the failed step
+
+    resumed = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+        "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})).init()
+    try:
+        assert resumed.global_step == 1
+        assert all(torch.equal(saved[k], v) for k, v in resumed.actor.lora_state_dict().items())
+        history = resumed.fit()
+        assert len(history) == 2 and resumed.global_step == 3
+    finally:
+        resumed.shutdown()
+
+
+def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+    for policy in ("skip", "stop"):
+        out = tmp_path / policy
+        trainer = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, out, **{
+            "trainer.total_training_steps": 3, "trainer.nan_policy": policy})).init()
+        real_rollout = trainer.rollout
+
+        def poisoned(step, validate=False):
+            output = real_rollout(step, validate)
+            if step == 2:
+                output.batch["old_log_probs"][5, 0] = float("nan")
+            return output
+
+        trainer.rollout = poisoned
+        try:
+            if policy == "stop":
+                with pytest.raises(NonFiniteError, match=r"old_log_probs.*\[5\]"):
+                    trainer.fit()
+                assert find_latest_checkpoint(str(out)).endswith("global_step_1")
+                continue
+            lora_per_step = {}
+            original_save = trainer.save
+
+            def save(step):
+                lora_per_step[step] = trainer.actor.lora_state_dict()
+                return original_save(step)
+
+            trainer.save = save
+            history = trainer.fit()
+            assert len(history) == 2 and trainer.global_step == 3
+            assert all(torch.equal(lora_per_step[1][k], lora_per_step[2][k]) for k in lora_per_step[1])
+            assert any(not torch.equal(lora_per_step[2][k], lora_per_step[3][k]) for k in lora_per_step[2])
+        finally:
+            trainer.shutdown()
+
+
+def test_four_replicas_on_one_host_get_distinct_ports_even_when_one_is_taken(ray_session, tiny_qwen_image_dir):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    base = blocker.getsockname()[1]
+    cfg = make_config({"actor_rollout_ref.model.path": tiny_qwen_image_dir, "actor_rollout_ref.model.lora_rank": 4,
+                       "actor_rollout_ref.rollout.num_replicas": 4,
+                       "actor_rollout_ref.rollout.server_port_base": base})
+    loop = asyncio.new_event_loop()
+    manager = loop.run_until_complete(DiffusionServerManager(cfg).start())
+    try:
+        ports = [int(a.rsplit(":", 1)[1]) for a in manager.addresses]
+        assert len(set(ports)) == 4 and base not in ports
+        assert len(loop.run_until_complete(manager.stats())) == 4
+    finally:
+        loop.run_until_complete(manager.shutdown())
+        loop.close()
+        blocker.close()
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    params = [torch.nn.Parameter(torch.ones(2))]
+    opt = torch.optim.AdamW(params)
+    save_checkpoint(str(tmp_path), 1, {"w": torch.ones(2)}, opt)
+    # a crash while writing step 2 leaves only a temporary directory: resume still picks step 1
+    os.makedirs(tmp_path / ".global_step_2.abc123")
+    (tmp_path / ".global_step_2.abc123" / "lora.safetensors").write_bytes(b"partial")
+    assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_1")
+    # a marker naming an incomplete directory is an error, not a silent fresh start
+    (tmp_path / LATEST).write_text("7")
+    os.makedirs(tmp_path / "global_step_7")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        find_latest_checkpoint(str(tmp_path))
+
+
+def test_lora_targets_that_match_nothing_are_named(qwen_image_rl_pipe):
+    import copy
+
+    transformer = copy.deepcopy(qwen_image_rl_pipe.transformer)
+    with pytest.raises(ValueError, match=r"target_modules \['to_qkv_typo'\] match no module"):
+        add_lora_adapter(transformer, 4, 8, ["to_q", "to_qkv_typo"])
+
+
+def _write(tmp_path, frame):
+    path = tmp_path / "d.parquet"
+    frame.to_parquet(path)
+    return str(path)
+
+
+def test_bad_data_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        PromptDataset(_write(tmp_path, pd.DataFrame({"text": ["a"]})))
+    with pytest.raises(ValueError, match="row 1: empty prompt"):
+        PromptDataset(_write(tmp_path, pd.DataFrame({"prompt": ['a "b"', "  "]})))
+    with pytest.raises(ValueError, match="row 0: raw_prompt is not valid UTF-8"):
+        PromptDataset(_write(tmp_path, pd.DataFrame({"prompt": [b"\xff\xfe bad"]})))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PromptDataset(str(tmp_path / "missing.parquet"))
+
+
+def test_long_prompts_are_truncated_with_a_counted_warning(qwen_image_rl_pipe, caplog):
+    from verl_omni.config.sampling import DiffusionSamplingParams
+
+    params = DiffusionSamplingParams(num_inference_steps=2, height=32, width=32, max_sequence_length=8)
+    with caplog.at_level(logging.WARNING):
+        out = qwen_image_rl_pipe.rl_generate("a very long prompt " * 4, [0], params)
+        qwen_image_rl_pipe.rl_generate("another long prompt " * 4, [0], params)
+    assert out.prompt_embeds.shape[1] == 8
+    messages = [r.getMessage() for r in caplog.records if "truncated to max_sequence_length=8" in r.getMessage()]
+    assert len(messages) == 2 and "prompts truncated so far" in messages[-1]
+
+
+def test_validation_writes_a_grid_image(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+    trainer = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+        "trainer.total_training_steps": 1, "trainer.test_freq": 1, "trainer.save_freq": -1})).init()
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "validation" / "step_1.png"))
+    assert grid.shape[0] >= 64 and grid.shape[1] >= 4 * 64
