@@ -156,3 +156,21 @@ def test_readme_cpu_demo_runs_two_steps_and_writes_outputs(tmp_path):
     assert find_latest_checkpoint(str(demo)).endswith("global_step_2")
     assert glob.glob(str(demo / "samples" / "train_step_1" / "*.png"))
     assert glob.glob(str(demo / "tensorboard" / "events.*"))
+
+
+def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session, data_files, tiny_sd3_dir, tmp_path):
+    cfg = _cfg(data_files, tiny_sd3_dir, tmp_path, **{
+        "actor_rollout_ref.model.pipeline": "sd3",
+        "actor_rollout_ref.actor.kl_coef": 0.1,
+        "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 3.0,
+        "actor_rollout_ref.rollout.pipeline.negative_prompt": "blurry",
+        "trainer.total_training_steps": 2,
+    })
+    trainer, history, engine_sums = _train(cfg)
+    first, second = history
+    # Before the first update the policy is the rollout policy: recomputed log-probs equal the rollout's.
+    assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-8)  # adapter starts as the identity
+    assert second["actor/kl_loss"] > 0  # after one update the policy moved away from the reference
+    assert engine_sums == [tensors_checksum(trainer.actor.lora_state_dict())]

@@ -1,0 +1,39 @@
+"""GPU-only fixtures: skip cleanly without CUDA / vllm-omni; one vllm-omni engine per module on one event loop.
+
+The ``gpu`` marker is registered in pytest.ini; ``pytest_configure`` below registers it too so this folder also
+works when run from another rootdir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gpu_helpers import HAS_CUDA
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and vllm-omni for engine tests); run on the device")
+
+
+@pytest.fixture(scope="module")
+def event_loop_gpu():
+    """One loop for everything an AsyncOmni client does (its output task lives on the loop of the first call)."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def gpu_qwen_image_dir(tmp_path_factory):
+    """A small-but-wide random Qwen-Image saved in bf16: 2 layers of the real 3072 width (24 heads x 128),
+    tiny text encoder and VAE. ~0.7B transformer params (~1.4 GB), so sleep/wake moves a visible amount."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import torch
+
+    from verl_omni.models.tiny import build_tiny_qwen_image
+
+    path = tmp_path_factory.mktemp("qwen_image_gpu")
+    return build_tiny_qwen_image(str(path), seed=0, dtype=torch.bfloat16, num_layers=2, num_attention_heads=24)

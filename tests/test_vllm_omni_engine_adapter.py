@@ -1,0 +1,471 @@
+"""VllmOmniEngine against a test double of the ``vllm_omni`` package (CPU, CI).
+
+The double is installed in ``sys.modules`` for these tests only. Its ``AsyncOmni`` records every call and plays
+the vllm-omni worker the way 0.24.0 does: it resolves ``custom_pipeline_args["pipeline_class"]`` by qualified
+name, builds it with ``od_config=...``, calls ``forward(DiffusionRequestBatch)`` and wraps the returned
+``DiffusionOutput`` into an ``OmniRequestOutput`` (images, trajectory_*, _custom_output) as its output formatter
+does; ``collective_rpc`` calls the method on a worker that mixes in ``worker_extension_cls``. So the real adapter
+code (engine side and worker side) runs on the tiny Qwen-Image, and its result is compared with the diffusers
+engine's.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import importlib
+import pathlib
+import subprocess
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.rollout.engines.base import EngineConfig, tensors_checksum
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "verl_omni"
+PROMPT = "a red bicycle"
+PARAMS = DiffusionSamplingParams(num_inference_steps=3, height=32, width=32, max_sequence_length=32)
+
+
+# ----------------------------------------------------------------------------------------- the test double
+@dataclass
+class FakeSamplingParams:  # the fields of vllm_omni.inputs.data.OmniDiffusionSamplingParams we use
+    num_inference_steps: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_outputs_per_prompt: int = 1
+    seed: Optional[int] = None
+    max_sequence_length: Optional[int] = None
+    return_trajectory_latents: bool = False
+    guidance_scale: float = 0.0
+    true_cfg_scale: Optional[float] = None
+    extra_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class FakeDiffusionOutput:
+    output: Any = None
+    trajectory_timesteps: Any = None
+    trajectory_latents: Any = None
+    trajectory_log_probs: Any = None
+    custom_output: dict = field(default_factory=dict)
+
+
+@dataclass
+class FakeOmniRequestOutput:
+    request_id: str
+    images: list
+    trajectory_latents: Any
+    trajectory_timesteps: Any
+    trajectory_log_probs: Any
+    _custom_output: dict
+    error: Optional[str] = None
+
+    @property
+    def custom_output(self):
+        return self._custom_output
+
+
+@dataclass
+class FakeRequest:
+    prompt: Any
+    sampling_params: FakeSamplingParams
+    request_id: str
+
+
+@dataclass
+class FakeBatch:
+    requests: list
+
+
+@dataclass
+class FakeAck:
+    status: str = "SUCCESS"
+    error_msg: Optional[str] = None
+
+
+class FakeAsyncOmni:
+    instances: list = []
+
+    def __init__(self, *, model: str, **kwargs):
+        self.model = model
+        self.kwargs = kwargs
+        self.calls: list = []  # (verb, payload) in order
+        self.events = FakeAsyncOmni.events
+        args = kwargs["custom_pipeline_args"]
+        od_config = types.SimpleNamespace(
+            model=model, dtype=getattr(torch, kwargs["dtype"]), custom_pipeline_args=args,
+            model_class_name=kwargs.get("model_class_name"),
+        )
+        module_name, _, cls_name = args["pipeline_class"].rpartition(".")
+        pipeline_cls = getattr(importlib.import_module(module_name), cls_name)
+        module_name, _, ext_name = kwargs["worker_extension_cls"].rpartition(".")
+        ext_cls = getattr(importlib.import_module(module_name), ext_name)
+
+        class Worker(ext_cls):
+            def __init__(self):
+                self.model_runner = types.SimpleNamespace(pipeline=None)
+                self.loaded = []
+
+            def load_model(self, load_format, custom_pipeline_name):
+                self.loaded.append((load_format, custom_pipeline_name))
+                self.model_runner.pipeline = pipeline_cls(od_config=od_config)
+                assert self.model_runner.pipeline.load_weights(iter(())) is None
+
+        self.worker = Worker()
+        self.worker.re_init_pipeline(args)  # what WorkerWrapperBase does with custom_pipeline_args
+        FakeAsyncOmni.instances.append(self)
+
+    async def generate(self, prompt, request_id="", *, sampling_params_list=None, **kw):
+        assert not kw, kw
+        (sp,) = sampling_params_list
+        self.calls.append(("generate", dict(prompt=prompt, request_id=request_id, sp=sp)))
+        req = FakeRequest(prompt=prompt, sampling_params=sp, request_id=request_id)
+        (out,) = self.worker.model_runner.pipeline.forward(FakeBatch([req]))
+        images = out.output if isinstance(out.output, list) else [out.output]
+        yield FakeOmniRequestOutput(request_id, images, out.trajectory_latents, out.trajectory_timesteps,
+                                    out.trajectory_log_probs, dict(out.custom_output))
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None, stage_ids=None):
+        self.calls.append(("rpc", method))
+        self.events.append(f"rpc:{method}")
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    async def sleep(self, stage_ids=None, level=2, mode="abort"):
+        self.calls.append(("sleep", level))
+        self.events.append(f"sleep:{level}")
+        return [FakeAck()]
+
+    async def wake_up(self, stage_ids=None, tags=None):
+        self.calls.append(("wake_up", tags))
+        self.events.append("wake_up")
+        return [FakeAck()]
+
+    async def abort(self, request_id):
+        self.calls.append(("abort", request_id))
+
+    def shutdown(self, timeout=None):
+        self.calls.append(("shutdown", None))
+
+
+FakeAsyncOmni.events = []
+
+
+@pytest.fixture
+def fake_vllm_omni(monkeypatch):
+    root = types.ModuleType("vllm_omni")
+    root.AsyncOmni = FakeAsyncOmni
+    inputs = types.ModuleType("vllm_omni.inputs")
+    inputs_data = types.ModuleType("vllm_omni.inputs.data")
+    inputs_data.OmniDiffusionSamplingParams = FakeSamplingParams
+    diffusion = types.ModuleType("vllm_omni.diffusion")
+    diffusion_data = types.ModuleType("vllm_omni.diffusion.data")
+    diffusion_data.DiffusionOutput = FakeDiffusionOutput
+    for name, mod in {"vllm_omni": root, "vllm_omni.inputs": inputs, "vllm_omni.inputs.data": inputs_data,
+                      "vllm_omni.diffusion": diffusion, "vllm_omni.diffusion.data": diffusion_data}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    FakeAsyncOmni.instances.clear()
+    FakeAsyncOmni.events = []
+    return root
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_engine(model_dir, **kw):
+    from verl_omni.rollout.engines.base import get_engine_class
+
+    config = EngineConfig(model_path=model_dir, dtype="float32", **kw)
+    return get_engine_class("vllm_omni")(config)
+
+
+# ----------------------------------------------------------------------------------------- import hygiene
+def test_import_verl_omni_and_registry_work_without_vllm_omni():
+    code = (
+        "import sys\n"
+        "sys.modules['vllm_omni'] = None  # any import of vllm_omni now raises ImportError\n"
+        "import verl_omni\n"
+        "from verl_omni.rollout.engines.base import get_engine_class, EngineConfig\n"
+        "cls = get_engine_class('vllm_omni')\n"
+        "assert cls.__name__ == 'VllmOmniEngine', cls\n"
+        "try:\n"
+        "    cls(EngineConfig(model_path='/nonexistent'))\n"
+        "except ImportError as e:\n"
+        "    assert 'vllm-omni' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('building the engine without vllm_omni must raise ImportError')\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def _vllm_omni_imports(path: pathlib.Path) -> list[tuple[int, bool]]:
+    """(line, at module level) of every import of vllm_omni in a file."""
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        if any(n == "vllm_omni" or n.startswith("vllm_omni.") for n in names):
+            found.append((node.lineno, id(node) in top))
+    return found
+
+
+def test_only_the_engine_module_imports_vllm_omni_and_only_lazily():
+    engine_module = PKG / "rollout" / "engines" / "vllm_omni.py"
+    offenders = {}
+    for path in PKG.rglob("*.py"):
+        hits = _vllm_omni_imports(path)
+        if path == engine_module:
+            assert hits, "the engine module should import vllm_omni (lazily)"
+            assert not [line for line, top in hits if top], f"module-level vllm_omni import in {path}"
+        elif hits:
+            offenders[str(path.relative_to(PKG.parent))] = [line for line, _ in hits]
+    assert not offenders, f"only rollout/engines/vllm_omni.py may import vllm_omni: {offenders}"
+    # Also no importlib / __import__ tricks with the name elsewhere.
+    for path in PKG.rglob("*.py"):
+        if path != engine_module:
+            text = path.read_text()
+            assert 'import_module("vllm_omni' not in text and "__import__('vllm_omni" not in text, path
+
+
+# ----------------------------------------------------------------------------------------- construction
+def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
+    from verl_omni.rollout.engines import vllm_omni as mod
+
+    make_engine(tiny_qwen_image_dir, max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.5,
+                lora_rank=4, lora_alpha=8.0, lora_target_modules=("to_q", "to_v"))
+    (omni,) = FakeAsyncOmni.instances
+    kw = omni.kwargs
+    assert omni.model == tiny_qwen_image_dir
+    assert kw["custom_pipeline_args"]["pipeline_class"] == mod.PIPELINE_CLASS == \
+        "verl_omni.rollout.engines.vllm_omni.VllmOmniRLPipeline"
+    assert kw["custom_pipeline_args"]["verl_omni"] == {
+        "pipeline": "qwen_image", "lora_rank": 4, "lora_alpha": 8.0, "lora_target_modules": ["to_q", "to_v"]}
+    assert kw["worker_extension_cls"] == mod.WORKER_EXTENSION_CLASS
+    assert kw["model_class_name"] == mod.MODEL_CLASS_NAME
+    assert (kw["max_num_seqs"], kw["enforce_eager"], kw["gpu_memory_utilization"]) == (8, True, 0.5)
+    assert kw["enable_sleep_mode"] is True and kw["dtype"] == "float32"
+    assert kw["request_batch_max_wait_ms"] > 0  # engine-side batching waits for concurrent requests to land
+    assert omni.worker.loaded == [("custom_pipeline", mod.PIPELINE_CLASS)]
+
+
+# ----------------------------------------------------------------------------------------- generate
+def test_generate_is_one_request_of_batch_n_and_matches_diffusers(fake_vllm_omni, tiny_qwen_image_dir):
+    from verl_omni.rollout.engines.base import get_engine_class
+
+    engine = make_engine(tiny_qwen_image_dir)
+    (omni,) = FakeAsyncOmni.instances
+    seeds = [3, 5, 7]
+    out = run(engine.generate(PROMPT, seeds, PARAMS))
+
+    gens = [c for c in omni.calls if c[0] == "generate"]
+    assert len(gens) == 1, "one generate = one engine request"
+    sp = gens[0][1]["sp"]
+    assert gens[0][1]["prompt"] == PROMPT
+    assert sp.num_outputs_per_prompt == len(seeds) == 3
+    assert (sp.num_inference_steps, sp.height, sp.width, sp.seed) == (3, 32, 32, 3)
+    assert sp.max_sequence_length == 32 and sp.return_trajectory_latents is True
+    assert sp.extra_args["verl_omni"]["seeds"] == seeds
+    assert DiffusionSamplingParams.from_dict(sp.extra_args["verl_omni"]["params"]) == PARAMS
+    assert sp.true_cfg_scale is None  # no CFG requested
+
+    T = PARAMS.num_inference_steps
+    assert out.seeds == seeds and out.batch_size == 3
+    assert out.images.shape == (3, 32, 32, 3) and out.images.dtype == torch.uint8
+    assert out.latents.shape[:2] == (3, T + 1) and out.log_probs.shape == (3, T)
+    assert out.timesteps.shape == (T,) and out.sigmas.shape == (T + 1,) and out.window_mask.shape == (T,)
+    assert out.prompt_embeds.shape[0] == 3 and torch.isfinite(out.log_probs).all()
+
+    reference = get_engine_class("diffusers")(EngineConfig(model_path=tiny_qwen_image_dir, dtype="float32"))
+    ref = run(reference.generate(PROMPT, seeds, PARAMS))
+    for name in ("images", "latents", "log_probs", "timesteps", "sigmas", "window_mask", "prompt_embeds"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_cfg_params_are_forwarded(fake_vllm_omni, tiny_qwen_image_dir):
+    engine = make_engine(tiny_qwen_image_dir)
+    params = PARAMS.replace(guidance_scale=3.0, negative_prompt="blurry")
+    out = run(engine.generate(PROMPT, [1, 2], params))
+    sp = FakeAsyncOmni.instances[0].calls[0][1]["sp"]
+    assert sp.true_cfg_scale == 3.0 and sp.extra_args["verl_omni"]["params"]["negative_prompt"] == "blurry"
+    assert out.negative_prompt_embeds is not None and out.negative_prompt_embeds.shape[0] == 2
+
+
+def test_bad_input_rejected_before_the_engine_is_touched(fake_vllm_omni, tiny_qwen_image_dir):
+    engine = make_engine(tiny_qwen_image_dir)
+    omni = FakeAsyncOmni.instances[0]
+    for seeds in ([], [1.5], [True], "12"):
+        with pytest.raises(ValueError):
+            run(engine.generate(PROMPT, seeds, PARAMS))
+    with pytest.raises(ValueError, match="height"):
+        run(engine.generate(PROMPT, [1], PARAMS.replace(height=40)))  # not a multiple of 16
+    assert not [c for c in omni.calls if c[0] == "generate"]
+
+
+def test_engine_side_batch_is_merged_into_one_pipeline_call(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
+    """max_num_seqs > 1: the worker gets several requests in one forward; same prompt+params -> one rl_generate."""
+    from verl_omni.rollout.engines.vllm_omni import VllmOmniEngine
+
+    engine = make_engine(tiny_qwen_image_dir, max_num_seqs=4)
+    pipeline = FakeAsyncOmni.instances[0].worker.model_runner.pipeline
+    calls = []
+    real = pipeline.pipe.rl_generate
+
+    def spy(prompt, seeds, params):
+        calls.append((prompt, list(seeds)))
+        return real(prompt, seeds, params)
+
+    monkeypatch.setattr(pipeline.pipe, "rl_generate", spy)
+    reqs = [FakeRequest(PROMPT, engine.build_sampling_params(s, PARAMS), f"r{i}")
+            for i, s in enumerate([[1], [2, 3], [4]])]
+    reqs.append(FakeRequest("another prompt", engine.build_sampling_params([9], PARAMS), "r3"))
+    outs = pipeline.forward(FakeBatch(reqs))
+    assert calls == [(PROMPT, [1, 2, 3, 4]), ("another prompt", [9])]
+    assert [o.output.shape[0] for o in outs] == [1, 2, 1, 1]
+    assert [o.custom_output["verl_omni"]["seeds"] for o in outs] == [[1], [2, 3], [4], [9]]
+    # A merged sample equals the same seed generated alone.
+    alone = real(PROMPT, [2, 3], PARAMS)
+    assert torch.equal(outs[1].output, alone.images) and torch.equal(outs[1].trajectory_log_probs, alone.log_probs)
+    assert isinstance(engine, VllmOmniEngine)
+
+
+def test_startup_dummy_request_without_our_payload_is_served(fake_vllm_omni, tiny_qwen_image_dir):
+    """vllm-omni warms up with its own request (no extra_args): the pipeline must answer it, not crash."""
+    make_engine(tiny_qwen_image_dir)
+    pipeline = FakeAsyncOmni.instances[0].worker.model_runner.pipeline
+    sp = FakeSamplingParams(num_inference_steps=1, height=32, width=32, num_outputs_per_prompt=1,
+                            extra_args={"cfg_text_scale": 1.0})
+    (out,) = pipeline.forward(FakeBatch([FakeRequest({"prompt": "dummy run"}, sp, "dummy")]))
+    assert out.output.shape == (1, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+def test_update_lora_from_memory_tensors(fake_vllm_omni, tiny_qwen_image_dir):
+    from verl_omni.workers.lora import get_lora_state_dict
+
+    engine = make_engine(tiny_qwen_image_dir, lora_rank=4, lora_alpha=4.0)
+    omni = FakeAsyncOmni.instances[0]
+    base = run(engine.generate(PROMPT, [1, 2], PARAMS))
+    names = get_lora_state_dict(omni.worker.model_runner.pipeline.transformer)
+    assert names and all("lora" in k for k in names)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in names.items()}
+    checksum = run(engine.update_lora(tensors))
+    assert checksum == tensors_checksum(tensors) == run(engine.lora_checksum())
+    assert ("rpc", "verl_omni_update_lora") in omni.calls and ("rpc", "verl_omni_lora_checksum") in omni.calls
+    adapted = run(engine.generate(PROMPT, [1, 2], PARAMS))
+    assert not torch.equal(adapted.images, base.images), "a LoRA update must change the images"
+    with pytest.raises(ValueError):
+        run(engine.update_lora({"not.a.lora.weight": torch.zeros(1)}))
+
+
+def test_lora_checksum_mismatch_is_an_error(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
+    engine = make_engine(tiny_qwen_image_dir, lora_rank=4, lora_alpha=4.0)
+    worker = FakeAsyncOmni.instances[0].worker
+    tensors = worker.model_runner.pipeline.pipe.transformer.state_dict()
+    tensors = {k: v for k, v in tensors.items() if "lora" in k}
+    monkeypatch.setattr(type(worker), "verl_omni_update_lora", lambda self, t: "deadbeef")
+    with pytest.raises(RuntimeError, match="LoRA sync failed"):
+        run(engine.update_lora({k.replace(".default", ""): v for k, v in tensors.items()}))
+
+
+def test_update_lora_needs_lora_rank(fake_vllm_omni, tiny_qwen_image_dir):
+    engine = make_engine(tiny_qwen_image_dir)
+    with pytest.raises(ValueError, match="lora_rank"):
+        run(engine.update_lora({}))
+    assert run(engine.lora_checksum()) is None
+
+
+# ----------------------------------------------------------------------------------------- lifecycle
+def test_sleep_then_wake_empties_cache_first(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
+    from verl_omni.rollout.engines import vllm_omni as mod
+
+    monkeypatch.setattr(mod, "_empty_cuda_cache", lambda: FakeAsyncOmni.events.append("local_empty_cache"))
+    engine = make_engine(tiny_qwen_image_dir)
+    run(engine.sleep())
+    with pytest.raises(RuntimeError, match="asleep"):
+        run(engine.generate(PROMPT, [1], PARAMS))
+    run(engine.wake_up())
+    # local cache emptied, then the worker's (its RPC empties its own cache), then wake_up
+    assert FakeAsyncOmni.events == ["sleep:1", "local_empty_cache", "rpc:verl_omni_empty_cache", "local_empty_cache",
+                                    "wake_up"]
+    assert run(engine.generate(PROMPT, [1], PARAMS)).batch_size == 1
+    with pytest.raises(ValueError, match="level"):
+        run(engine.sleep(level=2))  # vllm-omni 0.24 cannot wake from level 2
+
+
+def test_failed_sleep_ack_raises(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
+    engine = make_engine(tiny_qwen_image_dir)
+
+    async def bad_sleep(**kw):
+        return [FakeAck(status="ERROR", error_msg="boom")]
+
+    monkeypatch.setattr(FakeAsyncOmni.instances[0], "sleep", bad_sleep)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(engine.sleep())
+
+
+def test_abort_and_shutdown(fake_vllm_omni, tiny_qwen_image_dir):
+    engine = make_engine(tiny_qwen_image_dir)
+    omni = FakeAsyncOmni.instances[0]
+    run(engine.abort())  # nothing in flight: no call
+    run(engine.abort("req-1"))
+    engine._inflight.update({"a", "b"})
+    run(engine.abort())
+    run(engine.shutdown())
+    assert [c for c in omni.calls if c[0] in ("abort", "shutdown")] == [
+        ("abort", ["req-1"]), ("abort", ["a", "b"]), ("shutdown", None)]
+
+
+# ----------------------------------------------------------------------------------------- output assembly
+def _fake_output(batch, images_as="tensor"):
+    from verl_omni.rollout.engines.vllm_omni import EXTRA_KEY
+
+    extra = {k: getattr(batch, k) for k in ("window_mask", "sigmas", "prompt_embeds", "prompt_embeds_mask",
+                                            "negative_prompt_embeds", "negative_prompt_embeds_mask",
+                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+    extra["seeds"] = list(batch.seeds)
+    if images_as == "pil":
+        from PIL import Image
+
+        images = [Image.fromarray(img.numpy()) for img in batch.images]
+    else:
+        images = [batch.images]
+    return FakeOmniRequestOutput("r", images, batch.latents, batch.timesteps, batch.log_probs, {EXTRA_KEY: extra})
+
+
+@pytest.mark.parametrize("images_as", ["tensor", "pil"])
+def test_request_output_to_batch_assembles_every_field(qwen_image_rl_pipe, images_as):
+    from verl_omni.rollout.engines.vllm_omni import request_output_to_batch
+
+    ref = qwen_image_rl_pipe.rl_generate(PROMPT, [4, 6], PARAMS)
+    out = request_output_to_batch(_fake_output(ref, images_as), [4, 6])
+    for f in dataclasses.fields(ref):
+        a, b = getattr(out, f.name), getattr(ref, f.name)
+        assert (a is None and b is None) or (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f.name
+
+
+def test_request_output_to_batch_rejects_wrong_payloads(qwen_image_rl_pipe):
+    from verl_omni.rollout.engines.vllm_omni import request_output_to_batch
+
+    ref = qwen_image_rl_pipe.rl_generate(PROMPT, [4, 6], PARAMS)
+    good = _fake_output(ref)
+    with pytest.raises(RuntimeError, match="seeds"):
+        request_output_to_batch(good, [4, 7])
+    with pytest.raises(RuntimeError, match="custom_output"):
+        request_output_to_batch(dataclasses.replace(good, _custom_output={}), [4, 6])
+    with pytest.raises(RuntimeError, match="trajectory"):
+        request_output_to_batch(dataclasses.replace(good, trajectory_log_probs=None), [4, 6])
