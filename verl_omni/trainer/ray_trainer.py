@@ -23,6 +23,7 @@ from tqdm import tqdm
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines.base import tensors_checksum
+from verl_omni.rollout.engines.diffusers import resolve_dtype
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.trainer.config_checks import check_config
@@ -112,7 +113,10 @@ class FlowGRPOTrainer:
     def sync_weights(self) -> dict[str, float]:
         """LoRA tensors → every replica (in memory); raises unless every engine checksum equals the actor's."""
         start = time.perf_counter()
-        tensors = self.actor.lora_state_dict()
+        # The engines serve the adapter in the rollout dtype (bf16 on GPU) while the actor keeps float32
+        # master weights: send what they will serve, so the checksums compare the same numbers.
+        rollout_dtype = resolve_dtype(self.rollout_cfg.dtype)
+        tensors = {k: v.to(rollout_dtype) for k, v in self.actor.lora_state_dict().items()}
         expected = tensors_checksum(tensors)
         checksums = self._run(self.servers.update_lora(tensors))
         bad = [i for i, c in enumerate(checksums) if c != expected]
