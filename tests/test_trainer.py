@@ -46,6 +46,7 @@ def _train(cfg):
     try:
         history = trainer.fit()
         engine_sums = trainer._run(trainer.servers.lora_checksums())
+        trainer.final_lora = trainer.actor.lora_state_dict()  # FSDP ranks are gone after shutdown
         return trainer, history, engine_sums
     finally:
         trainer.shutdown()
@@ -174,3 +175,27 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session
     assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-8)  # adapter starts as the identity
     assert second["actor/kl_loss"] > 0  # after one update the policy moved away from the reference
     assert engine_sums == [tensors_checksum(trainer.actor.lora_state_dict())]
+
+
+def test_bf16_engines_verify_against_fp32_master_weights(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+    # The actor trains float32 LoRA weights; a bf16 engine serves them rounded. The sync sends the rounded
+    # tensors, so the engine's checksum still equals what the actor sent after every update.
+    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.rollout.dtype": "bfloat16", "trainer.total_training_steps": 2})
+    trainer, history, engine_sums = _train(cfg)
+    sent = {k: v.to(torch.bfloat16) for k, v in trainer.actor.lora_state_dict().items()}
+    assert engine_sums == [tensors_checksum(sent)] and len(history) == 2
+
+
+def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.actor.world_size": 2, "trainer.total_training_steps": 2, "trainer.save_freq": 2})
+    trainer, history, engine_sums = _train(cfg)
+    lora = trainer.final_lora
+    assert len(history) == 2 and engine_sums == [tensors_checksum(lora)]
+    resumed = FlowGRPOTrainer(cfg).init()
+    try:
+        assert resumed.global_step == 2
+        assert all(torch.equal(lora[k], v) for k, v in resumed.actor.lora_state_dict().items())
+    finally:
+        resumed.shutdown()

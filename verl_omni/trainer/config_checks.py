@@ -36,6 +36,7 @@ def check_config(cfg: Any) -> DiffusionRolloutConfig:
     _number("actor_rollout_ref.actor.grad_clip", actor.grad_clip, 0, strict=True)
     _positive_int("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", actor.ppo_micro_batch_size_per_gpu)
     _positive_int("actor_rollout_ref.actor.ppo_epochs", actor.ppo_epochs)
+    _positive_int("actor_rollout_ref.actor.world_size", actor.world_size)
     if actor.adv_clip_max is not None:
         _number("actor_rollout_ref.actor.adv_clip_max", actor.adv_clip_max, 0, strict=True)
     rollout = DiffusionRolloutConfig.from_omega(cfg.actor_rollout_ref.rollout)

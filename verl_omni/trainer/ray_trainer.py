@@ -30,6 +30,7 @@ from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
 from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
+from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class FlowGRPOTrainer:
         self.agent_loops = DiffusionAgentLoopManager.create(cfg, self.servers.get_client())  # verl runs it to completion
         model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
         algo = self.rollout_cfg.algo
-        self.actor = DiffusionLoRAActor(ActorConfig(
+        actor_config = ActorConfig(
             model_path=model.path, pipeline=model.pipeline, dtype=actor.dtype, device=actor.device,
             lora_rank=model.lora_rank, lora_alpha=model.lora_alpha, target_modules=tuple(model.target_modules),
             lr=actor.optim.lr, weight_decay=actor.optim.weight_decay, betas=tuple(actor.optim.betas),
@@ -78,7 +79,10 @@ class FlowGRPOTrainer:
             micro_batch_size=actor.ppo_micro_batch_size_per_gpu, ppo_epochs=actor.ppo_epochs,
             grad_clip=actor.grad_clip, noise_level=algo.noise_level, sde_type=algo.sde_type,
             guidance_scale=self.rollout_cfg.pipeline.true_cfg_scale,
-        ))
+        )
+        # One process, or W FSDP ranks (Ray actors) with the same interface.
+        self.actor = (FSDPLoRAActorGroup(actor_config, actor.world_size) if actor.world_size > 1
+                      else DiffusionLoRAActor(actor_config))
         if cfg.trainer.resume_mode == "auto":
             self._maybe_resume()
         # The engines start from the actor's adapter (fresh or resumed): one verified sync before step 1.
@@ -249,6 +253,8 @@ class FlowGRPOTrainer:
             if getattr(self, "servers", None) is not None:
                 self._run(self.servers.shutdown())
         finally:
+            if hasattr(getattr(self, "actor", None), "shutdown"):
+                self.actor.shutdown()
             self.loop.close()
 
 

@@ -119,6 +119,15 @@ class DiffusionLoRAActor:
         )
         return out
 
+    # Hooks for the data-parallel actor (verl_omni.workers.fsdp_actor), which overrides just these two.
+    def _micro_batches(self, data: DataProto, step: int, step_rows: torch.Tensor):
+        """The row chunks of window step ``step`` this process trains on."""
+        return step_rows.split(self.config.micro_batch_size)
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """Clip the accumulated LoRA gradients; the total norm as a plain scalar tensor."""
+        return torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+
     def update(self, data: DataProto, advantages: torch.Tensor) -> dict[str, float]:
         """One FlowGRPO update over all window transitions of ``data``. Raises before stepping on NaN/inf."""
         cfg = self.config
@@ -138,7 +147,7 @@ class DiffusionLoRAActor:
                 step_rows = torch.nonzero(window[:, step]).flatten()
                 if step_rows.numel() == 0:
                     continue
-                for chunk in step_rows.split(cfg.micro_batch_size):
+                for chunk in self._micro_batches(data, step, step_rows):
                     out = self.compute_log_probs(data, step, chunk)
                     kl = None
                     if cfg.kl_coef > 0:
@@ -154,7 +163,7 @@ class DiffusionLoRAActor:
                     (loss * (len(chunk) / num_terms)).backward()
                     for key, value in metrics.items():
                         totals[key] = totals.get(key, 0.0) + value * len(chunk) / num_terms / cfg.ppo_epochs
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+            grad_norm = self._clip_grad_norm()
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"non-finite LoRA gradient norm ({grad_norm}); step refused, LoRA unchanged")
