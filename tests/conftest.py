@@ -44,3 +44,15 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ocr_data_files(tmp_path_factory):
+    """(train, test) parquet files of OCR prompts written by the example's data script (64 + 4 rows, seed 0)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "flowgrpo_trainer", "data_process"))
+    from qwenimage_ocr import write_ocr_parquet
+
+    return write_ocr_parquet(str(tmp_path_factory.mktemp("ocr_data")), 64, 4, 0)

@@ -4,7 +4,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from helpers import make_config
+from helpers import make_config, trainer_config
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.trainer.checkpoint import LATEST, find_latest_checkpoint, save_checkpoint
 from verl_omni.trainer.data import PromptDataset
@@ -22,33 +21,15 @@ from verl_omni.trainer.flowgrpo import NonFiniteError
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 from verl_omni.workers.lora import add_lora_adapter
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
-from qwenimage_ocr import write_ocr_parquet  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    return write_ocr_parquet(str(tmp_path_factory.mktemp("data")), 32, 4, 1)
+def _cfg(ocr_data_files, model_dir, out_dir, **extra):
+    return trainer_config(ocr_data_files, model_dir, out_dir, **{"trainer.save_freq": 1, **extra})
 
 
-def _cfg(data_files, model_dir, out_dir, **extra):
-    train, test = data_files
-    return make_config({
-        "data.train_files": train, "data.val_files": test, "data.train_batch_size": 2,
-        "actor_rollout_ref.model.path": model_dir, "actor_rollout_ref.model.lora_rank": 4,
-        "actor_rollout_ref.actor.optim.lr": 1e-2,
-        "actor_rollout_ref.rollout.n": 4, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
-        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
-        "reward.rewards": [{"name": "brightness", "weight": 1.0}],
-        "trainer.logger": ["console"], "trainer.save_freq": 1, "trainer.sample_images_per_step": 0,
-        "trainer.default_local_dir": str(out_dir), **extra,
-    })
-
-
-def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ray_session, data_files,
+def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ray_session, ocr_data_files,
                                                                                 tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
         "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})
     trainer = FlowGRPOTrainer(cfg).init()
     try:
@@ -69,7 +50,7 @@ def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ra
         trainer.shutdown()
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_1")  # untouched by the failed step
 
-    resumed = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+    resumed = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
         "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})).init()
     try:
         assert resumed.global_step == 1
@@ -80,10 +61,10 @@ def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ra
         resumed.shutdown()
 
 
-def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     for policy in ("skip", "stop"):
         out = tmp_path / policy
-        trainer = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, out, **{
+        trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, out, **{
             "trainer.total_training_steps": 3, "trainer.nan_policy": policy})).init()
         real_rollout = trainer.rollout
 
@@ -187,8 +168,8 @@ def test_long_prompts_are_truncated_with_a_counted_warning(qwen_image_rl_pipe, c
     assert len(messages) == 2 and "prompts truncated so far" in messages[-1]
 
 
-def test_validation_writes_a_grid_image(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
-    trainer = FlowGRPOTrainer(_cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+def test_validation_writes_a_grid_image(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
         "trainer.total_training_steps": 1, "trainer.test_freq": 1, "trainer.save_freq": -1})).init()
     try:
         trainer.fit()

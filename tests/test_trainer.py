@@ -9,36 +9,15 @@ import time
 import pytest
 import torch
 
-from helpers import make_config
+from helpers import make_config, trainer_config
 from verl_omni.rollout.engines.base import tensors_checksum
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
-from qwenimage_ocr import write_ocr_parquet  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    return write_ocr_parquet(str(tmp_path_factory.mktemp("data")), 64, 4, 0)
-
-
-def _cfg(data_files, model_dir, out_dir, **extra):
-    train, test = data_files
-    return make_config({
-        "data.train_files": train, "data.val_files": test, "data.train_batch_size": 2,
-        "actor_rollout_ref.model.path": model_dir,
-        "actor_rollout_ref.model.lora_rank": 4, "actor_rollout_ref.model.lora_alpha": 8,
-        "actor_rollout_ref.actor.optim.lr": 1e-2,
-        "actor_rollout_ref.rollout.n": 4,
-        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
-        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
-        "reward.rewards": [{"name": "brightness", "weight": 1.0}],
-        "trainer.logger": ["console"], "trainer.save_freq": -1, "trainer.sample_images_per_step": 0,
-        "trainer.default_local_dir": str(out_dir),
-        **extra,
-    })
+_cfg = trainer_config
 
 
 def _train(cfg):
@@ -53,11 +32,11 @@ def _train(cfg):
 
 
 @pytest.mark.slow
-def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     steps = 20
     runs = {}
     for lr in (1e-2, 0.0):
-        cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path / f"lr{lr}",
+        cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path / f"lr{lr}",
                    **{"actor_rollout_ref.actor.optim.lr": lr, "trainer.total_training_steps": steps})
         _, history, _ = _train(cfg)
         runs[lr] = [h["reward/mean"] for h in history]
@@ -73,8 +52,8 @@ def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session,
     assert drift < 0.002
 
 
-def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1})
+def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1})
     first, history, engine_sums = _train(cfg)
     lora = first.actor.lora_state_dict()
     assert all(s == tensors_checksum(lora) for s in engine_sums)  # every replica serves the actor's adapter
@@ -82,7 +61,7 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, data_fil
     assert any(v.abs().sum() > 0 for v in lora.values())
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_2")
 
-    cfg3 = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 3, "trainer.save_freq": 1})
+    cfg3 = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 3, "trainer.save_freq": 1})
     resumed = FlowGRPOTrainer(cfg3).init()
     try:
         assert resumed.global_step == 2
@@ -100,8 +79,8 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, data_fil
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_3")
 
 
-def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 1})
+def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 1})
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         output = trainer.rollout(1)
@@ -159,8 +138,8 @@ def test_readme_cpu_demo_runs_two_steps_and_writes_outputs(tmp_path):
     assert glob.glob(str(demo / "tensorboard" / "events.*"))
 
 
-def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session, data_files, tiny_sd3_dir, tmp_path):
-    cfg = _cfg(data_files, tiny_sd3_dir, tmp_path, **{
+def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session, ocr_data_files, tiny_sd3_dir, tmp_path):
+    cfg = _cfg(ocr_data_files, tiny_sd3_dir, tmp_path, **{
         "actor_rollout_ref.model.pipeline": "sd3",
         "actor_rollout_ref.actor.kl_coef": 0.1,
         "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 3.0,
@@ -177,18 +156,18 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session
     assert engine_sums == [tensors_checksum(trainer.actor.lora_state_dict())]
 
 
-def test_bf16_engines_verify_against_fp32_master_weights(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
+def test_bf16_engines_verify_against_fp32_master_weights(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     # The actor trains float32 LoRA weights; a bf16 engine serves them rounded. The sync sends the rounded
     # tensors, so the engine's checksum still equals what the actor sent after every update.
-    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
         "actor_rollout_ref.rollout.dtype": "bfloat16", "trainer.total_training_steps": 2})
     trainer, history, engine_sums = _train(cfg)
     sent = {k: v.to(torch.bfloat16) for k, v in trainer.actor.lora_state_dict().items()}
     assert engine_sums == [tensors_checksum(sent)] and len(history) == 2
 
 
-def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, data_files, tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(data_files, tiny_qwen_image_dir, tmp_path, **{
+def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
         "actor_rollout_ref.actor.world_size": 2, "trainer.total_training_steps": 2, "trainer.save_freq": 2})
     trainer, history, engine_sums = _train(cfg)
     lora = trainer.final_lora

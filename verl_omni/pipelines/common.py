@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.rollout.outputs import RLBatchOutput
 from verl_omni.schedulers.flow_match_sde import euler_step, reference_sigma_max, sde_step_with_logprob
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -146,3 +147,18 @@ def expand_timestep(timestep: torch.Tensor | float, batch_size: int, device: tor
 
 def cpu_or_none(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.detach().to("cpu")
+
+
+def to_batch_output(images: torch.Tensor, result: "DenoiseResult", sigmas: torch.Tensor, timesteps: torch.Tensor,
+                    cond: dict, seeds: list[int]) -> RLBatchOutput:
+    """The RL output of one call; ``cond`` keys are RLBatchOutput's embedding field names."""
+    return RLBatchOutput(
+        images=images,
+        latents=result.trajectory.cpu(),
+        log_probs=result.log_probs,
+        window_mask=result.window_mask,
+        timesteps=timesteps.float().cpu(),
+        sigmas=sigmas.float().cpu(),
+        seeds=seeds,
+        **{name: cpu_or_none(value) for name, value in cond.items()},
+    )

@@ -20,12 +20,12 @@ from diffusers import QwenImagePipeline
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.common import (
     check_request,
-    cpu_or_none,
     denoise_with_logprobs,
     expand_timestep,
     log_once,
     make_generators,
     repeat_rows,
+    to_batch_output,
     to_uint8_images,
 )
 from verl_omni.rollout.outputs import RLBatchOutput
@@ -166,19 +166,7 @@ class QwenImageRLPipeline(QwenImagePipeline):
             latents, sigmas, model_timesteps, params, generators,
         )
         images = self.decode_latents(result.final_latents, height, width)
-        return RLBatchOutput(
-            images=images,
-            latents=result.trajectory.cpu(),
-            log_probs=result.log_probs,
-            window_mask=result.window_mask,
-            timesteps=model_timesteps.float().cpu(),
-            sigmas=sigmas.float().cpu(),
-            prompt_embeds=cond["prompt_embeds"].cpu(),
-            prompt_embeds_mask=cpu_or_none(cond["prompt_embeds_mask"]),
-            negative_prompt_embeds=cpu_or_none(cond.get("negative_prompt_embeds")),
-            negative_prompt_embeds_mask=cpu_or_none(cond.get("negative_prompt_embeds_mask")),
-            seeds=seeds,
-        )
+        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (latent mean / std undone)."""

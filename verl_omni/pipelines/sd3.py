@@ -17,12 +17,12 @@ from diffusers import StableDiffusion3Pipeline
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.common import (
     check_request,
-    cpu_or_none,
     denoise_with_logprobs,
     expand_timestep,
     log_once,
     make_generators,
     repeat_rows,
+    to_batch_output,
     to_uint8_images,
 )
 from verl_omni.rollout.outputs import RLBatchOutput
@@ -126,19 +126,7 @@ class SD3RLPipeline(StableDiffusion3Pipeline):
             latents, sigmas, model_timesteps, params, generators,
         )
         images = self.decode_latents(result.final_latents)
-        return RLBatchOutput(
-            images=images,
-            latents=result.trajectory.cpu(),
-            log_probs=result.log_probs,
-            window_mask=result.window_mask,
-            timesteps=model_timesteps.float().cpu(),
-            sigmas=sigmas.float().cpu(),
-            prompt_embeds=cond["prompt_embeds"].cpu(),
-            pooled_prompt_embeds=cond["pooled_prompt_embeds"].cpu(),
-            negative_prompt_embeds=cpu_or_none(cond.get("negative_prompt_embeds")),
-            negative_pooled_prompt_embeds=cpu_or_none(cond.get("negative_pooled_prompt_embeds")),
-            seeds=seeds,
-        )
+        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""

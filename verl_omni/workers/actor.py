@@ -24,15 +24,6 @@ from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lo
 
 logger = logging.getLogger(__name__)
 
-COND_KEYS = (
-    "prompt_embeds",
-    "prompt_embeds_mask",
-    "negative_prompt_embeds",
-    "negative_prompt_embeds_mask",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
-
 
 @dataclass
 class ActorConfig:

@@ -26,7 +26,6 @@ How our RL pipeline runs inside vllm-omni 0.24.0 (read from its source, ``vllm_o
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
