@@ -38,5 +38,5 @@ setup(
         "console_scripts": ["verl-omni-flowgrpo = verl_omni.trainer.main_flowgrpo:main"],
     },
     include_package_data=True,
-    package_data={"verl_omni": ["config/*.yaml"]},
+    package_data={"verl_omni": ["trainer/config/*.yaml"]},
 )
