@@ -139,7 +139,48 @@ async def warm(fn, prompts, n):
     return time.perf_counter() - t0
 
 
-async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n, repeats, params) -> dict:
+async def profile_one_call(fn, prompt: str, n: int) -> dict[str, Any]:
+    """torch.profiler over one batched call (in-process engines only: vllm-omni runs in worker processes).
+
+    Splits device time into GEMMs, attention and the rest, and compares device-busy time with wall time: the
+    gap is host work (Python per step, syncs) the GPU waits on."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        await fn(prompt, list(range(700000, 700000 + n)))
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def self_device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    buckets = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        key = e.key.lower()
+        t = self_device_us(e)
+        # attention first: flash kernels carry "cutlass" in their template names
+        if any(k in key for k in ("attention", "flash", "fmha", "sdpa")):
+            buckets["attention"] += t
+        elif any(k in key for k in ("gemm", "matmul", "aten::mm", "addmm", "cutlass", "sm90_xmma", "nvjet")):
+            buckets["gemm"] += t
+        else:
+            buckets["other"] += t
+    top = sorted(events, key=self_device_us, reverse=True)[:15]
+    table = [{"name": e.key[:90], "self_device_ms": self_device_us(e) / 1e3, "calls": e.count} for e in top]
+    log("  profile (top self device time):\n" + "\n".join(f"    {r['self_device_ms']:9.1f} ms  {r['calls']:6d}  {r['name']}" for r in table))
+    device_s = sum(buckets.values()) / 1e6
+    out = {"wall_seconds": wall, "device_busy_seconds_upper_bound": device_s,
+           "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()}, "top": table}
+    log(f"  profile: wall {wall:.2f} s, device self time {device_s:.2f} s, by kind (ms) {out['device_ms_by_kind']}")
+    return out
+
+
+async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n, repeats, params,
+                           profile: bool = False) -> dict:
     """Start one engine, warm each path's shape, time the paths, shut it down. paths: label -> 'batched'|'singles'."""
     from verl_omni.rollout.engines.base import get_engine_class
 
@@ -159,6 +200,8 @@ async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n,
                        max_num_seqs=config.max_num_seqs)
             log(f"  ({label}) {res['img_per_s']:.2f} img/s (median of {repeats}: {res['median_seconds']:.2f} s "
                 f"for {res['images_per_repeat']} images)")
+            if profile and kind == "batched":
+                res["profile"] = await profile_one_call(fns[kind], prompts[0], n)
             results[label] = res
     finally:
         await engine.shutdown()
@@ -213,7 +256,8 @@ async def main_async(args) -> dict:
                                               {"c": "singles"}, prompts, n, args.repeats, params))
     if {"d", "e"} & set(wanted):
         paths = {k: v for k, v in (("d", "batched"), ("e", "singles")) if k in wanted}
-        results.update(await run_engine_paths("diffusers", cfg(), paths, prompts, n, args.repeats, params))
+        results.update(await run_engine_paths("diffusers", cfg(), paths, prompts, n, args.repeats, params,
+                                              profile=args.profile))
 
     image_tokens = (args.size // 16) ** 2
     for label, res in results.items():
@@ -265,6 +309,7 @@ def main() -> None:
     ap.add_argument("--max-text-tokens", type=int, default=256)
     ap.add_argument("--paths", default="a,b,c,d,e")
     ap.add_argument("--eager", action="store_true", help="vllm-omni enforce_eager (no torch.compile)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over one diffusers B=n call (path d)")
     ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
