@@ -104,3 +104,17 @@ def test_odd_lengths_and_agent_names_take_the_per_row_path(rig):
     named.non_tensor_batch["agent_name"] = np.array(["diffusion_single_turn"] * 3 + ["custom"], dtype=object)
     with pytest.raises(Exception, match="custom"):  # unknown agent loop name: a clear error naming it
         rig(True, named)
+
+
+def test_row_sampling_params_and_negative_prompts_are_applied_on_both_paths(rig):
+    for flag in (True, False):
+        batch = prompt_batch(PROMPTS[:2], N, tag=f"sp{flag}")
+        batch.non_tensor_batch["sampling_params"] = np.array([{"num_inference_steps": 3}] * (2 * N), dtype=object)
+        batch.non_tensor_batch["negative_prompt"] = np.array(["blurry"] * (2 * N), dtype=object)
+        out, stats = rig(flag, batch)
+        assert out.batch["timesteps"].shape[1] == 3 and out.batch["latents"].shape[1] == 4
+        assert sum(s["engine_calls"] for s in stats) == (2 if flag else 2 * N)
+    bad = prompt_batch(PROMPTS[:1], N, tag="spbad")
+    bad.non_tensor_batch["sampling_params"] = np.array([{"steps": 3}] * N, dtype=object)
+    with pytest.raises(Exception, match="unknown sampling_params keys \\['steps'\\]"):
+        rig(True, bad)

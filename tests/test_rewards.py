@@ -84,6 +84,21 @@ def test_custom_reward_function_loaded_from_a_file(tmp_path):
     np.testing.assert_allclose(result.total, [1.0 + 3.0, 0.0 + 1.0])
 
 
+def test_unknown_keys_in_a_reward_entry_are_rejected_naming_key_reward_and_allowed_keys(tmp_path):
+    with pytest.raises(ValueError) as err:
+        RewardManager({"rewards": [{"name": "brightness", "wieght": 2.0}]})
+    message = str(err.value)
+    assert "wieght" in message and "brightness" in message
+    assert all(k in message for k in ("name", "weight", "timeout_s"))
+    path = tmp_path / "r.py"
+    path.write_text("def f(images, prompts, metadata):\n    return [0.0] * len(images)\n")
+    with pytest.raises(ValueError) as err:
+        RewardManager({"custom_reward_function": {"path": str(path), "name": "f", "kwargs": {}}})
+    message = str(err.value)
+    assert "kwargs" in message and "'f'" in message
+    assert all(k in message for k in ("path", "weight", "reward_kwargs", "timeout_s"))
+
+
 def test_custom_reward_function_missing_file_or_name_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         RewardManager({"custom_reward_function": {"path": str(tmp_path / "absent.py"), "name": "f"}})
@@ -155,6 +170,15 @@ def test_ocr_score_is_high_for_the_right_text_and_low_for_a_wrong_one():
 
 def test_ocr_on_an_image_without_text_scores_zero():
     assert get_reward_fn("ocr")([flat(255, (128, 128))], ['say "Hello"'], [{}]) == [0.0]
+
+
+def test_ocr_scores_the_ground_truth_from_the_trainers_metadata_over_the_prompts_quoted_text():
+    meta = {"reward_model": {"style": "rule", "ground_truth": "Golden Tiger"}, "data_source": "ocr",
+            "extra_info": {"index": 0}}
+    image = render_text("Golden Tiger")
+    prompt = 'A poster titled "Silver Moon"'
+    assert get_reward_fn("ocr")([image], [prompt], [meta])[0] >= 0.9
+    assert get_reward_fn("ocr")([image], [prompt], [{}])[0] <= 0.5  # fallback: the quoted text
 
 
 def test_ocr_prompt_without_quotes_is_a_loud_error_through_the_manager():

@@ -1,6 +1,7 @@
 """The Ray server actor on the tiny Qwen-Image with the diffusers engine: generate / generate_batched,
 bad requests refused before the engine runs, HTTP, ports, LoRA sync, sleep / wake."""
 
+import asyncio
 import json
 import socket
 import urllib.error
@@ -137,3 +138,75 @@ def test_reserved_ports_never_collide_and_busy_ports_are_skipped():
             probe.bind(("127.0.0.1", nxt.getsockname()[1]))
     for s in socks + [nxt]:
         s.close()
+
+
+def test_an_unbindable_host_with_an_os_assigned_port_names_the_host():
+    # 203.0.113.1 is TEST-NET-3, not on this machine: bind fails at once (EADDRNOTAVAIL); nothing is sent.
+    with pytest.raises(OSError, match=r"203\.0\.113\.1"):
+        reserve_socket("203.0.113.1")
+    with pytest.raises(OSError, match=r"no free port in \[40000, 40002\) on 203\.0\.113\.1"):
+        reserve_socket("203.0.113.1", preferred_port=40000, search=2)
+
+
+class _RecordingEngine:
+    """Engine stand-in: records the request ids it is given, and blocks until released."""
+
+    vae_scale_factor = 8
+
+    def __init__(self):
+        self.request_ids = []
+        self.release = asyncio.Event()
+
+    async def generate(self, prompt, seeds, params, request_id=None):
+        self.request_ids.append(request_id)
+        await self.release.wait()
+        raise RuntimeError("not generating in this test")
+
+    async def abort(self, request_id):
+        return None
+
+
+def _bare_server(engine) -> DiffusionHttpServer:
+    srv = DiffusionHttpServer.__new__(DiffusionHttpServer)
+    srv.replica_rank, srv.engine, srv.host, srv._port = 3, engine, "127.0.0.1", None
+    srv.engine_config = EngineConfig(model_path="unused")
+    srv._inflight, srv._uvicorn = {}, None
+    srv.reset_stats()
+    return srv
+
+
+def test_http_requests_without_request_id_get_distinct_ids_passed_to_the_engine():
+    async def main():
+        engine = _RecordingEngine()
+        srv = _bare_server(engine)
+        srv._actor_loop = asyncio.get_running_loop()
+        body = {"prompt": PROMPT, "num_outputs_per_prompt": 1, "seeds": [1], "sampling_params": SP}
+        calls = [asyncio.ensure_future(srv._run_in_actor_loop(dict(body))) for _ in range(2)]
+        calls.append(asyncio.ensure_future(srv.generate_batched("mine", PROMPT, 1, [1], SP)))
+        for _ in range(200):
+            if len(engine.request_ids) == 3:
+                break
+            await asyncio.sleep(0.01)
+        ids = list(srv._inflight)
+        engine.release.set()
+        await asyncio.gather(*calls, return_exceptions=True)
+        return ids, engine.request_ids
+
+    inflight, engine_ids = asyncio.run(main())
+    assert len(inflight) == 3 and "mine" in inflight and "http" not in inflight
+    assert sorted(engine_ids) == sorted(inflight)  # the engine sees the ids abort() will be called with
+
+
+def test_launch_server_raises_when_uvicorn_never_starts(monkeypatch):
+    import uvicorn
+
+    async def never_serve(self, sockets=None):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(uvicorn.Server, "serve", never_serve)
+    monkeypatch.setattr(DiffusionHttpServer, "_build_app", lambda self: None)
+    srv = _bare_server(_RecordingEngine())
+    srv._port_base = None
+    with pytest.raises(RuntimeError, match=r"replica 3: HTTP server on 127\.0\.0\.1:\d+ did not start"):
+        asyncio.run(srv.launch_server())
+    srv._socket.close()

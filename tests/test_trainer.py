@@ -1,5 +1,6 @@
 """FlowGRPO end to end on the tiny Qwen-Image (diffusers engine, Ray): learning, sync, resume, refusals."""
 
+import copy
 import glob
 import os
 import subprocess
@@ -32,23 +33,28 @@ def _train(cfg):
 
 
 @pytest.mark.slow
-def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session, ocr_data_files, tiny_qwen_image_dir,
+                                                                     tmp_path):
     steps = 20
     runs = {}
-    for lr in (1e-2, 0.0):
+    for lr in (2e-2, 0.0):
         cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path / f"lr{lr}",
                    **{"actor_rollout_ref.actor.optim.lr": lr, "trainer.total_training_steps": steps})
         _, history, _ = _train(cfg)
         runs[lr] = [h["reward/mean"] for h in history]
-    learned, frozen = runs[1e-2], runs[0.0]
-    # Rollout seeds depend only on (seed, step, prompt group): both runs draw the same noise, so the
-    # reward gap at a step is what the LoRA learned. Step 1 runs before any update: identical.
+    learned, frozen = runs[2e-2], runs[0.0]
+    # Rollout seeds depend only on (seed, step, prompt group): both runs draw the same noise, so the reward
+    # gap at a step is what the LoRA learned (a paired comparison). Step 1 runs before any update: identical.
     assert learned[0] == pytest.approx(frozen[0], abs=1e-6)
-    gain = sum(a - b for a, b in zip(learned[-5:], frozen[-5:])) / 5
+    paired = [a - b for a, b in zip(learned[-10:], frozen[-10:])]
+    gain = sum(paired) / len(paired)
     drift = abs(sum(frozen[-5:]) / 5 - sum(frozen[:5]) / 5)
-    print(f"learning check: mean brightness gain over lr=0 in the last 5 of {steps} steps = {gain:.4f}; "
-          f"lr=0 drift = {drift:.4f}; curve lr=1e-2: {[round(x, 4) for x in learned]}")
-    assert gain > 0.004
+    print(f"learning check: brightness gain over lr=0, last 10 of {steps} steps: mean {gain:.4f}, "
+          f"positive in {sum(d > 0 for d in paired)}/10; lr=0 drift {drift:.4f}; "
+          f"curve lr=2e-2: {[round(x, 4) for x in learned]}")
+    # Sign test: with no learning, 10 of 10 positive paired gaps has probability ~0.001.
+    assert all(d > 0 for d in paired)
+    assert gain > 0.001
     assert drift < 0.002
 
 
@@ -106,6 +112,11 @@ def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_
         ("actor_rollout_ref.actor.clip_ratio", 0.0, "actor_rollout_ref.actor.clip_ratio=0.0 must be a number > 0"),
         ("trainer.resume_mode", "sometimes", "trainer.resume_mode='sometimes' is not one of"),
         ("trainer.logger", ["console", "papyrus"], "trainer.logger has \\['papyrus'\\]"),
+        ("actor_rollout_ref.rollout.dtype", "bf16", "actor_rollout_ref.rollout.dtype='bf16' is not one of"),
+        ("actor_rollout_ref.actor.device", "tpu", "actor_rollout_ref.actor.device='tpu' must be 'cpu', 'cuda'"),
+        ("actor_rollout_ref.rollout.algo.noise_level", 0.0, "algo.noise_level=0.0 must be > 0 for training"),
+        ("actor_rollout_ref.rollout.agent.num_workers", 0, "agent.num_workers=0 must be an int >= 1"),
+        ("actor_rollout_ref.rollout.val_kwargs.n", 1.5, "val_kwargs.n=1.5 must be an int >= 1"),
     ],
 )
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
@@ -178,3 +189,51 @@ def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, ocr_data_file
         assert all(torch.equal(lora[k], v) for k, v in resumed.actor.lora_state_dict().items())
     finally:
         resumed.shutdown()
+
+
+def test_cps_with_kl_needs_a_window_before_the_last_step():
+    cfg = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.rollout.algo.sde_type": "cps",
+                       "actor_rollout_ref.actor.kl_coef": 0.1})
+    with pytest.raises(ValueError, match="sde_type='cps' with actor_rollout_ref.actor.kl_coef>0"):
+        FlowGRPOTrainer(cfg)
+    ok = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.rollout.algo.sde_type": "cps",
+                      "actor_rollout_ref.actor.kl_coef": 0.1, "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+                      "actor_rollout_ref.rollout.algo.sde_window_range": [0, 5]})
+    FlowGRPOTrainer(ok)
+
+
+def test_start_up_checks_that_need_the_model_or_the_cluster(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    bad_size = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.pipeline.height": 60})
+    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.pipeline: height=60 must be a multiple of 16"):
+        FlowGRPOTrainer(bad_size).init()
+    gpu = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.device": "cuda"})
+    with pytest.raises(ValueError, match="need 1 GPUs; the Ray cluster has 0"):
+        FlowGRPOTrainer(gpu).init()
+
+
+def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_session, ocr_data_files,
+                                                                           tiny_qwen_image_dir, tmp_path):
+    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.actor.ppo_epochs": 2, "trainer.nan_policy": "skip", "trainer.total_training_steps": 2})
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        trainer.global_step = 1
+        assert trainer.train_step(1) is not None
+        lora = trainer.actor.lora_state_dict()
+        optim = copy.deepcopy(trainer.actor.optimizer.state_dict())  # state_dict() holds the live tensors
+        real_clip, calls = trainer.actor._clip_grad_norm, []
+
+        def clip_then_fail():  # epoch 1 steps the optimizer, epoch 2 meets an inf gradient
+            calls.append(1)
+            return real_clip() if len(calls) == 1 else torch.tensor(float("inf"))
+
+        trainer.actor._clip_grad_norm = clip_then_fail
+        assert trainer.train_step(2) is None and len(calls) == 2
+        after = trainer.actor.lora_state_dict()
+        assert all(torch.equal(lora[k], after[k]) for k in lora)
+        restored = trainer.actor.optimizer.state_dict()
+        assert all(torch.equal(optim["state"][i]["exp_avg"], restored["state"][i]["exp_avg"]) for i in optim["state"])
+        assert not trainer.actor.transformer.training
+        assert trainer._run(trainer.servers.lora_checksums()) == [trainer.last_lora_checksum]
+    finally:
+        trainer.shutdown()

@@ -423,11 +423,12 @@ def test_abort_and_shutdown(fake_vllm_omni, tiny_qwen_image_dir):
     omni = FakeAsyncOmni.instances[0]
     run(engine.abort())  # nothing in flight: no call
     run(engine.abort("req-1"))
-    engine._inflight.update({"a", "b"})
+    engine._inflight.update({"a": None, "b": "caller-b"})  # engine ids -> the server's request ids
+    run(engine.abort("caller-b"))  # the server aborts by its own id: mapped to the engine's
     run(engine.abort())
     run(engine.shutdown())
     assert [c for c in omni.calls if c[0] in ("abort", "shutdown")] == [
-        ("abort", ["req-1"]), ("abort", ["a", "b"]), ("shutdown", None)]
+        ("abort", ["req-1"]), ("abort", ["b"]), ("abort", ["a", "b"]), ("shutdown", None)]
 
 
 # ----------------------------------------------------------------------------------------- output assembly

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 AGENT_LOOP_NAME = "diffusion_single_turn"
-REPLICA_NAMES = ("vllm_omni", "diffusers")
 
 
 def _load_vllm_omni_replica():

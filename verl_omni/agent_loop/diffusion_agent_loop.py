@@ -129,7 +129,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         validate = bool(batch.meta_info.get("validate", False))
         n = int(batch.meta_info.get("n", self.rollout.val_kwargs.n if validate else self.rollout.n))
         params = self.rollout.sampling_params(validate=validate)
-        non_tensor = batch.non_tensor_batch
+        non_tensor = dict(batch.non_tensor_batch)  # the caller's batch stays as it was
         if "agent_name" not in non_tensor:
             non_tensor["agent_name"] = np.array([self.rollout.agent.default_agent_loop] * len(batch), dtype=object)
         groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion,
@@ -168,29 +168,48 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         return samples_to_data_proto(samples, non_tensor, metrics)
 
     async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
+        # Seeds and the SDE window come from (seed, step, group, index): the same on both paths, and the
+        # window is drawn per group so the n samples of a prompt share it.
+        group_key = f"{step}/{group.key}"
+
+        def row_params(row: dict) -> dict:
+            p = _row_params(params, row)
+            if p.sde_window_size > 0 and not validate:
+                start = choose_window(derive_seed(self.rollout.seed, group_key, -1), p.num_inference_steps,
+                                      p.sde_window_size, p.sde_window_range)
+                p = p.replace(window_start=start)
+            return p.to_dict()
+
         rows = []
         for k, i in enumerate(group.rows):
             row = {key: value[i] for key, value in non_tensor.items()}
-            row["__seed__"] = derive_seed(self.rollout.seed + (10_000_019 * step), group.key, k)
+            row["__seed__"] = derive_seed(self.rollout.seed, group_key, k)
             row["__request_id__"] = f"{group.key}-{k}" if not group.batched else group.key
             rows.append(row)
-        # The SDE window is drawn per group, so the n samples of a prompt share it on both paths.
-        group_params = params
-        if params.sde_window_size > 0 and not validate:
-            start = choose_window(derive_seed(self.rollout.seed + step, group.key, -1), params.num_inference_steps,
-                                  params.sde_window_size, params.sde_window_range)
-            group_params = params.replace(window_start=start)
-        sampling = group_params.to_dict()
         agent_name = str(rows[0]["agent_name"])
         loop = _instantiate_agent_loop(agent_name, self.config, self.llm_client)
-        if group.batched:
-            return await loop.run_group(sampling, rows)
+        if group.batched:  # rows of a batched group ask for the same thing: the first row's params serve all
+            return await loop.run_group(row_params(rows[0]), rows)
         outputs = []
         for row in rows:
             row_loop = loop if str(row["agent_name"]) == agent_name else _instantiate_agent_loop(
                 str(row["agent_name"]), self.config, self.llm_client)
-            outputs.append(row_loop.run(sampling, **row))
+            row_args = {k: v for k, v in row.items() if k != "sampling_params"}
+            outputs.append(row_loop.run(row_params(row), **row_args))
         return await asyncio.gather(*outputs)
+
+
+def _row_params(params, row: dict):
+    """The rollout's sampling params with a row's own ``negative_prompt`` / ``sampling_params`` applied."""
+    overrides = dict(row.get("sampling_params") or {})
+    unknown = sorted(set(overrides) - set(params.to_dict()))
+    if unknown:
+        raise ValueError(f"row {row.get('__request_id__')}: unknown sampling_params keys {unknown}; "
+                         f"allowed: {sorted(params.to_dict())}")
+    negative = row.get("negative_prompt")
+    if isinstance(negative, str):
+        overrides.setdefault("negative_prompt", negative)
+    return params.replace(**overrides).validate() if overrides else params
 
 
 def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLoop:

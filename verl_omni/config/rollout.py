@@ -85,8 +85,9 @@ class DiffusionRolloutConfig:
                 raise ValueError(f"{PREFIX}.{key}={value!r} must be an int >= 1")
         if self.algo.sde_type not in SDE_TYPES:
             raise ValueError(f"{PREFIX}.algo.sde_type={self.algo.sde_type!r} is not one of {SDE_TYPES}")
-        if self.val_kwargs.n < 1:
-            raise ValueError(f"{PREFIX}.val_kwargs.n={self.val_kwargs.n} must be >= 1")
+        n = self.val_kwargs.n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{PREFIX}.val_kwargs.n={n!r} must be an int >= 1")
         try:
             self.sampling_params().validate()
             self.sampling_params(validate=True).validate()

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-SDE_TYPES = ("sde", "cps")
+from verl_omni.schedulers.flow_match_sde import SDE_TYPES
 
 
 @dataclass

@@ -108,8 +108,10 @@ def ocr_text_score(recognized: str, target: str) -> float:
 
 
 def _target_for(prompt: str, meta: Optional[dict]) -> str:
-    # The dataset's reward_model.ground_truth, when the trainer passes it on, is the same quoted text.
-    ground_truth = (meta or {}).get("ground_truth")
+    # The trainer passes {"reward_model": {"ground_truth": ...}, ...} per sample (a flat "ground_truth" is
+    # accepted too); the dataset's ground truth wins over the prompt's quoted text, which is the fallback.
+    meta = meta or {}
+    ground_truth = meta.get("ground_truth") or (meta.get("reward_model") or {}).get("ground_truth")
     return ground_truth if ground_truth else extract_quoted_target(prompt)
 
 

@@ -97,6 +97,17 @@ def _short(prompt: str, limit: int = 120) -> str:
     return prompt if len(prompt) <= limit else prompt[: limit - 3] + "..."
 
 
+_REWARD_KEYS = ("name", "weight", "timeout_s")
+_CUSTOM_KEYS = ("path", "name", "weight", "reward_kwargs", "timeout_s")
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    """A misspelt key (``wieght``) would otherwise silently fall back to its default."""
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; allowed keys: {list(allowed)}")
+
+
 class RewardManager:
     """Weighted sum of registered rewards and an optional custom function.
 
@@ -109,9 +120,11 @@ class RewardManager:
     def __init__(self, config: Mapping[str, Any]):
         self.specs: list[RewardSpec] = []
         for entry in config.get("rewards") or []:
+            _check_keys(entry, _REWARD_KEYS, f"reward {entry.get('name')!r}")
             self._add(RewardSpec(entry["name"], get_reward_fn(entry["name"]), float(entry.get("weight", 1.0)),
                                  entry.get("timeout_s")))
         custom = config.get("custom_reward_function") or {}
+        _check_keys(custom, _CUSTOM_KEYS, f"custom_reward_function {custom.get('name')!r}")
         if custom.get("path"):
             if not custom.get("name"):
                 raise ValueError("custom_reward_function.path is set but custom_reward_function.name is not")

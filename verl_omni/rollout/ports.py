@@ -25,9 +25,12 @@ def reserve_socket(host: str = "127.0.0.1", preferred_port: Optional[int] = None
         except OSError as exc:
             sock.close()
             last_error = exc
-            logger.warning("port %s on %s is taken (%s); trying the next one", port, host, exc)
+            if preferred_port is not None:
+                logger.warning("port %s on %s is taken (%s); trying the next one", port, host, exc)
             continue
         sock.listen(128)
         sock.set_inheritable(True)
         return sock
+    if preferred_port is None:
+        raise OSError(f"could not bind an OS-assigned port on {host}: {last_error}")
     raise OSError(f"no free port in [{preferred_port}, {preferred_port + search}) on {host}: {last_error}")

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from typing import Any, Optional
 
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -71,6 +72,10 @@ class DiffusionHttpServer:
             if self._uvicorn.started:
                 break
             await asyncio.sleep(0.02)
+        if not self._uvicorn.started:
+            raise RuntimeError(
+                f"replica {self.replica_rank}: HTTP server on {self.host}:{self._port} did not start within 4 s"
+            )
         return self.host, self._port
 
     def get_server_address(self) -> tuple[str, int]:
@@ -107,7 +112,7 @@ class DiffusionHttpServer:
         # HTTP runs on its own loop thread; the engine belongs to the actor, so hop over to it.
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
             self.generate_batched(
-                request_id=body.get("request_id", "http"),
+                request_id=body.get("request_id") or uuid.uuid4().hex,  # unique: _inflight is keyed by it
                 prompt=body.get("prompt"),
                 num_outputs_per_prompt=body.get("num_outputs_per_prompt", 1),
                 seeds=body.get("seeds"),
@@ -122,7 +127,7 @@ class DiffusionHttpServer:
         """N images of one prompt from ONE engine call of batch N; returns N per-sample payloads."""
         seeds = validate_batched_request(prompt, num_outputs_per_prompt, seeds)
         params = DiffusionSamplingParams.from_dict(sampling_params).validate(self.engine.vae_scale_factor)
-        task = asyncio.ensure_future(self._engine_call(prompt, seeds, params))
+        task = asyncio.ensure_future(self._engine_call(prompt, seeds, params, request_id))
         self._inflight[request_id] = task
         try:
             batch = await asyncio.wait_for(task, timeout=self.engine_config.request_timeout_s)
@@ -140,9 +145,10 @@ class DiffusionHttpServer:
         (payload,) = await self.generate_batched(request_id, prompt, 1, [seed], sampling_params)
         return payload
 
-    async def _engine_call(self, prompt, seeds, params):
+    async def _engine_call(self, prompt, seeds, params, request_id: Optional[str] = None):
         start = time.perf_counter()
-        batch = await self.engine.generate(prompt, seeds, params)
+        # The engine gets the caller's id so that abort(request_id) can find the engine-side request.
+        batch = await self.engine.generate(prompt, seeds, params, request_id=request_id)
         self.stats["engine_calls"] += 1
         self.stats["images"] += len(seeds)
         self.stats["engine_seconds"] += time.perf_counter() - start

@@ -12,8 +12,10 @@ https://github.com/yifan123/flow_grpo/blob/main/flow_grpo/diffusers_patch/sd3_sd
 ``sigma_max`` convention (FlowGRPO passes ``scheduler.sigmas[1]``, the first sigma below 1, to keep the ``sde``
 std finite at sigma == 1) and its cps log-prob with all constants removed.
 
-The log-prob formula exists once, in :func:`compute_log_prob` / ``_transition_log_prob``; the sampling step
-reuses the same private helpers so rollout and training cannot drift apart.
+The log-prob formula exists once, in ``_transition_log_prob``. The rollout samples with
+:func:`sde_step_with_logprob`; the trainer scores a stored transition with the same function
+(``prev_sample=...``, which also gives the step mean its KL term needs); :func:`compute_log_prob` is the
+log-prob alone. All three share the same private helpers, so rollout and training cannot drift apart.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def compute_log_prob(
 ) -> torch.Tensor:
     """Log-prob [B] of a stored transition ``sample -> prev_sample`` under the policy's velocity ``model_output``.
 
-    The one function the trainer calls to recompute log-probs; differentiable w.r.t. ``model_output``.
+    The log-prob alone (the trainer uses ``sde_step_with_logprob(prev_sample=...)``, which shares this formula and
+    also returns the step mean for the KL term); differentiable w.r.t. ``model_output``.
     ``sigma`` / ``sigma_next`` may be scalars or per-sample [B] tensors; ``sigma_max`` comes from
     :func:`reference_sigma_max` of the stored schedule.
     """

@@ -26,18 +26,22 @@ def save_checkpoint(root: str, step: int, lora: dict[str, torch.Tensor], optimiz
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"global_step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=root)
-    save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": np.random.get_state(),
-        "python_rng": random.getstate(),
-    }, os.path.join(tmp, "optim.pt"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"global_step": step, **(meta or {})}, f, indent=2, default=str)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }, os.path.join(tmp, "optim.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"global_step": step, **(meta or {})}, f, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written temp dir left behind
+        raise
     _atomic_write(os.path.join(root, LATEST), str(step))
     return final
 

@@ -11,9 +11,6 @@ from verl import DataProto
 
 from verl_omni.agent_loop.grouping import prompt_text
 
-REQUIRED_COLUMNS = ("prompt",)
-
-
 class PromptDataset:
     def __init__(self, path: str, prompt_key: str = "prompt", max_samples: Optional[int] = None):
         path = os.path.expanduser(path)
@@ -24,6 +21,8 @@ class PromptDataset:
             raise ValueError(f"{path} has no column {prompt_key!r} (data.prompt_key); columns: {list(frame.columns)}")
         if max_samples is not None:
             frame = frame.iloc[:max_samples]
+        if len(frame) == 0:
+            raise ValueError(f"{path} has no rows")
         self.frame = frame.reset_index(drop=True)
         self.prompt_key = prompt_key
         for i, raw in enumerate(self.frame[prompt_key]):

@@ -8,6 +8,7 @@ engine runs behind the replicas.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -19,11 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
+from verl import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
 from verl_omni.rewards import RewardManager
-from verl_omni.rollout.engines.base import tensors_checksum
-from verl_omni.rollout.engines.diffusers import resolve_dtype
+from verl_omni.rollout.engines.base import resolve_dtype, tensors_checksum, vae_scale_factor_of
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.trainer.config_checks import check_config
@@ -59,9 +60,18 @@ class FlowGRPOTrainer:
         cfg.actor_rollout_ref.model.path = resolve_model_path(
             cfg.actor_rollout_ref.model.path, os.path.join(self.output_dir, "tiny_models"))
         OmegaConf.set_struct(cfg, True)
-        if not ray.is_initialized():
+        # Start-up checks that need the model: image size vs the VAE factor.
+        try:
+            self.rollout_cfg.sampling_params().validate(vae_scale_factor_of(cfg.actor_rollout_ref.model.path))
+        except ValueError as exc:
+            raise ValueError(f"actor_rollout_ref.rollout.pipeline: {exc}") from None
+        torch.manual_seed(cfg.trainer.seed)  # the LoRA A-matrices' initialisation
+        np.random.seed(cfg.trainer.seed)
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
             num_cpus = cfg.trainer.ray_num_cpus or max(4, os.cpu_count() or 1)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        self._check_gpus()
         self.train_data = PromptDataset(cfg.data.train_files, cfg.data.prompt_key)
         self.val_data = None
         if cfg.trainer.test_freq > 0 and cfg.data.get("val_files"):
@@ -101,6 +111,20 @@ class FlowGRPOTrainer:
                 del os.environ["TENSORBOARD_DIR"]
         return self
 
+    def _check_gpus(self) -> None:
+        """Each cuda replica and each FSDP rank holds a whole GPU: fail now, naming the keys, not hang in Ray."""
+        actor = self.config.actor_rollout_ref.actor
+        needed = self.rollout_cfg.num_replicas if self.rollout_cfg.device.startswith("cuda") else 0
+        if actor.world_size > 1 and str(actor.device).startswith("cuda"):
+            needed += actor.world_size
+        available = ray.cluster_resources().get("GPU", 0)
+        if needed > available:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.num_replicas={self.rollout_cfg.num_replicas} and "
+                f"actor_rollout_ref.actor.world_size={actor.world_size} need {needed} GPUs; the Ray cluster has "
+                f"{available:g} (sharing one GPU between a replica and an FSDP rank is not supported yet)"
+            )
+
     def _run(self, coro):
         return self.loop.run_until_complete(coro)
 
@@ -131,13 +155,21 @@ class FlowGRPOTrainer:
 
     def rollout(self, step: int, validate: bool = False):
         cfg = self.config
-        if validate:
-            data, n = self.val_data, self.rollout_cfg.val_kwargs.n
-            indices = list(range(len(data)))
-        else:
-            data, n = self.train_data, self.rollout_cfg.n
-            indices = data.indices_for_step(step, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
-        batch = data.batch(indices, n, tag=f"{'val' if validate else 'train'}{step}")
+        if not validate:
+            indices = self.train_data.indices_for_step(step, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+            return self._rollout_batch(self.train_data, indices, self.rollout_cfg.n, step, False)
+        # validation: the whole validation set, data.val_batch_size prompts per rollout call
+        indices = list(range(len(self.val_data)))
+        size = cfg.data.val_batch_size
+        outputs = [self._rollout_batch(self.val_data, indices[i:i + size], self.rollout_cfg.val_kwargs.n, step, True)
+                   for i in range(0, len(indices), size)]
+        for out in outputs:
+            out.meta_info = {}
+        return DataProto.concat(outputs)
+
+    def _rollout_batch(self, data: PromptDataset, indices: list[int], n: int, step: int, validate: bool):
+        tag = f"val{step}-{indices[0]}" if validate else f"train{step}"
+        batch = data.batch(indices, n, tag=tag)
         batch.meta_info.update({"global_steps": step, "validate": validate, "n": n})
         return self._run(self.agent_loops.generate_sequences(batch))
 
@@ -175,9 +207,14 @@ class FlowGRPOTrainer:
 
     def train_step(self, step: int) -> Optional[dict[str, float]]:
         """One step; None when it was refused for non-finite numbers under ``trainer.nan_policy=skip``."""
+        # With several epochs an update can fail after an optimizer step: keep what to restore.
+        lora_before = self.actor.lora_state_dict()
+        optim_before = copy.deepcopy(self.actor.optimizer.state_dict())
         try:
             return self._train_step(step)
         except NonFiniteError as exc:
+            self.actor.load_lora_state_dict(lora_before)
+            self.actor.optimizer.load_state_dict(optim_before)
             if self.config.trainer.nan_policy == "stop":
                 raise
             logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
@@ -191,9 +228,7 @@ class FlowGRPOTrainer:
         t_rollout = time.perf_counter() - t0
         scores, reward_metrics = self.score(output)
         advantages = compute_group_advantages(
-            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std,
-            clip=cfg.algorithm.adv_clip,
-        )
+            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std)
         t1 = time.perf_counter()
         if self.rollout_cfg.free_cache_engine:
             self._run(self.servers.sleep())
@@ -250,12 +285,16 @@ class FlowGRPOTrainer:
 
     def shutdown(self) -> None:
         try:
+            for worker in getattr(getattr(self, "agent_loops", None), "agent_loop_workers", []):
+                ray.kill(worker)
             if getattr(self, "servers", None) is not None:
                 self._run(self.servers.shutdown())
         finally:
             if hasattr(getattr(self, "actor", None), "shutdown"):
                 self.actor.shutdown()
             self.loop.close()
+            if getattr(self, "_started_ray", False):
+                ray.shutdown()
 
 
 def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4,

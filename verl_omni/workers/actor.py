@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from verl import DataProto
 
 from verl_omni.pipelines import get_pipeline_class
-from verl_omni.rollout.engines.diffusers import resolve_dtype
-from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
+from verl_omni.rollout.engines.base import resolve_dtype
+from verl_omni.schedulers.flow_match_sde import reference_sigma_max, sde_step_with_logprob
 from verl_omni.trainer.flowgrpo import NonFiniteError, assert_finite, flowgrpo_kl, flowgrpo_policy_loss
 from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lora_state_dict
 
@@ -47,7 +47,6 @@ class ActorConfig:
     noise_level: float = 0.7
     sde_type: str = "sde"
     guidance_scale: float = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 class DiffusionLoRAActor:
@@ -106,7 +105,7 @@ class DiffusionLoRAActor:
         out = sde_step_with_logprob(
             velocity.float(), sample.float(), sigmas[:, step], sigmas[:, step + 1],
             noise_level=self.config.noise_level, sde_type=self.config.sde_type,
-            sigma_max=float(sigmas[0, 1]), prev_sample=prev_sample.float(),
+            sigma_max=reference_sigma_max(sigmas[0]), prev_sample=prev_sample.float(),
         )
         return out
 
@@ -121,15 +120,22 @@ class DiffusionLoRAActor:
 
     def update(self, data: DataProto, advantages: torch.Tensor) -> dict[str, float]:
         """One FlowGRPO update over all window transitions of ``data``. Raises before stepping on NaN/inf."""
-        cfg = self.config
         assert_finite("advantages", advantages)
         assert_finite("old_log_probs", data.batch["old_log_probs"])
         assert_finite("latents", data.batch["latents"])
         window = data.batch["window_mask"].bool()  # [B, T]
         num_terms = int(window.sum())
         if num_terms == 0:
-            raise ValueError("no SDE-window steps in the batch: nothing to train on (check rollout.algo.sde_window_size)")
+            raise ValueError("no SDE-window steps in the batch: nothing to train on (check "
+                             "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)")
         self.transformer.train()
+        try:
+            return self._update(data, advantages, window, num_terms)
+        finally:
+            self.transformer.eval()
+
+    def _update(self, data: DataProto, advantages: torch.Tensor, window: torch.Tensor, num_terms: int) -> dict:
+        cfg = self.config
         totals: dict[str, float] = {}
         grad_norms = []
         for _ in range(cfg.ppo_epochs):
@@ -160,7 +166,6 @@ class DiffusionLoRAActor:
                 raise NonFiniteError(f"non-finite LoRA gradient norm ({grad_norm}); step refused, LoRA unchanged")
             self.optimizer.step()
             grad_norms.append(float(grad_norm))
-        self.transformer.eval()
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["num_train_terms"] = num_terms
         return {f"actor/{k}": v for k, v in totals.items()}

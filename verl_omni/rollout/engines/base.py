@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -47,8 +49,9 @@ class DiffusionEngine(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
-        """Run ONE engine call producing ``len(seeds)`` images of ``prompt``."""
+    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                       request_id: Optional[str] = None) -> RLBatchOutput:
+        """Run ONE engine call producing ``len(seeds)`` images of ``prompt``; ``abort(request_id)`` may cancel it."""
 
     @abc.abstractmethod
     async def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
@@ -75,6 +78,30 @@ class DiffusionEngine(abc.ABC):
     @property
     def vae_scale_factor(self) -> Optional[int]:
         return None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def vae_scale_factor_of(model_path: str) -> Optional[int]:
+    """The pipeline's VAE factor from ``vae/config.json`` (Qwen-Image: 2 ** len(temperal_downsample))."""
+    path = os.path.join(model_path, "vae", "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    for key in ("temperal_downsample", "temporal_downsample"):
+        if key in cfg:
+            return 2 ** len(cfg[key])
+    if "block_out_channels" in cfg:  # SD3-style AutoencoderKL
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return None
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:

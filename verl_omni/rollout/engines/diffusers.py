@@ -15,20 +15,11 @@ import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines import get_pipeline_class
-from verl_omni.rollout.engines.base import DiffusionEngine, EngineConfig, tensors_checksum
+from verl_omni.rollout.engines.base import DiffusionEngine, EngineConfig, resolve_dtype, tensors_checksum
 from verl_omni.rollout.outputs import RLBatchOutput
 from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lora_state_dict
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 class DiffusersEngine(DiffusionEngine):
     supports_batched = True
@@ -50,44 +41,63 @@ class DiffusersEngine(DiffusionEngine):
     def vae_scale_factor(self) -> Optional[int]:
         return getattr(self.pipe, "vae_scale_factor", None)
 
-    def _generate_sync(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
-        with self._lock:
-            if self._asleep:
-                raise RuntimeError("engine is asleep: call wake_up() before generate()")
-            return self.pipe.rl_generate(prompt, seeds, params)
+    def _locked(self, fn, *args):
+        """Run ``fn`` holding the pipeline lock, in a worker thread: a long forward holding the lock must
+        never block the server's event loop (health checks, abort, stats)."""
 
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
-        # A worker thread keeps the server's event loop free (health checks, abort) during the forward.
-        return await asyncio.to_thread(self._generate_sync, prompt, seeds, params)
+        def run():
+            with self._lock:
+                if self.pipe is None:
+                    raise RuntimeError("engine is shut down")
+                return fn(*args)
+
+        return asyncio.to_thread(run)
+
+    def _generate_sync(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+        if self._asleep:
+            raise RuntimeError("engine is asleep: call wake_up() before generate()")
+        return self.pipe.rl_generate(prompt, seeds, params)
+
+    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                       request_id: Optional[str] = None) -> RLBatchOutput:
+        # In-process calls run to completion: abort() cancels the awaiting request, not the forward.
+        return await self._locked(self._generate_sync, prompt, seeds, params)
+
+    def _update_lora_sync(self, tensors: dict[str, torch.Tensor]) -> str:
+        set_lora_state_dict(self.pipe.transformer, tensors)
+        self._lora_checksum = tensors_checksum(get_lora_state_dict(self.pipe.transformer))
+        return self._lora_checksum
 
     async def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
         if self.config.lora_rank <= 0:
             raise ValueError("update_lora needs an engine built with lora_rank > 0 (actor_rollout_ref.model.lora_rank)")
-        with self._lock:
-            set_lora_state_dict(self.pipe.transformer, tensors)
-            self._lora_checksum = tensors_checksum(get_lora_state_dict(self.pipe.transformer))
-        return self._lora_checksum
+        return await self._locked(self._update_lora_sync, tensors)
 
     async def lora_checksum(self) -> Optional[str]:
         if self.config.lora_rank <= 0:
             return None
-        with self._lock:
-            return tensors_checksum(get_lora_state_dict(self.pipe.transformer))
+        return await self._locked(lambda: tensors_checksum(get_lora_state_dict(self.pipe.transformer)))
+
+    def _sleep_sync(self) -> None:
+        if self.config.device != "cpu":
+            self.pipe.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def _wake_sync(self) -> None:
+        if self.config.device != "cpu":
+            torch.cuda.empty_cache()  # free cached blocks first: waking on a fragmented cache OOMs
+            self.pipe.to(self.config.device)
+        self._asleep = False
 
     async def sleep(self, level: int = 1) -> None:
-        with self._lock:
-            if self.config.device != "cpu":
-                self.pipe.to("cpu")
-                torch.cuda.empty_cache()
-            self._asleep = True
+        await self._locked(self._sleep_sync)
 
     async def wake_up(self) -> None:
-        with self._lock:
-            if self.config.device != "cpu":
-                torch.cuda.empty_cache()  # free cached blocks first: waking on a fragmented cache OOMs
-                self.pipe.to(self.config.device)
-            self._asleep = False
+        await self._locked(self._wake_sync)
 
     async def shutdown(self) -> None:
-        with self._lock:
+        def drop():
             self.pipe = None
+
+        await self._locked(drop)

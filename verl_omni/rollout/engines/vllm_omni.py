@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -37,7 +36,13 @@ import numpy as np
 import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.engines.base import DiffusionEngine, EngineConfig, tensors_checksum
+from verl_omni.rollout.engines.base import (
+    DiffusionEngine,
+    EngineConfig,
+    resolve_dtype,
+    tensors_checksum,
+    vae_scale_factor_of,
+)
 from verl_omni.rollout.outputs import _PER_SAMPLE, _SHARED, RLBatchOutput
 
 logger = logging.getLogger(__name__)
@@ -46,9 +51,6 @@ PIPELINE_CLASS = "verl_omni.rollout.engines.vllm_omni.VllmOmniRLPipeline"
 WORKER_EXTENSION_CLASS = "verl_omni.rollout.engines.vllm_omni.VllmOmniRLWorkerExtension"
 MODEL_CLASS_NAME = "VerlOmniRLPipeline"
 EXTRA_KEY = "verl_omni"  # key in custom_pipeline_args, extra_args and custom_output
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _load_vllm_omni() -> tuple[Any, Any]:
     """Import vllm_omni here and only here; returns (AsyncOmni, OmniDiffusionSamplingParams)."""
@@ -75,21 +77,6 @@ def _unwrap(result: Any) -> Any:
     return result
 
 
-def vae_scale_factor_of(model_path: str) -> Optional[int]:
-    """The pipeline's VAE factor from ``vae/config.json`` (Qwen-Image: 2 ** len(temperal_downsample))."""
-    path = os.path.join(model_path, "vae", "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        cfg = json.load(f)
-    for key in ("temperal_downsample", "temporal_downsample"):
-        if key in cfg:
-            return 2 ** len(cfg[key])
-    if "block_out_channels" in cfg:  # SD3-style AutoencoderKL
-        return 2 ** (len(cfg["block_out_channels"]) - 1)
-    return None
-
-
 # ============================================================================ engine (server-actor side)
 class VllmOmniEngine(DiffusionEngine):
     """Runs our RL pipeline inside vllm-omni's diffusion worker, driven through ``AsyncOmni``."""
@@ -102,15 +89,14 @@ class VllmOmniEngine(DiffusionEngine):
         self._vae_scale_factor = vae_scale_factor_of(config.model_path)
         self.engine_kwargs = self.build_engine_kwargs(config, **engine_kwargs)
         self._omni = async_omni_cls(model=config.model_path, **self.engine_kwargs)
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, Optional[str]] = {}  # engine request id -> caller's request id
         self._asleep = False
 
     # ------------------------------------------------------------------ construction
     @staticmethod
     def build_engine_kwargs(config: EngineConfig, **overrides: Any) -> dict[str, Any]:
         """AsyncOmni keyword arguments for ``config`` (plain values only: vllm-omni puts them in OmegaConf)."""
-        if config.dtype not in _DTYPES:
-            raise ValueError(f"dtype={config.dtype!r} is not one of {sorted(_DTYPES)}")
+        resolve_dtype(config.dtype)  # a bad dtype fails here, naming the allowed values
         pipeline_opts = {
             "pipeline": config.pipeline,
             "lora_rank": int(config.lora_rank),
@@ -155,7 +141,8 @@ class VllmOmniEngine(DiffusionEngine):
             kwargs["guidance_scale"] = float(params.guidance_scale)
         return self._sampling_params_cls(**kwargs)
 
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                       request_id: Optional[str] = None) -> RLBatchOutput:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
@@ -164,14 +151,16 @@ class VllmOmniEngine(DiffusionEngine):
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
         sampling_params = self.build_sampling_params(seeds, params)
-        request_id = f"verl-omni-{uuid.uuid4().hex[:12]}"
-        self._inflight.add(request_id)
+        # vllm-omni needs a unique id per request; the caller's id maps to it so abort(caller_id) reaches it.
+        engine_id = f"verl-omni-{uuid.uuid4().hex[:12]}"
+        self._inflight[engine_id] = request_id
         final = None
         try:
-            async for out in self._omni.generate(prompt, request_id=request_id, sampling_params_list=[sampling_params]):
+            async for out in self._omni.generate(prompt, request_id=engine_id, sampling_params_list=[sampling_params]):
                 final = out
         finally:
-            self._inflight.discard(request_id)
+            self._inflight.pop(engine_id, None)
+        request_id = engine_id
         if final is None:
             raise RuntimeError(f"vllm-omni returned no output for request {request_id}")
         if getattr(final, "error", None):
@@ -216,7 +205,10 @@ class VllmOmniEngine(DiffusionEngine):
         self._asleep = False
 
     async def abort(self, request_id: Optional[str] = None) -> None:
-        ids = [request_id] if request_id is not None else sorted(self._inflight)
+        if request_id is None:
+            ids = sorted(self._inflight)
+        else:  # the caller's id (as the server passes it), or an engine id
+            ids = sorted(eid for eid, cid in self._inflight.items() if request_id in (cid, eid)) or [request_id]
         if ids:
             await self._omni.abort(ids)
 
@@ -317,7 +309,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         self.od_config = od_config
         opts = dict((getattr(od_config, "custom_pipeline_args", None) or {}).get(EXTRA_KEY) or {})
         self.opts = opts
-        dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else _DTYPES[str(od_config.dtype)]
+        dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else resolve_dtype(str(od_config.dtype))
         pipeline_cls = get_pipeline_class(opts.get("pipeline", "qwen_image"))
         pipe = pipeline_cls.from_pretrained(od_config.model, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
