@@ -114,7 +114,13 @@ def test_row_sampling_params_and_negative_prompts_are_applied_on_both_paths(rig)
         out, stats = rig(flag, batch)
         assert out.batch["timesteps"].shape[1] == 3 and out.batch["latents"].shape[1] == 4
         assert sum(s["engine_calls"] for s in stats) == (2 if flag else 2 * N)
-    bad = prompt_batch(PROMPTS[:1], N, tag="spbad")
-    bad.non_tensor_batch["sampling_params"] = np.array([{"steps": 3}] * N, dtype=object)
-    with pytest.raises(Exception, match="unknown sampling_params keys \\['steps'\\]"):
-        rig(True, bad)
+    for overrides, match in (({"steps": 3}, "\\['steps'\\] cannot be set per row"),
+                             ({"noise_level": 0.1}, "\\['noise_level'\\] cannot be set per row")):
+        bad = prompt_batch(PROMPTS[:1], N, tag="spbad")
+        bad.non_tensor_batch["sampling_params"] = np.array([overrides] * N, dtype=object)
+        with pytest.raises(Exception, match=match):
+            rig(True, bad)
+    mixed = prompt_batch(PROMPTS[:2], N, tag="spmixed")
+    mixed.non_tensor_batch["sampling_params"] = np.array([{"num_inference_steps": 3}] * N + [{}] * N, dtype=object)
+    with pytest.raises(Exception, match="must share image size and num_inference_steps"):
+        rig(True, mixed)

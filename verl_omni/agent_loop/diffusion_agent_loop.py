@@ -199,13 +199,19 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         return await asyncio.gather(*outputs)
 
 
+# What a row may set for itself. The SDE settings (noise_level, sde_type, window) and guidance_scale stay
+# rollout-wide: the actor recomputes log-probs with them, so a per-row value would train on wrong numbers.
+ROW_OVERRIDABLE = ("negative_prompt", "num_inference_steps", "height", "width", "max_sequence_length")
+
+
 def _row_params(params, row: dict):
     """The rollout's sampling params with a row's own ``negative_prompt`` / ``sampling_params`` applied."""
     overrides = dict(row.get("sampling_params") or {})
-    unknown = sorted(set(overrides) - set(params.to_dict()))
-    if unknown:
-        raise ValueError(f"row {row.get('__request_id__')}: unknown sampling_params keys {unknown}; "
-                         f"allowed: {sorted(params.to_dict())}")
+    refused = sorted(set(overrides) - set(ROW_OVERRIDABLE))
+    if refused:
+        raise ValueError(f"row {row.get('__request_id__')}: sampling_params keys {refused} cannot be set per row "
+                         f"(allowed: {list(ROW_OVERRIDABLE)}; SDE and guidance settings are "
+                         "actor_rollout_ref.rollout.algo.* / .pipeline.*)")
     negative = row.get("negative_prompt")
     if isinstance(negative, str):
         overrides.setdefault("negative_prompt", negative)
@@ -221,6 +227,10 @@ def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLo
 
 def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metrics: dict) -> DataProto:
     """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length."""
+    shapes = {(s.image.shape, tuple(s.latents.shape)) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"rows of one batch must share image size and num_inference_steps; got (image, latents) "
+                         f"shapes {sorted(shapes)}")
     tensors: dict[str, torch.Tensor] = {
         "images": torch.from_numpy(np.stack([s.image for s in samples])),
         "latents": torch.stack([s.latents for s in samples]),

@@ -8,12 +8,15 @@ replicas exactly as verl spreads LLM requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl.workers.rollout.router import get_router_handle
 
 from verl_omni.config.rollout import DiffusionRolloutConfig
+
+logger = logging.getLogger(__name__)
 
 
 class DiffusionServerManager:
@@ -64,7 +67,10 @@ class DiffusionServerManager:
         await asyncio.gather(*[r.server_handle.reset_stats.remote() for r in self.replicas])
 
     async def shutdown(self) -> None:
-        await asyncio.gather(*[r.shutdown() for r in self.replicas], return_exceptions=True)
+        results = await asyncio.gather(*[r.shutdown() for r in self.replicas], return_exceptions=True)
+        for replica, result in zip(self.replicas, results):
+            if isinstance(result, BaseException):  # keep going (the others still shut down), but say so
+                logger.warning("replica %d did not shut down cleanly: %r", replica.replica_rank, result)
         if self.load_balancer is not None:
             import ray
 
