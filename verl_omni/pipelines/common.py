@@ -44,6 +44,25 @@ def check_request(prompt: str, seeds: Sequence[int]) -> list[int]:
     return out
 
 
+def start_request(prompt: str, seeds: Sequence[int], params: DiffusionSamplingParams, vae_scale_factor: int,
+                  max_sequence_length: int) -> list[int]:
+    """Every check of an ``rl_generate`` call, before any compute; returns the seeds as plain ints."""
+    params.validate(vae_scale_factor=vae_scale_factor)
+    if params.max_sequence_length > max_sequence_length:
+        raise ValueError(f"max_sequence_length={params.max_sequence_length} must be <= {max_sequence_length}")
+    return check_request(prompt, seeds)
+
+
+def negative_prompt_for(params: DiffusionSamplingParams, logger: logging.Logger, key: str) -> Optional[str]:
+    """The negative prompt under guidance: the given one, or the empty prompt (said once); None without guidance."""
+    if params.guidance_scale <= 1:
+        return None
+    if params.negative_prompt is None:
+        log_once(logger, key, "guidance_scale > 1 without negative_prompt: using the empty prompt as the negative")
+        return ""
+    return params.negative_prompt
+
+
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample (diffusers' ``randn_tensor`` draws row i from generator i)."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]

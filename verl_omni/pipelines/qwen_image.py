@@ -19,12 +19,12 @@ from diffusers import QwenImagePipeline
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.common import (
-    check_request,
     denoise_with_logprobs,
     expand_timestep,
-    log_once,
     make_generators,
+    negative_prompt_for,
     repeat_rows,
+    start_request,
     to_batch_output,
     to_uint8_images,
 )
@@ -133,10 +133,7 @@ class QwenImageRLPipeline(QwenImagePipeline):
     @torch.no_grad()
     def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
         """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
-        params.validate(vae_scale_factor=self.vae_scale_factor)
-        if params.max_sequence_length > MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"max_sequence_length={params.max_sequence_length} must be <= {MAX_SEQUENCE_LENGTH}")
-        seeds = check_request(prompt, seeds)
+        seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
         batch_size = len(seeds)
         device = self._execution_device
         height, width = params.height, params.width
@@ -146,12 +143,8 @@ class QwenImageRLPipeline(QwenImagePipeline):
 
         embeds, mask = self.encode_prompt_for_rl(prompt, params.max_sequence_length)
         cond = {"prompt_embeds": repeat_rows(embeds, batch_size), "prompt_embeds_mask": repeat_rows(mask, batch_size)}
-        if params.guidance_scale > 1:
-            negative_prompt = params.negative_prompt
-            if negative_prompt is None:
-                negative_prompt = ""
-                log_once(logger, "qwen_image_empty_negative",
-                         "guidance_scale > 1 without negative_prompt: using the empty prompt as the negative")
+        negative_prompt = negative_prompt_for(params, logger, "qwen_image_empty_negative")
+        if negative_prompt is not None:
             neg_embeds, neg_mask = self.encode_prompt_for_rl(negative_prompt, params.max_sequence_length)
             cond["negative_prompt_embeds"] = repeat_rows(neg_embeds, batch_size)
             cond["negative_prompt_embeds_mask"] = repeat_rows(neg_mask, batch_size)

@@ -16,12 +16,12 @@ from diffusers import StableDiffusion3Pipeline
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.common import (
-    check_request,
     denoise_with_logprobs,
     expand_timestep,
-    log_once,
     make_generators,
+    negative_prompt_for,
     repeat_rows,
+    start_request,
     to_batch_output,
     to_uint8_images,
 )
@@ -92,21 +92,14 @@ class SD3RLPipeline(StableDiffusion3Pipeline):
     @torch.no_grad()
     def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
         """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
-        params.validate(vae_scale_factor=self.vae_scale_factor)
-        if params.max_sequence_length > MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"max_sequence_length={params.max_sequence_length} must be <= {MAX_SEQUENCE_LENGTH}")
-        seeds = check_request(prompt, seeds)
+        seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
         batch_size = len(seeds)
         device = self._execution_device
         height, width = params.height, params.width
         sigmas, model_timesteps = self.rl_sigmas(params.num_inference_steps, height, width)  # may still reject
 
-        do_cfg = params.guidance_scale > 1
-        negative_prompt = params.negative_prompt
-        if do_cfg and negative_prompt is None:
-            negative_prompt = ""
-            log_once(logger, "sd3_empty_negative",
-                     "guidance_scale > 1 without negative_prompt: using the empty prompt as the negative")
+        negative_prompt = negative_prompt_for(params, logger, "sd3_empty_negative")
+        do_cfg = negative_prompt is not None
         embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,

@@ -43,6 +43,7 @@ from verl_omni.rollout.engines.base import (
     tensors_checksum,
     vae_scale_factor_of,
 )
+from verl_omni.pipelines.common import check_request
 from verl_omni.rollout.outputs import _PER_SAMPLE, _SHARED, RLBatchOutput
 
 logger = logging.getLogger(__name__)
@@ -143,10 +144,7 @@ class VllmOmniEngine(DiffusionEngine):
 
     async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
                        request_id: Optional[str] = None) -> RLBatchOutput:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-            raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+        seeds = check_request(prompt, seeds)
         params.validate(self._vae_scale_factor)
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
