@@ -291,6 +291,14 @@ async def main_async(args) -> dict:
             "image_tokens": image_tokens,
             "note": "all paths go through DiffusionEngine.generate and return images, latents (T+1 steps), "
                     "per-step log-probs and prompt embeddings; VAE decode included",
+            "engines": {
+                "vllm_omni": "our RL pipeline in vllm-omni's diffusion worker: joint attention through vllm-omni's "
+                             "flash kernel (FA3, fa3-fwd) where there is no text mask, transformer blocks under "
+                             "vllm-omni's regional torch.compile (dynamic shapes) unless --eager",
+                "diffusers": "the same RL pipeline in-process with stock diffusers modules (SDPA attention), eager",
+                "both": "no host sync inside the denoising loop (step noise drawn up front), single-frame VAE "
+                        "decode with 2D convs, one pinned device-to-host copy of the outputs",
+            },
         },
         "results": results,
         "ratios": ratios,

@@ -217,3 +217,64 @@ def test_qwen_image_embeddings_drop_exactly_the_template_prefix(qwen_image_rl_pi
     start = ids.shape[1] - embeds.shape[1]
     assert pipe.tokenizer.decode(ids[0, :start]).endswith("<|im_start|>user\n")
     torch.testing.assert_close(embeds, hidden[:, start:], rtol=0, atol=1e-6)
+
+
+def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
+    """An attention function with the flash-kernel signature ([B, S, H, D] in and out), through SDPA, counting calls."""
+    _sdpa_bshd.calls += 1
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2), None  # like FA3: (out, lse)
+
+
+def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_image_dir):
+    """The processor the vllm-omni engine installs (real-arithmetic RoPE, an engine's flash kernel when there is no
+    mask) gives diffusers' result: same seeds -> same latents within float32 rounding, and the kernel is called."""
+    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor, QwenImageRLPipeline
+
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    pipe.set_progress_bar_config(disable=True)
+    params = _params(guidance_scale=2.0, negative_prompt="blurry, a much longer negative prompt")
+    stock = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    _sdpa_bshd.calls = 0
+    changed = pipe.use_attention_function(_sdpa_bshd)
+    assert changed == pipe.transformer.config.num_layers > 0
+    assert all(isinstance(p, QwenImageFusedAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    fused = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    assert _sdpa_bshd.calls > 0
+    rel = ((fused.latents - stock.latents).norm() / stock.latents.norm()).item()
+    print(f"fused processor vs diffusers: final latents rel L2 {rel:.2e}")
+    assert rel < 1e-5
+    assert torch.allclose(fused.log_probs, stock.log_probs, atol=1e-5)
+    assert (fused.images.int() - stock.images.int()).abs().max().item() <= 1
+    # padded text (a mask that is not all ones) goes through diffusers' masked attention, not the kernel
+    _sdpa_bshd.calls = 0
+    latents = stock.latents[:, 1].to(pipe.transformer.dtype)
+    cond = {"prompt_embeds": torch.cat([stock.prompt_embeds, torch.zeros_like(stock.prompt_embeds[:, :3])], 1),
+            "prompt_embeds_mask": torch.cat([stock.prompt_embeds_mask,
+                                             torch.zeros_like(stock.prompt_embeds_mask[:, :3])], 1)}
+    masked = pipe.predict_velocity(latents, stock.timesteps[1], cond, 1.0, 64, 64)
+    assert _sdpa_bshd.calls == 0 and torch.isfinite(masked).all()
+
+
+def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
+    """decode_latents runs the decoder without its frame cache and with 2D convs: the same pixels as vae.decode."""
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline, SingleFrameCausalConv3d
+
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    h = w = 64
+    tokens = (h // pipe.vae_scale_factor // 2) * (w // pipe.vae_scale_factor // 2)
+    latents = torch.randn(3, tokens, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(0))
+    z = pipe.vae.config.z_dim
+    unpacked = pipe._unpack_latents(latents, h, w, pipe.vae_scale_factor)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1)
+    reference = pipe.vae.decode(unpacked * std + mean, return_dict=False)[0][:, :, 0]
+    fast = pipe.decode_latents_to_pixels(latents, h, w)
+    assert any(type(m) is SingleFrameCausalConv3d for m in pipe.vae.decoder.modules())
+    rel = ((fast - reference).norm() / reference.norm()).item()
+    print(f"single-frame decode vs vae.decode: rel L2 {rel:.2e}")
+    assert rel < 1e-5
+    # a video-shaped input (3 frames) still takes the 3D path of the switched convs
+    video = pipe.vae.decode(unpacked.repeat(1, 1, 3, 1, 1) * std + mean, return_dict=False)[0]
+    assert video.shape[2] > 1 and torch.isfinite(video).all()

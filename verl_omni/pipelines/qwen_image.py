@@ -11,11 +11,14 @@ dynamic shifting for the packed image sequence length.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import QwenImagePipeline
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.common import (
@@ -47,6 +50,76 @@ def template_prefix_length(tokenizer, template: str) -> int:
     return len(tokenizer(prefix).input_ids)
 
 
+# (q, k, v) [B, S, H, D] -> [B, S, H, D] (or (out, lse)): a fused attention kernel without a mask, e.g. FA3.
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb_qwen(use_real=False)`` in real arithmetic: the same float32 products, but
+    torch.compile can fuse it (complex tensors are not fused by inductor). x [B, S, H, D]; cos/sin [S, 1, D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(3).type_as(x)
+
+
+class QwenImageFusedAttnProcessor:
+    """Qwen-Image's joint (text + image) attention as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` computes it,
+    with two differences that only change speed: RoPE in real arithmetic (fusable by torch.compile) and, when there
+    is no attention mask, ``attention_fn`` (an engine's fused kernel such as FA3) instead of SDPA. With a mask
+    (padded text) it uses diffusers' dispatcher as before."""
+
+    def __init__(self, attention_fn: AttentionFn):
+        self.attention_fn = attention_fn
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise ValueError("QwenImageFusedAttnProcessor requires encoder_hidden_states (text stream)")
+        seq_txt = encoder_hidden_states.shape[1]
+        img_q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
+        img_k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)))
+        img_v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        txt_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1)))
+        txt_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1)))
+        txt_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_cos, img_sin = img_freqs.real[:, None], img_freqs.imag[:, None]
+            txt_cos, txt_sin = txt_freqs.real[:, None], txt_freqs.imag[:, None]
+            img_q, img_k = _rotate(img_q, img_cos, img_sin), _rotate(img_k, img_cos, img_sin)
+            txt_q, txt_k = _rotate(txt_q, txt_cos, txt_sin), _rotate(txt_k, txt_cos, txt_sin)
+        query = torch.cat([txt_q, img_q], dim=1)  # order: [text, image], as diffusers
+        key = torch.cat([txt_k, img_k], dim=1)
+        value = torch.cat([txt_v, img_v], dim=1)
+        if attention_mask is None:
+            out = self.attention_fn(query, key, value, causal=False, softmax_scale=query.shape[-1] ** -0.5)
+            out = out[0] if isinstance(out, tuple) else out
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(query.dtype)
+        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout
+        return img_out, attn.to_add_out(out[:, :seq_txt].contiguous())
+
+
+class SingleFrameCausalConv3d(QwenImageCausalConv3d):
+    """The VAE's causal 3D conv, with a shortcut for what image decoding feeds it: one frame and no cache.
+
+    Causal padding puts ``kt - 1`` zero frames before that frame, so only the kernel's last temporal slice meets
+    data: a 2D convolution with that slice is the same sum with 1/kt of the work (kt = 3 in Qwen-Image's decoder).
+    Anything else (video, a cache) takes the 3D path."""
+
+    def forward(self, x, cache_x=None):
+        kt = self.kernel_size[0]
+        if (cache_x is None and x.shape[2] == 1 and self._padding[4] == kt - 1 and self._padding[5] == 0
+                and self.stride[0] == 1 and tuple(self.dilation) == (1, 1, 1)):
+            pad_w, _, pad_h, _ = self._padding[:4]
+            out = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, stride=self.stride[1:], padding=(pad_h, pad_w))
+            return out.unsqueeze(2)
+        return super().forward(x, cache_x)
+
+
 class QwenImageRLPipeline(QwenImagePipeline):
     """``QwenImagePipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
     ``predict_velocity``."""
@@ -59,6 +132,16 @@ class QwenImageRLPipeline(QwenImagePipeline):
         # the real tokenizer; with a scratch one it would leak template tokens into the embeddings).
         if tokenizer is not None:
             self.prompt_template_encode_start_idx = template_prefix_length(tokenizer, self.prompt_template_encode)
+
+    def use_attention_function(self, attention_fn: AttentionFn) -> int:
+        """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
+        (an engine's fused kernel). Returns the number of blocks changed."""
+        blocks = [m for m in self.transformer.modules() if hasattr(m, "processor")
+                  and (isinstance(m.processor, QwenImageFusedAttnProcessor)
+                       or type(m.processor).__name__ == "QwenDoubleStreamAttnProcessor2_0")]
+        for module in blocks:
+            module.set_processor(QwenImageFusedAttnProcessor(attention_fn))
+        return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts
     def encode_prompt_for_rl(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,22 +237,44 @@ class QwenImageRLPipeline(QwenImagePipeline):
             batch_size, self.transformer.config.in_channels // 4, height, width, torch.float32, device, generators
         )
 
+        # All-ones masks are dropped once here, not checked on the device at every step (a host sync per forward).
+        model_cond = {k: (None if k.endswith("_mask") and bool(v.all()) else v) for k, v in cond.items()}
         result = denoise_with_logprobs(
-            lambda x, t: self.predict_velocity(x, t, cond, params.guidance_scale, height, width),
+            lambda x, t: self.predict_velocity(x, t, model_cond, params.guidance_scale, height, width),
             latents, sigmas, model_timesteps, params, generators,
         )
         images = self.decode_latents(result.final_latents, height, width)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Packed latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (latent mean / std undone)."""
+        """Packed latents -> uint8 [B, H, W, 3] (on the latents' device), as the stock pipeline's decode (latent
+        mean / std undone)."""
+        return to_uint8_images(self.decode_latents_to_pixels(latents, height, width))
+
+    def decode_latents_to_pixels(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> [B, 3, H, W] in [-1, 1]."""
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
         z_dim = self.vae.config.z_dim
         latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
         latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
         latents = latents / latents_std + latents_mean
-        decoded = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return to_uint8_images(decoded)
+        if getattr(self.vae, "use_tiling", False):
+            return self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+        # One frame: the decoder without its frame cache is the same computation as ``vae.decode`` (whose first
+        # frame sees no cache either) minus copying every activation into that cache, and its causal convs run
+        # as 2D convs (SingleFrameCausalConv3d).
+        self._use_single_frame_convs()
+        return self.vae.decoder(self.vae.post_quant_conv(latents)).clamp(-1.0, 1.0)[:, :, 0]
+
+    def _use_single_frame_convs(self) -> None:
+        # Our pipeline's own VAE instance, switched once at first decode; the class falls back to the 3D path
+        # for anything but one uncached frame, so every other use of the VAE is unchanged.
+        if getattr(self, "_single_frame_convs", False):
+            return
+        for module in list(self.vae.decoder.modules()) + [self.vae.post_quant_conv]:
+            if type(module) is QwenImageCausalConv3d:
+                module.__class__ = SingleFrameCausalConv3d
+        self._single_frame_convs = True
 
 
-__all__ = ["QwenImageRLPipeline", "template_prefix_length"]
+__all__ = ["QwenImageRLPipeline", "QwenImageFusedAttnProcessor", "template_prefix_length"]

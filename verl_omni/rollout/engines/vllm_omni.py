@@ -20,6 +20,11 @@ How our RL pipeline runs inside vllm-omni 0.24.0 (read from its source, ``vllm_o
   ``verl_omni.workers.lora`` functions the diffusers engine and the actor use), added at load time, and
   ``update_lora`` sets its tensors in the worker through ``collective_rpc`` on a worker extension
   (:class:`VllmOmniRLWorkerExtension`, installed with ``worker_extension_cls``): in memory, no files.
+- Attention: the pipeline's joint attention calls the flash kernel vllm-omni resolves for its own diffusion models
+  (FA3 from ``fa3-fwd`` on Hopper) when there is no text padding mask, see :func:`resolve_flash_attention`;
+  ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA`` (vllm-omni's own switch) keeps diffusers' SDPA.
+- Output transfer: the prompt embeddings of one request are the same row repeated, so the worker sends one row
+  and :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
 - ``model_class_name`` is set to :data:`MODEL_CLASS_NAME`, a name vllm-omni does not know, so it applies no
   Qwen-Image specific pre/post-processing to our output (its Qwen post-process expects [-1, 1] NCHW floats).
 """
@@ -52,6 +57,7 @@ PIPELINE_CLASS = "verl_omni.rollout.engines.vllm_omni.VllmOmniRLPipeline"
 WORKER_EXTENSION_CLASS = "verl_omni.rollout.engines.vllm_omni.VllmOmniRLWorkerExtension"
 MODEL_CLASS_NAME = "VerlOmniRLPipeline"
 EXTRA_KEY = "verl_omni"  # key in custom_pipeline_args, extra_args and custom_output
+SHARED_ROWS_KEY = "shared_rows"  # custom_output fields sent as one row for all samples of the request
 
 def _load_vllm_omni() -> tuple[Any, Any]:
     """Import vllm_omni here and only here; returns (AsyncOmni, OmniDiffusionSamplingParams)."""
@@ -64,6 +70,20 @@ def _load_vllm_omni() -> tuple[Any, Any]:
             "(pip install 'verl_omni[vllm-omni]'); use engine 'diffusers' on CPU"
         ) from exc
     return vllm_omni.AsyncOmni, OmniDiffusionSamplingParams
+
+
+def resolve_flash_attention() -> Optional[Any]:
+    """vllm-omni's flash-attention function for diffusion models (FA3 via fa3-fwd, else FA2), or None when it has
+    none or the user chose SDPA with vllm-omni's ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA``."""
+    import os
+
+    if os.environ.get("DIFFUSION_ATTENTION_BACKEND", "").upper() == "TORCH_SDPA" or not torch.cuda.is_available():
+        return None
+    try:
+        from vllm_omni.diffusion.attention.backends.utils import fa
+    except ImportError:
+        return None
+    return fa.flash_attn_func
 
 
 def _empty_cuda_cache() -> None:
@@ -261,7 +281,9 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
         )
     images = extra.get("images")
     images = _images_to_uint8(images if images is not None else out.images)
-    fields: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("images", "seeds")}
+    fields: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("images", "seeds", SHARED_ROWS_KEY)}
+    for name in extra.get(SHARED_ROWS_KEY, ()):  # one row sent for the whole request: repeat it per sample
+        fields[name] = fields[name].expand(len(seeds), *fields[name].shape[1:]).clone()
     fields["latents"] = out.trajectory_latents
     fields["log_probs"] = out.trajectory_log_probs
     fields["timesteps"] = out.trajectory_timesteps
@@ -280,6 +302,8 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
 
 
 # ============================================================================ worker side (vllm-omni processes)
+_PROMPT_FIELDS = tuple(name for name in _PER_SAMPLE if "prompt_embeds" in name)
+
 def _slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
     kwargs: dict[str, Any] = {}
     for name in _PER_SAMPLE:
@@ -316,6 +340,11 @@ class VllmOmniRLPipeline(torch.nn.Module):
                 pipe.transformer, int(opts["lora_rank"]), float(opts.get("lora_alpha", 0.0)),
                 tuple(opts.get("lora_target_modules") or ()),
             )
+        flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
+        if flash is not None:
+            blocks = pipe.use_attention_function(flash)
+            logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
+                        blocks, getattr(flash, "__module__", flash))
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
@@ -381,11 +410,16 @@ class VllmOmniRLPipeline(torch.nn.Module):
         return outputs
 
     def _to_diffusion_output(self, part: RLBatchOutput, output_cls: Any) -> Any:
-        extra: dict[str, Any] = {"seeds": list(part.seeds)}
+        extra: dict[str, Any] = {"seeds": list(part.seeds), SHARED_ROWS_KEY: []}
         for name in _PER_SAMPLE + _SHARED:
             if name in ("images", "latents", "log_probs", "timesteps"):
                 continue
-            extra[name] = getattr(part, name)
+            value = getattr(part, name)
+            if name in _PROMPT_FIELDS and value is not None:
+                # rl_generate repeats one prompt's rows (repeat_rows): one row carries the whole request
+                value = value[:1].clone()
+                extra[SHARED_ROWS_KEY].append(name)
+            extra[name] = value
         images = part.images
         if self.od_config.model_class_name != MODEL_CLASS_NAME:
             # vllm-omni applies its model's post-process (VaeImageProcessor.postprocess) to ``output``:
@@ -461,6 +495,7 @@ __all__ = [
     "VllmOmniRLPipeline",
     "VllmOmniRLWorkerExtension",
     "request_output_to_batch",
+    "resolve_flash_attention",
     "PIPELINE_CLASS",
     "WORKER_EXTENSION_CLASS",
     "MODEL_CLASS_NAME",

@@ -1,0 +1,211 @@
+"""Where the time of one batched rollout call goes, in-process on one GPU (issue 9's profiling step).
+
+Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layers, random bf16 weights: the model
+``rollout_throughput.py`` builds) and times ``rl_generate`` with B=n for the ways the engines can run it:
+
+  eager_sdpa      diffusers as is (what the diffusers engine runs: path (d) of rollout_throughput)
+  eager_flash     + the fused attention processor with vllm-omni's flash kernel (FA3)
+  compiled_sdpa   vllm-omni's regional torch.compile of the transformer blocks (dynamic=True), stock attention
+  compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
+
+and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the denoising of the
+fastest variant (GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
+what diffusers computes (same seeds: relative L2 of the final latents, image difference).
+
+Run on the device (vllm-omni bundle installed):  python benchmarks/pipeline_breakdown.py --out $OUT/breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rollout_throughput import (  # noqa: E402
+    PROMPTS,
+    build_model,
+    log,
+    measured_bf16_peak_tflops,
+    transformer_flops_per_image,
+    versions,
+)
+
+
+def _sync():
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile_call(fn) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def dev_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    buckets = {"gemm": 0.0, "attention": 0.0, "conv": 0.0, "other": 0.0}
+    for e in events:
+        if e.device_type is not None and "CUDA" not in str(e.device_type) and dev_us(e) == 0:
+            continue
+        key = e.key.lower()
+        t = dev_us(e)
+        if key.startswith("aten::") or key.startswith("cuda") or key.startswith("torch") or key.startswith("fa3_fwd::"):
+            continue  # CPU-side op records: their device time is counted on the kernels they launch
+        if any(k in key for k in ("flash", "fmha", "attention", "fwd_kernel")):
+            buckets["attention"] += t
+        elif any(k in key for k in ("fprop", "conv", "implicit_gemm", "dgrad", "wgrad")):
+            buckets["conv"] += t
+        elif any(k in key for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")):
+            buckets["gemm"] += t
+        else:
+            buckets["other"] += t
+    kernels = [e for e in events if not e.key.startswith(("aten::", "cuda", "torch", "fa3_fwd::")) and dev_us(e) > 0]
+    top = sorted(kernels, key=dev_us, reverse=True)[:20]
+    table = [{"name": e.key[:100], "device_ms": dev_us(e) / 1e3, "calls": e.count} for e in top]
+    busy = sum(buckets.values()) / 1e6
+    return {"wall_seconds": wall, "device_busy_seconds": busy,
+            "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()}, "top_kernels": table}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-text-tokens", type=int, default=256)
+    ap.add_argument("--variants", default="eager_sdpa,eager_flash,compiled_sdpa,compiled_flash")
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+    ap.add_argument("--out", default="breakdown.json")
+    args = ap.parse_args()
+
+    import torch
+
+    from verl_omni.config.sampling import DiffusionSamplingParams
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
+    from vllm_omni.diffusion.compile import regionally_compile
+
+    peak = measured_bf16_peak_tflops()
+    log(f"device {torch.cuda.get_device_name(0)}; bf16 matmul peak {peak:.0f} TFLOP/s")
+    model_dir = build_model(args.model_dir, args.layers)
+    pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    tcfg = dict(pipe.transformer.config)
+    params = DiffusionSamplingParams(
+        num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.max_text_tokens,
+        noise_level=0.7, sde_type="sde", sde_window_size=0, return_trajectory=True,
+    )
+    prompt = PROMPTS[0]
+    seeds = list(range(args.n))
+    flash = resolve_flash_attention()
+    log(f"flash attention: {getattr(flash, '__module__', None)}")
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    def set_attention(kind: str) -> None:
+        if kind == "flash":
+            pipe.use_attention_function(flash)
+        else:
+            for block in pipe.transformer.transformer_blocks:
+                block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+
+    def set_compiled(on: bool) -> None:
+        for block in pipe.transformer.transformer_blocks:
+            block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
+        torch._dynamo.reset()
+        if on:
+            regionally_compile(pipe.transformer, dynamic=True)
+
+    call = lambda: pipe.rl_generate(prompt, seeds, params)  # noqa: E731
+    image_tokens = (args.size // 16) ** 2
+    flops = transformer_flops_per_image(tcfg, image_tokens, args.max_text_tokens, args.steps, 1)
+
+    # stages of one call (eager, stock): prompt encoding, VAE decode; denoising = the rest
+    enc = timed(lambda: pipe.encode_prompt_for_rl(prompt, args.max_text_tokens), 3)
+    lat = torch.randn(args.n, image_tokens, tcfg["in_channels"], device="cuda")
+    dec = timed(lambda: pipe.decode_latents(lat, args.size, args.size), 3)
+    stages = {"encode_prompt_s": statistics.median(enc), "vae_decode_s": statistics.median(dec)}
+    log(f"stages: encode {stages['encode_prompt_s'] * 1e3:.0f} ms, VAE decode B={args.n} {stages['vae_decode_s'] * 1e3:.0f} ms")
+
+    results, reference = {}, {}
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        compiled, attention = variant.split("_")
+        if attention == "flash" and flash is None:
+            log(f"{variant}: skipped (no flash attention)")
+            continue
+        set_attention(attention)
+        set_compiled(compiled == "compiled")
+        t0 = time.perf_counter()
+        out = call()
+        first = time.perf_counter() - t0
+        call()
+        times = timed(call, args.repeats)
+        med = statistics.median(times)
+        res = {"seconds_per_call": times, "median_s": med, "first_call_s": first, "img_per_s": args.n / med,
+               "mfu": flops * args.n / med / (peak * 1e12),
+               "denoise_s_estimate": med - stages["encode_prompt_s"] - stages["vae_decode_s"]}
+        res["transformer_mfu_denoise_only"] = flops * args.n / res["denoise_s_estimate"] / (peak * 1e12)
+        if not reference:
+            reference = {"latents": out.latents[:, -1].float(), "images": out.images.float(), "variant": variant}
+        else:
+            ref = reference["latents"]
+            res["vs_" + reference["variant"]] = {
+                "final_latents_rel_l2": float((out.latents[:, -1].float() - ref).norm() / ref.norm()),
+                "image_mean_abs_diff": float((out.images.float() - reference["images"]).abs().mean()),
+                "log_probs_finite": bool(torch.isfinite(out.log_probs).all()),
+            }
+        log(f"{variant}: {res['img_per_s']:.2f} img/s ({med:.3f} s per B={args.n} call, first {first:.1f} s), "
+            f"MFU {res['mfu'] * 100:.1f}% (denoise only {res['transformer_mfu_denoise_only'] * 100:.1f}%) "
+            f"{res.get('vs_' + reference['variant'], '')}")
+        results[variant] = res
+
+    best = max(results, key=lambda k: results[k]["img_per_s"])
+    compiled, attention = best.split("_")
+    set_attention(attention)
+    set_compiled(compiled == "compiled")
+    call()
+    prof = profile_call(call)
+    log(f"profile of {best}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
+        f"by kind (ms) { {k: round(v) for k, v in prof['device_ms_by_kind'].items()} }")
+    for row in prof["top_kernels"]:
+        log(f"    {row['device_ms']:8.1f} ms {row['calls']:6d}  {row['name']}")
+    report = {
+        "benchmark": "pipeline_breakdown", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": torch.cuda.get_device_name(0), "measured_bf16_peak_tflops": peak, "versions": versions(),
+        "config": {"layers": tcfg["num_layers"], "n": args.n, "steps": args.steps, "size": args.size,
+                   "text_tokens": args.max_text_tokens, "transformer_tflop_per_image": flops / 1e12},
+        "stages_eager": stages, "variants": results, "profile_variant": best, "profile": prof,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
