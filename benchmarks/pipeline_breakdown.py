@@ -6,10 +6,11 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   eager_sdpa      diffusers as is (what the diffusers engine runs: path (d) of rollout_throughput)
   eager_flash     + the fused attention processor with vllm-omni's flash kernel (FA3)
   compiled_sdpa   vllm-omni's regional torch.compile of the transformer blocks (dynamic=True), stock attention
-  compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
+  compiled_flash  both
+  compiled_fused  + the MLP's matmul + tanh-GELU as one cuBLASLt call (what the vllm-omni engine runs: path (b),
+                  without the engine's process hops); run it last: the swap is not undone
 
-and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the denoising of the
-fastest variant (GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
+and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant (GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
 what diffusers computes (same seeds: relative L2 of the final latents, image difference).
 
 Run on the device (vllm-omni bundle installed):  python benchmarks/pipeline_breakdown.py --out $OUT/breakdown.json
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-text-tokens", type=int, default=256)
-    ap.add_argument("--variants", default="eager_sdpa,eager_flash,compiled_sdpa,compiled_flash")
+    ap.add_argument("--variants", default="eager_sdpa,compiled_sdpa,compiled_flash,compiled_fused")
     ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
@@ -108,6 +109,7 @@ def main() -> None:
     import torch
 
     from verl_omni.config.sampling import DiffusionSamplingParams
+    from verl_omni.pipelines.fused_ops import fuse_tanh_gelu_projections, linear_gelu_tanh
     from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
     from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
     from vllm_omni.diffusion.compile import regionally_compile
@@ -129,8 +131,10 @@ def main() -> None:
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
     def set_attention(kind: str) -> None:
-        if kind == "flash":
+        if kind in ("flash", "fused"):
             pipe.use_attention_function(flash)
+            if kind == "fused":
+                log(f"fused GELU projections: {fuse_tanh_gelu_projections(pipe.transformer)}")
         else:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
@@ -146,6 +150,20 @@ def main() -> None:
     image_tokens = (args.size // 16) ** 2
     flops = transformer_flops_per_image(tcfg, image_tokens, args.max_text_tokens, args.steps, 1)
 
+    # the fused matmul + GELU against float64 references of both GELU forms (it must be the tanh one)
+    x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(12288, 3072, device="cuda", dtype=torch.bfloat16) / 3072**0.5
+    b = torch.randn(12288, device="cuda", dtype=torch.bfloat16)
+    pre = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    got = linear_gelu_tanh(x, w, b).double()
+    gelu_check = {form: float((got - torch.nn.functional.gelu(pre, approximate=form)).norm() /
+                              torch.nn.functional.gelu(pre, approximate=form).norm()) for form in ("tanh", "none")}
+    unfused = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh").double()
+    gelu_check["unfused_bf16_vs_tanh"] = float((unfused - torch.nn.functional.gelu(pre, approximate="tanh")).norm()
+                                               / torch.nn.functional.gelu(pre, approximate="tanh").norm())
+    log(f"fused linear+GELU rel err vs float64: {gelu_check}")
+    del x, w, b, pre, got, unfused
+
     # stages of one call (eager, stock): prompt encoding, VAE decode; denoising = the rest
     enc = timed(lambda: pipe.encode_prompt_for_rl(prompt, args.max_text_tokens), 3)
     lat = torch.randn(args.n, image_tokens, tcfg["in_channels"], device="cuda")
@@ -156,7 +174,7 @@ def main() -> None:
     results, reference = {}, {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         compiled, attention = variant.split("_")
-        if attention == "flash" and flash is None:
+        if attention in ("flash", "fused") and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
         set_attention(attention)
@@ -185,11 +203,7 @@ def main() -> None:
             f"{res.get('vs_' + reference['variant'], '')}")
         results[variant] = res
 
-    best = max(results, key=lambda k: results[k]["img_per_s"])
-    compiled, attention = best.split("_")
-    set_attention(attention)
-    set_compiled(compiled == "compiled")
-    call()
+    best = list(results)[-1]  # the last variant is still installed
     prof = profile_call(call)
     log(f"profile of {best}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
         f"by kind (ms) { {k: round(v) for k, v in prof['device_ms_by_kind'].items()} }")
@@ -200,7 +214,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0), "measured_bf16_peak_tflops": peak, "versions": versions(),
         "config": {"layers": tcfg["num_layers"], "n": args.n, "steps": args.steps, "size": args.size,
                    "text_tokens": args.max_text_tokens, "transformer_tflop_per_image": flops / 1e12},
-        "stages_eager": stages, "variants": results, "profile_variant": best, "profile": prof,
+        "stages_eager": stages, "fused_gelu_rel_err": gelu_check, "variants": results, "profile_variant": best, "profile": prof,
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -195,7 +195,14 @@ async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n,
             w = await warm(fns[kind], prompts, n)
             w2 = await warm(fns[kind], prompts, n)
             log(f"  ({label}) warm-up {w:.1f} s, {w2:.1f} s")
+            batch_sizes = getattr(engine, "take_batch_sizes", None)
+            if batch_sizes is not None:
+                await batch_sizes()  # drop the warm-up's
             res = await timed_repeats(fns[kind], prompts, n, repeats, seed_base=len(results) * 10000)
+            if batch_sizes is not None:  # how the engine grouped the timed requests into pipeline calls
+                sizes = await batch_sizes()
+                res["pipeline_call_batch_sizes"] = {str(k): sizes.count(k) for k in sorted(set(sizes))}
+                log(f"  ({label}) pipeline calls by batch size: {res['pipeline_call_batch_sizes']}")
             res.update(engine=name, kind=kind, warmup_seconds=[w, w2], engine_start_seconds=start_s,
                        max_num_seqs=config.max_num_seqs)
             log(f"  ({label}) {res['img_per_s']:.2f} img/s (median of {repeats}: {res['median_seconds']:.2f} s "

@@ -278,3 +278,29 @@ def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
     # a video-shaped input (3 frames) still takes the 3D path of the switched convs
     video = pipe.vae.decode(unpacked.repeat(1, 1, 3, 1, 1) * std + mean, return_dict=False)[0]
     assert video.shape[2] > 1 and torch.isfinite(video).all()
+
+
+def test_fused_gelu_projection_swaps_only_plain_tanh_gelu_layers(tiny_qwen_image_dir):
+    """fuse_tanh_gelu_projections (the vllm-omni engine's MLP kernel) swaps the MLPs' tanh-GELU layers for the fused
+    op, keeps every parameter name and value, skips LoRA-wrapped projections, and leaves the outputs unchanged."""
+    from verl_omni.pipelines.fused_ops import FusedTanhGELU, fuse_tanh_gelu_projections
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.workers.lora import add_lora_adapter
+
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    pipe.set_progress_bar_config(disable=True)
+    params = _params()
+    before = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    names = dict(pipe.transformer.state_dict())
+    layers = pipe.transformer.config.num_layers
+    assert fuse_tanh_gelu_projections(pipe.transformer) == 2 * layers  # img_mlp and txt_mlp of every block
+    assert type(pipe.transformer.transformer_blocks[0].img_mlp.net[0]) is FusedTanhGELU
+    after_names = dict(pipe.transformer.state_dict())
+    assert after_names.keys() == names.keys() and all(torch.equal(after_names[k], names[k]) for k in names)
+    after = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    assert torch.allclose(after.latents, before.latents, atol=1e-6) and torch.equal(after.images, before.images)
+    assert fuse_tanh_gelu_projections(pipe.transformer) == 0  # nothing left to swap
+
+    lora_pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    add_lora_adapter(lora_pipe.transformer, 4, 4.0, ("img_mlp.net.0.proj",))
+    assert fuse_tanh_gelu_projections(lora_pipe.transformer) == layers  # the LoRA-wrapped img_mlp layers stay

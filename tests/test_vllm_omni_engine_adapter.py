@@ -340,6 +340,9 @@ def test_engine_side_batch_is_merged_into_one_pipeline_call(fake_vllm_omni, tiny
     alone = real(PROMPT, [2, 3], PARAMS)
     assert torch.equal(outs[1].output, alone.images) and torch.equal(outs[1].trajectory_log_probs, alone.log_probs)
     assert isinstance(engine, VllmOmniEngine)
+    # the engine reports how the worker grouped samples into pipeline calls (the benchmark's path (c) reads it)
+    assert run(engine.take_batch_sizes()) == [4, 1]
+    assert run(engine.take_batch_sizes()) == []
 
 
 def test_startup_dummy_request_without_our_payload_is_served(fake_vllm_omni, tiny_qwen_image_dir):

@@ -23,6 +23,8 @@ How our RL pipeline runs inside vllm-omni 0.24.0 (read from its source, ``vllm_o
 - Attention: the pipeline's joint attention calls the flash kernel vllm-omni resolves for its own diffusion models
   (FA3 from ``fa3-fwd`` on Hopper) when there is no text padding mask, see :func:`resolve_flash_attention`;
   ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA`` (vllm-omni's own switch) keeps diffusers' SDPA.
+- MLP: the tanh-GELU projections run as one cuBLASLt matmul with a GELU epilogue (``pipelines/fused_ops.py``).
+  The diffusers engine keeps diffusers' stock modules: it is the baseline.
 - Output transfer: the prompt embeddings of one request are the same row repeated, so the worker sends one row
   and :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
 - ``model_class_name`` is set to :data:`MODEL_CLASS_NAME`, a name vllm-omni does not know, so it applies no
@@ -89,6 +91,13 @@ def resolve_flash_attention() -> Optional[Any]:
 def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _unwrap_list(result: Any) -> list:
+    """Like :func:`_unwrap` for an RPC whose value is itself a list: peel stage/rank lists down to it."""
+    while isinstance(result, (list, tuple)) and result and isinstance(result[0], (list, tuple)):
+        result = result[0]
+    return list(result or [])
 
 
 def _unwrap(result: Any) -> Any:
@@ -200,6 +209,10 @@ class VllmOmniEngine(DiffusionEngine):
         if self.config.lora_rank <= 0:
             return None
         return _unwrap(await self._omni.collective_rpc("verl_omni_lora_checksum"))
+
+    async def take_batch_sizes(self) -> list[int]:
+        """Samples per pipeline call since the last ask (shows how engine-side batching grouped requests)."""
+        return list(_unwrap_list(await self._omni.collective_rpc("verl_omni_take_batch_sizes")))
 
     async def memory_info(self) -> dict[str, float]:
         """GPU memory as the worker sees it (GiB): free / total / allocated by torch / reserved by torch."""
@@ -326,6 +339,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
     def __init__(self, *, od_config: Any, **_: Any):
         super().__init__()
         from verl_omni.pipelines import get_pipeline_class
+        from verl_omni.pipelines.fused_ops import fuse_tanh_gelu_projections
         from verl_omni.workers.lora import add_lora_adapter
 
         self.od_config = od_config
@@ -345,6 +359,10 @@ class VllmOmniRLPipeline(torch.nn.Module):
             blocks = pipe.use_attention_function(flash)
             logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
                         blocks, getattr(flash, "__module__", flash))
+        if torch.cuda.is_available():
+            fused = fuse_tanh_gelu_projections(pipe.transformer)
+            logger.info("verl_omni pipeline: %d MLP projections use the fused matmul + GELU epilogue", fused)
+        self.rl_batch_sizes: list[int] = []  # samples per rl_generate call (engine-side batching, stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
@@ -402,6 +420,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         for (prompt, _), members in groups.items():
             all_seeds = [s for _, seeds, _ in members for s in seeds]
             result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
+            self.rl_batch_sizes = (self.rl_batch_sizes + [len(all_seeds)])[-1024:]
             start = 0
             for index, seeds, _ in members:
                 part = _slice_batch(result, start, start + len(seeds))
@@ -469,6 +488,11 @@ class VllmOmniRLWorkerExtension:
 
     def verl_omni_lora_checksum(self) -> Optional[str]:
         return self.model_runner.pipeline.lora_checksum()
+
+    def verl_omni_take_batch_sizes(self) -> list[int]:
+        pipeline = self.model_runner.pipeline
+        sizes, pipeline.rl_batch_sizes = list(pipeline.rl_batch_sizes), []
+        return sizes
 
     def verl_omni_empty_cache(self) -> bool:
         gc.collect()
