@@ -40,7 +40,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 fi
 if [ "$what" = probe ]; then
   timeout "${PROBE_TIMEOUT_S:-400}" python3 benchmarks/pipeline_breakdown.py --layers "${BENCH_LAYERS:-20}" \
-    --steps "${BENCH_STEPS:-10}" --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash,compiled_fused}" \
+    --steps "${BENCH_STEPS:-10}" --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_sdpa,compiled_flash}" \
     --model-dir "${BENCH_MODEL_DIR:-/tmp/verl_omni_models}" --out "$OUT/breakdown.json" 2>&1 \
     | grep -v "truncated to max_sequence_length" | tee "$OUT/probe_log.txt"
   p=${PIPESTATUS[0]}; echo "probe exit code: $p" | tee -a "$OUT/probe_log.txt"; [ "$p" = 0 ] || rc=$p

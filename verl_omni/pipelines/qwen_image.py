@@ -52,6 +52,7 @@ def template_prefix_length(tokenizer, template: str) -> int:
 
 # (q, k, v) [B, S, H, D] -> [B, S, H, D] (or (out, lse)): a fused attention kernel without a mask, e.g. FA3.
 AttentionFn = Callable[..., torch.Tensor]
+FLASH_DTYPES = (torch.bfloat16, torch.float16)  # what flash kernels take
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ class QwenImageFusedAttnProcessor:
     """Qwen-Image's joint (text + image) attention as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` computes it,
     with two differences that only change speed: RoPE in real arithmetic (fusable by torch.compile) and, when there
     is no attention mask, ``attention_fn`` (an engine's fused kernel such as FA3) instead of SDPA. With a mask
-    (padded text) it uses diffusers' dispatcher as before."""
+    (padded text), float32 or a head dim the kernel lacks, it uses diffusers' dispatcher as before."""
 
     def __init__(self, attention_fn: AttentionFn):
         self.attention_fn = attention_fn
@@ -91,7 +92,7 @@ class QwenImageFusedAttnProcessor:
         query = torch.cat([txt_q, img_q], dim=1)  # order: [text, image], as diffusers
         key = torch.cat([txt_k, img_k], dim=1)
         value = torch.cat([txt_v, img_v], dim=1)
-        if attention_mask is None:
+        if attention_mask is None and query.dtype in FLASH_DTYPES and query.shape[-1] <= 256:
             out = self.attention_fn(query, key, value, causal=False, softmax_scale=query.shape[-1] ** -0.5)
             out = out[0] if isinstance(out, tuple) else out
         else:

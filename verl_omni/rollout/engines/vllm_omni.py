@@ -23,8 +23,7 @@ How our RL pipeline runs inside vllm-omni 0.24.0 (read from its source, ``vllm_o
 - Attention: the pipeline's joint attention calls the flash kernel vllm-omni resolves for its own diffusion models
   (FA3 from ``fa3-fwd`` on Hopper) when there is no text padding mask, see :func:`resolve_flash_attention`;
   ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA`` (vllm-omni's own switch) keeps diffusers' SDPA.
-- MLP: the tanh-GELU projections run as one cuBLASLt matmul with a GELU epilogue (``pipelines/fused_ops.py``).
-  The diffusers engine keeps diffusers' stock modules: it is the baseline.
+- The diffusers engine keeps diffusers' stock modules (SDPA, eager): it is the baseline.
 - Output transfer: the prompt embeddings of one request are the same row repeated, so the worker sends one row
   and :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
 - ``model_class_name`` is set to :data:`MODEL_CLASS_NAME`, a name vllm-omni does not know, so it applies no
@@ -36,6 +35,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -77,8 +77,6 @@ def _load_vllm_omni() -> tuple[Any, Any]:
 def resolve_flash_attention() -> Optional[Any]:
     """vllm-omni's flash-attention function for diffusion models (FA3 via fa3-fwd, else FA2), or None when it has
     none or the user chose SDPA with vllm-omni's ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA``."""
-    import os
-
     if os.environ.get("DIFFUSION_ATTENTION_BACKEND", "").upper() == "TORCH_SDPA" or not torch.cuda.is_available():
         return None
     try:
@@ -212,7 +210,7 @@ class VllmOmniEngine(DiffusionEngine):
 
     async def take_batch_sizes(self) -> list[int]:
         """Samples per pipeline call since the last ask (shows how engine-side batching grouped requests)."""
-        return list(_unwrap_list(await self._omni.collective_rpc("verl_omni_take_batch_sizes")))
+        return _unwrap_list(await self._omni.collective_rpc("verl_omni_take_batch_sizes"))
 
     async def memory_info(self) -> dict[str, float]:
         """GPU memory as the worker sees it (GiB): free / total / allocated by torch / reserved by torch."""
@@ -317,6 +315,7 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
 # ============================================================================ worker side (vllm-omni processes)
 _PROMPT_FIELDS = tuple(name for name in _PER_SAMPLE if "prompt_embeds" in name)
 
+
 def _slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
     kwargs: dict[str, Any] = {}
     for name in _PER_SAMPLE:
@@ -339,7 +338,6 @@ class VllmOmniRLPipeline(torch.nn.Module):
     def __init__(self, *, od_config: Any, **_: Any):
         super().__init__()
         from verl_omni.pipelines import get_pipeline_class
-        from verl_omni.pipelines.fused_ops import fuse_tanh_gelu_projections
         from verl_omni.workers.lora import add_lora_adapter
 
         self.od_config = od_config
@@ -359,9 +357,6 @@ class VllmOmniRLPipeline(torch.nn.Module):
             blocks = pipe.use_attention_function(flash)
             logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
                         blocks, getattr(flash, "__module__", flash))
-        if torch.cuda.is_available():
-            fused = fuse_tanh_gelu_projections(pipe.transformer)
-            logger.info("verl_omni pipeline: %d MLP projections use the fused matmul + GELU epilogue", fused)
         self.rl_batch_sizes: list[int] = []  # samples per rl_generate call (engine-side batching, stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
