@@ -91,13 +91,6 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _unwrap_list(result: Any) -> list:
-    """Like :func:`_unwrap` for an RPC whose value is itself a list: peel stage/rank lists down to it."""
-    while isinstance(result, (list, tuple)) and result and isinstance(result[0], (list, tuple)):
-        result = result[0]
-    return list(result or [])
-
-
 def _unwrap(result: Any) -> Any:
     """collective_rpc returns one entry per stage, each possibly a per-rank list: take stage 0, rank 0."""
     while isinstance(result, (list, tuple)) and result:
@@ -210,7 +203,7 @@ class VllmOmniEngine(DiffusionEngine):
 
     async def take_batch_sizes(self) -> list[int]:
         """Samples per pipeline call since the last ask (shows how engine-side batching grouped requests)."""
-        return _unwrap_list(await self._omni.collective_rpc("verl_omni_take_batch_sizes"))
+        return _unwrap(await self._omni.collective_rpc("verl_omni_take_batch_sizes"))["sizes"]
 
     async def memory_info(self) -> dict[str, float]:
         """GPU memory as the worker sees it (GiB): free / total / allocated by torch / reserved by torch."""
@@ -484,10 +477,10 @@ class VllmOmniRLWorkerExtension:
     def verl_omni_lora_checksum(self) -> Optional[str]:
         return self.model_runner.pipeline.lora_checksum()
 
-    def verl_omni_take_batch_sizes(self) -> list[int]:
+    def verl_omni_take_batch_sizes(self) -> dict[str, list[int]]:
         pipeline = self.model_runner.pipeline
         sizes, pipeline.rl_batch_sizes = list(pipeline.rl_batch_sizes), []
-        return sizes
+        return {"sizes": sizes}  # a dict, so _unwrap's peeling of stage/rank lists stops at it
 
     def verl_omni_empty_cache(self) -> bool:
         gc.collect()
