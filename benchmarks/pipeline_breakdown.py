@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rollout_throughput import (  # noqa: E402
     PROMPTS,
+    add_workload_args,
     build_model,
     log,
     measured_bf16_peak_tflops,
@@ -91,14 +92,8 @@ def profile_call(fn) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-text-tokens", type=int, default=256)
+    add_workload_args(ap)
     ap.add_argument("--variants", default="eager_sdpa,compiled_sdpa,compiled_flash")
-    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
 

@@ -313,19 +313,24 @@ async def main_async(args) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The model and workload flags both GPU benchmarks take (this one and pipeline_breakdown.py)."""
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-text-tokens", type=int, default=256)
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(ap)
+    ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--paths", default="a,b,c,d,e")
     ap.add_argument("--eager", action="store_true", help="vllm-omni enforce_eager (no torch.compile)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one diffusers B=n call (path d)")
-    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.prompts > len(PROMPTS):
