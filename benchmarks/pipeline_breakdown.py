@@ -99,6 +99,7 @@ def main() -> None:
 
     import torch
 
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
     from verl_omni.config.sampling import DiffusionSamplingParams
     from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
     from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
@@ -118,7 +119,6 @@ def main() -> None:
     seeds = list(range(args.n))
     flash = resolve_flash_attention()
     log(f"flash attention: {getattr(flash, '__module__', None)}")
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
     def set_attention(kind: str) -> None:
         if kind == "flash":
@@ -177,9 +177,9 @@ def main() -> None:
             f"{res.get('vs_' + reference['variant'], '')}")
         results[variant] = res
 
-    best = list(results)[-1]  # the last variant is still installed
+    last = list(results)[-1]  # the variant still installed
     prof = profile_call(call)
-    log(f"profile of {best}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
+    log(f"profile of {last}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
         f"by kind (ms) { {k: round(v) for k, v in prof['device_ms_by_kind'].items()} }")
     for row in prof["top_kernels"]:
         log(f"    {row['device_ms']:8.1f} ms {row['calls']:6d}  {row['name']}")
@@ -188,7 +188,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0), "measured_bf16_peak_tflops": peak, "versions": versions(),
         "config": {"layers": tcfg["num_layers"], "n": args.n, "steps": args.steps, "size": args.size,
                    "text_tokens": args.max_text_tokens, "transformer_tflop_per_image": flops / 1e12},
-        "stages_eager": stages, "variants": results, "profile_variant": best, "profile": prof,
+        "stages_eager": stages, "variants": results, "profile_variant": last, "profile": prof,
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
