@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import QwenImagePipeline
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -137,9 +138,8 @@ class QwenImageRLPipeline(QwenImagePipeline):
     def use_attention_function(self, attention_fn: AttentionFn) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel). Returns the number of blocks changed."""
-        blocks = [m for m in self.transformer.modules() if hasattr(m, "processor")
-                  and (isinstance(m.processor, QwenImageFusedAttnProcessor)
-                       or type(m.processor).__name__ == "QwenDoubleStreamAttnProcessor2_0")]
+        blocks = [m for m in self.transformer.modules() if isinstance(
+            getattr(m, "processor", None), (QwenDoubleStreamAttnProcessor2_0, QwenImageFusedAttnProcessor))]
         for module in blocks:
             module.set_processor(QwenImageFusedAttnProcessor(attention_fn))
         return len(blocks)

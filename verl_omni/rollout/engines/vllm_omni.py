@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import uuid
+from collections import deque
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -350,7 +351,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
             blocks = pipe.use_attention_function(flash)
             logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
                         blocks, getattr(flash, "__module__", flash))
-        self.rl_batch_sizes: list[int] = []  # samples per rl_generate call (engine-side batching, stats)
+        self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
@@ -408,7 +409,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         for (prompt, _), members in groups.items():
             all_seeds = [s for _, seeds, _ in members for s in seeds]
             result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
-            self.rl_batch_sizes = (self.rl_batch_sizes + [len(all_seeds)])[-1024:]
+            self.rl_batch_sizes.append(len(all_seeds))
             start = 0
             for index, seeds, _ in members:
                 part = _slice_batch(result, start, start + len(seeds))
@@ -479,7 +480,8 @@ class VllmOmniRLWorkerExtension:
 
     def verl_omni_take_batch_sizes(self) -> dict[str, list[int]]:
         pipeline = self.model_runner.pipeline
-        sizes, pipeline.rl_batch_sizes = list(pipeline.rl_batch_sizes), []
+        sizes = list(pipeline.rl_batch_sizes)
+        pipeline.rl_batch_sizes.clear()
         return {"sizes": sizes}  # a dict, so _unwrap's peeling of stage/rank lists stops at it
 
     def verl_omni_empty_cache(self) -> bool:
