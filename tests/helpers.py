@@ -8,7 +8,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from verl import DataProto
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "flowgrpo_trainer.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "verl_omni", "trainer", "config", "flowgrpo_trainer.yaml")
 
 
 def make_config(overrides: dict | None = None):
@@ -44,3 +44,30 @@ def trainer_config(data_files: tuple[str, str], model_dir: str, out_dir, **extra
         "trainer.default_local_dir": str(out_dir),
         **extra,
     })
+
+
+def model_config(model_dir: str, **overrides):
+    """``actor_rollout_ref.model`` for a pipeline dir (a LoRA of rank 4 unless overridden)."""
+    from verl_omni.config.model import ModelConfig
+
+    return ModelConfig(**{"path": model_dir, "lora_rank": 4, "lora_alpha": 8.0, **overrides})
+
+
+def rollout_config(**overrides):
+    """``actor_rollout_ref.rollout`` with overrides given as nested dicts (e.g. ``limits={...}``)."""
+    from verl_omni.config.base import build
+    from verl_omni.config.rollout import RolloutConfig
+
+    return build(RolloutConfig, overrides)
+
+
+def start_servers(loop, cfg):
+    """Launch the replicas of a (Hydra) config the way the trainer does; returns (parsed config, manager, client)."""
+    from verl_omni.agent_loop.diffusion_agent_loop import DiffusionServerClient
+    from verl_omni.config.trainer import FlowGRPOConfig
+    from verl_omni.rollout.server_manager import DiffusionServerManager
+
+    parsed = FlowGRPOConfig.from_omega(cfg)
+    ref = parsed.actor_rollout_ref
+    manager = loop.run_until_complete(DiffusionServerManager(ref.rollout, ref.model, parsed.num_replicas).start())
+    return parsed, manager, DiffusionServerClient(config=parsed, load_balancer_handle=manager.load_balancer)

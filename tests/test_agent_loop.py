@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_config, prompt_batch
+from helpers import make_config, prompt_batch, start_servers
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
-from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.config.trainer import FlowGRPOConfig
 
 PROMPTS = ['a sign that says "one"', 'a mug that says "two"', 'a cake that says "three"', 'a flag that says "four"']
 N = 4
@@ -29,11 +29,12 @@ def _cfg(model_dir, **extra):
 @pytest.fixture(scope="module")
 def rig(ray_session, tiny_qwen_image_dir):
     loop = asyncio.new_event_loop()
-    servers = loop.run_until_complete(DiffusionServerManager(_cfg(tiny_qwen_image_dir)).start())
+    _, servers, client = start_servers(loop, _cfg(tiny_qwen_image_dir))
     managers = {
         flag: DiffusionAgentLoopManager.create(
-            _cfg(tiny_qwen_image_dir, **{"actor_rollout_ref.rollout.enable_batched_diffusion": flag}),
-            servers.get_client())
+            FlowGRPOConfig.from_omega(
+                _cfg(tiny_qwen_image_dir, **{"actor_rollout_ref.rollout.enable_batched_diffusion": flag})),
+            client)
         for flag in (True, False)
     }
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from verl_omni.trainer.flowgrpo import assert_finite, compute_group_advantages, flowgrpo_kl, flowgrpo_policy_loss
+from verl_omni.algorithms.flowgrpo import compute_group_advantages, flowgrpo_kl, flowgrpo_policy_loss
+from verl_omni.core.errors import assert_finite
 
 # Groups are interleaved on purpose: grouping must follow the ids, not positions.
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 2.0, 0.0, 3.0, 6.0, 5.0])

@@ -5,6 +5,7 @@ metrics and the same optimizer state as the single-process one.
 """
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ import torch
 
 from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.engines.base import tensors_checksum
-from verl_omni.rollout.outputs import unpack_batch
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.outputs import unpack_batch
 from verl_omni.trainer.checkpoint import load_checkpoint, save_checkpoint
-from verl_omni.trainer.flowgrpo import NonFiniteError
-from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
+from verl_omni.core.errors import NonFiniteError
+from helpers import model_config, rollout_config
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
 PROMPTS = ["a red cat", "a blue house on a hill"]  # different lengths: padded prompt embeddings
@@ -64,14 +67,15 @@ def _compare_metrics(single: dict, group: dict, label: str) -> None:
 def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_rl_pipe, tiny_qwen_image_dir, tmp_path):
     start = time.perf_counter()
     # kl_coef > 0: the reference forward (adapter disabled) runs too; two epochs: the second one clips.
-    config = ActorConfig(model_path=tiny_qwen_image_dir, lora_rank=4, lora_alpha=8, lr=1e-2, clip_ratio=1e-4,
-                         kl_coef=0.1, micro_batch_size=2, ppo_epochs=2)
-    group = FSDPLoRAActorGroup(config, world_size=2)
+    model, rollout = model_config(tiny_qwen_image_dir), rollout_config()
+    actor = ActorConfig(optim=OptimConfig(lr=1e-2), clip_ratio=1e-4, kl_coef=0.1, ppo_micro_batch_size_per_gpu=2,
+                        ppo_epochs=2)
+    group = FSDPLoRAActorGroup(model, replace(actor, world_size=2), rollout)
     try:
         (held0, full), (held1, full1) = group.shard_sizes()  # FSDP: each rank holds half the transformer
         print(f"transformer elements per rank: {held0} + {held1} of {full}")
         assert full == full1 and held0 + held1 == full and max(held0, held1) < 0.55 * full
-        single = DiffusionLoRAActor(config)
+        single = DiffusionLoRAActor(model, actor, rollout)
         gen = torch.Generator().manual_seed(0)
         init = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in single.lora_state_dict().items()}
         single.load_lora_state_dict(init)

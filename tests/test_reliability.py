@@ -13,13 +13,12 @@ import pytest
 import ray
 import torch
 
-from helpers import make_config, trainer_config
-from verl_omni.rollout.server_manager import DiffusionServerManager
+from helpers import make_config, start_servers, trainer_config
 from verl_omni.trainer.checkpoint import LATEST, find_latest_checkpoint, save_checkpoint
 from verl_omni.trainer.data import PromptDataset
-from verl_omni.trainer.flowgrpo import NonFiniteError
+from verl_omni.core.errors import NonFiniteError
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
-from verl_omni.workers.lora import add_lora_adapter
+from verl_omni.models.lora import LoRASpec, add_lora_adapter
 
 
 
@@ -105,7 +104,7 @@ def test_four_replicas_on_one_host_get_distinct_ports_even_when_one_is_taken(ray
                        "actor_rollout_ref.rollout.num_replicas": 4,
                        "actor_rollout_ref.rollout.server_port_base": base})
     loop = asyncio.new_event_loop()
-    manager = loop.run_until_complete(DiffusionServerManager(cfg).start())
+    _, manager, _ = start_servers(loop, cfg)
     try:
         ports = [int(a.rsplit(":", 1)[1]) for a in manager.addresses]
         assert len(set(ports)) == 4 and base not in ports
@@ -136,7 +135,7 @@ def test_lora_targets_that_match_nothing_are_named(qwen_image_rl_pipe):
 
     transformer = copy.deepcopy(qwen_image_rl_pipe.transformer)
     with pytest.raises(ValueError, match=r"target_modules \['to_qkv_typo'\] match no module"):
-        add_lora_adapter(transformer, 4, 8, ["to_q", "to_qkv_typo"])
+        add_lora_adapter(transformer, LoRASpec(4, 8.0, ("to_q", "to_qkv_typo")))
 
 
 def _write(tmp_path, frame):

@@ -12,8 +12,10 @@ import pytest
 import ray
 import torch
 
-from verl_omni.rollout.engines.base import EngineConfig, tensors_checksum
+from helpers import model_config, rollout_config
+from verl_omni.core.checksum import tensors_checksum
 from verl_omni.rollout.ports import reserve_socket
+from verl_omni.rollout.request import ModelLimits
 from verl_omni.rollout.server import DiffusionHttpServer
 
 PROMPT = 'a shop sign that says "open"'
@@ -22,8 +24,10 @@ SP = {"num_inference_steps": 4, "height": 64, "width": 64}
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_qwen_image_dir):
+    limits = {"max_num_outputs_per_prompt": 8, "max_pixels": 128 * 128, "max_inference_steps": 20,
+              "max_prompt_chars": 200}
     actor = ray.remote(DiffusionHttpServer).options(num_cpus=0).remote(
-        "diffusers", EngineConfig(model_path=tiny_qwen_image_dir, lora_rank=4, lora_alpha=8), 0)
+        model_config(tiny_qwen_image_dir), rollout_config(limits=limits), 0)
     ray.get(actor.launch_server.remote())
     yield actor
     ray.kill(actor)
@@ -58,7 +62,8 @@ def test_generate_is_generate_batched_with_one_output(server):
 @pytest.mark.parametrize(
     "n, seeds, match",
     [
-        (0, [], "num_outputs_per_prompt=0 must be >= 1"),
+        (0, [], r"num_outputs_per_prompt=0 must be in \[1, 8\]"),
+        (9, list(range(9)), r"num_outputs_per_prompt=9 must be in \[1, 8\] \(actor_rollout_ref.rollout.limits"),
         (2.0, [1, 2], "num_outputs_per_prompt must be an int"),
         (True, [1], "num_outputs_per_prompt must be an int"),
         (3, [1, 2], "seeds must be a list of 3"),
@@ -70,6 +75,30 @@ def test_bad_requests_fail_before_the_engine_runs(server, n, seeds, match):
     with pytest.raises(ValueError, match=match):
         ray.get(server.generate_batched.remote("bad", PROMPT, n, seeds, SP))
     assert ray.get(server.get_stats.remote())["engine_calls"] == 0
+
+
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        (PROMPT, {**SP, "height": 256, "width": 128}, r"256 x 128 = 32768 pixels; the limit is 16384 "
+                                                      r"\(actor_rollout_ref.rollout.limits.max_pixels\)"),
+        (PROMPT, {**SP, "num_inference_steps": 21}, r"num_inference_steps=21; the limit is 20"),
+        ("x" * 201, SP, r"prompt has 201 characters; the limit is 200"),
+        ("   ", SP, "prompt is empty"),
+        (PROMPT, {**SP, "max_sequence_length": 2000}, r"max_sequence_length=2000 must be <= 1024"),
+    ],
+)
+def test_requests_over_the_limits_are_refused_naming_the_limit(server, prompt, params, match):
+    ray.get(server.reset_stats.remote())
+    with pytest.raises(ValueError, match=match):
+        ray.get(server.generate_batched.remote("big", prompt, 1, [1], params))
+    assert ray.get(server.get_stats.remote())["engine_calls"] == 0
+
+
+def test_a_request_exactly_at_the_limits_is_served(server):
+    at_limit = {**SP, "height": 128, "width": 128, "num_inference_steps": 2}  # 16384 pixels, the limit
+    outs = ray.get(server.generate_batched.remote("edge", "y" * 200, 8, list(range(8)), at_limit))
+    assert len(outs) == 8 and outs[0]["image"].shape == (128, 128, 3)
 
 
 def test_unknown_or_invalid_sampling_params_are_rejected(server):
@@ -101,7 +130,7 @@ def test_http_health_generate_and_unknown_keys(server):
 def test_lora_update_changes_images_and_survives_sleep_wake(server):
     base = ray.get(server.generate.remote("l0", PROMPT, 5, SP))
     lora_keys = ray.get(server.__ray_call__.remote(lambda self: sorted(
-        __import__("verl_omni.workers.lora", fromlist=["x"]).get_lora_state_dict(self.engine.pipe.transformer).items(),
+        __import__("verl_omni.models.lora", fromlist=["x"]).get_lora_state_dict(self.engine.pipe.transformer).items(),
         key=lambda kv: kv[0])))
     gen = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in lora_keys}
@@ -169,7 +198,7 @@ class _RecordingEngine:
 def _bare_server(engine) -> DiffusionHttpServer:
     srv = DiffusionHttpServer.__new__(DiffusionHttpServer)
     srv.replica_rank, srv.engine, srv.host, srv._port = 3, engine, "127.0.0.1", None
-    srv.engine_config = EngineConfig(model_path="unused")
+    srv.rollout, srv.model_limits = rollout_config(), ModelLimits(vae_scale_factor=8, max_sequence_length=1024)
     srv._inflight, srv._uvicorn = {}, None
     srv.reset_stats()
     return srv
@@ -210,3 +239,21 @@ def test_launch_server_raises_when_uvicorn_never_starts(monkeypatch):
     with pytest.raises(RuntimeError, match=r"replica 3: HTTP server on 127\.0\.0\.1:\d+ did not start"):
         asyncio.run(srv.launch_server())
     srv._socket.close()
+
+
+def test_a_timed_out_request_is_stopped_in_the_engine_and_the_next_one_is_served(ray_session, tiny_qwen_image_dir):
+    actor = ray.remote(DiffusionHttpServer).options(num_cpus=0).remote(
+        model_config(tiny_qwen_image_dir), rollout_config(request_timeout_s=1.0), 0)
+    try:
+        ray.get(actor.launch_server.remote())
+        slow = {"num_inference_steps": 100, "height": 128, "width": 128}  # tens of seconds on 2 cores
+        with pytest.raises(TimeoutError, match="request_timeout_s=1.0"):
+            ray.get(actor.generate_batched.remote("slow", PROMPT, 16, list(range(16)), slow))
+        stats = ray.get(actor.get_stats.remote())
+        assert stats["inflight"] == 0 and stats["engine_calls"] == 0  # the slow call ended, unfinished
+        quick = ray.get(actor.generate_batched.remote("quick", PROMPT, 1, [1], {**SP, "num_inference_steps": 2}))
+        assert len(quick) == 1
+        # The engine-side work really stopped: the pipeline lock is free again (a new call did not wait).
+        assert ray.get(actor.__ray_call__.remote(lambda self: self.engine._lock.locked())) is False
+    finally:
+        ray.kill(actor)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import make_config, trainer_config
-from verl_omni.rollout.engines.base import tensors_checksum
+from verl_omni.core.checksum import tensors_checksum
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 

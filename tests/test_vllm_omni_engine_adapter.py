@@ -25,8 +25,9 @@ from typing import Any, Optional
 import pytest
 import torch
 
+from helpers import model_config, rollout_config
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.engines.base import EngineConfig, tensors_checksum
+from verl_omni.core.checksum import tensors_checksum
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "verl_omni"
 PROMPT = "a red bicycle"
@@ -179,11 +180,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def make_engine(model_dir, **kw):
-    from verl_omni.rollout.engines.base import get_engine_class
+def make_engine(model_dir, lora: Optional[dict] = None, **rollout):
+    """The vllm_omni engine on the test double: no LoRA unless ``lora`` gives the model's LoRA keys."""
+    from verl_omni.rollout.engines import get_engine_class
 
-    config = EngineConfig(model_path=model_dir, dtype="float32", **kw)
-    return get_engine_class("vllm_omni")(config)
+    model = model_config(model_dir, **(lora or {"lora_rank": 0}))
+    return get_engine_class("vllm_omni")(model, rollout_config(dtype="float32", **rollout))
+
+
+def diffusers_engine(model_dir):
+    from verl_omni.rollout.engines import get_engine_class
+
+    return get_engine_class("diffusers")(model_config(model_dir, lora_rank=0), rollout_config(dtype="float32"))
 
 
 # ----------------------------------------------------------------------------------------- import hygiene
@@ -192,11 +200,12 @@ def test_import_verl_omni_and_registry_work_without_vllm_omni():
         "import sys\n"
         "sys.modules['vllm_omni'] = None  # any import of vllm_omni now raises ImportError\n"
         "import verl_omni\n"
-        "from verl_omni.rollout.engines.base import get_engine_class, EngineConfig\n"
+        "from verl_omni.rollout.engines import get_engine_class\n"
+        "from verl_omni.config import ModelConfig, RolloutConfig\n"
         "cls = get_engine_class('vllm_omni')\n"
         "assert cls.__name__ == 'VllmOmniEngine', cls\n"
         "try:\n"
-        "    cls(EngineConfig(model_path='/nonexistent'))\n"
+        "    cls(ModelConfig(path='/nonexistent'), RolloutConfig(name='vllm_omni'))\n"
         "except ImportError as e:\n"
         "    assert 'vllm-omni' in str(e), e\n"
         "else:\n"
@@ -223,37 +232,39 @@ def _vllm_omni_imports(path: pathlib.Path) -> list[tuple[int, bool]]:
     return found
 
 
-def test_only_the_engine_module_imports_vllm_omni_and_only_lazily():
-    engine_module = PKG / "rollout" / "engines" / "vllm_omni.py"
-    offenders = {}
+def test_only_the_engine_package_imports_vllm_omni_and_only_lazily():
+    engine_package = PKG / "rollout" / "engines" / "vllm_omni"
+    offenders, inside = {}, {}
     for path in PKG.rglob("*.py"):
         hits = _vllm_omni_imports(path)
-        if path == engine_module:
-            assert hits, "the engine module should import vllm_omni (lazily)"
+        if engine_package in path.parents:
+            inside[path.name] = hits
             assert not [line for line, top in hits if top], f"module-level vllm_omni import in {path}"
         elif hits:
             offenders[str(path.relative_to(PKG.parent))] = [line for line, _ in hits]
-    assert not offenders, f"only rollout/engines/vllm_omni.py may import vllm_omni: {offenders}"
+    assert not offenders, f"only rollout/engines/vllm_omni/ may import vllm_omni: {offenders}"
+    assert inside["engine.py"] and inside["worker.py"], "the server side and the worker side import it (lazily)"
+    assert not inside["wire.py"], "the wire format needs no vllm_omni"
     # Also no importlib / __import__ tricks with the name elsewhere.
     for path in PKG.rglob("*.py"):
-        if path != engine_module:
+        if engine_package not in path.parents:
             text = path.read_text()
             assert 'import_module("vllm_omni' not in text and "__import__('vllm_omni" not in text, path
 
 
 # ----------------------------------------------------------------------------------------- construction
 def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
-    from verl_omni.rollout.engines import vllm_omni as mod
+    from verl_omni.rollout.engines.vllm_omni import wire as mod
 
-    make_engine(tiny_qwen_image_dir, max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.5,
-                lora_rank=4, lora_alpha=8.0, lora_target_modules=("to_q", "to_v"))
+    make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0, "target_modules": ["to_q", "to_v"]},
+                max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.5)
     (omni,) = FakeAsyncOmni.instances
     kw = omni.kwargs
     assert omni.model == tiny_qwen_image_dir
     assert kw["custom_pipeline_args"]["pipeline_class"] == mod.PIPELINE_CLASS == \
-        "verl_omni.rollout.engines.vllm_omni.VllmOmniRLPipeline"
+        "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLPipeline"
     assert kw["custom_pipeline_args"]["verl_omni"] == {
-        "pipeline": "qwen_image", "lora_rank": 4, "lora_alpha": 8.0, "lora_target_modules": ["to_q", "to_v"]}
+        "pipeline": "qwen_image", "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]}}
     assert kw["worker_extension_cls"] == mod.WORKER_EXTENSION_CLASS
     assert kw["model_class_name"] == mod.MODEL_CLASS_NAME
     assert (kw["max_num_seqs"], kw["enforce_eager"], kw["gpu_memory_utilization"]) == (8, True, 0.5)
@@ -264,8 +275,6 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
 
 # ----------------------------------------------------------------------------------------- generate
 def test_generate_is_one_request_of_batch_n_and_matches_diffusers(fake_vllm_omni, tiny_qwen_image_dir):
-    from verl_omni.rollout.engines.base import get_engine_class
-
     engine = make_engine(tiny_qwen_image_dir)
     (omni,) = FakeAsyncOmni.instances
     seeds = [3, 5, 7]
@@ -289,7 +298,7 @@ def test_generate_is_one_request_of_batch_n_and_matches_diffusers(fake_vllm_omni
     assert out.timesteps.shape == (T,) and out.sigmas.shape == (T + 1,) and out.window_mask.shape == (T,)
     assert out.prompt_embeds.shape[0] == 3 and torch.isfinite(out.log_probs).all()
 
-    reference = get_engine_class("diffusers")(EngineConfig(model_path=tiny_qwen_image_dir, dtype="float32"))
+    reference = diffusers_engine(tiny_qwen_image_dir)
     ref = run(reference.generate(PROMPT, seeds, PARAMS))
     for name in ("images", "latents", "log_probs", "timesteps", "sigmas", "window_mask", "prompt_embeds"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
@@ -304,20 +313,9 @@ def test_cfg_params_are_forwarded(fake_vllm_omni, tiny_qwen_image_dir):
     assert out.negative_prompt_embeds is not None and out.negative_prompt_embeds.shape[0] == 2
 
 
-def test_bad_input_rejected_before_the_engine_is_touched(fake_vllm_omni, tiny_qwen_image_dir):
-    engine = make_engine(tiny_qwen_image_dir)
-    omni = FakeAsyncOmni.instances[0]
-    for seeds in ([], [1.5], [True], "12"):
-        with pytest.raises(ValueError):
-            run(engine.generate(PROMPT, seeds, PARAMS))
-    with pytest.raises(ValueError, match="height"):
-        run(engine.generate(PROMPT, [1], PARAMS.replace(height=40)))  # not a multiple of 16
-    assert not [c for c in omni.calls if c[0] == "generate"]
-
-
 def test_engine_side_batch_is_merged_into_one_pipeline_call(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
     """max_num_seqs > 1: the worker gets several requests in one forward; same prompt+params -> one rl_generate."""
-    from verl_omni.rollout.engines.vllm_omni import VllmOmniEngine
+    from verl_omni.rollout.engines.vllm_omni.engine import VllmOmniEngine
 
     engine = make_engine(tiny_qwen_image_dir, max_num_seqs=4)
     pipeline = FakeAsyncOmni.instances[0].worker.model_runner.pipeline
@@ -357,9 +355,9 @@ def test_startup_dummy_request_without_our_payload_is_served(fake_vllm_omni, tin
 
 # ----------------------------------------------------------------------------------------- LoRA
 def test_update_lora_from_memory_tensors(fake_vllm_omni, tiny_qwen_image_dir):
-    from verl_omni.workers.lora import get_lora_state_dict
+    from verl_omni.models.lora import get_lora_state_dict
 
-    engine = make_engine(tiny_qwen_image_dir, lora_rank=4, lora_alpha=4.0)
+    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 4.0})
     omni = FakeAsyncOmni.instances[0]
     base = run(engine.generate(PROMPT, [1, 2], PARAMS))
     names = get_lora_state_dict(omni.worker.model_runner.pipeline.transformer)
@@ -375,14 +373,27 @@ def test_update_lora_from_memory_tensors(fake_vllm_omni, tiny_qwen_image_dir):
         run(engine.update_lora({"not.a.lora.weight": torch.zeros(1)}))
 
 
-def test_lora_checksum_mismatch_is_an_error(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
-    engine = make_engine(tiny_qwen_image_dir, lora_rank=4, lora_alpha=4.0)
+def test_a_replica_serving_another_adapter_stops_the_sync(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
+    from verl_omni.rollout.weight_sync import LoRASyncError, push_lora
+
+    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 4.0})
     worker = FakeAsyncOmni.instances[0].worker
-    tensors = worker.model_runner.pipeline.pipe.transformer.state_dict()
-    tensors = {k: v for k, v in tensors.items() if "lora" in k}
+    tensors = get_lora(worker)
+
+    class Replicas:  # the two verbs of DiffusionServerManager that push_lora uses: two replicas, one engine
+        async def update_lora(self, sent):
+            return [await engine.update_lora(sent), await engine.update_lora(sent)]
+
+    assert run(push_lora(Replicas(), tensors, "float32")) == tensors_checksum(tensors)
     monkeypatch.setattr(type(worker), "verl_omni_update_lora", lambda self, t: "deadbeef")
-    with pytest.raises(RuntimeError, match="LoRA sync failed"):
-        run(engine.update_lora({k.replace(".default", ""): v for k, v in tensors.items()}))
+    with pytest.raises(LoRASyncError, match=r"LoRA sync failed: replicas \[0, 1\]"):
+        run(push_lora(Replicas(), tensors, "float32"))
+
+
+def get_lora(worker):
+    from verl_omni.models.lora import get_lora_state_dict
+
+    return get_lora_state_dict(worker.model_runner.pipeline.transformer)
 
 
 def test_update_lora_needs_lora_rank(fake_vllm_omni, tiny_qwen_image_dir):
@@ -394,7 +405,7 @@ def test_update_lora_needs_lora_rank(fake_vllm_omni, tiny_qwen_image_dir):
 
 # ----------------------------------------------------------------------------------------- lifecycle
 def test_sleep_then_wake_empties_cache_first(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch):
-    from verl_omni.rollout.engines import vllm_omni as mod
+    from verl_omni.rollout.engines.vllm_omni import engine as mod
 
     monkeypatch.setattr(mod, "_empty_cuda_cache", lambda: FakeAsyncOmni.events.append("local_empty_cache"))
     engine = make_engine(tiny_qwen_image_dir)
@@ -403,8 +414,7 @@ def test_sleep_then_wake_empties_cache_first(fake_vllm_omni, tiny_qwen_image_dir
         run(engine.generate(PROMPT, [1], PARAMS))
     run(engine.wake_up())
     # local cache emptied, then the worker's (its RPC empties its own cache), then wake_up
-    assert FakeAsyncOmni.events == ["sleep:1", "local_empty_cache", "rpc:verl_omni_empty_cache", "local_empty_cache",
-                                    "wake_up"]
+    assert FakeAsyncOmni.events == ["sleep:1", "local_empty_cache", "rpc:verl_omni_empty_cache", "wake_up"]
     assert run(engine.generate(PROMPT, [1], PARAMS)).batch_size == 1
     with pytest.raises(ValueError, match="level"):
         run(engine.sleep(level=2))  # vllm-omni 0.24 cannot wake from level 2
@@ -436,7 +446,7 @@ def test_abort_and_shutdown(fake_vllm_omni, tiny_qwen_image_dir):
 
 # ----------------------------------------------------------------------------------------- output assembly
 def _fake_output(batch, images_as="tensor"):
-    from verl_omni.rollout.engines.vllm_omni import EXTRA_KEY
+    from verl_omni.rollout.engines.vllm_omni.wire import EXTRA_KEY
 
     extra = {k: getattr(batch, k) for k in ("window_mask", "sigmas", "prompt_embeds", "prompt_embeds_mask",
                                             "negative_prompt_embeds", "negative_prompt_embeds_mask",
@@ -453,7 +463,7 @@ def _fake_output(batch, images_as="tensor"):
 
 @pytest.mark.parametrize("images_as", ["tensor", "pil"])
 def test_request_output_to_batch_assembles_every_field(qwen_image_rl_pipe, images_as):
-    from verl_omni.rollout.engines.vllm_omni import request_output_to_batch
+    from verl_omni.rollout.engines.vllm_omni.wire import request_output_to_batch
 
     ref = qwen_image_rl_pipe.rl_generate(PROMPT, [4, 6], PARAMS)
     out = request_output_to_batch(_fake_output(ref, images_as), [4, 6])
@@ -463,7 +473,7 @@ def test_request_output_to_batch_assembles_every_field(qwen_image_rl_pipe, image
 
 
 def test_request_output_to_batch_rejects_wrong_payloads(qwen_image_rl_pipe):
-    from verl_omni.rollout.engines.vllm_omni import request_output_to_batch
+    from verl_omni.rollout.engines.vllm_omni.wire import request_output_to_batch
 
     ref = qwen_image_rl_pipe.rl_generate(PROMPT, [4, 6], PARAMS)
     good = _fake_output(ref)

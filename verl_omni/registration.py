@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-AGENT_LOOP_NAME = "diffusion_single_turn"
-
-
 def _load_vllm_omni_replica():
     from verl_omni.rollout.replica import VllmOmniReplica
 

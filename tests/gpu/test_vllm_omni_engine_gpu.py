@@ -130,7 +130,7 @@ def test_sleep_frees_memory_and_wake_restores(engine, run):
 
 
 def test_lora_update_changes_images_and_matches_diffusers(engine, run, gpu_qwen_image_dir):
-    from verl_omni.workers.lora import get_lora_state_dict
+    from verl_omni.models.lora import get_lora_state_dict
 
     reference = get_engine_class("diffusers")(_config(gpu_qwen_image_dir))
     try:

@@ -32,13 +32,13 @@ from verl.experimental.agent_loop.agent_loop import (
 )
 from verl.workers.rollout.llm_server import LLMServerClient
 
-from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups, prompt_text
-from verl_omni.config.rollout import DiffusionRolloutConfig
-from verl_omni.registration import AGENT_LOOP_NAME
-from verl_omni.rollout.engines.base import get_engine_class
-from verl_omni.rollout.outputs import DiffusionSample
+from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups
+from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.errors import NonFiniteError
+from verl_omni.core.names import AGENT_LOOP_NAME
+from verl_omni.core.outputs import DiffusionSample
+from verl_omni.core.prompts import prompt_text
 from verl_omni.schedulers.flow_match_sde import choose_window
-from verl_omni.trainer.flowgrpo import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +119,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
 
     def __init__(self, config, llm_client: DiffusionServerClient, teacher_client=None, reward_loop_worker_handles=None):
         # verl's worker loads a tokenizer, tools and traces for text turns; none apply here.
-        self.config = config
+        self.config = config  # the run's FlowGRPOConfig (parsed once by the trainer)
         self.llm_client = llm_client
-        self.rollout = DiffusionRolloutConfig.from_omega(config.actor_rollout_ref.rollout)
-        self._engine_supports_batched = get_engine_class(self.rollout.name).supports_batched
+        self.rollout: RolloutConfig = config.actor_rollout_ref.rollout
         self._logged_reasons: set[str] = set()
 
     async def generate_sequences(self, batch: DataProto) -> DataProto:
@@ -132,8 +131,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         non_tensor = dict(batch.non_tensor_batch)  # the caller's batch stays as it was
         if "agent_name" not in non_tensor:
             non_tensor["agent_name"] = np.array([self.rollout.agent.default_agent_loop] * len(batch), dtype=object)
-        groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion,
-                             engine_supports_batched=self._engine_supports_batched)
+        groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion)
         step = batch.meta_info.get("global_steps", 0)
         # Ray's tqdm shows this worker's bar on the driver's console.
         bar = tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")

@@ -1,7 +1,7 @@
 """The batching rule: which rows of a rollout batch may be merged into one B=N engine call.
 
 verl repeats each prompt ``rollout.n`` times (p0 p0 … p1 p1 …). A group of n rows may become one
-``generate_batched`` call only when the flag is on, the engine batches, n > 1, the batch length is a
+``generate_batched`` call only when the flag is on, n > 1, the batch length is a
 multiple of n, and every row of the group asks for the same thing. Otherwise the group runs row by row,
 and the reason is reported (logged once per reason, counted per step).
 """
@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+
 # Row fields that must be equal inside a group for the rows to be merged into one request.
 MERGE_FIELDS = ("agent_name", "raw_prompt", "negative_prompt", "sampling_params")
 
@@ -27,8 +28,7 @@ class RolloutGroup:
     reason: Optional[str] = None  # why a group falls back to per-row calls
 
 
-def plan_groups(non_tensor: dict[str, np.ndarray], batch_len: int, n: int, *, enabled: bool,
-                engine_supports_batched: bool) -> list[RolloutGroup]:
+def plan_groups(non_tensor: dict[str, np.ndarray], batch_len: int, n: int, *, enabled: bool) -> list[RolloutGroup]:
     """Partition row indices into groups and decide the path of each one."""
     uids = non_tensor.get("uid")
     if uids is not None:
@@ -43,8 +43,6 @@ def plan_groups(non_tensor: dict[str, np.ndarray], batch_len: int, n: int, *, en
     batch_reason = None
     if not enabled:
         batch_reason = "disabled"
-    elif not engine_supports_batched:
-        batch_reason = "engine_unsupported"
     elif n <= 1:
         batch_reason = "n_is_1"
     elif batch_len % n:
@@ -80,23 +78,3 @@ def derive_seed(base_seed: int, uid: str, index_in_group: int) -> int:
     """Seed of one sample from (base seed, group uid, index in group): identical on both paths."""
     digest = hashlib.sha256(f"{base_seed}:{uid}:{index_in_group}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def prompt_text(raw_prompt: Any) -> str:
-    """The text to draw from a verl row: a plain string, or the last user turn of chat messages."""
-    if isinstance(raw_prompt, np.ndarray):
-        raw_prompt = raw_prompt.tolist()
-    if isinstance(raw_prompt, bytes):
-        try:
-            raw_prompt = raw_prompt.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"raw_prompt is not valid UTF-8 ({exc}): {raw_prompt[:80]!r}") from None
-    if isinstance(raw_prompt, str):
-        return raw_prompt
-    if isinstance(raw_prompt, (list, tuple)) and raw_prompt:
-        for message in reversed(raw_prompt):
-            if isinstance(message, dict) and message.get("role", "user") == "user":
-                content = message.get("content")
-                if isinstance(content, str):
-                    return content
-    raise ValueError(f"raw_prompt must be a string or a list of chat messages with a user turn, got {raw_prompt!r:.200}")

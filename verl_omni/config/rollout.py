@@ -1,31 +1,41 @@
-"""Diffusion rollout config: the ``actor_rollout_ref.rollout`` section, as a dataclass with a yaml twin.
-
-``configs/flowgrpo_trainer.yaml`` holds the same keys and defaults; ``DiffusionRolloutConfig.from_omega``
-turns the Hydra section into this dataclass and validates it, naming the key on any bad value.
-"""
+"""``actor_rollout_ref.rollout``: the engine replicas, FlowGRPO's SDE sampling and the request limits."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
+from verl_omni.config.base import (
+    Section,
+    freeze_list,
+    require_choice,
+    require_device,
+    require_int,
+    require_number,
+)
 from verl_omni.config.sampling import SDE_TYPES, DiffusionSamplingParams
-
-ENGINE_NAMES = ("vllm_omni", "diffusers")
-PREFIX = "actor_rollout_ref.rollout"
+from verl_omni.core.dtypes import DTYPES
+from verl_omni.core.names import AGENT_LOOP_NAME, ENGINE_NAMES
 
 
 @dataclass
-class SdeAlgoConfig:
+class SdeAlgoConfig(Section):
+    _prefix = "actor_rollout_ref.rollout.algo"
+
     noise_level: float = 0.7
-    sde_type: str = "sde"
-    sde_window_size: int = 0
-    sde_window_range: Optional[list[int]] = None
+    sde_type: str = "sde"  # sde | cps
+    sde_window_size: int = 0  # 0 = every step is stochastic
+    sde_window_range: Optional[tuple[int, int]] = None  # [lo, hi] of the window start
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sde_window_range", freeze_list(self.sde_window_range))
+        require_choice(self.key("sde_type"), self.sde_type, SDE_TYPES)
 
 
 @dataclass
-class PipelineSamplingConfig:
+class PipelineSamplingConfig(Section):
+    _prefix = "actor_rollout_ref.rollout.pipeline"
+
     true_cfg_scale: float = 1.0
     negative_prompt: Optional[str] = None
     num_inference_steps: int = 10
@@ -35,25 +45,55 @@ class PipelineSamplingConfig:
 
 
 @dataclass
-class ValKwargs:
+class ValKwargs(Section):
     """Overrides for validation rollouts (e.g. deterministic ODE sampling with more steps)."""
+
+    _prefix = "actor_rollout_ref.rollout.val_kwargs"
 
     n: int = 1
     noise_level: float = 0.0
     num_inference_steps: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        require_int(self.key("n"), self.n)
+
 
 @dataclass
-class AgentConfig:
+class AgentConfig(Section):
+    _prefix = "actor_rollout_ref.rollout.agent"
+
     num_workers: int = 1
-    default_agent_loop: str = "diffusion_single_turn"
+    default_agent_loop: str = AGENT_LOOP_NAME
+
+    def __post_init__(self) -> None:
+        require_int(self.key("num_workers"), self.num_workers)
 
 
 @dataclass
-class DiffusionRolloutConfig:
-    name: str = "diffusers"
+class RequestLimits(Section):
+    """What one server request may ask for; larger requests are refused (HTTP 422 / ValueError naming the limit)
+    before the engine is touched. The defaults fit the recipe with room to spare on an 80 GB GPU."""
+
+    _prefix = "actor_rollout_ref.rollout.limits"
+
+    max_num_outputs_per_prompt: int = 64
+    max_pixels: int = 1024 * 1024  # height x width
+    max_inference_steps: int = 100
+    max_prompt_chars: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_outputs_per_prompt", "max_pixels", "max_inference_steps", "max_prompt_chars"):
+            require_int(self.key(name), getattr(self, name))
+
+
+@dataclass
+class RolloutConfig(Section):
+    _prefix = "actor_rollout_ref.rollout"
+
+    name: str = "diffusers"  # vllm_omni (GPU) | diffusers (in-process; CPU default)
     n: int = 4
     enable_batched_diffusion: bool = True
+    # Split placement only: replicas are hand-set. With the hybrid engine there is one per GPU (derived).
     num_replicas: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -61,38 +101,33 @@ class DiffusionRolloutConfig:
     max_num_seqs: int = 1
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.9
-    free_cache_engine: bool = True
+    free_cache_engine: bool = True  # split placement: sleep the engines while the actor trains
     server_port_base: Optional[int] = None
     request_timeout_s: float = 600.0
     algo: SdeAlgoConfig = field(default_factory=SdeAlgoConfig)
     pipeline: PipelineSamplingConfig = field(default_factory=PipelineSamplingConfig)
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
-    @classmethod
-    def from_omega(cls, section: Any) -> "DiffusionRolloutConfig":
-        data = _to_plain(section)
-        cfg = _build(cls, data, PREFIX)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.name not in ENGINE_NAMES:
-            raise ValueError(f"{PREFIX}.name={self.name!r} is not one of {ENGINE_NAMES}")
+    def __post_init__(self) -> None:
+        require_choice(self.key("name"), self.name, ENGINE_NAMES)
         for key in ("n", "num_replicas", "max_num_seqs"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{PREFIX}.{key}={value!r} must be an int >= 1")
-        if self.algo.sde_type not in SDE_TYPES:
-            raise ValueError(f"{PREFIX}.algo.sde_type={self.algo.sde_type!r} is not one of {SDE_TYPES}")
-        n = self.val_kwargs.n
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"{PREFIX}.val_kwargs.n={n!r} must be an int >= 1")
+            require_int(self.key(key), getattr(self, key))
+        require_device(self.key("device"), self.device)
+        require_choice(self.key("dtype"), self.dtype, DTYPES)
+        require_number(self.key("request_timeout_s"), self.request_timeout_s, 0, strict=True)
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"{self.key('gpu_memory_utilization')}={self.gpu_memory_utilization!r} must be in (0, 1]")
         try:
             self.sampling_params().validate()
             self.sampling_params(validate=True).validate()
         except ValueError as exc:
-            raise ValueError(f"{PREFIX}: {exc}") from None
+            raise ValueError(f"{self._prefix}: {exc}") from None
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
     def sampling_params(self, validate: bool = False) -> DiffusionSamplingParams:
         """Sampling params for a training (or, with validate=True, a validation) rollout."""
@@ -120,34 +155,3 @@ class DiffusionRolloutConfig:
                 return_trajectory=False,
             )
         return params
-
-
-def _to_plain(section: Any) -> dict:
-    if section is None:
-        return {}
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(section):
-            return OmegaConf.to_container(section, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with verl
-        pass
-    if dataclasses.is_dataclass(section):
-        return dataclasses.asdict(section)
-    return dict(section)
-
-
-def _build(cls, data: dict, prefix: str):
-    """Recursively build a dataclass, rejecting unknown keys with their full dotted name."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown keys {[f'{prefix}.{k}' for k in unknown]}; allowed: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = _build(type(default), value, f"{prefix}.{name}")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)

@@ -1,35 +1,33 @@
 """RL pipelines: diffusers pipelines that also return latents, per-step log-probs and embeddings.
 
-``PIPELINE_REGISTRY`` maps a name (``qwen_image``, ``sd3``) to a loader of the pipeline class, so engines
-and the actor pick a pipeline by config without importing every model.
+``get_pipeline_class(name)`` maps a config name (``qwen_image``, ``sd3``) to its class, importing only that
+model's module.
 """
+
+from __future__ import annotations
 
 from typing import Callable
 
-PIPELINE_REGISTRY: dict[str, Callable[[], type]] = {}
+from verl_omni.core.names import PIPELINE_NAMES
 
 
-def register_pipeline(name: str, loader: Callable[[], type]) -> None:
-    PIPELINE_REGISTRY[name] = loader
+def _qwen_image() -> type:
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+
+    return QwenImageRLPipeline
+
+
+def _sd3() -> type:
+    from verl_omni.pipelines.sd3 import SD3RLPipeline
+
+    return SD3RLPipeline
+
+
+PIPELINE_REGISTRY: dict[str, Callable[[], type]] = {"qwen_image": _qwen_image, "sd3": _sd3}
+assert set(PIPELINE_REGISTRY) == set(PIPELINE_NAMES), "core.names.PIPELINE_NAMES must list every pipeline"
 
 
 def get_pipeline_class(name: str) -> type:
     if name not in PIPELINE_REGISTRY:
         raise ValueError(f"unknown pipeline {name!r}; allowed: {sorted(PIPELINE_REGISTRY)}")
     return PIPELINE_REGISTRY[name]()
-
-
-def _qwen_image():
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
-
-    return QwenImageRLPipeline
-
-
-def _sd3():
-    from verl_omni.pipelines.sd3 import SD3RLPipeline
-
-    return SD3RLPipeline
-
-
-register_pipeline("qwen_image", _qwen_image)
-register_pipeline("sd3", _sd3)

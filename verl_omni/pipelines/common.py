@@ -15,12 +15,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.outputs import RLBatchOutput
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.schedulers.flow_match_sde import euler_step, reference_sigma_max, sde_step_with_logprob
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _LOGGED_ONCE: set[str] = set()
+
+
+class RequestAborted(RuntimeError):
+    """The engine was asked to abort this request (``interrupt()`` returned True) between denoising steps."""
 
 
 def log_once(logger: logging.Logger, key: str, message: str) -> None:
@@ -113,6 +117,7 @@ def denoise_with_logprobs(
     model_timesteps: torch.Tensor,
     params: DiffusionSamplingParams,
     generators: Sequence[torch.Generator],
+    interrupt: Optional[Callable[[], bool]] = None,
 ) -> DenoiseResult:
     """Run T steps from ``latents`` (x_T): SDE steps with log-probs inside the window, Euler ODE steps elsewhere.
 
@@ -135,6 +140,8 @@ def denoise_with_logprobs(
     trajectory = [latents] if params.return_trajectory else []
     log_probs = torch.zeros(batch_size, num_steps, dtype=torch.float32, device=device)
     for i in range(num_steps):
+        if interrupt is not None and interrupt():  # a host-side flag (the request was aborted): no device sync
+            raise RequestAborted(f"request aborted before denoising step {i} of {num_steps}")
         velocity = velocity_fn(latents, step_timesteps[i].expand(batch_size))
         sigma = torch.tensor(sigmas_list[i], dtype=torch.float32)
         sigma_next = torch.tensor(sigmas_list[i + 1], dtype=torch.float32)

@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.common import (
     denoise_with_logprobs,
     expand_timestep,
@@ -32,7 +33,7 @@ from verl_omni.pipelines.common import (
     to_batch_output,
     to_uint8_images,
 )
-from verl_omni.rollout.outputs import RLBatchOutput
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class QwenImageRLPipeline(QwenImagePipeline):
     """``QwenImagePipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
     ``predict_velocity``."""
 
+    MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
+
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
@@ -173,6 +176,8 @@ class QwenImageRLPipeline(QwenImagePipeline):
         also ``negative_prompt_embeds`` / ``negative_prompt_embeds_mask`` (true CFG, two forwards, then diffusers'
         rescaling of the combined prediction to the conditional prediction's norm).
         """
+        if isinstance(cond, Conditioning):  # transitional: the typed object as the old dict
+            cond = {k: v for k, v in cond.as_fields().items() if v is not None}
         batch_size = latents.shape[0]
         device = latents.device
         dtype = self.transformer.dtype
@@ -215,7 +220,8 @@ class QwenImageRLPipeline(QwenImagePipeline):
 
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
         """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
         seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
         batch_size = len(seeds)
@@ -242,7 +248,7 @@ class QwenImageRLPipeline(QwenImagePipeline):
         model_cond = {k: (None if k.endswith("_mask") and bool(v.all()) else v) for k, v in cond.items()}
         result = denoise_with_logprobs(
             lambda x, t: self.predict_velocity(x, t, model_cond, params.guidance_scale, height, width),
-            latents, sigmas, model_timesteps, params, generators,
+            latents, sigmas, model_timesteps, params, generators, interrupt,
         )
         images = self.decode_latents(result.final_latents, height, width)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)

@@ -10,11 +10,13 @@ scheduler's (static shift 3 for SD3.5), computed as ``StableDiffusion3Pipeline._
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.common import (
     denoise_with_logprobs,
     expand_timestep,
@@ -25,7 +27,7 @@ from verl_omni.pipelines.common import (
     to_batch_output,
     to_uint8_images,
 )
-from verl_omni.rollout.outputs import RLBatchOutput
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ MAX_SEQUENCE_LENGTH = 512  # StableDiffusion3Pipeline.check_inputs limit (T5 tok
 class SD3RLPipeline(StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
     ``predict_velocity``."""
+
+    MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
 
     # ------------------------------------------------------------------------------------------ model call
     def predict_velocity(
@@ -54,6 +58,8 @@ class SD3RLPipeline(StableDiffusion3Pipeline):
         ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``. ``height`` / ``width`` are unused
         (the latents are spatial) and kept for a pipeline-independent signature.
         """
+        if isinstance(cond, Conditioning):  # transitional: the typed object as the old dict
+            cond = {k: v for k, v in cond.as_fields().items() if v is not None}
         batch_size = latents.shape[0]
         device = latents.device
         dtype = self.transformer.dtype
@@ -90,7 +96,8 @@ class SD3RLPipeline(StableDiffusion3Pipeline):
 
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
         """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
         seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
         batch_size = len(seeds)
@@ -116,7 +123,7 @@ class SD3RLPipeline(StableDiffusion3Pipeline):
         )
         result = denoise_with_logprobs(
             lambda x, t: self.predict_velocity(x, t, cond, params.guidance_scale, height, width),
-            latents, sigmas, model_timesteps, params, generators,
+            latents, sigmas, model_timesteps, params, generators, interrupt,
         )
         images = self.decode_latents(result.final_latents)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)

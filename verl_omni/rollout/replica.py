@@ -13,29 +13,12 @@ from typing import Any, Optional
 import ray
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
-from verl_omni.config.rollout import DiffusionRolloutConfig
-from verl_omni.rollout.engines.base import EngineConfig
+from verl_omni.config.base import build
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
 from verl_omni.rollout.server import DiffusionHttpServer
 
 logger = logging.getLogger(__name__)
-
-
-def engine_config_from(rollout: DiffusionRolloutConfig, model: Any) -> EngineConfig:
-    """Engine settings from the rollout section and ``actor_rollout_ref.model``."""
-    get = model.get if hasattr(model, "get") else lambda k, d=None: getattr(model, k, d)
-    return EngineConfig(
-        model_path=str(get("path")),
-        pipeline=get("pipeline", "qwen_image"),
-        device=rollout.device,
-        dtype=rollout.dtype,
-        lora_rank=int(get("lora_rank", 0) or 0),
-        lora_alpha=float(get("lora_alpha", 0) or 0),
-        lora_target_modules=tuple(get("target_modules", ()) or ()),
-        max_num_seqs=rollout.max_num_seqs,
-        enforce_eager=rollout.enforce_eager,
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        request_timeout_s=rollout.request_timeout_s,
-    )
 
 
 class DiffusionReplica(RolloutReplica):
@@ -47,8 +30,8 @@ class DiffusionReplica(RolloutReplica):
                  is_reward_model: bool = False, is_teacher_model: bool = False, name_suffix: str = "") -> None:
         # verl's base __init__ converts ``config`` into its LLM RolloutConfig; ours is a diffusion config.
         self.replica_rank = replica_rank
-        self.config = config if isinstance(config, DiffusionRolloutConfig) else DiffusionRolloutConfig.from_omega(config)
-        self.model_config = model_config
+        self.config = build(RolloutConfig, config)
+        self.model_config = build(ModelConfig, model_config)
         self.world_size = 1
         self.gpus_per_node = gpus_per_node
         self.gpus_per_replica_node = 1
@@ -80,10 +63,9 @@ class DiffusionReplica(RolloutReplica):
         )
 
     def rollout_worker_use_gpu(self) -> bool:
-        return self.config.device.startswith("cuda")
+        return self.config.on_cuda
 
     async def launch_servers(self):
-        engine_config = engine_config_from(self.config, self.model_config)
         options = {
             "name": f"verl_omni_{self.engine_name}_server_{self.replica_rank}{self.name_suffix}_{id(self):x}",
             "max_concurrency": self.max_concurrency,
@@ -92,12 +74,11 @@ class DiffusionReplica(RolloutReplica):
             "num_cpus": 0,
             "num_gpus": 1 if self.rollout_worker_use_gpu() else 0,
         }
+        if self.config.name != self.engine_name:
+            raise ValueError(f"actor_rollout_ref.rollout.name={self.config.name!r} given to the {self.engine_name!r} "
+                             "replica class")
         server = ray.remote(DiffusionHttpServer).options(**options).remote(
-            engine_name=self.engine_name,
-            engine_config=engine_config,
-            replica_rank=self.replica_rank,
-            port_base=self.config.server_port_base,
-        )
+            model=self.model_config, rollout=self.config, replica_rank=self.replica_rank)
         host, port = await server.launch_server.remote()
         self.servers = [server]
         self._server_handle = server

@@ -14,40 +14,27 @@ import time
 import uuid
 from typing import Any, Optional
 
-from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.engines.base import EngineConfig, get_engine_class
-from verl_omni.rollout.outputs import unpack_batch
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.outputs import unpack_batch
+from verl_omni.rollout.engines import get_engine_class
 from verl_omni.rollout.ports import reserve_socket
+from verl_omni.rollout.request import ModelLimits, validate_request
 
 logger = logging.getLogger(__name__)
-
-
-def validate_batched_request(prompt: Any, num_outputs_per_prompt: Any, seeds: Any) -> list[int]:
-    """Check a request before the engine is touched; return the seeds as ints."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    if isinstance(num_outputs_per_prompt, bool) or not isinstance(num_outputs_per_prompt, int):
-        raise ValueError(f"num_outputs_per_prompt must be an int, got {type(num_outputs_per_prompt).__name__}")
-    if num_outputs_per_prompt < 1:
-        raise ValueError(f"num_outputs_per_prompt={num_outputs_per_prompt} must be >= 1")
-    if not isinstance(seeds, (list, tuple)) or len(seeds) != num_outputs_per_prompt:
-        got = len(seeds) if isinstance(seeds, (list, tuple)) else type(seeds).__name__
-        raise ValueError(f"seeds must be a list of {num_outputs_per_prompt} ints (num_outputs_per_prompt), got {got}")
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be ints, got {[type(s).__name__ for s in seeds]}")
-    return [int(s) for s in seeds]
 
 
 class DiffusionHttpServer:
     """One engine replica. Build with ``ray.remote(DiffusionHttpServer)``; call ``launch_server`` once."""
 
-    def __init__(self, engine_name: str, engine_config: EngineConfig, replica_rank: int = 0,
-                 host: str = "127.0.0.1", port_base: Optional[int] = None):
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, replica_rank: int = 0, host: str = "127.0.0.1"):
         self.replica_rank = replica_rank
-        self.engine_name = engine_name
-        self.engine_config = engine_config
-        self.engine = get_engine_class(engine_name)(engine_config)
+        self.engine_name = rollout.name
+        self.rollout = rollout
+        self.model_limits = ModelLimits.of(model.path, model.pipeline)
+        self.engine = get_engine_class(rollout.name)(model, rollout)
         self.host = host
+        port_base = rollout.server_port_base
         self._port_base = None if port_base is None else port_base + replica_rank
         self._socket = None
         self._port: Optional[int] = None
@@ -104,6 +91,8 @@ class DiffusionHttpServer:
                 outputs = await self._run_in_actor_loop(body)
             except ValueError as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
+            except TimeoutError as exc:
+                raise HTTPException(status_code=504, detail=str(exc)) from None
             return {"outputs": [_json_summary(o) for o in outputs]}
 
         return app
@@ -125,16 +114,18 @@ class DiffusionHttpServer:
     async def generate_batched(self, request_id: str, prompt: str, num_outputs_per_prompt: int,
                                seeds: list[int], sampling_params: Optional[dict] = None) -> list[dict]:
         """N images of one prompt from ONE engine call of batch N; returns N per-sample payloads."""
-        seeds = validate_batched_request(prompt, num_outputs_per_prompt, seeds)
-        params = DiffusionSamplingParams.from_dict(sampling_params).validate(self.engine.vae_scale_factor)
-        task = asyncio.ensure_future(self._engine_call(prompt, seeds, params, request_id))
+        request = validate_request(prompt, num_outputs_per_prompt, seeds, sampling_params, self.rollout.limits,
+                                   self.model_limits)
+        task = asyncio.ensure_future(self._engine_call(request.prompt, request.seeds, request.params, request_id))
         self._inflight[request_id] = task
         try:
-            batch = await asyncio.wait_for(task, timeout=self.engine_config.request_timeout_s)
+            batch = await asyncio.wait_for(asyncio.shield(task), timeout=self.rollout.request_timeout_s)
         except asyncio.TimeoutError:
+            # Stop the engine-side work too, so the next request is served (not queued behind an orphan).
+            await self._cancel(request_id, task)
             raise TimeoutError(
                 f"replica {self.replica_rank}: request {request_id} took longer than "
-                f"request_timeout_s={self.engine_config.request_timeout_s}s"
+                f"actor_rollout_ref.rollout.request_timeout_s={self.rollout.request_timeout_s}s"
             ) from None
         finally:
             self._inflight.pop(request_id, None)
@@ -174,12 +165,18 @@ class DiffusionHttpServer:
     async def wake_up(self, tags: Optional[list[str]] = None) -> None:
         await self.engine.wake_up()
 
+    async def _cancel(self, request_id: str, task: asyncio.Task) -> None:
+        await self.engine.abort(request_id)
+        task.cancel()
+        # Wait (bounded) until the engine call has really ended; it checks for aborts between denoising steps.
+        await asyncio.wait([task], timeout=self.rollout.request_timeout_s)
+
     async def abort(self, request_id: str) -> bool:
         task = self._inflight.get(request_id)
-        await self.engine.abort(request_id)
         if task is None:
+            await self.engine.abort(request_id)
             return False
-        task.cancel()
+        await self._cancel(request_id, task)
         return True
 
     async def abort_all_requests(self, reject_request: bool = False, **_: Any) -> dict:

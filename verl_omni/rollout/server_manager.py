@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl.workers.rollout.router import get_router_handle
 
-from verl_omni.config.rollout import DiffusionRolloutConfig
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
 
 class DiffusionServerManager:
-    def __init__(self, config: Any):
-        self.config = config
-        self.rollout = DiffusionRolloutConfig.from_omega(config.actor_rollout_ref.rollout)
-        self.model_config = config.actor_rollout_ref.model
+    """The replicas of one run: launched together, reached together (sleep, wake, LoRA, stats, shutdown)."""
+
+    def __init__(self, rollout: RolloutConfig, model: ModelConfig, num_replicas: int):
+        self.rollout = rollout
+        self.model_config = model
+        self.num_replicas = num_replicas
         self.replicas = []
         self.load_balancer = None
 
@@ -31,17 +32,12 @@ class DiffusionServerManager:
         replica_cls = RolloutReplicaRegistry.get(self.rollout.name)
         self.replicas = [
             replica_cls(replica_rank=rank, config=self.rollout, model_config=self.model_config)
-            for rank in range(self.rollout.num_replicas)
+            for rank in range(self.num_replicas)
         ]
         await asyncio.gather(*[r.init_standalone() for r in self.replicas])
         servers = {r.server_address: r.server_handle for r in self.replicas}
         self.load_balancer = get_router_handle(servers=servers)
         return self
-
-    def get_client(self):
-        from verl_omni.agent_loop.diffusion_agent_loop import DiffusionServerClient
-
-        return DiffusionServerClient(config=self.config, load_balancer_handle=self.load_balancer)
 
     @property
     def addresses(self) -> list[str]:

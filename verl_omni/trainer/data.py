@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from verl import DataProto
 
-from verl_omni.agent_loop.grouping import prompt_text
+from verl_omni.core.prompts import prompt_text
 
 class PromptDataset:
     def __init__(self, path: str, prompt_key: str = "prompt", max_samples: Optional[int] = None):

@@ -12,25 +12,27 @@ import copy
 import logging
 import os
 import time
+from dataclasses import asdict, replace
 from typing import Any, Optional
 
 import numpy as np
 import ray
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 from verl import DataProto
 
-from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
+from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager, DiffusionServerClient
+from verl_omni.algorithms.flowgrpo import compute_group_advantages
+from verl_omni.config.trainer import FlowGRPOConfig
+from verl_omni.core.errors import NonFiniteError
+from verl_omni.pipelines.loading import vae_scale_factor_of
 from verl_omni.rewards import RewardManager
-from verl_omni.rollout.engines.base import resolve_dtype, tensors_checksum, vae_scale_factor_of
 from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.rollout.weight_sync import push_lora
 from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
-from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
-from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
+from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
 logger = logging.getLogger(__name__)
@@ -47,22 +49,22 @@ def resolve_model_path(path: str, cache_root: str) -> str:
 
 class FlowGRPOTrainer:
     def __init__(self, config: Any):
-        self.config = config
-        self.rollout_cfg = check_config(config)
+        """``config``: the Hydra tree (or a ``FlowGRPOConfig``); parsed and validated here, once."""
+        self.config = FlowGRPOConfig.from_omega(config)
+        self.rollout_cfg = self.config.actor_rollout_ref.rollout
         self.loop = asyncio.new_event_loop()
         self.global_step = 0
-        self.output_dir = os.path.abspath(os.path.expanduser(config.trainer.default_local_dir))
+        self.output_dir = os.path.abspath(os.path.expanduser(self.config.trainer.default_local_dir))
 
     # ------------------------------------------------------------------ setup
     def init(self) -> "FlowGRPOTrainer":
+        ref = self.config.actor_rollout_ref
+        model = replace(ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models")))
+        self.config = replace(self.config, actor_rollout_ref=replace(ref, model=model))
         cfg = self.config
-        OmegaConf.set_struct(cfg, False)
-        cfg.actor_rollout_ref.model.path = resolve_model_path(
-            cfg.actor_rollout_ref.model.path, os.path.join(self.output_dir, "tiny_models"))
-        OmegaConf.set_struct(cfg, True)
         # Start-up checks that need the model: image size vs the VAE factor.
         try:
-            self.rollout_cfg.sampling_params().validate(vae_scale_factor_of(cfg.actor_rollout_ref.model.path))
+            self.rollout_cfg.sampling_params().validate(vae_scale_factor_of(model.path))
         except ValueError as exc:
             raise ValueError(f"actor_rollout_ref.rollout.pipeline: {exc}") from None
         torch.manual_seed(cfg.trainer.seed)  # the LoRA A-matrices' initialisation
@@ -76,36 +78,26 @@ class FlowGRPOTrainer:
         self.val_data = None
         if cfg.trainer.test_freq > 0 and cfg.data.get("val_files"):
             self.val_data = PromptDataset(cfg.data.val_files, cfg.data.prompt_key, cfg.data.get("val_max_samples"))
-        self.rewards = RewardManager(OmegaConf.to_container(cfg.reward, resolve=True))
-        self.servers = self._run(DiffusionServerManager(cfg).start())
-        self.agent_loops = DiffusionAgentLoopManager.create(cfg, self.servers.get_client())  # verl runs it to completion
-        model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
-        algo = self.rollout_cfg.algo
-        actor_config = ActorConfig(
-            model_path=model.path, pipeline=model.pipeline, dtype=actor.dtype, device=actor.device,
-            lora_rank=model.lora_rank, lora_alpha=model.lora_alpha, target_modules=tuple(model.target_modules),
-            lr=actor.optim.lr, weight_decay=actor.optim.weight_decay, betas=tuple(actor.optim.betas),
-            clip_ratio=actor.clip_ratio, kl_coef=actor.kl_coef, adv_clip_max=actor.adv_clip_max,
-            micro_batch_size=actor.ppo_micro_batch_size_per_gpu, ppo_epochs=actor.ppo_epochs,
-            grad_clip=actor.grad_clip, noise_level=algo.noise_level, sde_type=algo.sde_type,
-            guidance_scale=self.rollout_cfg.pipeline.true_cfg_scale,
-        )
+        self.rewards = RewardManager(cfg.reward.as_dict())
+        self.servers = self._run(DiffusionServerManager(self.rollout_cfg, model, cfg.num_replicas).start())
+        client = DiffusionServerClient(config=cfg, load_balancer_handle=self.servers.load_balancer)
+        self.agent_loops = DiffusionAgentLoopManager.create(cfg, client)  # verl runs it to completion
+        actor = ref.actor
         # One process, or W FSDP ranks (Ray actors) with the same interface.
-        self.actor = (FSDPLoRAActorGroup(actor_config, actor.world_size) if actor.world_size > 1
-                      else DiffusionLoRAActor(actor_config))
+        self.actor = (FSDPLoRAActorGroup(model, actor, self.rollout_cfg) if actor.world_size > 1
+                      else DiffusionLoRAActor(model, actor, self.rollout_cfg))
         if cfg.trainer.resume_mode == "auto":
             self._maybe_resume()
         # The engines start from the actor's adapter (fresh or resumed): one verified sync before step 1.
         self.sync_weights()
         from verl.utils.tracking import Tracking
 
-        loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
+        loggers = list(cfg.trainer.logger)
         # verl's tensorboard backend reads TENSORBOARD_DIR; default it to the run directory for this call only.
         user_dir = os.environ.get("TENSORBOARD_DIR")
         os.environ["TENSORBOARD_DIR"] = user_dir or os.path.join(self.output_dir, "tensorboard")
         try:
-            self.tracker = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, loggers,
-                                    OmegaConf.to_container(cfg, resolve=True))
+            self.tracker = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, loggers, asdict(cfg))
         finally:
             if user_dir is None:
                 del os.environ["TENSORBOARD_DIR"]
@@ -114,8 +106,8 @@ class FlowGRPOTrainer:
     def _check_gpus(self) -> None:
         """Each cuda replica and each FSDP rank holds a whole GPU: fail now, naming the keys, not hang in Ray."""
         actor = self.config.actor_rollout_ref.actor
-        needed = self.rollout_cfg.num_replicas if self.rollout_cfg.device.startswith("cuda") else 0
-        if actor.world_size > 1 and str(actor.device).startswith("cuda"):
+        needed = self.config.num_replicas if self.rollout_cfg.on_cuda else 0
+        if actor.world_size > 1 and actor.on_cuda:
             needed += actor.world_size
         available = ray.cluster_resources().get("GPU", 0)
         if needed > available:
@@ -141,16 +133,7 @@ class FlowGRPOTrainer:
     def sync_weights(self) -> dict[str, float]:
         """LoRA tensors → every replica (in memory); raises unless every engine checksum equals the actor's."""
         start = time.perf_counter()
-        # The engines serve the adapter in the rollout dtype (bf16 on GPU) while the actor keeps float32
-        # master weights: send what they will serve, so the checksums compare the same numbers.
-        rollout_dtype = resolve_dtype(self.rollout_cfg.dtype)
-        tensors = {k: v.to(rollout_dtype) for k, v in self.actor.lora_state_dict().items()}
-        expected = tensors_checksum(tensors)
-        checksums = self._run(self.servers.update_lora(tensors))
-        bad = [i for i, c in enumerate(checksums) if c != expected]
-        if bad:
-            raise RuntimeError(f"LoRA sync failed: replicas {bad} report a checksum different from the actor's")
-        self.last_lora_checksum = expected
+        self.last_lora_checksum = self._run(push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype))
         return {"timing/sync_s": time.perf_counter() - start}
 
     def rollout(self, step: int, validate: bool = False):

@@ -10,68 +10,37 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from verl import DataProto
 
-from verl_omni.pipelines import get_pipeline_class
-from verl_omni.rollout.engines.base import resolve_dtype
+from verl_omni.algorithms.flowgrpo import flowgrpo_kl, flowgrpo_policy_loss
+from verl_omni.config.actor import ActorConfig
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.conditioning import Conditioning
+from verl_omni.core.errors import NonFiniteError, assert_finite
+from verl_omni.models.lora import get_lora_state_dict, lora_parameters, set_lora_state_dict
+from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import reference_sigma_max, sde_step_with_logprob
-from verl_omni.trainer.flowgrpo import NonFiniteError, assert_finite, flowgrpo_kl, flowgrpo_policy_loss
-from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ActorConfig:
-    model_path: str
-    pipeline: str = "qwen_image"
-    dtype: str = "float32"
-    device: str = "cpu"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ()
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_ratio: float = 1e-4
-    kl_coef: float = 0.0
-    adv_clip_max: Optional[float] = 5.0
-    micro_batch_size: int = 4
-    ppo_epochs: int = 1
-    grad_clip: float = 1.0
-    # rollout settings the recomputation must match
-    noise_level: float = 0.7
-    sde_type: str = "sde"
-    guidance_scale: float = 1.0
-
-
 class DiffusionLoRAActor:
-    def __init__(self, config: ActorConfig):
-        if config.micro_batch_size < 1:
-            raise ValueError(f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={config.micro_batch_size} must be >= 1")
-        if config.lora_rank < 1:
-            raise ValueError(f"actor_rollout_ref.model.lora_rank={config.lora_rank} must be >= 1 (the actor trains a LoRA)")
-        self.config = config
-        pipeline_cls = get_pipeline_class(config.pipeline)
-        self.pipe = pipeline_cls.from_pretrained(config.model_path, torch_dtype=resolve_dtype(config.dtype))
-        self.pipe.set_progress_bar_config(disable=True)
-        # Training needs the transformer only: drop the VAE and text encoders from device memory.
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).to("cpu")
+    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig):
+        self.model, self.config, self.rollout = model, actor, rollout
+        if model.lora is None:
+            raise ValueError(f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)")
+        # LoRA weights train in float32 even when the base model is bf16.
+        self.pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora, lora_dtype=torch.float32)
+        # Training needs the transformer only: the VAE and text encoders stay on the CPU.
         self.transformer = self.pipe.transformer
-        self.transformer.requires_grad_(False)
-        add_lora_adapter(self.transformer, config.lora_rank, config.lora_alpha, config.target_modules)
-        self.transformer.to(config.device)
-        self.trainable = [p for p in self.transformer.parameters() if p.requires_grad]
-        for p in self.trainable:  # LoRA weights train in float32 even when the base model is bf16
-            p.data = p.data.float()
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, betas=tuple(config.betas),
-                                           weight_decay=config.weight_decay)
+        self.transformer.to(actor.device)
+        self.trainable = lora_parameters(self.transformer)
+        optim = actor.optim
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
 
     # ------------------------------------------------------------------ weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -95,16 +64,17 @@ class DiffusionLoRAActor:
         device = self.config.device
         latents = batch["latents"][rows]
         sample, prev_sample = latents[:, step].to(device), latents[:, step + 1].to(device)
-        cond = _trimmed_cond(batch, rows, device)
+        cond = Conditioning.from_fields(batch).select(rows).without_padding().to(device)
         height, width = batch["images"].shape[1:3]
         velocity = self.pipe.predict_velocity(
             sample.to(self.transformer.dtype), batch["timesteps"][rows, step].to(device), cond,
-            self.config.guidance_scale, int(height), int(width),
+            float(self.rollout.pipeline.true_cfg_scale), int(height), int(width),
         )
         sigmas = batch["sigmas"][rows].to(device)
+        algo = self.rollout.algo
         out = sde_step_with_logprob(
             velocity.float(), sample.float(), sigmas[:, step], sigmas[:, step + 1],
-            noise_level=self.config.noise_level, sde_type=self.config.sde_type,
+            noise_level=float(algo.noise_level), sde_type=algo.sde_type,
             sigma_max=reference_sigma_max(sigmas[0]), prev_sample=prev_sample.float(),
         )
         return out
@@ -112,7 +82,7 @@ class DiffusionLoRAActor:
     # Hooks for the data-parallel actor (verl_omni.workers.fsdp_actor), which overrides just these two.
     def _micro_batches(self, data: DataProto, step: int, step_rows: torch.Tensor):
         """The row chunks of window step ``step`` this process trains on."""
-        return step_rows.split(self.config.micro_batch_size)
+        return step_rows.split(self.config.ppo_micro_batch_size_per_gpu)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Clip the accumulated LoRA gradients; the total norm as a plain scalar tensor."""
@@ -169,31 +139,6 @@ class DiffusionLoRAActor:
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["num_train_terms"] = num_terms
         return {f"actor/{k}": v for k, v in totals.items()}
-
-
-def _trimmed_cond(batch, rows: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
-    """Conditioning tensors of ``rows``, with right padding beyond the longest mask removed.
-
-    The agent loop pads embeddings of different prompts to one length; cutting back to the longest prompt
-    of the micro-batch reproduces the rollout's tensors exactly when the micro-batch is one prompt group.
-    """
-    cond = {}
-    for prefix in ("", "negative_"):
-        key = f"{prefix}prompt_embeds"
-        if key not in batch.keys():
-            continue
-        embeds = batch[key][rows]
-        mask_key = f"{key}_mask"
-        if mask_key in batch.keys():
-            mask = batch[mask_key][rows]
-            length = int(mask.sum(dim=1).max())
-            cond[mask_key] = mask[:, :length].to(device)
-            embeds = embeds[:, :length]
-        cond[key] = embeds.to(device)
-        pooled = f"{prefix}pooled_prompt_embeds"
-        if pooled in batch.keys():
-            cond[pooled] = batch[pooled][rows].to(device)
-    return cond
 
 
 def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:

@@ -37,8 +37,11 @@ import torch.distributed as dist
 from peft.utils import get_peft_model_state_dict
 from verl import DataProto
 
-from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
-from verl_omni.workers.lora import set_lora_state_dict
+from verl_omni.config.actor import ActorConfig
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
+from verl_omni.models.lora import lora_parameters, set_lora_state_dict
+from verl_omni.workers.actor import DiffusionLoRAActor
 
 # Metrics that are not per-row partial sums: the same value on every rank.
 _GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms")
@@ -47,20 +50,21 @@ _GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms")
 class FSDPActorRank(DiffusionLoRAActor):
     """One rank: a DiffusionLoRAActor whose transformer is sharded with FSDP2 over the process group."""
 
-    def __init__(self, config: ActorConfig, rank: int, world_size: int, master_port: int):
+    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, rank: int, world_size: int,
+                 master_port: int):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         self.rank, self.world_size = rank, world_size
-        cuda = config.device.startswith("cuda")
+        cuda = actor.on_cuda
         if cuda:
             torch.cuda.set_device(0)  # Ray gives each rank one GPU (num_gpus=1): it is device 0 here
-            config = replace(config, device="cuda:0")
+            actor = replace(actor, device="cuda:0")
         else:  # W ranks share the CPU cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-        super().__init__(config)
+        super().__init__(model, actor, rollout)
         # The LoRA A matrices are drawn from each process's RNG: start every rank from rank 0's.
         for p in self.trainable:
             dist.broadcast(p.data, src=0)
@@ -79,13 +83,14 @@ class FSDPActorRank(DiffusionLoRAActor):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         # fully_shard swapped the parameters for DTensors: the optimizer must hold the new ones.
-        self.trainable = [p for p in self.transformer.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, betas=tuple(config.betas),
-                                           weight_decay=config.weight_decay)
+        self.trainable = lora_parameters(self.transformer)
+        optim = actor.optim
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
 
     # ------------------------------------------------------------------ hooks of DiffusionLoRAActor.update
     def _micro_batches(self, data: DataProto, step: int, step_rows: torch.Tensor):
-        for chunk in step_rows.split(self.config.micro_batch_size * self.world_size):
+        for chunk in step_rows.split(self.config.ppo_micro_batch_size_per_gpu * self.world_size):
             mine = chunk.tensor_split(self.world_size)[self.rank]
             if len(mine):
                 yield mine
@@ -174,15 +179,14 @@ class FSDPLoRAActorGroup:
     which only calls those two, takes the group unchanged.
     """
 
-    def __init__(self, config: ActorConfig, world_size: int):
-        if world_size < 1:
-            raise ValueError(f"actor_rollout_ref.actor.world_size={world_size} must be >= 1")
-        self.config, self.world_size = config, world_size
+    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig):
+        world_size = actor.world_size
+        self.config, self.world_size = actor, world_size
         # All ranks on this host (MASTER_ADDR=127.0.0.1); the 2-core CI machine has no CPU to reserve.
-        resources = {"num_gpus": 1} if config.device.startswith("cuda") else {"num_cpus": 0}
+        resources = {"num_gpus": 1} if actor.on_cuda else {"num_cpus": 0}
         remote = ray.remote(**resources)(_Rank)
         port = _free_port()
-        self.ranks = [remote.remote(config, r, world_size, port) for r in range(world_size)]
+        self.ranks = [remote.remote(model, actor, rollout, r, world_size, port) for r in range(world_size)]
         try:
             _gather([r.__ray_ready__.remote() for r in self.ranks])  # every rank built, or its error raised
         except Exception:

@@ -13,33 +13,28 @@ from typing import Optional
 
 import torch
 
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.pipelines import get_pipeline_class
-from verl_omni.rollout.engines.base import DiffusionEngine, EngineConfig, resolve_dtype, tensors_checksum
-from verl_omni.rollout.outputs import RLBatchOutput
-from verl_omni.workers.lora import add_lora_adapter, get_lora_state_dict, set_lora_state_dict
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.models.lora import get_lora_state_dict, set_lora_state_dict
+from verl_omni.pipelines.loading import load_rl_pipeline
+from verl_omni.rollout.engines.base import DiffusionEngine
 
 logger = logging.getLogger(__name__)
 
-class DiffusersEngine(DiffusionEngine):
-    supports_batched = True
 
-    def __init__(self, config: EngineConfig):
-        super().__init__(config)
-        pipeline_cls = get_pipeline_class(config.pipeline)
-        self.pipe = pipeline_cls.from_pretrained(config.model_path, torch_dtype=resolve_dtype(config.dtype))
-        self.pipe.set_progress_bar_config(disable=True)
-        if config.lora_rank > 0:
-            add_lora_adapter(self.pipe.transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
-        self.pipe.to(config.device)
-        self._lora_checksum: Optional[str] = None
+class DiffusersEngine(DiffusionEngine):
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig):
+        super().__init__(model, rollout)
+        self.pipe = load_rl_pipeline(model.path, model.pipeline, rollout.dtype, model.lora)
+        self.pipe.to(rollout.device)
         self._asleep = False
+        self._running: set[Optional[str]] = set()  # request ids inside rl_generate (or waiting for the lock)
+        self._aborted: set[Optional[str]] = set()  # ... of which these stop at their next denoising step
         # One pipeline, one forward at a time: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
-
-    @property
-    def vae_scale_factor(self) -> Optional[int]:
-        return getattr(self.pipe, "vae_scale_factor", None)
 
     def _locked(self, fn, *args):
         """Run ``fn`` holding the pipeline lock, in a worker thread: a long forward holding the lock must
@@ -53,41 +48,49 @@ class DiffusersEngine(DiffusionEngine):
 
         return asyncio.to_thread(run)
 
-    def _generate_sync(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams) -> RLBatchOutput:
+    def _generate_sync(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
+                       request_id: Optional[str]) -> RLBatchOutput:
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
-        return self.pipe.rl_generate(prompt, seeds, params)
+        try:
+            return self.pipe.rl_generate(prompt, seeds, params, interrupt=lambda: request_id in self._aborted)
+        finally:  # here, not in the coroutine: a cancelled caller does not stop this thread, the abort flag does
+            self._running.discard(request_id)
+            self._aborted.discard(request_id)
 
     async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
                        request_id: Optional[str] = None) -> RLBatchOutput:
-        # In-process calls run to completion: abort() cancels the awaiting request, not the forward.
-        return await self._locked(self._generate_sync, prompt, seeds, params)
+        self._running.add(request_id)
+        return await self._locked(self._generate_sync, prompt, seeds, params, request_id)
+
+    async def abort(self, request_id: Optional[str] = None) -> None:
+        # The forward runs in a thread; it stops at its next denoising step and releases the pipeline lock.
+        self._aborted.update(self._running if request_id is None else {request_id} & self._running)
 
     def _update_lora_sync(self, tensors: dict[str, torch.Tensor]) -> str:
         set_lora_state_dict(self.pipe.transformer, tensors)
-        self._lora_checksum = tensors_checksum(get_lora_state_dict(self.pipe.transformer))
-        return self._lora_checksum
+        return tensors_checksum(get_lora_state_dict(self.pipe.transformer))
 
     async def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
-        if self.config.lora_rank <= 0:
-            raise ValueError("update_lora needs an engine built with lora_rank > 0 (actor_rollout_ref.model.lora_rank)")
+        if self.model.lora is None:
+            raise ValueError("update_lora needs an engine built with a LoRA (actor_rollout_ref.model.lora_rank >= 1)")
         return await self._locked(self._update_lora_sync, tensors)
 
     async def lora_checksum(self) -> Optional[str]:
-        if self.config.lora_rank <= 0:
+        if self.model.lora is None:
             return None
         return await self._locked(lambda: tensors_checksum(get_lora_state_dict(self.pipe.transformer)))
 
     def _sleep_sync(self) -> None:
-        if self.config.device != "cpu":
+        if self.rollout.on_cuda:
             self.pipe.to("cpu")
             torch.cuda.empty_cache()
         self._asleep = True
 
     def _wake_sync(self) -> None:
-        if self.config.device != "cpu":
+        if self.rollout.on_cuda:
             torch.cuda.empty_cache()  # free cached blocks first: waking on a fragmented cache OOMs
-            self.pipe.to(self.config.device)
+            self.pipe.to(self.rollout.device)
         self._asleep = False
 
     async def sleep(self, level: int = 1) -> None:

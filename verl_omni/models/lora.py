@@ -6,8 +6,7 @@ tensors (``get_peft_model_state_dict`` names), so a checksum computed on either 
 
 from __future__ import annotations
 
-from typing import Sequence
-
+from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -15,8 +14,17 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def add_lora_adapter(transformer: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str] = ()) -> None:
-    targets = list(target_modules) or list(DEFAULT_TARGET_MODULES)
+@dataclass(frozen=True)
+class LoRASpec:
+    """The adapter's shape: rank, alpha and the module names it wraps (empty = DEFAULT_TARGET_MODULES)."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] = ()
+
+
+def add_lora_adapter(transformer: torch.nn.Module, spec: LoRASpec) -> None:
+    targets = list(spec.target_modules) or list(DEFAULT_TARGET_MODULES)
     names = [name for name, _ in transformer.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
@@ -24,8 +32,14 @@ def add_lora_adapter(transformer: torch.nn.Module, rank: int, alpha: float, targ
             f"actor_rollout_ref.model.target_modules {unmatched} match no module of the transformer "
             f"(examples of module names: {names[1:6]})"
         )
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets,
+                        init_lora_weights=True)
     transformer.add_adapter(config)
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The adapter's parameters, in module order (what the optimizer trains)."""
+    return [p for name, p in transformer.named_parameters() if "lora_" in name]
 
 
 def get_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,7 +50,8 @@ def set_lora_state_dict(transformer: torch.nn.Module, tensors: dict[str, torch.T
     expected = set(get_peft_model_state_dict(transformer))
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise ValueError(f"LoRA tensors do not match the engine's adapter: missing {missing}, unexpected {extra}")
+        raise ValueError(f"LoRA tensors do not match the adapter: missing {missing}, unexpected {extra}")
     result = set_peft_model_state_dict(transformer, tensors)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
+

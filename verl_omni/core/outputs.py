@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
+
 
 @dataclass
 class RLBatchOutput:
@@ -51,18 +53,8 @@ class RLBatchOutput:
 
 
 # Fields that have a leading batch dimension; the rest are shared per call (copied per sample).
-_PER_SAMPLE = (
-    "images",
-    "latents",
-    "log_probs",
-    "prompt_embeds",
-    "prompt_embeds_mask",
-    "negative_prompt_embeds",
-    "negative_prompt_embeds_mask",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
-_SHARED = ("window_mask", "timesteps", "sigmas")
+PER_SAMPLE_FIELDS = ("images", "latents", "log_probs", *CONDITIONING_FIELDS)
+SHARED_FIELDS = ("window_mask", "timesteps", "sigmas")
 
 
 @dataclass
@@ -101,7 +93,7 @@ def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
     samples = []
     for i in range(n):
         kwargs = {}
-        for name in _PER_SAMPLE:
+        for name in PER_SAMPLE_FIELDS:
             value = getattr(batch, name)
             if value is None:
                 kwargs[name] = None
@@ -109,8 +101,16 @@ def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
                 raise ValueError(f"engine field {name} has batch {value.shape[0]}, expected {n}")
             else:
                 kwargs[name] = value[i].detach().to("cpu").clone().contiguous()
-        for name in _SHARED:
+        for name in SHARED_FIELDS:
             kwargs[name] = getattr(batch, name).detach().to("cpu").clone()
         image = kwargs.pop("images")
         samples.append(DiffusionSample(image=image.numpy(), seed=int(batch.seeds[i]), **kwargs))
     return samples
+
+
+def slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
+    """Samples ``start:stop`` of a batched result (views; shared fields kept whole)."""
+    kwargs = {name: None if getattr(batch, name) is None else getattr(batch, name)[start:stop]
+              for name in PER_SAMPLE_FIELDS}
+    kwargs.update({name: getattr(batch, name) for name in SHARED_FIELDS})
+    return RLBatchOutput(seeds=list(batch.seeds[start:stop]), **kwargs)

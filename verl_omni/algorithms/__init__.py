@@ -1,0 +1,1 @@
+"""RL math with no model code: FlowGRPO advantages, the clipped policy loss and the KL term."""

@@ -1,0 +1,79 @@
+"""``actor_rollout_ref.actor``: the LoRA update (FlowGRPO's clipped loss over SDE-window transitions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from verl_omni.config.base import (
+    Section,
+    freeze_list,
+    require_choice,
+    require_device,
+    require_int,
+    require_number,
+)
+from verl_omni.core.dtypes import DTYPES
+
+
+@dataclass
+class OptimConfig(Section):
+    _prefix = "actor_rollout_ref.actor.optim"
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", freeze_list(self.betas))
+        require_number(self.key("lr"), self.lr, 0)
+        require_number(self.key("weight_decay"), self.weight_decay, 0)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{self.key('betas')}={list(self.betas)!r} must be two numbers in [0, 1)")
+
+
+@dataclass
+class ActorConfig(Section):
+    _prefix = "actor_rollout_ref.actor"
+
+    # Split placement only (actor_rollout_ref.hybrid_engine=false): >1 runs the actor as FSDP ranks, one per
+    # GPU. With the hybrid engine the ranks are the replicas (trainer.n_gpus_per_node x trainer.nnodes).
+    world_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"  # the frozen base weights' dtype (the LoRA always trains in float32)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    clip_ratio: float = 1e-4  # FlowGRPO's clip range
+    kl_coef: float = 0.0
+    adv_clip_max: Optional[float] = 5.0
+    ppo_micro_batch_size_per_gpu: int = 4  # rows (samples) per forward/backward; CFG doubles the forward batch
+    ppo_epochs: int = 1
+    grad_clip: float = 1.0
+    # Speed (each keeps the result: equivalence tests compare them with the plain path):
+    batch_cfg: bool = True  # CFG's conditional and unconditional branches as one batched forward
+    use_torch_compile: Optional[bool] = None  # regional compile of the transformer blocks; None: on for cuda
+
+    def __post_init__(self) -> None:
+        require_int(self.key("world_size"), self.world_size)
+        require_device(self.key("device"), self.device)
+        require_choice(self.key("dtype"), self.dtype, DTYPES)
+        require_number(self.key("clip_ratio"), self.clip_ratio, 0, strict=True)
+        require_number(self.key("kl_coef"), self.kl_coef, 0)
+        if self.adv_clip_max is not None:
+            require_number(self.key("adv_clip_max"), self.adv_clip_max, 0, strict=True)
+        require_int(self.key("ppo_micro_batch_size_per_gpu"), self.ppo_micro_batch_size_per_gpu)
+        require_int(self.key("ppo_epochs"), self.ppo_epochs)
+        require_number(self.key("grad_clip"), self.grad_clip, 0, strict=True)
+        for name in ("batch_cfg",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
+        if self.use_torch_compile not in (None, True, False):
+            raise ValueError(f"{self.key('use_torch_compile')}={self.use_torch_compile!r} must be true, false or "
+                             "null (null: on for cuda)")
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def compile_blocks(self) -> bool:
+        return self.on_cuda if self.use_torch_compile is None else self.use_torch_compile

@@ -1,0 +1,43 @@
+"""``actor_rollout_ref.model``: which pipeline, from where, with which LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from verl_omni.config.base import Section, freeze_list, require_choice, require_int, require_number
+from verl_omni.core.names import PIPELINE_NAMES
+from verl_omni.models.lora import DEFAULT_TARGET_MODULES, LoRASpec
+
+
+@dataclass
+class ModelConfig(Section):
+    _prefix = "actor_rollout_ref.model"
+
+    # A diffusers pipeline directory; "tiny:qwen_image" / "tiny:sd3" build a tiny random model locally.
+    path: Optional[str] = None
+    pipeline: str = "qwen_image"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # Recompute each transformer block in the backward pass instead of keeping its activations
+    # (what lets micro-batch 4 fit at the real size). None: on when the actor trains on a GPU.
+    enable_gradient_checkpointing: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
+        if not self.path:
+            raise ValueError(f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)")
+        require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)
+        require_int(self.key("lora_rank"), self.lora_rank, minimum=0)  # 0: no adapter (rollout-only engines)
+        if self.lora_rank:
+            require_number(self.key("lora_alpha"), self.lora_alpha, 0, strict=True)
+        if self.enable_gradient_checkpointing not in (None, True, False):
+            raise ValueError(f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
+                             "must be true, false or null (null: on for GPU actors)")
+
+    @property
+    def lora(self) -> Optional[LoRASpec]:
+        if not self.lora_rank:
+            return None
+        return LoRASpec(rank=self.lora_rank, alpha=float(self.lora_alpha), target_modules=tuple(self.target_modules))

@@ -1,0 +1,168 @@
+"""The whole FlowGRPO config: ``data``, ``actor_rollout_ref``, ``reward``, ``algorithm``, ``trainer``.
+
+``FlowGRPOConfig.from_omega(cfg)`` is the one place the YAML (``verl_omni/trainer/config/flowgrpo_trainer.yaml``,
+overridable with Hydra) becomes typed sections; every component gets the section it needs from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from verl_omni.config.actor import ActorConfig
+from verl_omni.config.base import Section, build, freeze_list, require_choice, require_int, to_plain
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
+
+LOGGERS = ("console", "tensorboard", "wandb", "mlflow", "swanlab", "file")
+
+
+@dataclass
+class DataConfig(Section):
+    _prefix = "data"
+
+    train_files: str = "~/data/qwenimage_ocr/train.parquet"
+    val_files: Optional[str] = "~/data/qwenimage_ocr/test.parquet"
+    prompt_key: str = "prompt"
+    train_batch_size: int = 2  # prompts per step (each is sampled rollout.n times)
+    val_batch_size: int = 2
+    val_max_samples: Optional[int] = 4
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_int(self.key("train_batch_size"), self.train_batch_size)
+        require_int(self.key("val_batch_size"), self.val_batch_size)
+
+
+@dataclass
+class RewardConfig(Section):
+    """Reward entries stay plain dicts: each reward kind takes its own keys (checked by the reward manager)."""
+
+    _prefix = "reward"
+
+    rewards: tuple = ({"name": "ocr", "weight": 1.0},)
+    custom_reward_function: dict = field(default_factory=lambda: {"path": None, "name": None})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rewards", freeze_list(self.rewards or ()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rewards": [dict(r) for r in self.rewards], "custom_reward_function": dict(self.custom_reward_function)}
+
+
+@dataclass
+class AlgorithmConfig(Section):
+    _prefix = "algorithm"
+
+    # std over the whole batch instead of per prompt group (advantages are clipped by actor.adv_clip_max)
+    global_std: bool = False
+
+
+@dataclass
+class TrainerConfig(Section):
+    _prefix = "trainer"
+
+    project_name: str = "verl_omni_flowgrpo"
+    experiment_name: str = "qwen_image_ocr_lora"
+    logger: tuple[str, ...] = ("console", "tensorboard")
+    total_training_steps: int = 2
+    save_freq: int = 1  # -1 disables checkpoints
+    test_freq: int = -1  # -1 disables validation
+    default_local_dir: str = "checkpoints/verl_omni_flowgrpo/qwen_image_ocr_lora"
+    resume_mode: str = "auto"  # auto | disable
+    sample_images_per_step: int = 4
+    nan_policy: str = "stop"  # stop | skip
+    seed: int = 0
+    ray_num_cpus: Optional[int] = None  # null = this machine's cores (at least 4 logical slots)
+    # Placement of the hybrid engine (verl's keys): one replica + one actor rank per GPU (per worker on CPU).
+    n_gpus_per_node: int = 1
+    nnodes: int = 1
+
+    def __post_init__(self) -> None:
+        loggers = (self.logger,) if isinstance(self.logger, str) else freeze_list(self.logger)
+        object.__setattr__(self, "logger", tuple(loggers))
+        unknown = [name for name in self.logger if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"{self.key('logger')} has {unknown}; allowed: {LOGGERS}")
+        require_int(self.key("total_training_steps"), self.total_training_steps)
+        require_choice(self.key("resume_mode"), self.resume_mode, ("auto", "disable"))
+        require_choice(self.key("nan_policy"), self.nan_policy, ("stop", "skip"))
+        for key in ("save_freq", "test_freq"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                raise ValueError(f"{self.key(key)}={value!r} must be -1 (off) or an int >= 1")
+        require_int(self.key("sample_images_per_step"), self.sample_images_per_step, minimum=0)
+        require_int(self.key("n_gpus_per_node"), self.n_gpus_per_node)
+        require_int(self.key("nnodes"), self.nnodes)
+        if self.ray_num_cpus is not None:
+            require_int(self.key("ray_num_cpus"), self.ray_num_cpus)
+
+    @property
+    def world_size(self) -> int:
+        return self.n_gpus_per_node * self.nnodes
+
+
+@dataclass
+class ActorRolloutRefConfig(Section):
+    _prefix = "actor_rollout_ref"
+
+    # verl's key: the actor and the rollout share each GPU (one replica + one actor rank per GPU, the frozen
+    # weights held once). false: the split placement (replicas and actor ranks on GPUs of their own).
+    hybrid_engine: bool = True
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny:qwen_image"))
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class FlowGRPOConfig(Section):
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @classmethod
+    def from_omega(cls, cfg: Any) -> "FlowGRPOConfig":
+        return cfg if isinstance(cfg, cls) else build(cls, to_plain(cfg))
+
+    def __post_init__(self) -> None:
+        """Checks that span sections."""
+        ref = self.actor_rollout_ref
+        rollout, actor = ref.rollout, ref.actor
+        prefix = "actor_rollout_ref.rollout"
+        if ref.model.lora_rank < 1:
+            raise ValueError(f"actor_rollout_ref.model.lora_rank={ref.model.lora_rank} must be >= 1: the actor trains a LoRA")
+        if rollout.n < 2:
+            raise ValueError(f"{prefix}.n={rollout.n} must be >= 2: FlowGRPO's advantages are normalised within the "
+                             "n samples of a prompt, so a group of one has advantage 0 and nothing is learned")
+        if not rollout.algo.noise_level > 0:
+            raise ValueError(f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training "
+                             "(0 is the deterministic sampler: no log-probs to train on; use it in val_kwargs)")
+        steps, size = rollout.pipeline.num_inference_steps, rollout.algo.sde_window_size
+        last_start = steps - size if rollout.algo.sde_window_range is None else rollout.algo.sde_window_range[1]
+        window_reaches_end = size == 0 or last_start + size >= steps
+        if rollout.algo.sde_type == "cps" and actor.kl_coef > 0 and window_reaches_end:
+            raise ValueError(
+                f"{prefix}.algo.sde_type='cps' with actor_rollout_ref.actor.kl_coef>0 needs an SDE window that ends "
+                f"before the last step (cps has zero noise there, so the KL divides by 0): set {prefix}.algo."
+                "sde_window_size / sde_window_range, or kl_coef=0"
+            )
+        if ref.hybrid_engine:
+            if actor.on_cuda != rollout.on_cuda:
+                raise ValueError(
+                    f"actor_rollout_ref.hybrid_engine=true colocates each actor rank with a replica: "
+                    f"actor_rollout_ref.actor.device={actor.device!r} and {prefix}.device={rollout.device!r} must "
+                    "both be cpu or both cuda (or set actor_rollout_ref.hybrid_engine=false)")
+            if actor.world_size != 1:
+                raise ValueError(
+                    f"actor_rollout_ref.actor.world_size={actor.world_size} applies to the split placement only; with "
+                    "actor_rollout_ref.hybrid_engine=true the actor has one rank per replica: set "
+                    "trainer.n_gpus_per_node (and trainer.nnodes) instead")
+
+    @property
+    def num_replicas(self) -> int:
+        """Replicas to launch: one per GPU (worker) with the hybrid engine, else ``rollout.num_replicas``."""
+        ref = self.actor_rollout_ref
+        return self.trainer.world_size if ref.hybrid_engine else ref.rollout.num_replicas

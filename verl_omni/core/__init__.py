@@ -1,0 +1,9 @@
+"""The bottom layer: types and helpers every other package may use, depending on nothing in verl_omni.
+
+- ``outputs``: what a rollout returns (``RLBatchOutput`` per engine call, ``DiffusionSample`` per image);
+- ``conditioning``: the text conditioning a transformer call consumes (``Conditioning``);
+- ``errors``: ``NonFiniteError`` and ``assert_finite``;
+- ``dtypes``: the dtype names configs accept (``DTYPES``) and ``resolve_dtype``;
+- ``checksum``: ``tensors_checksum``, the LoRA fingerprint both sides of a weight sync compute;
+- ``names``: the names configs may use for engines, pipelines and the agent loop.
+"""

@@ -1,0 +1,93 @@
+"""The text conditioning of a batch, as a transformer call consumes it.
+
+One typed object instead of a ``cond`` dict: the pipelines build it (``encode_conditions``), the rollout stores
+its fields in ``RLBatchOutput`` / ``DiffusionSample`` under the same names, and the actor rebuilds it from a
+training batch to recompute the very same forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Optional
+
+import torch
+
+FIELDS = (
+    "prompt_embeds",
+    "prompt_embeds_mask",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_prompt_embeds_mask",
+    "negative_pooled_prompt_embeds",
+)
+
+
+@dataclass
+class Conditioning:
+    """Per-sample text conditioning of B samples (every field has a leading batch dimension).
+
+    - ``prompt_embeds`` [B, L, D], ``prompt_embeds_mask`` [B, L] (1 = token, 0 = padding; None = no mask),
+      ``pooled_prompt_embeds`` [B, P] (SD3's pooled CLIP embeddings; None for Qwen-Image);
+    - the ``negative_*`` twins, present only under classifier-free guidance.
+    """
+
+    prompt_embeds: torch.Tensor
+    prompt_embeds_mask: Optional[torch.Tensor] = None
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    negative_prompt_embeds: Optional[torch.Tensor] = None
+    negative_prompt_embeds_mask: Optional[torch.Tensor] = None
+    negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                               for f in fields(self)})
+
+    def repeat(self, batch_size: int) -> "Conditioning":
+        """[1, ...] rows -> [B, ...] (real copies, so per-sample slices never alias)."""
+        return self._map(lambda t: t.repeat(batch_size, *([1] * (t.ndim - 1))))
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows: torch.Tensor | slice) -> "Conditioning":
+        return self._map(lambda t: t[rows])
+
+    def without_padding(self) -> "Conditioning":
+        """Right padding beyond the longest mask of each branch removed.
+
+        The agent loop pads embeddings of different prompts to one length; cutting back to the longest prompt of
+        the rows reproduces the rollout's tensors exactly when the rows are one prompt group.
+        """
+        out = self
+        for prefix in ("", "negative_"):
+            mask = getattr(self, f"{prefix}prompt_embeds_mask")
+            if mask is None:
+                continue
+            length = int(mask.sum(dim=1).max())
+            out = replace(out, **{f"{prefix}prompt_embeds": getattr(self, f"{prefix}prompt_embeds")[:, :length],
+                                  f"{prefix}prompt_embeds_mask": mask[:, :length]})
+        return out
+
+    def as_fields(self) -> dict[str, Optional[torch.Tensor]]:
+        """The fields under their ``RLBatchOutput`` / ``DiffusionSample`` names."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    @classmethod
+    def from_fields(cls, source: Mapping[str, Any] | Any) -> "Conditioning":
+        """From a mapping (a TensorDict, a dict) or an object with the field names as attributes; absent = None."""
+        if isinstance(source, Mapping) or hasattr(source, "keys"):
+            keys = set(source.keys())
+            values = {name: source[name] if name in keys else None for name in FIELDS}
+        else:
+            values = {name: getattr(source, name, None) for name in FIELDS}
+        if values["prompt_embeds"] is None:
+            raise ValueError("conditioning needs prompt_embeds")
+        return cls(**values)

@@ -1,0 +1,48 @@
+"""Loading an RL pipeline from a diffusers directory, the same way for both engines and the actor."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+from verl_omni.core.dtypes import resolve_dtype
+from verl_omni.models.lora import LoRASpec, add_lora_adapter
+from verl_omni.pipelines import get_pipeline_class
+
+
+def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: Optional[LoRASpec] = None,
+                     lora_dtype: Optional[torch.dtype] = None) -> Any:
+    """``get_pipeline_class(pipeline).from_pretrained(path)`` in ``dtype`` (on CPU), progress bars off, with a
+    frozen transformer and, when ``lora`` is given, a peft adapter on it (its weights in ``lora_dtype`` when set:
+    the actor trains them in float32 over bf16 base weights)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
+                                "dir with model_index.json, or tiny:qwen_image / tiny:sd3)")
+    pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.requires_grad_(False)
+    if lora is not None:
+        add_lora_adapter(pipe.transformer, lora)
+        if lora_dtype is not None:
+            for name, param in pipe.transformer.named_parameters():
+                if "lora_" in name:
+                    param.data = param.data.to(lora_dtype)
+    return pipe
+
+
+def vae_scale_factor_of(model_path: str) -> Optional[int]:
+    """The pipeline's VAE factor from ``vae/config.json`` (Qwen-Image: 2 ** len(temperal_downsample))."""
+    path = os.path.join(model_path, "vae", "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    for key in ("temperal_downsample", "temporal_downsample"):
+        if key in cfg:
+            return 2 ** len(cfg[key])
+    if "block_out_channels" in cfg:  # SD3-style AutoencoderKL
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return None

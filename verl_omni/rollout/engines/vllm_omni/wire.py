@@ -1,0 +1,141 @@
+"""What crosses between the server-side engine and vllm-omni's worker: the request's extra args and the output.
+
+Imports nothing from ``vllm_omni``: the worker passes its ``DiffusionOutput`` class in, and the engine receives
+plain ``OmniRequestOutput`` objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
+from verl_omni.core.outputs import PER_SAMPLE_FIELDS, SHARED_FIELDS, RLBatchOutput
+
+PIPELINE_CLASS = "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLPipeline"
+WORKER_EXTENSION_CLASS = "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLWorkerExtension"
+# A model class name vllm-omni does not know, so it applies no Qwen-Image specific pre/post-processing to our
+# output (its Qwen post-process expects [-1, 1] NCHW floats).
+MODEL_CLASS_NAME = "VerlOmniRLPipeline"
+EXTRA_KEY = "verl_omni"  # key in custom_pipeline_args, extra_args and custom_output
+SHARED_ROWS_KEY = "shared_rows"  # custom_output fields sent as one row for all samples of the request
+# Fields that travel in DiffusionOutput's own trajectory slots rather than in custom_output.
+_TRAJECTORY = {"latents": "trajectory_latents", "log_probs": "trajectory_log_probs", "timesteps": "trajectory_timesteps"}
+
+
+def plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (the request crosses process boundaries; keep it JSON-like)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ request
+def request_extra(seeds: Sequence[int], params: DiffusionSamplingParams) -> dict[str, Any]:
+    """Our part of a request, for ``OmniDiffusionSamplingParams.extra_args[EXTRA_KEY]``."""
+    return {"seeds": [int(s) for s in seeds], "params": plain(params.to_dict())}
+
+
+def decode_request(req: Any) -> tuple[str, list[int], DiffusionSamplingParams]:
+    """(prompt, seeds, params) of a request the worker received."""
+    prompt = req.prompt
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt", "")
+    sp = req.sampling_params
+    extra = (getattr(sp, "extra_args", None) or {}).get(EXTRA_KEY)
+    if extra is not None:
+        return str(prompt), [int(s) for s in extra["seeds"]], DiffusionSamplingParams.from_dict(extra["params"])
+    # A request that did not come from VllmOmniEngine: vllm-omni 0.24's start-up dummy run (1 step at 512x512).
+    # Served as plain ODE sampling with at least 2 steps (a 1-step Qwen-Image schedule with shift_terminal is NaN).
+    # Remove when vllm-omni lets a custom pipeline skip or shape its dummy run.
+    n = max(1, int(getattr(sp, "num_outputs_per_prompt", 1) or 1))
+    seed0 = int(sp.seed) if getattr(sp, "seed", None) is not None else 0
+    params = DiffusionSamplingParams(
+        num_inference_steps=max(2, int(sp.num_inference_steps or 2)),
+        height=int(sp.height or 512),
+        width=int(sp.width or 512),
+        noise_level=0.0,
+        return_trajectory=False,
+    )
+    return str(prompt), [seed0 + i for i in range(n)], params
+
+
+# ------------------------------------------------------------------------------------------ output
+def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: str) -> Any:
+    """One request's share of an ``rl_generate`` result as vllm-omni's ``DiffusionOutput``.
+
+    The prompt embeddings of one request are the same row repeated, so one row is sent and
+    :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
+    """
+    extra: dict[str, Any] = {"seeds": list(part.seeds), SHARED_ROWS_KEY: []}
+    for name in PER_SAMPLE_FIELDS + SHARED_FIELDS:
+        if name == "images" or name in _TRAJECTORY:
+            continue
+        value = getattr(part, name)
+        if name in CONDITIONING_FIELDS and value is not None:
+            value = value[:1].clone()
+            extra[SHARED_ROWS_KEY].append(name)
+        extra[name] = value
+    images = part.images
+    if model_class_name != MODEL_CLASS_NAME:
+        # vllm-omni applies its model's post-process (VaeImageProcessor.postprocess) to ``output``:
+        # give it [-1, 1] NCHW floats and carry our exact uint8 images in custom_output.
+        extra["images"] = images
+        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return output_cls(
+        output=images,
+        **{slot: getattr(part, name) for name, slot in _TRAJECTORY.items()},
+        custom_output={EXTRA_KEY: extra},
+    )
+
+
+def _images_to_uint8(images: Any) -> torch.Tensor:
+    """OmniRequestOutput.images -> uint8 [B, H, W, 3]: a [B,H,W,3] tensor, a list of them, or PIL images."""
+    if isinstance(images, torch.Tensor):
+        images = [images]
+    tensors = []
+    for img in images:
+        if isinstance(img, torch.Tensor):
+            t = img.detach().to("cpu")
+        else:  # PIL
+            t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+        if t.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images from the RL pipeline, got {t.dtype}")
+        tensors.append(t if t.ndim == 4 else t.unsqueeze(0))
+    if not tensors:
+        raise ValueError("vllm-omni returned no images")
+    return torch.cat(tensors, dim=0)
+
+
+def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
+    """Our RLBatchOutput from one vllm-omni ``OmniRequestOutput`` produced by VllmOmniRLPipeline."""
+    custom = getattr(out, "custom_output", None) or getattr(out, "_custom_output", None) or {}
+    extra = custom.get(EXTRA_KEY)
+    if extra is None:
+        raise RuntimeError(
+            "vllm-omni output has no verl_omni payload in custom_output: was the engine started with "
+            f"custom_pipeline_args.pipeline_class={PIPELINE_CLASS}?"
+        )
+    images = extra.get("images")
+    images = _images_to_uint8(images if images is not None else out.images)
+    fields: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("images", "seeds", SHARED_ROWS_KEY)}
+    for name in extra.get(SHARED_ROWS_KEY, ()):  # one row sent for the whole request: repeat it per sample
+        fields[name] = fields[name].expand(len(seeds), *fields[name].shape[1:]).clone()
+    for name, slot in _TRAJECTORY.items():
+        fields[name] = getattr(out, slot)
+        if fields[name] is None:
+            raise RuntimeError(f"vllm-omni output lacks trajectory field for {name}")
+    returned_seeds = [int(s) for s in extra.get("seeds", [])]
+    if returned_seeds != [int(s) for s in seeds]:
+        raise RuntimeError(f"engine returned seeds {returned_seeds}, asked for {list(seeds)}")
+    batch = RLBatchOutput(images=images, seeds=returned_seeds, **fields)
+    if batch.batch_size != len(seeds) or batch.log_probs.shape[0] != len(seeds):
+        raise RuntimeError(
+            f"engine returned {batch.batch_size} images / {batch.log_probs.shape[0]} log-prob rows for {len(seeds)} seeds"
+        )
+    return batch

@@ -1,0 +1,166 @@
+"""Code that runs inside vllm-omni's diffusion worker process (loaded there by qualified name).
+
+- :class:`VllmOmniRLPipeline`: the vllm-omni custom pipeline wrapping our diffusers RL pipeline;
+- :class:`VllmOmniRLWorkerExtension`: mixed into vllm-omni's worker; its methods are ``collective_rpc`` targets.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.dtypes import resolve_dtype
+from verl_omni.core.outputs import slice_batch
+from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_dict
+from verl_omni.pipelines.loading import load_rl_pipeline
+from verl_omni.rollout.engines.vllm_omni.wire import EXTRA_KEY, decode_request, plain, to_diffusion_output
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_flash_attention() -> Optional[Any]:
+    """vllm-omni's flash-attention function for diffusion models (FA3 via fa3-fwd, else FA2), or None when it has
+    none or the user chose SDPA with vllm-omni's ``DIFFUSION_ATTENTION_BACKEND=TORCH_SDPA``."""
+    import os
+
+    if os.environ.get("DIFFUSION_ATTENTION_BACKEND", "").upper() == "TORCH_SDPA" or not torch.cuda.is_available():
+        return None
+    try:
+        from vllm_omni.diffusion.attention.backends.utils import fa
+    except ImportError:
+        return None
+    return fa.flash_attn_func
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class VllmOmniRLPipeline(torch.nn.Module):
+    """vllm-omni custom pipeline wrapping a verl_omni RL pipeline.
+
+    Its diffusers components (transformer, vae, text_encoder) are registered as child modules so vllm-omni's
+    ``.to(device)``, CuMem sleep pool and regional ``torch.compile`` of ``transformer`` apply to them.
+    """
+
+    supports_request_batch = True
+
+    def __init__(self, *, od_config: Any, **_: Any):
+        super().__init__()
+        self.od_config = od_config
+        self.opts = dict((getattr(od_config, "custom_pipeline_args", None) or {}).get(EXTRA_KEY) or {})
+        lora = LoRASpec(**self.opts["lora"]) if self.opts.get("lora") else None
+        dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else resolve_dtype(str(od_config.dtype))
+        pipe = load_rl_pipeline(od_config.model, self.opts.get("pipeline", "qwen_image"), dtype, lora)
+        flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
+        if flash is not None:
+            blocks = pipe.use_attention_function(flash)
+            logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
+                        blocks, getattr(flash, "__module__", flash))
+        self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
+        object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                setattr(self, name, component)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The runner may swap ``transformer`` (regional compile returns the same module, but be safe).
+        super().__setattr__(name, value)
+        pipe = self.__dict__.get("pipe")
+        if pipe is not None and isinstance(value, torch.nn.Module) and name in getattr(pipe, "components", {}):
+            setattr(pipe, name, value)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def load_weights(self, weights: Any) -> None:
+        """Weights came with ``from_pretrained``; drain vllm-omni's (empty) iterator. None = no strict check."""
+        for _ in weights:
+            pass
+        return None
+
+    def forward(self, batch: Any) -> list:
+        from vllm_omni.diffusion.data import DiffusionOutput
+
+        requests = list(getattr(batch, "requests", None) or [batch])
+        groups: dict[tuple[str, str], list[tuple[int, list[int], DiffusionSamplingParams]]] = {}
+        for index, req in enumerate(requests):
+            prompt, seeds, params = decode_request(req)
+            key = (prompt, json.dumps(plain(params.to_dict()), sort_keys=True))
+            groups.setdefault(key, []).append((index, seeds, params))
+        outputs: list[Any] = [None] * len(requests)
+        for (prompt, _), members in groups.items():
+            all_seeds = [s for _, seeds, _ in members for s in seeds]
+            result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
+            self.rl_batch_sizes.append(len(all_seeds))
+            start = 0
+            for index, seeds, _ in members:
+                part = slice_batch(result, start, start + len(seeds))
+                start += len(seeds)
+                outputs[index] = to_diffusion_output(part, DiffusionOutput, self.od_config.model_class_name)
+        return outputs
+
+    # ------------------------------------------------------------------ LoRA (called from the worker extension)
+    def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
+        set_lora_state_dict(self.transformer, tensors)
+        return tensors_checksum(get_lora_state_dict(self.transformer))
+
+    def lora_checksum(self) -> Optional[str]:
+        if not self.opts.get("lora"):
+            return None
+        return tensors_checksum(get_lora_state_dict(self.transformer))
+
+
+class VllmOmniRLWorkerExtension:
+    """Mixed into vllm-omni's diffusion worker (``worker_extension_cls``); its methods are collective_rpc targets."""
+
+    def re_init_pipeline(self, custom_pipeline_args: dict[str, Any]) -> None:
+        # Setting ``worker_extension_cls`` replaces vllm-omni 0.24's ``CustomPipelineWorkerExtension``, whose
+        # re_init_pipeline also starts vllm-omni's LoRA manager (which cannot serve a peft adapter): the same steps
+        # without it. Remove when vllm-omni composes worker extensions.
+        if getattr(self.model_runner, "pipeline", None) is not None:
+            self.model_runner.pipeline = None
+            gc.collect()
+            _empty_cuda_cache()
+        self.load_model(load_format="custom_pipeline", custom_pipeline_name=custom_pipeline_args["pipeline_class"])
+
+    def verl_omni_update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
+        with torch.no_grad():
+            return self.model_runner.pipeline.update_lora(tensors)
+
+    def verl_omni_lora_checksum(self) -> Optional[str]:
+        return self.model_runner.pipeline.lora_checksum()
+
+    def verl_omni_take_batch_sizes(self) -> dict[str, list[int]]:
+        pipeline = self.model_runner.pipeline
+        sizes = list(pipeline.rl_batch_sizes)
+        pipeline.rl_batch_sizes.clear()
+        return {"sizes": sizes}  # a dict, so the engine's unwrapping of stage/rank lists stops at it
+
+    def verl_omni_empty_cache(self) -> bool:
+        gc.collect()
+        _empty_cuda_cache()
+        return True
+
+    def verl_omni_memory_info(self) -> dict[str, float]:
+        gib = float(1 << 30)
+        if not torch.cuda.is_available():
+            return {}
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "free_gib": free / gib,
+            "total_gib": total / gib,
+            "used_gib": (total - free) / gib,
+            "torch_allocated_gib": torch.cuda.memory_allocated() / gib,
+            "torch_reserved_gib": torch.cuda.memory_reserved() / gib,
+        }
