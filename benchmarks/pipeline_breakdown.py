@@ -25,15 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rollout_throughput import (  # noqa: E402
-    PROMPTS,
-    add_workload_args,
-    build_model,
-    log,
-    measured_bf16_peak_tflops,
-    transformer_flops_per_image,
-    versions,
-)
+from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image  # noqa: E402
+from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E402
 
 
 def _sync():

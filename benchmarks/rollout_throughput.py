@@ -32,6 +32,16 @@ import sys
 import time
 from typing import Any, Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import (  # noqa: E402
+    build_model,
+    log,
+    measured_bf16_peak_tflops,
+    params_billion,
+    transformer_flops_per_image,
+)
+
 PROMPTS = [
     "A sunlit reading room in an old library: tall oak shelves full of leather books, a brass telescope by the "
     "arched window, dust drifting in warm light beams, a sleeping cat curled on a green velvet armchair, a chalk "
@@ -40,61 +50,6 @@ PROMPTS = [
     "people with umbrellas waiting at a stop, a fish market stall under a striped awning, the sign FRESH CATCH "
     "painted on a wooden board, fog rolling in from the sea and a lighthouse beam sweeping across low clouds.",
 ]
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def measured_bf16_peak_tflops() -> float:
-    import torch
-
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    iters = 20
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 * iters / dt / 1e12
-
-
-def transformer_flops_per_image(cfg: dict, image_tokens: int, text_tokens: int, steps: int, cfg_passes: int) -> float:
-    layers = cfg["num_layers"]
-    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    seq = image_tokens + text_tokens
-    per_forward = 2 * (12 * layers * width**2) * seq + layers * 4 * seq**2 * width
-    return per_forward * steps * cfg_passes
-
-
-def _params_billion(folder: str) -> float:
-    """bf16 safetensors bytes / 2 (the transformer is saved in bf16)."""
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    return size / 2 / 1e9
-
-
-def build_model(root: str, layers: int) -> str:
-    import torch
-
-    from verl_omni.models.tiny import build_qwen_image
-
-    path = os.path.join(root, f"qwen_image_full_width_L{layers}")
-    done = os.path.join(path, ".complete")
-    if os.path.exists(done):
-        log(f"model exists: {path}")
-        return path
-    t0 = time.perf_counter()
-    build_qwen_image(path, num_layers=layers, full_width=True, seed=0, dtype=torch.bfloat16)
-    open(done, "w").close()
-    log(f"built {path} in {time.perf_counter() - t0:.0f} s")
-    return path
 
 
 async def timed_repeats(fn: Callable, prompts: list[str], n: int, repeats: int, seed_base: int) -> dict[str, Any]:
@@ -114,6 +69,8 @@ async def timed_repeats(fn: Callable, prompts: list[str], n: int, repeats: int, 
                     "log_probs_shape_per_call": list(o.log_probs.shape),
                     "latents_shape_per_call": list(o.latents.shape),
                     "text_tokens": int(o.prompt_embeds.shape[1]),
+                    "negative_text_tokens": (int(o.negative_prompt_embeds.shape[1])
+                                             if o.negative_prompt_embeds is not None else None),
                     "image_tokens": int(o.latents.shape[2]),
                 }
         times.append(time.perf_counter() - t0)
@@ -182,12 +139,13 @@ async def profile_one_call(fn, prompt: str, n: int) -> dict[str, Any]:
 async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n, repeats, params,
                            profile: bool = False) -> dict:
     """Start one engine, warm each path's shape, time the paths, shut it down. paths: label -> 'batched'|'singles'."""
-    from verl_omni.rollout.engines.base import get_engine_class
+    from verl_omni.rollout.engines import get_engine_class
 
+    model, rollout = config
     t0 = time.perf_counter()
-    engine = get_engine_class(name)(config)
+    engine = get_engine_class(name)(model, rollout)
     start_s = time.perf_counter() - t0
-    log(f"{name} engine up in {start_s:.0f} s (max_num_seqs={config.max_num_seqs}, enforce_eager={config.enforce_eager})")
+    log(f"{name} engine up in {start_s:.0f} s (max_num_seqs={rollout.max_num_seqs}, enforce_eager={rollout.enforce_eager})")
     fns = path_fns(engine, params, n)
     results = {}
     try:
@@ -234,8 +192,9 @@ def versions() -> dict:
 async def main_async(args) -> dict:
     import torch
 
+    from verl_omni.config.model import ModelConfig
+    from verl_omni.config.rollout import RolloutConfig
     from verl_omni.config.sampling import DiffusionSamplingParams
-    from verl_omni.rollout.engines.base import EngineConfig
 
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
     prompts = PROMPTS[: args.prompts]
@@ -243,6 +202,7 @@ async def main_async(args) -> dict:
     params = DiffusionSamplingParams(
         num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.max_text_tokens,
         noise_level=0.7, sde_type="sde", sde_window_size=0, return_trajectory=True,
+        guidance_scale=args.cfg, negative_prompt=" " if args.cfg > 1 else None,
     )
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
@@ -250,26 +210,30 @@ async def main_async(args) -> dict:
     with open(os.path.join(model_dir, "transformer", "config.json")) as f:
         tcfg = json.load(f)
 
-    def cfg(**kw):
-        return EngineConfig(model_path=model_dir, device="cuda", dtype="bfloat16", **kw)
+    def cfg(**kw):  # (model, rollout) sections; no LoRA: the rollout alone is measured
+        return ModelConfig(path=model_dir, lora_rank=0), RolloutConfig(device="cuda", dtype="bfloat16", **kw)
 
     results: dict[str, Any] = {}
     if {"a", "b"} & set(wanted):
         paths = {k: v for k, v in (("b", "batched"), ("a", "singles")) if k in wanted}
-        results.update(await run_engine_paths("vllm_omni", cfg(max_num_seqs=1, enforce_eager=args.eager),
+        results.update(await run_engine_paths("vllm_omni", cfg(name="vllm_omni", max_num_seqs=1, enforce_eager=args.eager),
                                               paths, prompts, n, args.repeats, params))
     if "c" in wanted:
-        results.update(await run_engine_paths("vllm_omni", cfg(max_num_seqs=n, enforce_eager=args.eager),
+        results.update(await run_engine_paths("vllm_omni", cfg(name="vllm_omni", max_num_seqs=n, enforce_eager=args.eager),
                                               {"c": "singles"}, prompts, n, args.repeats, params))
     if {"d", "e"} & set(wanted):
         paths = {k: v for k, v in (("d", "batched"), ("e", "singles")) if k in wanted}
-        results.update(await run_engine_paths("diffusers", cfg(), paths, prompts, n, args.repeats, params,
+        results.update(await run_engine_paths("diffusers", cfg(name="diffusers"), paths, prompts, n, args.repeats, params,
                                               profile=args.profile))
 
     image_tokens = (args.size // 16) ** 2
     for label, res in results.items():
-        text_tokens = res["returned"]["text_tokens"] if res.get("returned") else args.max_text_tokens
+        returned = res.get("returned") or {}
+        text_tokens = returned.get("text_tokens", args.max_text_tokens)
         flops = transformer_flops_per_image(tcfg, image_tokens, text_tokens, args.steps, 1)
+        if args.cfg > 1:  # the unconditional branch, with its own (real) token count
+            negative = returned.get("negative_text_tokens") or text_tokens
+            flops += transformer_flops_per_image(tcfg, image_tokens, negative, args.steps, 1)
         res["transformer_tflop_per_image"] = flops / 1e12
         res["mfu"] = flops * res["img_per_s"] / (peak * 1e12)
 
@@ -290,7 +254,7 @@ async def main_async(args) -> dict:
         "config": {
             "model": "Qwen-Image architecture, full width, random bf16 weights (verl_omni.models.tiny.build_qwen_image)",
             "transformer_layers": tcfg["num_layers"], "real_model_layers": 60,
-            "transformer_params_billion": _params_billion(os.path.join(model_dir, "transformer")),
+            "transformer_params_billion": params_billion(os.path.join(model_dir, "transformer")),
             "width": tcfg["num_attention_heads"] * tcfg["attention_head_dim"],
             "resolution": [args.size, args.size], "n_per_prompt": n, "prompts": len(prompts),
             "steps": args.steps, "cfg": False, "repeats": args.repeats, "dtype": "bfloat16",
@@ -321,6 +285,7 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-text-tokens", type=int, default=256)
+    ap.add_argument("--cfg", type=float, default=1.0, help="true CFG scale (> 1: negative prompt ' ', two branches)")
     ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
 
 

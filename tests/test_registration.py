@@ -24,16 +24,21 @@ def test_readme_check_prints_our_class():
     assert "verl_omni.rollout.replica.VllmOmniReplica" in out
 
 
-def test_registry_lookup_inside_a_ray_worker(ray_session):
-    @ray.remote(num_cpus=0)
+def test_registry_lookup_inside_a_fresh_ray_worker_goes_through_verls_plugin_hook(ray_session):
+    # A runtime env of its own: Ray starts a new worker process for it (workers are pooled per runtime env).
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"VERL_OMNI_TEST_FRESH_WORKER": "1"}})
     def lookup():
-        # A fresh worker process: nothing of ours imported yet except through verl's plugin hook.
         import sys as worker_sys
 
         before = "verl_omni" in worker_sys.modules
+        import verl  # noqa: F401  only verl: its plugin loader must import verl_omni by itself
+
+        after = "verl_omni" in worker_sys.modules
         from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-        return before, RolloutReplicaRegistry.get("vllm_omni").__qualname__, RolloutReplicaRegistry.get("diffusers").__qualname__
+        names = RolloutReplicaRegistry.get("vllm_omni").__qualname__, RolloutReplicaRegistry.get("diffusers").__qualname__
+        return before, after, names
 
-    _, vllm_name, diffusers_name = ray.get(lookup.remote())
-    assert (vllm_name, diffusers_name) == ("VllmOmniReplica", "DiffusersReplica")
+    before, after, names = ray.get(lookup.remote())
+    assert (before, after) == (False, True)  # imported by `import verl`, not by the worker's own start-up
+    assert names == ("VllmOmniReplica", "DiffusersReplica")

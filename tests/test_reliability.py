@@ -176,5 +176,13 @@ def test_validation_writes_a_grid_image(ray_session, ocr_data_files, tiny_qwen_i
         trainer.shutdown()
     from PIL import Image
 
-    grid = np.asarray(Image.open(tmp_path / "validation" / "step_1.png"))
-    assert grid.shape[0] >= 64 and grid.shape[1] >= 4 * 64
+    grid = np.asarray(Image.open(tmp_path / "validation" / "step_1.png").convert("RGB")).astype(int)
+    # val_max_samples=4 prompts x val n=1 -> one row of 4 cells, each 192 px wide (64 px image + caption space)
+    # and 64 + 36 px high (image + two caption lines).
+    assert grid.shape == (64 + 36, 4 * 192, 3)
+    for cell in range(4):
+        image = grid[:64, cell * 192:cell * 192 + 64]
+        caption = grid[64:, cell * 192:(cell + 1) * 192]
+        assert image.std() > 0, f"cell {cell}: no image pasted"
+        assert (caption.sum(-1) < 200).any(), f"cell {cell}: no caption text"
+        assert (grid[:64, cell * 192 + 64:(cell + 1) * 192] == 255).all(), f"cell {cell}: blank margin expected"

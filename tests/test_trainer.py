@@ -41,7 +41,7 @@ def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session,
         cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path / f"lr{lr}",
                    **{"actor_rollout_ref.actor.optim.lr": lr, "trainer.total_training_steps": steps})
         _, history, _ = _train(cfg)
-        runs[lr] = [h["reward/mean"] for h in history]
+        runs[lr] = [h["reward/total/mean"] for h in history]
     learned, frozen = runs[2e-2], runs[0.0]
     # Rollout seeds depend only on (seed, step, prompt group): both runs draw the same noise, so the reward
     # gap at a step is what the LoRA learned (a paired comparison). Step 1 runs before any update: identical.
@@ -104,6 +104,10 @@ def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_
     "key, value, match",
     [
         ("actor_rollout_ref.rollout.n", 0, "actor_rollout_ref.rollout.n=0 must be an int >= 1"),
+        ("actor_rollout_ref.rollout.n", 1, "actor_rollout_ref.rollout.n=1 must be >= 2: FlowGRPO's advantages"),
+        ("actor_rollout_ref.model.lora_rank", 0, "actor_rollout_ref.model.lora_rank=0 must be >= 1"),
+        ("actor_rollout_ref.rollout.limits.max_pixels", 0, "actor_rollout_ref.rollout.limits.max_pixels=0 must be"),
+        ("trainer.n_gpus_per_node", 0, "trainer.n_gpus_per_node=0 must be an int >= 1"),
         ("actor_rollout_ref.rollout.name", "sglang", "actor_rollout_ref.rollout.name='sglang' is not one of"),
         ("actor_rollout_ref.rollout.algo.sde_type", "ode", "sde_type='ode' is not one of"),
         ("actor_rollout_ref.rollout.pipeline.num_inference_steps", 0, "num_inference_steps=0 must be >= 1"),
@@ -123,6 +127,17 @@ def test_bad_config_fails_at_start_naming_the_key(key, value, match):
     cfg = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", key: value})
     with pytest.raises(ValueError, match=match):
         FlowGRPOTrainer(cfg)
+
+
+def test_the_hybrid_engine_needs_the_actor_and_rollout_on_the_same_kind_of_device():
+    mixed = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
+                         "actor_rollout_ref.actor.device": "cuda"})
+    with pytest.raises(ValueError, match="hybrid_engine=true colocates .* actor.device='cuda' and .*rollout.device='cpu'"):
+        FlowGRPOTrainer(mixed)
+    fsdp = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
+                        "actor_rollout_ref.actor.world_size": 2})
+    with pytest.raises(ValueError, match="world_size=2 applies to the split placement only.*trainer.n_gpus_per_node"):
+        FlowGRPOTrainer(fsdp)
 
 
 def test_unknown_keys_are_rejected_by_the_entry_point():
@@ -209,6 +224,17 @@ def test_start_up_checks_that_need_the_model_or_the_cluster(ray_session, ocr_dat
     gpu = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.device": "cuda"})
     with pytest.raises(ValueError, match="need 1 GPUs; the Ray cluster has 0"):
         FlowGRPOTrainer(gpu).init()
+    missing = _cfg(ocr_data_files, tmp_path / "no_such_model", tmp_path)
+    with pytest.raises(FileNotFoundError, match="actor_rollout_ref.model.path=.*no_such_model.*model_index.json"):
+        FlowGRPOTrainer(missing).init()
+    one_step = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 1, "actor_rollout_ref.rollout.algo.sde_window_size": 1})
+    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.pipeline: shift_terminal needs num_inference_steps >= 2"):
+        FlowGRPOTrainer(one_step).init()
+    val_one_step = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.rollout.val_kwargs.num_inference_steps": 1})
+    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.val_kwargs: shift_terminal needs"):
+        FlowGRPOTrainer(val_one_step).init()
 
 
 def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_session, ocr_data_files,

@@ -7,7 +7,6 @@ verl imports it in every process (driver, Ray workers) through the ``verl.plugin
 """
 
 from verl_omni.registration import register_all
-
-__version__ = "0.1.0"
+from verl_omni.version import __version__  # noqa: F401
 
 register_all()

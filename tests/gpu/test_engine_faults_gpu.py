@@ -15,9 +15,7 @@ import ray
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import make_config  # noqa: E402
-
-from verl_omni.rollout.server_manager import DiffusionServerManager  # noqa: E402
+from helpers import make_config, start_servers  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 PROMPT = "a red bicycle leaning on a blue wall"
@@ -28,6 +26,7 @@ def _config(model_dir):
     return make_config({
         "actor_rollout_ref.model.path": model_dir, "actor_rollout_ref.model.lora_rank": 4,
         "actor_rollout_ref.rollout.name": "vllm_omni", "actor_rollout_ref.rollout.device": "cuda",
+        "actor_rollout_ref.actor.device": "cuda",
         "actor_rollout_ref.rollout.dtype": "bfloat16", "actor_rollout_ref.rollout.enforce_eager": True,
         "actor_rollout_ref.rollout.gpu_memory_utilization": 0.3,
     })
@@ -38,8 +37,7 @@ def test_killed_vllm_omni_server_fails_the_request_fast_and_a_new_replica_serves
         ray.init(include_dashboard=False, log_to_driver=False)
     loop = asyncio.new_event_loop()
     figures = {}
-    manager = loop.run_until_complete(DiffusionServerManager(_config(gpu_qwen_image_dir)).start())
-    client = manager.get_client()
+    _, manager, client = start_servers(loop, _config(gpu_qwen_image_dir))
     try:
         with pytest.raises(Exception, match="num_outputs_per_prompt"):
             loop.run_until_complete(manager.replicas[0].server_handle.generate_batched.remote("bad", PROMPT, 0, [], SP))
@@ -56,9 +54,9 @@ def test_killed_vllm_omni_server_fails_the_request_fast_and_a_new_replica_serves
     finally:
         loop.run_until_complete(manager.shutdown())
 
-    fresh = loop.run_until_complete(DiffusionServerManager(_config(gpu_qwen_image_dir)).start())
+    _, fresh, fresh_client = start_servers(loop, _config(gpu_qwen_image_dir))
     try:
-        outs = loop.run_until_complete(fresh.get_client().generate_batched(
+        outs = loop.run_until_complete(fresh_client.generate_batched(
             "g2", prompt=PROMPT, seeds=[1, 2], sampling_params={**SP, "num_inference_steps": 4}))
         assert len(outs) == 2
     finally:

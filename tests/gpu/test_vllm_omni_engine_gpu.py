@@ -17,19 +17,25 @@ import pytest
 import torch
 
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
+from verl_omni.config.base import build
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.rollout.engines.base import EngineConfig, get_engine_class, tensors_checksum
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.rollout.engines import get_engine_class
 
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 PROMPT = "a red bicycle leaning on a blue wall"
 PARAMS = DiffusionSamplingParams(num_inference_steps=4, height=64, width=64, max_sequence_length=64)
 SEEDS = [11, 12, 13, 14]
-LORA = dict(lora_rank=4, lora_alpha=4.0, lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+LORA = dict(lora_rank=4, lora_alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
 
 
-def _config(model_dir: str, **kw) -> EngineConfig:
-    return EngineConfig(model_path=model_dir, device="cuda", dtype="bfloat16", enforce_eager=True, **LORA, **kw)
+def _config(model_dir: str, name: str = "vllm_omni", **kw) -> tuple[ModelConfig, RolloutConfig]:
+    """The engine's (model, rollout) sections: bf16 on the GPU, eager, LoRA rank 4."""
+    rollout = build(RolloutConfig, {"name": name, "device": "cuda", "dtype": "bfloat16", "enforce_eager": True, **kw})
+    return ModelConfig(path=model_dir, **LORA), rollout
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def engine(gpu_qwen_image_dir, event_loop_gpu):
     cls = get_engine_class("vllm_omni")
 
     async def make():
-        return cls(_config(gpu_qwen_image_dir))
+        return cls(*_config(gpu_qwen_image_dir))
 
     t0 = time.perf_counter()
     eng = event_loop_gpu.run_until_complete(make())
@@ -132,7 +138,7 @@ def test_sleep_frees_memory_and_wake_restores(engine, run):
 def test_lora_update_changes_images_and_matches_diffusers(engine, run, gpu_qwen_image_dir):
     from verl_omni.models.lora import get_lora_state_dict
 
-    reference = get_engine_class("diffusers")(_config(gpu_qwen_image_dir))
+    reference = get_engine_class("diffusers")(*_config(gpu_qwen_image_dir, name="diffusers"))
     try:
         base = run(engine.generate(PROMPT, SEEDS, PARAMS))
         ref_base = run(reference.generate(PROMPT, SEEDS, PARAMS))

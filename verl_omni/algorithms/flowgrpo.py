@@ -88,13 +88,16 @@ def flowgrpo_policy_loss(
     kl: Optional[torch.Tensor] = None,
     kl_beta: float = 0.0,
     check_finite: bool = True,
+    as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-style clipped loss of one denoising step, as FlowGRPO's train loop.
 
     ratio = exp(log_prob - old_log_prob); loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))
     with A clamped to [-adv_clip_max, adv_clip_max]; plus ``kl_beta * kl.mean()`` when ``kl`` (from
     ``flowgrpo_kl``) is given and ``kl_beta > 0`` (given with beta 0 it is only reported).
-    All inputs are [B]; metrics are detached floats.
+    All inputs are [B]; metrics are detached floats, or detached 0-dim tensors with ``as_tensors`` (a training
+    loop that must not wait for the device on every micro-batch sums them and syncs once; it then passes
+    ``check_finite=False`` and checks once too).
     """
     if check_finite:
         assert_finite("log_prob", log_prob)
@@ -111,22 +114,24 @@ def flowgrpo_policy_loss(
 
     with torch.no_grad():
         metrics = {
-            "policy_loss": policy_loss.item(),
+            "policy_loss": policy_loss.detach(),
             # FlowGRPO's approx_kl is 0.5 * E[(log pi - log pi_old)^2]
-            "approx_kl": (0.5 * log_ratio.pow(2).mean()).item(),
-            "clip_frac": ((ratio - 1.0).abs() > clip_ratio).float().mean().item(),
-            "clip_frac_high": ((ratio - 1.0) > clip_ratio).float().mean().item(),
-            "clip_frac_low": ((1.0 - ratio) > clip_ratio).float().mean().item(),
-            "ratio_mean": ratio.mean().item(),
-            "ratio_min": ratio.min().item(),
-            "ratio_max": ratio.max().item(),
+            "approx_kl": 0.5 * log_ratio.detach().pow(2).mean(),
+            "clip_frac": ((ratio - 1.0).abs() > clip_ratio).float().mean(),
+            "clip_frac_high": ((ratio - 1.0) > clip_ratio).float().mean(),
+            "clip_frac_low": ((1.0 - ratio) > clip_ratio).float().mean(),
+            "ratio_mean": ratio.detach().mean(),
+            "ratio_min": ratio.detach().min(),
+            "ratio_max": ratio.detach().max(),
         }
     if kl is not None:
         if check_finite:
             assert_finite("kl", kl)
         kl_loss = kl.mean()
-        metrics["kl_loss"] = kl_loss.item()
+        metrics["kl_loss"] = kl_loss.detach()
         if kl_beta > 0:  # FlowGRPO skips the reference forward entirely when beta == 0
             loss = policy_loss + kl_beta * kl_loss
-    metrics["loss"] = loss.item()
+    metrics["loss"] = loss.detach()
+    if not as_tensors:
+        metrics = {name: value.item() for name, value in metrics.items()}
     return loss, metrics

@@ -6,6 +6,7 @@ tensors (``get_peft_model_state_dict`` names), so a checksum computed on either 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 import torch
 from peft import LoraConfig
@@ -40,6 +41,21 @@ def add_lora_adapter(transformer: torch.nn.Module, spec: LoRASpec) -> None:
 def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The adapter's parameters, in module order (what the optimizer trains)."""
     return [p for name, p in transformer.named_parameters() if "lora_" in name]
+
+
+def init_lora_weights(transformer: torch.nn.Module, seed: int) -> None:
+    """Re-initialise the adapter as peft does (A: Kaiming-uniform with a=sqrt(5), B: zeros, so the adapter starts as
+    the identity), from a CPU generator seeded with ``seed``: the same weights in every process and on every device
+    (the hybrid engine's ranks each build their adapter in their own process)."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        for name, param in sorted(transformer.named_parameters(), key=lambda kv: kv[0]):
+            if "lora_A" in name:
+                value = torch.empty(param.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+                param.copy_(value)
+            elif "lora_B" in name:
+                param.zero_()
 
 
 def get_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -46,3 +46,16 @@ def vae_scale_factor_of(model_path: str) -> Optional[int]:
     if "block_out_channels" in cfg:  # SD3-style AutoencoderKL
         return 2 ** (len(cfg["block_out_channels"]) - 1)
     return None
+
+
+def check_schedule(model_path: str, num_inference_steps: int) -> None:
+    """Compute the pipeline's sigma schedule for ``num_inference_steps`` from its scheduler config, so settings
+    the scheduler rejects (e.g. 1 step with ``shift_terminal``) fail at start-up, not in the first rollout."""
+    from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
+
+    path = os.path.join(model_path, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    flow_match_sigmas(config, num_inference_steps, image_seq_len=256)

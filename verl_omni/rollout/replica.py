@@ -46,6 +46,7 @@ class DiffusionReplica(RolloutReplica):
         self.servers = []
         self._server_address = None
         self._server_handle = None
+        self.placement = None  # (placement group, bundle index) of this replica's GPU, set by the server manager
 
     async def init_standalone(self):
         self.rollout_mode = RolloutMode.STANDALONE
@@ -74,6 +75,12 @@ class DiffusionReplica(RolloutReplica):
             "num_cpus": 0,
             "num_gpus": 1 if self.rollout_worker_use_gpu() else 0,
         }
+        if self.placement is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group, bundle = self.placement
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=bundle)
         if self.config.name != self.engine_name:
             raise ValueError(f"actor_rollout_ref.rollout.name={self.config.name!r} given to the {self.engine_name!r} "
                              "replica class")

@@ -191,6 +191,22 @@ class DiffusionHttpServer:
     async def clear_kv_cache(self) -> None:  # diffusion engines keep no KV cache between requests
         return None
 
+    # ------------------------------------------------------------------ the hybrid engine's actor rank
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a free port) for the gradient all-reduce of the actor ranks (asked of replica 0)."""
+        import ray
+
+        sock = reserve_socket("0.0.0.0")
+        port = sock.getsockname()[1]
+        sock.close()  # the store binds it next, on the same node; the window between is short
+        return ray.util.get_node_ip_address(), port
+
+    async def init_actor(self, actor, rank: int, world_size: int, address, lora_seed: int) -> None:
+        await self.engine.init_actor(actor, rank, world_size, None if address is None else tuple(address), lora_seed)
+
+    async def actor_call(self, verb: str, *args: Any) -> Any:
+        return await self.engine.actor_call(verb, *args)
+
     async def shutdown(self) -> None:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True

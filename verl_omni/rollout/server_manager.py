@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+import ray
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl.workers.rollout.router import get_router_handle
 
@@ -34,6 +36,10 @@ class DiffusionServerManager:
             replica_cls(replica_rank=rank, config=self.rollout, model_config=self.model_config)
             for rank in range(self.num_replicas)
         ]
+        if self.rollout.on_cuda:
+            self.placement_group = _gpu_placement_group(self.num_replicas)
+            for rank, replica in enumerate(self.replicas):
+                replica.placement = (self.placement_group, rank)
         await asyncio.gather(*[r.init_standalone() for r in self.replicas])
         servers = {r.server_address: r.server_handle for r in self.replicas}
         self.load_balancer = get_router_handle(servers=servers)
@@ -68,7 +74,24 @@ class DiffusionServerManager:
             if isinstance(result, BaseException):  # keep going (the others still shut down), but say so
                 logger.warning("replica %d did not shut down cleanly: %r", replica.replica_rank, result)
         if self.load_balancer is not None:
-            import ray
-
             ray.kill(self.load_balancer)
             self.load_balancer = None
+        if getattr(self, "placement_group", None) is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def _gpu_placement_group(num_gpus: int, timeout_s: float = 120.0):
+    """One bundle per GPU (replica k on bundle k), packed onto as few nodes as the cluster allows, as verl places
+    its workers; fails naming the keys when the Ray cluster cannot hold it."""
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group([{"GPU": 1}] * num_gpus, strategy="PACK", name=f"verl_omni_replicas_{id(object()):x}")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(
+            f"the Ray cluster cannot place {num_gpus} replicas of one GPU each within {timeout_s:.0f} s (it has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs): check trainer.n_gpus_per_node x trainer.nnodes "
+            "(hybrid engine) or actor_rollout_ref.rollout.num_replicas (split), and that every node joined the cluster")
+    return pg

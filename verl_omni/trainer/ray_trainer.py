@@ -8,10 +8,10 @@ engine runs behind the replicas.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Optional
 
@@ -26,10 +26,11 @@ from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager,
 from verl_omni.algorithms.flowgrpo import compute_group_advantages
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
-from verl_omni.pipelines.loading import vae_scale_factor_of
+from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.server_manager import DiffusionServerManager
-from verl_omni.rollout.weight_sync import push_lora
+from verl_omni.rollout.weight_sync import check_checksums, push_lora
+from verl_omni.trainer.colocated_actor import ColocatedActorGroup
 from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.workers.actor import DiffusionLoRAActor
@@ -62,12 +63,8 @@ class FlowGRPOTrainer:
         model = replace(ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models")))
         self.config = replace(self.config, actor_rollout_ref=replace(ref, model=model))
         cfg = self.config
-        # Start-up checks that need the model: image size vs the VAE factor.
-        try:
-            self.rollout_cfg.sampling_params().validate(vae_scale_factor_of(model.path))
-        except ValueError as exc:
-            raise ValueError(f"actor_rollout_ref.rollout.pipeline: {exc}") from None
-        torch.manual_seed(cfg.trainer.seed)  # the LoRA A-matrices' initialisation
+        self._check_model(model.path)
+        torch.manual_seed(cfg.trainer.seed)
         np.random.seed(cfg.trainer.seed)
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
@@ -82,10 +79,7 @@ class FlowGRPOTrainer:
         self.servers = self._run(DiffusionServerManager(self.rollout_cfg, model, cfg.num_replicas).start())
         client = DiffusionServerClient(config=cfg, load_balancer_handle=self.servers.load_balancer)
         self.agent_loops = DiffusionAgentLoopManager.create(cfg, client)  # verl runs it to completion
-        actor = ref.actor
-        # One process, or W FSDP ranks (Ray actors) with the same interface.
-        self.actor = (FSDPLoRAActorGroup(model, actor, self.rollout_cfg) if actor.world_size > 1
-                      else DiffusionLoRAActor(model, actor, self.rollout_cfg))
+        self.actor = self._build_actor()
         if cfg.trainer.resume_mode == "auto":
             self._maybe_resume()
         # The engines start from the actor's adapter (fresh or resumed): one verified sync before step 1.
@@ -102,6 +96,31 @@ class FlowGRPOTrainer:
             if user_dir is None:
                 del os.environ["TENSORBOARD_DIR"]
         return self
+
+    def _check_model(self, path: str) -> None:
+        """Start-up checks that need the model directory, before Ray starts: it exists, the image size fits its VAE,
+        and its scheduler accepts the step counts (training and validation)."""
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a diffusers pipeline directory "
+                                    "(no model_index.json there); or use tiny:qwen_image / tiny:sd3")
+        for validate in (False, True):
+            params = self.rollout_cfg.sampling_params(validate=validate)
+            where = "val_kwargs" if validate else "pipeline"
+            try:
+                params.validate(vae_scale_factor_of(path))
+                check_schedule(path, params.num_inference_steps)
+            except ValueError as exc:
+                raise ValueError(f"actor_rollout_ref.rollout.{where}: {exc}") from None
+
+    def _build_actor(self):
+        """The hybrid engine's ranks (one beside each replica's engine), or, split: one process or W FSDP ranks.
+        All three have the same interface; all start from the adapter seeded by ``trainer.seed``."""
+        ref, seed = self.config.actor_rollout_ref, self.config.trainer.seed
+        if ref.hybrid_engine:
+            return ColocatedActorGroup(self.servers, ref.actor, lora_seed=seed)
+        if ref.actor.world_size > 1:
+            return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed)
+        return DiffusionLoRAActor(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed)
 
     def _check_gpus(self) -> None:
         """Each cuda replica and each FSDP rank holds a whole GPU: fail now, naming the keys, not hang in Ray."""
@@ -130,11 +149,18 @@ class FlowGRPOTrainer:
         print(f"[verl_omni] resumed from {path} at global step {self.global_step}")
 
     # ------------------------------------------------------------------ pieces of a step
-    def sync_weights(self) -> dict[str, float]:
-        """LoRA tensors → every replica (in memory); raises unless every engine checksum equals the actor's."""
-        start = time.perf_counter()
-        self.last_lora_checksum = self._run(push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype))
-        return {"timing/sync_s": time.perf_counter() - start}
+    def sync_weights(self) -> None:
+        """Make every replica serve the actor's adapter, verified by checksum (raises on any mismatch).
+
+        Hybrid engine: the engines serve the adapter their ranks trained in place, so this only compares what each
+        replica serves (all must be equal). Split: LoRA tensors -> every replica, in memory."""
+        if self.config.actor_rollout_ref.hybrid_engine:
+            served = self._run(self.servers.lora_checksums())
+            check_checksums(served[0], served)
+            self.last_lora_checksum = served[0]
+        else:
+            self.last_lora_checksum = self._run(
+                push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype))
 
     def rollout(self, step: int, validate: bool = False):
         cfg = self.config
@@ -190,14 +216,9 @@ class FlowGRPOTrainer:
 
     def train_step(self, step: int) -> Optional[dict[str, float]]:
         """One step; None when it was refused for non-finite numbers under ``trainer.nan_policy=skip``."""
-        # With several epochs an update can fail after an optimizer step: keep what to restore.
-        lora_before = self.actor.lora_state_dict()
-        optim_before = copy.deepcopy(self.actor.optimizer.state_dict())
         try:
             return self._train_step(step)
-        except NonFiniteError as exc:
-            self.actor.load_lora_state_dict(lora_before)
-            self.actor.optimizer.load_state_dict(optim_before)
+        except NonFiniteError as exc:  # the actor has restored its LoRA and optimizer state (see its update)
             if self.config.trainer.nan_policy == "stop":
                 raise
             logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
@@ -206,38 +227,39 @@ class FlowGRPOTrainer:
 
     def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        t0 = time.perf_counter()
-        output = self.rollout(step)
-        t_rollout = time.perf_counter() - t0
-        scores, reward_metrics = self.score(output)
+        timer = _PhaseTimer()
+        with timer("rollout"):
+            output = self.rollout(step)
+        with timer("reward"):
+            scores, reward_metrics = self.score(output)
         advantages = compute_group_advantages(
             torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std)
-        t1 = time.perf_counter()
-        if self.rollout_cfg.free_cache_engine:
-            self._run(self.servers.sleep())
+        # Split placement on shared devices: the engines free their memory while the actor trains. The hybrid
+        # engine's ranks train on the engines' own weights: nothing to free, nothing to move.
+        swap = self.rollout_cfg.free_cache_engine and not cfg.actor_rollout_ref.hybrid_engine
+        if swap:
+            with timer("swap"):
+                self._run(self.servers.sleep())
         try:
-            actor_metrics = self.actor.update(output, advantages.float())
+            with timer("update"):
+                actor_metrics = self.actor.update(output, advantages.float())
         finally:
-            if self.rollout_cfg.free_cache_engine:
-                self._run(self.servers.wake_up())
-        t_train = time.perf_counter() - t1
-        sync_metrics = self.sync_weights()
+            if swap:
+                with timer("swap"):
+                    self._run(self.servers.wake_up())
+        with timer("sync"):
+            self.sync_weights()
         self._write_samples(step, output, scores)
-        step_time = time.perf_counter() - t0
         n_images = len(scores)
         return {
             **reward_metrics,
             **actor_metrics,
             **output.meta_info.get("metrics", {}),
-            **sync_metrics,
-            "reward/mean": float(scores.mean()),
-            "reward/std": float(scores.std()),
             "advantages/mean": float(advantages.mean()),
             "advantages/abs_max": float(advantages.abs().max()),
-            "timing/rollout_s": t_rollout,
-            "timing/train_s": t_train,
-            "timing/step_s": step_time,
-            "perf/img_per_s_rollout": n_images / max(t_rollout, 1e-9),
+            **timer.metrics(),
+            "perf/img_per_s_rollout": n_images / max(timer.seconds["rollout"], 1e-9),
+            "perf/img_per_s": n_images / max(timer.total, 1e-9),
         }
 
     def validate(self, step: int) -> dict[str, float]:
@@ -296,3 +318,28 @@ def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, 
         draw.text((x + 2, y + h + 2), prompts[i][:32], fill="black")
         draw.text((x + 2, y + h + 18), f"reward {scores[i]:.3f}", fill="black")
     return grid
+
+
+class _PhaseTimer:
+    """Wall seconds per phase of a step (a phase may run several times: its seconds add up)."""
+
+    PHASES = ("rollout", "reward", "swap", "update", "sync")
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"timing/{phase}_s": value for phase, value in self.seconds.items()}, "timing/step_s": self.total}

@@ -1,46 +1,93 @@
 """The LoRA actor: recompute window-step log-probs under the current policy and take a FlowGRPO step.
 
-It holds the RL pipeline (for ``predict_velocity``, the same forward the rollout used) with a peft LoRA on
-the transformer, and scores each stored transition with the scheduler's ``sde_step_with_logprob`` — the
-one log-prob formula. The reference policy for the KL term is the same transformer with the adapter
-disabled, so no second copy of the weights exists.
+It trains a peft LoRA on an RL pipeline's transformer and scores each stored transition with the scheduler's
+``sde_step_with_logprob`` — the one log-prob formula the rollout used — through the pipeline's own
+``predict_velocity``. The reference policy for the KL term is the same transformer with the adapter disabled,
+so no second copy of the weights exists.
+
+Where the transformer comes from:
+- the hybrid engine (``actor_rollout_ref.hybrid_engine=true``): the engine's own pipeline on the same GPU
+  (``pipe=``), so the frozen base weights exist once per GPU and the engine serves the trained adapter as it is;
+- the split placement: a copy loaded here.
+
+What makes the update fast without changing its result (each has an equivalence test):
+- CFG's two branches as one batched forward (``actor.batch_cfg``);
+- every tensor of the step staged on the device once; no host sync inside the loop (metrics and the finite
+  check are summed on the device and read once per epoch);
+- gradient checkpointing of the transformer blocks (``model.enable_gradient_checkpointing``), so larger
+  micro-batches fit; regional ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU.
+
+Data parallel: with ``grad_sync`` (one rank per GPU) the flattened LoRA gradients and the metric sums are
+all-reduced once per epoch; every rank weights its rows by the *global* number of transitions, so the summed
+gradient is exactly the single-process one and every rank takes the same optimizer step.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
-from verl import DataProto
 
 from verl_omni.algorithms.flowgrpo import flowgrpo_kl, flowgrpo_policy_loss
 from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
-from verl_omni.core.conditioning import Conditioning
+from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError, assert_finite
-from verl_omni.models.lora import get_lora_state_dict, lora_parameters, set_lora_state_dict
+from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import reference_sigma_max, sde_step_with_logprob
+from verl_omni.workers.grad_sync import LoRAGradSync
+from verl_omni.workers.train_batch import TrainBatch
 
 logger = logging.getLogger(__name__)
 
-
 class DiffusionLoRAActor:
-    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig):
-        self.model, self.config, self.rollout = model, actor, rollout
+    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, *, pipe: Any = None,
+                 grad_sync: Optional[LoRAGradSync] = None, device: Optional[str] = None,
+                 lora_seed: Optional[int] = None):
+        """``pipe``: an engine's loaded pipeline to train in place (hybrid engine); None loads a copy.
+        ``device``: where to train (default ``actor.device``). ``lora_seed``: initialise the adapter from this seed
+        (the same adapter in every process), else keep peft's initialisation."""
         if model.lora is None:
             raise ValueError(f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)")
-        # LoRA weights train in float32 even when the base model is bf16.
-        self.pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora, lora_dtype=torch.float32)
-        # Training needs the transformer only: the VAE and text encoders stay on the CPU.
-        self.transformer = self.pipe.transformer
-        self.transformer.to(actor.device)
+        self.model, self.config, self.rollout = model, actor, rollout
+        self.device = torch.device(device or actor.device)
+        if pipe is None:
+            # Only the transformer is needed: the VAE and text encoders stay on the CPU.
+            pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora, lora_dtype=torch.float32)
+            pipe.transformer.to(self.device)
+        self.pipe = pipe
+        self.transformer = pipe.transformer
         self.trainable = lora_parameters(self.transformer)
+        if not self.trainable:
+            raise ValueError("the pipeline's transformer has no LoRA adapter to train")
+        for p in self.trainable:  # the adapter trains in float32 over bf16 base weights
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if lora_seed is not None:
+            init_lora_weights(self.transformer, lora_seed)
+        self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
+        self._set_up_speed(model, actor)
         optim = actor.optim
+        fused = self.device.type == "cuda"  # one kernel for the whole AdamW step
         self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)
+                                           weight_decay=optim.weight_decay, fused=fused)
+
+    def _set_up_speed(self, model: ModelConfig, actor: ActorConfig) -> None:
+        on_gpu = self.device.type == "cuda"
+        checkpointing = on_gpu if model.enable_gradient_checkpointing is None else model.enable_gradient_checkpointing
+        if checkpointing:
+            # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
+            self.transformer.enable_gradient_checkpointing()
+        self.compiled = False
+        if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
+            # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
+            self.transformer.compile_repeated_blocks(dynamic=True)
+            self.compiled = True
 
     # ------------------------------------------------------------------ weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -48,6 +95,15 @@ class DiffusionLoRAActor:
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         set_lora_state_dict(self.transformer, tensors)
+
+    def lora_checksum(self) -> str:
+        return tensors_checksum(self.lora_state_dict())
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
     @contextmanager
     def _adapter_disabled(self):
@@ -57,30 +113,33 @@ class DiffusionLoRAActor:
         finally:
             self.transformer.enable_adapters()
 
-    # ------------------------------------------------------------------ update
-    def compute_log_probs(self, data: DataProto, step: int, rows: torch.Tensor, reference: bool = False):
-        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``step`` for ``rows`` under the policy."""
-        batch = data.batch
-        device = self.config.device
-        latents = batch["latents"][rows]
-        sample, prev_sample = latents[:, step].to(device), latents[:, step + 1].to(device)
-        cond = Conditioning.from_fields(batch).select(rows).without_padding().to(device)
-        height, width = batch["images"].shape[1:3]
-        velocity = self.pipe.predict_velocity(
-            sample.to(self.transformer.dtype), batch["timesteps"][rows, step].to(device), cond,
-            float(self.rollout.pipeline.true_cfg_scale), int(height), int(width),
-        )
-        sigmas = batch["sigmas"][rows].to(device)
+    # ------------------------------------------------------------------ the log-prob of stored transitions
+    def transition_log_probs(self, batch: TrainBatch, step: int, rows: torch.Tensor):
+        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``step`` for ``rows`` under the policy.
+        ``batch`` is on the actor's device (``TrainBatch.to``)."""
+        t = batch.tensors
+        latents = t["latents"][rows]
+        sample, prev_sample = latents[:, step], latents[:, step + 1]
+        cond = batch.conditioning(rows).without_padding()
+        guidance = float(self.rollout.pipeline.true_cfg_scale)
+        inputs = self.pipe.prepare_model_inputs(cond, guidance, batch_cfg=self.config.batch_cfg)
+        velocity = self.pipe.predict_velocity(sample.to(self.transformer.dtype), t["timesteps"][rows, step], inputs,
+                                              guidance, batch.height, batch.width)
+        sigmas = t["sigmas"][rows]
         algo = self.rollout.algo
-        out = sde_step_with_logprob(
+        return sde_step_with_logprob(
             velocity.float(), sample.float(), sigmas[:, step], sigmas[:, step + 1],
             noise_level=float(algo.noise_level), sde_type=algo.sde_type,
             sigma_max=reference_sigma_max(sigmas[0]), prev_sample=prev_sample.float(),
         )
-        return out
 
-    # Hooks for the data-parallel actor (verl_omni.workers.fsdp_actor), which overrides just these two.
-    def _micro_batches(self, data: DataProto, step: int, step_rows: torch.Tensor):
+    def compute_log_probs(self, data: Any, step: int, rows: torch.Tensor):
+        """``transition_log_probs`` for a verl ``DataProto`` rollout batch (tests and tools)."""
+        batch = TrainBatch.from_data_proto(data, torch.zeros(len(data))).to(self.device)
+        return self.transition_log_probs(batch, step, rows.to(self.device))
+
+    # ------------------------------------------------------------------ hooks of the FSDP actor (split placement)
+    def _micro_batches(self, batch: TrainBatch, step: int, step_rows: torch.Tensor):
         """The row chunks of window step ``step`` this process trains on."""
         return step_rows.split(self.config.ppo_micro_batch_size_per_gpu)
 
@@ -88,57 +147,119 @@ class DiffusionLoRAActor:
         """Clip the accumulated LoRA gradients; the total norm as a plain scalar tensor."""
         return torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
 
-    def update(self, data: DataProto, advantages: torch.Tensor) -> dict[str, float]:
-        """One FlowGRPO update over all window transitions of ``data``. Raises before stepping on NaN/inf."""
-        assert_finite("advantages", advantages)
-        assert_finite("old_log_probs", data.batch["old_log_probs"])
-        assert_finite("latents", data.batch["latents"])
-        window = data.batch["window_mask"].bool()  # [B, T]
-        num_terms = int(window.sum())
+    # ------------------------------------------------------------------ update
+    def update(self, data: Any, advantages: torch.Tensor) -> dict[str, float]:
+        """One FlowGRPO update over all window transitions of a verl ``DataProto`` rollout batch."""
+        return self.update_batch(TrainBatch.from_data_proto(data, advantages))
+
+    def update_batch(self, batch: TrainBatch, num_terms: Optional[int] = None) -> dict[str, float]:
+        """One FlowGRPO update over ``batch``; ``num_terms``: the transitions of the whole step over all ranks
+        (default: this batch's). Raises ``NonFiniteError`` before stepping on NaN/inf (LoRA unchanged)."""
+        for name in ("advantages", "old_log_probs", "latents"):
+            assert_finite(name, batch.tensors[name])
+        num_terms = batch.num_terms if num_terms is None else num_terms
         if num_terms == 0:
             raise ValueError("no SDE-window steps in the batch: nothing to train on (check "
                              "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)")
+        batch = batch.to(self.device)
+        # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
+        snapshot = self._snapshot() if self.config.ppo_epochs > 1 else None
         self.transformer.train()
         try:
-            return self._update(data, advantages, window, num_terms)
+            # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._update(batch, num_terms)
+        except NonFiniteError:
+            if snapshot is not None:
+                self._restore(snapshot)
+            raise
         finally:
             self.transformer.eval()
 
-    def _update(self, data: DataProto, advantages: torch.Tensor, window: torch.Tensor, num_terms: int) -> dict:
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        return [p.detach().clone() for p in self.trainable], copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
+        params, optimizer_state = snapshot
+        with torch.no_grad():
+            for p, saved in zip(self.trainable, params):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def _update(self, batch: TrainBatch, num_terms: int) -> dict[str, float]:
         cfg = self.config
-        totals: dict[str, float] = {}
+        window = batch.window
+        old_log_probs, advantages = batch.tensors["old_log_probs"], batch.tensors["advantages"]
+        sums: dict[str, torch.Tensor] = {}
         grad_norms = []
+        for p in self.trainable:  # a rank without rows still joins the all-reduce with zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         for _ in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
+            bad = torch.zeros((), device=self.device)  # non-finite log-probs / KL seen (read once, below)
             for step in range(window.shape[1]):
                 step_rows = torch.nonzero(window[:, step]).flatten()
-                if step_rows.numel() == 0:
-                    continue
-                for chunk in self._micro_batches(data, step, step_rows):
-                    out = self.compute_log_probs(data, step, chunk)
+                for chunk in self._micro_batches(batch, step, step_rows):
+                    out = self.transition_log_probs(batch, step, chunk)
                     kl = None
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), self._adapter_disabled():
-                            ref = self.compute_log_probs(data, step, chunk)
+                            ref = self.transition_log_probs(batch, step, chunk)
                         kl = flowgrpo_kl(out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(chunk)))
+                        bad = bad + (~torch.isfinite(kl)).sum()
+                    bad = bad + (~torch.isfinite(out.log_prob.detach())).sum()
                     loss, metrics = flowgrpo_policy_loss(
-                        out.log_prob, data.batch["old_log_probs"][chunk, step].to(out.log_prob.device),
-                        advantages[chunk].to(out.log_prob.device), cfg.clip_ratio, adv_clip_max=cfg.adv_clip_max,
-                        kl=kl, kl_beta=cfg.kl_coef,
+                        out.log_prob, old_log_probs[chunk, step], advantages[chunk], cfg.clip_ratio,
+                        adv_clip_max=cfg.adv_clip_max, kl=kl, kl_beta=cfg.kl_coef, check_finite=False, as_tensors=True,
                     )
                     # Weight by rows so the accumulated gradient is the mean over all (sample, step) terms.
-                    (loss * (len(chunk) / num_terms)).backward()
+                    weight = len(chunk) / num_terms
+                    (loss * weight).backward()
                     for key, value in metrics.items():
-                        totals[key] = totals.get(key, 0.0) + value * len(chunk) / num_terms / cfg.ppo_epochs
-            grad_norm = self._clip_grad_norm()
-            if not torch.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"non-finite LoRA gradient norm ({grad_norm}); step refused, LoRA unchanged")
+                        sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
+            grad_norm = self._reduce_and_clip(bad)
             self.optimizer.step()
-            grad_norms.append(float(grad_norm))
-        totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        totals["num_train_terms"] = num_terms
-        return {f"actor/{k}": v for k, v in totals.items()}
+            grad_norms.append(grad_norm)
+        metrics = self._reduce_metrics(sums)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["num_train_terms"] = num_terms
+        return {f"actor/{k}": v for k, v in metrics.items()}
+
+    def _reduce_and_clip(self, bad: torch.Tensor) -> float:
+        """All-reduce the LoRA gradients (and the non-finite count) over the ranks, clip; the one host sync of
+        an epoch. Raises NonFiniteError on every rank alike, before any optimizer step."""
+        if self.grad_sync.world_size > 1:
+            grads = [p.grad for p in self.trainable]
+            flat = torch.cat([g.reshape(-1) for g in grads] + [bad.reshape(1).float()])
+            self.grad_sync.all_reduce_(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bad = flat[-1]
+        grad_norm = self._clip_grad_norm()
+        bad_count, norm = (float(x) for x in torch.stack([bad.float(), grad_norm.float()]).tolist())
+        if bad_count > 0 or not torch.isfinite(torch.tensor(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite log-probs/KL ({int(bad_count)} values) or LoRA gradient norm ({norm}); "
+                                 "step refused, LoRA unchanged")
+        return norm
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(sums)
+        if not names:
+            return {}
+        stacked = torch.stack([torch.as_tensor(sums[n], device=self.device).float() for n in names])
+        if self.grad_sync.world_size > 1:
+            self.grad_sync.all_reduce_(stacked)
+        return dict(zip(names, stacked.tolist()))
+
+
+def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:
+    """vllm-omni compiles the blocks of the engine's transformer (regional compile): do not wrap them twice."""
+    return any(getattr(m.forward, "_torchdynamo_orig_callable", None) is not None
+               or getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
 
 
 def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:

@@ -42,6 +42,8 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.models.lora import lora_parameters, set_lora_state_dict
 from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
+from verl_omni.workers.train_batch import TrainBatch
 
 # Metrics that are not per-row partial sums: the same value on every rank.
 _GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms")
@@ -51,7 +53,7 @@ class FSDPActorRank(DiffusionLoRAActor):
     """One rank: a DiffusionLoRAActor whose transformer is sharded with FSDP2 over the process group."""
 
     def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, rank: int, world_size: int,
-                 master_port: int):
+                 master_port: int, lora_seed: Optional[int] = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -64,7 +66,7 @@ class FSDPActorRank(DiffusionLoRAActor):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-        super().__init__(model, actor, rollout)
+        super().__init__(model, actor, rollout, lora_seed=lora_seed)
         # The LoRA A matrices are drawn from each process's RNG: start every rank from rank 0's.
         for p in self.trainable:
             dist.broadcast(p.data, src=0)
@@ -89,20 +91,20 @@ class FSDPActorRank(DiffusionLoRAActor):
                                            weight_decay=optim.weight_decay)
 
     # ------------------------------------------------------------------ hooks of DiffusionLoRAActor.update
-    def _micro_batches(self, data: DataProto, step: int, step_rows: torch.Tensor):
+    def _micro_batches(self, batch: TrainBatch, step: int, step_rows: torch.Tensor):
         for chunk in step_rows.split(self.config.ppo_micro_batch_size_per_gpu * self.world_size):
             mine = chunk.tensor_split(self.world_size)[self.rank]
             if len(mine):
                 yield mine
             else:
-                self._idle_pass(data, step, chunk[:1])
+                self._idle_pass(batch, step, chunk[:1])
 
-    def _idle_pass(self, data: DataProto, step: int, rows: torch.Tensor) -> None:
+    def _idle_pass(self, batch: TrainBatch, step: int, rows: torch.Tensor) -> None:
         """The same forwards/backward as a real micro-batch (keeps FSDP's collectives in step), gradient 0."""
-        out = self.compute_log_probs(data, step, rows)
+        out = self.transition_log_probs(batch, step, rows)
         if self.config.kl_coef > 0:
             with torch.no_grad(), self._adapter_disabled():
-                self.compute_log_probs(data, step, rows)
+                self.transition_log_probs(batch, step, rows)
         (out.log_prob.sum() * 0.0).backward()
 
     def _clip_grad_norm(self) -> torch.Tensor:
@@ -179,23 +181,23 @@ class FSDPLoRAActorGroup:
     which only calls those two, takes the group unchanged.
     """
 
-    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig):
+    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, lora_seed: Optional[int] = None):
         world_size = actor.world_size
         self.config, self.world_size = actor, world_size
         # All ranks on this host (MASTER_ADDR=127.0.0.1); the 2-core CI machine has no CPU to reserve.
         resources = {"num_gpus": 1} if actor.on_cuda else {"num_cpus": 0}
         remote = ray.remote(**resources)(_Rank)
         port = _free_port()
-        self.ranks = [remote.remote(model, actor, rollout, r, world_size, port) for r in range(world_size)]
+        self.ranks = [remote.remote(model, actor, rollout, r, world_size, port, lora_seed) for r in range(world_size)]
         try:
-            _gather([r.__ray_ready__.remote() for r in self.ranks])  # every rank built, or its error raised
+            gather_ranks([r.__ray_ready__.remote() for r in self.ranks])  # every rank built, or its error raised
         except Exception:
             self.shutdown()  # the other ranks would wait for the failed one in a collective
             raise
-        self.optimizer = _OptimizerHandle(self)
+        self.optimizer = OptimizerHandle(self)
 
     def _all(self, method: str, *args) -> list:
-        return _gather([r.call.remote(method, *args) for r in self.ranks])
+        return gather_ranks([r.call.remote(method, *args) for r in self.ranks])
 
     def update(self, data: DataProto, advantages: torch.Tensor) -> dict[str, float]:
         per_rank = self._all("update", ray.put(data), advantages)
@@ -221,26 +223,3 @@ class FSDPLoRAActorGroup:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
-
-
-def _gather(refs: list) -> list:
-    """ray.get of every ref, raising the first error as soon as it arrives (the other ranks may be stuck
-    in a collective waiting for the failed one)."""
-    results, pending = {}, list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        results[done[0]] = ray.get(done[0])
-    return [results[ref] for ref in refs]
-
-
-class _OptimizerHandle:
-    """Stands in for ``torch.optim.Optimizer`` in ``save_checkpoint`` / ``load_checkpoint``."""
-
-    def __init__(self, group: FSDPLoRAActorGroup):
-        self._group = group
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._group.optimizer_state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._group.load_optimizer_state_dict(state)

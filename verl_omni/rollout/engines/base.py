@@ -9,10 +9,11 @@ name in ``verl_omni.rollout.engines`` (the registry). Requests reach an engine a
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -52,3 +53,15 @@ class DiffusionEngine(abc.ABC):
 
     async def shutdown(self) -> None:
         """Release everything; the engine is unusable afterwards."""
+
+    # ------------------------------------------------------------------ the hybrid engine: an actor rank here
+    @abc.abstractmethod
+    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
+                         lora_seed: int) -> None:
+        """Start actor rank ``rank`` of ``world_size`` in the process that holds this engine's weights, training the
+        engine's own adapter (``verl_omni.workers.colocated.ColocatedActorRank``); ``address`` is rank 0's
+        rendezvous (host, port) for the gradient all-reduce; every rank initialises the adapter from ``lora_seed``."""
+
+    @abc.abstractmethod
+    async def actor_call(self, verb: str, *args: Any) -> Any:
+        """Run one of ``ColocatedActorRank``'s verbs (``workers.colocated.ACTOR_VERBS``); never during a rollout."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -98,6 +99,23 @@ class DiffusersEngine(DiffusionEngine):
 
     async def wake_up(self) -> None:
         await self._locked(self._wake_sync)
+
+    # ------------------------------------------------------------------ the hybrid engine
+    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
+                         lora_seed: int) -> None:
+        from verl_omni.workers.colocated import ColocatedActorRank
+
+        def build():
+            device = "cuda:0" if self.rollout.on_cuda else "cpu"  # Ray shows this actor its one GPU as cuda:0
+            self._actor = ColocatedActorRank(self.pipe, self.model, actor, self.rollout, rank, world_size, address,
+                                             device, lora_seed)
+
+        await self._locked(build)
+
+    async def actor_call(self, verb: str, *args: Any) -> Any:
+        if getattr(self, "_actor", None) is None:
+            raise RuntimeError("actor_call before init_actor: this engine hosts no actor rank")
+        return await self._locked(self._actor.call, verb, *args)
 
     async def shutdown(self) -> None:
         def drop():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
 import torch
 
+from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -18,6 +22,7 @@ from verl_omni.rollout.engines.vllm_omni.wire import (
     MODEL_CLASS_NAME,
     PIPELINE_CLASS,
     WORKER_EXTENSION_CLASS,
+    plain,
     request_extra,
     request_output_to_batch,
 )
@@ -176,6 +181,25 @@ class VllmOmniEngine(DiffusionEngine):
             ids = sorted(eid for eid, cid in self._inflight.items() if request_id in (cid, eid)) or [request_id]
         if ids:
             await self._omni.abort(ids)
+
+    # ------------------------------------------------------------------ the hybrid engine
+    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
+                         lora_seed: int) -> None:
+        sections = {name: plain(dataclasses.asdict(section))
+                    for name, section in (("model", self.model), ("actor", actor), ("rollout", self.rollout))}
+        payload = {**sections, "rank": rank, "world_size": world_size,
+                   "address": None if address is None else list(address), "lora_seed": int(lora_seed)}
+        await self._omni.collective_rpc("verl_omni_init_actor", args=(payload,))
+
+    async def actor_call(self, verb: str, *args: Any) -> Any:
+        # Arguments and result cross to vllm-omni's worker as files in shared memory: a rollout batch is hundreds
+        # of MB, and ``torch.load(weights_only=True)`` reads them back without unpickling code.
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(prefix="verl_omni_actor_", dir=folder) as tmp:
+            path_in, path_out = os.path.join(tmp, "args.pt"), os.path.join(tmp, "result.pt")
+            torch.save(list(args), path_in)
+            await self._omni.collective_rpc("verl_omni_actor_call", args=(verb, path_in, path_out))
+            return torch.load(path_out, weights_only=True)
 
     async def shutdown(self) -> None:
         omni, self._omni = self._omni, None

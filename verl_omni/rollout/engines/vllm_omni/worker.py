@@ -39,6 +39,26 @@ def resolve_flash_attention() -> Optional[Any]:
     return fa.flash_attn_func
 
 
+def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
+    """Let the actor train through a transformer that vllm-omni also runs under ``torch.inference_mode``.
+
+    diffusers caches Qwen-Image's RoPE frequencies (``lru_cache`` on the RoPE module); the cache fills during a
+    rollout, under inference mode, and autograd refuses inference tensors. A forward hook hands training calls
+    normal copies (a few KB). Remove when vllm-omni runs custom pipelines under ``no_grad`` instead.
+    """
+    rope = getattr(transformer, "pos_embed", None)
+    if rope is None or getattr(rope, "_verl_omni_autograd_hook", False):
+        return
+
+    def normal_outputs(module, args, output):
+        if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+            return None
+        return type(output)(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in output)
+
+    rope.register_forward_hook(normal_outputs)
+    rope._verl_omni_autograd_hook = True
+
+
 def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -145,6 +165,27 @@ class VllmOmniRLWorkerExtension:
         sizes = list(pipeline.rl_batch_sizes)
         pipeline.rl_batch_sizes.clear()
         return {"sizes": sizes}  # a dict, so the engine's unwrapping of stage/rank lists stops at it
+
+    # ------------------------------------------------------------------ the hybrid engine: the actor rank lives here
+    def verl_omni_init_actor(self, payload: dict[str, Any]) -> bool:
+        from verl_omni.workers.colocated import ColocatedActorRank
+
+        pipeline = self.model_runner.pipeline
+        _allow_autograd_through_rope(pipeline.transformer)
+        address = payload["address"]
+        self._verl_omni_actor = ColocatedActorRank(
+            pipeline.pipe, payload["model"], payload["actor"], payload["rollout"], payload["rank"],
+            payload["world_size"], None if address is None else tuple(address), str(pipeline.device),
+            payload["lora_seed"])
+        return True
+
+    def verl_omni_actor_call(self, verb: str, path_in: str, path_out: str) -> bool:
+        actor = getattr(self, "_verl_omni_actor", None)
+        if actor is None:
+            raise RuntimeError("verl_omni_actor_call before verl_omni_init_actor")
+        args = torch.load(path_in, weights_only=True)
+        torch.save(actor.call(verb, *args), path_out)
+        return True
 
     def verl_omni_empty_cache(self) -> bool:
         gc.collect()

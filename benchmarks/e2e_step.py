@@ -1,0 +1,179 @@
+"""FlowGRPO steps end to end with the OCR recipe's settings on 1..8 GPUs of one host (issues 15 and 16).
+
+Runs the real trainer (``FlowGRPOTrainer``: Ray, replicas, agent loop, rewards, the actor, the weight sync) on a
+random-weight Qwen-Image at full width with ``--layers`` layers, for ``--steps`` steps, and appends one record per
+run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, images_per_step, the medians over the
+steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
+img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s).
+
+Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
+The recipe: 512x512, 10 steps, true CFG 4 with the negative prompt " ", SDE window 2 in [0, 5], noise level 1.2,
+LoRA r64 / alpha 128 on to_q/k/v/out, lr 3e-4, bf16, the hybrid engine (one replica + one actor rank per GPU).
+
+    python benchmarks/e2e_step.py --layers 60 --gpus 4 --engine vllm_omni --out $OUT/e2e_scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import build_model, log  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class GpuMemoryPeak:
+    """The most memory each GPU held while running (nvidia-smi every ``interval`` s, on a thread)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak_mib = interval, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                for line in out.strip().splitlines():
+                    index, used = (int(x) for x in line.split(","))
+                    self.peak_mib[index] = max(self.peak_mib.get(index, 0), used)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(os.path.join(REPO, "verl_omni", "trainer", "config", "flowgrpo_trainer.yaml"))
+    overrides = {
+        "data.train_files": os.path.join(data_dir, "train.parquet"),
+        "data.val_files": None,
+        "data.train_batch_size": args.prompts_per_gpu * args.gpus,
+        "actor_rollout_ref.hybrid_engine": True,
+        "actor_rollout_ref.model.path": model_dir,
+        "actor_rollout_ref.model.lora_rank": 64,
+        "actor_rollout_ref.model.lora_alpha": 128,
+        "actor_rollout_ref.actor.device": "cuda",
+        "actor_rollout_ref.actor.dtype": "bfloat16",
+        "actor_rollout_ref.actor.optim.lr": 3e-4,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": args.micro_batch,
+        "actor_rollout_ref.rollout.name": args.engine,
+        "actor_rollout_ref.rollout.device": "cuda",
+        "actor_rollout_ref.rollout.dtype": "bfloat16",
+        "actor_rollout_ref.rollout.n": 16,
+        "actor_rollout_ref.rollout.gpu_memory_utilization": 0.9,
+        "actor_rollout_ref.rollout.algo.noise_level": 1.2,
+        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+        "actor_rollout_ref.rollout.algo.sde_window_range": [0, 5],
+        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 10,
+        "actor_rollout_ref.rollout.pipeline.height": 512,
+        "actor_rollout_ref.rollout.pipeline.width": 512,
+        "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
+        "actor_rollout_ref.rollout.pipeline.negative_prompt": " ",
+        "actor_rollout_ref.rollout.pipeline.max_sequence_length": 256,
+        "reward.rewards": [{"name": r, "weight": 1.0} for r in args.rewards.split(",")],
+        "trainer.total_training_steps": args.steps,
+        "trainer.save_freq": -1,
+        "trainer.test_freq": -1,
+        "trainer.logger": ["console"],
+        "trainer.sample_images_per_step": 0,
+        "trainer.n_gpus_per_node": args.gpus,
+        "trainer.default_local_dir": out_dir,
+        "trainer.resume_mode": "disable",
+    }
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=60)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--engine", default="vllm_omni", choices=("vllm_omni", "diffusers"))
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--prompts-per-gpu", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rewards", default="ocr", help="comma-separated reward names (weight 1 each)")
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+    ap.add_argument("--work-dir", default="/tmp/verl_omni_e2e")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
+    from qwenimage_ocr import write_ocr_parquet
+
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    model_dir = build_model(args.model_dir, args.layers)
+    data_dir = os.path.join(args.work_dir, "data")
+    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
+        write_ocr_parquet(data_dir, 256, 4, 0)
+    run_name = f"{args.engine}_g{args.gpus}_L{args.layers}_mb{args.micro_batch}"
+    cfg = recipe_config(args, model_dir, data_dir, os.path.join(args.work_dir, run_name))
+    record: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "layers": args.layers,
+                              "engine": args.engine, "micro_batch": args.micro_batch, "rewards": args.rewards,
+                              "images_per_step": args.prompts_per_gpu * args.gpus * 16}
+    t0 = time.perf_counter()
+    with GpuMemoryPeak() as memory:
+        trainer = FlowGRPOTrainer(cfg)
+        try:
+            trainer.init()
+            record["start_up_s"] = time.perf_counter() - t0
+            log(f"{run_name}: up in {record['start_up_s']:.0f} s")
+            history = trainer.fit()
+        except Exception as exc:  # recorded, so a failed run still says why
+            record["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            history = []
+            log(f"{run_name}: FAILED {record['error'][:500]}")
+        finally:
+            trainer.shutdown()
+    record["steps"] = [{k: v for k, v in h.items() if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total"))}
+                       for h in history]
+    steady = history[1:] or history
+    if steady:
+        def median(key: str) -> float:
+            return statistics.median(h[key] for h in steady)
+
+        for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
+            record[f"{phase}_s"] = median(f"timing/{phase}_s")
+        record["img_per_s"] = record["images_per_step"] / record["step_s"]
+        record["img_per_s_per_gpu"] = record["img_per_s"] / args.gpus
+    record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
+    record["peak_mem_gb_by_gpu"] = {str(k): v * 1.048576e-3 for k, v in sorted(memory.peak_mib.items())}
+    log(json.dumps({k: v for k, v in record.items() if k != "steps"}))
+    runs = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            runs = json.load(f)
+    runs.append(record)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(runs, f, indent=1)
+    log(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The actor's LoRA update at the real width (issue 15): seconds per update, transitions/s, MFU and peak memory,
+for several actor settings side by side in one run, on one GPU.
+
+Workload (the OCR recipe's): Qwen-Image at full width (3072 wide, 24 heads x 128, joint dim 3584) with ``--layers``
+layers and random bf16 weights, 512x512 (1024 image tokens), true CFG 4 with the negative prompt " ", ``--prompts``
+prompts x n=16 rows, 10 steps with an SDE window of 2 -> prompts x 32 transitions, LoRA r64 on to_q/k/v/out.
+The rollout batch is built once, on the GPU, with the real shapes (latents, timesteps and sigmas of the real
+schedule, prompt embeddings of ``--prompt-tokens`` / ``--negative-tokens`` real tokens); its values are random, old
+log-probs 0 and advantages random: ratios far from 1 change the gradient's values, not the work per update.
+
+MFU = useful FLOPs / seconds / the measured bf16 matmul peak. Useful FLOPs per update: for every transition, both
+CFG branches, forward + the activation-gradient backward (about one forward again: the frozen weights need no weight
+gradient), from the real token counts (padding tokens of the batched CFG branches and the recomputation of
+gradient checkpointing are not counted):
+    2 x sum over branches of [ 2 * 12 * L * D^2 * S + 4 * L * S^2 * D ],  S = image tokens + that branch's text tokens.
+
+Variants (``--variants``, comma separated; each: a name from VARIANTS): the actor's knobs
+``actor.batch_cfg``, ``actor.use_torch_compile``, ``model.enable_gradient_checkpointing``,
+``actor.ppo_micro_batch_size_per_gpu``. A variant that runs out of memory is recorded as such and the run goes on.
+
+Run on the device:  python benchmarks/train_step.py --layers 60 --out docs/benchmarks/train_step_h100_L60.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image  # noqa: E402
+
+# name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows). The first is today's actor at
+# c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the knobs go; "default" is the
+# default configuration on a GPU.
+VARIANTS = {
+    "c902450_like": (False, False, False, 1),
+    "batch_cfg_mb1": (True, False, False, 1),
+    "ckpt_mb1_two_forwards": (False, False, True, 1),
+    "ckpt_mb4_eager": (True, False, True, 4),
+    "default": (True, True, True, 4),
+    "compiled_ckpt_mb8": (True, True, True, 8),
+    "compiled_ckpt_mb2": (True, True, True, 2),
+}
+
+
+def _synthetic_batch(args, tcfg: dict, scheduler_config: dict, device: str):
+    """A TrainBatch with the recipe's real shapes on ``device`` (built once)."""
+    import torch
+
+    from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
+    from verl_omni.workers.train_batch import TrainBatch
+
+    g = torch.Generator().manual_seed(0)
+    rows, steps = args.prompts * args.n, args.steps
+    image_tokens = (args.size // 16) ** 2
+    channels = tcfg["in_channels"]
+    base = torch.linspace(1.0, 1 / steps, steps).tolist()
+    sigmas, timesteps = flow_match_sigmas(scheduler_config, steps, image_tokens, base_sigmas=base)
+    window = torch.zeros(rows, steps, dtype=torch.bool)
+    for p in range(args.prompts):  # one window of 2 per prompt group, starts in [0, 5] as the recipe
+        start = int(torch.randint(0, 6, (1,), generator=g))
+        window[p * args.n:(p + 1) * args.n, start:start + args.window] = True
+    dim = tcfg["joint_attention_dim"]
+    tensors = {
+        "latents": torch.randn(rows, steps + 1, image_tokens, channels, generator=g),
+        "timesteps": (timesteps / 1000).expand(rows, steps).clone(),
+        "sigmas": sigmas.expand(rows, steps + 1).clone(),
+        "old_log_probs": torch.zeros(rows, steps),
+        "window_mask": window,
+        "advantages": torch.randn(rows, generator=g),
+        "prompt_embeds": torch.randn(rows, args.prompt_tokens, dim, generator=g).to(torch.bfloat16),
+        "prompt_embeds_mask": torch.ones(rows, args.prompt_tokens, dtype=torch.long),
+        "negative_prompt_embeds": torch.randn(rows, args.negative_tokens, dim, generator=g).to(torch.bfloat16),
+        "negative_prompt_embeds_mask": torch.ones(rows, args.negative_tokens, dtype=torch.long),
+    }
+    return TrainBatch(tensors, args.size, args.size).to(device)
+
+
+def _configs(args, model_dir: str, variant: tuple):
+    from verl_omni.config.actor import ActorConfig, OptimConfig
+    from verl_omni.config.base import build
+    from verl_omni.config.model import ModelConfig
+    from verl_omni.config.rollout import RolloutConfig
+
+    batch_cfg, compiled, checkpointing, micro_batch = variant
+    model = ModelConfig(path=model_dir, lora_rank=64, lora_alpha=128.0, enable_gradient_checkpointing=checkpointing)
+    actor = ActorConfig(device="cuda", dtype="bfloat16", optim=OptimConfig(lr=3e-4), clip_ratio=1e-4,
+                        ppo_micro_batch_size_per_gpu=micro_batch, batch_cfg=batch_cfg, use_torch_compile=compiled)
+    rollout = build(RolloutConfig, {
+        "device": "cuda", "dtype": "bfloat16", "n": args.n,
+        "algo": {"noise_level": 1.2, "sde_window_size": args.window, "sde_window_range": [0, 5]},
+        "pipeline": {"true_cfg_scale": 4.0, "negative_prompt": " ", "num_inference_steps": args.steps,
+                     "height": args.size, "width": args.size, "max_sequence_length": 256},
+    })
+    return model, actor, rollout
+
+
+def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: float, peak: float) -> dict[str, Any]:
+    import torch
+
+    from verl_omni.workers.actor import DiffusionLoRAActor
+
+    variant = VARIANTS[name]
+    model, actor_cfg, rollout = _configs(args, model_dir, variant)
+    if not variant[2]:
+        pipe.transformer.disable_gradient_checkpointing()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    actor = DiffusionLoRAActor(model, actor_cfg, rollout, pipe=pipe, device="cuda", lora_seed=0)
+    times = []
+    try:
+        for i in range(1 + args.repeats):  # the first update warms up (compile, cuBLAS plans, allocator)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            metrics = actor.update_batch(batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            log(f"  {name}: update {i} {times[-1]:.2f} s (ratio_mean {metrics['actor/ratio_mean']:.4f})")
+    except torch.OutOfMemoryError as exc:
+        log(f"  {name}: out of memory ({str(exc).splitlines()[0][:120]})")
+        return {"error": "out of memory", "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "knobs": dict(zip(("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch"), variant))}
+    finally:
+        del actor
+        pipe.transformer.zero_grad(set_to_none=True)
+    seconds = statistics.median(times[1:])
+    return {
+        "seconds": seconds,
+        "first_update_seconds": times[0],
+        "update_seconds": times,
+        "transitions_per_s": batch.num_terms / seconds,
+        "mfu": useful_flops / seconds / (peak * 1e12),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "knobs": dict(zip(("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch"), variant)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--window", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--negative-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", default="c902450_like,batch_cfg_mb1,ckpt_mb4_eager,default,compiled_ckpt_mb8")
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    # Compiled variants last: a compiled block stays compiled for the rest of the process.
+    names.sort(key=lambda v: VARIANTS[v][1])
+
+    import torch
+
+    from verl_omni.pipelines.loading import load_rl_pipeline
+
+    peak = measured_bf16_peak_tflops()
+    device_name = torch.cuda.get_device_name(0)
+    log(f"device {device_name}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
+    model_dir = build_model(args.model_dir, args.layers)
+    with open(os.path.join(model_dir, "transformer", "config.json")) as f:
+        tcfg = json.load(f)
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
+        scheduler_config = json.load(f)
+    t0 = time.perf_counter()
+    model, _, _ = _configs(args, model_dir, VARIANTS["default"])
+    pipe = load_rl_pipeline(model_dir, "qwen_image", "bfloat16", model.lora, lora_dtype=torch.float32)
+    pipe.transformer.to("cuda")
+    log(f"transformer on the GPU in {time.perf_counter() - t0:.0f} s")
+    batch = _synthetic_batch(args, tcfg, scheduler_config, "cuda")
+    image_tokens = (args.size // 16) ** 2
+    per_transition = 2 * (transformer_flops_per_image(tcfg, image_tokens, args.prompt_tokens, 1, 1)
+                          + transformer_flops_per_image(tcfg, image_tokens, args.negative_tokens, 1, 1))
+    useful = per_transition * batch.num_terms
+    log(f"{batch.num_terms} transitions per update, {useful / 1e15:.2f} PFLOP useful")
+
+    variants = {}
+    for name in names:
+        variants[name] = run_variant(name, args, pipe, batch, model_dir, useful, peak)
+        if "seconds" in variants[name]:
+            r = variants[name]
+            log(f"{name}: {r['seconds']:.2f} s per update, {r['transitions_per_s']:.2f} transitions/s, "
+                f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_mem_gb']:.1f} GB")
+    default = variants.get("default", {})
+    report = {
+        "device": device_name,
+        "layers": args.layers,
+        "mfu": default.get("mfu"),
+        "variants": variants,
+        "measured_bf16_peak_tflops": peak,
+        "workload": {"prompts": args.prompts, "n": args.n, "steps": args.steps, "sde_window": args.window,
+                     "size": args.size, "image_tokens": image_tokens, "prompt_tokens": args.prompt_tokens,
+                     "negative_tokens": args.negative_tokens, "true_cfg_scale": 4.0, "lora_rank": 64,
+                     "transitions_per_update": batch.num_terms, "useful_pflop_per_update": useful / 1e15},
+        "note": "c902450_like: the knobs of the actor at c902450 (two CFG forwards, eager, no checkpointing, "
+                "micro-batch 1); the host syncs that actor made per forward are gone in every variant.",
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    out = args.out or os.path.join("docs", "benchmarks", f"train_step_L{args.layers}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

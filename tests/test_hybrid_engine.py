@@ -1,0 +1,111 @@
+"""The hybrid engine on CPU: two diffusers replicas, each hosting an actor rank on its engine's own pipeline
+(gloo all-reduce of the LoRA gradients), against one process; and the trainer end to end with a checksum-verified
+sync and a resume."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import model_config, rollout_config, trainer_config
+from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.outputs import unpack_batch
+from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.trainer.checkpoint import find_latest_checkpoint
+from verl_omni.trainer.colocated_actor import ColocatedActorGroup
+from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+from verl_omni.workers.actor import DiffusionLoRAActor
+
+PROMPTS = ["a red cat", "a blue house on a hill"]  # different lengths: padded prompt embeddings
+SEEDS = [11, 22, 33]
+
+
+def _rollout(pipe):
+    samples = []
+    for i, prompt in enumerate(PROMPTS):  # different SDE windows per prompt
+        params = DiffusionSamplingParams(num_inference_steps=4, height=32, width=32, sde_window_size=2,
+                                         window_start=i, guidance_scale=2.0)
+        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
+    raw = np.empty(len(samples), dtype=object)
+    for i in range(len(samples)):
+        raw[i] = PROMPTS[i // len(SEEDS)]
+    uid = np.array([f"g{i // len(SEEDS)}" for i in range(len(samples))], dtype=object)
+    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_image_rl_pipe, tiny_qwen_image_dir):
+    model = model_config(tiny_qwen_image_dir)
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+    actor = ActorConfig(optim=OptimConfig(lr=1e-2), kl_coef=0.1, ppo_micro_batch_size_per_gpu=2, ppo_epochs=2)
+    loop = asyncio.new_event_loop()
+    servers = loop.run_until_complete(DiffusionServerManager(rollout, model, num_replicas=2).start())
+    try:
+        group = ColocatedActorGroup(servers, actor, lora_seed=7)
+        single = DiffusionLoRAActor(model, actor, rollout, lora_seed=7)
+        # Same seed: every rank and the single process start from the same adapter, which the engines serve.
+        start = single.lora_state_dict()
+        assert _max_diff(group.lora_state_dict(), start) == 0
+        served = loop.run_until_complete(servers.lora_checksums())
+        assert served == [tensors_checksum(start)] * 2
+
+        data = _rollout(qwen_image_rl_pipe)  # 6 rows, 12 transitions: 6 per rank
+        advantages = torch.randn(len(data), generator=torch.Generator().manual_seed(0))
+        m_single, m_group = single.update(data, advantages), group.update(data, advantages)
+        lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
+        moved = _max_diff(start, single.lora_state_dict())
+        print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")
+        assert moved > 1e-4 and lora_diff < 1e-6
+        assert set(m_single) == set(m_group)
+        for key in m_single:
+            if key in ("actor/ratio_min", "actor/ratio_max"):
+                continue  # means of per-micro-batch extremes: the ranks cut their rows into other micro-batches
+            assert m_group[key] == pytest.approx(m_single[key], rel=1e-4, abs=1e-6), key
+        # The engines serve what their ranks trained, in place: equal on both replicas, equal to the actor's.
+        served = loop.run_until_complete(servers.lora_checksums())
+        assert served == group.lora_checksums() == [tensors_checksum(group.lora_state_dict())] * 2
+
+        # Non-finite input is refused on every rank before any optimizer step.
+        bad = data.select_idxs(torch.arange(len(data)))
+        bad.batch["old_log_probs"][4, :] = float("nan")
+        before = group.lora_state_dict()
+        with pytest.raises(Exception, match=r"old_log_probs.*\[4\]"):
+            group.update(bad, advantages)
+        assert _max_diff(before, group.lora_state_dict()) == 0
+    finally:
+        loop.run_until_complete(servers.shutdown())
+        loop.close()
+
+
+def test_hybrid_trainer_syncs_by_checksum_and_resumes(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+    overrides = {"actor_rollout_ref.hybrid_engine": True, "trainer.n_gpus_per_node": 2, "trainer.save_freq": 1}
+    cfg = trainer_config(ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 2})
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        assert len(trainer.servers.replicas) == 2  # one replica (and one actor rank) per device
+        history = trainer.fit()
+        assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0
+        lora = trainer.actor.lora_state_dict()
+        served = trainer._run(trainer.servers.lora_checksums())
+        assert served == [tensors_checksum(lora)] * 2 == [trainer.last_lora_checksum] * 2
+    finally:
+        trainer.shutdown()
+    assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_2")
+
+    cfg3 = trainer_config(ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3})
+    resumed = FlowGRPOTrainer(cfg3).init()
+    try:
+        assert resumed.global_step == 2
+        assert _max_diff(resumed.actor.lora_state_dict(), lora) == 0
+        assert resumed._run(resumed.servers.lora_checksums()) == [tensors_checksum(lora)] * 2
+        assert len(resumed.fit()) == 1 and resumed.global_step == 3
+    finally:
+        resumed.shutdown()

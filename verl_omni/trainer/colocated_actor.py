@@ -1,0 +1,61 @@
+"""The actor of the hybrid engine, seen from the driver: one rank beside each replica's engine.
+
+``actor_rollout_ref.hybrid_engine=true``: replica k's process (the diffusers server actor, or vllm-omni's worker)
+also hosts actor rank k, training the engine's own adapter on the engine's own weights — so every GPU rolls out,
+then every GPU trains, and the frozen base weights exist once per GPU. The driver splits each step's rows into
+W shards of about equal transitions, the ranks all-reduce their LoRA gradients, and every rank takes the same
+optimizer step; the engines then serve the new adapter as it is. This class has the interface the trainer uses
+on ``DiffusionLoRAActor`` (update, LoRA and optimizer state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from verl_omni.config.actor import ActorConfig
+from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
+from verl_omni.workers.train_batch import TrainBatch
+
+
+class ColocatedActorGroup:
+    def __init__(self, servers: DiffusionServerManager, actor: ActorConfig, lora_seed: int):
+        self.servers = [replica.server_handle for replica in servers.replicas]
+        self.world_size = len(self.servers)
+        address = ray.get(self.servers[0].rendezvous_address.remote()) if self.world_size > 1 else None
+        # Every rank at once: each waits in the rendezvous for the others.
+        gather_ranks([s.init_actor.remote(actor, rank, self.world_size, address, lora_seed)
+                      for rank, s in enumerate(self.servers)])
+        self.optimizer = OptimizerHandle(self)
+
+    def _all(self, verb: str, *args: Any) -> list:
+        return gather_ranks([s.actor_call.remote(verb, *args) for s in self.servers])
+
+    def update(self, data: Any, advantages: torch.Tensor) -> dict[str, float]:
+        batch = TrainBatch.from_data_proto(data, advantages)
+        num_terms = batch.num_terms
+        refs = [s.actor_call.remote("update", shard.as_dict(), num_terms)
+                for s, shard in zip(self.servers, batch.shards(self.world_size))]
+        return gather_ranks(refs)[0]  # metrics are all-reduced: the same on every rank
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get(self.servers[0].actor_call.remote("lora_state_dict"))
+
+    def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._all("load_lora_state_dict", tensors)
+
+    def optimizer_state_dict(self) -> dict:
+        return ray.get(self.servers[0].actor_call.remote("optimizer_state_dict"))
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self._all("load_optimizer_state_dict", state)
+
+    def lora_checksums(self) -> list[str]:
+        """The adapter each rank trains (= the one its engine serves)."""
+        return self._all("lora_checksum")
+
+    def shutdown(self) -> None:
+        """The ranks live in the replicas: they go with them."""

@@ -1,0 +1,63 @@
+"""An actor rank that lives beside an engine, in the process that holds the engine's weights (the hybrid engine).
+
+Both engines host one: the diffusers engine in its server actor, the vllm-omni engine inside vllm-omni's
+diffusion worker. Its verbs take and return plain data (tensors, dicts, numbers) so the vllm-omni engine can
+pass them through files; the trained adapter is the one the engine serves, so a weight sync is a comparison of
+checksums, not a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from verl_omni.config.actor import ActorConfig
+from verl_omni.config.base import build
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.rollout import RolloutConfig
+from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.grad_sync import LoRAGradSync
+from verl_omni.workers.train_batch import TrainBatch
+
+# What the driver may call on a colocated rank (through ``DiffusionEngine.actor_call``).
+ACTOR_VERBS = ("update", "lora_state_dict", "load_lora_state_dict", "optimizer_state_dict",
+               "load_optimizer_state_dict", "lora_checksum")
+
+
+class ColocatedActorRank:
+    def __init__(self, pipe: Any, model: Any, actor: Any, rollout: Any, rank: int, world_size: int,
+                 address: Optional[tuple[str, int]], device: str, lora_seed: int):
+        """``model`` / ``actor`` / ``rollout``: config sections or their plain dicts (they cross processes);
+        ``lora_seed``: every rank initialises the same adapter from it."""
+        model, actor, rollout = build(ModelConfig, model), build(ActorConfig, actor), build(RolloutConfig, rollout)
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.rank = rank
+        self.actor = DiffusionLoRAActor(model, actor, rollout, pipe=pipe, device=str(device), lora_seed=lora_seed,
+                                        grad_sync=LoRAGradSync(rank, world_size, address, device))
+
+    def call(self, verb: str, *args: Any) -> Any:
+        if verb not in ACTOR_VERBS:
+            raise ValueError(f"unknown actor verb {verb!r}; allowed: {ACTOR_VERBS}")
+        return getattr(self, verb)(*args)
+
+    def update(self, batch: dict, num_terms: int) -> dict[str, float]:
+        return self.actor.update_batch(TrainBatch.from_dict(batch), num_terms)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.actor.lora_state_dict()
+
+    def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.actor.load_lora_state_dict(tensors)
+
+    def optimizer_state_dict(self) -> dict:
+        return self.actor.optimizer_state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.actor.load_optimizer_state_dict(state)
+
+    def lora_checksum(self) -> str:
+        return self.actor.lora_checksum()

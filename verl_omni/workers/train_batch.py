@@ -1,0 +1,84 @@
+"""What the actor trains on: the tensors of a rollout batch that the log-prob recomputation needs.
+
+A plain dict of tensors (plus the image size), so it crosses process boundaries as plain data: Ray sends it as
+tensors, and the vllm-omni engine hands it to its worker as a file that ``torch.load(weights_only=True)`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
+from verl_omni.core.conditioning import Conditioning
+
+# The rollout's fields the actor reads (conditioning fields come on top, where present).
+ROLLOUT_FIELDS = ("latents", "timesteps", "sigmas", "old_log_probs", "window_mask")
+
+
+@dataclass
+class TrainBatch:
+    """Rows of a rollout with their advantages. Shapes (B rows, T steps):
+    latents [B, T+1, ...], timesteps [B, T], sigmas [B, T+1], old_log_probs [B, T], window_mask bool [B, T],
+    advantages [B], the conditioning fields [B, ...]; ``height`` / ``width`` of the images."""
+
+    tensors: dict[str, torch.Tensor]
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return int(self.tensors["latents"].shape[0])
+
+    @classmethod
+    def from_data_proto(cls, data: Any, advantages: torch.Tensor) -> "TrainBatch":
+        batch = data.batch
+        keys = set(batch.keys())
+        tensors = {name: batch[name] for name in (*ROLLOUT_FIELDS, *CONDITIONING_FIELDS) if name in keys}
+        tensors["advantages"] = torch.as_tensor(advantages).float()
+        height, width = (int(x) for x in batch["images"].shape[1:3])
+        return cls(tensors, height, width)
+
+    @property
+    def window(self) -> torch.Tensor:
+        return self.tensors["window_mask"].bool()
+
+    @property
+    def num_terms(self) -> int:
+        """(sample, window step) transitions in this batch."""
+        return int(self.window.sum())
+
+    def conditioning(self, rows: Optional[torch.Tensor] = None) -> Conditioning:
+        cond = Conditioning.from_fields(self.tensors)
+        return cond if rows is None else cond.select(rows)
+
+    def select(self, rows: torch.Tensor | slice) -> "TrainBatch":
+        return TrainBatch({k: v[rows] for k, v in self.tensors.items()}, self.height, self.width)
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """Every tensor on ``device`` in one pass (the update then makes no host-device copies)."""
+        return TrainBatch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.height,
+                          self.width)
+
+    def shards(self, world_size: int) -> list["TrainBatch"]:
+        """``world_size`` contiguous row ranges with about equal numbers of window transitions (whole rows)."""
+        per_row = self.window.sum(dim=1).cumsum(0)
+        total = int(per_row[-1]) if len(per_row) else 0
+        bounds = [0]
+        for k in range(1, world_size):
+            bounds.append(max(bounds[-1], int(torch.searchsorted(per_row, total * k / world_size))))
+        bounds.append(len(self))
+        return [self.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+
+    # ------------------------------------------------------------------ transport (no pickle needed)
+    def as_dict(self) -> dict[str, Any]:
+        """Tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
+        return {"tensors": self.tensors, "height": self.height, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | "TrainBatch") -> "TrainBatch":
+        if isinstance(data, TrainBatch):
+            return data
+        return cls(dict(data["tensors"]), int(data["height"]), int(data["width"]))
+
