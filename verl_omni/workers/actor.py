@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -39,9 +40,9 @@ from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError, assert_finite
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
-from verl_omni.schedulers.flow_match_sde import reference_sigma_max, sde_step_with_logprob
+from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
 from verl_omni.workers.grad_sync import LoRAGradSync
-from verl_omni.workers.train_batch import TrainBatch
+from verl_omni.workers.train_batch import STAGED, TrainBatch
 
 logger = logging.getLogger(__name__)
 
@@ -114,34 +115,52 @@ class DiffusionLoRAActor:
             self.transformer.enable_adapters()
 
     # ------------------------------------------------------------------ the log-prob of stored transitions
-    def transition_log_probs(self, batch: TrainBatch, step: int, rows: torch.Tensor):
-        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``step`` for ``rows`` under the policy.
-        ``batch`` is on the actor's device (``TrainBatch.to``)."""
-        t = batch.tensors
+    def plan(self, batch: TrainBatch) -> list[MicroBatch]:
+        """Every micro-batch of an epoch, from the batch on the host: its rows (on the device) and its model inputs,
+        prepared once (their host work -- trimming padding, dropping all-ones masks -- happens here, before any
+        training compute is queued, so the loop itself never waits for the device)."""
+        guidance = float(self.rollout.pipeline.true_cfg_scale)
+        window = batch.window
+        out = []
+        for step in range(window.shape[1]):
+            step_rows = torch.nonzero(window[:, step]).flatten()
+            for rows, idle in self._micro_batches(step_rows):
+                cond = batch.conditioning(rows).without_padding()
+                inputs = self.pipe.prepare_model_inputs(cond, guidance, batch_cfg=self.config.batch_cfg,
+                                                        device=self.device)
+                out.append(MicroBatch(step, rows.to(self.device), inputs, idle))
+        return out
+
+    def transition_log_probs(self, batch: TrainBatch, micro: MicroBatch, sigma_max: float):
+        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``micro.step`` for ``micro.rows`` under the
+        policy. ``batch`` holds the rollout tensors on the actor's device (``_stage``)."""
+        t, rows, step = batch.tensors, micro.rows, micro.step
         latents = t["latents"][rows]
         sample, prev_sample = latents[:, step], latents[:, step + 1]
-        cond = batch.conditioning(rows).without_padding()
         guidance = float(self.rollout.pipeline.true_cfg_scale)
-        inputs = self.pipe.prepare_model_inputs(cond, guidance, batch_cfg=self.config.batch_cfg)
-        velocity = self.pipe.predict_velocity(sample.to(self.transformer.dtype), t["timesteps"][rows, step], inputs,
-                                              guidance, batch.height, batch.width)
+        velocity = self.pipe.predict_velocity(sample.to(self.transformer.dtype), t["timesteps"][rows, step],
+                                              micro.inputs, guidance, batch.height, batch.width)
         sigmas = t["sigmas"][rows]
         algo = self.rollout.algo
         return sde_step_with_logprob(
             velocity.float(), sample.float(), sigmas[:, step], sigmas[:, step + 1],
-            noise_level=float(algo.noise_level), sde_type=algo.sde_type,
-            sigma_max=reference_sigma_max(sigmas[0]), prev_sample=prev_sample.float(),
+            noise_level=float(algo.noise_level), sde_type=algo.sde_type, sigma_max=sigma_max,
+            prev_sample=prev_sample.float(),
         )
 
     def compute_log_probs(self, data: Any, step: int, rows: torch.Tensor):
-        """``transition_log_probs`` for a verl ``DataProto`` rollout batch (tests and tools)."""
-        batch = TrainBatch.from_data_proto(data, torch.zeros(len(data))).to(self.device)
-        return self.transition_log_probs(batch, step, rows.to(self.device))
+        """The log-probs of ``rows`` at window step ``step`` of a verl ``DataProto`` rollout batch (tests, tools)."""
+        host = TrainBatch.from_data_proto(data, torch.zeros(len(data)))
+        guidance = float(self.rollout.pipeline.true_cfg_scale)
+        inputs = self.pipe.prepare_model_inputs(host.conditioning(rows).without_padding(), guidance,
+                                                batch_cfg=self.config.batch_cfg, device=self.device)
+        micro = MicroBatch(step, rows.to(self.device), inputs)
+        return self.transition_log_probs(_stage(host, self.device), micro, host.sigma_max)
 
     # ------------------------------------------------------------------ hooks of the FSDP actor (split placement)
-    def _micro_batches(self, batch: TrainBatch, step: int, step_rows: torch.Tensor):
-        """The row chunks of window step ``step`` this process trains on."""
-        return step_rows.split(self.config.ppo_micro_batch_size_per_gpu)
+    def _micro_batches(self, step_rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """(rows, idle) chunks of one window step's rows this process trains on; idle: a pass with gradient 0."""
+        return [(rows, False) for rows in step_rows.split(self.config.ppo_micro_batch_size_per_gpu)]
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Clip the accumulated LoRA gradients; the total norm as a plain scalar tensor."""
@@ -153,22 +172,23 @@ class DiffusionLoRAActor:
         return self.update_batch(TrainBatch.from_data_proto(data, advantages))
 
     def update_batch(self, batch: TrainBatch, num_terms: Optional[int] = None) -> dict[str, float]:
-        """One FlowGRPO update over ``batch``; ``num_terms``: the transitions of the whole step over all ranks
-        (default: this batch's). Raises ``NonFiniteError`` before stepping on NaN/inf (LoRA unchanged)."""
+        """One FlowGRPO update over ``batch`` (on the host); ``num_terms``: the transitions of the whole step over all
+        ranks (default: this batch's). Raises ``NonFiniteError`` before stepping on NaN/inf (LoRA unchanged)."""
         for name in ("advantages", "old_log_probs", "latents"):
             assert_finite(name, batch.tensors[name])
         num_terms = batch.num_terms if num_terms is None else num_terms
         if num_terms == 0:
             raise ValueError("no SDE-window steps in the batch: nothing to train on (check "
                              "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)")
-        batch = batch.to(self.device)
+        plan = self.plan(batch)
+        staged = _stage(batch, self.device)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
         snapshot = self._snapshot() if self.config.ppo_epochs > 1 else None
         self.transformer.train()
         try:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
-                return self._update(batch, num_terms)
+                return self._update(staged, plan, num_terms, batch.sigma_max)
         except NonFiniteError:
             if snapshot is not None:
                 self._restore(snapshot)
@@ -186,9 +206,8 @@ class DiffusionLoRAActor:
                 p.copy_(saved)
         self.optimizer.load_state_dict(optimizer_state)
 
-    def _update(self, batch: TrainBatch, num_terms: int) -> dict[str, float]:
+    def _update(self, batch: TrainBatch, plan: list[MicroBatch], num_terms: int, sigma_max: float) -> dict[str, float]:
         cfg = self.config
-        window = batch.window
         old_log_probs, advantages = batch.tensors["old_log_probs"], batch.tensors["advantages"]
         sums: dict[str, torch.Tensor] = {}
         grad_norms = []
@@ -198,29 +217,31 @@ class DiffusionLoRAActor:
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=False)
             bad = torch.zeros((), device=self.device)  # non-finite log-probs / KL seen (read once, below)
-            for step in range(window.shape[1]):
-                step_rows = torch.nonzero(window[:, step]).flatten()
-                for chunk in self._micro_batches(batch, step, step_rows):
-                    out = self.transition_log_probs(batch, step, chunk)
-                    kl = None
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), self._adapter_disabled():
-                            ref = self.transition_log_probs(batch, step, chunk)
-                        kl = flowgrpo_kl(out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(chunk)))
-                        bad = bad + (~torch.isfinite(kl)).sum()
-                    bad = bad + (~torch.isfinite(out.log_prob.detach())).sum()
-                    loss, metrics = flowgrpo_policy_loss(
-                        out.log_prob, old_log_probs[chunk, step], advantages[chunk], cfg.clip_ratio,
-                        adv_clip_max=cfg.adv_clip_max, kl=kl, kl_beta=cfg.kl_coef, check_finite=False, as_tensors=True,
-                    )
-                    # Weight by rows so the accumulated gradient is the mean over all (sample, step) terms.
-                    weight = len(chunk) / num_terms
-                    (loss * weight).backward()
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
-            grad_norm = self._reduce_and_clip(bad)
+            for micro in plan:
+                out = self.transition_log_probs(batch, micro, sigma_max)
+                kl = None
+                if cfg.kl_coef > 0:
+                    with torch.no_grad(), self._adapter_disabled():
+                        ref = self.transition_log_probs(batch, micro, sigma_max)
+                    kl = flowgrpo_kl(out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(micro.rows)))
+                if micro.idle:  # keeps FSDP's collectives in step; contributes nothing
+                    (out.log_prob.sum() * 0.0).backward()
+                    continue
+                if kl is not None:
+                    bad = bad + (~torch.isfinite(kl)).sum()
+                bad = bad + (~torch.isfinite(out.log_prob.detach())).sum()
+                rows, step = micro.rows, micro.step
+                loss, metrics = flowgrpo_policy_loss(
+                    out.log_prob, old_log_probs[rows, step], advantages[rows], cfg.clip_ratio,
+                    adv_clip_max=cfg.adv_clip_max, kl=kl, kl_beta=cfg.kl_coef, check_finite=False, as_tensors=True,
+                )
+                # Weight by rows so the accumulated gradient is the mean over all (sample, step) terms.
+                weight = len(rows) / num_terms
+                (loss * weight).backward()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
+            grad_norms.append(self._reduce_and_clip(bad))
             self.optimizer.step()
-            grad_norms.append(grad_norm)
         metrics = self._reduce_metrics(sums)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["num_train_terms"] = num_terms
@@ -254,6 +275,23 @@ class DiffusionLoRAActor:
         if self.grad_sync.world_size > 1:
             self.grad_sync.all_reduce_(stacked)
         return dict(zip(names, stacked.tolist()))
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward of an epoch: window step, rows (on the device), their prepared model inputs; ``idle``:
+    a pass whose gradient is discarded (FSDP ranks without rows must still join every collective)."""
+
+    step: int
+    rows: torch.Tensor
+    inputs: Any
+    idle: bool = False
+
+
+def _stage(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
+    prepared inputs)."""
+    return TrainBatch({k: v for k, v in batch.tensors.items() if k in STAGED}, batch.height, batch.width).to(device)
 
 
 def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:

@@ -43,7 +43,6 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.models.lora import lora_parameters, set_lora_state_dict
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
-from verl_omni.workers.train_batch import TrainBatch
 
 # Metrics that are not per-row partial sums: the same value on every rank.
 _GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms")
@@ -91,21 +90,13 @@ class FSDPActorRank(DiffusionLoRAActor):
                                            weight_decay=optim.weight_decay)
 
     # ------------------------------------------------------------------ hooks of DiffusionLoRAActor.update
-    def _micro_batches(self, batch: TrainBatch, step: int, step_rows: torch.Tensor):
+    def _micro_batches(self, step_rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        out = []
         for chunk in step_rows.split(self.config.ppo_micro_batch_size_per_gpu * self.world_size):
             mine = chunk.tensor_split(self.world_size)[self.rank]
-            if len(mine):
-                yield mine
-            else:
-                self._idle_pass(batch, step, chunk[:1])
-
-    def _idle_pass(self, batch: TrainBatch, step: int, rows: torch.Tensor) -> None:
-        """The same forwards/backward as a real micro-batch (keeps FSDP's collectives in step), gradient 0."""
-        out = self.transition_log_probs(batch, step, rows)
-        if self.config.kl_coef > 0:
-            with torch.no_grad(), self._adapter_disabled():
-                self.transition_log_probs(batch, step, rows)
-        (out.log_prob.sum() * 0.0).backward()
+            # An empty slice still runs a pass (on one row, gradient discarded): FSDP's collectives stay in step.
+            out.append((mine, False) if len(mine) else (chunk[:1], True))
+        return out
 
     def _clip_grad_norm(self) -> torch.Tensor:
         norm = super()._clip_grad_norm()  # DTensor grads: torch reduces the norm over the ranks

@@ -13,9 +13,12 @@ import torch
 
 from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.conditioning import Conditioning
+from verl_omni.schedulers.flow_match_sde import reference_sigma_max
 
 # The rollout's fields the actor reads (conditioning fields come on top, where present).
 ROLLOUT_FIELDS = ("latents", "timesteps", "sigmas", "old_log_probs", "window_mask")
+# What the update indexes on the device (the conditioning travels inside each micro-batch's prepared inputs).
+STAGED = ("latents", "timesteps", "sigmas", "old_log_probs", "advantages")
 
 
 @dataclass
@@ -43,6 +46,11 @@ class TrainBatch:
     @property
     def window(self) -> torch.Tensor:
         return self.tensors["window_mask"].bool()
+
+    @property
+    def sigma_max(self) -> float:
+        """FlowGRPO's ``sigma_max`` of the schedule (``reference_sigma_max``: sigmas[1]); rows share one schedule."""
+        return reference_sigma_max(self.tensors["sigmas"][0])
 
     @property
     def num_terms(self) -> int:
