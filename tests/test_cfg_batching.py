@@ -297,6 +297,7 @@ def test_batch_cfg_is_rollout_wide_not_per_row():
     """One config key switches the rollout and the actor's recomputation; a row may not set it (the actor
     recomputes with the rollout-wide layout)."""
     from helpers import rollout_config
+
     from verl_omni.agent_loop.diffusion_agent_loop import ROW_OVERRIDABLE, _row_params
 
     rollout = rollout_config(pipeline={"batch_cfg": False, "true_cfg_scale": 3.0})

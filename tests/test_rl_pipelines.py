@@ -53,7 +53,8 @@ def test_rollout_log_prob_equals_trainer_recomputation(pipe, sde_type, guidance_
                                           out.sigmas[t], out.sigmas[t + 1], noise_level=params.noise_level,
                                           sde_type=sde_type, sigma_max=sigma_max)
             max_err = max(max_err, (recomputed - out.log_probs[rows, t]).abs().max().item())
-    print(f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob max abs err {max_err:.2e}")
+    print(f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob "
+          f"max abs err {max_err:.2e}")
     assert max_err < 1e-5
 
 
@@ -92,7 +93,8 @@ def test_only_window_steps_are_stochastic(pipe):
 def test_window_start_moves_the_noise(pipe):
     a = pipe.rl_generate(PROMPT, [5], _params(sde_window_size=1, window_start=0))
     b = pipe.rl_generate(PROMPT, [5], _params(sde_window_size=1, window_start=2))
-    assert a.window_mask.tolist() == [True, False, False, False] and b.window_mask.tolist() == [False, False, True, False]
+    assert a.window_mask.tolist() == [True, False, False, False]
+    assert b.window_mask.tolist() == [False, False, True, False]
     assert torch.equal(a.latents[:, 0], b.latents[:, 0])  # same seed, same x_T
     assert not torch.allclose(a.latents[:, -1], b.latents[:, -1])
 
@@ -103,7 +105,8 @@ def _stock_qwen(pipe, x_t, params):
     # The trap: the stock class hard-codes 34 template tokens (right only for the real tokenizer).
     assert stock.prompt_template_encode_start_idx == STOCK_TEMPLATE_START_IDX != pipe.prompt_template_encode_start_idx
     stock.prompt_template_encode_start_idx = pipe.prompt_template_encode_start_idx
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
+              num_inference_steps=params.num_inference_steps,
               latents=x_t, max_sequence_length=params.max_sequence_length, true_cfg_scale=params.guidance_scale,
               negative_prompt=[""] * x_t.shape[0] if params.guidance_scale > 1 else None)
     latents = stock(**kw, output_type="latent").images
@@ -114,7 +117,8 @@ def _stock_qwen(pipe, x_t, params):
 def _stock_sd3(pipe, x_t, params):
     stock = StableDiffusion3Pipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
+              num_inference_steps=params.num_inference_steps,
               latents=x_t, max_sequence_length=params.max_sequence_length, guidance_scale=params.guidance_scale)
     return stock(**kw, output_type="latent").images, stock(**kw, output_type="np").images
 
@@ -177,7 +181,8 @@ def test_one_step_with_shift_terminal_is_rejected_before_compute(qwen_image_rl_p
     for hook in ("encode_conditions", "prepare_rl_latents", "predict_velocity"):
         monkeypatch.setattr(qwen_image_rl_pipe, hook, forbidden)
     with pytest.raises(ValueError, match="shift_terminal"):  # stock diffusers would produce NaN sigmas
-        qwen_image_rl_pipe.rl_generate(PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0, window_start=None))
+        qwen_image_rl_pipe.rl_generate(PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0,
+                                                            window_start=None))
 
 
 def test_interrupt_stops_between_steps(pipe, monkeypatch):

@@ -141,15 +141,16 @@ class RLPipelineMixin:
     def _model_inputs(self, cond: Conditioning | ModelInputs, guidance_scale: float, batch_cfg: Optional[bool],
                       device: torch.device) -> ModelInputs:
         if isinstance(cond, Conditioning):
-            return self.prepare_model_inputs(cond, guidance_scale, DEFAULT_BATCH_CFG if batch_cfg is None else batch_cfg,
-                                             device=device)
+            layout = DEFAULT_BATCH_CFG if batch_cfg is None else batch_cfg
+            return self.prepare_model_inputs(cond, guidance_scale, layout, device=device)
         if not isinstance(cond, ModelInputs):
             raise TypeError(f"cond must be a Conditioning or ModelInputs, got {type(cond).__name__}")
         if cond.guided != (guidance_scale > 1):
             raise ValueError(f"guidance_scale={guidance_scale} but the model inputs were prepared "
                              f"{'with' if cond.guided else 'without'} guidance")
         if batch_cfg is not None and batch_cfg != cond.batch_cfg and cond.guided:
-            raise ValueError(f"batch_cfg={batch_cfg} but the model inputs were prepared with batch_cfg={cond.batch_cfg}")
+            raise ValueError(f"batch_cfg={batch_cfg} but the model inputs were prepared with "
+                             f"batch_cfg={cond.batch_cfg}")
         return cond
 
     # ------------------------------------------------------------------------------------------ rollout

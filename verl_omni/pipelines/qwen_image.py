@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import QwenImagePipeline
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
@@ -202,7 +202,8 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         steps = params.num_inference_steps
         image_seq_len = (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
         base_sigmas = np.linspace(1.0, 1 / steps, steps)
-        sigmas, timesteps = flow_match_sigmas(dict(self.scheduler.config), steps, image_seq_len, base_sigmas=base_sigmas)
+        sigmas, timesteps = flow_match_sigmas(dict(self.scheduler.config), steps, image_seq_len,
+                                              base_sigmas=base_sigmas)
         return sigmas, timesteps / 1000
 
     def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,

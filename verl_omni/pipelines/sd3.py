@@ -83,8 +83,8 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
     # ------------------------------------------------------------------------------------------ schedule, latents
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas [T+1], transformer timesteps [T] in [0, 1000]), exactly as ``StableDiffusion3Pipeline.__call__``."""
-        patch = self.transformer.config.patch_size
-        image_seq_len = (params.height // self.vae_scale_factor // patch) * (params.width // self.vae_scale_factor // patch)
+        tokens_per_side = self.vae_scale_factor * self.transformer.config.patch_size  # pixels per image token
+        image_seq_len = (params.height // tokens_per_side) * (params.width // tokens_per_side)
         return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, image_seq_len)
 
     def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
