@@ -66,14 +66,9 @@ class DiffusionLoRAActor:
         sample, prev_sample = latents[:, step].to(device), latents[:, step + 1].to(device)
         cond = Conditioning.from_fields(batch).select(rows).without_padding().to(device)
         height, width = batch["images"].shape[1:3]
-        guidance_scale = float(self.rollout.pipeline.true_cfg_scale)
-        # The rollout's CFG layout (one batched forward by default). The prepared inputs (one host sync) may be
-        # reused for every forward of the same rows: other window steps, the KL reference.
-        model_inputs = self.pipe.prepare_model_inputs(cond, guidance_scale, self.rollout.pipeline.batch_cfg,
-                                                      device=device)
         velocity = self.pipe.predict_velocity(
-            sample.to(self.transformer.dtype), batch["timesteps"][rows, step].to(device), model_inputs,
-            guidance_scale, int(height), int(width),
+            sample.to(self.transformer.dtype), batch["timesteps"][rows, step].to(device), cond,
+            float(self.rollout.pipeline.true_cfg_scale), int(height), int(width),
         )
         sigmas = batch["sigmas"][rows].to(device)
         algo = self.rollout.algo
