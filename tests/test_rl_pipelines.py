@@ -1,6 +1,10 @@
 """The RL pipelines on tiny random Qwen-Image and SD3: log-prob consistency with the trainer's recomputation,
-batch invariance, the SDE window, equality with the stock diffusers pipelines at noise_level 0, guidance and
-validation."""
+batch invariance, the SDE window, equality with the stock diffusers pipelines at noise_level 0, guidance, what the
+scheduler rejects, aborts and prompt truncation. (Request validation is the server's: tests/test_request.py; CFG
+batching: tests/test_cfg_batching.py.)"""
+
+import logging
+import types
 
 import numpy as np
 import pytest
@@ -8,6 +12,8 @@ import torch
 from diffusers import QwenImagePipeline, StableDiffusion3Pipeline
 
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
+from verl_omni.pipelines.common import RequestAborted
 from verl_omni.pipelines.qwen_image import STOCK_TEMPLATE_START_IDX
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 
@@ -27,9 +33,7 @@ def _params(**kw):
 
 
 def _cond(out, rows=slice(None)):
-    names = ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask",
-             "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    return {n: getattr(out, n)[rows] for n in names if getattr(out, n) is not None}
+    return Conditioning.from_fields(out).select(rows)
 
 
 @pytest.mark.parametrize("sde_type,guidance_scale", [("sde", 1.0), ("cps", 1.0), ("sde", 3.0)])
@@ -49,7 +53,8 @@ def test_rollout_log_prob_equals_trainer_recomputation(pipe, sde_type, guidance_
                                           out.sigmas[t], out.sigmas[t + 1], noise_level=params.noise_level,
                                           sde_type=sde_type, sigma_max=sigma_max)
             max_err = max(max_err, (recomputed - out.log_probs[rows, t]).abs().max().item())
-    print(f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob max abs err {max_err:.2e}")
+    print(f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob "
+          f"max abs err {max_err:.2e}")
     assert max_err < 1e-5
 
 
@@ -88,7 +93,8 @@ def test_only_window_steps_are_stochastic(pipe):
 def test_window_start_moves_the_noise(pipe):
     a = pipe.rl_generate(PROMPT, [5], _params(sde_window_size=1, window_start=0))
     b = pipe.rl_generate(PROMPT, [5], _params(sde_window_size=1, window_start=2))
-    assert a.window_mask.tolist() == [True, False, False, False] and b.window_mask.tolist() == [False, False, True, False]
+    assert a.window_mask.tolist() == [True, False, False, False]
+    assert b.window_mask.tolist() == [False, False, True, False]
     assert torch.equal(a.latents[:, 0], b.latents[:, 0])  # same seed, same x_T
     assert not torch.allclose(a.latents[:, -1], b.latents[:, -1])
 
@@ -99,7 +105,8 @@ def _stock_qwen(pipe, x_t, params):
     # The trap: the stock class hard-codes 34 template tokens (right only for the real tokenizer).
     assert stock.prompt_template_encode_start_idx == STOCK_TEMPLATE_START_IDX != pipe.prompt_template_encode_start_idx
     stock.prompt_template_encode_start_idx = pipe.prompt_template_encode_start_idx
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
+              num_inference_steps=params.num_inference_steps,
               latents=x_t, max_sequence_length=params.max_sequence_length, true_cfg_scale=params.guidance_scale,
               negative_prompt=[""] * x_t.shape[0] if params.guidance_scale > 1 else None)
     latents = stock(**kw, output_type="latent").images
@@ -110,7 +117,8 @@ def _stock_qwen(pipe, x_t, params):
 def _stock_sd3(pipe, x_t, params):
     stock = StableDiffusion3Pipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
+              num_inference_steps=params.num_inference_steps,
               latents=x_t, max_sequence_length=params.max_sequence_length, guidance_scale=params.guidance_scale)
     return stock(**kw, output_type="latent").images, stock(**kw, output_type="np").images
 
@@ -164,43 +172,73 @@ def test_output_shapes_and_types(pipe):
     assert torch.equal(no_traj.images, out.images)
 
 
-@pytest.mark.parametrize(
-    "changes,field",
-    [
-        ({"height": 40}, "height"),
-        ({"width": 72}, "width"),
-        ({"sde_type": "ode"}, "sde_type"),
-        ({"guidance_scale": 0.5}, "guidance_scale"),
-        ({"window_start": 3}, "window_start"),
-        ({"noise_level": -0.1}, "noise_level"),
-        ({"num_inference_steps": 0}, "num_inference_steps"),
-        ({"max_sequence_length": 4096}, "max_sequence_length"),
-    ],
-)
-def test_bad_params_raise_before_any_compute(pipe, monkeypatch, changes, field):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("compute ran before validation")
-
-    monkeypatch.setattr(pipe, "predict_velocity", forbidden)
-    monkeypatch.setattr(pipe, "prepare_latents", forbidden)
-    params = _params(**changes)
-    with pytest.raises(ValueError, match=field):
-        pipe.rl_generate(PROMPT, SEEDS[:1], params)
-
-
 def test_one_step_with_shift_terminal_is_rejected_before_compute(qwen_image_rl_pipe, monkeypatch):
-    monkeypatch.setattr(qwen_image_rl_pipe, "predict_velocity", None)
+    """What the scheduler math rejects is the pipeline's only own check: the schedule comes first, so it raises
+    before the text encoder, the latents or the transformer run."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("compute ran before the schedule was checked")
+
+    for hook in ("encode_conditions", "prepare_rl_latents", "predict_velocity"):
+        monkeypatch.setattr(qwen_image_rl_pipe, hook, forbidden)
     with pytest.raises(ValueError, match="shift_terminal"):  # stock diffusers would produce NaN sigmas
-        qwen_image_rl_pipe.rl_generate(PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0, window_start=None))
+        qwen_image_rl_pipe.rl_generate(PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0,
+                                                            window_start=None))
 
 
-def test_bad_requests_raise(pipe):
-    with pytest.raises(ValueError, match="seeds"):
-        pipe.rl_generate(PROMPT, [], _params())
-    with pytest.raises(ValueError, match="seeds"):
-        pipe.rl_generate(PROMPT, [1.5], _params())
-    with pytest.raises(ValueError, match="prompt"):
-        pipe.rl_generate(["a", "b"], [1], _params())
+def test_interrupt_stops_between_steps(pipe, monkeypatch):
+    """``interrupt()`` is read before every denoising step; True raises RequestAborted and no further forward runs."""
+    forwards, polls = [], []
+    real = pipe.predict_velocity
+
+    def counting(*args, **kwargs):
+        forwards.append(1)
+        return real(*args, **kwargs)
+
+    def interrupt():
+        polls.append(1)
+        return len(polls) > 2  # steps 0 and 1 run, the abort is seen before step 2
+
+    monkeypatch.setattr(pipe, "predict_velocity", counting)
+    with pytest.raises(RequestAborted, match="step 2 of 4"):
+        pipe.rl_generate(PROMPT, SEEDS[:2], _params(), interrupt=interrupt)
+    assert len(forwards) == 2 and len(polls) == 3
+
+
+def test_prompt_truncation_is_counted_in_the_output_not_warned(pipe, caplog):
+    """A prompt longer than max_sequence_length is cut; the output says by how many tokens (the trainer reports
+    the count per step) and the pipeline logs each cut at DEBUG only, never a WARNING per prompt."""
+    long_prompt, limit = "a very long prompt " * 4, 8
+    is_qwen = "Qwen" in type(pipe).__name__
+    if is_qwen:  # its text tokens after the template prefix, uncut
+        full = pipe.encode_prompt_for_rl(long_prompt, pipe.MAX_SEQUENCE_LENGTH).embeds.shape[1]
+    else:  # SD3: max_sequence_length governs T5
+        full = len(pipe.tokenizer_3(long_prompt).input_ids)
+    params = _params(num_inference_steps=2, sde_window_size=0, window_start=None, max_sequence_length=limit)
+    with caplog.at_level(logging.DEBUG, logger="verl_omni"):
+        out = pipe.rl_generate(long_prompt, SEEDS[:2], params)
+        again = pipe.rl_generate("another long prompt " * 4, SEEDS[:1], params)
+        short = pipe.rl_generate(PROMPT, SEEDS[:1], params.replace(max_sequence_length=64))
+    assert full > limit and out.truncated_prompt_tokens == full - limit
+    assert again.truncated_prompt_tokens > 0 and short.truncated_prompt_tokens == 0
+    clip_tokens = 0 if is_qwen else pipe.tokenizer_max_length  # SD3's embeddings: CLIP's 77 tokens, then T5's
+    assert out.prompt_embeds.shape[1] == clip_tokens + limit
+    ours = [r for r in caplog.records if r.name.startswith("verl_omni")]
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+    assert len([r for r in ours if r.levelno == logging.DEBUG and "truncated" in r.getMessage()]) == 2
+
+
+def test_truncation_count_travels_with_every_part_of_a_call(qwen_image_rl_pipe):
+    """The vllm-omni worker slices one call into its requests and sends each over the wire: the count goes along."""
+    from verl_omni.core.outputs import slice_batch
+    from verl_omni.rollout.engines.vllm_omni.wire import MODEL_CLASS_NAME, request_output_to_batch, to_diffusion_output
+
+    params = _params(num_inference_steps=2, sde_window_size=0, window_start=None, max_sequence_length=8)
+    out = qwen_image_rl_pipe.rl_generate("a very long prompt " * 4, SEEDS[:3], params)
+    part = slice_batch(out, 1, 3)
+    assert out.truncated_prompt_tokens > 0 and part.truncated_prompt_tokens == out.truncated_prompt_tokens
+    sent = to_diffusion_output(part, types.SimpleNamespace, MODEL_CLASS_NAME)
+    received = request_output_to_batch(types.SimpleNamespace(images=sent.output, **vars(sent)), part.seeds)
+    assert received.truncated_prompt_tokens == out.truncated_prompt_tokens
 
 
 def test_qwen_image_embeddings_drop_exactly_the_template_prefix(qwen_image_rl_pipe):
@@ -208,8 +246,8 @@ def test_qwen_image_embeddings_drop_exactly_the_template_prefix(qwen_image_rl_pi
     what is left is the prompt (one token per byte) plus the template suffix '<|im_end|>\\n<|im_start|>assistant\\n'."""
     pipe = qwen_image_rl_pipe
     suffix_tokens = 1 + 1 + 1 + len("assistant") + 1
-    embeds, mask = pipe.encode_prompt_for_rl(PROMPT, max_sequence_length=1024)
-    assert embeds.shape[1] == len(PROMPT.encode()) + suffix_tokens and mask.all()
+    embeds, mask, truncated = pipe.encode_prompt_for_rl(PROMPT, max_sequence_length=1024)
+    assert embeds.shape[1] == len(PROMPT.encode()) + suffix_tokens and mask.all() and truncated == 0
     # Same hidden states as running the encoder on the full template and slicing after the prefix by hand.
     text = pipe.prompt_template_encode.format(PROMPT)
     ids = pipe.tokenizer(text, return_tensors="pt").input_ids
@@ -229,35 +267,49 @@ def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
 
 def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_image_dir, monkeypatch):
     """The processor the vllm-omni engine installs (real-arithmetic RoPE, an engine's flash kernel when there is no
-    mask) gives diffusers' result: same seeds -> same latents within float32 rounding, and the kernel is called."""
+    mask) gives diffusers' result: same seeds -> same latents within float32 rounding. The kernel serves every
+    unmasked call: batched CFG whose texts have equal lengths (one call of 2B rows), or CFG as two calls; batched
+    CFG with padded text goes through diffusers' masked attention instead."""
     from verl_omni.pipelines import qwen_image
     from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor, QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
     pipe.set_progress_bar_config(disable=True)
-    params = _params(guidance_scale=2.0, negative_prompt="blurry, a much longer negative prompt")
-    stock = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    same_length, longer = "dull gray", "blurry, a much longer negative prompt"
+    assert pipe.encode_prompt_for_rl(same_length, 64).embeds.shape == pipe.encode_prompt_for_rl(PROMPT, 64).embeds.shape
+    layers, steps = pipe.transformer.config.num_layers, _params().num_inference_steps
+    # (negative prompt, batch_cfg, kernel calls per forward-step: unmasked transformer calls x layers)
+    cases = [(same_length, True, 1 * layers), (longer, True, 0), (longer, False, 2 * layers)]
+    stock = {case: pipe.rl_generate(PROMPT, SEEDS[:2], _params(guidance_scale=2.0, negative_prompt=case[0],
+                                                               batch_cfg=case[1])) for case in cases}
     _sdpa_bshd.calls = 0
     changed = pipe.use_attention_function(_sdpa_bshd)
-    assert changed == pipe.transformer.config.num_layers > 0
+    assert changed == layers > 0
     assert all(isinstance(p, QwenImageFusedAttnProcessor) for p in pipe.transformer.attn_processors.values())
-    pipe.rl_generate(PROMPT, SEEDS[:1], params)
+    pipe.rl_generate(PROMPT, SEEDS[:1], _params(guidance_scale=2.0, negative_prompt=same_length))
     assert _sdpa_bshd.calls == 0  # float32: flash kernels take bf16/fp16 only, so diffusers' attention runs
     monkeypatch.setattr(qwen_image, "FLASH_DTYPES", (torch.float32,))  # let this float32 stand-in kernel run
-    fused = pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    assert _sdpa_bshd.calls > 0
-    rel = ((fused.latents - stock.latents).norm() / stock.latents.norm()).item()
-    print(f"fused processor vs diffusers: final latents rel L2 {rel:.2e}")
-    assert rel < 1e-5
-    assert torch.allclose(fused.log_probs, stock.log_probs, atol=1e-5)
-    assert (fused.images.int() - stock.images.int()).abs().max().item() <= 1
+    for case in cases:
+        negative_prompt, batch_cfg, calls_per_step = case
+        _sdpa_bshd.calls = 0
+        params = _params(guidance_scale=2.0, negative_prompt=negative_prompt, batch_cfg=batch_cfg)
+        fused = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+        assert _sdpa_bshd.calls == calls_per_step * steps, case
+        reference = stock[case]
+        rel = ((fused.latents - reference.latents).norm() / reference.latents.norm()).item()
+        print(f"fused processor vs diffusers {case}: final latents rel L2 {rel:.2e}")
+        assert rel < 1e-5
+        assert torch.allclose(fused.log_probs, reference.log_probs, atol=1e-5)
+        assert (fused.images.int() - reference.images.int()).abs().max().item() <= 1
     # padded text (a mask that is not all ones) goes through diffusers' masked attention, not the kernel
     _sdpa_bshd.calls = 0
-    latents = stock.latents[:, 1].to(pipe.transformer.dtype)
-    cond = {"prompt_embeds": torch.cat([stock.prompt_embeds, torch.zeros_like(stock.prompt_embeds[:, :3])], 1),
-            "prompt_embeds_mask": torch.cat([stock.prompt_embeds_mask,
-                                             torch.zeros_like(stock.prompt_embeds_mask[:, :3])], 1)}
-    masked = pipe.predict_velocity(latents, stock.timesteps[1], cond, 1.0, 64, 64)
+    reference = stock[cases[0]]
+    latents = reference.latents[:, 1].to(pipe.transformer.dtype)
+    cond = Conditioning(
+        prompt_embeds=torch.cat([reference.prompt_embeds, torch.zeros_like(reference.prompt_embeds[:, :3])], 1),
+        prompt_embeds_mask=torch.cat([reference.prompt_embeds_mask,
+                                      torch.zeros_like(reference.prompt_embeds_mask[:, :3])], 1))
+    masked = pipe.predict_velocity(latents, reference.timesteps[1], cond, 1.0, 64, 64)
     assert _sdpa_bshd.calls == 0 and torch.isfinite(masked).all()
 
 

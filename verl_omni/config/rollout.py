@@ -37,6 +37,7 @@ class PipelineSamplingConfig(Section):
     _prefix = "actor_rollout_ref.rollout.pipeline"
 
     true_cfg_scale: float = 1.0
+    batch_cfg: bool = True  # CFG branches in one forward of 2B rows (rollout and the actor's recomputation)
     negative_prompt: Optional[str] = None
     num_inference_steps: int = 10
     height: int = 64
@@ -137,6 +138,7 @@ class RolloutConfig(Section):
             height=p.height,
             width=p.width,
             guidance_scale=float(p.true_cfg_scale),
+            batch_cfg=p.batch_cfg,
             negative_prompt=p.negative_prompt,
             max_sequence_length=p.max_sequence_length,
             noise_level=float(a.noise_level),

@@ -26,8 +26,11 @@ class DiffusionSamplingParams:
     num_inference_steps: int = 10
     height: int = 64
     width: int = 64
-    # Qwen-Image: true CFG (two forwards, combined); SD3: classic CFG. 1.0 disables guidance.
+    # Qwen-Image: true CFG (norm-rescaled); SD3: classic CFG. 1.0 disables guidance.
     guidance_scale: float = 1.0
+    # CFG's conditional and unconditional branches in one transformer forward of 2B rows (the shorter text padded
+    # and masked) instead of two forwards of B rows: same result within float rounding, fewer, larger kernels.
+    batch_cfg: bool = True
     negative_prompt: Optional[str] = None
     max_sequence_length: int = 64
     noise_level: float = 0.7
@@ -57,6 +60,8 @@ class DiffusionSamplingParams:
                     raise ValueError(f"{name}={value} must be a multiple of {multiple} (VAE factor x patch size)")
         if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1.0 (1.0 = no guidance)")
+        if not isinstance(self.batch_cfg, bool):
+            raise ValueError(f"batch_cfg must be a bool, got {type(self.batch_cfg).__name__} ({self.batch_cfg!r})")
         if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
         if self.sde_type not in SDE_TYPES:

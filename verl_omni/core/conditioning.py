@@ -2,7 +2,8 @@
 
 One typed object instead of a ``cond`` dict: the pipelines build it (``encode_conditions``), the rollout stores
 its fields in ``RLBatchOutput`` / ``DiffusionSample`` under the same names, and the actor rebuilds it from a
-training batch to recompute the very same forward.
+training batch to recompute the very same forward. A pipeline turns it into what its transformer calls take
+(``prepare_model_inputs``: dtype, device, the CFG branches stacked) once per request or training micro-batch.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class Conditioning:
     @property
     def batch_size(self) -> int:
         return int(self.prompt_embeds.shape[0])
+
+    def branch(self, negative: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(embeds, mask, pooled) of the conditional branch, or with ``negative=True`` of the unconditional one."""
+        prefix = "negative_" if negative else ""
+        embeds = getattr(self, f"{prefix}prompt_embeds")
+        if embeds is None:
+            raise ValueError(f"conditioning has no {prefix}prompt_embeds")
+        return embeds, getattr(self, f"{prefix}prompt_embeds_mask"), getattr(self, f"{prefix}pooled_prompt_embeds")
 
     def _map(self, fn) -> "Conditioning":
         return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))

@@ -31,6 +31,8 @@ class RLBatchOutput:
     - negative_*:        same, only when guidance is on
     - pooled_*:          SD3's pooled text embeddings [B, D'] (None for Qwen-Image)
     - seeds:             the B seeds used
+    - truncated_prompt_tokens: text tokens of this call's prompt cut off at max_sequence_length (0 = none); the
+                         pipelines log each cut at DEBUG only, the trainer reports a count per step
     """
 
     images: torch.Tensor
@@ -46,6 +48,7 @@ class RLBatchOutput:
     negative_prompt_embeds_mask: Optional[torch.Tensor] = None
     pooled_prompt_embeds: Optional[torch.Tensor] = None
     negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
+    truncated_prompt_tokens: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -113,4 +116,6 @@ def slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
     kwargs = {name: None if getattr(batch, name) is None else getattr(batch, name)[start:stop]
               for name in PER_SAMPLE_FIELDS}
     kwargs.update({name: getattr(batch, name) for name in SHARED_FIELDS})
-    return RLBatchOutput(seeds=list(batch.seeds[start:stop]), **kwargs)
+    # Every sample of a call shares its one prompt, hence its truncation.
+    return RLBatchOutput(seeds=list(batch.seeds[start:stop]), truncated_prompt_tokens=batch.truncated_prompt_tokens,
+                         **kwargs)

@@ -1,5 +1,10 @@
 """RL pipelines: diffusers pipelines that also return latents, per-step log-probs and embeddings.
 
+- ``base.py``: ``RLPipelineMixin``, ``rl_generate`` and ``predict_velocity`` written once over per-model hooks;
+- ``model_inputs.py``: ``ModelInputs``, a conditioning prepared once for many forwards (CFG branches batched);
+- ``common.py``: per-sample randomness, the windowed SDE denoising loop, image conversion;
+- ``qwen_image.py``, ``sd3.py``: the hooks of each model; ``loading.py``: ``load_rl_pipeline``.
+
 ``get_pipeline_class(name)`` maps a config name (``qwen_image``, ``sd3``) to its class, importing only that
 model's module.
 """

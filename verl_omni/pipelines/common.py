@@ -1,4 +1,5 @@
-"""Pieces both RL pipelines share: per-sample randomness, the windowed SDE denoising loop, image conversion.
+"""The model-independent pieces of ``rl_generate``: per-sample randomness, the windowed SDE denoising loop, image
+conversion, the output's one copy to the host.
 
 Per-sample randomness is what makes a batched rollout equal to N single rollouts: sample i draws its initial
 noise and every step noise from its own CPU ``torch.Generator`` seeded with ``seeds[i]``, so nothing it gets
@@ -8,13 +9,13 @@ depends on its batch position or the batch size (and CPU generators give the sam
 from __future__ import annotations
 
 import logging
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.schedulers.flow_match_sde import euler_step, reference_sigma_max, sde_step_with_logprob
 
@@ -34,29 +35,6 @@ def log_once(logger: logging.Logger, key: str, message: str) -> None:
         logger.info(message)
 
 
-def check_request(prompt: str, seeds: Sequence[int]) -> list[int]:
-    """Validate the non-params part of a request; return the seeds as plain ints."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    if len(seeds) == 0:
-        raise ValueError("seeds must hold at least one seed (one image per seed)")
-    out = []
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seeds must be ints, got {seed!r}")
-        out.append(int(seed))
-    return out
-
-
-def start_request(prompt: str, seeds: Sequence[int], params: DiffusionSamplingParams, vae_scale_factor: int,
-                  max_sequence_length: int) -> list[int]:
-    """Every check of an ``rl_generate`` call, before any compute; returns the seeds as plain ints."""
-    params.validate(vae_scale_factor=vae_scale_factor)
-    if params.max_sequence_length > max_sequence_length:
-        raise ValueError(f"max_sequence_length={params.max_sequence_length} must be <= {max_sequence_length}")
-    return check_request(prompt, seeds)
-
-
 def negative_prompt_for(params: DiffusionSamplingParams, logger: logging.Logger, key: str) -> Optional[str]:
     """The negative prompt under guidance: the given one, or the empty prompt (said once); None without guidance."""
     if params.guidance_scale <= 1:
@@ -70,13 +48,6 @@ def negative_prompt_for(params: DiffusionSamplingParams, logger: logging.Logger,
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample (diffusers' ``randn_tensor`` draws row i from generator i)."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def repeat_rows(tensor: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
-    """[1, ...] -> [B, ...] (a real copy, so per-sample slices never alias)."""
-    if tensor is None:
-        return None
-    return tensor.repeat(batch_size, *([1] * (tensor.ndim - 1)))
 
 
 def window_mask_for(params: DiffusionSamplingParams) -> torch.Tensor:
@@ -201,14 +172,15 @@ def to_host(tensors: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[to
 
 
 def to_batch_output(images: torch.Tensor, result: "DenoiseResult", sigmas: torch.Tensor, timesteps: torch.Tensor,
-                    cond: dict, seeds: list[int]) -> RLBatchOutput:
-    """The RL output of one call; ``cond`` keys are RLBatchOutput's embedding field names."""
-    host = to_host({"images": images, "latents": result.trajectory, **cond})
+                    cond: Conditioning, seeds: list[int], truncated_prompt_tokens: int = 0) -> RLBatchOutput:
+    """The RL output of one call: ``cond`` (B rows) is stored under ``RLBatchOutput``'s embedding field names."""
+    host = to_host({"images": images, "latents": result.trajectory, **cond.as_fields()})
     return RLBatchOutput(
         log_probs=result.log_probs,
         window_mask=result.window_mask,
         timesteps=timesteps.float().cpu(),
         sigmas=sigmas.float().cpu(),
         seeds=seeds,
+        truncated_prompt_tokens=int(truncated_prompt_tokens),
         **host,
     )

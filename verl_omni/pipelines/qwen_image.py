@@ -1,7 +1,8 @@
-"""Qwen-Image RL pipeline: the diffusers ``QwenImagePipeline`` plus a rollout that returns what FlowGRPO needs.
+"""Qwen-Image RL pipeline: the diffusers ``QwenImagePipeline`` plus the RL hooks of ``pipelines/base.py``.
 
-``rl_generate`` and the trainer's log-prob recomputation both go through :meth:`QwenImageRLPipeline.predict_velocity`
-(true CFG with diffusers' norm rescaling included), so rollout and training share one code path.
+``rl_generate`` and the trainer's log-prob recomputation both go through ``predict_velocity`` (true CFG with
+diffusers' norm rescaling, by default both branches in one forward of 2B rows with the shorter text padded and
+masked: see ``pipelines/model_inputs.py``), so rollout and training share one code path.
 
 Timesteps: ``RLBatchOutput.timesteps`` holds what this transformer receives, ``t / 1000`` in [0, 1] (the stock
 pipeline divides by 1000 before calling it); ``sigmas`` are the scheduler's, as diffusers computes them with
@@ -11,29 +12,21 @@ dynamic shifting for the packed image sequence length.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import QwenImagePipeline
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.pipelines.common import (
-    denoise_with_logprobs,
-    expand_timestep,
-    make_generators,
-    negative_prompt_for,
-    repeat_rows,
-    start_request,
-    to_batch_output,
-    to_uint8_images,
-)
-from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
+from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
 
 logger = logging.getLogger(__name__)
@@ -69,7 +62,9 @@ class QwenImageFusedAttnProcessor:
     """Qwen-Image's joint (text + image) attention as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` computes it,
     with two differences that only change speed: RoPE in real arithmetic (fusable by torch.compile) and, when there
     is no attention mask, ``attention_fn`` (an engine's fused kernel such as FA3) instead of SDPA. With a mask
-    (padded text), float32 or a head dim the kernel lacks, it uses diffusers' dispatcher as before."""
+    (padded text, e.g. batched CFG whose prompt and negative prompt differ in length), float32 or a head dim the
+    kernel lacks, it uses diffusers' dispatcher (SDPA with the mask): acceptable, since attention is ~2% of the
+    transformer's FLOPs at 1024 image tokens."""
 
     def __init__(self, attention_fn: AttentionFn):
         self.attention_fn = attention_fn
@@ -123,11 +118,18 @@ class SingleFrameCausalConv3d(QwenImageCausalConv3d):
         return super().forward(x, cache_x)
 
 
-class QwenImageRLPipeline(QwenImagePipeline):
+class EncodedText(NamedTuple):
+    embeds: torch.Tensor  # [1, L, D]
+    mask: torch.Tensor  # [1, L] int64, all ones (kept so rows of different prompts can be padded and stacked)
+    truncated_tokens: int  # tokens cut off at max_sequence_length
+
+
+class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
     """``QwenImagePipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
-    ``predict_velocity``."""
+    ``predict_velocity`` (``RLPipelineMixin``)."""
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
+    SUPPORTS_TEXT_MASK = True  # encoder_hidden_states_mask: padded CFG branches can share one forward
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(
@@ -148,110 +150,71 @@ class QwenImageRLPipeline(QwenImagePipeline):
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts
-    def encode_prompt_for_rl(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds [1, L, D], mask [1, L] int64). The mask is kept even when all ones so samples of different
-        prompts can be padded and stacked; ``predict_velocity`` drops an all-ones mask like diffusers does."""
+    def encode_prompt_for_rl(self, prompt: str, max_sequence_length: int) -> EncodedText:
+        """The prompt's embeddings, at most ``max_sequence_length`` tokens, and how many tokens were cut off.
+
+        A cut is logged at DEBUG only: prompts longer than the limit are common in a data set, and the caller
+        reports the count (``RLBatchOutput.truncated_prompt_tokens``) instead of a warning per prompt."""
         embeds, mask = self._get_qwen_prompt_embeds([prompt], device=self._execution_device)
-        if embeds.shape[1] > max_sequence_length:
-            # Truncation changes what the model sees: count it and say so, never silently.
-            self.truncated_prompts = getattr(self, "truncated_prompts", 0) + 1
-            logger.warning("prompt of %d tokens truncated to max_sequence_length=%d (%d prompts truncated so far): %.80r",
-                           embeds.shape[1], max_sequence_length, self.truncated_prompts, prompt)
-        return embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
+        truncated = max(0, embeds.shape[1] - max_sequence_length)
+        if truncated:
+            logger.debug("prompt of %d tokens truncated to max_sequence_length=%d: %.80r",
+                         embeds.shape[1], max_sequence_length, prompt)
+        return EncodedText(embeds[:, :max_sequence_length], mask[:, :max_sequence_length], truncated)
+
+    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
+                          params: DiffusionSamplingParams) -> EncodedPrompt:
+        positive = self.encode_prompt_for_rl(prompt, params.max_sequence_length)
+        cond = Conditioning(prompt_embeds=positive.embeds, prompt_embeds_mask=positive.mask)
+        if negative_prompt is not None:
+            negative = self.encode_prompt_for_rl(negative_prompt, params.max_sequence_length)
+            cond.negative_prompt_embeds, cond.negative_prompt_embeds_mask = negative.embeds, negative.mask
+        return EncodedPrompt(cond, positive.truncated_tokens)
 
     # ------------------------------------------------------------------------------------------ model call
-    def predict_velocity(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float,
-        cond: dict,
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> torch.Tensor:
-        """Velocity [B, S, C] (float32) for packed ``latents`` [B, S, C] at ``timestep`` (scalar or [B], in the
-        transformer's [0, 1] units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
+    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
+                             width: int) -> torch.Tensor:
+        """One forward on packed ``latents`` [R, S, C]; ``text.mask`` None = every token real (unmasked attention,
+        the engine's fused kernel when one is installed)."""
+        latent_grid = (1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=text.embeds,
+            encoder_hidden_states_mask=text.mask,
+            img_shapes=[[latent_grid]] * latents.shape[0],
+            return_dict=False,
+        )[0]
 
-        ``cond``: ``prompt_embeds`` [B, L, D], optional ``prompt_embeds_mask`` [B, L]; with ``guidance_scale > 1``
-        also ``negative_prompt_embeds`` / ``negative_prompt_embeds_mask`` (true CFG, two forwards, then diffusers'
-        rescaling of the combined prediction to the conditional prediction's norm).
-        """
-        if isinstance(cond, Conditioning):  # transitional: the typed object as the old dict
-            cond = {k: v for k, v in cond.as_fields().items() if v is not None}
-        batch_size = latents.shape[0]
-        device = latents.device
-        dtype = self.transformer.dtype
-        hidden_states = latents.to(dtype)
-        timestep = expand_timestep(timestep, batch_size, device)
-        img_shapes = [[(1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)]] * batch_size
+    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
+                         guidance_scale: float) -> torch.Tensor:
+        """True CFG as ``QwenImagePipeline``: ``u + w (c - u)``, rescaled per token to the conditional's norm."""
+        combined = unconditional + guidance_scale * (conditional - unconditional)
+        conditional_norm = torch.norm(conditional, dim=-1, keepdim=True)
+        combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+        return combined * (conditional_norm / combined_norm)
 
-        def forward(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-            if mask is not None and bool(mask.all()):
-                mask = None  # as QwenImagePipeline.encode_prompt: an all-ones mask is passed as None
-            return self.transformer(
-                hidden_states=hidden_states,
-                timestep=timestep,
-                guidance=None,
-                encoder_hidden_states=embeds.to(device=device, dtype=dtype),
-                encoder_hidden_states_mask=None if mask is None else mask.to(device),
-                img_shapes=img_shapes,
-                return_dict=False,
-            )[0]
-
-        velocity = forward(cond["prompt_embeds"], cond.get("prompt_embeds_mask"))
-        if guidance_scale > 1:
-            if cond.get("negative_prompt_embeds") is None:
-                raise ValueError("guidance_scale > 1 needs cond['negative_prompt_embeds']")
-            negative = forward(cond["negative_prompt_embeds"], cond.get("negative_prompt_embeds_mask"))
-            combined = negative + guidance_scale * (velocity - negative)
-            cond_norm = torch.norm(velocity, dim=-1, keepdim=True)
-            combined_norm = torch.norm(combined, dim=-1, keepdim=True)
-            velocity = combined * (cond_norm / combined_norm)
-        return velocity.float()
-
-    # ------------------------------------------------------------------------------------------ schedule
-    def rl_sigmas(self, num_inference_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``QwenImagePipeline.__call__``."""
-        base_sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        sigmas, timesteps = flow_match_sigmas(
-            dict(self.scheduler.config), num_inference_steps, image_seq_len, base_sigmas=base_sigmas
-        )
+    # ------------------------------------------------------------------------------------------ schedule, latents
+    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``QwenImagePipeline.__call__``: dynamic
+        shifting for the packed image sequence length."""
+        steps = params.num_inference_steps
+        image_seq_len = (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
+        base_sigmas = np.linspace(1.0, 1 / steps, steps)
+        sigmas, timesteps = flow_match_sigmas(dict(self.scheduler.config), steps, image_seq_len,
+                                              base_sigmas=base_sigmas)
         return sigmas, timesteps / 1000
 
-    # ------------------------------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
-        """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
-        seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
-        batch_size = len(seeds)
-        device = self._execution_device
-        height, width = params.height, params.width
-        # The schedule first: it can still reject the request (e.g. one step with shift_terminal).
-        image_seq_len = (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
-        sigmas, model_timesteps = self.rl_sigmas(params.num_inference_steps, image_seq_len)
+    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
+                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+        """Packed x_T [B, S, C] as ``QwenImagePipeline.prepare_latents`` draws it from per-sample generators."""
+        channels = self.transformer.config.in_channels // 4  # 2x2 patches packed into the channels
+        return self.prepare_latents(batch_size, channels, params.height, params.width, torch.float32, device,
+                                    list(generators))
 
-        embeds, mask = self.encode_prompt_for_rl(prompt, params.max_sequence_length)
-        cond = {"prompt_embeds": repeat_rows(embeds, batch_size), "prompt_embeds_mask": repeat_rows(mask, batch_size)}
-        negative_prompt = negative_prompt_for(params, logger, "qwen_image_empty_negative")
-        if negative_prompt is not None:
-            neg_embeds, neg_mask = self.encode_prompt_for_rl(negative_prompt, params.max_sequence_length)
-            cond["negative_prompt_embeds"] = repeat_rows(neg_embeds, batch_size)
-            cond["negative_prompt_embeds_mask"] = repeat_rows(neg_mask, batch_size)
-
-        generators = make_generators(seeds)
-        latents = self.prepare_latents(
-            batch_size, self.transformer.config.in_channels // 4, height, width, torch.float32, device, generators
-        )
-
-        # All-ones masks are dropped once here, not checked on the device at every step (a host sync per forward).
-        model_cond = {k: (None if k.endswith("_mask") and bool(v.all()) else v) for k, v in cond.items()}
-        result = denoise_with_logprobs(
-            lambda x, t: self.predict_velocity(x, t, model_cond, params.guidance_scale, height, width),
-            latents, sigmas, model_timesteps, params, generators, interrupt,
-        )
-        images = self.decode_latents(result.final_latents, height, width)
-        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)
+    def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
+        return self.decode_latents(latents, params.height, params.width)
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents -> uint8 [B, H, W, 3] (on the latents' device), as the stock pipeline's decode (latent
@@ -284,4 +247,4 @@ class QwenImageRLPipeline(QwenImagePipeline):
         self._single_frame_convs = True
 
 
-__all__ = ["QwenImageRLPipeline", "QwenImageFusedAttnProcessor", "template_prefix_length"]
+__all__ = ["EncodedText", "QwenImageRLPipeline", "QwenImageFusedAttnProcessor", "template_prefix_length"]

@@ -1,7 +1,10 @@
-"""Stable Diffusion 3 / 3.5 RL pipeline: the diffusers ``StableDiffusion3Pipeline`` plus a FlowGRPO rollout.
+"""Stable Diffusion 3 / 3.5 RL pipeline: the diffusers ``StableDiffusion3Pipeline`` plus the RL hooks of
+``pipelines/base.py``.
 
-``rl_generate`` and the trainer's log-prob recomputation both go through :meth:`SD3RLPipeline.predict_velocity`
-(classic CFG: one batched forward over [negative; positive], ``uncond + w * (cond - uncond)``).
+``rl_generate`` and the trainer's log-prob recomputation both go through ``predict_velocity`` (classic CFG,
+``uncond + w * (cond - uncond)``; by default one forward over [negative; positive] as the stock pipeline runs it).
+SD3's transformer takes no text mask: its prompt and negative prompt embeddings always have the same length
+(CLIP padded to 77 tokens + T5 padded to ``max_sequence_length``), so they stack without padding.
 
 Timesteps: ``RLBatchOutput.timesteps`` holds what this transformer receives, ``sigma * 1000``; ``sigmas`` are the
 scheduler's (static shift 3 for SD3.5), computed as ``StableDiffusion3Pipeline.__call__`` does.
@@ -10,24 +13,16 @@ scheduler's (static shift 3 for SD3.5), computed as ``StableDiffusion3Pipeline._
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.pipelines.common import (
-    denoise_with_logprobs,
-    expand_timestep,
-    make_generators,
-    negative_prompt_for,
-    repeat_rows,
-    start_request,
-    to_batch_output,
-    to_uint8_images,
-)
-from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
+from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
 
 logger = logging.getLogger(__name__)
@@ -35,104 +30,73 @@ logger = logging.getLogger(__name__)
 MAX_SEQUENCE_LENGTH = 512  # StableDiffusion3Pipeline.check_inputs limit (T5 tokens)
 
 
-class SD3RLPipeline(StableDiffusion3Pipeline):
+class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
-    ``predict_velocity``."""
+    ``predict_velocity`` (``RLPipelineMixin``)."""
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
+    REQUIRES_POOLED = True  # pooled CLIP embeddings condition the timestep embedding
 
-    # ------------------------------------------------------------------------------------------ model call
-    def predict_velocity(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float,
-        cond: dict,
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> torch.Tensor:
-        """Velocity [B, C, h, w] (float32) for ``latents`` [B, C, h, w] at ``timestep`` (scalar or [B], in
-        [0, 1000] as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
+    # ------------------------------------------------------------------------------------------ prompts
+    def count_truncated_tokens(self, prompt: str, max_sequence_length: int) -> int:
+        """Tokens of ``prompt`` cut off by the encoder ``max_sequence_length`` governs: T5 (CLIP's fixed 77-token
+        window when the pipeline has no T5). Logged at DEBUG only; the caller reports the count."""
+        if self.text_encoder_3 is not None and self.tokenizer_3 is not None:
+            tokenizer, limit = self.tokenizer_3, max_sequence_length
+        else:
+            tokenizer, limit = self.tokenizer, self.tokenizer_max_length
+        length = len(tokenizer(prompt).input_ids)
+        if length > limit:
+            logger.debug("prompt of %d tokens truncated to %d: %.80r", length, limit, prompt)
+        return max(0, length - limit)
 
-        ``cond``: ``prompt_embeds`` [B, L, D], ``pooled_prompt_embeds`` [B, P]; with ``guidance_scale > 1`` also
-        ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``. ``height`` / ``width`` are unused
-        (the latents are spatial) and kept for a pipeline-independent signature.
-        """
-        if isinstance(cond, Conditioning):  # transitional: the typed object as the old dict
-            cond = {k: v for k, v in cond.as_fields().items() if v is not None}
-        batch_size = latents.shape[0]
-        device = latents.device
-        dtype = self.transformer.dtype
-        timestep = expand_timestep(timestep, batch_size, device)
-        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-        hidden_states = latents
-        do_cfg = guidance_scale > 1
-        if do_cfg:
-            if cond.get("negative_prompt_embeds") is None or cond.get("negative_pooled_prompt_embeds") is None:
-                raise ValueError("guidance_scale > 1 needs cond['negative_prompt_embeds'] and ['negative_pooled_prompt_embeds']")
-            # [negative; positive] in one forward, the order StableDiffusion3Pipeline uses.
-            embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
-            pooled = torch.cat([cond["negative_pooled_prompt_embeds"], pooled])
-            hidden_states = torch.cat([latents, latents])
-            timestep = torch.cat([timestep, timestep])
-        prediction = self.transformer(
-            hidden_states=hidden_states.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=embeds.to(device=device, dtype=dtype),
-            pooled_projections=pooled.to(device=device, dtype=dtype),
-            return_dict=False,
-        )[0]
-        if do_cfg:
-            uncond, text = prediction.chunk(2)
-            prediction = uncond + guidance_scale * (text - uncond)
-        return prediction.float()
-
-    # ------------------------------------------------------------------------------------------ schedule
-    def rl_sigmas(self, num_inference_steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [T+1], transformer timesteps [T] in [0, 1000]), exactly as ``StableDiffusion3Pipeline.__call__``."""
-        patch = self.transformer.config.patch_size
-        image_seq_len = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
-        return flow_match_sigmas(dict(self.scheduler.config), num_inference_steps, image_seq_len)
-
-    # ------------------------------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def rl_generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
-        """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``."""
-        seeds = start_request(prompt, seeds, params, self.vae_scale_factor, MAX_SEQUENCE_LENGTH)
-        batch_size = len(seeds)
-        device = self._execution_device
-        height, width = params.height, params.width
-        sigmas, model_timesteps = self.rl_sigmas(params.num_inference_steps, height, width)  # may still reject
-
-        negative_prompt = negative_prompt_for(params, logger, "sd3_empty_negative")
-        do_cfg = negative_prompt is not None
-        embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
+    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
+                          params: DiffusionSamplingParams) -> EncodedPrompt:
+        guided = negative_prompt is not None
+        embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
             max_sequence_length=params.max_sequence_length,
         )
-        cond = {"prompt_embeds": repeat_rows(embeds, batch_size), "pooled_prompt_embeds": repeat_rows(pooled, batch_size)}
-        if do_cfg:
-            cond["negative_prompt_embeds"] = repeat_rows(neg_embeds, batch_size)
-            cond["negative_pooled_prompt_embeds"] = repeat_rows(neg_pooled, batch_size)
+        cond = Conditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if guided:
+            cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds = negative_embeds, negative_pooled
+        return EncodedPrompt(cond, self.count_truncated_tokens(prompt, params.max_sequence_length))
 
-        generators = make_generators(seeds)
-        latents = self.prepare_latents(
-            batch_size, self.transformer.config.in_channels, height, width, torch.float32, device, generators
-        )
-        result = denoise_with_logprobs(
-            lambda x, t: self.predict_velocity(x, t, cond, params.guidance_scale, height, width),
-            latents, sigmas, model_timesteps, params, generators, interrupt,
-        )
-        images = self.decode_latents(result.final_latents)
-        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds)
+    # ------------------------------------------------------------------------------------------ model call
+    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
+                             width: int) -> torch.Tensor:
+        """One forward on ``latents`` [R, C, h, w] (spatial: ``height`` / ``width`` are not needed)."""
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=text.embeds,
+            pooled_projections=text.pooled,
+            return_dict=False,
+        )[0]
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
+                         guidance_scale: float) -> torch.Tensor:
+        """Classic CFG, as ``StableDiffusion3Pipeline``: ``u + w (c - u)``."""
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    # ------------------------------------------------------------------------------------------ schedule, latents
+    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [T+1], transformer timesteps [T] in [0, 1000]), exactly as ``StableDiffusion3Pipeline.__call__``."""
+        tokens_per_side = self.vae_scale_factor * self.transformer.config.patch_size  # pixels per image token
+        image_seq_len = (params.height // tokens_per_side) * (params.width // tokens_per_side)
+        return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, image_seq_len)
+
+    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
+                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+        """x_T [B, C, h, w] as ``StableDiffusion3Pipeline.prepare_latents`` draws it from per-sample generators."""
+        return self.prepare_latents(batch_size, self.transformer.config.in_channels, params.height, params.width,
+                                    torch.float32, device, list(generators))
+
+    def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        decoded = self.vae.decode(latents, return_dict=False)[0]
-        return to_uint8_images(decoded)
+        return to_uint8_images(self.vae.decode(latents, return_dict=False)[0])
 
 
 __all__ = ["SD3RLPipeline"]

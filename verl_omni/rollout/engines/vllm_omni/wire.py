@@ -72,7 +72,8 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
     The prompt embeddings of one request are the same row repeated, so one row is sent and
     :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
     """
-    extra: dict[str, Any] = {"seeds": list(part.seeds), SHARED_ROWS_KEY: []}
+    extra: dict[str, Any] = {"seeds": list(part.seeds), "truncated_prompt_tokens": part.truncated_prompt_tokens,
+                             SHARED_ROWS_KEY: []}
     for name in PER_SAMPLE_FIELDS + SHARED_FIELDS:
         if name == "images" or name in _TRAJECTORY:
             continue

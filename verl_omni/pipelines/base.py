@@ -1,0 +1,183 @@
+"""The RL pipeline, written once: :class:`RLPipelineMixin` gives a diffusers pipeline ``rl_generate`` and
+``predict_velocity`` over a few per-model hooks.
+
+A model is its diffusers pipeline class with this mixin in front (``class XRLPipeline(RLPipelineMixin,
+XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
+
+- ``rl_schedule(params) -> (sigmas [T+1], model_timesteps [T])``: the scheduler's sigmas and what the transformer
+  receives per step, as the stock pipeline computes them;
+- ``encode_conditions(prompt, negative_prompt, params) -> EncodedPrompt``: a :class:`Conditioning` of batch 1
+  (negative branch only when ``negative_prompt`` is not None) and how many prompt tokens were truncated;
+- ``prepare_rl_latents(batch_size, params, generators, device) -> x_T`` (float32): row i from ``generators[i]``;
+- ``transformer_velocity(latents, timestep, text, height, width)``: ONE transformer forward on prepared
+  :class:`TextInputs` (rows = latents' rows), in the transformer's dtype;
+- ``combine_guidance(conditional, unconditional, guidance_scale)``: the model's CFG formula;
+- ``decode_rl_latents(latents, params) -> uint8 [B, H, W, 3]`` on the latents' device;
+
+and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the server checks requests against),
+``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call)
+and ``REQUIRES_POOLED`` (pooled text embeddings are an input).
+
+Requests are validated once, by the server (``verl_omni.rollout.request.validate_request``); a pipeline trusts
+its parameters. Only what the scheduler math itself rejects (e.g. one step with ``shift_terminal``) raises here,
+and before any model runs, because the schedule is computed first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
+from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.pipelines.common import (
+    denoise_with_logprobs,
+    expand_timestep,
+    make_generators,
+    negative_prompt_for,
+    to_batch_output,
+)
+from verl_omni.pipelines.model_inputs import ModelInputs, TextInputs, prepare_model_inputs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_CFG = True  # CFG's two branches as one call of 2B rows (see pipelines/model_inputs.py)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """What ``encode_conditions`` returns: the conditioning of ONE sample, and the prompt tokens cut off at
+    ``max_sequence_length`` (0 when the prompt fit)."""
+
+    conditioning: Conditioning
+    truncated_prompt_tokens: int = 0
+
+
+class RLPipelineMixin:
+    """``rl_generate`` and ``predict_velocity`` for a diffusers pipeline that implements the hooks above."""
+
+    MAX_SEQUENCE_LENGTH: int
+    SUPPORTS_TEXT_MASK: bool = False
+    REQUIRES_POOLED: bool = False
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
+                          params: DiffusionSamplingParams) -> EncodedPrompt:
+        raise NotImplementedError
+
+    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
+                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
+                             width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
+                         guidance_scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ model call
+    def prepare_model_inputs(self, cond: Conditioning, guidance_scale: float, batch_cfg: bool = DEFAULT_BATCH_CFG,
+                             device: Optional[torch.device | str] = None) -> ModelInputs:
+        """``cond`` (B rows) as :class:`ModelInputs` for :meth:`predict_velocity`: call it once per request or
+        training micro-batch, then pass the result to every ``predict_velocity`` of those rows (it holds the
+        embeddings in the transformer's dtype on ``device`` -- default: the transformer's -- the CFG branches
+        stacked when ``batch_cfg``, and all-ones masks dropped; that check is its one host sync)."""
+        if device is None:
+            device = next(self.transformer.parameters()).device
+        return prepare_model_inputs(
+            cond, guided=guidance_scale > 1, batch_cfg=batch_cfg, dtype=self.transformer.dtype, device=device,
+            supports_text_mask=self.SUPPORTS_TEXT_MASK, requires_pooled=self.REQUIRES_POOLED,
+            model_name=type(self).__name__,
+        )
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        cond: Conditioning | ModelInputs,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        *,
+        batch_cfg: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """The (guided) velocity, float32, shaped like ``latents`` [B, ...], at ``timestep`` (scalar or [B], in the
+        transformer's units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
+
+        ``cond``: prepared :class:`ModelInputs` (no host sync here; their layout decides ``batch_cfg``), or a
+        :class:`Conditioning`, prepared on the spot (one host sync per call). ``batch_cfg`` (default True): CFG's
+        two branches as one forward of 2B rows instead of two forwards of B rows; same result within float
+        rounding. ``height`` / ``width``: the image size (Qwen-Image's packed latents need it).
+        """
+        inputs = self._model_inputs(cond, guidance_scale, batch_cfg, latents.device)
+        batch_size = latents.shape[0]
+        if inputs.batch_size != batch_size:
+            raise ValueError(f"latents have {batch_size} rows, the conditioning {inputs.batch_size}")
+        timestep = expand_timestep(timestep, batch_size, latents.device)
+        hidden_states = latents.to(self.transformer.dtype)
+        if inputs.joint is not None:
+            both = self.transformer_velocity(torch.cat([hidden_states, hidden_states]), torch.cat([timestep, timestep]),
+                                             inputs.joint, height, width)
+            unconditional, conditional = both.chunk(2)  # the order stack_branches wrote
+        else:
+            conditional = self.transformer_velocity(hidden_states, timestep, inputs.conditional, height, width)
+            if inputs.unconditional is None:
+                return conditional.float()
+            unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
+        return self.combine_guidance(conditional, unconditional, guidance_scale).float()
+
+    def _model_inputs(self, cond: Conditioning | ModelInputs, guidance_scale: float, batch_cfg: Optional[bool],
+                      device: torch.device) -> ModelInputs:
+        if isinstance(cond, Conditioning):
+            layout = DEFAULT_BATCH_CFG if batch_cfg is None else batch_cfg
+            return self.prepare_model_inputs(cond, guidance_scale, layout, device=device)
+        if not isinstance(cond, ModelInputs):
+            raise TypeError(f"cond must be a Conditioning or ModelInputs, got {type(cond).__name__}")
+        if cond.guided != (guidance_scale > 1):
+            raise ValueError(f"guidance_scale={guidance_scale} but the model inputs were prepared "
+                             f"{'with' if cond.guided else 'without'} guidance")
+        if batch_cfg is not None and batch_cfg != cond.batch_cfg and cond.guided:
+            raise ValueError(f"batch_cfg={batch_cfg} but the model inputs were prepared with "
+                             f"batch_cfg={cond.batch_cfg}")
+        return cond
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rl_generate(self, prompt: str, seeds: Sequence[int], params: DiffusionSamplingParams,
+                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
+        """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``, so a batched call
+        equals single calls with the same seeds. ``interrupt()`` (a host-side flag) is checked between denoising
+        steps; True raises :class:`~verl_omni.pipelines.common.RequestAborted`."""
+        seeds = [int(s) for s in seeds]
+        batch_size = len(seeds)
+        device = self._execution_device
+        sigmas, model_timesteps = self.rl_schedule(params)  # first: the scheduler may still reject the request
+
+        negative_prompt = negative_prompt_for(params, logger, f"{type(self).__name__}_empty_negative")
+        encoded = self.encode_conditions(prompt, negative_prompt, params)
+        cond = encoded.conditioning.repeat(batch_size)
+        generators = make_generators(seeds)
+        latents = self.prepare_rl_latents(batch_size, params, generators, device)
+        # Prepared once for the whole request: the denoising loop below never waits for the device.
+        model_inputs = self.prepare_model_inputs(cond, params.guidance_scale, params.batch_cfg, device=latents.device)
+        result = denoise_with_logprobs(
+            lambda x, t: self.predict_velocity(x, t, model_inputs, params.guidance_scale, params.height, params.width),
+            latents, sigmas, model_timesteps, params, generators, interrupt,
+        )
+        images = self.decode_rl_latents(result.final_latents, params)
+        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, encoded.truncated_prompt_tokens)
+
+
+__all__ = ["DEFAULT_BATCH_CFG", "EncodedPrompt", "RLPipelineMixin"]
