@@ -63,7 +63,9 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
         moved = _max_diff(start, single.lora_state_dict())
         print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")
-        assert moved > 1e-4 and lora_diff < 1e-6
+        # Other micro-batches on the ranks round differently (float32, padded text); Adam's step divides by the
+        # root of tiny second moments, so 1e-5 (the FSDP test's bound) against a move of ~1e-2.
+        assert moved > 1e-4 and lora_diff < 1e-5
         assert set(m_single) == set(m_group)
         for key in m_single:
             if key in ("actor/ratio_min", "actor/ratio_max"):

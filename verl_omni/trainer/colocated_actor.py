@@ -16,6 +16,7 @@ import ray
 import torch
 
 from verl_omni.config.actor import ActorConfig
+from verl_omni.core.errors import assert_finite
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
@@ -36,6 +37,10 @@ class ColocatedActorGroup:
 
     def update(self, data: Any, advantages: torch.Tensor) -> dict[str, float]:
         batch = TrainBatch.from_data_proto(data, advantages)
+        # Data checks here, before any rank starts: they name the batch's rows, and no rank is left waiting in the
+        # all-reduce for one that refused its shard. (Non-finite model outputs are agreed on inside the all-reduce.)
+        for name in ("advantages", "old_log_probs", "latents"):
+            assert_finite(name, batch.tensors[name])
         num_terms = batch.num_terms
         refs = [s.actor_call.remote("update", shard.as_dict(), num_terms)
                 for s, shard in zip(self.servers, batch.shards(self.world_size))]

@@ -74,9 +74,9 @@ class DiffusionLoRAActor:
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
         self._set_up_speed(model, actor)
         optim = actor.optim
-        fused = self.device.type == "cuda"  # one kernel for the whole AdamW step
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole AdamW step
         self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay, fused=fused)
+                                           weight_decay=optim.weight_decay, **fused)
 
     def _set_up_speed(self, model: ModelConfig, actor: ActorConfig) -> None:
         on_gpu = self.device.type == "cuda"
@@ -124,6 +124,8 @@ class DiffusionLoRAActor:
         out = []
         for step in range(window.shape[1]):
             step_rows = torch.nonzero(window[:, step]).flatten()
+            if step_rows.numel() == 0:  # outside every row's SDE window
+                continue
             for rows, idle in self._micro_batches(step_rows):
                 cond = batch.conditioning(rows).without_padding()
                 inputs = self.pipe.prepare_model_inputs(cond, guidance, batch_cfg=self.config.batch_cfg,
