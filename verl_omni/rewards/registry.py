@@ -139,7 +139,7 @@ class RewardSampleError(RewardComputationError):
     def __init__(self, indices: Sequence[int], detail: str):
         self.indices = [int(i) for i in indices]
         self.detail = detail
-        super().__init__(f"samples {_index_ranges(self.indices)}: {detail}")
+        super().__init__(f"{_name_samples(self.indices)}: {detail}")
 
 
 class RewardTimeoutError(TimeoutError):
@@ -201,6 +201,15 @@ def _index_ranges(indices: Sequence[int]) -> str:
             parts.append(str(start) if start == i else f"{start}-{i}")
             start = None
     return ", ".join(parts)
+
+
+def _name_samples(labels: Sequence) -> str:
+    """'sample 3', 'samples 16-31' (integer labels as ranges) or 'samples a, b, c'."""
+    if len(labels) == 1:
+        return f"sample {labels[0]}"
+    if all(isinstance(x, (int, np.integer)) for x in labels):
+        return f"samples {_index_ranges([int(x) for x in labels])}"
+    return "samples " + ", ".join(str(x) for x in labels[:16]) + (" ..." if len(labels) > 16 else "")
 
 
 _REWARD_KEYS = ("name", "weight", "timeout_s")
@@ -299,10 +308,9 @@ class RewardManager:
             raise
         except RewardSampleError as known:  # the reward named its failing samples: no need to re-run
             first = known.indices[0] if known.indices else 0
-            named = ", ".join(str(labels[i]) for i in known.indices[:16]) + (" ..." if len(known.indices) > 16 else "")
             raise RewardComputationError(
-                f"reward {spec.name!r} failed on sample{'s' if len(known.indices) > 1 else ''} {named} "
-                f"(prompt {_short(prompts[first])!r}): {known.detail}"
+                f"reward {spec.name!r} failed on {_name_samples([labels[i] for i in known.indices])} "
+                f"({'first ' if len(known.indices) > 1 else ''}prompt {_short(prompts[first])!r}): {known.detail}"
             ) from known
         except Exception as batch_error:
             # Re-run one sample at a time to name the culprit; re-raise with the batch error if none fails alone.
