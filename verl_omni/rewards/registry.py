@@ -141,6 +141,9 @@ class RewardSampleError(RewardComputationError):
         self.detail = detail
         super().__init__(f"{_name_samples(self.indices)}: {detail}")
 
+    def __reduce__(self):  # Exception pickles its message as the only argument: keep both fields across Ray
+        return type(self), (self.indices, self.detail)
+
 
 class RewardTimeoutError(TimeoutError):
     """A reward exceeded its ``timeout_s``; the message names the reward."""
