@@ -12,6 +12,7 @@ from verl_omni.rewards.pool import (
     RewardWorkerDiedError,
     default_num_reward_workers,
     resolve_num_reward_workers,
+    split_bounds,
 )
 
 GUARDED_REWARD = '''
@@ -84,7 +85,8 @@ def test_scoring_groups_one_by_one_on_the_pool_equals_post_hoc_scoring(pool, rew
 
     futures = [pool.submit(images[s:s + 2], prompts[s:s + 2], metadata[s:s + 2], sample_ids=[s, s + 1])
                for s in range(0, 6, 2)]
-    assert {f.worker_index for f in futures} == {0, 1}  # both workers got groups
+    # each group of 2 is split over the 2 workers, so a rollout's last group does not wait on one worker
+    assert [f.worker_indices for f in futures] == [[0, 1]] * 3
     streamed = RewardPool.gather(futures)
     assert_same_scores(streamed, post_hoc)
     assert set(streamed.seconds) == set(post_hoc.per_reward) and all(s > 0 for s in streamed.seconds.values())
@@ -108,11 +110,12 @@ def test_a_raising_reward_in_a_worker_names_the_reward_the_sample_and_its_prompt
 @pytest.mark.slow  # the worker is restarted twice (each start imports verl: ~15 s on 2 cores)
 def test_a_dying_worker_names_its_samples_and_the_pool_goes_on(pool, reward_config):
     images, prompts, metadata = batch_of_six()
-    doomed = pool.submit(images[:2], ['fine "a"', 'we "die" here'], None, sample_ids=[7, 8])
+    doomed = pool.submit(images[:3], ['fine "a"', 'fine "b"', 'we "die" here'], None, sample_ids=[7, 8, 9])
     with pytest.raises(RewardWorkerDiedError) as err:
         doomed.result(timeout=300)  # it dies, is retried once on the restarted worker, dies again
     message = str(err.value)
-    assert f"reward worker {doomed.worker_index} died" in message and "[7, 8]" in message and "die" in message
+    assert "samples [9]" in message and "'we \"die\" here'" in message  # the piece (of 2 + 1) that held "die"
+    assert f"reward worker {doomed.worker_indices[1]} died" in message
     # Ray restarts the worker: both workers score the next groups, and the scores are still the post-hoc ones
     streamed = pool.score_groups(images, prompts, metadata, group_size=1)
     assert_same_scores(streamed, RewardManager(reward_config)(images, prompts, metadata))
@@ -134,6 +137,13 @@ def test_a_pool_larger_than_the_cluster_is_refused_before_anything_starts(ray_se
         RewardPool({"rewards": [{"name": "brightness"}]}, num_workers=64)
     with pytest.raises(ValueError, match=r"unknown reward 'brightnes'"):  # the config is checked in the driver
         RewardPool({"rewards": [{"name": "brightnes"}]}, num_workers=1)
+
+
+def test_groups_are_split_into_near_equal_consecutive_pieces():
+    assert split_bounds(16, 6) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14), (14, 16)]
+    assert split_bounds(3, 16) == [(0, 1), (1, 2), (2, 3)]  # never an empty piece
+    assert split_bounds(16, 1) == [(0, 16)]  # split_groups=False
+    assert split_bounds(0, 4) == [(0, 0)]
 
 
 def test_the_default_worker_count_is_the_cores_left_by_replicas_agent_workers_and_the_driver():

@@ -11,7 +11,8 @@ loaded once, in a ``RewardModelActor`` per entry that may hold a GPU; workers ca
     pool.shutdown()
 
 ``submit`` returns a ``RewardFuture`` at once (``.result()`` blocks; ``await future`` inside an event loop, e.g. in
-an agent-loop worker). Dispatch goes to the worker with the fewest groups in flight (round-robin on ties).
+an agent-loop worker). A group is cut into up to ``num_workers`` pieces, each sent to the worker with the fewest
+pieces in flight (round-robin on ties): the last group of a rollout is then scored by all workers together.
 A raising reward raises ``RewardComputationError`` naming the reward, the sample (its ``sample_ids`` label, default
 its index in the submitted group) and its prompt; a worker that dies raises ``RewardWorkerDiedError`` naming its
 samples and prompts -- never a silent 0. Ray restarts a dead worker (``max_restarts``) and runs a group whose
@@ -23,6 +24,7 @@ fails with the error above.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import ray
@@ -60,6 +62,18 @@ def resolve_num_reward_workers(configured: Any, **node: int) -> int:
     return configured
 
 
+def split_bounds(size: int, pieces: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of at most ``pieces`` near-equal consecutive pieces: (16, 6) -> sizes 3, 3, 3, 3, 2, 2."""
+    count = max(1, min(size, pieces))
+    base, extra = divmod(size, count)
+    bounds, start = [], 0
+    for k in range(count):
+        stop = start + base + (k < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 class RewardWorkerDiedError(RewardComputationError):
     """The worker process scoring a group died (killed, out of memory, a crash inside a native library)."""
 
@@ -80,52 +94,78 @@ class RewardWorker:
         return self.manager(images, prompts, metadata, sample_ids=sample_ids)
 
 
-class RewardFuture:
-    """The pending scores of one submitted group; errors come back naming its samples."""
+@dataclass
+class _Piece:
+    """Consecutive samples of one group, sent to one worker."""
 
-    def __init__(self, ref, worker_index: int, sample_ids: list, prompts: list[str]):
-        self.ref, self.worker_index, self.sample_ids, self.prompts = ref, worker_index, sample_ids, prompts
+    ref: Any  # ray.ObjectRef of a RewardResult
+    worker_index: int
+    sample_ids: list
+    prompts: list[str]
+
+
+class RewardFuture:
+    """The pending scores of one submitted group (possibly split over workers); errors name its samples."""
+
+    def __init__(self, pieces: Sequence[_Piece]):
+        self.pieces = list(pieces)
+
+    @property
+    def worker_indices(self) -> list[int]:
+        return [piece.worker_index for piece in self.pieces]
 
     def done(self) -> bool:
-        ready, _ = ray.wait([self.ref], timeout=0, fetch_local=False)
-        return bool(ready)
+        refs = [piece.ref for piece in self.pieces]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return len(ready) == len(refs)
 
     def result(self, timeout: Optional[float] = None) -> RewardResult:
-        try:
-            return ray.get(self.ref, timeout=timeout)
-        except Exception as exc:
-            raise self._explain(exc) from exc
+        results = []
+        for piece in self.pieces:
+            try:
+                results.append(ray.get(piece.ref, timeout=timeout))
+            except Exception as exc:
+                raise _explain(exc, piece) from exc
+        return RewardResult.concat(results)
 
     def __await__(self):
         return self._await().__await__()
 
     async def _await(self) -> RewardResult:
-        try:
-            return await self.ref
-        except Exception as exc:
-            raise self._explain(exc) from exc
+        results = []
+        for piece in self.pieces:
+            try:
+                results.append(await piece.ref)
+            except Exception as exc:
+                raise _explain(exc, piece) from exc
+        return RewardResult.concat(results)
 
-    def _explain(self, exc: Exception) -> Exception:
-        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
-            return exc.cause  # the manager's own error: it already names the reward, sample and prompt
-        if isinstance(exc, ray.exceptions.RayActorError):
-            prompts = "; ".join(repr(p[:60]) for p in self.prompts[:3]) + (" ..." if len(self.prompts) > 3 else "")
-            return RewardWorkerDiedError(
-                f"reward worker {self.worker_index} died while scoring samples {self.sample_ids} (prompts {prompts}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        return exc
+
+def _explain(exc: Exception, piece: _Piece) -> Exception:
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+        return exc.cause  # the manager's own error: it already names the reward, sample and prompt
+    if isinstance(exc, ray.exceptions.RayActorError):
+        prompts = "; ".join(repr(p[:60]) for p in piece.prompts[:3]) + (" ..." if len(piece.prompts) > 3 else "")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return RewardWorkerDiedError(f"reward worker {piece.worker_index} died while scoring samples "
+                                     f"{piece.sample_ids} (prompts {prompts}): {type(exc).__name__}: {first_line}")
+    return exc
 
 
 class RewardPool:
     """``num_workers`` Ray actors scoring groups with the rewards of ``reward_config`` (see the module docstring).
 
-    ``threads_per_worker``: onnxruntime threads of each worker's OCR engine; keep ``num_workers x threads`` at or
-    below the free cores. ``num_cpus_per_worker``: what each worker asks Ray for. ``max_restarts`` /
-    ``task_retries``: Ray's restarts of a dead worker and re-runs of the group it was scoring.
+    ``split_groups``: a group is cut into up to ``num_workers`` pieces of consecutive samples, each sent to the
+    least-busy worker, so the rollout's last group is scored by every worker at once (whole, it would keep one
+    worker busy for group_size x the per-image time after the rollout ends). Set False for a custom reward that
+    must see a whole group in one call. ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
+    keep ``num_workers x threads`` at or below the free cores. ``num_cpus_per_worker``: what each worker asks Ray
+    for. ``max_restarts`` / ``task_retries``: Ray's restarts of a dead worker and re-runs of the piece it scored.
     """
 
-    def __init__(self, reward_config: Mapping[str, Any], num_workers: int, *, threads_per_worker: int = 1,
-                 num_cpus_per_worker: float = 1, max_restarts: int = 3, task_retries: int = 1):
+    def __init__(self, reward_config: Mapping[str, Any], num_workers: int, *, split_groups: bool = True,
+                 threads_per_worker: int = 1, num_cpus_per_worker: float = 1, max_restarts: int = 3,
+                 task_retries: int = 1):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"reward.num_workers={num_workers!r} must be an int >= 1")
         if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
@@ -145,6 +185,7 @@ class RewardPool:
         ray.get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails the pool now
         self._in_flight: list[list] = [[] for _ in self.workers]
         self._next = 0
+        self.split_groups = split_groups
 
     @property
     def num_workers(self) -> int:
@@ -152,7 +193,7 @@ class RewardPool:
 
     def submit(self, images: Sequence, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None, *,
                sample_ids: Optional[Sequence] = None) -> RewardFuture:
-        """Queue one group (uint8 HxWx3 images, their prompts and per-sample metadata) on the least-busy worker.
+        """Queue one group (uint8 HxWx3 images, their prompts and per-sample metadata) on the least-busy workers.
 
         ``sample_ids`` name the samples in errors (e.g. their rows in the step's batch); default 0..len-1.
         """
@@ -162,10 +203,17 @@ class RewardPool:
         if not (len(images) == len(prompts) == len(metadata) == len(sample_ids)):
             raise ValueError(f"images ({len(images)}), prompts ({len(prompts)}), metadata ({len(metadata)}) and "
                              f"sample_ids ({len(sample_ids)}) differ in length")
-        index = self._least_busy()
-        ref = self.workers[index].score.remote(images, prompts, metadata, sample_ids)
-        self._in_flight[index].append(ref)
-        return RewardFuture(ref, index, sample_ids, prompts)
+        pieces = []
+        for start, stop in self._piece_bounds(len(images)):
+            index = self._least_busy()
+            ref = self.workers[index].score.remote(images[start:stop], prompts[start:stop], metadata[start:stop],
+                                                   sample_ids[start:stop])
+            self._in_flight[index].append(ref)
+            pieces.append(_Piece(ref, index, sample_ids[start:stop], prompts[start:stop]))
+        return RewardFuture(pieces)
+
+    def _piece_bounds(self, size: int) -> list[tuple[int, int]]:
+        return split_bounds(size, self.num_workers if self.split_groups else 1)
 
     def _least_busy(self) -> int:
         pending = [ref for refs in self._in_flight for ref in refs]
