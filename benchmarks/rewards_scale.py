@@ -78,8 +78,9 @@ def streaming_overlap(args) -> dict:
     groups = [rendered_group(args.size, args.group_size, g * args.group_size) for g in range(args.groups)]
     try:
         RewardPool.gather([pool.submit(*rendered_group(args.size, 1, w)) for w in range(args.workers)])
-        pending: dict = {}  # ref -> group index
-        done_at: dict[int, float] = {}
+        pending: dict = {}  # ref of a piece -> its group's index
+        pieces_left: dict[int, int] = {}
+        done_at: dict[int, float] = {}  # group -> when its last piece was scored
         arrived_at: list[float] = []
 
         def harvest(until: Optional[float]) -> None:  # record completions until `until` (None: all of them)
@@ -87,7 +88,10 @@ def streaming_overlap(args) -> dict:
                 timeout = None if until is None else max(0.0, until - time.perf_counter())
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
                 for ref in ready:
-                    done_at[pending.pop(ref)] = time.perf_counter()
+                    g = pending.pop(ref)
+                    pieces_left[g] -= 1
+                    if not pieces_left[g]:
+                        done_at[g] = time.perf_counter()
                 if not ready:
                     return
             if until is not None:
@@ -99,7 +103,8 @@ def streaming_overlap(args) -> dict:
             harvest(start + g * args.group_interval_s)
             arrived_at.append(time.perf_counter())
             futures.append(pool.submit(images, prompts))
-            pending[futures[-1].ref] = g
+            pieces_left[g] = len(futures[-1].pieces)
+            pending.update({piece.ref: g for piece in futures[-1].pieces})
         last_arrival = arrived_at[-1]
         harvest(None)
         results = [f.result() for f in futures]
