@@ -1,10 +1,13 @@
 """Model rewards (pickscore / clipscore) on a tiny random CLIP built here: the real loading code, no hub."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 
-from verl_omni.rewards import RewardManager
+from verl_omni.rewards import RewardManager, register_reward_factory
+from verl_omni.rewards.model_actor import RewardModelActor
 from verl_omni.rewards.pickscore import CLIPScorer
 
 
@@ -111,3 +114,39 @@ def test_model_entries_through_the_manager_and_their_key_checks(tiny_clip_dir):
         RewardManager({"rewards": [{"name": "clipscore", "path": tiny_clip_dir, "preprocess": "gpu"}]})
     with pytest.raises(ValueError, match=r"unknown keys \['url'\]"):  # another reward's option is still unknown here
         RewardManager({"rewards": [{"name": "brightness", "url": "http://127.0.0.1:1"}]})
+
+
+# ---------------------------------------------------------------- the reward-model actor's request merging
+
+
+@register_reward_factory("test_prompt_length_model", options=("offset",), model=True)
+def _build_prompt_length_model(offset: float = 0.0):
+    def prompt_length(images, prompts, metadata):
+        if any("bad" in p for p in prompts):
+            raise ValueError("bad prompt")
+        return [offset + len(p) for p in prompts]
+
+    return prompt_length
+
+
+def _score_concurrently(actor, prompt_sets):
+    async def run():
+        return await asyncio.gather(*[actor.score([None] * len(ps), ps, [{}] * len(ps)) for ps in prompt_sets],
+                                    return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def test_the_model_actor_merges_requests_that_wait_for_the_model():
+    actor = RewardModelActor({"name": "test_prompt_length_model", "offset": 0.5})
+    results = _score_concurrently(actor, [["a"], ["bb", "ccc"], ["dddd"]])
+    assert results == [[1.5], [2.5, 3.5], [4.5]]
+    assert actor.calls == [1, 3]  # the first request found the model free; the two that waited went together
+
+
+def test_a_failing_request_in_a_merged_call_fails_alone():
+    actor = RewardModelActor({"name": "test_prompt_length_model"})
+    results = _score_concurrently(actor, [["a"], ["a bad one", "x"], ["yy"]])
+    assert results[0] == [1.0] and results[2] == [2.0]
+    assert isinstance(results[1], ValueError) and "bad prompt" in str(results[1])
+    assert actor.calls == [1, 3, 2, 1]  # merged call failed, then each waiting request alone

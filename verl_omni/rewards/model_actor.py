@@ -1,7 +1,8 @@
 """Reward models (pickscore, clipscore, ...) served once per entry from a Ray actor that may hold a GPU.
 
 A RewardPool starts one ``RewardModelActor`` per model entry of ``reward.rewards`` and hands its CPU workers a
-``RemoteModelReward`` client instead of the model, so N workers share one copy of the weights. The actor asks Ray
+``RemoteModelReward`` client instead of the model, so N workers share one copy of the weights, and the actor
+merges the pieces they send at the same time into one batched call. The actor asks Ray
 for the entry's ``num_gpus``: a fraction to sit beside other GPU work on one card (Ray packs fractional requests
 onto one GPU; the other tenants must ask for fractions too), or 1 for its own GPU. ``offload()`` / ``onload()``
 move the weights to the CPU and back around the actor's update when they share a card.
@@ -9,7 +10,9 @@ move the weights to the CPU and back around the actor's update when they share a
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 import ray
@@ -23,24 +26,76 @@ def is_model_entry(entry: Mapping[str, Any]) -> bool:
 
 
 class RewardModelActor:
-    """Holds the reward function built from one model entry; scores whole groups in one batched call."""
+    """Holds the reward function built from one model entry and merges concurrent requests into one call.
+
+    A RewardPool splits groups over its workers, so requests arrive as small pieces from many workers at once;
+    scored one by one they would run the GPU at batch 1-2. Requests that are waiting when the model becomes free
+    are scored together (the scorer chunks by its ``batch_size``) and the scores handed back to each request. If
+    a merged call raises, each request is scored alone so that only the faulty one fails.
+    """
 
     def __init__(self, entry: Mapping[str, Any]):
         self.name = entry["name"]
         self.fn = build_reward_fn(entry)
+        self._waiting: list[tuple[list, list, list, asyncio.Future]] = []
+        self._model_busy: Optional[asyncio.Lock] = None  # created on the actor's event loop
+        self.calls: list[int] = []  # images per call of the model, for tests and metrics
 
     def ready(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "device": str(getattr(self.fn, "device", "cpu")),
                 "gpu_ids": ray.get_gpu_ids()}
 
-    def score(self, images: list, prompts: list[str], metadata: list[dict]) -> list[float]:
-        return [float(s) for s in self.fn(images, prompts, metadata)]
+    async def score(self, images: list, prompts: list[str], metadata: list[dict]) -> list[float]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(images), list(prompts), list(metadata), future))
+        async with self._lock():
+            if self._waiting:  # an earlier holder of the lock may already have scored this request
+                requests, self._waiting = self._waiting, []
+                await self._score_merged(requests)
+        return await future
 
-    def offload(self) -> None:
-        self._placement("offload")
+    async def _score_merged(self, requests) -> None:
+        images = [im for r in requests for im in r[0]]
+        prompts = [p for r in requests for p in r[1]]
+        metadata = [m for r in requests for m in r[2]]
+        try:
+            scores = await self._call(images, prompts, metadata)
+        except Exception:
+            if len(requests) == 1:
+                raise_into(requests[0][3])
+                return
+            for request in requests:  # find the faulty request: the others still get their scores
+                try:
+                    request[3].set_result(await self._call(*request[:3]))
+                except Exception:
+                    raise_into(request[3])
+            return
+        start = 0
+        for request in requests:
+            request[3].set_result(scores[start:start + len(request[0])])
+            start += len(request[0])
 
-    def onload(self) -> None:
-        self._placement("onload")
+    async def _call(self, images, prompts, metadata) -> list[float]:
+        # In a thread: the event loop keeps accepting requests (to merge into the next call) while the model runs.
+        self.calls.append(len(images))
+        scores = await asyncio.to_thread(self.fn, images, prompts, metadata)
+        return [float(s) for s in scores]
+
+    def _lock(self) -> asyncio.Lock:
+        if self._model_busy is None:
+            self._model_busy = asyncio.Lock()
+        return self._model_busy
+
+    def call_sizes(self) -> list[int]:
+        return list(self.calls)
+
+    async def offload(self) -> None:
+        async with self._lock():  # never move the weights under a running forward
+            self._placement("offload")
+
+    async def onload(self) -> None:
+        async with self._lock():
+            self._placement("onload")
 
     def _placement(self, method: str) -> None:
         move = getattr(self.fn, method, None)
@@ -52,6 +107,11 @@ class RewardModelActor:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed blocks back to the process that trains next
+
+
+def raise_into(future: asyncio.Future) -> None:
+    """Hand the exception being handled to ``future`` (the request that owns it)."""
+    future.set_exception(sys.exc_info()[1])
 
 
 def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float] = None, num_cpus: float = 1):
