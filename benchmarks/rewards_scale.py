@@ -8,7 +8,8 @@ Writes JSON (default docs/benchmarks/rewards_scale.json) with, at the top level:
   ``--workers`` workers (one onnxruntime thread each), groups of ``--group-size`` 512x512 rendered-text images;
   ``ocr_workers`` and ``cpu_cores`` record what ran.
 - ``pickscore_img_per_s``: a random CLIP at the CLIP-ViT-H-14 (PickScore) sizes built here, bf16, batched, scored in
-  process on the GPU with tensor preprocessing (``pickscore_img_per_s_processor``: PIL preprocessing); null on CPU.
+  process on the GPU with tensor preprocessing (``pickscore_img_per_s_processor``: PIL preprocessing;
+  ``pickscore_pool_img_per_s``: through the pool's workers and its model actor on 1 GPU); null on CPU.
 - ``reward_overhead_frac``: a producer emits ``--groups`` groups at ``--group-interval-s`` (the rollout's group
   interval) while the pool scores them; overhead = reward seconds after the last group arrives / step seconds
   (first emission to last score). Every input is under ``streaming``.
@@ -54,68 +55,64 @@ def rendered_group(size: int, count: int, offset: int) -> tuple[list[np.ndarray]
     return images, prompts
 
 
-def pool_throughput(num_workers: int, num_images: int, args) -> dict:
-    """OCR images per second through a pool of ``num_workers`` (startup and engine creation not counted)."""
-    pool = RewardPool({"rewards": [{"name": "ocr"}]}, num_workers=num_workers)
-    try:
-        warm = [pool.submit(*rendered_group(args.size, 1, w)) for w in range(num_workers)]  # one per worker
-        RewardPool.gather(warm)
-        groups = [rendered_group(args.size, args.group_size, g * args.group_size)
-                  for g in range(max(1, num_images // args.group_size))]
-        start = time.perf_counter()
-        result = RewardPool.gather([pool.submit(images, prompts) for images, prompts in groups])
-        seconds = time.perf_counter() - start
-    finally:
-        pool.shutdown()
+def started_pool(reward_config: dict, num_workers: int, args) -> RewardPool:
+    """A pool whose workers have each scored one image (OCR engines created), so timings leave startup out."""
+    pool = RewardPool(reward_config, num_workers=num_workers)
+    RewardPool.gather([pool.submit(*rendered_group(args.size, 1, w)) for w in range(num_workers)])
+    return pool
+
+
+def pool_throughput(pool: RewardPool, num_images: int, args) -> dict:
+    """Images per second through ``pool``, every group submitted at once."""
+    groups = [rendered_group(args.size, args.group_size, g * args.group_size)
+              for g in range(max(1, num_images // args.group_size))]
+    start = time.perf_counter()
+    result = RewardPool.gather([pool.submit(images, prompts) for images, prompts in groups])
+    seconds = time.perf_counter() - start
     images = len(result.total)
-    return {"workers": num_workers, "images": images, "seconds": seconds, "img_per_s": images / seconds,
-            "ocr_mean": float(result.total.mean())}
+    return {"workers": pool.num_workers, "images": images, "seconds": seconds, "img_per_s": images / seconds,
+            "mean_score": float(result.total.mean())}
 
 
-def streaming_overlap(args) -> dict:
+def streaming_overlap(pool: RewardPool, args) -> dict:
     """Groups arrive every ``group_interval_s`` (the rollout); the pool scores each as it comes."""
-    pool = RewardPool({"rewards": [{"name": "ocr"}]}, num_workers=args.workers)
     groups = [rendered_group(args.size, args.group_size, g * args.group_size) for g in range(args.groups)]
-    try:
-        RewardPool.gather([pool.submit(*rendered_group(args.size, 1, w)) for w in range(args.workers)])
-        pending: dict = {}  # ref of a piece -> its group's index
-        pieces_left: dict[int, int] = {}
-        done_at: dict[int, float] = {}  # group -> when its last piece was scored
-        arrived_at: list[float] = []
+    pending: dict = {}  # ref of a piece -> its group's index
+    pieces_left: dict[int, int] = {}
+    done_at: dict[int, float] = {}  # group -> when its last piece was scored
+    arrived_at: list[float] = []
 
-        def harvest(until: Optional[float]) -> None:  # record completions until `until` (None: all of them)
-            while pending:
-                timeout = None if until is None else max(0.0, until - time.perf_counter())
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-                for ref in ready:
-                    g = pending.pop(ref)
-                    pieces_left[g] -= 1
-                    if not pieces_left[g]:
-                        done_at[g] = time.perf_counter()
-                if not ready:
-                    return
-            if until is not None:
-                time.sleep(max(0.0, until - time.perf_counter()))
+    def harvest(until: Optional[float]) -> None:  # record completions until `until` (None: all of them)
+        while pending:
+            timeout = None if until is None else max(0.0, until - time.perf_counter())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            for ref in ready:
+                g = pending.pop(ref)
+                pieces_left[g] -= 1
+                if not pieces_left[g]:
+                    done_at[g] = time.perf_counter()
+            if not ready:
+                return
+        if until is not None:
+            time.sleep(max(0.0, until - time.perf_counter()))
 
-        start = time.perf_counter()
-        futures = []
-        for g, (images, prompts) in enumerate(groups):
-            harvest(start + g * args.group_interval_s)
-            arrived_at.append(time.perf_counter())
-            futures.append(pool.submit(images, prompts))
-            pieces_left[g] = len(futures[-1].pieces)
-            pending.update({piece.ref: g for piece in futures[-1].pieces})
-        last_arrival = arrived_at[-1]
-        harvest(None)
-        results = [f.result() for f in futures]
-    finally:
-        pool.shutdown()
+    start = time.perf_counter()
+    futures = []
+    for g, (images, prompts) in enumerate(groups):
+        harvest(start + g * args.group_interval_s)
+        arrived_at.append(time.perf_counter())
+        futures.append(pool.submit(images, prompts))
+        pieces_left[g] = len(futures[-1].pieces)
+        pending.update({piece.ref: g for piece in futures[-1].pieces})
+    last_arrival = arrived_at[-1]
+    harvest(None)
+    results = [f.result() for f in futures]
     end = max(done_at.values())
     latency = [done_at[g] - arrived_at[g] for g in range(len(groups))]
     step_s, tail_s = end - start, end - last_arrival
     return {
         "groups": args.groups, "group_size": args.group_size, "image_size": args.size,
-        "group_interval_s": args.group_interval_s, "workers": args.workers, "rewards": ["ocr"],
+        "group_interval_s": args.group_interval_s, "workers": pool.num_workers, "rewards": ["ocr"],
         "rollout_seconds": last_arrival - start, "step_seconds": step_s, "reward_tail_seconds": tail_s,
         "reward_overhead_frac": tail_s / step_s,
         "group_latency_s": {"median": statistics.median(latency), "max": max(latency)},
@@ -167,7 +164,7 @@ def pickscore_throughput(args, model_dir: str) -> dict:
         group_images, group_prompts = rendered_group(args.size, args.group_size, g * args.group_size)
         images += group_images
         prompts += group_prompts
-    out = {"images": len(images), "batch_size": args.pickscore_batch, "dtype": "bfloat16"}
+    out = {"images": len(images), "batch_size": args.pickscore_batch, "dtype": "bfloat16", "path": path}
     for mode in ("tensor", "processor"):
         scorer = CLIPScorer(path, kind="pickscore", device="cuda", batch_size=args.pickscore_batch, preprocess=mode)
         scorer(images[: args.pickscore_batch], prompts[: args.pickscore_batch])  # warm-up (kernels, allocator)
@@ -223,24 +220,37 @@ def main() -> None:
 
         log("per-image cost of each reward, in process")
         report["per_image_ms"] = per_image_ms(args, build_tiny_clip(os.path.join(scratch, "tiny_clip")))
+    ocr = {"rewards": [{"name": "ocr"}]}
     log("OCR through a pool of 1 worker")
-    one = pool_throughput(1, args.ocr_images_1, args)
+    pool = started_pool(ocr, 1, args)
+    one = pool_throughput(pool, args.ocr_images_1, args)
+    pool.shutdown()
     log(f"OCR through a pool of {args.workers} workers")
-    many = pool_throughput(args.workers, args.ocr_images_many, args)
+    pool = started_pool(ocr, args.workers, args)
+    many = pool_throughput(pool, args.ocr_images_many, args)
     report.update({"ocr_img_per_s_1_worker": one["img_per_s"], "ocr_img_per_s_16_workers": many["img_per_s"],
                    "ocr_workers": args.workers, "ocr_speedup": many["img_per_s"] / one["img_per_s"],
                    "ocr_runs": {"1_worker": one, "many_workers": many}})
+    log(f"streaming: {args.groups} groups of {args.group_size} every {args.group_interval_s} s")
+    stream = streaming_overlap(pool, args)
+    pool.shutdown()
+    report.update({"reward_overhead_frac": stream["reward_overhead_frac"], "streaming": stream})
     if torch.cuda.is_available():
-        log("PickScore (CLIP-ViT-H-14 size, random bf16) on the GPU")
+        log("PickScore (CLIP-ViT-H-14 size, random bf16) on the GPU, in process")
         pick = pickscore_throughput(args, args.model_dir)
+        log(f"PickScore through a pool of {args.workers} workers and its model actor (1 GPU)")
+        entry = {"name": "pickscore", "path": pick["path"], "num_gpus": 1, "preprocess": "tensor",
+                 "batch_size": args.pickscore_batch}
+        pool = started_pool({"rewards": [entry]}, args.workers, args)
+        pick["pool"] = pool_throughput(pool, args.pickscore_images, args)
+        pick["pool"]["model_call_sizes"] = ray.get(next(iter(pool.model_actors.values())).call_sizes.remote())[-64:]
+        pool.shutdown()
         report.update({"pickscore_img_per_s": pick["tensor"]["img_per_s"],
-                       "pickscore_img_per_s_processor": pick["processor"]["img_per_s"], "pickscore": pick})
+                       "pickscore_img_per_s_processor": pick["processor"]["img_per_s"],
+                       "pickscore_pool_img_per_s": pick["pool"]["img_per_s"], "pickscore": pick})
     else:
         report.update({"pickscore_img_per_s": None,
                        "pickscore_note": "skipped: no GPU here (the real-size CLIP-H figure needs a CUDA device)"})
-    log(f"streaming: {args.groups} groups of {args.group_size} every {args.group_interval_s} s")
-    stream = streaming_overlap(args)
-    report.update({"reward_overhead_frac": stream["reward_overhead_frac"], "streaming": stream})
     report["load_average_1min_at_end"] = os.getloadavg()[0]
     ray.shutdown()
     text = json.dumps(report, indent=1)
