@@ -131,7 +131,7 @@ def per_image_ms(args, clip_dir: str) -> dict:
     for name in ("ocr", "jpeg", "brightness"):
         fn = get_reward_fn(name)
         fn(images[:1], prompts[:1], [{}])  # engine creation out of the timing
-        costs[name] = _median_ms(lambda: fn(images, prompts, [{}] * len(images)), len(images), args.repeats)
+        costs[name] = _median_ms(lambda fn=fn: fn(images, prompts, [{}] * len(images)), len(images), args.repeats)
     scorer = RewardManager({"rewards": [{"name": "pickscore", "path": clip_dir, "device": "cpu"}]})
     scorer(images[:1], prompts[:1])
     costs["pickscore_tiny_cpu"] = _median_ms(lambda: scorer(images, prompts), len(images), args.repeats)

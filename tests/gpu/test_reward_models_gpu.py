@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-
 from gpu_helpers import requires_cuda, write_figures
 
 pytestmark = [pytest.mark.gpu, requires_cuda]

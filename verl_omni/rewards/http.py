@@ -28,7 +28,8 @@ import math
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -84,7 +85,7 @@ class HttpReward:
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="http-reward") as pool:
             futures = {pool.submit(self._score_chunk, idx, images, prompts, metadata): idx for idx in chunks}
             for future in concurrent.futures.as_completed(futures):
-                for i, score in zip(futures[future], future.result()):
+                for i, score in zip(futures[future], future.result(), strict=True):
                     scores[i] = score
         return scores
 
@@ -120,7 +121,8 @@ class HttpReward:
             excerpt = exc.read()[:_BODY_EXCERPT].decode("utf-8", "replace")
             if exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code}: {excerpt!r}") from exc
-            raise RewardSampleError(indices, f"scoring service {self.url} answered HTTP {exc.code}: {excerpt!r}") from exc
+            detail = f"scoring service {self.url} answered HTTP {exc.code}: {excerpt!r}"
+            raise RewardSampleError(indices, detail) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:  # refused, reset, timed out
             raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
 
@@ -137,7 +139,7 @@ class HttpReward:
             raise bad(f'expected {{"scores": [numbers]}}, got {str(payload)[:_BODY_EXCERPT]!r}')
         if len(scores) != len(indices):
             raise bad(f"{len(scores)} scores for {len(indices)} images")
-        for i, score in zip(indices, scores):
+        for i, score in zip(indices, scores, strict=True):
             if not is_real_number(score):
                 raise bad(f"score {score!r} ({type(score).__name__}) is not a number", [i])
             if not math.isfinite(score):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import ray
 
@@ -122,7 +123,8 @@ def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float]
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     if not (isinstance(num_gpus, (int, float)) and 0 <= num_gpus):
-        raise ValueError(f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 (a fraction shares a GPU)")
+        raise ValueError(f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 "
+                         "(a fraction shares a GPU)")
     if str(entry.get("device", "auto")).startswith("cuda") and num_gpus == 0:
         raise ValueError(f"reward {entry['name']!r}: device={entry['device']!r} needs num_gpus > 0 for its actor")
     handle = ray.remote(RewardModelActor).options(num_gpus=num_gpus, num_cpus=num_cpus).remote(dict(entry))
@@ -143,5 +145,7 @@ class RemoteModelReward:
         except ray.exceptions.RayActorError as exc:
             # Not the samples' fault: say so for all of them rather than re-scoring one by one against a dead actor.
             raise RewardSampleError(range(len(images)), f"reward model actor {self.name!r} died: {exc}") from exc
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.cause if isinstance(exc.cause, Exception) else exc
+        except ray.exceptions.RayTaskError as exc:  # the scorer raised: its own error, as if it ran here
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from exc
+            raise

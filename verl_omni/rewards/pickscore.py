@@ -21,7 +21,8 @@ GPU scorer from waiting on one CPU core (~5 ms per 512x512 image through PIL).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 

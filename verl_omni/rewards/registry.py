@@ -20,8 +20,9 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -174,7 +175,7 @@ class RewardResult:
         return out
 
     @staticmethod
-    def concat(results: Sequence["RewardResult"]) -> "RewardResult":
+    def concat(results: Sequence[RewardResult]) -> RewardResult:
         """Results of consecutive sample ranges (e.g. groups scored one by one) as one batch, in order."""
         if not results:
             raise ValueError("RewardResult.concat needs at least one result")
@@ -245,7 +246,8 @@ class RewardManager:
         reward_fns = dict(reward_fns or {})
         for entry in config.get("rewards") or []:
             if "name" not in entry:
-                raise ValueError(f"reward entry {dict(entry)} has no 'name'; registered rewards: {registered_rewards()}")
+                raise ValueError(f"reward entry {dict(entry)} has no 'name'; "
+                                 f"registered rewards: {registered_rewards()}")
             name = entry["name"]
             if name not in _REWARD_REGISTRY and name not in _FACTORY_REGISTRY:
                 raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}")
@@ -337,18 +339,20 @@ class RewardManager:
     def _validate(spec: RewardSpec, raw, prompts, labels) -> np.ndarray:
         values = _score_values(spec.name, raw)
         if len(values) != len(prompts):
-            raise RewardComputationError(f"reward {spec.name!r} returned {len(values)} scores for {len(prompts)} samples")
+            raise RewardComputationError(
+                f"reward {spec.name!r} returned {len(values)} scores for {len(prompts)} samples")
         for i, value in enumerate(values):
             if not is_real_number(value):
                 raise RewardComputationError(
-                    f"reward {spec.name!r} returned a non-number for sample {labels[i]} (prompt {_short(prompts[i], 60)!r}): "
-                    f"{value!r} of type {type(value).__name__}; rewards must return real numbers (int or float), "
-                    "not str, bool, None or complex"
+                    f"reward {spec.name!r} returned a non-number for sample {labels[i]} "
+                    f"(prompt {_short(prompts[i], 60)!r}): {value!r} of type {type(value).__name__}; "
+                    "rewards must return real numbers (int or float), not str, bool, None or complex"
                 )
         scores = np.asarray(values, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
-            details = ", ".join(f"sample {labels[i]} = {scores[i]} (prompt {_short(prompts[i], 60)!r})" for i in bad[:5])
+            details = ", ".join(f"sample {labels[i]} = {scores[i]} (prompt {_short(prompts[i], 60)!r})"
+                                for i in bad[:5])
             raise RewardComputationError(f"reward {spec.name!r} returned non-finite scores: {details}")
         return scores
 
