@@ -64,7 +64,8 @@ def reward_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_session, reward_config):
-    pool = RewardPool(reward_config, num_workers=2)
+    # model_actor_options reach the model actor's .options() (a placement-group strategy in the trainer)
+    pool = RewardPool(reward_config, num_workers=2, model_actor_options={"name": "test-pool-pickscore"})
     yield pool
     pool.shutdown()
 
@@ -121,8 +122,9 @@ def test_a_dying_worker_names_its_samples_and_the_pool_goes_on(pool, reward_conf
     assert_same_scores(streamed, RewardManager(reward_config)(images, prompts, metadata))
 
 
-def test_offloaded_reward_models_refuse_to_score_until_onloaded(pool):
+def test_offloaded_reward_models_refuse_to_score_until_onloaded(pool, ray_session):
     images, prompts, metadata = batch_of_six()
+    assert ray_session.get(ray_session.get_actor("test-pool-pickscore").ready.remote())["name"] == "pickscore"
     pool.offload_models()
     try:
         with pytest.raises(RewardComputationError, match=r"'pickscore'.*offloaded.*onload"):

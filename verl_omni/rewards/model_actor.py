@@ -115,9 +115,13 @@ def raise_into(future: asyncio.Future) -> None:
     future.set_exception(sys.exc_info()[1])
 
 
-def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float] = None, num_cpus: float = 1):
+def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float] = None, num_cpus: float = 1,
+                             **ray_options: Any):
     """A ``RewardModelActor`` for ``entry`` with ``entry['num_gpus']`` GPUs (default: 1 if the Ray cluster has a GPU,
-    else 0). Returns its handle once the model is loaded (a loading error raises here, not at the first score)."""
+    else 0). Returns its handle once the model is loaded (a loading error raises here, not at the first score).
+
+    ``ray_options`` go to ``.options()``: e.g. ``scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)`` to sit
+    in a replica's bundle with a fractional ``num_gpus`` (Ray shares a GPU only among fractional requests)."""
     if num_gpus is None:
         num_gpus = entry.get("num_gpus")
     if num_gpus is None:
@@ -127,7 +131,8 @@ def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float]
                          "(a fraction shares a GPU)")
     if str(entry.get("device", "auto")).startswith("cuda") and num_gpus == 0:
         raise ValueError(f"reward {entry['name']!r}: device={entry['device']!r} needs num_gpus > 0 for its actor")
-    handle = ray.remote(RewardModelActor).options(num_gpus=num_gpus, num_cpus=num_cpus).remote(dict(entry))
+    handle = ray.remote(RewardModelActor).options(num_gpus=num_gpus, num_cpus=num_cpus, **ray_options).remote(
+        dict(entry))
     ray.get(handle.ready.remote())
     return handle
 

@@ -162,11 +162,12 @@ class RewardPool:
     must see a whole group in one call. ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
     keep ``num_workers x threads`` at or below the free cores. ``num_cpus_per_worker``: what each worker asks Ray
     for. ``max_restarts`` / ``task_retries``: Ray's restarts of a dead worker and re-runs of the piece it scored.
+    ``model_actor_options``: extra Ray ``.options()`` of the reward-model actors (a placement-group strategy).
     """
 
     def __init__(self, reward_config: Mapping[str, Any], num_workers: int, *, split_groups: bool = True,
                  threads_per_worker: int = 1, num_cpus_per_worker: float = 1, max_restarts: int = 3,
-                 task_retries: int = 1):
+                 task_retries: int = 1, model_actor_options: Optional[Mapping[str, Any]] = None):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"reward.num_workers={num_workers!r} must be an int >= 1")
         if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
@@ -179,7 +180,8 @@ class RewardPool:
         if num_workers * num_cpus_per_worker > cpus:
             raise ValueError(f"reward.num_workers={num_workers} x {num_cpus_per_worker} CPU exceeds the Ray cluster's "
                              f"{cpus:g} CPUs: lower reward.num_workers or start Ray with more CPUs")
-        self.model_actors = {e["name"]: start_reward_model_actor(e) for e in model_entries}
+        self.model_actors = {e["name"]: start_reward_model_actor(e, **dict(model_actor_options or {}))
+                             for e in model_entries}
         worker_class = ray.remote(RewardWorker).options(num_cpus=num_cpus_per_worker, max_restarts=max_restarts,
                                                         max_task_retries=task_retries)
         self.workers = [worker_class.remote(config, self.model_actors, threads_per_worker) for _ in range(num_workers)]
