@@ -208,3 +208,54 @@ def test_jpeg_compressibility_prefers_a_flat_image_to_noise():
     assert size_kb[1] > size_kb[0] > 0
     # FlowGRPO: compressibility = -size_kB / 500
     np.testing.assert_allclose(compress, -np.asarray(size_kb) / 500)
+
+
+# ---------------------------------------------------------------- value types
+
+
+@pytest.mark.parametrize(
+    "returned, bad_index, type_name",
+    [
+        ("[0.1, '0.5', 0.3]", 1, "str"),  # np.asarray(dtype=float64) would have read this as 0.5
+        ("[0.1, 0.2, True]", 2, "bool"),
+        ("[None, 0.2, 0.3]", 0, "NoneType"),
+        ("[0.1, 1+2j, 0.3]", 1, "complex"),
+        ("np.array([True, False, True])", 0, "bool"),
+        ("np.array(['1', '2', '3'])", 0, "str"),
+    ],
+)
+def test_a_reward_returning_non_numbers_is_an_error_naming_the_sample(tmp_path, returned, bad_index, type_name):
+    manager = _custom_manager(tmp_path, f"import numpy as np\ndef score(images, prompts, metadata):\n"
+                                        f"    return {returned}\n")
+    prompts = ["first", "second", "third"]
+    with pytest.raises(RewardComputationError) as err:
+        manager([flat(0)] * 3, prompts, None)
+    message = str(err.value)
+    assert "custom/score" in message and f"sample {bad_index}" in message and prompts[bad_index] in message
+    assert type_name in message
+
+
+@pytest.mark.parametrize("returned", ["[1, 2.5, np.float32(0.25)]", "np.array([1, 2.5, 0.25], dtype=np.float32)",
+                                      "torch.tensor([1.0, 2.5, 0.25], dtype=torch.bfloat16)", "(1, 2.5, 0.25)"])
+def test_real_numbers_of_every_usual_container_are_accepted(tmp_path, returned):
+    manager = _custom_manager(tmp_path, f"import numpy as np, torch\ndef score(images, prompts, metadata):\n"
+                                        f"    return {returned}\n")
+    result = manager([flat(0)] * 3, ["a", "b", "c"], None)
+    np.testing.assert_array_equal(result.per_reward["custom/score"], [1.0, 2.5, 0.25])
+    assert result.per_reward["custom/score"].dtype == np.float64
+
+
+def test_a_reward_returning_a_string_instead_of_a_list_is_an_error(tmp_path):
+    manager = _custom_manager(tmp_path, "def score(images, prompts, metadata):\n    return '0.5'\n")
+    with pytest.raises(RewardComputationError, match=r"custom/score.*returned a str, not a sequence"):
+        manager([flat(0)], ["a"], None)
+
+
+def test_errors_name_the_callers_sample_ids_and_seconds_are_recorded(tmp_path):
+    manager = _custom_manager(tmp_path, "def score(images, prompts, metadata):\n"
+                                        "    return [1.0 / (len(p) - 4) for p in prompts]\n")
+    with pytest.raises(RewardComputationError, match=r"sample 41 \(prompt 'four'\)"):
+        manager([flat(0)] * 2, ["three", "four"], None, sample_ids=[40, 41])
+    result = RewardManager({"rewards": [{"name": "brightness"}]})([flat(0)], ["a"], None)
+    assert set(result.seconds) == {"brightness"} and result.seconds["brightness"] >= 0
+    assert "reward/brightness/seconds" in result.metrics()

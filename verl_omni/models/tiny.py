@@ -8,6 +8,8 @@ included -- is built from a config here; the same seed gives bit-identical weigh
 - :func:`build_qwen_image`: the Qwen-Image layout at full transformer width with a chosen number of layers
   (``qwen_image_transformer_config(num_layers, full_width=True)``), initialised directly in bf16.
 - :func:`tiny_model_dir`: build once into a shared cache directory and reuse it.
+- :func:`build_tiny_clip` / :func:`build_clip_vit_h14`: a CLIP scorer directory (``CLIPModel`` + ``CLIPProcessor``)
+  for the pickscore / clipscore rewards: tiny for tests, or the CLIP-ViT-H-14 (PickScore) sizes for throughput.
 
 Tiny Qwen-Image: VAE factor 8 (as the real one; ``len(temperal_downsample) == 3``), z_dim 4, so the transformer
 takes 16 packed channels; image sides must be multiples of 16. Tiny SD3: VAE factor 8, 16 latent channels, patch 2,
@@ -294,6 +296,55 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = 
     return str(path)
 
 
+# ------------------------------------------------------------------------------------------- CLIP scorers
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json (PickScore_v1 is a fine-tune of it: same sizes).
+CLIP_VIT_H14_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+CLIP_VIT_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                           patch_size=14, image_size=224, hidden_act="gelu")
+CLIP_VIT_H14_PROJECTION_DIM = 1024
+# OpenAI CLIP normalisation, used by every CLIP/PickScore processor config.
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _save_clip(path, text: dict, vision: dict, projection_dim: int, seed: int, dtype: torch.dtype,
+               device: str) -> str:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=vision, projection_dim=projection_dim,
+    )
+    with _seeded_init(seed, dtype), torch.device(device):
+        model = CLIPModel(config)
+    model.eval().save_pretrained(str(path))
+    side = vision["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                         image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(path))
+    return str(path)
+
+
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
+    """Tiny random CLIP scorer directory (2-layer 32-wide towers, 32x32 images; ~0.5 MB), loadable with
+    ``CLIPModel.from_pretrained`` + ``AutoProcessor.from_pretrained``."""
+    text = dict(vocab_size=len(build_clip_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  image_size=32, hidden_act="gelu")
+    return _save_clip(path, text, vision, projection_dim=16, seed=seed, dtype=torch.float32, device="cpu")
+
+
+def build_clip_vit_h14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       device: str = "cpu") -> str:
+    """Random CLIP at the CLIP-ViT-H-14 / PickScore sizes (~1B parameters), initialised directly in ``dtype`` on
+    ``device`` (use "cuda" on a GPU machine: seconds instead of minutes); the tokenizer is the scratch one."""
+    return _save_clip(path, CLIP_VIT_H14_TEXT, CLIP_VIT_H14_VISION, CLIP_VIT_H14_PROJECTION_DIM, seed, dtype, device)
+
+
 # ------------------------------------------------------------------------------------------- cache
 TINY_BUILDERS = {"qwen_image": build_tiny_qwen_image, "sd3": build_tiny_sd3}
 _BUILT: dict[tuple[str, str], str] = {}
@@ -345,9 +396,11 @@ __all__ = [
     "QWEN_IMAGE_SCHEDULER_CONFIG",
     "SD35_SCHEDULER_CONFIG",
     "build_clip_tokenizer",
+    "build_clip_vit_h14",
     "build_qwen_image",
     "build_qwen_image_tokenizer",
     "build_t5_tokenizer",
+    "build_tiny_clip",
     "build_tiny_qwen_image",
     "build_tiny_sd3",
     "qwen_image_transformer_config",

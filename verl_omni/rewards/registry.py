@@ -6,7 +6,9 @@ A reward function scores a whole batch at once, so expensive scorers (an OCR eng
 
 Rewards register by name (``@register_reward("ocr")``); ``RewardManager`` combines several by weight, plus an
 optional custom function loaded from a file like verl's ``reward.custom_reward_function.path/name``.
-A failing or non-finite reward fails the step loudly: a silent 0 would be trained on as a real signal.
+A reward whose entry carries its own options (a model path, a service URL) registers a factory instead
+(``@register_reward_factory("pickscore", options=("path", ...))``): the entry's extra keys go to it.
+A failing, non-numeric or non-finite reward fails the step loudly: a silent 0 would be trained on as a real signal.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import concurrent.futures
 import functools
 import importlib.util
 import math
+import numbers
 import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -30,24 +35,82 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Register ``fn`` under ``name``; stackable to register one function under several names."""
 
     def decorator(fn: RewardFn) -> RewardFn:
-        existing = _REWARD_REGISTRY.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(f"reward {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        _refuse_taken_name(name, fn)
         _REWARD_REGISTRY[name] = fn
         return fn
 
     return decorator
 
 
+@dataclass(frozen=True)
+class RewardFactory:
+    """A reward configured by its entry: ``build(**options) -> RewardFn`` with the entry's extra keys."""
+
+    build: Callable[..., RewardFn]
+    options: tuple[str, ...]  # entry keys it takes beyond name / weight / timeout_s
+    # True: ``timeout_s`` is passed to ``build`` (e.g. per HTTP request, retries included) instead of bounding
+    # the whole call from a thread, which would cut a reward's own retries short.
+    owns_timeout: bool = False
+    # True: a model that a RewardPool serves once from its own actor (it may hold a GPU), not in every worker.
+    model: bool = False
+
+
+_FACTORY_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register_reward_factory(
+    name: str, options: Sequence[str], *, owns_timeout: bool = False, model: bool = False
+) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Register ``build(**options) -> RewardFn`` under ``name``; ``options`` are the entry keys it accepts."""
+
+    def decorator(build: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        _refuse_taken_name(name, build)
+        _FACTORY_REGISTRY[name] = RewardFactory(build, tuple(options), owns_timeout, model)
+        return build
+
+    return decorator
+
+
+def _refuse_taken_name(name: str, fn: Callable) -> None:
+    existing = _REWARD_REGISTRY.get(name) or getattr(_FACTORY_REGISTRY.get(name), "build", None)
+    if existing is not None and existing is not fn:
+        raise ValueError(f"reward {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+
+
 def registered_rewards() -> list[str]:
-    return sorted(_REWARD_REGISTRY)
+    return sorted({*_REWARD_REGISTRY, *_FACTORY_REGISTRY})
 
 
 def get_reward_fn(name: str) -> RewardFn:
+    if name in _FACTORY_REGISTRY:
+        raise ValueError(f"reward {name!r} needs options {list(_FACTORY_REGISTRY[name].options)}: build it from its "
+                         "entry with build_reward_fn({'name': ..., <options>})")
     try:
         return _REWARD_REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}") from None
+
+
+def get_reward_factory(name: str) -> Optional[RewardFactory]:
+    """The factory registered under ``name``, or None for a plain reward function (or an unknown name)."""
+    return _FACTORY_REGISTRY.get(name)
+
+
+def allowed_entry_keys(name: str) -> tuple[str, ...]:
+    factory = _FACTORY_REGISTRY.get(name)
+    return _REWARD_KEYS + (factory.options if factory else ())
+
+
+def build_reward_fn(entry: Mapping[str, Any]) -> RewardFn:
+    """The reward function of one ``reward.rewards`` entry: the registered function, or its factory's product."""
+    name = entry["name"]
+    factory = _FACTORY_REGISTRY.get(name)
+    if factory is None:
+        return get_reward_fn(name)
+    options = {key: entry[key] for key in factory.options if key in entry}
+    if factory.owns_timeout and entry.get("timeout_s") is not None:
+        options["timeout_s"] = entry["timeout_s"]
+    return factory.build(**options)
 
 
 def load_custom_reward_fn(path: str, name: str, reward_kwargs: Optional[Mapping[str, Any]] = None) -> RewardFn:
@@ -67,6 +130,22 @@ class RewardComputationError(RuntimeError):
     """A reward raised or returned something unusable; the message names the reward and the sample."""
 
 
+class RewardSampleError(RewardComputationError):
+    """Raised by a reward that knows which samples it failed on (e.g. a bad answer from a scoring service).
+
+    ``indices`` are positions in the batch the reward function received; the manager names them (with their
+    prompts) instead of re-running the reward one sample at a time to find the culprit.
+    """
+
+    def __init__(self, indices: Sequence[int], detail: str):
+        self.indices = [int(i) for i in indices]
+        self.detail = detail
+        super().__init__(f"{_name_samples(self.indices)}: {detail}")
+
+    def __reduce__(self):  # Exception pickles its message as the only argument: keep both fields across Ray
+        return type(self), (self.indices, self.detail)
+
+
 class RewardTimeoutError(TimeoutError):
     """A reward exceeded its ``timeout_s``; the message names the reward."""
 
@@ -84,17 +163,57 @@ class RewardResult:
     total: np.ndarray  # [B] float64, weighted sum
     per_reward: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [B] unweighted scores
     weights: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # name -> wall seconds spent scoring (summed by concat)
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         out = {f"{prefix}/total/mean": float(self.total.mean()), f"{prefix}/total/std": float(self.total.std())}
         for name, scores in self.per_reward.items():
             out[f"{prefix}/{name}/mean"] = float(scores.mean())
             out[f"{prefix}/{name}/std"] = float(scores.std())
+        for name, seconds in self.seconds.items():
+            out[f"{prefix}/{name}/seconds"] = float(seconds)
         return out
+
+    @staticmethod
+    def concat(results: Sequence[RewardResult]) -> RewardResult:
+        """Results of consecutive sample ranges (e.g. groups scored one by one) as one batch, in order."""
+        if not results:
+            raise ValueError("RewardResult.concat needs at least one result")
+        names = list(results[0].per_reward)
+        for r in results[1:]:
+            if list(r.per_reward) != names or r.weights != results[0].weights:
+                raise ValueError(f"cannot concat results of different rewards: {names} vs {list(r.per_reward)}")
+        return RewardResult(
+            total=np.concatenate([r.total for r in results]),
+            per_reward={n: np.concatenate([r.per_reward[n] for r in results]) for n in names},
+            weights=dict(results[0].weights),
+            seconds={n: float(sum(r.seconds.get(n, 0.0) for r in results)) for n in results[0].seconds},
+        )
 
 
 def _short(prompt: str, limit: int = 120) -> str:
     return prompt if len(prompt) <= limit else prompt[: limit - 3] + "..."
+
+
+def _index_ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5': a chunk of a batch stays one short phrase in an error message."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
+
+
+def _name_samples(labels: Sequence) -> str:
+    """'sample 3', 'samples 16-31' (integer labels as ranges) or 'samples a, b, c'."""
+    if len(labels) == 1:
+        return f"sample {labels[0]}"
+    if all(isinstance(x, (int, np.integer)) for x in labels):
+        return f"samples {_index_ranges([int(x) for x in labels])}"
+    return "samples " + ", ".join(str(x) for x in labels[:16]) + (" ..." if len(labels) > 16 else "")
 
 
 _REWARD_KEYS = ("name", "weight", "timeout_s")
@@ -113,16 +232,32 @@ class RewardManager:
 
     config::
 
-        {"rewards": [{"name": "ocr", "weight": 1.0, "timeout_s": 60}, {"name": "jpeg", "weight": 0.5}],
+        {"rewards": [{"name": "ocr", "weight": 1.0, "timeout_s": 60}, {"name": "jpeg", "weight": 0.5},
+                     {"name": "pickscore", "path": "/models/PickScore_v1", "weight": 1.0}],
          "custom_reward_function": {"path": None, "name": None, "weight": 1.0, "reward_kwargs": {}}}
+
+    ``reward_fns`` replaces the function of the entries it names (``{"pickscore": client}``): a RewardPool's
+    workers use it to call one shared reward-model actor instead of loading the model in every worker.
+    Other top-level keys (``num_workers``, ...) belong to whoever places the manager and are ignored here.
     """
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any], reward_fns: Optional[Mapping[str, RewardFn]] = None):
         self.specs: list[RewardSpec] = []
+        reward_fns = dict(reward_fns or {})
         for entry in config.get("rewards") or []:
-            _check_keys(entry, _REWARD_KEYS, f"reward {entry.get('name')!r}")
-            self._add(RewardSpec(entry["name"], get_reward_fn(entry["name"]), float(entry.get("weight", 1.0)),
-                                 entry.get("timeout_s")))
+            if "name" not in entry:
+                raise ValueError(f"reward entry {dict(entry)} has no 'name'; "
+                                 f"registered rewards: {registered_rewards()}")
+            name = entry["name"]
+            if name not in _REWARD_REGISTRY and name not in _FACTORY_REGISTRY:
+                raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}")
+            _check_keys(entry, allowed_entry_keys(name), f"reward {name!r}")
+            fn = reward_fns.pop(name) if name in reward_fns else build_reward_fn(entry)
+            factory = _FACTORY_REGISTRY.get(name)
+            timeout_s = None if factory is not None and factory.owns_timeout else entry.get("timeout_s")
+            self._add(RewardSpec(name, fn, float(entry.get("weight", 1.0)), timeout_s))
+        if reward_fns:
+            raise ValueError(f"reward_fns given for {sorted(reward_fns)}, which no entry of 'rewards' names")
         custom = config.get("custom_reward_function") or {}
         _check_keys(custom, _CUSTOM_KEYS, f"custom_reward_function {custom.get('name')!r}")
         if custom.get("path"):
@@ -141,17 +276,29 @@ class RewardManager:
             raise ValueError(f"reward {spec.name!r} has a non-finite weight {spec.weight}")
         self.specs.append(spec)
 
-    def __call__(self, images: list, prompts: list[str], metadata: Optional[list[dict]] = None) -> RewardResult:
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def __call__(self, images: list, prompts: list[str], metadata: Optional[list[dict]] = None, *,
+                 sample_ids: Optional[Sequence] = None) -> RewardResult:
+        """Score a batch. ``sample_ids`` (default: 0..B-1) are the names errors give the samples, e.g. their
+        rows in the caller's larger batch when it scores one group at a time."""
         batch = len(images)
         metadata = metadata if metadata is not None else [{} for _ in range(batch)]
         if not (len(prompts) == len(metadata) == batch):
             raise ValueError(
                 f"images ({batch}), prompts ({len(prompts)}) and metadata ({len(metadata)}) differ in length"
             )
+        labels = list(sample_ids) if sample_ids is not None else list(range(batch))
+        if len(labels) != batch:
+            raise ValueError(f"sample_ids ({len(labels)}) and images ({batch}) differ in length")
         total = np.zeros(batch, dtype=np.float64)
         result = RewardResult(total=total)
         for spec in self.specs:
-            scores = self._score(spec, images, prompts, metadata)
+            start = time.perf_counter()
+            scores = self._score(spec, images, prompts, metadata, labels)
+            result.seconds[spec.name] = time.perf_counter() - start
             result.per_reward[spec.name] = scores
             result.weights[spec.name] = spec.weight
             total += spec.weight * scores
@@ -159,11 +306,17 @@ class RewardManager:
 
     # -- one reward, with the checks that keep a broken reward from being trained on --
 
-    def _score(self, spec: RewardSpec, images, prompts, metadata) -> np.ndarray:
+    def _score(self, spec: RewardSpec, images, prompts, metadata, labels) -> np.ndarray:
         try:
             raw = _call_with_timeout(spec, images, prompts, metadata)
         except RewardTimeoutError:
             raise
+        except RewardSampleError as known:  # the reward named its failing samples: no need to re-run
+            first = known.indices[0] if known.indices else 0
+            raise RewardComputationError(
+                f"reward {spec.name!r} failed on {_name_samples([labels[i] for i in known.indices])} "
+                f"({'first ' if len(known.indices) > 1 else ''}prompt {_short(prompts[first])!r}): {known.detail}"
+            ) from known
         except Exception as batch_error:
             # Re-run one sample at a time to name the culprit; re-raise with the batch error if none fails alone.
             for i in range(len(images)):
@@ -173,30 +326,57 @@ class RewardManager:
                     raise
                 except Exception as sample_error:
                     raise RewardComputationError(
-                        f"reward {spec.name!r} failed on sample {i} (prompt {_short(prompts[i])!r}): "
+                        f"reward {spec.name!r} failed on sample {labels[i]} (prompt {_short(prompts[i])!r}): "
                         f"{type(sample_error).__name__}: {sample_error}"
                     ) from sample_error
             raise RewardComputationError(
                 f"reward {spec.name!r} failed on the batch of {len(images)} samples "
                 f"(each sample alone succeeded): {type(batch_error).__name__}: {batch_error}"
             ) from batch_error
-        return self._validate(spec, raw, prompts)
+        return self._validate(spec, raw, prompts, labels)
 
     @staticmethod
-    def _validate(spec: RewardSpec, raw, prompts) -> np.ndarray:
-        try:
-            scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError) as e:
-            raise RewardComputationError(f"reward {spec.name!r} returned values that are not numbers: {e}") from e
-        if scores.shape[0] != len(prompts):
+    def _validate(spec: RewardSpec, raw, prompts, labels) -> np.ndarray:
+        values = _score_values(spec.name, raw)
+        if len(values) != len(prompts):
             raise RewardComputationError(
-                f"reward {spec.name!r} returned {scores.shape[0]} scores for {len(prompts)} samples"
-            )
+                f"reward {spec.name!r} returned {len(values)} scores for {len(prompts)} samples")
+        for i, value in enumerate(values):
+            if not is_real_number(value):
+                raise RewardComputationError(
+                    f"reward {spec.name!r} returned a non-number for sample {labels[i]} "
+                    f"(prompt {_short(prompts[i], 60)!r}): {value!r} of type {type(value).__name__}; "
+                    "rewards must return real numbers (int or float), not str, bool, None or complex"
+                )
+        scores = np.asarray(values, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
-            details = ", ".join(f"sample {i} = {scores[i]} (prompt {_short(prompts[i], 60)!r})" for i in bad[:5])
+            details = ", ".join(f"sample {labels[i]} = {scores[i]} (prompt {_short(prompts[i], 60)!r})"
+                                for i in bad[:5])
             raise RewardComputationError(f"reward {spec.name!r} returned non-finite scores: {details}")
         return scores
+
+
+def is_real_number(value: Any) -> bool:
+    """int / float / numpy integer or floating scalars; not bool (an int subclass), str, None or complex."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _score_values(name: str, raw: Any) -> list:
+    """A reward's return value as a flat list of Python/numpy scalars, each still to be checked.
+
+    ``np.asarray(raw, dtype=float64)`` alone would turn "0.5" into 0.5 and True into 1.0: a reward that
+    returns the wrong type is a bug to report, not a value to coerce.
+    """
+    if type(raw).__module__.split(".")[0] == "torch":  # a torch tensor, without importing torch here
+        raw = raw.detach().cpu()
+        raw = (raw.double() if raw.is_floating_point() else raw).numpy()
+    if isinstance(raw, np.ndarray):  # bool / str / complex arrays give numpy scalars the caller refuses
+        return list(raw.reshape(-1))
+    if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__iter__"):
+        raise RewardComputationError(
+            f"reward {name!r} returned a {type(raw).__name__}, not a sequence of one number per sample")
+    return list(raw)
 
 
 def _call_with_timeout(spec: RewardSpec, images, prompts, metadata):
