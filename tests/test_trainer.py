@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,7 +133,7 @@ def test_bad_config_fails_at_start_naming_the_key(key, value, match):
 def test_the_hybrid_engine_needs_the_actor_and_rollout_on_the_same_kind_of_device():
     mixed = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
                          "actor_rollout_ref.actor.device": "cuda"})
-    with pytest.raises(ValueError, match="hybrid_engine=true colocates .* actor.device='cuda' and .*rollout.device='cpu'"):
+    with pytest.raises(ValueError, match="hybrid_engine=true colocates .*actor.device='cuda' and .*rollout.device='cpu'"):
         FlowGRPOTrainer(mixed)
     fsdp = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
                         "actor_rollout_ref.actor.world_size": 2})
@@ -194,6 +195,7 @@ def test_bf16_engines_verify_against_fp32_master_weights(ray_session, ocr_data_f
 
 def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.hybrid_engine": False,
         "actor_rollout_ref.actor.world_size": 2, "trainer.total_training_steps": 2, "trainer.save_freq": 2})
     trainer, history, engine_sums = _train(cfg)
     lora = trainer.final_lora
@@ -239,7 +241,10 @@ def test_start_up_checks_that_need_the_model_or_the_cluster(ray_session, ocr_dat
 
 def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_session, ocr_data_files,
                                                                            tiny_qwen_image_dir, tmp_path):
+    # The split placement keeps the actor in this process, so the test can make its second epoch fail; the
+    # hybrid engine's ranks run the same DiffusionLoRAActor code in the replicas.
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.hybrid_engine": False,
         "actor_rollout_ref.actor.ppo_epochs": 2, "trainer.nan_policy": "skip", "trainer.total_training_steps": 2})
     trainer = FlowGRPOTrainer(cfg).init()
     try:
@@ -263,3 +268,30 @@ def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_s
         assert trainer._run(trainer.servers.lora_checksums()) == [trainer.last_lora_checksum]
     finally:
         trainer.shutdown()
+
+
+def test_streamed_rewards_equal_rewards_scored_after_the_rollout(ray_session, ocr_data_files, tiny_qwen_image_dir,
+                                                                 tmp_path):
+    rewards = [{"name": "brightness", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.5}]
+    scores = {}
+    for streaming in (True, False):
+        cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path / str(streaming), **{
+            "reward.rewards": rewards, "reward.streaming": streaming, "trainer.total_training_steps": 1})
+        trainer = FlowGRPOTrainer(cfg).init()
+        try:
+            assert (trainer.reward_pool is not None) == streaming
+            output = trainer.rollout(1)
+            assert ("rewards" in output.batch.keys()) == streaming
+            scores[streaming] = trainer.score(output)
+            if streaming:
+                metrics = output.meta_info["metrics"]
+                assert metrics["reward/tail_s"] >= 0 and metrics["reward/brightness/seconds"] > 0
+        finally:
+            trainer.shutdown()
+    (streamed, streamed_metrics), (post_hoc, post_hoc_metrics) = scores[True], scores[False]
+    assert np.array_equal(streamed, post_hoc)  # same seeds, same images, same scores, row for row
+
+    def means(metrics):  # seconds differ run to run (streamed seconds arrive with the rollout's metrics)
+        return {k: v for k, v in metrics.items() if not k.endswith("/seconds")}
+
+    assert means(streamed_metrics) == means(post_hoc_metrics) and len(means(streamed_metrics)) == 6

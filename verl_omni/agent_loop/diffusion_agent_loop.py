@@ -38,6 +38,8 @@ from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.names import AGENT_LOOP_NAME
 from verl_omni.core.outputs import DiffusionSample
 from verl_omni.core.prompts import prompt_text
+from verl_omni.rewards.pool import RewardPool
+from verl_omni.rewards.registry import RewardResult, row_metadata
 from verl_omni.schedulers.flow_match_sde import choose_window
 
 logger = logging.getLogger(__name__)
@@ -117,10 +119,11 @@ async def _postprocess(payload: dict) -> DiffusionSample:
 class DiffusionAgentLoopWorker(AgentLoopWorker):
     """Runs a chunk of rows: batched groups as one call, the rest row by row; returns a diffusion batch."""
 
-    def __init__(self, config, llm_client: DiffusionServerClient, teacher_client=None, reward_loop_worker_handles=None):
+    def __init__(self, config, llm_client: DiffusionServerClient, reward_pool: Optional[RewardPool] = None):
         # verl's worker loads a tokenizer, tools and traces for text turns; none apply here.
         self.config = config  # the run's FlowGRPOConfig (parsed once by the trainer)
         self.llm_client = llm_client
+        self.reward_pool = reward_pool  # None: the trainer scores the whole batch after the rollout
         self.rollout: RolloutConfig = config.actor_rollout_ref.rollout
         self._logged_reasons: set[str] = set()
 
@@ -136,10 +139,20 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         # Ray's tqdm shows this worker's bar on the driver's console.
         bar = tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
 
+        timeline = _StreamTimeline()
+
         async def run(group: RolloutGroup):
-            result = await self._run_group(group, non_tensor, params, step, validate)
+            group_samples = await self._run_group(group, non_tensor, params, step, validate)
             bar.update(len(group.rows))
-            return result
+            timeline.generated()
+            if self.reward_pool is None:
+                return group_samples, None
+            # Scored now, while the other groups are still generating (this coroutine alone waits for it).
+            scores = await self.reward_pool.submit(
+                [s.image for s in group_samples], [prompt_text(non_tensor["raw_prompt"][i]) for i in group.rows],
+                [row_metadata(non_tensor, i) for i in group.rows], sample_ids=group.rows)
+            timeline.scored()
+            return group_samples, scores
 
         start = time.perf_counter()
         try:
@@ -149,7 +162,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         elapsed = time.perf_counter() - start
 
         samples: list[Optional[DiffusionSample]] = [None] * len(batch)
-        for group, group_samples in zip(groups, results):
+        for group, (group_samples, _) in zip(groups, results):
             for row, sample in zip(group.rows, group_samples):
                 samples[row] = sample
         reasons = Counter(g.reason for g in groups if not g.batched)
@@ -162,8 +175,15 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             "rollout/fallback_groups": sum(not g.batched for g in groups),
             **{f"rollout/fallback_reason/{r}": c for r, c in reasons.items()},
             "rollout/generate_s": elapsed,
+            # rows whose prompt lost tokens at max_sequence_length (the trainer says so once per step)
+            "rollout/truncated_prompts": sum(s.extra.get("truncated_prompt_tokens", 0) > 0 for s in samples),
         }
-        return samples_to_data_proto(samples, non_tensor, metrics)
+        rewards = None
+        if self.reward_pool is not None:
+            rewards = _scatter_rewards(groups, [scores for _, scores in results], len(batch))
+            metrics.update({f"reward/{name}/seconds": value for name, value in rewards.seconds.items()})
+            metrics.update(timeline.metrics())
+        return samples_to_data_proto(samples, non_tensor, metrics, rewards)
 
     async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
         # Seeds and the SDE window come from (seed, step, group, index): the same on both paths, and the
@@ -223,8 +243,44 @@ def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLo
                                    server_manager=client)
 
 
-def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metrics: dict) -> DataProto:
-    """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length."""
+class _StreamTimeline:
+    """When this worker's last group finished generating, and its last group's scores arrived (wall clock, so the
+    manager can compare workers): the reward time the rollout did not hide is the difference."""
+
+    def __init__(self):
+        self.last_generated = self.last_scored = 0.0
+
+    def generated(self) -> None:
+        self.last_generated = max(self.last_generated, time.time())
+
+    def scored(self) -> None:
+        self.last_scored = max(self.last_scored, time.time())
+
+    def metrics(self) -> dict[str, float]:
+        return {_LAST_GENERATED: self.last_generated, _LAST_SCORED: self.last_scored}
+
+
+_LAST_GENERATED, _LAST_SCORED = "reward/_last_generated_at", "reward/_last_scored_at"
+
+
+def _scatter_rewards(groups: list[RolloutGroup], results: list[RewardResult], batch_len: int) -> RewardResult:
+    """Per-group reward results as one result in row order."""
+    first = results[0]
+    total = np.zeros(batch_len, dtype=np.float64)
+    per_reward = {name: np.zeros(batch_len, dtype=np.float64) for name in first.per_reward}
+    for group, result in zip(groups, results):
+        total[group.rows] = result.total
+        for name, scores in result.per_reward.items():
+            per_reward[name][group.rows] = scores
+    seconds = {name: float(sum(r.seconds.get(name, 0.0) for r in results)) for name in first.seconds}
+    return RewardResult(total=total, per_reward=per_reward, weights=dict(first.weights), seconds=seconds)
+
+
+def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metrics: dict,
+                          rewards: Optional[RewardResult] = None) -> DataProto:
+    """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length.
+    With streamed ``rewards``: a ``rewards`` tensor (the weighted total) and a ``reward_scores`` column (each
+    reward's unweighted score) per row."""
     shapes = {(s.image.shape, tuple(s.latents.shape)) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"rows of one batch must share image size and num_inference_steps; got (image, latents) "
@@ -254,7 +310,14 @@ def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metr
     out_non_tensor["prompt_text"] = np.array([None] * len(samples), dtype=object)
     for i in range(len(samples)):
         out_non_tensor["prompt_text"][i] = prompt_text(non_tensor["raw_prompt"][i])
-    return DataProto.from_dict(tensors=tensors, non_tensors=out_non_tensor, meta_info={"metrics": metrics})
+    meta = {"metrics": metrics}
+    if rewards is not None:
+        tensors["rewards"] = torch.from_numpy(rewards.total)
+        out_non_tensor["reward_scores"] = np.array(
+            [{name: float(scores[i]) for name, scores in rewards.per_reward.items()} for i in range(len(samples))],
+            dtype=object)
+        meta["reward_weights"] = dict(rewards.weights)
+    return DataProto.from_dict(tensors=tensors, non_tensors=out_non_tensor, meta_info=meta)
 
 
 def _pad_embeds(embeds: list[torch.Tensor], masks: list[Optional[torch.Tensor]]):
@@ -277,9 +340,13 @@ class DiffusionAgentLoopManager(AgentLoopManager):
 
     agent_loop_workers_class = ray.remote(DiffusionAgentLoopWorker)
 
+    def __init__(self, config, llm_client: DiffusionServerClient, reward_pool: Optional[RewardPool] = None):
+        super().__init__(config, llm_client)
+        self.reward_pool = reward_pool
+
     async def _init_agent_loop_workers(self):
         self.agent_loop_workers = [
-            self.agent_loop_workers_class.options(num_cpus=0).remote(self.config, self.llm_client)
+            self.agent_loop_workers_class.options(num_cpus=0).remote(self.config, self.llm_client, self.reward_pool)
             for _ in range(self.rollout_config.agent.num_workers)
         ]
 
@@ -290,12 +357,16 @@ class DiffusionAgentLoopManager(AgentLoopManager):
         metrics = Counter()
         for out in outputs:
             for key, value in out.meta_info.pop("metrics").items():
-                if key == "rollout/generate_s":
+                if key in ("rollout/generate_s", _LAST_GENERATED, _LAST_SCORED):
                     metrics[key] = max(metrics[key], value)
                 else:
                     metrics[key] += value
+        if _LAST_SCORED in metrics:
+            # Scoring seconds after the last group of the whole rollout was generated: what streaming did not hide.
+            metrics["reward/tail_s"] = max(0.0, metrics.pop(_LAST_SCORED) - metrics.pop(_LAST_GENERATED))
+        weights = outputs[0].meta_info.get("reward_weights")
         output = DataProto.concat(outputs)
-        output.meta_info = {"metrics": dict(metrics)}
+        output.meta_info = {"metrics": dict(metrics), **({"reward_weights": weights} if weights is not None else {})}
         return output
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,8 @@ class ModelConfig(Section):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
         if not self.path:
             raise ValueError(f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)")
         require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)

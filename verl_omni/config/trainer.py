@@ -43,9 +43,17 @@ class RewardConfig(Section):
 
     rewards: tuple = ({"name": "ocr", "weight": 1.0},)
     custom_reward_function: dict = field(default_factory=lambda: {"path": None, "name": None})
+    # Score each group as it returns, on a pool of Ray reward workers (false: the driver scores the whole batch
+    # after the rollout).
+    streaming: bool = True
+    num_workers: Optional[int] = None  # reward workers; null: the node's cores not used by replicas / agent workers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", freeze_list(self.rewards or ()))
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"{self.key('streaming')}={self.streaming!r} must be true or false")
+        if self.num_workers is not None:
+            require_int(self.key("num_workers"), self.num_workers)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rewards": [dict(r) for r in self.rewards], "custom_reward_function": dict(self.custom_reward_function)}

@@ -107,7 +107,8 @@ def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
         for name in SHARED_FIELDS:
             kwargs[name] = getattr(batch, name).detach().to("cpu").clone()
         image = kwargs.pop("images")
-        samples.append(DiffusionSample(image=image.numpy(), seed=int(batch.seeds[i]), **kwargs))
+        extra = {"truncated_prompt_tokens": int(batch.truncated_prompt_tokens)}
+        samples.append(DiffusionSample(image=image.numpy(), seed=int(batch.seeds[i]), extra=extra, **kwargs))
     return samples
 
 

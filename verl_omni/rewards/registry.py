@@ -191,6 +191,15 @@ class RewardResult:
         )
 
 
+METADATA_KEYS = ("reward_model", "data_source", "extra_info")  # verl's row columns a reward may read
+
+
+def row_metadata(non_tensor: Mapping[str, Any], index: int) -> dict:
+    """The reward metadata of row ``index`` of a verl batch's non-tensor columns (``reward_model`` with its
+    ``ground_truth``, ``data_source``, ``extra_info``: the ones present)."""
+    return {key: non_tensor[key][index] for key in METADATA_KEYS if key in non_tensor}
+
+
 def _short(prompt: str, limit: int = 120) -> str:
     return prompt if len(prompt) <= limit else prompt[: limit - 3] + "..."
 

@@ -28,6 +28,8 @@ from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
+from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
+from verl_omni.rewards.registry import RewardResult, row_metadata
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.rollout.weight_sync import check_checksums, push_lora
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
@@ -75,10 +77,11 @@ class FlowGRPOTrainer:
         self.val_data = None
         if cfg.trainer.test_freq > 0 and cfg.data.get("val_files"):
             self.val_data = PromptDataset(cfg.data.val_files, cfg.data.prompt_key, cfg.data.get("val_max_samples"))
-        self.rewards = RewardManager(cfg.reward.as_dict())
         self.servers = self._run(DiffusionServerManager(self.rollout_cfg, model, cfg.num_replicas).start())
+        self.reward_pool = self._start_reward_pool()
         client = DiffusionServerClient(config=cfg, load_balancer_handle=self.servers.load_balancer)
-        self.agent_loops = DiffusionAgentLoopManager.create(cfg, client)  # verl runs it to completion
+        # verl's create() runs the async set-up to completion
+        self.agent_loops = DiffusionAgentLoopManager.create(cfg, client, reward_pool=self.reward_pool)
         self.actor = self._build_actor()
         if cfg.trainer.resume_mode == "auto":
             self._maybe_resume()
@@ -96,6 +99,18 @@ class FlowGRPOTrainer:
             if user_dir is None:
                 del os.environ["TENSORBOARD_DIR"]
         return self
+
+    def _start_reward_pool(self) -> Optional[RewardPool]:
+        """``reward.streaming``: a pool of reward workers that scores each group as it returns (else the driver scores
+        the whole batch after the rollout)."""
+        reward = self.config.reward
+        if not reward.streaming:
+            self._post_hoc_rewards = RewardManager(reward.as_dict())
+            return None
+        workers = resolve_num_reward_workers(
+            reward.num_workers, cpu_cores=int(ray.cluster_resources().get("CPU", 1)),
+            num_replicas=self.config.num_replicas, agent_loop_workers=self.rollout_cfg.agent.num_workers)
+        return RewardPool(reward.as_dict(), workers)
 
     def _check_model(self, path: str) -> None:
         """Start-up checks that need the model directory, before Ray starts: it exists, the image size fits its VAE,
@@ -183,14 +198,17 @@ class FlowGRPOTrainer:
         return self._run(self.agent_loops.generate_sequences(batch))
 
     def score(self, output) -> tuple[np.ndarray, dict[str, float]]:
-        images = list(output.batch["images"].numpy())
-        prompts = list(output.non_tensor_batch["prompt_text"])
-        metadata = [
-            {key: output.non_tensor_batch[key][i] for key in ("reward_model", "data_source", "extra_info")
-             if key in output.non_tensor_batch}
-            for i in range(len(images))
-        ]
-        result = self.rewards(images, prompts, metadata)
+        """(total reward per row, reward metrics): streamed by the agent loop, or computed here."""
+        if "rewards" in output.batch.keys():
+            rows = output.non_tensor_batch["reward_scores"]
+            result = RewardResult(total=output.batch["rewards"].numpy().astype(np.float64),
+                                  per_reward={name: np.array([r[name] for r in rows], dtype=np.float64)
+                                              for name in rows[0]},
+                                  weights=output.meta_info.get("reward_weights", {}))
+        else:
+            non_tensor = output.non_tensor_batch
+            result = self._post_hoc_rewards(list(output.batch["images"].numpy()), list(non_tensor["prompt_text"]),
+                                            [row_metadata(non_tensor, i) for i in range(len(output))])
         return np.asarray(result.total, dtype=np.float64), result.metrics("reward")
 
     # ------------------------------------------------------------------ the loop
@@ -237,16 +255,23 @@ class FlowGRPOTrainer:
         # Split placement on shared devices: the engines free their memory while the actor trains. The hybrid
         # engine's ranks train on the engines' own weights: nothing to free, nothing to move.
         swap = self.rollout_cfg.free_cache_engine and not cfg.actor_rollout_ref.hybrid_engine
-        if swap:
+        models = self.reward_pool is not None and self.reward_pool.model_actors
+        if swap or models:
             with timer("swap"):
-                self._run(self.servers.sleep())
+                if swap:
+                    self._run(self.servers.sleep())
+                if models:  # reward models free the GPU they share with the actor
+                    self.reward_pool.offload_models()
         try:
             with timer("update"):
                 actor_metrics = self.actor.update(output, advantages.float())
         finally:
-            if swap:
+            if swap or models:
                 with timer("swap"):
-                    self._run(self.servers.wake_up())
+                    if swap:
+                        self._run(self.servers.wake_up())
+                    if models:
+                        self.reward_pool.onload_models()
         with timer("sync"):
             self.sync_weights()
         self._write_samples(step, output, scores)
@@ -294,6 +319,8 @@ class FlowGRPOTrainer:
                 ray.kill(worker)
             if getattr(self, "servers", None) is not None:
                 self._run(self.servers.shutdown())
+            if getattr(self, "reward_pool", None) is not None:
+                self.reward_pool.shutdown()
         finally:
             if hasattr(getattr(self, "actor", None), "shutdown"):
                 self.actor.shutdown()

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 15-17 in a few calls on one machine (after `. .device/cN/install.sh` or
+# `. /tmp/env.sh`), from the repo root. Each stage runs its jobs in parallel on disjoint GPUs (CUDA_VISIBLE_DEVICES)
+# and waits for them; logs and JSON go to $OUT. Stages:
+#   tests   : pytest -m gpu tests/gpu (engine, faults, hybrid engine both engines, CFG batching, reward models)
+#   bench   : [build the 60-layer model -> train_step L60 on GPU 0] | [build L20 -> train_step L20 on GPU 1]
+#             | [rewards_scale on GPU 2]   (when the machine has 3+ GPUs; else one after the other on GPU 0)
+#   e2e1    : e2e L60: 1 GPU vllm_omni (GPU 0) | 1 GPU diffusers (GPU 1) | 2 GPUs vllm_omni (GPUs 2,3)
+#   e2e4    : e2e L60, 4 GPUs, vllm_omni           e2e4d: the same with the diffusers engine
+# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models).
+set -uo pipefail
+stage="${1:?usage: run_session.sh tests|bench|e2e1|e2e4|e2e4d}"
+OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VERL_OMNI_GPU_OUT="$OUT"
+MODEL_DIR="${MODEL_DIR:-/tmp/verl_omni_models}"
+STEPS="${E2E_STEPS:-3}"; LAYERS="${E2E_LAYERS:-60}"; REWARDS="${E2E_REWARDS:-ocr}"
+gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+echo "== $(date -u +%FT%TZ) run_session.sh $stage on $(hostname): $gpus GPU(s)" | tee -a "$OUT/session.txt"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/session.txt"
+
+build() {  # build the random full-width model of $1 layers once (idempotent)
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
+build_model('$MODEL_DIR', $1)"
+}
+e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name>
+  CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
+    --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
+    --out "$OUT/e2e_runs_$4.json" > "$OUT/e2e_$4.log" 2>&1
+  echo "e2e $4 exit code $?" | tee -a "$OUT/session.txt"
+}
+
+case "$stage" in
+  tests)
+    timeout 570 python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider --timeout=400 2>&1 \
+      | tee "$OUT/gpu_test_log.txt" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|figures" ;;
+  bench)
+    if [ "$gpus" -ge 3 ]; then
+      (build 60 && CUDA_VISIBLE_DEVICES=0 timeout 540 python3 benchmarks/train_step.py --layers 60 --prompts 1 \
+        --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
+        echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
+      (build 20 && CUDA_VISIBLE_DEVICES=1 timeout 540 python3 benchmarks/train_step.py --layers 20 \
+        --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" > "$OUT/train_step_L20.log" 2>&1;
+        echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
+      (CUDA_VISIBLE_DEVICES=2 timeout 400 python3 benchmarks/rewards_scale.py --out "$OUT/rewards_scale.json" \
+        > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$OUT/session.txt") &
+      wait
+    else
+      build 60 && timeout 540 python3 benchmarks/train_step.py --layers 60 --prompts 1 --model-dir "$MODEL_DIR" \
+        --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1
+      echo "train_step L60 exit $?" | tee -a "$OUT/session.txt"
+    fi ;;
+  e2e1)
+    build "$LAYERS" > /dev/null
+    e2e 0 1 vllm_omni g1_vllm_omni &
+    e2e 1 1 diffusers g1_diffusers &
+    [ "$gpus" -ge 4 ] && e2e 2,3 2 vllm_omni g2_vllm_omni &
+    wait ;;
+  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
+  e2e4d) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60
+# At most 8 files come back from $OUT: pack everything of this stage into one archive (session.txt stays readable).
+( cd "$OUT" && files=$(ls | grep -v -e '^session.txt$' -e '\.tgz$') && [ -n "$files" ] && \
+  tar czf "$stage.tgz" $files && rm -f $files )
+ls -la "$OUT"
