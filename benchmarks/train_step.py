@@ -179,7 +179,7 @@ def main() -> None:
         scheduler_config = json.load(f)
     t0 = time.perf_counter()
     model, _, _ = _configs(args, model_dir, VARIANTS["default"])
-    pipe = load_rl_pipeline(model_dir, "qwen_image", "bfloat16", model.lora, lora_dtype=torch.float32)
+    pipe = load_rl_pipeline(model_dir, "qwen_image", "bfloat16", model.lora)
     pipe.transformer.to("cuda")
     log(f"transformer on the GPU in {time.perf_counter() - t0:.0f} s")
     batch = _synthetic_batch(args, tcfg, scheduler_config, "cuda")

@@ -128,7 +128,8 @@ class FakeAsyncOmni:
         (sp,) = sampling_params_list
         self.calls.append(("generate", dict(prompt=prompt, request_id=request_id, sp=sp)))
         req = FakeRequest(prompt=prompt, sampling_params=sp, request_id=request_id)
-        (out,) = self.worker.model_runner.pipeline.forward(FakeBatch([req]))
+        with torch.inference_mode():  # as vllm-omni's model runner calls the pipeline
+            (out,) = self.worker.model_runner.pipeline.forward(FakeBatch([req]))
         images = out.output if isinstance(out.output, list) else [out.output]
         yield FakeOmniRequestOutput(request_id, images, out.trajectory_latents, out.trajectory_timesteps,
                                     out.trajectory_log_probs, dict(out.custom_output))
@@ -483,3 +484,68 @@ def test_request_output_to_batch_rejects_wrong_payloads(qwen_image_rl_pipe):
         request_output_to_batch(dataclasses.replace(good, _custom_output={}), [4, 6])
     with pytest.raises(RuntimeError, match="trajectory"):
         request_output_to_batch(dataclasses.replace(good, trajectory_log_probs=None), [4, 6])
+
+
+# ----------------------------------------------------------------------------------------- the hybrid engine
+def test_an_actor_rank_trains_inside_the_worker_on_the_engines_own_transformer(fake_vllm_omni, tiny_qwen_image_dir):
+    """init_actor / actor_call reach the worker through collective_rpc (arguments and results as files); the rank
+    trains the very module the engine serves, after rollouts that ran under inference mode (RoPE caches included)."""
+    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+    from verl_omni.config.actor import ActorConfig
+    from verl_omni.core.outputs import unpack_batch
+    from verl_omni.workers.train_batch import TrainBatch
+
+    import numpy as np
+
+    # The rank recomputes with the run's rollout settings (guidance 2): the requests below use the same.
+    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0},
+                         pipeline={"true_cfg_scale": 2.0})
+    worker = FakeAsyncOmni.instances[0].worker
+    params = PARAMS.replace(sde_window_size=2, window_start=0, guidance_scale=2.0)
+    out = run(engine.generate(PROMPT, [1, 2, 3], params))  # fills diffusers' RoPE caches under inference mode
+    run(engine.init_actor(ActorConfig(ppo_micro_batch_size_per_gpu=2), 0, 1, None, lora_seed=5))
+    served_before = run(engine.lora_checksum())
+    assert served_before == run(engine.actor_call("lora_checksum"))  # the rank's adapter is the engine's
+
+    samples = unpack_batch(out)
+    raw = np.array([PROMPT] * 3, dtype=object)
+    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": np.array(["g"] * 3, dtype=object)}, {})
+    batch = TrainBatch.from_data_proto(data, torch.tensor([1.0, -1.0, 0.5]))
+    # The rollout ran with peft's initial adapter (B = 0: the identity) and so does the rank (seeded A, B = 0):
+    # the recomputed log-probs equal the rollout's, ratio 1.
+    metrics = run(engine.actor_call("update", batch.as_dict(), batch.num_terms))
+    assert metrics["actor/num_train_terms"] == 6 and metrics["actor/grad_norm"] > 0
+    assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    served_after = run(engine.lora_checksum())
+    assert served_after != served_before and served_after == run(engine.actor_call("lora_checksum"))
+    assert ("rpc", "verl_omni_actor_call") in FakeAsyncOmni.instances[0].calls
+    # The next rollout (inference mode again) serves the trained adapter (one small step: the latents move).
+    assert not torch.equal(run(engine.generate(PROMPT, [1], params)).latents[:, -1], out.latents[:1, -1])
+    assert worker._verl_omni_actor.actor.transformer is worker.model_runner.pipeline.transformer
+
+
+def test_rope_frequencies_cached_under_inference_mode_can_train():
+    """diffusers caches Qwen-Image's RoPE tables per device; on a GPU the first rollout (vllm-omni runs it under
+    inference mode) fills that cache with inference tensors, which autograd refuses. The worker's hook hands
+    training calls normal copies."""
+    from verl_omni.rollout.engines.vllm_omni.worker import _allow_autograd_through_rope
+
+    class CachingRope(torch.nn.Module):  # what the per-device cache does: the first call's tensors, kept
+        def forward(self):
+            if not hasattr(self, "cached"):
+                self.cached = (torch.randn(4), torch.randn(3))
+            return self.cached
+
+    transformer = torch.nn.Module()
+    transformer.pos_embed = CachingRope()
+    with torch.inference_mode():
+        transformer.pos_embed()  # the rollout fills the cache
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        (x * transformer.pos_embed()[0]).sum().backward()
+    _allow_autograd_through_rope(transformer)
+    _allow_autograd_through_rope(transformer)  # idempotent: one hook
+    (x * transformer.pos_embed()[0]).sum().backward()
+    assert torch.equal(x.grad, transformer.pos_embed.cached[0])
+    with torch.inference_mode():  # rollouts still get the cached tensors themselves
+        assert transformer.pos_embed()[0] is transformer.pos_embed.cached[0]

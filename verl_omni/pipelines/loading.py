@@ -14,10 +14,13 @@ from verl_omni.pipelines import get_pipeline_class
 
 
 def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: Optional[LoRASpec] = None,
-                     lora_dtype: Optional[torch.dtype] = None) -> Any:
+                     lora_dtype: torch.dtype = torch.float32) -> Any:
     """``get_pipeline_class(pipeline).from_pretrained(path)`` in ``dtype`` (on CPU), progress bars off, with a
-    frozen transformer and, when ``lora`` is given, a peft adapter on it (its weights in ``lora_dtype`` when set:
-    the actor trains them in float32 over bf16 base weights)."""
+    frozen transformer and, when ``lora`` is given, a peft adapter on it, its weights in ``lora_dtype``.
+
+    float32 by default, in every engine too: the actor trains the adapter in float32 over bf16 base weights, and
+    the hybrid engine's engines serve that very tensor (an engine compiled with a bf16 adapter would recompile).
+    A split-placement sync sends rollout-dtype values; a float32 adapter holds them exactly."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
                                 "dir with model_index.json, or tiny:qwen_image / tiny:sd3)")
@@ -26,10 +29,9 @@ def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: O
     pipe.transformer.requires_grad_(False)
     if lora is not None:
         add_lora_adapter(pipe.transformer, lora)
-        if lora_dtype is not None:
-            for name, param in pipe.transformer.named_parameters():
-                if "lora_" in name:
-                    param.data = param.data.to(lora_dtype)
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(lora_dtype)
     return pipe
 
 

@@ -89,7 +89,10 @@ class QwenImageFusedAttnProcessor:
         query = torch.cat([txt_q, img_q], dim=1)  # order: [text, image], as diffusers
         key = torch.cat([txt_k, img_k], dim=1)
         value = torch.cat([txt_v, img_v], dim=1)
-        if attention_mask is None and query.dtype in FLASH_DTYPES and query.shape[-1] <= 256:
+        # The engine's kernel has no backward (fa3-fwd): a training forward (the hybrid engine's actor on the same
+        # module) goes through SDPA, whose flash / cuDNN kernels have one.
+        fused = attention_mask is None and query.dtype in FLASH_DTYPES and query.shape[-1] <= 256
+        if fused and not (torch.is_grad_enabled() and query.requires_grad):
             out = self.attention_fn(query, key, value, causal=False, softmax_scale=query.shape[-1] ** -0.5)
             out = out[0] if isinstance(out, tuple) else out
         else:

@@ -59,7 +59,7 @@ class DiffusionLoRAActor:
         self.device = torch.device(device or actor.device)
         if pipe is None:
             # Only the transformer is needed: the VAE and text encoders stay on the CPU.
-            pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora, lora_dtype=torch.float32)
+            pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora)
             pipe.transformer.to(self.device)
         self.pipe = pipe
         self.transformer = pipe.transformer
