@@ -19,7 +19,7 @@ def _cfg(model_dir, **extra):
         "actor_rollout_ref.model.path": model_dir,
         "actor_rollout_ref.model.lora_rank": 4,
         "actor_rollout_ref.rollout.n": N,
-        "actor_rollout_ref.rollout.num_replicas": 2,
+        "trainer.n_gpus_per_node": 2,  # the hybrid engine: one replica per device
         "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
         "actor_rollout_ref.rollout.algo.sde_window_size": 2,
         **extra,

@@ -100,7 +100,7 @@ def test_four_replicas_on_one_host_get_distinct_ports_even_when_one_is_taken(ray
     blocker.bind(("127.0.0.1", 0))
     base = blocker.getsockname()[1]
     cfg = make_config({"actor_rollout_ref.model.path": tiny_qwen_image_dir, "actor_rollout_ref.model.lora_rank": 4,
-                       "actor_rollout_ref.rollout.num_replicas": 4,
+                       "trainer.n_gpus_per_node": 4,
                        "actor_rollout_ref.rollout.server_port_base": base})
     loop = asyncio.new_event_loop()
     _, manager, _ = start_servers(loop, cfg)

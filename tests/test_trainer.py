@@ -27,7 +27,9 @@ def _train(cfg):
     try:
         history = trainer.fit()
         engine_sums = trainer._run(trainer.servers.lora_checksums())
-        trainer.final_lora = trainer.actor.lora_state_dict()  # FSDP ranks are gone after shutdown
+        # The actor's ranks (FSDP, or the hybrid engine's inside the replicas) are gone after shutdown.
+        trainer.final_lora = trainer.actor.lora_state_dict()
+        trainer.final_optimizer = trainer.actor.optimizer.state_dict()
         return trainer, history, engine_sums
     finally:
         trainer.shutdown()
@@ -62,7 +64,7 @@ def test_brightness_reward_rises_with_learning_and_not_with_lr_zero(ray_session,
 def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1})
     first, history, engine_sums = _train(cfg)
-    lora = first.actor.lora_state_dict()
+    lora = first.final_lora
     assert all(s == tensors_checksum(lora) for s in engine_sums)  # every replica serves the actor's adapter
     assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0
     assert any(v.abs().sum() > 0 for v in lora.values())
@@ -74,7 +76,7 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data
         assert resumed.global_step == 2
         resumed_lora = resumed.actor.lora_state_dict()
         assert all(torch.equal(lora[k], resumed_lora[k]) for k in lora)
-        a, b = first.actor.optimizer.state_dict(), resumed.actor.optimizer.state_dict()
+        a, b = first.final_optimizer, resumed.actor.optimizer.state_dict()
         for key, state in a["state"].items():
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][key][name])), (key, name)
@@ -130,7 +132,11 @@ def test_bad_config_fails_at_start_naming_the_key(key, value, match):
         FlowGRPOTrainer(cfg)
 
 
-def test_the_hybrid_engine_needs_the_actor_and_rollout_on_the_same_kind_of_device():
+def test_the_hybrid_engine_needs_the_actor_and_rollout_on_the_same_kind_of_device_and_dtype():
+    dtypes = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image",
+                          "actor_rollout_ref.rollout.dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="trains the engine's own weights: actor_rollout_ref.actor.dtype='float32'"):
+        FlowGRPOTrainer(dtypes)
     mixed = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
                          "actor_rollout_ref.actor.device": "cuda"})
     with pytest.raises(ValueError, match="hybrid_engine=true colocates .*actor.device='cuda' and .*rollout.device='cpu'"):
@@ -180,16 +186,17 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session
     assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
     assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-8)  # adapter starts as the identity
     assert second["actor/kl_loss"] > 0  # after one update the policy moved away from the reference
-    assert engine_sums == [tensors_checksum(trainer.actor.lora_state_dict())]
+    assert engine_sums == [tensors_checksum(trainer.final_lora)]
 
 
 def test_bf16_engines_verify_against_fp32_master_weights(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     # The actor trains float32 LoRA weights; a bf16 engine serves them rounded. The sync sends the rounded
     # tensors, so the engine's checksum still equals what the actor sent after every update.
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "actor_rollout_ref.hybrid_engine": False,  # the split placement's sync (the hybrid engine copies nothing)
         "actor_rollout_ref.rollout.dtype": "bfloat16", "trainer.total_training_steps": 2})
     trainer, history, engine_sums = _train(cfg)
-    sent = {k: v.to(torch.bfloat16) for k, v in trainer.actor.lora_state_dict().items()}
+    sent = {k: v.to(torch.bfloat16) for k, v in trainer.final_lora.items()}
     assert engine_sums == [tensors_checksum(sent)] and len(history) == 2
 
 
@@ -223,7 +230,8 @@ def test_start_up_checks_that_need_the_model_or_the_cluster(ray_session, ocr_dat
     bad_size = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.pipeline.height": 60})
     with pytest.raises(ValueError, match="actor_rollout_ref.rollout.pipeline: height=60 must be a multiple of 16"):
         FlowGRPOTrainer(bad_size).init()
-    gpu = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.device": "cuda"})
+    gpu = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.device": "cuda",
+                                                                 "actor_rollout_ref.actor.device": "cuda"})
     with pytest.raises(ValueError, match="need 1 GPUs; the Ray cluster has 0"):
         FlowGRPOTrainer(gpu).init()
     missing = _cfg(ocr_data_files, tmp_path / "no_such_model", tmp_path)

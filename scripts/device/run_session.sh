@@ -7,6 +7,8 @@
 #             | [rewards_scale on GPU 2]   (when the machine has 3+ GPUs; else one after the other on GPU 0)
 #   e2e1    : e2e L60: 1 GPU vllm_omni (GPU 0) | 1 GPU diffusers (GPU 1) | 2 GPUs vllm_omni (GPUs 2,3)
 #   e2e4    : e2e L60, 4 GPUs, vllm_omni           e2e4d: the same with the diffusers engine
+#   real1   : one GPU: build the 60-layer model, then train_step L60 ($TRAIN_VARIANTS)
+#   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models).
 set -uo pipefail
 stage="${1:?usage: run_session.sh tests|bench|e2e1|e2e4|e2e4d}"
@@ -58,6 +60,14 @@ case "$stage" in
     e2e 1 1 diffusers g1_diffusers &
     [ "$gpus" -ge 4 ] && e2e 2,3 2 vllm_omni g2_vllm_omni &
     wait ;;
+  real1)
+    build 60 | tail -1
+    timeout 500 python3 benchmarks/train_step.py --layers 60 --prompts 1 --repeats "${TRAIN_REPEATS:-1}" \
+      --variants "${TRAIN_VARIANTS:-ckpt_mb1_two_forwards,default,compiled_ckpt_mb8}" --model-dir "$MODEL_DIR" \
+      --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
+    echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
+  g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
+  g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
   e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
   e2e4d) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
   *) echo "unknown stage $stage"; exit 2 ;;

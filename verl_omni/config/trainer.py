@@ -163,6 +163,10 @@ class FlowGRPOConfig(Section):
                     f"actor_rollout_ref.hybrid_engine=true colocates each actor rank with a replica: "
                     f"actor_rollout_ref.actor.device={actor.device!r} and {prefix}.device={rollout.device!r} must "
                     "both be cpu or both cuda (or set actor_rollout_ref.hybrid_engine=false)")
+            if actor.dtype != rollout.dtype:
+                raise ValueError(
+                    f"actor_rollout_ref.hybrid_engine=true trains the engine's own weights: "
+                    f"actor_rollout_ref.actor.dtype={actor.dtype!r} must equal {prefix}.dtype={rollout.dtype!r}")
             if actor.world_size != 1:
                 raise ValueError(
                     f"actor_rollout_ref.actor.world_size={actor.world_size} applies to the split placement only; with "

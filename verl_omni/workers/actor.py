@@ -37,6 +37,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
@@ -72,6 +73,8 @@ class DiffusionLoRAActor:
         if lora_seed is not None:
             init_lora_weights(self.transformer, lora_seed)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
+        if self.device.type == "cuda":
+            use_tf32_for_float32_matmuls()
         self._set_up_speed(model, actor)
         optim = actor.optim
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole AdamW step

@@ -18,6 +18,7 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.models.lora import get_lora_state_dict, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
@@ -31,6 +32,8 @@ class DiffusersEngine(DiffusionEngine):
         super().__init__(model, rollout)
         self.pipe = load_rl_pipeline(model.path, model.pipeline, rollout.dtype, model.lora)
         self.pipe.to(rollout.device)
+        if rollout.on_cuda:
+            use_tf32_for_float32_matmuls()
         self._asleep = False
         self._running: set[Optional[str]] = set()  # request ids inside rl_generate (or waiting for the lock)
         self._aborted: set[Optional[str]] = set()  # ... of which these stop at their next denoising step

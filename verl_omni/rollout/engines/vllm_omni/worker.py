@@ -16,7 +16,7 @@ import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
-from verl_omni.core.dtypes import resolve_dtype
+from verl_omni.core.dtypes import resolve_dtype, use_tf32_for_float32_matmuls
 from verl_omni.core.outputs import slice_batch
 from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
@@ -80,6 +80,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         lora = LoRASpec(**self.opts["lora"]) if self.opts.get("lora") else None
         dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else resolve_dtype(str(od_config.dtype))
         pipe = load_rl_pipeline(od_config.model, self.opts.get("pipeline", "qwen_image"), dtype, lora)
+        use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
             blocks = pipe.use_attention_function(flash)
