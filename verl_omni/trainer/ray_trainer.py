@@ -26,7 +26,7 @@ from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines.base import resolve_dtype, tensors_checksum, vae_scale_factor_of
 from verl_omni.rollout.server_manager import DiffusionServerManager
-from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_total_message, save_checkpoint
 from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
@@ -129,13 +129,18 @@ class FlowGRPOTrainer:
         return self.loop.run_until_complete(coro)
 
     def _maybe_resume(self) -> None:
-        path = find_latest_checkpoint(self.output_dir)
-        if path is None:
+        # Verified before anything is loaded; a damaged newest checkpoint is named, then skipped or fatal.
+        checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.get("resume_on_damage", "fallback"))
+        if checkpoint is None:
             return
-        lora, meta = load_checkpoint(path, self.actor.optimizer)
-        self.actor.load_lora_state_dict(lora)
-        self.global_step = int(meta["global_step"])
-        print(f"[verl_omni] resumed from {path} at global step {self.global_step}")
+        self.actor.load_lora_state_dict(checkpoint.lora)
+        checkpoint.restore(self.actor.optimizer)
+        self.global_step = checkpoint.step
+        print(f"[verl_omni] resumed from {checkpoint.path} at global step {self.global_step}")
+        past_total = resume_past_total_message(self.global_step, self.config.trainer.total_training_steps)
+        if past_total:
+            logger.warning(past_total)
+            print(f"[verl_omni] {past_total}")
 
     # ------------------------------------------------------------------ pieces of a step
     def sync_weights(self) -> dict[str, float]:
