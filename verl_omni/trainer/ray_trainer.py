@@ -30,6 +30,7 @@ from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_
 from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
+from verl_omni.trainer.run_lock import acquire_run_lock
 from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
@@ -55,6 +56,15 @@ class FlowGRPOTrainer:
 
     # ------------------------------------------------------------------ setup
     def init(self) -> "FlowGRPOTrainer":
+        # One writer per run directory: a second trainer on trainer.default_local_dir refuses to start.
+        self.run_lock = acquire_run_lock(self.output_dir)
+        try:
+            return self._init()
+        except BaseException:
+            self.run_lock.release()  # a failed start leaves the directory free (shutdown may never be called)
+            raise
+
+    def _init(self) -> "FlowGRPOTrainer":
         cfg = self.config
         OmegaConf.set_struct(cfg, False)
         cfg.actor_rollout_ref.model.path = resolve_model_path(
@@ -300,6 +310,8 @@ class FlowGRPOTrainer:
             self.loop.close()
             if getattr(self, "_started_ray", False):
                 ray.shutdown()
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
 
 
 def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4,
