@@ -31,6 +31,7 @@ from verl_omni.trainer.config_checks import check_config
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.trainer.flowgrpo import NonFiniteError, compute_group_advantages
 from verl_omni.trainer.run_lock import acquire_run_lock
+from verl_omni.trainer.run_summary import write_run_summary
 from verl_omni.workers.actor import ActorConfig, DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
@@ -202,7 +203,7 @@ class FlowGRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.config
-        history = []
+        history, trained_steps = [], []
         total = cfg.trainer.total_training_steps
         bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True)
         while self.global_step < total:
@@ -211,6 +212,7 @@ class FlowGRPOTrainer:
             self.global_step = step
             if metrics is not None:
                 history.append(metrics)
+                trained_steps.append(step)
                 self.tracker.log(data=metrics, step=step)
             if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
                 self.save(step)
@@ -218,6 +220,8 @@ class FlowGRPOTrainer:
                 self.tracker.log(data=self.validate(step), step=step)
             bar.update(1)
         bar.close()
+        # What the run did and where its outputs are; writes <default_local_dir>/reward_curve.png.
+        print(write_run_summary(self.output_dir, history, trained_steps), flush=True)
         return history
 
     def train_step(self, step: int) -> Optional[dict[str, float]]:
