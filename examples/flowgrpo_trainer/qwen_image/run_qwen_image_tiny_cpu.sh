@@ -10,8 +10,8 @@
 #
 # Why these settings (measured on 2 cores; the CI learning check in tests/test_trainer.py runs this recipe, shorter):
 # - LoRA on the output path (attention out, image MLP out, final AdaLN modulation, output projection): these
-#   layers can shift the predicted velocity, hence the image, directly. The GPU recipe's q/k/v/out targets barely
-#   move this tiny model's images (+0.002 in 20 steps).
+#   layers can shift the predicted velocity, hence the image, directly. The GPU recipe's to_q/to_k/to_v/to_out.0
+#   targets barely move this tiny model's images (+0.001..+0.003 in 20 steps, against +0.014..+0.020 with these).
 # - algo.noise_level=1.5: more exploration in the SDE window, so more of the reward's spread within a group
 #   comes from the actions the policy is graded on. At 0.7 the gain varied 0.004-0.023 across seeds; at 1.5 it was
 #   0.077-0.083. Validation still samples without noise (val_kwargs.noise_level=0).
