@@ -101,7 +101,8 @@ def test_demo_recipe_raises_brightness_over_the_frozen_policy(ray_session, ocr_d
     assert gain > LEARNING_CHECK_MARGIN
 
 
-def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
+def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path,
+                                                           capsys):
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1})
     first, history, engine_sums = _train(cfg)
     lora = first.actor.lora_state_dict()
@@ -126,6 +127,24 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data
     finally:
         resumed.shutdown()
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_3")
+
+    # Zeroed bytes in the newest adapter: named, the previous checkpoint resumed instead (the trainer's default
+    # trainer.resume_on_damage=fallback); and a saved step >= trainer.total_training_steps is said, not silent.
+    step3 = tmp_path / "global_step_3" / "lora.safetensors"
+    data = bytearray(step3.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    step3.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = FlowGRPOTrainer(cfg).init()
+    try:
+        assert again.global_step == 2
+        assert all(torch.equal(lora[k], v) for k, v in again.actor.lora_state_dict().items())
+        assert again.fit() == []
+    finally:
+        again.shutdown()
+    out = capsys.readouterr().out
+    assert "global_step_3 is damaged: lora.safetensors: sha256" in out and "resuming from" in out
+    assert "resumed at global step 2, which is >= trainer.total_training_steps=2" in out
 
 
 def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
