@@ -1,12 +1,46 @@
-"""save_checkpoint leaves no temporary directory behind when writing fails."""
+"""Checkpoints: atomic writes, no pickle on load, checksums verified on resume, damage named and survived."""
 
+import json
 import os
+import pickle
+import random
+import re
 
+import numpy as np
 import pytest
 import torch
 
 from verl_omni.trainer import checkpoint
-from verl_omni.trainer.checkpoint import find_latest_checkpoint, save_checkpoint
+from verl_omni.trainer.checkpoint import (
+    LATEST,
+    DamagedCheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_resumable_checkpoint,
+    read_checkpoint,
+    resume_past_total_message,
+    save_checkpoint,
+)
+
+
+def _trained_optimizer(seed: int = 0):
+    torch.manual_seed(seed)
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (param ** 2).sum().backward()
+        optimizer.step()
+    return param, optimizer
+
+
+def _two_checkpoints(root):
+    """Steps 1 and 2 with different LoRA tensors; returns (lora of step 1, lora of step 2)."""
+    _, optimizer = _trained_optimizer()
+    lora1, lora2 = {"a": torch.full((2, 2), 1.0)}, {"a": torch.full((2, 2), 2.0)}
+    save_checkpoint(str(root), 1, lora1, optimizer)
+    save_checkpoint(str(root), 2, lora2, optimizer)
+    return lora1, lora2
 
 
 def test_a_failed_save_removes_its_temp_dir_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -23,3 +57,150 @@ def test_a_failed_save_removes_its_temp_dir_and_leaves_the_previous_checkpoint(t
         save_checkpoint(str(tmp_path), 2, lora, optimizer)
     assert sorted(os.listdir(tmp_path)) == ["global_step_1", checkpoint.LATEST]
     assert find_latest_checkpoint(str(tmp_path)) == first
+
+
+def test_round_trip_restores_optimizer_and_every_rng_without_pickle(tmp_path):
+    _, optimizer = _trained_optimizer()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save_checkpoint(str(tmp_path), 5, {"a": torch.arange(4.0)}, optimizer, {"note": "x"})
+    expected_draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    saved_state = optimizer.state_dict()
+
+    # Everything on disk is readable without unpickling arbitrary objects.
+    torch.load(os.path.join(path, "optim.pt"), weights_only=True)
+    rng = json.load(open(os.path.join(path, "rng.json")))
+    assert len(rng["numpy"]["keys"]) == 624 and len(rng["python"][1]) == 625
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    assert meta["global_step"] == 5 and meta["note"] == "x"
+    assert sorted(meta["files"]) == ["lora.safetensors", "optim.pt", "rng.json"]
+    assert all(meta["files"][name] == checkpoint._sha256(os.path.join(path, name)) for name in meta["files"])
+
+    _, fresh = _trained_optimizer(seed=9)  # different state, overwritten by the load
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    lora, meta = load_checkpoint(path, fresh)
+    assert torch.equal(lora["a"], torch.arange(4.0)) and meta["global_step"] == 5
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_draws
+    restored = fresh.state_dict()
+    for key, state in saved_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][key][name])), name
+
+
+def _zero_bytes(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same size, the middle zeroed: only the checksum can tell
+        f.seek(size // 3)
+        f.write(b"\0" * (size // 3))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage, file, reason", [
+    (_zero_bytes, "lora.safetensors", "sha256 .* does not match"),
+    (_truncate, "optim.pt", "sha256 .* does not match"),
+    (os.remove, "rng.json", "missing"),
+    (os.remove, "meta.json", "missing"),
+    (_truncate, "meta.json", "not valid JSON"),
+])
+def test_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, capsys, damage, file, reason):
+    lora1, _ = _two_checkpoints(tmp_path)
+    damage(str(tmp_path / "global_step_2" / file))
+
+    resumed = load_resumable_checkpoint(str(tmp_path), on_damage="fallback")
+
+    assert resumed.step == 1 and torch.equal(resumed.lora["a"], lora1["a"])
+    out = capsys.readouterr().out
+    assert f"global_step_2 is damaged: {file}:" in out
+    assert re.search(reason, out), out
+    assert "resuming from" in out and "global_step_1" in out and "skipped damaged global_step_2" in out
+
+
+def test_damage_with_resume_on_damage_stop_raises_naming_file_and_setting(tmp_path):
+    _two_checkpoints(tmp_path)
+    _zero_bytes(str(tmp_path / "global_step_2" / "lora.safetensors"))
+    with pytest.raises(DamagedCheckpointError, match=r"global_step_2 is damaged: lora.safetensors: sha256.*"
+                                                     r"trainer.resume_on_damage=stop") as info:
+        load_resumable_checkpoint(str(tmp_path), on_damage="stop")
+    assert info.value.file == "lora.safetensors"
+
+
+class _Payload:
+    """A pickle that creates ``marker`` when unpickled by a full unpickler (what a planted optim.pt would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("checksum_forged", [False, True])
+def test_a_planted_pickle_in_optim_pt_is_never_executed(tmp_path, capsys, checksum_forged):
+    lora1, _ = _two_checkpoints(tmp_path)
+    marker = tmp_path / "pwned"
+    optim = tmp_path / "global_step_2" / "optim.pt"
+    torch.save({"optimizer": _Payload(marker), "torch_rng": torch.get_rng_state()}, str(optim))
+    if checksum_forged:  # the attacker rewrote meta.json too: the weights-only reader is the last line
+        meta_path = tmp_path / "global_step_2" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["files"]["optim.pt"] = checkpoint._sha256(str(optim))
+        meta_path.write_text(json.dumps(meta))
+
+    resumed = load_resumable_checkpoint(str(tmp_path))
+
+    assert not marker.exists()
+    assert resumed.step == 1 and torch.equal(resumed.lora["a"], lora1["a"])
+    expected = "refused by torch.load\\(weights_only=True\\)" if checksum_forged else "sha256 .* does not match"
+    assert re.search(f"global_step_2 is damaged: optim.pt: {expected}", capsys.readouterr().out)
+    # Control: the payload is live, a full unpickler would have run it.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control))).close()
+    assert control.exists()
+
+
+def test_marker_naming_a_missing_directory_falls_back(tmp_path, capsys):
+    lora1, _ = _two_checkpoints(tmp_path)
+    (tmp_path / LATEST).write_text("7")
+    assert load_resumable_checkpoint(str(tmp_path)).step == 2
+    assert "global_step_7 is damaged: global_step_7: directory missing" in capsys.readouterr().out
+
+
+def test_unreadable_marker_uses_the_directories_on_disk(tmp_path, capsys):
+    _two_checkpoints(tmp_path)
+    (tmp_path / LATEST).write_bytes(b"\0\0\0")
+    assert load_resumable_checkpoint(str(tmp_path)).step == 2
+    assert "missing or unreadable" in capsys.readouterr().out
+
+
+def test_every_checkpoint_damaged_refuses_to_start_over(tmp_path):
+    _two_checkpoints(tmp_path)
+    for step in (1, 2):
+        os.remove(tmp_path / f"global_step_{step}" / "optim.pt")
+    with pytest.raises(RuntimeError, match="every checkpoint under .* is damaged.*trainer.resume_mode=disable"):
+        load_resumable_checkpoint(str(tmp_path))
+
+
+def test_no_checkpoint_is_a_fresh_start_and_bad_setting_is_named(tmp_path):
+    assert load_resumable_checkpoint(str(tmp_path / "nothing_here")) is None
+    with pytest.raises(ValueError, match=r"trainer.resume_on_damage='maybe' is not one of \['fallback', 'stop'\]"):
+        load_resumable_checkpoint(str(tmp_path), on_damage="maybe")
+
+
+def test_a_checkpoint_without_checksums_is_not_trusted(tmp_path):
+    _, optimizer = _trained_optimizer()
+    path = save_checkpoint(str(tmp_path), 1, {"a": torch.ones(1)}, optimizer)
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    del meta["files"], meta["format_version"]
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    with pytest.raises(DamagedCheckpointError, match="meta.json: format_version=None, expected 2"):
+        read_checkpoint(path)
+
+
+def test_resume_past_total_names_both_numbers():
+    assert resume_past_total_message(2, 3) is None
+    message = resume_past_total_message(5, 3)
+    assert "global step 5" in message and "trainer.total_training_steps=3" in message
+    assert "global step 3" in resume_past_total_message(3, 3)

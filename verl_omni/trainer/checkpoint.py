@@ -1,41 +1,100 @@
-"""Atomic checkpoints of the LoRA actor, in verl's layout.
+"""Atomic, verifiable checkpoints of the LoRA actor, in verl's layout.
 
-``<dir>/global_step_<k>/`` holds ``lora.safetensors`` (adapter), ``optim.pt`` (optimizer + RNG) and
-``meta.json``; ``<dir>/latest_checkpointed_iteration.txt`` names the newest complete one. Each is written to
-a temporary name and renamed, so a run killed mid-write never leaves a checkpoint that resume would pick.
+``<dir>/global_step_<k>/`` holds
+
+- ``lora.safetensors``: the adapter tensors;
+- ``optim.pt``: the optimizer state dict and torch's RNG state, only tensors and plain containers, so it is read
+  with ``torch.load(weights_only=True)`` (a planted pickle cannot run code on resume);
+- ``rng.json``: Python's and numpy's RNG states as JSON lists (no pickle);
+- ``meta.json``: the global step, the sha256 of every other file (``files``) and the caller's metadata.
+
+``<dir>/latest_checkpointed_iteration.txt`` names the newest complete one. Each checkpoint is written to a
+temporary directory and renamed, and the marker is replaced last, so a run killed mid-write never leaves a
+checkpoint that resume would pick.
+
+Resume (:func:`load_resumable_checkpoint`) verifies before it trusts: every file's sha256 against ``meta.json``,
+then a safe read of each file. A damaged checkpoint (missing file, zeroed or truncated bytes, a foreign pickle)
+is named with the file and the reason; the newest intact older checkpoint is used instead
+(``trainer.resume_on_damage=fallback``) or the run stops (``stop``). Weights are never resumed unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+logger = logging.getLogger(__name__)
+
 LATEST = "latest_checkpointed_iteration.txt"
+LORA_FILE = "lora.safetensors"
+OPTIM_FILE = "optim.pt"
+RNG_FILE = "rng.json"
+META_FILE = "meta.json"
+CHECKSUMMED_FILES = (LORA_FILE, OPTIM_FILE, RNG_FILE)
+FORMAT_VERSION = 2  # 1: optim.pt held numpy/python RNG states as pickles and meta.json had no checksums
+ON_DAMAGE_CHOICES = ("fallback", "stop")
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
-def save_checkpoint(root: str, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint that failed verification; ``path``, ``file`` and ``reason`` say where and why."""
+
+    def __init__(self, path: str, file: str, reason: str):
+        self.path, self.file, self.reason = path, file, reason
+        super().__init__(f"checkpoint {path} is damaged: {file}: {reason}")
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read into memory; :meth:`restore` applies its optimizer and RNG states."""
+
+    path: str
+    step: int
+    lora: dict[str, torch.Tensor]
+    optimizer_state: dict
+    torch_rng: torch.Tensor
+    numpy_rng: dict
+    python_rng: list
+    meta: dict[str, Any]
+
+    def restore(self, optimizer) -> None:
+        """Load the optimizer state and every RNG state (the LoRA tensors are the caller's to load)."""
+        optimizer.load_state_dict(self.optimizer_state)
+        torch.set_rng_state(self.torch_rng)
+        np.random.set_state(_numpy_state_from_json(self.numpy_rng))
+        random.setstate(_python_state_from_json(self.python_rng))
+
+
+# ------------------------------------------------------------------------------------------------ save
+def save_checkpoint(root: str, step: int, lora: dict[str, torch.Tensor], optimizer,
                     meta: Optional[dict[str, Any]] = None) -> str:
+    """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"global_step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=root)
     try:
-        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
-        torch.save({
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }, os.path.join(tmp, "optim.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"global_step": step, **(meta or {})}, f, indent=2, default=str)
+        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, LORA_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                   os.path.join(tmp, OPTIM_FILE))
+        with open(os.path.join(tmp, RNG_FILE), "w") as f:
+            json.dump({"numpy": _numpy_state_to_json(np.random.get_state()),
+                       "python": _python_state_to_json(random.getstate())}, f)
+        files = {name: _sha256(os.path.join(tmp, name)) for name in CHECKSUMMED_FILES}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
+                      f, indent=2, default=str)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -46,30 +105,196 @@ def save_checkpoint(root: str, step: int, lora: dict[str, torch.Tensor], optimiz
     return final
 
 
+# ------------------------------------------------------------------------------------------------ verify / read
+def read_checkpoint(path: str) -> Checkpoint:
+    """Verify ``path`` and read it into memory without changing any state. Raises DamagedCheckpointError."""
+    meta = _read_meta(path)
+    files = meta.get("files")
+    if meta.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
+        raise DamagedCheckpointError(
+            path, META_FILE, f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION} "
+            "(written before checksums were recorded; it cannot be verified)")
+    for name in CHECKSUMMED_FILES:
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise DamagedCheckpointError(path, name, "missing")
+        expected = files.get(name)
+        actual = _sha256(file_path)
+        if actual != expected:
+            size = os.path.getsize(file_path)
+            raise DamagedCheckpointError(
+                path, name, f"sha256 {actual[:12]}… does not match {str(expected)[:12]}… recorded in {META_FILE} "
+                f"({size} bytes; changed, zeroed or truncated after it was written)")
+    # Checksums can be rewritten along with the files: the reads below stay safe on their own.
+    try:
+        lora = load_file(os.path.join(path, LORA_FILE))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise DamagedCheckpointError(path, LORA_FILE, f"not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(os.path.join(path, OPTIM_FILE), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - includes pickle.UnpicklingError for a foreign global
+        raise DamagedCheckpointError(
+            path, OPTIM_FILE, f"refused by torch.load(weights_only=True): {_first_line(exc)}") from None
+    if not isinstance(state, dict) or not {"optimizer", "torch_rng"} <= set(state):
+        raise DamagedCheckpointError(path, OPTIM_FILE, "does not hold 'optimizer' and 'torch_rng'")
+    try:
+        with open(os.path.join(path, RNG_FILE)) as f:
+            rng = json.load(f)
+        numpy_rng, python_rng = rng["numpy"], rng["python"]
+        _numpy_state_from_json(numpy_rng), _python_state_from_json(python_rng)
+    except Exception as exc:  # noqa: BLE001
+        raise DamagedCheckpointError(path, RNG_FILE, f"not a valid RNG state file ({exc})") from None
+    return Checkpoint(path=path, step=int(meta["global_step"]), lora=lora, optimizer_state=state["optimizer"],
+                      torch_rng=state["torch_rng"], numpy_rng=numpy_rng, python_rng=python_rng, meta=meta)
+
+
+def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optional[Checkpoint]:
+    """The newest intact checkpoint under ``root`` (verified, in memory), or None when there is none at all.
+
+    A damaged one is reported (log + print) naming the file and the reason; then ``on_damage='fallback'``
+    tries the next older one and says which it resumes from, ``'stop'`` raises DamagedCheckpointError.
+    If checkpoints exist but every one is damaged, this raises rather than silently starting from scratch.
+    """
+    if on_damage not in ON_DAMAGE_CHOICES:
+        raise ValueError(f"trainer.resume_on_damage={on_damage!r} is not one of {list(ON_DAMAGE_CHOICES)}")
+    candidates = _candidate_steps(root)
+    damaged: list[DamagedCheckpointError] = []
+    for step in candidates:
+        path = os.path.join(root, f"global_step_{step}")
+        try:
+            checkpoint = read_checkpoint(path) if os.path.isdir(path) else _missing(path)
+        except DamagedCheckpointError as exc:
+            _say(f"{exc}", level=logging.ERROR)
+            if on_damage == "stop":
+                raise DamagedCheckpointError(exc.path, exc.file, exc.reason + (
+                    "; trainer.resume_on_damage=stop: not resuming. Set trainer.resume_on_damage=fallback to "
+                    f"resume from the newest intact checkpoint, or move {exc.path} away")) from None
+            damaged.append(exc)
+            continue
+        if damaged:
+            _say(f"resuming from {path} (step {step}), the newest intact checkpoint; skipped damaged "
+                 f"{', '.join(os.path.basename(e.path) for e in damaged)} (trainer.resume_on_damage=fallback)",
+                 level=logging.WARNING)
+        return checkpoint
+    if damaged:
+        raise RuntimeError(
+            f"every checkpoint under {root} is damaged ({'; '.join(str(e) for e in damaged)}); refusing to start "
+            "over silently. Move them away to train from scratch, or set trainer.resume_mode=disable")
+    return None
+
+
 def find_latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint directory, or None. Half-written (temporary) ones are ignored."""
+    """The directory the latest marker names, or None; its files are checked to exist, not verified
+    (:func:`load_resumable_checkpoint` verifies). Half-written (temporary) directories are never named."""
     marker = os.path.join(root, LATEST)
     if not os.path.exists(marker):
         return None
-    with open(marker) as f:
-        step = int(f.read().strip())
+    step = _marker_step(root)
+    if step is None:
+        raise ValueError(f"{marker} does not hold a step number")
     path = os.path.join(root, f"global_step_{step}")
-    required = ("lora.safetensors", "optim.pt", "meta.json")
-    if not all(os.path.exists(os.path.join(path, name)) for name in required):
+    if not all(os.path.exists(os.path.join(path, name)) for name in (*CHECKSUMMED_FILES, META_FILE)):
         raise FileNotFoundError(f"{marker} names step {step} but {path} is incomplete")
     return path
 
 
-def load_checkpoint(path: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    lora = load_file(os.path.join(path, "lora.safetensors"))
-    state = torch.load(os.path.join(path, "optim.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    return lora, meta
+def load_checkpoint(path: str, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Verify ``path``, restore the optimizer and RNG states from it; (LoRA tensors, meta). Raises
+    DamagedCheckpointError (naming the file) instead of loading anything unverified."""
+    checkpoint = read_checkpoint(path)
+    checkpoint.restore(optimizer)
+    return checkpoint.lora, checkpoint.meta
+
+
+def resume_past_total_message(saved_step: int, total_training_steps: int) -> Optional[str]:
+    """What to tell the user when a resumed run has nothing left to train; None when steps remain."""
+    if saved_step < total_training_steps:
+        return None
+    return (f"resumed at global step {saved_step}, which is >= trainer.total_training_steps={total_training_steps}: "
+            f"no step left to train. Raise trainer.total_training_steps above {saved_step} to train further, "
+            "or use another trainer.default_local_dir (or trainer.resume_mode=disable) to start a new run")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _candidate_steps(root: str) -> list[int]:
+    """Steps to try, newest first: the marker's step, then every older ``global_step_*`` directory."""
+    on_disk = sorted((int(m.group(1)) for name in (os.listdir(root) if os.path.isdir(root) else [])
+                      if (m := _STEP_DIR.match(name))), reverse=True)
+    marker = _marker_step(root)
+    if marker is None:
+        if on_disk:
+            _say(f"{os.path.join(root, LATEST)} is missing or unreadable; considering {len(on_disk)} checkpoint "
+                 "directories found beside it", level=logging.WARNING)
+        return on_disk
+    # Directories above the marker belong to a save that never completed its marker update: not trusted.
+    return [marker] + [s for s in on_disk if s < marker]
+
+
+def _marker_step(root: str) -> Optional[int]:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _missing(path: str):
+    raise DamagedCheckpointError(path, os.path.basename(path), f"directory missing (named by {LATEST})")
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, META_FILE, "missing") from None
+    except (OSError, ValueError) as exc:
+        raise DamagedCheckpointError(path, META_FILE, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "global_step" not in meta:
+        raise DamagedCheckpointError(path, META_FILE, "has no 'global_step'")
+    return meta
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _numpy_state_to_json(state: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def _numpy_state_from_json(state: dict) -> tuple:
+    keys = np.asarray(state["keys"], dtype=np.uint32)
+    if state["name"] != "MT19937" or keys.shape != (624,):
+        raise ValueError("numpy RNG state must be MT19937 with 624 keys")
+    return state["name"], keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"])
+
+
+def _python_state_to_json(state: tuple) -> list:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
+def _python_state_from_json(state: list) -> tuple:
+    version, internal, gauss_next = state
+    return int(version), tuple(int(x) for x in internal), gauss_next
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _say(message: str, level: int) -> None:
+    """Log and print: resume decisions must reach the console even when logging is configured quietly."""
+    logger.log(level, message)
+    print(f"[verl_omni] {message}", flush=True)
 
 
 def _atomic_write(path: str, text: str) -> None:

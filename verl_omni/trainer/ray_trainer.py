@@ -32,9 +32,11 @@ from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
 from verl_omni.rewards.registry import RewardResult, row_metadata
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.rollout.weight_sync import check_checksums, push_lora
+from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_total_message, save_checkpoint
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
-from verl_omni.trainer.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from verl_omni.trainer.data import PromptDataset
+from verl_omni.trainer.run_lock import acquire_run_lock
+from verl_omni.trainer.run_summary import write_run_summary
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
@@ -61,6 +63,15 @@ class FlowGRPOTrainer:
 
     # ------------------------------------------------------------------ setup
     def init(self) -> "FlowGRPOTrainer":
+        # One writer per run directory: a second trainer on trainer.default_local_dir refuses to start.
+        self.run_lock = acquire_run_lock(self.output_dir)
+        try:
+            return self._init()
+        except BaseException:
+            self.run_lock.release()  # a failed start leaves the directory free (shutdown may never be called)
+            raise
+
+    def _init(self) -> "FlowGRPOTrainer":
         ref = self.config.actor_rollout_ref
         model = replace(ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models")))
         self.config = replace(self.config, actor_rollout_ref=replace(ref, model=model))
@@ -155,13 +166,18 @@ class FlowGRPOTrainer:
         return self.loop.run_until_complete(coro)
 
     def _maybe_resume(self) -> None:
-        path = find_latest_checkpoint(self.output_dir)
-        if path is None:
+        # Verified before anything is loaded; a damaged newest checkpoint is named, then skipped or fatal.
+        checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.get("resume_on_damage", "fallback"))
+        if checkpoint is None:
             return
-        lora, meta = load_checkpoint(path, self.actor.optimizer)
-        self.actor.load_lora_state_dict(lora)
-        self.global_step = int(meta["global_step"])
-        print(f"[verl_omni] resumed from {path} at global step {self.global_step}")
+        self.actor.load_lora_state_dict(checkpoint.lora)
+        checkpoint.restore(self.actor.optimizer)
+        self.global_step = checkpoint.step
+        print(f"[verl_omni] resumed from {checkpoint.path} at global step {self.global_step}")
+        past_total = resume_past_total_message(self.global_step, self.config.trainer.total_training_steps)
+        if past_total:
+            logger.warning(past_total)
+            print(f"[verl_omni] {past_total}")
 
     # ------------------------------------------------------------------ pieces of a step
     def sync_weights(self) -> None:
@@ -214,15 +230,17 @@ class FlowGRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.config
-        history = []
+        history, trained_steps = [], []
         total = cfg.trainer.total_training_steps
-        bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a TTY (a log file); the console logger prints one line per step.
+        bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True, disable=None)
         while self.global_step < total:
             step = self.global_step + 1
             metrics = self.train_step(step)
             self.global_step = step
             if metrics is not None:
                 history.append(metrics)
+                trained_steps.append(step)
                 self.tracker.log(data=metrics, step=step)
             if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
                 self.save(step)
@@ -230,6 +248,8 @@ class FlowGRPOTrainer:
                 self.tracker.log(data=self.validate(step), step=step)
             bar.update(1)
         bar.close()
+        # What the run did and where its outputs are; writes <default_local_dir>/reward_curve.png.
+        print(write_run_summary(self.output_dir, history, trained_steps), flush=True)
         return history
 
     def train_step(self, step: int) -> Optional[dict[str, float]]:
@@ -327,6 +347,8 @@ class FlowGRPOTrainer:
             self.loop.close()
             if getattr(self, "_started_ray", False):
                 ray.shutdown()
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
 
 
 def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4,
