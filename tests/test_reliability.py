@@ -95,6 +95,46 @@ def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, ocr_data_
             trainer.shutdown()
 
 
+def test_nan_policy_skip_stops_after_too_many_refused_steps_in_a_row(ray_session, ocr_data_files,
+                                                                     tiny_qwen_image_dir, tmp_path):
+    trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
+        "trainer.total_training_steps": 6, "trainer.nan_policy": "skip", "trainer.max_consecutive_skips": 2})).init()
+    real_rollout = trainer.rollout
+
+    def diverged(step, validate=False):  # every step from 2 on is non-finite: the run cannot learn any more
+        output = real_rollout(step, validate)
+        if step >= 2:
+            output.batch["old_log_probs"][0, :] = float("nan")
+        return output
+
+    trainer.rollout = diverged
+    try:
+        with pytest.raises(NonFiniteError, match=r"2 consecutive steps refused .*trainer.max_consecutive_skips=2"):
+            trainer.fit()
+        assert trainer.global_step == 2  # step 1 trained, step 2 skipped, step 3 was the second refusal
+    finally:
+        trainer.shutdown()
+
+
+def test_validation_over_several_calls_with_prompts_of_different_lengths(ray_session, tiny_qwen_image_dir, tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "flowgrpo_trainer", "data_process"))
+    from qwenimage_ocr import write_ocr_parquet
+
+    files = write_ocr_parquet(str(tmp_path / "data"), 8, 6, 3)
+    trainer = FlowGRPOTrainer(_cfg(files, tiny_qwen_image_dir, tmp_path / "run", **{
+        "data.val_batch_size": 2, "data.val_max_samples": 6, "trainer.test_freq": 1,
+        "trainer.total_training_steps": 1})).init()
+    try:
+        output = trainer.rollout(1, validate=True)  # 3 calls, each padding its prompts to its own longest one
+        assert len(output) == 6 and output.batch["images"].shape[0] == 6
+        metrics = trainer.validate(1)
+        assert set(metrics) >= {"val/reward_mean", "val/reward/total/mean"}
+    finally:
+        trainer.shutdown()
+
+
 def test_four_replicas_on_one_host_get_distinct_ports_even_when_one_is_taken(ray_session, tiny_qwen_image_dir):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

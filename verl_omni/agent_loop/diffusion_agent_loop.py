@@ -35,6 +35,7 @@ from verl.workers.rollout.llm_server import LLMServerClient
 from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.errors import NonFiniteError
+from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
 from verl_omni.core.names import AGENT_LOOP_NAME
 from verl_omni.core.outputs import DiffusionSample
 from verl_omni.core.prompts import prompt_text
@@ -126,6 +127,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         self.reward_pool = reward_pool  # None: the trainer scores the whole batch after the rollout
         self.rollout: RolloutConfig = config.actor_rollout_ref.rollout
         self._logged_reasons: set[str] = set()
+        quiet_accelerator_warnings_on_cpu()
 
     async def generate_sequences(self, batch: DataProto) -> DataProto:
         validate = bool(batch.meta_info.get("validate", False))
@@ -136,8 +138,9 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             non_tensor["agent_name"] = np.array([self.rollout.agent.default_agent_loop] * len(batch), dtype=object)
         groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion)
         step = batch.meta_info.get("global_steps", 0)
-        # Ray's tqdm shows this worker's bar on the driver's console.
-        bar = tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
+        # Ray's tqdm shows this worker's bar on the driver's console, when the driver writes to a terminal.
+        bar = (tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
+               if batch.meta_info.get("progress_bar", False) else _NoBar())
 
         timeline = _StreamTimeline()
 
@@ -169,12 +172,15 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         for reason in reasons:
             if reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
-                logger.warning("diffusion rollout: groups fall back to per-row calls (reason: %s)", reason)
+                # n=1 (validation's default) has nothing to batch: expected, not a warning.
+                level = logging.INFO if reason == "n_is_1" else logging.WARNING
+                logger.log(level, "diffusion rollout: groups fall back to per-row calls (reason: %s)", reason)
         metrics = {
             "rollout/batched_groups": sum(g.batched for g in groups),
             "rollout/fallback_groups": sum(not g.batched for g in groups),
             **{f"rollout/fallback_reason/{r}": c for r, c in reasons.items()},
             "rollout/generate_s": elapsed,
+            "rollout/rows": len(batch),
             # rows whose prompt lost tokens at max_sequence_length (the trainer says so once per step)
             "rollout/truncated_prompts": sum(s.extra.get("truncated_prompt_tokens", 0) > 0 for s in samples),
         }
@@ -241,6 +247,14 @@ def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLo
         raise ValueError(f"agent_name={agent_name!r} is not a registered agent loop; known: {sorted(_agent_loop_registry)}")
     return hydra.utils.instantiate(_agent_loop_registry[agent_name], trainer_config=DictConfigWrap(config=config),
                                    server_manager=client)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StreamTimeline:

@@ -81,6 +81,8 @@ class TrainerConfig(Section):
     resume_mode: str = "auto"  # auto | disable
     sample_images_per_step: int = 4
     nan_policy: str = "stop"  # stop | skip
+    max_consecutive_skips: int = 3  # nan_policy=skip: this many refused steps in a row stop the run
+    resume_on_damage: str = "fallback"  # fallback (to the newest intact checkpoint, said loudly) | stop
     seed: int = 0
     ray_num_cpus: Optional[int] = None  # null = this machine's cores (at least 4 logical slots)
     # Placement of the hybrid engine (verl's keys): one replica + one actor rank per GPU (per worker on CPU).
@@ -96,6 +98,8 @@ class TrainerConfig(Section):
         require_int(self.key("total_training_steps"), self.total_training_steps)
         require_choice(self.key("resume_mode"), self.resume_mode, ("auto", "disable"))
         require_choice(self.key("nan_policy"), self.nan_policy, ("stop", "skip"))
+        require_int(self.key("max_consecutive_skips"), self.max_consecutive_skips)
+        require_choice(self.key("resume_on_damage"), self.resume_on_damage, ("fallback", "stop"))
         for key in ("save_freq", "test_freq"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from verl_omni.core.dtypes import resolve_dtype
+from verl_omni.core.logs import quiet_loading_bars
 from verl_omni.models.lora import LoRASpec, add_lora_adapter
 from verl_omni.pipelines import get_pipeline_class
 
@@ -24,6 +25,7 @@ def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: O
     if not os.path.isdir(path):
         raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
                                 "dir with model_index.json, or tiny:qwen_image / tiny:sd3)")
+    quiet_loading_bars()
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.requires_grad_(False)

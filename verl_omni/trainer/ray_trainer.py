@@ -26,6 +26,7 @@ from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager,
 from verl_omni.algorithms.flowgrpo import compute_group_advantages
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
+from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
@@ -72,6 +73,7 @@ class FlowGRPOTrainer:
             raise
 
     def _init(self) -> "FlowGRPOTrainer":
+        quiet_accelerator_warnings_on_cpu()
         ref = self.config.actor_rollout_ref
         model = replace(ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models")))
         self.config = replace(self.config, actor_rollout_ref=replace(ref, model=model))
@@ -167,7 +169,7 @@ class FlowGRPOTrainer:
 
     def _maybe_resume(self) -> None:
         # Verified before anything is loaded; a damaged newest checkpoint is named, then skipped or fatal.
-        checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.get("resume_on_damage", "fallback"))
+        checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.resume_on_damage)
         if checkpoint is None:
             return
         self.actor.load_lora_state_dict(checkpoint.lora)
@@ -203,14 +205,19 @@ class FlowGRPOTrainer:
         size = cfg.data.val_batch_size
         outputs = [self._rollout_batch(self.val_data, indices[i:i + size], self.rollout_cfg.val_kwargs.n, step, True)
                    for i in range(0, len(indices), size)]
-        for out in outputs:
-            out.meta_info = {}
-        return DataProto.concat(outputs)
+        weights = outputs[0].meta_info.get("reward_weights")
+        # Validation keeps what it scores and shows: each call padded its prompt embeddings to its own longest
+        # prompt, so those (and the empty trajectories) cannot be concatenated, and nothing trains on them.
+        kept = [out.select(batch_keys=[k for k in ("images", "rewards") if k in out.batch.keys()]) for out in outputs]
+        merged = DataProto.concat(kept)
+        merged.meta_info = {"reward_weights": weights} if weights is not None else {}
+        return merged
 
     def _rollout_batch(self, data: PromptDataset, indices: list[int], n: int, step: int, validate: bool):
         tag = f"val{step}-{indices[0]}" if validate else f"train{step}"
         batch = data.batch(indices, n, tag=tag)
-        batch.meta_info.update({"global_steps": step, "validate": validate, "n": n})
+        batch.meta_info.update({"global_steps": step, "validate": validate, "n": n,
+                                "progress_bar": output_is_a_terminal()})
         return self._run(self.agent_loops.generate_sequences(batch))
 
     def score(self, output) -> tuple[np.ndarray, dict[str, float]]:
@@ -255,13 +262,27 @@ class FlowGRPOTrainer:
     def train_step(self, step: int) -> Optional[dict[str, float]]:
         """One step; None when it was refused for non-finite numbers under ``trainer.nan_policy=skip``."""
         try:
-            return self._train_step(step)
+            metrics = self._train_step(step)
         except NonFiniteError as exc:  # the actor has restored its LoRA and optimizer state (see its update)
-            if self.config.trainer.nan_policy == "stop":
+            trainer = self.config.trainer
+            if trainer.nan_policy == "stop":
                 raise
+            self.skipped_in_a_row = getattr(self, "skipped_in_a_row", 0) + 1
+            if self.skipped_in_a_row >= trainer.max_consecutive_skips:
+                # A run that refuses every step learns nothing: stop, loudly, instead of exiting 0 later.
+                raise NonFiniteError(
+                    f"{self.skipped_in_a_row} consecutive steps refused for non-finite numbers (the limit is "
+                    f"trainer.max_consecutive_skips={trainer.max_consecutive_skips}); last: {exc}") from exc
             logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
-            print(f"[verl_omni] step {step} skipped: {exc}")
+            print(f"[verl_omni] step {step} skipped ({self.skipped_in_a_row} in a row): {exc}")
             return None
+        self.skipped_in_a_row = 0
+        truncated = metrics.get("rollout/truncated_prompts", 0)
+        if truncated:  # one line per step, not one per prompt
+            logger.warning("step %d: %d of %d rows had their prompt cut at actor_rollout_ref.rollout.pipeline."
+                           "max_sequence_length=%d tokens", step, truncated, metrics.get("rollout/rows", 0),
+                           self.rollout_cfg.pipeline.max_sequence_length)
+        return metrics
 
     def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
