@@ -43,8 +43,12 @@ class GpuMemoryPeak:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
                 for line in out.strip().splitlines():
                     index, used = (int(x) for x in line.split(","))
                     self.peak_mib[index] = max(self.peak_mib.get(index, 0), used)
@@ -52,7 +56,7 @@ class GpuMemoryPeak:
                 pass
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "GpuMemoryPeak":
+    def __enter__(self) -> GpuMemoryPeak:
         self._thread.start()
         return self
 
@@ -133,9 +137,15 @@ def main() -> None:
         write_ocr_parquet(data_dir, 256, 4, 0)
     run_name = f"{args.engine}_g{args.gpus}_L{args.layers}_mb{args.micro_batch}"
     cfg = recipe_config(args, model_dir, data_dir, os.path.join(args.work_dir, run_name))
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "gpus": args.gpus, "layers": args.layers,
-                              "engine": args.engine, "micro_batch": args.micro_batch, "rewards": args.rewards,
-                              "images_per_step": args.prompts_per_gpu * args.gpus * 16}
+    record: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "gpus": args.gpus,
+        "layers": args.layers,
+        "engine": args.engine,
+        "micro_batch": args.micro_batch,
+        "rewards": args.rewards,
+        "images_per_step": args.prompts_per_gpu * args.gpus * 16,
+    }
     t0 = time.perf_counter()
     with GpuMemoryPeak() as memory:
         trainer = FlowGRPOTrainer(cfg)
@@ -150,10 +160,13 @@ def main() -> None:
             log(f"{run_name}: FAILED {record['error'][:500]}")
         finally:
             trainer.shutdown()
-    record["steps"] = [{k: v for k, v in h.items() if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total"))}
-                       for h in history]
+    record["steps"] = [
+        {k: v for k, v in h.items() if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total"))}
+        for h in history
+    ]
     steady = history[1:] or history
     if steady:
+
         def median(key: str) -> float:
             return statistics.median(h[key] for h in steady)
 

@@ -8,7 +8,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   compiled_sdpa   vllm-omni's regional torch.compile of the transformer blocks (dynamic=True), stock attention
   compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
 
-and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant (GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
+and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
+(GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
 what diffusers computes (same seeds: relative L2 of the final latents, image difference).
 
 Run on the device (vllm-omni bundle installed):  python benchmarks/pipeline_breakdown.py --out $OUT/breakdown.json
@@ -47,7 +48,6 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def profile_call(fn) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
@@ -79,8 +79,12 @@ def profile_call(fn) -> dict:
     top = sorted(kernels, key=dev_us, reverse=True)[:20]
     table = [{"name": e.key[:100], "device_ms": dev_us(e) / 1e3, "calls": e.count} for e in top]
     busy = sum(buckets.values()) / 1e6
-    return {"wall_seconds": wall, "device_busy_seconds": busy,
-            "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()}, "top_kernels": table}
+    return {
+        "wall_seconds": wall,
+        "device_busy_seconds": busy,
+        "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()},
+        "top_kernels": table,
+    }
 
 
 def main() -> None:
@@ -91,12 +95,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+    from vllm_omni.diffusion.compile import regionally_compile
+
     from verl_omni.config.sampling import DiffusionSamplingParams
     from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
     from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
-    from vllm_omni.diffusion.compile import regionally_compile
 
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; bf16 matmul peak {peak:.0f} TFLOP/s")
@@ -105,8 +109,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     tcfg = dict(pipe.transformer.config)
     params = DiffusionSamplingParams(
-        num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.max_text_tokens,
-        noise_level=0.7, sde_type="sde", sde_window_size=0, return_trajectory=True,
+        num_inference_steps=args.steps,
+        height=args.size,
+        width=args.size,
+        max_sequence_length=args.max_text_tokens,
+        noise_level=0.7,
+        sde_type="sde",
+        sde_window_size=0,
+        return_trajectory=True,
     )
     prompt = PROMPTS[0]
     seeds = list(range(args.n))
@@ -136,7 +146,10 @@ def main() -> None:
     lat = torch.randn(args.n, image_tokens, tcfg["in_channels"], device="cuda")
     dec = timed(lambda: pipe.decode_latents(lat, args.size, args.size), 3)
     stages = {"encode_prompt_s": statistics.median(enc), "vae_decode_s": statistics.median(dec)}
-    log(f"stages: encode {stages['encode_prompt_s'] * 1e3:.0f} ms, VAE decode B={args.n} {stages['vae_decode_s'] * 1e3:.0f} ms")
+    log(
+        f"stages: encode {stages['encode_prompt_s'] * 1e3:.0f} ms, "
+        f"VAE decode B={args.n} {stages['vae_decode_s'] * 1e3:.0f} ms"
+    )
 
     results, reference = {}, {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -152,9 +165,14 @@ def main() -> None:
         call()
         times = timed(call, args.repeats)
         med = statistics.median(times)
-        res = {"seconds_per_call": times, "median_s": med, "first_call_s": first, "img_per_s": args.n / med,
-               "mfu": flops * args.n / med / (peak * 1e12),
-               "denoise_s_estimate": med - stages["encode_prompt_s"] - stages["vae_decode_s"]}
+        res = {
+            "seconds_per_call": times,
+            "median_s": med,
+            "first_call_s": first,
+            "img_per_s": args.n / med,
+            "mfu": flops * args.n / med / (peak * 1e12),
+            "denoise_s_estimate": med - stages["encode_prompt_s"] - stages["vae_decode_s"],
+        }
         res["transformer_mfu_denoise_only"] = flops * args.n / res["denoise_s_estimate"] / (peak * 1e12)
         if not reference:
             reference = {"latents": out.latents[:, -1].float(), "images": out.images.float(), "variant": variant}
@@ -165,23 +183,39 @@ def main() -> None:
                 "image_mean_abs_diff": float((out.images.float() - reference["images"]).abs().mean()),
                 "log_probs_finite": bool(torch.isfinite(out.log_probs).all()),
             }
-        log(f"{variant}: {res['img_per_s']:.2f} img/s ({med:.3f} s per B={args.n} call, first {first:.1f} s), "
+        log(
+            f"{variant}: {res['img_per_s']:.2f} img/s ({med:.3f} s per B={args.n} call, first {first:.1f} s), "
             f"MFU {res['mfu'] * 100:.1f}% (denoise only {res['transformer_mfu_denoise_only'] * 100:.1f}%) "
-            f"{res.get('vs_' + reference['variant'], '')}")
+            f"{res.get('vs_' + reference['variant'], '')}"
+        )
         results[variant] = res
 
     last = list(results)[-1]  # the variant still installed
     prof = profile_call(call)
-    log(f"profile of {last}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
-        f"by kind (ms) { {k: round(v) for k, v in prof['device_ms_by_kind'].items()} }")
+    log(
+        f"profile of {last}: wall {prof['wall_seconds']:.3f} s, device busy {prof['device_busy_seconds']:.3f} s, "
+        f"by kind (ms) { {k: round(v) for k, v in prof['device_ms_by_kind'].items()} }"
+    )
     for row in prof["top_kernels"]:
         log(f"    {row['device_ms']:8.1f} ms {row['calls']:6d}  {row['name']}")
     report = {
-        "benchmark": "pipeline_breakdown", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": torch.cuda.get_device_name(0), "measured_bf16_peak_tflops": peak, "versions": versions(),
-        "config": {"layers": tcfg["num_layers"], "n": args.n, "steps": args.steps, "size": args.size,
-                   "text_tokens": args.max_text_tokens, "transformer_tflop_per_image": flops / 1e12},
-        "stages_eager": stages, "variants": results, "profile_variant": last, "profile": prof,
+        "benchmark": "pipeline_breakdown",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": torch.cuda.get_device_name(0),
+        "measured_bf16_peak_tflops": peak,
+        "versions": versions(),
+        "config": {
+            "layers": tcfg["num_layers"],
+            "n": args.n,
+            "steps": args.steps,
+            "size": args.size,
+            "text_tokens": args.max_text_tokens,
+            "transformer_tflop_per_image": flops / 1e12,
+        },
+        "stages_eager": stages,
+        "variants": results,
+        "profile_variant": last,
+        "profile": prof,
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -34,8 +34,22 @@ from PIL import Image, ImageDraw, ImageFont
 from verl_omni.rewards import RewardManager, get_reward_fn
 from verl_omni.rewards.pool import RewardPool
 
-WORDS = ["Open Cafe", "Golden Tiger", "Pixel Robot", "Silver Moon", "Hello World", "Night Market", "Blue Ocean",
-         "Sunday Brunch", "Quantum Leap", "Paper Lantern", "Iron Bridge", "Spring Sale", "Lucky Star", "Red Panda"]
+WORDS = [
+    "Open Cafe",
+    "Golden Tiger",
+    "Pixel Robot",
+    "Silver Moon",
+    "Hello World",
+    "Night Market",
+    "Blue Ocean",
+    "Sunday Brunch",
+    "Quantum Leap",
+    "Paper Lantern",
+    "Iron Bridge",
+    "Spring Sale",
+    "Lucky Star",
+    "Red Panda",
+]
 
 
 def log(message: str) -> None:
@@ -64,14 +78,21 @@ def started_pool(reward_config: dict, num_workers: int, args) -> RewardPool:
 
 def pool_throughput(pool: RewardPool, num_images: int, args) -> dict:
     """Images per second through ``pool``, every group submitted at once."""
-    groups = [rendered_group(args.size, args.group_size, g * args.group_size)
-              for g in range(max(1, num_images // args.group_size))]
+    groups = [
+        rendered_group(args.size, args.group_size, g * args.group_size)
+        for g in range(max(1, num_images // args.group_size))
+    ]
     start = time.perf_counter()
     result = RewardPool.gather([pool.submit(images, prompts) for images, prompts in groups])
     seconds = time.perf_counter() - start
     images = len(result.total)
-    return {"workers": pool.num_workers, "images": images, "seconds": seconds, "img_per_s": images / seconds,
-            "mean_score": float(result.total.mean())}
+    return {
+        "workers": pool.num_workers,
+        "images": images,
+        "seconds": seconds,
+        "img_per_s": images / seconds,
+        "mean_score": float(result.total.mean()),
+    }
 
 
 def streaming_overlap(pool: RewardPool, args) -> dict:
@@ -111,9 +132,15 @@ def streaming_overlap(pool: RewardPool, args) -> dict:
     latency = [done_at[g] - arrived_at[g] for g in range(len(groups))]
     step_s, tail_s = end - start, end - last_arrival
     return {
-        "groups": args.groups, "group_size": args.group_size, "image_size": args.size,
-        "group_interval_s": args.group_interval_s, "workers": pool.num_workers, "rewards": ["ocr"],
-        "rollout_seconds": last_arrival - start, "step_seconds": step_s, "reward_tail_seconds": tail_s,
+        "groups": args.groups,
+        "group_size": args.group_size,
+        "image_size": args.size,
+        "group_interval_s": args.group_interval_s,
+        "workers": pool.num_workers,
+        "rewards": ["ocr"],
+        "rollout_seconds": last_arrival - start,
+        "step_seconds": step_s,
+        "reward_tail_seconds": tail_s,
         "reward_overhead_frac": tail_s / step_s,
         "group_latency_s": {"median": statistics.median(latency), "max": max(latency)},
         "reward_worker_seconds": sum(r.seconds["ocr"] for r in results),
@@ -195,8 +222,12 @@ def main() -> None:
     ap.add_argument("--ocr-images-1", type=int, default=32, help="images for the 1-worker throughput")
     ap.add_argument("--ocr-images-many", type=int, default=256, help="images for the many-worker throughput")
     ap.add_argument("--groups", type=int, default=32, help="groups in the streaming run (32 x 16 = the recipe's 512)")
-    ap.add_argument("--group-interval-s", type=float, default=0.75,
-                    help="seconds between groups (default: 16 images / 2.73 img/s per H200 at the real size / 8 GPUs)")
+    ap.add_argument(
+        "--group-interval-s",
+        type=float,
+        default=0.75,
+        help="seconds between groups (default: 16 images / 2.73 img/s per H200 at the real size / 8 GPUs)",
+    )
     ap.add_argument("--pickscore-images", type=int, default=512)
     ap.add_argument("--pickscore-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -213,8 +244,12 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     ray.init(num_cpus=max(cores, args.workers + 1), include_dashboard=False, log_to_driver=False)
-    report: dict = {"benchmark": "rewards at recipe scale (benchmarks/rewards_scale.py)", "device": device_name(),
-                    "cpu_cores": cores, "quick": args.quick}
+    report: dict = {
+        "benchmark": "rewards at recipe scale (benchmarks/rewards_scale.py)",
+        "device": device_name(),
+        "cpu_cores": cores,
+        "quick": args.quick,
+    }
     with tempfile.TemporaryDirectory() as scratch:
         from verl_omni.models.tiny import build_tiny_clip
 
@@ -228,9 +263,15 @@ def main() -> None:
     log(f"OCR through a pool of {args.workers} workers")
     pool = started_pool(ocr, args.workers, args)
     many = pool_throughput(pool, args.ocr_images_many, args)
-    report.update({"ocr_img_per_s_1_worker": one["img_per_s"], "ocr_img_per_s_16_workers": many["img_per_s"],
-                   "ocr_workers": args.workers, "ocr_speedup": many["img_per_s"] / one["img_per_s"],
-                   "ocr_runs": {"1_worker": one, "many_workers": many}})
+    report.update(
+        {
+            "ocr_img_per_s_1_worker": one["img_per_s"],
+            "ocr_img_per_s_16_workers": many["img_per_s"],
+            "ocr_workers": args.workers,
+            "ocr_speedup": many["img_per_s"] / one["img_per_s"],
+            "ocr_runs": {"1_worker": one, "many_workers": many},
+        }
+    )
     log(f"streaming: {args.groups} groups of {args.group_size} every {args.group_interval_s} s")
     stream = streaming_overlap(pool, args)
     pool.shutdown()
@@ -239,18 +280,32 @@ def main() -> None:
         log("PickScore (CLIP-ViT-H-14 size, random bf16) on the GPU, in process")
         pick = pickscore_throughput(args, args.model_dir)
         log(f"PickScore through a pool of {args.workers} workers and its model actor (1 GPU)")
-        entry = {"name": "pickscore", "path": pick["path"], "num_gpus": 1, "preprocess": "tensor",
-                 "batch_size": args.pickscore_batch}
+        entry = {
+            "name": "pickscore",
+            "path": pick["path"],
+            "num_gpus": 1,
+            "preprocess": "tensor",
+            "batch_size": args.pickscore_batch,
+        }
         pool = started_pool({"rewards": [entry]}, args.workers, args)
         pick["pool"] = pool_throughput(pool, args.pickscore_images, args)
         pick["pool"]["model_call_sizes"] = ray.get(next(iter(pool.model_actors.values())).call_sizes.remote())[-64:]
         pool.shutdown()
-        report.update({"pickscore_img_per_s": pick["tensor"]["img_per_s"],
-                       "pickscore_img_per_s_processor": pick["processor"]["img_per_s"],
-                       "pickscore_pool_img_per_s": pick["pool"]["img_per_s"], "pickscore": pick})
+        report.update(
+            {
+                "pickscore_img_per_s": pick["tensor"]["img_per_s"],
+                "pickscore_img_per_s_processor": pick["processor"]["img_per_s"],
+                "pickscore_pool_img_per_s": pick["pool"]["img_per_s"],
+                "pickscore": pick,
+            }
+        )
     else:
-        report.update({"pickscore_img_per_s": None,
-                       "pickscore_note": "skipped: no GPU here (the real-size CLIP-H figure needs a CUDA device)"})
+        report.update(
+            {
+                "pickscore_img_per_s": None,
+                "pickscore_note": "skipped: no GPU here (the real-size CLIP-H figure needs a CUDA device)",
+            }
+        )
     report["load_average_1min_at_end"] = os.getloadavg()[0]
     ray.shutdown()
     text = json.dumps(report, indent=1)

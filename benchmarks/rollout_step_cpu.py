@@ -50,7 +50,8 @@ def main() -> None:
     servers = loop.run_until_complete(DiffusionServerManager(make_config(overrides)).start())
     managers = {
         flag: DiffusionAgentLoopManager.create(
-            make_config({**overrides, "actor_rollout_ref.rollout.enable_batched_diffusion": flag}), servers.get_client())
+            make_config({**overrides, "actor_rollout_ref.rollout.enable_batched_diffusion": flag}), servers.get_client()
+        )
         for flag in (True, False)
     }
     prompts = [f'a poster that says "word {i}"' for i in range(args.prompts)]
@@ -66,11 +67,20 @@ def main() -> None:
     batched, per_row = statistics.median(times[True]), statistics.median(times[False])
     result = {
         "benchmark": "one rollout step through the diffusion agent loop (tiny random Qwen-Image, diffusers engine)",
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}",
         "load_average_1min_at_end": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "config": {"n": args.n, "prompts": args.prompts, "images_per_step": images, "num_inference_steps": args.steps,
-                   "height": args.size, "width": args.size, "replicas": 1, "repeats": args.repeats},
+        "config": {
+            "n": args.n,
+            "prompts": args.prompts,
+            "images_per_step": images,
+            "num_inference_steps": args.steps,
+            "height": args.size,
+            "width": args.size,
+            "replicas": 1,
+            "repeats": args.repeats,
+        },
         "seconds_median": {"batched": batched, "per_row": per_row},
         "seconds_all": {"batched": times[True], "per_row": times[False]},
         "img_per_s": {"batched": images / batched, "per_row": images / per_row},

@@ -30,7 +30,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,15 +70,21 @@ async def timed_repeats(fn: Callable, prompts: list[str], n: int, repeats: int, 
                     "log_probs_shape_per_call": list(o.log_probs.shape),
                     "latents_shape_per_call": list(o.latents.shape),
                     "text_tokens": int(o.prompt_embeds.shape[1]),
-                    "negative_text_tokens": (int(o.negative_prompt_embeds.shape[1])
-                                             if o.negative_prompt_embeds is not None else None),
+                    "negative_text_tokens": (
+                        int(o.negative_prompt_embeds.shape[1]) if o.negative_prompt_embeds is not None else None
+                    ),
                     "image_tokens": int(o.latents.shape[2]),
                 }
         times.append(time.perf_counter() - t0)
     images = n * len(prompts)
     med = statistics.median(times)
-    return {"repeat_seconds": times, "median_seconds": med, "images_per_repeat": images,
-            "img_per_s": images / med, "returned": checked}
+    return {
+        "repeat_seconds": times,
+        "median_seconds": med,
+        "images_per_repeat": images,
+        "img_per_s": images / med,
+        "returned": checked,
+    }
 
 
 def path_fns(engine, params, n: int) -> dict[str, Callable]:
@@ -128,16 +135,24 @@ async def profile_one_call(fn, prompt: str, n: int) -> dict[str, Any]:
             buckets["other"] += t
     top = sorted(events, key=self_device_us, reverse=True)[:15]
     table = [{"name": e.key[:90], "self_device_ms": self_device_us(e) / 1e3, "calls": e.count} for e in top]
-    log("  profile (top self device time):\n" + "\n".join(f"    {r['self_device_ms']:9.1f} ms  {r['calls']:6d}  {r['name']}" for r in table))
+    log(
+        "  profile (top self device time):\n"
+        + "\n".join(f"    {r['self_device_ms']:9.1f} ms  {r['calls']:6d}  {r['name']}" for r in table)
+    )
     device_s = sum(buckets.values()) / 1e6
-    out = {"wall_seconds": wall, "device_busy_seconds_upper_bound": device_s,
-           "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()}, "top": table}
+    out = {
+        "wall_seconds": wall,
+        "device_busy_seconds_upper_bound": device_s,
+        "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()},
+        "top": table,
+    }
     log(f"  profile: wall {wall:.2f} s, device self time {device_s:.2f} s, by kind (ms) {out['device_ms_by_kind']}")
     return out
 
 
-async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n, repeats, params,
-                           profile: bool = False) -> dict:
+async def run_engine_paths(
+    name: str, config, paths: dict[str, str], prompts, n, repeats, params, profile: bool = False
+) -> dict:
     """Start one engine, warm each path's shape, time the paths, shut it down. paths: label -> 'batched'|'singles'."""
     from verl_omni.rollout.engines import get_engine_class
 
@@ -145,7 +160,10 @@ async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n,
     t0 = time.perf_counter()
     engine = get_engine_class(name)(model, rollout)
     start_s = time.perf_counter() - t0
-    log(f"{name} engine up in {start_s:.0f} s (max_num_seqs={rollout.max_num_seqs}, enforce_eager={rollout.enforce_eager})")
+    log(
+        f"{name} engine up in {start_s:.0f} s "
+        f"(max_num_seqs={rollout.max_num_seqs}, enforce_eager={rollout.enforce_eager})"
+    )
     fns = path_fns(engine, params, n)
     results = {}
     try:
@@ -161,10 +179,17 @@ async def run_engine_paths(name: str, config, paths: dict[str, str], prompts, n,
                 sizes = await batch_sizes()
                 res["pipeline_call_batch_sizes"] = {str(k): sizes.count(k) for k in sorted(set(sizes))}
                 log(f"  ({label}) pipeline calls by batch size: {res['pipeline_call_batch_sizes']}")
-            res.update(engine=name, kind=kind, warmup_seconds=[w, w2], engine_start_seconds=start_s,
-                       max_num_seqs=config.max_num_seqs)
-            log(f"  ({label}) {res['img_per_s']:.2f} img/s (median of {repeats}: {res['median_seconds']:.2f} s "
-                f"for {res['images_per_repeat']} images)")
+            res.update(
+                engine=name,
+                kind=kind,
+                warmup_seconds=[w, w2],
+                engine_start_seconds=start_s,
+                max_num_seqs=config.max_num_seqs,
+            )
+            log(
+                f"  ({label}) {res['img_per_s']:.2f} img/s (median of {repeats}: {res['median_seconds']:.2f} s "
+                f"for {res['images_per_repeat']} images)"
+            )
             if profile and kind == "batched":
                 res["profile"] = await profile_one_call(fns[kind], prompts[0], n)
             results[label] = res
@@ -200,9 +225,16 @@ async def main_async(args) -> dict:
     prompts = PROMPTS[: args.prompts]
     n = args.n
     params = DiffusionSamplingParams(
-        num_inference_steps=args.steps, height=args.size, width=args.size, max_sequence_length=args.max_text_tokens,
-        noise_level=0.7, sde_type="sde", sde_window_size=0, return_trajectory=True,
-        guidance_scale=args.cfg, negative_prompt=" " if args.cfg > 1 else None,
+        num_inference_steps=args.steps,
+        height=args.size,
+        width=args.size,
+        max_sequence_length=args.max_text_tokens,
+        noise_level=0.7,
+        sde_type="sde",
+        sde_window_size=0,
+        return_trajectory=True,
+        guidance_scale=args.cfg,
+        negative_prompt=" " if args.cfg > 1 else None,
     )
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
@@ -216,15 +248,36 @@ async def main_async(args) -> dict:
     results: dict[str, Any] = {}
     if {"a", "b"} & set(wanted):
         paths = {k: v for k, v in (("b", "batched"), ("a", "singles")) if k in wanted}
-        results.update(await run_engine_paths("vllm_omni", cfg(name="vllm_omni", max_num_seqs=1, enforce_eager=args.eager),
-                                              paths, prompts, n, args.repeats, params))
+        results.update(
+            await run_engine_paths(
+                "vllm_omni",
+                cfg(name="vllm_omni", max_num_seqs=1, enforce_eager=args.eager),
+                paths,
+                prompts,
+                n,
+                args.repeats,
+                params,
+            )
+        )
     if "c" in wanted:
-        results.update(await run_engine_paths("vllm_omni", cfg(name="vllm_omni", max_num_seqs=n, enforce_eager=args.eager),
-                                              {"c": "singles"}, prompts, n, args.repeats, params))
+        results.update(
+            await run_engine_paths(
+                "vllm_omni",
+                cfg(name="vllm_omni", max_num_seqs=n, enforce_eager=args.eager),
+                {"c": "singles"},
+                prompts,
+                n,
+                args.repeats,
+                params,
+            )
+        )
     if {"d", "e"} & set(wanted):
         paths = {k: v for k, v in (("d", "batched"), ("e", "singles")) if k in wanted}
-        results.update(await run_engine_paths("diffusers", cfg(name="diffusers"), paths, prompts, n, args.repeats, params,
-                                              profile=args.profile))
+        results.update(
+            await run_engine_paths(
+                "diffusers", cfg(name="diffusers"), paths, prompts, n, args.repeats, params, profile=args.profile
+            )
+        )
 
     image_tokens = (args.size // 16) ** 2
     for label, res in results.items():
@@ -240,11 +293,18 @@ async def main_async(args) -> dict:
     def ratio(x, y):
         return results[x]["img_per_s"] / results[y]["img_per_s"] if x in results and y in results else None
 
-    ratios = {"b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "c_over_b": ratio("c", "b"),
-              "d_over_e": ratio("d", "e"), "b_over_e": ratio("b", "e")}
-    targets = {"b_over_d >= 1.3": ratios["b_over_d"] is not None and ratios["b_over_d"] >= 1.3,
-               "b_over_a >= 1.8": ratios["b_over_a"] is not None and ratios["b_over_a"] >= 1.8,
-               "c within 10% of b": ratios["c_over_b"] is not None and ratios["c_over_b"] >= 0.9}
+    ratios = {
+        "b_over_d": ratio("b", "d"),
+        "b_over_a": ratio("b", "a"),
+        "c_over_b": ratio("c", "b"),
+        "d_over_e": ratio("d", "e"),
+        "b_over_e": ratio("b", "e"),
+    }
+    targets = {
+        "b_over_d >= 1.3": ratios["b_over_d"] is not None and ratios["b_over_d"] >= 1.3,
+        "b_over_a >= 1.8": ratios["b_over_a"] is not None and ratios["b_over_a"] >= 1.8,
+        "c within 10% of b": ratios["c_over_b"] is not None and ratios["c_over_b"] >= 0.9,
+    }
     return {
         "benchmark": "rollout_throughput",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -252,23 +312,31 @@ async def main_async(args) -> dict:
         "measured_bf16_peak_tflops": peak,
         "versions": versions(),
         "config": {
-            "model": "Qwen-Image architecture, full width, random bf16 weights (verl_omni.models.tiny.build_qwen_image)",
-            "transformer_layers": tcfg["num_layers"], "real_model_layers": 60,
+            "model": "Qwen-Image architecture, full width, random bf16 weights "
+            "(verl_omni.models.tiny.build_qwen_image)",
+            "transformer_layers": tcfg["num_layers"],
+            "real_model_layers": 60,
             "transformer_params_billion": params_billion(os.path.join(model_dir, "transformer")),
             "width": tcfg["num_attention_heads"] * tcfg["attention_head_dim"],
-            "resolution": [args.size, args.size], "n_per_prompt": n, "prompts": len(prompts),
-            "steps": args.steps, "cfg": False, "repeats": args.repeats, "dtype": "bfloat16",
-            "sampling": params.to_dict(), "vllm_omni_enforce_eager": args.eager,
+            "resolution": [args.size, args.size],
+            "n_per_prompt": n,
+            "prompts": len(prompts),
+            "steps": args.steps,
+            "cfg": False,
+            "repeats": args.repeats,
+            "dtype": "bfloat16",
+            "sampling": params.to_dict(),
+            "vllm_omni_enforce_eager": args.eager,
             "image_tokens": image_tokens,
             "note": "all paths go through DiffusionEngine.generate and return images, latents (T+1 steps), "
-                    "per-step log-probs and prompt embeddings; VAE decode included",
+            "per-step log-probs and prompt embeddings; VAE decode included",
             "engines": {
                 "vllm_omni": "our RL pipeline in vllm-omni's diffusion worker: joint attention through vllm-omni's "
-                             "flash kernel (FA3, fa3-fwd) where there is no text mask, transformer blocks under "
-                             "vllm-omni's regional torch.compile (dynamic shapes) unless --eager",
+                "flash kernel (FA3, fa3-fwd) where there is no text mask, transformer blocks under "
+                "vllm-omni's regional torch.compile (dynamic shapes) unless --eager",
                 "diffusers": "the same RL pipeline in-process with stock diffusers modules (SDPA attention), eager",
                 "both": "no host sync inside the denoising loop (step noise drawn up front), single-frame VAE "
-                        "decode with 2D convs, one pinned device-to-host copy of the outputs",
+                "decode with 2D convs, one pinned device-to-host copy of the outputs",
             },
         },
         "results": results,

@@ -48,6 +48,7 @@ VARIANTS = {
     "compiled_ckpt_mb8": (True, True, True, 8),
     "compiled_ckpt_mb2": (True, True, True, 2),
 }
+KNOBS = ("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch")
 
 
 def _synthetic_batch(args, tcfg: dict, scheduler_config: dict, device: str):
@@ -66,7 +67,7 @@ def _synthetic_batch(args, tcfg: dict, scheduler_config: dict, device: str):
     window = torch.zeros(rows, steps, dtype=torch.bool)
     for p in range(args.prompts):  # one window of 2 per prompt group, starts in [0, 5] as the recipe
         start = int(torch.randint(0, 6, (1,), generator=g))
-        window[p * args.n:(p + 1) * args.n, start:start + args.window] = True
+        window[p * args.n : (p + 1) * args.n, start : start + args.window] = True
     dim = tcfg["joint_attention_dim"]
     tensors = {
         "latents": torch.randn(rows, steps + 1, image_tokens, channels, generator=g),
@@ -91,14 +92,32 @@ def _configs(args, model_dir: str, variant: tuple):
 
     batch_cfg, compiled, checkpointing, micro_batch = variant
     model = ModelConfig(path=model_dir, lora_rank=64, lora_alpha=128.0, enable_gradient_checkpointing=checkpointing)
-    actor = ActorConfig(device="cuda", dtype="bfloat16", optim=OptimConfig(lr=3e-4), clip_ratio=1e-4,
-                        ppo_micro_batch_size_per_gpu=micro_batch, batch_cfg=batch_cfg, use_torch_compile=compiled)
-    rollout = build(RolloutConfig, {
-        "device": "cuda", "dtype": "bfloat16", "n": args.n,
-        "algo": {"noise_level": 1.2, "sde_window_size": args.window, "sde_window_range": [0, 5]},
-        "pipeline": {"true_cfg_scale": 4.0, "negative_prompt": " ", "num_inference_steps": args.steps,
-                     "height": args.size, "width": args.size, "max_sequence_length": 256},
-    })
+    actor = ActorConfig(
+        device="cuda",
+        dtype="bfloat16",
+        optim=OptimConfig(lr=3e-4),
+        clip_ratio=1e-4,
+        ppo_micro_batch_size_per_gpu=micro_batch,
+        batch_cfg=batch_cfg,
+        use_torch_compile=compiled,
+    )
+    rollout = build(
+        RolloutConfig,
+        {
+            "device": "cuda",
+            "dtype": "bfloat16",
+            "n": args.n,
+            "algo": {"noise_level": 1.2, "sde_window_size": args.window, "sde_window_range": [0, 5]},
+            "pipeline": {
+                "true_cfg_scale": 4.0,
+                "negative_prompt": " ",
+                "num_inference_steps": args.steps,
+                "height": args.size,
+                "width": args.size,
+                "max_sequence_length": 256,
+            },
+        },
+    )
     return model, actor, rollout
 
 
@@ -126,8 +145,11 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
             log(f"  {name}: update {i} {times[-1]:.2f} s (ratio_mean {metrics['actor/ratio_mean']:.4f})")
     except torch.OutOfMemoryError as exc:
         log(f"  {name}: out of memory ({str(exc).splitlines()[0][:120]})")
-        return {"error": "out of memory", "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
-                "knobs": dict(zip(("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch"), variant))}
+        return {
+            "error": "out of memory",
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "knobs": dict(zip(KNOBS, variant, strict=True)),
+        }
     finally:
         del actor
         pipe.transformer.zero_grad(set_to_none=True)
@@ -139,7 +161,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
         "transitions_per_s": batch.num_terms / seconds,
         "mfu": useful_flops / seconds / (peak * 1e12),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
-        "knobs": dict(zip(("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch"), variant)),
+        "knobs": dict(zip(KNOBS, variant, strict=True)),
     }
 
 
@@ -184,8 +206,10 @@ def main() -> None:
     log(f"transformer on the GPU in {time.perf_counter() - t0:.0f} s")
     batch = _synthetic_batch(args, tcfg, scheduler_config, "cuda")
     image_tokens = (args.size // 16) ** 2
-    per_transition = 2 * (transformer_flops_per_image(tcfg, image_tokens, args.prompt_tokens, 1, 1)
-                          + transformer_flops_per_image(tcfg, image_tokens, args.negative_tokens, 1, 1))
+    per_transition = 2 * (
+        transformer_flops_per_image(tcfg, image_tokens, args.prompt_tokens, 1, 1)
+        + transformer_flops_per_image(tcfg, image_tokens, args.negative_tokens, 1, 1)
+    )
     useful = per_transition * batch.num_terms
     log(f"{batch.num_terms} transitions per update, {useful / 1e15:.2f} PFLOP useful")
 
@@ -194,8 +218,10 @@ def main() -> None:
         variants[name] = run_variant(name, args, pipe, batch, model_dir, useful, peak)
         if "seconds" in variants[name]:
             r = variants[name]
-            log(f"{name}: {r['seconds']:.2f} s per update, {r['transitions_per_s']:.2f} transitions/s, "
-                f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_mem_gb']:.1f} GB")
+            log(
+                f"{name}: {r['seconds']:.2f} s per update, {r['transitions_per_s']:.2f} transitions/s, "
+                f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_mem_gb']:.1f} GB"
+            )
     default = variants.get("default", {})
     report = {
         "device": device_name,
@@ -203,12 +229,22 @@ def main() -> None:
         "mfu": default.get("mfu"),
         "variants": variants,
         "measured_bf16_peak_tflops": peak,
-        "workload": {"prompts": args.prompts, "n": args.n, "steps": args.steps, "sde_window": args.window,
-                     "size": args.size, "image_tokens": image_tokens, "prompt_tokens": args.prompt_tokens,
-                     "negative_tokens": args.negative_tokens, "true_cfg_scale": 4.0, "lora_rank": 64,
-                     "transitions_per_update": batch.num_terms, "useful_pflop_per_update": useful / 1e15},
+        "workload": {
+            "prompts": args.prompts,
+            "n": args.n,
+            "steps": args.steps,
+            "sde_window": args.window,
+            "size": args.size,
+            "image_tokens": image_tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "negative_tokens": args.negative_tokens,
+            "true_cfg_scale": 4.0,
+            "lora_rank": 64,
+            "transitions_per_update": batch.num_terms,
+            "useful_pflop_per_update": useful / 1e15,
+        },
         "note": "c902450_like: the knobs of the actor at c902450 (two CFG forwards, eager, no checkpointing, "
-                "micro-batch 1); the host syncs that actor made per forward are gone in every variant.",
+        "micro-batch 1); the host syncs that actor made per forward are gone in every variant.",
     }
     text = json.dumps(report, indent=1)
     print(text)

@@ -31,19 +31,26 @@ def prompt_batch(prompts: list[str], n: int, tag: str = "t") -> DataProto:
 def trainer_config(data_files: tuple[str, str], model_dir: str, out_dir, **extra):
     """A small FlowGRPO run on the tiny model: 2 prompts x n=4, 4 steps, brightness reward, no checkpoints."""
     train, test = data_files
-    return make_config({
-        "data.train_files": train, "data.val_files": test, "data.train_batch_size": 2,
-        "actor_rollout_ref.model.path": model_dir,
-        "actor_rollout_ref.model.lora_rank": 4, "actor_rollout_ref.model.lora_alpha": 8,
-        "actor_rollout_ref.actor.optim.lr": 1e-2,
-        "actor_rollout_ref.rollout.n": 4,
-        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
-        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
-        "reward.rewards": [{"name": "brightness", "weight": 1.0}],
-        "trainer.logger": ["console"], "trainer.save_freq": -1, "trainer.sample_images_per_step": 0,
-        "trainer.default_local_dir": str(out_dir),
-        **extra,
-    })
+    return make_config(
+        {
+            "data.train_files": train,
+            "data.val_files": test,
+            "data.train_batch_size": 2,
+            "actor_rollout_ref.model.path": model_dir,
+            "actor_rollout_ref.model.lora_rank": 4,
+            "actor_rollout_ref.model.lora_alpha": 8,
+            "actor_rollout_ref.actor.optim.lr": 1e-2,
+            "actor_rollout_ref.rollout.n": 4,
+            "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
+            "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+            "reward.rewards": [{"name": "brightness", "weight": 1.0}],
+            "trainer.logger": ["console"],
+            "trainer.save_freq": -1,
+            "trainer.sample_images_per_step": 0,
+            "trainer.default_local_dir": str(out_dir),
+            **extra,
+        }
+    )
 
 
 def model_config(model_dir: str, **overrides):

@@ -5,8 +5,8 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_config, prompt_batch, start_servers
+
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
 from verl_omni.config.trainer import FlowGRPOConfig
 
@@ -15,15 +15,17 @@ N = 4
 
 
 def _cfg(model_dir, **extra):
-    return make_config({
-        "actor_rollout_ref.model.path": model_dir,
-        "actor_rollout_ref.model.lora_rank": 4,
-        "actor_rollout_ref.rollout.n": N,
-        "trainer.n_gpus_per_node": 2,  # the hybrid engine: one replica per device
-        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
-        "actor_rollout_ref.rollout.algo.sde_window_size": 2,
-        **extra,
-    })
+    return make_config(
+        {
+            "actor_rollout_ref.model.path": model_dir,
+            "actor_rollout_ref.model.lora_rank": 4,
+            "actor_rollout_ref.rollout.n": N,
+            "trainer.n_gpus_per_node": 2,  # the hybrid engine: one replica per device
+            "actor_rollout_ref.rollout.pipeline.num_inference_steps": 4,
+            "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,10 @@ def rig(ray_session, tiny_qwen_image_dir):
     managers = {
         flag: DiffusionAgentLoopManager.create(
             FlowGRPOConfig.from_omega(
-                _cfg(tiny_qwen_image_dir, **{"actor_rollout_ref.rollout.enable_batched_diffusion": flag})),
-            client)
+                _cfg(tiny_qwen_image_dir, **{"actor_rollout_ref.rollout.enable_batched_diffusion": flag})
+            ),
+            client,
+        )
         for flag in (True, False)
     }
 
@@ -117,8 +121,10 @@ def test_row_sampling_params_and_negative_prompts_are_applied_on_both_paths(rig)
         out, stats = rig(flag, batch)
         assert out.batch["timesteps"].shape[1] == 3 and out.batch["latents"].shape[1] == 4
         assert sum(s["engine_calls"] for s in stats) == (2 if flag else 2 * N)
-    for overrides, match in (({"steps": 3}, "\\['steps'\\] cannot be set per row"),
-                             ({"noise_level": 0.1}, "\\['noise_level'\\] cannot be set per row")):
+    for overrides, match in (
+        ({"steps": 3}, "\\['steps'\\] cannot be set per row"),
+        ({"noise_level": 0.1}, "\\['noise_level'\\] cannot be set per row"),
+    ):
         bad = prompt_batch(PROMPTS[:1], N, tag="spbad")
         bad.non_tensor_batch["sampling_params"] = np.array([overrides] * N, dtype=object)
         with pytest.raises(Exception, match=match):

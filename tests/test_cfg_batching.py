@@ -42,7 +42,7 @@ def _training_batch(pipe, prompts, negatives, max_sequence_length=128, extra_pad
     every row's texts right-padded to one length longer than any row (a DataProto of a larger batch), then
     ``without_padding()`` as the actor does; without one (SD3) the rows have one length already."""
     params = DiffusionSamplingParams(max_sequence_length=max_sequence_length)
-    rows = [pipe.encode_conditions(p, n, params).conditioning for p, n in zip(prompts, negatives)]
+    rows = [pipe.encode_conditions(p, n, params).conditioning for p, n in zip(prompts, negatives, strict=False)]
     length = max(max(r.prompt_embeds.shape[1], r.negative_prompt_embeds.shape[1]) for r in rows) + extra_padding
     fields = {}
     for name, value in rows[0].as_fields().items():
@@ -67,8 +67,10 @@ def _transition_log_probs(pipe, velocities: dict, latents, reference_velocity):
     kw = dict(noise_level=0.7, sde_type="sde", sigma_max=reference_sigma_max(sigmas))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
     prev = sde_step_with_logprob(reference_velocity, latents, sigmas[1], sigmas[2], noise=noise, **kw).prev_sample
-    return {name: sde_step_with_logprob(v, latents, sigmas[1], sigmas[2], prev_sample=prev, **kw).log_prob
-            for name, v in velocities.items()}
+    return {
+        name: sde_step_with_logprob(v, latents, sigmas[1], sigmas[2], prev_sample=prev, **kw).log_prob
+        for name, v in velocities.items()
+    }
 
 
 @pytest.mark.parametrize("negative_case", list(NEGATIVES))
@@ -87,8 +89,14 @@ def test_qwen_image_batched_cfg_equals_two_forwards(qwen_image_rl_pipe, negative
     with torch.no_grad():
         batched = pipe.predict_velocity(latents, timestep, cond, GUIDANCE, SIZE, SIZE, batch_cfg=True)
         two = pipe.predict_velocity(latents, timestep, cond, GUIDANCE, SIZE, SIZE, batch_cfg=False)
-        alone = torch.cat([pipe.predict_velocity(latents[i:i + 1], timestep[i:i + 1], rows[i], GUIDANCE, SIZE, SIZE,
-                                                 batch_cfg=False) for i in range(len(PROMPTS))])
+        alone = torch.cat(
+            [
+                pipe.predict_velocity(
+                    latents[i : i + 1], timestep[i : i + 1], rows[i], GUIDANCE, SIZE, SIZE, batch_cfg=False
+                )
+                for i in range(len(PROMPTS))
+            ]
+        )
         inputs = pipe.prepare_model_inputs(cond, GUIDANCE, batch_cfg=True)
         unmasked = ModelInputs(inputs.batch_size, joint=dataclasses.replace(inputs.joint, mask=None))
         leaky = pipe.predict_velocity(latents, timestep, unmasked, GUIDANCE, SIZE, SIZE)
@@ -101,9 +109,11 @@ def test_qwen_image_batched_cfg_equals_two_forwards(qwen_image_rl_pipe, negative
         "log-prob batched vs two": (log_probs["batched"] - log_probs["two"]).abs().max().item(),
         "log-prob batched vs alone": (log_probs["batched"] - log_probs["alone"]).abs().max().item(),
     }
-    print(f"[qwen_image, prompt tokens {lengths}, negative {negative_length} ({negative_case})] "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
-          + f"; max |v| {scale:.2f}; padding left unmasked: {(leaky - two).abs().max().item() / scale:.2e}")
+    print(
+        f"[qwen_image, prompt tokens {lengths}, negative {negative_length} ({negative_case})] "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+        + f"; max |v| {scale:.2f}; padding left unmasked: {(leaky - two).abs().max().item() / scale:.2e}"
+    )
     for name, error in errors.items():
         assert error < (VELOCITY_REL_BOUND if name.startswith("velocity") else LOG_PROB_BOUND), name
     # Negative control: the same comparison detects padding that the mask does not hide.
@@ -137,8 +147,10 @@ def test_sd3_batched_cfg_equals_two_forwards(sd3_rl_pipe):
     scale = two.abs().max().item()
     velocity_error = (batched - two).abs().max().item() / scale
     log_prob_error = (log_probs["batched"] - log_probs["two"]).abs().max().item()
-    print(f"[sd3] velocity batched vs two forwards max abs err / max |v| {velocity_error:.2e} (max |v| {scale:.2f}), "
-          f"log-prob {log_prob_error:.2e}")
+    print(
+        f"[sd3] velocity batched vs two forwards max abs err / max |v| {velocity_error:.2e} (max |v| {scale:.2f}), "
+        f"log-prob {log_prob_error:.2e}"
+    )
     assert velocity_error < VELOCITY_REL_BOUND and log_prob_error < LOG_PROB_BOUND
     with torch.no_grad():  # guidance does change the prediction, so the comparison is not between no-ops
         unguided = pipe.predict_velocity(latents, timestep, cond, 1.0, SIZE, SIZE)
@@ -154,8 +166,15 @@ def pipe(request):
 def test_rl_generate_with_batch_cfg_on_and_off(pipe, negative_prompt):
     """The rollout with batch_cfg (default) equals the two-forward rollout: same inputs exactly, latents, log-probs
     and pixels within float32 rounding (the empty default negative is shorter than the prompt, the other longer)."""
-    params = DiffusionSamplingParams(num_inference_steps=4, height=SIZE, width=SIZE, guidance_scale=3.0,
-                                     negative_prompt=negative_prompt, sde_window_size=2, window_start=1)
+    params = DiffusionSamplingParams(
+        num_inference_steps=4,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=3.0,
+        negative_prompt=negative_prompt,
+        sde_window_size=2,
+        window_start=1,
+    )
     assert params.batch_cfg is True
     on = pipe.rl_generate("a red cat", [11, 22, 33], params)
     off = pipe.rl_generate("a red cat", [11, 22, 33], params.replace(batch_cfg=False))
@@ -164,8 +183,10 @@ def test_rl_generate_with_batch_cfg_on_and_off(pipe, negative_prompt):
     latent = (on.latents - off.latents).abs().max().item()
     log_prob = (on.log_probs - off.log_probs).abs().max().item()
     pixel = (on.images.int() - off.images.int()).abs().max().item()
-    print(f"[{type(pipe).__name__} negative={negative_prompt!r:.20}] rl_generate batch_cfg on vs off: "
-          f"max latent diff {latent:.2e}, max log-prob diff {log_prob:.2e}, max pixel diff {pixel}")
+    print(
+        f"[{type(pipe).__name__} negative={negative_prompt!r:.20}] rl_generate batch_cfg on vs off: "
+        f"max latent diff {latent:.2e}, max log-prob diff {log_prob:.2e}, max pixel diff {pixel}"
+    )
     assert latent < 1e-4 and log_prob < LOG_PROB_BOUND and pixel <= 1
     assert torch.all(on.log_probs[:, on.window_mask] != 0)
 
@@ -200,12 +221,13 @@ def test_predict_velocity_on_prepared_inputs_never_reads_the_device(qwen_image_r
 # ----------------------------------------------------------------------------------------- the layouts
 def _cond(prompt_tokens, negative_tokens=None, padded_rows=(), rows=2, dim=4, pooled=False):
     """A synthetic conditioning: ``prompt_tokens`` real tokens per row (``padded_rows`` get 2 fewer, mask 0)."""
+
     def branch(tokens, seed):
         embeds = torch.randn(rows, tokens, dim, generator=torch.Generator().manual_seed(seed))
         mask = torch.ones(rows, tokens, dtype=torch.long)
         for r in padded_rows:
-            mask[r, tokens - 2:] = 0
-            embeds[r, tokens - 2:] = 0
+            mask[r, tokens - 2 :] = 0
+            embeds[r, tokens - 2 :] = 0
         return embeds, mask
 
     embeds, mask = branch(prompt_tokens, 0)
@@ -221,8 +243,16 @@ def _cond(prompt_tokens, negative_tokens=None, padded_rows=(), rows=2, dim=4, po
 
 
 def _prepare(cond, guided=True, batch_cfg=True, mask=True, pooled=False):
-    return prepare_model_inputs(cond, guided=guided, batch_cfg=batch_cfg, dtype=torch.float32, device="cpu",
-                                supports_text_mask=mask, requires_pooled=pooled, model_name="M")
+    return prepare_model_inputs(
+        cond,
+        guided=guided,
+        batch_cfg=batch_cfg,
+        dtype=torch.float32,
+        device="cpu",
+        supports_text_mask=mask,
+        requires_pooled=pooled,
+        model_name="M",
+    )
 
 
 def test_layout_without_guidance_keeps_only_a_needed_mask():
@@ -267,8 +297,9 @@ def test_layout_errors_name_the_field():
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         _prepare(_cond(5))
     with pytest.raises(ValueError, match="negative_pooled_prompt_embeds"):
-        _prepare(dataclasses.replace(_cond(5, 5, pooled=True), negative_pooled_prompt_embeds=None), mask=False,
-                 pooled=True)
+        _prepare(
+            dataclasses.replace(_cond(5, 5, pooled=True), negative_pooled_prompt_embeds=None), mask=False, pooled=True
+        )
     with pytest.raises(ValueError, match="prompt_embeds_mask"):
         _prepare(_cond(5, 5), mask=False)
     with pytest.raises(ValueError, match="batch_cfg=False"):  # no mask: unequal texts cannot share a call

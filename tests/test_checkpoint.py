@@ -29,7 +29,7 @@ def _trained_optimizer(seed: int = 0):
     optimizer = torch.optim.AdamW([param], lr=0.1)
     for _ in range(2):
         optimizer.zero_grad()
-        (param ** 2).sum().backward()
+        (param**2).sum().backward()
         optimizer.step()
     return param, optimizer
 
@@ -98,13 +98,16 @@ def _truncate(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("damage, file, reason", [
-    (_zero_bytes, "lora.safetensors", "sha256 .* does not match"),
-    (_truncate, "optim.pt", "sha256 .* does not match"),
-    (os.remove, "rng.json", "missing"),
-    (os.remove, "meta.json", "missing"),
-    (_truncate, "meta.json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, file, reason",
+    [
+        (_zero_bytes, "lora.safetensors", "sha256 .* does not match"),
+        (_truncate, "optim.pt", "sha256 .* does not match"),
+        (os.remove, "rng.json", "missing"),
+        (os.remove, "meta.json", "missing"),
+        (_truncate, "meta.json", "not valid JSON"),
+    ],
+)
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, capsys, damage, file, reason):
     lora1, _ = _two_checkpoints(tmp_path)
     damage(str(tmp_path / "global_step_2" / file))
@@ -121,8 +124,11 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_resumed(tmp_pat
 def test_damage_with_resume_on_damage_stop_raises_naming_file_and_setting(tmp_path):
     _two_checkpoints(tmp_path)
     _zero_bytes(str(tmp_path / "global_step_2" / "lora.safetensors"))
-    with pytest.raises(DamagedCheckpointError, match=r"global_step_2 is damaged: lora.safetensors: sha256.*"
-                                                     r"trainer.resume_on_damage=stop") as info:
+    with pytest.raises(
+        DamagedCheckpointError,
+        match=r"global_step_2 is damaged: lora.safetensors: sha256.*"
+        r"trainer.resume_on_damage=stop",
+    ) as info:
         load_resumable_checkpoint(str(tmp_path), on_damage="stop")
     assert info.value.file == "lora.safetensors"
 

@@ -3,9 +3,9 @@
 import dataclasses
 
 import pytest
+from helpers import CONFIG, make_config
 from omegaconf import OmegaConf
 
-from helpers import CONFIG, make_config
 from verl_omni.config.base import build
 from verl_omni.config.trainer import FlowGRPOConfig
 

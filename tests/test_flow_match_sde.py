@@ -66,7 +66,10 @@ def test_step_and_log_prob_match_float64_reference(sde_type, sigma, sigma_next):
     denom = np.maximum(np.abs(ref_lp), 1e-300)
     rel_step = np.max(np.abs(out.log_prob.numpy() - ref_lp) / denom)
     rel_recomputed = np.max(np.abs(recomputed.numpy() - ref_lp) / denom)
-    print(f"[{sde_type} sigma={sigma}->{sigma_next}] log-prob rel err: step {rel_step:.2e}, recomputed {rel_recomputed:.2e}")
+    print(
+        f"[{sde_type} sigma={sigma}->{sigma_next}] log-prob rel err: step {rel_step:.2e}, "
+        f"recomputed {rel_recomputed:.2e}"
+    )
     if sde_type == "cps" and sigma_next == 0.0:
         assert np.all(ref_lp == 0) and torch.all(out.log_prob == 0)  # deterministic final cps step
     else:
@@ -81,8 +84,9 @@ def test_log_prob_scores_a_foreign_transition_like_the_reference(sde_type):
     prev, _, _ = reference_step(v, x, 0.6, 0.4, noise, 0.9, sde_type, SIGMA_MAX)
     # Score under a different velocity: mean shifts, log-prob must follow the reference formula.
     ref = _reference_log_prob(other_v.numpy(), x.numpy(), prev, 0.6, 0.4, 0.9, sde_type)
-    got = compute_log_prob(other_v, x, torch.from_numpy(prev), 0.6, 0.4, noise_level=0.9, sde_type=sde_type,
-                           sigma_max=SIGMA_MAX)
+    got = compute_log_prob(
+        other_v, x, torch.from_numpy(prev), 0.6, 0.4, noise_level=0.9, sde_type=sde_type, sigma_max=SIGMA_MAX
+    )
     rel = np.max(np.abs(got.numpy() - ref) / np.abs(ref))
     print(f"[{sde_type}] foreign transition log-prob rel err {rel:.2e}")
     assert rel < 1e-6
@@ -135,13 +139,22 @@ def test_per_sample_sigmas_equal_row_by_row_calls(sde_type):
     v, x, noise = _inputs(6)
     sigma = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
     sigma_next = torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64)
-    out = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level=0.7, sde_type=sde_type, sigma_max=SIGMA_MAX,
-                                noise=noise)
+    out = sde_step_with_logprob(
+        v, x, sigma, sigma_next, noise_level=0.7, sde_type=sde_type, sigma_max=SIGMA_MAX, noise=noise
+    )
     for i in range(3):
-        row = sde_step_with_logprob(v[i:i + 1], x[i:i + 1], float(sigma[i]), float(sigma_next[i]), noise_level=0.7,
-                                    sde_type=sde_type, sigma_max=SIGMA_MAX, noise=noise[i:i + 1])
-        torch.testing.assert_close(out.prev_sample[i:i + 1], row.prev_sample, rtol=0, atol=1e-14)
-        torch.testing.assert_close(out.log_prob[i:i + 1], row.log_prob, rtol=0, atol=1e-12)
+        row = sde_step_with_logprob(
+            v[i : i + 1],
+            x[i : i + 1],
+            float(sigma[i]),
+            float(sigma_next[i]),
+            noise_level=0.7,
+            sde_type=sde_type,
+            sigma_max=SIGMA_MAX,
+            noise=noise[i : i + 1],
+        )
+        torch.testing.assert_close(out.prev_sample[i : i + 1], row.prev_sample, rtol=0, atol=1e-14)
+        torch.testing.assert_close(out.log_prob[i : i + 1], row.log_prob, rtol=0, atol=1e-12)
 
 
 def test_log_prob_is_differentiable_in_the_velocity():
@@ -189,8 +202,11 @@ def _diffusers_schedule(config, num_steps, image_seq_len, base_sigmas):
     kwargs = {}
     if sched.config.use_dynamic_shifting:
         kwargs["mu"] = diffusers_calculate_shift(
-            image_seq_len, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
-            sched.config.base_shift, sched.config.max_shift,
+            image_seq_len,
+            sched.config.base_image_seq_len,
+            sched.config.max_image_seq_len,
+            sched.config.base_shift,
+            sched.config.max_shift,
         )
     if base_sigmas is None:
         sched.set_timesteps(num_steps, **kwargs)
@@ -206,7 +222,11 @@ SCHEDULE_CASES = [
     ("plain_shift1", {"shift": 1.0}, None),
     ("qwen_dynamic_terminal", QWEN_IMAGE_SCHEDULER_CONFIG, QWEN_LINSPACE),
     ("qwen_dynamic_terminal_default_spacing", QWEN_IMAGE_SCHEDULER_CONFIG, None),
-    ("dynamic_linear", {**QWEN_IMAGE_SCHEDULER_CONFIG, "time_shift_type": "linear", "shift_terminal": None}, QWEN_LINSPACE),
+    (
+        "dynamic_linear",
+        {**QWEN_IMAGE_SCHEDULER_CONFIG, "time_shift_type": "linear", "shift_terminal": None},
+        QWEN_LINSPACE,
+    ),
     ("static_shift_with_terminal", {"shift": 3.0, "shift_terminal": 0.1}, None),
 ]
 

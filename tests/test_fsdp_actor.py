@@ -10,15 +10,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import model_config, rollout_config
 
 from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.outputs import unpack_batch
 from verl_omni.trainer.checkpoint import load_checkpoint, save_checkpoint
-from verl_omni.core.errors import NonFiniteError
-from helpers import model_config, rollout_config
-from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
@@ -57,9 +57,11 @@ def _max_diff(a: dict, b: dict) -> float:
 def _compare_metrics(single: dict, group: dict, label: str) -> None:
     assert set(single) == set(group)
     diffs = {k: abs(single[k] - group[k]) for k in single}
-    print(f"[{label}] metric max abs diff {max(diffs.values()):.2e} "
-          f"(policy_loss {single['actor/policy_loss']:.4e}, clip_frac {single['actor/clip_frac']:.3f}, "
-          f"grad_norm {single['actor/grad_norm']:.4e}, kl_loss {single['actor/kl_loss']:.3e})")
+    print(
+        f"[{label}] metric max abs diff {max(diffs.values()):.2e} "
+        f"(policy_loss {single['actor/policy_loss']:.4e}, clip_frac {single['actor/clip_frac']:.3f}, "
+        f"grad_norm {single['actor/grad_norm']:.4e}, kl_loss {single['actor/kl_loss']:.3e})"
+    )
     for k in single:
         assert group[k] == pytest.approx(single[k], rel=1e-4, abs=1e-6), k
 
@@ -68,8 +70,9 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
     start = time.perf_counter()
     # kl_coef > 0: the reference forward (adapter disabled) runs too; two epochs: the second one clips.
     model, rollout = model_config(tiny_qwen_image_dir), rollout_config()
-    actor = ActorConfig(optim=OptimConfig(lr=1e-2), clip_ratio=1e-4, kl_coef=0.1, ppo_micro_batch_size_per_gpu=2,
-                        ppo_epochs=2)
+    actor = ActorConfig(
+        optim=OptimConfig(lr=1e-2), clip_ratio=1e-4, kl_coef=0.1, ppo_micro_batch_size_per_gpu=2, ppo_epochs=2
+    )
     group = FSDPLoRAActorGroup(model, replace(actor, world_size=2), rollout)
     try:
         (held0, full), (held1, full1) = group.shard_sizes()  # FSDP: each rank holds half the transformer
@@ -91,7 +94,10 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
         # 1) the full batch (8 rows; window steps of 4 and 8 rows: 2 rows per rank per micro-batch)
         m_single, m_group = single.update(data, advantages), group.update(data, advantages)
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
-        print(f"[full batch] LoRA max abs diff {lora_diff:.2e} (LoRA moved {_max_diff(init, single.lora_state_dict()):.2e})")
+        print(
+            f"[full batch] LoRA max abs diff {lora_diff:.2e} "
+            f"(LoRA moved {_max_diff(init, single.lora_state_dict()):.2e})"
+        )
         _compare_metrics(m_single, m_group, "full batch")
         assert 0 < m_single["actor/clip_frac"] < 1  # epoch 1 unclipped, epoch 2 partly clipped
         assert lora_diff < 1e-5
@@ -113,15 +119,19 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
             for name, value in state.items():
                 got = opt_group["state"][i][name]
                 assert got.shape == value.shape
-                worst[name] = max(worst.get(name, 0.0), ((got - value).abs().max() / value.abs().max().clamp_min(1e-30)).item())
+                worst[name] = max(
+                    worst.get(name, 0.0), ((got - value).abs().max() / value.abs().max().clamp_min(1e-30)).item()
+                )
         print(f"optimizer state max relative diff: {worst}")
         assert all(v < 1e-3 for v in worst.values()), worst
 
         # Checkpoint round trip through the trainer's own functions (the group's optimizer handle).
         path = save_checkpoint(str(tmp_path), 2, group.lora_state_dict(), group.optimizer)
         group.optimizer.load_state_dict(opt_single)  # overwrite, then restore from disk
-        assert all(torch.equal(group.optimizer.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
-                   for i, s in opt_single["state"].items())
+        assert all(
+            torch.equal(group.optimizer.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+            for i, s in opt_single["state"].items()
+        )
         lora, _ = load_checkpoint(path, group.optimizer)
         restored = group.optimizer.state_dict()
         for i, state in opt_group["state"].items():

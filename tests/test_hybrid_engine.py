@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-
 from helpers import model_config, rollout_config, trainer_config
+
 from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -27,8 +27,9 @@ SEEDS = [11, 22, 33]
 def _rollout(pipe):
     samples = []
     for i, prompt in enumerate(PROMPTS):  # different SDE windows per prompt
-        params = DiffusionSamplingParams(num_inference_steps=4, height=32, width=32, sde_window_size=2,
-                                         window_start=i, guidance_scale=2.0)
+        params = DiffusionSamplingParams(
+            num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
+        )
         samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
     raw = np.empty(len(samples), dtype=object)
     for i in range(len(samples)):
@@ -42,6 +43,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.e2e
 def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_image_rl_pipe, tiny_qwen_image_dir):
     model = model_config(tiny_qwen_image_dir)
     rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
@@ -87,9 +89,12 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         loop.close()
 
 
+@pytest.mark.e2e
 def test_hybrid_trainer_syncs_by_checksum_and_resumes(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     overrides = {"actor_rollout_ref.hybrid_engine": True, "trainer.n_gpus_per_node": 2, "trainer.save_freq": 1}
-    cfg = trainer_config(ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 2})
+    cfg = trainer_config(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 2}
+    )
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         assert len(trainer.servers.replicas) == 2  # one replica (and one actor rank) per device
@@ -102,7 +107,9 @@ def test_hybrid_trainer_syncs_by_checksum_and_resumes(ray_session, ocr_data_file
         trainer.shutdown()
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_2")
 
-    cfg3 = trainer_config(ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3})
+    cfg3 = trainer_config(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3}
+    )
     resumed = FlowGRPOTrainer(cfg3).init()
     try:
         assert resumed.global_step == 2

@@ -15,11 +15,18 @@ CHECK = (
 
 def test_plain_import_of_verl_registers_our_replicas():
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["VllmOmniReplica", "DiffusersReplica", "verl_omni.agent_loop.diffusion_agent_loop.DiffusionAgentLoop"]
+    assert out == [
+        "VllmOmniReplica",
+        "DiffusersReplica",
+        "verl_omni.agent_loop.diffusion_agent_loop.DiffusionAgentLoop",
+    ]
 
 
 def test_readme_check_prints_our_class():
-    code = "import verl_omni; from verl.workers.rollout.replica import RolloutReplicaRegistry as R; print(R.get('vllm_omni'))"
+    code = (
+        "import verl_omni; from verl.workers.rollout.replica import RolloutReplicaRegistry as R; "
+        "print(R.get('vllm_omni'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "verl_omni.rollout.replica.VllmOmniReplica" in out
 
@@ -36,7 +43,10 @@ def test_registry_lookup_inside_a_fresh_ray_worker_goes_through_verls_plugin_hoo
         after = "verl_omni" in worker_sys.modules
         from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-        names = RolloutReplicaRegistry.get("vllm_omni").__qualname__, RolloutReplicaRegistry.get("diffusers").__qualname__
+        names = (
+            RolloutReplicaRegistry.get("vllm_omni").__qualname__,
+            RolloutReplicaRegistry.get("diffusers").__qualname__,
+        )
         return before, after, names
 
     before, after, names = ray.get(lookup.remote())

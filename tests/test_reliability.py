@@ -11,24 +11,29 @@ import pandas as pd
 import pytest
 import ray
 import torch
-
 from helpers import make_config, start_servers, trainer_config
+
+from verl_omni.core.errors import NonFiniteError
+from verl_omni.models.lora import LoRASpec, add_lora_adapter
 from verl_omni.trainer.checkpoint import LATEST, find_latest_checkpoint, save_checkpoint
 from verl_omni.trainer.data import PromptDataset
-from verl_omni.core.errors import NonFiniteError
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
-from verl_omni.models.lora import LoRASpec, add_lora_adapter
-
 
 
 def _cfg(ocr_data_files, model_dir, out_dir, **extra):
     return trainer_config(ocr_data_files, model_dir, out_dir, **{"trainer.save_freq": 1, **extra})
 
 
-def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ray_session, ocr_data_files,
-                                                                                tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})
+@pytest.mark.e2e
+def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
+    cfg = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{"trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8},
+    )
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         trainer.train_step(1)
@@ -48,8 +53,14 @@ def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ra
         trainer.shutdown()
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_1")  # untouched by the failed step
 
-    resumed = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8})).init()
+    resumed = FlowGRPOTrainer(
+        _cfg(
+            ocr_data_files,
+            tiny_qwen_image_dir,
+            tmp_path,
+            **{"trainer.total_training_steps": 3, "actor_rollout_ref.rollout.pipeline.num_inference_steps": 8},
+        )
+    ).init()
     try:
         assert resumed.global_step == 1
         assert all(torch.equal(saved[k], v) for k, v in resumed.actor.lora_state_dict().items())
@@ -59,14 +70,21 @@ def test_engine_killed_mid_rollout_fails_fast_and_resume_loses_only_that_step(ra
         resumed.shutdown()
 
 
+@pytest.mark.e2e
 def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     for policy in ("skip", "stop"):
         out = tmp_path / policy
-        trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, out, **{
-            "trainer.total_training_steps": 3, "trainer.nan_policy": policy})).init()
+        trainer = FlowGRPOTrainer(
+            _cfg(
+                ocr_data_files,
+                tiny_qwen_image_dir,
+                out,
+                **{"trainer.total_training_steps": 3, "trainer.nan_policy": policy},
+            )
+        ).init()
         real_rollout = trainer.rollout
 
-        def poisoned(step, validate=False):
+        def poisoned(step, validate=False, real_rollout=real_rollout):
             output = real_rollout(step, validate)
             if step == 2:
                 output.batch["old_log_probs"][5, 0] = float("nan")
@@ -82,7 +100,7 @@ def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, ocr_data_
             lora_per_step = {}
             original_save = trainer.save
 
-            def save(step):
+            def save(step, trainer=trainer, lora_per_step=lora_per_step, original_save=original_save):
                 lora_per_step[step] = trainer.actor.lora_state_dict()
                 return original_save(step)
 
@@ -95,10 +113,18 @@ def test_nan_policy_skip_refuses_the_step_and_stop_raises(ray_session, ocr_data_
             trainer.shutdown()
 
 
-def test_nan_policy_skip_stops_after_too_many_refused_steps_in_a_row(ray_session, ocr_data_files,
-                                                                     tiny_qwen_image_dir, tmp_path):
-    trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "trainer.total_training_steps": 6, "trainer.nan_policy": "skip", "trainer.max_consecutive_skips": 2})).init()
+@pytest.mark.e2e
+def test_nan_policy_skip_stops_after_too_many_refused_steps_in_a_row(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
+    trainer = FlowGRPOTrainer(
+        _cfg(
+            ocr_data_files,
+            tiny_qwen_image_dir,
+            tmp_path,
+            **{"trainer.total_training_steps": 6, "trainer.nan_policy": "skip", "trainer.max_consecutive_skips": 2},
+        )
+    ).init()
     real_rollout = trainer.rollout
 
     def diverged(step, validate=False):  # every step from 2 on is non-finite: the run cannot learn any more
@@ -116,6 +142,7 @@ def test_nan_policy_skip_stops_after_too_many_refused_steps_in_a_row(ray_session
         trainer.shutdown()
 
 
+@pytest.mark.e2e
 def test_validation_over_several_calls_with_prompts_of_different_lengths(ray_session, tiny_qwen_image_dir, tmp_path):
     import sys as _sys
 
@@ -123,9 +150,19 @@ def test_validation_over_several_calls_with_prompts_of_different_lengths(ray_ses
     from qwenimage_ocr import write_ocr_parquet
 
     files = write_ocr_parquet(str(tmp_path / "data"), 8, 6, 3)
-    trainer = FlowGRPOTrainer(_cfg(files, tiny_qwen_image_dir, tmp_path / "run", **{
-        "data.val_batch_size": 2, "data.val_max_samples": 6, "trainer.test_freq": 1,
-        "trainer.total_training_steps": 1})).init()
+    trainer = FlowGRPOTrainer(
+        _cfg(
+            files,
+            tiny_qwen_image_dir,
+            tmp_path / "run",
+            **{
+                "data.val_batch_size": 2,
+                "data.val_max_samples": 6,
+                "trainer.test_freq": 1,
+                "trainer.total_training_steps": 1,
+            },
+        )
+    ).init()
     try:
         output = trainer.rollout(1, validate=True)  # 3 calls, each padding its prompts to its own longest one
         assert len(output) == 6 and output.batch["images"].shape[0] == 6
@@ -139,9 +176,14 @@ def test_four_replicas_on_one_host_get_distinct_ports_even_when_one_is_taken(ray
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     base = blocker.getsockname()[1]
-    cfg = make_config({"actor_rollout_ref.model.path": tiny_qwen_image_dir, "actor_rollout_ref.model.lora_rank": 4,
-                       "trainer.n_gpus_per_node": 4,
-                       "actor_rollout_ref.rollout.server_port_base": base})
+    cfg = make_config(
+        {
+            "actor_rollout_ref.model.path": tiny_qwen_image_dir,
+            "actor_rollout_ref.model.lora_rank": 4,
+            "trainer.n_gpus_per_node": 4,
+            "actor_rollout_ref.rollout.server_port_base": base,
+        }
+    )
     loop = asyncio.new_event_loop()
     _, manager, _ = start_servers(loop, cfg)
     try:
@@ -194,9 +236,16 @@ def test_bad_data_files_are_named(tmp_path):
         PromptDataset(str(tmp_path / "missing.parquet"))
 
 
+@pytest.mark.e2e
 def test_validation_writes_a_grid_image(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
-    trainer = FlowGRPOTrainer(_cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "trainer.total_training_steps": 1, "trainer.test_freq": 1, "trainer.save_freq": -1})).init()
+    trainer = FlowGRPOTrainer(
+        _cfg(
+            ocr_data_files,
+            tiny_qwen_image_dir,
+            tmp_path,
+            **{"trainer.total_training_steps": 1, "trainer.test_freq": 1, "trainer.save_freq": -1},
+        )
+    ).init()
     try:
         trainer.fit()
     finally:
@@ -208,8 +257,8 @@ def test_validation_writes_a_grid_image(ray_session, ocr_data_files, tiny_qwen_i
     # and 64 + 36 px high (image + two caption lines).
     assert grid.shape == (64 + 36, 4 * 192, 3)
     for cell in range(4):
-        image = grid[:64, cell * 192:cell * 192 + 64]
-        caption = grid[64:, cell * 192:(cell + 1) * 192]
+        image = grid[:64, cell * 192 : cell * 192 + 64]
+        caption = grid[64:, cell * 192 : (cell + 1) * 192]
         assert image.std() > 0, f"cell {cell}: no image pasted"
         assert (caption.sum(-1) < 200).any(), f"cell {cell}: no caption text"
-        assert (grid[:64, cell * 192 + 64:(cell + 1) * 192] == 255).all(), f"cell {cell}: blank margin expected"
+        assert (grid[:64, cell * 192 + 64 : (cell + 1) * 192] == 255).all(), f"cell {cell}: blank margin expected"

@@ -60,8 +60,11 @@ def test_bad_params_are_refused_naming_the_field(model_limits, changes, field):
 def test_max_sequence_length_is_the_pipelines_own_limit(model_limits):
     """The limit is the model's (1024 text tokens for Qwen-Image, 512 T5 tokens for SD3), not a shared constant."""
     _validate(model_limits, max_sequence_length=model_limits.max_sequence_length)
-    with pytest.raises(ValueError, match=f"max_sequence_length={model_limits.max_sequence_length + 1} must be <= "
-                                         f"{model_limits.max_sequence_length}"):
+    with pytest.raises(
+        ValueError,
+        match=f"max_sequence_length={model_limits.max_sequence_length + 1} must be <= "
+        f"{model_limits.max_sequence_length}",
+    ):
         _validate(model_limits, max_sequence_length=model_limits.max_sequence_length + 1)
 
 

@@ -95,8 +95,11 @@ def test_scores_come_back_in_order_from_chunks_sent_with_bounded_concurrency(ser
     np.testing.assert_array_equal(result.per_reward["http"], expected)  # PNG is lossless: the exact pixels
     assert sorted(len(r["images"]) for r in service.requests) == [1, 2, 2, 2]
     assert service.max_in_flight <= 2
-    sent = sorted((p, m["extra_info"]["index"], m["reward_model"]["ground_truth"])
-                  for r in service.requests for p, m in zip(r["prompts"], r["metadata"], strict=True))
+    sent = sorted(
+        (p, m["extra_info"]["index"], m["reward_model"]["ground_truth"])
+        for r in service.requests
+        for p, m in zip(r["prompts"], r["metadata"], strict=True)
+    )
     assert sent == [(f"prompt {i}", i, f"gt{i}") for i in range(7)]
 
 

@@ -97,10 +97,21 @@ def test_an_offloaded_scorer_refuses_to_score_until_onloaded(tiny_clip_dir):
 
 def test_model_entries_through_the_manager_and_their_key_checks(tiny_clip_dir):
     images = sample_images()
-    manager = RewardManager({"rewards": [
-        {"name": "pickscore", "path": tiny_clip_dir, "weight": 0.5, "batch_size": 2, "device": "cpu", "num_gpus": 0},
-        {"name": "clipscore", "path": tiny_clip_dir, "processor_path": tiny_clip_dir, "dtype": "float32"},
-    ]})
+    manager = RewardManager(
+        {
+            "rewards": [
+                {
+                    "name": "pickscore",
+                    "path": tiny_clip_dir,
+                    "weight": 0.5,
+                    "batch_size": 2,
+                    "device": "cpu",
+                    "num_gpus": 0,
+                },
+                {"name": "clipscore", "path": tiny_clip_dir, "processor_path": tiny_clip_dir, "dtype": "float32"},
+            ]
+        }
+    )
     result = manager(images, PROMPTS, None)
     np.testing.assert_allclose(result.per_reward["pickscore"], CLIPScorer(tiny_clip_dir)(images, PROMPTS), rtol=1e-6)
     np.testing.assert_allclose(result.total, 0.5 * result.per_reward["pickscore"] + result.per_reward["clipscore"])
@@ -131,8 +142,9 @@ def _build_prompt_length_model(offset: float = 0.0):
 
 def _score_concurrently(actor, prompt_sets):
     async def run():
-        return await asyncio.gather(*[actor.score([None] * len(ps), ps, [{}] * len(ps)) for ps in prompt_sets],
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *[actor.score([None] * len(ps), ps, [{}] * len(ps)) for ps in prompt_sets], return_exceptions=True
+        )
 
     return asyncio.run(run())
 

@@ -37,13 +37,25 @@ def render_text(text: str, size=(256, 96)) -> np.ndarray:
 
 def batch_of_six():
     rng = np.random.default_rng(0)
-    images = [render_text("Open Cafe"), render_text("Tiger"), np.full((96, 256, 3), 255, np.uint8),
-              np.full((96, 256, 3), 30, np.uint8), rng.integers(0, 256, (96, 256, 3), dtype=np.uint8),
-              rng.integers(0, 256, (96, 256, 3), dtype=np.uint8)]
-    prompts = ['a sign that says "Open Cafe"', 'a poster titled "Tiger"', 'a page that says "Blank"',
-               'a night sky with "Stars"', 'noise that says "Static"', 'more noise with "Snow"']
-    metadata = [{"reward_model": {"ground_truth": None}, "data_source": "ocr", "extra_info": {"index": i}}
-                for i in range(6)]
+    images = [
+        render_text("Open Cafe"),
+        render_text("Tiger"),
+        np.full((96, 256, 3), 255, np.uint8),
+        np.full((96, 256, 3), 30, np.uint8),
+        rng.integers(0, 256, (96, 256, 3), dtype=np.uint8),
+        rng.integers(0, 256, (96, 256, 3), dtype=np.uint8),
+    ]
+    prompts = [
+        'a sign that says "Open Cafe"',
+        'a poster titled "Tiger"',
+        'a page that says "Blank"',
+        'a night sky with "Stars"',
+        'noise that says "Static"',
+        'more noise with "Snow"',
+    ]
+    metadata = [
+        {"reward_model": {"ground_truth": None}, "data_source": "ocr", "extra_info": {"index": i}} for i in range(6)
+    ]
     return images, prompts, metadata
 
 
@@ -54,9 +66,12 @@ def reward_config(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pool")
     (folder / "guarded.py").write_text(GUARDED_REWARD)
     return {
-        "rewards": [{"name": "brightness", "weight": 1.0}, {"name": "jpeg", "weight": 0.5},
-                    {"name": "ocr", "weight": 2.0},
-                    {"name": "pickscore", "path": build_tiny_clip(folder / "clip"), "weight": 0.1, "num_gpus": 0}],
+        "rewards": [
+            {"name": "brightness", "weight": 1.0},
+            {"name": "jpeg", "weight": 0.5},
+            {"name": "ocr", "weight": 2.0},
+            {"name": "pickscore", "path": build_tiny_clip(folder / "clip"), "weight": 0.1, "num_gpus": 0},
+        ],
         "custom_reward_function": {"path": str(folder / "guarded.py"), "name": "guarded", "weight": 1.0},
         "num_workers": 2,  # a placement key: RewardManager ignores it
     }
@@ -84,8 +99,10 @@ def test_scoring_groups_one_by_one_on_the_pool_equals_post_hoc_scoring(pool, rew
     post_hoc = RewardManager(reward_config)(images, prompts, metadata)
     assert post_hoc.per_reward["ocr"][0] >= 0.9 and post_hoc.per_reward["ocr"][2] == 0.0  # OCR really ran
 
-    futures = [pool.submit(images[s:s + 2], prompts[s:s + 2], metadata[s:s + 2], sample_ids=[s, s + 1])
-               for s in range(0, 6, 2)]
+    futures = [
+        pool.submit(images[s : s + 2], prompts[s : s + 2], metadata[s : s + 2], sample_ids=[s, s + 1])
+        for s in range(0, 6, 2)
+    ]
     # each group of 2 is split over the 2 workers, so a rollout's last group does not wait on one worker
     assert [f.worker_indices for f in futures] == [[0, 1]] * 3
     streamed = RewardPool.gather(futures)
@@ -93,7 +110,7 @@ def test_scoring_groups_one_by_one_on_the_pool_equals_post_hoc_scoring(pool, rew
     assert set(streamed.seconds) == set(post_hoc.per_reward) and all(s > 0 for s in streamed.seconds.values())
 
     async def await_all():  # how an agent-loop worker (an asyncio actor) waits for its groups
-        return [await pool.submit(images[s:s + 3], prompts[s:s + 3], metadata[s:s + 3]) for s in (0, 3)]
+        return [await pool.submit(images[s : s + 3], prompts[s : s + 3], metadata[s : s + 3]) for s in (0, 3)]
 
     assert_same_scores(type(streamed).concat(asyncio.run(await_all())), post_hoc)
 
@@ -104,7 +121,7 @@ def test_a_raising_reward_in_a_worker_names_the_reward_the_sample_and_its_prompt
     with pytest.raises(RewardComputationError) as err:
         pool.submit(images[:3], prompts, None, sample_ids=[40, 41, 42]).result()
     message = str(err.value)
-    assert "custom/guarded" in message and "sample 42" in message and "the \"four\" of us" in message
+    assert "custom/guarded" in message and "sample 42" in message and 'the "four" of us' in message
     assert "ValueError: four is not allowed" in message
 
 

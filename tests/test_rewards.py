@@ -69,14 +69,17 @@ def test_redness_separates_red_from_grey():
 def test_custom_reward_function_loaded_from_a_file(tmp_path):
     path = tmp_path / "my_reward.py"
     path.write_text(
-        "def prompt_length(images, prompts, metadata, scale=1.0):\n"
-        "    return [scale * len(p) for p in prompts]\n"
+        "def prompt_length(images, prompts, metadata, scale=1.0):\n    return [scale * len(p) for p in prompts]\n"
     )
     manager = RewardManager(
         {
             "rewards": [{"name": "brightness", "weight": 1.0}],
-            "custom_reward_function": {"path": str(path), "name": "prompt_length", "weight": 0.5,
-                                       "reward_kwargs": {"scale": 2.0}},
+            "custom_reward_function": {
+                "path": str(path),
+                "name": "prompt_length",
+                "weight": 0.5,
+                "reward_kwargs": {"scale": 2.0},
+            },
         }
     )
     result = manager([flat(255), flat(0)], ["abc", "a"], None)
@@ -128,9 +131,7 @@ def test_a_raising_reward_names_the_reward_and_the_offending_sample(tmp_path):
 
 
 def test_a_non_finite_reward_is_an_error_naming_the_sample(tmp_path):
-    manager = _custom_manager(
-        tmp_path, "def score(images, prompts, metadata):\n    return [0.0, float('nan'), 1.0]\n"
-    )
+    manager = _custom_manager(tmp_path, "def score(images, prompts, metadata):\n    return [0.0, float('nan'), 1.0]\n")
     with pytest.raises(RewardComputationError, match=r"custom/score.*sample 1 = nan.*'middle'"):
         manager([flat(0)] * 3, ["first", "middle", "last"], None)
 
@@ -173,8 +174,11 @@ def test_ocr_on_an_image_without_text_scores_zero():
 
 
 def test_ocr_scores_the_ground_truth_from_the_trainers_metadata_over_the_prompts_quoted_text():
-    meta = {"reward_model": {"style": "rule", "ground_truth": "Golden Tiger"}, "data_source": "ocr",
-            "extra_info": {"index": 0}}
+    meta = {
+        "reward_model": {"style": "rule", "ground_truth": "Golden Tiger"},
+        "data_source": "ocr",
+        "extra_info": {"index": 0},
+    }
     image = render_text("Golden Tiger")
     prompt = 'A poster titled "Silver Moon"'
     assert get_reward_fn("ocr")([image], [prompt], [meta])[0] >= 0.9
@@ -225,8 +229,9 @@ def test_jpeg_compressibility_prefers_a_flat_image_to_noise():
     ],
 )
 def test_a_reward_returning_non_numbers_is_an_error_naming_the_sample(tmp_path, returned, bad_index, type_name):
-    manager = _custom_manager(tmp_path, f"import numpy as np\ndef score(images, prompts, metadata):\n"
-                                        f"    return {returned}\n")
+    manager = _custom_manager(
+        tmp_path, f"import numpy as np\ndef score(images, prompts, metadata):\n    return {returned}\n"
+    )
     prompts = ["first", "second", "third"]
     with pytest.raises(RewardComputationError) as err:
         manager([flat(0)] * 3, prompts, None)
@@ -235,11 +240,19 @@ def test_a_reward_returning_non_numbers_is_an_error_naming_the_sample(tmp_path, 
     assert type_name in message
 
 
-@pytest.mark.parametrize("returned", ["[1, 2.5, np.float32(0.25)]", "np.array([1, 2.5, 0.25], dtype=np.float32)",
-                                      "torch.tensor([1.0, 2.5, 0.25], dtype=torch.bfloat16)", "(1, 2.5, 0.25)"])
+@pytest.mark.parametrize(
+    "returned",
+    [
+        "[1, 2.5, np.float32(0.25)]",
+        "np.array([1, 2.5, 0.25], dtype=np.float32)",
+        "torch.tensor([1.0, 2.5, 0.25], dtype=torch.bfloat16)",
+        "(1, 2.5, 0.25)",
+    ],
+)
 def test_real_numbers_of_every_usual_container_are_accepted(tmp_path, returned):
-    manager = _custom_manager(tmp_path, f"import numpy as np, torch\ndef score(images, prompts, metadata):\n"
-                                        f"    return {returned}\n")
+    manager = _custom_manager(
+        tmp_path, f"import numpy as np, torch\ndef score(images, prompts, metadata):\n    return {returned}\n"
+    )
     result = manager([flat(0)] * 3, ["a", "b", "c"], None)
     np.testing.assert_array_equal(result.per_reward["custom/score"], [1.0, 2.5, 0.25])
     assert result.per_reward["custom/score"].dtype == np.float64
@@ -252,8 +265,9 @@ def test_a_reward_returning_a_string_instead_of_a_list_is_an_error(tmp_path):
 
 
 def test_errors_name_the_callers_sample_ids_and_seconds_are_recorded(tmp_path):
-    manager = _custom_manager(tmp_path, "def score(images, prompts, metadata):\n"
-                                        "    return [1.0 / (len(p) - 4) for p in prompts]\n")
+    manager = _custom_manager(
+        tmp_path, "def score(images, prompts, metadata):\n    return [1.0 / (len(p) - 4) for p in prompts]\n"
+    )
     with pytest.raises(RewardComputationError, match=r"sample 41 \(prompt 'four'\)"):
         manager([flat(0)] * 2, ["three", "four"], None, sample_ids=[40, 41])
     result = RewardManager({"rewards": [{"name": "brightness"}]})([flat(0)], ["a"], None)

@@ -46,15 +46,30 @@ def test_rollout_log_prob_equals_trainer_recomputation(pipe, sde_type, guidance_
         for i in range(out.batch_size):  # per-sample micro-batches, as the trainer may regroup samples
             rows = slice(i, i + 1)
             with torch.enable_grad():  # the trainer's path: gradients allowed
-                velocity = pipe.predict_velocity(out.latents[rows, t], out.timesteps[t], _cond(out, rows),
-                                                 guidance_scale, params.height, params.width)
+                velocity = pipe.predict_velocity(
+                    out.latents[rows, t],
+                    out.timesteps[t],
+                    _cond(out, rows),
+                    guidance_scale,
+                    params.height,
+                    params.width,
+                )
             assert velocity.requires_grad
-            recomputed = compute_log_prob(velocity.detach(), out.latents[rows, t], out.latents[rows, t + 1],
-                                          out.sigmas[t], out.sigmas[t + 1], noise_level=params.noise_level,
-                                          sde_type=sde_type, sigma_max=sigma_max)
+            recomputed = compute_log_prob(
+                velocity.detach(),
+                out.latents[rows, t],
+                out.latents[rows, t + 1],
+                out.sigmas[t],
+                out.sigmas[t + 1],
+                noise_level=params.noise_level,
+                sde_type=sde_type,
+                sigma_max=sigma_max,
+            )
             max_err = max(max_err, (recomputed - out.log_probs[rows, t]).abs().max().item())
-    print(f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob "
-          f"max abs err {max_err:.2e}")
+    print(
+        f"[{type(pipe).__name__} {sde_type} cfg={guidance_scale}] rollout vs recomputed log-prob "
+        f"max abs err {max_err:.2e}"
+    )
     assert max_err < 1e-5
 
 
@@ -65,8 +80,10 @@ def test_batched_call_equals_single_calls_with_the_same_seeds(pipe):
     pixel = max((batched.images[i].int() - o.images[0].int()).abs().max().item() for i, o in enumerate(singles))
     latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
     logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
-    print(f"[{type(pipe).__name__}] B=4 vs 4xB=1: max pixel diff {pixel}, max latent diff {latent:.2e}, "
-          f"max log-prob diff {logp:.2e}")
+    print(
+        f"[{type(pipe).__name__}] B=4 vs 4xB=1: max pixel diff {pixel}, max latent diff {latent:.2e}, "
+        f"max log-prob diff {logp:.2e}"
+    )
     assert pixel <= 1 and latent < 1e-4
     # Different seeds really give different samples (so the check above is not vacuous).
     assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1
@@ -105,10 +122,16 @@ def _stock_qwen(pipe, x_t, params):
     # The trap: the stock class hard-codes 34 template tokens (right only for the real tokenizer).
     assert stock.prompt_template_encode_start_idx == STOCK_TEMPLATE_START_IDX != pipe.prompt_template_encode_start_idx
     stock.prompt_template_encode_start_idx = pipe.prompt_template_encode_start_idx
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
-              num_inference_steps=params.num_inference_steps,
-              latents=x_t, max_sequence_length=params.max_sequence_length, true_cfg_scale=params.guidance_scale,
-              negative_prompt=[""] * x_t.shape[0] if params.guidance_scale > 1 else None)
+    kw = dict(
+        prompt=[PROMPT] * x_t.shape[0],
+        height=params.height,
+        width=params.width,
+        num_inference_steps=params.num_inference_steps,
+        latents=x_t,
+        max_sequence_length=params.max_sequence_length,
+        true_cfg_scale=params.guidance_scale,
+        negative_prompt=[""] * x_t.shape[0] if params.guidance_scale > 1 else None,
+    )
     latents = stock(**kw, output_type="latent").images
     images = stock(**kw, output_type="np").images
     return latents, images
@@ -117,9 +140,15 @@ def _stock_qwen(pipe, x_t, params):
 def _stock_sd3(pipe, x_t, params):
     stock = StableDiffusion3Pipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
-    kw = dict(prompt=[PROMPT] * x_t.shape[0], height=params.height, width=params.width,
-              num_inference_steps=params.num_inference_steps,
-              latents=x_t, max_sequence_length=params.max_sequence_length, guidance_scale=params.guidance_scale)
+    kw = dict(
+        prompt=[PROMPT] * x_t.shape[0],
+        height=params.height,
+        width=params.width,
+        num_inference_steps=params.num_inference_steps,
+        latents=x_t,
+        max_sequence_length=params.max_sequence_length,
+        guidance_scale=params.guidance_scale,
+    )
     return stock(**kw, output_type="latent").images, stock(**kw, output_type="np").images
 
 
@@ -132,8 +161,10 @@ def test_noise_level_zero_reproduces_the_stock_diffusers_pipeline(pipe, guidance
     latents, images = stock(pipe, out.latents[:, 0], params)
     latent_err = (out.latents[:, -1] - latents).abs().max().item()
     pixel_err = np.abs(out.images.numpy().astype(int) - (images * 255).round().astype(int)).max()
-    print(f"[{type(pipe).__name__} cfg={guidance_scale}] noise_level=0 vs stock diffusers: "
-          f"max latent diff {latent_err:.2e}, max pixel diff {pixel_err}")
+    print(
+        f"[{type(pipe).__name__} cfg={guidance_scale}] noise_level=0 vs stock diffusers: "
+        f"max latent diff {latent_err:.2e}, max pixel diff {pixel_err}"
+    )
     assert latent_err < 1e-5 and pixel_err <= 1
 
 
@@ -141,8 +172,9 @@ def test_initial_noise_matches_diffusers_with_per_sample_generators(pipe):
     """x_T is what the stock prepare_latents draws from a list of per-sample generators seeded with the seeds."""
     out = pipe.rl_generate(PROMPT, SEEDS[:3], _params(num_inference_steps=2, sde_window_size=0, window_start=None))
     channels = pipe.transformer.config.in_channels // (4 if "Qwen" in type(pipe).__name__ else 1)
-    expected = pipe.prepare_latents(3, channels, 64, 64, torch.float32, torch.device("cpu"),
-                                    [torch.Generator().manual_seed(s) for s in SEEDS[:3]])
+    expected = pipe.prepare_latents(
+        3, channels, 64, 64, torch.float32, torch.device("cpu"), [torch.Generator().manual_seed(s) for s in SEEDS[:3]]
+    )
     assert torch.equal(out.latents[:, 0], expected)
 
 
@@ -175,14 +207,16 @@ def test_output_shapes_and_types(pipe):
 def test_one_step_with_shift_terminal_is_rejected_before_compute(qwen_image_rl_pipe, monkeypatch):
     """What the scheduler math rejects is the pipeline's only own check: the schedule comes first, so it raises
     before the text encoder, the latents or the transformer run."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("compute ran before the schedule was checked")
 
     for hook in ("encode_conditions", "prepare_rl_latents", "predict_velocity"):
         monkeypatch.setattr(qwen_image_rl_pipe, hook, forbidden)
     with pytest.raises(ValueError, match="shift_terminal"):  # stock diffusers would produce NaN sigmas
-        qwen_image_rl_pipe.rl_generate(PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0,
-                                                            window_start=None))
+        qwen_image_rl_pipe.rl_generate(
+            PROMPT, [1], _params(num_inference_steps=1, sde_window_size=0, window_start=None)
+        )
 
 
 def test_interrupt_stops_between_steps(pipe, monkeypatch):
@@ -261,7 +295,8 @@ def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
     """An attention function with the flash-kernel signature ([B, S, H, D] in and out), through SDPA, counting calls."""
     _sdpa_bshd.calls += 1
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale
+    )
     return out.transpose(1, 2), None  # like FA3: (out, lse)
 
 
@@ -280,8 +315,12 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
     layers, steps = pipe.transformer.config.num_layers, _params().num_inference_steps
     # (negative prompt, batch_cfg, kernel calls per forward-step: unmasked transformer calls x layers)
     cases = [(same_length, True, 1 * layers), (longer, True, 0), (longer, False, 2 * layers)]
-    stock = {case: pipe.rl_generate(PROMPT, SEEDS[:2], _params(guidance_scale=2.0, negative_prompt=case[0],
-                                                               batch_cfg=case[1])) for case in cases}
+    stock = {
+        case: pipe.rl_generate(
+            PROMPT, SEEDS[:2], _params(guidance_scale=2.0, negative_prompt=case[0], batch_cfg=case[1])
+        )
+        for case in cases
+    }
     _sdpa_bshd.calls = 0
     changed = pipe.use_attention_function(_sdpa_bshd)
     assert changed == layers > 0
@@ -307,8 +346,10 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
     latents = reference.latents[:, 1].to(pipe.transformer.dtype)
     cond = Conditioning(
         prompt_embeds=torch.cat([reference.prompt_embeds, torch.zeros_like(reference.prompt_embeds[:, :3])], 1),
-        prompt_embeds_mask=torch.cat([reference.prompt_embeds_mask,
-                                      torch.zeros_like(reference.prompt_embeds_mask[:, :3])], 1))
+        prompt_embeds_mask=torch.cat(
+            [reference.prompt_embeds_mask, torch.zeros_like(reference.prompt_embeds_mask[:, :3])], 1
+        ),
+    )
     masked = pipe.predict_velocity(latents, reference.timesteps[1], cond, 1.0, 64, 64)
     assert _sdpa_bshd.calls == 0 and torch.isfinite(masked).all()
 
@@ -334,4 +375,3 @@ def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
     # a video-shaped input (3 frames) still takes the 3D path of the switched convs
     video = pipe.vae.decode(unpacked.repeat(1, 1, 3, 1, 1) * std + mean, return_dict=False)[0]
     assert video.shape[2] > 1 and torch.isfinite(video).all()
-

@@ -27,8 +27,12 @@ HOLDER = textwrap.dedent("""
 
 
 def _start(directory, seconds=120):
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), str(seconds), run_lock.__file__],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory), str(seconds), run_lock.__file__],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_second_trainer_is_refused_then_takes_over_after_the_owner_is_killed(tmp_path):
@@ -93,6 +97,7 @@ def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch, capsys):
 
 def test_the_trainer_refuses_a_run_directory_in_use_before_starting_anything(tmp_path):
     from helpers import make_config
+
     from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 
     cfg = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "trainer.default_local_dir": str(tmp_path)})

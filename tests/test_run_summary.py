@@ -24,9 +24,13 @@ def test_summary_reports_start_end_change_and_the_newest_outputs(tmp_path):
     assert "reward/total/mean at step 4: 0.5000 (std over its images 0.0020)" in text
     assert "reward/total/mean at step 10: 0.6200; mean of the last 5 steps: 0.5800" in text
     assert "change (last-5 mean - step 4): +0.0800 = +40.0 x the step-4 std" in text
-    for line in (f"reward curve:    {tmp_path / CURVE_FILE}", f"sample images:   {tmp_path / 'samples/train_step_10'}",
-                 f"validation grid: {tmp_path / 'validation/step_10.png'}", f"checkpoint:      {tmp_path / 'global_step_10'}",
-                 f"tensorboard:     {tmp_path / 'tensorboard'}"):
+    for line in (
+        f"reward curve:    {tmp_path / CURVE_FILE}",
+        f"sample images:   {tmp_path / 'samples/train_step_10'}",
+        f"validation grid: {tmp_path / 'validation/step_10.png'}",
+        f"checkpoint:      {tmp_path / 'global_step_10'}",
+        f"tensorboard:     {tmp_path / 'tensorboard'}",
+    ):
         assert line in text, text
 
 
@@ -35,7 +39,7 @@ def test_reward_curve_png_draws_the_rising_line(tmp_path):
     _plot_with_pillow([1, 2, 3], [0.1, 0.2, 0.3], [0.01, 0.01, 0.01], path)
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert pixels.shape == (360, 640, 3)
-    line = np.argwhere((abs(pixels - (31, 119, 180)).sum(axis=2) < 10))  # the curve's colour
+    line = np.argwhere(abs(pixels - (31, 119, 180)).sum(axis=2) < 10)  # the curve's colour
     assert len(line) > 100
     # Rising rewards: the leftmost curve pixels sit lower in the image (larger y) than the rightmost.
     left, right = line[line[:, 1] < line[:, 1].min() + 5], line[line[:, 1] > line[:, 1].max() - 5]

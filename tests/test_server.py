@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import ray
 import torch
-
 from helpers import model_config, rollout_config
+
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.rollout.ports import reserve_socket
 from verl_omni.rollout.request import ModelLimits
@@ -24,10 +24,17 @@ SP = {"num_inference_steps": 4, "height": 64, "width": 64}
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_qwen_image_dir):
-    limits = {"max_num_outputs_per_prompt": 8, "max_pixels": 128 * 128, "max_inference_steps": 20,
-              "max_prompt_chars": 200}
-    actor = ray.remote(DiffusionHttpServer).options(num_cpus=0).remote(
-        model_config(tiny_qwen_image_dir), rollout_config(limits=limits), 0)
+    limits = {
+        "max_num_outputs_per_prompt": 8,
+        "max_pixels": 128 * 128,
+        "max_inference_steps": 20,
+        "max_prompt_chars": 200,
+    }
+    actor = (
+        ray.remote(DiffusionHttpServer)
+        .options(num_cpus=0)
+        .remote(model_config(tiny_qwen_image_dir), rollout_config(limits=limits), 0)
+    )
     ray.get(actor.launch_server.remote())
     yield actor
     ray.kill(actor)
@@ -80,8 +87,12 @@ def test_bad_requests_fail_before_the_engine_runs(server, n, seeds, match):
 @pytest.mark.parametrize(
     "prompt, params, match",
     [
-        (PROMPT, {**SP, "height": 256, "width": 128}, r"256 x 128 = 32768 pixels; the limit is 16384 "
-                                                      r"\(actor_rollout_ref.rollout.limits.max_pixels\)"),
+        (
+            PROMPT,
+            {**SP, "height": 256, "width": 128},
+            r"256 x 128 = 32768 pixels; the limit is 16384 "
+            r"\(actor_rollout_ref.rollout.limits.max_pixels\)",
+        ),
         (PROMPT, {**SP, "num_inference_steps": 21}, r"num_inference_steps=21; the limit is 20"),
         ("x" * 201, SP, r"prompt has 201 characters; the limit is 200"),
         ("   ", SP, "prompt is empty"),
@@ -116,8 +127,11 @@ def test_http_health_generate_and_unknown_keys(server):
     assert health == {"status": "ok", "engine": "diffusers", "replica_rank": 0}
 
     def post(body):
-        req = urllib.request.Request(f"http://{host}:{port}/v1/generate_batched", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://{host}:{port}/v1/generate_batched",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         return json.loads(urllib.request.urlopen(req, timeout=60).read())
 
     out = post({"prompt": PROMPT, "num_outputs_per_prompt": 2, "seeds": [1, 2], "sampling_params": SP})
@@ -129,9 +143,16 @@ def test_http_health_generate_and_unknown_keys(server):
 
 def test_lora_update_changes_images_and_survives_sleep_wake(server):
     base = ray.get(server.generate.remote("l0", PROMPT, 5, SP))
-    lora_keys = ray.get(server.__ray_call__.remote(lambda self: sorted(
-        __import__("verl_omni.models.lora", fromlist=["x"]).get_lora_state_dict(self.engine.pipe.transformer).items(),
-        key=lambda kv: kv[0])))
+    lora_keys = ray.get(
+        server.__ray_call__.remote(
+            lambda self: sorted(
+                __import__("verl_omni.models.lora", fromlist=["x"])
+                .get_lora_state_dict(self.engine.pipe.transformer)
+                .items(),
+                key=lambda kv: kv[0],
+            )
+        )
+    )
     gen = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in lora_keys}
     checksum = ray.get(server.update_lora.remote(tensors))
@@ -242,8 +263,11 @@ def test_launch_server_raises_when_uvicorn_never_starts(monkeypatch):
 
 
 def test_a_timed_out_request_is_stopped_in_the_engine_and_the_next_one_is_served(ray_session, tiny_qwen_image_dir):
-    actor = ray.remote(DiffusionHttpServer).options(num_cpus=0).remote(
-        model_config(tiny_qwen_image_dir), rollout_config(request_timeout_s=1.0), 0)
+    actor = (
+        ray.remote(DiffusionHttpServer)
+        .options(num_cpus=0)
+        .remote(model_config(tiny_qwen_image_dir), rollout_config(request_timeout_s=1.0), 0)
+    )
     try:
         ray.get(actor.launch_server.remote())
         slow = {"num_inference_steps": 100, "height": 128, "width": 128}  # tens of seconds on 2 cores

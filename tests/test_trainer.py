@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_config, trainer_config
+
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
@@ -63,16 +63,22 @@ LEARNING_CHECK_MARGIN = 0.007  # half the smallest measured gain: see the test
 def test_the_learning_check_trains_the_demo_recipe():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    words = [word for line in open(DEMO_SCRIPT) if not line.lstrip().startswith("#")
-             for word in shlex.split(line.rstrip().rstrip("\\"))]
+    words = [
+        word
+        for line in open(DEMO_SCRIPT)
+        if not line.lstrip().startswith("#")
+        for word in shlex.split(line.rstrip().rstrip("\\"))
+    ]
     recipe_words = [word for word in words if word.split("=", 1)[0] in DEMO_RECIPE]
     in_script = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(recipe_words)}
     assert {key: in_script.get(key) for key in DEMO_RECIPE} == DEMO_RECIPE
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
-def test_demo_recipe_raises_brightness_over_the_frozen_policy(ray_session, ocr_data_files, tiny_qwen_image_dir,
-                                                              tmp_path):
+def test_demo_recipe_raises_brightness_over_the_frozen_policy(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
     steps = LEARNING_CHECK_STEPS
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **DEMO_RECIPE, **{"trainer.total_training_steps": steps})
     last = list(range(steps - 4, steps + 1))
@@ -92,9 +98,11 @@ def test_demo_recipe_raises_brightness_over_the_frozen_policy(ray_session, ocr_d
     paired = [learned[k - 1] - frozen[k] for k in last]
     gain = sum(paired) / len(paired)
     step1_std = history[0]["reward/total/std"]
-    print(f"learning check: brightness over the frozen policy at steps {last[0]}..{steps}: mean {gain:+.4f} "
-          f"({gain / step1_std:.1f} x the step-1 std {step1_std:.4f}); paired gaps {[round(d, 4) for d in paired]}; "
-          f"frozen {[round(frozen[k], 4) for k in [1] + last]}; curve {[round(x, 4) for x in learned]}")
+    print(
+        f"learning check: brightness over the frozen policy at steps {last[0]}..{steps}: mean {gain:+.4f} "
+        f"({gain / step1_std:.1f} x the step-1 std {step1_std:.4f}); paired gaps {[round(d, 4) for d in paired]}; "
+        f"frozen {[round(frozen[k], 4) for k in [1] + last]}; curve {[round(x, 4) for x in learned]}"
+    )
     # Measured (trainer.seed 0 / 1 / 2, three LoRA initialisations and so three trajectories): mean gaps over
     # steps 16-20 of +0.0203 / +0.0138 / +0.0147 (10 / 6.8 / 7.3 x the step-1 std of 0.0020), every paired gap
     # positive. The margin, 0.007, is half the smallest (3.5 step-1 stds): a recipe that stops learning fails it
@@ -104,9 +112,13 @@ def test_demo_recipe_raises_brightness_over_the_frozen_policy(ray_session, ocr_d
     assert gain > LEARNING_CHECK_MARGIN
 
 
-def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path,
-                                                           capsys):
-    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1})
+@pytest.mark.e2e
+def test_weight_sync_checksums_and_resume_is_bit_identical(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys
+):
+    cfg = _cfg(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 2, "trainer.save_freq": 1}
+    )
     first, history, engine_sums = _train(cfg)
     lora = first.final_lora
     assert all(s == tensors_checksum(lora) for s in engine_sums)  # every replica serves the actor's adapter
@@ -114,7 +126,9 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data
     assert any(v.abs().sum() > 0 for v in lora.values())
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_2")
 
-    cfg3 = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 3, "trainer.save_freq": 1})
+    cfg3 = _cfg(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 3, "trainer.save_freq": 1}
+    )
     resumed = FlowGRPOTrainer(cfg3).init()
     try:
         assert resumed.global_step == 2
@@ -135,7 +149,7 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data
     # trainer.resume_on_damage=fallback); and a saved step >= trainer.total_training_steps is said, not silent.
     step3 = tmp_path / "global_step_3" / "lora.safetensors"
     data = bytearray(step3.read_bytes())
-    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
     step3.write_bytes(bytes(data))
     capsys.readouterr()
     again = FlowGRPOTrainer(cfg).init()
@@ -150,6 +164,7 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(ray_session, ocr_data
     assert "resumed at global step 2, which is >= trainer.total_training_steps=2" in out
 
 
+@pytest.mark.e2e
 def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"trainer.total_training_steps": 1})
     trainer = FlowGRPOTrainer(cfg).init()
@@ -195,27 +210,50 @@ def test_bad_config_fails_at_start_naming_the_key(key, value, match):
 
 
 def test_the_hybrid_engine_needs_the_actor_and_rollout_on_the_same_kind_of_device_and_dtype():
-    dtypes = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image",
-                          "actor_rollout_ref.rollout.dtype": "bfloat16"})
+    dtypes = make_config(
+        {"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.rollout.dtype": "bfloat16"}
+    )
     with pytest.raises(ValueError, match="trains the engine's own weights: actor_rollout_ref.actor.dtype='float32'"):
         FlowGRPOTrainer(dtypes)
-    mixed = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
-                         "actor_rollout_ref.actor.device": "cuda"})
-    with pytest.raises(ValueError, match="hybrid_engine=true colocates .*actor.device='cuda' and .*rollout.device='cpu'"):
+    mixed = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "actor_rollout_ref.hybrid_engine": True,
+            "actor_rollout_ref.actor.device": "cuda",
+        }
+    )
+    with pytest.raises(
+        ValueError, match="hybrid_engine=true colocates .*actor.device='cuda' and .*rollout.device='cpu'"
+    ):
         FlowGRPOTrainer(mixed)
-    fsdp = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.hybrid_engine": True,
-                        "actor_rollout_ref.actor.world_size": 2})
+    fsdp = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "actor_rollout_ref.hybrid_engine": True,
+            "actor_rollout_ref.actor.world_size": 2,
+        }
+    )
     with pytest.raises(ValueError, match="world_size=2 applies to the split placement only.*trainer.n_gpus_per_node"):
         FlowGRPOTrainer(fsdp)
 
 
 def test_unknown_keys_are_rejected_by_the_entry_point():
     out = subprocess.run(
-        [sys.executable, "-m", "verl_omni.trainer.main_flowgrpo", "actor_rollout_ref.model.path=tiny:qwen_image",
-         "actor_rollout_ref.rollout.nn=4"], capture_output=True, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "verl_omni.trainer.main_flowgrpo",
+            "actor_rollout_ref.model.path=tiny:qwen_image",
+            "actor_rollout_ref.rollout.nn=4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode != 0 and "actor_rollout_ref.rollout.nn" in out.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_readme_cpu_demo_learns_within_five_minutes_and_says_where_its_outputs_are(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "demo")}
@@ -231,8 +269,11 @@ def test_readme_cpu_demo_learns_within_five_minutes_and_says_where_its_outputs_a
     # The summary: the bar is +0.05 on a [0, 1] reward (measured: +0.087 on 2 cores, 40 steps).
     change = float(re.search(r"change \(last-5 mean - step 1\): ([+-][0-9.]+)", out.stdout).group(1))
     assert change > 0.05, out.stdout[-2000:]
-    for line in (f"reward curve:    {demo / 'reward_curve.png'}", f"checkpoint:      {demo / 'global_step_40'}",
-                 f"validation grid: {demo / 'validation' / 'step_40.png'}"):
+    for line in (
+        f"reward curve:    {demo / 'reward_curve.png'}",
+        f"checkpoint:      {demo / 'global_step_40'}",
+        f"validation grid: {demo / 'validation' / 'step_40.png'}",
+    ):
         assert line in out.stdout
     assert (demo / "reward_curve.png").stat().st_size > 0
     assert find_latest_checkpoint(str(demo)).endswith("global_step_40")
@@ -240,14 +281,22 @@ def test_readme_cpu_demo_learns_within_five_minutes_and_says_where_its_outputs_a
     assert glob.glob(str(demo / "tensorboard" / "events.*"))
 
 
-def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session, ocr_data_files, tiny_sd3_dir, tmp_path):
-    cfg = _cfg(ocr_data_files, tiny_sd3_dir, tmp_path, **{
-        "actor_rollout_ref.model.pipeline": "sd3",
-        "actor_rollout_ref.actor.kl_coef": 0.1,
-        "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 3.0,
-        "actor_rollout_ref.rollout.pipeline.negative_prompt": "blurry",
-        "trainer.total_training_steps": 2,
-    })
+@pytest.mark.e2e
+def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(
+    ray_session, ocr_data_files, tiny_sd3_dir, tmp_path
+):
+    cfg = _cfg(
+        ocr_data_files,
+        tiny_sd3_dir,
+        tmp_path,
+        **{
+            "actor_rollout_ref.model.pipeline": "sd3",
+            "actor_rollout_ref.actor.kl_coef": 0.1,
+            "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 3.0,
+            "actor_rollout_ref.rollout.pipeline.negative_prompt": "blurry",
+            "trainer.total_training_steps": 2,
+        },
+    )
     trainer, history, engine_sums = _train(cfg)
     first, second = history
     # Before the first update the policy is the rollout policy: recomputed log-probs equal the rollout's.
@@ -258,21 +307,38 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(ray_session
     assert engine_sums == [tensors_checksum(trainer.final_lora)]
 
 
+@pytest.mark.e2e
 def test_bf16_engines_verify_against_fp32_master_weights(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     # The actor trains float32 LoRA weights; a bf16 engine serves them rounded. The sync sends the rounded
     # tensors, so the engine's checksum still equals what the actor sent after every update.
-    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "actor_rollout_ref.hybrid_engine": False,  # the split placement's sync (the hybrid engine copies nothing)
-        "actor_rollout_ref.rollout.dtype": "bfloat16", "trainer.total_training_steps": 2})
+    cfg = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{
+            "actor_rollout_ref.hybrid_engine": False,  # the split placement's sync (the hybrid engine copies nothing)
+            "actor_rollout_ref.rollout.dtype": "bfloat16",
+            "trainer.total_training_steps": 2,
+        },
+    )
     trainer, history, engine_sums = _train(cfg)
     sent = {k: v.to(torch.bfloat16) for k, v in trainer.final_lora.items()}
     assert engine_sums == [tensors_checksum(sent)] and len(history) == 2
 
 
+@pytest.mark.e2e
 def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
-    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "actor_rollout_ref.hybrid_engine": False,
-        "actor_rollout_ref.actor.world_size": 2, "trainer.total_training_steps": 2, "trainer.save_freq": 2})
+    cfg = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{
+            "actor_rollout_ref.hybrid_engine": False,
+            "actor_rollout_ref.actor.world_size": 2,
+            "trainer.total_training_steps": 2,
+            "trainer.save_freq": 2,
+        },
+    )
     trainer, history, engine_sums = _train(cfg)
     lora = trainer.final_lora
     assert len(history) == 2 and engine_sums == [tensors_checksum(lora)]
@@ -285,44 +351,80 @@ def test_fsdp_world_size_two_trains_syncs_and_resumes(ray_session, ocr_data_file
 
 
 def test_cps_with_kl_needs_a_window_before_the_last_step():
-    cfg = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.rollout.algo.sde_type": "cps",
-                       "actor_rollout_ref.actor.kl_coef": 0.1})
+    cfg = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "actor_rollout_ref.rollout.algo.sde_type": "cps",
+            "actor_rollout_ref.actor.kl_coef": 0.1,
+        }
+    )
     with pytest.raises(ValueError, match="sde_type='cps' with actor_rollout_ref.actor.kl_coef>0"):
         FlowGRPOTrainer(cfg)
-    ok = make_config({"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.rollout.algo.sde_type": "cps",
-                      "actor_rollout_ref.actor.kl_coef": 0.1, "actor_rollout_ref.rollout.algo.sde_window_size": 2,
-                      "actor_rollout_ref.rollout.algo.sde_window_range": [0, 5]})
+    ok = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "actor_rollout_ref.rollout.algo.sde_type": "cps",
+            "actor_rollout_ref.actor.kl_coef": 0.1,
+            "actor_rollout_ref.rollout.algo.sde_window_size": 2,
+            "actor_rollout_ref.rollout.algo.sde_window_range": [0, 5],
+        }
+    )
     FlowGRPOTrainer(ok)
 
 
+@pytest.mark.e2e
 def test_start_up_checks_that_need_the_model_or_the_cluster(ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path):
     bad_size = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.pipeline.height": 60})
     with pytest.raises(ValueError, match="actor_rollout_ref.rollout.pipeline: height=60 must be a multiple of 16"):
         FlowGRPOTrainer(bad_size).init()
-    gpu = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.device": "cuda",
-                                                                 "actor_rollout_ref.actor.device": "cuda"})
+    gpu = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{"actor_rollout_ref.rollout.device": "cuda", "actor_rollout_ref.actor.device": "cuda"},
+    )
     with pytest.raises(ValueError, match="need 1 GPUs; the Ray cluster has 0"):
         FlowGRPOTrainer(gpu).init()
     missing = _cfg(ocr_data_files, tmp_path / "no_such_model", tmp_path)
     with pytest.raises(FileNotFoundError, match="actor_rollout_ref.model.path=.*no_such_model.*model_index.json"):
         FlowGRPOTrainer(missing).init()
-    one_step = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "actor_rollout_ref.rollout.pipeline.num_inference_steps": 1, "actor_rollout_ref.rollout.algo.sde_window_size": 1})
-    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.pipeline: shift_terminal needs num_inference_steps >= 2"):
+    one_step = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{
+            "actor_rollout_ref.rollout.pipeline.num_inference_steps": 1,
+            "actor_rollout_ref.rollout.algo.sde_window_size": 1,
+        },
+    )
+    with pytest.raises(
+        ValueError, match="actor_rollout_ref.rollout.pipeline: shift_terminal needs num_inference_steps >= 2"
+    ):
         FlowGRPOTrainer(one_step).init()
-    val_one_step = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "actor_rollout_ref.rollout.val_kwargs.num_inference_steps": 1})
+    val_one_step = _cfg(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **{"actor_rollout_ref.rollout.val_kwargs.num_inference_steps": 1}
+    )
     with pytest.raises(ValueError, match="actor_rollout_ref.rollout.val_kwargs: shift_terminal needs"):
         FlowGRPOTrainer(val_one_step).init()
 
 
-def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_session, ocr_data_files,
-                                                                           tiny_qwen_image_dir, tmp_path):
+@pytest.mark.e2e
+def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
     # The split placement keeps the actor in this process, so the test can make its second epoch fail; the
     # hybrid engine's ranks run the same DiffusionLoRAActor code in the replicas.
-    cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path, **{
-        "actor_rollout_ref.hybrid_engine": False,
-        "actor_rollout_ref.actor.ppo_epochs": 2, "trainer.nan_policy": "skip", "trainer.total_training_steps": 2})
+    cfg = _cfg(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        tmp_path,
+        **{
+            "actor_rollout_ref.hybrid_engine": False,
+            "actor_rollout_ref.actor.ppo_epochs": 2,
+            "trainer.nan_policy": "skip",
+            "trainer.total_training_steps": 2,
+        },
+    )
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         trainer.global_step = 1
@@ -347,13 +449,19 @@ def test_a_refused_step_after_a_partial_update_restores_lora_and_optimizer(ray_s
         trainer.shutdown()
 
 
-def test_streamed_rewards_equal_rewards_scored_after_the_rollout(ray_session, ocr_data_files, tiny_qwen_image_dir,
-                                                                 tmp_path):
+@pytest.mark.e2e
+def test_streamed_rewards_equal_rewards_scored_after_the_rollout(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
     rewards = [{"name": "brightness", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.5}]
     scores = {}
     for streaming in (True, False):
-        cfg = _cfg(ocr_data_files, tiny_qwen_image_dir, tmp_path / str(streaming), **{
-            "reward.rewards": rewards, "reward.streaming": streaming, "trainer.total_training_steps": 1})
+        cfg = _cfg(
+            ocr_data_files,
+            tiny_qwen_image_dir,
+            tmp_path / str(streaming),
+            **{"reward.rewards": rewards, "reward.streaming": streaming, "trainer.total_training_steps": 1},
+        )
         trainer = FlowGRPOTrainer(cfg).init()
         try:
             assert (trainer.reward_pool is not None) == streaming

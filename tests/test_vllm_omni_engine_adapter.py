@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import pytest
 import torch
-
 from helpers import model_config, rollout_config
+
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 
@@ -101,7 +101,9 @@ class FakeAsyncOmni:
         self.events = FakeAsyncOmni.events
         args = kwargs["custom_pipeline_args"]
         od_config = types.SimpleNamespace(
-            model=model, dtype=getattr(torch, kwargs["dtype"]), custom_pipeline_args=args,
+            model=model,
+            dtype=getattr(torch, kwargs["dtype"]),
+            custom_pipeline_args=args,
             model_class_name=kwargs.get("model_class_name"),
         )
         module_name, _, cls_name = args["pipeline_class"].rpartition(".")
@@ -131,8 +133,14 @@ class FakeAsyncOmni:
         with torch.inference_mode():  # as vllm-omni's model runner calls the pipeline
             (out,) = self.worker.model_runner.pipeline.forward(FakeBatch([req]))
         images = out.output if isinstance(out.output, list) else [out.output]
-        yield FakeOmniRequestOutput(request_id, images, out.trajectory_latents, out.trajectory_timesteps,
-                                    out.trajectory_log_probs, dict(out.custom_output))
+        yield FakeOmniRequestOutput(
+            request_id,
+            images,
+            out.trajectory_latents,
+            out.trajectory_timesteps,
+            out.trajectory_log_probs,
+            dict(out.custom_output),
+        )
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None, stage_ids=None):
         self.calls.append(("rpc", method))
@@ -169,8 +177,13 @@ def fake_vllm_omni(monkeypatch):
     diffusion = types.ModuleType("vllm_omni.diffusion")
     diffusion_data = types.ModuleType("vllm_omni.diffusion.data")
     diffusion_data.DiffusionOutput = FakeDiffusionOutput
-    for name, mod in {"vllm_omni": root, "vllm_omni.inputs": inputs, "vllm_omni.inputs.data": inputs_data,
-                      "vllm_omni.diffusion": diffusion, "vllm_omni.diffusion.data": diffusion_data}.items():
+    for name, mod in {
+        "vllm_omni": root,
+        "vllm_omni.inputs": inputs,
+        "vllm_omni.inputs.data": inputs_data,
+        "vllm_omni.diffusion": diffusion,
+        "vllm_omni.diffusion.data": diffusion_data,
+    }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     FakeAsyncOmni.instances.clear()
     FakeAsyncOmni.events = []
@@ -257,15 +270,25 @@ def test_only_the_engine_package_imports_vllm_omni_and_only_lazily():
 def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
     from verl_omni.rollout.engines.vllm_omni import wire as mod
 
-    make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0, "target_modules": ["to_q", "to_v"]},
-                max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.5)
+    make_engine(
+        tiny_qwen_image_dir,
+        lora={"lora_rank": 4, "lora_alpha": 8.0, "target_modules": ["to_q", "to_v"]},
+        max_num_seqs=8,
+        enforce_eager=True,
+        gpu_memory_utilization=0.5,
+    )
     (omni,) = FakeAsyncOmni.instances
     kw = omni.kwargs
     assert omni.model == tiny_qwen_image_dir
-    assert kw["custom_pipeline_args"]["pipeline_class"] == mod.PIPELINE_CLASS == \
-        "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLPipeline"
+    assert (
+        kw["custom_pipeline_args"]["pipeline_class"]
+        == mod.PIPELINE_CLASS
+        == "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLPipeline"
+    )
     assert kw["custom_pipeline_args"]["verl_omni"] == {
-        "pipeline": "qwen_image", "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]}}
+        "pipeline": "qwen_image",
+        "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]},
+    }
     assert kw["worker_extension_cls"] == mod.WORKER_EXTENSION_CLASS
     assert kw["model_class_name"] == mod.MODEL_CLASS_NAME
     assert (kw["max_num_seqs"], kw["enforce_eager"], kw["gpu_memory_utilization"]) == (8, True, 0.5)
@@ -328,8 +351,9 @@ def test_engine_side_batch_is_merged_into_one_pipeline_call(fake_vllm_omni, tiny
         return real(prompt, seeds, params)
 
     monkeypatch.setattr(pipeline.pipe, "rl_generate", spy)
-    reqs = [FakeRequest(PROMPT, engine.build_sampling_params(s, PARAMS), f"r{i}")
-            for i, s in enumerate([[1], [2, 3], [4]])]
+    reqs = [
+        FakeRequest(PROMPT, engine.build_sampling_params(s, PARAMS), f"r{i}") for i, s in enumerate([[1], [2, 3], [4]])
+    ]
     reqs.append(FakeRequest("another prompt", engine.build_sampling_params([9], PARAMS), "r3"))
     outs = pipeline.forward(FakeBatch(reqs))
     assert calls == [(PROMPT, [1, 2, 3, 4]), ("another prompt", [9])]
@@ -348,8 +372,9 @@ def test_startup_dummy_request_without_our_payload_is_served(fake_vllm_omni, tin
     """vllm-omni warms up with its own request (no extra_args): the pipeline must answer it, not crash."""
     make_engine(tiny_qwen_image_dir)
     pipeline = FakeAsyncOmni.instances[0].worker.model_runner.pipeline
-    sp = FakeSamplingParams(num_inference_steps=1, height=32, width=32, num_outputs_per_prompt=1,
-                            extra_args={"cfg_text_scale": 1.0})
+    sp = FakeSamplingParams(
+        num_inference_steps=1, height=32, width=32, num_outputs_per_prompt=1, extra_args={"cfg_text_scale": 1.0}
+    )
     (out,) = pipeline.forward(FakeBatch([FakeRequest({"prompt": "dummy run"}, sp, "dummy")]))
     assert out.output.shape == (1, 32, 32, 3)
 
@@ -442,16 +467,30 @@ def test_abort_and_shutdown(fake_vllm_omni, tiny_qwen_image_dir):
     run(engine.abort())
     run(engine.shutdown())
     assert [c for c in omni.calls if c[0] in ("abort", "shutdown")] == [
-        ("abort", ["req-1"]), ("abort", ["b"]), ("abort", ["a", "b"]), ("shutdown", None)]
+        ("abort", ["req-1"]),
+        ("abort", ["b"]),
+        ("abort", ["a", "b"]),
+        ("shutdown", None),
+    ]
 
 
 # ----------------------------------------------------------------------------------------- output assembly
 def _fake_output(batch, images_as="tensor"):
     from verl_omni.rollout.engines.vllm_omni.wire import EXTRA_KEY
 
-    extra = {k: getattr(batch, k) for k in ("window_mask", "sigmas", "prompt_embeds", "prompt_embeds_mask",
-                                            "negative_prompt_embeds", "negative_prompt_embeds_mask",
-                                            "pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
+    extra = {
+        k: getattr(batch, k)
+        for k in (
+            "window_mask",
+            "sigmas",
+            "prompt_embeds",
+            "prompt_embeds_mask",
+            "negative_prompt_embeds",
+            "negative_prompt_embeds_mask",
+            "pooled_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+        )
+    }
     extra["seeds"] = list(batch.seeds)
     if images_as == "pil":
         from PIL import Image
@@ -490,16 +529,17 @@ def test_request_output_to_batch_rejects_wrong_payloads(qwen_image_rl_pipe):
 def test_an_actor_rank_trains_inside_the_worker_on_the_engines_own_transformer(fake_vllm_omni, tiny_qwen_image_dir):
     """init_actor / actor_call reach the worker through collective_rpc (arguments and results as files); the rank
     trains the very module the engine serves, after rollouts that ran under inference mode (RoPE caches included)."""
+    import numpy as np
+
     from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
     from verl_omni.config.actor import ActorConfig
     from verl_omni.core.outputs import unpack_batch
     from verl_omni.workers.train_batch import TrainBatch
 
-    import numpy as np
-
     # The rank recomputes with the run's rollout settings (guidance 2): the requests below use the same.
-    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0},
-                         pipeline={"true_cfg_scale": 2.0})
+    engine = make_engine(
+        tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0}, pipeline={"true_cfg_scale": 2.0}
+    )
     worker = FakeAsyncOmni.instances[0].worker
     params = PARAMS.replace(sde_window_size=2, window_start=0, guidance_scale=2.0)
     out = run(engine.generate(PROMPT, [1, 2, 3], params))  # fills diffusers' RoPE caches under inference mode

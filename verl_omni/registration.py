@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def _load_vllm_omni_replica():
     from verl_omni.rollout.replica import VllmOmniReplica
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from gpu_helpers import HAS_CUDA
 
 

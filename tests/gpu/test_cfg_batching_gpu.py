@@ -27,10 +27,17 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 
 GUIDANCE = 4.0
 VELOCITY_REL_BOUND = 2e-2
-PROMPTS = ["a red cat", "a much longer prompt: a blue dog on a sunny beach at noon, photographed from above", "x",
-           "a quiet street at night"]
-NEGATIVES = {"shorter": "", "longer": "blurry, low quality, oversaturated, extra fingers, watermark, jpeg artifacts, "
-                                      "text, cropped, out of frame, worst quality, deformed, ugly, duplicate"}
+PROMPTS = [
+    "a red cat",
+    "a much longer prompt: a blue dog on a sunny beach at noon, photographed from above",
+    "x",
+    "a quiet street at night",
+]
+NEGATIVES = {
+    "shorter": "",
+    "longer": "blurry, low quality, oversaturated, extra fingers, watermark, jpeg artifacts, "
+    "text, cropped, out of frame, worst quality, deformed, ugly, duplicate",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,11 @@ def _training_batch(pipe, negative, extra_padding=7):
     def padded(t):
         return torch.nn.functional.pad(t, [0, 0] * (t.ndim - 2) + [0, length - t.shape[1]])
 
-    fields = {name: torch.cat([padded(getattr(r, name)) for r in rows])
-              for name, value in rows[0].as_fields().items() if value is not None}
+    fields = {
+        name: torch.cat([padded(getattr(r, name)) for r in rows])
+        for name, value in rows[0].as_fields().items()
+        if value is not None
+    }
     return Conditioning(**fields).without_padding()
 
 
@@ -74,8 +84,11 @@ def _velocities(pipe, cond, size=256):
         unmasked = ModelInputs(inputs.batch_size, joint=dataclasses.replace(inputs.joint, mask=None))
         leaky = pipe.predict_velocity(latents, timestep, unmasked, GUIDANCE, size, size)
     scale = two.abs().max().item()
-    return {"batched_vs_two": (batched - two).abs().max().item() / scale,
-            "unmasked_padding_vs_two": (leaky - two).abs().max().item() / scale, "max_abs_velocity": scale}
+    return {
+        "batched_vs_two": (batched - two).abs().max().item() / scale,
+        "unmasked_padding_vs_two": (leaky - two).abs().max().item() / scale,
+        "max_abs_velocity": scale,
+    }
 
 
 def _set_attention(pipe, flash):
@@ -108,9 +121,16 @@ def test_rollout_with_batch_cfg_on_and_off_in_bf16(pipe):
     for attention in ["sdpa"] + (["fa3"] if flash is not None else []):
         _set_attention(pipe, None if attention == "sdpa" else flash)
         for name, negative in NEGATIVES.items():
-            params = DiffusionSamplingParams(num_inference_steps=6, height=256, width=256, guidance_scale=GUIDANCE,
-                                             negative_prompt=negative, sde_window_size=2, window_start=1,
-                                             max_sequence_length=256)
+            params = DiffusionSamplingParams(
+                num_inference_steps=6,
+                height=256,
+                width=256,
+                guidance_scale=GUIDANCE,
+                negative_prompt=negative,
+                sde_window_size=2,
+                window_start=1,
+                max_sequence_length=256,
+            )
             on = pipe.rl_generate(PROMPTS[1], [1, 2, 3, 4], params)
             off = pipe.rl_generate(PROMPTS[1], [1, 2, 3, 4], params.replace(batch_cfg=False))
             rel = float((on.latents[:, -1].float() - off.latents[:, -1].float()).norm() / off.latents[:, -1].norm())
@@ -146,6 +166,7 @@ def test_cfg_forward_timings(pipe):
                         pipe.predict_velocity(latents, 0.5, inputs, GUIDANCE, size, size)
                     torch.cuda.synchronize()
                 figures[f"{attention}_negative_{name}_{'batched' if batch_cfg else 'two_forwards'}_ms"] = (
-                    (time.perf_counter() - t0) / 10 * 1e3)
+                    (time.perf_counter() - t0) / 10 * 1e3
+                )
     _set_attention(pipe, None)
     write_figures("cfg_batching_gpu_timing.json", figures)

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import ray
-
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -23,13 +22,18 @@ SP = {"num_inference_steps": 24, "height": 256, "width": 256}
 
 
 def _config(model_dir):
-    return make_config({
-        "actor_rollout_ref.model.path": model_dir, "actor_rollout_ref.model.lora_rank": 4,
-        "actor_rollout_ref.rollout.name": "vllm_omni", "actor_rollout_ref.rollout.device": "cuda",
-        "actor_rollout_ref.actor.device": "cuda",
-        "actor_rollout_ref.rollout.dtype": "bfloat16", "actor_rollout_ref.rollout.enforce_eager": True,
-        "actor_rollout_ref.rollout.gpu_memory_utilization": 0.3,
-    })
+    return make_config(
+        {
+            "actor_rollout_ref.model.path": model_dir,
+            "actor_rollout_ref.model.lora_rank": 4,
+            "actor_rollout_ref.rollout.name": "vllm_omni",
+            "actor_rollout_ref.rollout.device": "cuda",
+            "actor_rollout_ref.actor.device": "cuda",
+            "actor_rollout_ref.rollout.dtype": "bfloat16",
+            "actor_rollout_ref.rollout.enforce_eager": True,
+            "actor_rollout_ref.rollout.gpu_memory_utilization": 0.3,
+        }
+    )
 
 
 def test_killed_vllm_omni_server_fails_the_request_fast_and_a_new_replica_serves(gpu_qwen_image_dir):
@@ -48,7 +52,9 @@ def test_killed_vllm_omni_server_fails_the_request_fast_and_a_new_replica_serves
         killer.start()
         start = time.perf_counter()
         with pytest.raises(RuntimeError, match="died during request"):
-            loop.run_until_complete(client.generate_batched("g1", prompt=PROMPT, seeds=list(range(16)), sampling_params=SP))
+            loop.run_until_complete(
+                client.generate_batched("g1", prompt=PROMPT, seeds=list(range(16)), sampling_params=SP)
+            )
         figures["seconds_to_error_after_start"] = time.perf_counter() - start
         assert figures["seconds_to_error_after_start"] < 60
     finally:
@@ -56,8 +62,11 @@ def test_killed_vllm_omni_server_fails_the_request_fast_and_a_new_replica_serves
 
     _, fresh, fresh_client = start_servers(loop, _config(gpu_qwen_image_dir))
     try:
-        outs = loop.run_until_complete(fresh_client.generate_batched(
-            "g2", prompt=PROMPT, seeds=[1, 2], sampling_params={**SP, "num_inference_steps": 4}))
+        outs = loop.run_until_complete(
+            fresh_client.generate_batched(
+                "g2", prompt=PROMPT, seeds=[1, 2], sampling_params={**SP, "num_inference_steps": 4}
+            )
+        )
         assert len(outs) == 2
     finally:
         loop.run_until_complete(fresh.shutdown())

@@ -11,7 +11,6 @@ import os
 import sys
 
 import pytest
-
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -24,19 +23,27 @@ pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 @pytest.mark.parametrize("engine", ["vllm_omni", "diffusers"])
 def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir, ocr_data_files, tmp_path):
-    cfg = trainer_config(ocr_data_files, gpu_qwen_image_dir, tmp_path / engine, **{
-        "actor_rollout_ref.hybrid_engine": True,
-        "actor_rollout_ref.rollout.name": engine,
-        "actor_rollout_ref.rollout.device": "cuda", "actor_rollout_ref.rollout.dtype": "bfloat16",
-        "actor_rollout_ref.actor.device": "cuda", "actor_rollout_ref.actor.dtype": "bfloat16",
-        "actor_rollout_ref.rollout.pipeline.height": 128, "actor_rollout_ref.rollout.pipeline.width": 128,
-        "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
-        "actor_rollout_ref.rollout.pipeline.negative_prompt": " ",
-        "actor_rollout_ref.rollout.gpu_memory_utilization": 0.5,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
-        "actor_rollout_ref.actor.optim.lr": 1e-3,
-        "trainer.total_training_steps": 3,
-    })
+    cfg = trainer_config(
+        ocr_data_files,
+        gpu_qwen_image_dir,
+        tmp_path / engine,
+        **{
+            "actor_rollout_ref.hybrid_engine": True,
+            "actor_rollout_ref.rollout.name": engine,
+            "actor_rollout_ref.rollout.device": "cuda",
+            "actor_rollout_ref.rollout.dtype": "bfloat16",
+            "actor_rollout_ref.actor.device": "cuda",
+            "actor_rollout_ref.actor.dtype": "bfloat16",
+            "actor_rollout_ref.rollout.pipeline.height": 128,
+            "actor_rollout_ref.rollout.pipeline.width": 128,
+            "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
+            "actor_rollout_ref.rollout.pipeline.negative_prompt": " ",
+            "actor_rollout_ref.rollout.gpu_memory_utilization": 0.5,
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
+            "actor_rollout_ref.actor.optim.lr": 1e-3,
+            "trainer.total_training_steps": 3,
+        },
+    )
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         start = trainer.last_lora_checksum
@@ -47,10 +54,13 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir,
     first = history[0]
     figures = {
         "engine": engine,
-        "step1_ratio_min": first["actor/ratio_min"], "step1_ratio_max": first["actor/ratio_max"],
+        "step1_ratio_min": first["actor/ratio_min"],
+        "step1_ratio_max": first["actor/ratio_max"],
         "grad_norms": [h["actor/grad_norm"] for h in history],
-        "step_s": [h["timing/step_s"] for h in history], "update_s": [h["timing/update_s"] for h in history],
-        "rollout_s": [h["timing/rollout_s"] for h in history], "sync_s": [h["timing/sync_s"] for h in history],
+        "step_s": [h["timing/step_s"] for h in history],
+        "update_s": [h["timing/update_s"] for h in history],
+        "rollout_s": [h["timing/rollout_s"] for h in history],
+        "sync_s": [h["timing/sync_s"] for h in history],
     }
     write_figures(f"gpu_hybrid_{engine}.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures

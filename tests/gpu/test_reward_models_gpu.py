@@ -44,8 +44,16 @@ def test_pickscore_at_clip_h_size_bf16_throughput_and_offload(clip_h14_dir):
         scorer(images[:1], prompts[:1])
     scorer.onload()
     assert np.isfinite(scorer(images[:2], prompts[:2])).all()
-    write_figures("pickscore_gpu.json", {"images": len(images), "batch_size": 64, "dtype": "bfloat16",
-                                         "img_per_s": len(images) / seconds, "device": torch.cuda.get_device_name(0)})
+    write_figures(
+        "pickscore_gpu.json",
+        {
+            "images": len(images),
+            "batch_size": 64,
+            "dtype": "bfloat16",
+            "img_per_s": len(images) / seconds,
+            "device": torch.cuda.get_device_name(0),
+        },
+    )
 
 
 def test_batched_equals_one_by_one_in_float32_on_the_gpu(clip_h14_dir):

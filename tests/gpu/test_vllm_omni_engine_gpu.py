@@ -15,8 +15,8 @@ import time
 
 import pytest
 import torch
-
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
+
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig

@@ -49,10 +49,17 @@ logger = logging.getLogger(__name__)
 class DiffusionServerClient(LLMServerClient):
     """Routes diffusion requests through verl's global load balancer (least in-flight, sticky by id)."""
 
-    async def generate_batched(self, request_id: str, *, prompt: str, seeds: list[int],
-                               sampling_params: dict) -> list[dict]:
-        return await self._call(request_id, "generate_batched", prompt=prompt, num_outputs_per_prompt=len(seeds),
-                                seeds=seeds, sampling_params=sampling_params)
+    async def generate_batched(
+        self, request_id: str, *, prompt: str, seeds: list[int], sampling_params: dict
+    ) -> list[dict]:
+        return await self._call(
+            request_id,
+            "generate_batched",
+            prompt=prompt,
+            num_outputs_per_prompt=len(seeds),
+            seeds=seeds,
+            sampling_params=sampling_params,
+        )
 
     async def generate(self, request_id: str, *, prompt: str, seed: int, sampling_params: dict) -> dict:  # type: ignore[override]
         return await self._call(request_id, "generate", prompt=prompt, seed=seed, sampling_params=sampling_params)
@@ -89,7 +96,9 @@ class DiffusionAgentLoop(AgentLoopBase):
     async def run_group(self, sampling_params: dict[str, Any], rows: list[dict[str, Any]]) -> list[DiffusionSample]:
         start = time.perf_counter()
         payloads = await self.server_manager.generate_batched(
-            rows[0]["__request_id__"], prompt=_row_prompt(rows[0]), seeds=[int(r["__seed__"]) for r in rows],
+            rows[0]["__request_id__"],
+            prompt=_row_prompt(rows[0]),
+            seeds=[int(r["__seed__"]) for r in rows],
             sampling_params=sampling_params,
         )
         samples = await asyncio.gather(*[_postprocess(p) for p in payloads])
@@ -139,8 +148,11 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         groups = plan_groups(non_tensor, len(batch), n, enabled=self.rollout.enable_batched_diffusion)
         step = batch.meta_info.get("global_steps", 0)
         # Ray's tqdm shows this worker's bar on the driver's console, when the driver writes to a terminal.
-        bar = (tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
-               if batch.meta_info.get("progress_bar", False) else _NoBar())
+        bar = (
+            tqdm_ray.tqdm(total=len(batch), desc=f"{'val' if validate else 'rollout'} step {step}")
+            if batch.meta_info.get("progress_bar", False)
+            else _NoBar()
+        )
 
         timeline = _StreamTimeline()
 
@@ -152,8 +164,11 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
                 return group_samples, None
             # Scored now, while the other groups are still generating (this coroutine alone waits for it).
             scores = await self.reward_pool.submit(
-                [s.image for s in group_samples], [prompt_text(non_tensor["raw_prompt"][i]) for i in group.rows],
-                [row_metadata(non_tensor, i) for i in group.rows], sample_ids=group.rows)
+                [s.image for s in group_samples],
+                [prompt_text(non_tensor["raw_prompt"][i]) for i in group.rows],
+                [row_metadata(non_tensor, i) for i in group.rows],
+                sample_ids=group.rows,
+            )
             timeline.scored()
             return group_samples, scores
 
@@ -165,8 +180,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         elapsed = time.perf_counter() - start
 
         samples: list[Optional[DiffusionSample]] = [None] * len(batch)
-        for group, (group_samples, _) in zip(groups, results):
-            for row, sample in zip(group.rows, group_samples):
+        for group, (group_samples, _) in zip(groups, results, strict=True):
+            for row, sample in zip(group.rows, group_samples, strict=True):
                 samples[row] = sample
         reasons = Counter(g.reason for g in groups if not g.batched)
         for reason in reasons:
@@ -199,8 +214,12 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         def row_params(row: dict) -> dict:
             p = _row_params(params, row)
             if p.sde_window_size > 0 and not validate:
-                start = choose_window(derive_seed(self.rollout.seed, group_key, -1), p.num_inference_steps,
-                                      p.sde_window_size, p.sde_window_range)
+                start = choose_window(
+                    derive_seed(self.rollout.seed, group_key, -1),
+                    p.num_inference_steps,
+                    p.sde_window_size,
+                    p.sde_window_range,
+                )
                 p = p.replace(window_start=start)
             return p.to_dict()
 
@@ -216,8 +235,11 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             return await loop.run_group(row_params(rows[0]), rows)
         outputs = []
         for row in rows:
-            row_loop = loop if str(row["agent_name"]) == agent_name else _instantiate_agent_loop(
-                str(row["agent_name"]), self.config, self.llm_client)
+            row_loop = (
+                loop
+                if str(row["agent_name"]) == agent_name
+                else _instantiate_agent_loop(str(row["agent_name"]), self.config, self.llm_client)
+            )
             row_args = {k: v for k, v in row.items() if k != "sampling_params"}
             outputs.append(row_loop.run(row_params(row), **row_args))
         return await asyncio.gather(*outputs)
@@ -233,9 +255,11 @@ def _row_params(params, row: dict):
     overrides = dict(row.get("sampling_params") or {})
     refused = sorted(set(overrides) - set(ROW_OVERRIDABLE))
     if refused:
-        raise ValueError(f"row {row.get('__request_id__')}: sampling_params keys {refused} cannot be set per row "
-                         f"(allowed: {list(ROW_OVERRIDABLE)}; SDE and guidance settings are "
-                         "actor_rollout_ref.rollout.algo.* / .pipeline.*)")
+        raise ValueError(
+            f"row {row.get('__request_id__')}: sampling_params keys {refused} cannot be set per row "
+            f"(allowed: {list(ROW_OVERRIDABLE)}; SDE and guidance settings are "
+            "actor_rollout_ref.rollout.algo.* / .pipeline.*)"
+        )
     negative = row.get("negative_prompt")
     if isinstance(negative, str):
         overrides.setdefault("negative_prompt", negative)
@@ -244,9 +268,12 @@ def _row_params(params, row: dict):
 
 def _instantiate_agent_loop(agent_name: str, config, client) -> DiffusionAgentLoop:
     if agent_name not in _agent_loop_registry:
-        raise ValueError(f"agent_name={agent_name!r} is not a registered agent loop; known: {sorted(_agent_loop_registry)}")
-    return hydra.utils.instantiate(_agent_loop_registry[agent_name], trainer_config=DictConfigWrap(config=config),
-                                   server_manager=client)
+        raise ValueError(
+            f"agent_name={agent_name!r} is not a registered agent loop; known: {sorted(_agent_loop_registry)}"
+        )
+    return hydra.utils.instantiate(
+        _agent_loop_registry[agent_name], trainer_config=DictConfigWrap(config=config), server_manager=client
+    )
 
 
 class _NoBar:
@@ -282,7 +309,7 @@ def _scatter_rewards(groups: list[RolloutGroup], results: list[RewardResult], ba
     first = results[0]
     total = np.zeros(batch_len, dtype=np.float64)
     per_reward = {name: np.zeros(batch_len, dtype=np.float64) for name in first.per_reward}
-    for group, result in zip(groups, results):
+    for group, result in zip(groups, results, strict=True):
         total[group.rows] = result.total
         for name, scores in result.per_reward.items():
             per_reward[name][group.rows] = scores
@@ -290,15 +317,18 @@ def _scatter_rewards(groups: list[RolloutGroup], results: list[RewardResult], ba
     return RewardResult(total=total, per_reward=per_reward, weights=dict(first.weights), seconds=seconds)
 
 
-def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metrics: dict,
-                          rewards: Optional[RewardResult] = None) -> DataProto:
+def samples_to_data_proto(
+    samples: list[DiffusionSample], non_tensor: dict, metrics: dict, rewards: Optional[RewardResult] = None
+) -> DataProto:
     """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length.
     With streamed ``rewards``: a ``rewards`` tensor (the weighted total) and a ``reward_scores`` column (each
     reward's unweighted score) per row."""
     shapes = {(s.image.shape, tuple(s.latents.shape)) for s in samples}
     if len(shapes) > 1:
-        raise ValueError(f"rows of one batch must share image size and num_inference_steps; got (image, latents) "
-                         f"shapes {sorted(shapes)}")
+        raise ValueError(
+            f"rows of one batch must share image size and num_inference_steps; got (image, latents) "
+            f"shapes {sorted(shapes)}"
+        )
     tensors: dict[str, torch.Tensor] = {
         "images": torch.from_numpy(np.stack([s.image for s in samples])),
         "latents": torch.stack([s.latents for s in samples]),
@@ -329,7 +359,8 @@ def samples_to_data_proto(samples: list[DiffusionSample], non_tensor: dict, metr
         tensors["rewards"] = torch.from_numpy(rewards.total)
         out_non_tensor["reward_scores"] = np.array(
             [{name: float(scores[i]) for name, scores in rewards.per_reward.items()} for i in range(len(samples))],
-            dtype=object)
+            dtype=object,
+        )
         meta["reward_weights"] = dict(rewards.weights)
     return DataProto.from_dict(tensors=tensors, non_tensors=out_non_tensor, meta_info=meta)
 
@@ -341,7 +372,7 @@ def _pad_embeds(embeds: list[torch.Tensor], masks: list[Optional[torch.Tensor]])
             raise ValueError("prompt embeddings of different lengths and no mask to pad them with")
         return torch.stack(embeds), None
     padded, padded_masks = [], []
-    for e, m in zip(embeds, masks):
+    for e, m in zip(embeds, masks, strict=True):
         pad = length - e.shape[0]
         padded.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
         m = m if m is not None else torch.ones(e.shape[0], dtype=torch.long)
@@ -367,7 +398,7 @@ class DiffusionAgentLoopManager(AgentLoopManager):
     async def generate_sequences(self, prompts: DataProto) -> DataProto:  # type: ignore[override]
         chunks = _chunk_on_groups(prompts, len(self.agent_loop_workers))
         workers = self.agent_loop_workers[: len(chunks)]
-        outputs = await asyncio.gather(*[w.generate_sequences.remote(c) for w, c in zip(workers, chunks)])
+        outputs = await asyncio.gather(*[w.generate_sequences.remote(c) for w, c in zip(workers, chunks, strict=True)])
         metrics = Counter()
         for out in outputs:
             for key, value in out.meta_info.pop("metrics").items():

@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-
 # Row fields that must be equal inside a group for the rows to be merged into one request.
 MERGE_FIELDS = ("agent_name", "raw_prompt", "negative_prompt", "sampling_params")
 
@@ -38,7 +37,9 @@ def plan_groups(non_tensor: dict[str, np.ndarray], batch_len: int, n: int, *, en
         raw_groups = list(order.items())
     else:
         size = n if n >= 1 else 1
-        raw_groups = [(f"pos{k}", list(range(s, min(s + size, batch_len)))) for k, s in enumerate(range(0, batch_len, size))]
+        raw_groups = [
+            (f"pos{k}", list(range(s, min(s + size, batch_len)))) for k, s in enumerate(range(0, batch_len, size))
+        ]
 
     batch_reason = None
     if not enabled:

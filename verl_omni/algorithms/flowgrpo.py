@@ -6,7 +6,8 @@ scripts/train_sd3.py (the inner training loop) for the loss, its metrics and the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch

@@ -67,8 +67,10 @@ class ActorConfig(Section):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
         if self.use_torch_compile not in (None, True, False):
-            raise ValueError(f"{self.key('use_torch_compile')}={self.use_torch_compile!r} must be true, false or "
-                             "null (null: on for cuda)")
+            raise ValueError(
+                f"{self.key('use_torch_compile')}={self.use_torch_compile!r} must be true, false or "
+                "null (null: on for cuda)"
+            )
 
     @property
     def on_cuda(self) -> bool:

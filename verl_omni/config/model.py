@@ -30,14 +30,18 @@ class ModelConfig(Section):
         if isinstance(self.path, os.PathLike):
             object.__setattr__(self, "path", os.fspath(self.path))
         if not self.path:
-            raise ValueError(f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)")
+            raise ValueError(
+                f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)"
+            )
         require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)
         require_int(self.key("lora_rank"), self.lora_rank, minimum=0)  # 0: no adapter (rollout-only engines)
         if self.lora_rank:
             require_number(self.key("lora_alpha"), self.lora_alpha, 0, strict=True)
         if self.enable_gradient_checkpointing not in (None, True, False):
-            raise ValueError(f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
-                             "must be true, false or null (null: on for GPU actors)")
+            raise ValueError(
+                f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
+                "must be true, false or null (null: on for GPU actors)"
+            )
 
     @property
     def lora(self) -> Optional[LoRASpec]:

@@ -46,7 +46,7 @@ class DiffusionSamplingParams:
             self.sde_window_range = tuple(int(x) for x in self.sde_window_range)
 
     # ---------------------------------------------------------------- validation
-    def validate(self, vae_scale_factor: Optional[int] = None) -> "DiffusionSamplingParams":
+    def validate(self, vae_scale_factor: Optional[int] = None) -> DiffusionSamplingParams:
         """Raise ``ValueError`` naming the offending field; return self for chaining."""
         _require_int("num_inference_steps", self.num_inference_steps, minimum=1)
         _require_int("height", self.height, minimum=1)
@@ -103,7 +103,7 @@ class DiffusionSamplingParams:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Optional[dict[str, Any]]) -> "DiffusionSamplingParams":
+    def from_dict(cls, data: Optional[dict[str, Any]]) -> DiffusionSamplingParams:
         """Build from a plain dict, rejecting unknown keys (a typo must not silently use a default)."""
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -112,7 +112,7 @@ class DiffusionSamplingParams:
             raise ValueError(f"unknown sampling_params keys {unknown}; allowed: {sorted(known)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "DiffusionSamplingParams":
+    def replace(self, **changes: Any) -> DiffusionSamplingParams:
         return dataclasses.replace(self, **changes)
 
 

@@ -136,7 +136,7 @@ class FlowGRPOConfig(Section):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @classmethod
-    def from_omega(cls, cfg: Any) -> "FlowGRPOConfig":
+    def from_omega(cls, cfg: Any) -> FlowGRPOConfig:
         return cfg if isinstance(cfg, cls) else build(cls, to_plain(cfg))
 
     def __post_init__(self) -> None:
@@ -145,13 +145,19 @@ class FlowGRPOConfig(Section):
         rollout, actor = ref.rollout, ref.actor
         prefix = "actor_rollout_ref.rollout"
         if ref.model.lora_rank < 1:
-            raise ValueError(f"actor_rollout_ref.model.lora_rank={ref.model.lora_rank} must be >= 1: the actor trains a LoRA")
+            raise ValueError(
+                f"actor_rollout_ref.model.lora_rank={ref.model.lora_rank} must be >= 1: the actor trains a LoRA"
+            )
         if rollout.n < 2:
-            raise ValueError(f"{prefix}.n={rollout.n} must be >= 2: FlowGRPO's advantages are normalised within the "
-                             "n samples of a prompt, so a group of one has advantage 0 and nothing is learned")
+            raise ValueError(
+                f"{prefix}.n={rollout.n} must be >= 2: FlowGRPO's advantages are normalised within the "
+                "n samples of a prompt, so a group of one has advantage 0 and nothing is learned"
+            )
         if not rollout.algo.noise_level > 0:
-            raise ValueError(f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training "
-                             "(0 is the deterministic sampler: no log-probs to train on; use it in val_kwargs)")
+            raise ValueError(
+                f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training "
+                "(0 is the deterministic sampler: no log-probs to train on; use it in val_kwargs)"
+            )
         steps, size = rollout.pipeline.num_inference_steps, rollout.algo.sde_window_size
         last_start = steps - size if rollout.algo.sde_window_range is None else rollout.algo.sde_window_range[1]
         window_reaches_end = size == 0 or last_start + size >= steps
@@ -166,16 +172,19 @@ class FlowGRPOConfig(Section):
                 raise ValueError(
                     f"actor_rollout_ref.hybrid_engine=true colocates each actor rank with a replica: "
                     f"actor_rollout_ref.actor.device={actor.device!r} and {prefix}.device={rollout.device!r} must "
-                    "both be cpu or both cuda (or set actor_rollout_ref.hybrid_engine=false)")
+                    "both be cpu or both cuda (or set actor_rollout_ref.hybrid_engine=false)"
+                )
             if actor.dtype != rollout.dtype:
                 raise ValueError(
                     f"actor_rollout_ref.hybrid_engine=true trains the engine's own weights: "
-                    f"actor_rollout_ref.actor.dtype={actor.dtype!r} must equal {prefix}.dtype={rollout.dtype!r}")
+                    f"actor_rollout_ref.actor.dtype={actor.dtype!r} must equal {prefix}.dtype={rollout.dtype!r}"
+                )
             if actor.world_size != 1:
                 raise ValueError(
                     f"actor_rollout_ref.actor.world_size={actor.world_size} applies to the split placement only; with "
                     "actor_rollout_ref.hybrid_engine=true the actor has one rank per replica: set "
-                    "trainer.n_gpus_per_node (and trainer.nnodes) instead")
+                    "trainer.n_gpus_per_node (and trainer.nnodes) instead"
+                )
 
     @property
     def num_replicas(self) -> int:

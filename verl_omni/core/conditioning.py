@@ -8,8 +8,9 @@ training batch to recompute the very same forward. A pipeline turns it into what
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -55,21 +56,22 @@ class Conditioning:
             raise ValueError(f"conditioning has no {prefix}prompt_embeds")
         return embeds, getattr(self, f"{prefix}prompt_embeds_mask"), getattr(self, f"{prefix}pooled_prompt_embeds")
 
-    def _map(self, fn) -> "Conditioning":
-        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                               for f in fields(self)})
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(
+            **{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)}
+        )
 
-    def repeat(self, batch_size: int) -> "Conditioning":
+    def repeat(self, batch_size: int) -> Conditioning:
         """[1, ...] rows -> [B, ...] (real copies, so per-sample slices never alias)."""
         return self._map(lambda t: t.repeat(batch_size, *([1] * (t.ndim - 1))))
 
-    def to(self, device: torch.device | str) -> "Conditioning":
+    def to(self, device: torch.device | str) -> Conditioning:
         return self._map(lambda t: t.to(device))
 
-    def select(self, rows: torch.Tensor | slice) -> "Conditioning":
+    def select(self, rows: torch.Tensor | slice) -> Conditioning:
         return self._map(lambda t: t[rows])
 
-    def without_padding(self) -> "Conditioning":
+    def without_padding(self) -> Conditioning:
         """Right padding beyond the longest mask of each branch removed.
 
         The agent loop pads embeddings of different prompts to one length; cutting back to the longest prompt of
@@ -81,8 +83,13 @@ class Conditioning:
             if mask is None:
                 continue
             length = int(mask.sum(dim=1).max())
-            out = replace(out, **{f"{prefix}prompt_embeds": getattr(self, f"{prefix}prompt_embeds")[:, :length],
-                                  f"{prefix}prompt_embeds_mask": mask[:, :length]})
+            out = replace(
+                out,
+                **{
+                    f"{prefix}prompt_embeds": getattr(self, f"{prefix}prompt_embeds")[:, :length],
+                    f"{prefix}prompt_embeds_mask": mask[:, :length],
+                },
+            )
         return out
 
     def as_fields(self) -> dict[str, Optional[torch.Tensor]]:
@@ -90,7 +97,7 @@ class Conditioning:
         return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod
-    def from_fields(cls, source: Mapping[str, Any] | Any) -> "Conditioning":
+    def from_fields(cls, source: Mapping[str, Any] | Any) -> Conditioning:
         """From a mapping (a TensorDict, a dict) or an object with the field names as attributes; absent = None."""
         if isinstance(source, Mapping) or hasattr(source, "keys"):
             keys = set(source.keys())

@@ -84,7 +84,7 @@ class DiffusionSample:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_payload(cls, payload: dict) -> "DiffusionSample":
+    def from_payload(cls, payload: dict) -> DiffusionSample:
         return cls(**payload)
 
 
@@ -114,9 +114,11 @@ def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
 
 def slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
     """Samples ``start:stop`` of a batched result (views; shared fields kept whole)."""
-    kwargs = {name: None if getattr(batch, name) is None else getattr(batch, name)[start:stop]
-              for name in PER_SAMPLE_FIELDS}
+    kwargs = {
+        name: None if getattr(batch, name) is None else getattr(batch, name)[start:stop] for name in PER_SAMPLE_FIELDS
+    }
     kwargs.update({name: getattr(batch, name) for name in SHARED_FIELDS})
     # Every sample of a call shares its one prompt, hence its truncation.
-    return RLBatchOutput(seeds=list(batch.seeds[start:stop]), truncated_prompt_tokens=batch.truncated_prompt_tokens,
-                         **kwargs)
+    return RLBatchOutput(
+        seeds=list(batch.seeds[start:stop]), truncated_prompt_tokens=batch.truncated_prompt_tokens, **kwargs
+    )

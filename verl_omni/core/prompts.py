@@ -24,4 +24,6 @@ def prompt_text(raw_prompt: Any) -> str:
                 content = message.get("content")
                 if isinstance(content, str):
                     return content
-    raise ValueError(f"raw_prompt must be a string or a list of chat messages with a user turn, got {raw_prompt!r:.200}")
+    raise ValueError(
+        f"raw_prompt must be a string or a list of chat messages with a user turn, got {raw_prompt!r:.200}"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -33,8 +34,7 @@ def add_lora_adapter(transformer: torch.nn.Module, spec: LoRASpec) -> None:
             f"actor_rollout_ref.model.target_modules {unmatched} match no module of the transformer "
             f"(examples of module names: {names[1:6]})"
         )
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets,
-                        init_lora_weights=True)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets, init_lora_weights=True)
     transformer.add_adapter(config)
 
 
@@ -70,4 +70,3 @@ def set_lora_state_dict(transformer: torch.nn.Module, tensors: dict[str, torch.T
     result = set_peft_model_state_dict(transformer, tensors)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
-

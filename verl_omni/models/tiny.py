@@ -63,10 +63,22 @@ def qwen_image_transformer_config(num_layers: int, full_width: bool) -> dict[str
         raise ValueError(f"num_layers={num_layers} must be >= 1")
     common = {"patch_size": 2, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": False}
     if full_width:
-        return {**common, "num_layers": num_layers, "num_attention_heads": 24, "joint_attention_dim": 3584,
-                "in_channels": 64, "out_channels": 16}
-    return {**common, "num_layers": num_layers, "num_attention_heads": 2, "joint_attention_dim": 64,
-            "in_channels": 16, "out_channels": 4}
+        return {
+            **common,
+            "num_layers": num_layers,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 3584,
+            "in_channels": 64,
+            "out_channels": 16,
+        }
+    return {
+        **common,
+        "num_layers": num_layers,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 64,
+        "in_channels": 16,
+        "out_channels": 4,
+    }
 
 
 # ------------------------------------------------------------------------------------------- utilities
@@ -117,11 +129,23 @@ def _qwen_text_encoder_config(vocab_size: int, tokenizer, full_width: bool):
     from transformers import Qwen2_5_VLConfig
 
     if full_width:  # Qwen2.5-VL-7B width (hidden 3584 = joint_attention_dim), fewer layers and a narrower MLP
-        text = dict(hidden_size=3584, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=28,
-                    num_key_value_heads=4, mrope_section=[16, 24, 24])
+        text = dict(
+            hidden_size=3584,
+            intermediate_size=4096,
+            num_hidden_layers=2,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            mrope_section=[16, 24, 24],
+        )
     else:
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, mrope_section=[2, 3, 3])  # head_dim 16: sections sum to 8
+        text = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[2, 3, 3],
+        )  # head_dim 16: sections sum to 8
     mrope = text.pop("mrope_section")
     assert sum(mrope) * 2 == text["hidden_size"] // text["num_attention_heads"]
     return Qwen2_5_VLConfig(
@@ -135,8 +159,14 @@ def _qwen_text_encoder_config(vocab_size: int, tokenizer, full_width: bool):
             **text,
         ),
         # The pipeline never runs the vision tower; keep it minimal.
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0]),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=text["hidden_size"],
+            fullatt_block_indexes=[0],
+        ),
     )
 
 
@@ -169,8 +199,12 @@ def build_qwen_image(
     ``full_width=True`` gives the real transformer width, a 3584-wide 2-layer text encoder and the real-size VAE;
     modules are constructed directly in ``dtype`` (use bf16) so no float32 copy of the weights is materialised.
     """
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     init_dtype = dtype if full_width else torch.float32  # tiny: init in fp32 so every dtype sees the same values
@@ -186,7 +220,9 @@ def build_qwen_image(
             _qwen_text_encoder_config(len(tokenizer), tokenizer, full_width)
         )
     if vae.config.z_dim * 4 != transformer.config.in_channels:
-        raise ValueError(f"transformer in_channels={transformer.config.in_channels} must be 4 x VAE z_dim={vae.config.z_dim}")
+        raise ValueError(
+            f"transformer in_channels={transformer.config.in_channels} must be 4 x VAE z_dim={vae.config.z_dim}"
+        )
     for offset, module in enumerate((transformer, vae, text_encoder)):
         _randomize_zero_params(module, seed + 100 + offset)
 
@@ -239,7 +275,12 @@ def build_t5_tokenizer():
 
 def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
     """Tiny random SD3.5-style pipeline (2 MMDiT layers with qk RMSNorm, two CLIPs + T5, 16-channel VAE)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tokenizer = build_clip_tokenizer()
@@ -248,35 +289,70 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = 
 
     def clip_config(hidden: int) -> CLIPTextConfig:
         return CLIPTextConfig(
-            vocab_size=len(clip_tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+            vocab_size=len(clip_tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            projection_dim=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
             pad_token_id=clip_tokenizer.pad_token_id,
         )
 
     with _seeded_init(seed, torch.float32):
         transformer = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=t5_hidden, caption_projection_dim=64,
-            pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=32, qk_norm="rms_norm",
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=t5_hidden,
+            caption_projection_dim=64,
+            pooled_projection_dim=2 * clip_hidden,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",
         )
     with _seeded_init(seed + 1, torch.float32):
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            layers_per_block=1,
+            norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=64,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
     with _seeded_init(seed + 2, torch.float32):
         text_encoder = CLIPTextModelWithProjection(clip_config(clip_hidden))
     with _seeded_init(seed + 3, torch.float32):
         text_encoder_2 = CLIPTextModelWithProjection(clip_config(clip_hidden))
     with _seeded_init(seed + 4, torch.float32):
-        text_encoder_3 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=t5_hidden, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0,
-        ))
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=t5_hidden,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
     modules = (transformer, vae, text_encoder, text_encoder_2, text_encoder_3)
     for offset, module in enumerate(modules):
         _randomize_zero_params(module, seed + 100 + offset)
@@ -298,32 +374,54 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = 
 
 # ------------------------------------------------------------------------------------------- CLIP scorers
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json (PickScore_v1 is a fine-tune of it: same sizes).
-CLIP_VIT_H14_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
-CLIP_VIT_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           patch_size=14, image_size=224, hidden_act="gelu")
+CLIP_VIT_H14_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
+CLIP_VIT_H14_VISION = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    hidden_act="gelu",
+)
 CLIP_VIT_H14_PROJECTION_DIM = 1024
 # OpenAI CLIP normalisation, used by every CLIP/PickScore processor config.
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _save_clip(path, text: dict, vision: dict, projection_dim: int, seed: int, dtype: torch.dtype,
-               device: str) -> str:
+def _save_clip(path, text: dict, vision: dict, projection_dim: int, seed: int, dtype: torch.dtype, device: str) -> str:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = build_clip_tokenizer()
     config = CLIPConfig(
-        text_config=dict(text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=vision, projection_dim=projection_dim,
+        text_config=dict(
+            text,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=vision,
+        projection_dim=projection_dim,
     )
     with _seeded_init(seed, dtype), torch.device(device):
         model = CLIPModel(config)
     model.eval().save_pretrained(str(path))
     side = vision["image_size"]
-    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                         image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(path))
     return str(path)
 
@@ -331,15 +429,30 @@ def _save_clip(path, text: dict, vision: dict, projection_dim: int, seed: int, d
 def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> str:
     """Tiny random CLIP scorer directory (2-layer 32-wide towers, 32x32 images; ~0.5 MB), loadable with
     ``CLIPModel.from_pretrained`` + ``AutoProcessor.from_pretrained``."""
-    text = dict(vocab_size=len(build_clip_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                  image_size=32, hidden_act="gelu")
+    text = dict(
+        vocab_size=len(build_clip_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+        image_size=32,
+        hidden_act="gelu",
+    )
     return _save_clip(path, text, vision, projection_dim=16, seed=seed, dtype=torch.float32, device="cpu")
 
 
-def build_clip_vit_h14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       device: str = "cpu") -> str:
+def build_clip_vit_h14(
+    path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> str:
     """Random CLIP at the CLIP-ViT-H-14 / PickScore sizes (~1B parameters), initialised directly in ``dtype`` on
     ``device`` (use "cuda" on a GPU machine: seconds instead of minutes); the tokenizer is the scratch one."""
     return _save_clip(path, CLIP_VIT_H14_TEXT, CLIP_VIT_H14_VISION, CLIP_VIT_H14_PROJECTION_DIM, seed, dtype, device)
@@ -370,7 +483,9 @@ def tiny_model_dir(kind: str, root: Optional[str | os.PathLike] = None) -> str:
     """
     if kind not in TINY_BUILDERS:
         raise ValueError(f"unknown tiny model kind {kind!r}; allowed: {sorted(TINY_BUILDERS)}")
-    root = Path(root or os.environ.get("VERL_OMNI_TINY_MODELS") or Path(tempfile.gettempdir()) / "verl_omni_tiny_models")
+    root = Path(
+        root or os.environ.get("VERL_OMNI_TINY_MODELS") or Path(tempfile.gettempdir()) / "verl_omni_tiny_models"
+    )
     target = root / f"{kind}-{_builder_fingerprint()}"
     key = (kind, str(target))
     with _LOCK:

@@ -11,7 +11,7 @@ model's module.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from verl_omni.core.names import PIPELINE_NAMES
 

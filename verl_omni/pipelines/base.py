@@ -26,8 +26,9 @@ and before any model runs, because the schedule is computed first.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -68,28 +69,41 @@ class RLPipelineMixin:
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
-                          params: DiffusionSamplingParams) -> EncodedPrompt:
+    def encode_conditions(
+        self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams
+    ) -> EncodedPrompt:
         raise NotImplementedError
 
-    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
-                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    def prepare_rl_latents(
+        self,
+        batch_size: int,
+        params: DiffusionSamplingParams,
+        generators: Sequence[torch.Generator],
+        device: torch.device,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
-                             width: int) -> torch.Tensor:
+    def transformer_velocity(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int, width: int
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
-                         guidance_scale: float) -> torch.Tensor:
+    def combine_guidance(
+        self, conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ model call
-    def prepare_model_inputs(self, cond: Conditioning, guidance_scale: float, batch_cfg: bool = DEFAULT_BATCH_CFG,
-                             device: Optional[torch.device | str] = None) -> ModelInputs:
+    def prepare_model_inputs(
+        self,
+        cond: Conditioning,
+        guidance_scale: float,
+        batch_cfg: bool = DEFAULT_BATCH_CFG,
+        device: Optional[torch.device | str] = None,
+    ) -> ModelInputs:
         """``cond`` (B rows) as :class:`ModelInputs` for :meth:`predict_velocity`: call it once per request or
         training micro-batch, then pass the result to every ``predict_velocity`` of those rows (it holds the
         embeddings in the transformer's dtype on ``device`` -- default: the transformer's -- the CFG branches
@@ -97,8 +111,13 @@ class RLPipelineMixin:
         if device is None:
             device = next(self.transformer.parameters()).device
         return prepare_model_inputs(
-            cond, guided=guidance_scale > 1, batch_cfg=batch_cfg, dtype=self.transformer.dtype, device=device,
-            supports_text_mask=self.SUPPORTS_TEXT_MASK, requires_pooled=self.REQUIRES_POOLED,
+            cond,
+            guided=guidance_scale > 1,
+            batch_cfg=batch_cfg,
+            dtype=self.transformer.dtype,
+            device=device,
+            supports_text_mask=self.SUPPORTS_TEXT_MASK,
+            requires_pooled=self.REQUIRES_POOLED,
             model_name=type(self).__name__,
         )
 
@@ -128,8 +147,9 @@ class RLPipelineMixin:
         timestep = expand_timestep(timestep, batch_size, latents.device)
         hidden_states = latents.to(self.transformer.dtype)
         if inputs.joint is not None:
-            both = self.transformer_velocity(torch.cat([hidden_states, hidden_states]), torch.cat([timestep, timestep]),
-                                             inputs.joint, height, width)
+            both = self.transformer_velocity(
+                torch.cat([hidden_states, hidden_states]), torch.cat([timestep, timestep]), inputs.joint, height, width
+            )
             unconditional, conditional = both.chunk(2)  # the order stack_branches wrote
         else:
             conditional = self.transformer_velocity(hidden_states, timestep, inputs.conditional, height, width)
@@ -138,25 +158,34 @@ class RLPipelineMixin:
             unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
         return self.combine_guidance(conditional, unconditional, guidance_scale).float()
 
-    def _model_inputs(self, cond: Conditioning | ModelInputs, guidance_scale: float, batch_cfg: Optional[bool],
-                      device: torch.device) -> ModelInputs:
+    def _model_inputs(
+        self, cond: Conditioning | ModelInputs, guidance_scale: float, batch_cfg: Optional[bool], device: torch.device
+    ) -> ModelInputs:
         if isinstance(cond, Conditioning):
             layout = DEFAULT_BATCH_CFG if batch_cfg is None else batch_cfg
             return self.prepare_model_inputs(cond, guidance_scale, layout, device=device)
         if not isinstance(cond, ModelInputs):
             raise TypeError(f"cond must be a Conditioning or ModelInputs, got {type(cond).__name__}")
         if cond.guided != (guidance_scale > 1):
-            raise ValueError(f"guidance_scale={guidance_scale} but the model inputs were prepared "
-                             f"{'with' if cond.guided else 'without'} guidance")
+            raise ValueError(
+                f"guidance_scale={guidance_scale} but the model inputs were prepared "
+                f"{'with' if cond.guided else 'without'} guidance"
+            )
         if batch_cfg is not None and batch_cfg != cond.batch_cfg and cond.guided:
-            raise ValueError(f"batch_cfg={batch_cfg} but the model inputs were prepared with "
-                             f"batch_cfg={cond.batch_cfg}")
+            raise ValueError(
+                f"batch_cfg={batch_cfg} but the model inputs were prepared with batch_cfg={cond.batch_cfg}"
+            )
         return cond
 
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def rl_generate(self, prompt: str, seeds: Sequence[int], params: DiffusionSamplingParams,
-                    interrupt: Optional[Callable[[], bool]] = None) -> RLBatchOutput:
+    def rl_generate(
+        self,
+        prompt: str,
+        seeds: Sequence[int],
+        params: DiffusionSamplingParams,
+        interrupt: Optional[Callable[[], bool]] = None,
+    ) -> RLBatchOutput:
         """``len(seeds)`` images of ``prompt``; sample i's noise comes only from ``seeds[i]``, so a batched call
         equals single calls with the same seeds. ``interrupt()`` (a host-side flag) is checked between denoising
         steps; True raises :class:`~verl_omni.pipelines.common.RequestAborted`."""
@@ -174,7 +203,12 @@ class RLPipelineMixin:
         model_inputs = self.prepare_model_inputs(cond, params.guidance_scale, params.batch_cfg, device=latents.device)
         result = denoise_with_logprobs(
             lambda x, t: self.predict_velocity(x, t, model_inputs, params.guidance_scale, params.height, params.width),
-            latents, sigmas, model_timesteps, params, generators, interrupt,
+            latents,
+            sigmas,
+            model_timesteps,
+            params,
+            generators,
+            interrupt,
         )
         images = self.decode_rl_latents(result.final_latents, params)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, encoded.truncated_prompt_tokens)

@@ -9,8 +9,9 @@ depends on its batch position or the batch size (and CPU generators give the sam
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -73,8 +74,10 @@ def draw_step_noise(
     """[num_steps, B, *sample_shape] float32 step noise on ``device``, drawn before the loop in ONE host-to-device
     copy (a copy per step would stall the GPU every step). Each generator makes exactly the calls a per-step draw
     would make, in the same order, so the numbers are the same."""
-    rows = [torch.stack([torch.randn(tuple(sample_shape), generator=g, dtype=torch.float32) for _ in range(num_steps)])
-            for g in generators]  # [B][num_steps, ...]
+    rows = [
+        torch.stack([torch.randn(tuple(sample_shape), generator=g, dtype=torch.float32) for _ in range(num_steps)])
+        for g in generators
+    ]  # [B][num_steps, ...]
     noise = torch.stack(rows, dim=1)
     if torch.device(device).type == "cuda":
         return noise.pin_memory().to(device, non_blocking=True)
@@ -118,8 +121,13 @@ def denoise_with_logprobs(
         sigma_next = torch.tensor(sigmas_list[i + 1], dtype=torch.float32)
         if window_mask[i]:
             step = sde_step_with_logprob(
-                velocity, latents, sigma, sigma_next,
-                noise_level=float(params.noise_level), sde_type=params.sde_type, sigma_max=sigma_max,
+                velocity,
+                latents,
+                sigma,
+                sigma_next,
+                noise_level=float(params.noise_level),
+                sde_type=params.sde_type,
+                sigma_max=sigma_max,
                 noise=noise[window_steps.index(i)],
             )
             latents = step.prev_sample.to(torch.float32)
@@ -171,8 +179,15 @@ def to_host(tensors: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[to
     return out
 
 
-def to_batch_output(images: torch.Tensor, result: "DenoiseResult", sigmas: torch.Tensor, timesteps: torch.Tensor,
-                    cond: Conditioning, seeds: list[int], truncated_prompt_tokens: int = 0) -> RLBatchOutput:
+def to_batch_output(
+    images: torch.Tensor,
+    result: DenoiseResult,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    seeds: list[int],
+    truncated_prompt_tokens: int = 0,
+) -> RLBatchOutput:
     """The RL output of one call: ``cond`` (B rows) is stored under ``RLBatchOutput``'s embedding field names."""
     host = to_host({"images": images, "latents": result.trajectory, **cond.as_fields()})
     return RLBatchOutput(

@@ -14,8 +14,13 @@ from verl_omni.models.lora import LoRASpec, add_lora_adapter
 from verl_omni.pipelines import get_pipeline_class
 
 
-def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: Optional[LoRASpec] = None,
-                     lora_dtype: torch.dtype = torch.float32) -> Any:
+def load_rl_pipeline(
+    path: str,
+    pipeline: str,
+    dtype: str | torch.dtype,
+    lora: Optional[LoRASpec] = None,
+    lora_dtype: torch.dtype = torch.float32,
+) -> Any:
     """``get_pipeline_class(pipeline).from_pretrained(path)`` in ``dtype`` (on CPU), progress bars off, with a
     frozen transformer and, when ``lora`` is given, a peft adapter on it, its weights in ``lora_dtype``.
 
@@ -23,8 +28,10 @@ def load_rl_pipeline(path: str, pipeline: str, dtype: str | torch.dtype, lora: O
     the hybrid engine's engines serve that very tensor (an engine compiled with a bf16 adapter would recompile).
     A split-placement sync sends rollout-dtype values; a float32 adapter holds them exactly."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
-                                "dir with model_index.json, or tiny:qwen_image / tiny:sd3)")
+        raise FileNotFoundError(
+            f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
+            "dir with model_index.json, or tiny:qwen_image / tiny:sd3)"
+        )
     quiet_loading_bars()
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)

@@ -59,7 +59,7 @@ class TextInputs:
             return self.mask
         return torch.ones(self.rows, self.length, dtype=torch.long, device=self.embeds.device)
 
-    def padded_to(self, length: int) -> "TextInputs":
+    def padded_to(self, length: int) -> TextInputs:
         """Right-padded to ``length`` tokens: zero embeddings (finite through the text norm), mask 0."""
         extra = length - self.length
         if extra < 0:
@@ -68,7 +68,7 @@ class TextInputs:
             return self
         return TextInputs(F.pad(self.embeds, (0, 0, 0, extra)), F.pad(self.full_mask(), (0, extra)), self.pooled)
 
-    def without_all_ones_mask(self) -> "TextInputs":
+    def without_all_ones_mask(self) -> TextInputs:
         """The same inputs with an all-ones mask dropped (one host sync: call once, not per forward)."""
         if self.mask is not None and bool(self.mask.all()):
             return TextInputs(self.embeds, None, self.pooled)
@@ -149,11 +149,16 @@ def prepare_model_inputs(
         return ModelInputs(cond.batch_size, conditional=conditional.without_all_ones_mask())
     unconditional = branch(negative=True)
     if not batch_cfg:
-        return ModelInputs(cond.batch_size, conditional=conditional.without_all_ones_mask(),
-                           unconditional=unconditional.without_all_ones_mask())
+        return ModelInputs(
+            cond.batch_size,
+            conditional=conditional.without_all_ones_mask(),
+            unconditional=unconditional.without_all_ones_mask(),
+        )
     if unconditional.length != conditional.length and not supports_text_mask:
-        raise ValueError(f"{model_name}: negative_prompt_embeds has {unconditional.length} tokens and prompt_embeds "
-                         f"{conditional.length}; without a text mask they cannot share one call (use batch_cfg=False)")
+        raise ValueError(
+            f"{model_name}: negative_prompt_embeds has {unconditional.length} tokens and prompt_embeds "
+            f"{conditional.length}; without a text mask they cannot share one call (use batch_cfg=False)"
+        )
     return ModelInputs(cond.batch_size, joint=stack_branches(unconditional, conditional).without_all_ones_mask())
 
 

@@ -12,7 +12,8 @@ dynamic shifting for the packed image sequence length.
 from __future__ import annotations
 
 import logging
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -69,8 +70,15 @@ class QwenImageFusedAttnProcessor:
     def __init__(self, attention_fn: AttentionFn):
         self.attention_fn = attention_fn
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
         if encoder_hidden_states is None:
             raise ValueError("QwenImageFusedAttnProcessor requires encoder_hidden_states (text stream)")
         seq_txt = encoder_hidden_states.shape[1]
@@ -113,8 +121,14 @@ class SingleFrameCausalConv3d(QwenImageCausalConv3d):
 
     def forward(self, x, cache_x=None):
         kt = self.kernel_size[0]
-        if (cache_x is None and x.shape[2] == 1 and self._padding[4] == kt - 1 and self._padding[5] == 0
-                and self.stride[0] == 1 and tuple(self.dilation) == (1, 1, 1)):
+        if (
+            cache_x is None
+            and x.shape[2] == 1
+            and self._padding[4] == kt - 1
+            and self._padding[5] == 0
+            and self.stride[0] == 1
+            and tuple(self.dilation) == (1, 1, 1)
+        ):
             pad_w, _, pad_h, _ = self._padding[:4]
             out = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, stride=self.stride[1:], padding=(pad_h, pad_w))
             return out.unsqueeze(2)
@@ -146,8 +160,13 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
     def use_attention_function(self, attention_fn: AttentionFn) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel). Returns the number of blocks changed."""
-        blocks = [m for m in self.transformer.modules() if isinstance(
-            getattr(m, "processor", None), (QwenDoubleStreamAttnProcessor2_0, QwenImageFusedAttnProcessor))]
+        blocks = [
+            m
+            for m in self.transformer.modules()
+            if isinstance(
+                getattr(m, "processor", None), (QwenDoubleStreamAttnProcessor2_0, QwenImageFusedAttnProcessor)
+            )
+        ]
         for module in blocks:
             module.set_processor(QwenImageFusedAttnProcessor(attention_fn))
         return len(blocks)
@@ -161,12 +180,17 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         embeds, mask = self._get_qwen_prompt_embeds([prompt], device=self._execution_device)
         truncated = max(0, embeds.shape[1] - max_sequence_length)
         if truncated:
-            logger.debug("prompt of %d tokens truncated to max_sequence_length=%d: %.80r",
-                         embeds.shape[1], max_sequence_length, prompt)
+            logger.debug(
+                "prompt of %d tokens truncated to max_sequence_length=%d: %.80r",
+                embeds.shape[1],
+                max_sequence_length,
+                prompt,
+            )
         return EncodedText(embeds[:, :max_sequence_length], mask[:, :max_sequence_length], truncated)
 
-    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
-                          params: DiffusionSamplingParams) -> EncodedPrompt:
+    def encode_conditions(
+        self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams
+    ) -> EncodedPrompt:
         positive = self.encode_prompt_for_rl(prompt, params.max_sequence_length)
         cond = Conditioning(prompt_embeds=positive.embeds, prompt_embeds_mask=positive.mask)
         if negative_prompt is not None:
@@ -175,8 +199,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         return EncodedPrompt(cond, positive.truncated_tokens)
 
     # ------------------------------------------------------------------------------------------ model call
-    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
-                             width: int) -> torch.Tensor:
+    def transformer_velocity(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int, width: int
+    ) -> torch.Tensor:
         """One forward on packed ``latents`` [R, S, C]; ``text.mask`` None = every token real (unmasked attention,
         the engine's fused kernel when one is installed)."""
         latent_grid = (1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)
@@ -190,8 +215,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             return_dict=False,
         )[0]
 
-    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
-                         guidance_scale: float) -> torch.Tensor:
+    def combine_guidance(
+        self, conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
         """True CFG as ``QwenImagePipeline``: ``u + w (c - u)``, rescaled per token to the conditional's norm."""
         combined = unconditional + guidance_scale * (conditional - unconditional)
         conditional_norm = torch.norm(conditional, dim=-1, keepdim=True)
@@ -205,16 +231,23 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         steps = params.num_inference_steps
         image_seq_len = (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
         base_sigmas = np.linspace(1.0, 1 / steps, steps)
-        sigmas, timesteps = flow_match_sigmas(dict(self.scheduler.config), steps, image_seq_len,
-                                              base_sigmas=base_sigmas)
+        sigmas, timesteps = flow_match_sigmas(
+            dict(self.scheduler.config), steps, image_seq_len, base_sigmas=base_sigmas
+        )
         return sigmas, timesteps / 1000
 
-    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
-                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    def prepare_rl_latents(
+        self,
+        batch_size: int,
+        params: DiffusionSamplingParams,
+        generators: Sequence[torch.Generator],
+        device: torch.device,
+    ) -> torch.Tensor:
         """Packed x_T [B, S, C] as ``QwenImagePipeline.prepare_latents`` draws it from per-sample generators."""
         channels = self.transformer.config.in_channels // 4  # 2x2 patches packed into the channels
-        return self.prepare_latents(batch_size, channels, params.height, params.width, torch.float32, device,
-                                    list(generators))
+        return self.prepare_latents(
+            batch_size, channels, params.height, params.width, torch.float32, device, list(generators)
+        )
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         return self.decode_latents(latents, params.height, params.width)

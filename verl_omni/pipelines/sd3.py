@@ -13,7 +13,8 @@ scheduler's (static shift 3 for SD3.5), computed as ``StableDiffusion3Pipeline._
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -50,12 +51,18 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
             logger.debug("prompt of %d tokens truncated to %d: %.80r", length, limit, prompt)
         return max(0, length - limit)
 
-    def encode_conditions(self, prompt: str, negative_prompt: Optional[str],
-                          params: DiffusionSamplingParams) -> EncodedPrompt:
+    def encode_conditions(
+        self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams
+    ) -> EncodedPrompt:
         guided = negative_prompt is not None
         embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=self._execution_device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
+            prompt=prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=self._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
             max_sequence_length=params.max_sequence_length,
         )
         cond = Conditioning(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
@@ -64,8 +71,9 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
         return EncodedPrompt(cond, self.count_truncated_tokens(prompt, params.max_sequence_length))
 
     # ------------------------------------------------------------------------------------------ model call
-    def transformer_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int,
-                             width: int) -> torch.Tensor:
+    def transformer_velocity(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int, width: int
+    ) -> torch.Tensor:
         """One forward on ``latents`` [R, C, h, w] (spatial: ``height`` / ``width`` are not needed)."""
         return self.transformer(
             hidden_states=latents,
@@ -75,8 +83,9 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
             return_dict=False,
         )[0]
 
-    def combine_guidance(self, conditional: torch.Tensor, unconditional: torch.Tensor,
-                         guidance_scale: float) -> torch.Tensor:
+    def combine_guidance(
+        self, conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
         """Classic CFG, as ``StableDiffusion3Pipeline``: ``u + w (c - u)``."""
         return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -87,11 +96,23 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
         image_seq_len = (params.height // tokens_per_side) * (params.width // tokens_per_side)
         return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, image_seq_len)
 
-    def prepare_rl_latents(self, batch_size: int, params: DiffusionSamplingParams,
-                           generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    def prepare_rl_latents(
+        self,
+        batch_size: int,
+        params: DiffusionSamplingParams,
+        generators: Sequence[torch.Generator],
+        device: torch.device,
+    ) -> torch.Tensor:
         """x_T [B, C, h, w] as ``StableDiffusion3Pipeline.prepare_latents`` draws it from per-sample generators."""
-        return self.prepare_latents(batch_size, self.transformer.config.in_channels, params.height, params.width,
-                                    torch.float32, device, list(generators))
+        return self.prepare_latents(
+            batch_size,
+            self.transformer.config.in_channels,
+            params.height,
+            params.width,
+            torch.float32,
+            device,
+            list(generators),
+        )
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""

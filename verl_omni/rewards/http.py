@@ -63,12 +63,23 @@ def _json_default(value: Any):
 class HttpReward:
     """Reward function that POSTs samples to ``url`` (schema in the module docstring)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 60.0, batch_size: int = 16, max_concurrency: int = 4,
-                 retries: int = 3, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        batch_size: int = 16,
+        max_concurrency: int = 4,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"reward 'http': url={url!r} must start with http:// or https://")
-        for key, value, low in (("batch_size", batch_size, 1), ("max_concurrency", max_concurrency, 1),
-                                ("retries", retries, 0)):
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("max_concurrency", max_concurrency, 1),
+            ("retries", retries, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"reward 'http': {key}={value!r} must be an int >= {low}")
         for key, value in (("timeout_s", timeout_s), ("backoff_s", backoff_s)):
@@ -79,8 +90,10 @@ class HttpReward:
 
     def __call__(self, images: list, prompts: list[str], metadata: Optional[list[dict]] = None) -> list[float]:
         metadata = metadata if metadata is not None else [{} for _ in images]
-        chunks = [list(range(start, min(start + self.batch_size, len(images))))
-                  for start in range(0, len(images), self.batch_size)]
+        chunks = [
+            list(range(start, min(start + self.batch_size, len(images))))
+            for start in range(0, len(images), self.batch_size)
+        ]
         scores: list[float] = [math.nan] * len(images)
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="http-reward") as pool:
             futures = {pool.submit(self._score_chunk, idx, images, prompts, metadata): idx for idx in chunks}
@@ -91,9 +104,14 @@ class HttpReward:
 
     def _score_chunk(self, indices: list[int], images, prompts, metadata) -> list[float]:
         try:
-            body = json.dumps({"images": [encode_png(images[i]) for i in indices],
-                               "prompts": [prompts[i] for i in indices],
-                               "metadata": [metadata[i] for i in indices]}, default=_json_default).encode()
+            body = json.dumps(
+                {
+                    "images": [encode_png(images[i]) for i in indices],
+                    "prompts": [prompts[i] for i in indices],
+                    "metadata": [metadata[i] for i in indices],
+                },
+                default=_json_default,
+            ).encode()
         except TypeError as exc:
             raise RewardSampleError(indices, f"cannot encode the request to {self.url}: {exc}") from exc
         answer = self._post_with_retries(indices, body)
@@ -108,12 +126,16 @@ class HttpReward:
                 return self._post(indices, body)
             except _Retryable as exc:
                 last_error = str(exc)
-        raise RewardSampleError(indices, f"scoring service {self.url} failed after {self.retries + 1} attempts "
-                                         f"(retries={self.retries}); last error: {last_error}")
+        raise RewardSampleError(
+            indices,
+            f"scoring service {self.url} failed after {self.retries + 1} attempts "
+            f"(retries={self.retries}); last error: {last_error}",
+        )
 
     def _post(self, indices: list[int], body: bytes) -> bytes:
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
@@ -148,7 +170,19 @@ class HttpReward:
 
 
 @register_reward_factory("http", HTTP_OPTIONS, owns_timeout=True)
-def build_http_reward(url: str, timeout_s: float = 60.0, batch_size: int = 16, max_concurrency: int = 4,
-                      retries: int = 3, backoff_s: float = 0.5) -> HttpReward:
-    return HttpReward(url, timeout_s=timeout_s, batch_size=batch_size, max_concurrency=max_concurrency,
-                      retries=retries, backoff_s=backoff_s)
+def build_http_reward(
+    url: str,
+    timeout_s: float = 60.0,
+    batch_size: int = 16,
+    max_concurrency: int = 4,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+) -> HttpReward:
+    return HttpReward(
+        url,
+        timeout_s=timeout_s,
+        batch_size=batch_size,
+        max_concurrency=max_concurrency,
+        retries=retries,
+        backoff_s=backoff_s,
+    )

@@ -43,8 +43,12 @@ class RewardModelActor:
         self.calls: list[int] = []  # images per call of the model, for tests and metrics
 
     def ready(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "device": str(getattr(self.fn, "device", "cpu")),
-                "gpu_ids": ray.get_gpu_ids()}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "device": str(getattr(self.fn, "device", "cpu")),
+            "gpu_ids": ray.get_gpu_ids(),
+        }
 
     async def score(self, images: list, prompts: list[str], metadata: list[dict]) -> list[float]:
         future = asyncio.get_running_loop().create_future()
@@ -73,7 +77,7 @@ class RewardModelActor:
             return
         start = 0
         for request in requests:
-            request[3].set_result(scores[start:start + len(request[0])])
+            request[3].set_result(scores[start : start + len(request[0])])
             start += len(request[0])
 
     async def _call(self, images, prompts, metadata) -> list[float]:
@@ -115,8 +119,9 @@ def raise_into(future: asyncio.Future) -> None:
     future.set_exception(sys.exc_info()[1])
 
 
-def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float] = None, num_cpus: float = 1,
-                             **ray_options: Any):
+def start_reward_model_actor(
+    entry: Mapping[str, Any], num_gpus: Optional[float] = None, num_cpus: float = 1, **ray_options: Any
+):
     """A ``RewardModelActor`` for ``entry`` with ``entry['num_gpus']`` GPUs (default: 1 if the Ray cluster has a GPU,
     else 0). Returns its handle once the model is loaded (a loading error raises here, not at the first score).
 
@@ -127,12 +132,14 @@ def start_reward_model_actor(entry: Mapping[str, Any], num_gpus: Optional[float]
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     if not (isinstance(num_gpus, (int, float)) and 0 <= num_gpus):
-        raise ValueError(f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 "
-                         "(a fraction shares a GPU)")
+        raise ValueError(
+            f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 (a fraction shares a GPU)"
+        )
     if str(entry.get("device", "auto")).startswith("cuda") and num_gpus == 0:
         raise ValueError(f"reward {entry['name']!r}: device={entry['device']!r} needs num_gpus > 0 for its actor")
-    handle = ray.remote(RewardModelActor).options(num_gpus=num_gpus, num_cpus=num_cpus, **ray_options).remote(
-        dict(entry))
+    handle = (
+        ray.remote(RewardModelActor).options(num_gpus=num_gpus, num_cpus=num_cpus, **ray_options).remote(dict(entry))
+    )
     ray.get(handle.ready.remote())
     return handle
 

@@ -118,5 +118,5 @@ def _target_for(prompt: str, meta: Optional[dict]) -> str:
 @register_reward("ocr")
 def ocr_reward(images: list, prompts: list[str], metadata: list[dict]) -> list[float]:
     metadata = metadata or [{} for _ in prompts]
-    targets = [_target_for(p, m) for p, m in zip(prompts, metadata)]  # fail before spending OCR time
-    return [ocr_text_score(recognize_text(img), target) for img, target in zip(images, targets)]
+    targets = [_target_for(p, m) for p, m in zip(prompts, metadata, strict=False)]  # fail before spending OCR time
+    return [ocr_text_score(recognize_text(img), target) for img, target in zip(images, targets, strict=False)]

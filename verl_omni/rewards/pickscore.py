@@ -42,8 +42,17 @@ class CLIPScorer:
     until ``onload()``: scoring a bf16 model on the CPU by accident would be silently slow.
     """
 
-    def __init__(self, path: str, *, kind: str = "pickscore", processor_path: Optional[str] = None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 32, preprocess: str = "processor"):
+    def __init__(
+        self,
+        path: str,
+        *,
+        kind: str = "pickscore",
+        processor_path: Optional[str] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        preprocess: str = "processor",
+    ):
         import torch
         from transformers import AutoProcessor, CLIPModel
 
@@ -93,13 +102,19 @@ class CLIPScorer:
 
         with torch.inference_mode():
             image_embeds = _pooled(self.model.get_image_features(pixel_values=self.pixel_values(images)))
-            text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt")
-            text_embeds = _pooled(self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
-                                                               attention_mask=text["attention_mask"].to(self.device)))
+            text = self.processor(
+                text=list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            text_embeds = _pooled(
+                self.model.get_text_features(
+                    input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
+                )
+            )
             # Cosine in float32: a bf16 dot product of 1024-wide unit vectors loses the 3rd digit of the score.
-            cos = (torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-                   * torch.nn.functional.normalize(text_embeds.float(), dim=-1)).sum(-1)
+            cos = (
+                torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+                * torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+            ).sum(-1)
             if self.kind == "pickscore":
                 scores = self.model.logit_scale.float().exp() * cos
             else:
@@ -136,7 +151,7 @@ class CLIPScorer:
         x = x.round().clamp(0, 255)  # PIL resizes to uint8
         crop_h, crop_w = config.crop_size["height"], config.crop_size["width"]
         top, left = (x.shape[-2] - crop_h) // 2, (x.shape[-1] - crop_w) // 2
-        x = x[..., top:top + crop_h, left:left + crop_w] * config.rescale_factor
+        x = x[..., top : top + crop_h, left : left + crop_w] * config.rescale_factor
         mean = torch.tensor(config.image_mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(config.image_std, device=self.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -148,11 +163,25 @@ def _pooled(output):
 
 
 def _builder(kind: str):
-    def build(path: str, processor_path: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-              batch_size: int = 32, preprocess: str = "processor", num_gpus: Optional[float] = None) -> CLIPScorer:
+    def build(
+        path: str,
+        processor_path: Optional[str] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        preprocess: str = "processor",
+        num_gpus: Optional[float] = None,
+    ) -> CLIPScorer:
         del num_gpus  # placement of a RewardPool's model actor, not a scorer setting
-        return CLIPScorer(path, kind=kind, processor_path=processor_path, device=device, dtype=dtype,
-                          batch_size=batch_size, preprocess=preprocess)
+        return CLIPScorer(
+            path,
+            kind=kind,
+            processor_path=processor_path,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            preprocess=preprocess,
+        )
 
     build.__name__ = build.__qualname__ = f"build_{kind}"
     return build

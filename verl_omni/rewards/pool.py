@@ -36,8 +36,9 @@ from verl_omni.rewards.registry import RewardComputationError, RewardManager, Re
 _OCR_THREADS_ENV = "VERL_OMNI_OCR_THREADS"  # read by verl_omni.rewards.ocr when it creates its engine
 
 
-def default_num_reward_workers(cpu_cores: int, *, num_replicas: int, agent_loop_workers: int,
-                               cores_per_replica: int = 1, driver_cores: int = 1) -> int:
+def default_num_reward_workers(
+    cpu_cores: int, *, num_replicas: int, agent_loop_workers: int, cores_per_replica: int = 1, driver_cores: int = 1
+) -> int:
     """Reward workers for a node: its cores minus those already busy, at least 1.
 
     Busy: ``cores_per_replica`` per rollout replica (a GPU replica's host process feeds its card: ~1 core; a CPU
@@ -45,9 +46,13 @@ def default_num_reward_workers(cpu_cores: int, *, num_replicas: int, agent_loop_
     ``driver_cores`` for the trainer process. Ray requests of those actors are 0 CPUs, so this is not what
     ``ray.available_resources()`` shows: it is counted here from the numbers the config sets.
     """
-    for key, value in (("cpu_cores", cpu_cores), ("num_replicas", num_replicas),
-                       ("agent_loop_workers", agent_loop_workers), ("cores_per_replica", cores_per_replica),
-                       ("driver_cores", driver_cores)):
+    for key, value in (
+        ("cpu_cores", cpu_cores),
+        ("num_replicas", num_replicas),
+        ("agent_loop_workers", agent_loop_workers),
+        ("cores_per_replica", cores_per_replica),
+        ("driver_cores", driver_cores),
+    ):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"default_num_reward_workers: {key}={value!r} must be an int >= 0")
     return max(1, cpu_cores - num_replicas * cores_per_replica - agent_loop_workers - driver_cores)
@@ -58,8 +63,9 @@ def resolve_num_reward_workers(configured: Any, **node: int) -> int:
     if configured is None or configured == "auto":
         return default_num_reward_workers(**node)
     if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
-        raise ValueError(f"reward.num_workers={configured!r} must be an int >= 1, or null / 'auto' for the node's "
-                         "free cores")
+        raise ValueError(
+            f"reward.num_workers={configured!r} must be an int >= 1, or null / 'auto' for the node's free cores"
+        )
     return configured
 
 
@@ -148,8 +154,10 @@ def _explain(exc: Exception, piece: _Piece) -> Exception:
     if isinstance(exc, ray.exceptions.RayActorError):
         prompts = "; ".join(repr(p[:60]) for p in piece.prompts[:3]) + (" ..." if len(piece.prompts) > 3 else "")
         first_line = str(exc).splitlines()[0] if str(exc) else ""
-        return RewardWorkerDiedError(f"reward worker {piece.worker_index} died while scoring samples "
-                                     f"{piece.sample_ids} (prompts {prompts}): {type(exc).__name__}: {first_line}")
+        return RewardWorkerDiedError(
+            f"reward worker {piece.worker_index} died while scoring samples "
+            f"{piece.sample_ids} (prompts {prompts}): {type(exc).__name__}: {first_line}"
+        )
     return exc
 
 
@@ -165,9 +173,18 @@ class RewardPool:
     ``model_actor_options``: extra Ray ``.options()`` of the reward-model actors (a placement-group strategy).
     """
 
-    def __init__(self, reward_config: Mapping[str, Any], num_workers: int, *, split_groups: bool = True,
-                 threads_per_worker: int = 1, num_cpus_per_worker: float = 1, max_restarts: int = 3,
-                 task_retries: int = 1, model_actor_options: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        reward_config: Mapping[str, Any],
+        num_workers: int,
+        *,
+        split_groups: bool = True,
+        threads_per_worker: int = 1,
+        num_cpus_per_worker: float = 1,
+        max_restarts: int = 3,
+        task_retries: int = 1,
+        model_actor_options: Optional[Mapping[str, Any]] = None,
+    ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"reward.num_workers={num_workers!r} must be an int >= 1")
         if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
@@ -178,12 +195,16 @@ class RewardPool:
         RewardManager(config, reward_fns={e["name"]: _not_called for e in model_entries})
         cpus = ray.cluster_resources().get("CPU", 0)
         if num_workers * num_cpus_per_worker > cpus:
-            raise ValueError(f"reward.num_workers={num_workers} x {num_cpus_per_worker} CPU exceeds the Ray cluster's "
-                             f"{cpus:g} CPUs: lower reward.num_workers or start Ray with more CPUs")
-        self.model_actors = {e["name"]: start_reward_model_actor(e, **dict(model_actor_options or {}))
-                             for e in model_entries}
-        worker_class = ray.remote(RewardWorker).options(num_cpus=num_cpus_per_worker, max_restarts=max_restarts,
-                                                        max_task_retries=task_retries)
+            raise ValueError(
+                f"reward.num_workers={num_workers} x {num_cpus_per_worker} CPU exceeds the Ray cluster's "
+                f"{cpus:g} CPUs: lower reward.num_workers or start Ray with more CPUs"
+            )
+        self.model_actors = {
+            e["name"]: start_reward_model_actor(e, **dict(model_actor_options or {})) for e in model_entries
+        }
+        worker_class = ray.remote(RewardWorker).options(
+            num_cpus=num_cpus_per_worker, max_restarts=max_restarts, max_task_retries=task_retries
+        )
         self.workers = [worker_class.remote(config, self.model_actors, threads_per_worker) for _ in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails the pool now
         self._in_flight: list[list] = [[] for _ in self.workers]
@@ -194,8 +215,14 @@ class RewardPool:
     def num_workers(self) -> int:
         return len(self.workers)
 
-    def submit(self, images: Sequence, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None, *,
-               sample_ids: Optional[Sequence] = None) -> RewardFuture:
+    def submit(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        metadata: Optional[Sequence[dict]] = None,
+        *,
+        sample_ids: Optional[Sequence] = None,
+    ) -> RewardFuture:
         """Queue one group (uint8 HxWx3 images, their prompts and per-sample metadata) on the least-busy workers.
 
         ``sample_ids`` name the samples in errors (e.g. their rows in the step's batch); default 0..len-1.
@@ -204,13 +231,16 @@ class RewardPool:
         metadata = list(metadata) if metadata is not None else [{} for _ in images]
         sample_ids = list(sample_ids) if sample_ids is not None else list(range(len(images)))
         if not (len(images) == len(prompts) == len(metadata) == len(sample_ids)):
-            raise ValueError(f"images ({len(images)}), prompts ({len(prompts)}), metadata ({len(metadata)}) and "
-                             f"sample_ids ({len(sample_ids)}) differ in length")
+            raise ValueError(
+                f"images ({len(images)}), prompts ({len(prompts)}), metadata ({len(metadata)}) and "
+                f"sample_ids ({len(sample_ids)}) differ in length"
+            )
         pieces = []
         for start, stop in self._piece_bounds(len(images)):
             index = self._least_busy()
-            ref = self.workers[index].score.remote(images[start:stop], prompts[start:stop], metadata[start:stop],
-                                                   sample_ids[start:stop])
+            ref = self.workers[index].score.remote(
+                images[start:stop], prompts[start:stop], metadata[start:stop], sample_ids[start:stop]
+            )
             self._in_flight[index].append(ref)
             pieces.append(_Piece(ref, index, sample_ids[start:stop], prompts[start:stop]))
         return RewardFuture(pieces)
@@ -235,13 +265,20 @@ class RewardPool:
         """All futures' results as one RewardResult, in the order given (per-reward seconds summed)."""
         return RewardResult.concat([f.result() for f in futures])
 
-    def score_groups(self, images: Sequence, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None, *,
-                     group_size: int) -> RewardResult:
+    def score_groups(
+        self, images: Sequence, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None, *, group_size: int
+    ) -> RewardResult:
         """Submit a batch as consecutive groups of ``group_size`` and gather them (sample ids = batch rows)."""
         metadata = list(metadata) if metadata is not None else [{} for _ in images]
-        futures = [self.submit(images[s:s + group_size], prompts[s:s + group_size], metadata[s:s + group_size],
-                               sample_ids=list(range(s, min(s + group_size, len(images)))))
-                   for s in range(0, len(images), group_size)]
+        futures = [
+            self.submit(
+                images[s : s + group_size],
+                prompts[s : s + group_size],
+                metadata[s : s + group_size],
+                sample_ids=list(range(s, min(s + group_size, len(images)))),
+            )
+            for s in range(0, len(images), group_size)
+        ]
         return self.gather(futures)
 
     def offload_models(self) -> None:

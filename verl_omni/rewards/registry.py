@@ -83,8 +83,10 @@ def registered_rewards() -> list[str]:
 
 def get_reward_fn(name: str) -> RewardFn:
     if name in _FACTORY_REGISTRY:
-        raise ValueError(f"reward {name!r} needs options {list(_FACTORY_REGISTRY[name].options)}: build it from its "
-                         "entry with build_reward_fn({'name': ..., <options>})")
+        raise ValueError(
+            f"reward {name!r} needs options {list(_FACTORY_REGISTRY[name].options)}: build it from its "
+            "entry with build_reward_fn({'name': ..., <options>})"
+        )
     try:
         return _REWARD_REGISTRY[name]
     except KeyError:
@@ -255,8 +257,9 @@ class RewardManager:
         reward_fns = dict(reward_fns or {})
         for entry in config.get("rewards") or []:
             if "name" not in entry:
-                raise ValueError(f"reward entry {dict(entry)} has no 'name'; "
-                                 f"registered rewards: {registered_rewards()}")
+                raise ValueError(
+                    f"reward entry {dict(entry)} has no 'name'; registered rewards: {registered_rewards()}"
+                )
             name = entry["name"]
             if name not in _REWARD_REGISTRY and name not in _FACTORY_REGISTRY:
                 raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}")
@@ -273,8 +276,9 @@ class RewardManager:
             if not custom.get("name"):
                 raise ValueError("custom_reward_function.path is set but custom_reward_function.name is not")
             fn = load_custom_reward_fn(custom["path"], custom["name"], custom.get("reward_kwargs"))
-            self._add(RewardSpec(f"custom/{custom['name']}", fn, float(custom.get("weight", 1.0)),
-                                 custom.get("timeout_s")))
+            self._add(
+                RewardSpec(f"custom/{custom['name']}", fn, float(custom.get("weight", 1.0)), custom.get("timeout_s"))
+            )
         if not self.specs:
             raise ValueError("RewardManager needs at least one reward in 'rewards' or a 'custom_reward_function'")
 
@@ -289,8 +293,14 @@ class RewardManager:
     def names(self) -> list[str]:
         return [spec.name for spec in self.specs]
 
-    def __call__(self, images: list, prompts: list[str], metadata: Optional[list[dict]] = None, *,
-                 sample_ids: Optional[Sequence] = None) -> RewardResult:
+    def __call__(
+        self,
+        images: list,
+        prompts: list[str],
+        metadata: Optional[list[dict]] = None,
+        *,
+        sample_ids: Optional[Sequence] = None,
+    ) -> RewardResult:
         """Score a batch. ``sample_ids`` (default: 0..B-1) are the names errors give the samples, e.g. their
         rows in the caller's larger batch when it scores one group at a time."""
         batch = len(images)
@@ -349,7 +359,8 @@ class RewardManager:
         values = _score_values(spec.name, raw)
         if len(values) != len(prompts):
             raise RewardComputationError(
-                f"reward {spec.name!r} returned {len(values)} scores for {len(prompts)} samples")
+                f"reward {spec.name!r} returned {len(values)} scores for {len(prompts)} samples"
+            )
         for i, value in enumerate(values):
             if not is_real_number(value):
                 raise RewardComputationError(
@@ -360,8 +371,9 @@ class RewardManager:
         scores = np.asarray(values, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
-            details = ", ".join(f"sample {labels[i]} = {scores[i]} (prompt {_short(prompts[i], 60)!r})"
-                                for i in bad[:5])
+            details = ", ".join(
+                f"sample {labels[i]} = {scores[i]} (prompt {_short(prompts[i], 60)!r})" for i in bad[:5]
+            )
             raise RewardComputationError(f"reward {spec.name!r} returned non-finite scores: {details}")
         return scores
 
@@ -384,7 +396,8 @@ def _score_values(name: str, raw: Any) -> list:
         return list(raw.reshape(-1))
     if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__iter__"):
         raise RewardComputationError(
-            f"reward {name!r} returned a {type(raw).__name__}, not a sequence of one number per sample")
+            f"reward {name!r} returned a {type(raw).__name__}, not a sequence of one number per sample"
+        )
     return list(raw)
 
 

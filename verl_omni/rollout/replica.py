@@ -26,8 +26,16 @@ class DiffusionReplica(RolloutReplica):
 
     engine_name = "diffusers"
 
-    def __init__(self, replica_rank: int, config: Any, model_config: Any, gpus_per_node: int = 1,
-                 is_reward_model: bool = False, is_teacher_model: bool = False, name_suffix: str = "") -> None:
+    def __init__(
+        self,
+        replica_rank: int,
+        config: Any,
+        model_config: Any,
+        gpus_per_node: int = 1,
+        is_reward_model: bool = False,
+        is_teacher_model: bool = False,
+        name_suffix: str = "",
+    ) -> None:
         # verl's base __init__ converts ``config`` into its LLM RolloutConfig; ours is a diffusion config.
         self.replica_rank = replica_rank
         self.config = build(RolloutConfig, config)
@@ -80,12 +88,17 @@ class DiffusionReplica(RolloutReplica):
 
             group, bundle = self.placement
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=bundle)
+                placement_group=group, placement_group_bundle_index=bundle
+            )
         if self.config.name != self.engine_name:
-            raise ValueError(f"actor_rollout_ref.rollout.name={self.config.name!r} given to the {self.engine_name!r} "
-                             "replica class")
-        server = ray.remote(DiffusionHttpServer).options(**options).remote(
-            model=self.model_config, rollout=self.config, replica_rank=self.replica_rank)
+            raise ValueError(
+                f"actor_rollout_ref.rollout.name={self.config.name!r} given to the {self.engine_name!r} replica class"
+            )
+        server = (
+            ray.remote(DiffusionHttpServer)
+            .options(**options)
+            .remote(model=self.model_config, rollout=self.config, replica_rank=self.replica_rank)
+        )
         host, port = await server.launch_server.remote()
         self.servers = [server]
         self._server_handle = server

@@ -52,8 +52,11 @@ class DiffusionHttpServer:
         config = uvicorn.Config(self._build_app(), log_level="warning", lifespan="off")
         self._uvicorn = uvicorn.Server(config)
         # Serve on our own loop thread: the actor's loop keeps answering Ray calls.
-        thread = threading.Thread(target=lambda: asyncio.run(self._uvicorn.serve(sockets=[self._socket])),
-                                  daemon=True, name=f"diffusion-http-{self.replica_rank}")
+        thread = threading.Thread(
+            target=lambda: asyncio.run(self._uvicorn.serve(sockets=[self._socket])),
+            daemon=True,
+            name=f"diffusion-http-{self.replica_rank}",
+        )
         thread.start()
         for _ in range(200):
             if self._uvicorn.started:
@@ -99,23 +102,32 @@ class DiffusionHttpServer:
 
     async def _run_in_actor_loop(self, body: dict):
         # HTTP runs on its own loop thread; the engine belongs to the actor, so hop over to it.
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self.generate_batched(
-                request_id=body.get("request_id") or uuid.uuid4().hex,  # unique: _inflight is keyed by it
-                prompt=body.get("prompt"),
-                num_outputs_per_prompt=body.get("num_outputs_per_prompt", 1),
-                seeds=body.get("seeds"),
-                sampling_params=body.get("sampling_params"),
-            ),
-            self._actor_loop,
-        ))
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(
+                self.generate_batched(
+                    request_id=body.get("request_id") or uuid.uuid4().hex,  # unique: _inflight is keyed by it
+                    prompt=body.get("prompt"),
+                    num_outputs_per_prompt=body.get("num_outputs_per_prompt", 1),
+                    seeds=body.get("seeds"),
+                    sampling_params=body.get("sampling_params"),
+                ),
+                self._actor_loop,
+            )
+        )
 
     # ------------------------------------------------------------------ generation
-    async def generate_batched(self, request_id: str, prompt: str, num_outputs_per_prompt: int,
-                               seeds: list[int], sampling_params: Optional[dict] = None) -> list[dict]:
+    async def generate_batched(
+        self,
+        request_id: str,
+        prompt: str,
+        num_outputs_per_prompt: int,
+        seeds: list[int],
+        sampling_params: Optional[dict] = None,
+    ) -> list[dict]:
         """N images of one prompt from ONE engine call of batch N; returns N per-sample payloads."""
-        request = validate_request(prompt, num_outputs_per_prompt, seeds, sampling_params, self.rollout.limits,
-                                   self.model_limits)
+        request = validate_request(
+            prompt, num_outputs_per_prompt, seeds, sampling_params, self.rollout.limits, self.model_limits
+        )
         task = asyncio.ensure_future(self._engine_call(request.prompt, request.seeds, request.params, request_id))
         self._inflight[request_id] = task
         try:

@@ -30,7 +30,7 @@ class DiffusionServerManager:
         self.replicas = []
         self.load_balancer = None
 
-    async def start(self) -> "DiffusionServerManager":
+    async def start(self) -> DiffusionServerManager:
         replica_cls = RolloutReplicaRegistry.get(self.rollout.name)
         self.replicas = [
             replica_cls(replica_rank=rank, config=self.rollout, model_config=self.model_config)
@@ -70,7 +70,7 @@ class DiffusionServerManager:
 
     async def shutdown(self) -> None:
         results = await asyncio.gather(*[r.shutdown() for r in self.replicas], return_exceptions=True)
-        for replica, result in zip(self.replicas, results):
+        for replica, result in zip(self.replicas, results, strict=False):
             if isinstance(result, BaseException):  # keep going (the others still shut down), but say so
                 logger.warning("replica %d did not shut down cleanly: %r", replica.replica_rank, result)
         if self.load_balancer is not None:
@@ -93,5 +93,6 @@ def _gpu_placement_group(num_gpus: int, timeout_s: float = 120.0):
         raise RuntimeError(
             f"the Ray cluster cannot place {num_gpus} replicas of one GPU each within {timeout_s:.0f} s (it has "
             f"{ray.cluster_resources().get('GPU', 0):g} GPUs): check trainer.n_gpus_per_node x trainer.nnodes "
-            "(hybrid engine) or actor_rollout_ref.rollout.num_replicas (split), and that every node joined the cluster")
+            "(hybrid engine) or actor_rollout_ref.rollout.num_replicas (split), and that every node joined the cluster"
+        )
     return pg

@@ -8,7 +8,7 @@ an adapter other than the actor's would be silently wrong.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -194,7 +195,9 @@ def sde_step_with_logprob(
     return SDEStepOutput(prev_sample, log_prob, mean, std_dev_t)
 
 
-def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: SigmaLike, sigma_next: SigmaLike) -> torch.Tensor:
+def euler_step(
+    model_output: torch.Tensor, sample: torch.Tensor, sigma: SigmaLike, sigma_next: SigmaLike
+) -> torch.Tensor:
     """The deterministic (ODE) flow-matching Euler step, as diffusers' ``FlowMatchEulerDiscreteScheduler.step``."""
     dtype = _compute_dtype(model_output, sample)
     sample = sample.to(dtype)
@@ -214,9 +217,7 @@ def reference_sigma_max(sigmas: Union[Sequence[float], torch.Tensor]) -> float:
 
 
 # --------------------------------------------------------------------------------------------- window
-def choose_window(
-    seed: int, num_steps: int, window_size: int, window_range: Optional[Sequence[int]] = None
-) -> int:
+def choose_window(seed: int, num_steps: int, window_size: int, window_range: Optional[Sequence[int]] = None) -> int:
     """Start of the SDE window, a deterministic function of ``seed`` (one seed per prompt group).
 
     ``window_range = (lo, hi)`` bounds the start inclusively; default ``(0, num_steps - window_size)``.
@@ -229,7 +230,8 @@ def choose_window(
     lo, hi = (0, num_steps - window_size) if window_range is None else (int(window_range[0]), int(window_range[1]))
     if not (0 <= lo <= hi <= num_steps - window_size):
         raise ValueError(
-            f"window_range={window_range!r} must satisfy 0 <= lo <= hi <= num_steps - window_size = {num_steps - window_size}"
+            f"window_range={window_range!r} must satisfy 0 <= lo <= hi <= num_steps - window_size = "
+            f"{num_steps - window_size}"
         )
     # A private Random instance: the window never depends on (or disturbs) the global RNG state.
     return random.Random(int(seed)).randint(lo, hi)

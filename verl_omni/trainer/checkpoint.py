@@ -78,23 +78,34 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------------ save
-def save_checkpoint(root: str, step: int, lora: dict[str, torch.Tensor], optimizer,
-                    meta: Optional[dict[str, Any]] = None) -> str:
+def save_checkpoint(
+    root: str, step: int, lora: dict[str, torch.Tensor], optimizer, meta: Optional[dict[str, Any]] = None
+) -> str:
     """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"global_step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=root)
     try:
         save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, LORA_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                   os.path.join(tmp, OPTIM_FILE))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, OPTIM_FILE)
+        )
         with open(os.path.join(tmp, RNG_FILE), "w") as f:
-            json.dump({"numpy": _numpy_state_to_json(np.random.get_state()),
-                       "python": _python_state_to_json(random.getstate())}, f)
+            json.dump(
+                {
+                    "numpy": _numpy_state_to_json(np.random.get_state()),
+                    "python": _python_state_to_json(random.getstate()),
+                },
+                f,
+            )
         files = {name: _sha256(os.path.join(tmp, name)) for name in CHECKSUMMED_FILES}
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
-                      f, indent=2, default=str)
+            json.dump(
+                {**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
+                f,
+                indent=2,
+                default=str,
+            )
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -112,8 +123,11 @@ def read_checkpoint(path: str) -> Checkpoint:
     files = meta.get("files")
     if meta.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
         raise DamagedCheckpointError(
-            path, META_FILE, f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION} "
-            "(written before checksums were recorded; it cannot be verified)")
+            path,
+            META_FILE,
+            f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION} "
+            "(written before checksums were recorded; it cannot be verified)",
+        )
     for name in CHECKSUMMED_FILES:
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
@@ -123,8 +137,11 @@ def read_checkpoint(path: str) -> Checkpoint:
         if actual != expected:
             size = os.path.getsize(file_path)
             raise DamagedCheckpointError(
-                path, name, f"sha256 {actual[:12]}… does not match {str(expected)[:12]}… recorded in {META_FILE} "
-                f"({size} bytes; changed, zeroed or truncated after it was written)")
+                path,
+                name,
+                f"sha256 {actual[:12]}… does not match {str(expected)[:12]}… recorded in {META_FILE} "
+                f"({size} bytes; changed, zeroed or truncated after it was written)",
+            )
     # Checksums can be rewritten along with the files: the reads below stay safe on their own.
     try:
         lora = load_file(os.path.join(path, LORA_FILE))
@@ -134,7 +151,8 @@ def read_checkpoint(path: str) -> Checkpoint:
         state = torch.load(os.path.join(path, OPTIM_FILE), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - includes pickle.UnpicklingError for a foreign global
         raise DamagedCheckpointError(
-            path, OPTIM_FILE, f"refused by torch.load(weights_only=True): {_first_line(exc)}") from None
+            path, OPTIM_FILE, f"refused by torch.load(weights_only=True): {_first_line(exc)}"
+        ) from None
     if not isinstance(state, dict) or not {"optimizer", "torch_rng"} <= set(state):
         raise DamagedCheckpointError(path, OPTIM_FILE, "does not hold 'optimizer' and 'torch_rng'")
     try:
@@ -144,8 +162,16 @@ def read_checkpoint(path: str) -> Checkpoint:
         _numpy_state_from_json(numpy_rng), _python_state_from_json(python_rng)
     except Exception as exc:  # noqa: BLE001
         raise DamagedCheckpointError(path, RNG_FILE, f"not a valid RNG state file ({exc})") from None
-    return Checkpoint(path=path, step=int(meta["global_step"]), lora=lora, optimizer_state=state["optimizer"],
-                      torch_rng=state["torch_rng"], numpy_rng=numpy_rng, python_rng=python_rng, meta=meta)
+    return Checkpoint(
+        path=path,
+        step=int(meta["global_step"]),
+        lora=lora,
+        optimizer_state=state["optimizer"],
+        torch_rng=state["torch_rng"],
+        numpy_rng=numpy_rng,
+        python_rng=python_rng,
+        meta=meta,
+    )
 
 
 def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optional[Checkpoint]:
@@ -166,20 +192,29 @@ def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optiona
         except DamagedCheckpointError as exc:
             _say(f"{exc}", level=logging.ERROR)
             if on_damage == "stop":
-                raise DamagedCheckpointError(exc.path, exc.file, exc.reason + (
-                    "; trainer.resume_on_damage=stop: not resuming. Set trainer.resume_on_damage=fallback to "
-                    f"resume from the newest intact checkpoint, or move {exc.path} away")) from None
+                raise DamagedCheckpointError(
+                    exc.path,
+                    exc.file,
+                    exc.reason
+                    + (
+                        "; trainer.resume_on_damage=stop: not resuming. Set trainer.resume_on_damage=fallback to "
+                        f"resume from the newest intact checkpoint, or move {exc.path} away"
+                    ),
+                ) from None
             damaged.append(exc)
             continue
         if damaged:
-            _say(f"resuming from {path} (step {step}), the newest intact checkpoint; skipped damaged "
-                 f"{', '.join(os.path.basename(e.path) for e in damaged)} (trainer.resume_on_damage=fallback)",
-                 level=logging.WARNING)
+            _say(
+                f"resuming from {path} (step {step}), the newest intact checkpoint; skipped damaged "
+                f"{', '.join(os.path.basename(e.path) for e in damaged)} (trainer.resume_on_damage=fallback)",
+                level=logging.WARNING,
+            )
         return checkpoint
     if damaged:
         raise RuntimeError(
             f"every checkpoint under {root} is damaged ({'; '.join(str(e) for e in damaged)}); refusing to start "
-            "over silently. Move them away to train from scratch, or set trainer.resume_mode=disable")
+            "over silently. Move them away to train from scratch, or set trainer.resume_mode=disable"
+        )
     return None
 
 
@@ -210,21 +245,28 @@ def resume_past_total_message(saved_step: int, total_training_steps: int) -> Opt
     """What to tell the user when a resumed run has nothing left to train; None when steps remain."""
     if saved_step < total_training_steps:
         return None
-    return (f"resumed at global step {saved_step}, which is >= trainer.total_training_steps={total_training_steps}: "
-            f"no step left to train. Raise trainer.total_training_steps above {saved_step} to train further, "
-            "or use another trainer.default_local_dir (or trainer.resume_mode=disable) to start a new run")
+    return (
+        f"resumed at global step {saved_step}, which is >= trainer.total_training_steps={total_training_steps}: "
+        f"no step left to train. Raise trainer.total_training_steps above {saved_step} to train further, "
+        "or use another trainer.default_local_dir (or trainer.resume_mode=disable) to start a new run"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _candidate_steps(root: str) -> list[int]:
     """Steps to try, newest first: the marker's step, then every older ``global_step_*`` directory."""
-    on_disk = sorted((int(m.group(1)) for name in (os.listdir(root) if os.path.isdir(root) else [])
-                      if (m := _STEP_DIR.match(name))), reverse=True)
+    on_disk = sorted(
+        (int(m.group(1)) for name in (os.listdir(root) if os.path.isdir(root) else []) if (m := _STEP_DIR.match(name))),
+        reverse=True,
+    )
     marker = _marker_step(root)
     if marker is None:
         if on_disk:
-            _say(f"{os.path.join(root, LATEST)} is missing or unreadable; considering {len(on_disk)} checkpoint "
-                 "directories found beside it", level=logging.WARNING)
+            _say(
+                f"{os.path.join(root, LATEST)} is missing or unreadable; considering {len(on_disk)} checkpoint "
+                "directories found beside it",
+                level=logging.WARNING,
+            )
         return on_disk
     # Directories above the marker belong to a save that never completed its marker update: not trusted.
     return [marker] + [s for s in on_disk if s < marker]
@@ -265,8 +307,13 @@ def _sha256(path: str) -> str:
 
 def _numpy_state_to_json(state: tuple) -> dict:
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "name": name,
+        "keys": [int(k) for k in keys],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _numpy_state_from_json(state: dict) -> tuple:

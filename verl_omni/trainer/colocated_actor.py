@@ -28,8 +28,12 @@ class ColocatedActorGroup:
         self.world_size = len(self.servers)
         address = ray.get(self.servers[0].rendezvous_address.remote()) if self.world_size > 1 else None
         # Every rank at once: each waits in the rendezvous for the others.
-        gather_ranks([s.init_actor.remote(actor, rank, self.world_size, address, lora_seed)
-                      for rank, s in enumerate(self.servers)])
+        gather_ranks(
+            [
+                s.init_actor.remote(actor, rank, self.world_size, address, lora_seed)
+                for rank, s in enumerate(self.servers)
+            ]
+        )
         self.optimizer = OptimizerHandle(self)
 
     def _all(self, verb: str, *args: Any) -> list:
@@ -42,8 +46,10 @@ class ColocatedActorGroup:
         for name in ("advantages", "old_log_probs", "latents"):
             assert_finite(name, batch.tensors[name])
         num_terms = batch.num_terms
-        refs = [s.actor_call.remote("update", shard.as_dict(), num_terms)
-                for s, shard in zip(self.servers, batch.shards(self.world_size))]
+        refs = [
+            s.actor_call.remote("update", shard.as_dict(), num_terms)
+            for s, shard in zip(self.servers, batch.shards(self.world_size), strict=True)
+        ]
         return gather_ranks(refs)[0]  # metrics are all-reduced: the same on every rank
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from verl import DataProto
 
 from verl_omni.core.prompts import prompt_text
 
+
 class PromptDataset:
     def __init__(self, path: str, prompt_key: str = "prompt", max_samples: Optional[int] = None):
         path = os.path.expanduser(path)

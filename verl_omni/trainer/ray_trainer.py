@@ -63,7 +63,7 @@ class FlowGRPOTrainer:
         self.output_dir = os.path.abspath(os.path.expanduser(self.config.trainer.default_local_dir))
 
     # ------------------------------------------------------------------ setup
-    def init(self) -> "FlowGRPOTrainer":
+    def init(self) -> FlowGRPOTrainer:
         # One writer per run directory: a second trainer on trainer.default_local_dir refuses to start.
         self.run_lock = acquire_run_lock(self.output_dir)
         try:
@@ -72,17 +72,23 @@ class FlowGRPOTrainer:
             self.run_lock.release()  # a failed start leaves the directory free (shutdown may never be called)
             raise
 
-    def _init(self) -> "FlowGRPOTrainer":
+    def _init(self) -> FlowGRPOTrainer:
         quiet_accelerator_warnings_on_cpu()
         ref = self.config.actor_rollout_ref
-        model = replace(ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models")))
+        model = replace(
+            ref.model, path=resolve_model_path(ref.model.path, os.path.join(self.output_dir, "tiny_models"))
+        )
         self.config = replace(self.config, actor_rollout_ref=replace(ref, model=model))
         cfg = self.config
         self._check_model(model.path)
         torch.manual_seed(cfg.trainer.seed)
         np.random.seed(cfg.trainer.seed)
         self._started_ray = not ray.is_initialized()
-        if self._started_ray:
+        if self._started_ray and os.environ.get("RAY_ADDRESS"):
+            # A Ray cluster of several nodes (`ray start --head` / `ray start --address=...`): join it; its nodes
+            # bring their own CPUs and GPUs, and the replicas' placement group spans them.
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        elif self._started_ray:
             num_cpus = cfg.trainer.ray_num_cpus or max(4, os.cpu_count() or 1)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         self._check_gpus()
@@ -121,16 +127,21 @@ class FlowGRPOTrainer:
             self._post_hoc_rewards = RewardManager(reward.as_dict())
             return None
         workers = resolve_num_reward_workers(
-            reward.num_workers, cpu_cores=int(ray.cluster_resources().get("CPU", 1)),
-            num_replicas=self.config.num_replicas, agent_loop_workers=self.rollout_cfg.agent.num_workers)
+            reward.num_workers,
+            cpu_cores=int(ray.cluster_resources().get("CPU", 1)),
+            num_replicas=self.config.num_replicas,
+            agent_loop_workers=self.rollout_cfg.agent.num_workers,
+        )
         return RewardPool(reward.as_dict(), workers)
 
     def _check_model(self, path: str) -> None:
         """Start-up checks that need the model directory, before Ray starts: it exists, the image size fits its VAE,
         and its scheduler accepts the step counts (training and validation)."""
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "model_index.json")):
-            raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a diffusers pipeline directory "
-                                    "(no model_index.json there); or use tiny:qwen_image / tiny:sd3")
+            raise FileNotFoundError(
+                f"actor_rollout_ref.model.path={path!r} is not a diffusers pipeline directory "
+                "(no model_index.json there); or use tiny:qwen_image / tiny:sd3"
+            )
         for validate in (False, True):
             params = self.rollout_cfg.sampling_params(validate=validate)
             where = "val_kwargs" if validate else "pipeline"
@@ -193,7 +204,8 @@ class FlowGRPOTrainer:
             self.last_lora_checksum = served[0]
         else:
             self.last_lora_checksum = self._run(
-                push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype))
+                push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype)
+            )
 
     def rollout(self, step: int, validate: bool = False):
         cfg = self.config
@@ -203,8 +215,10 @@ class FlowGRPOTrainer:
         # validation: the whole validation set, data.val_batch_size prompts per rollout call
         indices = list(range(len(self.val_data)))
         size = cfg.data.val_batch_size
-        outputs = [self._rollout_batch(self.val_data, indices[i:i + size], self.rollout_cfg.val_kwargs.n, step, True)
-                   for i in range(0, len(indices), size)]
+        outputs = [
+            self._rollout_batch(self.val_data, indices[i : i + size], self.rollout_cfg.val_kwargs.n, step, True)
+            for i in range(0, len(indices), size)
+        ]
         weights = outputs[0].meta_info.get("reward_weights")
         # Validation keeps what it scores and shows: each call padded its prompt embeddings to its own longest
         # prompt, so those (and the empty trajectories) cannot be concatenated, and nothing trains on them.
@@ -216,22 +230,27 @@ class FlowGRPOTrainer:
     def _rollout_batch(self, data: PromptDataset, indices: list[int], n: int, step: int, validate: bool):
         tag = f"val{step}-{indices[0]}" if validate else f"train{step}"
         batch = data.batch(indices, n, tag=tag)
-        batch.meta_info.update({"global_steps": step, "validate": validate, "n": n,
-                                "progress_bar": output_is_a_terminal()})
+        batch.meta_info.update(
+            {"global_steps": step, "validate": validate, "n": n, "progress_bar": output_is_a_terminal()}
+        )
         return self._run(self.agent_loops.generate_sequences(batch))
 
     def score(self, output) -> tuple[np.ndarray, dict[str, float]]:
         """(total reward per row, reward metrics): streamed by the agent loop, or computed here."""
         if "rewards" in output.batch.keys():
             rows = output.non_tensor_batch["reward_scores"]
-            result = RewardResult(total=output.batch["rewards"].numpy().astype(np.float64),
-                                  per_reward={name: np.array([r[name] for r in rows], dtype=np.float64)
-                                              for name in rows[0]},
-                                  weights=output.meta_info.get("reward_weights", {}))
+            result = RewardResult(
+                total=output.batch["rewards"].numpy().astype(np.float64),
+                per_reward={name: np.array([r[name] for r in rows], dtype=np.float64) for name in rows[0]},
+                weights=output.meta_info.get("reward_weights", {}),
+            )
         else:
             non_tensor = output.non_tensor_batch
-            result = self._post_hoc_rewards(list(output.batch["images"].numpy()), list(non_tensor["prompt_text"]),
-                                            [row_metadata(non_tensor, i) for i in range(len(output))])
+            result = self._post_hoc_rewards(
+                list(output.batch["images"].numpy()),
+                list(non_tensor["prompt_text"]),
+                [row_metadata(non_tensor, i) for i in range(len(output))],
+            )
         return np.asarray(result.total, dtype=np.float64), result.metrics("reward")
 
     # ------------------------------------------------------------------ the loop
@@ -272,16 +291,22 @@ class FlowGRPOTrainer:
                 # A run that refuses every step learns nothing: stop, loudly, instead of exiting 0 later.
                 raise NonFiniteError(
                     f"{self.skipped_in_a_row} consecutive steps refused for non-finite numbers (the limit is "
-                    f"trainer.max_consecutive_skips={trainer.max_consecutive_skips}); last: {exc}") from exc
+                    f"trainer.max_consecutive_skips={trainer.max_consecutive_skips}); last: {exc}"
+                ) from exc
             logger.error("step %d refused (%s); trainer.nan_policy=skip: LoRA unchanged, continuing", step, exc)
             print(f"[verl_omni] step {step} skipped ({self.skipped_in_a_row} in a row): {exc}")
             return None
         self.skipped_in_a_row = 0
         truncated = metrics.get("rollout/truncated_prompts", 0)
         if truncated:  # one line per step, not one per prompt
-            logger.warning("step %d: %d of %d rows had their prompt cut at actor_rollout_ref.rollout.pipeline."
-                           "max_sequence_length=%d tokens", step, truncated, metrics.get("rollout/rows", 0),
-                           self.rollout_cfg.pipeline.max_sequence_length)
+            logger.warning(
+                "step %d: %d of %d rows had their prompt cut at actor_rollout_ref.rollout.pipeline."
+                "max_sequence_length=%d tokens",
+                step,
+                truncated,
+                metrics.get("rollout/rows", 0),
+                self.rollout_cfg.pipeline.max_sequence_length,
+            )
         return metrics
 
     def _train_step(self, step: int) -> dict[str, float]:
@@ -292,7 +317,8 @@ class FlowGRPOTrainer:
         with timer("reward"):
             scores, reward_metrics = self.score(output)
         advantages = compute_group_advantages(
-            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std)
+            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std
+        )
         # Split placement on shared devices: the engines free their memory while the actor trains. The hybrid
         # engine's ranks train on the engines' own weights: nothing to free, nothing to move.
         swap = self.rollout_cfg.free_cache_engine and not cfg.actor_rollout_ref.hybrid_engine
@@ -351,8 +377,13 @@ class FlowGRPOTrainer:
             Image.fromarray(images[i]).save(os.path.join(folder, f"{i:03d}_reward{scores[i]:.3f}.png"))
 
     def save(self, step: int) -> str:
-        return save_checkpoint(self.output_dir, step, self.actor.lora_state_dict(), self.actor.optimizer,
-                               {"lora_checksum": self.last_lora_checksum})
+        return save_checkpoint(
+            self.output_dir,
+            step,
+            self.actor.lora_state_dict(),
+            self.actor.optimizer,
+            {"lora_checksum": self.last_lora_checksum},
+        )
 
     def shutdown(self) -> None:
         try:
@@ -372,8 +403,9 @@ class FlowGRPOTrainer:
                 self.run_lock.release()
 
 
-def validation_grid(images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4,
-                    caption_height: int = 36) -> Image.Image:
+def validation_grid(
+    images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4, caption_height: int = 36
+) -> Image.Image:
     """One image per validation sample with its prompt and reward written under it."""
     from PIL import ImageDraw
 

@@ -57,7 +57,7 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,8 +83,10 @@ def acquire_run_lock(directory: str) -> RunLock:
 
 
 def describe_owner(owner: dict[str, Any]) -> str:
-    return (f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {owner.get('started', '?')}, "
-            f"command {owner.get('command', '?')!r}")
+    return (
+        f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {owner.get('started', '?')}, "
+        f"command {owner.get('command', '?')!r}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -99,12 +101,12 @@ def _try_flock(fd: int, directory: str, path: str) -> bool:
         raise RunDirectoryLocked(
             f"trainer.default_local_dir={directory} is in use by another trainer ({who}). Two runs in one "
             "directory would overwrite each other's checkpoints: wait for it to finish, stop it, or set "
-            "trainer.default_local_dir to another directory") from None
+            "trainer.default_local_dir to another directory"
+        ) from None
     except OSError as exc:
         if exc.errno not in _FLOCK_UNSUPPORTED:
             raise
-        logger.warning("%s: the filesystem does not support flock (%s); relying on the recorded owner's pid",
-                       path, exc)
+        logger.warning("%s: the filesystem does not support flock (%s); relying on the recorded owner's pid", path, exc)
         return False
 
 
@@ -113,28 +115,34 @@ def _refuse_or_take_over(previous: dict[str, Any], flock_held: bool, directory: 
         if not flock_held:
             raise RunDirectoryLocked(
                 f"trainer.default_local_dir={directory} has an unreadable lock record {previous['unreadable']!r} "
-                f"and no flock to check it with; if no run uses this directory, delete {path} and start again")
+                f"and no flock to check it with; if no run uses this directory, delete {path} and start again"
+            )
         _warn_take_over(f"the unreadable lock record {previous['unreadable']!r} in {path}")
         return
     host = socket.gethostname()
     if previous.get("host") != host:
         raise RunDirectoryLocked(
-            f"trainer.default_local_dir={directory} is locked by a trainer on another host ({describe_owner(previous)}); "
+            f"trainer.default_local_dir={directory} is locked by a trainer on another host "
+            f"({describe_owner(previous)}); "
             f"its pid cannot be checked from {host!r}. If no run uses this directory any more, delete {path} and "
-            "start again; otherwise set trainer.default_local_dir to another directory")
+            "start again; otherwise set trainer.default_local_dir to another directory"
+        )
     pid = previous.get("pid")
     alive = isinstance(pid, int) and _pid_alive(pid)
     if alive and not flock_held:
         raise RunDirectoryLocked(
             f"trainer.default_local_dir={directory} is in use by another trainer ({describe_owner(previous)}): "
-            "wait for it to finish, stop it, or set trainer.default_local_dir to another directory")
+            "wait for it to finish, stop it, or set trainer.default_local_dir to another directory"
+        )
     why = "it is gone" if not alive else "it no longer holds the lock (the pid was reused)"
     _warn_take_over(f"the stale lock {path} of {describe_owner(previous)}: {why}")
 
 
 def _warn_take_over(what: str) -> None:
-    message = (f"taking over {what}; that run ended without releasing it (killed?), so its last checkpoint may "
-               "be older than its last step")
+    message = (
+        f"taking over {what}; that run ended without releasing it (killed?), so its last checkpoint may "
+        "be older than its last step"
+    )
     logger.warning(message)
     print(f"[verl_omni] WARNING {message}", file=sys.stderr, flush=True)
 
@@ -150,8 +158,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _this_owner() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv)[:500],
+    }
 
 
 def _read_owner(fd: int) -> Optional[dict[str, Any]]:

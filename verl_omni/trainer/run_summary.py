@@ -10,7 +10,8 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 REWARD_KEY = "reward/total/mean"
 REWARD_STD_KEY = "reward/total/std"
@@ -18,8 +19,9 @@ CURVE_FILE = "reward_curve.png"
 TAIL_STEPS = 5  # the end of the run is the mean of this many last steps: one step's mean is noisy
 
 
-def write_run_summary(output_dir: str, history: Sequence[dict], steps: Sequence[int],
-                      tensorboard_dir: Optional[str] = None) -> str:
+def write_run_summary(
+    output_dir: str, history: Sequence[dict], steps: Sequence[int], tensorboard_dir: Optional[str] = None
+) -> str:
     """Write ``<output_dir>/reward_curve.png`` (when any step was trained) and return the summary text."""
     curve = None
     if history:
@@ -28,8 +30,13 @@ def write_run_summary(output_dir: str, history: Sequence[dict], steps: Sequence[
     return summary_text(output_dir, history, steps, curve, tensorboard_dir)
 
 
-def summary_text(output_dir: str, history: Sequence[dict], steps: Sequence[int], curve: Optional[str] = None,
-                 tensorboard_dir: Optional[str] = None) -> str:
+def summary_text(
+    output_dir: str,
+    history: Sequence[dict],
+    steps: Sequence[int],
+    curve: Optional[str] = None,
+    tensorboard_dir: Optional[str] = None,
+) -> str:
     lines = ["", "=" * 24 + " FlowGRPO run summary " + "=" * 24]
     if not history:
         lines.append("no step was trained in this run")
@@ -41,8 +48,9 @@ def summary_text(output_dir: str, history: Sequence[dict], steps: Sequence[int],
         change = tail_mean - rewards[0]
         lines.append(f"steps trained: {len(history)} (global steps {steps[0]}..{steps[-1]})")
         lines.append(f"{REWARD_KEY} at step {steps[0]}: {rewards[0]:.4f} (std over its images {first_std:.4f})")
-        lines.append(f"{REWARD_KEY} at step {steps[-1]}: {rewards[-1]:.4f}; mean of the last {len(tail)} steps: "
-                     f"{tail_mean:.4f}")
+        lines.append(
+            f"{REWARD_KEY} at step {steps[-1]}: {rewards[-1]:.4f}; mean of the last {len(tail)} steps: {tail_mean:.4f}"
+        )
         spread = f" = {change / first_std:+.1f} x the step-{steps[0]} std" if first_std > 0 else ""
         lines.append(f"change (last-{len(tail)} mean - step {steps[0]}): {change:+.4f}{spread}")
     outputs = [
@@ -78,8 +86,8 @@ def _plot_with_matplotlib(steps, means, stds, path) -> None:
     fig = Figure(figsize=(6, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    lower = [m - s for m, s in zip(means, stds)]
-    upper = [m + s for m, s in zip(means, stds)]
+    lower = [m - s for m, s in zip(means, stds, strict=False)]
+    upper = [m + s for m, s in zip(means, stds, strict=False)]
     ax.fill_between(steps, lower, upper, alpha=0.25, label="+-1 std over the step's images")
     ax.plot(steps, means, marker="o", markersize=3, label=REWARD_KEY)
     ax.set_xlabel("global step")
@@ -97,8 +105,8 @@ def _plot_with_pillow(steps, means, stds, path, size=(640, 360), margin=(64, 24,
 
     width, height = size
     left, top, right, bottom = margin
-    lower = [m - s for m, s in zip(means, stds)]
-    upper = [m + s for m, s in zip(means, stds)]
+    lower = [m - s for m, s in zip(means, stds, strict=False)]
+    upper = [m + s for m, s in zip(means, stds, strict=False)]
     y_min, y_max = min(lower), max(upper)
     if y_max - y_min < 1e-12:
         y_min, y_max = y_min - 0.5, y_max + 0.5
@@ -113,7 +121,8 @@ def _plot_with_pillow(steps, means, stds, path, size=(640, 360), margin=(64, 24,
 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    band = [point(s, v) for s, v in zip(steps, upper)] + [point(s, v) for s, v in reversed(list(zip(steps, lower)))]
+    band = [point(s, v) for s, v in zip(steps, upper, strict=True)]
+    band += [point(s, v) for s, v in reversed(list(zip(steps, lower, strict=True)))]
     if len(band) > 2:
         draw.polygon(band, fill=(200, 220, 245))
     for i in range(5):  # horizontal grid lines with their values
@@ -122,7 +131,7 @@ def _plot_with_pillow(steps, means, stds, path, size=(640, 360), margin=(64, 24,
         draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
         draw.text((4, y - 6), f"{value:.4f}", fill="black")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    line = [point(s, m) for s, m in zip(steps, means)]
+    line = [point(s, m) for s, m in zip(steps, means, strict=False)]
     if len(line) > 1:
         draw.line(line, fill=(31, 119, 180), width=2)
     for x, y in line:

@@ -47,15 +47,26 @@ from verl_omni.workers.train_batch import STAGED, TrainBatch
 
 logger = logging.getLogger(__name__)
 
+
 class DiffusionLoRAActor:
-    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, *, pipe: Any = None,
-                 grad_sync: Optional[LoRAGradSync] = None, device: Optional[str] = None,
-                 lora_seed: Optional[int] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        actor: ActorConfig,
+        rollout: RolloutConfig,
+        *,
+        pipe: Any = None,
+        grad_sync: Optional[LoRAGradSync] = None,
+        device: Optional[str] = None,
+        lora_seed: Optional[int] = None,
+    ):
         """``pipe``: an engine's loaded pipeline to train in place (hybrid engine); None loads a copy.
         ``device``: where to train (default ``actor.device``). ``lora_seed``: initialise the adapter from this seed
         (the same adapter in every process), else keep peft's initialisation."""
         if model.lora is None:
-            raise ValueError(f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)")
+            raise ValueError(
+                f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)"
+            )
         self.model, self.config, self.rollout = model, actor, rollout
         self.device = torch.device(device or actor.device)
         if pipe is None:
@@ -78,8 +89,9 @@ class DiffusionLoRAActor:
         self._set_up_speed(model, actor)
         optim = actor.optim
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole AdamW step
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay, **fused)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused
+        )
 
     def _set_up_speed(self, model: ModelConfig, actor: ActorConfig) -> None:
         on_gpu = self.device.type == "cuda"
@@ -131,8 +143,9 @@ class DiffusionLoRAActor:
                 continue
             for rows, idle in self._micro_batches(step_rows):
                 cond = batch.conditioning(rows).without_padding()
-                inputs = self.pipe.prepare_model_inputs(cond, guidance, batch_cfg=self.config.batch_cfg,
-                                                        device=self.device)
+                inputs = self.pipe.prepare_model_inputs(
+                    cond, guidance, batch_cfg=self.config.batch_cfg, device=self.device
+                )
                 out.append(MicroBatch(step, rows.to(self.device), inputs, idle))
         return out
 
@@ -143,13 +156,24 @@ class DiffusionLoRAActor:
         latents = t["latents"][rows]
         sample, prev_sample = latents[:, step], latents[:, step + 1]
         guidance = float(self.rollout.pipeline.true_cfg_scale)
-        velocity = self.pipe.predict_velocity(sample.to(self.transformer.dtype), t["timesteps"][rows, step],
-                                              micro.inputs, guidance, batch.height, batch.width)
+        velocity = self.pipe.predict_velocity(
+            sample.to(self.transformer.dtype),
+            t["timesteps"][rows, step],
+            micro.inputs,
+            guidance,
+            batch.height,
+            batch.width,
+        )
         sigmas = t["sigmas"][rows]
         algo = self.rollout.algo
         return sde_step_with_logprob(
-            velocity.float(), sample.float(), sigmas[:, step], sigmas[:, step + 1],
-            noise_level=float(algo.noise_level), sde_type=algo.sde_type, sigma_max=sigma_max,
+            velocity.float(),
+            sample.float(),
+            sigmas[:, step],
+            sigmas[:, step + 1],
+            noise_level=float(algo.noise_level),
+            sde_type=algo.sde_type,
+            sigma_max=sigma_max,
             prev_sample=prev_sample.float(),
         )
 
@@ -157,8 +181,9 @@ class DiffusionLoRAActor:
         """The log-probs of ``rows`` at window step ``step`` of a verl ``DataProto`` rollout batch (tests, tools)."""
         host = TrainBatch.from_data_proto(data, torch.zeros(len(data)))
         guidance = float(self.rollout.pipeline.true_cfg_scale)
-        inputs = self.pipe.prepare_model_inputs(host.conditioning(rows).without_padding(), guidance,
-                                                batch_cfg=self.config.batch_cfg, device=self.device)
+        inputs = self.pipe.prepare_model_inputs(
+            host.conditioning(rows).without_padding(), guidance, batch_cfg=self.config.batch_cfg, device=self.device
+        )
         micro = MicroBatch(step, rows.to(self.device), inputs)
         return self.transition_log_probs(_stage(host, self.device), micro, host.sigma_max)
 
@@ -183,8 +208,10 @@ class DiffusionLoRAActor:
             assert_finite(name, batch.tensors[name])
         num_terms = batch.num_terms if num_terms is None else num_terms
         if num_terms == 0:
-            raise ValueError("no SDE-window steps in the batch: nothing to train on (check "
-                             "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)")
+            raise ValueError(
+                "no SDE-window steps in the batch: nothing to train on (check "
+                "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
+            )
         plan = self.plan(batch)
         staged = _stage(batch, self.device)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
@@ -207,7 +234,7 @@ class DiffusionLoRAActor:
     def _restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
         params, optimizer_state = snapshot
         with torch.no_grad():
-            for p, saved in zip(self.trainable, params):
+            for p, saved in zip(self.trainable, params, strict=False):
                 p.copy_(saved)
         self.optimizer.load_state_dict(optimizer_state)
 
@@ -228,7 +255,9 @@ class DiffusionLoRAActor:
                 if cfg.kl_coef > 0:
                     with torch.no_grad(), self._adapter_disabled():
                         ref = self.transition_log_probs(batch, micro, sigma_max)
-                    kl = flowgrpo_kl(out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(micro.rows)))
+                    kl = flowgrpo_kl(
+                        out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(micro.rows))
+                    )
                 if micro.idle:  # keeps FSDP's collectives in step; contributes nothing
                     (out.log_prob.sum() * 0.0).backward()
                     continue
@@ -237,8 +266,15 @@ class DiffusionLoRAActor:
                 bad = bad + (~torch.isfinite(out.log_prob.detach())).sum()
                 rows, step = micro.rows, micro.step
                 loss, metrics = flowgrpo_policy_loss(
-                    out.log_prob, old_log_probs[rows, step], advantages[rows], cfg.clip_ratio,
-                    adv_clip_max=cfg.adv_clip_max, kl=kl, kl_beta=cfg.kl_coef, check_finite=False, as_tensors=True,
+                    out.log_prob,
+                    old_log_probs[rows, step],
+                    advantages[rows],
+                    cfg.clip_ratio,
+                    adv_clip_max=cfg.adv_clip_max,
+                    kl=kl,
+                    kl_beta=cfg.kl_coef,
+                    check_finite=False,
+                    as_tensors=True,
                 )
                 # Weight by rows so the accumulated gradient is the mean over all (sample, step) terms.
                 weight = len(rows) / num_terms
@@ -261,15 +297,17 @@ class DiffusionLoRAActor:
             self.grad_sync.all_reduce_(flat)
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             bad = flat[-1]
         grad_norm = self._clip_grad_norm()
         bad_count, norm = (float(x) for x in torch.stack([bad.float(), grad_norm.float()]).tolist())
         if bad_count > 0 or not torch.isfinite(torch.tensor(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"non-finite log-probs/KL ({int(bad_count)} values) or LoRA gradient norm ({norm}); "
-                                 "step refused, LoRA unchanged")
+            raise NonFiniteError(
+                f"non-finite log-probs/KL ({int(bad_count)} values) or LoRA gradient norm ({norm}); "
+                "step refused, LoRA unchanged"
+            )
         return norm
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -279,7 +317,7 @@ class DiffusionLoRAActor:
         stacked = torch.stack([torch.as_tensor(sums[n], device=self.device).float() for n in names])
         if self.grad_sync.world_size > 1:
             self.grad_sync.all_reduce_(stacked)
-        return dict(zip(names, stacked.tolist()))
+        return dict(zip(names, stacked.tolist(), strict=False))
 
 
 @dataclass
@@ -301,8 +339,11 @@ def _stage(batch: TrainBatch, device: torch.device) -> TrainBatch:
 
 def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:
     """vllm-omni compiles the blocks of the engine's transformer (regional compile): do not wrap them twice."""
-    return any(getattr(m.forward, "_torchdynamo_orig_callable", None) is not None
-               or getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+    return any(
+        getattr(m.forward, "_torchdynamo_orig_callable", None) is not None
+        or getattr(m, "_compiled_call_impl", None) is not None
+        for m in transformer.modules()
+    )
 
 
 def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:

@@ -21,13 +21,29 @@ from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
 
 # What the driver may call on a colocated rank (through ``DiffusionEngine.actor_call``).
-ACTOR_VERBS = ("update", "lora_state_dict", "load_lora_state_dict", "optimizer_state_dict",
-               "load_optimizer_state_dict", "lora_checksum")
+ACTOR_VERBS = (
+    "update",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "optimizer_state_dict",
+    "load_optimizer_state_dict",
+    "lora_checksum",
+)
 
 
 class ColocatedActorRank:
-    def __init__(self, pipe: Any, model: Any, actor: Any, rollout: Any, rank: int, world_size: int,
-                 address: Optional[tuple[str, int]], device: str, lora_seed: int):
+    def __init__(
+        self,
+        pipe: Any,
+        model: Any,
+        actor: Any,
+        rollout: Any,
+        rank: int,
+        world_size: int,
+        address: Optional[tuple[str, int]],
+        device: str,
+        lora_seed: int,
+    ):
         """``model`` / ``actor`` / ``rollout``: config sections or their plain dicts (they cross processes);
         ``lora_seed``: every rank initialises the same adapter from it."""
         model, actor, rollout = build(ModelConfig, model), build(ActorConfig, actor), build(RolloutConfig, rollout)
@@ -35,8 +51,15 @@ class ColocatedActorRank:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.rank = rank
-        self.actor = DiffusionLoRAActor(model, actor, rollout, pipe=pipe, device=str(device), lora_seed=lora_seed,
-                                        grad_sync=LoRAGradSync(rank, world_size, address, device))
+        self.actor = DiffusionLoRAActor(
+            model,
+            actor,
+            rollout,
+            pipe=pipe,
+            device=str(device),
+            lora_seed=lora_seed,
+            grad_sync=LoRAGradSync(rank, world_size, address, device),
+        )
 
     def call(self, verb: str, *args: Any) -> Any:
         if verb not in ACTOR_VERBS:

@@ -29,7 +29,7 @@ import os
 import socket
 import warnings
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 import ray
 import torch
@@ -51,8 +51,16 @@ _GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms")
 class FSDPActorRank(DiffusionLoRAActor):
     """One rank: a DiffusionLoRAActor whose transformer is sharded with FSDP2 over the process group."""
 
-    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, rank: int, world_size: int,
-                 master_port: int, lora_seed: Optional[int] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        actor: ActorConfig,
+        rollout: RolloutConfig,
+        rank: int,
+        world_size: int,
+        master_port: int,
+        lora_seed: Optional[int] = None,
+    ):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -86,8 +94,9 @@ class FSDPActorRank(DiffusionLoRAActor):
         # fully_shard swapped the parameters for DTensors: the optimizer must hold the new ones.
         self.trainable = lora_parameters(self.transformer)
         optim = actor.optim
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
 
     # ------------------------------------------------------------------ hooks of DiffusionLoRAActor.update
     def _micro_batches(self, step_rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
@@ -111,29 +120,32 @@ class FSDPActorRank(DiffusionLoRAActor):
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         # Every LoRA parameter is a Shard(0) DTensor on self.mesh: slice each full tensor locally.
         ref = self.trainable[0]
-        set_lora_state_dict(self.transformer, {
-            k: _shard(v.to(device=ref.device, dtype=ref.dtype), ref) for k, v in tensors.items()})
+        set_lora_state_dict(
+            self.transformer, {k: _shard(v.to(device=ref.device, dtype=ref.dtype), ref) for k, v in tensors.items()}
+        )
 
     def optimizer_state_dict(self) -> Optional[dict]:
         """The single-process format (``DiffusionLoRAActor.optimizer.state_dict()``): full tensors on CPU."""
         sd = self.optimizer.state_dict()
-        state = {i: {k: _full(v).to("cpu") if torch.is_tensor(v) else v for k, v in s.items()}
-                 for i, s in sd["state"].items()}
+        state = {
+            i: {k: _full(v).to("cpu") if torch.is_tensor(v) else v for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
         return {"state": state, "param_groups": sd["param_groups"]} if self.rank == 0 else None
 
     def load_optimizer_state_dict(self, sd: dict) -> None:
         state = {}
         for i, s in sd["state"].items():
             param = self.trainable[int(i)]
-            state[i] = {k: _shard(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
-                        for k, v in s.items()}
+            state[i] = {
+                k: _shard(v, param) if torch.is_tensor(v) and v.shape == param.shape else v for k, v in s.items()
+            }
         self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
     def shard_sizes(self) -> tuple[int, int]:
         """(elements of the transformer this rank holds, elements of the full transformer)."""
         params = list(self.transformer.parameters())
         return sum(getattr(p, "_local_tensor", p).numel() for p in params), sum(p.numel() for p in params)
-
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ class TrainBatch:
         return int(self.tensors["latents"].shape[0])
 
     @classmethod
-    def from_data_proto(cls, data: Any, advantages: torch.Tensor) -> "TrainBatch":
+    def from_data_proto(cls, data: Any, advantages: torch.Tensor) -> TrainBatch:
         batch = data.batch
         keys = set(batch.keys())
         tensors = {name: batch[name] for name in (*ROLLOUT_FIELDS, *CONDITIONING_FIELDS) if name in keys}
@@ -61,15 +61,16 @@ class TrainBatch:
         cond = Conditioning.from_fields(self.tensors)
         return cond if rows is None else cond.select(rows)
 
-    def select(self, rows: torch.Tensor | slice) -> "TrainBatch":
+    def select(self, rows: torch.Tensor | slice) -> TrainBatch:
         return TrainBatch({k: v[rows] for k, v in self.tensors.items()}, self.height, self.width)
 
-    def to(self, device: torch.device | str) -> "TrainBatch":
+    def to(self, device: torch.device | str) -> TrainBatch:
         """Every tensor on ``device`` in one pass (the update then makes no host-device copies)."""
-        return TrainBatch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.height,
-                          self.width)
+        return TrainBatch(
+            {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.height, self.width
+        )
 
-    def shards(self, world_size: int) -> list["TrainBatch"]:
+    def shards(self, world_size: int) -> list[TrainBatch]:
         """``world_size`` contiguous row ranges with about equal numbers of window transitions (whole rows)."""
         per_row = self.window.sum(dim=1).cumsum(0)
         total = int(per_row[-1]) if len(per_row) else 0
@@ -77,7 +78,7 @@ class TrainBatch:
         for k in range(1, world_size):
             bounds.append(max(bounds[-1], int(torch.searchsorted(per_row, total * k / world_size))))
         bounds.append(len(self))
-        return [self.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+        return [self.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)]
 
     # ------------------------------------------------------------------ transport (no pickle needed)
     def as_dict(self) -> dict[str, Any]:
@@ -85,8 +86,7 @@ class TrainBatch:
         return {"tensors": self.tensors, "height": self.height, "width": self.width}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | "TrainBatch") -> "TrainBatch":
+    def from_dict(cls, data: dict[str, Any] | TrainBatch) -> TrainBatch:
         if isinstance(data, TrainBatch):
             return data
         return cls(dict(data["tensors"]), int(data["height"]), int(data["width"]))
-

@@ -124,7 +124,7 @@ def write_ocr_parquet(local_dir: str, train_size: int, test_size: int, seed: int
         row["extra_info"]["index"] = i
     os.makedirs(local_dir, exist_ok=True)
     paths = os.path.join(local_dir, "train.parquet"), os.path.join(local_dir, "test.parquet")
-    for path, split_rows in zip(paths, (train_rows, test_rows)):
+    for path, split_rows in zip(paths, (train_rows, test_rows), strict=False):
         pd.DataFrame(split_rows).to_parquet(path, index=False)
     return paths
 

@@ -5,7 +5,8 @@ Each entry is a loader, so naming an engine imports only that engine (``vllm_omn
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from verl_omni.core.names import ENGINE_NAMES
 
@@ -13,23 +14,23 @@ if TYPE_CHECKING:
     from verl_omni.rollout.engines.base import DiffusionEngine
 
 
-def _diffusers() -> type["DiffusionEngine"]:
+def _diffusers() -> type[DiffusionEngine]:
     from verl_omni.rollout.engines.diffusers import DiffusersEngine
 
     return DiffusersEngine
 
 
-def _vllm_omni() -> type["DiffusionEngine"]:
+def _vllm_omni() -> type[DiffusionEngine]:
     from verl_omni.rollout.engines.vllm_omni.engine import VllmOmniEngine
 
     return VllmOmniEngine
 
 
-ENGINE_REGISTRY: dict[str, Callable[[], type["DiffusionEngine"]]] = {"diffusers": _diffusers, "vllm_omni": _vllm_omni}
+ENGINE_REGISTRY: dict[str, Callable[[], type[DiffusionEngine]]] = {"diffusers": _diffusers, "vllm_omni": _vllm_omni}
 assert set(ENGINE_REGISTRY) == set(ENGINE_NAMES), "core.names.ENGINE_NAMES must list every registered engine"
 
 
-def get_engine_class(name: str) -> type["DiffusionEngine"]:
+def get_engine_class(name: str) -> type[DiffusionEngine]:
     if name not in ENGINE_REGISTRY:
         raise ValueError(f"unknown engine {name!r}; allowed: {sorted(ENGINE_REGISTRY)}")
     return ENGINE_REGISTRY[name]()

@@ -28,8 +28,9 @@ class DiffusionEngine(abc.ABC):
         self.rollout = rollout
 
     @abc.abstractmethod
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                       request_id: Optional[str] = None) -> RLBatchOutput:
+    async def generate(
+        self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
         """Run ONE engine call producing ``len(seeds)`` images of ``prompt``; ``abort(request_id)`` may cancel it."""
 
     @abc.abstractmethod
@@ -48,16 +49,17 @@ class DiffusionEngine(abc.ABC):
     async def wake_up(self) -> None:
         """Restore what ``sleep`` freed."""
 
-    async def abort(self, request_id: Optional[str] = None) -> None:
+    async def abort(self, request_id: Optional[str] = None) -> None:  # noqa: B027 (optional verb, no-op by default)
         """Abort in-flight work (no-op for engines that run requests synchronously)."""
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> None:  # noqa: B027 (optional verb, no-op by default)
         """Release everything; the engine is unusable afterwards."""
 
     # ------------------------------------------------------------------ the hybrid engine: an actor rank here
     @abc.abstractmethod
-    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
-                         lora_seed: int) -> None:
+    async def init_actor(
+        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+    ) -> None:
         """Start actor rank ``rank`` of ``world_size`` in the process that holds this engine's weights, training the
         engine's own adapter (``verl_omni.workers.colocated.ColocatedActorRank``); ``address`` is rank 0's
         rendezvous (host, port) for the gradient all-reduce; every rank initialises the adapter from ``lora_seed``."""

@@ -52,8 +52,9 @@ class DiffusersEngine(DiffusionEngine):
 
         return asyncio.to_thread(run)
 
-    def _generate_sync(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                       request_id: Optional[str]) -> RLBatchOutput:
+    def _generate_sync(
+        self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str]
+    ) -> RLBatchOutput:
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
         try:
@@ -62,8 +63,9 @@ class DiffusersEngine(DiffusionEngine):
             self._running.discard(request_id)
             self._aborted.discard(request_id)
 
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                       request_id: Optional[str] = None) -> RLBatchOutput:
+    async def generate(
+        self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
         self._running.add(request_id)
         return await self._locked(self._generate_sync, prompt, seeds, params, request_id)
 
@@ -104,14 +106,16 @@ class DiffusersEngine(DiffusionEngine):
         await self._locked(self._wake_sync)
 
     # ------------------------------------------------------------------ the hybrid engine
-    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
-                         lora_seed: int) -> None:
+    async def init_actor(
+        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+    ) -> None:
         from verl_omni.workers.colocated import ColocatedActorRank
 
         def build():
             device = "cuda:0" if self.rollout.on_cuda else "cpu"  # Ray shows this actor its one GPU as cuda:0
-            self._actor = ColocatedActorRank(self.pipe, self.model, actor, self.rollout, rank, world_size, address,
-                                             device, lora_seed)
+            self._actor = ColocatedActorRank(
+                self.pipe, self.model, actor, self.rollout, rank, world_size, address, device, lora_seed
+            )
 
         await self._locked(build)
 

@@ -7,7 +7,8 @@ import logging
 import os
 import tempfile
 import uuid
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -81,8 +82,9 @@ class VllmOmniEngine(DiffusionEngine):
         lora = model.lora
         pipeline_opts = {
             "pipeline": model.pipeline,
-            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha,
-                                               "target_modules": list(lora.target_modules)},
+            "lora": None
+            if lora is None
+            else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
         }
         kwargs: dict[str, Any] = {
             "dtype": rollout.dtype,
@@ -117,8 +119,9 @@ class VllmOmniEngine(DiffusionEngine):
             kwargs["guidance_scale"] = float(params.guidance_scale)
         return self._sampling_params_cls(**kwargs)
 
-    async def generate(self, prompt: str, seeds: list[int], params: DiffusionSamplingParams,
-                       request_id: Optional[str] = None) -> RLBatchOutput:
+    async def generate(
+        self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
         sampling_params = self.build_sampling_params(seeds, params)
@@ -183,12 +186,20 @@ class VllmOmniEngine(DiffusionEngine):
             await self._omni.abort(ids)
 
     # ------------------------------------------------------------------ the hybrid engine
-    async def init_actor(self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]],
-                         lora_seed: int) -> None:
-        sections = {name: plain(dataclasses.asdict(section))
-                    for name, section in (("model", self.model), ("actor", actor), ("rollout", self.rollout))}
-        payload = {**sections, "rank": rank, "world_size": world_size,
-                   "address": None if address is None else list(address), "lora_seed": int(lora_seed)}
+    async def init_actor(
+        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+    ) -> None:
+        sections = {
+            name: plain(dataclasses.asdict(section))
+            for name, section in (("model", self.model), ("actor", actor), ("rollout", self.rollout))
+        }
+        payload = {
+            **sections,
+            "rank": rank,
+            "world_size": world_size,
+            "address": None if address is None else list(address),
+            "lora_seed": int(lora_seed),
+        }
         await self._omni.collective_rpc("verl_omni_init_actor", args=(payload,))
 
     async def actor_call(self, verb: str, *args: Any) -> Any:

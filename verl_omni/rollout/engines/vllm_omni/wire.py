@@ -6,7 +6,8 @@ plain ``OmniRequestOutput`` objects.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,11 @@ MODEL_CLASS_NAME = "VerlOmniRLPipeline"
 EXTRA_KEY = "verl_omni"  # key in custom_pipeline_args, extra_args and custom_output
 SHARED_ROWS_KEY = "shared_rows"  # custom_output fields sent as one row for all samples of the request
 # Fields that travel in DiffusionOutput's own trajectory slots rather than in custom_output.
-_TRAJECTORY = {"latents": "trajectory_latents", "log_probs": "trajectory_log_probs", "timesteps": "trajectory_timesteps"}
+_TRAJECTORY = {
+    "latents": "trajectory_latents",
+    "log_probs": "trajectory_log_probs",
+    "timesteps": "trajectory_timesteps",
+}
 
 
 def plain(value: Any) -> Any:
@@ -72,8 +77,11 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
     The prompt embeddings of one request are the same row repeated, so one row is sent and
     :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
     """
-    extra: dict[str, Any] = {"seeds": list(part.seeds), "truncated_prompt_tokens": part.truncated_prompt_tokens,
-                             SHARED_ROWS_KEY: []}
+    extra: dict[str, Any] = {
+        "seeds": list(part.seeds),
+        "truncated_prompt_tokens": part.truncated_prompt_tokens,
+        SHARED_ROWS_KEY: [],
+    }
     for name in PER_SAMPLE_FIELDS + SHARED_FIELDS:
         if name == "images" or name in _TRAJECTORY:
             continue
@@ -137,6 +145,7 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
     batch = RLBatchOutput(images=images, seeds=returned_seeds, **fields)
     if batch.batch_size != len(seeds) or batch.log_probs.shape[0] != len(seeds):
         raise RuntimeError(
-            f"engine returned {batch.batch_size} images / {batch.log_probs.shape[0]} log-prob rows for {len(seeds)} seeds"
+            f"engine returned {batch.batch_size} images / {batch.log_probs.shape[0]} log-prob rows "
+            f"for {len(seeds)} seeds"
         )
     return batch

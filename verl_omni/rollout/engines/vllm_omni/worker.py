@@ -84,8 +84,11 @@ class VllmOmniRLPipeline(torch.nn.Module):
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
             blocks = pipe.use_attention_function(flash)
-            logger.info("verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
-                        blocks, getattr(flash, "__module__", flash))
+            logger.info(
+                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
+                blocks,
+                getattr(flash, "__module__", flash),
+            )
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
@@ -175,9 +178,16 @@ class VllmOmniRLWorkerExtension:
         _allow_autograd_through_rope(pipeline.transformer)
         address = payload["address"]
         self._verl_omni_actor = ColocatedActorRank(
-            pipeline.pipe, payload["model"], payload["actor"], payload["rollout"], payload["rank"],
-            payload["world_size"], None if address is None else tuple(address), str(pipeline.device),
-            payload["lora_seed"])
+            pipeline.pipe,
+            payload["model"],
+            payload["actor"],
+            payload["rollout"],
+            payload["rank"],
+            payload["world_size"],
+            None if address is None else tuple(address),
+            str(pipeline.device),
+            payload["lora_seed"],
+        )
         return True
 
     def verl_omni_actor_call(self, verb: str, path_in: str, path_out: str) -> bool:
