@@ -3,6 +3,7 @@ the full-width random Qwen-Image builder."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -60,3 +61,13 @@ def build_model(root: str, layers: int) -> str:
     open(done, "w").close()
     log(f"built {path} in {time.perf_counter() - t0:.0f} s")
     return path
+
+
+def write_report(report: dict, out: str) -> None:
+    """Print the JSON report and write it to ``out`` (folders made as needed)."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    log(f"wrote {out}")

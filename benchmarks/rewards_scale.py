@@ -19,10 +19,10 @@ Writes JSON (default docs/benchmarks/rewards_scale.json) with, at the top level:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from typing import Optional
@@ -33,6 +33,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from verl_omni.rewards import RewardManager, get_reward_fn
 from verl_omni.rewards.pool import RewardPool
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import log, write_report  # noqa: E402
 
 WORDS = [
     "Open Cafe",
@@ -50,10 +53,6 @@ WORDS = [
     "Lucky Star",
     "Red Panda",
 ]
-
-
-def log(message: str) -> None:
-    print(f"[rewards_scale {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def rendered_group(size: int, count: int, offset: int) -> tuple[list[np.ndarray], list[str]]:
@@ -308,12 +307,7 @@ def main() -> None:
         )
     report["load_average_1min_at_end"] = os.getloadavg()[0]
     ray.shutdown()
-    text = json.dumps(report, indent=1)
-    print(text)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    log(f"wrote {out}")
+    write_report(report, out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from bench_common import (  # noqa: E402
     measured_bf16_peak_tflops,
     params_billion,
     transformer_flops_per_image,
+    write_report,
 )
 
 PROMPTS = [
@@ -369,13 +370,10 @@ def main() -> None:
     if args.prompts > len(PROMPTS):
         raise SystemExit(f"--prompts <= {len(PROMPTS)}")
     report = asyncio.run(main_async(args))
-    text = json.dumps(report, indent=1)
-    print(text)
-    out = args.out or os.path.join("docs", "benchmarks", f"rollout_throughput_{time.strftime('%Y%m%d_%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    log(f"wrote {out}")
+    write_report(
+        report,
+        args.out or os.path.join("docs", "benchmarks", f"rollout_throughput_{time.strftime('%Y%m%d_%H%M%S')}.json"),
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image  # noqa: E402
+from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image, write_report  # noqa: E402
 
 # name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows). The first is today's actor at
 # c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the knobs go; "default" is the
@@ -246,13 +246,7 @@ def main() -> None:
         "note": "c902450_like: the knobs of the actor at c902450 (two CFG forwards, eager, no checkpointing, "
         "micro-batch 1); the host syncs that actor made per forward are gone in every variant.",
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    out = args.out or os.path.join("docs", "benchmarks", f"train_step_L{args.layers}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    log(f"wrote {out}")
+    write_report(report, args.out or os.path.join("docs", "benchmarks", f"train_step_L{args.layers}.json"))
 
 
 if __name__ == "__main__":
