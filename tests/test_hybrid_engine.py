@@ -118,3 +118,18 @@ def test_hybrid_trainer_syncs_by_checksum_and_resumes(ray_session, ocr_data_file
         assert len(resumed.fit()) == 1 and resumed.global_step == 3
     finally:
         resumed.shutdown()
+
+
+def test_a_rank_without_rows_joins_the_update_with_zero_gradients(qwen_image_rl_pipe, tiny_qwen_image_dir):
+    from verl_omni.workers.train_batch import TrainBatch
+
+    model, rollout = model_config(tiny_qwen_image_dir), rollout_config(pipeline={"true_cfg_scale": 2.0})
+    actor = DiffusionLoRAActor(model, ActorConfig(), rollout, lora_seed=3)
+    batch = TrainBatch.from_data_proto(_rollout(qwen_image_rl_pipe), torch.ones(6))
+    shards = batch.shards(8)  # more ranks than rows: some shards are empty
+    assert sum(len(s) for s in shards) == 6 and any(len(s) == 0 for s in shards)
+    before = actor.lora_state_dict()
+    empty = next(s for s in shards if len(s) == 0)
+    metrics = actor.update_batch(empty, num_terms=batch.num_terms)
+    assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/num_train_terms"] == batch.num_terms
+    assert _max_diff(before, actor.lora_state_dict()) == 0  # zero gradient: AdamW leaves the adapter as it was

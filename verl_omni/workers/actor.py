@@ -99,11 +99,9 @@ class DiffusionLoRAActor:
         if checkpointing:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
             self.transformer.enable_gradient_checkpointing()
-        self.compiled = False
         if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
             self.transformer.compile_repeated_blocks(dynamic=True)
-            self.compiled = True
 
     # ------------------------------------------------------------------ weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -220,7 +218,8 @@ class DiffusionLoRAActor:
         try:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
-                return self._update(staged, plan, num_terms, batch.sigma_max)
+                sigma_max = batch.sigma_max if len(batch) else 0.0  # a rank without rows plans no micro-batch
+                return self._update(staged, plan, num_terms, sigma_max)
         except NonFiniteError:
             if snapshot is not None:
                 self._restore(snapshot)
