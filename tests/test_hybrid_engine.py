@@ -62,6 +62,9 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         data = _rollout(qwen_image_rl_pipe)  # 6 rows, 12 transitions: 6 per rank
         advantages = torch.randn(len(data), generator=torch.Generator().manual_seed(0))
         m_single, m_group = single.update(data, advantages), group.update(data, advantages)
+        # Each rank reports its own busy seconds (the single process: one figure); the rest is all-reduced.
+        assert m_single.pop("actor/busy_s") > 0
+        assert all(m_group.pop(f"timing/update_busy_s/rank{k}") > 0 for k in range(2))
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
         moved = _max_diff(start, single.lora_state_dict())
         print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")
@@ -100,6 +103,10 @@ def test_hybrid_trainer_syncs_by_checksum_and_resumes(ray_session, ocr_data_file
         assert len(trainer.servers.replicas) == 2  # one replica (and one actor rank) per device
         history = trainer.fit()
         assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0
+        # The timeline: every replica generated and every rank trained in each step.
+        for k in range(2):
+            assert history[-1][f"timing/rollout_busy_s/replica{k}"] > 0
+            assert history[-1][f"timing/update_busy_s/rank{k}"] > 0
         lora = trainer.actor.lora_state_dict()
         served = trainer._run(trainer.servers.lora_checksums())
         assert served == [tensors_checksum(lora)] * 2 == [trainer.last_lora_checksum] * 2

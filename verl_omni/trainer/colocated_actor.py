@@ -50,7 +50,11 @@ class ColocatedActorGroup:
             s.actor_call.remote("update", shard.as_dict(), num_terms)
             for s, shard in zip(self.servers, batch.shards(self.world_size), strict=True)
         ]
-        return gather_ranks(refs)[0]  # metrics are all-reduced: the same on every rank
+        per_rank = gather_ranks(refs)
+        metrics = dict(per_rank[0])  # all-reduced: the same on every rank, but for each rank's own busy time
+        metrics.pop("actor/busy_s", None)
+        metrics.update({f"timing/update_busy_s/rank{k}": m["actor/busy_s"] for k, m in enumerate(per_rank)})
+        return metrics
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return ray.get(self.servers[0].actor_call.remote("lora_state_dict"))

@@ -312,8 +312,14 @@ class FlowGRPOTrainer:
     def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         timer = _PhaseTimer()
+        self._run(self.servers.reset_stats())
         with timer("rollout"):
             output = self.rollout(step)
+        # Seconds each replica's engine worked during the rollout: a replica far below the others idled.
+        busy = {
+            f"timing/rollout_busy_s/replica{s['replica_rank']}": s["engine_seconds"]
+            for s in self._run(self.servers.stats())
+        }
         with timer("reward"):
             scores, reward_metrics = self.score(output)
         advantages = compute_group_advantages(
@@ -350,6 +356,7 @@ class FlowGRPOTrainer:
             "advantages/mean": float(advantages.mean()),
             "advantages/abs_max": float(advantages.abs().max()),
             **timer.metrics(),
+            **busy,
             "perf/img_per_s_rollout": n_images / max(timer.seconds["rollout"], 1e-9),
             "perf/img_per_s": n_images / max(timer.total, 1e-9),
         }

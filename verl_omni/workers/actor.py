@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -210,6 +211,7 @@ class DiffusionLoRAActor:
                 "no SDE-window steps in the batch: nothing to train on (check "
                 "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
             )
+        start = time.perf_counter()
         plan = self.plan(batch)
         staged = _stage(batch, self.device)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
@@ -219,7 +221,10 @@ class DiffusionLoRAActor:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
                 sigma_max = batch.sigma_max if len(batch) else 0.0  # a rank without rows plans no micro-batch
-                return self._update(staged, plan, num_terms, sigma_max)
+                metrics = self._update(staged, plan, num_terms, sigma_max)
+            # This process's own wall time (the all-reduce waited for the slowest rank): shows idle ranks.
+            metrics["actor/busy_s"] = time.perf_counter() - start
+            return metrics
         except NonFiniteError:
             if snapshot is not None:
                 self._restore(snapshot)
