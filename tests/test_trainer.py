@@ -265,7 +265,9 @@ def test_readme_cpu_demo_learns_within_five_minutes_and_says_where_its_outputs_a
     assert elapsed < 300
     demo = tmp_path / "demo" / "checkpoints"
     assert "step:40" in out.stdout and "reward/brightness/mean" in out.stdout
-    assert "truncated" not in out.stdout + out.stderr  # the demo's prompts fit max_sequence_length
+    # The demo's prompts fit max_sequence_length: no row was cut in any step, and no per-step warning says so.
+    assert "prompt cut at" not in out.stdout + out.stderr
+    assert out.stdout.count("rollout/truncated_prompts:0 ") == 40
     # The summary: the bar is +0.05 on a [0, 1] reward (measured: +0.087 on 2 cores, 40 steps).
     change = float(re.search(r"change \(last-5 mean - step 1\): ([+-][0-9.]+)", out.stdout).group(1))
     assert change > 0.05, out.stdout[-2000:]
