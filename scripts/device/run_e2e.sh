@@ -40,7 +40,7 @@ for log in glob.glob(os.path.join(out, "e2e_*.log")):
     for line in open(log, errors="replace"):
         if line.startswith("step:") and "timing/step_s" in line:
             kv = dict(re.findall(r"([\w/\.]+):([-\d\.e]+)", line))
-            steps.append({k: float(kv[k]) for k in ("step", "timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s", "reward/mean", "perf/img_per_s_rollout", "actor/grad_norm") if k in kv})
+            steps.append({k: float(kv[k]) for k in ("step", "timing/step_s", "timing/rollout_s", "timing/update_s", "timing/sync_s", "reward/total/mean", "perf/img_per_s_rollout", "actor/grad_norm") if k in kv})
     summary[engine] = steps
 json.dump(summary, open(os.path.join(out, "e2e_summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))
