@@ -2,6 +2,7 @@
 # The GPU measurements of issues 15-17 in a few calls on one machine (after `. .device/cN/install.sh` or
 # `. /tmp/env.sh`), from the repo root. Each stage runs its jobs in parallel on disjoint GPUs (CUDA_VISIBLE_DEVICES)
 # and waits for them; logs and JSON go to $OUT. Stages:
+#   prep    : (4 GPUs) the 60-layer build | rewards_scale | the CFG-batching, engine and 2-GPU hybrid tests
 #   tests   : pytest -m gpu tests/gpu (engine, faults, hybrid engine both engines, CFG batching, reward models)
 #   bench   : [build the 60-layer model -> train_step L60 on GPU 0] | [build L20 -> train_step L20 on GPU 1]
 #             | [rewards_scale on GPU 2]   (when the machine has 3+ GPUs; else one after the other on GPU 0)
@@ -11,7 +12,7 @@
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models).
 set -uo pipefail
-stage="${1:?usage: run_session.sh tests|bench|e2e1|e2e4|e2e4d}"
+stage="${1:?usage: run_session.sh prep|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -54,6 +55,20 @@ case "$stage" in
         --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1
       echo "train_step L60 exit $?" | tee -a "$OUT/session.txt"
     fi ;;
+  prep)  # 4 GPUs, 64 cores: the 60-layer build (cores 32-63) | rewards_scale (GPU 0, cores 0-19)
+         # | CFG-batching + engine tests (GPU 1) | the 2-GPU hybrid test (GPUs 2,3)
+    (taskset -c 32-63 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
+build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=0 taskset -c 0-19 timeout 420 python3 benchmarks/rewards_scale.py \
+      --out "$OUT/rewards_scale.json" > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=1 taskset -c 20-25 timeout 400 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
+      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=2,3 taskset -c 26-31 timeout 400 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_hybrid_engine_gpu.py -k 2gpus > "$OUT/gpu_tests_b.log" 2>&1; \
+      echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
+    wait
+    grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20 ;;
   e2e1)
     build "$LAYERS" > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &

@@ -107,12 +107,12 @@ def test_batched_cfg_equals_two_forwards_in_bf16(pipe):
     for attention in ["sdpa"] + (["fa3"] if flash is not None else []):
         _set_attention(pipe, None if attention == "sdpa" else flash)
         for name, negative in NEGATIVES.items():
-            errors = _velocities(pipe, _training_batch(pipe, negative))
-            figures[f"{attention}_negative_{name}"] = errors
-            assert errors["batched_vs_two"] < VELOCITY_REL_BOUND, (attention, name, errors)
-            assert errors["unmasked_padding_vs_two"] > 5 * errors["batched_vs_two"], (attention, name, errors)
+            figures[f"{attention}_negative_{name}"] = _velocities(pipe, _training_batch(pipe, negative))
     _set_attention(pipe, None)
-    write_figures("cfg_batching_gpu_velocity.json", figures)
+    write_figures("cfg_batching_gpu_velocity.json", figures)  # before asserting: a failure keeps its figures
+    for key, errors in figures.items():
+        assert errors["batched_vs_two"] < VELOCITY_REL_BOUND, (key, errors)
+        assert errors["unmasked_padding_vs_two"] > 5 * errors["batched_vs_two"], (key, errors)
 
 
 def test_rollout_with_batch_cfg_on_and_off_in_bf16(pipe):

@@ -1,4 +1,5 @@
-"""The hybrid engine on one GPU, both engines: the actor rank trains the engine's own transformer in the engine's
+"""The hybrid engine on one GPU, both engines, and on two GPUs (two replicas, two actor ranks, NCCL all-reduce of the
+LoRA gradients between the engines' processes): the actor rank trains the engine's own transformer in the engine's
 process (for vllm-omni: inside its diffusion worker), the engine serves the trained adapter as it is.
 
 Asserted: the run trains (gradient > 0, the adapter moves), every replica serves the same adapter (checksums), and
@@ -11,6 +12,7 @@ import os
 import sys
 
 import pytest
+import torch
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -21,8 +23,14 @@ from verl_omni.trainer.ray_trainer import FlowGRPOTrainer  # noqa: E402
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 
-@pytest.mark.parametrize("engine", ["vllm_omni", "diffusers"])
-def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir, ocr_data_files, tmp_path):
+@pytest.mark.parametrize(
+    ("engine", "gpus"),
+    [("vllm_omni", 1), ("diffusers", 1), ("vllm_omni", 2)],
+    ids=["vllm_omni", "diffusers", "vllm_omni_2gpus"],
+)
+def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_image_dir, ocr_data_files, tmp_path):
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
     cfg = trainer_config(
         ocr_data_files,
         gpu_qwen_image_dir,
@@ -42,6 +50,7 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir,
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
             "actor_rollout_ref.actor.optim.lr": 1e-3,
             "trainer.total_training_steps": 3,
+            "trainer.n_gpus_per_node": gpus,
         },
     )
     trainer = FlowGRPOTrainer(cfg).init()
@@ -54,6 +63,7 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir,
     first = history[0]
     figures = {
         "engine": engine,
+        "gpus": gpus,
         "step1_ratio_min": first["actor/ratio_min"],
         "step1_ratio_max": first["actor/ratio_max"],
         "grad_norms": [h["actor/grad_norm"] for h in history],
@@ -61,8 +71,15 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpu_qwen_image_dir,
         "update_s": [h["timing/update_s"] for h in history],
         "rollout_s": [h["timing/rollout_s"] for h in history],
         "sync_s": [h["timing/sync_s"] for h in history],
+        "busy_s": [{k: v for k, v in h.items() if "_busy_s/" in k} for h in history],
     }
-    write_figures(f"gpu_hybrid_{engine}.json", figures)
+    write_figures(f"gpu_hybrid_{engine}_{gpus}gpu.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures
     assert all(g > 0 for g in figures["grad_norms"])
-    assert served == [trainer.last_lora_checksum] and trainer.last_lora_checksum != start
+    assert served == [trainer.last_lora_checksum] * gpus and trainer.last_lora_checksum != start
+    for busy in figures["busy_s"]:  # every GPU rolled out and trained in every step
+        assert sorted(busy) == sorted(
+            [f"timing/rollout_busy_s/replica{k}" for k in range(gpus)]
+            + [f"timing/update_busy_s/rank{k}" for k in range(gpus)]
+        ), busy
+        assert all(v > 0 for v in busy.values()), busy
