@@ -140,3 +140,27 @@ def test_a_rank_without_rows_joins_the_update_with_zero_gradients(qwen_image_rl_
     metrics = actor.update_batch(empty, num_terms=batch.num_terms)
     assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/num_train_terms"] == batch.num_terms
     assert _max_diff(before, actor.lora_state_dict()) == 0  # zero gradient: AdamW leaves the adapter as it was
+
+
+def test_each_shard_serializes_only_its_own_rows(qwen_image_rl_pipe):
+    """A shard crosses a process boundary (Ray, or torch.save for vllm-omni's worker): a view would pickle the whole
+    batch's storage with it, so W ranks would receive W full batches."""
+    import io
+
+    from verl_omni.workers.train_batch import TrainBatch
+
+    batch = TrainBatch.from_data_proto(_rollout(qwen_image_rl_pipe), torch.ones(6))
+
+    def saved_bytes(b):
+        buffer = io.BytesIO()
+        torch.save(b.as_dict(), buffer)
+        return buffer.tell()
+
+    shards = batch.shards(3)
+    assert sum(len(s) for s in shards) == 6 and all(len(s) > 0 for s in shards)
+    whole = saved_bytes(batch)
+    for shard in shards:
+        for name, tensor in shard.tensors.items():
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+        assert saved_bytes(shard) < whole * len(shard) / len(batch) + 16384, (len(shard), whole)
+    assert torch.equal(torch.cat([s.tensors["latents"] for s in shards]), batch.tensors["latents"])
