@@ -33,10 +33,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GpuMemoryPeak:
-    """The most memory each GPU held while running (nvidia-smi every ``interval`` s, on a thread)."""
+    """The most memory each of this run's GPUs held (nvidia-smi every ``interval`` s, on a thread). nvidia-smi
+    lists every GPU of the host whatever CUDA_VISIBLE_DEVICES says: only the visible ones are kept, so runs side by
+    side on one machine each report their own cards (keys: physical indices)."""
 
     def __init__(self, interval: float = 0.5):
         self.interval, self.peak_mib = interval, {}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        self.visible = {int(x) for x in visible.split(",") if x.strip().isdigit()} if visible else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -51,6 +55,8 @@ class GpuMemoryPeak:
                 ).stdout
                 for line in out.strip().splitlines():
                     index, used = (int(x) for x in line.split(","))
+                    if self.visible is not None and index not in self.visible:
+                        continue
                     self.peak_mib[index] = max(self.peak_mib.get(index, 0), used)
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass

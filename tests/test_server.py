@@ -221,8 +221,39 @@ def _bare_server(engine) -> DiffusionHttpServer:
     srv.replica_rank, srv.engine, srv.host, srv._port = 3, engine, "127.0.0.1", None
     srv.rollout, srv.model_limits = rollout_config(), ModelLimits(vae_scale_factor=8, max_sequence_length=1024)
     srv._inflight, srv._uvicorn = {}, None
+    srv._calls_in_flight, srv._busy_since = 0, 0.0
     srv.reset_stats()
     return srv
+
+
+class _SleepingEngine:
+    """Engine stand-in: each call takes ``seconds`` and returns nothing."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    async def generate(self, prompt, seeds, params, request_id=None):
+        await asyncio.sleep(self.seconds)
+
+
+def test_engine_seconds_is_the_wall_time_with_a_call_in_flight_not_the_sum_of_calls():
+    """timing/rollout_busy_s/replica<k> reads engine_seconds: two overlapping calls of 0.3 s are 0.3 s of work
+    (the engine queues them), two calls one after the other are 0.6 s."""
+
+    async def main():
+        srv = _bare_server(_SleepingEngine(0.3))
+        await asyncio.gather(*(srv._engine_call(PROMPT, [s], None) for s in (1, 2)))
+        overlapping = srv.get_stats()["engine_seconds"]
+        srv.reset_stats()
+        for s in (1, 2):
+            await srv._engine_call(PROMPT, [s], None)
+        one_after_the_other = srv.get_stats()["engine_seconds"]
+        return overlapping, one_after_the_other, srv.get_stats()["engine_calls"]
+
+    overlapping, sequential, calls = asyncio.run(main())
+    assert 0.3 <= overlapping < 0.45, overlapping
+    assert 0.6 <= sequential < 0.75, sequential
+    assert calls == 2
 
 
 def test_http_requests_without_request_id_get_distinct_ids_passed_to_the_engine():

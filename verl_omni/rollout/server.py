@@ -41,6 +41,7 @@ class DiffusionHttpServer:
         self._uvicorn = None
         self._inflight: dict[str, asyncio.Task] = {}
         self.stats = {"engine_calls": 0, "images": 0, "engine_seconds": 0.0, "batch_sizes": []}
+        self._calls_in_flight, self._busy_since = 0, 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def launch_server(self) -> tuple[str, int]:
@@ -149,12 +150,20 @@ class DiffusionHttpServer:
         return payload
 
     async def _engine_call(self, prompt, seeds, params, request_id: Optional[str] = None):
-        start = time.perf_counter()
-        # The engine gets the caller's id so that abort(request_id) can find the engine-side request.
-        batch = await self.engine.generate(prompt, seeds, params, request_id=request_id)
+        # engine_seconds: wall time with at least one call in flight (the union of the calls' intervals, not their
+        # sum: concurrent calls queue in the engine, and a sum would count the queueing as work).
+        if self._calls_in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._calls_in_flight += 1
+        try:
+            # The engine gets the caller's id so that abort(request_id) can find the engine-side request.
+            batch = await self.engine.generate(prompt, seeds, params, request_id=request_id)
+        finally:
+            self._calls_in_flight -= 1
+            if self._calls_in_flight == 0:
+                self.stats["engine_seconds"] += time.perf_counter() - self._busy_since
         self.stats["engine_calls"] += 1
         self.stats["images"] += len(seeds)
-        self.stats["engine_seconds"] += time.perf_counter() - start
         self.stats["batch_sizes"].append(len(seeds))
         return batch
 
@@ -163,6 +172,8 @@ class DiffusionHttpServer:
 
     def reset_stats(self) -> None:
         self.stats = {"engine_calls": 0, "images": 0, "engine_seconds": 0.0, "batch_sizes": []}
+        if self._calls_in_flight:  # a call spanning the reset counts from the reset on
+            self._busy_since = time.perf_counter()
 
     # ------------------------------------------------------------------ verl's server verbs
     async def update_lora(self, tensors: dict) -> str:
