@@ -4,10 +4,13 @@ vllm-omni engine's fused processor (FA3 when unmasked); run on the device: scrip
 Model: the GPU fixture's Qwen-Image of 2 layers at the real width (24 heads x 128). bf16 tolerance: the two
 layouts compute the same function (padded keys get attention weight 0), but bf16 GEMMs / attention kernels round
 at 2^-8 = 3.9e-3 relative and pick different kernels for 2B vs B rows, and the masked (SDPA) and unmasked (FA3)
-kernels accumulate differently. Asserted: velocities within 2e-2 x max |v| (5 bf16 ulps of the largest value);
-rollouts: final latents relative L2 <= 5e-2 and log-probs max |diff| <= 0.05 per step (the bounds of
-test_vllm_omni_engine_gpu.py for B=N vs N x B=1). A padding the mask does not hide moves velocities by far more
-(negative control). Timings of one B=16, 512x512 forward pair are written to $OUT/cfg_batching_gpu.json.
+kernels accumulate differently. Asserted: velocities within 1e-2 relative L2 and 3e-2 x max |v| (about 4 bf16 ulps
+of the largest value); rollouts: final latents relative L2 <= 5e-2 and log-probs max |diff| <= 0.05 per step (the
+bounds of test_vllm_omni_engine_gpu.py for B=N vs N x B=1). Negative control: a padding the mask does not hide moves
+velocities by more than 4x the batched layout's relative L2. (On an H100, 2026-11-28, max-abs errors were
+0.0115-0.0192 batched vs 0.037-0.061 leaking -- only 3.2-3.5x apart, since max-abs is a count of ulps; the same
+model in bf16 on CPU gives the same max-abs figures and relative L2 0.0034-0.0050 vs 0.021-0.044, 6-9x apart.)
+Timings of one B=16, 512x512 forward pair are written to $OUT/cfg_batching_gpu.json.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from verl_omni.pipelines.model_inputs import ModelInputs
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 GUIDANCE = 4.0
-VELOCITY_REL_BOUND = 2e-2
+VELOCITY_REL_L2_BOUND = 1e-2
+VELOCITY_MAX_BOUND = 3e-2
+LEAK_OVER_BATCHED = 4.0
 PROMPTS = [
     "a red cat",
     "a much longer prompt: a blue dog on a sunny beach at noon, photographed from above",
@@ -83,10 +88,13 @@ def _velocities(pipe, cond, size=256):
         inputs = pipe.prepare_model_inputs(cond, GUIDANCE, batch_cfg=True)
         unmasked = ModelInputs(inputs.batch_size, joint=dataclasses.replace(inputs.joint, mask=None))
         leaky = pipe.predict_velocity(latents, timestep, unmasked, GUIDANCE, size, size)
+    two, batched, leaky = two.float(), batched.float(), leaky.float()
     scale = two.abs().max().item()
     return {
         "batched_vs_two": (batched - two).abs().max().item() / scale,
         "unmasked_padding_vs_two": (leaky - two).abs().max().item() / scale,
+        "batched_vs_two_rel_l2": ((batched - two).norm() / two.norm()).item(),
+        "unmasked_padding_vs_two_rel_l2": ((leaky - two).norm() / two.norm()).item(),
         "max_abs_velocity": scale,
     }
 
@@ -111,8 +119,12 @@ def test_batched_cfg_equals_two_forwards_in_bf16(pipe):
     _set_attention(pipe, None)
     write_figures("cfg_batching_gpu_velocity.json", figures)  # before asserting: a failure keeps its figures
     for key, errors in figures.items():
-        assert errors["batched_vs_two"] < VELOCITY_REL_BOUND, (key, errors)
-        assert errors["unmasked_padding_vs_two"] > 5 * errors["batched_vs_two"], (key, errors)
+        assert errors["batched_vs_two_rel_l2"] < VELOCITY_REL_L2_BOUND, (key, errors)
+        assert errors["batched_vs_two"] < VELOCITY_MAX_BOUND, (key, errors)
+        assert errors["unmasked_padding_vs_two_rel_l2"] > LEAK_OVER_BATCHED * errors["batched_vs_two_rel_l2"], (
+            key,
+            errors,
+        )
 
 
 def test_rollout_with_batch_cfg_on_and_off_in_bf16(pipe):
