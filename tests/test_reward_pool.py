@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image, ImageDraw, ImageFont
 
 from verl_omni.rewards import RewardComputationError, RewardManager
@@ -174,3 +175,29 @@ def test_the_default_worker_count_is_the_cores_left_by_replicas_agent_workers_an
     assert resolve_num_reward_workers(3, cpu_cores=8, num_replicas=1, agent_loop_workers=1) == 3
     with pytest.raises(ValueError, match=r"reward.num_workers=0 must be an int >= 1, or null / 'auto'"):
         resolve_num_reward_workers(0, cpu_cores=8, num_replicas=1, agent_loop_workers=1)
+
+
+def test_a_model_only_config_sends_whole_groups_and_a_mixed_one_splits_them(ray_session, pool, reward_config):
+    """Workers of a model-only config only forward to the model actor: one-image pieces would become one-image
+    GPU calls. With a reward that runs in the workers, groups are split so that every worker shares the work."""
+    images, prompts, metadata = batch_of_six()
+    pickscore = dict(next(e for e in reward_config["rewards"] if e["name"] == "pickscore"), weight=1.0)
+    # 0 CPUs asked: the module's pool already holds 3 of the session's 4
+    light = {"num_cpus_per_worker": 0, "model_actor_options": {"num_cpus": 0}}
+    assert pool.split_groups  # the module's pool: OCR and friends run in the workers
+    model_only = RewardPool({"rewards": [pickscore]}, num_workers=2, **light)
+    try:
+        assert not model_only.split_groups
+        whole = model_only.submit(images, prompts, metadata)
+        assert len(whole.pieces) == 1 and len(whole.result().total) == 6
+        (actor,) = model_only.model_actors.values()
+        assert ray.get(actor.call_sizes.remote()) == [6]  # the group, in one model call
+    finally:
+        model_only.shutdown()
+    forced = RewardPool({"rewards": [pickscore]}, num_workers=2, split_groups=True, **light)
+    try:  # an explicit choice wins over the default
+        split = forced.submit(images, prompts, metadata)
+        assert forced.split_groups and [len(p.sample_ids) for p in split.pieces] == [3, 3]
+        assert len(split.result().total) == 6
+    finally:
+        forced.shutdown()

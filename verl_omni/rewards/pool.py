@@ -167,7 +167,10 @@ class RewardPool:
     ``split_groups``: a group is cut into up to ``num_workers`` pieces of consecutive samples, each sent to the
     least-busy worker, so the rollout's last group is scored by every worker at once (whole, it would keep one
     worker busy for group_size x the per-image time after the rollout ends). Set False for a custom reward that
-    must see a whole group in one call. ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
+    must see a whole group in one call. Default (None): split when a reward runs in the workers; a config of
+    model rewards only sends whole groups, because its workers only forward to the model actor, and one-image
+    pieces become one-image GPU calls (4 H100s, PickScore, 16 workers: 36 images/s through one-image pieces
+    against 806 in one process). ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
     keep ``num_workers x threads`` at or below the free cores. ``num_cpus_per_worker``: what each worker asks Ray
     for. ``max_restarts`` / ``task_retries``: Ray's restarts of a dead worker and re-runs of the piece it scored.
     ``model_actor_options``: extra Ray ``.options()`` of the reward-model actors (a placement-group strategy).
@@ -178,7 +181,7 @@ class RewardPool:
         reward_config: Mapping[str, Any],
         num_workers: int,
         *,
-        split_groups: bool = True,
+        split_groups: Optional[bool] = None,
         threads_per_worker: int = 1,
         num_cpus_per_worker: float = 1,
         max_restarts: int = 3,
@@ -209,7 +212,7 @@ class RewardPool:
         ray.get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails the pool now
         self._in_flight: list[list] = [[] for _ in self.workers]
         self._next = 0
-        self.split_groups = split_groups
+        self.split_groups = (len(model_entries) < _count_rewards(config)) if split_groups is None else split_groups
 
     @property
     def num_workers(self) -> int:
@@ -297,6 +300,12 @@ class RewardPool:
         # A copy shipped to another process (an agent-loop worker) shares the actors but not this one's in-flight
         # list: ObjectRefs are owned by the process that submitted them.
         return {**self.__dict__, "_in_flight": [[] for _ in self.workers], "_next": 0}
+
+
+def _count_rewards(config: Mapping[str, Any]) -> int:
+    """Entries of ``reward.rewards`` plus the custom reward function, if any."""
+    custom = config.get("custom_reward_function") or {}
+    return len(config.get("rewards") or []) + bool(custom.get("path"))
 
 
 def _not_called(images, prompts, metadata):  # stands in for a model while the driver checks the config
