@@ -152,9 +152,13 @@ def test_offloaded_reward_models_refuse_to_score_until_onloaded(pool, ray_sessio
     assert np.isfinite(pool.submit(images[:1], prompts[:1], metadata[:1]).result().total).all()
 
 
-def test_a_pool_larger_than_the_cluster_is_refused_before_anything_starts(ray_session):
+def test_a_pool_larger_than_the_cluster_is_refused_before_anything_starts(ray_session, pool, reward_config):
     with pytest.raises(ValueError, match=r"reward.num_workers=64 x 1 CPU exceeds the Ray cluster"):
         RewardPool({"rewards": [{"name": "brightness"}]}, num_workers=64)
+    # The module's pool holds 3 of the session's 4 CPUs: a second pool of 1 worker + 1 model actor would wait forever
+    pickscore = next(e for e in reward_config["rewards"] if e["name"] == "pickscore")
+    with pytest.raises(ValueError, match=r"needs 2 CPUs \(reward.num_workers=1 x 1 \+ 1 for 1 reward model actor"):
+        RewardPool({"rewards": [pickscore]}, num_workers=1)
     with pytest.raises(ValueError, match=r"unknown reward 'brightnes'"):  # the config is checked in the driver
         RewardPool({"rewards": [{"name": "brightnes"}]}, num_workers=1)
 

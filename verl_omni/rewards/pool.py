@@ -24,6 +24,7 @@ fails with the error above.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -202,6 +203,17 @@ class RewardPool:
                 f"reward.num_workers={num_workers} x {num_cpus_per_worker} CPU exceeds the Ray cluster's "
                 f"{cpus:g} CPUs: lower reward.num_workers or start Ray with more CPUs"
             )
+        # What is free now, model actors included: Ray would otherwise leave an actor pending, and the pool would
+        # wait for it without a word.
+        model_cpus = float(dict(model_actor_options or {}).get("num_cpus", 1)) * len(model_entries)
+        needed = num_workers * num_cpus_per_worker + model_cpus
+        free = _free_cpus(needed)
+        if needed > free:
+            raise ValueError(
+                f"the reward pool needs {needed:g} CPUs (reward.num_workers={num_workers} x {num_cpus_per_worker} "
+                f"+ {model_cpus:g} for {len(model_entries)} reward model actor(s)) but the Ray cluster has {free:g} "
+                f"of {cpus:g} free: lower reward.num_workers, or free the CPUs other actors hold"
+            )
         self.model_actors = {
             e["name"]: start_reward_model_actor(e, **dict(model_actor_options or {})) for e in model_entries
         }
@@ -300,6 +312,17 @@ class RewardPool:
         # A copy shipped to another process (an agent-loop worker) shares the actors but not this one's in-flight
         # list: ObjectRefs are owned by the process that submitted them.
         return {**self.__dict__, "_in_flight": [[] for _ in self.workers], "_next": 0}
+
+
+def _free_cpus(needed: float, grace_s: float = 10.0) -> float:
+    """The cluster's free CPUs, waiting up to ``grace_s`` for ``needed`` of them: Ray frees the CPUs of killed
+    actors (an earlier pool's, a trainer's that just shut down) a moment after ``ray.kill`` returns."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        free = ray.available_resources().get("CPU", 0)
+        if free >= needed or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
 
 
 def _count_rewards(config: Mapping[str, Any]) -> int:
