@@ -205,7 +205,10 @@ class RewardPool:
             )
         # What is free now, model actors included: Ray would otherwise leave an actor pending, and the pool would
         # wait for it without a word.
-        model_cpus = float(dict(model_actor_options or {}).get("num_cpus", 1)) * len(model_entries)
+        options = dict(model_actor_options or {})
+        # In a placement group a model actor's CPU comes from its bundle, already reserved.
+        per_model = 0 if "scheduling_strategy" in options else float(options.get("num_cpus", 1))
+        model_cpus = per_model * len(model_entries)
         needed = num_workers * num_cpus_per_worker + model_cpus
         free = _free_cpus(needed)
         if needed > free:
