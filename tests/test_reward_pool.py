@@ -205,3 +205,67 @@ def test_a_model_only_config_sends_whole_groups_and_a_mixed_one_splits_them(ray_
         assert len(split.result().total) == 6
     finally:
         forced.shutdown()
+
+
+COLOCATION_SCRIPT = """
+import json
+import sys
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from verl_omni.models.tiny import build_tiny_clip
+from verl_omni.rewards.model_actor import COLOCATED_GPU_SHARE
+from verl_omni.rewards.pool import RewardPool
+
+ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)  # 2 GPUs as Ray sees them
+clip = build_tiny_clip(sys.argv[1])
+pg = placement_group([{"GPU": 1}] * 2, strategy="PACK")
+ray.get(pg.ready())
+
+
+@ray.remote
+class Replica:  # holds its bundle's GPU as a rollout replica does
+    def gpu_ids(self):
+        return ray.get_gpu_ids()
+
+
+replicas = [
+    Replica.options(num_cpus=0, num_gpus=1 - COLOCATED_GPU_SHARE,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k)).remote()
+    for k in range(2)
+]
+replica_gpus = ray.get([r.gpu_ids.remote() for r in replicas])
+entries = [{"name": "pickscore", "path": clip}, {"name": "clipscore", "path": clip}]
+pool = RewardPool({"rewards": entries}, num_workers=1, colocate_models_with=pg)
+model_gpus = [ray.get(a.ready.remote())["gpu_ids"] for a in pool.model_actors.values()]
+images = [np.full((64, 64, 3), 40 * k, np.uint8) for k in range(3)]
+scores = pool.submit(images, ["a cat", "a dog", "a car"]).result().total
+pool.shutdown()
+try:
+    RewardPool({"rewards": [{"name": "pickscore", "path": clip, "num_gpus": 1}]}, num_workers=1)
+    error = None
+except ValueError as exc:
+    error = str(exc)
+print("RESULT", json.dumps([replica_gpus, model_gpus, len(scores), bool(np.isfinite(scores).all()), error]))
+"""
+
+
+def test_reward_models_sit_on_the_replicas_gpus_and_a_model_wanting_a_gpu_of_its_own_is_refused(tmp_path):
+    """Hybrid engine: the replicas' placement group holds every GPU. A model reward without num_gpus sits in replica
+    k's bundle (entry k), on the same card; one asking for a whole GPU is refused with the reason instead of
+    waiting forever for a GPU Ray will never free. Ray is told of 2 GPUs (none needed: the models run on CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", COLOCATION_SCRIPT, str(tmp_path / "clip")], capture_output=True, text=True, timeout=300
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
+    replica_gpus, model_gpus, count, finite, error = json.loads(line[len("RESULT ") :])
+    assert sorted(replica_gpus) == [[0], [1]]
+    assert model_gpus == replica_gpus  # entry k on replica k's card
+    assert count == 3 and finite
+    assert "num_gpus=1 but the Ray cluster has 0 GPU(s) free" in error and "trainer.n_gpus_per_node" in error

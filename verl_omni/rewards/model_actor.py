@@ -13,12 +13,29 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import ray
 
 from verl_omni.rewards.registry import RewardSampleError, build_reward_fn, get_reward_factory
+
+# A replica placed in a GPU bundle asks Ray for 1 - COLOCATED_GPU_SHARE of it, so that reward models can sit on
+# the same card (Ray shares a GPU only among fractional requests). The share is a scheduling label: memory is
+# shared as it comes (a CLIP-H scorer needs ~2 GB next to the hybrid engine's ~57 GB on an 80 GB card).
+COLOCATED_GPU_SHARE = 0.01
+
+
+def free_resource(name: str, needed: float, grace_s: float = 10.0) -> float:
+    """The Ray cluster's free amount of ``name`` ("CPU", "GPU"), waiting up to ``grace_s`` for ``needed``: Ray frees
+    what killed actors held (an earlier pool's, a trainer's that just shut down) a moment after ``ray.kill``."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        free = ray.available_resources().get(name, 0)
+        if free >= needed or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
 
 
 def is_model_entry(entry: Mapping[str, Any]) -> bool:
@@ -126,7 +143,7 @@ def start_reward_model_actor(
     else 0). Returns its handle once the model is loaded (a loading error raises here, not at the first score).
 
     ``ray_options`` go to ``.options()``: e.g. ``scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)`` to sit
-    in a replica's bundle with a fractional ``num_gpus`` (Ray shares a GPU only among fractional requests)."""
+    in a replica's bundle with ``num_gpus=COLOCATED_GPU_SHARE`` (see :func:`colocated_options`)."""
     if num_gpus is None:
         num_gpus = entry.get("num_gpus")
     if num_gpus is None:
@@ -134,6 +151,14 @@ def start_reward_model_actor(
     if not (isinstance(num_gpus, (int, float)) and 0 <= num_gpus):
         raise ValueError(
             f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 (a fraction shares a GPU)"
+        )
+    free_gpus = free_resource("GPU", num_gpus) if num_gpus > 0 else 0
+    if num_gpus > 0 and "scheduling_strategy" not in ray_options and num_gpus > free_gpus + 1e-9:
+        # Ray would leave the actor pending, and the pool would wait for it without a word.
+        raise ValueError(
+            f"reward {entry['name']!r}: num_gpus={num_gpus:g} but the Ray cluster has {free_gpus:g} GPU(s) free "
+            f"(the rollout replicas hold theirs): leave num_gpus unset to share a replica's GPU, or give the "
+            f"reward model a GPU of its own outside trainer.n_gpus_per_node"
         )
     if str(entry.get("device", "auto")).startswith("cuda") and num_gpus == 0:
         raise ValueError(f"reward {entry['name']!r}: device={entry['device']!r} needs num_gpus > 0 for its actor")
@@ -161,3 +186,16 @@ class RemoteModelReward:
             if isinstance(exc.cause, Exception):
                 raise exc.cause from exc
             raise
+
+
+def colocated_options(placement_group, bundle_index: int) -> dict[str, Any]:
+    """Ray options that put a reward-model actor on the GPU of a replica's bundle, beside the replica."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "num_gpus": COLOCATED_GPU_SHARE,
+        "num_cpus": 0,  # the bundles hold GPUs only (and the model's work is on the GPU)
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index
+        ),
+    }

@@ -24,14 +24,19 @@ fails with the error above.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
 
-from verl_omni.rewards.model_actor import RemoteModelReward, is_model_entry, start_reward_model_actor
+from verl_omni.rewards.model_actor import (
+    RemoteModelReward,
+    colocated_options,
+    free_resource,
+    is_model_entry,
+    start_reward_model_actor,
+)
 from verl_omni.rewards.registry import RewardComputationError, RewardManager, RewardResult
 
 _OCR_THREADS_ENV = "VERL_OMNI_OCR_THREADS"  # read by verl_omni.rewards.ocr when it creates its engine
@@ -175,6 +180,9 @@ class RewardPool:
     keep ``num_workers x threads`` at or below the free cores. ``num_cpus_per_worker``: what each worker asks Ray
     for. ``max_restarts`` / ``task_retries``: Ray's restarts of a dead worker and re-runs of the piece it scored.
     ``model_actor_options``: extra Ray ``.options()`` of the reward-model actors (a placement-group strategy).
+    ``colocate_models_with``: the replicas' GPU placement group (hybrid engine): model entries without ``num_gpus``
+    sit in its bundles (entry k in bundle k mod bundles), beside the replicas; an entry with ``num_gpus`` asks Ray
+    for GPUs of its own.
     """
 
     def __init__(
@@ -188,6 +196,7 @@ class RewardPool:
         max_restarts: int = 3,
         task_retries: int = 1,
         model_actor_options: Optional[Mapping[str, Any]] = None,
+        colocate_models_with: Any = None,
     ):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"reward.num_workers={num_workers!r} must be an int >= 1")
@@ -205,12 +214,13 @@ class RewardPool:
             )
         # What is free now, model actors included: Ray would otherwise leave an actor pending, and the pool would
         # wait for it without a word.
-        options = dict(model_actor_options or {})
+        actor_options = [
+            self._model_options(e, k, model_actor_options, colocate_models_with) for k, e in enumerate(model_entries)
+        ]
         # In a placement group a model actor's CPU comes from its bundle, already reserved.
-        per_model = 0 if "scheduling_strategy" in options else float(options.get("num_cpus", 1))
-        model_cpus = per_model * len(model_entries)
+        model_cpus = sum(0 if "scheduling_strategy" in o else float(o.get("num_cpus", 1)) for o in actor_options)
         needed = num_workers * num_cpus_per_worker + model_cpus
-        free = _free_cpus(needed)
+        free = free_resource("CPU", needed)
         if needed > free:
             raise ValueError(
                 f"the reward pool needs {needed:g} CPUs (reward.num_workers={num_workers} x {num_cpus_per_worker} "
@@ -218,7 +228,7 @@ class RewardPool:
                 f"of {cpus:g} free: lower reward.num_workers, or free the CPUs other actors hold"
             )
         self.model_actors = {
-            e["name"]: start_reward_model_actor(e, **dict(model_actor_options or {})) for e in model_entries
+            e["name"]: start_reward_model_actor(e, **o) for e, o in zip(model_entries, actor_options, strict=True)
         }
         worker_class = ray.remote(RewardWorker).options(
             num_cpus=num_cpus_per_worker, max_restarts=max_restarts, max_task_retries=task_retries
@@ -228,6 +238,12 @@ class RewardPool:
         self._in_flight: list[list] = [[] for _ in self.workers]
         self._next = 0
         self.split_groups = (len(model_entries) < _count_rewards(config)) if split_groups is None else split_groups
+
+    @staticmethod
+    def _model_options(entry, index: int, options: Optional[Mapping[str, Any]], placement_group) -> dict[str, Any]:
+        if placement_group is None or entry.get("num_gpus") is not None:
+            return dict(options or {})
+        return {**dict(options or {}), **colocated_options(placement_group, index % placement_group.bundle_count)}
 
     @property
     def num_workers(self) -> int:
@@ -315,17 +331,6 @@ class RewardPool:
         # A copy shipped to another process (an agent-loop worker) shares the actors but not this one's in-flight
         # list: ObjectRefs are owned by the process that submitted them.
         return {**self.__dict__, "_in_flight": [[] for _ in self.workers], "_next": 0}
-
-
-def _free_cpus(needed: float, grace_s: float = 10.0) -> float:
-    """The cluster's free CPUs, waiting up to ``grace_s`` for ``needed`` of them: Ray frees the CPUs of killed
-    actors (an earlier pool's, a trainer's that just shut down) a moment after ``ray.kill`` returns."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        free = ray.available_resources().get("CPU", 0)
-        if free >= needed or time.monotonic() > deadline:
-            return free
-        time.sleep(0.2)
 
 
 def _count_rewards(config: Mapping[str, Any]) -> int:

@@ -16,6 +16,7 @@ from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.rewards.model_actor import COLOCATED_GPU_SHARE
 from verl_omni.rollout.server import DiffusionHttpServer
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class DiffusionReplica(RolloutReplica):
         if self.placement is not None:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+            # The rest of the bundle's GPU is for reward models colocated on this card (Ray still gives the
+            # replica the bundle's GPU: CUDA_VISIBLE_DEVICES is set for fractional requests too).
+            options["num_gpus"] = 1 - COLOCATED_GPU_SHARE if options["num_gpus"] else 0
             group, bundle = self.placement
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=bundle

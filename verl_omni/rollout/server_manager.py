@@ -29,6 +29,7 @@ class DiffusionServerManager:
         self.num_replicas = num_replicas
         self.replicas = []
         self.load_balancer = None
+        self.placement_group = None  # on GPUs: one bundle per replica (reward models may share them)
 
     async def start(self) -> DiffusionServerManager:
         replica_cls = RolloutReplicaRegistry.get(self.rollout.name)
@@ -76,7 +77,7 @@ class DiffusionServerManager:
         if self.load_balancer is not None:
             ray.kill(self.load_balancer)
             self.load_balancer = None
-        if getattr(self, "placement_group", None) is not None:
+        if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
             self.placement_group = None
 

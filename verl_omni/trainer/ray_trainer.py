@@ -132,7 +132,8 @@ class FlowGRPOTrainer:
             num_replicas=self.config.num_replicas,
             agent_loop_workers=self.rollout_cfg.agent.num_workers,
         )
-        return RewardPool(reward.as_dict(), workers)
+        # Hybrid engine on GPUs: the replicas' placement group holds every GPU; model rewards sit beside them.
+        return RewardPool(reward.as_dict(), workers, colocate_models_with=self.servers.placement_group)
 
     def _check_model(self, path: str) -> None:
         """Start-up checks that need the model directory, before Ray starts: it exists, the image size fits its VAE,
