@@ -242,19 +242,25 @@ model_gpus = [ray.get(a.ready.remote())["gpu_ids"] for a in pool.model_actors.va
 images = [np.full((64, 64, 3), 40 * k, np.uint8) for k in range(3)]
 scores = pool.submit(images, ["a cat", "a dog", "a car"]).result().total
 pool.shutdown()
-try:
-    RewardPool({"rewards": [{"name": "pickscore", "path": clip, "num_gpus": 1}]}, num_workers=1)
+cpus_before = ray.available_resources().get("CPU", 0)
+try:  # the first model starts (on CPU), the second cannot: the first must not be left running
+    RewardPool({"rewards": [{"name": "clipscore", "path": clip, "num_gpus": 0},
+                            {"name": "pickscore", "path": clip, "num_gpus": 1}]}, num_workers=1)
     error = None
 except ValueError as exc:
     error = str(exc)
-print("RESULT", json.dumps([replica_gpus, model_gpus, len(scores), bool(np.isfinite(scores).all()), error]))
+from verl_omni.rewards.model_actor import free_resource
+cpus_after = free_resource("CPU", cpus_before)
+print("RESULT", json.dumps([replica_gpus, model_gpus, len(scores), bool(np.isfinite(scores).all()), error,
+                            cpus_before, cpus_after]))
 """
 
 
 def test_reward_models_sit_on_the_replicas_gpus_and_a_model_wanting_a_gpu_of_its_own_is_refused(tmp_path):
     """Hybrid engine: the replicas' placement group holds every GPU. A model reward without num_gpus sits in replica
     k's bundle (entry k), on the same card; one asking for a whole GPU is refused with the reason instead of
-    waiting forever for a GPU Ray will never free. Ray is told of 2 GPUs (none needed: the models run on CPU)."""
+    waiting forever for a GPU Ray will never free, and what had started is stopped. Ray is told of 2 GPUs (none
+    needed: the models run on CPU)."""
     import json
     import subprocess
     import sys
@@ -264,8 +270,9 @@ def test_reward_models_sit_on_the_replicas_gpus_and_a_model_wanting_a_gpu_of_its
     )
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT")), None)
     assert line is not None, out.stdout[-2000:] + out.stderr[-4000:]
-    replica_gpus, model_gpus, count, finite, error = json.loads(line[len("RESULT ") :])
+    replica_gpus, model_gpus, count, finite, error, cpus_before, cpus_after = json.loads(line[len("RESULT ") :])
     assert sorted(replica_gpus) == [[0], [1]]
     assert model_gpus == replica_gpus  # entry k on replica k's card
     assert count == 3 and finite
     assert "num_gpus=1 but the Ray cluster has 0 GPU(s) free" in error and "trainer.n_gpus_per_node" in error
+    assert cpus_after == cpus_before  # the model actor that had started was stopped

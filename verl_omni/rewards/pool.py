@@ -227,14 +227,20 @@ class RewardPool:
                 f"+ {model_cpus:g} for {len(model_entries)} reward model actor(s)) but the Ray cluster has {free:g} "
                 f"of {cpus:g} free: lower reward.num_workers, or free the CPUs other actors hold"
             )
-        self.model_actors = {
-            e["name"]: start_reward_model_actor(e, **o) for e, o in zip(model_entries, actor_options, strict=True)
-        }
-        worker_class = ray.remote(RewardWorker).options(
-            num_cpus=num_cpus_per_worker, max_restarts=max_restarts, max_task_retries=task_retries
-        )
-        self.workers = [worker_class.remote(config, self.model_actors, threads_per_worker) for _ in range(num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails the pool now
+        self.model_actors, self.workers = {}, []
+        try:  # a start that fails leaves nothing running
+            for entry, options in zip(model_entries, actor_options, strict=True):
+                self.model_actors[entry["name"]] = start_reward_model_actor(entry, **options)
+            worker_class = ray.remote(RewardWorker).options(
+                num_cpus=num_cpus_per_worker, max_restarts=max_restarts, max_task_retries=task_retries
+            )
+            self.workers = [
+                worker_class.remote(config, self.model_actors, threads_per_worker) for _ in range(num_workers)
+            ]
+            ray.get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails the pool now
+        except BaseException:
+            self.shutdown()
+            raise
         self._in_flight: list[list] = [[] for _ in self.workers]
         self._next = 0
         self.split_groups = (len(model_entries) < _count_rewards(config)) if split_groups is None else split_groups
