@@ -60,6 +60,7 @@ def _json_default(value: Any):
     raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON serialisable")
 
 
+@register_reward_factory("http", HTTP_OPTIONS, owns_timeout=True)  # the entry's keys are the constructor's
 class HttpReward:
     """Reward function that POSTs samples to ``url`` (schema in the module docstring)."""
 
@@ -167,22 +168,3 @@ class HttpReward:
             if not math.isfinite(score):
                 raise bad(f"score {score!r} is not finite", [i])
         return [float(s) for s in scores]
-
-
-@register_reward_factory("http", HTTP_OPTIONS, owns_timeout=True)
-def build_http_reward(
-    url: str,
-    timeout_s: float = 60.0,
-    batch_size: int = 16,
-    max_concurrency: int = 4,
-    retries: int = 3,
-    backoff_s: float = 0.5,
-) -> HttpReward:
-    return HttpReward(
-        url,
-        timeout_s=timeout_s,
-        batch_size=batch_size,
-        max_concurrency=max_concurrency,
-        retries=retries,
-        backoff_s=backoff_s,
-    )
