@@ -152,9 +152,11 @@ def start_reward_model_actor(
         raise ValueError(
             f"reward {entry['name']!r}: num_gpus={num_gpus!r} must be a number >= 0 (a fraction shares a GPU)"
         )
-    free_gpus = free_resource("GPU", num_gpus) if num_gpus > 0 else 0
-    if num_gpus > 0 and "scheduling_strategy" not in ray_options and num_gpus > free_gpus + 1e-9:
-        # Ray would leave the actor pending, and the pool would wait for it without a word.
+    # Outside a placement group, Ray would leave an actor it cannot place pending, and the pool would wait for it
+    # without a word (inside one, the bundle already holds the GPU).
+    outside = num_gpus > 0 and "scheduling_strategy" not in ray_options
+    free_gpus = free_resource("GPU", num_gpus) if outside else 0
+    if outside and num_gpus > free_gpus + 1e-9:
         raise ValueError(
             f"reward {entry['name']!r}: num_gpus={num_gpus:g} but the Ray cluster has {free_gpus:g} GPU(s) free "
             f"(the rollout replicas hold theirs): leave num_gpus unset to share a replica's GPU, or give the "
