@@ -205,7 +205,7 @@ class RewardPool:
         config = dict(reward_config)
         model_entries = [e for e in config.get("rewards") or [] if is_model_entry(e)]
         # Check the whole config here, in the driver, before starting anything (models are not loaded for this).
-        RewardManager(config, reward_fns={e["name"]: _not_called for e in model_entries})
+        checked = RewardManager(config, reward_fns={e["name"]: _not_called for e in model_entries})
         cpus = ray.cluster_resources().get("CPU", 0)
         if num_workers * num_cpus_per_worker > cpus:
             raise ValueError(
@@ -243,7 +243,7 @@ class RewardPool:
             raise
         self._in_flight: list[list] = [[] for _ in self.workers]
         self._next = 0
-        self.split_groups = (len(model_entries) < _count_rewards(config)) if split_groups is None else split_groups
+        self.split_groups = (len(model_entries) < len(checked.specs)) if split_groups is None else split_groups
 
     @staticmethod
     def _model_options(entry, index: int, options: Optional[Mapping[str, Any]], placement_group) -> dict[str, Any]:
@@ -337,12 +337,6 @@ class RewardPool:
         # A copy shipped to another process (an agent-loop worker) shares the actors but not this one's in-flight
         # list: ObjectRefs are owned by the process that submitted them.
         return {**self.__dict__, "_in_flight": [[] for _ in self.workers], "_next": 0}
-
-
-def _count_rewards(config: Mapping[str, Any]) -> int:
-    """Entries of ``reward.rewards`` plus the custom reward function, if any."""
-    custom = config.get("custom_reward_function") or {}
-    return len(config.get("rewards") or []) + bool(custom.get("path"))
 
 
 def _not_called(images, prompts, metadata):  # stands in for a model while the driver checks the config
