@@ -11,6 +11,7 @@ The recipe: 512x512, 10 steps, true CFG 4 with the negative prompt " ", SDE wind
 LoRA r64 / alpha 128 on to_q/k/v/out, lr 3e-4, bf16, the hybrid engine (one replica + one actor rank per GPU).
 
     python benchmarks/e2e_step.py --layers 60 --gpus 4 --engine vllm_omni --out $OUT/e2e_scaling.json
+    (a variant: --name two_cfg_forwards --set actor_rollout_ref.rollout.batch_cfg=false)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +116,9 @@ def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
     }
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
+    for item in args.set:  # a variant of the recipe: key=value (YAML value)
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
     return cfg
 
 
@@ -128,7 +134,12 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--work-dir", default="/tmp/verl_omni_e2e")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
+    ap.add_argument("--name", default="", help="a label for this variant in the JSON")
     args = ap.parse_args()
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE, got {bad}")
 
     import torch
 
@@ -152,6 +163,9 @@ def main() -> None:
         "rewards": args.rewards,
         "images_per_step": args.prompts_per_gpu * args.gpus * 16,
     }
+    if args.set or args.name:
+        record["variant"] = args.name
+        record["overrides"] = list(args.set)
     t0 = time.perf_counter()
     with GpuMemoryPeak() as memory:
         trainer = FlowGRPOTrainer(cfg)

@@ -16,7 +16,8 @@ gradient checkpointing are not counted):
 
 Variants (``--variants``, comma separated; each: a name from VARIANTS): the actor's knobs
 ``actor.batch_cfg``, ``actor.use_torch_compile``, ``model.enable_gradient_checkpointing``,
-``actor.ppo_micro_batch_size_per_gpu``. A variant that runs out of memory is recorded as such and the run goes on.
+``actor.ppo_micro_batch_size_per_gpu``, ``model.gradient_checkpointing_blocks`` and the LoRA matmuls' dtype.
+A variant that runs out of memory is recorded as such and the run goes on.
 
 Run on the device:  python benchmarks/train_step.py --layers 60 --out docs/benchmarks/train_step_h100_L60.json
 """
@@ -36,19 +37,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image, write_report  # noqa: E402
 
-# name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows). The first is today's actor at
-# c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the knobs go; "default" is the
-# default configuration on a GPU.
+# name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows, share of the blocks recomputed
+# (model.gradient_checkpointing_blocks = round(share x layers); 1.0 = all), LoRA matmuls in the activations' dtype
+# (False: peft's default, every activation cast to the float32 adapter's dtype -- the actor before 2026-11-28)).
+# The first is today's actor at c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the
+# knobs go; "default" is the default configuration on a GPU.
 VARIANTS = {
-    "c902450_like": (False, False, False, 1),
-    "batch_cfg_mb1": (True, False, False, 1),
-    "ckpt_mb1_two_forwards": (False, False, True, 1),
-    "ckpt_mb4_eager": (True, False, True, 4),
-    "default": (True, True, True, 4),
-    "compiled_ckpt_mb8": (True, True, True, 8),
-    "compiled_ckpt_mb2": (True, True, True, 2),
+    "c902450_like": (False, False, False, 1, 1.0, False),
+    "batch_cfg_mb1": (True, False, False, 1, 1.0, True),
+    "ckpt_mb1_two_forwards": (False, False, True, 1, 1.0, True),
+    "ckpt_mb4_eager": (True, False, True, 4, 1.0, True),
+    "ckpt_mb4_eager_lora_f32": (True, False, True, 4, 1.0, False),
+    "default": (True, True, True, 4, 1.0, True),
+    "compiled_ckpt75_mb4": (True, True, True, 4, 0.75, True),
+    "compiled_ckpt50_mb4": (True, True, True, 4, 0.5, True),
+    "compiled_ckpt_mb8": (True, True, True, 8, 1.0, True),
+    "compiled_ckpt_mb2": (True, True, True, 2, 1.0, True),
 }
-KNOBS = ("batch_cfg", "compiled", "gradient_checkpointing", "micro_batch")
+KNOBS = (
+    "batch_cfg",
+    "compiled",
+    "gradient_checkpointing",
+    "micro_batch",
+    "recomputed_share",
+    "lora_in_activation_dtype",
+)
 
 
 def _synthetic_batch(args, tcfg: dict, scheduler_config: dict, device: str):
@@ -90,8 +103,14 @@ def _configs(args, model_dir: str, variant: tuple):
     from verl_omni.config.model import ModelConfig
     from verl_omni.config.rollout import RolloutConfig
 
-    batch_cfg, compiled, checkpointing, micro_batch = variant
-    model = ModelConfig(path=model_dir, lora_rank=64, lora_alpha=128.0, enable_gradient_checkpointing=checkpointing)
+    batch_cfg, compiled, checkpointing, micro_batch, share = variant[:5]
+    model = ModelConfig(
+        path=model_dir,
+        lora_rank=64,
+        lora_alpha=128.0,
+        enable_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_blocks=round(share * args.layers),
+    )
     actor = ActorConfig(
         device="cuda",
         dtype="bfloat16",
@@ -124,12 +143,12 @@ def _configs(args, model_dir: str, variant: tuple):
 def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: float, peak: float) -> dict[str, Any]:
     import torch
 
+    from verl_omni.models.lora import compute_lora_in_activation_dtype
     from verl_omni.workers.actor import DiffusionLoRAActor
 
     variant = VARIANTS[name]
     model, actor_cfg, rollout = _configs(args, model_dir, variant)
-    if not variant[2]:
-        pipe.transformer.disable_gradient_checkpointing()
+    compute_lora_in_activation_dtype(pipe.transformer, enabled=variant[5])
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -9,10 +9,13 @@
 #   e2e1    : e2e L60: 1 GPU vllm_omni (GPU 0) | 1 GPU diffusers (GPU 1) | 2 GPUs vllm_omni (GPUs 2,3)
 #   e2e4    : e2e L60, 4 GPUs, vllm_omni           e2e4d: the same with the diffusers engine
 #   real1   : one GPU: build the 60-layer model, then train_step L60 ($TRAIN_VARIANTS)
+#   prep2   : (4 GPUs) the 60-layer build (cores 32-63) | train_step L20 (GPU 0) | CFG + engine GPU tests (GPU 1)
+#   mix1    : (4 GPUs) e2e L60 on one GPU each: vllm_omni (GPU 0) | diffusers (GPU 1) | vllm_omni with the rollout's
+#             CFG as two forwards (GPU 2) | train_step L60 (GPU 3)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models).
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
+stage="${1:?usage: run_session.sh prep|prep2|mix1|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -28,10 +31,10 @@ build() {  # build the random full-width model of $1 layers once (idempotent)
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
 build_model('$MODEL_DIR', $1)"
 }
-e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name>
+e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]
   CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
-    --out "$OUT/e2e_runs_$4.json" > "$OUT/e2e_$4.log" 2>&1
+    --out "$OUT/e2e_runs_$4.json" "${@:5}" > "$OUT/e2e_$4.log" 2>&1
   echo "e2e $4 exit code $?" | tee -a "$OUT/session.txt"
 }
 
@@ -69,6 +72,31 @@ build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?"
       echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20 ;;
+  prep2)  # 4 GPUs, 64 cores; ~5 min: bounded by the 60-layer build
+    (taskset -c 32-63 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
+build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (build 20 > /dev/null && CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 300 python3 benchmarks/train_step.py \
+      --layers 20 --repeats 1 --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" \
+      --variants "${TRAIN_VARIANTS_L20:-ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8}" \
+      > "$OUT/train_step_L20.log" 2>&1; echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 290 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
+      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
+    wait
+    grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
+    grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
+  mix1)  # 4 GPUs; ~9 min with E2E_STEPS=3
+    build 60 > /dev/null
+    e2e 0 1 vllm_omni g1_vllm_omni &
+    e2e 1 1 diffusers g1_diffusers &
+    e2e 2 1 vllm_omni g1_vllm_omni_cfg2 --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false &
+    (CUDA_VISIBLE_DEVICES=3 timeout 550 python3 benchmarks/train_step.py --layers 60 --repeats 1 \
+      --variants "${TRAIN_VARIANTS:-ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8}" \
+      --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
+      echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
+    wait
+    grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
+    grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   e2e1)
     build "$LAYERS" > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &

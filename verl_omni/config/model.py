@@ -24,6 +24,10 @@ class ModelConfig(Section):
     # Recompute each transformer block in the backward pass instead of keeping its activations
     # (what lets micro-batch 4 fit at the real size). None: on when the actor trains on a GPU.
     enable_gradient_checkpointing: Optional[bool] = None
+    # With checkpointing on: how many transformer blocks recompute (the first k, as Megatron's recompute_method=
+    # block with recompute_num_layers=k); the others keep their activations, which trades memory for the
+    # recomputation's forward. None: every block.
+    gradient_checkpointing_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -42,6 +46,8 @@ class ModelConfig(Section):
                 f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
                 "must be true, false or null (null: on for GPU actors)"
             )
+        if self.gradient_checkpointing_blocks is not None:
+            require_int(self.key("gradient_checkpointing_blocks"), self.gradient_checkpointing_blocks, minimum=0)
 
     @property
     def lora(self) -> Optional[LoRASpec]:

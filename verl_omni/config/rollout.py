@@ -37,7 +37,7 @@ class PipelineSamplingConfig(Section):
     _prefix = "actor_rollout_ref.rollout.pipeline"
 
     true_cfg_scale: float = 1.0
-    batch_cfg: bool = True  # CFG branches in one forward of 2B rows (rollout and the actor's recomputation)
+    batch_cfg: bool = True  # the rollout's CFG branches in one forward of 2B rows (the actor: actor.batch_cfg)
     negative_prompt: Optional[str] = None
     num_inference_steps: int = 10
     height: int = 64

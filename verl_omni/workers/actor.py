@@ -15,7 +15,9 @@ What makes the update fast without changing its result (each has an equivalence 
 - every tensor of the step staged on the device once; no host sync inside the loop (metrics and the finite
   check are summed on the device and read once per epoch);
 - gradient checkpointing of the transformer blocks (``model.enable_gradient_checkpointing``), so larger
-  micro-batches fit; regional ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU.
+  micro-batches fit, of the first ``model.gradient_checkpointing_blocks`` only where memory allows; regional
+  ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU;
+- the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``).
 
 Data parallel: with ``grad_sync`` (one rank per GPU) the flattened LoRA gradients and the metric sums are
 all-reduced once per epoch; every rank weights its rows by the *global* number of transitions, so the summed
@@ -40,6 +42,7 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
+from verl_omni.models.checkpointing import enable_block_checkpointing
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
@@ -99,7 +102,10 @@ class DiffusionLoRAActor:
         checkpointing = on_gpu if model.enable_gradient_checkpointing is None else model.enable_gradient_checkpointing
         if checkpointing:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
-            self.transformer.enable_gradient_checkpointing()
+            self.checkpointed_blocks = enable_block_checkpointing(self.transformer, model.gradient_checkpointing_blocks)
+        else:
+            self.transformer.disable_gradient_checkpointing()
+            self.checkpointed_blocks = 0
         if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
             self.transformer.compile_repeated_blocks(dynamic=True)

@@ -1,0 +1,133 @@
+"""The actor's speed knobs keep its result (issue 15), on the tiny Qwen-Image in float32 on CPU:
+
+- gradient checkpointing of every block, of the first k (``model.gradient_checkpointing_blocks``) or of none give
+  the same update, and exactly the chosen blocks run their forward twice;
+- the adapter's matmuls in the activations' dtype (``models.lora.compute_lora_in_activation_dtype``, on everywhere):
+  nothing changes over float32 activations; over bf16 activations the adapter still trains float32 weights and its
+  output is the bf16 product of the bf16-rounded factors (what autocast computes), not peft's float32 product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_config, rollout_config
+
+from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.model import ModelConfig
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.outputs import unpack_batch
+from verl_omni.models.checkpointing import transformer_blocks
+from verl_omni.models.lora import LoRASpec, add_lora_adapter, compute_lora_in_activation_dtype
+from verl_omni.pipelines.loading import load_rl_pipeline
+from verl_omni.workers.actor import DiffusionLoRAActor
+
+PROMPTS = ["a red cat", "a blue house on a hill"]
+
+
+def _rollout(pipe):
+    samples = []
+    for i, prompt in enumerate(PROMPTS):
+        params = DiffusionSamplingParams(
+            num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
+        )
+        samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
+    raw = np.array([PROMPTS[i // 2] for i in range(len(samples))], dtype=object)
+    uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
+    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+
+
+def _block_forward_counts(transformer) -> list[int]:
+    """Forward calls per block (a pre-hook: a recomputation stops as soon as it has what the backward needs)."""
+    counts = [0] * len(transformer_blocks(transformer))
+    for index, block in enumerate(transformer_blocks(transformer)):
+        block.register_forward_pre_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("checkpointing,blocks,recomputed", [(False, None, 0), (True, None, 2), (True, 1, 1)])
+def test_checkpointing_every_some_or_no_block_gives_the_same_update(
+    qwen_image_rl_pipe, tiny_qwen_image_dir, checkpointing, blocks, recomputed
+):
+    data = _rollout(qwen_image_rl_pipe)  # 4 rows x 2 window steps: 8 transitions
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
+
+    def update(enable, k):
+        model = model_config(tiny_qwen_image_dir, enable_gradient_checkpointing=enable, gradient_checkpointing_blocks=k)
+        actor = DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+        counts = _block_forward_counts(actor.transformer)
+        actor.update(data, advantages)
+        return actor, counts
+
+    plain, plain_counts = update(False, None)
+    actor, counts = update(checkpointing, blocks)
+    assert actor.checkpointed_blocks == recomputed
+    micro_batches = len(plain_counts) and plain_counts[0]  # one forward per micro-batch without recomputation
+    assert micro_batches == 4 and plain_counts == [micro_batches] * 2
+    # A recomputed block runs its forward again in the backward pass; the others do not.
+    assert counts == [2 * micro_batches] * recomputed + [micro_batches] * (2 - recomputed)
+    before, after = plain.lora_state_dict(), actor.lora_state_dict()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name  # recomputation is the same float32 arithmetic
+
+
+def test_more_checkpointed_blocks_than_the_model_has_is_refused_naming_the_key(tiny_qwen_image_dir):
+    model = model_config(tiny_qwen_image_dir, enable_gradient_checkpointing=True, gradient_checkpointing_blocks=3)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_blocks=3 .* 2 blocks \(allowed: 0 to 2"):
+        DiffusionLoRAActor(model, ActorConfig(), rollout_config())
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_blocks=-1 must be an int >= 0"):
+        ModelConfig(path=tiny_qwen_image_dir, gradient_checkpointing_blocks=-1)
+
+
+def _lora_layer(model_dir: str, dtype: torch.dtype):
+    """One to_q projection of the tiny Qwen-Image, in ``dtype``, with a random (non-identity) float32 adapter."""
+    pipe = load_rl_pipeline(model_dir, "qwen_image", dtype, LoRASpec(rank=4, alpha=8.0))
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+            factor.weight.copy_(torch.randn(factor.weight.shape, generator=generator) * 0.5)
+            factor.weight.requires_grad_(True)
+    x = torch.randn(3, 7, layer.in_features, generator=generator).to(dtype)
+    return pipe.transformer, layer, x
+
+
+def test_lora_over_float32_activations_is_unchanged_by_the_activation_dtype_compute(tiny_qwen_image_dir):
+    transformer, layer, x = _lora_layer(tiny_qwen_image_dir, torch.float32)
+    assert type(layer.lora_A["default"]).__name__ == "ActivationDtypeLinear"  # what add_lora_adapter sets up
+    ours = layer(x)
+    assert compute_lora_in_activation_dtype(transformer, enabled=False) > 0
+    assert type(layer.lora_A["default"]) is torch.nn.Linear
+    assert torch.equal(ours, layer(x))
+
+
+def test_lora_over_bf16_activations_computes_in_bf16_and_trains_float32_weights(tiny_qwen_image_dir):
+    transformer, layer, x = _lora_layer(tiny_qwen_image_dir, torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == b.dtype == torch.float32
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    scale = layer.scaling["default"]
+    expected = layer.base_layer(x) + (x @ a.to(torch.bfloat16).T @ b.to(torch.bfloat16).T) * scale
+    assert torch.equal(out, expected)
+    out.float().square().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+    # peft's default (every activation cast to float32) computes another, more precise, sum: a control that the
+    # two paths differ at all over bf16 activations.
+    compute_lora_in_activation_dtype(transformer, enabled=False)
+    with torch.no_grad():
+        peft_default = layer(x)
+        float32_product = layer.base_layer(x).float() + (x.float() @ a.T @ b.T) * scale
+    assert not torch.equal(peft_default, out)
+    assert torch.equal(peft_default, float32_product.to(torch.bfloat16))
+
+
+def test_the_engines_and_the_actor_add_the_adapter_the_same_way(tiny_qwen_image_dir):
+    pipe = load_rl_pipeline(tiny_qwen_image_dir, "qwen_image", torch.float32)
+    add_lora_adapter(pipe.transformer, LoRASpec(rank=2, alpha=2.0))
+    layers = [m for m in pipe.transformer.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
