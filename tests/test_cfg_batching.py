@@ -164,8 +164,8 @@ def pipe(request):
 
 @pytest.mark.parametrize("negative_prompt", [None, "blurry, low quality, oversaturated, extra fingers, watermark"])
 def test_rl_generate_with_batch_cfg_on_and_off(pipe, negative_prompt):
-    """The rollout with batch_cfg (default) equals the two-forward rollout: same inputs exactly, latents, log-probs
-    and pixels within float32 rounding (the empty default negative is shorter than the prompt, the other longer)."""
+    """The batched rollout equals the two-forward rollout: same inputs exactly, latents, log-probs and pixels within
+    float32 rounding (the empty default negative is shorter than the prompt, the other longer)."""
     params = DiffusionSamplingParams(
         num_inference_steps=4,
         height=SIZE,
@@ -174,8 +174,8 @@ def test_rl_generate_with_batch_cfg_on_and_off(pipe, negative_prompt):
         negative_prompt=negative_prompt,
         sde_window_size=2,
         window_start=1,
+        batch_cfg=True,
     )
-    assert params.batch_cfg is True
     on = pipe.rl_generate("a red cat", [11, 22, 33], params)
     off = pipe.rl_generate("a red cat", [11, 22, 33], params.replace(batch_cfg=False))
     for name, value in Conditioning.from_fields(on).as_fields().items():
@@ -242,7 +242,7 @@ def _cond(prompt_tokens, negative_tokens=None, padded_rows=(), rows=2, dim=4, po
     return Conditioning(**fields)
 
 
-def _prepare(cond, guided=True, batch_cfg=True, mask=True, pooled=False):
+def _prepare(cond, guided=True, batch_cfg=True, mask=True, pooled=False, unmasked_kernel=False):
     return prepare_model_inputs(
         cond,
         guided=guided,
@@ -252,6 +252,7 @@ def _prepare(cond, guided=True, batch_cfg=True, mask=True, pooled=False):
         supports_text_mask=mask,
         requires_pooled=pooled,
         model_name="M",
+        unmasked_kernel=unmasked_kernel,
     )
 
 
@@ -291,6 +292,28 @@ def test_layout_batched_pads_the_shorter_branch_with_masked_zeros(prompt_tokens,
     expected_real = [negative_tokens, negative_tokens - 2, prompt_tokens, prompt_tokens - 2]  # row 1 had padding
     for row, real in enumerate(expected_real):
         assert joint.mask[row].tolist() == [1] * real + [0] * (length - real), row
+
+
+@pytest.mark.parametrize("unmasked_kernel", [False, True])
+def test_layout_auto_batches_unless_a_mask_would_keep_the_kernel_out(unmasked_kernel):
+    """ "auto": equal texts -> one unmasked call (either way); unequal texts -> one masked call through SDPA, or,
+    with an engine's unmasked-only kernel, two unmasked calls; a model without a text mask (SD3) -> two calls."""
+    equal = _prepare(_cond(5, 5), batch_cfg="auto", unmasked_kernel=unmasked_kernel)
+    assert equal.batch_cfg and equal.joint.mask is None
+    unequal = _prepare(_cond(5, 3), batch_cfg="auto", unmasked_kernel=unmasked_kernel)
+    if unmasked_kernel:
+        assert not unequal.batch_cfg and unequal.conditional.mask is None and unequal.unconditional.mask is None
+    else:
+        assert unequal.batch_cfg and unequal.joint.mask is not None
+        assert torch.equal(unequal.joint.embeds, _prepare(_cond(5, 3)).joint.embeds)
+    padded_rows = _prepare(_cond(5, 5, padded_rows=[1]), batch_cfg="auto", unmasked_kernel=unmasked_kernel)
+    assert padded_rows.batch_cfg != unmasked_kernel  # equal lengths, but a row's padding needs the mask
+    no_mask_model = _prepare(
+        _cond(5, 3, pooled=True), batch_cfg="auto", mask=False, pooled=True, unmasked_kernel=unmasked_kernel
+    )
+    assert not no_mask_model.batch_cfg and no_mask_model.conditional.length == 5
+    with pytest.raises(ValueError, match=r"batch_cfg='yes' must be true, false or 'auto'"):
+        _prepare(_cond(5, 5), batch_cfg="yes")
 
 
 def test_layout_errors_name_the_field():
@@ -333,8 +356,8 @@ def test_batch_cfg_is_rollout_wide_not_per_row():
 
     rollout = rollout_config(pipeline={"batch_cfg": False, "true_cfg_scale": 3.0})
     assert rollout.sampling_params().batch_cfg is False and rollout.sampling_params(validate=True).batch_cfg is False
-    assert rollout_config().sampling_params().batch_cfg is True
-    with pytest.raises(ValueError, match="batch_cfg must be a bool"):
+    assert rollout_config().sampling_params().batch_cfg == "auto"
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.rollout.pipeline.batch_cfg='no' must be true, false"):
         rollout_config(pipeline={"batch_cfg": "no"})
     assert "batch_cfg" not in ROW_OVERRIDABLE
     with pytest.raises(ValueError, match=r"\['batch_cfg'\] cannot be set per row"):

@@ -34,7 +34,7 @@ def _validate(model_limits, prompt=PROMPT, seeds=(1,), **changes):
 def test_a_good_request_passes_with_plain_int_seeds(model_limits):
     request = _validate(model_limits, seeds=[3, 4])
     assert isinstance(request, GenerateRequest) and request.prompt == PROMPT and request.seeds == [3, 4]
-    assert request.params == DiffusionSamplingParams(**BASE) and request.params.batch_cfg is True
+    assert request.params == DiffusionSamplingParams(**BASE) and request.params.batch_cfg == "auto"
 
 
 @pytest.mark.parametrize(

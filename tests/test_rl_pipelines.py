@@ -314,7 +314,13 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
     assert pipe.encode_prompt_for_rl(same_length, 64).embeds.shape == pipe.encode_prompt_for_rl(PROMPT, 64).embeds.shape
     layers, steps = pipe.transformer.config.num_layers, _params().num_inference_steps
     # (negative prompt, batch_cfg, kernel calls per forward-step: unmasked transformer calls x layers)
-    cases = [(same_length, True, 1 * layers), (longer, True, 0), (longer, False, 2 * layers)]
+    # "auto": the installed kernel takes no mask, so the padded batched call becomes two unmasked ones.
+    cases = [
+        (same_length, True, 1 * layers),
+        (longer, True, 0),
+        (longer, False, 2 * layers),
+        (longer, "auto", 2 * layers),
+    ]
     stock = {
         case: pipe.rl_generate(
             PROMPT, SEEDS[:2], _params(guidance_scale=2.0, negative_prompt=case[0], batch_cfg=case[1])

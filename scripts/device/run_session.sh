@@ -111,7 +111,7 @@ build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?"
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
   g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
-  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
+  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ${E2E_ARGS:-} ;;
   e2e4d) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

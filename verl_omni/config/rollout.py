@@ -13,7 +13,7 @@ from verl_omni.config.base import (
     require_int,
     require_number,
 )
-from verl_omni.config.sampling import SDE_TYPES, DiffusionSamplingParams
+from verl_omni.config.sampling import AUTO, SDE_TYPES, BatchCfg, DiffusionSamplingParams, check_batch_cfg
 from verl_omni.core.dtypes import DTYPES
 from verl_omni.core.names import AGENT_LOOP_NAME, ENGINE_NAMES
 
@@ -37,12 +37,17 @@ class PipelineSamplingConfig(Section):
     _prefix = "actor_rollout_ref.rollout.pipeline"
 
     true_cfg_scale: float = 1.0
-    batch_cfg: bool = True  # the rollout's CFG branches in one forward of 2B rows (the actor: actor.batch_cfg)
+    # The rollout's CFG branches in one forward of 2B rows: true, false or "auto" (batched unless the engine's fused
+    # attention kernel would then need a mask; pipelines/model_inputs.py). The actor has its own actor.batch_cfg.
+    batch_cfg: BatchCfg = AUTO
     negative_prompt: Optional[str] = None
     num_inference_steps: int = 10
     height: int = 64
     width: int = 64
     max_sequence_length: int = 64
+
+    def __post_init__(self) -> None:
+        check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
 
 
 @dataclass

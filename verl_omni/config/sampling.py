@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from verl_omni.schedulers.flow_match_sde import SDE_TYPES
+
+AUTO = "auto"
+BatchCfg = Union[bool, Literal["auto"]]  # how CFG's two branches meet the transformer (pipelines/model_inputs.py)
+
+
+def check_batch_cfg(key: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``value`` is true, false or "auto"."""
+    if not (isinstance(value, bool) or value == AUTO):
+        raise ValueError(f"{key}={value!r} must be true, false or {AUTO!r}")
 
 
 @dataclass
@@ -29,8 +38,9 @@ class DiffusionSamplingParams:
     # Qwen-Image: true CFG (norm-rescaled); SD3: classic CFG. 1.0 disables guidance.
     guidance_scale: float = 1.0
     # CFG's conditional and unconditional branches in one transformer forward of 2B rows (the shorter text padded
-    # and masked) instead of two forwards of B rows: same result within float rounding, fewer, larger kernels.
-    batch_cfg: bool = True
+    # and masked) instead of two forwards of B rows: same result within float rounding. "auto": batched unless that
+    # needs a mask the engine's fused attention kernel cannot take (pipelines/model_inputs.py says why).
+    batch_cfg: BatchCfg = AUTO
     negative_prompt: Optional[str] = None
     max_sequence_length: int = 64
     noise_level: float = 0.7
@@ -60,8 +70,7 @@ class DiffusionSamplingParams:
                     raise ValueError(f"{name}={value} must be a multiple of {multiple} (VAE factor x patch size)")
         if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1.0 (1.0 = no guidance)")
-        if not isinstance(self.batch_cfg, bool):
-            raise ValueError(f"batch_cfg must be a bool, got {type(self.batch_cfg).__name__} ({self.batch_cfg!r})")
+        check_batch_cfg("batch_cfg", self.batch_cfg)
         if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
         if self.sde_type not in SDE_TYPES:

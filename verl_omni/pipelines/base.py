@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.config.sampling import AUTO, BatchCfg, DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.pipelines.common import (
@@ -64,6 +64,12 @@ class RLPipelineMixin:
     MAX_SEQUENCE_LENGTH: int
     SUPPORTS_TEXT_MASK: bool = False
     REQUIRES_POOLED: bool = False
+
+    @property
+    def has_unmasked_attention_kernel(self) -> bool:
+        """Whether the transformer's attention runs a fused kernel that serves only unmasked calls (an engine's
+        FA3): ``batch_cfg="auto"`` then prefers two unmasked calls to one masked one."""
+        return False
 
     # ------------------------------------------------------------------------------------------ hooks
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +107,7 @@ class RLPipelineMixin:
         self,
         cond: Conditioning,
         guidance_scale: float,
-        batch_cfg: bool = DEFAULT_BATCH_CFG,
+        batch_cfg: BatchCfg = DEFAULT_BATCH_CFG,
         device: Optional[torch.device | str] = None,
     ) -> ModelInputs:
         """``cond`` (B rows) as :class:`ModelInputs` for :meth:`predict_velocity`: call it once per request or
@@ -119,6 +125,7 @@ class RLPipelineMixin:
             supports_text_mask=self.SUPPORTS_TEXT_MASK,
             requires_pooled=self.REQUIRES_POOLED,
             model_name=type(self).__name__,
+            unmasked_kernel=self.has_unmasked_attention_kernel,
         )
 
     def predict_velocity(
@@ -130,7 +137,7 @@ class RLPipelineMixin:
         height: int,
         width: int,
         *,
-        batch_cfg: Optional[bool] = None,
+        batch_cfg: Optional[BatchCfg] = None,
     ) -> torch.Tensor:
         """The (guided) velocity, float32, shaped like ``latents`` [B, ...], at ``timestep`` (scalar or [B], in the
         transformer's units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
@@ -171,7 +178,7 @@ class RLPipelineMixin:
                 f"guidance_scale={guidance_scale} but the model inputs were prepared "
                 f"{'with' if cond.guided else 'without'} guidance"
             )
-        if batch_cfg is not None and batch_cfg != cond.batch_cfg and cond.guided:
+        if batch_cfg is not None and batch_cfg != AUTO and batch_cfg != cond.batch_cfg and cond.guided:
             raise ValueError(
                 f"batch_cfg={batch_cfg} but the model inputs were prepared with batch_cfg={cond.batch_cfg}"
             )

@@ -157,9 +157,15 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         if tokenizer is not None:
             self.prompt_template_encode_start_idx = template_prefix_length(tokenizer, self.prompt_template_encode)
 
+    @property
+    def has_unmasked_attention_kernel(self) -> bool:
+        """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
+        return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
+
     def use_attention_function(self, attention_fn: AttentionFn) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel). Returns the number of blocks changed."""
+        self._attention_fn = attention_fn
         blocks = [
             m
             for m in self.transformer.modules()
