@@ -74,6 +74,40 @@ def test_the_learning_check_trains_the_demo_recipe():
     assert {key: in_script.get(key) for key in DEMO_RECIPE} == DEMO_RECIPE
 
 
+GPU_RECIPE = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_ocr_lora.sh")
+
+
+def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
+    """Every Hydra override of the GPU recipe names a key of the YAML and gives a value its section accepts (a
+    renamed or mistyped key would otherwise first fail on the user's GPU machine)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from verl_omni.config.trainer import FlowGRPOConfig
+
+    words = [
+        word
+        for line in open(GPU_RECIPE)
+        if not line.lstrip().startswith("#")
+        for word in shlex.split(line.rstrip().rstrip("\\"))
+    ]
+    overrides = [
+        w
+        for w in words
+        if "=" in w and w.split("=", 1)[0].startswith(("data.", "actor_rollout_ref.", "reward.", "trainer."))
+    ]
+    assert len(overrides) > 30
+    cfg = make_config()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        parent, name = key.rsplit(".", 1)
+        assert name in OmegaConf.select(cfg, parent).keys(), key  # keys(): "???" (required) counts as present
+        OmegaConf.update(cfg, key, override.value(), merge=False)
+    parsed = FlowGRPOConfig.from_omega(cfg)
+    assert parsed.actor_rollout_ref.model.gradient_checkpointing_blocks == 45
+    assert parsed.actor_rollout_ref.rollout.pipeline.batch_cfg == "auto"
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_demo_recipe_raises_brightness_over_the_frozen_policy(
