@@ -11,7 +11,7 @@ The recipe: 512x512, 10 steps, true CFG 4 with the negative prompt " ", SDE wind
 LoRA r64 / alpha 128 on to_q/k/v/out, lr 3e-4, bf16, the hybrid engine (one replica + one actor rank per GPU).
 
     python benchmarks/e2e_step.py --layers 60 --gpus 4 --engine vllm_omni --out $OUT/e2e_scaling.json
-    (a variant: --name two_cfg_forwards --set actor_rollout_ref.rollout.batch_cfg=false)
+    (a variant: --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false)
 """
 
 from __future__ import annotations

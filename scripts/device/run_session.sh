@@ -27,10 +27,12 @@ gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 echo "== $(date -u +%FT%TZ) run_session.sh $stage on $(hostname): $gpus GPU(s)" | tee -a "$OUT/session.txt"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/session.txt"
 
-build() {  # build the random full-width model of $1 layers once (idempotent)
-  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
+build() {  # build the random full-width model of $1 layers once (idempotent), on cores $2 (default: all)
+  ${2:+taskset -c $2} python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
 build_model('$MODEL_DIR', $1)"
 }
+# train_step variants of prep2 / mix1: the float32-LoRA baseline, the default, fewer checkpointed blocks, mb8
+TRAIN_SET="ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8"
 e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]
   CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
@@ -60,8 +62,7 @@ case "$stage" in
     fi ;;
   prep)  # 4 GPUs, 64 cores: the 60-layer build (cores 32-63) | rewards_scale (GPU 0, cores 0-19)
          # | CFG-batching + engine tests (GPU 1) | the 2-GPU hybrid test (GPUs 2,3)
-    (taskset -c 32-63 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
-build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
     (CUDA_VISIBLE_DEVICES=0 taskset -c 0-19 timeout 420 python3 benchmarks/rewards_scale.py \
       --out "$OUT/rewards_scale.json" > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$OUT/session.txt") &
     (CUDA_VISIBLE_DEVICES=1 taskset -c 20-25 timeout 400 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
@@ -73,11 +74,10 @@ build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?"
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20 ;;
   prep2)  # 4 GPUs, 64 cores; ~5 min: bounded by the 60-layer build
-    (taskset -c 32-63 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
-build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
     (build 20 > /dev/null && CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 300 python3 benchmarks/train_step.py \
       --layers 20 --repeats 1 --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" \
-      --variants "${TRAIN_VARIANTS_L20:-ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8}" \
+      --variants "${TRAIN_VARIANTS_L20:-$TRAIN_SET}" \
       > "$OUT/train_step_L20.log" 2>&1; echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
     (CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 290 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
       tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
@@ -91,7 +91,7 @@ build_model('$MODEL_DIR', 60)" > "$OUT/build.log" 2>&1; echo "build L60 exit $?"
     e2e 1 1 diffusers g1_diffusers &
     e2e 2 1 vllm_omni g1_vllm_omni_cfg2 --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false &
     (CUDA_VISIBLE_DEVICES=3 timeout 550 python3 benchmarks/train_step.py --layers 60 --repeats 1 \
-      --variants "${TRAIN_VARIANTS:-ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8}" \
+      --variants "${TRAIN_VARIANTS:-$TRAIN_SET}" \
       --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
       echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
     wait
