@@ -181,7 +181,11 @@ def main() -> None:
         finally:
             trainer.shutdown()
     record["steps"] = [
-        {k: v for k, v in h.items() if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total"))}
+        {
+            k: v
+            for k, v in h.items()
+            if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total", "reward/tail_s", "rollout/generate_s"))
+        }
         for h in history
     ]
     steady = history[1:] or history

@@ -53,6 +53,11 @@ VARIANTS = {
     "compiled_ckpt50_mb4": (True, True, True, 4, 0.5, True),
     "compiled_ckpt_mb8": (True, True, True, 8, 1.0, True),
     "compiled_ckpt_mb2": (True, True, True, 2, 1.0, True),
+    # CFG as two unmasked forwards (SDPA's flash kernel) instead of one masked one (what actor.batch_cfg=auto picks
+    # on a GPU)
+    "two_forwards": (False, True, True, 4, 1.0, True),
+    "two_forwards_ckpt75": (False, True, True, 4, 0.75, True),
+    "two_forwards_ckpt50": (False, True, True, 4, 0.5, True),
 }
 KNOBS = (
     "batch_cfg",
@@ -78,12 +83,16 @@ def _synthetic_batch(args, tcfg: dict, scheduler_config: dict, device: str):
     base = torch.linspace(1.0, 1 / steps, steps).tolist()
     sigmas, timesteps = flow_match_sigmas(scheduler_config, steps, image_tokens, base_sigmas=base)
     window = torch.zeros(rows, steps, dtype=torch.bool)
+    latent_steps = torch.zeros(rows, args.window + 1, dtype=torch.int64)
     for p in range(args.prompts):  # one window of 2 per prompt group, starts in [0, 5] as the recipe
         start = int(torch.randint(0, 6, (1,), generator=g))
         window[p * args.n : (p + 1) * args.n, start : start + args.window] = True
+        latent_steps[p * args.n : (p + 1) * args.n] = torch.arange(start, start + args.window + 1)
     dim = tcfg["joint_attention_dim"]
     tensors = {
-        "latents": torch.randn(rows, steps + 1, image_tokens, channels, generator=g),
+        # what the rollout keeps (trajectory_window_only): the window's W+1 latents and their positions
+        "latents": torch.randn(rows, args.window + 1, image_tokens, channels, generator=g),
+        "latent_steps": latent_steps,
         "timesteps": (timesteps / 1000).expand(rows, steps).clone(),
         "sigmas": sigmas.expand(rows, steps + 1).clone(),
         "old_log_probs": torch.zeros(rows, steps),

@@ -23,6 +23,7 @@ from verl_omni.models.checkpointing import transformer_blocks
 from verl_omni.models.lora import LoRASpec, add_lora_adapter, compute_lora_in_activation_dtype
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.train_batch import TrainBatch
 
 PROMPTS = ["a red cat", "a blue house on a hill"]
 
@@ -131,3 +132,28 @@ def test_the_engines_and_the_actor_add_the_adapter_the_same_way(tiny_qwen_image_
     add_lora_adapter(pipe.transformer, LoRASpec(rank=2, alpha=2.0))
     layers = [m for m in pipe.transformer.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+
+
+def test_the_actors_auto_cfg_layout_weighs_sdpas_flash_kernel(qwen_image_rl_pipe, tiny_qwen_image_dir):
+    """actor.batch_cfg=auto: two unmasked forwards only where SDPA's flash kernel serves them (a GPU in bf16/fp16);
+    the float32 CPU actor keeps the batched call, and its update equals the one of batch_cfg=true exactly."""
+    from verl_omni.workers.actor import sdpa_has_unmasked_kernel
+
+    assert sdpa_has_unmasked_kernel(torch.device("cuda", 0), torch.bfloat16)
+    assert not sdpa_has_unmasked_kernel(torch.device("cuda", 0), torch.float32)
+    assert not sdpa_has_unmasked_kernel(torch.device("cpu"), torch.bfloat16)
+    data = _rollout(qwen_image_rl_pipe)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+    states = []
+    for layout in (True, "auto"):
+        actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2, batch_cfg=layout)
+        actor = DiffusionLoRAActor(model_config(tiny_qwen_image_dir), actor_cfg, rollout, lora_seed=5)
+        plan = actor.plan(TrainBatch.from_data_proto(data, advantages))
+        assert all(m.inputs.batch_cfg for m in plan)  # different text lengths, a mask: still one call on CPU
+        actor.update(data, advantages)
+        states.append(actor.lora_state_dict())
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+    with pytest.raises(ValueError, match=r"actor.batch_cfg='sometimes' must be true, false or 'auto'"):
+        ActorConfig(batch_cfg="sometimes")

@@ -119,7 +119,13 @@ def test_row_sampling_params_and_negative_prompts_are_applied_on_both_paths(rig)
         batch.non_tensor_batch["sampling_params"] = np.array([{"num_inference_steps": 3}] * (2 * N), dtype=object)
         batch.non_tensor_batch["negative_prompt"] = np.array(["blurry"] * (2 * N), dtype=object)
         out, stats = rig(flag, batch)
-        assert out.batch["timesteps"].shape[1] == 3 and out.batch["latents"].shape[1] == 4
+        assert out.batch["timesteps"].shape[1] == 3
+        # the training rollout keeps the window's latents only: x_s and x_{s+1} of its 2 steps
+        window, kept = out.batch["window_mask"], out.batch["latent_steps"]
+        assert out.batch["latents"].shape[1] == kept.shape[1] == 3
+        for row in range(len(kept)):
+            start = int(torch.nonzero(window[row])[0])
+            assert kept[row].tolist() == [start, start + 1, start + 2]
         assert sum(s["engine_calls"] for s in stats) == (2 if flag else 2 * N)
     for overrides, match in (
         ({"steps": 3}, "\\['steps'\\] cannot be set per row"),

@@ -483,6 +483,7 @@ def _fake_output(batch, images_as="tensor"):
         for k in (
             "window_mask",
             "sigmas",
+            "latent_steps",
             "prompt_embeds",
             "prompt_embeds_mask",
             "negative_prompt_embeds",

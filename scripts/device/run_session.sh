@@ -12,10 +12,14 @@
 #   prep2   : (4 GPUs) the 60-layer build (cores 32-63) | train_step L20 (GPU 0) | CFG + engine GPU tests (GPU 1)
 #   mix1    : (4 GPUs) e2e L60 on one GPU each: vllm_omni (GPU 0) | diffusers (GPU 1) | vllm_omni with the rollout's
 #             CFG as two forwards (GPU 2) | train_step L60 (GPU 3)
+#   prep3   : (4 GPUs) the 60-layer build | train_step L20, CFG layouts (GPU 0) | attention kernels + CFG/engine
+#             GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
+#   mix2    : (4 GPUs) e2e L60 vllm_omni on 1 GPU (GPU 0) | on 2 GPUs (GPUs 1,2) | train_step L60 (GPU 3)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
-# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models).
+# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
+# to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto").
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|mix1|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|mix1|mix2|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -33,10 +37,13 @@ build_model('$MODEL_DIR', $1)"
 }
 # train_step variants of prep2 / mix1: the float32-LoRA baseline, the default, fewer checkpointed blocks, mb8
 TRAIN_SET="ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8"
-e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]
+# prep3 / mix2: CFG as one masked forward vs two unmasked ones (SDPA flash), with every / 45 / 30 of 60 blocks
+# recomputed
+CFG_SET="default,two_forwards,compiled_ckpt75_mb4,two_forwards_ckpt75,compiled_ckpt50_mb4,two_forwards_ckpt50"
+e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]; $E2E_ARGS: to every run
   CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
-    --out "$OUT/e2e_runs_$4.json" "${@:5}" > "$OUT/e2e_$4.log" 2>&1
+    --out "$OUT/e2e_runs_$4.json" "${@:5}" ${E2E_ARGS:-} > "$OUT/e2e_$4.log" 2>&1
   echo "e2e $4 exit code $?" | tee -a "$OUT/session.txt"
 }
 
@@ -85,6 +92,37 @@ case "$stage" in
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
+  prep3)  # 4 GPUs, 64 cores; ~6 min: the 60-layer build (cores 32-63) | train_step L20, CFG layouts (GPU 0)
+          # | attention kernels, then the CFG + engine GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
+    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (build 20 0-15 > /dev/null && CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 330 python3 \
+      benchmarks/train_step.py --layers 20 --repeats 1 --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" \
+      --variants "${TRAIN_VARIANTS_L20:-$CFG_SET}" > "$OUT/train_step_L20.log" 2>&1; \
+      echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 60 python3 benchmarks/attention_backends.py \
+      --out "$OUT/attention_backends.json" > "$OUT/attention_backends.log" 2>&1; \
+      echo "attention_backends exit $?" | tee -a "$OUT/session.txt"; \
+      CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 250 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
+      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
+    (CUDA_VISIBLE_DEVICES=2,3 taskset -c 24-31 timeout 330 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_hybrid_engine_gpu.py -k 2gpus > "$OUT/gpu_tests_b.log" 2>&1; \
+      echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
+    wait
+    grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
+    grep -h -E "per_update|batched_masked|two_calls" "$OUT"/attention_backends.log | tail -9
+    grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
+  mix2)  # 4 GPUs; ~9 min with E2E_STEPS=3: e2e L60 1 GPU (GPU 0) | e2e L60 2 GPUs (GPUs 1,2) | train_step L60 (GPU 3)
+    build 60 > /dev/null
+    e2e 0 1 vllm_omni g1_vllm_omni &
+    e2e 1,2 2 vllm_omni g2_vllm_omni &
+    (CUDA_VISIBLE_DEVICES=3 timeout 550 python3 benchmarks/train_step.py --layers 60 --repeats 1 \
+      --variants "${TRAIN_VARIANTS:-$CFG_SET}" \
+      --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
+      echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
+    wait
+    grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
+    grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   mix1)  # 4 GPUs; ~9 min with E2E_STEPS=3
     build 60 > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &
@@ -111,7 +149,7 @@ case "$stage" in
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
   g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
-  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ${E2E_ARGS:-} ;;
+  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
   e2e4d) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

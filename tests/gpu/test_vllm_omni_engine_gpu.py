@@ -80,6 +80,13 @@ def test_generate_and_generate_batched(engine, run):
         assert _img_diff(many.images[0], many.images[i]) > 1.0
     again = run(engine.generate(PROMPT, SEEDS, PARAMS))
     assert torch.equal(again.images, many.images), "same seeds, same batch must be deterministic"
+    # A training rollout's trajectory: only the window's latents cross vllm-omni's process hop, with their positions.
+    windowed = PARAMS.replace(sde_window_size=2, window_start=1)
+    full = run(engine.generate(PROMPT, SEEDS, windowed))
+    kept = run(engine.generate(PROMPT, SEEDS, windowed.replace(trajectory_window_only=True)))
+    assert full.latent_steps.tolist() == list(range(T + 1)) and kept.latent_steps.tolist() == [1, 2, 3]
+    assert kept.latents.shape[:2] == (4, 3)
+    assert torch.equal(kept.latents, full.latents[:, 1:4]) and torch.equal(kept.images, full.images)
 
 
 def test_batched_equals_single_requests(engine, run):

@@ -33,6 +33,7 @@ from verl.experimental.agent_loop.agent_loop import (
 from verl.workers.rollout.llm_server import LLMServerClient
 
 from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups
+from verl_omni.agent_loop.transport import PackedBatch, pack, unpack_concat
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
@@ -138,7 +139,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         self._logged_reasons: set[str] = set()
         quiet_accelerator_warnings_on_cpu()
 
-    async def generate_sequences(self, batch: DataProto) -> DataProto:
+    async def generate_sequences(self, batch: DataProto) -> PackedBatch:
+        """The rows of ``batch`` rolled out (and scored, when streaming), packed for the hop to the manager."""
         validate = bool(batch.meta_info.get("validate", False))
         n = int(batch.meta_info.get("n", self.rollout.val_kwargs.n if validate else self.rollout.n))
         params = self.rollout.sampling_params(validate=validate)
@@ -204,7 +206,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             rewards = _scatter_rewards(groups, [scores for _, scores in results], len(batch))
             metrics.update({f"reward/{name}/seconds": value for name, value in rewards.seconds.items()})
             metrics.update(timeline.metrics())
-        return samples_to_data_proto(samples, non_tensor, metrics, rewards)
+        return pack(samples_to_data_proto(samples, non_tensor, metrics, rewards))
 
     async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
         # Seeds and the SDE window come from (seed, step, group, index): the same on both paths, and the
@@ -323,10 +325,10 @@ def samples_to_data_proto(
     """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length.
     With streamed ``rewards``: a ``rewards`` tensor (the weighted total) and a ``reward_scores`` column (each
     reward's unweighted score) per row."""
-    shapes = {(s.image.shape, tuple(s.latents.shape)) for s in samples}
+    shapes = {(s.image.shape, tuple(s.latents.shape), tuple(s.timesteps.shape)) for s in samples}
     if len(shapes) > 1:
         raise ValueError(
-            f"rows of one batch must share image size and num_inference_steps; got (image, latents) "
+            f"rows of one batch must share image size and num_inference_steps; got (image, latents, timesteps) "
             f"shapes {sorted(shapes)}"
         )
     tensors: dict[str, torch.Tensor] = {
@@ -336,6 +338,7 @@ def samples_to_data_proto(
         "window_mask": torch.stack([s.window_mask for s in samples]),
         "timesteps": torch.stack([s.timesteps for s in samples]).float(),
         "sigmas": torch.stack([s.sigmas for s in samples]).float(),
+        "latent_steps": torch.stack([s.latent_steps for s in samples]),
         "seeds": torch.tensor([s.seed for s in samples], dtype=torch.int64),
     }
     for prefix in ("", "negative_"):
@@ -398,7 +401,9 @@ class DiffusionAgentLoopManager(AgentLoopManager):
     async def generate_sequences(self, prompts: DataProto) -> DataProto:  # type: ignore[override]
         chunks = _chunk_on_groups(prompts, len(self.agent_loop_workers))
         workers = self.agent_loop_workers[: len(chunks)]
-        outputs = await asyncio.gather(*[w.generate_sequences.remote(c) for w, c in zip(workers, chunks, strict=True)])
+        outputs: list[PackedBatch] = await asyncio.gather(
+            *[w.generate_sequences.remote(c) for w, c in zip(workers, chunks, strict=True)]
+        )
         metrics = Counter()
         for out in outputs:
             for key, value in out.meta_info.pop("metrics").items():
@@ -410,7 +415,7 @@ class DiffusionAgentLoopManager(AgentLoopManager):
             # Scoring seconds after the last group of the whole rollout was generated: what streaming did not hide.
             metrics["reward/tail_s"] = max(0.0, metrics.pop(_LAST_SCORED) - metrics.pop(_LAST_GENERATED))
         weights = outputs[0].meta_info.get("reward_weights")
-        output = DataProto.concat(outputs)
+        output = unpack_concat(outputs)
         output.meta_info = {"metrics": dict(metrics), **({"reward_weights": weights} if weights is not None else {})}
         return output
 

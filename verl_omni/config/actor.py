@@ -13,6 +13,7 @@ from verl_omni.config.base import (
     require_int,
     require_number,
 )
+from verl_omni.config.sampling import BatchCfg, check_batch_cfg
 from verl_omni.core.dtypes import DTYPES
 
 
@@ -49,7 +50,10 @@ class ActorConfig(Section):
     ppo_epochs: int = 1
     grad_clip: float = 1.0
     # Speed (each keeps the result: equivalence tests compare them with the plain path):
-    batch_cfg: bool = True  # CFG's conditional and unconditional branches as one batched forward
+    # CFG's conditional and unconditional branches as one batched forward (true), two forwards (false), or auto:
+    # batched unless that needs a text mask while an unmasked call has a fused kernel with a backward (PyTorch
+    # SDPA's flash kernel on a GPU in bf16/fp16)
+    batch_cfg: BatchCfg = True
     use_torch_compile: Optional[bool] = None  # regional compile of the transformer blocks; None: on for cuda
 
     def __post_init__(self) -> None:
@@ -63,9 +67,7 @@ class ActorConfig(Section):
         require_int(self.key("ppo_micro_batch_size_per_gpu"), self.ppo_micro_batch_size_per_gpu)
         require_int(self.key("ppo_epochs"), self.ppo_epochs)
         require_number(self.key("grad_clip"), self.grad_clip, 0, strict=True)
-        for name in ("batch_cfg",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
+        check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
         if self.use_torch_compile not in (None, True, False):
             raise ValueError(
                 f"{self.key('use_torch_compile')}={self.use_torch_compile!r} must be true, false or "

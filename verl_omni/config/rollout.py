@@ -150,6 +150,7 @@ class RolloutConfig(Section):
             sde_type=a.sde_type,
             sde_window_size=a.sde_window_size,
             sde_window_range=tuple(a.sde_window_range) if a.sde_window_range is not None else None,
+            trajectory_window_only=True,  # the actor reads only the window's transitions
         )
         if validate:
             v = self.val_kwargs

@@ -48,8 +48,12 @@ class DiffusionSamplingParams:
     sde_window_size: int = 0
     sde_window_range: Optional[tuple[int, int]] = None
     window_start: Optional[int] = None
-    # Keep every step's latents (needed for training); off for validation / benchmarks that only need images.
+    # Keep the latents of the trajectory (needed for training); off for validation / benchmarks that only need images.
     return_trajectory: bool = True
+    # Of the trajectory, keep only the latents the SDE window's transitions read: x_s for every window step s and
+    # the one after the last (W+1 of the T+1 latents, with their positions in ``latent_steps``). The training
+    # rollout asks for this: at 512x512 the full trajectory is 2.9 MB per image, most of a rollout batch's bytes.
+    trajectory_window_only: bool = False
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
@@ -71,6 +75,9 @@ class DiffusionSamplingParams:
         if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1.0 (1.0 = no guidance)")
         check_batch_cfg("batch_cfg", self.batch_cfg)
+        for name in ("return_trajectory", "trajectory_window_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
         if self.sde_type not in SDE_TYPES:

@@ -22,7 +22,10 @@ class RLBatchOutput:
 
     Shapes: T = num_inference_steps; latents are the packed transformer-space latents.
     - images:            uint8 [B, H, W, 3]
-    - latents:           [B, T+1, *latent_shape]  (x_T ... x_0; empty T dim when return_trajectory=False)
+    - latents:           [B, K, *latent_shape]: the trajectory's latents at positions ``latent_steps`` (all T+1,
+                         x_T ... x_0, by default; the SDE window's W+1 with ``trajectory_window_only``; K = 0 when
+                         return_trajectory=False)
+    - latent_steps:      int64 [K]      (position j = the latent entering step j; T = x_0)
     - log_probs:         float32 [B, T]   (0 outside the SDE window)
     - window_mask:       bool [T]         (True where the step was stochastic and counts for training)
     - timesteps:         float32 [T]      (the transformer's timestep input, per step)
@@ -41,6 +44,7 @@ class RLBatchOutput:
     window_mask: torch.Tensor
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    latent_steps: torch.Tensor
     prompt_embeds: torch.Tensor
     seeds: list[int]
     prompt_embeds_mask: Optional[torch.Tensor] = None
@@ -57,7 +61,7 @@ class RLBatchOutput:
 
 # Fields that have a leading batch dimension; the rest are shared per call (copied per sample).
 PER_SAMPLE_FIELDS = ("images", "latents", "log_probs", *CONDITIONING_FIELDS)
-SHARED_FIELDS = ("window_mask", "timesteps", "sigmas")
+SHARED_FIELDS = ("window_mask", "timesteps", "sigmas", "latent_steps")
 
 
 @dataclass
@@ -65,11 +69,12 @@ class DiffusionSample:
     """One generated image with everything FlowGRPO needs to score and train on it."""
 
     image: np.ndarray  # uint8 [H, W, 3]
-    latents: torch.Tensor  # [T+1, *latent_shape]
+    latents: torch.Tensor  # [K, *latent_shape]: the trajectory at positions latent_steps
     log_probs: torch.Tensor  # [T]
     window_mask: torch.Tensor  # bool [T]
     timesteps: torch.Tensor  # [T]
     sigmas: torch.Tensor  # [T+1]
+    latent_steps: torch.Tensor  # int64 [K]
     prompt_embeds: torch.Tensor  # [L, D]
     seed: int
     prompt_embeds_mask: Optional[torch.Tensor] = None

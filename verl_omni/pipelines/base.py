@@ -109,13 +109,18 @@ class RLPipelineMixin:
         guidance_scale: float,
         batch_cfg: BatchCfg = DEFAULT_BATCH_CFG,
         device: Optional[torch.device | str] = None,
+        unmasked_kernel: Optional[bool] = None,
     ) -> ModelInputs:
         """``cond`` (B rows) as :class:`ModelInputs` for :meth:`predict_velocity`: call it once per request or
         training micro-batch, then pass the result to every ``predict_velocity`` of those rows (it holds the
         embeddings in the transformer's dtype on ``device`` -- default: the transformer's -- the CFG branches
-        stacked when ``batch_cfg``, and all-ones masks dropped; that check is its one host sync)."""
+        stacked when ``batch_cfg``, and all-ones masks dropped; that check is its one host sync).
+        ``unmasked_kernel``: whether unmasked calls have a fused kernel that masked ones lack (what ``"auto"``
+        weighs); default: an engine's kernel is installed (the rollout). The actor says so for its training calls."""
         if device is None:
             device = next(self.transformer.parameters()).device
+        if unmasked_kernel is None:
+            unmasked_kernel = self.has_unmasked_attention_kernel
         return prepare_model_inputs(
             cond,
             guided=guidance_scale > 1,
@@ -125,7 +130,7 @@ class RLPipelineMixin:
             supports_text_mask=self.SUPPORTS_TEXT_MASK,
             requires_pooled=self.REQUIRES_POOLED,
             model_name=type(self).__name__,
-            unmasked_kernel=self.has_unmasked_attention_kernel,
+            unmasked_kernel=unmasked_kernel,
         )
 
     def predict_velocity(

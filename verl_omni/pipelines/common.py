@@ -60,12 +60,24 @@ def window_mask_for(params: DiffusionSamplingParams) -> torch.Tensor:
     return mask
 
 
+def trajectory_positions(params: DiffusionSamplingParams) -> list[int]:
+    """Which of the T+1 latents (position j = the input of step j; T = x_0) a call returns: all of them, none, or
+    with ``trajectory_window_only`` those the window's transitions read (x_s and x_{s+1} for each window step s)."""
+    if not params.return_trajectory:
+        return []
+    if not params.trajectory_window_only:
+        return list(range(params.num_inference_steps + 1))
+    steps = torch.nonzero(window_mask_for(params)).flatten().tolist()
+    return sorted({p for s in steps for p in (s, s + 1)})
+
+
 @dataclass
 class DenoiseResult:
     final_latents: torch.Tensor  # [B, *latent_shape], float32
-    trajectory: torch.Tensor  # [B, T+1, *latent_shape] (x_T .. x_0), or [B, 0, *latent_shape]
+    trajectory: torch.Tensor  # [B, K, *latent_shape]: the latents at ``latent_steps`` (all: x_T .. x_0), or K = 0
     log_probs: torch.Tensor  # float32 [B, T], 0 outside the window
     window_mask: torch.Tensor  # bool [T]
+    latent_steps: torch.Tensor  # int64 [K]: the trajectory position of each kept latent
 
 
 def draw_step_noise(
@@ -111,7 +123,8 @@ def denoise_with_logprobs(
     step_timesteps = model_timesteps.to(device=device, dtype=torch.float32)
 
     latents = latents.to(torch.float32)
-    trajectory = [latents] if params.return_trajectory else []
+    keep = set(trajectory_positions(params))
+    trajectory = [latents] if 0 in keep else []
     log_probs = torch.zeros(batch_size, num_steps, dtype=torch.float32, device=device)
     for i in range(num_steps):
         if interrupt is not None and interrupt():  # a host-side flag (the request was aborted): no device sync
@@ -134,14 +147,15 @@ def denoise_with_logprobs(
             log_probs[:, i] = step.log_prob.float()
         else:
             latents = euler_step(velocity, latents, sigma, sigma_next).to(torch.float32)
-        if params.return_trajectory:
+        if i + 1 in keep:
             trajectory.append(latents)
 
     if trajectory:
         stacked = torch.stack(trajectory, dim=1)
     else:
         stacked = latents.new_empty((batch_size, 0, *latents.shape[1:]))
-    return DenoiseResult(latents, stacked, log_probs.cpu(), window_mask)
+    latent_steps = torch.tensor(sorted(keep), dtype=torch.int64)
+    return DenoiseResult(latents, stacked, log_probs.cpu(), window_mask, latent_steps)
 
 
 def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
@@ -195,6 +209,7 @@ def to_batch_output(
         window_mask=result.window_mask,
         timesteps=timesteps.float().cpu(),
         sigmas=sigmas.float().cpu(),
+        latent_steps=result.latent_steps,
         seeds=seeds,
         truncated_prompt_tokens=int(truncated_prompt_tokens),
         **host,

@@ -52,8 +52,9 @@ class ColocatedActorGroup:
         ]
         per_rank = gather_ranks(refs)
         metrics = dict(per_rank[0])  # all-reduced: the same on every rank, but for each rank's own busy time
-        metrics.pop("actor/busy_s", None)
-        metrics.update({f"timing/update_busy_s/rank{k}": m["actor/busy_s"] for k, m in enumerate(per_rank)})
+        for name in ("busy_s", "compute_s"):  # per rank: busy = compute + waiting for the slowest rank
+            metrics.pop(f"actor/{name}", None)
+            metrics.update({f"timing/update_{name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})
         return metrics
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

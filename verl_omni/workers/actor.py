@@ -11,7 +11,8 @@ Where the transformer comes from:
 - the split placement: a copy loaded here.
 
 What makes the update fast without changing its result (each has an equivalence test):
-- CFG's two branches as one batched forward (``actor.batch_cfg``);
+- CFG's two branches as one batched forward, or as two unmasked ones where SDPA's flash kernel serves those and a
+  mask would cost it (``actor.batch_cfg``: true / false / auto);
 - every tensor of the step staged on the device once; no host sync inside the loop (metrics and the finite
   check are summed on the device and read once per epoch);
 - gradient checkpointing of the transformer blocks (``model.enable_gradient_checkpointing``), so larger
@@ -148,18 +149,16 @@ class DiffusionLoRAActor:
                 continue
             for rows, idle in self._micro_batches(step_rows):
                 cond = batch.conditioning(rows).without_padding()
-                inputs = self.pipe.prepare_model_inputs(
-                    cond, guidance, batch_cfg=self.config.batch_cfg, device=self.device
-                )
-                out.append(MicroBatch(step, rows.to(self.device), inputs, idle))
+                inputs = self._model_inputs(cond, guidance)
+                columns = batch.latent_columns(rows, step).to(self.device)
+                out.append(MicroBatch(step, rows.to(self.device), columns, inputs, idle))
         return out
 
     def transition_log_probs(self, batch: TrainBatch, micro: MicroBatch, sigma_max: float):
         """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``micro.step`` for ``micro.rows`` under the
         policy. ``batch`` holds the rollout tensors on the actor's device (``_stage``)."""
         t, rows, step = batch.tensors, micro.rows, micro.step
-        latents = t["latents"][rows]
-        sample, prev_sample = latents[:, step], latents[:, step + 1]
+        sample, prev_sample = t["latents"][rows, micro.columns], t["latents"][rows, micro.columns + 1]
         guidance = float(self.rollout.pipeline.true_cfg_scale)
         velocity = self.pipe.predict_velocity(
             sample.to(self.transformer.dtype),
@@ -186,11 +185,18 @@ class DiffusionLoRAActor:
         """The log-probs of ``rows`` at window step ``step`` of a verl ``DataProto`` rollout batch (tests, tools)."""
         host = TrainBatch.from_data_proto(data, torch.zeros(len(data)))
         guidance = float(self.rollout.pipeline.true_cfg_scale)
-        inputs = self.pipe.prepare_model_inputs(
-            host.conditioning(rows).without_padding(), guidance, batch_cfg=self.config.batch_cfg, device=self.device
-        )
-        micro = MicroBatch(step, rows.to(self.device), inputs)
+        inputs = self._model_inputs(host.conditioning(rows).without_padding(), guidance)
+        micro = MicroBatch(step, rows.to(self.device), host.latent_columns(rows, step).to(self.device), inputs)
         return self.transition_log_probs(_stage(host, self.device), micro, host.sigma_max)
+
+    def _model_inputs(self, cond: Any, guidance: float) -> Any:
+        return self.pipe.prepare_model_inputs(
+            cond,
+            guidance,
+            batch_cfg=self.config.batch_cfg,
+            device=self.device,
+            unmasked_kernel=sdpa_has_unmasked_kernel(self.device, self.transformer.dtype),
+        )
 
     # ------------------------------------------------------------------ hooks of the FSDP actor (split placement)
     def _micro_batches(self, step_rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
@@ -256,7 +262,9 @@ class DiffusionLoRAActor:
         for p in self.trainable:  # a rank without rows still joins the all-reduce with zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        compute_s = 0.0
         for _ in range(cfg.ppo_epochs):
+            epoch_start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=False)
             bad = torch.zeros((), device=self.device)  # non-finite log-probs / KL seen (read once, below)
             for micro in plan:
@@ -291,9 +299,14 @@ class DiffusionLoRAActor:
                 (loss * weight).backward()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
+            if self.device.type == "cuda":  # the all-reduce waits for the device anyway: no extra stall
+                torch.cuda.synchronize(self.device)
+            compute_s += time.perf_counter() - epoch_start
             grad_norms.append(self._reduce_and_clip(bad))
             self.optimizer.step()
         metrics = self._reduce_metrics(sums)
+        # This rank's forward/backward seconds, without the wait for the other ranks in the all-reduce.
+        metrics["compute_s"] = compute_s
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["num_train_terms"] = num_terms
         return {f"actor/{k}": v for k, v in metrics.items()}
@@ -333,10 +346,12 @@ class DiffusionLoRAActor:
 @dataclass
 class MicroBatch:
     """One forward/backward of an epoch: window step, rows (on the device), their prepared model inputs; ``idle``:
-    a pass whose gradient is discarded (FSDP ranks without rows must still join every collective)."""
+    a pass whose gradient is discarded (FSDP ranks without rows must still join every collective); ``columns``:
+    where x_step sits in each row's stored latents (on the device)."""
 
     step: int
     rows: torch.Tensor
+    columns: torch.Tensor
     inputs: Any
     idle: bool = False
 
@@ -345,6 +360,12 @@ def _stage(batch: TrainBatch, device: torch.device) -> TrainBatch:
     """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
     prepared inputs)."""
     return TrainBatch({k: v for k, v in batch.tensors.items() if k in STAGED}, batch.height, batch.width).to(device)
+
+
+def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's SDPA has a fused kernel with a backward for unmasked calls only: its flash kernel, on a GPU
+    in bf16 / fp16 (a text mask sends the call to the memory-efficient or cuDNN kernel instead)."""
+    return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:

@@ -15,17 +15,19 @@ from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.schedulers.flow_match_sde import reference_sigma_max
 
-# The rollout's fields the actor reads (conditioning fields come on top, where present).
-ROLLOUT_FIELDS = ("latents", "timesteps", "sigmas", "old_log_probs", "window_mask")
+# The rollout's fields the actor reads (conditioning fields come on top, where present; ``latent_steps`` is absent
+# from a batch that holds the whole trajectory).
+ROLLOUT_FIELDS = ("latents", "latent_steps", "timesteps", "sigmas", "old_log_probs", "window_mask")
 # What the update indexes on the device (the conditioning travels inside each micro-batch's prepared inputs).
 STAGED = ("latents", "timesteps", "sigmas", "old_log_probs", "advantages")
 
 
 @dataclass
 class TrainBatch:
-    """Rows of a rollout with their advantages. Shapes (B rows, T steps):
-    latents [B, T+1, ...], timesteps [B, T], sigmas [B, T+1], old_log_probs [B, T], window_mask bool [B, T],
-    advantages [B], the conditioning fields [B, ...]; ``height`` / ``width`` of the images."""
+    """Rows of a rollout with their advantages. Shapes (B rows, T steps, K kept latents):
+    latents [B, K, ...] at the trajectory positions latent_steps [B, K] (no latent_steps: K = T+1, all of them),
+    timesteps [B, T], sigmas [B, T+1], old_log_probs [B, T], window_mask bool [B, T], advantages [B], the
+    conditioning fields [B, ...]; ``height`` / ``width`` of the images."""
 
     tensors: dict[str, torch.Tensor]
     height: int
@@ -56,6 +58,24 @@ class TrainBatch:
     def num_terms(self) -> int:
         """(sample, window step) transitions in this batch."""
         return int(self.window.sum())
+
+    def latent_columns(self, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """int64 [len(rows)]: the column of ``latents`` that holds x_step for each row (x_{step+1} is the next one).
+        Raises ``ValueError`` naming the rows whose stored latents lack that transition."""
+        positions = self.tensors.get("latent_steps")
+        if positions is None:  # the whole trajectory: column = position
+            return torch.full((len(rows),), step, dtype=torch.int64)
+        positions = positions[rows]
+        columns = (positions == step).int().argmax(dim=1)
+        following = positions.gather(1, (columns + 1).clamp(max=positions.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        present = (positions == step).any(dim=1) & (columns + 1 < positions.shape[1]) & (following == step + 1)
+        if not bool(present.all()):
+            missing = rows[~present].tolist()
+            raise ValueError(
+                f"rollout rows {missing} lack the latents of window step {step} -> {step + 1} "
+                f"(their latent_steps: {positions[~present][0].tolist()})"
+            )
+        return columns
 
     def conditioning(self, rows: Optional[torch.Tensor] = None) -> Conditioning:
         cond = Conditioning.from_fields(self.tensors)
