@@ -15,6 +15,7 @@ def _batch(rows: int, seed: int) -> DataProto:
         "prompt_embeds": torch.randn(rows, 6, 8, generator=g).to(torch.bfloat16),
         "window_mask": torch.rand(rows, 4, generator=g) > 0.5,
         "latent_steps": torch.randint(0, 9, (rows, 3), generator=g),
+        "empty": torch.zeros(rows, 0, 5),  # validation's trajectories: no latents kept
         "images": torch.randint(0, 255, (rows, 2, 2, 3), generator=g, dtype=torch.uint8),
     }
     non_tensor = {

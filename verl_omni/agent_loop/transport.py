@@ -64,6 +64,9 @@ def unpack_concat(parts: list[PackedBatch]) -> DataProto:
                 )
         rows = sum(int(part.tensors[name][1][0]) for part in parts)
         raw = np.concatenate([part.tensors[name][2] for part in parts])  # a new, writable array
+        if raw.size == 0:  # no bytes to view (e.g. validation's empty trajectories)
+            tensors[name] = torch.empty((rows, *shape[1:]), dtype=getattr(torch, dtype))
+            continue
         tensors[name] = torch.from_numpy(raw).view(getattr(torch, dtype)).view(rows, *shape[1:])
     keys = list(parts[0].non_tensor)
     non_tensor = {key: np.concatenate([part.non_tensor[key] for part in parts]) for key in keys}
