@@ -134,8 +134,8 @@ def test_the_engines_and_the_actor_add_the_adapter_the_same_way(tiny_qwen_image_
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
 
 
-def test_the_actors_auto_cfg_layout_weighs_sdpas_flash_kernel(qwen_image_rl_pipe, tiny_qwen_image_dir):
-    """actor.batch_cfg=auto: two unmasked forwards only where SDPA's flash kernel serves them (a GPU in bf16/fp16);
+def test_the_actors_auto_cfg_layout_weighs_sdpas_unmasked_kernels(qwen_image_rl_pipe, tiny_qwen_image_dir):
+    """actor.batch_cfg=auto: two unmasked forwards only where SDPA has faster unmasked kernels (a GPU in bf16/fp16);
     the float32 CPU actor keeps the batched call, and its update equals the one of batch_cfg=true exactly."""
     from verl_omni.workers.actor import sdpa_has_unmasked_kernel
 

@@ -26,13 +26,6 @@ class PackedBatch:
     non_tensor: dict[str, np.ndarray]
     meta_info: dict[str, Any]
 
-    def __len__(self) -> int:
-        first = next(iter(self.tensors.values()), None)
-        if first is not None:
-            return int(first[1][0])
-        first = next(iter(self.non_tensor.values()), None)
-        return 0 if first is None else len(first)
-
 
 def pack(data: DataProto) -> PackedBatch:
     tensors = {}

@@ -51,8 +51,8 @@ class ActorConfig(Section):
     grad_clip: float = 1.0
     # Speed (each keeps the result: equivalence tests compare them with the plain path):
     # CFG's conditional and unconditional branches as one batched forward (true), two forwards (false), or auto:
-    # batched unless that needs a text mask while an unmasked call has a fused kernel with a backward (PyTorch
-    # SDPA's flash kernel on a GPU in bf16/fp16)
+    # batched unless that needs a text mask on a GPU in bf16/fp16, where SDPA's unmasked kernels are faster. true
+    # is the default by measurement: two forwards halve every GEMM's rows and the update was slower (README)
     batch_cfg: BatchCfg = True
     use_torch_compile: Optional[bool] = None  # regional compile of the transformer blocks; None: on for cuda
 
