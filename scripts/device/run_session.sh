@@ -40,6 +40,11 @@ TRAIN_SET="ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,co
 # prep3 / mix2: CFG as one masked forward vs two unmasked ones (SDPA flash), with every / 45 / 30 of 60 blocks
 # recomputed
 CFG_SET="default,two_forwards,compiled_ckpt75_mb4,two_forwards_ckpt75,compiled_ckpt50_mb4,two_forwards_ckpt50"
+train_step() {  # train_step <gpu> <layers> <variants> <timeout s> [cores]: one run of benchmarks/train_step.py
+  CUDA_VISIBLE_DEVICES=$1 ${5:+taskset -c $5} timeout "$4" python3 benchmarks/train_step.py --layers "$2" --repeats 1 \
+    --variants "$3" --model-dir "$MODEL_DIR" --out "$OUT/train_step_L$2.json" > "$OUT/train_step_L$2.log" 2>&1
+  echo "train_step L$2 exit $?" | tee -a "$OUT/session.txt"
+}
 e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]; $E2E_ARGS: to every run
   CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
@@ -82,10 +87,7 @@ case "$stage" in
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20 ;;
   prep2)  # 4 GPUs, 64 cores; ~5 min: bounded by the 60-layer build
     (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
-    (build 20 > /dev/null && CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 300 python3 benchmarks/train_step.py \
-      --layers 20 --repeats 1 --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" \
-      --variants "${TRAIN_VARIANTS_L20:-$TRAIN_SET}" \
-      > "$OUT/train_step_L20.log" 2>&1; echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
+    (build 20 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$TRAIN_SET}" 300 0-15) &
     (CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 290 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
       tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
       > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
@@ -95,10 +97,7 @@ case "$stage" in
   prep3)  # 4 GPUs, 64 cores; ~6 min: the 60-layer build (cores 32-63) | train_step L20, CFG layouts (GPU 0)
           # | attention kernels, then the CFG + engine GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
     (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
-    (build 20 0-15 > /dev/null && CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 330 python3 \
-      benchmarks/train_step.py --layers 20 --repeats 1 --model-dir "$MODEL_DIR" --out "$OUT/train_step_L20.json" \
-      --variants "${TRAIN_VARIANTS_L20:-$CFG_SET}" > "$OUT/train_step_L20.log" 2>&1; \
-      echo "train_step L20 exit $?" | tee -a "$OUT/session.txt") &
+    (build 20 0-15 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$CFG_SET}" 330 0-15) &
     (CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 60 python3 benchmarks/attention_backends.py \
       --out "$OUT/attention_backends.json" > "$OUT/attention_backends.log" 2>&1; \
       echo "attention_backends exit $?" | tee -a "$OUT/session.txt"; \
@@ -116,10 +115,7 @@ case "$stage" in
     build 60 > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &
     e2e 1,2 2 vllm_omni g2_vllm_omni &
-    (CUDA_VISIBLE_DEVICES=3 timeout 550 python3 benchmarks/train_step.py --layers 60 --repeats 1 \
-      --variants "${TRAIN_VARIANTS:-$CFG_SET}" \
-      --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
-      echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
+    train_step 3 60 "${TRAIN_VARIANTS:-$CFG_SET}" 550 &
     wait
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
@@ -128,10 +124,7 @@ case "$stage" in
     e2e 0 1 vllm_omni g1_vllm_omni &
     e2e 1 1 diffusers g1_diffusers &
     e2e 2 1 vllm_omni g1_vllm_omni_cfg2 --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false &
-    (CUDA_VISIBLE_DEVICES=3 timeout 550 python3 benchmarks/train_step.py --layers 60 --repeats 1 \
-      --variants "${TRAIN_VARIANTS:-$TRAIN_SET}" \
-      --model-dir "$MODEL_DIR" --out "$OUT/train_step_L60.json" > "$OUT/train_step_L60.log" 2>&1;
-      echo "train_step L60 exit $?" | tee -a "$OUT/session.txt") &
+    train_step 3 60 "${TRAIN_VARIANTS:-$TRAIN_SET}" 550 &
     wait
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
