@@ -58,6 +58,13 @@ VARIANTS = {
     "two_forwards": (False, True, True, 4, 1.0, True),
     "two_forwards_ckpt75": (False, True, True, 4, 0.75, True),
     "two_forwards_ckpt50": (False, True, True, 4, 0.5, True),
+    # Smaller micro-batches that keep every block's activations (no recomputation at all): the activations of a
+    # block scale with the rows, so micro-batch 2 without checkpointing holds about what micro-batch 4 with half of
+    # the blocks recomputed does
+    "nockpt_mb1": (True, True, False, 1, 0.0, True),
+    "nockpt_mb2": (True, True, False, 2, 0.0, True),
+    "ckpt25_mb2": (True, True, True, 2, 0.25, True),
+    "nockpt_mb2_two_forwards": (False, True, False, 2, 0.0, True),
 }
 KNOBS = (
     "batch_cfg",
