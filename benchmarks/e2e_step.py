@@ -184,7 +184,17 @@ def main() -> None:
         {
             k: v
             for k, v in h.items()
-            if k.startswith(("timing/", "perf/", "actor/ratio", "reward/total", "reward/tail_s", "rollout/generate_s"))
+            if k.startswith(
+                (
+                    "timing/",
+                    "perf/",
+                    "actor/ratio",
+                    "actor/recomputed",
+                    "reward/total",
+                    "reward/tail_s",
+                    "rollout/generate_s",
+                )
+            )
         }
         for h in history
     ]

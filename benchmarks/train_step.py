@@ -38,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image, write_report  # noqa: E402
 
 # name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows, share of the blocks recomputed
-# (model.gradient_checkpointing_blocks = round(share x layers); 1.0 = all), LoRA matmuls in the activations' dtype
-# (False: peft's default, every activation cast to the float32 adapter's dtype -- the actor before 2026-11-28)).
+# (model.gradient_checkpointing_blocks = round(share x layers); 1.0 = all; "auto" = auto), LoRA matmuls in the
+# activations' dtype (False: peft's default, every activation cast to the float32 adapter's dtype -- the actor
+# before 2026-11-28)).
 # The first is today's actor at c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the
 # knobs go; "default" is the default configuration on a GPU.
 VARIANTS = {
@@ -48,7 +49,11 @@ VARIANTS = {
     "ckpt_mb1_two_forwards": (False, False, True, 1, 1.0, True),
     "ckpt_mb4_eager": (True, False, True, 4, 1.0, True),
     "ckpt_mb4_eager_lora_f32": (True, False, True, 4, 1.0, False),
-    "default": (True, True, True, 4, 1.0, True),
+    # the actor's GPU defaults: gradient_checkpointing_blocks=auto (as few recomputed as the free memory allows,
+    # measured in the warm-up update) at micro-batch 4
+    "default": (True, True, True, 4, "auto", True),
+    "ckpt_all_mb4": (True, True, True, 4, 1.0, True),  # the default before auto: every block recomputed
+    "auto_mb2": (True, True, True, 2, "auto", True),
     "compiled_ckpt75_mb4": (True, True, True, 4, 0.75, True),
     "compiled_ckpt50_mb4": (True, True, True, 4, 0.5, True),
     "compiled_ckpt_mb8": (True, True, True, 8, 1.0, True),
@@ -125,7 +130,7 @@ def _configs(args, model_dir: str, variant: tuple):
         lora_rank=64,
         lora_alpha=128.0,
         enable_gradient_checkpointing=checkpointing,
-        gradient_checkpointing_blocks=round(share * args.layers),
+        gradient_checkpointing_blocks=share if share == "auto" else round(share * args.layers),
     )
     actor = ActorConfig(
         device="cuda",
@@ -169,7 +174,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     actor = DiffusionLoRAActor(model, actor_cfg, rollout, pipe=pipe, device="cuda", lora_seed=0)
-    times = []
+    times, recomputed = [], []
     try:
         for i in range(1 + args.repeats):  # the first update warms up (compile, cuBLAS plans, allocator)
             torch.cuda.synchronize()
@@ -177,7 +182,11 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
             metrics = actor.update_batch(batch)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            log(f"  {name}: update {i} {times[-1]:.2f} s (ratio_mean {metrics['actor/ratio_mean']:.4f})")
+            recomputed.append(metrics["actor/recomputed_blocks"])
+            log(
+                f"  {name}: update {i} {times[-1]:.2f} s, {recomputed[-1]} blocks recomputed "
+                f"(ratio_mean {metrics['actor/ratio_mean']:.4f})"
+            )
     except torch.OutOfMemoryError as exc:
         log(f"  {name}: out of memory ({str(exc).splitlines()[0][:120]})")
         return {
@@ -193,6 +202,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
         "seconds": seconds,
         "first_update_seconds": times[0],
         "update_seconds": times,
+        "recomputed_blocks": recomputed,  # per update (auto: all but one in the warm-up, then what fits)
         "transitions_per_s": batch.num_terms / seconds,
         "mfu": useful_flops / seconds / (peak * 1e12),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,

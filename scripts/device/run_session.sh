@@ -15,15 +15,16 @@
 #   prep3   : (4 GPUs) the 60-layer build | train_step L20, CFG layouts (GPU 0) | attention kernels + CFG/engine
 #             GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
 #   mix2    : (4 GPUs) e2e L60 vllm_omni on 1 GPU (GPU 0) | on 2 GPUs (GPUs 1,2) | train_step L60 (GPU 3)
-#   prep4   : (4 GPUs) the 60-layer build | train_step L20, no-recompute variants (GPU 0) | CFG + engine GPU tests
-#             (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
-#   mix3    : (4 GPUs) e2e L60 on one GPU each: vllm_omni and diffusers at micro-batch 2 without checkpointing
-#             (GPUs 0, 1) | vllm_omni with the defaults (GPU 2) | train_step L60, no-recompute variants (GPU 3)
+#   prep4   : (2+ GPUs) the 60-layer build | train_step L20, checkpointing auto / none (GPU 0) | CFG + engine GPU
+#             tests (GPU 1)
+#   mix3    : (2 GPUs) e2e L60 vllm_omni at micro-batch 2 (GPU 0) | train_step L60, checkpointing auto / none (GPU 1)
+#   mix4    : (2 GPUs) e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block recomputed
+#             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto").
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -44,10 +45,9 @@ TRAIN_SET="ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,co
 # prep3 / mix2: CFG as one masked forward vs two unmasked ones (SDPA flash), with every / 45 / 30 of 60 blocks
 # recomputed
 CFG_SET="default,two_forwards,compiled_ckpt75_mb4,two_forwards_ckpt75,compiled_ckpt50_mb4,two_forwards_ckpt50"
-# prep4 / mix3: micro-batches of 1-2 rows that keep every block's activations (no recomputation) against the
-# default and the recipe's 45-of-60 blocks
-NOCKPT_SET="default,compiled_ckpt75_mb4,nockpt_mb1,nockpt_mb2,ckpt25_mb2,nockpt_mb2_two_forwards"
-NOCKPT_E2E=(--micro-batch 2 --set actor_rollout_ref.model.enable_gradient_checkpointing=false --name nockpt_mb2)
+# prep4 / mix3: model.gradient_checkpointing_blocks=auto (the default) at micro-batch 4 and 2, against every block
+# recomputed (the default before) and micro-batches of 1-2 rows that keep every block
+NOCKPT_SET="ckpt_all_mb4,default,auto_mb2,nockpt_mb2,nockpt_mb1,ckpt25_mb2"
 train_step() {  # train_step <gpu> <layers> <variants> <timeout s> [cores]: one run of benchmarks/train_step.py
   CUDA_VISIBLE_DEVICES=$1 ${5:+taskset -c $5} timeout "$4" python3 benchmarks/train_step.py --layers "$2" --repeats 1 \
     --variants "$3" --model-dir "$MODEL_DIR" --out "$OUT/train_step_L$2.json" > "$OUT/train_step_L$2.log" 2>&1
@@ -119,28 +119,33 @@ case "$stage" in
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
     grep -h -E "per_update|batched_masked|two_calls" "$OUT"/attention_backends.log | tail -9
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
-  prep4)  # 4 GPUs, 64 cores; ~6 min: the 60-layer build (cores 32-63) | train_step L20, no-recompute variants (GPU 0)
-          # | CFG + engine GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
-    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
-    (build 20 0-15 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$NOCKPT_SET}" 330 0-15) &
-    (CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 300 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
+  prep4)  # 2+ GPUs, 32+ cores; ~6 min: the 60-layer build (cores 16-31) | train_step L20 (GPU 0, cores 0-11)
+          # | CFG + engine GPU tests (GPU 1, cores 12-15)
+    (build 60 16-31 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    (build 20 0-11 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$NOCKPT_SET}" 400 0-11) &
+    (CUDA_VISIBLE_DEVICES=1 taskset -c 12-15 timeout 300 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
+      tests/gpu/test_activation_memory_gpu.py tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
       > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
-    (CUDA_VISIBLE_DEVICES=2,3 taskset -c 24-31 timeout 450 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_hybrid_engine_gpu.py -k 2gpus --timeout=440 > "$OUT/gpu_tests_b.log" 2>&1; \
-      echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
-    grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
-  mix3)  # 4 GPUs; ~9 min: e2e L60 on one GPU each, micro-batch 2 without checkpointing: vllm_omni (GPU 0)
-         # | diffusers (GPU 1) | vllm_omni with the defaults (GPU 2) | train_step L60, no-recompute variants (GPU 3)
+    grep -h -E "s per update|out of memory|blocks recomputed" "$OUT"/train_step_L20.log ;;
+  mix3)  # 2 GPUs; ~9 min: e2e L60 vllm_omni at micro-batch 2, the defaults otherwise (checkpointing auto) (GPU 0)
+         # | train_step L60 (GPU 1)
     build 60 > /dev/null
-    e2e 0 1 vllm_omni g1_vllm_omni_nockpt "${NOCKPT_E2E[@]}" &
-    e2e 1 1 diffusers g1_diffusers_nockpt "${NOCKPT_E2E[@]}" &
-    e2e 2 1 vllm_omni g1_vllm_omni &
-    train_step 3 60 "${TRAIN_VARIANTS:-$NOCKPT_SET}" 550 &
+    e2e 0 1 vllm_omni g1_vllm_omni_mb2 --micro-batch 2 &
+    train_step 1 60 "${TRAIN_VARIANTS:-$NOCKPT_SET}" 560 &
     wait
-    grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
+    grep -h -E "s per update|out of memory|blocks recomputed" "$OUT"/train_step_L60.log
+    grep -h -E "auto:" "$OUT"/e2e_*.log | cut -c1-300
+    grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
+  mix4)  # 2 GPUs; ~7 min: e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block
+         # recomputed (the defaults before auto) (GPU 1)
+    build 60 > /dev/null
+    e2e 0 1 diffusers g1_diffusers_mb2 --micro-batch 2 &
+    e2e 1 1 vllm_omni g1_vllm_omni_ckpt_all --name ckpt_all \
+      --set actor_rollout_ref.model.gradient_checkpointing_blocks=null &
+    wait
+    grep -h -E "auto:" "$OUT"/e2e_*.log | cut -c1-300
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   mix2)  # 4 GPUs; ~9 min with E2E_STEPS=3: e2e L60 1 GPU (GPU 0) | e2e L60 2 GPUs (GPUs 1,2) | train_step L60 (GPU 3)
     build 60 > /dev/null

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from verl_omni.config.base import Section, freeze_list, require_choice, require_int, require_number
 from verl_omni.core.names import PIPELINE_NAMES
@@ -26,8 +26,9 @@ class ModelConfig(Section):
     enable_gradient_checkpointing: Optional[bool] = None
     # With checkpointing on: how many transformer blocks recompute (the first k, as Megatron's recompute_method=
     # block with recompute_num_layers=k); the others keep their activations, which trades memory for the
-    # recomputation's forward. None: every block.
-    gradient_checkpointing_blocks: Optional[int] = None
+    # recomputation's forward. None: every block. "auto": as few as the GPU's memory allows, measured
+    # (workers/activation_memory.py; every block off a GPU).
+    gradient_checkpointing_blocks: Optional[Union[int, str]] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -46,8 +47,13 @@ class ModelConfig(Section):
                 f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
                 "must be true, false or null (null: on for GPU actors)"
             )
-        if self.gradient_checkpointing_blocks is not None:
-            require_int(self.key("gradient_checkpointing_blocks"), self.gradient_checkpointing_blocks, minimum=0)
+        blocks = self.gradient_checkpointing_blocks
+        if blocks is not None and blocks != "auto":
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+                raise ValueError(
+                    f"{self.key('gradient_checkpointing_blocks')}={blocks!r} must be an int >= 0, auto or null "
+                    "(null: every block)"
+                )
 
     @property
     def lora(self) -> Optional[LoRASpec]:

@@ -3,12 +3,14 @@
 Recomputing a block costs one more forward of it in the backward pass; keeping its activations costs memory from
 its forward until its backward. With all blocks recomputed the update does three forwards' work for two forwards'
 worth of useful gradient (forward + activation gradient): where memory is left over, keeping some blocks is the
-cheapest speed-up there is. Which blocks does not change the peak (every block's activations are alive when the
-backward starts), so, as Megatron's ``recompute_method=block``, the first k recompute.
+cheapest speed-up there is. The first k recompute, as Megatron's ``recompute_method=block``: the backward reaches
+them last, when the kept blocks' activations are already freed, so a recomputation never adds to the peak (which
+is at the end of the forward).
 
 diffusers' transformers call ``self._gradient_checkpointing_func(block, *args)`` for every block when
-checkpointing is on; ``enable_gradient_checkpointing(gradient_checkpointing_func=...)`` is its public way to choose
-that function, which here checkpoints only the chosen blocks.
+checkpointing is on (and gradients are enabled); ``enable_gradient_checkpointing(gradient_checkpointing_func=...)``
+is its public way to choose that function, which here checkpoints only the chosen blocks and, when asked, measures
+what each kept block's forward leaves allocated for its backward (the number the ``auto`` plan needs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # diffusers' names, in execution order
+KEY = "actor_rollout_ref.model.gradient_checkpointing_blocks"
 
 
 def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -30,28 +33,41 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def enable_block_checkpointing(transformer: torch.nn.Module, blocks: Optional[int] = None) -> int:
-    """Turn on gradient checkpointing for the first ``blocks`` blocks (None: all). Returns how many recompute.
+class BlockCheckpointing:
+    """Which blocks recompute (``recomputed``: the first k; changeable between updates) and, with ``allocated`` (a
+    host-side read of the bytes the allocator has handed out, e.g. ``torch.cuda.memory_allocated``), the most bytes
+    each kept block's forward left allocated (``kept_bytes[i]``; 0: never measured): its saved activations."""
 
-    Raises ``ValueError`` naming ``actor_rollout_ref.model.gradient_checkpointing_blocks`` when ``blocks`` exceeds
-    the transformer's block count."""
-    every = transformer_blocks(transformer)
-    if blocks is None:
-        blocks = len(every)
-    if blocks > len(every):
-        raise ValueError(
-            f"actor_rollout_ref.model.gradient_checkpointing_blocks={blocks} but the transformer has "
-            f"{len(every)} blocks (allowed: 0 to {len(every)}, or null for all)"
-        )
-    recomputed = {id(block) for block in every[:blocks]}
+    def __init__(
+        self, transformer: torch.nn.Module, recomputed: int, allocated: Optional[Callable[[], int]] = None
+    ) -> None:
+        self.blocks = transformer_blocks(transformer)
+        self._index = {id(block): i for i, block in enumerate(self.blocks)}
+        self.recomputed = self.check(recomputed)
+        self._allocated = allocated
+        self.kept_bytes = [0] * len(self.blocks)
+        transformer.enable_gradient_checkpointing(gradient_checkpointing_func=self._call)
 
-    def checkpoint_chosen_blocks(block: Callable, *args):
-        if id(block) in recomputed:
+    def check(self, recomputed: int) -> int:
+        if recomputed > len(self.blocks):
+            raise ValueError(
+                f"{KEY}={recomputed} but the transformer has {len(self.blocks)} blocks "
+                f"(allowed: 0 to {len(self.blocks)}, null for all, or auto)"
+            )
+        return recomputed
+
+    def _call(self, block: Callable, *args):
+        index = self._index[id(block)]
+        if index < self.recomputed:
             return checkpoint(block.__call__, *args, use_reentrant=False)
-        return block(*args)
+        if self._allocated is None:
+            return block(*args)
+        before = self._allocated()
+        out = block(*args)
+        # What stays allocated after the forward: the tensors saved for the backward (and the output, which the
+        # next block's input is anyway).
+        self.kept_bytes[index] = max(self.kept_bytes[index], self._allocated() - before)
+        return out
 
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_chosen_blocks)
-    return blocks
 
-
-__all__ = ["enable_block_checkpointing", "transformer_blocks"]
+__all__ = ["BlockCheckpointing", "transformer_blocks"]

@@ -43,10 +43,11 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
-from verl_omni.models.checkpointing import enable_block_checkpointing
+from verl_omni.models.checkpointing import BlockCheckpointing, transformer_blocks
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
+from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import STAGED, TrainBatch
 
@@ -101,15 +102,34 @@ class DiffusionLoRAActor:
     def _set_up_speed(self, model: ModelConfig, actor: ActorConfig) -> None:
         on_gpu = self.device.type == "cuda"
         checkpointing = on_gpu if model.enable_gradient_checkpointing is None else model.enable_gradient_checkpointing
+        self.checkpointing: Optional[BlockCheckpointing] = None
+        self.memory_plan: Optional[AutoCheckpointing] = None
         if checkpointing:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
-            self.checkpointed_blocks = enable_block_checkpointing(self.transformer, model.gradient_checkpointing_blocks)
+            blocks = model.gradient_checkpointing_blocks
+            every = len(transformer_blocks(self.transformer))
+            measure = blocks == AUTO and on_gpu
+            allocated = (lambda: torch.cuda.memory_allocated(self.device)) if measure else None
+            recomputed = every if blocks in (None, AUTO) else blocks
+            self.checkpointing = BlockCheckpointing(self.transformer, recomputed, allocated)
+            if measure:
+                self.memory_plan = AutoCheckpointing(self.checkpointing, self.device)
+            elif blocks == AUTO:
+                logger.info(
+                    "actor_rollout_ref.model.gradient_checkpointing_blocks=auto measures GPU memory; on %s every "
+                    "block recomputes",
+                    self.device,
+                )
         else:
             self.transformer.disable_gradient_checkpointing()
-            self.checkpointed_blocks = 0
         if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
             self.transformer.compile_repeated_blocks(dynamic=True)
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many transformer blocks recompute in the backward pass (this update's, with ``auto``)."""
+        return self.checkpointing.recomputed if self.checkpointing is not None else 0
 
     # ------------------------------------------------------------------ weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -224,6 +244,8 @@ class DiffusionLoRAActor:
                 "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
             )
         start = time.perf_counter()
+        if self.memory_plan is not None:  # before the batch is staged: the plan counts it
+            self.memory_plan.before_update()
         plan = self.plan(batch)
         staged = _stage(batch, self.device)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
@@ -236,6 +258,9 @@ class DiffusionLoRAActor:
                 metrics = self._update(staged, plan, num_terms, sigma_max)
             # This process's own wall time (the all-reduce waited for the slowest rank): shows idle ranks.
             metrics["actor/busy_s"] = time.perf_counter() - start
+            metrics["actor/recomputed_blocks"] = self.checkpointed_blocks
+            if self.memory_plan is not None:
+                self.memory_plan.after_update()
             return metrics
         except NonFiniteError:
             if snapshot is not None:

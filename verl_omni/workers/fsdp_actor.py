@@ -45,7 +45,13 @@ from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 
 # Metrics that are not per-row partial sums: the same value on every rank.
-_GLOBAL_METRICS = ("actor/grad_norm", "actor/num_train_terms", "actor/busy_s", "actor/compute_s")
+_GLOBAL_METRICS = (
+    "actor/grad_norm",
+    "actor/num_train_terms",
+    "actor/busy_s",
+    "actor/compute_s",
+    "actor/recomputed_blocks",
+)
 
 
 class FSDPActorRank(DiffusionLoRAActor):

@@ -1,0 +1,99 @@
+"""``model.gradient_checkpointing_blocks: auto``: recompute only as many transformer blocks as the GPU needs.
+
+Every block the backward does not recompute saves one forward of it (a third of the update's work when all
+recompute), but keeps its activations from the forward to the backward. How many fit depends on the card, the
+micro-batch (``ppo_micro_batch_size_per_gpu`` rows, doubled by batched CFG), the image and prompt tokens and what the
+colocated engine keeps while it sleeps, so it is measured rather than configured:
+
+- update 1 recomputes all blocks but the last, and measures what that block's forward leaves allocated (its saved
+  activations, read from the allocator's host-side counters: no device sync) and the update's peak above its start;
+- every later update reads the memory left on the card (``cudaMemGetInfo`` + the allocator's cached blocks, less a
+  ``MARGIN`` of the card for fragmentation) and keeps as many blocks as fit, each counted ``SLACK`` times its largest
+  measured size (a later batch's prompts may be longer); the first blocks recompute, the rest keep.
+
+The choice changes no result (recomputation is the same arithmetic; tests compare the LoRA after an update), only
+speed and memory; ``actor/recomputed_blocks`` reports it every update.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from verl_omni.models.checkpointing import BlockCheckpointing
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+MARGIN = 0.08  # share of the card left free: fragmentation of the caching allocator, the engine's wake-up
+SLACK = 1.25  # a kept block's activations grow with the tokens: prompts up to 25% longer than measured still fit
+
+
+def blocks_to_recompute(
+    num_blocks: int, block_bytes: float, fixed_bytes: float, budget_bytes: float, slack: float = SLACK
+) -> int:
+    """How many of the first blocks must recompute so that ``fixed_bytes`` (the update's memory above its start
+    apart from the kept blocks: recomputed blocks' inputs, gradients, one block's working set) plus ``slack`` x
+    ``block_bytes`` per kept block fit in ``budget_bytes``. Nothing measured (``block_bytes`` <= 0): all of them."""
+    if block_bytes <= 0:
+        return num_blocks
+    keep = int(max(0.0, budget_bytes - fixed_bytes) // (slack * block_bytes))
+    return max(0, num_blocks - keep)
+
+
+@dataclass
+class _Update:
+    start_bytes: int  # allocated when the update began
+    peak_bytes: int  # the most allocated during it
+    kept: int  # blocks that kept their activations
+
+
+class AutoCheckpointing:
+    """Sets ``checkpointing.recomputed`` before each update from the last one's measurement (a CUDA device)."""
+
+    def __init__(self, checkpointing: BlockCheckpointing, device: torch.device) -> None:
+        self.checkpointing, self.device = checkpointing, device
+        self.num_blocks = len(checkpointing.blocks)
+        self._last: Optional[_Update] = None
+        self._start = 0
+
+    def before_update(self) -> int:
+        """Choose this update's recomputed blocks; starts the peak measurement. Returns the count."""
+        if self._last is None:
+            recomputed = max(0, self.num_blocks - 1)  # keep the last block: its size is what the plan needs
+        else:
+            block_bytes = max(self.checkpointing.kept_bytes)
+            last = self._last
+            fixed = max(0, last.peak_bytes - last.start_bytes - last.kept * block_bytes)
+            free, total = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = free + cached - MARGIN * total
+            recomputed = blocks_to_recompute(self.num_blocks, block_bytes, fixed, budget)
+            if recomputed != self.checkpointing.recomputed:
+                logger.info(
+                    "%s=auto: %d of %d blocks recompute (a kept block holds %.2f GB; %.1f GB left for activations, "
+                    "%.1f GB of the update's peak is not kept blocks)",
+                    "actor_rollout_ref.model.gradient_checkpointing_blocks",
+                    recomputed,
+                    self.num_blocks,
+                    block_bytes / 1e9,
+                    budget / 1e9,
+                    fixed / 1e9,
+                )
+        self.checkpointing.recomputed = recomputed
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = torch.cuda.memory_allocated(self.device)
+        return recomputed
+
+    def after_update(self) -> None:
+        self._last = _Update(
+            self._start,
+            torch.cuda.max_memory_allocated(self.device),
+            self.num_blocks - self.checkpointing.recomputed,
+        )
+
+
+__all__ = ["AUTO", "AutoCheckpointing", "blocks_to_recompute"]
