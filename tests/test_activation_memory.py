@@ -4,6 +4,8 @@ allocator: tests/gpu/test_activation_memory_gpu.py.)"""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from helpers import model_config, rollout_config
@@ -12,7 +14,8 @@ from test_actor_speed import _rollout
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.models.checkpointing import BlockCheckpointing
-from verl_omni.workers.activation_memory import SLACK, blocks_to_recompute
+from verl_omni.models.tiny import build_tiny_qwen_image
+from verl_omni.workers.activation_memory import SLACK, AutoCheckpointing, blocks_to_recompute
 from verl_omni.workers.actor import DiffusionLoRAActor
 
 GB = 1e9
@@ -81,6 +84,81 @@ def test_auto_off_a_gpu_recomputes_every_block_and_reports_it(qwen_image_rl_pipe
     assert "auto measures GPU memory; on cpu every block recomputes" in caplog.text
     for name, value in results[True].items():
         assert torch.equal(value, results[False][name]), name
+
+
+class LiveActivations:
+    """An allocator for the CPU test: the bytes of the activations autograd holds for the backward (added when
+    saved, removed when freed), its peak, and a card of ``budget`` bytes (``CudaMemory``'s interface)."""
+
+    def __init__(self, budget: float = 1e12):
+        self.live: dict[int, int] = {}
+        self.total = self.top = 0
+        self.card = budget
+
+    def _free(self, key: int) -> None:
+        self.total -= self.live.pop(key)
+
+    def hooks(self):
+        def pack(t):
+            if not t.is_leaf and id(t) not in self.live:  # weights and inputs exist anyway
+                self.live[id(t)] = t.numel() * t.element_size()
+                self.total += self.live[id(t)]
+                self.top = max(self.top, self.total)
+                weakref.finalize(t, self._free, id(t))
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def allocated(self) -> int:
+        return self.total
+
+    def reset_peak(self) -> None:
+        self.top = self.total
+
+    def peak(self) -> int:
+        return self.top
+
+    def budget(self, margin: float) -> float:
+        return self.card - self.total  # the test's card is what remains after the margin
+
+
+def test_auto_keeps_what_the_budget_holds_from_the_second_update_with_the_same_result(tmp_path, qwen_image_rl_pipe):
+    model_dir = build_tiny_qwen_image(str(tmp_path / "qwen4"), seed=0, num_layers=4)
+    data = _rollout(qwen_image_rl_pipe)  # the rows' text embeddings fit any tiny Qwen-Image
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+
+    def run(budget=None, updates=2):
+        model = model_config(model_dir, enable_gradient_checkpointing=True)
+        actor = DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+        if budget is None:  # auto off a GPU: no memory plan
+            return actor, None, [actor.update(data, advantages)["actor/recomputed_blocks"] for _ in range(updates)]
+        memory = LiveActivations(budget)
+        actor.checkpointing = BlockCheckpointing(actor.transformer, 4, memory.allocated)
+        actor.memory_plan = plan = AutoCheckpointing(actor.checkpointing, memory)
+        with memory.hooks():
+            counts = [actor.update(data, advantages)["actor/recomputed_blocks"] for _ in range(updates)]
+        return actor, plan, counts
+
+    roomy, plan, counts = run(budget=1e12)
+    assert counts == [3, 0]  # update 1: all but the last block (measured); then everything fits
+    _, plan, counts = run(budget=1e12, updates=1)
+    block = max(plan.checkpointing.kept_bytes)
+    assert block > 0
+    fixed = plan._last.peak_bytes - plan._last.start_bytes - block  # update 1 kept one block
+    # a card with room for the fixed part and two blocks (with the slack) keeps two: blocks 0 and 1 recompute ...
+    budget = fixed + 2 * SLACK * block + 1
+    _, plan, counts = run(budget=budget)
+    assert counts == [3, 2]
+    # ... and the update that kept them stayed within that room
+    assert plan._last.peak_bytes - plan._last.start_bytes <= budget
+    _, _, counts = run(budget=0)
+    assert counts == [3, 4]
+    plain, _, counts = run(budget=None)
+    assert counts == [4, 4]
+    for name, value in plain.lora_state_dict().items():  # keeping activations changes no result
+        assert torch.equal(value, roomy.lora_state_dict()[name]), name
 
 
 @pytest.mark.parametrize("bad", ["all", -1, True, 2.5])

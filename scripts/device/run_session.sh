@@ -132,7 +132,7 @@ case "$stage" in
   mix3)  # 2 GPUs; ~9 min: e2e L60 vllm_omni at micro-batch 2, the defaults otherwise (checkpointing auto) (GPU 0)
          # | train_step L60 (GPU 1)
     build 60 > /dev/null
-    e2e 0 1 vllm_omni g1_vllm_omni_mb2 --micro-batch 2 &
+    e2e 0 1 vllm_omni g1_vllm_omni_auto &
     train_step 1 60 "${TRAIN_VARIANTS:-$NOCKPT_SET}" 560 &
     wait
     grep -h -E "s per update|out of memory|blocks recomputed" "$OUT"/train_step_L60.log
@@ -141,7 +141,7 @@ case "$stage" in
   mix4)  # 2 GPUs; ~7 min: e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block
          # recomputed (the defaults before auto) (GPU 1)
     build 60 > /dev/null
-    e2e 0 1 diffusers g1_diffusers_mb2 --micro-batch 2 &
+    e2e 0 1 diffusers g1_diffusers_auto &
     e2e 1 1 vllm_omni g1_vllm_omni_ckpt_all --name ckpt_all \
       --set actor_rollout_ref.model.gradient_checkpointing_blocks=null &
     wait

@@ -44,6 +44,29 @@ def blocks_to_recompute(
     return max(0, num_blocks - keep)
 
 
+class CudaMemory:
+    """The CUDA caching allocator's counters for ``device`` (host-side reads, no device sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def budget(self, margin: float) -> float:
+        """Bytes this process can still allocate, less ``margin`` of the card: free on the device (other processes
+        and the sleeping engine already subtracted) plus what the allocator caches unused."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free + cached - margin * total
+
+
 @dataclass
 class _Update:
     start_bytes: int  # allocated when the update began
@@ -52,10 +75,14 @@ class _Update:
 
 
 class AutoCheckpointing:
-    """Sets ``checkpointing.recomputed`` before each update from the last one's measurement (a CUDA device)."""
+    """Sets ``checkpointing.recomputed`` before each update from the last one's measurement. ``memory``: where the
+    numbers come from (``CudaMemory``; its ``allocated`` must be what ``checkpointing`` measures with).
 
-    def __init__(self, checkpointing: BlockCheckpointing, device: torch.device) -> None:
-        self.checkpointing, self.device = checkpointing, device
+    Ranks may choose different counts: harmless, as the choice adds no collective (the colocated ranks all-reduce
+    only gradients; FSDP2 gathers a block's weights in its pre-backward hook, not in the recomputation)."""
+
+    def __init__(self, checkpointing: BlockCheckpointing, memory: CudaMemory) -> None:
+        self.checkpointing, self.memory = checkpointing, memory
         self.num_blocks = len(checkpointing.blocks)
         self._last: Optional[_Update] = None
         self._start = 0
@@ -68,9 +95,7 @@ class AutoCheckpointing:
             block_bytes = max(self.checkpointing.kept_bytes)
             last = self._last
             fixed = max(0, last.peak_bytes - last.start_bytes - last.kept * block_bytes)
-            free, total = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            budget = free + cached - MARGIN * total
+            budget = self.memory.budget(MARGIN)
             recomputed = blocks_to_recompute(self.num_blocks, block_bytes, fixed, budget)
             if recomputed != self.checkpointing.recomputed:
                 logger.info(
@@ -84,16 +109,12 @@ class AutoCheckpointing:
                     fixed / 1e9,
                 )
         self.checkpointing.recomputed = recomputed
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._start = torch.cuda.memory_allocated(self.device)
+        self.memory.reset_peak()
+        self._start = self.memory.allocated()
         return recomputed
 
     def after_update(self) -> None:
-        self._last = _Update(
-            self._start,
-            torch.cuda.max_memory_allocated(self.device),
-            self.num_blocks - self.checkpointing.recomputed,
-        )
+        self._last = _Update(self._start, self.memory.peak(), self.num_blocks - self.checkpointing.recomputed)
 
 
-__all__ = ["AUTO", "AutoCheckpointing", "blocks_to_recompute"]
+__all__ = ["AUTO", "AutoCheckpointing", "CudaMemory", "blocks_to_recompute"]

@@ -47,7 +47,7 @@ from verl_omni.models.checkpointing import BlockCheckpointing, transformer_block
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
-from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing
+from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMemory
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import STAGED, TrainBatch
 
@@ -108,12 +108,11 @@ class DiffusionLoRAActor:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
             blocks = model.gradient_checkpointing_blocks
             every = len(transformer_blocks(self.transformer))
-            measure = blocks == AUTO and on_gpu
-            allocated = (lambda: torch.cuda.memory_allocated(self.device)) if measure else None
+            memory = CudaMemory(self.device) if blocks == AUTO and on_gpu else None
             recomputed = every if blocks in (None, AUTO) else blocks
-            self.checkpointing = BlockCheckpointing(self.transformer, recomputed, allocated)
-            if measure:
-                self.memory_plan = AutoCheckpointing(self.checkpointing, self.device)
+            self.checkpointing = BlockCheckpointing(self.transformer, recomputed, memory and memory.allocated)
+            if memory is not None:
+                self.memory_plan = AutoCheckpointing(self.checkpointing, memory)
             elif blocks == AUTO:
                 logger.info(
                     "actor_rollout_ref.model.gradient_checkpointing_blocks=auto measures GPU memory; on %s every "

@@ -9,9 +9,10 @@ PYTHON=${PYTHON:-python}
 
 [ -f "$DATA_DIR/train.parquet" ] || "$PYTHON" examples/flowgrpo_trainer/data_process/qwenimage_ocr.py --local_dir "$DATA_DIR"
 
-# gradient_checkpointing_blocks=45: 15 of the 60 blocks keep their activations (update 12.8 s instead of 14.7 s at
-# micro-batch 4 on an H100; the actor alone peaks at 56.3 GB, docs/benchmarks/train_step_h100_L60.json). Set it to
-# null (every block recomputed) on cards with less than 80 GB.
+# The actor recomputes only the transformer blocks memory requires (model.gradient_checkpointing_blocks=auto, the
+# default: measured in the first update): 27-29 of the 60 on one 80 GB H100 (update 14.9 s, step 37.3 s, peak
+# 73.8 GB), none on a 141 GB H200 (update 12.0 s, step 33.3 s); docs/benchmarks/e2e_single_gpu.json. A number
+# fixes it (60 or null: every block, the least memory).
 "$PYTHON" -m verl_omni.trainer.main_flowgrpo \
   data.train_files="$DATA_DIR/train.parquet" \
   data.val_files="$DATA_DIR/test.parquet" \
@@ -20,7 +21,6 @@ PYTHON=${PYTHON:-python}
   actor_rollout_ref.model.pipeline=qwen_image \
   actor_rollout_ref.model.lora_rank=64 \
   actor_rollout_ref.model.lora_alpha=128 \
-  actor_rollout_ref.model.gradient_checkpointing_blocks=45 \
   actor_rollout_ref.actor.device=cuda \
   actor_rollout_ref.actor.dtype=bfloat16 \
   actor_rollout_ref.actor.optim.lr=3e-4 \
