@@ -161,6 +161,75 @@ def test_auto_keeps_what_the_budget_holds_from_the_second_update_with_the_same_r
         assert torch.equal(value, roomy.lora_state_dict()[name]), name
 
 
+def test_an_update_that_runs_out_of_memory_is_retried_recomputing_every_block(tmp_path, qwen_image_rl_pipe, caplog):
+    model_dir = build_tiny_qwen_image(str(tmp_path / "qwen4"), seed=0, num_layers=4)
+    data = _rollout(qwen_image_rl_pipe)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+
+    def actor(blocks):
+        model = model_config(model_dir, enable_gradient_checkpointing=True, gradient_checkpointing_blocks=blocks)
+        return DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+
+    auto = actor("auto")
+    memory = LiveActivations(1e12)
+    auto.checkpointing = BlockCheckpointing(auto.transformer, 4, memory.allocated)
+    auto.memory_plan = AutoCheckpointing(auto.checkpointing, memory)
+    armed = {"on": False}
+
+    def out_of_memory_in_a_kept_block(block, args):
+        # the card "runs out" while the third micro-batch's kept blocks hold their activations (the first two
+        # micro-batches already accumulated gradients: the retry must not add them twice)
+        index = auto.checkpointing.blocks.index(block)
+        if armed["on"] and torch.is_grad_enabled() and index >= auto.checkpointing.recomputed:
+            armed["calls"] = armed.get("calls", 0) + 1
+            if armed["calls"] > 2 * (4 - auto.checkpointing.recomputed):
+                armed["on"] = False
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    for block in auto.checkpointing.blocks:
+        block.register_forward_pre_hook(out_of_memory_in_a_kept_block)
+    counts = []
+    with memory.hooks(), caplog.at_level("WARNING", logger="verl_omni.workers.activation_memory"):
+        for update in range(3):
+            armed["on"] = update == 1  # update 2 plans to keep all 4 blocks, and fails
+            counts.append(auto.update(data, advantages)["actor/recomputed_blocks"])
+    assert counts == [3, 4, 1]  # the retry recomputes all; then at most 3/4 of the 4 blocks that failed are kept
+    assert "out of memory with 4 of 4 blocks keeping their activations" in caplog.text
+    assert "later updates keep at most 3" in caplog.text
+
+    plain = actor(None)  # every block recomputed, no memory plan
+    for _ in range(3):
+        plain.update(data, advantages)
+    for name, value in plain.lora_state_dict().items():  # the failed attempt left nothing behind
+        assert torch.equal(value, auto.lora_state_dict()[name]), name
+
+    fixed = actor(0)  # a count the user fixed is not second-guessed: the error reaches the caller
+
+    def out_of_memory(block, args):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    fixed.transformer.transformer_blocks[0].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        fixed.update(data, advantages)
+
+
+def test_no_retry_once_another_rank_may_wait_in_the_all_reduce(tiny_qwen_image_dir):
+    model = model_config(tiny_qwen_image_dir, enable_gradient_checkpointing=True)
+    actor = DiffusionLoRAActor(model, ActorConfig(), rollout_config(), lora_seed=5)
+    actor.memory_plan = AutoCheckpointing(actor.checkpointing, LiveActivations())
+    assert actor._may_retry_after_oom()
+    actor.grad_sync.world_size = 2
+    actor._all_reduce_started = True
+    assert not actor._may_retry_after_oom()
+    actor._all_reduce_started = False
+    assert actor._may_retry_after_oom()
+    actor.retries_after_oom = False  # FSDP ranks
+    assert not actor._may_retry_after_oom()
+
+
 @pytest.mark.parametrize("bad", ["all", -1, True, 2.5])
 def test_a_bad_block_count_is_refused_naming_the_key_and_the_choices(tiny_qwen_image_dir, bad):
     with pytest.raises(ValueError, match=r"gradient_checkpointing_blocks=.* must be an int >= 0, auto or null"):

@@ -9,7 +9,10 @@ colocated engine keeps while it sleeps, so it is measured rather than configured
   activations, read from the allocator's host-side counters: no device sync) and the update's peak above its start;
 - every later update reads the memory left on the card (``cudaMemGetInfo`` + the allocator's cached blocks, less a
   ``MARGIN`` of the card for fragmentation) and keeps as many blocks as fit, each counted ``SLACK`` times its largest
-  measured size (a later batch's prompts may be longer); the first blocks recompute, the rest keep.
+  measured size (a later batch's prompts may be longer); the first blocks recompute, the rest keep;
+- should an update still run out of memory, the actor retries it with every block recomputed (when no other rank
+  can be waiting for it, see ``DiffusionLoRAActor._may_retry_after_oom``) and later updates keep at most 3/4 of the
+  blocks that did not fit: a logged fallback, not a lost step.
 
 The choice changes no result (recomputation is the same arithmetic; tests compare the LoRA after an update), only
 speed and memory; ``actor/recomputed_blocks`` reports it every update.
@@ -86,10 +89,15 @@ class AutoCheckpointing:
         self.num_blocks = len(checkpointing.blocks)
         self._last: Optional[_Update] = None
         self._start = 0
+        self._max_kept: Optional[int] = None  # after an out-of-memory error: fewer than what failed
+        self._recompute_all_once = False
 
     def before_update(self) -> int:
         """Choose this update's recomputed blocks; starts the peak measurement. Returns the count."""
-        if self._last is None:
+        if self._recompute_all_once:  # the retry of an update that ran out of memory
+            self._recompute_all_once = False
+            recomputed = self.num_blocks
+        elif self._last is None:
             recomputed = max(0, self.num_blocks - 1)  # keep the last block: its size is what the plan needs
         else:
             block_bytes = max(self.checkpointing.kept_bytes)
@@ -97,6 +105,8 @@ class AutoCheckpointing:
             fixed = max(0, last.peak_bytes - last.start_bytes - last.kept * block_bytes)
             budget = self.memory.budget(MARGIN)
             recomputed = blocks_to_recompute(self.num_blocks, block_bytes, fixed, budget)
+            if self._max_kept is not None:
+                recomputed = max(recomputed, self.num_blocks - self._max_kept)
             if recomputed != self.checkpointing.recomputed:
                 logger.info(
                     "%s=auto: %d of %d blocks recompute (a kept block holds %.2f GB; %.1f GB left for activations, "
@@ -112,6 +122,21 @@ class AutoCheckpointing:
         self.memory.reset_peak()
         self._start = self.memory.allocated()
         return recomputed
+
+    def after_oom(self, error: str) -> None:
+        """The update ran out of memory: its retry recomputes every block, and later updates keep at most 3/4 of the
+        blocks that did not fit (the estimate was too small: another process, fragmentation, longer prompts)."""
+        kept = self.num_blocks - self.checkpointing.recomputed
+        self._max_kept = kept * 3 // 4
+        self._recompute_all_once = True
+        logger.warning(
+            "actor_rollout_ref.model.gradient_checkpointing_blocks=auto: out of memory with %d of %d blocks keeping "
+            "their activations (%s); retrying this update with every block recomputed, later updates keep at most %d",
+            kept,
+            self.num_blocks,
+            error,
+            self._max_kept,
+        )
 
     def after_update(self) -> None:
         self._last = _Update(self._start, self.memory.peak(), self.num_blocks - self.checkpointing.recomputed)

@@ -104,6 +104,7 @@ class DiffusionLoRAActor:
         checkpointing = on_gpu if model.enable_gradient_checkpointing is None else model.enable_gradient_checkpointing
         self.checkpointing: Optional[BlockCheckpointing] = None
         self.memory_plan: Optional[AutoCheckpointing] = None
+        self._all_reduce_started = False
         if checkpointing:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
             blocks = model.gradient_checkpointing_blocks
@@ -243,8 +244,31 @@ class DiffusionLoRAActor:
                 "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
             )
         start = time.perf_counter()
+        try:
+            return self._update_once(batch, num_terms, start)
+        except torch.OutOfMemoryError as exc:
+            if not self._may_retry_after_oom():
+                raise
+            error = str(exc).splitlines()[0][:200]
+        # Outside the except block: the failed attempt's frames (and the activations they hold) are gone by now.
+        self.memory_plan.after_oom(error)
+        torch.cuda.empty_cache()
+        return self._update_once(batch, num_terms, start)
+
+    # FSDP ranks gather weights inside the forward: one rank retrying alone would break the others' collectives.
+    retries_after_oom = True
+
+    def _may_retry_after_oom(self) -> bool:
+        """Whether an out-of-memory error may be retried with every block recomputed: only under ``auto`` (a fixed
+        count is the user's), and only if no rank can be waiting for this one in a collective of the failed
+        attempt (the gradients' all-reduce is the first; with one rank there is none)."""
+        alone_or_before_all_reduce = self.grad_sync.world_size == 1 or not self._all_reduce_started
+        return self.memory_plan is not None and self.retries_after_oom and alone_or_before_all_reduce
+
+    def _update_once(self, batch: TrainBatch, num_terms: int, start: float) -> dict[str, float]:
         if self.memory_plan is not None:  # before the batch is staged: the plan counts it
             self.memory_plan.before_update()
+        self._all_reduce_started = False
         plan = self.plan(batch)
         staged = _stage(batch, self.device)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
@@ -261,7 +285,8 @@ class DiffusionLoRAActor:
             if self.memory_plan is not None:
                 self.memory_plan.after_update()
             return metrics
-        except NonFiniteError:
+        except (NonFiniteError, torch.OutOfMemoryError):
+            self.optimizer.zero_grad(set_to_none=False)  # nothing of the failed attempt carries over
             if snapshot is not None:
                 self._restore(snapshot)
             raise
@@ -326,6 +351,7 @@ class DiffusionLoRAActor:
             if self.device.type == "cuda":  # the all-reduce waits for the device anyway: no extra stall
                 torch.cuda.synchronize(self.device)
             compute_s += time.perf_counter() - epoch_start
+            self._all_reduce_started = True
             grad_norms.append(self._reduce_and_clip(bad))
             self.optimizer.step()
         metrics = self._reduce_metrics(sums)

@@ -57,6 +57,8 @@ _GLOBAL_METRICS = (
 class FSDPActorRank(DiffusionLoRAActor):
     """One rank: a DiffusionLoRAActor whose transformer is sharded with FSDP2 over the process group."""
 
+    retries_after_oom = False  # the forward all-gathers weights: a rank retrying alone would desynchronise them
+
     def __init__(
         self,
         model: ModelConfig,
