@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 
 class DiffusionLoRAActor:
+    # Whether an update that ran out of memory under gradient_checkpointing_blocks=auto may be retried (FSDP ranks
+    # gather weights inside the forward: one rank retrying alone would break the others' collectives).
+    retries_after_oom = True
+
     def __init__(
         self,
         model: ModelConfig,
@@ -254,9 +258,6 @@ class DiffusionLoRAActor:
         self.memory_plan.after_oom(error)
         torch.cuda.empty_cache()
         return self._update_once(batch, num_terms, start)
-
-    # FSDP ranks gather weights inside the forward: one rank retrying alone would break the others' collectives.
-    retries_after_oom = True
 
     def _may_retry_after_oom(self) -> bool:
         """Whether an out-of-memory error may be retried with every block recomputed: only under ``auto`` (a fixed
