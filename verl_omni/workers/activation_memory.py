@@ -14,6 +14,10 @@ colocated engine keeps while it sleeps, so it is measured rather than configured
   can be waiting for it, see ``DiffusionLoRAActor._may_retry_after_oom``) and later updates keep at most 3/4 of the
   blocks that did not fit: a logged fallback, not a lost step.
 
+Blocks of one model may differ in size (SD3.5's last block has no text MLP): every kept block is measured in every
+update, so the estimate is the largest block seen so far, and the out-of-memory fallback covers a first guess that
+was too small.
+
 The choice changes no result (recomputation is the same arithmetic; tests compare the LoRA after an update), only
 speed and memory; ``actor/recomputed_blocks`` reports it every update.
 """
