@@ -59,6 +59,16 @@ e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=V
     --out "$OUT/e2e_runs_$4.json" "${@:5}" ${E2E_ARGS:-} > "$OUT/e2e_$4.log" 2>&1
   echo "e2e $4 exit code $?" | tee -a "$OUT/session.txt"
 }
+gpu_tests() {  # gpu_tests <visible gpus> <cores> <timeout s> <name> <pytest args...>: log in $OUT/gpu_tests_<name>.log
+  CUDA_VISIBLE_DEVICES=$1 taskset -c "$2" timeout "$3" python3 -m pytest -m gpu -v -s -p no:cacheprovider "${@:5}" \
+    > "$OUT/gpu_tests_$4.log" 2>&1
+  echo "gpu tests $4 exit $?" | tee -a "$OUT/session.txt"
+}
+build_logged() {  # build_logged <layers> <cores>: a stage's background build, its log in $OUT/build.log
+  build "$1" "$2" > "$OUT/build.log" 2>&1
+  echo "build L$1 exit $?" | tee -a "$OUT/session.txt"
+}
+CFG_ENGINE_TESTS=(tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py)
 
 case "$stage" in
   tests)
@@ -82,50 +92,38 @@ case "$stage" in
     fi ;;
   prep)  # 4 GPUs, 64 cores: the 60-layer build (cores 32-63) | rewards_scale (GPU 0, cores 0-19)
          # | CFG-batching + engine tests (GPU 1) | the 2-GPU hybrid test (GPUs 2,3)
-    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    build_logged 60 32-63 &
     (CUDA_VISIBLE_DEVICES=0 taskset -c 0-19 timeout 420 python3 benchmarks/rewards_scale.py \
       --out "$OUT/rewards_scale.json" > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$OUT/session.txt") &
-    (CUDA_VISIBLE_DEVICES=1 taskset -c 20-25 timeout 400 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
-      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
-    (CUDA_VISIBLE_DEVICES=2,3 taskset -c 26-31 timeout 400 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_hybrid_engine_gpu.py -k 2gpus > "$OUT/gpu_tests_b.log" 2>&1; \
-      echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
+    gpu_tests 1 20-25 400 a "${CFG_ENGINE_TESTS[@]}" -k "not lora_update" &
+    gpu_tests 2,3 26-31 400 b tests/gpu/test_hybrid_engine_gpu.py -k 2gpus &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20 ;;
   prep2)  # 4 GPUs, 64 cores; ~5 min: bounded by the 60-layer build
-    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    build_logged 60 32-63 &
     (build 20 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$TRAIN_SET}" 300 0-15) &
-    (CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 290 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
-      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
+    gpu_tests 1 16-31 290 a "${CFG_ENGINE_TESTS[@]}" -k "not lora_update" &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
   prep3)  # 4 GPUs, 64 cores; ~6 min: the 60-layer build (cores 32-63) | train_step L20, CFG layouts (GPU 0)
           # | attention kernels, then the CFG + engine GPU tests (GPU 1) | the 2-GPU hybrid-engine test (GPUs 2,3)
-    (build 60 32-63 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    build_logged 60 32-63 &
     (build 20 0-15 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$CFG_SET}" 330 0-15) &
     (CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 60 python3 benchmarks/attention_backends.py \
       --out "$OUT/attention_backends.json" > "$OUT/attention_backends.log" 2>&1; \
       echo "attention_backends exit $?" | tee -a "$OUT/session.txt"; \
-      CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 timeout 250 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
-      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
-    (CUDA_VISIBLE_DEVICES=2,3 taskset -c 24-31 timeout 330 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_hybrid_engine_gpu.py -k 2gpus > "$OUT/gpu_tests_b.log" 2>&1; \
-      echo "gpu tests b exit $?" | tee -a "$OUT/session.txt") &
+      gpu_tests 1 16-23 250 a "${CFG_ENGINE_TESTS[@]}" -k "not lora_update") &
+    gpu_tests 2,3 24-31 330 b tests/gpu/test_hybrid_engine_gpu.py -k 2gpus &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
     grep -h -E "per_update|batched_masked|two_calls" "$OUT"/attention_backends.log | tail -9
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L20.log ;;
   prep4)  # 2+ GPUs, 32+ cores; ~6 min: the 60-layer build (cores 16-31) | train_step L20 (GPU 0, cores 0-11)
           # | CFG + engine GPU tests (GPU 1, cores 12-15)
-    (build 60 16-31 > "$OUT/build.log" 2>&1; echo "build L60 exit $?" | tee -a "$OUT/session.txt") &
+    build_logged 60 16-31 &
     (build 20 0-11 > /dev/null && train_step 0 20 "${TRAIN_VARIANTS_L20:-$NOCKPT_SET}" 400 0-11) &
-    (CUDA_VISIBLE_DEVICES=1 taskset -c 12-15 timeout 300 python3 -m pytest -m gpu -v -s -p no:cacheprovider \
-      tests/gpu/test_activation_memory_gpu.py tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py -k "not lora_update" \
-      > "$OUT/gpu_tests_a.log" 2>&1; echo "gpu tests a exit $?" | tee -a "$OUT/session.txt") &
+    gpu_tests 1 12-15 300 a tests/gpu/test_activation_memory_gpu.py "${CFG_ENGINE_TESTS[@]}" -k "not lora_update" &
     wait
     grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$OUT"/gpu_tests_*.log | tail -20
     grep -h -E "s per update|out of memory|blocks recomputed" "$OUT"/train_step_L20.log ;;
