@@ -122,23 +122,41 @@ class LiveActivations:
         return self.card - self.total  # the test's card is what remains after the margin
 
 
-def test_auto_keeps_what_the_budget_holds_from_the_second_update_with_the_same_result(tmp_path, qwen_image_rl_pipe):
-    model_dir = build_tiny_qwen_image(str(tmp_path / "qwen4"), seed=0, num_layers=4)
-    data = _rollout(qwen_image_rl_pipe)  # the rows' text embeddings fit any tiny Qwen-Image
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory):
+    """A tiny Qwen-Image of 4 blocks: room for a plan between all and none (the rollout's text embeddings fit)."""
+    return build_tiny_qwen_image(str(tmp_path_factory.mktemp("qwen4")), seed=0, num_layers=4)
+
+
+def _actor(model_dir: str, blocks="auto") -> DiffusionLoRAActor:
+    model = model_config(model_dir, enable_gradient_checkpointing=True, gradient_checkpointing_blocks=blocks)
     actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
-    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+    return DiffusionLoRAActor(model, actor_cfg, rollout_config(pipeline={"true_cfg_scale": 2.0}), lora_seed=5)
+
+
+def _plan_with(actor: DiffusionLoRAActor, memory: LiveActivations) -> AutoCheckpointing:
+    """What ``auto`` sets up on a GPU, on the CPU with ``memory`` in place of the CUDA allocator."""
+    actor.checkpointing = BlockCheckpointing(actor.transformer, len(actor.checkpointing.blocks), memory.allocated)
+    actor.memory_plan = AutoCheckpointing(actor.checkpointing, memory)
+    return actor.memory_plan
+
+
+def test_auto_keeps_what_the_budget_holds_from_the_second_update_with_the_same_result(
+    four_layer_dir, qwen_image_rl_pipe
+):
+    data = _rollout(qwen_image_rl_pipe)
 
     def run(budget=None, updates=2):
-        model = model_config(model_dir, enable_gradient_checkpointing=True)
-        actor = DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+        actor = _actor(four_layer_dir)
         if budget is None:  # auto off a GPU: no memory plan
-            return actor, None, [actor.update(data, advantages)["actor/recomputed_blocks"] for _ in range(updates)]
+            return actor, None, [actor.update(data, ADVANTAGES)["actor/recomputed_blocks"] for _ in range(updates)]
         memory = LiveActivations(budget)
-        actor.checkpointing = BlockCheckpointing(actor.transformer, 4, memory.allocated)
-        actor.memory_plan = plan = AutoCheckpointing(actor.checkpointing, memory)
+        plan = _plan_with(actor, memory)
         with memory.hooks():
-            counts = [actor.update(data, advantages)["actor/recomputed_blocks"] for _ in range(updates)]
+            counts = [actor.update(data, ADVANTAGES)["actor/recomputed_blocks"] for _ in range(updates)]
         return actor, plan, counts
 
     roomy, plan, counts = run(budget=1e12)
@@ -161,21 +179,13 @@ def test_auto_keeps_what_the_budget_holds_from_the_second_update_with_the_same_r
         assert torch.equal(value, roomy.lora_state_dict()[name]), name
 
 
-def test_an_update_that_runs_out_of_memory_is_retried_recomputing_every_block(tmp_path, qwen_image_rl_pipe, caplog):
-    model_dir = build_tiny_qwen_image(str(tmp_path / "qwen4"), seed=0, num_layers=4)
+def test_an_update_that_runs_out_of_memory_is_retried_recomputing_every_block(
+    four_layer_dir, qwen_image_rl_pipe, caplog
+):
     data = _rollout(qwen_image_rl_pipe)
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
-    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
-
-    def actor(blocks):
-        model = model_config(model_dir, enable_gradient_checkpointing=True, gradient_checkpointing_blocks=blocks)
-        return DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
-
-    auto = actor("auto")
+    auto = _actor(four_layer_dir)
     memory = LiveActivations(1e12)
-    auto.checkpointing = BlockCheckpointing(auto.transformer, 4, memory.allocated)
-    auto.memory_plan = AutoCheckpointing(auto.checkpointing, memory)
+    _plan_with(auto, memory)
     armed = {"on": False}
 
     def out_of_memory_in_a_kept_block(block, args):
@@ -194,18 +204,20 @@ def test_an_update_that_runs_out_of_memory_is_retried_recomputing_every_block(tm
     with memory.hooks(), caplog.at_level("WARNING", logger="verl_omni.workers.activation_memory"):
         for update in range(3):
             armed["on"] = update == 1  # update 2 plans to keep all 4 blocks, and fails
-            counts.append(auto.update(data, advantages)["actor/recomputed_blocks"])
+            counts.append(auto.update(data, ADVANTAGES)["actor/recomputed_blocks"])
     assert counts == [3, 4, 1]  # the retry recomputes all; then at most 3/4 of the 4 blocks that failed are kept
     assert "out of memory with 4 of 4 blocks keeping their activations" in caplog.text
     assert "later updates keep at most 3" in caplog.text
 
-    plain = actor(None)  # every block recomputed, no memory plan
+    plain = _actor(four_layer_dir, blocks=None)  # every block recomputed, no memory plan
     for _ in range(3):
-        plain.update(data, advantages)
+        plain.update(data, ADVANTAGES)
     for name, value in plain.lora_state_dict().items():  # the failed attempt left nothing behind
         assert torch.equal(value, auto.lora_state_dict()[name]), name
 
-    fixed = actor(0)  # a count the user fixed is not second-guessed: the error reaches the caller
+    fixed = _actor(
+        four_layer_dir, blocks=0
+    )  # a count the user fixed is not second-guessed: the error reaches the caller
 
     def out_of_memory(block, args):
         if torch.is_grad_enabled():
@@ -213,7 +225,7 @@ def test_an_update_that_runs_out_of_memory_is_retried_recomputing_every_block(tm
 
     fixed.transformer.transformer_blocks[0].register_forward_pre_hook(out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        fixed.update(data, advantages)
+        fixed.update(data, ADVANTAGES)
 
 
 def test_no_retry_once_another_rank_may_wait_in_the_all_reduce(tiny_qwen_image_dir):
