@@ -9,7 +9,9 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
-(GEMM / attention / other device time vs wall time). Also checks that the fused processor computes
+(GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
+CFG with the negative prompt " ", LoRA r64 on to_q/k/v/out as the hybrid engine serves it); MFU counts the real
+token counts of both branches. Also checks that the fused processor computes
 what diffusers computes (same seeds: relative L2 of the final latents, image difference).
 
 Run on the device (vllm-omni bundle installed):  python benchmarks/pipeline_breakdown.py --out $OUT/breakdown.json
@@ -91,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
     ap.add_argument("--variants", default="eager_sdpa,compiled_sdpa,compiled_flash")
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on to_q/k/v/out (0: none; the recipe: 64)")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
 
@@ -99,14 +102,16 @@ def main() -> None:
     from vllm_omni.diffusion.compile import regionally_compile
 
     from verl_omni.config.sampling import DiffusionSamplingParams
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.models.lora import LoRASpec
+    from verl_omni.pipelines.loading import load_rl_pipeline
     from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
 
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; bf16 matmul peak {peak:.0f} TFLOP/s")
     model_dir = build_model(args.model_dir, args.layers)
-    pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to("cuda")
-    pipe.set_progress_bar_config(disable=True)
+    # as the engines load it: frozen bf16 transformer, the adapter's weights in float32
+    lora = LoRASpec(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
+    pipe = load_rl_pipeline(model_dir, "qwen_image", torch.bfloat16, lora).to("cuda")
     tcfg = dict(pipe.transformer.config)
     params = DiffusionSamplingParams(
         num_inference_steps=args.steps,
@@ -117,6 +122,8 @@ def main() -> None:
         sde_type="sde",
         sde_window_size=0,
         return_trajectory=True,
+        guidance_scale=args.cfg,
+        negative_prompt=" " if args.cfg > 1 else None,
     )
     prompt = PROMPTS[0]
     seeds = list(range(args.n))
@@ -139,7 +146,13 @@ def main() -> None:
 
     call = lambda: pipe.rl_generate(prompt, seeds, params)  # noqa: E731
     image_tokens = (args.size // 16) ** 2
-    flops = transformer_flops_per_image(tcfg, image_tokens, args.max_text_tokens, args.steps, 1)
+    text_tokens = int(pipe.encode_prompt_for_rl(prompt, args.max_text_tokens).embeds.shape[1])
+    flops = transformer_flops_per_image(tcfg, image_tokens, text_tokens, args.steps, 1)
+    negative_tokens = None
+    if args.cfg > 1:  # the unconditional branch, with its own (real) token count
+        negative_tokens = int(pipe.encode_prompt_for_rl(" ", args.max_text_tokens).embeds.shape[1])
+        flops += transformer_flops_per_image(tcfg, image_tokens, negative_tokens, args.steps, 1)
+    log(f"text tokens {text_tokens}, negative {negative_tokens}; {flops / 1e12:.1f} TFLOP per image")
 
     # stages of one call (eager, stock): prompt encoding, VAE decode; denoising = the rest
     enc = timed(lambda: pipe.encode_prompt_for_rl(prompt, args.max_text_tokens), 3)
@@ -209,7 +222,10 @@ def main() -> None:
             "n": args.n,
             "steps": args.steps,
             "size": args.size,
-            "text_tokens": args.max_text_tokens,
+            "text_tokens": text_tokens,
+            "negative_text_tokens": negative_tokens,
+            "cfg": args.cfg,
+            "lora_rank": args.lora_rank,
             "transformer_tflop_per_image": flops / 1e12,
         },
         "stages_eager": stages,

@@ -21,10 +21,11 @@
 #   mix4    : (2 GPUs) e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block recomputed
 #             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
+#   probe60 : one GPU: the 60-layer build, then pipeline_breakdown of the recipe's rollout call (CFG 4, LoRA r64)
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto").
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|probe60}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -174,6 +175,14 @@ case "$stage" in
       --variants "${TRAIN_VARIANTS:-ckpt_mb1_two_forwards,default,compiled_ckpt_mb8}" --model-dir "$MODEL_DIR" \
       --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
+  probe60)  # one GPU; ~7 min: the 60-layer build, then pipeline_breakdown on the recipe's rollout call (CFG 4,
+            # LoRA r64): the diffusers engine's path (eager, SDPA) and vllm-omni's (compiled, FA3), kernel profile
+    build 60 > "$OUT/build.log" 2>&1
+    timeout 420 python3 benchmarks/pipeline_breakdown.py --layers 60 --cfg 4 --lora-rank 64 --repeats 2 \
+      --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --model-dir "$MODEL_DIR" \
+      --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
+    echo "pipeline_breakdown L60 exit $?" | tee -a "$OUT/session.txt"
+    grep -v -e Loading -e WARNING -e "truncated to" "$OUT/pipeline_breakdown_L60.log" | tail -40 ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
   g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
   e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
