@@ -7,6 +7,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   eager_flash     + the fused attention processor with vllm-omni's flash kernel (FA3)
   compiled_sdpa   vllm-omni's regional torch.compile of the transformer blocks (dynamic=True), stock attention
   compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
+  compiledauto_flash / compiledstatic_flash
+                  the same with torch.compile(dynamic=None) (dynamo's automatic dynamic) / dynamic=False
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
 (GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
@@ -30,6 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image  # noqa: E402
 from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E402
+
+# torch.compile's ``dynamic`` per variant prefix: vllm-omni's engine compiles with dynamic=True (every dim symbolic);
+# None is dynamo's default (static first, then only the dims seen to change become symbolic); False: one graph per
+# shape.
+COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": False}
 
 
 def _sync():
@@ -104,7 +111,7 @@ def main() -> None:
     from verl_omni.config.sampling import DiffusionSamplingParams
     from verl_omni.models.lora import LoRASpec
     from verl_omni.pipelines.loading import load_rl_pipeline
-    from verl_omni.rollout.engines.vllm_omni import resolve_flash_attention
+    from verl_omni.rollout.engines.vllm_omni.worker import resolve_flash_attention
 
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; bf16 matmul peak {peak:.0f} TFLOP/s")
@@ -137,12 +144,12 @@ def main() -> None:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
 
-    def set_compiled(on: bool) -> None:
+    def set_compiled(kind: str) -> None:
         for block in pipe.transformer.transformer_blocks:
             block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
         torch._dynamo.reset()
-        if on:
-            regionally_compile(pipe.transformer, dynamic=True)
+        if kind != "eager":
+            regionally_compile(pipe.transformer, dynamic=COMPILE_DYNAMIC[kind])
 
     call = lambda: pipe.rl_generate(prompt, seeds, params)  # noqa: E731
     image_tokens = (args.size // 16) ** 2
@@ -170,8 +177,11 @@ def main() -> None:
         if attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
+        if compiled not in COMPILE_DYNAMIC and compiled != "eager":
+            allowed = ["eager", *COMPILE_DYNAMIC]
+            raise SystemExit(f"--variants {variant!r}: the part before '_' must be one of {allowed}")
         set_attention(attention)
-        set_compiled(compiled == "compiled")
+        set_compiled(compiled)
         t0 = time.perf_counter()
         out = call()
         first = time.perf_counter() - t0

@@ -178,8 +178,8 @@ case "$stage" in
   probe60)  # one GPU; ~7 min: the 60-layer build, then pipeline_breakdown on the recipe's rollout call (CFG 4,
             # LoRA r64): the diffusers engine's path (eager, SDPA) and vllm-omni's (compiled, FA3), kernel profile
     build 60 > "$OUT/build.log" 2>&1
-    timeout 420 python3 benchmarks/pipeline_breakdown.py --layers 60 --cfg 4 --lora-rank 64 --repeats 2 \
-      --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --model-dir "$MODEL_DIR" \
+    timeout 420 python3 benchmarks/pipeline_breakdown.py --layers 60 --cfg 4 --lora-rank 64 \
+      --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --repeats "${PROBE_REPEATS:-2}" --model-dir "$MODEL_DIR" \
       --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
     echo "pipeline_breakdown L60 exit $?" | tee -a "$OUT/session.txt"
     grep -v -e Loading -e WARNING -e "truncated to" "$OUT/pipeline_breakdown_L60.log" | tail -40 ;;
