@@ -9,6 +9,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   compiled_flash  both (what the vllm-omni engine runs: path (b), without the engine's process hops)
   compiledauto_flash / compiledstatic_flash
                   the same with torch.compile(dynamic=None) (dynamo's automatic dynamic) / dynamic=False
+  <any>_flash_swapped
+                  the fused processor with its "swapped" RoPE form (the same numbers, one elementwise expression)
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
 (GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
@@ -37,6 +39,20 @@ from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E40
 # None is dynamo's default (static first, then only the dims seen to change become symbolic); False: one graph per
 # shape.
 COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": False}
+
+
+def parse_variant(variant: str) -> tuple[str, str, str, str]:
+    """``<compile>_<attention>[_<rope>]`` -> (variant, compile, attention, rope), or exit naming what is allowed."""
+    from verl_omni.pipelines.qwen_image import ROPE_FORMS
+
+    compiled, attention, *rest = variant.split("_") + ([] if "_" in variant else [""])
+    rope = rest[0] if rest else "pairs"
+    allowed = ["eager", *COMPILE_DYNAMIC]
+    if compiled not in allowed or attention not in ("sdpa", "flash"):
+        raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
+    if len(rest) > 1 or rope not in ROPE_FORMS or (rest and attention != "flash"):
+        raise SystemExit(f"--variants {variant!r}: a third part only after _flash, one of {sorted(ROPE_FORMS)}")
+    return variant, compiled, attention, rope
 
 
 def _sync():
@@ -113,6 +129,7 @@ def main() -> None:
     from verl_omni.pipelines.loading import load_rl_pipeline
     from verl_omni.rollout.engines.vllm_omni.worker import resolve_flash_attention
 
+    variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]  # before any loading
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; bf16 matmul peak {peak:.0f} TFLOP/s")
     model_dir = build_model(args.model_dir, args.layers)
@@ -137,9 +154,9 @@ def main() -> None:
     flash = resolve_flash_attention()
     log(f"flash attention: {getattr(flash, '__module__', None)}")
 
-    def set_attention(kind: str) -> None:
+    def set_attention(kind: str, rope: str) -> None:
         if kind == "flash":
-            pipe.use_attention_function(flash)
+            pipe.use_attention_function(flash, rope=rope)
         else:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
@@ -172,15 +189,11 @@ def main() -> None:
     )
 
     results, reference = {}, {}
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        compiled, attention = variant.split("_")
+    for variant, compiled, attention, rope in variants:
         if attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
-        if compiled not in COMPILE_DYNAMIC and compiled != "eager":
-            allowed = ["eager", *COMPILE_DYNAMIC]
-            raise SystemExit(f"--variants {variant!r}: the part before '_' must be one of {allowed}")
-        set_attention(attention)
+        set_attention(attention, rope)
         set_compiled(compiled)
         t0 = time.perf_counter()
         out = call()

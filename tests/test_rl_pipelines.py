@@ -360,6 +360,41 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
     assert _sdpa_bshd.calls == 0 and torch.isfinite(masked).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_rope_form_gives_the_same_numbers_as_the_stacked_pairs(dtype):
+    """The two RoPE forms the fused processor can use are the same float32 products (a sum of a negated product
+    equals the difference), so they agree bit for bit."""
+    from verl_omni.pipelines.qwen_image import _rotate, _rotate_swapped
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g).to(dtype)
+    angles = torch.randn(7, 1, 8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    pairs, swapped = _rotate(x, cos, sin), _rotate_swapped(x, cos, sin)
+    assert swapped.dtype == dtype and not torch.equal(pairs, x)  # it rotates
+    assert torch.equal(pairs, swapped)
+
+
+def test_fused_processor_with_swapped_rope_generates_the_same_images(tiny_qwen_image_dir, monkeypatch):
+    """Through the whole pipeline: the "swapped" form's rollout equals the default "pairs" form's (same seeds);
+    an unknown form is refused, naming the allowed ones."""
+    from verl_omni.pipelines import qwen_image
+    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor, QwenImageRLPipeline
+
+    monkeypatch.setattr(qwen_image, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in kernel run
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    pipe.set_progress_bar_config(disable=True)
+    params = _params(guidance_scale=2.0, negative_prompt="dull", batch_cfg=False)
+    outputs = {}
+    for rope in ("pairs", "swapped"):
+        assert pipe.use_attention_function(_sdpa_bshd, rope=rope) == pipe.transformer.config.num_layers
+        outputs[rope] = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    assert torch.equal(outputs["pairs"].latents, outputs["swapped"].latents)
+    assert torch.equal(outputs["pairs"].log_probs, outputs["swapped"].log_probs)
+    with pytest.raises(ValueError, match=r"rope='interleaved'.*\['pairs', 'swapped'\]"):
+        QwenImageFusedAttnProcessor(_sdpa_bshd, rope="interleaved")
+
+
 def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
     """decode_latents runs the decoder without its frame cache and with 2D convs: the same pixels as vae.decode."""
     from verl_omni.pipelines.qwen_image import QwenImageRLPipeline, SingleFrameCausalConv3d

@@ -59,6 +59,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(3).type_as(x)
 
 
+def _rotate_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate` as one elementwise expression over the flat head dim, with the same float32 products:
+    ``out[2i] = x[2i] cos_i - x[2i+1] sin_i`` and ``out[2i+1] = x[2i+1] cos_i + x[2i] sin_i``. Nothing is stacked,
+    so inductor may fuse the rotation with the RMSNorm before it and the cat after it into fewer passes (the stacked
+    form took three kernels per tensor at the real size). x [B, S, H, D]; cos/sin [S, 1, D/2]."""
+    xf = x.float()
+    partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # x[d ^ 1]
+    cos_full = cos.repeat_interleave(2, dim=-1)
+    sin_signed = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return (xf * cos_full + partner * sin_signed).type_as(x)
+
+
+# How QwenImageFusedAttnProcessor writes RoPE: "pairs" (the default) stacks the rotated halves; "swapped" is one
+# elementwise expression. Both give the same numbers; which one compiles faster is for the device to say
+# (benchmarks/pipeline_breakdown.py, variants ending in _swapped).
+ROPE_FORMS = {"pairs": _rotate, "swapped": _rotate_swapped}
+
+
 class QwenImageFusedAttnProcessor:
     """Qwen-Image's joint (text + image) attention as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` computes it,
     with two differences that only change speed: RoPE in real arithmetic (fusable by torch.compile) and, when there
@@ -67,8 +85,11 @@ class QwenImageFusedAttnProcessor:
     kernel lacks, it uses diffusers' dispatcher (SDPA with the mask): acceptable, since attention is ~2% of the
     transformer's FLOPs at 1024 image tokens."""
 
-    def __init__(self, attention_fn: AttentionFn):
+    def __init__(self, attention_fn: AttentionFn, rope: str = "pairs"):
+        if rope not in ROPE_FORMS:
+            raise ValueError(f"rope={rope!r}: allowed values are {sorted(ROPE_FORMS)}")
         self.attention_fn = attention_fn
+        self.rotate = ROPE_FORMS[rope]
 
     def __call__(
         self,
@@ -92,8 +113,8 @@ class QwenImageFusedAttnProcessor:
             img_freqs, txt_freqs = image_rotary_emb
             img_cos, img_sin = img_freqs.real[:, None], img_freqs.imag[:, None]
             txt_cos, txt_sin = txt_freqs.real[:, None], txt_freqs.imag[:, None]
-            img_q, img_k = _rotate(img_q, img_cos, img_sin), _rotate(img_k, img_cos, img_sin)
-            txt_q, txt_k = _rotate(txt_q, txt_cos, txt_sin), _rotate(txt_k, txt_cos, txt_sin)
+            img_q, img_k = self.rotate(img_q, img_cos, img_sin), self.rotate(img_k, img_cos, img_sin)
+            txt_q, txt_k = self.rotate(txt_q, txt_cos, txt_sin), self.rotate(txt_k, txt_cos, txt_sin)
         query = torch.cat([txt_q, img_q], dim=1)  # order: [text, image], as diffusers
         key = torch.cat([txt_k, img_k], dim=1)
         value = torch.cat([txt_v, img_v], dim=1)
@@ -162,9 +183,10 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
         return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
 
-    def use_attention_function(self, attention_fn: AttentionFn) -> int:
+    def use_attention_function(self, attention_fn: AttentionFn, rope: str = "pairs") -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
-        (an engine's fused kernel). Returns the number of blocks changed."""
+        (an engine's fused kernel) and the RoPE form ``rope`` (see ``ROPE_FORMS``). Returns the number of blocks
+        changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -174,7 +196,7 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             )
         ]
         for module in blocks:
-            module.set_processor(QwenImageFusedAttnProcessor(attention_fn))
+            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope))
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts
