@@ -176,7 +176,7 @@ case "$stage" in
       --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
   probe60)  # one GPU; ~7 min: the 60-layer build, then pipeline_breakdown on the recipe's rollout call (CFG 4,
-            # LoRA r64): the diffusers engine's path (eager, SDPA) and vllm-omni's (compiled, FA3), kernel profile
+            # LoRA r64): the split placement's diffusers path (eager, SDPA) and vllm-omni's (compiled, FA3), profile
     build 60 > "$OUT/build.log" 2>&1
     timeout 420 python3 benchmarks/pipeline_breakdown.py --layers 60 --cfg 4 --lora-rank 64 \
       --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --repeats "${PROBE_REPEATS:-2}" --model-dir "$MODEL_DIR" \

@@ -63,7 +63,7 @@ def _rotate_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """:func:`_rotate` as one elementwise expression over the flat head dim, with the same float32 products:
     ``out[2i] = x[2i] cos_i - x[2i+1] sin_i`` and ``out[2i+1] = x[2i+1] cos_i + x[2i] sin_i``. Nothing is stacked,
     so inductor may fuse the rotation with the RMSNorm before it and the cat after it into fewer passes (the stacked
-    form took three kernels per tensor at the real size). x [B, S, H, D]; cos/sin [S, 1, D/2]."""
+    form compiled to three passes over q and k at the real size). x [B, S, H, D]; cos/sin [S, 1, D/2]."""
     xf = x.float()
     partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # x[d ^ 1]
     cos_full = cos.repeat_interleave(2, dim=-1)
