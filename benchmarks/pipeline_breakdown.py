@@ -45,12 +45,13 @@ def parse_variant(variant: str) -> tuple[str, str, str, str]:
     """``<compile>_<attention>[_<rope>]`` -> (variant, compile, attention, rope), or exit naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
-    compiled, attention, *rest = variant.split("_") + ([] if "_" in variant else [""])
-    rope = rest[0] if rest else "pairs"
+    parts = variant.split("_")
+    compiled, attention = parts[0], parts[1] if len(parts) > 1 else ""
+    rope = parts[2] if len(parts) > 2 else "pairs"
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    if len(rest) > 1 or rope not in ROPE_FORMS or (rest and attention != "flash"):
+    if len(parts) > 3 or rope not in ROPE_FORMS or (len(parts) > 2 and attention != "flash"):
         raise SystemExit(f"--variants {variant!r}: a third part only after _flash, one of {sorted(ROPE_FORMS)}")
     return variant, compiled, attention, rope
 

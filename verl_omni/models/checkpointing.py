@@ -34,12 +34,13 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class BlockCheckpointing:
-    """Which blocks recompute (``recomputed``: the first k; changeable between updates) and, with ``allocated`` (a
-    host-side read of the bytes the allocator has handed out, e.g. ``torch.cuda.memory_allocated``), the most bytes
-    each kept block's forward left allocated (``kept_bytes[i]``; 0: never measured): its saved activations."""
+    """Which blocks recompute (``recomputed``: the first k, None for all; changeable between updates) and, with
+    ``allocated`` (a host-side read of the bytes the allocator has handed out, e.g. ``torch.cuda.memory_allocated``),
+    the most bytes each kept block's forward left allocated (``kept_bytes[i]``; 0: never measured): its saved
+    activations."""
 
     def __init__(
-        self, transformer: torch.nn.Module, recomputed: int, allocated: Optional[Callable[[], int]] = None
+        self, transformer: torch.nn.Module, recomputed: Optional[int], allocated: Optional[Callable[[], int]] = None
     ) -> None:
         self.blocks = transformer_blocks(transformer)
         self._index = {id(block): i for i, block in enumerate(self.blocks)}
@@ -48,7 +49,10 @@ class BlockCheckpointing:
         self.kept_bytes = [0] * len(self.blocks)
         transformer.enable_gradient_checkpointing(gradient_checkpointing_func=self._call)
 
-    def check(self, recomputed: int) -> int:
+    def check(self, recomputed: Optional[int]) -> int:
+        """``recomputed`` blocks (None: every one), refused naming the key when the transformer has fewer."""
+        if recomputed is None:
+            return len(self.blocks)
         if recomputed > len(self.blocks):
             raise ValueError(
                 f"{KEY}={recomputed} but the transformer has {len(self.blocks)} blocks "

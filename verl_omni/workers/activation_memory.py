@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from verl_omni.models.checkpointing import BlockCheckpointing
+from verl_omni.models.checkpointing import KEY, BlockCheckpointing
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class AutoCheckpointing:
                 logger.info(
                     "%s=auto: %d of %d blocks recompute (a kept block holds %.2f GB; %.1f GB left for activations, "
                     "%.1f GB of the update's peak is not kept blocks)",
-                    "actor_rollout_ref.model.gradient_checkpointing_blocks",
+                    KEY,
                     recomputed,
                     self.num_blocks,
                     block_bytes / 1e9,
@@ -134,8 +134,9 @@ class AutoCheckpointing:
         self._max_kept = kept * 3 // 4
         self._recompute_all_once = True
         logger.warning(
-            "actor_rollout_ref.model.gradient_checkpointing_blocks=auto: out of memory with %d of %d blocks keeping "
-            "their activations (%s); retrying this update with every block recomputed, later updates keep at most %d",
+            "%s=auto: out of memory with %d of %d blocks keeping their activations (%s); retrying this update with "
+            "every block recomputed, later updates keep at most %d",
+            KEY,
             kept,
             self.num_blocks,
             error,

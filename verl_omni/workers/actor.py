@@ -43,7 +43,8 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
-from verl_omni.models.checkpointing import BlockCheckpointing, transformer_blocks
+from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
+from verl_omni.models.checkpointing import BlockCheckpointing
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
@@ -112,18 +113,13 @@ class DiffusionLoRAActor:
         if checkpointing:
             # Only takes effect with gradients enabled: rollouts through the same module are unaffected.
             blocks = model.gradient_checkpointing_blocks
-            every = len(transformer_blocks(self.transformer))
             memory = CudaMemory(self.device) if blocks == AUTO and on_gpu else None
-            recomputed = every if blocks in (None, AUTO) else blocks
+            recomputed = None if blocks == AUTO else blocks  # auto starts from every block (None)
             self.checkpointing = BlockCheckpointing(self.transformer, recomputed, memory and memory.allocated)
             if memory is not None:
                 self.memory_plan = AutoCheckpointing(self.checkpointing, memory)
             elif blocks == AUTO:
-                logger.info(
-                    "actor_rollout_ref.model.gradient_checkpointing_blocks=auto measures GPU memory; on %s every "
-                    "block recomputes",
-                    self.device,
-                )
+                logger.info("%s=auto measures GPU memory; on %s every block recomputes", CHECKPOINTING_KEY, self.device)
         else:
             self.transformer.disable_gradient_checkpointing()
         if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
