@@ -11,6 +11,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
                   the same with torch.compile(dynamic=None) (dynamo's automatic dynamic) / dynamic=False
   <any>_flash_swapped
                   the fused processor with its "swapped" RoPE form (the same numbers, one elementwise expression)
+  <any>_epilogue  (after the RoPE form, if any) the FFN's tanh GELU in the GEMM's cuBLASLt epilogue
+                  (verl_omni/models/gelu_epilogue.py); variants without it put diffusers' GELU back
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
 (GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
@@ -41,19 +43,26 @@ from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E40
 COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": False}
 
 
-def parse_variant(variant: str) -> tuple[str, str, str, str]:
-    """``<compile>_<attention>[_<rope>]`` -> (variant, compile, attention, rope), or exit naming what is allowed."""
+VARIANT_OPTIONS = ("epilogue",)  # after the RoPE form: GELU in the FFN's GEMM epilogue (models/gelu_epilogue.py)
+
+
+def parse_variant(variant: str) -> tuple[str, str, str, str, bool]:
+    """``<compile>_<attention>[_<rope>][_epilogue]`` -> (variant, compile, attention, rope, epilogue), or exit
+    naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
     parts = variant.split("_")
-    compiled, attention = parts[0], parts[1] if len(parts) > 1 else ""
-    rope = parts[2] if len(parts) > 2 else "pairs"
+    compiled, attention, options = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    if len(parts) > 3 or rope not in ROPE_FORMS or (len(parts) > 2 and attention != "flash"):
-        raise SystemExit(f"--variants {variant!r}: a third part only after _flash, one of {sorted(ROPE_FORMS)}")
-    return variant, compiled, attention, rope
+    epilogue = "epilogue" in options
+    ropes = [o for o in options if o != "epilogue"]
+    if len(ropes) > 1 or any(r not in ROPE_FORMS for r in ropes) or (ropes and attention != "flash"):
+        raise SystemExit(
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one, only after _flash) and {VARIANT_OPTIONS}"
+        )
+    return variant, compiled, attention, ropes[0] if ropes else "pairs", epilogue
 
 
 def _sync():
@@ -126,6 +135,7 @@ def main() -> None:
     from vllm_omni.diffusion.compile import regionally_compile
 
     from verl_omni.config.sampling import DiffusionSamplingParams
+    from verl_omni.models.gelu_epilogue import use_gelu_epilogue, use_plain_gelu
     from verl_omni.models.lora import LoRASpec
     from verl_omni.pipelines.loading import load_rl_pipeline
     from verl_omni.rollout.engines.vllm_omni.worker import resolve_flash_attention
@@ -162,6 +172,11 @@ def main() -> None:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
 
+    def set_gelu(epilogue: bool) -> None:
+        use_plain_gelu(pipe.transformer)
+        if epilogue:
+            log(f"GELU epilogue on {use_gelu_epilogue(pipe.transformer)} feed-forwards")
+
     def set_compiled(kind: str) -> None:
         for block in pipe.transformer.transformer_blocks:
             block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
@@ -190,11 +205,12 @@ def main() -> None:
     )
 
     results, reference = {}, {}
-    for variant, compiled, attention, rope in variants:
+    for variant, compiled, attention, rope, epilogue in variants:
         if attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
         set_attention(attention, rope)
+        set_gelu(epilogue)
         set_compiled(compiled)
         t0 = time.perf_counter()
         out = call()
