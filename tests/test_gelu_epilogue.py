@@ -56,3 +56,20 @@ def test_exact_gelu_is_left_alone():
     x = torch.randn(3, 8)
     expected = tanh_ff.net[2](torch.nn.functional.gelu(tanh_ff.net[0].proj(x), approximate="tanh"))
     torch.testing.assert_close(tanh_ff(x), expected, rtol=0, atol=0)
+
+
+def test_loading_and_config_switch(tiny_qwen_image_dir):
+    import pytest
+
+    from verl_omni.config.model import ModelConfig
+    from verl_omni.pipelines.loading import load_rl_pipeline
+
+    def swapped(pipe):
+        return sum(isinstance(m, EpilogueGELU) for m in pipe.transformer.modules())
+
+    on = load_rl_pipeline(tiny_qwen_image_dir, "qwen_image", "float32", gelu_epilogue=True)
+    off = load_rl_pipeline(tiny_qwen_image_dir, "qwen_image", "float32")
+    assert swapped(on) == 2 * on.transformer.config.num_layers and swapped(off) == 0
+    assert ModelConfig(path=tiny_qwen_image_dir).gelu_epilogue is True
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.model\.gelu_epilogue='yes' must be true or false"):
+        ModelConfig(path=tiny_qwen_image_dir, gelu_epilogue="yes")

@@ -10,6 +10,7 @@ import torch
 
 from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.logs import quiet_loading_bars
+from verl_omni.models.gelu_epilogue import use_gelu_epilogue
 from verl_omni.models.lora import LoRASpec, add_lora_adapter
 from verl_omni.pipelines import get_pipeline_class
 
@@ -20,13 +21,17 @@ def load_rl_pipeline(
     dtype: str | torch.dtype,
     lora: Optional[LoRASpec] = None,
     lora_dtype: torch.dtype = torch.float32,
+    gelu_epilogue: bool = False,
 ) -> Any:
     """``get_pipeline_class(pipeline).from_pretrained(path)`` in ``dtype`` (on CPU), progress bars off, with a
     frozen transformer and, when ``lora`` is given, a peft adapter on it, its weights in ``lora_dtype``.
 
     float32 by default, in every engine too: the actor trains the adapter in float32 over bf16 base weights, and
     the hybrid engine's engines serve that very tensor (an engine compiled with a bf16 adapter would recompile).
-    A split-placement sync sends rollout-dtype values; a float32 adapter holds them exactly."""
+    A split-placement sync sends rollout-dtype values; a float32 adapter holds them exactly.
+
+    ``gelu_epilogue``: the transformer's tanh GELUs computed in their GEMM's epilogue where nothing needs a
+    gradient (``models/gelu_epilogue.py``; ``actor_rollout_ref.model.gelu_epilogue``)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
@@ -36,6 +41,8 @@ def load_rl_pipeline(
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.requires_grad_(False)
+    if gelu_epilogue:
+        use_gelu_epilogue(pipe.transformer)
     if lora is not None:
         add_lora_adapter(pipe.transformer, lora)
         for name, param in pipe.transformer.named_parameters():

@@ -82,7 +82,9 @@ class DiffusionLoRAActor:
         self.device = torch.device(device or actor.device)
         if pipe is None:
             # Only the transformer is needed: the VAE and text encoders stay on the CPU.
-            pipe = load_rl_pipeline(model.path, model.pipeline, actor.dtype, model.lora)
+            pipe = load_rl_pipeline(
+                model.path, model.pipeline, actor.dtype, model.lora, gelu_epilogue=model.gelu_epilogue
+            )
             pipe.transformer.to(self.device)
         self.pipe = pipe
         self.transformer = pipe.transformer

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 class DiffusersEngine(DiffusionEngine):
     def __init__(self, model: ModelConfig, rollout: RolloutConfig):
         super().__init__(model, rollout)
-        self.pipe = load_rl_pipeline(model.path, model.pipeline, rollout.dtype, model.lora)
+        self.pipe = load_rl_pipeline(
+            model.path, model.pipeline, rollout.dtype, model.lora, gelu_epilogue=model.gelu_epilogue
+        )
         self.pipe.to(rollout.device)
         if rollout.on_cuda:
             use_tf32_for_float32_matmuls()

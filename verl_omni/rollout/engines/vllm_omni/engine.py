@@ -82,6 +82,7 @@ class VllmOmniEngine(DiffusionEngine):
         lora = model.lora
         pipeline_opts = {
             "pipeline": model.pipeline,
+            "gelu_epilogue": model.gelu_epilogue,
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},

@@ -79,7 +79,13 @@ class VllmOmniRLPipeline(torch.nn.Module):
         self.opts = dict((getattr(od_config, "custom_pipeline_args", None) or {}).get(EXTRA_KEY) or {})
         lora = LoRASpec(**self.opts["lora"]) if self.opts.get("lora") else None
         dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else resolve_dtype(str(od_config.dtype))
-        pipe = load_rl_pipeline(od_config.model, self.opts.get("pipeline", "qwen_image"), dtype, lora)
+        pipe = load_rl_pipeline(
+            od_config.model,
+            self.opts.get("pipeline", "qwen_image"),
+            dtype,
+            lora,
+            gelu_epilogue=bool(self.opts.get("gelu_epilogue", False)),
+        )
         use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
