@@ -13,6 +13,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
                   the fused processor with its "swapped" RoPE form (the same numbers, one elementwise expression)
   <any>_epilogue  (after the RoPE form, if any) the FFN's tanh GELU in the GEMM's cuBLASLt epilogue
                   (verl_omni/models/gelu_epilogue.py); variants without it put diffusers' GELU back
+  <any>_flash[...]_qkkernel
+                  q/k RMSNorm + RoPE + the joint cat in one Triton kernel (verl_omni/models/qk_norm_rope.py)
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
 (GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
@@ -43,12 +45,14 @@ from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E40
 COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": False}
 
 
-VARIANT_OPTIONS = ("epilogue",)  # after the RoPE form: GELU in the FFN's GEMM epilogue (models/gelu_epilogue.py)
+# After the RoPE form: "epilogue", the FFN's GELU in its GEMM's epilogue (models/gelu_epilogue.py; diffusers' GELU
+# when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py)
+VARIANT_OPTIONS = ("epilogue", "qkkernel")
 
 
-def parse_variant(variant: str) -> tuple[str, str, str, str, bool]:
-    """``<compile>_<attention>[_<rope>][_epilogue]`` -> (variant, compile, attention, rope, epilogue), or exit
-    naming what is allowed."""
+def parse_variant(variant: str) -> tuple[str, str, str, str, bool, bool]:
+    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel]`` -> (variant, compile, attention, rope, epilogue,
+    qkkernel), or exit naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
     parts = variant.split("_")
@@ -56,13 +60,15 @@ def parse_variant(variant: str) -> tuple[str, str, str, str, bool]:
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    epilogue = "epilogue" in options
-    ropes = [o for o in options if o != "epilogue"]
-    if len(ropes) > 1 or any(r not in ROPE_FORMS for r in ropes) or (ropes and attention != "flash"):
+    epilogue, qk_kernel = "epilogue" in options, "qkkernel" in options
+    ropes = [o for o in options if o not in VARIANT_OPTIONS]
+    flash_only = ropes or qk_kernel
+    if len(ropes) > 1 or any(r not in ROPE_FORMS for r in ropes) or (flash_only and attention != "flash"):
         raise SystemExit(
-            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one, only after _flash) and {VARIANT_OPTIONS}"
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash; "
+            f"{VARIANT_OPTIONS}"
         )
-    return variant, compiled, attention, ropes[0] if ropes else "pairs", epilogue
+    return variant, compiled, attention, ropes[0] if ropes else "pairs", epilogue, qk_kernel
 
 
 def _sync():
@@ -165,9 +171,9 @@ def main() -> None:
     flash = resolve_flash_attention()
     log(f"flash attention: {getattr(flash, '__module__', None)}")
 
-    def set_attention(kind: str, rope: str) -> None:
+    def set_attention(kind: str, rope: str, qk_kernel: bool) -> None:
         if kind == "flash":
-            pipe.use_attention_function(flash, rope=rope)
+            pipe.use_attention_function(flash, rope=rope, qk_kernel=qk_kernel)
         else:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
@@ -205,11 +211,11 @@ def main() -> None:
     )
 
     results, reference = {}, {}
-    for variant, compiled, attention, rope, epilogue in variants:
+    for variant, compiled, attention, rope, epilogue, qk_kernel in variants:
         if attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
-        set_attention(attention, rope)
+        set_attention(attention, rope, qk_kernel)
         set_gelu(epilogue)
         set_compiled(compiled)
         t0 = time.perf_counter()

@@ -85,11 +85,18 @@ class QwenImageFusedAttnProcessor:
     kernel lacks, it uses diffusers' dispatcher (SDPA with the mask): acceptable, since attention is ~2% of the
     transformer's FLOPs at 1024 image tokens."""
 
-    def __init__(self, attention_fn: AttentionFn, rope: str = "pairs"):
+    def __init__(self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False):
         if rope not in ROPE_FORMS:
             raise ValueError(f"rope={rope!r}: allowed values are {sorted(ROPE_FORMS)}")
         self.attention_fn = attention_fn
         self.rotate = ROPE_FORMS[rope]
+        # q/k RMSNorm + RoPE + the joint cat in one Triton kernel where nothing needs a gradient
+        # (models/qk_norm_rope.py); imported only when asked for, since Triton is a GPU-side dependency.
+        self.qk_kernel = None
+        if qk_kernel:
+            from verl_omni.models import qk_norm_rope
+
+            self.qk_kernel = qk_norm_rope
 
     def __call__(
         self,
@@ -102,22 +109,46 @@ class QwenImageFusedAttnProcessor:
     ):
         if encoder_hidden_states is None:
             raise ValueError("QwenImageFusedAttnProcessor requires encoder_hidden_states (text stream)")
-        seq_txt = encoder_hidden_states.shape[1]
-        img_q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
-        img_k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)))
-        img_v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        txt_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1)))
-        txt_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1)))
-        txt_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+        seq_txt, heads = encoder_hidden_states.shape[1], attn.heads
+        img_q, img_k, img_v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        txt = encoder_hidden_states
+        txt_q, txt_k, txt_v = attn.add_q_proj(txt), attn.add_k_proj(txt), attn.add_v_proj(txt)
+        value = torch.cat([txt_v, img_v], dim=1).unflatten(-1, (heads, -1))  # order: [text, image], as diffusers
+        if self._kernel_applies(attn, img_q, txt_q, image_rotary_emb):
+            img_freqs, txt_freqs = image_rotary_emb
+            img_rope, txt_rope = torch.view_as_real(img_freqs), torch.view_as_real(txt_freqs)
+            query = self.qk_kernel.joint_qk_norm_rope(
+                txt_q, img_q, attn.norm_added_q.weight, attn.norm_q.weight, txt_rope, img_rope, heads, attn.norm_q.eps
+            )
+            key = self.qk_kernel.joint_qk_norm_rope(
+                txt_k, img_k, attn.norm_added_k.weight, attn.norm_k.weight, txt_rope, img_rope, heads, attn.norm_k.eps
+            )
+            return self._attend(attn, query, key, value, attention_mask, seq_txt)
+        img_q, img_k = attn.norm_q(img_q.unflatten(-1, (heads, -1))), attn.norm_k(img_k.unflatten(-1, (heads, -1)))
+        txt_q = attn.norm_added_q(txt_q.unflatten(-1, (heads, -1)))
+        txt_k = attn.norm_added_k(txt_k.unflatten(-1, (heads, -1)))
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             img_cos, img_sin = img_freqs.real[:, None], img_freqs.imag[:, None]
             txt_cos, txt_sin = txt_freqs.real[:, None], txt_freqs.imag[:, None]
             img_q, img_k = self.rotate(img_q, img_cos, img_sin), self.rotate(img_k, img_cos, img_sin)
             txt_q, txt_k = self.rotate(txt_q, txt_cos, txt_sin), self.rotate(txt_k, txt_cos, txt_sin)
-        query = torch.cat([txt_q, img_q], dim=1)  # order: [text, image], as diffusers
+        query = torch.cat([txt_q, img_q], dim=1)
         key = torch.cat([txt_k, img_k], dim=1)
-        value = torch.cat([txt_v, img_v], dim=1)
+        return self._attend(attn, query, key, value, attention_mask, seq_txt)
+
+    def _kernel_applies(self, attn, img_q, txt_q, image_rotary_emb) -> bool:
+        """The Triton q/k kernel is on and computes here what the eager path would (same norm eps and dtype on
+        both streams, see ``qk_norm_rope.kernel_applies``)."""
+        if self.qk_kernel is None or image_rotary_emb is None:
+            return False
+        img_freqs, txt_freqs = image_rotary_emb
+        pairs = ((img_q, attn.norm_q, img_freqs), (txt_q, attn.norm_added_q, txt_freqs))
+        pairs += ((img_q, attn.norm_k, img_freqs), (txt_q, attn.norm_added_k, txt_freqs))
+        same_eps = attn.norm_q.eps == attn.norm_added_q.eps and attn.norm_k.eps == attn.norm_added_k.eps
+        return same_eps and all(self.qk_kernel.kernel_applies(x, n, f, attn.heads) for x, n, f in pairs)
+
+    def _attend(self, attn, query, key, value, attention_mask, seq_txt):
         # The engine's kernel has no backward (fa3-fwd): a training forward (the hybrid engine's actor on the same
         # module) goes through SDPA, whose flash / cuDNN kernels have one.
         fused = attention_mask is None and query.dtype in FLASH_DTYPES and query.shape[-1] <= 256
@@ -183,10 +214,11 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
         return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
 
-    def use_attention_function(self, attention_fn: AttentionFn, rope: str = "pairs") -> int:
+    def use_attention_function(self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
-        (an engine's fused kernel) and the RoPE form ``rope`` (see ``ROPE_FORMS``). Returns the number of blocks
-        changed."""
+        (an engine's fused kernel), the RoPE form ``rope`` (see ``ROPE_FORMS``) and, with ``qk_kernel``, q/k
+        prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed. Returns the number
+        of blocks changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -196,7 +228,7 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             )
         ]
         for module in blocks:
-            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope))
+            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel))
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts

@@ -1,0 +1,59 @@
+"""The Triton q/k kernel (models/qk_norm_rope.py) on CPU through Triton's interpreter, in a process of its own
+(tests/qk_kernel_interpreted.py; the interpreter must be chosen before the kernel is decorated).
+
+Asserted: float16 results equal the eager RMSNorm + RoPE + cat to within one rounding of the largest value (the
+mean's sum order is the only difference); bfloat16 within the interpreter's truncating casts (CUDA rounds to
+nearest; tests/gpu/test_qk_norm_rope_gpu.py checks bfloat16 there); the custom op traces under torch.compile with
+dynamic shapes; the kernel is refused where it would not compute the eager numbers (a gradient needed, float32,
+an odd head dim); a tiny Qwen-Image forward in float16 calls it for q and k of every block and moves by less
+than 1% of its largest output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def report(tiny_qwen_image_dir):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, os.path.join(HERE, "qk_kernel_interpreted.py"), tiny_qwen_image_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype, ulps", [("float16", 2**-10), ("bfloat16", 2**-6)])
+def test_kernel_matches_eager(report, dtype, ulps):
+    figures = report[dtype]
+    assert figures["shape_ok"]
+    assert figures["max_abs_diff"] <= ulps * figures["max_abs_ref"]
+    assert figures["compiled_equal"]
+    if dtype == "float16":  # both round to nearest: only the mean's sum order differs
+        assert figures["differing_fraction"] < 0.01
+
+
+def test_kernel_refused_where_it_would_differ(report):
+    for dtype in ("float16", "bfloat16"):
+        figures = report[dtype]
+        assert figures["applies_without_grad"]
+        assert not figures["applies_with_grad"]
+        assert not figures["applies_float32"]
+        assert not figures["applies_odd_head_dim"]
+
+
+def test_transformer_forward_uses_the_kernel(report):
+    figures = report["pipeline_float16"]
+    assert figures["kernel_calls_off"] == 0
+    assert figures["kernel_calls_on"] == 2 * figures["blocks"]
+    assert figures["forward_max_abs_diff"] <= 0.01 * figures["forward_max_abs"]
