@@ -54,7 +54,6 @@ class EpilogueGELU(GELU):
             return False
         if isinstance(proj.weight, DTensor) or isinstance(hidden_states, DTensor):
             return False  # sharded (FSDP2 outside its forward hooks): DTensor has no rule for this op
-
         needs_grad = hidden_states.requires_grad or proj.weight.requires_grad or proj.bias.requires_grad
         return not (torch.is_grad_enabled() and needs_grad)
 

@@ -115,8 +115,8 @@ def _(txt, img, txt_weight, img_weight, txt_rope, img_rope, heads, eps):
 def kernel_applies(x: torch.Tensor, norm: torch.nn.Module, freqs: torch.Tensor, heads: int) -> bool:
     """Whether ``joint_qk_norm_rope`` computes what the eager path would for this projection ``x``, its RMSNorm
     ``norm`` and its complex ``freqs``: a half-precision tensor with the norm's weight in the same dtype, no bias,
-    an even head dim whose half is a power of two, [S, D/2] frequencies, no gradient needed, and a device Triton
-    runs on (CUDA, or the CPU under Triton's interpreter)."""
+    an even head dim whose half is a power of two, [S, D/2] complex64 frequencies, no gradient needed, and a
+    device Triton runs on (CUDA, or the CPU under Triton's interpreter)."""
     if not (x.is_cuda or INTERPRETED):
         return False
     weight = getattr(norm, "weight", None)
@@ -130,6 +130,6 @@ def kernel_applies(x: torch.Tensor, norm: torch.nn.Module, freqs: torch.Tensor, 
         and triton.next_power_of_2(head_dim // 2) == head_dim // 2
         and freqs.dim() == 2
         and freqs.shape[-1] == head_dim // 2
-        and freqs.is_complex()
+        and freqs.dtype == torch.complex64  # float32 (cos, sin), as the eager path multiplies them
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )

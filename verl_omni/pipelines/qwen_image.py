@@ -114,7 +114,7 @@ class QwenImageFusedAttnProcessor:
         txt = encoder_hidden_states
         txt_q, txt_k, txt_v = attn.add_q_proj(txt), attn.add_k_proj(txt), attn.add_v_proj(txt)
         value = torch.cat([txt_v, img_v], dim=1).unflatten(-1, (heads, -1))  # order: [text, image], as diffusers
-        if self._kernel_applies(attn, img_q, txt_q, image_rotary_emb):
+        if self._kernel_applies(attn, (img_q, txt_q, img_k, txt_k), image_rotary_emb):
             img_freqs, txt_freqs = image_rotary_emb
             img_rope, txt_rope = torch.view_as_real(img_freqs), torch.view_as_real(txt_freqs)
             query = self.qk_kernel.joint_qk_norm_rope(
@@ -137,14 +137,15 @@ class QwenImageFusedAttnProcessor:
         key = torch.cat([txt_k, img_k], dim=1)
         return self._attend(attn, query, key, value, attention_mask, seq_txt)
 
-    def _kernel_applies(self, attn, img_q, txt_q, image_rotary_emb) -> bool:
-        """The Triton q/k kernel is on and computes here what the eager path would (same norm eps and dtype on
-        both streams, see ``qk_norm_rope.kernel_applies``)."""
+    def _kernel_applies(self, attn, projections, image_rotary_emb) -> bool:
+        """The Triton q/k kernel is on and computes here what the eager path would for each of the projections
+        (img_q, txt_q, img_k, txt_k) with its norm and frequencies, one eps per joint tensor (see
+        ``qk_norm_rope.kernel_applies``)."""
         if self.qk_kernel is None or image_rotary_emb is None:
             return False
         img_freqs, txt_freqs = image_rotary_emb
-        pairs = ((img_q, attn.norm_q, img_freqs), (txt_q, attn.norm_added_q, txt_freqs))
-        pairs += ((img_q, attn.norm_k, img_freqs), (txt_q, attn.norm_added_k, txt_freqs))
+        norms = (attn.norm_q, attn.norm_added_q, attn.norm_k, attn.norm_added_k)
+        pairs = zip(projections, norms, (img_freqs, txt_freqs, img_freqs, txt_freqs), strict=True)
         same_eps = attn.norm_q.eps == attn.norm_added_q.eps and attn.norm_k.eps == attn.norm_added_k.eps
         return same_eps and all(self.qk_kernel.kernel_applies(x, n, f, attn.heads) for x, n, f in pairs)
 
