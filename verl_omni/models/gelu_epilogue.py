@@ -33,18 +33,11 @@ class EpilogueGELU(GELU):
 
     @classmethod
     def wrapping(cls, module: GELU) -> EpilogueGELU:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.proj = module.proj  # shared, not copied: the optimizer and weight sync see one parameter
-        new.approximate = module.approximate
-        return new
+        return _gelu_around(cls, module.proj, module.approximate)
 
     def unwrapped(self) -> GELU:
         """diffusers' module again, around the same ``proj``."""
-        plain = GELU.__new__(GELU)
-        nn.Module.__init__(plain)
-        plain.proj, plain.approximate = self.proj, self.approximate
-        return plain
+        return _gelu_around(GELU, self.proj, self.approximate)
 
     def takes_epilogue(self, hidden_states: torch.Tensor) -> bool:
         proj = self.proj
@@ -63,6 +56,15 @@ class EpilogueGELU(GELU):
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         out = torch._addmm_activation(self.proj.bias, flat, self.proj.weight.t(), use_gelu=True)
         return out.view(*hidden_states.shape[:-1], out.shape[-1])
+
+
+def _gelu_around(cls: type[GELU], proj: nn.Module, approximate: str) -> GELU:
+    """A ``cls`` module around an existing ``proj``: shared, not copied, so the optimizer and the weight sync see
+    one parameter (GELU's own constructor would build a new Linear)."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.proj, module.approximate = proj, approximate
+    return module
 
 
 def use_gelu_epilogue(model: nn.Module) -> int:

@@ -72,8 +72,8 @@ def _rotate_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 # How QwenImageFusedAttnProcessor writes RoPE: "pairs" (the default) stacks the rotated halves; "swapped" is one
-# elementwise expression. Both give the same numbers; which one compiles faster is for the device to say
-# (benchmarks/pipeline_breakdown.py, variants ending in _swapped).
+# elementwise expression. Both give the same numbers; compiled at the real size the swapped form was 0.7% faster,
+# inside the 1.3% spread between runs (docs/benchmarks/pipeline_breakdown_h200_L60.json, run c), so "pairs" stays.
 ROPE_FORMS = {"pairs": _rotate, "swapped": _rotate_swapped}
 
 
