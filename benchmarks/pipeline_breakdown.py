@@ -15,9 +15,16 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
                   (verl_omni/models/gelu_epilogue.py); variants without it put diffusers' GELU back
   <any>_flash[...]_qkkernel
                   q/k RMSNorm + RoPE + the joint cat in one Triton kernel (verl_omni/models/qk_norm_rope.py)
+  compiled*[...]_tuned
+                  inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes,
+                  warps) for that variant's compile: longer compile, maybe faster norms and elementwise kernels
+  compiled*[...]_autotune
+                  inductor's max-autotune (what mode="max-autotune-no-cudagraphs" sets: GEMMs benchmarked against
+                  Triton templates that can fuse their neighbours, plus the coordinate-descent tuning)
 
 and splits a call into prompt encoding, denoising and VAE decode, plus a kernel profile of the last variant
-(GEMM / attention / other device time vs wall time). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
+(GEMM / attention / other device time vs wall time, and the largest stretches where the GPU idled, with the host
+ops running then). ``--cfg 4 --lora-rank 64`` is the OCR recipe's rollout (true
 CFG with the negative prompt " ", LoRA r64 on to_q/k/v/out as the hybrid engine serves it); MFU counts the real
 token counts of both branches. Also checks that the fused processor computes
 what diffusers computes (same seeds: relative L2 of the final latents, image difference).
@@ -33,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,13 +54,25 @@ COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": Fal
 
 
 # After the RoPE form: "epilogue", the FFN's GELU in its GEMM's epilogue (models/gelu_epilogue.py; diffusers' GELU
-# when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py)
-VARIANT_OPTIONS = ("epilogue", "qkkernel")
+# when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py);
+# "tuned", inductor's coordinate-descent tuning; "autotune", its max-autotune (compiled variants only)
+VARIANT_OPTIONS = ("epilogue", "qkkernel", "tuned", "autotune")
 
 
-def parse_variant(variant: str) -> tuple[str, str, str, str, bool, bool]:
-    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel]`` -> (variant, compile, attention, rope, epilogue,
-    qkkernel), or exit naming what is allowed."""
+class Variant(NamedTuple):
+    name: str
+    compile: str  # "eager" or a key of COMPILE_DYNAMIC
+    attention: str  # "sdpa" | "flash"
+    rope: str  # a key of qwen_image.ROPE_FORMS
+    epilogue: bool
+    qk_kernel: bool
+    tuned: bool
+    autotune: bool
+
+
+def parse_variant(variant: str) -> Variant:
+    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel][_tuned][_autotune]`` -> :class:`Variant`, or exit
+    naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
     parts = variant.split("_")
@@ -60,15 +80,21 @@ def parse_variant(variant: str) -> tuple[str, str, str, str, bool, bool]:
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    epilogue, qk_kernel = "epilogue" in options, "qkkernel" in options
+    epilogue, qk_kernel, tuned, autotune = (name in options for name in VARIANT_OPTIONS)
     ropes = [o for o in options if o not in VARIANT_OPTIONS]
     flash_only = ropes or qk_kernel
-    if len(ropes) > 1 or any(r not in ROPE_FORMS for r in ropes) or (flash_only and attention != "flash"):
+    if (
+        len(ropes) > 1
+        or any(r not in ROPE_FORMS for r in ropes)
+        or (flash_only and attention != "flash")
+        or ((tuned or autotune) and compiled == "eager")
+    ):
         raise SystemExit(
-            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash; "
-            f"{VARIANT_OPTIONS}"
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash, tuned "
+            f"and autotune only when compiled; {VARIANT_OPTIONS}"
         )
-    return variant, compiled, attention, ropes[0] if ropes else "pairs", epilogue, qk_kernel
+    rope = ropes[0] if ropes else "pairs"
+    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, tuned, autotune)
 
 
 def _sync():
@@ -120,11 +146,58 @@ def profile_call(fn) -> dict:
     top = sorted(kernels, key=dev_us, reverse=True)[:20]
     table = [{"name": e.key[:100], "device_ms": dev_us(e) / 1e3, "calls": e.count} for e in top]
     busy = sum(buckets.values()) / 1e6
+    try:  # diagnostics only: never lose the figures above to them
+        gaps = idle_gaps(prof.events())
+    except Exception as e:  # noqa: BLE001
+        gaps = {"error": f"{type(e).__name__}: {e}"}
     return {
         "wall_seconds": wall,
         "device_busy_seconds": busy,
         "device_ms_by_kind": {k: v / 1e3 for k, v in buckets.items()},
         "top_kernels": table,
+        "idle": gaps,
+    }
+
+
+# Idle stretches by length (µs): launch-bound gaps between kernels are short; a host sync, host work or a copy
+# waiting on the host shows up as a long one.
+GAP_CLASSES = ((0.0, 20.0), (20.0, 200.0), (200.0, 2000.0), (2000.0, float("inf")))
+
+
+def idle_gaps(events, top: int = 10) -> dict:
+    """Where the GPU idled between its first and last kernel of the profiled call: the total, the gaps by length
+    class, and the ``top`` longest gaps, each with the innermost host ops running at its midpoint."""
+    kernels, host = [], []
+    for e in events:
+        kind = str(getattr(e, "device_type", ""))
+        (kernels if "CUDA" in kind else host if "CPU" in kind else []).append(e)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels if e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    gaps, end = [], spans[0][1]
+    for start, stop in spans[1:]:
+        if start > end:
+            gaps.append((end, start))
+        end = max(end, stop)
+    classes = {}
+    for lo, hi in GAP_CLASSES:
+        inside = [b - a for a, b in gaps if lo <= b - a < hi]
+        classes[f"{lo:g}-{hi:g}us"] = {"count": len(inside), "ms": sum(inside) / 1e3}
+    longest = []
+    for a, b in sorted(gaps, key=lambda g: g[1] - g[0], reverse=True)[:top]:
+        mid = (a + b) / 2
+        running = sorted(
+            (h for h in host if h.time_range.start <= mid <= h.time_range.end),
+            key=lambda h: h.time_range.end - h.time_range.start,
+        )
+        longest.append(
+            {"at_ms": (a - spans[0][0]) / 1e3, "ms": (b - a) / 1e3, "host_ops": [h.name[:80] for h in running[:4]]}
+        )
+    return {
+        "kernel_span_seconds": (end - spans[0][0]) / 1e6,
+        "idle_seconds": sum(b - a for a, b in gaps) / 1e6,
+        "gaps_by_length": classes,
+        "longest": longest,
     }
 
 
@@ -183,10 +256,13 @@ def main() -> None:
         if epilogue:
             log(f"GELU epilogue on {use_gelu_epilogue(pipe.transformer)} feed-forwards")
 
-    def set_compiled(kind: str) -> None:
+    def set_compiled(kind: str, tuned: bool, autotune: bool) -> None:
         for block in pipe.transformer.transformer_blocks:
             block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
         torch._dynamo.reset()
+        # read when inductor compiles, i.e. in this variant's first call
+        torch._inductor.config.coordinate_descent_tuning = tuned or autotune
+        torch._inductor.config.max_autotune = autotune
         if kind != "eager":
             regionally_compile(pipe.transformer, dynamic=COMPILE_DYNAMIC[kind])
 
@@ -211,13 +287,14 @@ def main() -> None:
     )
 
     results, reference = {}, {}
-    for variant, compiled, attention, rope, epilogue, qk_kernel in variants:
-        if attention == "flash" and flash is None:
+    for v in variants:
+        variant = v.name
+        if v.attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
-        set_attention(attention, rope, qk_kernel)
-        set_gelu(epilogue)
-        set_compiled(compiled)
+        set_attention(v.attention, v.rope, v.qk_kernel)
+        set_gelu(v.epilogue)
+        set_compiled(v.compile, v.tuned, v.autotune)
         t0 = time.perf_counter()
         out = call()
         first = time.perf_counter() - t0
@@ -257,6 +334,14 @@ def main() -> None:
     )
     for row in prof["top_kernels"]:
         log(f"    {row['device_ms']:8.1f} ms {row['calls']:6d}  {row['name']}")
+    idle = prof["idle"]
+    if "idle_seconds" in idle:
+        span, by_length = idle["kernel_span_seconds"], idle["gaps_by_length"]
+        log(f"idle {idle['idle_seconds']:.3f} s of a {span:.3f} s kernel span; {by_length}")
+        for gap in idle["longest"]:
+            log(f"    gap {gap['ms']:8.2f} ms at {gap['at_ms']:9.1f} ms: {gap['host_ops']}")
+    else:
+        log(f"idle: {idle}")
     report = {
         "benchmark": "pipeline_breakdown",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -33,6 +33,10 @@ class ModelConfig(Section):
     # a gradient on CUDA: the rollout, in either engine. Training forwards and CPU keep diffusers' two steps.
     # 2.6% faster rollout at the real size (models/gelu_epilogue.py; docs/benchmarks/pipeline_breakdown_*).
     gelu_epilogue: bool = True
+    # The vllm-omni engine's attention: q/k RMSNorm + RoPE + the joint [text, image] cat as one Triton kernel in
+    # forwards without a gradient (models/qk_norm_rope.py). Only where the engine serves FA3 (the diffusers engine
+    # keeps diffusers' attention); off until measured faster on a GPU at the real size.
+    qk_norm_rope_kernel: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -51,8 +55,9 @@ class ModelConfig(Section):
                 f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
                 "must be true, false or null (null: on for GPU actors)"
             )
-        if not isinstance(self.gelu_epilogue, bool):
-            raise ValueError(f"{self.key('gelu_epilogue')}={self.gelu_epilogue!r} must be true or false")
+        for name in ("gelu_epilogue", "qk_norm_rope_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
         blocks = self.gradient_checkpointing_blocks
         if blocks is not None and blocks != "auto":
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:

@@ -83,6 +83,7 @@ class VllmOmniEngine(DiffusionEngine):
         pipeline_opts = {
             "pipeline": model.pipeline,
             "gelu_epilogue": model.gelu_epilogue,
+            "qk_norm_rope_kernel": model.qk_norm_rope_kernel,
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},

@@ -89,11 +89,13 @@ class VllmOmniRLPipeline(torch.nn.Module):
         use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
-            blocks = pipe.use_attention_function(flash)
+            qk_kernel = bool(self.opts.get("qk_norm_rope_kernel", False))
+            blocks = pipe.use_attention_function(flash, qk_kernel=qk_kernel)
             logger.info(
-                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s)",
+                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s",
                 blocks,
                 getattr(flash, "__module__", flash),
+                "on" if qk_kernel else "off",
             )
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
