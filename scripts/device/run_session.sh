@@ -25,7 +25,8 @@
 #             rollout call (CFG 4, LoRA r64)
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), PROBE_VARIANTS / PROBE_REPEATS /
-# PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420).
+# PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420) /
+# PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
 set -uo pipefail
 stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|probe60}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
@@ -179,11 +180,12 @@ case "$stage" in
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$OUT/session.txt" ;;
   probe60)  # one GPU; ~7 min: the 60-layer build, then pipeline_breakdown on the recipe's rollout call (CFG 4,
             # LoRA r64): the split placement's diffusers path (eager, SDPA) and vllm-omni's (compiled, FA3), profile
-    cores=$(nproc); build_logged 60 "2-$((cores - 1))" &
+    cores=$(nproc); build_logged "${PROBE_LAYERS:-60}" "2-$((cores - 1))" &
     [ "${PROBE_GPU_TEST:-1}" = 1 ] && gpu_tests 0 0-1 170 gelu tests/gpu/test_gelu_epilogue_gpu.py \
       tests/gpu/test_qk_norm_rope_gpu.py &
     wait
-    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers 60 --cfg 4 --lora-rank 64 \
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers "${PROBE_LAYERS:-60}" --cfg 4 \
+      --lora-rank 64 \
       --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --repeats "${PROBE_REPEATS:-2}" --model-dir "$MODEL_DIR" \
       --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
     echo "pipeline_breakdown L60 exit $?" | tee -a "$OUT/session.txt"
