@@ -60,3 +60,13 @@ def test_parsed_once_into_typed_frozen_sections():
 def test_unknown_keys_name_their_dotted_path():
     with pytest.raises(ValueError, match=r"unknown config keys \['actor_rollout_ref.rollout.algo.noise'\]"):
         build(FlowGRPOConfig, {"actor_rollout_ref": {"model": {"path": "x"}, "rollout": {"algo": {"noise": 1}}}})
+
+
+@pytest.mark.parametrize("key", ["gelu_epilogue", "qk_norm_rope_kernel"])
+def test_rollout_kernel_switches_are_booleans_named_in_the_error(key):
+    from verl_omni.config.model import ModelConfig
+
+    assert getattr(ModelConfig(path="tiny:qwen_image"), key) is True
+    assert getattr(ModelConfig(path="tiny:qwen_image", **{key: False}), key) is False
+    with pytest.raises(ValueError, match=rf"actor_rollout_ref\.model\.{key}='yes' must be true or false"):
+        ModelConfig(path="tiny:qwen_image", **{key: "yes"})
