@@ -15,6 +15,8 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
                   (verl_omni/models/gelu_epilogue.py); variants without it put diffusers' GELU back
   <any>_flash[...]_qkkernel
                   q/k RMSNorm + RoPE + the joint cat in one Triton kernel (verl_omni/models/qk_norm_rope.py)
+  <any>_flash[...]_qkkernel_lorain
+                  the same kernel also adds the q/k LoRA's product, which then never goes through memory as a sum
   compiled*[...]_tuned
                   inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes,
                   warps) for that variant's compile: longer compile, maybe faster norms and elementwise kernels
@@ -55,8 +57,9 @@ COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": Fal
 
 # After the RoPE form: "epilogue", the FFN's GELU in its GEMM's epilogue (models/gelu_epilogue.py; diffusers' GELU
 # when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py);
-# "tuned", inductor's coordinate-descent tuning; "autotune", its max-autotune (compiled variants only)
-VARIANT_OPTIONS = ("epilogue", "qkkernel", "tuned", "autotune")
+# "lorain", that kernel adds the q/k LoRA's product too (with qkkernel); "tuned", inductor's coordinate-descent
+# tuning; "autotune", its max-autotune (compiled variants only)
+VARIANT_OPTIONS = ("epilogue", "qkkernel", "lorain", "tuned", "autotune")
 
 
 class Variant(NamedTuple):
@@ -66,13 +69,14 @@ class Variant(NamedTuple):
     rope: str  # a key of qwen_image.ROPE_FORMS
     epilogue: bool
     qk_kernel: bool
+    lora_in_kernel: bool
     tuned: bool
     autotune: bool
 
 
 def parse_variant(variant: str) -> Variant:
-    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel][_tuned][_autotune]`` -> :class:`Variant`, or exit
-    naming what is allowed."""
+    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel[_lorain]][_tuned][_autotune]`` -> :class:`Variant`, or
+    exit naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
     parts = variant.split("_")
@@ -80,7 +84,7 @@ def parse_variant(variant: str) -> Variant:
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    epilogue, qk_kernel, tuned, autotune = (name in options for name in VARIANT_OPTIONS)
+    epilogue, qk_kernel, lora_in_kernel, tuned, autotune = (name in options for name in VARIANT_OPTIONS)
     ropes = [o for o in options if o not in VARIANT_OPTIONS]
     flash_only = ropes or qk_kernel
     if (
@@ -88,13 +92,14 @@ def parse_variant(variant: str) -> Variant:
         or any(r not in ROPE_FORMS for r in ropes)
         or (flash_only and attention != "flash")
         or ((tuned or autotune) and compiled == "eager")
+        or (lora_in_kernel and not qk_kernel)
     ):
         raise SystemExit(
-            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash, tuned "
-            f"and autotune only when compiled; {VARIANT_OPTIONS}"
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash, lorain "
+            f"only with qkkernel, tuned and autotune only when compiled; {VARIANT_OPTIONS}"
         )
     rope = ropes[0] if ropes else "pairs"
-    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, tuned, autotune)
+    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, lora_in_kernel, tuned, autotune)
 
 
 def _sync():
@@ -244,9 +249,9 @@ def main() -> None:
     flash = resolve_flash_attention()
     log(f"flash attention: {getattr(flash, '__module__', None)}")
 
-    def set_attention(kind: str, rope: str, qk_kernel: bool) -> None:
+    def set_attention(kind: str, rope: str, qk_kernel: bool, lora_in_kernel: bool) -> None:
         if kind == "flash":
-            pipe.use_attention_function(flash, rope=rope, qk_kernel=qk_kernel)
+            pipe.use_attention_function(flash, rope=rope, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel)
         else:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
@@ -292,7 +297,7 @@ def main() -> None:
         if v.attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
-        set_attention(v.attention, v.rope, v.qk_kernel)
+        set_attention(v.attention, v.rope, v.qk_kernel, v.lora_in_kernel)
         set_gelu(v.epilogue)
         set_compiled(v.compile, v.tuned, v.autotune)
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 from diffusers.models.normalization import RMSNorm  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from verl_omni.models.lora import LoRASpec, add_lora_adapter, lora_parts  # noqa: E402
 from verl_omni.models.qk_norm_rope import joint_qk_norm_rope, kernel_applies  # noqa: E402
 from verl_omni.pipelines.qwen_image import QwenImageRLPipeline, _rotate  # noqa: E402
 
@@ -72,9 +73,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def pipeline_figures(model_dir):
+def pipeline_figures(model_dir, lora=False):
     """One transformer forward of the tiny model in float16 through the fused processor, with and without the
-    kernel (SDPA stands in for the engine's attention function)."""
+    kernel (SDPA stands in for the engine's attention function). With ``lora``: a rank-4 adapter on to_q/k/v/out
+    with non-zero weights, and a third forward whose kernel adds the q/k adapter's product itself."""
 
     def sdpa(q, k, v, causal=False, softmax_scale=None):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -82,6 +84,13 @@ def pipeline_figures(model_dir):
 
     pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.float16)
     transformer = pipe.transformer
+    if lora:
+        add_lora_adapter(transformer, LoRASpec(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for name, param in sorted(transformer.named_parameters()):
+                if "lora_" in name:  # B starts at zero: give the product a size the test can see
+                    param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+        transformer.half()
     cfg = transformer.config
     g = torch.Generator().manual_seed(1)
     inputs = dict(
@@ -93,16 +102,23 @@ def pipeline_figures(model_dir):
         return_dict=False,
     )
     outs, calls = {}, {}
-    for qk_kernel in (False, True):
-        pipe.use_attention_function(sdpa, qk_kernel=qk_kernel)
+    for qk_kernel, lora_in_kernel in ((False, False), (True, False), (True, True)):
+        pipe.use_attention_function(sdpa, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel)
         with torch.no_grad(), OpCounter() as counter:
-            outs[qk_kernel] = transformer(**inputs)[0].float()
-        calls[qk_kernel] = counter.kernel_calls
+            outs[qk_kernel, lora_in_kernel] = transformer(**inputs)[0].float()
+        calls[qk_kernel, lora_in_kernel] = counter.kernel_calls
+    off, on, lora_in = outs[False, False], outs[True, False], outs[True, True]
+    probe = torch.zeros(1, 2, cfg.num_attention_heads * cfg.attention_head_dim).half()
+    attn = transformer.transformer_blocks[0].attn
+    split = [lora_parts(layer, probe) is not None for layer in (attn.to_q, attn.to_k, attn.add_q_proj)]
     return {
-        "forward_max_abs_diff": (outs[True] - outs[False]).abs().max().item(),
-        "forward_max_abs": outs[False].abs().max().item(),
-        "kernel_calls_off": calls[False],
-        "kernel_calls_on": calls[True],  # q and k of every block
+        "forward_max_abs_diff": (on - off).abs().max().item(),
+        "forward_max_abs": off.abs().max().item(),
+        "lora_in_kernel_max_abs_diff": (lora_in - on).abs().max().item(),
+        "kernel_calls_off": calls[False, False],
+        "kernel_calls_on": calls[True, False],  # q and k of every block
+        "kernel_calls_lora_in_kernel": calls[True, True],
+        "splits_to_q_to_k_add_q_proj": split,  # which q/k projections hand the kernel their LoRA parts
         "blocks": cfg.num_layers,
     }
 
@@ -110,4 +126,5 @@ def pipeline_figures(model_dir):
 if __name__ == "__main__":
     report = {"float16": op_figures(torch.float16), "bfloat16": op_figures(torch.bfloat16)}
     report["pipeline_float16"] = pipeline_figures(sys.argv[1])
+    report["pipeline_float16_lora"] = pipeline_figures(sys.argv[1], lora=True)
     print(json.dumps(report))

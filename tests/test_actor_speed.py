@@ -20,7 +20,7 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import unpack_batch
 from verl_omni.models.checkpointing import transformer_blocks
-from verl_omni.models.lora import LoRASpec, add_lora_adapter, compute_lora_in_activation_dtype
+from verl_omni.models.lora import LoRASpec, add_lora_adapter, compute_lora_in_activation_dtype, lora_parts
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
@@ -125,6 +125,24 @@ def test_lora_over_bf16_activations_computes_in_bf16_and_trains_float32_weights(
         float32_product = layer.base_layer(x).float() + (x.float() @ a.T @ b.T) * scale
     assert not torch.equal(peft_default, out)
     assert torch.equal(peft_default, float32_product.to(torch.bfloat16))
+
+
+def test_lora_parts_add_up_to_the_layer_and_are_refused_where_peft_computes_otherwise(tiny_qwen_image_dir):
+    transformer, layer, x = _lora_layer(tiny_qwen_image_dir, torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # a product the sum can show
+        parts = lora_parts(layer, x)
+        assert parts is not None and parts.scaling == layer.scaling["default"]
+        assert torch.equal(parts.base + parts.delta * parts.scaling, layer(x))
+        assert lora_parts(layer.base_layer, x) is None  # not a LoRA layer
+        compute_lora_in_activation_dtype(transformer, enabled=False)  # peft's float32 input cast
+        assert lora_parts(layer, x) is None
+        compute_lora_in_activation_dtype(transformer)
+        layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+        assert lora_parts(layer, x) is None
+        layer.lora_dropout["default"] = torch.nn.Identity()
+        layer.enable_adapters(False)
+        assert lora_parts(layer, x) is None
 
 
 def test_the_engines_and_the_actor_add_the_adapter_the_same_way(tiny_qwen_image_dir):

@@ -6,7 +6,8 @@ mean's sum order is the only difference); bfloat16 within the interpreter's trun
 nearest; tests/gpu/test_qk_norm_rope_gpu.py checks bfloat16 there); the custom op traces under torch.compile with
 dynamic shapes; the kernel is refused where it would not compute the eager numbers (a gradient needed, float32,
 an odd head dim); a tiny Qwen-Image forward in float16 calls it for q and k of every block and moves by less
-than 1% of its largest output."""
+than 1% of its largest output, with and without a LoRA, and adding the q/k LoRA's product inside the kernel
+(``lora_in_kernel``) gives exactly the numbers of peft's own addition."""
 
 import json
 import os
@@ -52,8 +53,17 @@ def test_kernel_refused_where_it_would_differ(report):
         assert not figures["applies_odd_head_dim"]
 
 
-def test_transformer_forward_uses_the_kernel(report):
-    figures = report["pipeline_float16"]
+@pytest.mark.parametrize("model", ["pipeline_float16", "pipeline_float16_lora"])
+def test_transformer_forward_uses_the_kernel(report, model):
+    figures = report[model]
     assert figures["kernel_calls_off"] == 0
-    assert figures["kernel_calls_on"] == 2 * figures["blocks"]
+    assert figures["kernel_calls_on"] == figures["kernel_calls_lora_in_kernel"] == 2 * figures["blocks"]
     assert figures["forward_max_abs_diff"] <= 0.01 * figures["forward_max_abs"]
+
+
+def test_lora_added_inside_the_kernel_as_peft_adds_it(report):
+    """The kernel rounds the adapter's scaled product and the sum as peft's two operations do: the same numbers."""
+    assert report["pipeline_float16_lora"]["splits_to_q_to_k_add_q_proj"] == [True, True, False]  # no LoRA there
+    assert report["pipeline_float16"]["splits_to_q_to_k_add_q_proj"] == [False, False, False]
+    assert report["pipeline_float16_lora"]["lora_in_kernel_max_abs_diff"] == 0.0
+    assert report["pipeline_float16"]["lora_in_kernel_max_abs_diff"] == 0.0  # no adapter: nothing to add

@@ -75,3 +75,32 @@ def test_kernel_matches_eager_in_bf16_and_times():
     assert figures["max_abs_diff"] <= 2**-7 * figures["max_abs_ref"]
     assert figures["differing_fraction"] < 0.01
     assert figures["compiled_kernel_equal"]
+
+
+def test_lora_product_added_inside_the_kernel_equals_peft_addition_in_bf16():
+    """``*_delta``: the kernel adds a LoRA's scaled product before the norm, rounding as peft's two operations."""
+    from verl_omni.models.qk_norm_rope import joint_qk_norm_rope
+
+    batch, seq_txt, seq_img, heads, head_dim, scale = 4, 256, 1024, 24, 128, 2.0
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dt = torch.bfloat16
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(dt)
+
+    txt, img = rand(batch, seq_txt, heads * head_dim), rand(batch, seq_img, heads * head_dim)
+    txt_delta, img_delta = 0.1 * rand(*txt.shape), 0.1 * rand(*img.shape)
+    weights = [rand(head_dim) + 1 for _ in range(2)]
+    ropes = [torch.view_as_real(torch.polar(torch.ones(s, head_dim // 2, device="cuda"),
+                                            6 * torch.rand(s, head_dim // 2, device="cuda", generator=g)))
+             for s in (seq_txt, seq_img)]  # fmt: skip
+    with torch.no_grad():
+        fused = joint_qk_norm_rope(
+            txt, img, *weights, *ropes, heads, 1e-6, txt_delta, img_delta, scale, scale
+        )  # fmt: skip
+        summed = joint_qk_norm_rope(
+            txt + txt_delta * scale, img + img_delta * scale, *weights, *ropes, heads, 1e-6
+        )  # fmt: skip
+    differing = (fused != summed).float().mean().item()
+    write_figures("qk_norm_rope_lora_gpu.json", {"differing_fraction": differing})
+    assert torch.equal(fused, summed), f"{differing:.2e} of the elements differ"

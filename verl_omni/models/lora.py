@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -76,6 +78,36 @@ def compute_lora_in_activation_dtype(transformer: torch.nn.Module, enabled: bool
                 factor.__class__ = ActivationDtypeLinear if enabled else torch.nn.Linear
         changed += 1
     return changed
+
+
+class LoRAParts(NamedTuple):
+    """A LoRA layer's output in two parts: ``base + delta * scaling`` is what the layer returns."""
+
+    base: torch.Tensor
+    delta: torch.Tensor  # lora_B(lora_A(x)), before the scaling
+    scaling: float
+
+
+def lora_parts(layer: torch.nn.Module, x: torch.Tensor) -> Optional[LoRAParts]:
+    """``layer(x)`` as :class:`LoRAParts`, so a kernel can add the adapter's product where it reads the projection
+    anyway (models/qk_norm_rope.py); None where ``layer`` is not a plain LoRA linear (peft's ``lora.Linear`` with one
+    active, unmerged, enabled adapter, no dropout, no variant such as DoRA) or the adapter's product would not come
+    out in the base output's dtype (an input cast to float32): then call ``layer(x)``."""
+    if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    if layer.cast_input_dtype_enabled and layer.lora_A[name].weight.dtype != x.dtype:
+        return None
+    base = layer.base_layer(x)
+    delta = layer.lora_B[name](layer.lora_A[name](x))
+    if delta.dtype != base.dtype:
+        return None
+    return LoRAParts(base, delta, float(layer.scaling[name]))
 
 
 def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:

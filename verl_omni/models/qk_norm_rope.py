@@ -21,6 +21,7 @@ nothing needs a gradient. On CPU, tests run the same kernel through Triton's int
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -37,6 +38,8 @@ ROWS_PER_PROGRAM = 32
 @triton.jit
 def _norm_rope_rows(
     x_ptr,  # [B, S, H, D] contiguous: B * S * H rows of D lanes
+    delta_ptr,  # like x: a LoRA's product before its scaling (read only with HAS_DELTA)
+    delta_scale,
     w_ptr,  # [D]
     rope_ptr,  # [S, D / 2, 2] float32: (cos, sin) per pair, torch.view_as_real of the complex frequencies
     out_ptr,  # [B, out_seq, H, D] contiguous
@@ -48,13 +51,18 @@ def _norm_rope_rows(
     eps,
     D: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     lanes = tl.arange(0, D)  # [D]
     live = (row < rows)[:, None]
-    x = tl.load(x_ptr + row[:, None] * D + lanes[None, :], mask=live, other=0.0).to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    offsets = row[:, None] * D + lanes[None, :]
+    x = tl.load(x_ptr + offsets, mask=live, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
+    if HAS_DELTA:  # peft's ``result + lora_B(lora_A(x)) * scaling``, each op rounded to the activations' dtype
+        delta = (tl.load(delta_ptr + offsets, mask=live, other=0.0).to(tl.float32) * delta_scale).to(dtype)
+        x = (x + delta.to(tl.float32)).to(dtype).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     w = tl.load(w_ptr + lanes).to(tl.float32)
     # RMSNorm as diffusers rounds it: normalised in float32, cast to the weight's dtype, times the weight.
     m = ((x * inv_rms[:, None]).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
@@ -67,7 +75,16 @@ def _norm_rope_rows(
     tl.store(out_ptr + out_row[:, None] * D + lanes[None, :], rotated.to(dtype), mask=live)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, out: torch.Tensor, offset: int, eps: float):
+def _launch(
+    x: torch.Tensor,
+    delta: Optional[torch.Tensor],
+    scale: float,
+    weight: torch.Tensor,
+    rope: torch.Tensor,
+    out: torch.Tensor,
+    offset: int,
+    eps: float,
+):
     batch, seq, _ = x.shape
     heads, head_dim = out.shape[2], out.shape[3]
     rows = batch * seq * heads
@@ -75,6 +92,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, out: torc
         return
     _norm_rope_rows[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         x,
+        x if delta is None else delta,
+        scale,
         weight,
         rope,
         out,
@@ -86,6 +105,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, rope: torch.Tensor, out: torc
         eps,
         D=head_dim,
         BLOCK_ROWS=ROWS_PER_PROGRAM,
+        HAS_DELTA=delta is not None,
     )
 
 
@@ -99,18 +119,42 @@ def joint_qk_norm_rope(
     img_rope: torch.Tensor,
     heads: int,
     eps: float,
+    txt_delta: Optional[torch.Tensor] = None,
+    img_delta: Optional[torch.Tensor] = None,
+    txt_scale: float = 1.0,
+    img_scale: float = 1.0,
 ) -> torch.Tensor:
     """txt [B, S_t, H·D], img [B, S_i, H·D] (projections), weights [D], ropes [S, D/2, 2] float32 (cos, sin)
-    -> the joint [B, S_t + S_i, H, D]: each part RMS-normalised with its weight and rotated with its frequencies."""
+    -> the joint [B, S_t + S_i, H, D]: each part RMS-normalised with its weight and rotated with its frequencies.
+    ``*_delta`` (like the projection, optional): a LoRA's ``lora_B(lora_A(x))``, added times ``*_scale`` first, as
+    peft adds it (see :func:`verl_omni.models.lora.lora_parts`): the sum is never written to memory."""
     batch, seq_txt, width = txt.shape
     out = torch.empty(batch, seq_txt + img.shape[1], heads, width // heads, dtype=txt.dtype, device=txt.device)
-    _launch(txt.contiguous(), txt_weight.contiguous(), txt_rope.contiguous(), out, 0, eps)
-    _launch(img.contiguous(), img_weight.contiguous(), img_rope.contiguous(), out, seq_txt, eps)
+    parts = (
+        (txt, txt_delta, txt_scale, txt_weight, txt_rope, 0),
+        (img, img_delta, img_scale, img_weight, img_rope, seq_txt),
+    )
+    for x, delta, scale, weight, rope, offset in parts:
+        delta = None if delta is None else delta.contiguous()
+        _launch(x.contiguous(), delta, scale, weight.contiguous(), rope.contiguous(), out, offset, eps)
     return out
 
 
 @joint_qk_norm_rope.register_fake
-def _(txt, img, txt_weight, img_weight, txt_rope, img_rope, heads, eps):
+def _(
+    txt,
+    img,
+    txt_weight,
+    img_weight,
+    txt_rope,
+    img_rope,
+    heads,
+    eps,
+    txt_delta=None,
+    img_delta=None,
+    txt_scale=1.0,
+    img_scale=1.0,
+):
     batch, seq_txt, width = txt.shape
     return txt.new_empty(batch, seq_txt + img.shape[1], heads, width // heads)
 

@@ -25,6 +25,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
+from verl_omni.models.lora import LoRAParts, lora_parts
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.model_inputs import TextInputs
@@ -85,9 +86,16 @@ class QwenImageFusedAttnProcessor:
     kernel lacks, it uses diffusers' dispatcher (SDPA with the mask): acceptable, since attention is ~2% of the
     transformer's FLOPs at 1024 image tokens."""
 
-    def __init__(self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False):
+    def __init__(
+        self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False, lora_in_kernel: bool = False
+    ):
         if rope not in ROPE_FORMS:
             raise ValueError(f"rope={rope!r}: allowed values are {sorted(ROPE_FORMS)}")
+        if lora_in_kernel and not qk_kernel:
+            raise ValueError("lora_in_kernel=True needs qk_kernel=True (the kernel adds the LoRA's product)")
+        # With the kernel: a plain LoRA on the q/k projections hands the kernel its base output and its product
+        # (models/lora.lora_parts), which the kernel adds as peft does, so the sum is never written to memory.
+        self.lora_in_kernel = lora_in_kernel
         self.attention_fn = attention_fn
         self.rotate = ROPE_FORMS[rope]
         # q/k RMSNorm + RoPE + the joint cat in one Triton kernel where nothing needs a gradient
@@ -110,20 +118,20 @@ class QwenImageFusedAttnProcessor:
         if encoder_hidden_states is None:
             raise ValueError("QwenImageFusedAttnProcessor requires encoder_hidden_states (text stream)")
         seq_txt, heads = encoder_hidden_states.shape[1], attn.heads
-        img_q, img_k, img_v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         txt = encoder_hidden_states
-        txt_q, txt_k, txt_v = attn.add_q_proj(txt), attn.add_k_proj(txt), attn.add_v_proj(txt)
+        split = self.lora_in_kernel and not torch.is_grad_enabled()
+        img_q, img_k = self._project(attn.to_q, hidden_states, split), self._project(attn.to_k, hidden_states, split)
+        txt_q, txt_k = self._project(attn.add_q_proj, txt, split), self._project(attn.add_k_proj, txt, split)
+        img_v, txt_v = attn.to_v(hidden_states), attn.add_v_proj(txt)
         value = torch.cat([txt_v, img_v], dim=1).unflatten(-1, (heads, -1))  # order: [text, image], as diffusers
-        if self._kernel_applies(attn, (img_q, txt_q, img_k, txt_k), image_rotary_emb):
+        bases = tuple(p.base if isinstance(p, LoRAParts) else p for p in (img_q, txt_q, img_k, txt_k))
+        if self._kernel_applies(attn, bases, image_rotary_emb):
             img_freqs, txt_freqs = image_rotary_emb
             img_rope, txt_rope = torch.view_as_real(img_freqs), torch.view_as_real(txt_freqs)
-            query = self.qk_kernel.joint_qk_norm_rope(
-                txt_q, img_q, attn.norm_added_q.weight, attn.norm_q.weight, txt_rope, img_rope, heads, attn.norm_q.eps
-            )
-            key = self.qk_kernel.joint_qk_norm_rope(
-                txt_k, img_k, attn.norm_added_k.weight, attn.norm_k.weight, txt_rope, img_rope, heads, attn.norm_k.eps
-            )
+            query = self._joint(txt_q, img_q, attn.norm_added_q, attn.norm_q, txt_rope, img_rope, heads)
+            key = self._joint(txt_k, img_k, attn.norm_added_k, attn.norm_k, txt_rope, img_rope, heads)
             return self._attend(attn, query, key, value, attention_mask, seq_txt)
+        img_q, txt_q, img_k, txt_k = (self._summed(p) for p in (img_q, txt_q, img_k, txt_k))
         img_q, img_k = attn.norm_q(img_q.unflatten(-1, (heads, -1))), attn.norm_k(img_k.unflatten(-1, (heads, -1)))
         txt_q = attn.norm_added_q(txt_q.unflatten(-1, (heads, -1)))
         txt_k = attn.norm_added_k(txt_k.unflatten(-1, (heads, -1)))
@@ -136,6 +144,31 @@ class QwenImageFusedAttnProcessor:
         query = torch.cat([txt_q, img_q], dim=1)
         key = torch.cat([txt_k, img_k], dim=1)
         return self._attend(attn, query, key, value, attention_mask, seq_txt)
+
+    @staticmethod
+    def _project(layer, x, split: bool):
+        """``layer(x)``, or with ``split`` its :class:`LoRAParts` where it is a plain LoRA layer."""
+        parts = lora_parts(layer, x) if split else None
+        return layer(x) if parts is None else parts
+
+    @staticmethod
+    def _summed(projection):
+        """A projection as a tensor: :class:`LoRAParts` added up with peft's own operations."""
+        if isinstance(projection, LoRAParts):
+            return projection.base + projection.delta * projection.scaling
+        return projection
+
+    def _joint(self, txt, img, txt_norm, img_norm, txt_rope, img_rope, heads):
+        """The Triton kernel's joint q or k; a :class:`LoRAParts` projection's product is added inside it."""
+
+        def parts(p):
+            return (p.base, p.delta, p.scaling) if isinstance(p, LoRAParts) else (p, None, 1.0)
+
+        (txt, txt_delta, txt_scale), (img, img_delta, img_scale) = parts(txt), parts(img)
+        return self.qk_kernel.joint_qk_norm_rope(
+            txt, img, txt_norm.weight, img_norm.weight, txt_rope, img_rope, heads, img_norm.eps,
+            txt_delta, img_delta, txt_scale, img_scale,
+        )  # fmt: skip
 
     def _kernel_applies(self, attn, projections, image_rotary_emb) -> bool:
         """The Triton q/k kernel is on and computes here what the eager path would for each of the projections
@@ -215,11 +248,13 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
         return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
 
-    def use_attention_function(self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False) -> int:
+    def use_attention_function(
+        self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False, lora_in_kernel: bool = False
+    ) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel), the RoPE form ``rope`` (see ``ROPE_FORMS``) and, with ``qk_kernel``, q/k
-        prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed. Returns the number
-        of blocks changed."""
+        prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed (with
+        ``lora_in_kernel``, the q/k LoRA's product added inside it). Returns the number of blocks changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -229,7 +264,7 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             )
         ]
         for module in blocks:
-            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel))
+            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel, lora_in_kernel))
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts
