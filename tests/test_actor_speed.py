@@ -133,7 +133,8 @@ def test_lora_parts_add_up_to_the_layer_and_are_refused_where_peft_computes_othe
         layer.lora_B["default"].weight.normal_()  # a product the sum can show
         parts = lora_parts(layer, x)
         assert parts is not None and parts.scaling == layer.scaling["default"]
-        assert torch.equal(parts.base + parts.delta * parts.scaling, layer(x))
+        assert torch.equal(parts.total(), layer(x))
+        assert not torch.equal(parts.base, layer(x))  # the product is not nothing
         assert lora_parts(layer.base_layer, x) is None  # not a LoRA layer
         compute_lora_in_activation_dtype(transformer, enabled=False)  # peft's float32 input cast
         assert lora_parts(layer, x) is None

@@ -81,11 +81,16 @@ def compute_lora_in_activation_dtype(transformer: torch.nn.Module, enabled: bool
 
 
 class LoRAParts(NamedTuple):
-    """A LoRA layer's output in two parts: ``base + delta * scaling`` is what the layer returns."""
+    """A LoRA layer's output in two parts: ``base + delta * scaling`` is what the layer returns (delta None: a
+    projection without an adapter product, ``base`` alone)."""
 
     base: torch.Tensor
-    delta: torch.Tensor  # lora_B(lora_A(x)), before the scaling
-    scaling: float
+    delta: Optional[torch.Tensor] = None  # lora_B(lora_A(x)), before the scaling
+    scaling: float = 1.0
+
+    def total(self) -> torch.Tensor:
+        """The layer's output, added up with peft's own operations (the same roundings)."""
+        return self.base if self.delta is None else self.base + self.delta * self.scaling
 
 
 def lora_parts(layer: torch.nn.Module, x: torch.Tensor) -> Optional[LoRAParts]:

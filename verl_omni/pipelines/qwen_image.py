@@ -124,14 +124,14 @@ class QwenImageFusedAttnProcessor:
         txt_q, txt_k = self._project(attn.add_q_proj, txt, split), self._project(attn.add_k_proj, txt, split)
         img_v, txt_v = attn.to_v(hidden_states), attn.add_v_proj(txt)
         value = torch.cat([txt_v, img_v], dim=1).unflatten(-1, (heads, -1))  # order: [text, image], as diffusers
-        bases = tuple(p.base if isinstance(p, LoRAParts) else p for p in (img_q, txt_q, img_k, txt_k))
+        bases = tuple(p.base for p in (img_q, txt_q, img_k, txt_k))
         if self._kernel_applies(attn, bases, image_rotary_emb):
             img_freqs, txt_freqs = image_rotary_emb
             img_rope, txt_rope = torch.view_as_real(img_freqs), torch.view_as_real(txt_freqs)
             query = self._joint(txt_q, img_q, attn.norm_added_q, attn.norm_q, txt_rope, img_rope, heads)
             key = self._joint(txt_k, img_k, attn.norm_added_k, attn.norm_k, txt_rope, img_rope, heads)
             return self._attend(attn, query, key, value, attention_mask, seq_txt)
-        img_q, txt_q, img_k, txt_k = (self._summed(p) for p in (img_q, txt_q, img_k, txt_k))
+        img_q, txt_q, img_k, txt_k = (p.total() for p in (img_q, txt_q, img_k, txt_k))
         img_q, img_k = attn.norm_q(img_q.unflatten(-1, (heads, -1))), attn.norm_k(img_k.unflatten(-1, (heads, -1)))
         txt_q = attn.norm_added_q(txt_q.unflatten(-1, (heads, -1)))
         txt_k = attn.norm_added_k(txt_k.unflatten(-1, (heads, -1)))
@@ -146,28 +146,17 @@ class QwenImageFusedAttnProcessor:
         return self._attend(attn, query, key, value, attention_mask, seq_txt)
 
     @staticmethod
-    def _project(layer, x, split: bool):
-        """``layer(x)``, or with ``split`` its :class:`LoRAParts` where it is a plain LoRA layer."""
+    def _project(layer, x, split: bool) -> LoRAParts:
+        """``layer(x)`` as :class:`LoRAParts`: with ``split``, base and product apart where ``layer`` is a plain
+        LoRA layer; otherwise its whole output as the base."""
         parts = lora_parts(layer, x) if split else None
-        return layer(x) if parts is None else parts
+        return LoRAParts(layer(x)) if parts is None else parts
 
-    @staticmethod
-    def _summed(projection):
-        """A projection as a tensor: :class:`LoRAParts` added up with peft's own operations."""
-        if isinstance(projection, LoRAParts):
-            return projection.base + projection.delta * projection.scaling
-        return projection
-
-    def _joint(self, txt, img, txt_norm, img_norm, txt_rope, img_rope, heads):
-        """The Triton kernel's joint q or k; a :class:`LoRAParts` projection's product is added inside it."""
-
-        def parts(p):
-            return (p.base, p.delta, p.scaling) if isinstance(p, LoRAParts) else (p, None, 1.0)
-
-        (txt, txt_delta, txt_scale), (img, img_delta, img_scale) = parts(txt), parts(img)
+    def _joint(self, txt: LoRAParts, img: LoRAParts, txt_norm, img_norm, txt_rope, img_rope, heads):
+        """The Triton kernel's joint q or k; a projection's adapter product, if split off, is added inside it."""
         return self.qk_kernel.joint_qk_norm_rope(
-            txt, img, txt_norm.weight, img_norm.weight, txt_rope, img_rope, heads, img_norm.eps,
-            txt_delta, img_delta, txt_scale, img_scale,
+            txt.base, img.base, txt_norm.weight, img_norm.weight, txt_rope, img_rope, heads, img_norm.eps,
+            txt.delta, img.delta, txt.scaling, img.scaling,
         )  # fmt: skip
 
     def _kernel_applies(self, attn, projections, image_rotary_emb) -> bool:
