@@ -17,6 +17,9 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
                   q/k RMSNorm + RoPE + the joint cat in one Triton kernel (verl_omni/models/qk_norm_rope.py)
   <any>_flash[...]_qkkernel_lorain
                   the same kernel also adds the q/k LoRA's product, which then never goes through memory as a sum
+  <any>_flash[...]_fusedqkv
+                  each stream's q, k, v (and their LoRA's lora_A) as one matmul over stacked weights
+                  (verl_omni/models/lora.fused_projections): the stream's input is read once
   compiled*[...]_tuned
                   inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes,
                   warps) for that variant's compile: longer compile, maybe faster norms and elementwise kernels
@@ -58,8 +61,9 @@ COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": Fal
 # After the RoPE form: "epilogue", the FFN's GELU in its GEMM's epilogue (models/gelu_epilogue.py; diffusers' GELU
 # when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py);
 # "lorain", that kernel adds the q/k LoRA's product too (with qkkernel); "tuned", inductor's coordinate-descent
-# tuning; "autotune", its max-autotune (compiled variants only)
-VARIANT_OPTIONS = ("epilogue", "qkkernel", "lorain", "tuned", "autotune")
+# tuning; "autotune", its max-autotune (compiled variants only); "fusedqkv", each stream's q/k/v projections as one
+# matmul (models/lora.fused_projections)
+VARIANT_OPTIONS = ("epilogue", "qkkernel", "lorain", "tuned", "autotune", "fusedqkv")
 
 
 class Variant(NamedTuple):
@@ -72,10 +76,12 @@ class Variant(NamedTuple):
     lora_in_kernel: bool
     tuned: bool
     autotune: bool
+    fused_qkv: bool
 
 
 def parse_variant(variant: str) -> Variant:
-    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel[_lorain]][_tuned][_autotune]`` -> :class:`Variant`, or
+    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel[_lorain]][_tuned][_autotune][_fusedqkv]`` ->
+    :class:`Variant`, or
     exit naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
@@ -84,9 +90,9 @@ def parse_variant(variant: str) -> Variant:
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    epilogue, qk_kernel, lora_in_kernel, tuned, autotune = (name in options for name in VARIANT_OPTIONS)
+    epilogue, qk_kernel, lora_in_kernel, tuned, autotune, fused_qkv = (name in options for name in VARIANT_OPTIONS)
     ropes = [o for o in options if o not in VARIANT_OPTIONS]
-    flash_only = ropes or qk_kernel
+    flash_only = ropes or qk_kernel or fused_qkv
     if (
         len(ropes) > 1
         or any(r not in ROPE_FORMS for r in ropes)
@@ -95,11 +101,11 @@ def parse_variant(variant: str) -> Variant:
         or (lora_in_kernel and not qk_kernel)
     ):
         raise SystemExit(
-            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one) and qkkernel only after _flash, lorain "
-            f"only with qkkernel, tuned and autotune only when compiled; {VARIANT_OPTIONS}"
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one), qkkernel and fusedqkv only after _flash, "
+            f"lorain only with qkkernel, tuned and autotune only when compiled; {VARIANT_OPTIONS}"
         )
     rope = ropes[0] if ropes else "pairs"
-    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, lora_in_kernel, tuned, autotune)
+    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, lora_in_kernel, tuned, autotune, fused_qkv)
 
 
 def _sync():
@@ -249,9 +255,11 @@ def main() -> None:
     flash = resolve_flash_attention()
     log(f"flash attention: {getattr(flash, '__module__', None)}")
 
-    def set_attention(kind: str, rope: str, qk_kernel: bool, lora_in_kernel: bool) -> None:
-        if kind == "flash":
-            pipe.use_attention_function(flash, rope=rope, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel)
+    def set_attention(v: Variant) -> None:
+        if v.attention == "flash":
+            pipe.use_attention_function(
+                flash, v.rope, qk_kernel=v.qk_kernel, lora_in_kernel=v.lora_in_kernel, fuse_projections=v.fused_qkv
+            )
         else:
             for block in pipe.transformer.transformer_blocks:
                 block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
@@ -297,7 +305,7 @@ def main() -> None:
         if v.attention == "flash" and flash is None:
             log(f"{variant}: skipped (no flash attention)")
             continue
-        set_attention(v.attention, v.rope, v.qk_kernel, v.lora_in_kernel)
+        set_attention(v)
         set_gelu(v.epilogue)
         set_compiled(v.compile, v.tuned, v.autotune)
         t0 = time.perf_counter()

@@ -102,12 +102,20 @@ def pipeline_figures(model_dir, lora=False):
         return_dict=False,
     )
     outs, calls = {}, {}
-    for qk_kernel, lora_in_kernel in ((False, False), (True, False), (True, True)):
-        pipe.use_attention_function(sdpa, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel)
+    # (qk_kernel, lora_in_kernel, fuse_projections); fused, the kernel reads q and k as column slices of one matmul
+    for options in (
+        (False, False, False),
+        (True, False, False),
+        (True, True, False),
+        (True, False, True),
+        (True, True, True),
+        (False, False, True),
+    ):
+        pipe.use_attention_function(sdpa, qk_kernel=options[0], lora_in_kernel=options[1], fuse_projections=options[2])
         with torch.no_grad(), OpCounter() as counter:
-            outs[qk_kernel, lora_in_kernel] = transformer(**inputs)[0].float()
-        calls[qk_kernel, lora_in_kernel] = counter.kernel_calls
-    off, on, lora_in = outs[False, False], outs[True, False], outs[True, True]
+            outs[options] = transformer(**inputs)[0].float()
+        calls[options] = counter.kernel_calls
+    off, on, lora_in = outs[False, False, False], outs[True, False, False], outs[True, True, False]
     probe = torch.zeros(1, 2, cfg.num_attention_heads * cfg.attention_head_dim).half()
     attn = transformer.transformer_blocks[0].attn
     split = [lora_parts(layer, probe) is not None for layer in (attn.to_q, attn.to_k, attn.add_q_proj)]
@@ -115,9 +123,13 @@ def pipeline_figures(model_dir, lora=False):
         "forward_max_abs_diff": (on - off).abs().max().item(),
         "forward_max_abs": off.abs().max().item(),
         "lora_in_kernel_max_abs_diff": (lora_in - on).abs().max().item(),
-        "kernel_calls_off": calls[False, False],
-        "kernel_calls_on": calls[True, False],  # q and k of every block
-        "kernel_calls_lora_in_kernel": calls[True, True],
+        "fused_max_abs_diff": (outs[True, False, True] - on).abs().max().item(),
+        "fused_without_kernel_max_abs_diff": (outs[False, False, True] - off).abs().max().item(),
+        "fused_lora_in_kernel_max_abs_diff": (outs[True, True, True] - lora_in).abs().max().item(),
+        "kernel_calls_off": calls[False, False, False],
+        "kernel_calls_on": calls[True, False, False],  # q and k of every block
+        "kernel_calls_lora_in_kernel": calls[True, True, False],
+        "kernel_calls_fused": [calls[True, False, True], calls[True, True, True]],
         "splits_to_q_to_k_add_q_proj": split,  # which q/k projections hand the kernel their LoRA parts
         "blocks": cfg.num_layers,
     }

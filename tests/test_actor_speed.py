@@ -20,7 +20,13 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import unpack_batch
 from verl_omni.models.checkpointing import transformer_blocks
-from verl_omni.models.lora import LoRASpec, add_lora_adapter, compute_lora_in_activation_dtype, lora_parts
+from verl_omni.models.lora import (
+    LoRASpec,
+    add_lora_adapter,
+    compute_lora_in_activation_dtype,
+    fused_projections,
+    lora_parts,
+)
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
@@ -144,6 +150,31 @@ def test_lora_parts_add_up_to_the_layer_and_are_refused_where_peft_computes_othe
         layer.lora_dropout["default"] = torch.nn.Identity()
         layer.enable_adapters(False)
         assert lora_parts(layer, x) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_equal_each_layer_and_are_refused_where_a_layer_computes_otherwise(
+    tiny_qwen_image_dir, dtype
+):
+    transformer, layer, x = _lora_layer(tiny_qwen_image_dir, dtype)
+    attn = transformer.transformer_blocks[0].attn  # to_q has the random adapter, to_k / to_v identity ones
+    layers = [attn.to_q, attn.to_k, attn.to_v, attn.add_q_proj]  # add_q_proj: a plain nn.Linear (no adapter)
+    with torch.no_grad():
+        parts = fused_projections(layers, x)
+        separate = [m(x) for m in layers]
+        assert parts is not None and [p.delta is None for p in parts] == [False, False, False, True]
+        assert not parts[0].base.is_contiguous()  # column slices of the one matmul: nothing copied
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+        for fused, own in zip(parts, separate, strict=True):
+            error = (fused.total().float() - own.float()).abs().max().item()
+            assert error <= tolerance * own.float().abs().max().item(), error
+        assert not torch.equal(parts[0].total(), parts[0].base)  # the adapter's product is in the sum
+        assert fused_projections([attn.to_q, attn.norm_q], x) is None  # not a linear
+        layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+        assert fused_projections(layers, x) is None  # a LoRA that is not plain
+        layer.lora_dropout["default"] = torch.nn.Identity()
+        attn.to_k.base_layer.bias = None
+        assert fused_projections(layers, x) is None  # the layers disagree on a bias
 
 
 def test_the_engines_and_the_actor_add_the_adapter_the_same_way(tiny_qwen_image_dir):

@@ -62,11 +62,27 @@ def test_unknown_keys_name_their_dotted_path():
         build(FlowGRPOConfig, {"actor_rollout_ref": {"model": {"path": "x"}, "rollout": {"algo": {"noise": 1}}}})
 
 
-@pytest.mark.parametrize("key", ["gelu_epilogue", "qk_norm_rope_kernel"])
-def test_rollout_kernel_switches_are_booleans_named_in_the_error(key):
+@pytest.mark.parametrize(
+    "key, default",
+    [
+        ("gelu_epilogue", True),
+        ("qk_norm_rope_kernel", True),
+        ("qk_kernel_adds_lora", False),
+        ("fuse_qkv_projections", False),
+    ],
+)
+def test_rollout_kernel_switches_are_booleans_named_in_the_error(key, default):
     from verl_omni.config.model import ModelConfig
 
-    assert getattr(ModelConfig(path="tiny:qwen_image"), key) is True
-    assert getattr(ModelConfig(path="tiny:qwen_image", **{key: False}), key) is False
+    assert getattr(ModelConfig(path="tiny:qwen_image"), key) is default
+    assert getattr(ModelConfig(path="tiny:qwen_image", **{key: not default}), key) is (not default)
     with pytest.raises(ValueError, match=rf"actor_rollout_ref\.model\.{key}='yes' must be true or false"):
         ModelConfig(path="tiny:qwen_image", **{key: "yes"})
+
+
+def test_lora_in_the_qk_kernel_needs_the_kernel():
+    from verl_omni.config.model import ModelConfig
+
+    needs = r"qk_kernel_adds_lora=true needs actor_rollout_ref\.model\.qk_norm_rope_kernel=true"
+    with pytest.raises(ValueError, match=needs):
+        ModelConfig(path="tiny:qwen_image", qk_kernel_adds_lora=True, qk_norm_rope_kernel=False)

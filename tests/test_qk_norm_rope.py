@@ -67,3 +67,14 @@ def test_lora_added_inside_the_kernel_as_peft_adds_it(report):
     assert report["pipeline_float16"]["splits_to_q_to_k_add_q_proj"] == [False, False, False]
     assert report["pipeline_float16_lora"]["lora_in_kernel_max_abs_diff"] == 0.0
     assert report["pipeline_float16"]["lora_in_kernel_max_abs_diff"] == 0.0  # no adapter: nothing to add
+
+
+@pytest.mark.parametrize("model", ["pipeline_float16", "pipeline_float16_lora"])
+def test_kernel_reads_fused_projections_in_place(report, model):
+    """With ``fuse_projections`` the kernel gets q and k as column slices of one stacked matmul (a token stride
+    wider than the row): it reads them where they lie (a wrong stride would scramble heads, far beyond rounding)."""
+    figures = report[model]
+    assert figures["kernel_calls_fused"] == [2 * figures["blocks"]] * 2
+    assert figures["fused_max_abs_diff"] <= 0.01 * figures["forward_max_abs"]
+    assert figures["fused_lora_in_kernel_max_abs_diff"] <= 0.01 * figures["forward_max_abs"]
+    assert figures["fused_without_kernel_max_abs_diff"] <= 0.01 * figures["forward_max_abs"]  # PyTorch's q/k path

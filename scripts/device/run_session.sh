@@ -21,7 +21,7 @@
 #   mix4    : (2 GPUs) e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block recomputed
 #             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
-#   probe60 : one GPU: the 60-layer build | the GELU-epilogue and q/k-kernel GPU tests, then pipeline_breakdown of the recipe's
+#   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), PROBE_VARIANTS / PROBE_REPEATS /
@@ -181,8 +181,8 @@ case "$stage" in
   probe60)  # one GPU; ~7 min: the 60-layer build, then pipeline_breakdown on the recipe's rollout call (CFG 4,
             # LoRA r64): the split placement's diffusers path (eager, SDPA) and vllm-omni's (compiled, FA3), profile
     cores=$(nproc); build_logged "${PROBE_LAYERS:-60}" "2-$((cores - 1))" &
-    [ "${PROBE_GPU_TEST:-1}" = 1 ] && gpu_tests 0 0-1 170 gelu tests/gpu/test_gelu_epilogue_gpu.py \
-      tests/gpu/test_qk_norm_rope_gpu.py &
+    [ "${PROBE_GPU_TEST:-1}" = 1 ] && gpu_tests 0 0-1 230 gelu tests/gpu/test_gelu_epilogue_gpu.py \
+      tests/gpu/test_qk_norm_rope_gpu.py tests/gpu/test_denoise_no_sync_gpu.py &
     wait
     timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers "${PROBE_LAYERS:-60}" --cfg 4 \
       --lora-rank 64 \

@@ -37,6 +37,13 @@ class ModelConfig(Section):
     # forwards without a gradient (models/qk_norm_rope.py). Only where the engine serves FA3 (the diffusers engine
     # keeps diffusers' attention). 3.2% faster rollout call at 20 layers (docs/benchmarks/pipeline_breakdown_*).
     qk_norm_rope_kernel: bool = True
+    # With the q/k kernel: a plain LoRA's product on the q/k projections is added inside the kernel, as peft adds it,
+    # so the sum is never written to memory. Off until measured faster at the real size.
+    qk_kernel_adds_lora: bool = False
+    # The vllm-omni engine's attention, forwards without a gradient: each stream's q, k, v projections (and their
+    # adapters' lora_A) as one matmul over stacked weights (models/lora.fused_projections), so each stream's input
+    # is read once. Equal within bf16 rounding (a wider GEMM may tile differently). Off until measured faster.
+    fuse_qkv_projections: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -55,9 +62,14 @@ class ModelConfig(Section):
                 f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
                 "must be true, false or null (null: on for GPU actors)"
             )
-        for name in ("gelu_epilogue", "qk_norm_rope_kernel"):
+        for name in ("gelu_epilogue", "qk_norm_rope_kernel", "qk_kernel_adds_lora", "fuse_qkv_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
+        if self.qk_kernel_adds_lora and not self.qk_norm_rope_kernel:
+            raise ValueError(
+                f"{self.key('qk_kernel_adds_lora')}=true needs {self.key('qk_norm_rope_kernel')}=true "
+                "(the kernel adds the LoRA's product)"
+            )
         blocks = self.gradient_checkpointing_blocks
         if blocks is not None and blocks != "auto":
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:

@@ -13,6 +13,7 @@ in training (see ``compute_lora_in_activation_dtype``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -93,11 +94,19 @@ class LoRAParts(NamedTuple):
         return self.base if self.delta is None else self.base + self.delta * self.scaling
 
 
-def lora_parts(layer: torch.nn.Module, x: torch.Tensor) -> Optional[LoRAParts]:
-    """``layer(x)`` as :class:`LoRAParts`, so a kernel can add the adapter's product where it reads the projection
-    anyway (models/qk_norm_rope.py); None where ``layer`` is not a plain LoRA linear (peft's ``lora.Linear`` with one
-    active, unmerged, enabled adapter, no dropout, no variant such as DoRA) or the adapter's product would not come
-    out in the base output's dtype (an input cast to float32): then call ``layer(x)``."""
+class PlainLoRA(NamedTuple):
+    """The pieces of a plain LoRA linear: ``base(x) + lora_B(lora_A(x)) * scaling`` is its output."""
+
+    base: torch.nn.Module
+    lora_A: torch.nn.Module
+    lora_B: torch.nn.Module
+    scaling: float
+
+
+def plain_lora(layer: torch.nn.Module, x: torch.Tensor) -> Optional[PlainLoRA]:
+    """``layer``'s pieces if it is a plain LoRA linear for the input ``x``: peft's ``lora.Linear`` with one active,
+    unmerged, enabled adapter, no dropout, no variant such as DoRA, and no cast of ``x`` to float32 on the way in
+    (the adapter's product then comes out in the base output's dtype); None otherwise."""
     if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged:
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
@@ -108,11 +117,73 @@ def lora_parts(layer: torch.nn.Module, x: torch.Tensor) -> Optional[LoRAParts]:
         return None
     if layer.cast_input_dtype_enabled and layer.lora_A[name].weight.dtype != x.dtype:
         return None
-    base = layer.base_layer(x)
-    delta = layer.lora_B[name](layer.lora_A[name](x))
+    return PlainLoRA(layer.base_layer, layer.lora_A[name], layer.lora_B[name], float(layer.scaling[name]))
+
+
+def lora_parts(layer: torch.nn.Module, x: torch.Tensor) -> Optional[LoRAParts]:
+    """``layer(x)`` as :class:`LoRAParts`, so a kernel can add the adapter's product where it reads the projection
+    anyway (models/qk_norm_rope.py); None where ``layer`` is not a plain LoRA linear (:func:`plain_lora`) or the
+    product would not come out in the base output's dtype: then call ``layer(x)``."""
+    lora = plain_lora(layer, x)
+    if lora is None:
+        return None
+    base = lora.base(x)
+    delta = lora.lora_B(lora.lora_A(x))
     if delta.dtype != base.dtype:
         return None
-    return LoRAParts(base, delta, float(layer.scaling[name]))
+    return LoRAParts(base, delta, lora.scaling)
+
+
+def _stackable_linear(module: torch.nn.Module, x: torch.Tensor, adapter_factor: bool) -> bool:
+    """A plain ``nn.Linear`` (or an adapter factor computing in the activations' dtype) whose matmul in ``x``'s
+    dtype is ``F.linear(x, weight, bias)``: such layers can share one matmul over stacked weights."""
+    if type(module) is ActivationDtypeLinear:
+        return adapter_factor and module.bias is None
+    if type(module) is not torch.nn.Linear or module.weight.dtype != x.dtype:
+        return False
+    return not adapter_factor or module.bias is None
+
+
+def fused_projections(layers: Sequence[torch.nn.Module], x: torch.Tensor) -> Optional[list[LoRAParts]]:
+    """Every layer's output on the same input ``x`` as :class:`LoRAParts`, from ONE matmul: the layers' weights and
+    their adapters' ``lora_A`` weights stacked (a copy per call, the weights' bytes twice), so ``x`` is read once
+    instead of once per layer and per adapter; each adapter's ``lora_B`` then runs on its slice of the result. For
+    forwards without a gradient (the rollout): the stacked copy would otherwise sit in autograd's graph.
+
+    The parts are column slices of one buffer (not contiguous). Each element is the same dot product as the
+    layer's own matmul, but the GEMM library may tile a wider matrix differently: equal within the dtype's
+    rounding, not bit for bit. None where a layer is neither a plain ``nn.Linear`` in ``x``'s dtype nor a plain
+    LoRA linear over one (:func:`plain_lora`), or where the layers disagree on having a bias."""
+    bases, loras = [], []
+    for layer in layers:
+        lora = plain_lora(layer, x) if isinstance(layer, LoraLinear) else None
+        base = layer if lora is None else lora.base
+        if not _stackable_linear(base, x, adapter_factor=False):
+            return None
+        if lora is not None and not (
+            _stackable_linear(lora.lora_A, x, adapter_factor=True) and _stackable_linear(lora.lora_B, x, True)
+        ):
+            return None
+        bases.append(base)
+        loras.append(lora)
+    if len({base.bias is None for base in bases}) != 1:
+        return None
+    adapters = [lora for lora in loras if lora is not None]
+    weights = [base.weight for base in bases] + [lora.lora_A.weight.to(x.dtype) for lora in adapters]
+    bias = None
+    if bases[0].bias is not None:
+        zeros = [x.new_zeros(lora.lora_A.weight.shape[0]) for lora in adapters]
+        bias = torch.cat([base.bias for base in bases] + zeros)
+    stacked = F.linear(x, torch.cat(weights), bias)
+    sizes = [w.shape[0] for w in weights]
+    outputs = stacked.split(sizes, dim=-1)
+    parts, hidden = [], iter(outputs[len(bases) :])
+    for base_out, lora in zip(outputs[: len(bases)], loras, strict=True):
+        if lora is None:
+            parts.append(LoRAParts(base_out))
+        else:
+            parts.append(LoRAParts(base_out, lora.lora_B(next(hidden)), lora.scaling))
+    return parts
 
 
 def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -37,8 +37,10 @@ ROWS_PER_PROGRAM = 32
 
 @triton.jit
 def _norm_rope_rows(
-    x_ptr,  # [B, S, H, D] contiguous: B * S * H rows of D lanes
+    x_ptr,  # [B, S, H * D], tokens x_stride elements apart (a column slice of a wider projection is fine)
     delta_ptr,  # like x: a LoRA's product before its scaling (read only with HAS_DELTA)
+    x_stride,
+    delta_stride,
     delta_scale,
     w_ptr,  # [D]
     rope_ptr,  # [S, D / 2, 2] float32: (cos, sin) per pair, torch.view_as_real of the complex frequencies
@@ -56,18 +58,20 @@ def _norm_rope_rows(
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     lanes = tl.arange(0, D)  # [D]
     live = (row < rows)[:, None]
-    offsets = row[:, None] * D + lanes[None, :]
-    x = tl.load(x_ptr + offsets, mask=live, other=0.0).to(tl.float32)
+    head_lanes = (row % heads)[:, None] * D + lanes[None, :]  # this row's lanes within its token
+    token = row // heads  # over all B * S tokens
+    x = tl.load(x_ptr + token[:, None] * x_stride + head_lanes, mask=live, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     if HAS_DELTA:  # peft's ``result + lora_B(lora_A(x)) * scaling``, each op rounded to the activations' dtype
-        delta = (tl.load(delta_ptr + offsets, mask=live, other=0.0).to(tl.float32) * delta_scale).to(dtype)
+        delta_offsets = token[:, None] * delta_stride + head_lanes
+        delta = (tl.load(delta_ptr + delta_offsets, mask=live, other=0.0).to(tl.float32) * delta_scale).to(dtype)
         x = (x + delta.to(tl.float32)).to(dtype).to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     w = tl.load(w_ptr + lanes).to(tl.float32)
     # RMSNorm as diffusers rounds it: normalised in float32, cast to the weight's dtype, times the weight.
     m = ((x * inv_rms[:, None]).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
-    token = (row % seq_heads) // heads  # position in this part: its RoPE row
-    rope = tl.load(rope_ptr + token[:, None] * D + lanes[None, :], mask=live, other=0.0)  # (cos, sin) pairs
+    position = (row % seq_heads) // heads  # the token's position in this part: its RoPE row
+    rope = tl.load(rope_ptr + position[:, None] * D + lanes[None, :], mask=live, other=0.0)  # (cos, sin) pairs
     cos, sin = tl.split(tl.reshape(rope, (BLOCK_ROWS, D // 2, 2)))
     m_even, m_odd = tl.split(tl.reshape(m, (BLOCK_ROWS, D // 2, 2)))
     rotated = tl.reshape(tl.join(m_even * cos - m_odd * sin, m_even * sin + m_odd * cos), (BLOCK_ROWS, D))
@@ -76,8 +80,8 @@ def _norm_rope_rows(
 
 
 def _launch(
-    x: torch.Tensor,
-    delta: Optional[torch.Tensor],
+    x: tuple[torch.Tensor, int],
+    delta: Optional[tuple[torch.Tensor, int]],
     scale: float,
     weight: torch.Tensor,
     rope: torch.Tensor,
@@ -85,6 +89,7 @@ def _launch(
     offset: int,
     eps: float,
 ):
+    (x, x_stride), (delta, delta_stride) = x, delta or (None, 0)
     batch, seq, _ = x.shape
     heads, head_dim = out.shape[2], out.shape[3]
     rows = batch * seq * heads
@@ -93,6 +98,8 @@ def _launch(
     _norm_rope_rows[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         x,
         x if delta is None else delta,
+        x_stride,
+        delta_stride,
         scale,
         weight,
         rope,
@@ -135,9 +142,20 @@ def joint_qk_norm_rope(
         (img, img_delta, img_scale, img_weight, img_rope, seq_txt),
     )
     for x, delta, scale, weight, rope, offset in parts:
-        delta = None if delta is None else delta.contiguous()
-        _launch(x.contiguous(), delta, scale, weight.contiguous(), rope.contiguous(), out, offset, eps)
+        delta = None if delta is None else _token_rows(delta)
+        _launch(_token_rows(x), delta, scale, weight.contiguous(), rope.contiguous(), out, offset, eps)
     return out
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` [B, S, W] as the kernel reads it, with its token stride: each token's W lanes contiguous and tokens one
+    stride apart across the batch too. A column slice of a wider projection (``models.lora.fused_projections``)
+    already is laid out so: no copy."""
+    if x.is_contiguous():
+        return x, x.shape[2]
+    if x.stride(2) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
+        return x, x.stride(1)
+    return x.contiguous(), x.shape[2]
 
 
 @joint_qk_norm_rope.register_fake

@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.models.lora import LoRAParts, lora_parts
+from verl_omni.models.lora import LoRAParts, fused_projections, lora_parts
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.model_inputs import TextInputs
@@ -87,7 +87,12 @@ class QwenImageFusedAttnProcessor:
     transformer's FLOPs at 1024 image tokens."""
 
     def __init__(
-        self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False, lora_in_kernel: bool = False
+        self,
+        attention_fn: AttentionFn,
+        rope: str = "pairs",
+        qk_kernel: bool = False,
+        lora_in_kernel: bool = False,
+        fuse_projections: bool = False,
     ):
         if rope not in ROPE_FORMS:
             raise ValueError(f"rope={rope!r}: allowed values are {sorted(ROPE_FORMS)}")
@@ -96,6 +101,9 @@ class QwenImageFusedAttnProcessor:
         # With the kernel: a plain LoRA on the q/k projections hands the kernel its base output and its product
         # (models/lora.lora_parts), which the kernel adds as peft does, so the sum is never written to memory.
         self.lora_in_kernel = lora_in_kernel
+        # Without a gradient, each stream's q, k, v (and their adapters' lora_A) from one matmul over stacked
+        # weights, so the stream's input is read once instead of three to six times (models/lora.fused_projections).
+        self.fuse_projections = fuse_projections
         self.attention_fn = attention_fn
         self.rotate = ROPE_FORMS[rope]
         # q/k RMSNorm + RoPE + the joint cat in one Triton kernel where nothing needs a gradient
@@ -119,11 +127,9 @@ class QwenImageFusedAttnProcessor:
             raise ValueError("QwenImageFusedAttnProcessor requires encoder_hidden_states (text stream)")
         seq_txt, heads = encoder_hidden_states.shape[1], attn.heads
         txt = encoder_hidden_states
-        split = self.lora_in_kernel and not torch.is_grad_enabled()
-        img_q, img_k = self._project(attn.to_q, hidden_states, split), self._project(attn.to_k, hidden_states, split)
-        txt_q, txt_k = self._project(attn.add_q_proj, txt, split), self._project(attn.add_k_proj, txt, split)
-        img_v, txt_v = attn.to_v(hidden_states), attn.add_v_proj(txt)
-        value = torch.cat([txt_v, img_v], dim=1).unflatten(-1, (heads, -1))  # order: [text, image], as diffusers
+        img_q, img_k, img_v = self._projections((attn.to_q, attn.to_k, attn.to_v), hidden_states)
+        txt_q, txt_k, txt_v = self._projections((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), txt)
+        value = torch.cat([txt_v.total(), img_v.total()], dim=1).unflatten(-1, (heads, -1))  # [text, image]
         bases = tuple(p.base for p in (img_q, txt_q, img_k, txt_k))
         if self._kernel_applies(attn, bases, image_rotary_emb):
             img_freqs, txt_freqs = image_rotary_emb
@@ -145,12 +151,19 @@ class QwenImageFusedAttnProcessor:
         key = torch.cat([txt_k, img_k], dim=1)
         return self._attend(attn, query, key, value, attention_mask, seq_txt)
 
-    @staticmethod
-    def _project(layer, x, split: bool) -> LoRAParts:
-        """``layer(x)`` as :class:`LoRAParts`: with ``split``, base and product apart where ``layer`` is a plain
-        LoRA layer; otherwise its whole output as the base."""
-        parts = lora_parts(layer, x) if split else None
-        return LoRAParts(layer(x)) if parts is None else parts
+    def _projections(self, layers, x) -> list[LoRAParts]:
+        """``layer(x)`` for the stream's q, k and v projections, as :class:`LoRAParts`. Without a gradient: from one
+        stacked matmul with ``fuse_projections``, and base and adapter product apart with ``lora_in_kernel``;
+        otherwise each layer's whole output as the base."""
+        if torch.is_grad_enabled():
+            return [LoRAParts(layer(x)) for layer in layers]
+        parts = fused_projections(layers, x) if self.fuse_projections else None
+        if parts is None:
+            split = [lora_parts(layer, x) if self.lora_in_kernel else None for layer in layers]
+            parts = [LoRAParts(layer(x)) if p is None else p for layer, p in zip(layers, split, strict=True)]
+        if not self.lora_in_kernel:
+            parts = [LoRAParts(p.total()) for p in parts]
+        return parts
 
     def _joint(self, txt: LoRAParts, img: LoRAParts, txt_norm, img_norm, txt_rope, img_rope, heads):
         """The Triton kernel's joint q or k; a projection's adapter product, if split off, is added inside it."""
@@ -238,12 +251,18 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
 
     def use_attention_function(
-        self, attention_fn: AttentionFn, rope: str = "pairs", qk_kernel: bool = False, lora_in_kernel: bool = False
+        self,
+        attention_fn: AttentionFn,
+        rope: str = "pairs",
+        qk_kernel: bool = False,
+        lora_in_kernel: bool = False,
+        fuse_projections: bool = False,
     ) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel), the RoPE form ``rope`` (see ``ROPE_FORMS``) and, with ``qk_kernel``, q/k
         prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed (with
-        ``lora_in_kernel``, the q/k LoRA's product added inside it). Returns the number of blocks changed."""
+        ``lora_in_kernel``, the q/k LoRA's product added inside it) and, with ``fuse_projections``, each stream's
+        q, k, v from one matmul where no gradient is needed. Returns the number of blocks changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -253,7 +272,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             )
         ]
         for module in blocks:
-            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel, lora_in_kernel))
+            module.set_processor(
+                QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel, lora_in_kernel, fuse_projections)
+            )
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts

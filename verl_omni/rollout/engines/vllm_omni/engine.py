@@ -84,6 +84,8 @@ class VllmOmniEngine(DiffusionEngine):
             "pipeline": model.pipeline,
             "gelu_epilogue": model.gelu_epilogue,
             "qk_norm_rope_kernel": model.qk_norm_rope_kernel,
+            "qk_kernel_adds_lora": model.qk_kernel_adds_lora,
+            "fuse_qkv_projections": model.fuse_qkv_projections,
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},

@@ -90,12 +90,19 @@ class VllmOmniRLPipeline(torch.nn.Module):
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
             qk_kernel = bool(self.opts.get("qk_norm_rope_kernel", False))
-            blocks = pipe.use_attention_function(flash, qk_kernel=qk_kernel)
+            lora_in_kernel = qk_kernel and bool(self.opts.get("qk_kernel_adds_lora", False))
+            fuse = bool(self.opts.get("fuse_qkv_projections", False))
+            blocks = pipe.use_attention_function(
+                flash, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel, fuse_projections=fuse
+            )
             logger.info(
-                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s",
+                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s "
+                "(LoRA added inside: %s), fused q/k/v projections %s",
                 blocks,
                 getattr(flash, "__module__", flash),
                 "on" if qk_kernel else "off",
+                lora_in_kernel,
+                "on" if fuse else "off",
             )
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
