@@ -289,7 +289,7 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
         "pipeline": "qwen_image",
         "gelu_epilogue": True,  # actor_rollout_ref.model.gelu_epilogue's default
         "qk_norm_rope_kernel": True,  # actor_rollout_ref.model.qk_norm_rope_kernel's default
-        "qk_kernel_adds_lora": False,
+        "qk_kernel_adds_lora": True,  # actor_rollout_ref.model.qk_kernel_adds_lora's default
         "fuse_qkv_projections": False,
         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]},
     }

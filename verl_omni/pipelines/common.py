@@ -75,7 +75,7 @@ def trajectory_positions(params: DiffusionSamplingParams) -> list[int]:
 class DenoiseResult:
     final_latents: torch.Tensor  # [B, *latent_shape], float32
     trajectory: torch.Tensor  # [B, K, *latent_shape]: the latents at ``latent_steps`` (all: x_T .. x_0), or K = 0
-    log_probs: torch.Tensor  # float32 [B, T], 0 outside the window
+    log_probs: torch.Tensor  # float32 [B, T] on the latents' device, 0 outside the window
     window_mask: torch.Tensor  # bool [T]
     latent_steps: torch.Tensor  # int64 [K]: the trajectory position of each kept latent
 
@@ -86,9 +86,15 @@ def draw_step_noise(
     """[B, *sample_shape] float32 noise of one stochastic step on ``device``: row i from ``generators[i]``, on the
     host (the same numbers on every device), then one copy that does not make the host wait (pinned memory)."""
     noise = torch.stack([torch.randn(tuple(sample_shape), generator=g, dtype=torch.float32) for g in generators])
-    if torch.device(device).type == "cuda":
-        return noise.pin_memory().to(device, non_blocking=True)
-    return noise.to(device)
+    return to_device_without_wait(noise, device)
+
+
+def to_device_without_wait(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, a copy the host does not wait for (a copy from
+    pageable memory waits for everything queued on the stream first)."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def denoise_with_logprobs(
@@ -106,8 +112,8 @@ def denoise_with_logprobs(
     [T] is what the transformer receives per step, ``sigmas`` [T+1] what the scheduler math uses.
     Step noise is drawn only inside the window, from each sample's own generator, on the host after the step's
     forward is queued, so the host draws while the device computes (drawn up front, the noise of a 10-step window
-    left the GPU idle ~80 ms per call at the real size). Nothing in the loop waits for the device: log-probs and the
-    trajectory come back once at the end.
+    left the GPU idle ~80 ms per call at the real size). Nothing here waits for the device: log-probs and the
+    trajectory stay on it, and ``to_batch_output`` brings them to the host with the images in one wait.
     """
     batch_size = latents.shape[0]
     num_steps = model_timesteps.shape[0]
@@ -118,8 +124,8 @@ def denoise_with_logprobs(
     # copied to the device inside each step, and a copy from pageable host memory makes the host wait for the
     # queued forward; the GPU then idles while the host launches the next step (the 60-layer profile showed ~15 ms
     # of idle per step, tests/gpu/test_denoise_no_sync_gpu.py checks the loop under CUDA's sync debug mode).
-    step_sigmas = sigmas.to(dtype=torch.float32).to(device)
-    step_timesteps = model_timesteps.to(device=device, dtype=torch.float32)
+    step_sigmas = to_device_without_wait(sigmas.to(dtype=torch.float32), device)
+    step_timesteps = to_device_without_wait(model_timesteps.to(dtype=torch.float32), device)
 
     latents = latents.to(torch.float32)
     keep = set(trajectory_positions(params))
@@ -154,7 +160,7 @@ def denoise_with_logprobs(
     else:
         stacked = latents.new_empty((batch_size, 0, *latents.shape[1:]))
     latent_steps = torch.tensor(sorted(keep), dtype=torch.int64)
-    return DenoiseResult(latents, stacked, log_probs.cpu(), window_mask, latent_steps)
+    return DenoiseResult(latents, stacked, log_probs, window_mask, latent_steps)
 
 
 def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
@@ -202,9 +208,8 @@ def to_batch_output(
     truncated_prompt_tokens: int = 0,
 ) -> RLBatchOutput:
     """The RL output of one call: ``cond`` (B rows) is stored under ``RLBatchOutput``'s embedding field names."""
-    host = to_host({"images": images, "latents": result.trajectory, **cond.as_fields()})
+    host = to_host({"images": images, "latents": result.trajectory, "log_probs": result.log_probs, **cond.as_fields()})
     return RLBatchOutput(
-        log_probs=result.log_probs,
         window_mask=result.window_mask,
         timesteps=timesteps.float().cpu(),
         sigmas=sigmas.float().cpu(),
