@@ -20,6 +20,13 @@ Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layer
   <any>_flash[...]_fusedqkv
                   each stream's q, k, v (and their LoRA's lora_A) as one matmul over stacked weights
                   (verl_omni/models/lora.fused_projections): the stream's input is read once
+  <any>_flash[...]_outall
+                  to_out over every row of the joint attention output (text rows dropped after), so the image rows
+                  are not copied out first
+  compiled*[...]_multikernel
+                  inductor's multi-kernel reductions (triton.multi_kernel=1): persistent variants up to 16x the usual
+                  row length (LayerNorm over 3072 lanes in one pass over its inputs), picked against the looped ones
+                  by timing them
   compiled*[...]_tuned
                   inductor's coordinate-descent tuning of its generated kernels' launch configs (block sizes,
                   warps) for that variant's compile: longer compile, maybe faster norms and elementwise kernels
@@ -62,8 +69,9 @@ COMPILE_DYNAMIC = {"compiled": True, "compiledauto": None, "compiledstatic": Fal
 # when absent); "qkkernel", q/k RMSNorm + RoPE + the joint cat in one Triton kernel (models/qk_norm_rope.py);
 # "lorain", that kernel adds the q/k LoRA's product too (with qkkernel); "tuned", inductor's coordinate-descent
 # tuning; "autotune", its max-autotune (compiled variants only); "fusedqkv", each stream's q/k/v projections as one
-# matmul (models/lora.fused_projections)
-VARIANT_OPTIONS = ("epilogue", "qkkernel", "lorain", "tuned", "autotune", "fusedqkv")
+# matmul (models/lora.fused_projections); "outall", to_out over the whole joint attention output; "multikernel",
+# inductor's multi-kernel reductions (compiled variants only)
+VARIANT_OPTIONS = ("epilogue", "qkkernel", "lorain", "tuned", "autotune", "fusedqkv", "outall", "multikernel")
 
 
 class Variant(NamedTuple):
@@ -77,11 +85,12 @@ class Variant(NamedTuple):
     tuned: bool
     autotune: bool
     fused_qkv: bool
+    out_all: bool
+    multi_kernel: bool
 
 
 def parse_variant(variant: str) -> Variant:
-    """``<compile>_<attention>[_<rope>][_epilogue][_qkkernel[_lorain]][_tuned][_autotune][_fusedqkv]`` ->
-    :class:`Variant`, or
+    """``<compile>_<attention>[_<rope>][_<option>...]`` (options: ``VARIANT_OPTIONS``) -> :class:`Variant`, or
     exit naming what is allowed."""
     from verl_omni.pipelines.qwen_image import ROPE_FORMS
 
@@ -90,22 +99,23 @@ def parse_variant(variant: str) -> Variant:
     allowed = ["eager", *COMPILE_DYNAMIC]
     if compiled not in allowed or attention not in ("sdpa", "flash"):
         raise SystemExit(f"--variants {variant!r}: <compile>_<attention>, compile in {allowed}, attention sdpa|flash")
-    epilogue, qk_kernel, lora_in_kernel, tuned, autotune, fused_qkv = (name in options for name in VARIANT_OPTIONS)
+    flags = [name in options for name in VARIANT_OPTIONS]
+    epilogue, qk_kernel, lora_in_kernel, tuned, autotune, fused_qkv, out_all, multi_kernel = flags
     ropes = [o for o in options if o not in VARIANT_OPTIONS]
-    flash_only = ropes or qk_kernel or fused_qkv
+    flash_only = ropes or qk_kernel or fused_qkv or out_all
     if (
         len(ropes) > 1
         or any(r not in ROPE_FORMS for r in ropes)
         or (flash_only and attention != "flash")
-        or ((tuned or autotune) and compiled == "eager")
+        or ((tuned or autotune or multi_kernel) and compiled == "eager")
         or (lora_in_kernel and not qk_kernel)
     ):
         raise SystemExit(
-            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one), qkkernel and fusedqkv only after _flash, "
-            f"lorain only with qkkernel, tuned and autotune only when compiled; {VARIANT_OPTIONS}"
+            f"--variants {variant!r}: options {sorted(ROPE_FORMS)} (one), qkkernel, fusedqkv and outall only after "
+            f"_flash, lorain only with qkkernel, tuned, autotune and multikernel only when compiled; {VARIANT_OPTIONS}"
         )
     rope = ropes[0] if ropes else "pairs"
-    return Variant(variant, compiled, attention, rope, epilogue, qk_kernel, lora_in_kernel, tuned, autotune, fused_qkv)
+    return Variant(variant, compiled, attention, rope, *flags)
 
 
 def _sync():
@@ -258,7 +268,12 @@ def main() -> None:
     def set_attention(v: Variant) -> None:
         if v.attention == "flash":
             pipe.use_attention_function(
-                flash, v.rope, qk_kernel=v.qk_kernel, lora_in_kernel=v.lora_in_kernel, fuse_projections=v.fused_qkv
+                flash,
+                v.rope,
+                qk_kernel=v.qk_kernel,
+                lora_in_kernel=v.lora_in_kernel,
+                fuse_projections=v.fused_qkv,
+                project_joint_output=v.out_all,
             )
         else:
             for block in pipe.transformer.transformer_blocks:
@@ -269,13 +284,14 @@ def main() -> None:
         if epilogue:
             log(f"GELU epilogue on {use_gelu_epilogue(pipe.transformer)} feed-forwards")
 
-    def set_compiled(kind: str, tuned: bool, autotune: bool) -> None:
+    def set_compiled(kind: str, tuned: bool, autotune: bool, multi_kernel: bool) -> None:
         for block in pipe.transformer.transformer_blocks:
             block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
         torch._dynamo.reset()
         # read when inductor compiles, i.e. in this variant's first call
         torch._inductor.config.coordinate_descent_tuning = tuned or autotune
         torch._inductor.config.max_autotune = autotune
+        torch._inductor.config.triton.multi_kernel = int(multi_kernel)
         if kind != "eager":
             regionally_compile(pipe.transformer, dynamic=COMPILE_DYNAMIC[kind])
 
@@ -307,7 +323,7 @@ def main() -> None:
             continue
         set_attention(v)
         set_gelu(v.epilogue)
-        set_compiled(v.compile, v.tuned, v.autotune)
+        set_compiled(v.compile, v.tuned, v.autotune, v.multi_kernel)
         t0 = time.perf_counter()
         out = call()
         first = time.perf_counter() - t0

@@ -300,6 +300,9 @@ def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
     return out.transpose(1, 2), None  # like FA3: (out, lse)
 
 
+_sdpa_bshd.calls = 0
+
+
 def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_image_dir, monkeypatch):
     """The processor the vllm-omni engine installs (real-arithmetic RoPE, an engine's flash kernel when there is no
     mask) gives diffusers' result: same seeds -> same latents within float32 rounding. The kernel serves every
@@ -393,6 +396,51 @@ def test_fused_processor_with_swapped_rope_generates_the_same_images(tiny_qwen_i
     assert torch.equal(outputs["pairs"].log_probs, outputs["swapped"].log_probs)
     with pytest.raises(ValueError, match=r"rope='interleaved'.*\['pairs', 'swapped'\]"):
         QwenImageFusedAttnProcessor(_sdpa_bshd, rope="interleaved")
+
+
+def test_fused_projections_and_joint_output_projection_generate_the_same_images(tiny_qwen_image_dir, monkeypatch):
+    """The rollout-only speed options of the fused processor (q/k/v as one stacked matmul, to_out over the whole joint
+    attention output) compute the same rollout as the default processor within float32 rounding, with a LoRA on
+    to_q/k/v/out whose product is not zero."""
+    from verl_omni.models.lora import LoRASpec, add_lora_adapter
+    from verl_omni.pipelines import qwen_image
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+
+    monkeypatch.setattr(qwen_image, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in kernel run
+    pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
+    pipe.set_progress_bar_config(disable=True)
+    add_lora_adapter(pipe.transformer, LoRASpec(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, param in sorted(pipe.transformer.named_parameters()):
+            if "lora_B" in name:  # B starts at zero: give the adapter a product
+                param.copy_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    params = _params(guidance_scale=2.0, negative_prompt="dull", batch_cfg=False)
+    fused_calls, to_out_rows = [], []
+    original = qwen_image.fused_projections
+
+    def counting(layers, x):
+        parts = original(layers, x)
+        fused_calls.append(parts is not None)
+        return parts
+
+    monkeypatch.setattr(qwen_image, "fused_projections", counting)
+    to_out = pipe.transformer.transformer_blocks[0].attn.to_out[0]
+    to_out.register_forward_pre_hook(lambda _, args: to_out_rows.append(args[0].shape[1]))
+    outputs, calls, rows = {}, {}, {}
+    for options in ({}, {"fuse_projections": True}, {"project_joint_output": True}):
+        fused_calls.clear()
+        to_out_rows.clear()
+        pipe.use_attention_function(_sdpa_bshd, **options)
+        outputs[tuple(options)] = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+        calls[tuple(options)], rows[tuple(options)] = sum(fused_calls), set(to_out_rows)
+    # the options took effect: q/k/v stacked in every block and stream; to_out fed the text rows too
+    assert calls[()] == 0 and calls[("fuse_projections",)] > 0
+    assert max(rows[("project_joint_output",)]) > max(rows[()])
+    reference = outputs[()]
+    for key, out in outputs.items():
+        rel = ((out.latents - reference.latents).norm() / reference.latents.norm()).item()
+        assert rel < 1e-5, (key, rel)
+        assert torch.allclose(out.log_probs, reference.log_probs, atol=1e-5), key
 
 
 def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):

@@ -93,6 +93,7 @@ class QwenImageFusedAttnProcessor:
         qk_kernel: bool = False,
         lora_in_kernel: bool = False,
         fuse_projections: bool = False,
+        project_joint_output: bool = False,
     ):
         if rope not in ROPE_FORMS:
             raise ValueError(f"rope={rope!r}: allowed values are {sorted(ROPE_FORMS)}")
@@ -104,6 +105,11 @@ class QwenImageFusedAttnProcessor:
         # Without a gradient, each stream's q, k, v (and their adapters' lora_A) from one matmul over stacked
         # weights, so the stream's input is read once instead of three to six times (models/lora.fused_projections).
         self.fuse_projections = fuse_projections
+        # Without a gradient, to_out over every row of the joint attention output (the text rows too, then dropped):
+        # the output is read where it lies instead of copying the image rows out first (they are not evenly strided
+        # across the batch, so a GEMM cannot read them in place). The text rows cost to_out FLOPs: 1-20% more of that
+        # GEMM at the recipe's 14-256 text tokens against 1024 image tokens; for the probe to weigh.
+        self.project_joint_output = project_joint_output
         self.attention_fn = attention_fn
         self.rotate = ROPE_FORMS[rope]
         # q/k RMSNorm + RoPE + the joint cat in one Triton kernel where nothing needs a gradient
@@ -194,7 +200,10 @@ class QwenImageFusedAttnProcessor:
         else:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out = out.flatten(2, 3).to(query.dtype)
-        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
+        if self.project_joint_output and not torch.is_grad_enabled():
+            img_out = attn.to_out[0](out)[:, seq_txt:]
+        else:
+            img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)  # dropout
         return img_out, attn.to_add_out(out[:, :seq_txt].contiguous())
@@ -257,12 +266,15 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         qk_kernel: bool = False,
         lora_in_kernel: bool = False,
         fuse_projections: bool = False,
+        project_joint_output: bool = False,
     ) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
         (an engine's fused kernel), the RoPE form ``rope`` (see ``ROPE_FORMS``) and, with ``qk_kernel``, q/k
         prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed (with
         ``lora_in_kernel``, the q/k LoRA's product added inside it) and, with ``fuse_projections``, each stream's
-        q, k, v from one matmul where no gradient is needed. Returns the number of blocks changed."""
+        q, k, v from one matmul where no gradient is needed; with ``project_joint_output``, to_out over the whole
+        joint attention output there (see :class:`QwenImageFusedAttnProcessor`). Returns the number of blocks
+        changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -273,7 +285,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         ]
         for module in blocks:
             module.set_processor(
-                QwenImageFusedAttnProcessor(attention_fn, rope, qk_kernel, lora_in_kernel, fuse_projections)
+                QwenImageFusedAttnProcessor(
+                    attention_fn, rope, qk_kernel, lora_in_kernel, fuse_projections, project_joint_output
+                )
             )
         return len(blocks)
 
