@@ -269,7 +269,7 @@ def main() -> None:
         if v.attention == "flash":
             pipe.use_attention_function(
                 flash,
-                v.rope,
+                rope=v.rope,
                 qk_kernel=v.qk_kernel,
                 lora_in_kernel=v.lora_in_kernel,
                 fuse_projections=v.fused_qkv,

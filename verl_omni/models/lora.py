@@ -156,7 +156,7 @@ def fused_projections(layers: Sequence[torch.nn.Module], x: torch.Tensor) -> Opt
     LoRA linear over one (:func:`plain_lora`), or where the layers disagree on having a bias."""
     bases, loras = [], []
     for layer in layers:
-        lora = plain_lora(layer, x) if isinstance(layer, LoraLinear) else None
+        lora = plain_lora(layer, x)
         base = layer if lora is None else lora.base
         if not _stackable_linear(base, x, adapter_factor=False):
             return None

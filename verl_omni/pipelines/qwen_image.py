@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -259,22 +259,13 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
         return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
 
-    def use_attention_function(
-        self,
-        attention_fn: AttentionFn,
-        rope: str = "pairs",
-        qk_kernel: bool = False,
-        lora_in_kernel: bool = False,
-        fuse_projections: bool = False,
-        project_joint_output: bool = False,
-    ) -> int:
+    def use_attention_function(self, attention_fn: AttentionFn, **options: Any) -> int:
         """Route every joint-attention block through :class:`QwenImageFusedAttnProcessor` with ``attention_fn``
-        (an engine's fused kernel), the RoPE form ``rope`` (see ``ROPE_FORMS``) and, with ``qk_kernel``, q/k
-        prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no gradient is needed (with
-        ``lora_in_kernel``, the q/k LoRA's product added inside it) and, with ``fuse_projections``, each stream's
-        q, k, v from one matmul where no gradient is needed; with ``project_joint_output``, to_out over the whole
-        joint attention output there (see :class:`QwenImageFusedAttnProcessor`). Returns the number of blocks
-        changed."""
+        (an engine's fused kernel) and the processor's keyword ``options``: the RoPE form ``rope`` (see
+        ``ROPE_FORMS``); ``qk_kernel``, q/k prepared by the Triton kernel of ``models/qk_norm_rope.py`` where no
+        gradient is needed (with ``lora_in_kernel``, the q/k LoRA's product added inside it);
+        ``fuse_projections``, each stream's q, k, v from one matmul there; ``project_joint_output``, to_out over the
+        whole joint attention output there. Returns the number of blocks changed."""
         self._attention_fn = attention_fn
         blocks = [
             m
@@ -284,11 +275,7 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
             )
         ]
         for module in blocks:
-            module.set_processor(
-                QwenImageFusedAttnProcessor(
-                    attention_fn, rope, qk_kernel, lora_in_kernel, fuse_projections, project_joint_output
-                )
-            )
+            module.set_processor(QwenImageFusedAttnProcessor(attention_fn, **options))
         return len(blocks)
 
     # ------------------------------------------------------------------------------------------ prompts

@@ -101,7 +101,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
                 blocks,
                 getattr(flash, "__module__", flash),
                 "on" if qk_kernel else "off",
-                lora_in_kernel,
+                "yes" if lora_in_kernel else "no",
                 "on" if fuse else "off",
             )
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
