@@ -79,7 +79,7 @@ class Variant(NamedTuple):
     compile: str  # "eager" or a key of COMPILE_DYNAMIC
     attention: str  # "sdpa" | "flash"
     rope: str  # a key of qwen_image.ROPE_FORMS
-    epilogue: bool
+    epilogue: bool  # the flags below follow VARIANT_OPTIONS' order (parse_variant fills them positionally)
     qk_kernel: bool
     lora_in_kernel: bool
     tuned: bool
