@@ -291,6 +291,8 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
         "qk_norm_rope_kernel": True,  # actor_rollout_ref.model.qk_norm_rope_kernel's default
         "qk_kernel_adds_lora": True,  # actor_rollout_ref.model.qk_kernel_adds_lora's default
         "fuse_qkv_projections": False,
+        "project_joint_attention_output": False,
+        "inductor_multi_kernel": False,
         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]},
     }
     assert kw["worker_extension_cls"] == mod.WORKER_EXTENSION_CLASS
@@ -299,6 +301,46 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
     assert kw["enable_sleep_mode"] is True and kw["dtype"] == "float32"
     assert kw["request_batch_max_wait_ms"] > 0  # engine-side batching waits for concurrent requests to land
     assert omni.worker.loaded == [("custom_pipeline", mod.PIPELINE_CLASS)]
+
+
+@pytest.mark.parametrize("joint_output", [False, True])
+def test_attention_options_reach_the_worker_processor(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch, joint_output):
+    """With an attention kernel served (a stand-in here: CPU has no FA3), model.project_joint_attention_output
+    reaches every block's processor."""
+    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor
+    from verl_omni.rollout.engines.vllm_omni import worker
+
+    monkeypatch.setattr(worker, "resolve_flash_attention", lambda: torch.nn.functional.scaled_dot_product_attention)
+    options = {"lora_rank": 0, "qk_norm_rope_kernel": False, "project_joint_attention_output": joint_output}
+    make_engine(tiny_qwen_image_dir, lora=options)
+    (omni,) = FakeAsyncOmni.instances
+    blocks = omni.worker.model_runner.pipeline.pipe.transformer.transformer_blocks
+    processors = [block.attn.processor for block in blocks]
+    assert processors and all(isinstance(p, QwenImageFusedAttnProcessor) for p in processors)
+    assert [p.project_joint_output for p in processors] == [joint_output] * len(blocks)
+
+
+@pytest.mark.parametrize("multi_kernel", [False, True])
+def test_inductor_multi_kernel_is_set_only_while_the_rollout_runs(fake_vllm_omni, tiny_qwen_image_dir, multi_kernel):
+    """model.inductor_multi_kernel holds while rl_generate runs (when vllm-omni compiles the rollout's graphs) and
+    not after it, so the hybrid engine's actor compiles its training graphs with inductor's defaults."""
+    import torch._inductor.config as inductor_config
+
+    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 0, "inductor_multi_kernel": multi_kernel})
+    (omni,) = FakeAsyncOmni.instances
+    pipe = omni.worker.model_runner.pipeline.pipe
+    generate, seen = pipe.rl_generate, []
+
+    def recording_generate(*args, **kwargs):
+        seen.append(inductor_config.triton.multi_kernel)
+        return generate(*args, **kwargs)
+
+    pipe.rl_generate = recording_generate
+    before = inductor_config.triton.multi_kernel
+    out = run(engine.generate(PROMPT, [3, 5], PARAMS))
+    assert out.batch_size == 2
+    assert seen == [1 if multi_kernel else before]
+    assert inductor_config.triton.multi_kernel == before
 
 
 # ----------------------------------------------------------------------------------------- generate

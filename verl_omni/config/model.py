@@ -10,6 +10,16 @@ from verl_omni.config.base import Section, freeze_list, require_choice, require_
 from verl_omni.core.names import PIPELINE_NAMES
 from verl_omni.models.lora import DEFAULT_TARGET_MODULES, LoRASpec
 
+# ModelConfig's speed switches for forwards without a gradient (true or false each)
+ROLLOUT_KERNEL_SWITCHES = (
+    "gelu_epilogue",
+    "qk_norm_rope_kernel",
+    "qk_kernel_adds_lora",
+    "fuse_qkv_projections",
+    "project_joint_attention_output",
+    "inductor_multi_kernel",
+)
+
 
 @dataclass
 class ModelConfig(Section):
@@ -46,6 +56,16 @@ class ModelConfig(Section):
     # is read once. Equal within bf16 rounding (a wider GEMM may tile differently). Off: 0.7% faster than the plain
     # q/k kernel at 60 layers, but nothing on top of qk_kernel_adds_lora (docs/benchmarks/pipeline_breakdown_*).
     fuse_qkv_projections: bool = False
+    # The vllm-omni engine's attention, forwards without a gradient: to_out over every row of the joint [text, image]
+    # attention output, the text rows then dropped, instead of copying the image rows out first (a GEMM cannot read
+    # them in place: they are not evenly strided across the batch). Costs to_out FLOPs on the text rows (1-20% of
+    # that GEMM at 14-256 text tokens against 1024 image tokens); the probe weighs it (_outall).
+    project_joint_attention_output: bool = False
+    # The vllm-omni engine's compiled transformer: inductor's multi-kernel reductions (triton.multi_kernel=1), which
+    # also build a one-pass (persistent) kernel for reductions up to 16384 wide and keep the faster after measuring
+    # both; the default one-pass limit is 1024, so the 3072-wide LayerNorm + modulation reads its input three times.
+    # Set in the engine's worker process only (it compiles nothing else); the probe weighs it (_multikernel).
+    inductor_multi_kernel: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -64,7 +84,7 @@ class ModelConfig(Section):
                 f"{self.key('enable_gradient_checkpointing')}={self.enable_gradient_checkpointing!r} "
                 "must be true, false or null (null: on for GPU actors)"
             )
-        for name in ("gelu_epilogue", "qk_norm_rope_kernel", "qk_kernel_adds_lora", "fuse_qkv_projections"):
+        for name in ROLLOUT_KERNEL_SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
         blocks = self.gradient_checkpointing_blocks

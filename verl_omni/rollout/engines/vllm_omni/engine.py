@@ -86,6 +86,8 @@ class VllmOmniEngine(DiffusionEngine):
             "qk_norm_rope_kernel": model.qk_norm_rope_kernel,
             "qk_kernel_adds_lora": model.qk_kernel_adds_lora,
             "fuse_qkv_projections": model.fuse_qkv_projections,
+            "project_joint_attention_output": model.project_joint_attention_output,
+            "inductor_multi_kernel": model.inductor_multi_kernel,
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -92,18 +93,25 @@ class VllmOmniRLPipeline(torch.nn.Module):
             qk_kernel = bool(self.opts.get("qk_norm_rope_kernel", False))
             lora_in_kernel = qk_kernel and bool(self.opts.get("qk_kernel_adds_lora", False))
             fuse = bool(self.opts.get("fuse_qkv_projections", False))
+            joint_out = bool(self.opts.get("project_joint_attention_output", False))
             blocks = pipe.use_attention_function(
-                flash, qk_kernel=qk_kernel, lora_in_kernel=lora_in_kernel, fuse_projections=fuse
+                flash,
+                qk_kernel=qk_kernel,
+                lora_in_kernel=lora_in_kernel,
+                fuse_projections=fuse,
+                project_joint_output=joint_out,
             )
             logger.info(
                 "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s "
-                "(LoRA added inside: %s), fused q/k/v projections %s",
+                "(LoRA added inside: %s), fused q/k/v projections %s, to_out over the joint output %s",
                 blocks,
                 getattr(flash, "__module__", flash),
                 "on" if qk_kernel else "off",
                 "yes" if lora_in_kernel else "no",
                 "on" if fuse else "off",
+                "on" if joint_out else "off",
             )
+        self.inductor_multi_kernel = bool(self.opts.get("inductor_multi_kernel", False))
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
         object.__setattr__(self, "pipe", pipe)  # not a Module: keep it out of the module tree
         for name, component in pipe.components.items():
@@ -139,7 +147,8 @@ class VllmOmniRLPipeline(torch.nn.Module):
         outputs: list[Any] = [None] * len(requests)
         for (prompt, _), members in groups.items():
             all_seeds = [s for _, seeds, _ in members for s in seeds]
-            result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
+            with self.rollout_compile_options():
+                result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
             self.rl_batch_sizes.append(len(all_seeds))
             start = 0
             for index, seeds, _ in members:
@@ -147,6 +156,17 @@ class VllmOmniRLPipeline(torch.nn.Module):
                 start += len(seeds)
                 outputs[index] = to_diffusion_output(part, DiffusionOutput, self.od_config.model_class_name)
         return outputs
+
+    def rollout_compile_options(self) -> contextlib.AbstractContextManager:
+        """Inductor settings for what compiles during a rollout (vllm-omni compiles the blocks lazily, in the first
+        forward of each shape): ``model.inductor_multi_kernel``. Scoped to the rollout because in the hybrid engine
+        the actor trains through the same compiled blocks in this process, and its training graphs keep inductor's
+        defaults. A graph keeps the settings it was compiled with (dynamo does not guard on inductor's config)."""
+        if not self.inductor_multi_kernel:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch({"triton.multi_kernel": 1})
 
     # ------------------------------------------------------------------ LoRA (called from the worker extension)
     def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
