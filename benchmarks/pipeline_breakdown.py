@@ -284,6 +284,8 @@ def main() -> None:
         if epilogue:
             log(f"GELU epilogue on {use_gelu_epilogue(pipe.transformer)} feed-forwards")
 
+    fx_graph_cache = torch._inductor.config.fx_graph_cache
+
     def set_compiled(kind: str, tuned: bool, autotune: bool, multi_kernel: bool) -> None:
         for block in pipe.transformer.transformer_blocks:
             block.__dict__.pop("forward", None)  # drop a compiled forward: the class's eager one is back
@@ -292,6 +294,8 @@ def main() -> None:
         torch._inductor.config.coordinate_descent_tuning = tuned or autotune
         torch._inductor.config.max_autotune = autotune
         torch._inductor.config.triton.multi_kernel = int(multi_kernel)
+        # a multi-kernel graph loaded from the FX graph cache fails with torch 2.11 (the engine's worker.py says why)
+        torch._inductor.config.fx_graph_cache = fx_graph_cache and not multi_kernel
         if kind != "eager":
             regionally_compile(pipe.transformer, dynamic=COMPILE_DYNAMIC[kind])
 

@@ -69,8 +69,8 @@ def test_unknown_keys_name_their_dotted_path():
         ("qk_norm_rope_kernel", True),
         ("qk_kernel_adds_lora", True),
         ("fuse_qkv_projections", False),
-        ("project_joint_attention_output", False),
-        ("inductor_multi_kernel", False),
+        ("project_joint_attention_output", True),
+        ("inductor_multi_kernel", True),
     ],
 )
 def test_rollout_kernel_switches_are_booleans_named_in_the_error(key, default):

@@ -7,6 +7,12 @@ synchronising call it knows of, so the loop runs under it here, on the GPU fixtu
 width) with the recipe's CFG and an SDE window, and the test names the line of each wait it saw; a negative
 control shows the mode catches a host-scalar copy. The sync mode is a prototype that "does not yet detect all
 synchronizing operations": the profile's idle analysis (benchmarks/pipeline_breakdown.py) is the other check.
+
+Two configurations. ``engine``: the vllm-omni engine's (FA3, the q/k kernel, the CFG branches as two unmasked
+forwards): no wait at all. ``masked``: no fused kernel, so the branches run as one masked forward (the diffusers
+engine's rollout): diffusers 0.38's ``compute_text_seq_len_from_mask`` copies a host int to the device in every
+masked forward (``torch.as_tensor(text_seq_len, device=...)``), so there the test asserts that every wait is in
+diffusers' transformer and none in verl_omni's code.
 """
 
 from __future__ import annotations
@@ -52,7 +58,34 @@ def _syncs_during(fn):
     return result, syncs
 
 
-def test_denoising_loop_has_no_host_sync(pipe):
+def _use_engine_attention(pipe, engine: bool) -> None:
+    """The vllm-omni engine's attention (FA3 + the q/k kernel, options as the engine's defaults) or diffusers'."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    from verl_omni.config.model import ModelConfig
+    from verl_omni.rollout.engines.vllm_omni.worker import resolve_flash_attention
+
+    if not engine:
+        pipe._attention_fn = None
+        for block in pipe.transformer.transformer_blocks:
+            block.attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+        return
+    flash = resolve_flash_attention()
+    if flash is None:
+        pytest.skip("vllm-omni's flash attention is not installed")
+    defaults = ModelConfig(path="tiny:qwen_image")
+    pipe.use_attention_function(
+        flash,
+        qk_kernel=defaults.qk_norm_rope_kernel,
+        lora_in_kernel=defaults.qk_kernel_adds_lora,
+        fuse_projections=defaults.fuse_qkv_projections,
+        project_joint_output=defaults.project_joint_attention_output,
+    )
+
+
+@pytest.mark.parametrize("configuration", ["engine", "masked"])
+def test_denoising_loop_has_no_host_sync(pipe, configuration):
+    _use_engine_attention(pipe, configuration == "engine")
     params = DiffusionSamplingParams(
         num_inference_steps=6, height=256, width=256, guidance_scale=4.0, sde_window_size=2, noise_level=0.7
     )
@@ -80,8 +113,18 @@ def test_denoising_loop_has_no_host_sync(pipe):
                 sample, sample, torch.tensor(0.8), torch.tensor(0.6), noise_level=0.7, sigma_max=0.9, noise=sample
             )
         )
-    write_figures("denoise_no_sync_gpu.json", {"loop_syncs": syncs, "host_scalar_step_syncs": control})
-    assert syncs == [], f"the denoising loop waited for the device at {syncs}"
+    masked_forwards = inputs.joint is not None and inputs.joint.mask is not None
+    write_figures(
+        f"denoise_no_sync_gpu_{configuration}.json",
+        {"loop_syncs": syncs, "host_scalar_step_syncs": control, "masked_forwards": masked_forwards},
+    )
+    if configuration == "engine":
+        assert not masked_forwards, "the engine's configuration should run the CFG branches unmasked"
+        assert syncs == [], f"the denoising loop waited for the device at {syncs}"
+    else:
+        assert masked_forwards, "without a fused kernel the CFG branches should share one masked forward"
+        ours = [where for where in syncs if "transformer_qwenimage.py" not in where]
+        assert ours == [], f"the denoising loop waited for the device at {ours} (all waits: {syncs})"
     assert control, "sync debug mode saw no wait in a step with host-scalar sigmas: the check above proves nothing"
     log_probs = result.log_probs.cpu()
     assert result.window_mask.sum() == params.sde_window_size

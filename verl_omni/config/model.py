@@ -59,13 +59,16 @@ class ModelConfig(Section):
     # The vllm-omni engine's attention, forwards without a gradient: to_out over every row of the joint [text, image]
     # attention output, the text rows then dropped, instead of copying the image rows out first (a GEMM cannot read
     # them in place: they are not evenly strided across the batch). Costs to_out FLOPs on the text rows (1-20% of
-    # that GEMM at 14-256 text tokens against 1024 image tokens); the probe weighs it (_outall).
-    project_joint_attention_output: bool = False
-    # The vllm-omni engine's compiled transformer: inductor's multi-kernel reductions (triton.multi_kernel=1), which
-    # also build a one-pass (persistent) kernel for reductions up to 16384 wide and keep the faster after measuring
-    # both; the default one-pass limit is 1024, so the 3072-wide LayerNorm + modulation reads its input three times.
-    # Set in the engine's worker process only (it compiles nothing else); the probe weighs it (_multikernel).
-    inductor_multi_kernel: bool = False
+    # that GEMM at 14-256 text tokens against 1024 image tokens) and saves more: 0.8% faster rollout call at 60
+    # layers alone, 0.3% on top of inductor_multi_kernel (docs/benchmarks/pipeline_breakdown_*: _outall).
+    project_joint_attention_output: bool = True
+    # The vllm-omni engine's compiled transformer, rollout graphs only: inductor's multi-kernel reductions
+    # (triton.multi_kernel=1), which also build a one-pass (persistent) kernel for reductions up to 16384 wide and
+    # keep the one measured faster when the graph compiles. Inductor's default one-pass limit is 1024, so the
+    # 3072-wide LayerNorm + modulation otherwise reads its input three times. 1.6% faster rollout call at 60 layers
+    # (_multikernel). The hybrid engine's actor keeps inductor's defaults; these graphs skip the FX graph cache
+    # (rollout/engines/vllm_omni/worker.py says why), so they compile afresh at each engine start.
+    inductor_multi_kernel: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))

@@ -166,7 +166,12 @@ class VllmOmniRLPipeline(torch.nn.Module):
             return contextlib.nullcontext()
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch({"triton.multi_kernel": 1})
+        # Without the FX graph cache (which also turns off AOTAutograd's): with torch 2.11 + its Triton, a
+        # multi-kernel graph loaded from that cache fails (MultiKernelCall.cache_file_path reads the reloaded
+        # JITFunction's cache_key, whose _hash_lock is None: "'NoneType' object does not support the context
+        # manager protocol"; seen on the device on a second compile of the same blocks). These graphs then compile
+        # afresh at each engine start. Remove the override when the pinned torch loads them.
+        return inductor_config.patch({"triton.multi_kernel": 1, "fx_graph_cache": False})
 
     # ------------------------------------------------------------------ LoRA (called from the worker extension)
     def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
