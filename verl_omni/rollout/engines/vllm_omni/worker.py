@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -38,6 +39,18 @@ def resolve_flash_attention() -> Optional[Any]:
     except ImportError:
         return None
     return fa.flash_attn_func
+
+
+def attention_options(opts: Mapping[str, Any]) -> dict[str, bool]:
+    """``use_attention_function``'s keyword options from the engine's pipeline options (``ModelConfig``'s switches by
+    name; an absent switch is off). The q/k LoRA goes into the kernel only where the kernel runs."""
+    qk_kernel = bool(opts.get("qk_norm_rope_kernel", False))
+    return {
+        "qk_kernel": qk_kernel,
+        "lora_in_kernel": qk_kernel and bool(opts.get("qk_kernel_adds_lora", False)),
+        "fuse_projections": bool(opts.get("fuse_qkv_projections", False)),
+        "project_joint_output": bool(opts.get("project_joint_attention_output", False)),
+    }
 
 
 def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
@@ -90,26 +103,17 @@ class VllmOmniRLPipeline(torch.nn.Module):
         use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
-            qk_kernel = bool(self.opts.get("qk_norm_rope_kernel", False))
-            lora_in_kernel = qk_kernel and bool(self.opts.get("qk_kernel_adds_lora", False))
-            fuse = bool(self.opts.get("fuse_qkv_projections", False))
-            joint_out = bool(self.opts.get("project_joint_attention_output", False))
-            blocks = pipe.use_attention_function(
-                flash,
-                qk_kernel=qk_kernel,
-                lora_in_kernel=lora_in_kernel,
-                fuse_projections=fuse,
-                project_joint_output=joint_out,
-            )
+            options = attention_options(self.opts)
+            blocks = pipe.use_attention_function(flash, **options)
             logger.info(
                 "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s "
                 "(LoRA added inside: %s), fused q/k/v projections %s, to_out over the joint output %s",
                 blocks,
                 getattr(flash, "__module__", flash),
-                "on" if qk_kernel else "off",
-                "yes" if lora_in_kernel else "no",
-                "on" if fuse else "off",
-                "on" if joint_out else "off",
+                "on" if options["qk_kernel"] else "off",
+                "yes" if options["lora_in_kernel"] else "no",
+                "on" if options["fuse_projections"] else "off",
+                "on" if options["project_joint_output"] else "off",
             )
         self.inductor_multi_kernel = bool(self.opts.get("inductor_multi_kernel", False))
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
