@@ -207,3 +207,33 @@ def test_the_actors_auto_cfg_layout_weighs_sdpas_unmasked_kernels(qwen_image_rl_
         assert torch.equal(states[0][name], states[1][name]), name
     with pytest.raises(ValueError, match=r"actor.batch_cfg='sometimes' must be true, false or 'auto'"):
         ActorConfig(batch_cfg="sometimes")
+
+
+def _sdpa_backends_enabled() -> tuple[bool, bool, bool, bool]:
+    cuda = torch.backends.cuda
+    return cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()
+
+
+def test_the_update_runs_with_every_sdpa_backend_whatever_the_process_switched_off(
+    qwen_image_rl_pipe, tiny_qwen_image_dir
+):
+    """vllm's import switches cuDNN's SDPA off for the whole process (the vllm-omni worker, where the hybrid engine's
+    actor trains): the update's forwards and its backward's recomputations see every backend enabled, as in the
+    diffusers engine's process, and the process's own setting is back afterwards."""
+    data = _rollout(qwen_image_rl_pipe)
+    model = model_config(tiny_qwen_image_dir, enable_gradient_checkpointing=True)  # the recomputation: in backward
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
+    actor = DiffusionLoRAActor(model, actor_cfg, rollout_config(pipeline={"true_cfg_scale": 2.0}), lora_seed=5)
+    seen = []
+    for block in transformer_blocks(actor.transformer):
+        block.register_forward_pre_hook(lambda *_: seen.append(_sdpa_backends_enabled()))
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # what vllm/platforms/cuda.py does at import
+    try:
+        actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+        after = _sdpa_backends_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+    # 4 micro-batches x 2 blocks, each block's forward again in the backward pass.
+    assert len(seen) == 16 and all(flags == (True, True, True, True) for flags in seen)
+    assert after == (False, True, True, True)

@@ -18,7 +18,9 @@ What makes the update fast without changing its result (each has an equivalence 
 - gradient checkpointing of the transformer blocks (``model.enable_gradient_checkpointing``), so larger
   micro-batches fit, of the first ``model.gradient_checkpointing_blocks`` only where memory allows; regional
   ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU;
-- the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``).
+- the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``);
+- every SDPA backend on for the update (``every_sdpa_backend``), also in the vllm-omni worker, where vllm's import
+  switched cuDNN's off.
 
 Data parallel: with ``grad_sync`` (one rank per GPU) the flattened LoRA gradients and the metric sums are
 all-reduced once per epoch; every rank weights its rows by the *global* number of transitions, so the summed
@@ -30,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -275,7 +277,7 @@ class DiffusionLoRAActor:
         self.transformer.train()
         try:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), every_sdpa_backend():
                 sigma_max = batch.sigma_max if len(batch) else 0.0  # a rank without rows plans no micro-batch
                 metrics = self._update(staged, plan, num_terms, sigma_max)
             # This process's own wall time (the all-reduce waited for the slowest rank): shows idle ranks.
@@ -409,6 +411,26 @@ def _stage(batch: TrainBatch, device: torch.device) -> TrainBatch:
     """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
     prepared inputs)."""
     return TrainBatch({k: v for k, v in batch.tensors.items() if k in STAGED}, batch.height, batch.width).to(device)
+
+
+def every_sdpa_backend() -> AbstractContextManager:
+    """Every SDPA backend enabled (PyTorch's own priority order picks among them) for the update's forwards and
+    backwards, whatever this process switched off.
+
+    Why: vllm 0.24 disables cuDNN's SDPA for its whole process when it is imported (``vllm/platforms/cuda.py``, a
+    torch 2.5 crash of some diffusers models). In the vllm-omni worker, where the hybrid engine's actor trains, the
+    actor's attention then fell back to flash (unmasked CFG calls: 1.96 against cuDNN's 1.16 ms per layer and
+    micro-batch on an H200, ``docs/benchmarks/attention_backends_h200.json``) or to the memory-efficient kernel
+    (the batched masked layout: 4.29 against 1.72 ms). In every same-run pair at 60 layers on an H200 the update
+    took 11.8-12.4 s under vllm-omni against 10.2-10.8 s for the same actor in the diffusers engine's process
+    (``docs/benchmarks/e2e_single_gpu.json``), about what those per-layer figures predict. The flags are global,
+    so the backward (on CUDA's autograd thread) sees them too; they are restored on exit.
+    Remove when vllm stops switching cuDNN's SDPA off at import."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
 
 
 def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,0 +1,68 @@
+"""The actor's attention kernels where vllm was imported (the vllm-omni worker, in which the hybrid engine's actor
+trains): vllm 0.24 switches cuDNN's SDPA off for the whole process at import; the update still runs cuDNN's
+attention forward and backward, as it does in the diffusers engine's process (the GPU fixture's 2-layer Qwen-Image
+at the real width, bf16, eager)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from gpu_helpers import requires_cuda
+
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.model import ModelConfig
+from verl_omni.workers.actor import DiffusionLoRAActor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from helpers import rollout_config  # noqa: E402
+from test_activation_memory_gpu import SIZE, _rollout  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+CUDNN_FORWARD = "aten::_scaled_dot_product_cudnn_attention"
+CUDNN_BACKWARD = "aten::_scaled_dot_product_cudnn_attention_backward"
+
+
+@pytest.fixture
+def cudnn_sdpa_switched_off():
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # what vllm/platforms/cuda.py does at import
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_importing_vllm_switches_cudnn_sdpa_off():
+    """The cause, kept visible: when a vllm release stops doing this, every_sdpa_backend can go."""
+    if "vllm.platforms.cuda" in sys.modules:
+        pytest.skip("vllm.platforms.cuda was imported earlier in this process: its switch ran then")
+    pytest.importorskip("vllm")
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        import vllm.platforms.cuda  # noqa: F401
+
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_the_update_runs_cudnn_attention_where_the_process_switched_it_off(gpu_qwen_image_dir, cudnn_sdpa_switched_off):
+    data = _rollout(gpu_qwen_image_dir)
+    rollout = rollout_config(pipeline={"true_cfg_scale": 4.0, "height": SIZE, "width": SIZE})
+    actor_cfg = ActorConfig(
+        device="cuda",
+        dtype="bfloat16",
+        optim=OptimConfig(lr=1e-4),
+        ppo_micro_batch_size_per_gpu=2,
+        use_torch_compile=False,
+    )
+    model = ModelConfig(path=gpu_qwen_image_dir, lora_rank=8, lora_alpha=16.0, enable_gradient_checkpointing=False)
+    actor = DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    ops = {event.key for event in prof.key_averages()}
+    assert CUDNN_FORWARD in ops and CUDNN_BACKWARD in ops, sorted(op for op in ops if "attention" in op)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # the process's setting is back
