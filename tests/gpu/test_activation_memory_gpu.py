@@ -29,7 +29,7 @@ PROMPTS = ["a red cat", "a blue house on a hill"]
 SIZE = 256  # 256 image tokens
 
 
-def _rollout(model_dir):
+def fixture_rollout(model_dir):
     pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     samples = []
@@ -45,9 +45,8 @@ def _rollout(model_dir):
     return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
 
 
-def test_auto_measures_the_kept_block_then_keeps_all_that_fit(gpu_qwen_image_dir):
-    data = _rollout(gpu_qwen_image_dir)
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+def bf16_actor(model_dir: str, **model_kwargs) -> DiffusionLoRAActor:
+    """An eager bf16 LoRA actor on the GPU fixture, for the rollout of ``fixture_rollout`` (micro-batches of 2)."""
     rollout = rollout_config(pipeline={"true_cfg_scale": 4.0, "height": SIZE, "width": SIZE})
     actor_cfg = ActorConfig(
         device="cuda",
@@ -56,16 +55,16 @@ def test_auto_measures_the_kept_block_then_keeps_all_that_fit(gpu_qwen_image_dir
         ppo_micro_batch_size_per_gpu=2,
         use_torch_compile=False,
     )
+    model = ModelConfig(path=model_dir, lora_rank=8, lora_alpha=16.0, **model_kwargs)
+    return DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+
+
+def test_auto_measures_the_kept_block_then_keeps_all_that_fit(gpu_qwen_image_dir):
+    data = fixture_rollout(gpu_qwen_image_dir)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
 
     def actor(blocks):
-        model = ModelConfig(
-            path=gpu_qwen_image_dir,
-            lora_rank=8,
-            lora_alpha=16.0,
-            enable_gradient_checkpointing=True,
-            gradient_checkpointing_blocks=blocks,
-        )
-        return DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+        return bf16_actor(gpu_qwen_image_dir, enable_gradient_checkpointing=True, gradient_checkpointing_blocks=blocks)
 
     auto = actor("auto")
     assert auto.memory_plan is not None

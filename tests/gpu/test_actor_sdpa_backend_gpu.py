@@ -5,20 +5,12 @@ at the real width, bf16, eager)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 from gpu_helpers import requires_cuda
-
-from verl_omni.config.actor import ActorConfig, OptimConfig
-from verl_omni.config.model import ModelConfig
-from verl_omni.workers.actor import DiffusionLoRAActor
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import rollout_config  # noqa: E402
-from test_activation_memory_gpu import SIZE, _rollout  # noqa: E402
+from test_activation_memory_gpu import bf16_actor, fixture_rollout
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -50,17 +42,8 @@ def test_importing_vllm_switches_cudnn_sdpa_off():
 
 
 def test_the_update_runs_cudnn_attention_where_the_process_switched_it_off(gpu_qwen_image_dir, cudnn_sdpa_switched_off):
-    data = _rollout(gpu_qwen_image_dir)
-    rollout = rollout_config(pipeline={"true_cfg_scale": 4.0, "height": SIZE, "width": SIZE})
-    actor_cfg = ActorConfig(
-        device="cuda",
-        dtype="bfloat16",
-        optim=OptimConfig(lr=1e-4),
-        ppo_micro_batch_size_per_gpu=2,
-        use_torch_compile=False,
-    )
-    model = ModelConfig(path=gpu_qwen_image_dir, lora_rank=8, lora_alpha=16.0, enable_gradient_checkpointing=False)
-    actor = DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)
+    data = fixture_rollout(gpu_qwen_image_dir)
+    actor = bf16_actor(gpu_qwen_image_dir, enable_gradient_checkpointing=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     ops = {event.key for event in prof.key_averages()}
