@@ -423,8 +423,9 @@ def every_sdpa_backend() -> AbstractContextManager:
     micro-batch on an H200, ``docs/benchmarks/attention_backends_h200.json``) or to the memory-efficient kernel
     (the batched masked layout: 4.29 against 1.72 ms). In every same-run pair at 60 layers on an H200 the update
     took 11.8-12.4 s under vllm-omni against 10.2-10.8 s for the same actor in the diffusers engine's process
-    (``docs/benchmarks/e2e_single_gpu.json``), about what those per-layer figures predict. The flags are global,
-    so the backward (on CUDA's autograd thread) sees them too; they are restored on exit.
+    (``docs/benchmarks/e2e_single_gpu.json``), within what those figures predict over an update's 16 micro-batches
+    x 60 layers (0.8 s for the unmasked layout, 2.5 s for the masked one). The flags are global, so the backward
+    (on CUDA's autograd thread) sees them too; they are restored on exit.
     Remove when vllm stops switching cuDNN's SDPA off at import."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
