@@ -62,7 +62,7 @@ def _use_engine_attention(pipe, engine: bool) -> None:
     """The vllm-omni engine's attention (FA3 + the q/k kernel, options as the engine's defaults) or diffusers'."""
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
-    from verl_omni.config.model import ROLLOUT_KERNEL_SWITCHES, ModelConfig
+    from verl_omni.config.model import ModelConfig
     from verl_omni.rollout.engines.vllm_omni.worker import attention_options, resolve_flash_attention
 
     if not engine:
@@ -74,7 +74,7 @@ def _use_engine_attention(pipe, engine: bool) -> None:
     if flash is None:
         pytest.skip("vllm-omni's flash attention is not installed")
     defaults = ModelConfig(path="tiny:qwen_image")
-    pipe.use_attention_function(flash, **attention_options({k: getattr(defaults, k) for k in ROLLOUT_KERNEL_SWITCHES}))
+    pipe.use_attention_function(flash, **attention_options(defaults.rollout_kernel_switches))
 
 
 @pytest.mark.parametrize("configuration", ["engine", "masked"])

@@ -103,3 +103,8 @@ class ModelConfig(Section):
         if not self.lora_rank:
             return None
         return LoRASpec(rank=self.lora_rank, alpha=float(self.lora_alpha), target_modules=tuple(self.target_modules))
+
+    @property
+    def rollout_kernel_switches(self) -> dict[str, bool]:
+        """The ``ROLLOUT_KERNEL_SWITCHES`` by name (what the vllm-omni engine hands its worker)."""
+        return {name: getattr(self, name) for name in ROLLOUT_KERNEL_SWITCHES}

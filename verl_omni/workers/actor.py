@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from verl_omni.algorithms.flowgrpo import flowgrpo_kl, flowgrpo_policy_loss
 from verl_omni.config.actor import ActorConfig
@@ -427,8 +428,6 @@ def every_sdpa_backend() -> AbstractContextManager:
     x 60 layers (0.8 s for the unmasked layout, 2.5 s for the masked one). The flags are global, so the backward
     (on CUDA's autograd thread) sees them too; they are restored on exit.
     Remove when vllm stops switching cuDNN's SDPA off at import."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     )

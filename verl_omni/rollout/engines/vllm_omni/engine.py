@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from verl_omni.config.actor import ActorConfig
-from verl_omni.config.model import ROLLOUT_KERNEL_SWITCHES, ModelConfig
+from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import RLBatchOutput
@@ -82,7 +82,7 @@ class VllmOmniEngine(DiffusionEngine):
         lora = model.lora
         pipeline_opts = {
             "pipeline": model.pipeline,
-            **{name: getattr(model, name) for name in ROLLOUT_KERNEL_SWITCHES},  # read by the worker by these names
+            **model.rollout_kernel_switches,  # read by the worker by these names
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
