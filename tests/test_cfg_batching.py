@@ -21,7 +21,7 @@ import torch
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.pipelines.model_inputs import ModelInputs, prepare_model_inputs
+from verl_omni.pipelines.model_inputs import MASKED_TEXT_MULTIPLE, ModelInputs, prepare_model_inputs
 from verl_omni.schedulers.flow_match_sde import reference_sigma_max, sde_step_with_logprob
 
 VELOCITY_REL_BOUND = 1e-5  # of max |v|
@@ -261,7 +261,25 @@ def test_layout_without_guidance_keeps_only_a_needed_mask():
     assert not plain.guided and plain.unconditional is None and plain.joint is None
     assert plain.conditional.mask is None and torch.equal(plain.conditional.embeds, _cond(5).prompt_embeds)
     padded = _prepare(_cond(5, padded_rows=[1]), guided=False)
-    assert torch.equal(padded.conditional.mask, _cond(5, padded_rows=[1]).prompt_embeds_mask)
+    given = _cond(5, padded_rows=[1])
+    assert padded.conditional.length == MASKED_TEXT_MULTIPLE  # a kept mask: the text padded to a multiple of 8
+    assert torch.equal(padded.conditional.mask[:, :5], given.prompt_embeds_mask)
+    assert torch.equal(padded.conditional.embeds[:, :5], given.prompt_embeds)
+    assert not padded.conditional.mask[:, 5:].any() and not padded.conditional.embeds[:, 5:].any()
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 16, 21])
+def test_a_masked_text_is_padded_to_a_multiple_of_8_and_an_unmasked_one_is_not(tokens):
+    """The compiled training graphs guard on whether the joint mask's row (text + image tokens) is a multiple of
+    8: with masked texts always a multiple, every prompt length of a run reuses one graph (the module doc)."""
+    masked = _prepare(_cond(tokens, 3))  # unequal lengths: the shorter branch is padded, a mask kept
+    assert masked.joint.mask is not None
+    assert masked.joint.length % MASKED_TEXT_MULTIPLE == 0
+    assert masked.joint.length - max(tokens, 3) < MASKED_TEXT_MULTIPLE
+    unmasked = _prepare(_cond(tokens, tokens))
+    assert unmasked.joint.mask is None and unmasked.joint.length == tokens
+    two_calls = _prepare(_cond(tokens, 3), batch_cfg=False)
+    assert two_calls.conditional.length == tokens and two_calls.unconditional.length == 3
 
 
 def test_layout_two_forwards_keeps_each_branch_as_given():
@@ -283,7 +301,7 @@ def test_layout_batched_equal_lengths_needs_no_mask():
 def test_layout_batched_pads_the_shorter_branch_with_masked_zeros(prompt_tokens, negative_tokens):
     cond = _cond(prompt_tokens, negative_tokens, padded_rows=[1])
     joint = _prepare(cond).joint
-    length = max(prompt_tokens, negative_tokens)
+    length = MASKED_TEXT_MULTIPLE  # max(prompt_tokens, negative_tokens) rounded up to the multiple
     assert joint.rows == 4 and joint.length == length
     unconditional, conditional = joint.embeds[:2], joint.embeds[2:]
     assert torch.equal(unconditional[:, :negative_tokens], cond.negative_prompt_embeds)

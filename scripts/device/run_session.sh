@@ -21,6 +21,7 @@
 #   mix4    : (2 GPUs) e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block recomputed
 #             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
+#   cmp1    : one GPU: the compiled actor's graphs over every text length | CFG batching (bf16) | SDPA backends
 #   b60     : one GPU: the 60-layer build | the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
 #   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
@@ -29,7 +30,7 @@
 # PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420) /
 # PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|probe60}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|cmp1|probe60}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -196,6 +197,12 @@ case "$stage" in
     gpu_tests 0 0-1 230 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_sdpa.log | tail -12 ;;
+  cmp1)  # one GPU; ~4 min: the compiled actor reuses its graphs over every text length | CFG batching in bf16 |
+    # the actor's SDPA backends where vllm switched cuDNN off (the 2-layer fixture only: no model build)
+    gpu_tests 0 0-9 300 compile tests/gpu/test_actor_compile_gpu.py &
+    gpu_tests 0 10-15 300 cfg tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_actor_sdpa_backend_gpu.py &
+    wait
+    grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_*.log | tail -30 ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
   g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
   e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;

@@ -29,31 +29,32 @@ PROMPTS = ["a red cat", "a blue house on a hill"]
 SIZE = 256  # 256 image tokens
 
 
-def fixture_rollout(model_dir):
+def fixture_rollout(model_dir, prompts=PROMPTS):
+    """Two samples of each prompt (CFG 4, 4 steps, an SDE window of 2), as the agent loop hands them to the actor."""
     pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     samples = []
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(prompts):
         params = DiffusionSamplingParams(
             num_inference_steps=4, height=SIZE, width=SIZE, sde_window_size=2, window_start=0, guidance_scale=4.0
         )
         samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
     del pipe
     torch.cuda.empty_cache()
-    raw = np.array([PROMPTS[i // 2] for i in range(len(samples))], dtype=object)
+    raw = np.array([prompts[i // 2] for i in range(len(samples))], dtype=object)
     uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
     return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
 
 
-def bf16_actor(model_dir: str, **model_kwargs) -> DiffusionLoRAActor:
-    """An eager bf16 LoRA actor on the GPU fixture, for the rollout of ``fixture_rollout`` (micro-batches of 2)."""
+def bf16_actor(model_dir: str, use_torch_compile: bool = False, **model_kwargs) -> DiffusionLoRAActor:
+    """A bf16 LoRA actor (eager unless asked) on the GPU fixture, for ``fixture_rollout`` (micro-batches of 2)."""
     rollout = rollout_config(pipeline={"true_cfg_scale": 4.0, "height": SIZE, "width": SIZE})
     actor_cfg = ActorConfig(
         device="cuda",
         dtype="bfloat16",
         optim=OptimConfig(lr=1e-4),
         ppo_micro_batch_size_per_gpu=2,
-        use_torch_compile=False,
+        use_torch_compile=use_torch_compile,
     )
     model = ModelConfig(path=model_dir, lora_rank=8, lora_alpha=16.0, **model_kwargs)
     return DiffusionLoRAActor(model, actor_cfg, rollout, lora_seed=5)

@@ -5,6 +5,7 @@ at the real width, bf16, eager)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -26,19 +27,18 @@ def cudnn_sdpa_switched_off():
     torch.backends.cuda.enable_cudnn_sdp(was)
 
 
-def test_importing_vllm_switches_cudnn_sdpa_off():
-    """The cause, kept visible: when a vllm release stops doing this, every_sdpa_backend can go."""
-    if "vllm.platforms.cuda" in sys.modules:
-        pytest.skip("vllm.platforms.cuda was imported earlier in this process: its switch ran then")
-    pytest.importorskip("vllm")
-    was = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    try:
-        import vllm.platforms.cuda  # noqa: F401
+def _cudnn_sdpa_enabled_in_a_fresh_process(imports: str) -> bool:
+    code = f"import torch{imports}; print(torch.backends.cuda.cudnn_sdp_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    return out.stdout.strip().splitlines()[-1] == "True"
 
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(was)
+
+def test_importing_vllm_switches_cudnn_sdpa_off():
+    """The cause, kept visible: when a vllm release stops doing this, every_sdpa_backend can go. In fresh
+    processes: this one may have imported vllm already (``import vllm`` itself loads ``vllm.platforms.cuda``)."""
+    pytest.importorskip("vllm")
+    assert _cudnn_sdpa_enabled_in_a_fresh_process("")
+    assert not _cudnn_sdpa_enabled_in_a_fresh_process(", vllm")
 
 
 def test_the_update_runs_cudnn_attention_where_the_process_switched_it_off(gpu_qwen_image_dir, cudnn_sdpa_switched_off):
