@@ -21,7 +21,7 @@
 #   mix4    : (2 GPUs) e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block recomputed
 #             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
-#   cmp1    : one GPU: the compiled actor's graphs over every text length | CFG batching (bf16) | SDPA backends
+#   cmp1    : one GPU: the compiled actor's graphs over every text length | the actor's SDPA backends
 #   b60     : one GPU: the 60-layer build | the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
 #   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
@@ -197,10 +197,10 @@ case "$stage" in
     gpu_tests 0 0-1 230 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_sdpa.log | tail -12 ;;
-  cmp1)  # one GPU; ~4 min: the compiled actor reuses its graphs over every text length | CFG batching in bf16 |
-    # the actor's SDPA backends where vllm switched cuDNN off (the 2-layer fixture only: no model build)
-    gpu_tests 0 0-9 300 compile tests/gpu/test_actor_compile_gpu.py &
-    gpu_tests 0 10-15 300 cfg tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_actor_sdpa_backend_gpu.py &
+  cmp1)  # one GPU; ~5 min: the compiled actor reuses its graphs over every text length (and an unpadded control
+    # recompiles) | the actor's SDPA backends where vllm switched cuDNN off (the 2-layer fixture only: no model build)
+    gpu_tests 0 0-11 340 compile tests/gpu/test_actor_compile_gpu.py &
+    gpu_tests 0 12-15 200 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_*.log | tail -30 ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;

@@ -15,6 +15,9 @@ from gpu_helpers import requires_cuda
 from test_activation_memory_gpu import bf16_actor, fixture_rollout
 from torch._dynamo.utils import counters
 
+from verl_omni.pipelines import model_inputs
+from verl_omni.pipelines.model_inputs import MASKED_TEXT_MULTIPLE
+
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 # One token per byte: eight prompts whose text lengths cover every remainder modulo 8 (the negative prompt is
@@ -23,7 +26,11 @@ FIRST = ["a red cat"]
 EVERY_REMAINDER = ["a red cat" + "!" * extra for extra in range(1, 9)]
 
 
-def test_prompts_of_every_length_reuse_the_first_steps_compiled_graphs(gpu_qwen_image_dir):
+@pytest.mark.parametrize("multiple", [MASKED_TEXT_MULTIPLE, 1], ids=["padded", "unpadded_control"])
+def test_prompts_of_every_length_reuse_the_first_steps_compiled_graphs(gpu_qwen_image_dir, monkeypatch, multiple):
+    """``unpadded_control``: the texts left at their length, as before the padding; the graphs compile again."""
+    monkeypatch.setattr(model_inputs, "MASKED_TEXT_MULTIPLE", multiple)
+    torch._dynamo.reset()  # each case compiles from nothing
     actor = bf16_actor(gpu_qwen_image_dir, use_torch_compile=True, enable_gradient_checkpointing=False)
     first = fixture_rollout(gpu_qwen_image_dir, FIRST)
     every = fixture_rollout(gpu_qwen_image_dir, EVERY_REMAINDER)
@@ -35,5 +42,10 @@ def test_prompts_of_every_length_reuse_the_first_steps_compiled_graphs(gpu_qwen_
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0  # the blocks did compile (the test is about reusing these graphs)
     metrics = actor.update(every, torch.tensor([1.0, -1.0] * len(EVERY_REMAINDER)))
-    assert counters["stats"]["unique_graphs"] == compiled, dict(counters["recompiles"]) or dict(counters["stats"])
+    recompiled = counters["stats"]["unique_graphs"] - compiled
+    print(f"multiple {multiple}: {compiled} graphs for the first prompt, {recompiled} more for every length")
+    if multiple == MASKED_TEXT_MULTIPLE:
+        assert recompiled == 0, dict(counters["stats"])
+    else:
+        assert recompiled > 0, dict(counters["stats"])
     assert torch.isfinite(torch.tensor(metrics["actor/policy_loss"])), metrics
