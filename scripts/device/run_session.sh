@@ -22,6 +22,7 @@
 #             (GPU 1)
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 #   cmp1    : one GPU: the compiled actor's graphs over every text length | the actor's SDPA backends
+#   vgap    : one GPU: the actor's update at 20 layers in a plain process, then in one that imported vllm
 #   b60     : one GPU: the 60-layer build | the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
 #   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
@@ -30,7 +31,7 @@
 # PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420) /
 # PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|cmp1|probe60}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|cmp1|vgap|probe60}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -203,6 +204,18 @@ case "$stage" in
     gpu_tests 0 12-15 200 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_*.log | tail -30 ;;
+  vgap)  # one GPU; ~5 min with the 20-layer build: the actor's update (train_step "default" and "nockpt_mb4"-like
+    # variants) in a plain process, then in one that imported vllm first: what importing vllm alone costs the update
+    # (the vllm-omni worker's update measured 0.6 s of compute slower than the diffusers engine's at 60 layers)
+    build 20 > /dev/null
+    for run in plain vllm; do
+      pre=""; [ "$run" = vllm ] && pre="import vllm; "
+      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -c "${pre}import runpy, sys; sys.argv = ['train_step.py', '--layers',
+'20', '--repeats', '2', '--variants', 'default', '--model-dir', '$MODEL_DIR', '--out', '$OUT/train_step_L20_$run.json'];
+runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_step_L20_$run.log" 2>&1
+      echo "train_step L20 ($run) exit $?" | tee -a "$OUT/session.txt"
+      tail -n 4 "$OUT/train_step_L20_$run.log"
+    done ;;
   g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
   g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
   e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
