@@ -204,8 +204,8 @@ case "$stage" in
     gpu_tests 0 12-15 200 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_*.log | tail -30 ;;
-  vgap)  # one GPU; ~5 min with the 20-layer build: the actor's update (train_step "default" and "nockpt_mb4"-like
-    # variants) in a plain process, then in one that imported vllm first: what importing vllm alone costs the update
+  vgap)  # one GPU; ~5 min with the 20-layer build: the actor's update (train_step's "default" variant) in a plain
+    # process, then in one that imported vllm first: what importing vllm alone costs the update
     # (the vllm-omni worker's update measured 0.6 s of compute slower than the diffusers engine's at 60 layers)
     build 20 > /dev/null
     for run in plain vllm; do

@@ -425,8 +425,9 @@ def every_sdpa_backend() -> AbstractContextManager:
     (the batched masked layout: 4.29 against 1.72 ms). In every same-run pair at 60 layers on an H200 the update
     took 11.8-12.4 s under vllm-omni against 10.2-10.8 s for the same actor in the diffusers engine's process
     (``docs/benchmarks/e2e_single_gpu.json``), within what those figures predict over an update's 16 micro-batches
-    x 60 layers (0.8 s for the unmasked layout, 2.5 s for the masked one). The flags are global, so the backward
-    (on CUDA's autograd thread) sees them too; they are restored on exit.
+    x 60 layers (0.8 s for the unmasked layout, 2.5 s for the masked one). With it the next pair measured 10.4 against
+    9.5 s (2026-11-29): about 0.9 s is still unexplained (``scripts/device/run_session.sh vgap`` is the probe). The
+    flags are global, so the backward (on CUDA's autograd thread) sees them too; they are restored on exit.
     Remove when vllm stops switching cuDNN's SDPA off at import."""
     return sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
