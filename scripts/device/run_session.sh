@@ -24,6 +24,7 @@
 #   cmp1    : one GPU: the compiled actor's graphs over every text length | the actor's SDPA backends
 #   vgap    : one GPU: the actor's update at 20 layers in a plain process, then in one that imported vllm
 #   b60     : one GPU: the 60-layer build | the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
+#   b60c    : one GPU: the 60-layer build | the CFG-batching and vllm-omni engine GPU tests
 #   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
@@ -31,7 +32,7 @@
 # PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420) /
 # PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
 set -uo pipefail
-stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|cmp1|vgap|probe60}"
+stage="${1:?usage: run_session.sh prep|prep2|prep3|prep4|mix1|mix2|mix3|mix4|tests|bench|e2e1|e2e4|e2e4d|real1|g1|g1d|b60|b60c|cmp1|vgap|probe60}"
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -198,6 +199,12 @@ case "$stage" in
     gpu_tests 0 0-1 230 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
     wait
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_sdpa.log | tail -12 ;;
+  b60c)  # one GPU; ~4 min: the 60-layer build (cores 4-) | the CFG-batching and vllm-omni engine GPU tests (GPU 0,
+    # cores 0-3): bf16 equivalence of batched CFG with the masked-text padding, and the engine's calls
+    cores=$(nproc); build_logged 60 "4-$((cores - 1))" &
+    gpu_tests 0 0-3 260 cfg_engine "${CFG_ENGINE_TESTS[@]}" &
+    wait
+    grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_cfg_engine.log | tail -30 ;;
   cmp1)  # one GPU; ~5 min: the compiled actor reuses its graphs over every text length (and an unpadded control
     # recompiles) | the actor's SDPA backends where vllm switched cuDNN off (the 2-layer fixture only: no model build)
     gpu_tests 0 0-11 340 compile tests/gpu/test_actor_compile_gpu.py &
