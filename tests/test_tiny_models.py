@@ -101,3 +101,31 @@ def test_full_width_transformer_config_matches_qwen_image():
     per_layer = sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in one.parameters())
     # Qwen-Image: ~20.4B parameters over 60 layers -> ~340M per layer.
     assert 3.0e8 < per_layer < 3.8e8
+
+
+def test_an_explicit_cpu_device_builds_the_default_weights(tmp_path):
+    """``device`` moves where the weights are drawn; on the CPU it must not change them (every earlier build and
+    the tests' fixtures are CPU builds)."""
+    from verl_omni.models.tiny import build_qwen_image
+
+    default = _weights(build_qwen_image(tmp_path / "default", num_layers=1, seed=5))
+    explicit = _weights(build_qwen_image(tmp_path / "cpu", num_layers=1, seed=5, device="cpu"))
+    assert default.keys() == explicit.keys() and len(default) > 20
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no GPU exists")
+def test_benchmark_build_falls_back_to_the_cpu_with_a_log_line(tmp_path, capsys, monkeypatch):
+    """The benchmarks' full-width build asked for ``device="cuda"`` on a machine without one: it says so and builds
+    on the CPU (the real width at one layer, bf16)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_common import build_model
+
+    path = build_model(str(tmp_path), 1, device="cuda")
+    out = capsys.readouterr().out
+    assert "building on cuda failed" in out and f"built {path} on cpu" in out
+    assert (Path(path) / ".complete").exists() and json.loads((Path(path) / "model_index.json").read_text())
+    transformer = _weights(Path(path) / "transformer")
+    blocks = {k.split("transformer_blocks.")[1].split(".")[0] for k in transformer if "transformer_blocks." in k}
+    assert blocks == {"0"} and transformer["diffusion_pytorch_model.safetensors/img_in.weight"].shape[0] == 3072
+    assert all(t.dtype == torch.bfloat16 for t in transformer.values() if t.is_floating_point())

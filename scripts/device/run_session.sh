@@ -23,10 +23,11 @@
 #   g1 / g1d: one GPU: e2e L60 with vllm_omni / diffusers
 #   cmp1    : one GPU: the compiled actor's graphs over every text length | the actor's SDPA backends
 #   vgap    : one GPU: the actor's update at 20 layers in a plain process, then in one that imported vllm
-#   b60     : one GPU: the 60-layer build | the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
-#   b60c    : one GPU: the 60-layer build | the CFG-batching and vllm-omni engine GPU tests
+#   b60     : one GPU: the 60-layer build, then the actor's SDPA-backend GPU test (cuDNN attention where vllm switched it off)
+#   b60c    : one GPU: the 60-layer build, then the CFG-batching and vllm-omni engine GPU tests
 #   probe60 : one GPU: the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then pipeline_breakdown of the recipe's
 #             rollout call (CFG 4, LoRA r64)
+# A build that runs alone (before a stage's GPU jobs) draws the weights on the GPU; one beside other jobs, on the CPU.
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), PROBE_VARIANTS / PROBE_REPEATS /
 # PROBE_GPU_TEST (probe60: 0 leaves out its GPU tests) / PROBE_TIMEOUT (seconds for pipeline_breakdown, 420) /
@@ -44,9 +45,11 @@ gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 echo "== $(date -u +%FT%TZ) run_session.sh $stage on $(hostname): $gpus GPU(s)" | tee -a "$OUT/session.txt"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/session.txt"
 
-build() {  # build the random full-width model of $1 layers once (idempotent), on cores $2 (default: all)
+build() {  # build the random full-width model of $1 layers once (idempotent), on cores $2 (default: all), drawing
+  # the weights on device $3 (default cpu; cuda where the GPU is free then: about 80 s less at 60 layers, a failed
+  # GPU build falls back to the CPU, logged)
   ${2:+taskset -c $2} python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
-build_model('$MODEL_DIR', $1)"
+build_model('$MODEL_DIR', $1, device='${3:-cpu}')"
 }
 # train_step variants of prep2 / mix1: the float32-LoRA baseline, the default, fewer checkpointed blocks, mb8
 TRAIN_SET="ckpt_mb4_eager,ckpt_mb4_eager_lora_f32,default,compiled_ckpt75_mb4,compiled_ckpt50_mb4,compiled_ckpt_mb8"
@@ -72,8 +75,8 @@ gpu_tests() {  # gpu_tests <visible gpus> <cores> <timeout s> <name> <pytest arg
     > "$OUT/gpu_tests_$4.log" 2>&1
   echo "gpu tests $4 exit $?" | tee -a "$OUT/session.txt"
 }
-build_logged() {  # build_logged <layers> <cores>: a stage's background build, its log in $OUT/build.log
-  build "$1" "$2" > "$OUT/build.log" 2>&1
+build_logged() {  # build_logged <layers> <cores> [device]: a stage's build, its log in $OUT/build.log
+  build "$1" "$2" "${3:-cpu}" > "$OUT/build.log" 2>&1
   echo "build L$1 exit $?" | tee -a "$OUT/session.txt"
 }
 CFG_ENGINE_TESTS=(tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py)
@@ -137,7 +140,7 @@ case "$stage" in
     grep -h -E "s per update|out of memory|blocks recomputed" "$OUT"/train_step_L20.log ;;
   mix3)  # 2 GPUs; ~9 min: e2e L60 vllm_omni at micro-batch 2, the defaults otherwise (checkpointing auto) (GPU 0)
          # | train_step L60 (GPU 1)
-    build 60 > /dev/null
+    build 60 "" cuda > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni_auto &
     train_step 1 60 "${TRAIN_VARIANTS:-$NOCKPT_SET}" 560 &
     wait
@@ -146,7 +149,7 @@ case "$stage" in
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   mix4)  # 2 GPUs; ~7 min: e2e L60 diffusers at micro-batch 2 (GPU 0) | vllm_omni, micro-batch 4, every block
          # recomputed (the defaults before auto) (GPU 1)
-    build 60 > /dev/null
+    build 60 "" cuda > /dev/null
     e2e 0 1 diffusers g1_diffusers_auto &
     e2e 1 1 vllm_omni g1_vllm_omni_ckpt_all --name ckpt_all \
       --set actor_rollout_ref.model.gradient_checkpointing_blocks=null &
@@ -154,7 +157,7 @@ case "$stage" in
     grep -h -E "auto:" "$OUT"/e2e_*.log | cut -c1-300
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   mix2)  # 4 GPUs; ~9 min with E2E_STEPS=3: e2e L60 1 GPU (GPU 0) | e2e L60 2 GPUs (GPUs 1,2) | train_step L60 (GPU 3)
-    build 60 > /dev/null
+    build 60 "" cuda > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &
     e2e 1,2 2 vllm_omni g2_vllm_omni &
     train_step 3 60 "${TRAIN_VARIANTS:-$CFG_SET}" 550 &
@@ -162,7 +165,7 @@ case "$stage" in
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   mix1)  # 4 GPUs; ~9 min with E2E_STEPS=3
-    build 60 > /dev/null
+    build 60 "" cuda > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &
     e2e 1 1 diffusers g1_diffusers &
     e2e 2 1 vllm_omni g1_vllm_omni_cfg2 --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false &
@@ -171,13 +174,13 @@ case "$stage" in
     grep -h -E "s per update|out of memory" "$OUT"/train_step_L60.log
     grep -h '"step_s"' "$OUT"/e2e_*.log | cut -c1-400 ;;
   e2e1)
-    build "$LAYERS" > /dev/null
+    build "$LAYERS" "" cuda > /dev/null
     e2e 0 1 vllm_omni g1_vllm_omni &
     e2e 1 1 diffusers g1_diffusers &
     [ "$gpus" -ge 4 ] && e2e 2,3 2 vllm_omni g2_vllm_omni &
     wait ;;
   real1)
-    build 60 | tail -1
+    build 60 "" cuda | tail -1
     timeout 500 python3 benchmarks/train_step.py --layers 60 --prompts 1 --repeats "${TRAIN_REPEATS:-1}" \
       --variants "${TRAIN_VARIANTS:-ckpt_mb1_two_forwards,default,compiled_ckpt_mb8}" --model-dir "$MODEL_DIR" \
       --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
@@ -194,16 +197,14 @@ case "$stage" in
       --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
     echo "pipeline_breakdown L60 exit $?" | tee -a "$OUT/session.txt"
     grep -v -e Loading -e WARNING -e "truncated to" "$OUT/pipeline_breakdown_L60.log" | tail -40 ;;
-  b60)  # one GPU; ~4 min: the 60-layer build (cores 2-) | the actor's SDPA-backend GPU test (GPU 0, cores 0-1)
-    cores=$(nproc); build_logged 60 "2-$((cores - 1))" &
-    gpu_tests 0 0-1 230 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
-    wait
+  b60)  # one GPU; ~3 min: the 60-layer build on the GPU, then the actor's SDPA-backend GPU test
+    build_logged 60 "" cuda
+    gpu_tests 0 0-15 230 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_sdpa.log | tail -12 ;;
-  b60c)  # one GPU; ~4 min: the 60-layer build (cores 4-) | the CFG-batching and vllm-omni engine GPU tests (GPU 0,
-    # cores 0-3): bf16 equivalence of batched CFG with the masked-text padding, and the engine's calls
-    cores=$(nproc); build_logged 60 "4-$((cores - 1))" &
-    gpu_tests 0 0-3 260 cfg_engine "${CFG_ENGINE_TESTS[@]}" &
-    wait
+  b60c)  # one GPU; ~4 min: the 60-layer build on the GPU, then the CFG-batching and vllm-omni engine GPU tests
+    # (bf16 equivalence of batched CFG with the masked-text padding, and the engine's calls)
+    build_logged 60 "" cuda
+    gpu_tests 0 0-15 260 cfg_engine "${CFG_ENGINE_TESTS[@]}"
     grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT"/gpu_tests_cfg_engine.log | tail -30 ;;
   cmp1)  # one GPU; ~5 min: the compiled actor reuses its graphs over every text length (and an unpadded control
     # recompiles) | the actor's SDPA backends where vllm switched cuDNN off (the 2-layer fixture only: no model build)
@@ -214,7 +215,7 @@ case "$stage" in
   vgap)  # one GPU; ~5 min with the 20-layer build: the actor's update (train_step's "default" variant) in a plain
     # process, then in one that imported vllm first: what importing vllm alone costs the update
     # (the vllm-omni worker's update measured 0.6 s of compute slower than the diffusers engine's at 60 layers)
-    build 20 > /dev/null
+    build 20 "" cuda > /dev/null
     for run in plain vllm; do
       pre=""; [ "$run" = vllm ] && pre="import vllm; "
       CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -c "${pre}import runpy, sys; sys.argv = ['train_step.py', '--layers',
@@ -223,10 +224,10 @@ runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_s
       echo "train_step L20 ($run) exit $?" | tee -a "$OUT/session.txt"
       tail -n 4 "$OUT/train_step_L20_$run.log"
     done ;;
-  g1) build "$LAYERS" > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
-  g1d) build "$LAYERS" > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
-  e2e4) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
-  e2e4d) build "$LAYERS" > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
+  g1) build "$LAYERS" "" cuda > /dev/null; e2e 0 1 vllm_omni g1_vllm_omni; tail -n 25 "$OUT/e2e_g1_vllm_omni.log" ;;
+  g1d) build "$LAYERS" "" cuda > /dev/null; e2e 0 1 diffusers g1_diffusers; tail -n 25 "$OUT/e2e_g1_diffusers.log" ;;
+  e2e4) build "$LAYERS" "" cuda > /dev/null; e2e 0,1,2,3 4 vllm_omni g4_vllm_omni ;;
+  e2e4d) build "$LAYERS" "" cuda > /dev/null; e2e 0,1,2,3 4 diffusers g4_diffusers ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60
