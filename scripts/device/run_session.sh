@@ -46,8 +46,8 @@ echo "== $(date -u +%FT%TZ) run_session.sh $stage on $(hostname): $gpus GPU(s)" 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/session.txt"
 
 build() {  # build the random full-width model of $1 layers once (idempotent), on cores $2 (default: all), drawing
-  # the weights on device $3 (default cpu; cuda where the GPU is free then: 22 s for 20 layers on an H200, where the CPU
-  # spends 46 s on the transformer's random fills alone; a failed GPU build falls back to the CPU, logged)
+  # the weights on device $3 (default cpu; cuda where the GPU is free then: 22 s for 20 layers on an H200, where
+  # the CPU spends 46 s on the transformer's random fills alone; a failed GPU build falls back to the CPU, logged)
   ${2:+taskset -c $2} python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
 build_model('$MODEL_DIR', $1, device='${3:-cpu}')"
 }

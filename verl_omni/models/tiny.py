@@ -209,7 +209,6 @@ def build_qwen_image(
     its CPU and well under a second on the GPU, and the whole 20-layer build on the GPU 22 s (60 layers on the
     CPU: 186-214 s). ``device="cuda"`` gives other values than a CPU build, equally seeded.
     """
-    device = torch.device(device) if device is not None else None
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -217,6 +216,8 @@ def build_qwen_image(
         QwenImageTransformer2DModel,
     )
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = torch.device(device) if device is not None else None
 
     init_dtype = dtype if full_width else torch.float32  # tiny: init in fp32 so every dtype sees the same values
     tokenizer = build_qwen_image_tokenizer()
