@@ -59,6 +59,8 @@ def _compare_metrics(single: dict, group: dict, label: str) -> None:
     # Wall seconds are not the update's result: present on both sides, compared for nothing else.
     for name in ("actor/busy_s", "actor/compute_s"):
         assert single.pop(name) > 0 and group.pop(name) > 0
+    for name in ("actor/gc_s", "actor/cuda_mallocs"):  # process-wide counters inside the update: >= 0, 0 off CUDA
+        assert single.pop(name) >= 0 and group.pop(name) >= 0
     diffs = {k: abs(single[k] - group[k]) for k in single}
     print(
         f"[{label}] metric max abs diff {max(diffs.values()):.2e} "

@@ -67,6 +67,10 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         busy = [m_group.pop(f"timing/update_busy_s/rank{k}") for k in range(2)]
         compute = [m_group.pop(f"timing/update_compute_s/rank{k}") for k in range(2)]
         assert all(b >= c > 0 for b, c in zip(busy, compute, strict=True))  # busy = compute + the all-reduce wait
+        # Each rank's garbage-collector seconds and cudaMalloc calls (none on the CPU) inside its update.
+        assert m_single.pop("actor/gc_s") >= 0 and m_single.pop("actor/cuda_mallocs") == 0
+        assert all(m_group.pop(f"timing/update_gc_s/rank{k}") >= 0 for k in range(2))
+        assert [m_group.pop(f"perf/update_cuda_mallocs/rank{k}") for k in range(2)] == [0, 0]
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
         moved = _max_diff(start, single.lora_state_dict())
         print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")

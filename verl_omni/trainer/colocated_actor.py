@@ -21,6 +21,14 @@ from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
 
+# Each rank's own figure for these (the rest of the update's metrics are all-reduced): the metric's name prefix.
+_PER_RANK_METRICS = {
+    "busy_s": "timing/update",
+    "compute_s": "timing/update",
+    "gc_s": "timing/update",
+    "cuda_mallocs": "perf/update",
+}
+
 
 class ColocatedActorGroup:
     def __init__(self, servers: DiffusionServerManager, actor: ActorConfig, lora_seed: int):
@@ -52,9 +60,11 @@ class ColocatedActorGroup:
         ]
         per_rank = gather_ranks(refs)
         metrics = dict(per_rank[0])  # all-reduced: the same on every rank, but for each rank's own busy time
-        for name in ("busy_s", "compute_s"):  # per rank: busy = compute + waiting for the slowest rank
+        # Per rank: busy = compute + waiting for the slowest rank; the garbage collector's seconds and the
+        # allocator's cudaMalloc calls inside the update (workers/update_probe.py).
+        for name, prefix in _PER_RANK_METRICS.items():
             metrics.pop(f"actor/{name}", None)
-            metrics.update({f"timing/update_{name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})
+            metrics.update({f"{prefix}_{name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})
         return metrics
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -54,6 +54,7 @@ from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
 from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMemory
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import STAGED, TrainBatch
+from verl_omni.workers.update_probe import UpdateProbe
 
 logger = logging.getLogger(__name__)
 
@@ -278,9 +279,15 @@ class DiffusionLoRAActor:
         self.transformer.train()
         try:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
-            with torch.inference_mode(False), torch.enable_grad(), every_sdpa_backend():
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                every_sdpa_backend(),
+                UpdateProbe(self.device) as probe,
+            ):
                 sigma_max = batch.sigma_max if len(batch) else 0.0  # a rank without rows plans no micro-batch
                 metrics = self._update(staged, plan, num_terms, sigma_max)
+            metrics.update({f"actor/{k}": v for k, v in probe.metrics().items()})
             # This process's own wall time (the all-reduce waited for the slowest rank): shows idle ranks.
             metrics["actor/busy_s"] = time.perf_counter() - start
             metrics["actor/recomputed_blocks"] = self.checkpointed_blocks

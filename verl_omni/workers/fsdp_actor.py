@@ -50,6 +50,8 @@ _GLOBAL_METRICS = (
     "actor/num_train_terms",
     "actor/busy_s",
     "actor/compute_s",
+    "actor/gc_s",
+    "actor/cuda_mallocs",
     "actor/recomputed_blocks",
 )
 

@@ -1,0 +1,56 @@
+"""What the update's wall time holds besides the GPU's work: Python's garbage collector and the CUDA allocator.
+
+Why: at the real size the update's compute seconds grew over a run in the vllm-omni worker (8.98, 9.51, 10.24 s at
+steps 2-4, one H200, fifteenth session) and stayed flat in the diffusers engine's process, with the same actor code.
+Two process-wide causes could do that without any kernel changing: full garbage collections over a growing heap
+(the worker process holds vllm's objects too) and the caching allocator going back to ``cudaMalloc`` as its pool
+fragments. Both are counted per update, per rank, in the step's metrics (``timing/update_gc_s/rank<k>``,
+``perf/update_cuda_mallocs/rank<k>``) so a real-size run tells them apart.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Optional
+
+import torch
+
+
+class UpdateProbe:
+    """A ``with`` block's seconds inside Python's garbage collector (every generation, any thread of the process:
+    a collection holds the GIL either way) and its ``cudaMalloc`` calls on ``device`` (0 off CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gc_s = 0.0
+        self.gc_collections = 0
+        self.cuda_mallocs = 0
+        self._gc_started: Optional[float] = None
+        self._mallocs_before = 0
+
+    def __enter__(self) -> UpdateProbe:
+        self._mallocs_before = self._device_mallocs()
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._on_gc)
+        self.cuda_mallocs = self._device_mallocs() - self._mallocs_before
+
+    def metrics(self) -> dict[str, float]:
+        return {"gc_s": self.gc_s, "cuda_mallocs": float(self.cuda_mallocs)}
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:  # "stop"
+            self.gc_s += time.perf_counter() - self._gc_started
+            self.gc_collections += 1
+            self._gc_started = None
+
+    def _device_mallocs(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        # "num_device_alloc": the caching allocator's cudaMalloc calls (torch >= 2.1).
+        return int(torch.cuda.memory_stats(self.device).get("num_device_alloc", 0))
