@@ -11,10 +11,13 @@ fragments. Both are counted per update, per rank, in the step's metrics (``timin
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from typing import Any, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class UpdateProbe:
@@ -52,5 +55,14 @@ class UpdateProbe:
     def _device_mallocs(self) -> int:
         if self.device.type != "cuda":
             return 0
-        # "num_device_alloc": the caching allocator's cudaMalloc calls (torch >= 2.1).
-        return int(torch.cuda.memory_stats(self.device).get("num_device_alloc", 0))
+        stats = torch.cuda.memory_stats(self.device)
+        if "num_device_alloc" not in stats:  # the caching allocator's cudaMalloc calls, in every torch we pin
+            global _warned_no_malloc_count
+            if not _warned_no_malloc_count:
+                logger.warning("torch.cuda.memory_stats has no num_device_alloc: cuda_mallocs is reported as 0")
+                _warned_no_malloc_count = True
+            return 0
+        return int(stats["num_device_alloc"])
+
+
+_warned_no_malloc_count = False
