@@ -88,7 +88,7 @@ def _seeded_init(seed: int, dtype: torch.dtype, device: Optional[torch.device] =
     them afterwards."""
     previous = torch.get_default_dtype()
     cuda_devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    on_device = torch.device(device) if device is not None else contextlib.nullcontext()
+    on_device = device if device is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=cuda_devices), on_device:
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)

@@ -10,6 +10,7 @@ fragments. Both are counted per update, per rank, in the step's metrics (``timin
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -57,12 +58,11 @@ class UpdateProbe:
             return 0
         stats = torch.cuda.memory_stats(self.device)
         if "num_device_alloc" not in stats:  # the caching allocator's cudaMalloc calls, in every torch we pin
-            global _warned_no_malloc_count
-            if not _warned_no_malloc_count:
-                logger.warning("torch.cuda.memory_stats has no num_device_alloc: cuda_mallocs is reported as 0")
-                _warned_no_malloc_count = True
+            _warn_no_malloc_count()
             return 0
         return int(stats["num_device_alloc"])
 
 
-_warned_no_malloc_count = False
+@functools.cache
+def _warn_no_malloc_count() -> None:  # once per process
+    logger.warning("torch.cuda.memory_stats has no num_device_alloc: cuda_mallocs is reported as 0")
