@@ -30,6 +30,7 @@ def _config(model_dir):
             "actor_rollout_ref.rollout.device": "cuda",
             "actor_rollout_ref.actor.device": "cuda",
             "actor_rollout_ref.rollout.dtype": "bfloat16",
+            "actor_rollout_ref.actor.dtype": "bfloat16",  # the hybrid engine (the default) trains the engine's dtype
             "actor_rollout_ref.rollout.enforce_eager": True,
             "actor_rollout_ref.rollout.gpu_memory_utilization": 0.3,
         }
