@@ -56,3 +56,14 @@ def ocr_data_files(tmp_path_factory):
     from qwenimage_ocr import write_ocr_parquet
 
     return write_ocr_parquet(str(tmp_path_factory.mktemp("ocr_data")), 64, 4, 0)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc_heap():
+    """The actor freezes its process's GC heap after its first update (``actor.freeze_gc_heap``), right for a process
+    that trains one model; this process runs many tests: each test's frozen objects become collectable again after it
+    (a cycle among them would otherwise outlive the test)."""
+    yield
+    import gc
+
+    gc.unfreeze()

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,36 @@ def test_the_update_runs_with_every_sdpa_backend_whatever_the_process_switched_o
     # 4 micro-batches x 2 blocks, each block's forward again in the backward pass.
     assert len(seen) == 16 and all(flags == (True, True, True, True) for flags in seen)
     assert after == (False, True, True, True)
+
+
+def _tracked_by_gc(obj) -> bool:
+    """Whether a collection walks ``obj``: ``gc.get_objects`` lists the three generations, not the frozen heap."""
+    return any(o is obj for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_first_update_freezes_the_gc_heap_once_when_asked(qwen_image_rl_pipe, tiny_qwen_image_dir, freeze):
+    """``actor.freeze_gc_heap``: after the first update the actor's modules are frozen (full collections skip them);
+    what is made later stays collectable (no second freeze); off, nothing is frozen. The update's result is the same
+    either way (a frozen object is still freed by reference counting)."""
+    data = _rollout(qwen_image_rl_pipe)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2, freeze_gc_heap=freeze)
+    rollout = rollout_config(pipeline={"true_cfg_scale": 2.0})
+    actor = DiffusionLoRAActor(model_config(tiny_qwen_image_dir), actor_cfg, rollout, lora_seed=5)
+    assert gc.get_freeze_count() == 0 and _tracked_by_gc(actor.transformer)
+    first = actor.update(data, advantages)
+    assert _tracked_by_gc(actor.transformer) is not freeze
+    assert (gc.get_freeze_count() > 0) is freeze
+    made_later = [object()]
+    second = actor.update(data, advantages)
+    assert _tracked_by_gc(made_later)
+    # The update's metric: the frozen heap's size when it ended (the freeze follows the first update).
+    assert first["actor/gc_frozen_objects"] == 0 and (second["actor/gc_frozen_objects"] > 0) is freeze
+    other_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2, freeze_gc_heap=not freeze)
+    other = DiffusionLoRAActor(model_config(tiny_qwen_image_dir), other_cfg, rollout, lora_seed=5)
+    assert other.update(data, advantages)["actor/loss"] == first["actor/loss"]
+    other.update(data, advantages)
+    theirs = other.lora_state_dict()
+    for name, value in actor.lora_state_dict().items():
+        assert torch.equal(value, theirs[name]), name

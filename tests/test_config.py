@@ -82,6 +82,14 @@ def test_rollout_kernel_switches_are_booleans_named_in_the_error(key, default):
         ModelConfig(path="tiny:qwen_image", **{key: "yes"})
 
 
+def test_freezing_the_gc_heap_is_a_boolean_named_in_the_error():
+    from verl_omni.config.actor import ActorConfig
+
+    assert ActorConfig().freeze_gc_heap is True and ActorConfig(freeze_gc_heap=False).freeze_gc_heap is False
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.freeze_gc_heap='yes' must be true or false"):
+        ActorConfig(freeze_gc_heap="yes")
+
+
 def test_turning_the_qk_kernel_off_alone_is_valid():
     """qk_kernel_adds_lora (on by default) only refines the q/k kernel: switching the kernel off needs nothing else."""
     from verl_omni.config.model import ModelConfig

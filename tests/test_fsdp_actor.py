@@ -59,7 +59,8 @@ def _compare_metrics(single: dict, group: dict, label: str) -> None:
     # Wall seconds are not the update's result: present on both sides, compared for nothing else.
     for name in ("actor/busy_s", "actor/compute_s"):
         assert single.pop(name) > 0 and group.pop(name) > 0
-    for name in ("actor/gc_s", "actor/cuda_mallocs"):  # process-wide counters inside the update: >= 0, 0 off CUDA
+    # Process-wide counters inside the update (>= 0; no cudaMalloc off CUDA; the frozen heap: 0 before any freeze).
+    for name in ("actor/gc_s", "actor/cuda_mallocs", "actor/gc_frozen_objects"):
         assert single.pop(name) >= 0 and group.pop(name) >= 0
     diffs = {k: abs(single[k] - group[k]) for k in single}
     print(

@@ -22,7 +22,8 @@ def test_probe_counts_collections_inside_its_block_only():
     gc.collect()  # after the block: not counted
     assert probe.gc_collections == inside[0] >= 1 and probe.gc_s == inside[1] > 0
     assert gc.callbacks == callbacks_before
-    assert probe.metrics() == {"gc_s": probe.gc_s, "cuda_mallocs": 0.0}  # no CUDA device: no cudaMalloc counted
+    # No CUDA device: no cudaMalloc counted; nothing frozen in this test (conftest unfreezes after each test).
+    assert probe.metrics() == {"gc_s": probe.gc_s, "cuda_mallocs": 0.0, "gc_frozen_objects": 0.0}
 
 
 def test_probe_removes_its_callback_when_the_block_raises():

@@ -55,6 +55,9 @@ class ActorConfig(Section):
     # is the default by measurement: two forwards halve every GEMM's rows and the update was slower (README)
     batch_cfg: BatchCfg = True
     use_torch_compile: Optional[bool] = None  # regional compile of the transformer blocks; None: on for cuda
+    # After the first update (the warm-up), gc.freeze() the process's heap so that later full garbage collections,
+    # which stalled the update by ~1 s every few steps at the real size, skip the long-lived objects
+    freeze_gc_heap: bool = True
 
     def __post_init__(self) -> None:
         require_int(self.key("world_size"), self.world_size)
@@ -68,6 +71,8 @@ class ActorConfig(Section):
         require_int(self.key("ppo_epochs"), self.ppo_epochs)
         require_number(self.key("grad_clip"), self.grad_clip, 0, strict=True)
         check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
+        if not isinstance(self.freeze_gc_heap, bool):
+            raise ValueError(f"{self.key('freeze_gc_heap')}={self.freeze_gc_heap!r} must be true or false")
         if self.use_torch_compile not in (None, True, False):
             raise ValueError(
                 f"{self.key('use_torch_compile')}={self.use_torch_compile!r} must be true, false or "

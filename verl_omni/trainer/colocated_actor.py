@@ -27,6 +27,7 @@ _PER_RANK_METRICS = {
     "compute_s": "timing/update",
     "gc_s": "timing/update",
     "cuda_mallocs": "perf/update",
+    "gc_frozen_objects": "perf/update",
 }
 
 

@@ -52,6 +52,7 @@ from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_p
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
 from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMemory
+from verl_omni.workers.gc_heap import freeze_gc_heap
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import STAGED, TrainBatch
 from verl_omni.workers.update_probe import UpdateProbe
@@ -101,6 +102,7 @@ class DiffusionLoRAActor:
         if lora_seed is not None:
             init_lora_weights(self.transformer, lora_seed)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
+        self._gc_heap_frozen = False
         if self.device.type == "cuda":
             use_tf32_for_float32_matmuls()
         self._set_up_speed(model, actor)
@@ -249,6 +251,17 @@ class DiffusionLoRAActor:
                 "no SDE-window steps in the batch: nothing to train on (check "
                 "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
             )
+        metrics = self._update_retrying_oom(batch, num_terms)
+        if self.config.freeze_gc_heap and not self._gc_heap_frozen:
+            # After the warm-up (the compiled training graphs exist): later full collections skip what lives on.
+            objects, seconds = freeze_gc_heap()
+            self._gc_heap_frozen = True
+            logger.info(
+                "froze the GC heap after the first update: %d objects, %.2f s (actor.freeze_gc_heap)", objects, seconds
+            )
+        return metrics
+
+    def _update_retrying_oom(self, batch: TrainBatch, num_terms: int) -> dict[str, float]:
         start = time.perf_counter()
         try:
             return self._update_once(batch, num_terms, start)

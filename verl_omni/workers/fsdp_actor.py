@@ -52,6 +52,7 @@ _GLOBAL_METRICS = (
     "actor/compute_s",
     "actor/gc_s",
     "actor/cuda_mallocs",
+    "actor/gc_frozen_objects",
     "actor/recomputed_blocks",
 )
 

@@ -5,7 +5,9 @@ steps 2-4, one H200, fifteenth session) and stayed flat in the diffusers engine'
 Two process-wide causes could do that without any kernel changing: full garbage collections over a growing heap
 (the worker process holds vllm's objects too) and the caching allocator going back to ``cudaMalloc`` as its pool
 fragments. Both are counted per update, per rank, in the step's metrics (``timing/update_gc_s/rank<k>``,
-``perf/update_cuda_mallocs/rank<k>``) so a real-size run tells them apart.
+``perf/update_cuda_mallocs/rank<k>``) so a real-size run tells them apart. The sixteenth session's did: full
+collections (0.8-1.1 s) came with the slow updates of both engines, so the actor now freezes the heap after its first
+update (``workers/gc_heap.py``); ``perf/update_gc_frozen_objects/rank<k>`` shows the frozen heap's size (0 before).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ logger = logging.getLogger(__name__)
 
 class UpdateProbe:
     """A ``with`` block's seconds inside Python's garbage collector (every generation, any thread of the process:
-    a collection holds the GIL either way) and its ``cudaMalloc`` calls on ``device`` (0 off CUDA)."""
+    a collection holds the GIL either way), its ``cudaMalloc`` calls on ``device`` (0 off CUDA), and the objects in
+    the collector's permanent generation (``gc.freeze``) when it ended."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.gc_s = 0.0
         self.gc_collections = 0
         self.cuda_mallocs = 0
+        self.gc_frozen_objects = 0
         self._gc_started: Optional[float] = None
         self._mallocs_before = 0
 
@@ -41,9 +45,14 @@ class UpdateProbe:
     def __exit__(self, *exc: Any) -> None:
         gc.callbacks.remove(self._on_gc)
         self.cuda_mallocs = self._device_mallocs() - self._mallocs_before
+        self.gc_frozen_objects = gc.get_freeze_count()
 
     def metrics(self) -> dict[str, float]:
-        return {"gc_s": self.gc_s, "cuda_mallocs": float(self.cuda_mallocs)}
+        return {
+            "gc_s": self.gc_s,
+            "cuda_mallocs": float(self.cuda_mallocs),
+            "gc_frozen_objects": float(self.gc_frozen_objects),
+        }
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
