@@ -2,6 +2,7 @@
 
 import copy
 import glob
+import json
 import os
 import re
 import shlex
@@ -27,7 +28,10 @@ _cfg = trainer_config
 def _train(cfg):
     trainer = FlowGRPOTrainer(cfg).init()
     try:
+        asked, checksums = [], trainer.servers.lora_checksums  # the engines' checksums computed during fit()
+        trainer.servers.lora_checksums = lambda: asked.append(1) or checksums()
         history = trainer.fit()
+        trainer.checksum_requests = len(asked)
         engine_sums = trainer._run(trainer.servers.lora_checksums())
         # The actor's ranks (FSDP, or the hybrid engine's inside the replicas) are gone after shutdown.
         trainer.final_lora = trainer.actor.lora_state_dict()
@@ -156,6 +160,11 @@ def test_weight_sync_checksums_and_resume_is_bit_identical(
     first, history, engine_sums = _train(cfg)
     lora = first.final_lora
     assert all(s == tensors_checksum(lora) for s in engine_sums)  # every replica serves the actor's adapter
+    # The hybrid engine's one replica trains its adapter in place: a step has nothing to compare, so the engine
+    # hashes it only for each checkpoint's meta (save_freq 1: two), where it is the saved adapter's checksum.
+    assert first.checksum_requests == 2
+    with open(tmp_path / "global_step_2" / "meta.json") as f:
+        assert json.load(f)["lora_checksum"] == tensors_checksum(lora)
     assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0
     assert any(v.abs().sum() > 0 for v in lora.values())
     assert find_latest_checkpoint(str(tmp_path)).endswith("global_step_2")
@@ -341,6 +350,7 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(
     assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-8)  # adapter starts as the identity
     assert second["actor/kl_loss"] > 0  # after one update the policy moved away from the reference
     assert engine_sums == [tensors_checksum(trainer.final_lora)]
+    assert trainer.checksum_requests == 0  # the hybrid engine's one replica, no checkpoint: nothing hashed in fit()
 
 
 @pytest.mark.e2e
