@@ -72,6 +72,8 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
         "rollout_s": [h["timing/rollout_s"] for h in history],
         "sync_s": [h["timing/sync_s"] for h in history],
         "busy_s": [{k: v for k, v in h.items() if "_busy_s/" in k} for h in history],
+        "update_gc_s": [{k: v for k, v in h.items() if k.startswith("timing/update_gc_s/")} for h in history],
+        "gc_frozen_objects": [[h[f"perf/update_gc_frozen_objects/rank{k}"] for k in range(gpus)] for h in history],
     }
     write_figures(f"gpu_hybrid_{engine}_{gpus}gpu.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures
@@ -83,3 +85,5 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
             + [f"timing/update_busy_s/rank{k}" for k in range(gpus)]
         ), busy
         assert all(v > 0 for v in busy.values()), busy
+    # actor.freeze_gc_heap: every rank froze its process's heap (the engine's worker) after the first update.
+    assert all(count > 0 for step in figures["gc_frozen_objects"][1:] for count in step), figures["gc_frozen_objects"]
