@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import ray
 import torch
 from helpers import model_config, rollout_config, trainer_config
 
@@ -15,6 +16,7 @@ from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.outputs import unpack_batch
 from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.rollout.weight_sync import LoRASyncError, check_ranks_agree
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
@@ -88,6 +90,19 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         # The engines serve what their ranks trained, in place: equal on both replicas, equal to the actor's.
         served = loop.run_until_complete(servers.lora_checksums())
         assert served == group.lora_checksums() == [tensors_checksum(group.lora_state_dict())] * 2
+        # The trainer's sync: every rank's adapter against rank 0's, bitwise (a broadcast over the ranks' group);
+        # one changed element on rank 1 is named.
+        assert group.lora_matches_rank0() == [True, True]
+        trained = group.lora_state_dict()
+        changed = {k: v.clone() for k, v in trained.items()}
+        first_name = sorted(changed)[0]
+        changed[first_name].view(-1)[0] += 1e-3
+        ray.get(servers.replicas[1].server_handle.actor_call.remote("load_lora_state_dict", changed))
+        assert group.lora_matches_rank0() == [True, False]
+        with pytest.raises(LoRASyncError, match=r"replicas \[1\] serve an adapter that differs from replica 0's"):
+            check_ranks_agree(group.lora_matches_rank0())
+        group.load_lora_state_dict(trained)
+        assert group.lora_matches_rank0() == [True, True]
 
         # Non-finite input is refused on every rank before any optimizer step.
         bad = data.select_idxs(torch.arange(len(data)))

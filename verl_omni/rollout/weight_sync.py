@@ -21,6 +21,16 @@ class LoRASyncError(RuntimeError):
     """A replica serves an adapter other than the actor's."""
 
 
+def check_ranks_agree(matches_rank0: Sequence[bool]) -> None:
+    """The hybrid engine's replicas each serve the adapter their own rank trained: all must hold rank 0's."""
+    bad = [i for i, same in enumerate(matches_rank0) if not same]
+    if bad:
+        raise LoRASyncError(
+            f"LoRA sync failed: replicas {bad} serve an adapter that differs from replica 0's (every hybrid-engine "
+            "rank takes the same all-reduced optimizer step, so their adapters must be bitwise equal)"
+        )
+
+
 def check_checksums(expected: str, served: Sequence[str]) -> None:
     bad = [i for i, checksum in enumerate(served) if checksum != expected]
     if bad:

@@ -84,5 +84,9 @@ class ColocatedActorGroup:
         """The adapter each rank trains (= the one its engine serves)."""
         return self._all("lora_checksum")
 
+    def lora_matches_rank0(self) -> list[bool]:
+        """Per rank: whether the adapter it trains (= the one its engine serves) is bitwise rank 0's."""
+        return self._all("lora_matches_rank0")
+
     def shutdown(self) -> None:
         """The ranks live in the replicas: they go with them."""

@@ -32,7 +32,7 @@ from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
 from verl_omni.rewards.registry import RewardResult, row_metadata
 from verl_omni.rollout.server_manager import DiffusionServerManager
-from verl_omni.rollout.weight_sync import check_checksums, push_lora
+from verl_omni.rollout.weight_sync import check_ranks_agree, push_lora
 from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_total_message, save_checkpoint
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
 from verl_omni.trainer.data import PromptDataset
@@ -198,18 +198,15 @@ class FlowGRPOTrainer:
     def sync_weights(self) -> None:
         """Make every replica serve the actor's adapter, verified by checksum (raises on any mismatch).
 
-        Hybrid engine: the engines serve the adapter their ranks trained in place, so this only compares what each
-        replica serves (all must be equal). With one replica there is nothing to compare: its checksum is left to
-        be computed when asked for (``last_lora_checksum``: a checkpoint's meta), which saves the step its cost
-        (the 377 MB float32 adapter of the recipe copied to the host and hashed: 0.5-1.0 s of a 30 s step on an
-        H200). Split: LoRA tensors -> every replica, in memory."""
+        Hybrid engine: the engines serve the adapter their ranks trained in place, so this only checks that every
+        rank holds rank 0's, bitwise (one broadcast on the devices; one replica: nothing to compare). The checksum
+        is computed when asked for (``last_lora_checksum``: a checkpoint's meta): hashing the recipe's 377 MB float32
+        adapter on the host took 0.5-1.0 s of a 30 s step on an H200. Split: LoRA tensors -> every replica, in
+        memory, checksums compared."""
         if self.config.actor_rollout_ref.hybrid_engine:
-            if len(self.servers.replicas) == 1:
-                self._lora_checksum = None
-                return
-            served = self._run(self.servers.lora_checksums())
-            check_checksums(served[0], served)
-            self._lora_checksum = served[0]
+            if len(self.servers.replicas) > 1:
+                check_ranks_agree(self.actor.lora_matches_rank0())
+            self._lora_checksum = None
         else:
             self._lora_checksum = self._run(
                 push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype)
@@ -218,7 +215,7 @@ class FlowGRPOTrainer:
     @property
     def last_lora_checksum(self) -> str:
         """The checksum of the adapter the engines serve since the last sync."""
-        if self._lora_checksum is None:  # the hybrid engine's one replica: computed on demand
+        if self._lora_checksum is None:  # the hybrid engine: computed on demand, from replica 0 (all agree)
             self._lora_checksum = self._run(self.servers.lora_checksums())[0]
         return self._lora_checksum
 

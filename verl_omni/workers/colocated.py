@@ -2,8 +2,8 @@
 
 Both engines host one: the diffusers engine in its server actor, the vllm-omni engine inside vllm-omni's
 diffusion worker. Its verbs take and return plain data (tensors, dicts, numbers) so the vllm-omni engine can
-pass them through files; the trained adapter is the one the engine serves, so a weight sync is a comparison of
-checksums, not a copy.
+pass them through files; the trained adapter is the one the engine serves, so a weight sync is a comparison
+(every rank's adapter against rank 0's), not a copy.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ACTOR_VERBS = (
     "optimizer_state_dict",
     "load_optimizer_state_dict",
     "lora_checksum",
+    "lora_matches_rank0",
 )
 
 
@@ -84,3 +85,6 @@ class ColocatedActorRank:
 
     def lora_checksum(self) -> str:
         return self.actor.lora_checksum()
+
+    def lora_matches_rank0(self) -> bool:
+        return self.actor.lora_matches_rank0()

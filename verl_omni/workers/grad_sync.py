@@ -20,7 +20,7 @@ TIMEOUT = datetime.timedelta(minutes=30)  # a rank may wait for the slowest one'
 
 
 class LoRAGradSync:
-    """Sum tensors over the ranks of one run (world size 1: a no-op)."""
+    """Sum tensors over the ranks of one run, or send rank 0's to all (world size 1: a no-op)."""
 
     def __init__(self, rank: int, world_size: int, address: Optional[tuple[str, int]], device: torch.device):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -41,4 +41,12 @@ class LoRAGradSync:
             opts = dist.AllreduceOptions()
             opts.reduceOp = dist.ReduceOp.SUM
             self._group.allreduce([flat], opts).wait()
+        return flat
+
+    def broadcast_(self, flat: torch.Tensor) -> torch.Tensor:
+        """In place: every rank's ``flat`` becomes rank 0's."""
+        if self._group is not None:
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = 0, 0
+            self._group.broadcast([flat], opts).wait()
         return flat
