@@ -196,7 +196,7 @@ class FlowGRPOTrainer:
 
     # ------------------------------------------------------------------ pieces of a step
     def sync_weights(self) -> None:
-        """Make every replica serve the actor's adapter, verified by checksum (raises on any mismatch).
+        """Make every replica serve the actor's adapter, verified (raises on any mismatch).
 
         Hybrid engine: the engines serve the adapter their ranks trained in place, so this only checks that every
         rank holds rank 0's, bitwise (one broadcast on the devices; one replica: nothing to compare). The checksum
