@@ -351,6 +351,8 @@ def test_sd3_with_cfg_and_kl_trains_and_recomputes_rollout_log_probs(
     assert second["actor/kl_loss"] > 0  # after one update the policy moved away from the reference
     assert engine_sums == [tensors_checksum(trainer.final_lora)]
     assert trainer.checksum_requests == 0  # the hybrid engine's one replica, no checkpoint: nothing hashed in fit()
+    with pytest.raises(RuntimeError, match="before shutdown"):  # the engines are gone: a clear error, not asyncio's
+        _ = trainer.last_lora_checksum
 
 
 @pytest.mark.e2e

@@ -58,6 +58,7 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
         start = trainer.last_lora_checksum
         history = trainer.fit()
         served = trainer._run(trainer.servers.lora_checksums())
+        final = trainer.last_lora_checksum  # computed from the engines, so read before shutdown()
     finally:
         trainer.shutdown()
     first = history[0]
@@ -78,7 +79,7 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
     write_figures(f"gpu_hybrid_{engine}_{gpus}gpu.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures
     assert all(g > 0 for g in figures["grad_norms"])
-    assert served == [trainer.last_lora_checksum] * gpus and trainer.last_lora_checksum != start
+    assert served == [final] * gpus and final != start
     for busy in figures["busy_s"]:  # every GPU rolled out and trained in every step
         assert sorted(busy) == sorted(
             [f"timing/rollout_busy_s/replica{k}" for k in range(gpus)]

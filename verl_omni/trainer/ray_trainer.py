@@ -216,6 +216,10 @@ class FlowGRPOTrainer:
     def last_lora_checksum(self) -> str:
         """The checksum of the adapter the engines serve since the last sync."""
         if self._lora_checksum is None:  # the hybrid engine: computed on demand, from replica 0 (all agree)
+            if self.loop.is_closed():  # the engines that hold the adapter are gone
+                raise RuntimeError(
+                    "last_lora_checksum is computed from the engines in the hybrid engine: read it before shutdown()"
+                )
             self._lora_checksum = self._run(self.servers.lora_checksums())[0]
         return self._lora_checksum
 
