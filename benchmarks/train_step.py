@@ -174,7 +174,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     actor = DiffusionLoRAActor(model, actor_cfg, rollout, pipe=pipe, device="cuda", lora_seed=0)
-    times, recomputed, gc_seconds = [], [], []
+    times, recomputed, gc_seconds, sm_clock = [], [], [], []
     try:
         for i in range(1 + args.repeats):  # the first update warms up (compile, cuBLAS plans, allocator)
             torch.cuda.synchronize()
@@ -184,6 +184,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
             times.append(time.perf_counter() - t0)
             recomputed.append(metrics["actor/recomputed_blocks"])
             gc_seconds.append(metrics["actor/gc_s"])
+            sm_clock.append(metrics["actor/sm_clock_mhz"])
             log(
                 f"  {name}: update {i} {times[-1]:.2f} s, {recomputed[-1]} blocks recomputed "
                 f"(ratio_mean {metrics['actor/ratio_mean']:.4f})"
@@ -207,6 +208,7 @@ def run_variant(name: str, args, pipe, batch, model_dir: str, useful_flops: floa
         # per update: seconds in Python's garbage collector (the process's heap is frozen after the first update of
         # the first variant: actor.freeze_gc_heap)
         "gc_seconds": gc_seconds,
+        "sm_clock_mhz": sm_clock,  # per update: the GPU's mean SM clock while it ran (NVML; 0: no reading)
         "transitions_per_s": batch.num_terms / seconds,
         "mfu": useful_flops / seconds / (peak * 1e12),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,

@@ -59,9 +59,12 @@ def _compare_metrics(single: dict, group: dict, label: str) -> None:
     # Wall seconds are not the update's result: present on both sides, compared for nothing else.
     for name in ("actor/busy_s", "actor/compute_s"):
         assert single.pop(name) > 0 and group.pop(name) > 0
-    # Process-wide counters inside the update (>= 0; no cudaMalloc off CUDA; the frozen heap: 0 before any freeze).
+    # Process-wide counters inside the update (>= 0; no cudaMalloc off CUDA; the frozen heap: 0 before any freeze;
+    # no SM clock off CUDA).
     for name in ("actor/gc_s", "actor/cuda_mallocs", "actor/gc_frozen_objects"):
         assert single.pop(name) >= 0 and group.pop(name) >= 0
+    for name in ("actor/sm_clock_mhz", "actor/sm_clock_min_mhz"):
+        assert single.pop(name) == group.pop(name) == 0
     diffs = {k: abs(single[k] - group[k]) for k in single}
     print(
         f"[{label}] metric max abs diff {max(diffs.values()):.2e} "

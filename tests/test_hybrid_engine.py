@@ -76,6 +76,10 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         # Each rank's frozen GC heap when its update ended: empty, as the freeze follows the first update.
         assert m_single.pop("actor/gc_frozen_objects") == 0
         assert [m_group.pop(f"perf/update_gc_frozen_objects/rank{k}") for k in range(2)] == [0, 0]
+        # No SM clock to read off CUDA: each rank's figures are there, and 0.
+        for name in ("sm_clock_mhz", "sm_clock_min_mhz"):
+            assert m_single.pop(f"actor/{name}") == 0
+            assert [m_group.pop(f"perf/update_{name}/rank{k}") for k in range(2)] == [0, 0]
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
         moved = _max_diff(start, single.lora_state_dict())
         print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")

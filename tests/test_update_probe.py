@@ -1,6 +1,10 @@
-"""The update's probe counts the garbage collector's time inside its block only, and leaves no callback behind."""
+"""The update's probe counts the garbage collector's time and samples the SM clock inside its block only, and leaves
+no callback or thread behind."""
 
 import gc
+import logging
+import threading
+import time
 
 import torch
 
@@ -22,8 +26,15 @@ def test_probe_counts_collections_inside_its_block_only():
     gc.collect()  # after the block: not counted
     assert probe.gc_collections == inside[0] >= 1 and probe.gc_s == inside[1] > 0
     assert gc.callbacks == callbacks_before
-    # No CUDA device: no cudaMalloc counted; nothing frozen in this test (conftest unfreezes after each test).
-    assert probe.metrics() == {"gc_s": probe.gc_s, "cuda_mallocs": 0.0, "gc_frozen_objects": 0.0}
+    # No CUDA device: no cudaMalloc counted, no SM clock read; nothing frozen in this test (conftest unfreezes after
+    # each test).
+    assert probe.metrics() == {
+        "gc_s": probe.gc_s,
+        "cuda_mallocs": 0.0,
+        "gc_frozen_objects": 0.0,
+        "sm_clock_mhz": 0.0,
+        "sm_clock_min_mhz": 0.0,
+    }
 
 
 def test_probe_removes_its_callback_when_the_block_raises():
@@ -34,3 +45,58 @@ def test_probe_removes_its_callback_when_the_block_raises():
     except RuntimeError:
         pass
     assert gc.callbacks == callbacks_before
+
+
+class _Clock:
+    """A stand-in SM clock (MHz) that records what it returned: 1980, 1979, ... one lower per read."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.returned: list[float] = []
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.fail_after is not None and len(self.returned) == self.fail_after:
+            raise RuntimeError("NVML: not supported")
+        self.returned.append(1980.0 - len(self.returned))
+        return self.returned[-1]
+
+
+def test_probe_samples_the_clock_while_its_block_runs_and_stops_after():
+    clock = _Clock()
+    with UpdateProbe(torch.device("cpu"), read_sm_clock=clock, clock_interval_s=0.02) as probe:
+        time.sleep(0.3)
+    read_inside = len(clock.returned)
+    time.sleep(0.1)  # the sampling thread ended with the block: no read after it
+    assert len(clock.returned) == read_inside >= 4  # at start, several in between, at stop
+    metrics = probe.metrics()
+    assert metrics["sm_clock_mhz"] == sum(clock.returned) / read_inside
+    assert metrics["sm_clock_min_mhz"] == clock.returned[-1] < metrics["sm_clock_mhz"] < clock.returned[0]
+    assert not any(t.name == "update-clock-sampler" for t in threading.enumerate())
+
+
+def test_a_failing_clock_read_ends_the_sampling_with_a_warning_and_not_the_update(caplog):
+    clock = _Clock(fail_after=2)
+    with caplog.at_level(logging.WARNING, logger="verl_omni.workers.update_probe"):
+        with UpdateProbe(torch.device("cpu"), read_sm_clock=clock, clock_interval_s=0.01) as probe:
+            time.sleep(0.1)
+    assert clock.returned == [1980.0, 1979.0] and clock.calls == 3  # no read after the failure
+    assert probe.metrics()["sm_clock_mhz"] == 1979.5 and probe.metrics()["sm_clock_min_mhz"] == 1979.0
+    assert "cannot read the GPU's SM clock (RuntimeError: NVML: not supported)" in caplog.text
+    # A first read that fails: no sample, reported as 0 (the figure for "no reading").
+    with UpdateProbe(torch.device("cpu"), read_sm_clock=_Clock(fail_after=0)) as probe:
+        pass
+    assert probe.metrics()["sm_clock_mhz"] == probe.metrics()["sm_clock_min_mhz"] == 0.0
+
+
+def test_probe_stops_its_clock_thread_when_the_block_raises():
+    clock = _Clock()
+    try:
+        with UpdateProbe(torch.device("cpu"), read_sm_clock=clock, clock_interval_s=0.01):
+            raise RuntimeError("the update failed")
+    except RuntimeError:
+        pass
+    read = len(clock.returned)
+    time.sleep(0.05)
+    assert len(clock.returned) == read and not any(t.name == "update-clock-sampler" for t in threading.enumerate())

@@ -75,6 +75,8 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
         "busy_s": [{k: v for k, v in h.items() if "_busy_s/" in k} for h in history],
         "update_gc_s": [{k: v for k, v in h.items() if k.startswith("timing/update_gc_s/")} for h in history],
         "gc_frozen_objects": [[h[f"perf/update_gc_frozen_objects/rank{k}"] for k in range(gpus)] for h in history],
+        "sm_clock_mhz": [[h[f"perf/update_sm_clock_mhz/rank{k}"] for k in range(gpus)] for h in history],
+        "sm_clock_min_mhz": [[h[f"perf/update_sm_clock_min_mhz/rank{k}"] for k in range(gpus)] for h in history],
     }
     write_figures(f"gpu_hybrid_{engine}_{gpus}gpu.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures
@@ -88,3 +90,6 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
         assert all(v > 0 for v in busy.values()), busy
     # actor.freeze_gc_heap: every rank froze its process's heap (the engine's worker) after the first update.
     assert all(count > 0 for step in figures["gc_frozen_objects"][1:] for count in step), figures["gc_frozen_objects"]
+    # The probe read the GPU's SM clock (NVML) in every rank's update: a real clock, its lowest sample under the mean.
+    for means, lows in zip(figures["sm_clock_mhz"], figures["sm_clock_min_mhz"], strict=True):
+        assert all(0 < low <= mean for mean, low in zip(means, lows, strict=True)), figures["sm_clock_mhz"]

@@ -28,6 +28,8 @@ _PER_RANK_METRICS = {
     "gc_s": "timing/update",
     "cuda_mallocs": "perf/update",
     "gc_frozen_objects": "perf/update",
+    "sm_clock_mhz": "perf/update",
+    "sm_clock_min_mhz": "perf/update",
 }
 
 
@@ -61,8 +63,8 @@ class ColocatedActorGroup:
         ]
         per_rank = gather_ranks(refs)
         metrics = dict(per_rank[0])  # all-reduced: the same on every rank, but for each rank's own busy time
-        # Per rank: busy = compute + waiting for the slowest rank; the garbage collector's seconds and the
-        # allocator's cudaMalloc calls inside the update (workers/update_probe.py).
+        # Per rank: busy = compute + waiting for the slowest rank; the garbage collector's seconds, the allocator's
+        # cudaMalloc calls and the GPU's SM clock inside the update (workers/update_probe.py).
         for name, prefix in _PER_RANK_METRICS.items():
             metrics.pop(f"actor/{name}", None)
             metrics.update({f"{prefix}_{name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})

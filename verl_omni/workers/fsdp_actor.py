@@ -53,6 +53,8 @@ _GLOBAL_METRICS = (
     "actor/gc_s",
     "actor/cuda_mallocs",
     "actor/gc_frozen_objects",
+    "actor/sm_clock_mhz",
+    "actor/sm_clock_min_mhz",
     "actor/recomputed_blocks",
 )
 

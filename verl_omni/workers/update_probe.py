@@ -8,6 +8,11 @@ fragments. Both are counted per update, per rank, in the step's metrics (``timin
 ``perf/update_cuda_mallocs/rank<k>``) so a real-size run tells them apart. The sixteenth session's did: full
 collections (0.8-1.1 s) came with the slow updates of both engines, so the actor now freezes the heap after its first
 update (``workers/gc_heap.py``); ``perf/update_gc_frozen_objects/rank<k>`` shows the frozen heap's size (0 before).
+
+With the heap frozen (seventeenth session) one slow update per six-step run remained, in either engine (+1.0 s of
+compute, no GC seconds). A device-side cause (the GPU lowering its SM clock under a power or thermal limit) and a
+host-side one (the launch thread held up) look the same in wall seconds, so the probe also samples the GPU's SM clock
+through NVML during the update (``perf/update_sm_clock_mhz/rank<k>``, mean; ``..._min_mhz``, lowest sample).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -25,10 +32,18 @@ logger = logging.getLogger(__name__)
 
 class UpdateProbe:
     """A ``with`` block's seconds inside Python's garbage collector (every generation, any thread of the process:
-    a collection holds the GIL either way), its ``cudaMalloc`` calls on ``device`` (0 off CUDA), and the objects in
-    the collector's permanent generation (``gc.freeze``) when it ended."""
+    a collection holds the GIL either way), its ``cudaMalloc`` calls on ``device`` (0 off CUDA), the objects in
+    the collector's permanent generation (``gc.freeze``) when it ended, and the device's SM clock sampled every
+    ``clock_interval_s`` while it ran (0 where there is no reading: off CUDA, or without NVML).
 
-    def __init__(self, device: torch.device):
+    ``read_sm_clock``: a callable giving the SM clock in MHz; by default NVML's (``torch.cuda.clock_rate``) on CUDA."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        read_sm_clock: Optional[Callable[[], float]] = None,
+        clock_interval_s: float = 0.1,
+    ):
         self.device = device
         self.gc_s = 0.0
         self.gc_collections = 0
@@ -36,22 +51,32 @@ class UpdateProbe:
         self.gc_frozen_objects = 0
         self._gc_started: Optional[float] = None
         self._mallocs_before = 0
+        if read_sm_clock is None and device.type == "cuda":
+            read_sm_clock = functools.partial(torch.cuda.clock_rate, device)
+        self.clock = ClockSampler(read_sm_clock, clock_interval_s) if read_sm_clock is not None else None
 
     def __enter__(self) -> UpdateProbe:
         self._mallocs_before = self._device_mallocs()
         gc.callbacks.append(self._on_gc)
+        if self.clock is not None:
+            self.clock.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.clock is not None:
+            self.clock.stop()
         gc.callbacks.remove(self._on_gc)
         self.cuda_mallocs = self._device_mallocs() - self._mallocs_before
         self.gc_frozen_objects = gc.get_freeze_count()
 
     def metrics(self) -> dict[str, float]:
+        samples = self.clock.samples if self.clock is not None else []
         return {
             "gc_s": self.gc_s,
             "cuda_mallocs": float(self.cuda_mallocs),
             "gc_frozen_objects": float(self.gc_frozen_objects),
+            "sm_clock_mhz": sum(samples) / len(samples) if samples else 0.0,
+            "sm_clock_min_mhz": min(samples) if samples else 0.0,
         }
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -75,3 +100,54 @@ class UpdateProbe:
 @functools.cache
 def _warn_no_malloc_count() -> None:  # once per process
     logger.warning("torch.cuda.memory_stats has no num_device_alloc: cuda_mallocs is reported as 0")
+
+
+class ClockSampler:
+    """Reads a clock (``read``, MHz) at ``start``, every ``interval_s`` on a daemon thread, and at ``stop``.
+
+    A failing read (no NVML in this environment, a driver without the query) is logged once per process and ends the
+    sampling: the probe must never fail or slow the update it watches. NVML's reading is the SM clock over its last
+    sample period (1/6 to 1 s), so the samples overlap a little; their mean and minimum are what the probe reports."""
+
+    def __init__(self, read: Callable[[], float], interval_s: float):
+        self.read = read
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._failed = False
+
+    def start(self) -> None:
+        self.samples, self._failed = [], False
+        self._stopped.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="update-clock-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        if self._failed:
+            return
+        try:
+            self.samples.append(float(self.read()))
+        except Exception as exc:  # noqa: BLE001 - any failure of the query only ends the sampling
+            self._failed = True
+            _warn_no_clock(f"{type(exc).__name__}: {exc}")
+
+
+@functools.cache
+def _warn_no_clock(error: str) -> None:  # once per process (per distinct error)
+    logger.warning(
+        "the update probe cannot read the GPU's SM clock (%s): sm_clock_mhz covers the samples read before (0: none)",
+        error,
+    )
