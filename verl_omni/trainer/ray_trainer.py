@@ -178,6 +178,12 @@ class FlowGRPOTrainer:
             )
 
     def _run(self, coro):
+        if self.loop.is_closed():  # after shutdown(): the engines and the loop that reached them are gone
+            coro.close()  # never run: no "was never awaited" warning on top of the error
+            raise RuntimeError(
+                "the trainer was shut down: read what needs its engines (e.g. last_lora_checksum in the hybrid "
+                "engine, which is computed from them) before shutdown()"
+            )
         return self.loop.run_until_complete(coro)
 
     def _maybe_resume(self) -> None:
@@ -216,10 +222,6 @@ class FlowGRPOTrainer:
     def last_lora_checksum(self) -> str:
         """The checksum of the adapter the engines serve since the last sync."""
         if self._lora_checksum is None:  # the hybrid engine: computed on demand, from replica 0 (all agree)
-            if self.loop.is_closed():  # the engines that hold the adapter are gone
-                raise RuntimeError(
-                    "last_lora_checksum is computed from the engines in the hybrid engine: read it before shutdown()"
-                )
             self._lora_checksum = self._run(self.servers.lora_checksums())[0]
         return self._lora_checksum
 
