@@ -40,34 +40,32 @@ class ModelConfig(Section):
     # (workers/activation_memory.py; every block off a GPU).
     gradient_checkpointing_blocks: Optional[Union[int, str]] = "auto"
     # The feed-forwards' tanh GELU inside the first projection's GEMM (cuBLASLt epilogue) in every forward without
-    # a gradient on CUDA: the rollout, in either engine. Training forwards and CPU keep diffusers' two steps.
-    # 2.6% faster rollout at the real size (models/gelu_epilogue.py; docs/benchmarks/pipeline_breakdown_*).
+    # a gradient on CUDA: the rollout, in either engine. Training forwards and CPU keep diffusers' two steps
+    # (models/gelu_epilogue.py; measured in docs/performance.md).
     gelu_epilogue: bool = True
     # The vllm-omni engine's attention: q/k RMSNorm + RoPE + the joint [text, image] cat as one Triton kernel in
     # forwards without a gradient (models/qk_norm_rope.py). Only where the engine serves FA3 (the diffusers engine
-    # keeps diffusers' attention). 2.2% faster rollout call at 60 layers (docs/benchmarks/pipeline_breakdown_*).
+    # keeps diffusers' attention). Measured in docs/performance.md.
     qk_norm_rope_kernel: bool = True
     # With the q/k kernel (ignored without it): a plain LoRA's product on the q/k projections is added inside the
-    # kernel, rounded as peft adds it (the same numbers), so the sum is never written to memory: 1.5% faster rollout
-    # call at 60 layers.
+    # kernel, rounded as peft adds it (the same numbers), so the sum is never written to memory.
     qk_kernel_adds_lora: bool = True
     # The vllm-omni engine's attention, forwards without a gradient: each stream's q, k, v projections (and their
     # adapters' lora_A) as one matmul over stacked weights (models/lora.fused_projections), so each stream's input
-    # is read once. Equal within bf16 rounding (a wider GEMM may tile differently). Off: 0.7% faster than the plain
-    # q/k kernel at 60 layers, but nothing on top of qk_kernel_adds_lora (docs/benchmarks/pipeline_breakdown_*).
+    # is read once. Equal within bf16 rounding (a wider GEMM may tile differently). Off: it gains nothing on top of
+    # qk_kernel_adds_lora (docs/performance.md).
     fuse_qkv_projections: bool = False
     # The vllm-omni engine's attention, forwards without a gradient: to_out over every row of the joint [text, image]
     # attention output, the text rows then dropped, instead of copying the image rows out first (a GEMM cannot read
-    # them in place: they are not evenly strided across the batch). Costs to_out FLOPs on the text rows (1-20% of
-    # that GEMM at 14-256 text tokens against 1024 image tokens) and saves more: 0.8% faster rollout call at 60
-    # layers alone, 0.3% on top of inductor_multi_kernel (docs/benchmarks/pipeline_breakdown_*: _outall).
+    # them in place: they are not evenly strided across the batch). Costs to_out FLOPs on the text rows and saves
+    # more (docs/performance.md).
     project_joint_attention_output: bool = True
     # The vllm-omni engine's compiled transformer, rollout graphs only: inductor's multi-kernel reductions
     # (triton.multi_kernel=1), which also build a one-pass (persistent) kernel for reductions up to 16384 wide and
     # keep the one measured faster when the graph compiles. Inductor's default one-pass limit is 1024, so the
-    # 3072-wide LayerNorm + modulation otherwise reads its input three times. 1.6% faster rollout call at 60 layers
-    # (_multikernel). The hybrid engine's actor keeps inductor's defaults; these graphs skip the FX graph cache
-    # (rollout/engines/vllm_omni/worker.py says why), so they compile afresh at each engine start.
+    # 3072-wide LayerNorm + modulation otherwise reads its input three times. The hybrid engine's actor keeps
+    # inductor's defaults; these graphs skip the FX graph cache (rollout/engines/vllm_omni/worker.py says why), so
+    # they compile afresh at each engine start.
     inductor_multi_kernel: bool = True
 
     def __post_init__(self) -> None:

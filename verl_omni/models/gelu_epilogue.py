@@ -3,7 +3,7 @@
 diffusers' ``GELU`` module runs ``proj`` (a Linear with bias) and then ``F.gelu(approximate="tanh")``: the GEMM
 writes the [tokens, 4·dim] activation to HBM and a second kernel reads it back. ``torch._addmm_activation(...,
 use_gelu=True)`` asks cuBLASLt for its GELU+bias epilogue instead, so the activation is written once, already
-activated (the GELU kernels took 0.39 s of the 10.4 s rollout call at 60 layers: ``pipeline_breakdown`` profile).
+activated (the GELU kernels show in the rollout's profile: ``benchmarks/pipeline_breakdown.py``).
 Inductor keeps that op as a call into cuBLASLt (it has no decomposition there), so it works inside the engines'
 regional ``torch.compile`` too.
 
@@ -15,8 +15,8 @@ Why only forwards without a gradient and only ``approximate="tanh"``:
 - The op has no fused backward; the actor's training forward keeps diffusers' path (autograd through Linear and
   GELU), the rollout and every ``no_grad`` forward take the epilogue.
 Anything else (CPU, an input dtype other than the weight's, a PEFT-wrapped ``proj``, no bias, DTensor weights) runs
-diffusers' path. Measured at the real size (60 layers, the recipe's B=16 CFG-4 rollout call on an H200): 10.52 s
-per call against 10.80 s, the activation 40% closer to the float32 result (docs/benchmarks/pipeline_breakdown_*).
+diffusers' path. The rollout call is faster and the activation closer to the float32 result
+(``docs/benchmarks/pipeline_breakdown_*``, ``docs/performance.md``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """Qwen-Image's q/k preparation for joint attention in one Triton kernel per tensor: RMSNorm over the head dim,
 RoPE, and the write into the joint [text, image] sequence, for forwards without a gradient on CUDA.
 
-Why: at the real size the compiled rollout spends ~0.8 s of a 10.5 s call on these steps (inductor's kernels for
-them reach ~30% of HBM bandwidth: ``docs/benchmarks/pipeline_breakdown_h200_L60.json``), and a single pass that
+Why: inductor's kernels for these steps use a small part of HBM bandwidth in the compiled rollout
+(``docs/benchmarks/pipeline_breakdown_h200_L60.json``), and a single pass that
 reads the projection once and writes the joint buffer once is the least traffic there is. The numbers are those of
 diffusers' ``RMSNorm`` followed by ``pipelines/qwen_image._rotate`` and ``torch.cat``, rounding for rounding:
 ``n = bf16(x · rsqrt(mean(x²) + eps))``, ``m = bf16(n · w)``, then the rotation in float32 rounded once; only the
 order of the mean's sum differs. One program handles 32 rows of one head's D lanes each, loaded and stored
 contiguously; the rotation pairs lanes (2i, 2i+1) by splitting the row in registers.
 
-The first version (one program per token, even and odd lanes as two strided loads) ran at 0.4 TB/s at the real
-size and made the rollout call 12% slower (11.46 s against 10.22 s, one H200, 2026-11-28): strided 2-byte loads
-and stores do not vectorise.
+Even and odd lanes as two strided loads (one program per token) would be slower than inductor's kernels: strided
+2-byte loads and stores do not vectorise.
 
 ``joint_qk_norm_rope`` is a ``torch.library`` custom op (with a fake implementation), so the engines' regional
 ``torch.compile`` keeps it as one opaque call. It has no backward: the attention processor uses it only where

@@ -17,10 +17,9 @@ Classifier-free guidance runs in one of two layouts:
 - two calls of B rows, conditional then unconditional: what ``QwenImagePipeline`` does.
 - ``"auto"`` (the rollout's default): batched, unless the batched call would need a text mask (the branches'
   texts differ in length) while the engine has a fused attention kernel that takes none (FA3 in the vllm-omni
-  engine), or while the model takes no mask (SD3): then two calls, each unmasked. Measured at the real size
-  (60 layers, 32 images of 512x512 with CFG 4, one H100, 2026-11-28): the vllm-omni rollout took 22.8 s as two
-  FA3 calls and 26.4 s as one masked SDPA call. Without such a kernel (the diffusers engine, the actor's
-  training forwards, which need a backward) the batched call stays.
+  engine), or while the model takes no mask (SD3): then two calls, each unmasked, which at the real size is
+  faster than one masked SDPA call (``docs/performance.md``). Without such a kernel (the diffusers engine, the
+  actor's training forwards, which need a backward) the batched call stays.
 
 A mask that is all ones is dropped (None), as ``QwenImagePipeline.encode_prompt`` does: the transformer then runs
 unmasked attention, which lets an engine's fused kernel (FA3 in the vllm-omni engine) serve it. With the batched
@@ -30,9 +29,8 @@ A text that keeps its mask is right-padded (the same zero embeddings, mask 0) to
 ``MASKED_TEXT_MULTIPLE`` tokens. Why: the transformer builds its joint attention mask ``[R, 1, 1, text + image]``,
 and inductor, compiling a training graph with a dynamic sequence length, guards on whether that row stride is a
 multiple of 8 (the aligned-input check of its SDPA lowering). Prompts whose lengths fall on both sides of that
-guard compiled the blocks' training graphs again mid-run: seen on an H200 at 60 layers, step 4's update took 66 s
-instead of 10 s (vllm-omni worker) and 40 s instead of 9.5 s (diffusers engine), 2026-11-29. With the text a
-multiple of 8 the remainder is the image's alone, fixed for a resolution: one graph per run. Unmasked calls have no
+guard compiled the blocks' training graphs again mid-run (a recompilation of tens of seconds inside an update at
+the real size). With the text a multiple of 8 the remainder is the image's alone, fixed for a resolution: one graph per run. Unmasked calls have no
 mask tensor and no such guard, so they are left alone (padding would add a mask and cost the fused kernel).
 """
 

@@ -73,8 +73,8 @@ def _rotate_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 # How QwenImageFusedAttnProcessor writes RoPE: "pairs" (the default) stacks the rotated halves; "swapped" is one
-# elementwise expression. Both give the same numbers; compiled at the real size the swapped form was 0.7% faster,
-# inside the 1.3% spread between runs (docs/benchmarks/pipeline_breakdown_h200_L60.json, run c), so "pairs" stays.
+# elementwise expression. Both give the same numbers; compiled at the real size they run equally fast within the
+# spread between runs (docs/benchmarks/pipeline_breakdown_h200_L60.json, run c), so "pairs" stays.
 ROPE_FORMS = {"pairs": _rotate, "swapped": _rotate_swapped}
 
 
@@ -107,9 +107,8 @@ class QwenImageFusedAttnProcessor:
         self.fuse_projections = fuse_projections
         # Without a gradient, to_out over every row of the joint attention output (the text rows too, then dropped):
         # the output is read where it lies instead of copying the image rows out first (they are not evenly strided
-        # across the batch, so a GEMM cannot read them in place). The text rows cost to_out FLOPs: 1-20% more of that
-        # GEMM at the recipe's 14-256 text tokens against 1024 image tokens; the call is still 0.8% faster at 60
-        # layers (model.project_joint_attention_output).
+        # across the batch, so a GEMM cannot read them in place). The text rows cost to_out FLOPs (14-256 text
+        # tokens against 1024 image tokens), less than the copy saves (model.project_joint_attention_output).
         self.project_joint_output = project_joint_output
         self.attention_fn = attention_fn
         self.rotate = ROPE_FORMS[rope]

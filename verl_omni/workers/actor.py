@@ -448,14 +448,9 @@ def every_sdpa_backend() -> AbstractContextManager:
 
     Why: vllm 0.24 disables cuDNN's SDPA for its whole process when it is imported (``vllm/platforms/cuda.py``, a
     torch 2.5 crash of some diffusers models). In the vllm-omni worker, where the hybrid engine's actor trains, the
-    actor's attention then fell back to flash (unmasked CFG calls: 1.96 against cuDNN's 1.16 ms per layer and
-    micro-batch on an H200, ``docs/benchmarks/attention_backends_h200.json``) or to the memory-efficient kernel
-    (the batched masked layout: 4.29 against 1.72 ms). In every same-run pair at 60 layers on an H200 the update
-    took 11.8-12.4 s under vllm-omni against 10.2-10.8 s for the same actor in the diffusers engine's process
-    (``docs/benchmarks/e2e_single_gpu.json``), within what those figures predict over an update's 16 micro-batches
-    x 60 layers (0.8 s for the unmasked layout, 2.5 s for the masked one). With it the next pair measured 10.4 against
-    9.5 s (2026-11-29): about 0.9 s is still unexplained (``scripts/device/run_session.sh vgap`` is the probe). The
-    flags are global, so the backward (on CUDA's autograd thread) sees them too; they are restored on exit.
+    actor's attention would then fall back to flash or the memory-efficient kernel, both slower than cuDNN for its
+    shapes (``docs/benchmarks/attention_backends_h200.json``). The flags are global, so the backward (on CUDA's
+    autograd thread) sees them too; they are restored on exit.
     Remove when vllm stops switching cuDNN's SDPA off at import."""
     return sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -464,7 +459,7 @@ def every_sdpa_backend() -> AbstractContextManager:
 
 def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PyTorch's SDPA serves unmasked calls faster than masked ones: on a GPU in bf16 / fp16 (flash takes no
-    mask; cuDNN, its default there, took 1.16 ms unmasked vs 1.72 ms masked per layer and micro-batch on an H200)."""
+    mask; cuDNN, its default there, is faster unmasked: ``docs/benchmarks/attention_backends_h200.json``)."""
     return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 

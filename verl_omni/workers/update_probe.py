@@ -1,20 +1,17 @@
 """What the update's wall time holds besides the GPU's work: Python's garbage collector and the CUDA allocator.
 
-Why: at the real size the update's compute seconds grew over a run in the vllm-omni worker (8.98, 9.51, 10.24 s at
-steps 2-4, one H200, fifteenth session) and stayed flat in the diffusers engine's process, with the same actor code.
-Two process-wide causes could do that without any kernel changing: full garbage collections over a growing heap
-(the worker process holds vllm's objects too) and the caching allocator going back to ``cudaMalloc`` as its pool
-fragments. Both are counted per update, per rank, in the step's metrics (``timing/update_gc_s/rank<k>``,
-``perf/update_cuda_mallocs/rank<k>``) so a real-size run tells them apart. The sixteenth session's did: full
-collections (0.8-1.1 s) came with the slow updates of both engines, so the actor now freezes the heap after its first
-update (``workers/gc_heap.py``); ``perf/update_gc_frozen_objects/rank<k>`` shows the frozen heap's size (0 before).
+Why: an update's wall seconds can grow over a run with the same kernels, from process-wide causes: full garbage
+collections over a growing heap (the vllm-omni worker process holds vllm's objects too), the caching allocator going
+back to ``cudaMalloc`` as its pool fragments, or the GPU lowering its SM clock under a power or thermal limit. Each is
+counted per update, per rank, in the step's metrics so a real-size run tells them apart:
 
-With the heap frozen (seventeenth session) one slow update per six-step run remained, in either engine (+1.0 s of
-compute, no GC seconds). A device-side cause (the GPU lowering its SM clock under a power or thermal limit) and a
-host-side one (the launch thread held up) look the same in wall seconds, so the probe also samples the GPU's SM clock
-through NVML during the update (``perf/update_sm_clock_mhz/rank<k>``, mean; ``..._min_mhz``, lowest sample). Its first
-real-size reading (eighteenth session, one H200): 1817-1866 MHz mean, 1605-1635 MHz lowest, in updates whose tiny-model
-counterparts held the card's 1980 MHz top clock: the sustained load runs the card below its top clock.
+- ``timing/update_gc_s/rank<k>``: seconds in garbage collection; ``perf/update_gc_frozen_objects/rank<k>``: the size
+  of the heap the actor freezes after its first update (``workers/gc_heap.py``; 0 before);
+- ``perf/update_cuda_mallocs/rank<k>``: ``cudaMalloc`` calls of the caching allocator;
+- ``perf/update_sm_clock_mhz/rank<k>`` (mean) and ``..._min_mhz`` (lowest sample): the SM clock sampled through NVML
+  during the update (a slow clock and a held-up launch thread look the same in wall seconds).
+
+Readings at the real size: ``docs/performance.md``.
 """
 
 from __future__ import annotations
