@@ -1,4 +1,4 @@
-"""Which of PyTorch's SDPA kernels serves the actor's attention fastest (issue 15: "flash / cuDNN, measure which").
+"""Which of PyTorch's SDPA kernels serves the actor's attention fastest (flash, cuDNN, memory-efficient, math).
 
 One joint-attention call of Qwen-Image at the recipe's shapes (24 heads x 128, 1024 image tokens + the text of one
 CFG branch), forward + backward in bf16, for one training micro-batch of ``--rows`` samples, in the two CFG layouts:

@@ -49,9 +49,8 @@ def params_billion(folder: str) -> float:
 def build_model(root: str, layers: int, device: str = "cpu") -> str:
     """The random full-width Qwen-Image of ``layers`` layers under ``root``, built once (a ``.complete`` marker).
 
-    ``device="cuda"`` draws the weights on the GPU (PyTorch's CPU random fills run on one thread: the 20-layer
-    build took 22 s this way on an H200, where its transformer's construction alone took 46 s on the CPU): only
-    where nothing else uses that GPU at the time. If that build fails (no GPU, out of memory) it is
+    ``device="cuda"`` draws the weights on the GPU (PyTorch's CPU random fills run on one thread, so a CPU build
+    takes minutes at the real size): only where nothing else uses that GPU at the time. If that build fails (no GPU, out of memory) it is
     logged and the model is built on the CPU instead.
     """
     import shutil

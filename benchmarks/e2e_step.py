@@ -209,7 +209,7 @@ def main() -> None:
         record["img_per_s"] = record["images_per_step"] / record["step_s"]
         record["img_per_s_per_gpu"] = record["img_per_s"] / args.gpus
     record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
-    record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key issue 15 names for e2e_single_gpu.json
+    record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key e2e_single_gpu.json's readers use
     record["peak_mem_gb_by_gpu"] = {str(k): v * 1.048576e-3 for k, v in sorted(memory.peak_mib.items())}
     log(json.dumps({k: v for k, v in record.items() if k != "steps"}))
     runs = []

@@ -1,4 +1,4 @@
-"""Where the time of one batched rollout call goes, in-process on one GPU (issue 9's profiling step).
+"""Where the time of one batched rollout call goes, in-process on one GPU (a profile per phase).
 
 Loads the RL pipeline (Qwen-Image architecture at full width, ``--layers`` layers, random bf16 weights: the model
 ``rollout_throughput.py`` builds) and times ``rl_generate`` with B=n for the ways the engines can run it:

@@ -1,5 +1,5 @@
 """Rollout throughput of our product through the engine seam (``DiffusionEngine.generate``), log-probs and
-latents returned, on one GPU, all paths in one run (issue 9):
+latents returned, on one GPU, all paths in one run:
 
   (a) vllm-omni, 16 concurrent requests of B=1 (max_num_seqs=1: the engine runs them one after another)
   (b) vllm-omni, 1 request of B=16 (``num_outputs_per_prompt=16``: the batched rollout path)
@@ -12,7 +12,7 @@ Model: the Qwen-Image architecture at full width (3072 wide, 24 heads x 128, joi
 per prompt, 2+ prompts, ``--steps`` steps, no CFG, VAE decode included. Warm-up (engine start, compile, every
 batch shape) excluded; each repeat generates n images for every prompt; figures are medians over repeats.
 
-Transformer MFU = analytic FLOPs / wall time / measured bf16 matmul peak, with issue 9's count generalised:
+Transformer MFU = analytic FLOPs / wall time / measured bf16 matmul peak, with FLOPs counted as:
 per forward per sample, 2 * (12 * L * D^2) * (S_img + S_txt)  [each token passes one stream's qkv/out/MLP linears]
 + L * 4 * (S_img + S_txt)^2 * D  [attention]; times steps (x2 with CFG). Modulation and embedders are ignored.
 

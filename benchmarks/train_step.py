@@ -1,4 +1,4 @@
-"""The actor's LoRA update at the real width (issue 15): seconds per update, transitions/s, MFU and peak memory,
+"""The actor's LoRA update at the real width: seconds per update, transitions/s, MFU and peak memory,
 for several actor settings side by side in one run, on one GPU.
 
 Workload (the OCR recipe's): Qwen-Image at full width (3072 wide, 24 heads x 128, joint dim 3584) with ``--layers``
@@ -39,9 +39,8 @@ from bench_common import build_model, log, measured_bf16_peak_tflops, transforme
 
 # name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows, share of the blocks recomputed
 # (model.gradient_checkpointing_blocks = round(share x layers); 1.0 = all; "auto" = auto), LoRA matmuls in the
-# activations' dtype (False: peft's default, every activation cast to the float32 adapter's dtype -- the actor
-# before 2026-11-28)).
-# The first is today's actor at c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the
+# activations' dtype (False: peft's default, every activation cast to the float32 adapter's dtype)).
+# The first is the actor at commit c902450 (two CFG forwards, eager, no checkpointing, micro-batch 1) as far as the
 # knobs go; "default" is the default configuration on a GPU.
 VARIANTS = {
     "c902450_like": (False, False, False, 1, 1.0, False),

@@ -1,4 +1,4 @@
-"""``model.gradient_checkpointing_blocks: auto`` (issue 15): the plan's arithmetic, the measurement of what a kept
+"""``model.gradient_checkpointing_blocks: auto``: the plan's arithmetic, the measurement of what a kept
 block's forward leaves for its backward, and the actor's choice off a GPU. (On a GPU, where auto measures the
 allocator: tests/gpu/test_activation_memory_gpu.py.)"""
 

@@ -1,4 +1,4 @@
-"""The actor's speed knobs keep its result (issue 15), on the tiny Qwen-Image in float32 on CPU:
+"""The actor's speed knobs keep its result, on the tiny Qwen-Image in float32 on CPU:
 
 - gradient checkpointing of every block, of the first k (``model.gradient_checkpointing_blocks``) or of none give
   the same update, and exactly the chosen blocks run their forward twice;

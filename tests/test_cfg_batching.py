@@ -1,4 +1,4 @@
-"""Classifier-free guidance's two branches as ONE transformer forward of 2B rows (issue 15) vs two forwards of B
+"""Classifier-free guidance's two branches as ONE transformer forward of 2B rows vs two forwards of B
 rows, on the tiny random models in float32 (CPU, CI); and how ``ModelInputs`` lays the branches out.
 
 Bounds. Both layouts compute the same function: padded text keys get an attention weight of exactly 0 (the mask

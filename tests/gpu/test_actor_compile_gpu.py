@@ -4,8 +4,8 @@ at the real width, bf16).
 
 Why it is a test: inductor's training graphs guard on whether the joint attention mask's row (text + image
 tokens) is a multiple of 8. Before masked texts were padded to a multiple of 8 (``pipelines/model_inputs.py``), a
-run compiled its block graphs again on the first step whose longest prompt fell on the other side: 56 s (vllm-omni
-worker) and 30 s (diffusers engine) added to step 4's update at 60 layers on an H200, 2026-11-29."""
+run compiled its block graphs again on the first step whose longest prompt fell on the other side, adding tens of
+seconds to that step's update at the real size."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_batched_equals_single_requests(engine, run):
 def test_sleep_frees_memory_and_wake_restores(engine, run):
     before_out = run(engine.generate(PROMPT, SEEDS[:2], PARAMS))
     # wake_up empties the CUDA caches (colocation needs the room): one sleep/wake cycle first, so "awake" is not
-    # inflated by blocks earlier generations left cached (H100, 2026-11-28: awake 9.6 GiB, after wake 3.3 GiB).
+    # inflated by blocks earlier generations left cached.
     run(engine.sleep(level=1))
     run(engine.wake_up())
     mem_awake = run(engine.memory_info())
