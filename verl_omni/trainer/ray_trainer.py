@@ -35,6 +35,7 @@ from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.rollout.weight_sync import check_ranks_agree, push_lora
 from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_total_message, save_checkpoint
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
+from verl_omni.trainer.console import use_short_console_line
 from verl_omni.trainer.data import PromptDataset
 from verl_omni.trainer.run_lock import acquire_run_lock
 from verl_omni.trainer.run_summary import write_run_summary
@@ -118,6 +119,7 @@ class FlowGRPOTrainer:
         finally:
             if user_dir is None:
                 del os.environ["TENSORBOARD_DIR"]
+        use_short_console_line(self.tracker)  # the key figures on the console; every metric in the other backends
         return self
 
     def _start_reward_pool(self) -> Optional[RewardPool]:
