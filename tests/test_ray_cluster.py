@@ -1,6 +1,7 @@
 """The trainer on a Ray cluster started by hand (`ray start --head`, as on a multi-node job), on one host: it joins
 through RAY_ADDRESS instead of starting its own Ray, and the hybrid engine's replicas and ranks run there."""
 
+import json
 import os
 import shutil
 import signal
@@ -68,13 +69,14 @@ def test_the_trainer_joins_a_ray_cluster_given_by_ray_address(ocr_data_files, ti
             "trainer.n_gpus_per_node=2",
             "trainer.total_training_steps=1",
             "trainer.save_freq=-1",
-            "trainer.logger=[console]",
+            "trainer.logger=[console,file]",
             f"trainer.default_local_dir={tmp_path / 'run'}",
         ]
+        metrics_file = tmp_path / "metrics.jsonl"  # every metric; the console prints the key figures
         out = subprocess.run(
             [sys.executable, "-m", "verl_omni.trainer.main_flowgrpo", *overrides],
             cwd=REPO,
-            env={**env, "RAY_ADDRESS": address},
+            env={**env, "RAY_ADDRESS": address, "VERL_FILE_LOGGER_PATH": str(metrics_file)},
             capture_output=True,
             text=True,
             timeout=600,
@@ -82,7 +84,9 @@ def test_the_trainer_joins_a_ray_cluster_given_by_ray_address(ocr_data_files, ti
         assert out.returncode == 0, out.stderr[-3000:]
         assert "Started a local Ray instance" not in out.stderr  # it joined the cluster
         assert "Connected to Ray cluster" in out.stderr, out.stderr[-2000:]
-        assert "step:1" in out.stdout and "timing/update_busy_s/rank1" in out.stdout  # two ranks trained there
+        assert "step 1 | reward " in out.stdout
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        assert records[0]["step"] == 1 and "timing/update_busy_s/rank1" in records[0]["data"]  # two ranks trained
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)

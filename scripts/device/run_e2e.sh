@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU end to end: a short FlowGRPO run with rollout.name=vllm_omni, then the same with the diffusers engine.
 # On the device after `. .device/cN/install.sh`, from the repo root:  bash scripts/device/run_e2e.sh
-# Writes $OUT/e2e_<engine>.log and $OUT/e2e_summary.json (step time per engine).
+# Writes $OUT/e2e_<engine>.log, $OUT/metrics_<engine>.jsonl (every metric of every step) and $OUT/e2e_summary.json
+# (the step's seconds, reward and grad norm per engine).
 set -uo pipefail
 OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,7 +17,7 @@ python3 examples/flowgrpo_trainer/data_process/qwenimage_ocr.py --local_dir "$WO
 python3 -c "import torch; from verl_omni.models.tiny import build_tiny_qwen_image as b; b('$WORK/model', seed=0, dtype=torch.bfloat16)"
 rc=0
 for engine in ${E2E_ENGINES:-vllm_omni diffusers}; do
-  timeout "${E2E_TIMEOUT_S:-240}" python3 -m verl_omni.trainer.main_flowgrpo \
+  VERL_FILE_LOGGER_PATH="$OUT/metrics_$engine.jsonl" timeout "${E2E_TIMEOUT_S:-240}" python3 -m verl_omni.trainer.main_flowgrpo \
     data.train_files="$WORK/data/train.parquet" data.val_files="$WORK/data/test.parquet" data.train_batch_size=2 \
     actor_rollout_ref.model.path="$WORK/model" actor_rollout_ref.model.lora_rank=8 actor_rollout_ref.model.lora_alpha=16 \
     actor_rollout_ref.actor.device=cuda actor_rollout_ref.actor.dtype=bfloat16 actor_rollout_ref.actor.optim.lr=1e-3 \
@@ -26,22 +27,21 @@ for engine in ${E2E_ENGINES:-vllm_omni diffusers}; do
     actor_rollout_ref.rollout.pipeline.height=128 actor_rollout_ref.rollout.pipeline.width=128 \
     actor_rollout_ref.rollout.algo.sde_window_size=2 actor_rollout_ref.rollout.algo.sde_window_range=[0,5] \
     "reward.rewards=$REWARDS" \
-    trainer.total_training_steps=$STEPS trainer.save_freq=$STEPS trainer.test_freq=-1 trainer.logger=[console] \
+    trainer.total_training_steps=$STEPS trainer.save_freq=$STEPS trainer.test_freq=-1 trainer.logger=[console,file] \
     trainer.default_local_dir="$WORK/run_$engine" trainer.resume_mode=disable \
     2>&1 | tee "$OUT/e2e_$engine.log"
   s=${PIPESTATUS[0]}; echo "exit code ($engine): $s" | tee -a "$OUT/e2e_$engine.log"; [ "$s" = 0 ] || rc=$s
 done
 python3 - "$OUT" <<'PY'
-import json, re, sys, glob, os
+import json, sys, glob, os
 out = sys.argv[1]; summary = {}
-for log in glob.glob(os.path.join(out, "e2e_*.log")):
-    engine = os.path.basename(log)[4:-4]
-    steps = []
-    for line in open(log, errors="replace"):
-        if line.startswith("step:") and "timing/step_s" in line:
-            kv = dict(re.findall(r"([\w/\.]+):([-\d\.e]+)", line))
-            steps.append({k: float(kv[k]) for k in ("step", "timing/step_s", "timing/rollout_s", "timing/update_s", "timing/sync_s", "reward/total/mean", "perf/img_per_s_rollout", "actor/grad_norm") if k in kv})
-    summary[engine] = steps
+keys = ("timing/step_s", "timing/rollout_s", "timing/update_s", "timing/sync_s", "reward/total/mean",
+        "perf/img_per_s_rollout", "actor/grad_norm")
+for path in glob.glob(os.path.join(out, "metrics_*.jsonl")):  # verl's file logger: {"step": n, "data": {...}}
+    engine = os.path.basename(path)[len("metrics_"):-len(".jsonl")]
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    summary[engine] = [{"step": r["step"], **{k: r["data"][k] for k in keys if k in r["data"]}}
+                       for r in records if "timing/step_s" in r["data"]]
 json.dump(summary, open(os.path.join(out, "e2e_summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PY
