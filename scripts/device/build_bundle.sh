@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU-machine bundle for verl_omni: a slimmed vllm 0.24.0, vllm-omni 0.24.0, diffusers 0.38.0,
 # the wheels the GPU image lacks, and (unless --lean) verl 0.9.1 + a slimmed Ray 2.60 so that `import verl_omni`
-# works there. Everything is packed and split into chunks small enough for one device call each.
+# works there. Everything is packed and split into chunks of DEVICE_CHUNK_MB (60) MiB for size-limited transfers.
 # Run from the project root:  bash scripts/device/build_bundle.sh [--lean]
 #   --lean  only the engine stack (wheels.txt); `import verl_omni` then fails on the device (it imports verl).
 # Output: .device/c1 .. .device/cN (git-ignored). How to use them: README.md beside this file.
@@ -68,5 +68,5 @@ tar -C "$bundle" -cf - . | split -b "${chunk_mb}M" -d -a 2 - "$out/part_"
 i=0; for p in "$out"/part_*; do i=$((i+1)); mkdir -p "$out/c$i"; mv "$p" "$out/c$i/"; done
 cp "$here/install.sh" "$out/c$i/"
 echo "bundle: $(du -sh "$out" | cut -f1) in $i chunks"
-echo "on the GPU machine: one call per chunk (carry .device/cK), each copying its part_* into /tmp/chunks;"
-echo "the last one: . .device/c$i/install.sh && bash scripts/device/run_gpu.sh   (see scripts/device/README.md)"
+echo "on the GPU machine, from the repository root: copy every .device/cK/part_* into /tmp/chunks, then"
+echo "  . scripts/device/install.sh && bash scripts/device/run_gpu.sh tests   (see scripts/device/README.md)"

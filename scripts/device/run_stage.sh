@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# GPU tests and real-size benchmarks on a GPU machine, one stage per run, from the repository root after the
+# bundle is installed (`. .device/cN/install.sh`, or `. /tmp/env.sh` on a machine that has it already):
+#   bash scripts/device/run_stage.sh <stage>
+# Logs and JSON go to $OUT (default outputs/device); at the end a stage packs them into $OUT/<stage>.tgz and
+# appends one line per job (exit code) to $OUT/run_log.txt. Stages:
+#   gpu-tests               pytest -m gpu tests/gpu (engine, faults, hybrid engine with both engines, CFG batching,
+#                           reward models)
+#   gpu-tests-actor         the compiled actor reuses its graphs over every text length | the actor's SDPA
+#                           backends where vllm switched cuDNN off (2-layer fixture, no model build)
+#   gpu-tests-cfg-engine    the CFG-batching and vllm-omni engine GPU tests
+#   build-model             the random full-width Qwen-Image of $E2E_LAYERS layers, weights drawn on the GPU
+#   e2e-1gpu-vllm-omni      benchmarks/e2e_step.py on one GPU with the vllm-omni engine (builds the model if missing)
+#   e2e-1gpu-diffusers      the same with the diffusers engine
+#   e2e-4gpu-vllm-omni      benchmarks/e2e_step.py on 4 GPUs with the vllm-omni engine
+#   e2e-4gpu-diffusers      the same with the diffusers engine
+#   e2e-engines-side-by-side  one GPU vllm-omni (GPU 0) | one GPU diffusers (GPU 1) | two GPUs vllm-omni (GPUs 2,3,
+#                           when the machine has 4)
+#   train-step              benchmarks/train_step.py at 60 layers on one GPU ($TRAIN_VARIANTS)
+#   bench-actor-rewards     train_step at 60 layers (GPU 0) | train_step at 20 layers (GPU 1) | rewards_scale (GPU 2)
+#                           on 3+ GPUs; train_step at 60 layers alone on fewer
+#   rollout-breakdown       the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then
+#                           benchmarks/pipeline_breakdown.py on the recipe's rollout call (CFG 4, LoRA r64)
+#   vllm-import-cost        the actor's update at 20 layers in a plain process, then in one that imported vllm first
+# A build that runs alone draws the weights on the GPU (seconds); one beside other jobs draws them on the CPU.
+# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
+# to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), TRAIN_VARIANTS (train-step),
+# PROBE_VARIANTS / PROBE_REPEATS / PROBE_GPU_TEST (rollout-breakdown: 0 leaves out its GPU tests) / PROBE_TIMEOUT
+# (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
+set -uo pipefail
+STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine build-model e2e-1gpu-vllm-omni e2e-1gpu-diffusers \
+e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards rollout-breakdown \
+vllm-import-cost"
+stage="${1:-}"
+if [ -z "$stage" ] || ! [[ " $STAGES " == *" $stage "* ]]; then
+  echo "usage: run_stage.sh <stage>; stages: $STAGES" >&2
+  exit 2
+fi
+OUT="${OUT:-$PWD/outputs/device}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VERL_OMNI_GPU_OUT="$OUT"
+MODEL_DIR="${MODEL_DIR:-/tmp/verl_omni_models}"
+STEPS="${E2E_STEPS:-3}"; LAYERS="${E2E_LAYERS:-60}"; REWARDS="${E2E_REWARDS:-ocr}"
+RUN_LOG="$OUT/run_log.txt"
+gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+echo "== $(date -u +%FT%TZ) run_stage.sh $stage on $(hostname): $gpus GPU(s)" | tee -a "$RUN_LOG"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$RUN_LOG"
+
+build() {  # build <layers> [cores] [device]: the random full-width model, once (idempotent), on cores $2 (default:
+  # all), drawing the weights on device $3 (default cpu; cuda where the GPU is free then: PyTorch's CPU random fills
+  # run on one thread; a failed GPU build falls back to the CPU, logged)
+  ${2:+taskset -c $2} python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
+build_model('$MODEL_DIR', $1, device='${3:-cpu}')"
+}
+e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]; $E2E_ARGS: to every run
+  CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
+    --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
+    --out "$OUT/e2e_runs_$4.json" "${@:5}" ${E2E_ARGS:-} > "$OUT/e2e_$4.log" 2>&1
+  echo "e2e $4 exit code $?" | tee -a "$RUN_LOG"
+}
+gpu_tests() {  # gpu_tests <visible gpus> <cores> <timeout s> <name> <pytest args...>: log in $OUT/gpu_tests_<name>.log
+  CUDA_VISIBLE_DEVICES=$1 taskset -c "$2" timeout "$3" python3 -m pytest -m gpu -v -s -p no:cacheprovider "${@:5}" \
+    > "$OUT/gpu_tests_$4.log" 2>&1
+  echo "gpu tests $4 exit $?" | tee -a "$RUN_LOG"
+}
+build_logged() {  # build_logged <layers> <cores> [device]: a stage's build, its log in $OUT/build.log
+  build "$1" "$2" "${3:-cpu}" > "$OUT/build.log" 2>&1
+  echo "build L$1 exit $?" | tee -a "$RUN_LOG"
+}
+train_step() {  # train_step <gpu> <layers> <timeout s> [train_step.py args...]: one run of benchmarks/train_step.py
+  CUDA_VISIBLE_DEVICES=$1 timeout "$3" python3 benchmarks/train_step.py --layers "$2" --model-dir "$MODEL_DIR" \
+    --out "$OUT/train_step_L$2.json" "${@:4}" > "$OUT/train_step_L$2.log" 2>&1
+  echo "train_step L$2 exit $?" | tee -a "$RUN_LOG"
+}
+results() {  # results <logs...>: the pass / fail lines of pytest logs
+  grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$@" | tail -30
+}
+CFG_ENGINE_TESTS=(tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py)
+cores=$(nproc)
+
+case "$stage" in
+  gpu-tests)
+    timeout 570 python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider --timeout=400 2>&1 \
+      | tee "$OUT/gpu_test_log.txt" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|figures" ;;
+  gpu-tests-actor)  # ~5 min: both on GPU 0, on disjoint cores
+    gpu_tests 0 "0-$((cores * 3 / 4 - 1))" 340 compile tests/gpu/test_actor_compile_gpu.py &
+    gpu_tests 0 "$((cores * 3 / 4))-$((cores - 1))" 200 sdpa tests/gpu/test_actor_sdpa_backend_gpu.py &
+    wait
+    results "$OUT"/gpu_tests_*.log ;;
+  gpu-tests-cfg-engine)  # ~3 min
+    gpu_tests 0 "0-$((cores - 1))" 300 cfg_engine "${CFG_ENGINE_TESTS[@]}"
+    results "$OUT"/gpu_tests_cfg_engine.log ;;
+  build-model)  # ~1 min for 60 layers on the GPU
+    build_logged "$LAYERS" "" cuda
+    tail -n 3 "$OUT/build.log" ;;
+  e2e-1gpu-vllm-omni)
+    build "$LAYERS" "" cuda > /dev/null; e2e 0 1 vllm_omni 1gpu_vllm_omni; tail -n 25 "$OUT/e2e_1gpu_vllm_omni.log" ;;
+  e2e-1gpu-diffusers)
+    build "$LAYERS" "" cuda > /dev/null; e2e 0 1 diffusers 1gpu_diffusers; tail -n 25 "$OUT/e2e_1gpu_diffusers.log" ;;
+  e2e-4gpu-vllm-omni)
+    build "$LAYERS" "" cuda > /dev/null; e2e 0,1,2,3 4 vllm_omni 4gpu_vllm_omni ;;
+  e2e-4gpu-diffusers)
+    build "$LAYERS" "" cuda > /dev/null; e2e 0,1,2,3 4 diffusers 4gpu_diffusers ;;
+  e2e-engines-side-by-side)
+    build "$LAYERS" "" cuda > /dev/null
+    e2e 0 1 vllm_omni 1gpu_vllm_omni &
+    e2e 1 1 diffusers 1gpu_diffusers &
+    [ "$gpus" -ge 4 ] && e2e 2,3 2 vllm_omni 2gpu_vllm_omni &
+    wait ;;
+  train-step)
+    build 60 "" cuda | tail -1
+    timeout 500 python3 benchmarks/train_step.py --layers 60 --prompts 1 --repeats "${TRAIN_REPEATS:-1}" \
+      --variants "${TRAIN_VARIANTS:-ckpt_mb1_two_forwards,default,compiled_ckpt_mb8}" --model-dir "$MODEL_DIR" \
+      --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
+    echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$RUN_LOG" ;;
+  bench-actor-rewards)
+    if [ "$gpus" -ge 3 ]; then
+      (build 60 && train_step 0 60 540 --prompts 1) &
+      (build 20 && train_step 1 20 540) &
+      (CUDA_VISIBLE_DEVICES=2 timeout 400 python3 benchmarks/rewards_scale.py --out "$OUT/rewards_scale.json" \
+        > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$RUN_LOG") &
+      wait
+    else
+      build 60 && train_step 0 60 540 --prompts 1
+    fi ;;
+  rollout-breakdown)  # ~7 min: the build on all cores but two | the GPU tests on those two; then the breakdown
+    build_logged "${PROBE_LAYERS:-60}" "2-$((cores - 1))" &
+    [ "${PROBE_GPU_TEST:-1}" = 1 ] && gpu_tests 0 0-1 230 kernels tests/gpu/test_gelu_epilogue_gpu.py \
+      tests/gpu/test_qk_norm_rope_gpu.py tests/gpu/test_denoise_no_sync_gpu.py &
+    wait
+    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers "${PROBE_LAYERS:-60}" --cfg 4 \
+      --lora-rank 64 \
+      --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --repeats "${PROBE_REPEATS:-2}" --model-dir "$MODEL_DIR" \
+      --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
+    echo "pipeline_breakdown L60 exit $?" | tee -a "$RUN_LOG"
+    grep -v -e Loading -e WARNING -e "truncated to" "$OUT/pipeline_breakdown_L60.log" | tail -40 ;;
+  vllm-import-cost)  # ~5 min with the 20-layer build: train_step's "default" variant without and with vllm imported
+    build 20 "" cuda > /dev/null
+    for run in plain vllm; do
+      pre=""; [ "$run" = vllm ] && pre="import vllm; "
+      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -c "${pre}import runpy, sys; sys.argv = ['train_step.py', '--layers',
+'20', '--repeats', '2', '--variants', 'default', '--model-dir', '$MODEL_DIR', '--out', '$OUT/train_step_L20_$run.json'];
+runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_step_L20_$run.log" 2>&1
+      echo "train_step L20 ($run) exit $?" | tee -a "$RUN_LOG"
+      tail -n 4 "$OUT/train_step_L20_$run.log"
+    done ;;
+esac
+tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60
+# Pack this stage's outputs into one archive (run_log.txt stays beside it, readable).
+( cd "$OUT" && files=$(ls | grep -v -e '^run_log.txt$' -e '\.tgz$') && [ -n "$files" ] && \
+  tar czf "$stage.tgz" $files && rm -f $files )
+ls -la "$OUT"
