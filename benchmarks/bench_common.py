@@ -50,8 +50,8 @@ def build_model(root: str, layers: int, device: str = "cpu") -> str:
     """The random full-width Qwen-Image of ``layers`` layers under ``root``, built once (a ``.complete`` marker).
 
     ``device="cuda"`` draws the weights on the GPU (PyTorch's CPU random fills run on one thread, so a CPU build
-    takes minutes at the real size): only where nothing else uses that GPU at the time. If that build fails (no GPU, out of memory) it is
-    logged and the model is built on the CPU instead.
+    takes minutes at the real size): only where nothing else uses that GPU at the time. If that build fails (no
+    GPU, out of memory) it is logged and the model is built on the CPU instead.
     """
     import shutil
 

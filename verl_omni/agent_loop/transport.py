@@ -2,7 +2,7 @@
 
 verl's ``DataProto`` pickles its tensors with ``torch.save`` into one ``bytes`` object (after consolidating them), and
 the receiver ``torch.load``s it again: four full copies of a batch that is hundreds of MB at the real size
-(128 rows of 512x512 with their latents and prompt embeddings: 0.5 GB, 3.1 s of a 4-GPU rollout step). Ray
+(``benchmarks/rollout_transport_cpu.py`` measures the difference). Ray
 ships numpy arrays out of band instead (one copy into its object store, read back as a view), so a worker sends
 each tensor as its raw bytes and the manager concatenates the workers' rows straight into fresh tensors: one copy
 on each side. bfloat16 travels as bytes too (numpy has no such dtype).

@@ -111,8 +111,8 @@ def denoise_with_logprobs(
     ``velocity_fn(latents, timestep[B])`` is the pipeline's ``predict_velocity`` (CFG included); ``model_timesteps``
     [T] is what the transformer receives per step, ``sigmas`` [T+1] what the scheduler math uses.
     Step noise is drawn only inside the window, from each sample's own generator, on the host after the step's
-    forward is queued, so the host draws while the device computes (drawn up front, the noise of a 10-step window
-    left the GPU idle ~80 ms per call at the real size). Nothing here waits for the device: log-probs and the
+    forward is queued, so the host draws while the device computes (drawn up front, it would leave the GPU idle).
+    Nothing here waits for the device: log-probs and the
     trajectory stay on it, and ``to_batch_output`` brings them to the host with the images in one wait.
     """
     batch_size = latents.shape[0]
@@ -122,8 +122,8 @@ def denoise_with_logprobs(
     sigma_max = reference_sigma_max(sigmas)
     # float32 values, as diffusers' scheduler.sigmas, staged on the device once: a host scalar here would be
     # copied to the device inside each step, and a copy from pageable host memory makes the host wait for the
-    # queued forward; the GPU then idles while the host launches the next step (the 60-layer profile showed ~15 ms
-    # of idle per step, tests/gpu/test_denoise_no_sync_gpu.py checks the loop under CUDA's sync debug mode).
+    # queued forward; the GPU then idles while the host launches the next step (tests/gpu/test_denoise_no_sync_gpu.py
+    # checks the loop under CUDA's sync debug mode).
     step_sigmas = to_device_without_wait(sigmas.to(dtype=torch.float32), device)
     step_timesteps = to_device_without_wait(model_timesteps.to(dtype=torch.float32), device)
 

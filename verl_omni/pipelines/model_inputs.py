@@ -30,8 +30,9 @@ A text that keeps its mask is right-padded (the same zero embeddings, mask 0) to
 and inductor, compiling a training graph with a dynamic sequence length, guards on whether that row stride is a
 multiple of 8 (the aligned-input check of its SDPA lowering). Prompts whose lengths fall on both sides of that
 guard compiled the blocks' training graphs again mid-run (a recompilation of tens of seconds inside an update at
-the real size). With the text a multiple of 8 the remainder is the image's alone, fixed for a resolution: one graph per run. Unmasked calls have no
-mask tensor and no such guard, so they are left alone (padding would add a mask and cost the fused kernel).
+the real size). With the text a multiple of 8 the remainder is the image's alone, fixed for a resolution: one graph
+per run. Unmasked calls have no mask tensor and no such guard, so they are left alone (padding would add a mask and
+cost the fused kernel).
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ class RewardPool:
     worker busy for group_size x the per-image time after the rollout ends). Set False for a custom reward that
     must see a whole group in one call. Default (None): split when a reward runs in the workers; a config of
     model rewards only sends whole groups, because its workers only forward to the model actor, and one-image
-    pieces become one-image GPU calls (4 H100s, PickScore, 16 workers: 36 images/s through one-image pieces
-    against 806 in one process). ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
+    pieces become one-image GPU calls, many times slower than whole batches (``docs/benchmarks/rewards_scale.json``).
+    ``threads_per_worker``: onnxruntime threads of each worker's OCR engine;
     keep ``num_workers x threads`` at or below the free cores. ``num_cpus_per_worker``: what each worker asks Ray
     for. ``max_restarts`` / ``task_retries``: Ray's restarts of a dead worker and re-runs of the piece it scored.
     ``model_actor_options``: extra Ray ``.options()`` of the reward-model actors (a placement-group strategy).

@@ -208,8 +208,8 @@ class FlowGRPOTrainer:
 
         Hybrid engine: the engines serve the adapter their ranks trained in place, so this only checks that every
         rank holds rank 0's, bitwise (one broadcast on the devices; one replica: nothing to compare). The checksum
-        is computed when asked for (``last_lora_checksum``: a checkpoint's meta): hashing the recipe's 377 MB float32
-        adapter on the host took 0.5-1.0 s of a 30 s step on an H200. Split: LoRA tensors -> every replica, in
+        is computed when asked for (``last_lora_checksum``: a checkpoint's meta): hashing the recipe's float32 adapter
+        (hundreds of MB) on the host every step would cost about a second. Split: LoRA tensors -> every replica, in
         memory, checksums compared."""
         if self.config.actor_rollout_ref.hybrid_engine:
             if len(self.servers.replicas) > 1:

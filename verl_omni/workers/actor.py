@@ -151,8 +151,8 @@ class DiffusionLoRAActor:
 
     def lora_matches_rank0(self) -> bool:
         """Whether this rank's adapter is bitwise rank 0's (a collective: every rank calls it). Rank 0's is sent to
-        every rank over the gradients' group: one broadcast of the flattened adapter on the device, where hashing it
-        on the host took 0.5-1.0 s per step at the real size."""
+        every rank over the gradients' group: one broadcast of the flattened adapter on the device, cheaper than
+        hashing it on the host at the real size."""
         with torch.no_grad():
             mine = torch.cat([p.detach().reshape(-1) for p in self.trainable])
             return bool(torch.equal(mine, self.grad_sync.broadcast_(mine.clone())))

@@ -83,8 +83,8 @@ class TrainBatch:
 
     def select(self, rows: torch.Tensor | slice) -> TrainBatch:
         """The rows ``rows``, in tensors of their own: a slice is copied, because a view pickles (Ray, torch.save)
-        with its whole base storage — each of W shards would carry the full batch (measured on 4 H100s: the ranks
-        started 0.8 s apart, one full-batch transfer each)."""
+        with its whole base storage — each of W shards would carry the full batch (one full-batch transfer per
+        rank)."""
         if isinstance(rows, slice):
             return TrainBatch({k: v[rows].clone() for k, v in self.tensors.items()}, self.height, self.width)
         return TrainBatch({k: v[rows] for k, v in self.tensors.items()}, self.height, self.width)
