@@ -1,10 +1,11 @@
-"""FlowGRPO steps end to end with the OCR recipe's settings on 1..8 GPUs of one host (issues 15 and 16).
+"""Training steps end to end with the OCR recipe's settings on 1..8 GPUs of one host.
 
 Runs the real trainer (``FlowGRPOTrainer``: Ray, replicas, agent loop, rewards, the actor, the weight sync) on a
 random-weight Qwen-Image at full width with ``--layers`` layers, for ``--steps`` steps, and appends one record per
 run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, images_per_step, the medians over the
 steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
 img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s).
+The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
 The recipe: 512x512, 10 steps, true CFG 4 with the negative prompt " ", SDE window 2 in [0, 5], noise level 1.2,
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
     ap.add_argument("--name", default="", help="a label for this variant in the JSON")
+    ap.add_argument("--commit", default="", help="the project commit measured (recorded as is)")
     args = ap.parse_args()
     bad = [item for item in args.set if "=" not in item]
     if bad:
@@ -162,6 +164,8 @@ def main() -> None:
         "micro_batch": args.micro_batch,
         "rewards": args.rewards,
         "images_per_step": args.prompts_per_gpu * args.gpus * 16,
+        "algorithm": str(cfg.algorithm.get("name", "flowgrpo")),
+        "commit": args.commit,
     }
     if args.set or args.name:
         record["variant"] = args.name
