@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from verl import DataProto
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "verl_omni", "trainer", "config", "flowgrpo_trainer.yaml")
+PRESETS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 
 def make_config(overrides: dict | None = None):
@@ -17,6 +18,15 @@ def make_config(overrides: dict | None = None):
         OmegaConf.update(cfg, key, value, merge=False)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def compose_preset(name: str, overrides: list[str] | tuple = (), config_dir: str = PRESETS):
+    """A recipe preset of configs/ (or the packaged config, name ``flowgrpo_trainer``) composed by Hydra as
+    ``main_flowgrpo --config-dir configs --config-name <name> <overrides>`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(name, overrides=list(overrides))
 
 
 def prompt_batch(prompts: list[str], n: int, tag: str = "t") -> DataProto:

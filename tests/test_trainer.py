@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import make_config, trainer_config
+from helpers import compose_preset, make_config, trainer_config
 
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
@@ -42,8 +41,9 @@ def _train(cfg):
 
 
 DEMO_SCRIPT = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_tiny_cpu.sh")
-# The README's CPU demo recipe (DEMO_SCRIPT): the learning check below trains with it, and
-# test_the_learning_check_trains_the_demo_recipe keeps the two in step.
+# The README's CPU demo recipe (the preset configs/qwen_image_flowgrpo_tiny_cpu.yaml, which
+# examples/flowgrpo_trainer/qwen_image/run_qwen_image_tiny_cpu.sh loads): the learning check below trains with it,
+# and test_the_learning_check_trains_the_demo_recipe keeps the two in step.
 DEMO_RECIPE = {
     "data.train_batch_size": 2,
     "actor_rollout_ref.model.lora_rank": 4,
@@ -65,51 +65,40 @@ LEARNING_CHECK_MARGIN = 0.007  # half the smallest measured gain: see the test
 
 
 def test_the_learning_check_trains_the_demo_recipe():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
-    words = [
-        word
-        for line in open(DEMO_SCRIPT)
-        if not line.lstrip().startswith("#")
-        for word in shlex.split(line.rstrip().rstrip("\\"))
-    ]
-    recipe_words = [word for word in words if word.split("=", 1)[0] in DEMO_RECIPE]
-    in_script = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(recipe_words)}
-    assert {key: in_script.get(key) for key in DEMO_RECIPE} == DEMO_RECIPE
-
-
-GPU_RECIPE = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_ocr_lora.sh")
+    preset = compose_preset("qwen_image_flowgrpo_tiny_cpu")
+    in_preset = {
+        key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(preset, key)}))["v"] for key in DEMO_RECIPE
+    }
+    assert in_preset == DEMO_RECIPE
 
 
 def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
-    """Every Hydra override of the GPU recipe names a key of the YAML and gives a value its section accepts (a
-    renamed or mistyped key would otherwise first fail on the user's GPU machine)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Every key of the GPU recipe's preset is a key of the packaged YAML and holds a value its section accepts (a
+    renamed or mistyped key would otherwise first fail on the user's GPU machine; Hydra merges a preset's unknown
+    keys without a word)."""
     from omegaconf import OmegaConf
 
     from verl_omni.config.trainer import FlowGRPOConfig
 
-    words = [
-        word
-        for line in open(GPU_RECIPE)
-        if not line.lstrip().startswith("#")
-        for word in shlex.split(line.rstrip().rstrip("\\"))
-    ]
-    overrides = [
-        w
-        for w in words
-        if "=" in w and w.split("=", 1)[0].startswith(("data.", "actor_rollout_ref.", "reward.", "trainer."))
-    ]
-    assert len(overrides) > 30
-    cfg = make_config()
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
+    preset = compose_preset("qwen_image_flowgrpo_ocr_lora", ["actor_rollout_ref.model.path=tiny:qwen_image"])
+    packaged = make_config()
+    for key in _leaf_keys(OmegaConf.to_container(preset, resolve=False)):
         parent, name = key.rsplit(".", 1)
-        assert name in OmegaConf.select(cfg, parent).keys(), key  # keys(): "???" (required) counts as present
-        OmegaConf.update(cfg, key, override.value(), merge=False)
-    parsed = FlowGRPOConfig.from_omega(cfg)
+        assert name in OmegaConf.select(packaged, parent).keys(), key  # keys(): "???" (required) counts as present
+    parsed = FlowGRPOConfig.from_omega(preset)
+    assert parsed.actor_rollout_ref.rollout.name == "vllm_omni" and parsed.actor_rollout_ref.model.lora_rank == 64
     assert parsed.actor_rollout_ref.model.gradient_checkpointing_blocks == "auto"  # the default, measured
     assert parsed.actor_rollout_ref.rollout.pipeline.batch_cfg == "auto"
+
+
+def _leaf_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 @pytest.mark.e2e
