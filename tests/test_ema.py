@@ -6,13 +6,25 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 import torch
+from helpers import make_config, model_config, rollout_config, trainer_config
 from safetensors.torch import load, save
 
+from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.errors import NonFiniteError
+from verl_omni.core.outputs import unpack_batch
 from verl_omni.models.ema import EMASchedule, PolicyEMA, ShadowWeights
 from verl_omni.models.lora import LoRASpec, lora_parameters
 from verl_omni.pipelines.loading import load_rl_pipeline
+from verl_omni.trainer import ray_trainer
+from verl_omni.trainer.checkpoint import read_checkpoint
+from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+from verl_omni.workers.actor import DiffusionLoRAActor
 
 
 # --- Reference: flow_grpo's EMAModuleWrapper, transcribed from flow_grpo/ema.py as copied into NVlabs/DiffusionNFT
@@ -238,3 +250,190 @@ def test_the_schedule_refuses_bad_settings():
         EMASchedule(decay=1.0)
     with pytest.raises(ValueError, match="update_interval=0"):
         EMASchedule(update_interval=0)
+
+
+# ---------------------------------------------------------------------------------------------- the actor's EMA
+def _rollout(pipe):
+    """6 rows of 2 prompts (4 steps, SDE window 2, CFG 2) in verl's layout, as the actor receives them."""
+    prompts, seeds, samples = ["a red cat", "a blue house on a hill"], [11, 22, 33], []
+    for i, prompt in enumerate(prompts):
+        params = DiffusionSamplingParams(
+            num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
+        )
+        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in seeds], params))
+    raw = np.empty(len(samples), dtype=object)
+    for i in range(len(samples)):
+        raw[i] = prompts[i // len(seeds)]
+    uid = np.array([f"g{i // len(seeds)}" for i in range(len(samples))], dtype=object)
+    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+
+
+def _ema_actor(model_dir: str, seed: int = 5, **actor) -> DiffusionLoRAActor:
+    ema = EMAConfig(enable=True, decay=0.9, update_interval=actor.pop("update_interval", 1))
+    config = ActorConfig(optim=OptimConfig(lr=1e-2), ema=ema, **actor)
+    return DiffusionLoRAActor(
+        model_config(model_dir), config, rollout_config(pipeline={"true_cfg_scale": 2.0}), lora_seed=seed
+    )
+
+
+def test_the_actor_moves_its_ema_after_each_optimizer_step_as_flow_grpos_wrapper(
+    qwen_image_rl_pipe, tiny_qwen_image_dir
+):
+    actor = _ema_actor(tiny_qwen_image_dir, update_interval=2)
+    reference = EMAModuleWrapper(actor.trainable, decay=0.9, update_step_interval=2)
+    data = _rollout(qwen_image_rl_pipe)
+    advantages = torch.randn(len(data), generator=torch.Generator().manual_seed(0))
+    for step in (1, 2, 3):
+        actor.update(data, advantages)
+        reference.step(actor.trainable, step)
+        _assert_bitwise(actor.ema.weights.shadow, reference.ema_parameters)
+    assert actor.ema.optimizer_steps == 3
+    assert actor.ema_checksum() != actor.lora_checksum()  # it lags the adapter
+
+    live = actor.lora_checksum()
+    actor.swap_in_ema()
+    assert actor.lora_checksum() == actor.ema_checksum() == tensors_checksum(actor.ema_state_dict()["lora"])
+    actor.swap_out_ema()
+    assert actor.lora_checksum() == live
+
+    other = _ema_actor(tiny_qwen_image_dir, seed=6)
+    other_live = other.lora_checksum()
+    other.load_ema_state_dict(actor.ema_state_dict())
+    assert other.lora_checksum() == other_live  # the adapter itself is left as it was
+    _assert_bitwise(other.ema.weights.shadow, actor.ema.weights.shadow)
+    assert other.ema.optimizer_steps == 3
+
+
+def test_a_refused_second_epoch_leaves_the_ema_as_it_was_before_the_update(
+    qwen_image_rl_pipe, tiny_qwen_image_dir, monkeypatch
+):
+    actor = _ema_actor(tiny_qwen_image_dir, ppo_epochs=2)
+    data = _rollout(qwen_image_rl_pipe)
+    before, steps_before = [s.clone() for s in actor.ema.weights.shadow], actor.ema.optimizer_steps
+    clip, calls = actor._reduce_and_clip, []
+
+    def refuse_the_second_epoch(bad):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NonFiniteError("planted in the second epoch")
+        return clip(bad)
+
+    monkeypatch.setattr(actor, "_reduce_and_clip", refuse_the_second_epoch)
+    with pytest.raises(NonFiniteError, match="planted"):
+        actor.update(data, torch.randn(len(data), generator=torch.Generator().manual_seed(1)))
+    assert len(calls) == 2  # the first epoch stepped the optimizer and the EMA
+    _assert_bitwise(actor.ema.weights.shadow, before)
+    assert actor.ema.optimizer_steps == steps_before
+
+
+def test_the_actor_refuses_ema_verbs_when_the_ema_is_off(tiny_qwen_image_dir):
+    actor = DiffusionLoRAActor(model_config(tiny_qwen_image_dir), ActorConfig(), rollout_config(), lora_seed=5)
+    assert actor.ema is None
+    with pytest.raises(RuntimeError, match=r"actor_rollout_ref.actor.ema.enable=false"):
+        actor.swap_in_ema()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("decay", 1.0, r"actor_rollout_ref.actor.ema.decay=1.0 must be a number in \[0, 1\)"),
+        ("update_interval", 0, r"actor_rollout_ref.actor.ema.update_interval=0 must be an int >= 1"),
+        ("enable", "yes", r"actor_rollout_ref.actor.ema.enable='yes' must be true or false"),
+    ],
+)
+def test_bad_ema_settings_are_refused_naming_the_key(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        EMAConfig(**{key: value})
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def test_the_split_placement_pushes_the_ema_for_validation_and_the_adapter_after(tiny_qwen_image_dir, monkeypatch):
+    """Actor in the driver, replicas elsewhere: validation's rollouts see the EMA, training's the adapter."""
+    cfg = make_config(
+        {
+            "actor_rollout_ref.hybrid_engine": False,
+            "actor_rollout_ref.model.path": tiny_qwen_image_dir,
+            "actor_rollout_ref.model.lora_rank": 4,
+            "actor_rollout_ref.actor.ema.enable": True,
+        }
+    )
+    trainer = FlowGRPOTrainer(cfg)
+    trainer.actor, trainer.servers = _ema_actor(tiny_qwen_image_dir), None  # push_lora below stands in for them
+    with torch.no_grad():  # the adapter trained on: it now differs from its EMA
+        for p in trainer.actor.trainable:
+            p.add_(0.01)
+    served = []
+
+    async def push_lora(servers, tensors, dtype):
+        served.append(tensors_checksum(tensors))
+        return served[-1]
+
+    monkeypatch.setattr(ray_trainer, "push_lora", push_lora)
+    seen = {}
+    monkeypatch.setattr(
+        trainer, "_validate", lambda step, prefix, name: seen.update({prefix: served[-1]}) or {f"{prefix}/r": 0.0}
+    )
+    try:
+        trainer.sync_weights()  # as init() does
+        live, ema = trainer.actor.lora_checksum(), trainer.actor.ema_checksum()
+        assert live != ema and served == [live]
+        assert set(trainer.validate(3)) == {"val/r", "val/ema/r"}
+        assert seen == {"val": live, "val/ema": ema}
+        assert served[-1] == trainer.last_lora_checksum == trainer.actor.lora_checksum() == live
+        with pytest.raises(KeyError, match="during validation"), trainer.serving_ema():
+            raise KeyError("during validation")
+        assert served[-2:] == [ema, live] and trainer.actor.lora_checksum() == live
+    finally:
+        trainer.loop.close()
+
+
+@pytest.mark.e2e
+def test_hybrid_engine_validates_the_ema_it_serves_and_resumes_it_bit_for_bit(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+):
+    overrides = {
+        "actor_rollout_ref.actor.ema.enable": True,
+        "actor_rollout_ref.actor.ema.update_interval": 1,
+        "trainer.test_freq": 2,
+        "trainer.save_freq": 2,
+    }
+    cfg = trainer_config(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 2}
+    )
+    trainer = FlowGRPOTrainer(cfg).init()
+    seen, metrics = {}, {}
+    validate, validate_all = trainer._validate, trainer.validate
+
+    def recording_validate(step, prefix, name):
+        seen[prefix] = trainer._run(trainer.servers.lora_checksums())[0]
+        return validate(step, prefix, name)
+
+    trainer._validate = recording_validate
+    trainer.validate = lambda step: metrics.update(validate_all(step)) or metrics
+    try:
+        assert trainer.config.actor_rollout_ref.hybrid_engine
+        history = trainer.fit()
+        assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0
+        live, ema = trainer.actor.lora_checksums()[0], trainer.actor.ema_checksums()[0]
+        assert live != ema
+        # The engine served the EMA during the EMA's validation and serves the trained adapter again after it.
+        assert seen == {"val": live, "val/ema": ema}
+        assert trainer._run(trainer.servers.lora_checksums()) == [live]
+        assert {"val/reward_mean", "val/ema/reward_mean"} <= set(metrics)
+        assert (tmp_path / "validation" / "ema_step_2.png").exists()
+        saved = trainer.actor.ema_state_dict()
+        assert saved["optimizer_steps"] == 2
+    finally:
+        trainer.shutdown()
+    checkpoint = read_checkpoint(str(tmp_path / "global_step_2"))
+    assert checkpoint.ema["optimizer_steps"] == 2 and tensors_checksum(checkpoint.ema["lora"]) == ema
+
+    resumed = FlowGRPOTrainer(cfg).init()
+    try:
+        assert resumed.global_step == 2
+        state = resumed.actor.ema_state_dict()
+        assert state["optimizer_steps"] == 2 and set(state["lora"]) == set(saved["lora"])
+        assert all(torch.equal(state["lora"][k], saved["lora"][k]) for k in saved["lora"])
+        assert resumed.actor.lora_checksums() == [live]
+    finally:
+        resumed.shutdown()

@@ -175,6 +175,17 @@ class PolicyEMA:
         self.weights.update(self.schedule.decay_at(step))
         return True
 
+    def snapshot(self) -> tuple[list[torch.Tensor], int]:
+        """A copy of the average (on its device) and the step count, for :meth:`restore` after a refused update."""
+        with torch.inference_mode(False), torch.no_grad():
+            return [s.detach().clone() for s in self.weights.shadow], self.optimizer_steps
+
+    def restore(self, snapshot: tuple[list[torch.Tensor], int]) -> None:
+        values, self.optimizer_steps = snapshot
+        with torch.inference_mode(False), torch.no_grad():
+            for shadow, value in zip(self.weights.shadow, values, strict=True):
+                shadow.copy_(value)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.weights.state_dict(), "optimizer_steps": torch.tensor(self.optimizer_steps, dtype=torch.int64)}
 
