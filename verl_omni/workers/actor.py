@@ -208,10 +208,11 @@ class DiffusionLoRAActor:
                 p.copy_(value)
         ema.optimizer_steps = int(state["optimizer_steps"])
 
-    def ema_checksum(self) -> str:
-        """``lora_checksum`` of the EMA (what the engines serve while it is swapped in)."""
-        with self._ema_in_params():
-            return self.lora_checksum()
+    def ema_checksum(self) -> Optional[str]:
+        """The checksum of the EMA as adapter tensors (what the engines serve while it is swapped in); None where
+        ``ema_state_dict`` is."""
+        state = self.ema_state_dict()
+        return None if state is None else tensors_checksum(state["lora"])
 
     @contextmanager
     def _ema_in_params(self):
