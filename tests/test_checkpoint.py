@@ -210,3 +210,31 @@ def test_resume_past_total_names_both_numbers():
     message = resume_past_total_message(5, 3)
     assert "global step 5" in message and "trainer.total_training_steps=3" in message
     assert "global step 3" in resume_past_total_message(3, 3)
+
+
+def test_the_policy_ema_is_saved_beside_the_adapter_verified_and_read_back_bit_for_bit(tmp_path):
+    _, optimizer = _trained_optimizer()
+    torch.manual_seed(3)
+    lora = {"a.lora_A.weight": torch.randn(4, 8), "a.lora_B.weight": torch.randn(8, 4)}
+    ema = {"lora": {k: torch.randn(v.shape) for k, v in lora.items()}, "optimizer_steps": 17}
+    path = save_checkpoint(str(tmp_path), 1, lora, optimizer, ema=ema)
+    with open(os.path.join(path, "meta.json")) as f:
+        assert set(json.load(f)["files"]) == {"lora.safetensors", "optim.pt", "rng.json", "ema.safetensors"}
+    loaded = read_checkpoint(path)
+    assert loaded.ema["optimizer_steps"] == 17 and set(loaded.ema["lora"]) == set(lora)
+    assert all(torch.equal(loaded.ema["lora"][k], ema["lora"][k]) for k in lora)
+    assert all(torch.equal(loaded.lora[k], lora[k]) for k in lora)
+
+    without = save_checkpoint(str(tmp_path), 2, lora, optimizer)
+    assert not os.path.exists(os.path.join(without, "ema.safetensors")) and read_checkpoint(without).ema is None
+
+    ema_file = os.path.join(path, "ema.safetensors")
+    data = bytearray(open(ema_file, "rb").read())
+    data[-8:] = bytes(8)
+    with open(ema_file, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=r"global_step_1 is damaged: ema.safetensors: sha256"):
+        read_checkpoint(path)
+    os.remove(ema_file)
+    with pytest.raises(DamagedCheckpointError, match=r"ema.safetensors: missing"):
+        read_checkpoint(path)

@@ -13,7 +13,7 @@ import torch
 from helpers import model_config, rollout_config
 
 from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
-from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError
@@ -79,8 +79,14 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
     start = time.perf_counter()
     # kl_coef > 0: the reference forward (adapter disabled) runs too; two epochs: the second one clips.
     model, rollout = model_config(tiny_qwen_image_dir), rollout_config()
+    # The policy EMA on, moving after every optimizer step: each rank averages its own shard.
     actor = ActorConfig(
-        optim=OptimConfig(lr=1e-2), clip_ratio=1e-4, kl_coef=0.1, ppo_micro_batch_size_per_gpu=2, ppo_epochs=2
+        optim=OptimConfig(lr=1e-2),
+        clip_ratio=1e-4,
+        kl_coef=0.1,
+        ppo_micro_batch_size_per_gpu=2,
+        ppo_epochs=2,
+        ema=EMAConfig(enable=True, decay=0.9, update_interval=1),
     )
     group = FSDPLoRAActorGroup(model, replace(actor, world_size=2), rollout)
     try:
@@ -92,6 +98,8 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
         init = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in single.lora_state_dict().items()}
         single.load_lora_state_dict(init)
         group.load_lora_state_dict(init)
+        for side in (single, group):  # the EMA starts from the same adapter too
+            side.load_ema_state_dict({"lora": init, "optimizer_steps": 0})
         loaded = group.lora_state_dict()  # gathered: same peft names, shapes, dtype and checksum as loaded
         assert {k: (v.shape, v.dtype) for k, v in loaded.items()} == {k: (v.shape, v.dtype) for k, v in init.items()}
         assert tensors_checksum(loaded) == tensors_checksum(single.lora_state_dict())
@@ -119,6 +127,17 @@ def test_fsdp_group_update_equals_single_process_update(ray_session, qwen_image_
         print(f"[5 rows, idle rank] LoRA max abs diff {lora_diff:.2e}")
         _compare_metrics(m_single, m_group, "5 rows")
         assert lora_diff < 1e-5
+
+        # The policy EMA: gathered from the shards, it is the single process's; swapped in and out on every rank.
+        ema_single, ema_group = single.ema_state_dict(), group.ema_state_dict()
+        assert ema_single["optimizer_steps"] == ema_group["optimizer_steps"] == 4
+        assert _max_diff(ema_single["lora"], ema_group["lora"]) < 1e-5
+        assert _max_diff(ema_group["lora"], group.lora_state_dict()) > 1e-4  # it lags the adapter
+        live = tensors_checksum(group.lora_state_dict())
+        group.swap_in_ema()
+        assert tensors_checksum(group.lora_state_dict()) == group.ema_checksum() == tensors_checksum(ema_group["lora"])
+        group.swap_out_ema()
+        assert tensors_checksum(group.lora_state_dict()) == live
 
         # Optimizer state: the single-process format, same values.
         opt_single, opt_group = single.optimizer.state_dict(), group.optimizer.state_dict()

@@ -34,6 +34,26 @@ class OptimConfig(Section):
 
 
 @dataclass
+class EMAConfig(Section):
+    """The policy's exponential moving average (flow_grpo's ``EMAModuleWrapper``), used for validation and saved in
+    checkpoints beside the trained adapter. Moves after optimizer step s when ``(s + 1) % update_interval == 0``,
+    with decay ``min((1 + s) / (10 + s), decay)``."""
+
+    _prefix = "actor_rollout_ref.actor.ema"
+
+    enable: bool = False
+    decay: float = 0.9
+    update_interval: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable, bool):
+            raise ValueError(f"{self.key('enable')}={self.enable!r} must be true or false")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 <= self.decay < 1:
+            raise ValueError(f"{self.key('decay')}={self.decay!r} must be a number in [0, 1)")
+        require_int(self.key("update_interval"), self.update_interval)
+
+
+@dataclass
 class ActorConfig(Section):
     _prefix = "actor_rollout_ref.actor"
 
@@ -58,6 +78,7 @@ class ActorConfig(Section):
     # After the first update (the warm-up), gc.freeze() the process's heap so that later full garbage collections,
     # which stalled the update by ~1 s every few steps at the real size, skip the long-lived objects
     freeze_gc_heap: bool = True
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
         require_int(self.key("world_size"), self.world_size)

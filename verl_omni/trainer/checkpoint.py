@@ -3,6 +3,9 @@
 ``<dir>/global_step_<k>/`` holds
 
 - ``lora.safetensors``: the adapter tensors;
+- ``ema.safetensors`` (with ``actor_rollout_ref.actor.ema.enable``): the policy EMA as adapter tensors under the same
+  names (loadable as the adapter itself, the weights flow_grpo's checkpoints hold), its optimizer-step count in the
+  file's metadata;
 - ``optim.pt``: the optimizer state dict and torch's RNG state, only tensors and plain containers, so it is read
   with ``torch.load(weights_only=True)`` (a planted pickle cannot run code on resume);
 - ``rng.json``: Python's and numpy's RNG states as JSON lists (no pickle);
@@ -33,12 +36,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
 LORA_FILE = "lora.safetensors"
+EMA_FILE = "ema.safetensors"
 OPTIM_FILE = "optim.pt"
 RNG_FILE = "rng.json"
 META_FILE = "meta.json"
@@ -68,6 +73,8 @@ class Checkpoint:
     numpy_rng: dict
     python_rng: list
     meta: dict[str, Any]
+    # The policy EMA ({"lora": tensors, "optimizer_steps": int}), None when the run saved none.
+    ema: Optional[dict[str, Any]] = None
 
     def restore(self, optimizer) -> None:
         """Load the optimizer state and every RNG state (the LoRA tensors are the caller's to load)."""
@@ -79,14 +86,28 @@ class Checkpoint:
 
 # ------------------------------------------------------------------------------------------------ save
 def save_checkpoint(
-    root: str, step: int, lora: dict[str, torch.Tensor], optimizer, meta: Optional[dict[str, Any]] = None
+    root: str,
+    step: int,
+    lora: dict[str, torch.Tensor],
+    optimizer,
+    meta: Optional[dict[str, Any]] = None,
+    ema: Optional[dict[str, Any]] = None,
 ) -> str:
-    """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path."""
+    """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path.
+    ``ema``: the policy EMA as the actor's ``ema_state_dict`` returns it (written to ``ema.safetensors``)."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"global_step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=root)
     try:
         save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, LORA_FILE))
+        names = list(CHECKSUMMED_FILES)
+        if ema is not None:
+            save_file(
+                {k: v.contiguous() for k, v in ema["lora"].items()},
+                os.path.join(tmp, EMA_FILE),
+                metadata={"optimizer_steps": str(int(ema["optimizer_steps"]))},
+            )
+            names.append(EMA_FILE)
         torch.save(
             {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, OPTIM_FILE)
         )
@@ -98,7 +119,7 @@ def save_checkpoint(
                 },
                 f,
             )
-        files = {name: _sha256(os.path.join(tmp, name)) for name in CHECKSUMMED_FILES}
+        files = {name: _sha256(os.path.join(tmp, name)) for name in names}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(
                 {**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
@@ -128,7 +149,8 @@ def read_checkpoint(path: str) -> Checkpoint:
             f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION} "
             "(written before checksums were recorded; it cannot be verified)",
         )
-    for name in CHECKSUMMED_FILES:
+    # The EMA's file is verified whenever the checkpoint recorded one.
+    for name in (*CHECKSUMMED_FILES, *([EMA_FILE] if EMA_FILE in files else [])):
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
             raise DamagedCheckpointError(path, name, "missing")
@@ -163,6 +185,7 @@ def read_checkpoint(path: str) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001
         raise DamagedCheckpointError(path, RNG_FILE, f"not a valid RNG state file ({exc})") from None
     return Checkpoint(
+        ema=_read_ema(path) if EMA_FILE in files else None,
         path=path,
         step=int(meta["global_step"]),
         lora=lora,
@@ -172,6 +195,19 @@ def read_checkpoint(path: str) -> Checkpoint:
         python_rng=python_rng,
         meta=meta,
     )
+
+
+def _read_ema(path: str) -> dict[str, Any]:
+    file_path = os.path.join(path, EMA_FILE)
+    try:
+        tensors = load_file(file_path)
+        with safe_open(file_path, "pt") as f:
+            steps = int((f.metadata() or {})["optimizer_steps"])
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise DamagedCheckpointError(
+            path, EMA_FILE, f"not a readable safetensors file with 'optimizer_steps' metadata ({exc})"
+        ) from None
+    return {"lora": tensors, "optimizer_steps": steps}
 
 
 def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optional[Checkpoint]:

@@ -90,5 +90,21 @@ class ColocatedActorGroup:
         """Per rank: whether the adapter it trains (= the one its engine serves) is bitwise rank 0's."""
         return self._all("lora_matches_rank0")
 
+    # The policy EMA: every rank swaps it into the adapter its engine serves, and back.
+    def swap_in_ema(self) -> None:
+        self._all("swap_in_ema")
+
+    def swap_out_ema(self) -> None:
+        self._all("swap_out_ema")
+
+    def ema_state_dict(self) -> dict:
+        return ray.get(self.servers[0].actor_call.remote("ema_state_dict"))
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        self._all("load_ema_state_dict", state)
+
+    def ema_checksums(self) -> list[str]:
+        return self._all("ema_checksum")
+
     def shutdown(self) -> None:
         """The ranks live in the replicas: they go with them."""

@@ -195,12 +195,32 @@ class FlowGRPOTrainer:
             return
         self.actor.load_lora_state_dict(checkpoint.lora)
         checkpoint.restore(self.actor.optimizer)
+        self._resume_ema(checkpoint)
         self.global_step = checkpoint.step
         print(f"[verl_omni] resumed from {checkpoint.path} at global step {self.global_step}")
         past_total = resume_past_total_message(self.global_step, self.config.trainer.total_training_steps)
         if past_total:
             logger.warning(past_total)
             print(f"[verl_omni] {past_total}")
+
+    @property
+    def ema_enabled(self) -> bool:
+        return self.config.actor_rollout_ref.actor.ema.enable
+
+    def _resume_ema(self, checkpoint) -> None:
+        if not self.ema_enabled:
+            if checkpoint.ema is not None:
+                logger.info("%s holds a policy EMA, unused (actor_rollout_ref.actor.ema.enable=false)", checkpoint.path)
+            return
+        if checkpoint.ema is None:
+            message = (
+                f"{checkpoint.path} holds no policy EMA (saved with actor_rollout_ref.actor.ema.enable=false): "
+                "the EMA starts from the resumed adapter"
+            )
+            logger.warning(message)
+            print(f"[verl_omni] {message}")
+            return
+        self.actor.load_ema_state_dict(checkpoint.ema)
 
     # ------------------------------------------------------------------ pieces of a step
     def sync_weights(self) -> None:
@@ -382,16 +402,42 @@ class FlowGRPOTrainer:
         }
 
     def validate(self, step: int) -> dict[str, float]:
+        """The validation set's rewards under the trained adapter (``val/*``, ``validation/step_<k>.png``) and, with
+        the policy EMA on, under the EMA too (``val/ema/*``, ``validation/ema_step_<k>.png``), from the same
+        prompts and seeds."""
+        metrics = self._validate(step, "val", f"step_{step}")
+        if self.ema_enabled:
+            with self.serving_ema():
+                metrics.update(self._validate(step, "val/ema", f"ema_step_{step}"))
+        return metrics
+
+    def _validate(self, step: int, prefix: str, image_name: str) -> dict[str, float]:
         output = self.rollout(step, validate=True)
         scores, metrics = self.score(output)
         grid = validation_grid(output.batch["images"].numpy(), list(output.non_tensor_batch["prompt_text"]), scores)
         folder = os.path.join(self.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
-        grid.save(os.path.join(folder, f"step_{step}.png"))
+        grid.save(os.path.join(folder, f"{image_name}.png"))
         writer = getattr(getattr(self, "tracker", None), "logger", {}).get("tensorboard")
         if writer is not None and hasattr(writer, "writer"):
-            writer.writer.add_image("val/grid", np.asarray(grid), step, dataformats="HWC")
-        return {"val/reward_mean": float(scores.mean()), **{f"val/{k}": v for k, v in metrics.items()}}
+            writer.writer.add_image(f"{prefix}/grid", np.asarray(grid), step, dataformats="HWC")
+        return {f"{prefix}/reward_mean": float(scores.mean()), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+
+    @contextmanager
+    def serving_ema(self):
+        """The engines serve the policy EMA inside the block, the trained adapter again after it (also on an error).
+
+        The actor's ranks swap the EMA into the adapter's own parameters, keeping its values aside: the hybrid
+        engine's engines serve those parameters as they are; a split placement then pushes them to the replicas
+        (verified). On exit the ranks swap back and ``sync_weights`` verifies (hybrid) or pushes (split) the
+        trained adapter again."""
+        self.actor.swap_in_ema()
+        try:
+            self.sync_weights()
+            yield
+        finally:
+            self.actor.swap_out_ema()
+            self.sync_weights()
 
     def _write_samples(self, step: int, output, scores: np.ndarray, prefix: str = "train") -> None:
         limit = self.config.trainer.sample_images_per_step
@@ -410,6 +456,7 @@ class FlowGRPOTrainer:
             self.actor.lora_state_dict(),
             self.actor.optimizer,
             {"lora_checksum": self.last_lora_checksum},
+            ema=self.actor.ema_state_dict() if self.ema_enabled else None,
         )
 
     def shutdown(self) -> None:

@@ -48,6 +48,7 @@ from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
 from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
 from verl_omni.models.checkpointing import BlockCheckpointing
+from verl_omni.models.ema import EMASchedule, PolicyEMA
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
@@ -111,6 +112,12 @@ class DiffusionLoRAActor:
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused
         )
+        self._set_up_ema()
+
+    def _set_up_ema(self) -> None:
+        """The policy EMA over ``self.trainable`` (``actor.ema.enable``), starting from the adapter's values."""
+        ema = self.config.ema
+        self.ema = PolicyEMA(self.trainable, EMASchedule(ema.decay, ema.update_interval)) if ema.enable else None
 
     def _set_up_speed(self, model: ModelConfig, actor: ActorConfig) -> None:
         on_gpu = self.device.type == "cuda"
@@ -162,6 +169,60 @@ class DiffusionLoRAActor:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------ the policy EMA
+    def _after_optimizer_step(self) -> None:
+        """What follows every optimizer step besides the adapter: the policy EMA's schedule."""
+        if self.ema is not None:
+            self.ema.after_optimizer_step()
+
+    def _policy_ema(self) -> PolicyEMA:
+        if self.ema is None:
+            raise RuntimeError("the policy EMA is off (actor_rollout_ref.actor.ema.enable=false)")
+        return self.ema
+
+    def swap_in_ema(self) -> None:
+        """The adapter's parameters hold the EMA until :meth:`swap_out_ema` (the engines of the hybrid engine serve
+        these very parameters; a split placement pushes ``lora_state_dict()`` now to serve it)."""
+        self._policy_ema().weights.swap_in()
+
+    def swap_out_ema(self) -> None:
+        """The trained adapter's values back in its parameters, bit for bit."""
+        self._policy_ema().weights.swap_out()
+
+    def ema_state_dict(self) -> Optional[dict]:
+        """``{"lora": the EMA as adapter tensors (peft names, like lora_state_dict), "optimizer_steps": int}``:
+        plain data, loadable as the adapter itself. None where ``lora_state_dict`` is (FSDP ranks other than 0)."""
+        with self._ema_in_params():
+            tensors = self.lora_state_dict()
+        return None if tensors is None else {"lora": tensors, "optimizer_steps": self.ema.optimizer_steps}
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`ema_state_dict` returned; the adapter's own values are left as they were."""
+        ema = self._policy_ema()
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.trainable]
+            self.load_lora_state_dict(state["lora"])
+            ema.weights.copy_from_live()
+            for p, value in zip(self.trainable, live, strict=True):
+                p.copy_(value)
+        ema.optimizer_steps = int(state["optimizer_steps"])
+
+    def ema_checksum(self) -> Optional[str]:
+        """The checksum of the EMA as adapter tensors (what the engines serve while it is swapped in); None where
+        ``ema_state_dict`` is."""
+        state = self.ema_state_dict()
+        return None if state is None else tensors_checksum(state["lora"])
+
+    @contextmanager
+    def _ema_in_params(self):
+        """The EMA in the adapter's parameters inside the block (already there between swap_in / swap_out)."""
+        weights = self._policy_ema().weights
+        if weights.is_swapped_in:
+            yield
+        else:
+            with weights.swapped_in():
+                yield
 
     @contextmanager
     def _adapter_disabled(self):
@@ -323,15 +384,18 @@ class DiffusionLoRAActor:
         finally:
             self.transformer.eval()
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
-        return [p.detach().clone() for p in self.trainable], copy.deepcopy(self.optimizer.state_dict())
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict, Any]:
+        ema = self.ema.snapshot() if self.ema is not None else None
+        return [p.detach().clone() for p in self.trainable], copy.deepcopy(self.optimizer.state_dict()), ema
 
-    def _restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
-        params, optimizer_state = snapshot
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict, Any]) -> None:
+        params, optimizer_state, ema = snapshot
         with torch.no_grad():
             for p, saved in zip(self.trainable, params, strict=False):
                 p.copy_(saved)
         self.optimizer.load_state_dict(optimizer_state)
+        if ema is not None:
+            self.ema.restore(ema)
 
     def _update(self, batch: TrainBatch, plan: list[MicroBatch], num_terms: int, sigma_max: float) -> dict[str, float]:
         cfg = self.config
@@ -384,6 +448,7 @@ class DiffusionLoRAActor:
             self._all_reduce_started = True
             grad_norms.append(self._reduce_and_clip(bad))
             self.optimizer.step()
+            self._after_optimizer_step()
         metrics = self._reduce_metrics(sums)
         # This rank's forward/backward seconds, without the wait for the other ranks in the all-reduce.
         metrics["compute_s"] = compute_s

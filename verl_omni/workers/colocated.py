@@ -29,6 +29,11 @@ ACTOR_VERBS = (
     "load_optimizer_state_dict",
     "lora_checksum",
     "lora_matches_rank0",
+    "swap_in_ema",
+    "swap_out_ema",
+    "ema_state_dict",
+    "load_ema_state_dict",
+    "ema_checksum",
 )
 
 
@@ -88,3 +93,19 @@ class ColocatedActorRank:
 
     def lora_matches_rank0(self) -> bool:
         return self.actor.lora_matches_rank0()
+
+    # The policy EMA: swapped into the adapter the engine serves (validation), saved and restored (checkpoints).
+    def swap_in_ema(self) -> None:
+        self.actor.swap_in_ema()
+
+    def swap_out_ema(self) -> None:
+        self.actor.swap_out_ema()
+
+    def ema_state_dict(self) -> dict:
+        return self.actor.ema_state_dict()
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        self.actor.load_ema_state_dict(state)
+
+    def ema_checksum(self) -> str:
+        return self.actor.ema_checksum()

@@ -110,6 +110,7 @@ class FSDPActorRank(DiffusionLoRAActor):
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
         )
+        self._set_up_ema()  # over the sharded parameters: each rank averages its own shard
 
     # ------------------------------------------------------------------ hooks of DiffusionLoRAActor.update
     def _micro_batches(self, step_rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
@@ -234,6 +235,22 @@ class FSDPLoRAActorGroup:
 
     def shard_sizes(self) -> list[tuple[int, int]]:
         return self._all("shard_sizes")
+
+    # The policy EMA: every rank swaps / saves / loads its shard (lora_state_dict gathers the full tensors).
+    def swap_in_ema(self) -> None:
+        self._all("swap_in_ema")
+
+    def swap_out_ema(self) -> None:
+        self._all("swap_out_ema")
+
+    def ema_state_dict(self) -> dict:
+        return self._all("ema_state_dict")[0]
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        self._all("load_ema_state_dict", ray.put(state))
+
+    def ema_checksum(self) -> str:
+        return self._all("ema_checksum")[0]
 
     def shutdown(self) -> None:
         for r in self.ranks:
