@@ -88,3 +88,34 @@ def test_missing_alpha_and_missing_ema_are_named(trained, tmp_path):
         read_adapter(str(root), "ema", alpha=ALPHA)
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
         read_adapter(str(tmp_path / "nowhere"), alpha=ALPHA)
+
+
+def test_the_policy_ema_is_exported_when_the_checkpoint_holds_it_verified(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from verl_omni.core.checksum import tensors_checksum
+    from verl_omni.export import resolve_base
+    from verl_omni.trainer.checkpoint import DamagedCheckpointError, _sha256
+
+    root, transformer = trained
+    step = tmp_path / "global_step_3"
+    shutil.copytree(root / "global_step_3", step)
+    ema = {k: v * 0.5 for k, v in get_lora_state_dict(transformer).items()}  # the EMA file: same names, other values
+    save_file(ema, str(step / EMA_FILE), metadata={"optimizer_steps": "3"})
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"][EMA_FILE] = _sha256(str(step / EMA_FILE))
+    (step / "meta.json").write_text(json.dumps(meta))
+    adapter = read_adapter(str(step), "ema")
+    assert adapter.weights == "ema" and adapter.checksum == tensors_checksum(ema) != read_adapter(str(step)).checksum
+    out = tmp_path / "ema_export"
+    export_main(["--checkpoint", str(step), "--base", "tiny:qwen_image", "--out", str(out), "--weights", "ema"])
+    pipe = QwenImagePipeline.from_pretrained(resolve_base("tiny:qwen_image"))
+    pipe.load_lora_weights(str(out))
+    assert json.loads((out / "verl_omni_export.json").read_text())["checksum"] == tensors_checksum(ema)
+    data = bytearray((step / EMA_FILE).read_bytes())
+    data[-8:] = bytes(8)
+    (step / EMA_FILE).write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=EMA_FILE):
+        read_adapter(str(step), "ema")

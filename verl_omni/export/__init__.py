@@ -83,7 +83,11 @@ def read_adapter(
         raise ValueError(f"--weights={weights!r} is not one of {list(WEIGHTS_CHOICES)}")
     path = resolve_checkpoint_dir(checkpoint)
     loaded = read_checkpoint(path)  # verifies every checksummed file, raises DamagedCheckpointError
-    tensors = loaded.lora if weights == "lora" else _read_ema(path, loaded.meta)
+    if weights == "lora":
+        tensors = loaded.lora
+    else:  # checkpoint readers that know the EMA return it verified (Checkpoint.ema); else it is read here
+        ema = getattr(loaded, "ema", None)
+        tensors = ema["lora"] if ema is not None else _read_ema(path, loaded.meta)
     recorded = loaded.meta.get("lora") or {}
     alpha = recorded.get("alpha", alpha)
     if alpha is None:
