@@ -107,8 +107,8 @@ def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_imag
     assert job.protocol.images_per_prompt == 4 and job.rewards[0]["url"] == "http://127.0.0.1:1/score"
     with pytest.raises(ValueError, match="--validation-step"):
         EvalProtocol(seed_scheme="validation")
-    with pytest.raises(ValueError, match="height=100 must be a multiple"):
-        EvalProtocol(height=100).sampling_params().validate(vae_scale_factor=8)
+    with pytest.raises(ValueError, match="evaluation protocol: height=72 must be a multiple of"):
+        run_evaluation(EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path), SMALL.replace(height=72)))
 
 
 def test_prompt_files_text_and_jsonl(tmp_path):

@@ -31,6 +31,7 @@ from verl_omni.eval.report import (
     write_report,
 )
 from verl_omni.export import TrainedAdapter, read_adapter
+from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines import get_engine_class
 
@@ -63,6 +64,7 @@ def run_evaluation(job: EvalJob) -> dict[str, Any]:
     """Evaluate (resuming an existing report of the same evaluation) and return the report."""
     adapter = read_adapter(job.checkpoint, job.weights, alpha=job.lora_alpha) if job.checkpoint else None
     prompts = load_prompts(job.prompts, job.prompt_key)[: job.limit]
+    check_protocol_fits(job.protocol, job.base)
     header = _header(job, adapter, len(prompts))
     if job.overwrite and os.path.isdir(job.out):
         shutil.rmtree(job.out)
@@ -81,6 +83,17 @@ def run_evaluation(job: EvalJob) -> dict[str, Any]:
     report["grids"] = write_grids(job.out, report["per_prompt"], job.prompts_per_grid)
     write_report(job.out, report)
     return report
+
+
+def check_protocol_fits(protocol: EvalProtocol, base: str) -> None:
+    """The image size fits the model's VAE and its scheduler takes the step count: checked before any loading."""
+    if not os.path.isfile(os.path.join(base, "model_index.json")):
+        raise FileNotFoundError(f"--base {base} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        protocol.sampling_params().validate(vae_scale_factor_of(base))
+        check_schedule(base, protocol.num_inference_steps)
+    except ValueError as exc:
+        raise ValueError(f"evaluation protocol: {exc}") from None
 
 
 def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -> dict[str, Any]:
@@ -118,8 +131,13 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
 
 def _evaluate_prompts(job: EvalJob, adapter, prompts: list[EvalPrompt], pending: list[int], report: dict) -> None:
     loop = asyncio.new_event_loop()
-    engine = load_engine(job, adapter)
+
+    async def build():  # inside the loop: an engine may bind background tasks to the loop that builds it
+        return load_engine(job, adapter)
+
+    engine = None
     try:
+        engine = loop.run_until_complete(build())
         if adapter is not None:
             served = loop.run_until_complete(engine.update_lora(adapter.tensors))
             if served != adapter.checksum:
@@ -160,7 +178,8 @@ def _evaluate_prompts(job: EvalJob, adapter, prompts: list[EvalPrompt], pending:
             {"prompts": len(pending), "images": images_done, "seconds": seconds, "images_per_s": images_done / seconds}
         )
     finally:
-        loop.run_until_complete(engine.shutdown())
+        if engine is not None:
+            loop.run_until_complete(engine.shutdown())
         loop.close()
 
 
