@@ -82,7 +82,8 @@ class EvalProtocol:
         return dataclasses.replace(self, **changes)
 
 
-# flow_grpo (yifan123/flow_grpo, config/grpo.py): eval at 40 steps, guidance 4.5, resolution 512, noise off
+# flow_grpo (yifan123/flow_grpo, config/grpo.py, general_ocr_sd3 / geneval_sd3): sample.eval_num_steps=40,
+# sample.guidance_scale=4.5, resolution=512; its evaluation samples without SDE noise. GenEval: 4 images a prompt.
 FLOWGRPO_OCR = EvalProtocol(num_inference_steps=40, guidance_scale=4.5, noise_level=0.0, height=512, width=512)
 GENEVAL = FLOWGRPO_OCR.replace(images_per_prompt=4)
 
