@@ -21,6 +21,7 @@ LAYERS = [
     {"rollout"},
     {"agent_loop"},
     {"trainer"},
+    {"export", "eval", "compare"},  # user commands over a run's outputs
     {"registration", "__init__", "version"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -27,6 +27,7 @@ from verl_omni.algorithms.flowgrpo import compute_group_advantages
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
+from verl_omni.models.lora import DEFAULT_TARGET_MODULES
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
@@ -455,9 +456,15 @@ class FlowGRPOTrainer:
             step,
             self.actor.lora_state_dict(),
             self.actor.optimizer,
-            {"lora_checksum": self.last_lora_checksum},
+            {"lora_checksum": self.last_lora_checksum, "lora": self._lora_record()},
             ema=self.actor.ema_state_dict() if self.ema_enabled else None,
         )
+
+    def _lora_record(self) -> dict:
+        """The adapter's config in a checkpoint's meta: what an export needs to rebuild it (verl_omni.export)."""
+        spec = self.config.actor_rollout_ref.model.lora
+        targets = list(spec.target_modules or DEFAULT_TARGET_MODULES)
+        return {"rank": spec.rank, "alpha": spec.alpha, "target_modules": targets}
 
     def shutdown(self) -> None:
         try:

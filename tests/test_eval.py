@@ -1,0 +1,186 @@
+"""The evaluation command (verl_omni/eval) on the tiny Qwen-Image: a checkpoint's evaluation reproduces the run's own
+validation scores for the same seeds; a report resumes where it stopped; OCR accuracy and exact match; presets."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from verl_omni.eval.__main__ import job_from, parser
+from verl_omni.eval.ocr import RecordingOcr, ocr_exact_match
+from verl_omni.eval.prompts import load_prompts
+from verl_omni.eval.protocol import EvalProtocol
+from verl_omni.eval.report import REPORT_FILE
+from verl_omni.eval.runner import EvalJob, run_evaluation
+from verl_omni.rollout.engines.diffusers import DiffusersEngine
+
+PROMPTS = ['A sign that says "Hello"', 'A cake with "Happy Birthday" on it', 'A mug printed with "Coffee"']
+SMALL = EvalProtocol(num_inference_steps=3, guidance_scale=1.0, height=64, width=64, images_per_prompt=2)
+
+
+def _prompt_file(tmp_path, lines=PROMPTS):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n\n")
+    return str(path)
+
+
+def test_a_stopped_evaluation_resumes_with_only_the_missing_prompts(tiny_qwen_image_dir, tmp_path, monkeypatch):
+    calls = []
+    generate = DiffusersEngine.generate
+
+    async def counted(self, prompt, seeds, params, request_id=None):
+        calls.append(prompt)
+        return await generate(self, prompt, seeds, params, request_id)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", counted)
+    job = EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path / "out"), SMALL, [{"name": "brightness"}])
+    full = run_evaluation(job)
+    assert calls == PROMPTS and full["summary"]["images"] == 6
+    assert len({s for p in full["per_prompt"] for s in p["seeds"]}) == 6  # every image its own seed
+
+    # A run stopped after two prompts leaves a report listing two: the rerun generates the third only.
+    report_path = tmp_path / "out" / REPORT_FILE
+    stopped = json.loads(report_path.read_text())
+    stopped["per_prompt"], stopped["done"] = stopped["per_prompt"][:2], stopped["done"][:2]
+    del stopped["summary"]
+    report_path.write_text(json.dumps(stopped))
+    calls.clear()
+    resumed = run_evaluation(job)
+    assert calls == PROMPTS[2:]
+    assert resumed["per_prompt"] == full["per_prompt"] and resumed["summary"] == full["summary"]
+    assert len(resumed["grids"]) == 1 and Image.open(resumed["grids"][0]).size[1] == 3 * (64 + 30)
+
+    other = EvalJob(**{**job.__dict__, "protocol": SMALL.replace(num_inference_steps=4)})
+    with pytest.raises(ValueError, match="'protocol' differs.*--overwrite"):
+        run_evaluation(other)
+
+
+def test_summary_is_the_image_mean_with_the_standard_error_over_prompts(tiny_qwen_image_dir, tmp_path):
+    job = EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path / "o"), SMALL, [{"name": "brightness"}])
+    report = run_evaluation(job)
+    scores = np.array([p["scores"]["brightness"] for p in report["per_prompt"]])  # [prompts, images]
+    summary = report["summary"]["brightness"]
+    assert summary["mean"] == pytest.approx(scores.mean())
+    assert summary["stderr"] == pytest.approx(scores.mean(axis=1).std(ddof=1) / np.sqrt(3))
+    assert summary["stderr"] > 0 and summary["n"] == 3
+
+
+def _render(text):
+    image = Image.new("RGB", (512, 128), "white")
+    ImageDraw.Draw(image).text((24, 30), text, fill="black", font=ImageFont.load_default(size=56))
+    return np.asarray(image)
+
+
+def test_ocr_accuracy_is_the_reward_and_exact_match_needs_the_whole_text():
+    recorder = RecordingOcr()
+    prompts = ['A sign that says "hello world"', 'A sign that says "HELLO"', 'A sign that says "Goodbye"']
+    scores = recorder([_render("HELLO WORLD")] * 3, prompts, [{}] * 3)
+    rows = recorder.take()
+    assert scores[0] == 1.0 and rows[0]["ocr_exact"]  # same text once lower-cased, spaces dropped
+    assert scores[1] == 1.0 and not rows[1]["ocr_exact"]  # flow_grpo counts a contained target as read ...
+    assert scores[2] < 0.5 and not rows[2]["ocr_exact"]  # ... exact match does not
+    assert [r["ocr_target"] for r in rows] == ["hello world", "HELLO", "Goodbye"]
+    assert ocr_exact_match("Hel lo", "hello") and not ocr_exact_match("hello!", "hello")
+    ground_truth = recorder([_render("OPEN")], ["no quotes here"], [{"reward_model": {"ground_truth": "open"}}])
+    assert ground_truth == [1.0]
+
+
+def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_image_dir, tmp_path):
+    base = ["--base", tiny_qwen_image_dir, "--prompts", _prompt_file(tmp_path), "--out", str(tmp_path)]
+    job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr"]))
+    p = job.protocol
+    assert (p.num_inference_steps, p.guidance_scale, p.noise_level, p.height, p.images_per_prompt) == (
+        40,
+        4.5,
+        0.0,
+        512,
+        1,
+    )
+    assert job.rewards == [{"name": "ocr", "weight": 1.0}]
+    job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--steps", "8", "--reward", "jpeg:0.5"]))
+    assert job.protocol.num_inference_steps == 8 and job.protocol.guidance_scale == 4.5
+    assert job.rewards == [{"name": "jpeg", "weight": 0.5}]
+    with pytest.raises(ValueError, match="--reward-url"):
+        job_from(parser().parse_args([*base, "--preset", "geneval"]))
+    job = job_from(parser().parse_args([*base, "--preset", "geneval", "--reward-url", "http://127.0.0.1:1/score"]))
+    assert job.protocol.images_per_prompt == 4 and job.rewards[0]["url"] == "http://127.0.0.1:1/score"
+    with pytest.raises(ValueError, match="--validation-step"):
+        EvalProtocol(seed_scheme="validation")
+    with pytest.raises(ValueError, match="evaluation protocol: height=72 must be a multiple of"):
+        run_evaluation(EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path), SMALL.replace(height=72)))
+
+
+def test_prompt_files_text_and_jsonl(tmp_path):
+    assert [p.text for p in load_prompts(_prompt_file(tmp_path))] == PROMPTS
+    geneval = tmp_path / "meta.jsonl"
+    geneval.write_text('{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a bench"}\n')
+    (prompt,) = load_prompts(str(geneval))
+    assert prompt.text == "a bench" and prompt.metadata["extra_info"]["tag"] == "single_object"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: no string 'prompt'"):
+        load_prompts(str(bad))
+    with pytest.raises(ValueError, match="unknown format '.csv'"):
+        (tmp_path / "p.csv").write_text("x")
+        load_prompts(str(tmp_path / "p.csv"))
+
+
+@pytest.mark.e2e
+def test_evaluating_a_checkpoint_reproduces_the_runs_validation_scores(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, monkeypatch
+):
+    from helpers import trainer_config
+
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    metrics_file = tmp_path / "metrics.jsonl"
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(metrics_file))
+    run = tmp_path / "run"
+    cfg = trainer_config(
+        ocr_data_files,
+        tiny_qwen_image_dir,
+        run,
+        **{
+            "trainer.total_training_steps": 1,
+            "trainer.save_freq": 1,
+            "trainer.test_freq": 1,
+            "trainer.logger": ["console", "file"],
+        },
+    )
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        trainer.fit()
+        validation = trainer.rollout(1, validate=True)  # the step-1 validation again, for its per-image scores
+        per_image = trainer.score(validation)[0]
+    finally:
+        trainer.shutdown()
+    logged = [json.loads(line)["data"] for line in metrics_file.read_text().splitlines()]
+    val_mean = next(d["val/reward_mean"] for d in logged if "val/reward_mean" in d)
+
+    rollout = cfg.actor_rollout_ref.rollout
+    protocol = EvalProtocol(
+        num_inference_steps=rollout.pipeline.num_inference_steps,
+        guidance_scale=rollout.pipeline.true_cfg_scale,
+        noise_level=rollout.val_kwargs.noise_level,
+        height=rollout.pipeline.height,
+        width=rollout.pipeline.width,
+        images_per_prompt=rollout.val_kwargs.n,
+        max_sequence_length=rollout.pipeline.max_sequence_length,
+        seed=rollout.seed,
+        seed_scheme="validation",
+        validation_step=1,
+        val_batch_size=cfg.data.val_batch_size,
+    )
+    rewards = [{"name": "brightness", "weight": 1.0}]
+    _, test_file = ocr_data_files
+    report = run_evaluation(
+        EvalJob(tiny_qwen_image_dir, test_file, str(tmp_path / "eval"), protocol, rewards, str(run))
+    )
+    evaluated = [s for p in sorted(report["per_prompt"], key=lambda p: p["index"]) for s in p["scores"]["total"]]
+    assert evaluated == pytest.approx(per_image.tolist(), abs=1e-6)
+    assert report["summary"]["total"]["mean"] == pytest.approx(val_mean, abs=1e-6)
+    meta = json.loads((run / "global_step_1" / "meta.json").read_text())
+    assert report["checkpoint"]["checksum"] == meta["lora_checksum"] and report["checkpoint"]["alpha"] == 8.0
+    base = run_evaluation(EvalJob(tiny_qwen_image_dir, test_file, str(tmp_path / "base"), protocol, rewards))
+    assert base["summary"]["total"]["mean"] != pytest.approx(val_mean, abs=1e-6)  # the adapter is what is measured

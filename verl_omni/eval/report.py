@@ -1,0 +1,110 @@
+"""The evaluation report (``<out>/report.json``): what was evaluated, how, and every prompt's scores.
+
+It is rewritten atomically as prompts finish, so a long evaluation can stop and resume: a rerun with the same
+model, adapter, protocol, rewards and prompt file skips the prompts the report lists as done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPORT_FILE = "report.json"
+# The fields that must match for a rerun to continue an existing report instead of refusing it.
+IDENTITY_KEYS = ("model", "checkpoint", "protocol", "rewards", "prompts")
+
+
+def read_report(out_dir: str) -> Optional[dict]:
+    path = os.path.join(out_dir, REPORT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); move it away or pass --overwrite") from None
+
+
+def check_resumable(report: dict, header: dict, out_dir: str) -> None:
+    """Raise naming the first field that differs between an existing report and this evaluation."""
+    for key in IDENTITY_KEYS:
+        if report.get(key) != header[key]:
+            raise ValueError(
+                f"{os.path.join(out_dir, REPORT_FILE)} was written by another evaluation ({key!r} differs: "
+                f"{report.get(key)!r:.200} vs {header[key]!r:.200}); pass --overwrite to start over, or another --out"
+            )
+
+
+def write_report(out_dir: str, report: dict) -> str:
+    path = os.path.join(out_dir, REPORT_FILE)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def mean_and_stderr(values: Sequence[float]) -> dict[str, float]:
+    """Mean and its standard error (sample std / sqrt(n); 0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    stderr = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "stderr": stderr, "n": len(arr)}
+
+
+def summarize(per_prompt: Sequence[dict], reward_names: Sequence[str]) -> dict[str, Any]:
+    """Per reward (and the weighted ``total``): the mean over images and the standard error over prompts (images
+    of one prompt are not independent draws: the prompt means are). OCR accuracy and exact-match rate when the
+    prompts carry OCR readings."""
+    summary: dict[str, Any] = {"prompts": len(per_prompt), "images": sum(len(p["seeds"]) for p in per_prompt)}
+    for name in ("total", *reward_names):
+        images = [s for p in per_prompt for s in p["scores"][name]]
+        by_prompt = [float(np.mean(p["scores"][name])) for p in per_prompt]
+        summary[name] = {**mean_and_stderr(by_prompt), "mean": float(np.mean(images))}
+    ocr = [row for p in per_prompt for row in p.get("ocr", [])]
+    if ocr:
+        summary["ocr_accuracy"] = summary["ocr"]["mean"]  # flow_grpo's figure: the OCR reward's mean
+        summary["ocr_exact_match"] = float(np.mean([row["ocr_exact"] for row in ocr]))
+    return summary
+
+
+def save_images(folder: str, index: int, images: np.ndarray) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for j, image in enumerate(images):
+        name = f"{index:05d}_{j}.png"
+        Image.fromarray(image).save(os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def write_grids(out_dir: str, per_prompt: Sequence[dict], prompts_per_grid: int = 16, caption: int = 30) -> list[str]:
+    """Grids of the saved images: one row per prompt (its images side by side), the prompt and each image's total
+    score written under it; ``grids/grid_<first>-<last>.png`` per ``prompts_per_grid`` prompts."""
+    folder = os.path.join(out_dir, "grids")
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    rows = sorted(per_prompt, key=lambda p: p["index"])
+    for start in range(0, len(rows), prompts_per_grid):
+        chunk = rows[start : start + prompts_per_grid]
+        images = [[Image.open(os.path.join(out_dir, "images", n)) for n in p["images"]] for p in chunk]
+        w, h = images[0][0].size
+        cell_w = max(w, 160)
+        columns = max(len(r) for r in images)
+        grid = Image.new("RGB", (columns * cell_w, len(chunk) * (h + caption)), "white")
+        draw = ImageDraw.Draw(grid)
+        for r, (p, row) in enumerate(zip(chunk, images, strict=True)):
+            y = r * (h + caption)
+            for c, image in enumerate(row):
+                grid.paste(image, (c * cell_w, y))
+                draw.text((c * cell_w + 2, y + h + 14), f"{p['scores']['total'][c]:.3f}", fill="black")
+            draw.text((2, y + h + 1), f"{p['index']}: {p['prompt'][:60]}", fill="black")
+        path = os.path.join(folder, f"grid_{chunk[0]['index']:05d}-{chunk[-1]['index']:05d}.png")
+        grid.save(path)
+        written.append(path)
+    return written
