@@ -150,3 +150,14 @@ def test_the_shipped_recipes_fit_the_default_request_limits(script):
         cfg = compose("flowgrpo_trainer", overrides=_recipe_overrides(script))
     rollout = FlowGRPOConfig.from_omega(cfg).actor_rollout_ref.rollout  # raises if a request would be refused
     assert rollout.n >= 8 and rollout.pipeline.num_inference_steps >= 6
+
+
+def test_a_data_row_of_zero_width_characters_is_an_empty_prompt(tmp_path):
+    import pandas as pd
+
+    from verl_omni.trainer.data import PromptDataset
+
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"prompt": ['a sign that says "open"', "\u200b\u200b \ufeff"]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"row 1: empty prompt \(only whitespace, zero-width or control characters\)"):
+        PromptDataset(str(path))
