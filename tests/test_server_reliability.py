@@ -2,6 +2,7 @@
 sampling values out of range, seeds outside int64, blank prompts, wrong types and requests over the memory budget
 are refused naming the field (HTTP 422), before the engine runs. Tiny Qwen-Image, diffusers engine."""
 
+import asyncio
 import http.client
 import json
 import socket
@@ -87,6 +88,34 @@ def test_a_request_whose_http_client_disconnected_is_stopped_in_the_engine(serve
     _wait_until(lambda: _forwards(server, SLOW_N) > before, "the slow request's first denoising step")
     conn.sock.shutdown(socket.SHUT_RDWR)  # the client gives up
     conn.close()
+    _wait_until(lambda: ray.get(server.get_stats.remote())["inflight"] == 0, "the server dropping the request")
+    _assert_slow_request_stopped_and_next_served(server, before)
+
+
+def test_a_request_whose_agent_loop_caller_was_cancelled_is_stopped_in_the_engine(server):
+    """The agent loop's client (what the trainer's rollout awaits): cancelling its call cancels the server's."""
+    from verl_omni.agent_loop.diffusion_agent_loop import DiffusionServerClient
+
+    client = DiffusionServerClient.__new__(DiffusionServerClient)
+
+    async def acquire(request_id):
+        return "replica-0", server
+
+    client._acquire_server, client._release_server = acquire, lambda server_id, request_id=None: None
+    before = _forwards(server, SLOW_N)
+
+    async def main():
+        call = asyncio.ensure_future(
+            client.generate_batched("slow-client", prompt=PROMPT, seeds=list(range(SLOW_N)), sampling_params=SLOW)
+        )
+        while _forwards(server, SLOW_N) == before:  # until the slow request is in the engine
+            assert not call.done(), call
+            await asyncio.sleep(0.02)
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        return call.cancelled()
+
+    assert asyncio.run(main())
     _wait_until(lambda: ray.get(server.get_stats.remote())["inflight"] == 0, "the server dropping the request")
     _assert_slow_request_stopped_and_next_served(server, before)
 
