@@ -258,6 +258,9 @@ async def _unless_client_leaves(call, request: Request) -> Any:
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself was cancelled (the server stops): the call goes with it
+        work.cancel()
+        raise
     finally:
         gone.cancel()
     if not work.done():
