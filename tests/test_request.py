@@ -79,3 +79,62 @@ def test_bad_requests_are_refused(model_limits):
         _validate(model_limits, prompt=["a", "b"])
     with pytest.raises(ValueError, match="prompt is empty"):
         _validate(model_limits, prompt="  ")
+
+
+def test_the_images_pixels_steps_budget_holds_at_its_limit_and_refuses_one_more(model_limits):
+    """limits.max_images_pixels_steps bounds N x height x width x (steps + 1), what no single limit bounds."""
+    params = {**BASE, "height": 64, "width": 64, "num_inference_steps": 4}
+    at = RequestLimits(max_images_pixels_steps=3 * 64 * 64 * 5)
+    request = validate_request(PROMPT, 3, [1, 2, 3], params, at, model_limits)
+    assert len(request.seeds) == 3
+    with pytest.raises(
+        ValueError,
+        match=r"num_outputs_per_prompt x height x width x \(num_inference_steps \+ 1\) = 4 x 64 x 64 x 5 = 81920; "
+        r"the limit is 61440 \(actor_rollout_ref.rollout.limits.max_images_pixels_steps\)",
+    ):
+        validate_request(PROMPT, 4, [1, 2, 3, 4], params, at, model_limits)
+    # the default refuses the largest request each other limit allows on its own
+    big = {**BASE, "height": 1024, "width": 1024, "num_inference_steps": 2, "window_start": 0}
+    with pytest.raises(ValueError, match="64 x 1024 x 1024 x 3 = 201326592; the limit is 100000000"):
+        validate_request(PROMPT, 64, list(range(64)), big, RequestLimits(), model_limits)
+
+
+@pytest.mark.parametrize("prompt", ["\u200b", "\u200b \u200c\u200d", "\ufeff\u2060", "\t\n\x00", "\u3000"])
+def test_a_prompt_with_nothing_to_draw_is_empty(model_limits, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        _validate(model_limits, prompt=prompt)
+
+
+def test_a_prompt_with_a_visible_character_among_zero_width_ones_is_served(model_limits):
+    assert _validate(model_limits, prompt="\u200bA\u200b").prompt == "\u200bA\u200b"
+
+
+@pytest.mark.parametrize(
+    "sampling_params, match",
+    [
+        ([4, 64, 64], "sampling_params must be an object of named fields .* got list"),
+        ("steps=4", "sampling_params must be an object of named fields .* got str"),
+        ({**BASE, "noise_level": float("nan")}, r"noise_level=nan must be a finite number in \[0, 10.0\]"),
+        ({**BASE, "noise_level": 10.5}, r"noise_level=10.5 must be a finite number in \[0, 10.0\] for sde_type='sde'"),
+        ({**BASE, "sde_type": "cps", "noise_level": 1.01}, r"in \[0, 1.0\] for sde_type='cps'"),
+        ({**BASE, "guidance_scale": float("inf")}, "guidance_scale=inf must be a finite number"),
+        ({**BASE, "sde_window_range": 3}, "sde_window_range=3 must be a pair of ints"),
+        ({**BASE, "sde_window_range": [0.5, 1]}, r"sde_window_range=\(0.5, 1\) must be a pair of ints"),
+        ({**BASE, "sde_type": ["sde"]}, r"sde_type=\['sde'\] is not one of"),
+    ],
+)
+def test_wrong_types_and_out_of_range_values_name_the_field(model_limits, sampling_params, match):
+    with pytest.raises(ValueError, match=match):
+        validate_request(PROMPT, 1, [1], sampling_params, RequestLimits(), model_limits)
+
+
+def test_the_noise_level_edges_are_served(model_limits):
+    assert _validate(model_limits, noise_level=10.0).params.noise_level == 10.0
+    assert _validate(model_limits, noise_level=1.0, sde_type="cps").params.noise_level == 1.0
+    assert _validate(model_limits, noise_level=0).params.noise_level == 0
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
+def test_seeds_outside_int64_are_refused_naming_seeds(model_limits, seed):
+    with pytest.raises(ValueError, match=rf"seeds \[{seed}\] do not fit a 64-bit signed int"):
+        _validate(model_limits, seeds=[seed])

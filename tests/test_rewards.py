@@ -1,5 +1,6 @@
 """Rewards: registry, weighted manager, custom functions, loud failures, OCR and JPEG scores."""
 
+import threading
 import time
 
 import numpy as np
@@ -152,6 +153,73 @@ def test_a_slow_reward_times_out_with_its_name(tmp_path):
     with pytest.raises(RewardTimeoutError, match=r"custom/score.*timeout_s=0.1"):
         manager([flat(0)], ["a"], None)
     assert time.monotonic() - start < 0.8
+
+
+_HANGS = threading.Event()  # set at the end of the test that uses it: the abandoned reward thread then returns
+
+
+@register_reward("test_never_returns")
+def _never_returns(images, prompts, metadata):
+    _HANGS.wait()
+    return [0.0] * len(images)
+
+
+def test_every_reward_has_a_default_timeout_named_by_its_key(tmp_path):
+    from verl_omni.config.trainer import RewardConfig
+    from verl_omni.rewards.registry import DEFAULT_REWARD_TIMEOUT_S, get_reward_factory, registered_rewards
+
+    (tmp_path / "r.py").write_text("def score(images, prompts, metadata):\n    return [0.0] * len(images)\n")
+    models = {  # model rewards (pickscore, clipscore): a stand-in function, as a RewardPool's workers get a client
+        name: _never_returns for name in registered_rewards() if getattr(get_reward_factory(name), "model", False)
+    }
+    entries = [
+        {
+            "name": name,
+            **({"path": "/models/x"} if name in models else {}),
+            **({"url": "http://127.0.0.1:9/s"} if name == "http" else {}),
+        }
+        for name in registered_rewards()
+    ]
+    manager = RewardManager(
+        {"rewards": entries, "custom_reward_function": {"path": str(tmp_path / "r.py"), "name": "score"}},
+        reward_fns=models,
+    )
+    timeouts = {spec.name: (spec.timeout_s, spec.timeout_key) for spec in manager.specs}
+    assert {"ocr", "jpeg", "brightness", "redness", "pickscore", "custom/score"} <= set(timeouts)
+    http = timeouts.pop("http")
+    assert http == (None, f"reward.rewards[{registered_rewards().index('http')}].timeout_s")
+    assert all(value == (DEFAULT_REWARD_TIMEOUT_S, "reward.default_timeout_s") for value in timeouts.values()), timeouts
+    assert RewardConfig().as_dict()["default_timeout_s"] == DEFAULT_REWARD_TIMEOUT_S == 300.0
+    # http bounds each of its requests itself (retries included), 60 s unless its entry says otherwise
+    from verl_omni.rewards.registry import build_reward_fn
+
+    assert build_reward_fn({"name": "http", "url": "http://127.0.0.1:9/s"}).timeout_s == 60.0
+
+
+def test_a_reward_that_never_returns_fails_the_step_naming_the_reward_and_the_timeout_key(tmp_path):
+    try:
+        manager = RewardManager({"rewards": [{"name": "test_never_returns"}], "default_timeout_s": 0.2})
+        with pytest.raises(
+            RewardTimeoutError,
+            match=r"reward 'test_never_returns' did not finish 2 samples .*reward.default_timeout_s=0.2",
+        ):
+            manager([flat(0)] * 2, ["a", "b"], None)
+        own = RewardManager({"rewards": [{"name": "brightness"}, {"name": "test_never_returns", "timeout_s": 0.1}]})
+        with pytest.raises(RewardTimeoutError, match=r"'test_never_returns' .*reward.rewards\[1\].timeout_s=0.1"):
+            own([flat(0)], ["a"], None)
+    finally:
+        _HANGS.set()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), "60", True])
+def test_a_bad_default_timeout_is_refused_naming_the_key(value):
+    from verl_omni.config.trainer import RewardConfig
+
+    with pytest.raises(ValueError, match="default_timeout_s"):
+        RewardManager({"rewards": [{"name": "brightness"}], "default_timeout_s": value})
+    if value not in ("60", True, float("inf")):
+        with pytest.raises(ValueError, match="reward.default_timeout_s"):
+            RewardConfig(default_timeout_s=value)
 
 
 # ---------------------------------------------------------------- OCR

@@ -67,8 +67,16 @@ class DiffusionServerClient(LLMServerClient):
 
     async def _call(self, request_id: str, method: str, **kwargs):
         server_id, server = await self._acquire_server(request_id)
+        ref = None
         try:
-            return await getattr(server, method).remote(request_id=request_id, **kwargs)
+            ref = getattr(server, method).remote(request_id=request_id, **kwargs)
+            return await ref
+        except asyncio.CancelledError:
+            # This caller gave up (its step was abandoned): cancel the server's call too, which aborts the engine
+            # work; awaiting a Ray call and then dropping it would leave the engine generating for nobody.
+            if ref is not None:
+                ray.cancel(ref)
+            raise
         except ray.exceptions.RayActorError as exc:
             # A dead engine must stop the step loudly (the trainer's last checkpoint stays as it was).
             raise RuntimeError(f"rollout server {server_id} died during request {request_id}: {exc}") from None

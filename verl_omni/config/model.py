@@ -77,6 +77,17 @@ class ModelConfig(Section):
                 f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)"
             )
         require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)
+        if self.path.startswith("tiny:"):
+            family = self.path.split(":", 1)[1]
+            allowed = ", ".join(f"tiny:{name}" for name in PIPELINE_NAMES)
+            if family not in PIPELINE_NAMES:
+                raise ValueError(f"{self.key('path')}={self.path!r}: no tiny model of that family; allowed: {allowed}")
+            if family != self.pipeline:
+                raise ValueError(
+                    f"{self.key('path')}={self.path!r} is a {family} model but {self.key('pipeline')}="
+                    f"{self.pipeline!r}: set {self.key('pipeline')}={family} (allowed pipelines: "
+                    f"{', '.join(PIPELINE_NAMES)}; tiny models: {allowed})"
+                )
         require_int(self.key("lora_rank"), self.lora_rank, minimum=0)  # 0: no adapter (rollout-only engines)
         if self.lora_rank:
             require_number(self.key("lora_alpha"), self.lora_alpha, 0, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,8 @@ from verl_omni.config.base import (
 from verl_omni.config.sampling import AUTO, SDE_TYPES, BatchCfg, DiffusionSamplingParams, check_batch_cfg
 from verl_omni.core.dtypes import DTYPES
 from verl_omni.core.names import AGENT_LOOP_NAME, ENGINE_NAMES
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what a torch generator's manual_seed and numpy take as one value
 
 
 @dataclass
@@ -75,10 +78,32 @@ class AgentConfig(Section):
         require_int(self.key("num_workers"), self.num_workers)
 
 
+# How a server request names its fields in errors; the start-up check passes the config keys instead.
+REQUEST_FIELDS = {
+    "n": "num_outputs_per_prompt",
+    "height": "height",
+    "width": "width",
+    "num_inference_steps": "num_inference_steps",
+}
+
+
+def request_budget(n: int, height: int, width: int, num_inference_steps: int) -> int:
+    """What ``limits.max_images_pixels_steps`` bounds: N x height x width x (num_inference_steps + 1)."""
+    return n * height * width * (num_inference_steps + 1)
+
+
 @dataclass
 class RequestLimits(Section):
     """What one server request may ask for; larger requests are refused (HTTP 422 / ValueError naming the limit)
-    before the engine is touched. The defaults fit the recipe with room to spare on an 80 GB GPU."""
+    before the engine is touched. The defaults fit the recipe with room to spare on an 80 GB GPU.
+
+    ``max_images_pixels_steps`` bounds N x height x width x (num_inference_steps + 1) of one request: its denoising
+    work (image tokens x steps, the VAE decode of the N images counted as one more pass) and the host memory of
+    its result: the latent trajectory (steps + 1 latents per image; Qwen-Image's 16-channel latents at 1/8 of each
+    side take height x width bytes each in float32) and the decoded images. Each other limit bounds one factor
+    alone, so together they let through 64 images of 1024^2 at 100 steps; the default 10^8 holds the shipped
+    recipes (16 x 512^2 x 11 = 4.6e7 on GPU, 8 x 64^2 x 7 on CPU) and refuses 64 x 1024^2 at 2 steps (2.0e8).
+    """
 
     _prefix = "actor_rollout_ref.rollout.limits"
 
@@ -86,10 +111,44 @@ class RequestLimits(Section):
     max_pixels: int = 1024 * 1024  # height x width
     max_inference_steps: int = 100
     max_prompt_chars: int = 4096
+    max_images_pixels_steps: int = 100_000_000  # N x height x width x (num_inference_steps + 1)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_outputs_per_prompt", "max_pixels", "max_inference_steps", "max_prompt_chars"):
+        for name in (
+            "max_num_outputs_per_prompt",
+            "max_pixels",
+            "max_inference_steps",
+            "max_prompt_chars",
+            "max_images_pixels_steps",
+        ):
             require_int(self.key(name), getattr(self, name))
+
+    def check(self, n: int, params: DiffusionSamplingParams, names: Mapping[str, str] = REQUEST_FIELDS) -> None:
+        """Raise ``ValueError`` naming the field (``names`` maps n / height / width / num_inference_steps to the
+        names the caller knows them by) and the limit key, for a request of ``n`` images with ``params``."""
+        if not 1 <= n <= self.max_num_outputs_per_prompt:
+            raise ValueError(
+                f"{names['n']}={n} must be in [1, {self.max_num_outputs_per_prompt}] "
+                f"({self.key('max_num_outputs_per_prompt')})"
+            )
+        h, w, steps = params.height, params.width, params.num_inference_steps
+        if h * w > self.max_pixels:
+            raise ValueError(
+                f"{names['height']} x {names['width']} = {h} x {w} = {h * w} pixels; the limit is "
+                f"{self.max_pixels} ({self.key('max_pixels')})"
+            )
+        if steps > self.max_inference_steps:
+            raise ValueError(
+                f"{names['num_inference_steps']}={steps}; the limit is {self.max_inference_steps} "
+                f"({self.key('max_inference_steps')})"
+            )
+        budget = request_budget(n, h, w, steps)
+        if budget > self.max_images_pixels_steps:
+            raise ValueError(
+                f"{names['n']} x {names['height']} x {names['width']} x ({names['num_inference_steps']} + 1) = "
+                f"{n} x {h} x {w} x {steps + 1} = {budget}; the limit is {self.max_images_pixels_steps} "
+                f"({self.key('max_images_pixels_steps')}): fewer or smaller images, or fewer steps, per request"
+            )
 
 
 @dataclass
@@ -125,11 +184,31 @@ class RolloutConfig(Section):
         require_number(self.key("request_timeout_s"), self.request_timeout_s, 0, strict=True)
         if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"{self.key('gpu_memory_utilization')}={self.gpu_memory_utilization!r} must be in (0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not INT64_MIN <= self.seed <= INT64_MAX:
+            raise ValueError(f"{self.key('seed')}={self.seed!r} must be an int in [-2**63, 2**63 - 1]")
         try:
             self.sampling_params().validate()
             self.sampling_params(validate=True).validate()
         except ValueError as exc:
             raise ValueError(f"{self._prefix}: {exc}") from None
+        self.check_requests_fit_limits()
+
+    def check_requests_fit_limits(self) -> None:
+        """The requests this config sends (a training group, a validation group) against ``limits``, so a config the
+        servers would refuse at the first rollout fails at start-up, naming its keys and the limit key."""
+        p, v = self.key("pipeline"), self.key("val_kwargs")
+        for validate, n_key in ((False, self.key("n")), (True, f"{v}.n")):
+            n = self.val_kwargs.n if validate else self.n
+            steps_key = f"{v}.num_inference_steps" if validate and self.val_kwargs.num_inference_steps else None
+            names = {
+                "n": n_key,
+                "height": f"{p}.height",
+                "width": f"{p}.width",
+                "num_inference_steps": steps_key or f"{p}.num_inference_steps",
+            }
+            if not self.enable_batched_diffusion:  # each of the n samples is a request of its own
+                n, names["n"] = 1, f"1 (with {self.key('enable_batched_diffusion')}=false)"
+            self.limits.check(n, self.sampling_params(validate=validate), names)
 
     @property
     def on_cuda(self) -> bool:

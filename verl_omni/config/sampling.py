@@ -7,12 +7,19 @@ every layer validates the same fields the same way. Unknown keys are rejected, n
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from verl_omni.schedulers.flow_match_sde import SDE_TYPES
 
 AUTO = "auto"
+# The largest noise_level per sde_type. cps scales its noise by sin(noise_level * pi / 2), which peaks at 1 (larger
+# values repeat smaller ones); sde's noise grows without bound, and its latents overflow float32 well before 100
+# (the tiny Qwen-Image: finite at 10, NaN at 100). Shipped recipes use 0.7-1.5.
+MAX_NOISE_LEVEL = {"sde": 10.0, "cps": 1.0}
 BatchCfg = Union[bool, Literal["auto"]]  # how CFG's two branches meet the transformer (pipelines/model_inputs.py)
 
 
@@ -57,7 +64,12 @@ class DiffusionSamplingParams:
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
-            self.sde_window_range = tuple(int(x) for x in self.sde_window_range)
+            value = self.sde_window_range
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"sde_window_range={value!r} must be a pair of ints [lo, hi] or null")
+            self.sde_window_range = tuple(
+                int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x for x in value
+            )
 
     # ---------------------------------------------------------------- validation
     def validate(self, vae_scale_factor: Optional[int] = None) -> DiffusionSamplingParams:
@@ -72,24 +84,30 @@ class DiffusionSamplingParams:
                 value = getattr(self, name)
                 if value % multiple:
                     raise ValueError(f"{name}={value} must be a multiple of {multiple} (VAE factor x patch size)")
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1.0 (1.0 = no guidance)")
+        if not _is_finite_number(self.guidance_scale) or self.guidance_scale < 1.0:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale!r} must be a finite number >= 1.0 (1.0 = no guidance)"
+            )
         check_batch_cfg("batch_cfg", self.batch_cfg)
         for name in ("return_trajectory", "trajectory_window_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
-            raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
-        if self.sde_type not in SDE_TYPES:
+        if not isinstance(self.sde_type, str) or self.sde_type not in SDE_TYPES:
             raise ValueError(f"sde_type={self.sde_type!r} is not one of {SDE_TYPES}")
+        top = MAX_NOISE_LEVEL[self.sde_type]
+        if not _is_finite_number(self.noise_level) or not 0 <= self.noise_level <= top:
+            raise ValueError(
+                f"noise_level={self.noise_level!r} must be a finite number in [0, {top}] for sde_type="
+                f"{self.sde_type!r} (allowed: {', '.join(f'{k} [0, {v}]' for k, v in MAX_NOISE_LEVEL.items())})"
+            )
         _require_int("sde_window_size", self.sde_window_size, minimum=0)
         if self.sde_window_size > self.num_inference_steps:
             raise ValueError(
                 f"sde_window_size={self.sde_window_size} exceeds num_inference_steps={self.num_inference_steps}"
             )
         if self.sde_window_range is not None:
-            if len(self.sde_window_range) != 2:
-                raise ValueError(f"sde_window_range={self.sde_window_range!r} must be (lo, hi)")
+            if len(self.sde_window_range) != 2 or not all(_is_int(x) for x in self.sde_window_range):
+                raise ValueError(f"sde_window_range={self.sde_window_range!r} must be a pair of ints (lo, hi)")
             lo, hi = self.sde_window_range
             if not (0 <= lo <= hi <= self.num_inference_steps - max(self.sde_window_size, 1)):
                 raise ValueError(
@@ -121,7 +139,13 @@ class DiffusionSamplingParams:
     @classmethod
     def from_dict(cls, data: Optional[dict[str, Any]]) -> DiffusionSamplingParams:
         """Build from a plain dict, rejecting unknown keys (a typo must not silently use a default)."""
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(
+                f"sampling_params must be an object of named fields (a dict) or null, got {type(data).__name__}"
+            )
         data = dict(data or {})
+        if not all(isinstance(k, str) for k in data):
+            raise ValueError(f"sampling_params keys must be strings, got {sorted(map(repr, data))}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -132,11 +156,19 @@ class DiffusionSamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
-__all__ = ["DiffusionSamplingParams", "SDE_TYPES"]
+__all__ = ["MAX_NOISE_LEVEL", "DiffusionSamplingParams", "SDE_TYPES"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from verl_omni.config.actor import ActorConfig
-from verl_omni.config.base import Section, build, freeze_list, require_choice, require_int, to_plain
+from verl_omni.config.base import Section, build, freeze_list, require_choice, require_int, require_number, to_plain
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 
@@ -47,16 +47,24 @@ class RewardConfig(Section):
     # after the rollout).
     streaming: bool = True
     num_workers: Optional[int] = None  # reward workers; null: the node's cores not used by replicas / agent workers
+    # Seconds one reward call may take unless its entry sets timeout_s: a reward that never returns fails the step
+    # naming itself (http keeps its own per-request timeout_s, 60 s by default).
+    default_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", freeze_list(self.rewards or ()))
+        require_number(self.key("default_timeout_s"), self.default_timeout_s, 0, strict=True)
         if not isinstance(self.streaming, bool):
             raise ValueError(f"{self.key('streaming')}={self.streaming!r} must be true or false")
         if self.num_workers is not None:
             require_int(self.key("num_workers"), self.num_workers)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rewards": [dict(r) for r in self.rewards], "custom_reward_function": dict(self.custom_reward_function)}
+        return {
+            "rewards": [dict(r) for r in self.rewards],
+            "custom_reward_function": dict(self.custom_reward_function),
+            "default_timeout_s": self.default_timeout_s,
+        }
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -27,3 +28,9 @@ def prompt_text(raw_prompt: Any) -> str:
     raise ValueError(
         f"raw_prompt must be a string or a list of chat messages with a user turn, got {raw_prompt!r:.200}"
     )
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing to draw: only whitespace, format characters (zero-width spaces and joiners,
+    byte-order marks) or control characters, which ``str.strip`` keeps."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)

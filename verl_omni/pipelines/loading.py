@@ -12,7 +12,7 @@ from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.logs import quiet_loading_bars
 from verl_omni.models.gelu_epilogue import use_gelu_epilogue
 from verl_omni.models.lora import LoRASpec, add_lora_adapter
-from verl_omni.pipelines import get_pipeline_class
+from verl_omni.pipelines import PIPELINE_REGISTRY, get_pipeline_class
 
 
 def load_rl_pipeline(
@@ -37,6 +37,7 @@ def load_rl_pipeline(
             f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
             "dir with model_index.json, or tiny:qwen_image / tiny:sd3)"
         )
+    check_pipeline_matches(path, pipeline)
     quiet_loading_bars()
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
@@ -49,6 +50,37 @@ def load_rl_pipeline(
             if "lora_" in name:
                 param.data = param.data.to(lora_dtype)
     return pipe
+
+
+def loaded_class_names(pipeline: str) -> tuple[str, ...]:
+    """The ``model_index.json`` ``_class_name`` values the ``pipeline`` class loads: its diffusers base (e.g.
+    ``QwenImagePipeline``) and its own name."""
+    from diffusers import DiffusionPipeline
+
+    mro = get_pipeline_class(pipeline).__mro__
+    return tuple(c.__name__ for c in reversed(mro) if issubclass(c, DiffusionPipeline) and c is not DiffusionPipeline)
+
+
+def check_pipeline_matches(model_path: str, pipeline: str) -> None:
+    """Raise ``ValueError`` naming both keys when the model directory's ``_class_name`` (``model_index.json``) is
+    not what ``pipeline`` loads: loading it anyway fails deep inside diffusers (e.g. an SD3 VAE read as
+    Qwen-Image's: ``AttributeError: ... 'temperal_downsample'``)."""
+    index = os.path.join(model_path, "model_index.json")
+    if not os.path.exists(index):
+        return
+    with open(index) as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name is None or class_name in loaded_class_names(pipeline):
+        return
+    loads = {name: loaded_class_names(name) for name in PIPELINE_REGISTRY}
+    fits = [name for name, classes in loads.items() if class_name in classes]
+    fix = f"set actor_rollout_ref.model.pipeline={fits[0]}" if fits else "no registered pipeline loads it"
+    raise ValueError(
+        f"actor_rollout_ref.model.path={model_path!r} holds a {class_name} (model_index.json _class_name), but "
+        f"actor_rollout_ref.model.pipeline={pipeline!r} loads {loads[pipeline][0]}: {fix} (allowed pipelines: "
+        + ", ".join(f"{name} for {classes[0]}" for name, classes in loads.items())
+        + ")"
+    )
 
 
 def vae_scale_factor_of(model_path: str) -> Optional[int]:

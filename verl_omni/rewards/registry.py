@@ -28,6 +28,12 @@ import numpy as np
 
 RewardFn = Callable[[list, list, list], Sequence[float]]
 
+# Seconds one reward may take for one call (a group or a piece of one) unless its entry sets ``timeout_s``
+# (``reward.default_timeout_s``): a reward that never returns fails the step, naming itself, instead of hanging
+# the run. Rewards that own their timeout (``http``: per request, retries included) keep their own default.
+DEFAULT_REWARD_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_KEY = "reward.default_timeout_s"
+
 _REWARD_REGISTRY: dict[str, RewardFn] = {}
 
 
@@ -158,6 +164,7 @@ class RewardSpec:
     fn: RewardFn
     weight: float = 1.0
     timeout_s: Optional[float] = None
+    timeout_key: str = DEFAULT_TIMEOUT_KEY  # the config key that set timeout_s (named when it expires)
 
 
 @dataclass
@@ -249,13 +256,16 @@ class RewardManager:
 
     ``reward_fns`` replaces the function of the entries it names (``{"pickscore": client}``): a RewardPool's
     workers use it to call one shared reward-model actor instead of loading the model in every worker.
+    ``default_timeout_s`` (default ``DEFAULT_REWARD_TIMEOUT_S``) bounds every entry without its own ``timeout_s``.
     Other top-level keys (``num_workers``, ...) belong to whoever places the manager and are ignored here.
     """
 
     def __init__(self, config: Mapping[str, Any], reward_fns: Optional[Mapping[str, RewardFn]] = None):
         self.specs: list[RewardSpec] = []
         reward_fns = dict(reward_fns or {})
-        for entry in config.get("rewards") or []:
+        default_timeout = config.get("default_timeout_s", DEFAULT_REWARD_TIMEOUT_S)
+        _check_timeout(DEFAULT_TIMEOUT_KEY, default_timeout)
+        for index, entry in enumerate(config.get("rewards") or []):
             if "name" not in entry:
                 raise ValueError(
                     f"reward entry {dict(entry)} has no 'name'; registered rewards: {registered_rewards()}"
@@ -266,8 +276,16 @@ class RewardManager:
             _check_keys(entry, allowed_entry_keys(name), f"reward {name!r}")
             fn = reward_fns.pop(name) if name in reward_fns else build_reward_fn(entry)
             factory = _FACTORY_REGISTRY.get(name)
-            timeout_s = None if factory is not None and factory.owns_timeout else entry.get("timeout_s")
-            self._add(RewardSpec(name, fn, float(entry.get("weight", 1.0)), timeout_s))
+            own_key = f"reward.rewards[{index}].timeout_s"
+            if entry.get("timeout_s") is not None:
+                _check_timeout(own_key, entry["timeout_s"])
+            if factory is not None and factory.owns_timeout:
+                timeout_s, timeout_key = None, own_key
+            elif entry.get("timeout_s") is not None:
+                timeout_s, timeout_key = entry["timeout_s"], own_key
+            else:
+                timeout_s, timeout_key = default_timeout, DEFAULT_TIMEOUT_KEY
+            self._add(RewardSpec(name, fn, float(entry.get("weight", 1.0)), timeout_s, timeout_key))
         if reward_fns:
             raise ValueError(f"reward_fns given for {sorted(reward_fns)}, which no entry of 'rewards' names")
         custom = config.get("custom_reward_function") or {}
@@ -276,8 +294,13 @@ class RewardManager:
             if not custom.get("name"):
                 raise ValueError("custom_reward_function.path is set but custom_reward_function.name is not")
             fn = load_custom_reward_fn(custom["path"], custom["name"], custom.get("reward_kwargs"))
+            timeout_s, timeout_key = default_timeout, DEFAULT_TIMEOUT_KEY
+            if custom.get("timeout_s") is not None:
+                timeout_key = "reward.custom_reward_function.timeout_s"
+                timeout_s = custom["timeout_s"]
+                _check_timeout(timeout_key, timeout_s)
             self._add(
-                RewardSpec(f"custom/{custom['name']}", fn, float(custom.get("weight", 1.0)), custom.get("timeout_s"))
+                RewardSpec(f"custom/{custom['name']}", fn, float(custom.get("weight", 1.0)), timeout_s, timeout_key)
             )
         if not self.specs:
             raise ValueError("RewardManager needs at least one reward in 'rewards' or a 'custom_reward_function'")
@@ -401,6 +424,11 @@ def _score_values(name: str, raw: Any) -> list:
     return list(raw)
 
 
+def _check_timeout(key: str, value: Any) -> None:
+    if not is_real_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}={value!r} must be a finite number of seconds > 0")
+
+
 def _call_with_timeout(spec: RewardSpec, images, prompts, metadata):
     if spec.timeout_s is None:
         return spec.fn(list(images), list(prompts), list(metadata))
@@ -411,7 +439,8 @@ def _call_with_timeout(spec: RewardSpec, images, prompts, metadata):
         done, _ = concurrent.futures.wait([future], timeout=spec.timeout_s)
         if not done:
             raise RewardTimeoutError(
-                f"reward {spec.name!r} did not finish {len(images)} samples within timeout_s={spec.timeout_s}"
+                f"reward {spec.name!r} did not finish {len(images)} samples within {spec.timeout_s} s "
+                f"({spec.timeout_key}={spec.timeout_s}): raise it for a slow reward, or find why it hangs"
             )
         return future.result()
     finally:

@@ -10,8 +10,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from verl_omni.config.rollout import RequestLimits
+from verl_omni.config.rollout import INT64_MAX, INT64_MIN, RequestLimits
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.prompts import is_blank
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import vae_scale_factor_of
 
@@ -46,8 +47,8 @@ def validate_request(
     """Check a request against the configured limits and the model; raise ``ValueError`` naming what is wrong."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise ValueError("prompt is empty")
+    if is_blank(prompt):
+        raise ValueError("prompt is empty (only whitespace, zero-width or control characters)")
     if len(prompt) > limits.max_prompt_chars:
         raise ValueError(
             f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars} "
@@ -56,28 +57,18 @@ def validate_request(
     n = num_outputs_per_prompt
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"num_outputs_per_prompt must be an int, got {type(n).__name__}")
-    if not 1 <= n <= limits.max_num_outputs_per_prompt:
-        raise ValueError(
-            f"num_outputs_per_prompt={n} must be in [1, {limits.max_num_outputs_per_prompt}] "
-            "(actor_rollout_ref.rollout.limits.max_num_outputs_per_prompt)"
-        )
     if not isinstance(seeds, (list, tuple)) or len(seeds) != n:
         got = len(seeds) if isinstance(seeds, (list, tuple)) else type(seeds).__name__
         raise ValueError(f"seeds must be a list of {n} ints (num_outputs_per_prompt), got {got}")
     if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in seeds):
         raise ValueError(f"seeds must be ints, got {[type(s).__name__ for s in seeds]}")
+    outside = [int(s) for s in seeds if not INT64_MIN <= int(s) <= INT64_MAX]
+    if outside:
+        raise ValueError(
+            f"seeds {outside[:4]} do not fit a 64-bit signed int: each seed must be in [-2**63, 2**63 - 1]"
+        )
     params = DiffusionSamplingParams.from_dict(sampling_params).validate(model.vae_scale_factor)
-    pixels = params.height * params.width
-    if pixels > limits.max_pixels:
-        raise ValueError(
-            f"height x width = {params.height} x {params.width} = {pixels} pixels; the limit is "
-            f"{limits.max_pixels} (actor_rollout_ref.rollout.limits.max_pixels)"
-        )
-    if params.num_inference_steps > limits.max_inference_steps:
-        raise ValueError(
-            f"num_inference_steps={params.num_inference_steps}; the limit is "
-            f"{limits.max_inference_steps} (actor_rollout_ref.rollout.limits.max_inference_steps)"
-        )
+    limits.check(n, params)
     if params.max_sequence_length > model.max_sequence_length:
         raise ValueError(
             f"max_sequence_length={params.max_sequence_length} must be <= "

@@ -14,6 +14,9 @@ import time
 import uuid
 from typing import Any, Optional
 
+# At module level: FastAPI reads the handler's (postponed) annotation by name from this module.
+from starlette.requests import Request
+
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.outputs import unpack_batch
@@ -74,6 +77,7 @@ class DiffusionHttpServer:
 
     def _build_app(self):
         from fastapi import FastAPI, HTTPException
+        from fastapi.responses import JSONResponse
 
         app = FastAPI(title=f"verl_omni diffusion server {self.replica_rank}")
 
@@ -86,13 +90,15 @@ class DiffusionHttpServer:
             return self.get_stats()
 
         @app.post("/v1/generate_batched")
-        async def generate_batched(body: dict) -> dict:
+        async def generate_batched(body: dict, request: Request) -> dict:
             allowed = {"request_id", "prompt", "num_outputs_per_prompt", "seeds", "sampling_params"}
             unknown = sorted(set(body) - allowed)
             if unknown:
                 raise HTTPException(status_code=422, detail=f"unknown keys {unknown}; allowed: {sorted(allowed)}")
             try:
-                outputs = await self._run_in_actor_loop(body)
+                outputs = await _unless_client_leaves(self._run_in_actor_loop(body), request)
+            except _ClientGone as gone:  # nobody reads this answer; the engine work is already aborted
+                return JSONResponse(status_code=499, content={"detail": str(gone)})
             except ValueError as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
             except TimeoutError as exc:
@@ -133,6 +139,11 @@ class DiffusionHttpServer:
         self._inflight[request_id] = task
         try:
             batch = await asyncio.wait_for(asyncio.shield(task), timeout=self.rollout.request_timeout_s)
+        except asyncio.CancelledError:
+            # The caller has gone (a cancelled Ray call, a closed HTTP connection): stop the engine-side work, or
+            # the next request waits behind a result nobody reads.
+            await self._cancel(request_id, task)
+            raise
         except asyncio.TimeoutError:
             # Stop the engine-side work too, so the next request is served (not queued behind an orphan).
             await self._cancel(request_id, task)
@@ -234,6 +245,35 @@ class DiffusionHttpServer:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         await self.engine.shutdown()
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _unless_client_leaves(call, request: Request) -> Any:
+    """Await ``call``; if the HTTP client disconnects first, cancel it (``generate_batched`` then aborts the engine
+    work) and raise ``_ClientGone``. Starlette does not cancel a handler whose client has gone."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself was cancelled (the server stops): the call goes with it
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.wait([work])
+        raise _ClientGone(f"the client of {request.url.path} disconnected; its request was aborted")
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client of ``request`` (whose body is already read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _json_summary(payload: dict) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from verl import DataProto
 
-from verl_omni.core.prompts import prompt_text
+from verl_omni.core.prompts import is_blank, prompt_text
 
 
 class PromptDataset:
@@ -31,8 +31,8 @@ class PromptDataset:
                 text = prompt_text(raw)
             except ValueError as exc:
                 raise ValueError(f"{path} row {i}: {exc}") from None
-            if not text.strip():
-                raise ValueError(f"{path} row {i}: empty prompt")
+            if is_blank(text):
+                raise ValueError(f"{path} row {i}: empty prompt (only whitespace, zero-width or control characters)")
 
     def __len__(self) -> int:
         return len(self.frame)

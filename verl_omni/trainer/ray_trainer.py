@@ -28,7 +28,7 @@ from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.models.lora import DEFAULT_TARGET_MODULES
-from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
+from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
 from verl_omni.rewards.registry import RewardResult, row_metadata
@@ -140,13 +140,15 @@ class FlowGRPOTrainer:
         return RewardPool(reward.as_dict(), workers, colocate_models_with=self.servers.placement_group)
 
     def _check_model(self, path: str) -> None:
-        """Start-up checks that need the model directory, before Ray starts: it exists, the image size fits its VAE,
-        and its scheduler accepts the step counts (training and validation)."""
+        """Start-up checks that need the model directory, before Ray starts: it exists, it holds the model that
+        ``model.pipeline`` loads, the image size fits its VAE, and its scheduler accepts the step counts (training
+        and validation)."""
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(
                 f"actor_rollout_ref.model.path={path!r} is not a diffusers pipeline directory "
                 "(no model_index.json there); or use tiny:qwen_image / tiny:sd3"
             )
+        check_pipeline_matches(path, self.config.actor_rollout_ref.model.pipeline)
         for validate in (False, True):
             params = self.rollout_cfg.sampling_params(validate=validate)
             where = "val_kwargs" if validate else "pipeline"
