@@ -310,6 +310,7 @@ class FlowGRPOTrainer:
                 history.append(metrics)
                 trained_steps.append(step)
                 self.tracker.log(data=metrics, step=step)
+                self.no_signal.observe(step, metrics["advantages/abs_max"])  # warns; stops after too many in a row
             saves = cfg.trainer.save_freq > 0
             if saves and (step % cfg.trainer.save_freq == 0 or step == total or self.graceful_stop.signum):
                 checkpoint = self.save(step)
@@ -342,7 +343,6 @@ class FlowGRPOTrainer:
             print(f"[verl_omni] step {step} skipped ({self.skipped_in_a_row} in a row): {exc}")
             return None
         self.skipped_in_a_row = 0
-        self.no_signal.observe(step, metrics["advantages/abs_max"])  # warns; stops after too many in a row
         truncated = metrics.get("rollout/truncated_prompts", 0)
         if truncated:  # one line per step, not one per prompt
             logger.warning(
