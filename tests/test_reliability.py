@@ -493,3 +493,34 @@ def test_a_sigkilled_trainer_leaves_no_ray_process_behind(ocr_data_files, tiny_q
     assert not alive, [(p.pid, p.name()) for p in alive]
     process.stdout.close()
     process.stderr.close()
+
+
+def test_resuming_with_another_lora_rank_is_refused_before_loading_into_the_actor(tmp_path):
+    from types import SimpleNamespace
+
+    from verl_omni.trainer.checkpoint import IncompatibleCheckpointError, lora_meta
+
+    def lora(rank):
+        return {"t.to_q.lora_A.weight": torch.zeros(rank, 16), "t.to_q.lora_B.weight": torch.zeros(16, rank)}
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    save_checkpoint(str(tmp_path), 2, lora(4), optimizer, {"lora": lora_meta(4, 8.0, ["to_q"])})
+    cfg = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "actor_rollout_ref.model.lora_rank": 8,
+            "actor_rollout_ref.model.lora_alpha": 8.0,
+            "actor_rollout_ref.model.target_modules": ["to_q"],
+            "trainer.default_local_dir": str(tmp_path),
+        }
+    )
+    trainer = FlowGRPOTrainer(cfg)
+    loaded = []
+    trainer.actor = SimpleNamespace(lora_state_dict=lambda: lora(8), load_lora_state_dict=loaded.append)
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        trainer._maybe_resume()
+    assert f"checkpoint {tmp_path / 'global_step_2'}" in str(info.value)
+    assert "lora_rank=8 (the checkpoint's: 4)" in str(info.value) and "t.to_q.lora_A.weight [4, 16] -> [8, 16]" in str(
+        info.value
+    )
+    assert loaded == [] and trainer.global_step == 0

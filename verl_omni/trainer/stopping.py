@@ -130,9 +130,10 @@ class GracefulStop:
         """Between steps: stop here if a signal came."""
         if self.signum is None:
             return
-        saved = f"; latest checkpoint: {checkpoint}" if checkpoint else "; checkpoints are off (trainer.save_freq=-1)"
+        if checkpoint:
+            resume = f"latest checkpoint: {checkpoint}. The same command resumes the run (trainer.resume_mode=auto)"
+        else:
+            resume = "checkpoints are off (trainer.save_freq=-1): there is nothing to resume from"
         raise TrainingInterrupted(
-            self.signum,
-            f"stopped by {signal_name(self.signum)} after step {step} of {total}{saved}. The same command resumes "
-            "the run (trainer.resume_mode=auto)",
+            self.signum, f"stopped by {signal_name(self.signum)} after step {step} of {total}; {resume}"
         )
