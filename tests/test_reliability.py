@@ -269,8 +269,22 @@ def test_validation_writes_a_grid_image(ray_session, ocr_data_files, tiny_qwen_i
 
 
 # ------------------------------------------------------------------------------------------------ stopping on purpose
+@pytest.fixture
+def stub_trainer(tmp_path):
+    """Makes trainers whose loop runs for real around a stand-in step (no Ray, no model): ``metrics_of_step(step)``;
+    closes their event loops afterwards."""
+    made = []
+
+    def make(metrics_of_step, **extra):
+        made.append(_stub_trainer(tmp_path, metrics_of_step, **extra))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.loop.close()
+
+
 def _stub_trainer(tmp_path, metrics_of_step, **extra):
-    """A trainer whose loop runs for real around a stand-in step (no Ray, no model): ``metrics_of_step(step)``."""
     from types import SimpleNamespace
 
     cfg = make_config(
@@ -303,12 +317,11 @@ CONSTANT = [0.3] * 8  # the group mean of equal rewards may round: |A| ~1e-11, n
 VARIED = [0.1, 0.2, 0.3, 0.4] * 2
 
 
-def test_steps_without_learning_signal_warn_at_once_and_stop_the_run_after_the_limit(tmp_path, capsys):
+def test_steps_without_learning_signal_warn_at_once_and_stop_the_run_after_the_limit(stub_trainer, capsys):
     from verl_omni.trainer.stopping import NO_SIGNAL_EXIT_CODE, NoLearningSignalError
 
     rewards = {1: CONSTANT, 2: VARIED, 3: CONSTANT, 4: CONSTANT, 5: CONSTANT, 6: VARIED}
-    trainer = _stub_trainer(
-        tmp_path,
+    trainer = stub_trainer(
         lambda step: _step_metrics(rewards[step]),
         **{"trainer.total_training_steps": 6, "trainer.max_steps_without_signal": 3, "trainer.save_freq": -1},
     )
@@ -325,9 +338,8 @@ def test_steps_without_learning_signal_warn_at_once_and_stop_the_run_after_the_l
     assert "step 2 carried" not in out
 
 
-def test_max_steps_without_signal_zero_only_warns(tmp_path, capsys):
-    trainer = _stub_trainer(
-        tmp_path,
+def test_max_steps_without_signal_zero_only_warns(stub_trainer, capsys):
+    trainer = stub_trainer(
         lambda step: _step_metrics(CONSTANT),
         **{"trainer.total_training_steps": 4, "trainer.max_steps_without_signal": 0, "trainer.save_freq": -1},
     )
@@ -336,7 +348,9 @@ def test_max_steps_without_signal_zero_only_warns(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_stop_signal_finishes_the_step_saves_it_and_stops_with_128_plus_the_signal(tmp_path, capfd, signum, code):
+def test_a_stop_signal_finishes_the_step_saves_it_and_stops_with_128_plus_the_signal(
+    stub_trainer, tmp_path, capfd, signum, code
+):
     from verl_omni.trainer.stopping import TrainingInterrupted
 
     finished = []
@@ -347,9 +361,7 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_stops_with_128_plus_the_si
         finished.append(step)
         return _step_metrics(VARIED)
 
-    trainer = _stub_trainer(
-        tmp_path, step_that_gets_a_signal, **{"trainer.total_training_steps": 10, "trainer.save_freq": 5}
-    )
+    trainer = stub_trainer(step_that_gets_a_signal, **{"trainer.total_training_steps": 10, "trainer.save_freq": 5})
     trainer.graceful_stop.install()
     try:
         with pytest.raises(TrainingInterrupted) as info:
@@ -367,7 +379,7 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_stops_with_128_plus_the_si
     assert signal.getsignal(signum) is not trainer.graceful_stop._on_signal  # uninstalled
 
 
-def test_a_second_stop_signal_abandons_the_step_at_once(tmp_path):
+def test_a_second_stop_signal_abandons_the_step_at_once(stub_trainer):
     from verl_omni.trainer.stopping import TrainingInterrupted
 
     def step_that_gets_two_signals(step):
@@ -375,7 +387,7 @@ def test_a_second_stop_signal_abandons_the_step_at_once(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the second signal did not interrupt the step")
 
-    trainer = _stub_trainer(tmp_path, step_that_gets_two_signals, **{"trainer.total_training_steps": 3})
+    trainer = stub_trainer(step_that_gets_two_signals, **{"trainer.total_training_steps": 3})
     trainer.graceful_stop.install()
     try:
         with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM; the step in progress was abandoned"):
@@ -515,6 +527,7 @@ def test_resuming_with_another_lora_rank_is_refused_before_loading_into_the_acto
         }
     )
     trainer = FlowGRPOTrainer(cfg)
+    trainer.loop.close()  # no engine to reach
     loaded = []
     trainer.actor = SimpleNamespace(lora_state_dict=lambda: lora(8), load_lora_state_dict=loaded.append)
     with pytest.raises(IncompatibleCheckpointError) as info:

@@ -124,7 +124,8 @@ class GracefulStop:
                 f"(send {name} again to stop at once)\n".encode(),
             )
             return
-        raise TrainingInterrupted(signum, f"stopped by {name}; the step in progress was abandoned")
+        what = "; the step in progress was abandoned" if self.finish_step else " during start-up"
+        raise TrainingInterrupted(signum, f"stopped by {name}{what}")
 
     def raise_if_requested(self, step: int, total: int, checkpoint: Optional[str]) -> None:
         """Between steps: stop here if a signal came."""
