@@ -441,7 +441,7 @@ def _cli_overrides(data_files, model_dir, out_dir, **extra):
 
 
 def _start_trainer(argv, cwd):
-    """The trainer in a process of its own; returns it once it printed its first step's metrics (``step:1 ...``)."""
+    """The trainer in a process of its own; returns it once it printed its first step's metrics."""
     process = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -453,7 +453,7 @@ def _start_trainer(argv, cwd):
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.startswith("step:1 "):
+        if re.match(r"step[: ]1 ", line):  # verl's console line (step:1 - ...) or the short one (step 1 | ...)
             return process
     process.wait()
     raise AssertionError(
