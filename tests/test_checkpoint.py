@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, no pickle on load, checksums verified on resume, damage named and survived."""
 
+import errno
+import io
 import json
 import os
 import pickle
@@ -14,9 +16,14 @@ from verl_omni.trainer import checkpoint
 from verl_omni.trainer.checkpoint import (
     LATEST,
     DamagedCheckpointError,
+    ExistingRunError,
+    IncompatibleCheckpointError,
+    check_lora_fits,
     find_latest_checkpoint,
     load_checkpoint,
     load_resumable_checkpoint,
+    lora_meta,
+    prepare_run_directory,
     read_checkpoint,
     resume_past_total_message,
     save_checkpoint,
@@ -185,7 +192,7 @@ def test_every_checkpoint_damaged_refuses_to_start_over(tmp_path):
     _two_checkpoints(tmp_path)
     for step in (1, 2):
         os.remove(tmp_path / f"global_step_{step}" / "optim.pt")
-    with pytest.raises(RuntimeError, match="every checkpoint under .* is damaged.*trainer.resume_mode=disable"):
+    with pytest.raises(RuntimeError, match="every checkpoint under .* is damaged.*trainer.resume_mode=overwrite"):
         load_resumable_checkpoint(str(tmp_path))
 
 
@@ -205,11 +212,163 @@ def test_a_checkpoint_without_checksums_is_not_trusted(tmp_path):
         read_checkpoint(path)
 
 
-def test_resume_past_total_names_both_numbers():
+def test_resume_past_total_names_both_numbers_and_suggests_nothing_destructive():
     assert resume_past_total_message(2, 3) is None
     message = resume_past_total_message(5, 3)
     assert "global step 5" in message and "trainer.total_training_steps=3" in message
     assert "global step 3" in resume_past_total_message(3, 3)
+    assert "resume_mode" not in message and "another directory" in message
+
+
+def test_a_new_run_in_a_directory_with_checkpoints_is_refused_and_leaves_them_untouched(tmp_path):
+    lora1, lora2 = _two_checkpoints(tmp_path)
+    before = {name: (tmp_path / name).stat().st_mtime_ns for name in ("global_step_1", "global_step_2", LATEST)}
+    with pytest.raises(
+        ExistingRunError,
+        match=rf"trainer.resume_mode=disable .*trainer.default_local_dir={tmp_path} holds the checkpoints of another "
+        r"run \(steps 1, 2, latest marker: 2\).*another directory.*trainer.resume_mode=overwrite",
+    ):
+        prepare_run_directory(str(tmp_path), "disable")
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in before} == before
+    resumed = load_resumable_checkpoint(str(tmp_path))
+    assert resumed.step == 2 and torch.equal(resumed.lora["a"], lora2["a"])
+    prepare_run_directory(str(tmp_path), "auto")  # continuing the run is what auto does: nothing changes
+    assert sorted(os.listdir(tmp_path)) == ["global_step_1", "global_step_2", LATEST]
+
+
+def test_a_marker_alone_counts_as_another_run_and_an_empty_directory_is_free(tmp_path):
+    prepare_run_directory(str(tmp_path / "new"), "disable")  # nothing there (not even the directory)
+    (tmp_path / "samples").mkdir()
+    prepare_run_directory(str(tmp_path), "disable")  # outputs other than checkpoints: nothing to overwrite
+    (tmp_path / LATEST).write_text("4")
+    with pytest.raises(ExistingRunError, match=r"no step directory, latest marker: 4"):
+        prepare_run_directory(str(tmp_path), "disable")
+
+
+def test_resume_mode_overwrite_deletes_the_previous_run_and_says_so(tmp_path, capsys):
+    _two_checkpoints(tmp_path)
+    os.makedirs(tmp_path / ".global_step_3.abc")  # a save cut short
+    (tmp_path / "samples").mkdir()
+    prepare_run_directory(str(tmp_path), "overwrite")
+    assert sorted(os.listdir(tmp_path)) == ["samples"]
+    assert load_resumable_checkpoint(str(tmp_path)) is None
+    assert f"trainer.resume_mode=overwrite: deleted the checkpoints of the previous run in {tmp_path}" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(ValueError, match=r"trainer.resume_mode='maybe' is not one of"):
+        prepare_run_directory(str(tmp_path), "maybe")
+
+
+class _FullDisk(io.BufferedWriter):
+    """A file that takes ``budget`` bytes in all (shared by every file opened), then fails as a full disk does."""
+
+    def __init__(self, raw, budget):
+        super().__init__(raw)
+        self.budget = budget
+
+    def write(self, data):
+        if len(data) > self.budget[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget[0] -= len(data)
+        return super().write(data)
+
+
+def _disk_with(budget, real_open=open):
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_open(path, mode, *args, **kwargs)
+        f = _FullDisk(io.FileIO(path, "w"), budget)
+        return f if "b" in mode else io.TextIOWrapper(f, write_through=True)
+
+    return fake_open
+
+
+def _write_sizes(tmp_path):
+    """Bytes each file of a checkpoint of _two_checkpoints' tensors takes, in the order they are written."""
+    path = tmp_path / "sizes"
+    _two_checkpoints(path)
+    return [os.path.getsize(path / "global_step_2" / n) for n in ("lora.safetensors", "optim.pt", "rng.json")]
+
+
+@pytest.mark.parametrize("fails_in", ["lora.safetensors", "optim.pt", "rng.json", "meta.json"])
+def test_a_full_disk_names_no_space_and_the_path_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, fails_in):
+    sizes = _write_sizes(tmp_path)
+    budget = {"lora.safetensors": 0, "optim.pt": sizes[0] + 100, "rng.json": sum(sizes[:2]) + 10}
+    budget["meta.json"] = sum(sizes) + 10
+    root = tmp_path / "run"
+    lora1, lora2 = _two_checkpoints(root)
+    _, optimizer = _trained_optimizer()
+    monkeypatch.setattr(checkpoint, "open", _disk_with([budget[fails_in]]), raising=False)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(str(root), 3, {"a": torch.full((2, 2), 3.0)}, optimizer)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    message = str(info.value)
+    assert f"no space left on device while saving checkpoint {root / 'global_step_3'}" in message
+    assert "the latest marker still names step 2" in message and "trainer.default_local_dir" in message
+    assert sorted(os.listdir(root)) == ["global_step_1", "global_step_2", LATEST]  # no temp dir left
+    assert torch.equal(read_checkpoint(str(root / "global_step_1")).lora["a"], lora1["a"])
+    resumed = load_resumable_checkpoint(str(root))
+    assert resumed.step == 2 and torch.equal(resumed.lora["a"], lora2["a"])
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    _, optimizer = _trained_optimizer()
+
+    def read_only(path, mode="r", *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoint, "open", read_only, raising=False)
+    with pytest.raises(PermissionError) as info:
+        save_checkpoint(str(tmp_path), 1, {"a": torch.ones(1)}, optimizer)
+    assert "no space" not in str(info.value) and "lora.safetensors" in str(info.value)
+
+
+def _lora(rank, modules=("to_q", "to_k")):
+    return {
+        f"block.{m}.lora_{ab}.weight": torch.zeros(shape)
+        for m in modules
+        for ab, shape in (("A", (rank, 8)), ("B", (8, rank)))
+    }
+
+
+def _saved_with(tmp_path, rank, modules=("to_q", "to_k"), alpha=8.0, record_meta=True):
+    _, optimizer = _trained_optimizer()
+    meta = {"lora": lora_meta(rank, alpha, modules)} if record_meta else {}
+    return read_checkpoint(save_checkpoint(str(tmp_path), 1, _lora(rank, modules), optimizer, meta))
+
+
+def _shapes(lora):
+    return {name: tensor.shape for name, tensor in lora.items()}
+
+
+def test_a_changed_lora_rank_is_named_with_the_checkpoint_and_the_shapes(tmp_path):
+    saved = _saved_with(tmp_path, rank=4)
+    check_lora_fits(saved, lora_meta(4, 8.0, ("to_q", "to_k")), _shapes(_lora(4)))  # the same adapter: fits
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        check_lora_fits(saved, lora_meta(8, 8.0, ("to_q", "to_k")), _shapes(_lora(8)))
+    message = str(info.value)
+    assert f"checkpoint {tmp_path / 'global_step_1'} holds a LoRA adapter this run cannot resume" in message
+    assert "actor_rollout_ref.model.lora_rank=8 (the checkpoint's: 4)" in message
+    assert (
+        "tensors shapes changed: block.to_k.lora_A.weight [4, 8] -> [8, 8], block.to_k.lora_B.weight [8, 4] -> [8, 8]"
+        in message
+    )
+    with pytest.raises(IncompatibleCheckpointError, match=r"lora_alpha=16.0 \(the checkpoint's: 8.0\)"):
+        check_lora_fits(saved, lora_meta(4, 16.0, ("to_q", "to_k")), _shapes(_lora(4)))
+
+
+def test_changed_target_modules_name_the_tensors_even_without_recorded_meta(tmp_path):
+    saved = _saved_with(tmp_path, rank=4, record_meta=False)  # a checkpoint written before the meta had "lora"
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        check_lora_fits(saved, lora_meta(4, 8.0, ("to_q", "to_v")), _shapes(_lora(4, ("to_q", "to_v"))))
+    message = str(info.value)
+    assert "model.target_modules" not in message  # nothing recorded to compare: the tensors say it
+    assert "not in the checkpoint: block.to_v.lora_A.weight, block.to_v.lora_B.weight" in message
+    assert "in the checkpoint only: block.to_k.lora_A.weight, block.to_k.lora_B.weight" in message
+    recorded = _saved_with(tmp_path / "meta", rank=4)
+    with pytest.raises(IncompatibleCheckpointError, match=r"target_modules=\['to_q', 'to_v'\] \(the checkpoint's"):
+        check_lora_fits(recorded, lora_meta(4, 8.0, ("to_q", "to_v")), _shapes(_lora(4, ("to_q", "to_v"))))
 
 
 def test_the_policy_ema_is_saved_beside_the_adapter_verified_and_read_back_bit_for_bit(tmp_path):

@@ -233,6 +233,12 @@ def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_
         ("actor_rollout_ref.rollout.algo.noise_level", 0.0, "algo.noise_level=0.0 must be > 0 for training"),
         ("actor_rollout_ref.rollout.agent.num_workers", 0, "agent.num_workers=0 must be an int >= 1"),
         ("actor_rollout_ref.rollout.val_kwargs.n", 1.5, "val_kwargs.n=1.5 must be an int >= 1"),
+        ("trainer.max_steps_without_signal", -1, "trainer.max_steps_without_signal=-1 must be an int >= 0"),
+        (
+            "reward.rewards",
+            [{"name": "ocr", "weight": 0}, {"name": "jpeg", "weight": 0.0}],
+            r"every reward weight is 0 \(reward.rewards\[0\].weight, reward.rewards\[1\].weight\)",
+        ),
     ],
 )
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
@@ -283,6 +289,32 @@ def test_unknown_keys_are_rejected_by_the_entry_point():
         cwd=REPO,
     )
     assert out.returncode != 0 and "actor_rollout_ref.rollout.nn" in out.stderr
+
+
+def test_the_console_script_finds_its_config_from_any_directory(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "verl-omni-flowgrpo")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "== Config ==" in shown.stdout and "max_steps_without_signal: 3" in shown.stdout
+    job = subprocess.run(
+        [script, "--cfg", "job", "actor_rollout_ref.model.path=tiny:sd3", "trainer.total_training_steps=7"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert "path: tiny:sd3" in job.stdout and "total_training_steps: 7" in job.stdout
+
+
+def test_a_zero_weight_beside_a_weighted_reward_is_accepted():
+    cfg = make_config(
+        {
+            "actor_rollout_ref.model.path": "tiny:qwen_image",
+            "reward.rewards": [{"name": "ocr", "weight": 1.0}, {"name": "jpeg", "weight": 0}],
+        }
+    )
+    assert FlowGRPOTrainer(cfg).config.reward.rewards[1]["weight"] == 0
 
 
 @pytest.mark.e2e

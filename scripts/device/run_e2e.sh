@@ -28,7 +28,7 @@ for engine in ${E2E_ENGINES:-vllm_omni diffusers}; do
     actor_rollout_ref.rollout.algo.sde_window_size=2 actor_rollout_ref.rollout.algo.sde_window_range=[0,5] \
     "reward.rewards=$REWARDS" \
     trainer.total_training_steps=$STEPS trainer.save_freq=$STEPS trainer.test_freq=-1 trainer.logger=[console,file] \
-    trainer.default_local_dir="$WORK/run_$engine" trainer.resume_mode=disable \
+    trainer.default_local_dir="$WORK/run_$engine" trainer.resume_mode=overwrite \
     2>&1 | tee "$OUT/e2e_$engine.log"
   s=${PIPESTATUS[0]}; echo "exit code ($engine): $s" | tee -a "$OUT/e2e_$engine.log"; [ "$s" = 0 ] || rc=$s
 done

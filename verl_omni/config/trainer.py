@@ -58,6 +58,22 @@ class RewardConfig(Section):
             raise ValueError(f"{self.key('streaming')}={self.streaming!r} must be true or false")
         if self.num_workers is not None:
             require_int(self.key("num_workers"), self.num_workers)
+        self._refuse_all_zero_weights()
+
+    def _refuse_all_zero_weights(self) -> None:
+        """Every weight 0: every total reward is 0, every advantage 0, nothing is learned. (Other weight errors are
+        the reward manager's to name.)"""
+        entries = {f"{self.key('rewards')}[{i}]": entry for i, entry in enumerate(self.rewards)}
+        custom = self.custom_reward_function or {}
+        if isinstance(custom, dict) and custom.get("path"):
+            entries[self.key("custom_reward_function")] = custom
+        weights = {f"{key}.weight": e.get("weight", 1.0) for key, e in entries.items() if isinstance(e, dict)}
+        zero = [key for key, w in weights.items() if isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0]
+        if entries and len(zero) == len(entries):
+            raise ValueError(
+                f"every reward weight is 0 ({', '.join(zero)}): every total reward would be 0, so every "
+                "advantage is 0 and the run learns nothing. Give at least one reward a non-zero weight"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,11 +102,15 @@ class TrainerConfig(Section):
     save_freq: int = 1  # -1 disables checkpoints
     test_freq: int = -1  # -1 disables validation
     default_local_dir: str = "checkpoints/verl_omni_flowgrpo/qwen_image_ocr_lora"
-    resume_mode: str = "auto"  # auto | disable
+    # auto: continue the run in default_local_dir (if any) | disable: a new run (refused where another run's
+    # checkpoints are) | overwrite: delete that run's checkpoints, then start a new run
+    resume_mode: str = "auto"
     sample_images_per_step: int = 4
     nan_policy: str = "stop"  # stop | skip
     max_consecutive_skips: int = 3  # nan_policy=skip: this many refused steps in a row stop the run
     resume_on_damage: str = "fallback"  # fallback (to the newest intact checkpoint, said loudly) | stop
+    # Steps in a row whose advantages are all 0 (no learning signal) that stop the run (each warns); 0: never stop
+    max_steps_without_signal: int = 3
     seed: int = 0
     ray_num_cpus: Optional[int] = None  # null = this machine's cores (at least 4 logical slots)
     # Placement of the hybrid engine (verl's keys): one replica + one actor rank per GPU (per worker on CPU).
@@ -104,10 +124,11 @@ class TrainerConfig(Section):
         if unknown:
             raise ValueError(f"{self.key('logger')} has {unknown}; allowed: {LOGGERS}")
         require_int(self.key("total_training_steps"), self.total_training_steps)
-        require_choice(self.key("resume_mode"), self.resume_mode, ("auto", "disable"))
+        require_choice(self.key("resume_mode"), self.resume_mode, ("auto", "disable", "overwrite"))
         require_choice(self.key("nan_policy"), self.nan_policy, ("stop", "skip"))
         require_int(self.key("max_consecutive_skips"), self.max_consecutive_skips)
         require_choice(self.key("resume_on_damage"), self.resume_on_damage, ("fallback", "stop"))
+        require_int(self.key("max_steps_without_signal"), self.max_steps_without_signal, minimum=0)
         for key in ("save_freq", "test_freq"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):

@@ -23,6 +23,7 @@ is named with the file and the reason; the newest intact older checkpoint is use
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,7 +38,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,10 @@ META_FILE = "meta.json"
 CHECKSUMMED_FILES = (LORA_FILE, OPTIM_FILE, RNG_FILE)
 FORMAT_VERSION = 2  # 1: optim.pt held numpy/python RNG states as pickles and meta.json had no checksums
 ON_DAMAGE_CHOICES = ("fallback", "stop")
+RESUME_MODES = ("auto", "disable", "overwrite")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+_TEMP_DIR = re.compile(r"^\.global_step_\d+\.")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -94,47 +99,88 @@ def save_checkpoint(
     ema: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path.
-    ``ema``: the policy EMA as the actor's ``ema_state_dict`` returns it (written to ``ema.safetensors``)."""
+    ``ema``: the policy EMA as the actor's ``ema_state_dict`` returns it (written to ``ema.safetensors``).
+
+    A full disk (ENOSPC / EDQUOT anywhere in the error's chain: torch.save reports it as ``unexpected pos``) raises
+    OSError(ENOSPC) naming the checkpoint and the free space; the earlier checkpoints and the marker stay as they were.
+    """
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"global_step_{step}")
     tmp = tempfile.mkdtemp(prefix=f".global_step_{step}.", dir=root)
     try:
-        save_file({k: v.contiguous() for k, v in lora.items()}, os.path.join(tmp, LORA_FILE))
-        names = list(CHECKSUMMED_FILES)
-        if ema is not None:
-            save_file(
-                {k: v.contiguous() for k, v in ema["lora"].items()},
-                os.path.join(tmp, EMA_FILE),
-                metadata={"optimizer_steps": str(int(ema["optimizer_steps"]))},
-            )
-            names.append(EMA_FILE)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, OPTIM_FILE)
-        )
-        with open(os.path.join(tmp, RNG_FILE), "w") as f:
-            json.dump(
-                {
-                    "numpy": _numpy_state_to_json(np.random.get_state()),
-                    "python": _python_state_to_json(random.getstate()),
-                },
-                f,
-            )
-        files = {name: _sha256(os.path.join(tmp, name)) for name in names}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(
-                {**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
-                f,
-                indent=2,
-                default=str,
-            )
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written temp dir left behind
+        try:
+            _write_checkpoint_files(tmp, step, lora, optimizer, meta, ema)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written temp dir left behind
+            raise
+        _atomic_write(os.path.join(root, LATEST), str(step))
+    except Exception as exc:  # noqa: BLE001 - re-raised, named when it is a full disk
+        if _is_disk_full(exc):
+            raise _disk_full_error(root, final) from exc
         raise
-    _atomic_write(os.path.join(root, LATEST), str(step))
     return final
+
+
+def _write_checkpoint_files(
+    tmp: str, step: int, lora: dict, optimizer, meta: Optional[dict[str, Any]], ema: Optional[dict[str, Any]]
+) -> None:
+    # Every file through Python's open(): a full disk then raises OSError(ENOSPC) (as the cause of torch's error),
+    # where the libraries' own C++ / Rust writers report it without an errno.
+    with open(os.path.join(tmp, LORA_FILE), "wb") as f:
+        f.write(safetensors_bytes({k: v.contiguous() for k, v in lora.items()}))
+    names = list(CHECKSUMMED_FILES)
+    if ema is not None:
+        with open(os.path.join(tmp, EMA_FILE), "wb") as f:
+            f.write(
+                safetensors_bytes(
+                    {k: v.contiguous() for k, v in ema["lora"].items()},
+                    metadata={"optimizer_steps": str(int(ema["optimizer_steps"]))},
+                )
+            )
+        names.append(EMA_FILE)
+    with open(os.path.join(tmp, OPTIM_FILE), "wb") as f:
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, f)
+    with open(os.path.join(tmp, RNG_FILE), "w") as f:
+        json.dump(
+            {"numpy": _numpy_state_to_json(np.random.get_state()), "python": _python_state_to_json(random.getstate())},
+            f,
+        )
+    files = {name: _sha256(os.path.join(tmp, name)) for name in names}
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(
+            {**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
+            f,
+            indent=2,
+            default=str,
+        )
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_error(root: str, final: str) -> OSError:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    marker = _marker_step(root)
+    kept = f"the latest marker still names step {marker}" if marker is not None else "no earlier checkpoint"
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on device while saving checkpoint {final} ({free}); resume will not use it and the earlier "
+        f"checkpoints are untouched ({kept}). Free space on that filesystem or set trainer.default_local_dir to "
+        "a larger disk, then start the same command again to resume",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ verify / read
@@ -249,7 +295,8 @@ def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optiona
     if damaged:
         raise RuntimeError(
             f"every checkpoint under {root} is damaged ({'; '.join(str(e) for e in damaged)}); refusing to start "
-            "over silently. Move them away to train from scratch, or set trainer.resume_mode=disable"
+            "over silently. Move them away (or set trainer.default_local_dir to another directory) to train from "
+            "scratch, or set trainer.resume_mode=overwrite to delete them and start a new run there"
         )
     return None
 
@@ -284,17 +331,106 @@ def resume_past_total_message(saved_step: int, total_training_steps: int) -> Opt
     return (
         f"resumed at global step {saved_step}, which is >= trainer.total_training_steps={total_training_steps}: "
         f"no step left to train. Raise trainer.total_training_steps above {saved_step} to train further, "
-        "or use another trainer.default_local_dir (or trainer.resume_mode=disable) to start a new run"
+        "or set trainer.default_local_dir to another directory to start a new run"
+    )
+
+
+class ExistingRunError(RuntimeError):
+    """``trainer.resume_mode=disable`` in a directory that holds another run's checkpoints."""
+
+
+def prepare_run_directory(root: str, resume_mode: str) -> None:
+    """Before a run starts in ``root`` (its run lock held): never mix a new run into another run's checkpoints.
+
+    ``auto`` continues the run found there (if any). ``disable`` starts a new run: refused when ``root`` holds
+    checkpoints, which it would overwrite step by step (the latest marker moved back: two runs mixed).
+    ``overwrite`` is the explicit way to replace that run: its checkpoints are deleted first, said loudly.
+    """
+    if resume_mode not in RESUME_MODES:
+        raise ValueError(f"trainer.resume_mode={resume_mode!r} is not one of {list(RESUME_MODES)}")
+    steps, marker = _steps_on_disk(root), _marker_step(root)
+    if resume_mode == "auto" or (not steps and not os.path.exists(os.path.join(root, LATEST))):
+        return
+    found = f"steps {_short([str(s) for s in steps])}" if steps else "no step directory"
+    found += f", latest marker: {marker}" if marker is not None else ""
+    if resume_mode == "disable":
+        raise ExistingRunError(
+            f"trainer.resume_mode=disable starts a new run, but trainer.default_local_dir={root} holds the "
+            f"checkpoints of another run ({found}), which the new run would overwrite. Set trainer.default_local_dir "
+            "to another directory for the new run, trainer.resume_mode=auto to continue that run, or "
+            "trainer.resume_mode=overwrite to delete its checkpoints and start the new run there"
+        )
+    for name in os.listdir(root):
+        if _STEP_DIR.match(name) or _TEMP_DIR.match(name):
+            shutil.rmtree(os.path.join(root, name))
+    if os.path.exists(os.path.join(root, LATEST)):
+        os.remove(os.path.join(root, LATEST))
+    _say(
+        f"trainer.resume_mode=overwrite: deleted the checkpoints of the previous run in {root} ({found}); "
+        "a new run starts there",
+        level=logging.WARNING,
+    )
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint whose LoRA adapter is not the one this run trains (rank, alpha or target modules changed)."""
+
+
+def lora_meta(rank: int, alpha: float, target_modules) -> dict[str, Any]:
+    """What a checkpoint's meta records of the adapter, for :func:`check_lora_fits` on resume."""
+    return {"rank": int(rank), "alpha": float(alpha), "target_modules": list(target_modules)}
+
+
+def check_lora_fits(checkpoint: Checkpoint, lora: dict[str, Any], expected_shapes: dict[str, Any]) -> None:
+    """Raise IncompatibleCheckpointError naming the checkpoint and what changed when its adapter does not fit this
+    run's: ``lora`` is this run's :func:`lora_meta`, ``expected_shapes`` its adapter's tensor shapes by name. The meta
+    is compared when the checkpoint recorded it; the tensors' names and shapes always."""
+    changed = []
+    saved = checkpoint.meta.get("lora")
+    if isinstance(saved, dict):
+        for key in ("rank", "alpha", "target_modules"):
+            if key in saved and saved[key] != lora[key]:
+                name = "target_modules" if key == "target_modules" else f"lora_{key}"
+                changed.append(f"actor_rollout_ref.model.{name}={lora[key]!r} (the checkpoint's: {saved[key]!r})")
+    names, saved_names = set(expected_shapes), set(checkpoint.lora)
+    shapes = [
+        f"{k} {list(checkpoint.lora[k].shape)} -> {list(expected_shapes[k])}"
+        for k in sorted(names & saved_names)
+        if tuple(checkpoint.lora[k].shape) != tuple(expected_shapes[k])
+    ]
+    tensors = [
+        f"{what}: {_short(sorted(keys))}"
+        for what, keys in (
+            ("shapes changed", shapes),
+            ("not in the checkpoint", names - saved_names),
+            ("in the checkpoint only", saved_names - names),
+        )
+        if keys
+    ]
+    if not changed and not tensors:
+        return
+    raise IncompatibleCheckpointError(
+        f"checkpoint {checkpoint.path} holds a LoRA adapter this run cannot resume: "
+        + "; ".join(changed + [f"tensors {t}" for t in tensors])
+        + ". Set actor_rollout_ref.model.lora_rank / lora_alpha / target_modules back to the checkpoint's values to "
+        "continue that run, or set trainer.default_local_dir to another directory to start a new one"
     )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _steps_on_disk(root: str) -> list[int]:
+    """The steps of the ``global_step_*`` directories under ``root``, oldest first."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(m.group(1)) for name in names if (m := _STEP_DIR.match(name)))
+
+
+def _short(items: list[str], shown: int = 4) -> str:
+    return ", ".join(items[:shown]) + (f" … ({len(items)} in all)" if len(items) > shown else "")
+
+
 def _candidate_steps(root: str) -> list[int]:
     """Steps to try, newest first: the marker's step, then every older ``global_step_*`` directory."""
-    on_disk = sorted(
-        (int(m.group(1)) for name in (os.listdir(root) if os.path.isdir(root) else []) if (m := _STEP_DIR.match(name))),
-        reverse=True,
-    )
+    on_disk = _steps_on_disk(root)[::-1]
     marker = _marker_step(root)
     if marker is None:
         if on_disk:
@@ -382,8 +518,13 @@ def _say(message: str, level: int) -> None:
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

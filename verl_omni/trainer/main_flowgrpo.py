@@ -1,14 +1,26 @@
-"""Entry point: ``python -m verl_omni.trainer.main_flowgrpo [hydra overrides]``."""
+"""Entry point: ``verl-omni-flowgrpo [hydra overrides]`` or ``python -m verl_omni.trainer.main_flowgrpo [...]``.
+
+A run that stops on purpose ends with one line on stderr and its own exit code: 128 + the signal number after
+SIGTERM / SIGINT (143 / 130), ``NO_SIGNAL_EXIT_CODE`` (3) when its steps carry no learning signal.
+"""
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from verl_omni.trainer.stopping import NoLearningSignalError, TrainingInterrupted
+
 
 @hydra.main(config_path="config", config_name="flowgrpo_trainer", version_base=None)
 def main(config: DictConfig) -> None:
-    run_flowgrpo(config)
+    try:
+        run_flowgrpo(config)
+    except (TrainingInterrupted, NoLearningSignalError) as stop:  # the trainer has shut down and released the lock
+        print(f"[verl_omni] {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 def run_flowgrpo(config: DictConfig) -> list[dict]:

@@ -27,19 +27,27 @@ from verl_omni.algorithms.flowgrpo import compute_group_advantages
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
-from verl_omni.models.lora import DEFAULT_TARGET_MODULES
 from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
 from verl_omni.rewards.registry import RewardResult, row_metadata
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.rollout.weight_sync import check_ranks_agree, push_lora
-from verl_omni.trainer.checkpoint import load_resumable_checkpoint, resume_past_total_message, save_checkpoint
+from verl_omni.trainer.checkpoint import (
+    check_lora_fits,
+    load_resumable_checkpoint,
+    lora_meta,
+    prepare_run_directory,
+    resume_past_total_message,
+    save_checkpoint,
+)
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
 from verl_omni.trainer.console import use_short_console_line
 from verl_omni.trainer.data import PromptDataset
+from verl_omni.trainer.ray_watchdog import start_ray_watchdog
 from verl_omni.trainer.run_lock import acquire_run_lock
 from verl_omni.trainer.run_summary import write_run_summary
+from verl_omni.trainer.stopping import GracefulStop, NoSignalWatch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 
@@ -64,14 +72,21 @@ class FlowGRPOTrainer:
         self.global_step = 0
         self._lora_checksum: Optional[str] = None  # last_lora_checksum
         self.output_dir = os.path.abspath(os.path.expanduser(self.config.trainer.default_local_dir))
+        self.graceful_stop = GracefulStop()  # SIGTERM / Ctrl-C: finish the step, stop, exit 143 / 130
+        self.no_signal = NoSignalWatch(self.config.trainer.max_steps_without_signal)
+        self._ray_watchdog = None
 
     # ------------------------------------------------------------------ setup
     def init(self) -> FlowGRPOTrainer:
         # One writer per run directory: a second trainer on trainer.default_local_dir refuses to start.
         self.run_lock = acquire_run_lock(self.output_dir)
         try:
+            self.graceful_stop.install()
+            # Never mix a new run into another run's checkpoints (resume_mode=disable there is refused).
+            prepare_run_directory(self.output_dir, self.config.trainer.resume_mode)
             return self._init()
         except BaseException:
+            self.graceful_stop.uninstall()
             self.run_lock.release()  # a failed start leaves the directory free (shutdown may never be called)
             raise
 
@@ -94,6 +109,9 @@ class FlowGRPOTrainer:
         elif self._started_ray:
             num_cpus = cfg.trainer.ray_num_cpus or max(4, os.cpu_count() or 1)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            # The local instance's processes die with this one even when it is SIGKILLed.
+            self._ray_watchdog = start_ray_watchdog()
+        self.graceful_stop.install()  # ray.init replaced the SIGTERM handler with its own
         self._check_gpus()
         self.train_data = PromptDataset(cfg.data.train_files, cfg.data.prompt_key)
         self.val_data = None
@@ -196,6 +214,9 @@ class FlowGRPOTrainer:
         checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.resume_on_damage)
         if checkpoint is None:
             return
+        # A changed lora_rank / alpha / target_modules is named here, not as a size mismatch inside a rank.
+        expected = {name: tensor.shape for name, tensor in self.actor.lora_state_dict().items()}
+        check_lora_fits(checkpoint, self._lora_meta(), expected)
         self.actor.load_lora_state_dict(checkpoint.lora)
         checkpoint.restore(self.actor.optimizer)
         self._resume_ema(checkpoint)
@@ -303,6 +324,8 @@ class FlowGRPOTrainer:
         total = cfg.trainer.total_training_steps
         # disable=None: no bar when stderr is not a TTY (a log file); the console logger prints one line per step.
         bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True, disable=None)
+        self.graceful_stop.finish_step = True  # a first SIGTERM / SIGINT lets the step in progress finish
+        checkpoint = None
         while self.global_step < total:
             step = self.global_step + 1
             metrics = self.train_step(step)
@@ -311,11 +334,15 @@ class FlowGRPOTrainer:
                 history.append(metrics)
                 trained_steps.append(step)
                 self.tracker.log(data=metrics, step=step)
-            if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total):
-                self.save(step)
+                self.no_signal.observe(step, metrics["advantages/abs_max"])  # warns; stops after too many in a row
+            saves = cfg.trainer.save_freq > 0
+            if saves and (step % cfg.trainer.save_freq == 0 or step == total or self.graceful_stop.signum):
+                checkpoint = self.save(step)
             if self.val_data is not None and (step % cfg.trainer.test_freq == 0 or step == total):
                 self.tracker.log(data=self.validate(step), step=step)
             bar.update(1)
+            self.graceful_stop.raise_if_requested(step, total, checkpoint)
+        self.graceful_stop.finish_step = False
         bar.close()
         # What the run did and where its outputs are; writes <default_local_dir>/reward_curve.png.
         print(write_run_summary(self.output_dir, history, trained_steps), flush=True)
@@ -458,15 +485,14 @@ class FlowGRPOTrainer:
             step,
             self.actor.lora_state_dict(),
             self.actor.optimizer,
-            {"lora_checksum": self.last_lora_checksum, "lora": self._lora_record()},
+            {"lora_checksum": self.last_lora_checksum, "lora": self._lora_meta()},
             ema=self.actor.ema_state_dict() if self.ema_enabled else None,
         )
 
-    def _lora_record(self) -> dict:
-        """The adapter's config in a checkpoint's meta: what an export needs to rebuild it (verl_omni.export)."""
-        spec = self.config.actor_rollout_ref.model.lora
-        targets = list(spec.target_modules or DEFAULT_TARGET_MODULES)
-        return {"rank": spec.rank, "alpha": spec.alpha, "target_modules": targets}
+    def _lora_meta(self) -> dict:
+        """The adapter's config in a checkpoint's meta: what resume checks and an export rebuilds it from."""
+        model = self.config.actor_rollout_ref.model
+        return lora_meta(model.lora_rank, model.lora_alpha, model.target_modules)
 
     def shutdown(self) -> None:
         try:
@@ -482,6 +508,9 @@ class FlowGRPOTrainer:
             self.loop.close()
             if getattr(self, "_started_ray", False):
                 ray.shutdown()
+            if self._ray_watchdog is not None:
+                self._ray_watchdog.stop()
+            self.graceful_stop.uninstall()
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
 
