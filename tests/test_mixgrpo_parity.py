@@ -23,15 +23,11 @@ import pytest
 import torch
 
 from verl_omni.algorithms.flowgrpo import flowgrpo_policy_loss
-from verl_omni.algorithms.mixgrpo import group_advantages, num_tail_points, window_start, window_steps
-from verl_omni.schedulers.dpm_solver import dpm_solver_step, solver_order_at, x0_from_velocity
-from verl_omni.schedulers.flow_match_sde import (
-    euler_step,
-    flow_match_sigmas,
-    flow_match_tail_sigmas,
-    reference_sigma_max,
-    sde_step_with_logprob,
-)
+from verl_omni.algorithms.mixgrpo import group_advantages, window_start, window_steps
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.pipelines.common import denoise_with_logprobs, make_generators
+from verl_omni.schedulers.dpm_solver import dpm_solver_step, solver_order_at, tail_points
+from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 RTOL = 1e-6
 
@@ -242,21 +238,25 @@ def dpm_step(args, model_output, sample, step_index, timesteps, sigmas, dpm_stat
 
 def run_sample_step_post(args, z, sigma_schedule, velocity_fn, determistic, noises):
     """``run_sample_step`` with ``dpm_apply_strategy="post"`` and ``flow_grpo_sampling``; the transformer call is
-    ``velocity_fn(z, sigma)`` and the window's noise comes from ``noises[i]``. Returns the final latents."""
+    ``velocity_fn(z, sigma)`` and the window's noise comes from ``noises[i]``. Returns the final latents and the
+    log-probs of the steps up to the window's end."""
     dpm_state = DPMState(order=args.dpm_solver_order)
     sigma_schedule, last_false_index, _ = post_sigma_schedule(args, sigma_schedule, determistic)
+    log_probs = []
     for i in range(sigma_schedule.size(0) - 1):
         pred = velocity_fn(z, sigma_schedule[i])
         if i <= last_false_index:
             x_0 = convert_model_output(pred, z.to(torch.float32), sigma_schedule, step_index=i)
             dpm_state.update(x_0)
-            z, _, _ = flow_grpo_step(
-                pred, z.to(torch.float32), args.eta, sigma_schedule, i, noises[i], determistic=determistic[i]
+            noise = torch.zeros_like(z) if noises[i] is None else noises[i]
+            z, _, log_prob = flow_grpo_step(
+                pred, z.to(torch.float32), args.eta, sigma_schedule, i, noise, determistic=determistic[i]
             )
+            log_probs.append(log_prob)
             dpm_state.update_lower_order()
         else:
             z = dpm_step(args, pred, z.to(torch.float32), i, sigma_schedule[:-1], sigma_schedule, dpm_state)
-    return z
+    return z, log_probs
 
 
 # ============================================================================ original: train_grpo_flux.py
@@ -376,7 +376,7 @@ def test_compressed_tail_matches_the_original_post_schedule(num_steps, compress_
         for i in range(max(0, window_end - 4), window_end):
             determistic[i] = False
         original, last_false_index, original_points = post_sigma_schedule(args, original_full, determistic)
-        points = num_tail_points(num_steps, window_end, compress_ratio)
+        points = tail_points(num_steps, window_end, compress_ratio)
         assert last_false_index == window_end - 1
         if original_points < 2:  # the original stops at the window's last sigma there (num_tail_points gives 2)
             assert points == 2
@@ -448,49 +448,50 @@ def test_solver_order_matches_the_original_choice(order):
 
 
 def _velocity_fn(seed, shape):
-    """A fixed smooth stand-in for the transformer: v(x, sigma) = A x + sigma * b + c (float32)."""
+    """A fixed smooth stand-in for the transformer: v(x, t) = A x + t * b + c (float32; t per row or a scalar)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(shape[-1], shape[-1], generator=g) * 0.3
     b, c = torch.randn(shape[1:], generator=g), torch.randn(shape[1:], generator=g)
-    return lambda x, sigma: x @ a + sigma * b + c
+    return lambda x, t: x @ a + torch.as_tensor(t).reshape(-1, *([1] * (x.ndim - 1))) * b + c
 
 
-def ours_post_sampler(z, velocity_fn, num_steps, window, compress_ratio, order, solver_type, noises, eta):
-    """Our functions composed as the denoising loop composes them: Euler before the window, SDE steps in it,
-    DPM-Solver++ on the compressed tail."""
-    start, end = window
+def _ours_denoise(z, velocity_fn, num_steps, window, compress_ratio, order, solver_type, seeds, eta):
+    """Our denoising loop with the MixGRPO-Flash tail, on the flux-like schedule (the transformer sees sigma)."""
     base = np.linspace(1.0, 1 / num_steps, num_steps)
-    sigmas, _ = flow_match_sigmas(FLUX_LIKE_CONFIG, num_steps, 16, base_sigmas=base)
-    tail, _ = flow_match_tail_sigmas(
-        FLUX_LIKE_CONFIG, num_steps, 16, end, num_tail_points(num_steps, end, compress_ratio), base_sigmas=base
+    sigmas, timesteps = flow_match_sigmas(FLUX_LIKE_CONFIG, num_steps, 16, base_sigmas=base)
+
+    def tail_schedule(start, points):
+        tail, tail_timesteps = flow_match_tail_sigmas(FLUX_LIKE_CONFIG, num_steps, 16, start, points, base_sigmas=base)
+        return tail, tail_timesteps / 1000
+
+    params = DiffusionSamplingParams(
+        num_inference_steps=num_steps,
+        noise_level=eta,
+        sde_window_size=window[1] - window[0],
+        window_start=window[0],
+        ode_solver="dpmsolver++",
+        ode_solver_order=order,
+        ode_solver_type=solver_type,
+        ode_compress_ratio=compress_ratio,
+        trajectory_window_only=True,
+    ).validate()
+    return denoise_with_logprobs(
+        velocity_fn, z, sigmas, timesteps / 1000, params, make_generators(seeds), tail_schedule=tail_schedule
     )
-    walk = torch.cat([sigmas[:end], tail])
-    sigma_max = reference_sigma_max(sigmas)
-    history = []
-    for i in range(walk.numel() - 1):
-        velocity = velocity_fn(z, walk[i])
-        history.append(x0_from_velocity(velocity, z, walk[i]))
-        if i < start:
-            z = euler_step(velocity, z, walk[i], walk[i + 1])
-        elif i < end:
-            z = sde_step_with_logprob(
-                velocity, z, walk[i], walk[i + 1], noise_level=eta, sigma_max=sigma_max, noise=noises[i]
-            ).prev_sample
-        else:
-            step_order = solver_order_at(i, walk.numel() - 1, order, min(i, order))
-            z = dpm_solver_step(history, z, walk, i, step_order, solver_type)
-    return z
 
 
-@pytest.mark.parametrize("window", [(0, 4), (3, 7), (5, 8)])
+@pytest.mark.parametrize("window", [(0, 4), (3, 7), (8, 11)])
 @pytest.mark.parametrize("order, solver_type", [(2, "midpoint"), (2, "heun"), (3, "midpoint"), (1, "midpoint")])
 def test_flash_sampler_matches_the_original_run_sample_step(window, order, solver_type):
-    num_steps, compress_ratio, eta = 12, 0.4, 0.7
+    num_steps, compress_ratio, eta, seeds = 16, 0.4, 0.7, [3, 4]
     shape = (2, 6, 8)
-    g = torch.Generator().manual_seed(sum(window) + order)
-    z0 = torch.randn(shape, generator=g)
-    noises = [torch.randn(shape, generator=g) for _ in range(num_steps)]
+    z0 = torch.randn(shape, generator=torch.Generator().manual_seed(sum(window) + order))
     velocity_fn = _velocity_fn(7, shape)
+    # The window's step noise as our loop draws it: per sample from its own generator, one draw per window step.
+    generators = make_generators(seeds)
+    noises = [None] * num_steps
+    for i in range(*window):
+        noises[i] = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
     determistic = [not (window[0] <= i < window[1]) for i in range(num_steps)]
     args = SimpleNamespace(
         dpm_post_compress_ratio=compress_ratio,
@@ -499,9 +500,18 @@ def test_flash_sampler_matches_the_original_run_sample_step(window, order, solve
         dpm_solver_type=solver_type,
         eta=eta,
     )
-    expected = run_sample_step_post(args, z0, _flux_schedule(num_steps)[0], velocity_fn, determistic, noises)
-    ours = ours_post_sampler(z0, velocity_fn, num_steps, window, compress_ratio, order, solver_type, noises, eta)
-    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-5)
+    expected, expected_log_probs = run_sample_step_post(
+        args, z0, _flux_schedule(num_steps)[0], velocity_fn, determistic, noises
+    )
+    ours = _ours_denoise(z0, velocity_fn, num_steps, window, compress_ratio, order, solver_type, seeds, eta)
+    torch.testing.assert_close(ours.final_latents, expected, rtol=RTOL, atol=1e-5)
+    for i in range(*window):
+        torch.testing.assert_close(ours.log_probs[:, i], expected_log_probs[i], rtol=RTOL, atol=1e-5)
+    # Not vacuous: with two or more tail steps a higher order changes the image against first-order steps.
+    args.dpm_solver_order = 1
+    first_order, _ = run_sample_step_post(args, z0, _flux_schedule(num_steps)[0], velocity_fn, determistic, noises)
+    if order > 1 and tail_points(num_steps, window[1], compress_ratio) > 2:
+        assert (first_order - expected).abs().max() > 1e-3
 
 
 # ============================================================================ advantages and loss

@@ -5,8 +5,9 @@ denoising steps and ODE steps elsewhere, trains only the window's transitions (F
 the window along the denoising steps as training goes: every ``shift_interval`` training steps it advances by
 ``stride`` steps, back to the start once it runs past the last trainable step ("progressive"), or it starts at a
 random step each training step ("random"). MixGRPO-Flash replaces the ODE steps after the window with fewer,
-higher-order DPM-Solver++ steps (``verl_omni.schedulers.dpm_solver``) on a compressed schedule
-(``verl_omni.schedulers.flow_match_sde.flow_match_tail_sigmas``).
+higher-order DPM-Solver++ steps on a compressed schedule: sampler math, in ``verl_omni.schedulers.dpm_solver``
+(``tail_points``, ``dpm_solver_step``) and ``verl_omni.schedulers.flow_match_sde.flow_match_tail_sigmas``, chosen
+by the sampling params' ``ode_solver``.
 
 Reference: fastvideo/utils/grpo_states.py (``GRPOTrainingStates``), fastvideo/train_grpo_flux.py
 (``train_one_step``: advantages and loss) and fastvideo/utils/sampling_utils.py (``run_sample_step``: the
@@ -84,18 +85,6 @@ def window_steps(step: int, *, num_steps: int, window_size: int, **schedule) -> 
     return start, min(start + window_size, num_steps - 1)
 
 
-def num_tail_points(num_steps: int, window_end: int, compress_ratio: float) -> int:
-    """Points of MixGRPO-Flash's compressed ODE schedule after a window ending at ``window_end`` (exclusive):
-    ``int(max((T - last_window_step) * ratio, 1))`` as the original, at least 2 (the original's single point
-    leaves the image at the window's last sigma, with no ODE step to sigma 0)."""
-    if not 0 < compress_ratio <= 1:
-        raise ValueError(f"compress_ratio={compress_ratio} must be in (0, 1]")
-    if not 1 <= window_end <= num_steps - 1:
-        raise ValueError(f"window_end={window_end} must be in [1, num_inference_steps - 1 = {num_steps - 1}]")
-    last_window_step = window_end - 1
-    return max(int(max((num_steps - last_window_step) * compress_ratio, 1)), 2)
-
-
 def group_advantages(
     rewards: Union[torch.Tensor, np.ndarray], group_ids: Union[Sequence, np.ndarray, torch.Tensor]
 ) -> torch.Tensor:
@@ -125,4 +114,4 @@ def group_advantages(
     return advantages.to(device=rewards.device, dtype=out_dtype)
 
 
-__all__ = ["WINDOW_STRATEGIES", "group_advantages", "num_tail_points", "window_start", "window_steps"]
+__all__ = ["WINDOW_STRATEGIES", "group_advantages", "window_start", "window_steps"]

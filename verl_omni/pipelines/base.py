@@ -6,6 +6,8 @@ XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
 
 - ``rl_schedule(params) -> (sigmas [T+1], model_timesteps [T])``: the scheduler's sigmas and what the transformer
   receives per step, as the stock pipeline computes them;
+- ``rl_tail_schedule(params, start_index, num_points) -> (sigmas [num_points], model_timesteps)``: a coarser
+  schedule from step ``start_index`` to sigma 0 with the same shift (for ``ode_solver="dpmsolver++"``);
 - ``encode_conditions(prompt, negative_prompt, params) -> EncodedPrompt``: a :class:`Conditioning` of batch 1
   (negative branch only when ``negative_prompt`` is not None) and how many prompt tokens were truncated;
 - ``prepare_rl_latents(batch_size, params, generators, device) -> x_T`` (float32): row i from ``generators[i]``;
@@ -74,6 +76,13 @@ class RLPipelineMixin:
     # ------------------------------------------------------------------------------------------ hooks
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def rl_tail_schedule(
+        self, params: DiffusionSamplingParams, start_index: int, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no compressed schedule for ode_solver={params.ode_solver!r}"
+        )
 
     def encode_conditions(
         self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams
@@ -221,6 +230,7 @@ class RLPipelineMixin:
             params,
             generators,
             interrupt,
+            tail_schedule=lambda start, points: self.rl_tail_schedule(params, start, points),
         )
         images = self.decode_rl_latents(result.final_latents, params)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, encoded.truncated_prompt_tokens)

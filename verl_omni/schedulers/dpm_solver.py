@@ -40,6 +40,18 @@ def solver_order_at(step_index: int, num_steps: int, order: int, num_previous: i
     return 3
 
 
+def tail_points(num_steps: int, window_end: int, compress_ratio: float) -> int:
+    """Points of MixGRPO-Flash's compressed ODE schedule after an SDE window ending at ``window_end`` (exclusive):
+    ``int(max((T - last_window_step) * ratio, 1))`` as the original's ``run_sample_step``, at least 2 (the
+    original's single point leaves the image at the window's last sigma, with no ODE step to sigma 0)."""
+    if not 0 < compress_ratio <= 1:
+        raise ValueError(f"compress_ratio={compress_ratio} must be in (0, 1]")
+    if not 1 <= window_end <= num_steps - 1:
+        raise ValueError(f"window_end={window_end} must be in [1, num_inference_steps - 1 = {num_steps - 1}]")
+    last_window_step = window_end - 1
+    return max(int(max((num_steps - last_window_step) * compress_ratio, 1)), 2)
+
+
 def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     """log-SNR ``log(alpha_t) - log(sigma_t)``; +inf at sigma 0 and -inf at sigma 1 (the formulas stay finite)."""
     return torch.log(1 - sigma) - torch.log(sigma)
@@ -104,4 +116,4 @@ def dpm_solver_step(
     )
 
 
-__all__ = ["MAX_ORDER", "SOLVER_TYPES", "dpm_solver_step", "solver_order_at", "x0_from_velocity"]
+__all__ = ["MAX_ORDER", "SOLVER_TYPES", "dpm_solver_step", "solver_order_at", "tail_points", "x0_from_velocity"]
