@@ -10,10 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from verl_omni.schedulers.dpm_solver import MAX_ORDER, SOLVER_TYPES
+from verl_omni.schedulers.dpm_solver import MAX_ORDER, ODE_SOLVERS, SOLVER_TYPES
 from verl_omni.schedulers.flow_match_sde import SDE_TYPES
-
-ODE_SOLVERS = ("euler", "dpmsolver++")
 
 AUTO = "auto"
 BatchCfg = Union[bool, Literal["auto"]]  # how CFG's two branches meet the transformer (pipelines/model_inputs.py)

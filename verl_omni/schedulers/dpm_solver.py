@@ -18,6 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
+# The ODE solvers a sampler may use outside the SDE window: Euler steps, or multistep DPM-Solver++ on a compressed
+# schedule after the window (``DiffusionSamplingParams.ode_solver``).
+ODE_SOLVERS = ("euler", "dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
 MAX_ORDER = 3
 
@@ -116,4 +119,12 @@ def dpm_solver_step(
     )
 
 
-__all__ = ["MAX_ORDER", "SOLVER_TYPES", "dpm_solver_step", "solver_order_at", "tail_points", "x0_from_velocity"]
+__all__ = [
+    "MAX_ORDER",
+    "ODE_SOLVERS",
+    "SOLVER_TYPES",
+    "dpm_solver_step",
+    "solver_order_at",
+    "tail_points",
+    "x0_from_velocity",
+]
