@@ -1,4 +1,7 @@
-"""MixGRPO math: the sliding SDE window, the compressed ODE tail of MixGRPO-Flash and the advantages. No model code.
+"""MixGRPO: FlowGRPO's update on an SDE window that slides over the denoising steps as training goes.
+
+``MixGRPO`` is the algorithm behind the seam (``algorithm.name=mixgrpo``, section ``algorithm.mixgrpo``); the
+functions above it are its math (the window schedule, the advantages), with no model code.
 
 MixGRPO (Tencent-Hunyuan/MixGRPO, arXiv 2507.21802) samples with SDE steps only inside a window of consecutive
 denoising steps and ODE steps elsewhere, trains only the window's transitions (FlowGRPO's clipped loss) and moves
@@ -16,13 +19,19 @@ compressed tail) at commit e5cdd6a.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 
+from verl_omni.algorithms.base import AlgorithmSection
+from verl_omni.algorithms.flowgrpo import FlowGRPO
+from verl_omni.algorithms.registry import register_algorithm
 from verl_omni.core.errors import assert_finite
+from verl_omni.core.section import require_bool, require_choice, require_int, require_number
+from verl_omni.schedulers.dpm_solver import MAX_ORDER, ODE_SOLVERS, SOLVER_TYPES
 
 WINDOW_STRATEGIES = ("progressive", "random")
 
@@ -114,4 +123,108 @@ def group_advantages(
     return advantages.to(device=rewards.device, dtype=out_dtype)
 
 
-__all__ = ["WINDOW_STRATEGIES", "group_advantages", "window_start", "window_steps"]
+# ----------------------------------------------------------------------------------------------- the algorithm
+@dataclasses.dataclass
+class MixGRPOSection(AlgorithmSection):
+    """``algorithm.mixgrpo``: the sliding SDE window and the ODE solver outside it (defaults: the original's
+    scripts). The SDE's noise is ``actor_rollout_ref.rollout.algo.noise_level`` / ``.sde_type``; the loss's keys are
+    ``actor_rollout_ref.actor.{clip_ratio, kl_coef, adv_clip_max}`` (FlowGRPO's loss). ``rollout.algo.sde_window_size``
+    / ``.sde_window_range`` (FlowGRPO's per-group draw) are not used."""
+
+    _prefix = "algorithm.mixgrpo"
+
+    # SDE steps per window (the original's group_size)
+    window_size: int = 4
+    # training steps between two moves of the window (the original's iters_per_group)
+    shift_interval: int = 25
+    # denoising steps the window moves by (the original's prog_overlap_step; 0 keeps it at the first step)
+    stride: int = 1
+    # "progressive": the sliding window; "random": a start drawn per prompt group and step
+    strategy: str = "progressive"
+    # back to the first step once the window passes the last trainable step (else it stays at the end)
+    roll_back: bool = True
+    # the ODE steps after the window: "euler", or "dpmsolver++" on a compressed schedule (MixGRPO-Flash)
+    ode_solver: str = "euler"
+    ode_solver_order: int = 2
+    ode_solver_type: str = "midpoint"
+    # the compressed schedule after the window keeps this fraction of the steps left (at least one step)
+    ode_compress_ratio: float = 0.4
+
+    def __post_init__(self) -> None:
+        require_int(self.key("window_size"), self.window_size, minimum=1)
+        require_int(self.key("shift_interval"), self.shift_interval, minimum=1)
+        require_int(self.key("stride"), self.stride, minimum=0)
+        require_choice(self.key("strategy"), self.strategy, WINDOW_STRATEGIES)
+        require_bool(self.key("roll_back"), self.roll_back)
+        require_choice(self.key("ode_solver"), self.ode_solver, ODE_SOLVERS)
+        require_choice(self.key("ode_solver_order"), self.ode_solver_order, tuple(range(1, MAX_ORDER + 1)))
+        require_choice(self.key("ode_solver_type"), self.ode_solver_type, SOLVER_TYPES)
+        require_number(self.key("ode_compress_ratio"), self.ode_compress_ratio, 0.0, strict=True)
+        if self.ode_compress_ratio > 1:
+            raise ValueError(f"{self.key('ode_compress_ratio')}={self.ode_compress_ratio} must be <= 1")
+
+
+@register_algorithm("mixgrpo")
+class MixGRPO(FlowGRPO):
+    """MixGRPO: FlowGRPO's update on the transitions of an SDE window that slides with the training step (the
+    same window for every prompt group of a step), ODE steps elsewhere, optionally DPM-Solver++ after the window
+    (MixGRPO-Flash), and MixGRPO's group advantages (sample std, 1e-8)."""
+
+    Config = MixGRPOSection
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        ref = cfg.actor_rollout_ref
+        rollout, section = ref.rollout, cfg.algorithm.mixgrpo
+        prefix = "actor_rollout_ref.rollout"
+        if rollout.n < 2:
+            raise ValueError(
+                f"{prefix}.n={rollout.n} must be >= 2: MixGRPO's advantages are normalised within the n samples "
+                "of a prompt"
+            )
+        if not rollout.algo.noise_level > 0:
+            raise ValueError(
+                f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training (the window's SDE "
+                "steps carry the log-probs the loss trains on)"
+            )
+        steps = rollout.pipeline.num_inference_steps
+        if not section.window_size <= steps - 1:
+            raise ValueError(
+                f"algorithm.mixgrpo.window_size={section.window_size} must be <= {prefix}.pipeline."
+                f"num_inference_steps - 1 = {steps - 1} (the last step is never trained)"
+            )
+
+    def _schedule(self) -> dict[str, Any]:
+        c = self.config
+        return dict(
+            window_size=c.window_size,
+            shift_interval=c.shift_interval,
+            stride=c.stride,
+            strategy=c.strategy,
+            roll_back=c.roll_back,
+        )
+
+    def sampling(self, params: Any, *, step: int, group_seed: int, validate: bool) -> Any:
+        """The window of training step ``step`` (1 = the first; the original's window before any move), the same
+        for the n samples of a group; validation samples as given."""
+        if validate:
+            return params
+        start, end = window_steps(
+            max(int(step) - 1, 0), num_steps=params.num_inference_steps, seed=group_seed, **self._schedule()
+        )
+        c = self.config
+        return params.replace(
+            window_start=start,
+            sde_window_size=end - start,
+            sde_window_range=None,
+            ode_solver=c.ode_solver,
+            ode_solver_order=c.ode_solver_order,
+            ode_solver_type=c.ode_solver_type,
+            ode_compress_ratio=c.ode_compress_ratio,
+        )
+
+    def advantages(self, rewards, group_ids) -> tuple[torch.Tensor, dict[str, float]]:
+        return group_advantages(torch.as_tensor(rewards), group_ids).float(), {}
+
+
+__all__ = ["MixGRPO", "MixGRPOSection", "WINDOW_STRATEGIES", "group_advantages", "window_start", "window_steps"]
