@@ -42,6 +42,8 @@ def test_mixgrpo_is_registered_with_the_originals_defaults_and_flowgrpos_loss():
     assert get_algorithm("mixgrpo") is MixGRPO and issubclass(MixGRPO, FlowGRPO)
     assert (section.window_size, section.shift_interval, section.stride, section.strategy) == (4, 25, 1, "progressive")
     assert section.roll_back is True and section.ode_solver == "euler"
+    # FlowGRPO's loss options at the original's values: every row trained, no detached CFG branch, no GRPO-Guard
+    assert (section.detach_unconditional, section.drop_zero_advantage, section.grpo_guard) == (False, False, False)
     assert MixGRPO.loss is FlowGRPO.loss and MixGRPO.units is FlowGRPO.units  # the update is FlowGRPO's
 
 

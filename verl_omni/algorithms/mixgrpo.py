@@ -127,9 +127,9 @@ def group_advantages(
 @dataclasses.dataclass
 class MixGRPOSection(AlgorithmSection):
     """``algorithm.mixgrpo``: the sliding SDE window and the ODE solver outside it (defaults: the original's
-    scripts). The SDE's noise is ``actor_rollout_ref.rollout.algo.noise_level`` / ``.sde_type``; the loss's keys are
-    ``actor_rollout_ref.actor.{clip_ratio, kl_coef, adv_clip_max}`` (FlowGRPO's loss). ``rollout.algo.sde_window_size``
-    / ``.sde_window_range`` (FlowGRPO's per-group draw) are not used."""
+    scripts), and the options of FlowGRPO's loss. The SDE's noise is ``actor_rollout_ref.rollout.algo.noise_level``
+    / ``.sde_type``; the loss's shared keys are ``actor_rollout_ref.actor.{clip_ratio, kl_coef, adv_clip_max}``.
+    ``rollout.algo.sde_window_size`` / ``.sde_window_range`` (FlowGRPO's per-group draw) are not used."""
 
     _prefix = "algorithm.mixgrpo"
 
@@ -149,6 +149,11 @@ class MixGRPOSection(AlgorithmSection):
     ode_solver_type: str = "midpoint"
     # the compressed schedule after the window keeps this fraction of the steps left (at least one step)
     ode_compress_ratio: float = 0.4
+    # FlowGRPO's loss options (see algorithm.flowgrpo), at MixGRPO's original values: the gradient flows through
+    # both CFG branches, rows of all-equal groups stay in the update's average, no GRPO-Guard
+    detach_unconditional: bool = False
+    drop_zero_advantage: bool = False
+    grpo_guard: bool = False
 
     def __post_init__(self) -> None:
         require_int(self.key("window_size"), self.window_size, minimum=1)
@@ -162,6 +167,8 @@ class MixGRPOSection(AlgorithmSection):
         require_number(self.key("ode_compress_ratio"), self.ode_compress_ratio, 0.0, strict=True)
         if self.ode_compress_ratio > 1:
             raise ValueError(f"{self.key('ode_compress_ratio')}={self.ode_compress_ratio} must be <= 1")
+        for name in ("detach_unconditional", "drop_zero_advantage", "grpo_guard"):
+            require_bool(self.key(name), getattr(self, name))
 
 
 @register_algorithm("mixgrpo")
