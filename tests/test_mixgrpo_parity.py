@@ -285,14 +285,12 @@ def original_step_loss(new_log_probs, old_log_probs, sample_advantages, clip_ran
 
 
 # ============================================================================ the window
-@pytest.mark.parametrize("num_steps", [4, 10, 25])
+@pytest.mark.parametrize("num_steps", [5, 10, 25])
 @pytest.mark.parametrize("window_size", [1, 2, 4])
 @pytest.mark.parametrize("shift_interval", [1, 3, 25])
 @pytest.mark.parametrize("stride", [0, 1, 2, None])  # None: the original without prog_overlap (stride = size)
 @pytest.mark.parametrize("roll_back", [True, False])
 def test_progressive_window_follows_the_original_states(num_steps, window_size, shift_interval, stride, roll_back):
-    if window_size > num_steps - 1:
-        pytest.skip("window larger than the trainable steps")
     states = GRPOTrainingStates(
         iters_per_group=shift_interval,
         group_size=window_size,
