@@ -90,6 +90,52 @@ def test_batched_call_equals_single_calls_with_the_same_seeds(pipe):
     assert batched.seeds == SEEDS
 
 
+def _flash_params(**kw):
+    """MixGRPO-Flash sampling: DPM-Solver++ on a compressed schedule after the window (8 steps: 3 tail steps)."""
+    base = dict(
+        num_inference_steps=8,
+        sde_window_size=2,
+        window_start=1,
+        ode_solver="dpmsolver++",
+        ode_compress_ratio=0.6,
+        trajectory_window_only=True,
+    )
+    return _params(**(base | kw)).validate()
+
+
+def test_batched_call_equals_single_calls_with_the_dpm_solver_tail(pipe):
+    params = _flash_params(guidance_scale=2.0)
+    batched = pipe.rl_generate(PROMPT, SEEDS, params)
+    singles = [pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
+    pixel = max((batched.images[i].int() - o.images[0].int()).abs().max().item() for i, o in enumerate(singles))
+    latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
+    logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
+    assert pixel <= 1 and latent < 1e-4 and logp < 1e-4
+    assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1
+
+
+def test_dpm_solver_tail_changes_only_what_follows_the_window(pipe):
+    flash = pipe.rl_generate(PROMPT, SEEDS[:2], _flash_params())
+    euler = pipe.rl_generate(PROMPT, SEEDS[:2], _flash_params(ode_solver="euler"))
+    # The schedule, the window's latents and log-probs are the Euler sampler's: the actor trains the same transitions.
+    assert torch.equal(flash.sigmas, euler.sigmas) and torch.equal(flash.latent_steps, euler.latent_steps)
+    torch.testing.assert_close(flash.latents, euler.latents, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flash.log_probs, euler.log_probs, rtol=0, atol=1e-6)
+    # The image comes from the solver's tail (fewer model calls, different numbers).
+    assert (flash.images.int() - euler.images.int()).abs().max() > 0
+
+
+def test_dpm_solver_without_a_window_that_ends_early_is_refused():
+    with pytest.raises(ValueError, match="sde_window_size"):
+        _flash_params(sde_window_size=0)
+    with pytest.raises(ValueError, match="window_start"):
+        _flash_params(window_start=6)
+    with pytest.raises(ValueError, match="trajectory_window_only"):
+        _flash_params(trajectory_window_only=False)
+    with pytest.raises(ValueError, match="ode_solver"):
+        _flash_params(ode_solver="heun")
+
+
 def test_only_window_steps_are_stochastic(pipe):
     params = _params(num_inference_steps=5, sde_window_size=2, window_start=2)
     out = pipe.rl_generate(PROMPT, SEEDS[:2], params)

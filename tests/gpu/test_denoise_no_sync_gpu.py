@@ -8,11 +8,12 @@ width) with the recipe's CFG and an SDE window, and the test names the line of e
 control shows the mode catches a host-scalar copy. The sync mode is a prototype that "does not yet detect all
 synchronizing operations": the profile's idle analysis (benchmarks/pipeline_breakdown.py) is the other check.
 
-Two configurations. ``engine``: the vllm-omni engine's (FA3, the q/k kernel, the CFG branches as two unmasked
-forwards): no wait at all. ``masked``: no fused kernel, so the branches run as one masked forward (the diffusers
-engine's rollout): diffusers 0.38's ``compute_text_seq_len_from_mask`` copies a host int to the device in every
-masked forward (``torch.as_tensor(text_seq_len, device=...)``), so there the test asserts that every wait is in
-diffusers' transformer and none in verl_omni's code.
+Three configurations. ``engine``: the vllm-omni engine's (FA3, the q/k kernel, the CFG branches as two unmasked
+forwards): no wait at all; ``engine_dpm``: the same with DPM-Solver++ steps on a compressed schedule after the
+window (``ode_solver="dpmsolver++"``, MixGRPO-Flash): no wait either. ``masked``: no fused kernel, so the branches
+run as one masked forward (the diffusers engine's rollout): diffusers 0.38's ``compute_text_seq_len_from_mask``
+copies a host int to the device in every masked forward (``torch.as_tensor(text_seq_len, device=...)``), so there
+the test asserts that every wait is in diffusers' transformer and none in verl_omni's code.
 """
 
 from __future__ import annotations
@@ -77,12 +78,16 @@ def _use_engine_attention(pipe, engine: bool) -> None:
     pipe.use_attention_function(flash, **attention_options(defaults.rollout_kernel_switches))
 
 
-@pytest.mark.parametrize("configuration", ["engine", "masked"])
+# "engine_dpm": the engine's configuration with MixGRPO-Flash's DPM-Solver++ steps after the window.
+@pytest.mark.parametrize("configuration", ["engine", "masked", "engine_dpm"])
 def test_denoising_loop_has_no_host_sync(pipe, configuration):
-    _use_engine_attention(pipe, configuration == "engine")
+    _use_engine_attention(pipe, configuration != "masked")
+    solver = {}
+    if configuration == "engine_dpm":
+        solver = dict(ode_solver="dpmsolver++", ode_compress_ratio=0.8, trajectory_window_only=True, window_start=0)
     params = DiffusionSamplingParams(
-        num_inference_steps=6, height=256, width=256, guidance_scale=4.0, sde_window_size=2, noise_level=0.7
-    )
+        num_inference_steps=6, height=256, width=256, guidance_scale=4.0, sde_window_size=2, noise_level=0.7, **solver
+    ).validate()
     seeds = [0, 1, 2, 3]
     pipe.rl_generate("a red cat", seeds, params)  # warms the lazily cached RoPE tables and the kernels
     negative = negative_prompt_for(params, logging.getLogger(__name__), "no_sync_test")
@@ -98,7 +103,15 @@ def test_denoising_loop_has_no_host_sync(pipe, configuration):
 
     with torch.no_grad():
         result, syncs = _syncs_during(
-            lambda: denoise_with_logprobs(velocity, latents, sigmas, timesteps, params, generators)
+            lambda: denoise_with_logprobs(
+                velocity,
+                latents,
+                sigmas,
+                timesteps,
+                params,
+                generators,
+                tail_schedule=lambda start, points: pipe.rl_tail_schedule(params, start, points),
+            )
         )
         # Negative control: the step with host scalars for sigma (what the loop did before) waits for the device.
         sample = torch.randn(2, 8, device="cuda")
@@ -112,7 +125,7 @@ def test_denoising_loop_has_no_host_sync(pipe, configuration):
         f"denoise_no_sync_gpu_{configuration}.json",
         {"loop_syncs": syncs, "host_scalar_step_syncs": control, "masked_forwards": masked_forwards},
     )
-    if configuration == "engine":
+    if configuration != "masked":
         assert not masked_forwards, "the engine's configuration should run the CFG branches unmasked"
         assert syncs == [], f"the denoising loop waited for the device at {syncs}"
     else:

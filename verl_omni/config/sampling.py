@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+from verl_omni.schedulers.dpm_solver import MAX_ORDER, ODE_SOLVERS, SOLVER_TYPES
 from verl_omni.schedulers.flow_match_sde import SDE_TYPES
 
 AUTO = "auto"
@@ -61,6 +62,14 @@ class DiffusionSamplingParams:
     # the one after the last (W+1 of the T+1 latents, with their positions in ``latent_steps``). The training
     # rollout asks for this: at 512x512 the full trajectory is 2.9 MB per image, most of a rollout batch's bytes.
     trajectory_window_only: bool = False
+    # The ODE steps after the SDE window: "euler" on the schedule's own steps, or "dpmsolver++" (multistep
+    # DPM-Solver++ of order ``ode_solver_order``, ``ode_solver_type`` for order 2) on a compressed schedule of
+    # ``tail_points(T, window end, ode_compress_ratio)`` points from the window's end to sigma 0 (MixGRPO-Flash).
+    # The steps before the window stay Euler steps; the returned sigmas / timesteps are the full T-step schedule's.
+    ode_solver: str = "euler"
+    ode_solver_order: int = 2
+    ode_solver_type: str = "midpoint"
+    ode_compress_ratio: float = 0.4
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
@@ -121,9 +130,41 @@ class DiffusionSamplingParams:
                     f"window_start={self.window_start} + sde_window_size={self.sde_window_size} exceeds "
                     f"num_inference_steps={self.num_inference_steps}"
                 )
+        self._validate_ode_solver()
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}")
         return self
+
+    def _validate_ode_solver(self) -> None:
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"ode_solver={self.ode_solver!r} is not one of {ODE_SOLVERS}")
+        _require_int("ode_solver_order", self.ode_solver_order, minimum=1)
+        if self.ode_solver_order > MAX_ORDER:
+            raise ValueError(f"ode_solver_order={self.ode_solver_order} must be in [1, {MAX_ORDER}]")
+        if self.ode_solver_type not in SOLVER_TYPES:
+            raise ValueError(f"ode_solver_type={self.ode_solver_type!r} is not one of {SOLVER_TYPES}")
+        ratio = self.ode_compress_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"ode_compress_ratio={ratio!r} must be a number in (0, 1]")
+        if self.ode_solver == "euler":
+            return
+        # The solver runs from the SDE window's end: there must be a window, ending before the last step.
+        if not self.noise_level > 0 or self.sde_window_size == 0:
+            raise ValueError(
+                f"ode_solver={self.ode_solver!r} runs after the SDE window: it needs noise_level > 0 and "
+                f"sde_window_size > 0 (got noise_level={self.noise_level}, sde_window_size={self.sde_window_size})"
+            )
+        if self.window_steps()[1] > self.num_inference_steps - 1:
+            raise ValueError(
+                f"ode_solver={self.ode_solver!r} needs the SDE window to end before the last step: window_start + "
+                f"sde_window_size = {self.window_steps()[1]} must be <= num_inference_steps - 1 = "
+                f"{self.num_inference_steps - 1}"
+            )
+        if self.return_trajectory and not self.trajectory_window_only:
+            raise ValueError(
+                f"ode_solver={self.ode_solver!r} walks a compressed schedule after the window, so only the window's "
+                "latents exist: set trajectory_window_only=true (or return_trajectory=false)"
+            )
 
     def window_steps(self) -> tuple[int, int]:
         """[start, end) of the stochastic steps for this request."""
@@ -171,4 +212,4 @@ def _require_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
-__all__ = ["MAX_NOISE_LEVEL", "DiffusionSamplingParams", "SDE_TYPES"]
+__all__ = ["MAX_NOISE_LEVEL", "DiffusionSamplingParams", "ODE_SOLVERS", "SDE_TYPES"]

@@ -6,6 +6,8 @@ XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
 
 - ``rl_schedule(params) -> (sigmas [T+1], model_timesteps [T])``: the scheduler's sigmas and what the transformer
   receives per step, as the stock pipeline computes them;
+- ``rl_tail_schedule(params, start_index, num_points) -> (sigmas [num_points], model_timesteps)``: a coarser
+  schedule from step ``start_index`` to sigma 0 with the same shift (for ``ode_solver="dpmsolver++"``);
 - ``encode_conditions(prompt, negative_prompt, params) -> EncodedPrompt``: a :class:`Conditioning` of batch 1
   (negative branch only when ``negative_prompt`` is not None) and how many prompt tokens were truncated;
 - ``prepare_rl_latents(batch_size, params, generators, device) -> x_T`` (float32): row i from ``generators[i]``;
@@ -15,8 +17,9 @@ XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
 - ``decode_rl_latents(latents, params) -> uint8 [B, H, W, 3]`` on the latents' device;
 
 and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the server checks requests against),
-``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call)
-and ``REQUIRES_POOLED`` (pooled text embeddings are an input).
+``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call),
+``REQUIRES_POOLED`` (pooled text embeddings are an input) and ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
+what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these).
 
 Requests are validated once, by the server (``verl_omni.rollout.request.validate_request``); a pipeline trusts
 its parameters. Only what the scheduler math itself rejects (e.g. one step with ``shift_terminal``) raises here,
@@ -25,10 +28,11 @@ and before any model runs, because the schedule is computed first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -64,6 +68,7 @@ class RLPipelineMixin:
     MAX_SEQUENCE_LENGTH: int
     SUPPORTS_TEXT_MASK: bool = False
     REQUIRES_POOLED: bool = False
+    REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @property
     def has_unmasked_attention_kernel(self) -> bool:
@@ -74,6 +79,13 @@ class RLPipelineMixin:
     # ------------------------------------------------------------------------------------------ hooks
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def rl_tail_schedule(
+        self, params: DiffusionSamplingParams, start_index: int, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no compressed schedule for ode_solver={params.ode_solver!r}"
+        )
 
     def encode_conditions(
         self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams
@@ -143,6 +155,7 @@ class RLPipelineMixin:
         width: int,
         *,
         batch_cfg: Optional[BatchCfg] = None,
+        detach_unconditional: bool = False,
     ) -> torch.Tensor:
         """The (guided) velocity, float32, shaped like ``latents`` [B, ...], at ``timestep`` (scalar or [B], in the
         transformer's units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
@@ -151,6 +164,8 @@ class RLPipelineMixin:
         :class:`Conditioning`, prepared on the spot (one host sync per call). ``batch_cfg`` (default True): CFG's
         two branches as one forward of 2B rows instead of two forwards of B rows; same result within float
         rounding. ``height`` / ``width``: the image size (Qwen-Image's packed latents need it).
+        ``detach_unconditional``: no gradient through CFG's unconditional branch (its value is unchanged; with two
+        forwards that branch then runs without autograd).
         """
         inputs = self._model_inputs(cond, guidance_scale, batch_cfg, latents.device)
         batch_size = latents.shape[0]
@@ -163,11 +178,14 @@ class RLPipelineMixin:
                 torch.cat([hidden_states, hidden_states]), torch.cat([timestep, timestep]), inputs.joint, height, width
             )
             unconditional, conditional = both.chunk(2)  # the order stack_branches wrote
+            if detach_unconditional:
+                unconditional = unconditional.detach()
         else:
             conditional = self.transformer_velocity(hidden_states, timestep, inputs.conditional, height, width)
             if inputs.unconditional is None:
                 return conditional.float()
-            unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
+            with torch.no_grad() if detach_unconditional else contextlib.nullcontext():
+                unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
         return self.combine_guidance(conditional, unconditional, guidance_scale).float()
 
     def _model_inputs(
@@ -221,6 +239,7 @@ class RLPipelineMixin:
             params,
             generators,
             interrupt,
+            tail_schedule=lambda start, points: self.rl_tail_schedule(params, start, points),
         )
         images = self.decode_rl_latents(result.final_latents, params)
         return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, encoded.truncated_prompt_tokens)

@@ -18,9 +18,13 @@ import torch
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.schedulers.dpm_solver import dpm_solver_step, solver_order_at, tail_points, x0_from_velocity
 from verl_omni.schedulers.flow_match_sde import euler_step, reference_sigma_max, sde_step_with_logprob
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (start_index, num_points) -> (sigmas [num_points], model timesteps [num_points - 1]): the pipeline's coarser
+# schedule from step start_index to sigma 0 (``rl_tail_schedule``).
+TailScheduleFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 _LOGGED_ONCE: set[str] = set()
 
@@ -97,6 +101,27 @@ def to_device_without_wait(tensor: torch.Tensor, device: torch.device) -> torch.
     return tensor.to(device)
 
 
+def solver_walk(
+    sigmas: torch.Tensor,
+    model_timesteps: torch.Tensor,
+    params: DiffusionSamplingParams,
+    tail_schedule: Optional[TailScheduleFn],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(sigmas, model timesteps, first solver step) the loop walks: the schedule itself with ``ode_solver="euler"``
+    (no solver step: T); with "dpmsolver++" its first ``end`` steps (up to the SDE window's end) and then the
+    pipeline's compressed tail to sigma 0."""
+    num_steps = model_timesteps.shape[0]
+    if params.ode_solver == "euler":
+        return sigmas, model_timesteps, num_steps
+    if tail_schedule is None:
+        raise ValueError(f"ode_solver={params.ode_solver!r} needs the pipeline's tail schedule (rl_tail_schedule)")
+    end = params.window_steps()[1]
+    tail_sigmas, tail_timesteps = tail_schedule(end, tail_points(num_steps, end, params.ode_compress_ratio))
+    walk_sigmas = torch.cat([sigmas[:end].float(), tail_sigmas.float()])
+    walk_timesteps = torch.cat([model_timesteps[:end].float(), tail_timesteps.float()])
+    return walk_sigmas, walk_timesteps, end
+
+
 def denoise_with_logprobs(
     velocity_fn: VelocityFn,
     latents: torch.Tensor,
@@ -105,11 +130,15 @@ def denoise_with_logprobs(
     params: DiffusionSamplingParams,
     generators: Sequence[torch.Generator],
     interrupt: Optional[Callable[[], bool]] = None,
+    tail_schedule: Optional[TailScheduleFn] = None,
 ) -> DenoiseResult:
-    """Run T steps from ``latents`` (x_T): SDE steps with log-probs inside the window, Euler ODE steps elsewhere.
+    """Run T steps from ``latents`` (x_T): SDE steps with log-probs inside the window, ODE steps elsewhere.
 
     ``velocity_fn(latents, timestep[B])`` is the pipeline's ``predict_velocity`` (CFG included); ``model_timesteps``
     [T] is what the transformer receives per step, ``sigmas`` [T+1] what the scheduler math uses.
+    The ODE steps are Euler steps; with ``params.ode_solver="dpmsolver++"`` those after the window are multistep
+    DPM-Solver++ steps on the compressed schedule ``tail_schedule`` gives (MixGRPO-Flash): the solver keeps the data
+    prediction of every step, the window's and the Euler steps' before it included.
     Step noise is drawn only inside the window, from each sample's own generator, on the host after the step's
     forward is queued, so the host draws while the device computes (drawn up front, it would leave the GPU idle).
     Nothing here waits for the device: log-probs and the
@@ -120,23 +149,29 @@ def denoise_with_logprobs(
     device = latents.device
     window_mask = window_mask_for(params)
     sigma_max = reference_sigma_max(sigmas)
+    walk_sigmas, walk_timesteps, solver_from = solver_walk(sigmas, model_timesteps, params, tail_schedule)
+    num_walk = walk_timesteps.shape[0]
+    order = params.ode_solver_order
     # float32 values, as diffusers' scheduler.sigmas, staged on the device once: a host scalar here would be
     # copied to the device inside each step, and a copy from pageable host memory makes the host wait for the
     # queued forward; the GPU then idles while the host launches the next step (tests/gpu/test_denoise_no_sync_gpu.py
     # checks the loop under CUDA's sync debug mode).
-    step_sigmas = to_device_without_wait(sigmas.to(dtype=torch.float32), device)
-    step_timesteps = to_device_without_wait(model_timesteps.to(dtype=torch.float32), device)
+    step_sigmas = to_device_without_wait(walk_sigmas.to(dtype=torch.float32), device)
+    step_timesteps = to_device_without_wait(walk_timesteps.to(dtype=torch.float32), device)
 
     latents = latents.to(torch.float32)
     keep = set(trajectory_positions(params))
     trajectory = [latents] if 0 in keep else []
     log_probs = torch.zeros(batch_size, num_steps, dtype=torch.float32, device=device)
-    for i in range(num_steps):
+    x0_preds: list[torch.Tensor] = []  # the solver's data predictions, the last `order` steps'
+    for i in range(num_walk):
         if interrupt is not None and interrupt():  # a host-side flag (the request was aborted): no device sync
-            raise RequestAborted(f"request aborted before denoising step {i} of {num_steps}")
+            raise RequestAborted(f"request aborted before denoising step {i} of {num_walk}")
         velocity = velocity_fn(latents, step_timesteps[i].expand(batch_size))
         sigma, sigma_next = step_sigmas[i], step_sigmas[i + 1]
-        if window_mask[i]:
+        if solver_from < num_walk:
+            x0_preds = [*x0_preds, x0_from_velocity(velocity.float(), latents, sigma)][-order:]
+        if i < num_steps and window_mask[i]:
             noise = draw_step_noise(latents.shape[1:], generators, device)
             step = sde_step_with_logprob(
                 velocity,
@@ -150,6 +185,9 @@ def denoise_with_logprobs(
             )
             latents = step.prev_sample.to(torch.float32)
             log_probs[:, i] = step.log_prob.float()
+        elif i >= solver_from:
+            step_order = solver_order_at(i, num_walk, order, min(i, order))
+            latents = dpm_solver_step(x0_preds, latents, step_sigmas, i, step_order, params.ode_solver_type)
         else:
             latents = euler_step(velocity, latents, sigma, sigma_next).to(torch.float32)
         if i + 1 in keep:

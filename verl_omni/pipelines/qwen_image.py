@@ -29,7 +29,7 @@ from verl_omni.models.lora import LoRAParts, fused_projections, lora_parts
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.model_inputs import TextInputs
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
+from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     SUPPORTS_TEXT_MASK = True  # encoder_hidden_states_mask: padded CFG branches can share one forward
+    # flow_grpo's Qwen-Image trainer (scripts/train_qwenimage.py): gradients flow through both CFG branches and
+    # every row trains, zero advantage or not.
+    REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(
@@ -336,12 +339,32 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``QwenImagePipeline.__call__``: dynamic
         shifting for the packed image sequence length."""
         steps = params.num_inference_steps
-        image_seq_len = (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
-        base_sigmas = np.linspace(1.0, 1 / steps, steps)
         sigmas, timesteps = flow_match_sigmas(
-            dict(self.scheduler.config), steps, image_seq_len, base_sigmas=base_sigmas
+            dict(self.scheduler.config),
+            steps,
+            self._image_seq_len(params),
+            base_sigmas=np.linspace(1.0, 1 / steps, steps),
         )
         return sigmas, timesteps / 1000
+
+    def rl_tail_schedule(
+        self, params: DiffusionSamplingParams, start_index: int, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
+        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
+        steps = params.num_inference_steps
+        sigmas, timesteps = flow_match_tail_sigmas(
+            dict(self.scheduler.config),
+            steps,
+            self._image_seq_len(params),
+            start_index,
+            num_points,
+            base_sigmas=np.linspace(1.0, 1 / steps, steps),
+        )
+        return sigmas, timesteps / 1000
+
+    def _image_seq_len(self, params: DiffusionSamplingParams) -> int:
+        return (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
 
     def prepare_rl_latents(
         self,

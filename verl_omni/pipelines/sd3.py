@@ -24,7 +24,7 @@ from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.model_inputs import TextInputs
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas
+from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     REQUIRES_POOLED = True  # pooled CLIP embeddings condition the timestep embedding
+    # flow_grpo's SD3 trainer (yifan123/flow_grpo scripts/train_sd3.py at ac4c86e): the unconditional CFG branch is
+    # detached in compute_log_prob, and rows whose advantage is 0 are dropped before the update. (Upstream later
+    # dropped the detach, a482878 "fix cfg gradient detach"; set algorithm.flowgrpo.detach_unconditional=false.)
+    REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": True, "drop_zero_advantage": True}}
 
     # ------------------------------------------------------------------------------------------ prompts
     def count_truncated_tokens(self, prompt: str, max_sequence_length: int) -> int:
@@ -92,9 +96,24 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
     # ------------------------------------------------------------------------------------------ schedule, latents
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas [T+1], transformer timesteps [T] in [0, 1000]), exactly as ``StableDiffusion3Pipeline.__call__``."""
+        return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, self._image_seq_len(params))
+
+    def rl_tail_schedule(
+        self, params: DiffusionSamplingParams, start_index: int, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
+        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
+        return flow_match_tail_sigmas(
+            dict(self.scheduler.config),
+            params.num_inference_steps,
+            self._image_seq_len(params),
+            start_index,
+            num_points,
+        )
+
+    def _image_seq_len(self, params: DiffusionSamplingParams) -> int:
         tokens_per_side = self.vae_scale_factor * self.transformer.config.patch_size  # pixels per image token
-        image_seq_len = (params.height // tokens_per_side) * (params.width // tokens_per_side)
-        return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, image_seq_len)
+        return (params.height // tokens_per_side) * (params.width // tokens_per_side)
 
     def prepare_rl_latents(
         self,

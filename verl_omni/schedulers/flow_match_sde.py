@@ -267,28 +267,51 @@ def flow_match_sigmas(
     Then ``shift`` (or dynamic shifting with ``mu = calculate_shift(image_seq_len, ...)``), then ``shift_terminal``.
     ``image_seq_len`` is the transformer's image token count (packed latents / patchified latents).
     """
+    cfg = _checked_scheduler_config(scheduler_config)
+    num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
+    times = _base_times(cfg, num_inference_steps, base_sigmas)
+    sigmas = _shift_times(cfg, times, image_seq_len)
+    shift_terminal = cfg.get("shift_terminal")
+    if shift_terminal:
+        if num_inference_steps < 2:
+            # diffusers divides 0 by 0 here (a one-point schedule cannot be stretched) and returns NaN sigmas.
+            raise ValueError("shift_terminal needs num_inference_steps >= 2 (diffusers yields NaN sigmas for 1)")
+        sigmas = _stretch_to_terminal(sigmas, _terminal_scale(sigmas, shift_terminal))
+
+    sigmas = torch.from_numpy(np.asarray(sigmas)).to(dtype=torch.float32)
+    timesteps = sigmas * num_train_timesteps
+    sigmas = torch.cat([sigmas, torch.zeros(1)])
+    return sigmas, timesteps
+
+
+def _checked_scheduler_config(scheduler_config: dict) -> dict:
     cfg = dict(scheduler_config)
     for unsupported in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
         if cfg.get(unsupported):
             raise NotImplementedError(f"flow_match_sigmas does not implement {unsupported}=True")
-    num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
-    shift = float(cfg.get("shift", 1.0))
-    dynamic = bool(cfg.get("use_dynamic_shifting", False))
+    return cfg
 
+
+def _base_times(cfg: dict, num_inference_steps: int, base_sigmas: Optional[Sequence[float]]) -> np.ndarray:
+    """The T unshifted float32 times the schedule is built from (diffusers' spacing or the pipeline's own)."""
+    num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
     if base_sigmas is None:
         # The scheduler's __init__ computes float32 training sigmas, shifted unless dynamic shifting is on.
         train_sigmas = torch.from_numpy(np.array([num_train_timesteps, 1], dtype=np.float32)) / num_train_timesteps
-        if not dynamic:
+        if not cfg.get("use_dynamic_shifting", False):
+            shift = float(cfg.get("shift", 1.0))
             train_sigmas = shift * train_sigmas / (1 + (shift - 1) * train_sigmas)
         sigma_max, sigma_min = train_sigmas[0].item(), train_sigmas[1].item()
         timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_inference_steps)
-        sigmas = timesteps / num_train_timesteps
-    else:
-        if len(base_sigmas) != num_inference_steps:
-            raise ValueError(f"base_sigmas has {len(base_sigmas)} entries, expected {num_inference_steps}")
-        sigmas = np.array(base_sigmas).astype(np.float32)
+        return timesteps / num_train_timesteps
+    if len(base_sigmas) != num_inference_steps:
+        raise ValueError(f"base_sigmas has {len(base_sigmas)} entries, expected {num_inference_steps}")
+    return np.array(base_sigmas).astype(np.float32)
 
-    if dynamic:
+
+def _shift_times(cfg: dict, times: np.ndarray, image_seq_len: int) -> np.ndarray:
+    """The scheduler's time shift (static ``shift``, or dynamic with ``mu`` from the image sequence length)."""
+    if cfg.get("use_dynamic_shifting", False):
         mu = calculate_shift(
             image_seq_len,
             cfg.get("base_image_seq_len", 256),
@@ -297,25 +320,57 @@ def flow_match_sigmas(
             cfg.get("max_shift", 1.15),
         )
         if cfg.get("time_shift_type", "exponential") == "exponential":
-            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
-        else:
-            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
-    else:
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+            return math.exp(mu) / (math.exp(mu) + (1 / times - 1) ** 1.0)
+        return mu / (mu + (1 / times - 1) ** 1.0)
+    shift = float(cfg.get("shift", 1.0))
+    return shift * times / (1 + (shift - 1) * times)
 
+
+def _terminal_scale(sigmas: np.ndarray, shift_terminal: float):
+    """diffusers' ``stretch_shift_to_terminal`` scale: the last sigma of the schedule lands on ``shift_terminal``."""
+    return (1 - sigmas)[-1] / (1 - shift_terminal)
+
+
+def _stretch_to_terminal(sigmas: np.ndarray, scale_factor) -> np.ndarray:
+    return 1 - ((1 - sigmas) / scale_factor)
+
+
+def flow_match_tail_sigmas(
+    scheduler_config: dict,
+    num_inference_steps: int,
+    image_seq_len: int,
+    start_index: int,
+    num_points: int,
+    *,
+    base_sigmas: Optional[Sequence[float]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A coarser schedule for the rest of a run from step ``start_index`` of the T-step schedule to sigma 0.
+
+    (sigmas [num_points] float32 from ``sigmas[start_index]`` of :func:`flow_match_sigmas` (same arguments) down to
+    the terminal 0, timesteps [num_points - 1] = sigma * num_train_timesteps.) The points are evenly spaced in the
+    schedule's unshifted time, from the time of ``start_index`` (the terminal 0 has time 0) to 0, then shifted
+    exactly as the full schedule (its ``shift_terminal`` stretch included): MixGRPO-Flash's compressed ODE
+    schedule after the SDE window (Tencent-Hunyuan/MixGRPO, fastvideo/utils/sampling_utils.py ``run_sample_step``:
+    ``sd3_time_shift(shift, linspace(t, 0, n))``), for any flow-matching scheduler config.
+    """
+    if num_points < 2:
+        raise ValueError(f"num_points={num_points} must be >= 2 (the tail must reach sigma 0)")
+    if not 0 <= start_index < num_inference_steps:
+        raise ValueError(f"start_index={start_index} must be in [0, num_inference_steps={num_inference_steps})")
+    full_sigmas, _ = flow_match_sigmas(scheduler_config, num_inference_steps, image_seq_len, base_sigmas=base_sigmas)
+    cfg = _checked_scheduler_config(scheduler_config)
+    num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
+    times = _base_times(cfg, num_inference_steps, base_sigmas)
+    start_time = float(times[start_index])
+    tail_times = torch.linspace(start_time, 0.0, num_points, dtype=torch.float32).numpy()[1:-1]
+    tail = _shift_times(cfg, tail_times, image_seq_len)
     shift_terminal = cfg.get("shift_terminal")
     if shift_terminal:
-        if num_inference_steps < 2:
-            # diffusers divides 0 by 0 here (a one-point schedule cannot be stretched) and returns NaN sigmas.
-            raise ValueError("shift_terminal needs num_inference_steps >= 2 (diffusers yields NaN sigmas for 1)")
-        one_minus_z = 1 - sigmas
-        scale_factor = one_minus_z[-1] / (1 - shift_terminal)
-        sigmas = 1 - (one_minus_z / scale_factor)
-
-    sigmas = torch.from_numpy(np.asarray(sigmas)).to(dtype=torch.float32)
-    timesteps = sigmas * num_train_timesteps
-    sigmas = torch.cat([sigmas, torch.zeros(1)])
-    return sigmas, timesteps
+        tail = _stretch_to_terminal(tail, _terminal_scale(_shift_times(cfg, times, image_seq_len), shift_terminal))
+    # The first point is the full schedule's own sigma (bit for bit), the last the terminal 0.
+    tail = torch.from_numpy(np.asarray(tail, dtype=np.float32).reshape(-1))
+    sigmas = torch.cat([full_sigmas[start_index : start_index + 1], tail, torch.zeros(1)])
+    return sigmas, sigmas[:-1] * num_train_timesteps
 
 
 __all__ = [
@@ -326,6 +381,7 @@ __all__ = [
     "compute_log_prob",
     "euler_step",
     "flow_match_sigmas",
+    "flow_match_tail_sigmas",
     "reference_sigma_max",
     "sde_step_with_logprob",
 ]
