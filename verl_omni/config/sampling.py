@@ -54,10 +54,16 @@ class DiffusionSamplingParams:
     # the one after the last (W+1 of the T+1 latents, with their positions in ``latent_steps``). The training
     # rollout asks for this: at 512x512 the full trajectory is 2.9 MB per image, most of a rollout batch's bytes.
     trajectory_window_only: bool = False
+    # Trajectory positions to keep besides the window's (0 = x_T, num_inference_steps = x_0; negative ones count from
+    # the end, -1 = x_0): an algorithm that trains on the final clean latent asks for (-1,). None: nothing extra (and,
+    # without ``trajectory_window_only``, the whole trajectory).
+    keep_latent_steps: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
             self.sde_window_range = tuple(int(x) for x in self.sde_window_range)
+        if self.keep_latent_steps is not None and not isinstance(self.keep_latent_steps, tuple):
+            self.keep_latent_steps = tuple(self.keep_latent_steps)
 
     # ---------------------------------------------------------------- validation
     def validate(self, vae_scale_factor: Optional[int] = None) -> DiffusionSamplingParams:
@@ -78,6 +84,14 @@ class DiffusionSamplingParams:
         for name in ("return_trajectory", "trajectory_window_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.keep_latent_steps is not None:
+            last = self.num_inference_steps
+            for position in self.keep_latent_steps:
+                if isinstance(position, bool) or not isinstance(position, int) or not -(last + 1) <= position <= last:
+                    raise ValueError(
+                        f"keep_latent_steps={list(self.keep_latent_steps)!r} must hold trajectory positions, ints in "
+                        f"[-{last + 1}, {last}] (num_inference_steps={last}; -1 = x_0)"
+                    )
         if not isinstance(self.noise_level, (int, float)) or self.noise_level < 0:
             raise ValueError(f"noise_level={self.noise_level!r} must be a number >= 0")
         if self.sde_type not in SDE_TYPES:
