@@ -42,7 +42,6 @@ from verl_omni.core.outputs import DiffusionSample
 from verl_omni.core.prompts import prompt_text
 from verl_omni.rewards.pool import RewardPool
 from verl_omni.rewards.registry import RewardResult, row_metadata
-from verl_omni.schedulers.flow_match_sde import choose_window
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +135,8 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         self.llm_client = llm_client
         self.reward_pool = reward_pool  # None: the trainer scores the whole batch after the rollout
         self.rollout: RolloutConfig = config.actor_rollout_ref.rollout
+        # algorithm.name's algorithm: it sets each group's sampling settings (its SDE window, ODE steps, CFG ...)
+        self.algorithm = config.algorithm.make(config.actor_rollout_ref.actor, self.rollout)
         self._logged_reasons: set[str] = set()
         quiet_accelerator_warnings_on_cpu()
 
@@ -209,21 +210,14 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         return pack(samples_to_data_proto(samples, non_tensor, metrics, rewards))
 
     async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
-        # Seeds and the SDE window come from (seed, step, group, index): the same on both paths, and the
-        # window is drawn per group so the n samples of a prompt share it.
+        # Seeds and the algorithm's per-group settings (e.g. FlowGRPO's SDE window) come from (seed, step, group,
+        # index): the same on both paths, and the settings are drawn per group so the n samples of a prompt share them.
         group_key = f"{step}/{group.key}"
+        group_seed = derive_seed(self.rollout.seed, group_key, -1)
 
         def row_params(row: dict) -> dict:
             p = _row_params(params, row)
-            if p.sde_window_size > 0 and not validate:
-                start = choose_window(
-                    derive_seed(self.rollout.seed, group_key, -1),
-                    p.num_inference_steps,
-                    p.sde_window_size,
-                    p.sde_window_range,
-                )
-                p = p.replace(window_start=start)
-            return p.to_dict()
+            return self.algorithm.sampling(p, step=step, group_seed=group_seed, validate=validate).to_dict()
 
         rows = []
         for k, i in enumerate(group.rows):

@@ -1,4 +1,7 @@
-"""FlowGRPO math: group-normalised advantages, the clipped policy loss and the KL term. No model code.
+"""FlowGRPO: group-normalised advantages, the clipped policy loss over SDE-window transitions and the KL term.
+
+``FlowGRPO`` is the algorithm behind the seam (``algorithm.name=flowgrpo``, section ``algorithm.flowgrpo``); the
+functions below it are its math, with no model code.
 
 Reference: yifan123/flow_grpo — flow_grpo/stat_tracking.py (``PerPromptStatTracker.update``) for advantages,
 scripts/train_sd3.py (the inner training loop) for the loss, its metrics and the KL term.
@@ -6,13 +9,18 @@ scripts/train_sd3.py (the inner training loop) for the loss, its metrics and the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from verl_omni.algorithms.base import Algorithm, AlgorithmSection, Loss
+from verl_omni.algorithms.registry import register_algorithm
 from verl_omni.core.errors import assert_finite
+from verl_omni.core.section import require_bool
+from verl_omni.schedulers.flow_match_sde import choose_window, sde_step_with_logprob
 
 
 def compute_group_advantages(
@@ -136,3 +144,145 @@ def flowgrpo_policy_loss(
     if not as_tensors:
         metrics = {name: value.item() for name, value in metrics.items()}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------- the algorithm
+@dataclasses.dataclass
+class FlowGRPOSection(AlgorithmSection):
+    """``algorithm.flowgrpo``. Shared keys keep verl's names: ``actor_rollout_ref.actor.{clip_ratio, kl_coef,
+    adv_clip_max}``; the SDE sampler is ``actor_rollout_ref.rollout.algo.*``."""
+
+    _prefix = "algorithm.flowgrpo"
+
+    # std over the whole batch instead of per prompt group (advantages are clipped by actor.adv_clip_max)
+    global_std: bool = False
+
+    def __post_init__(self) -> None:
+        require_bool(self.key("global_std"), self.global_std)
+
+
+@register_algorithm("flowgrpo")
+class FlowGRPO(Algorithm):
+    """FlowGRPO: an SDE window drawn per prompt group, group-normalised advantages, PPO's clipped loss over the
+    window's (step, rows) transitions with log-probs recomputed through the scheduler's ``sde_step_with_logprob``,
+    and an optional KL to the reference (the adapter disabled)."""
+
+    Config = FlowGRPOSection
+    needs_log_probs = True
+    staged_fields = ("latents", "timesteps", "sigmas", "old_log_probs", "advantages")
+    checked_fields = ("advantages", "old_log_probs", "latents")
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        ref = cfg.actor_rollout_ref
+        rollout, actor = ref.rollout, ref.actor
+        prefix = "actor_rollout_ref.rollout"
+        if rollout.n < 2:
+            raise ValueError(
+                f"{prefix}.n={rollout.n} must be >= 2: FlowGRPO's advantages are normalised within the "
+                "n samples of a prompt, so a group of one has advantage 0 and nothing is learned"
+            )
+        if not rollout.algo.noise_level > 0:
+            raise ValueError(
+                f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training "
+                "(0 is the deterministic sampler: no log-probs to train on; use it in val_kwargs)"
+            )
+        steps, size = rollout.pipeline.num_inference_steps, rollout.algo.sde_window_size
+        last_start = steps - size if rollout.algo.sde_window_range is None else rollout.algo.sde_window_range[1]
+        window_reaches_end = size == 0 or last_start + size >= steps
+        if rollout.algo.sde_type == "cps" and actor.kl_coef > 0 and window_reaches_end:
+            raise ValueError(
+                f"{prefix}.algo.sde_type='cps' with actor_rollout_ref.actor.kl_coef>0 needs an SDE window that ends "
+                f"before the last step (cps has zero noise there, so the KL divides by 0): set {prefix}.algo."
+                "sde_window_size / sde_window_range, or kl_coef=0"
+            )
+
+    # ------------------------------------------------------------------ rollout
+    def sampling(self, params: Any, *, step: int, group_seed: int, validate: bool) -> Any:
+        """The SDE window's start, drawn per prompt group (all n samples share it); validation samples as given."""
+        if validate or params.sde_window_size <= 0:
+            return params
+        start = choose_window(group_seed, params.num_inference_steps, params.sde_window_size, params.sde_window_range)
+        return params.replace(window_start=start)
+
+    # ------------------------------------------------------------------ advantages
+    def advantages(self, rewards, group_ids) -> tuple[torch.Tensor, dict[str, float]]:
+        advantages = compute_group_advantages(torch.as_tensor(rewards), group_ids, global_std=self.config.global_std)
+        return advantages, {}
+
+    # ------------------------------------------------------------------ the update: (window step, rows) transitions
+    def num_terms(self, batch: Any) -> int:
+        return batch.num_terms
+
+    def units(self, batch: Any) -> list[tuple[int, torch.Tensor]]:
+        window = batch.window
+        out = []
+        for step in range(window.shape[1]):
+            rows = torch.nonzero(window[:, step]).flatten()
+            if rows.numel():  # a step outside every row's SDE window has nothing to train on
+                out.append((step, rows))
+        return out
+
+    def micro_tensors(self, batch: Any, step: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        # where x_step sits in each row's stored latents (x_{step+1} is the next column)
+        return {"columns": batch.latent_columns(rows, step)}
+
+    def update_constants(self, batch: Any) -> dict[str, Any]:
+        return {"sigma_max": batch.sigma_max if len(batch) else 0.0}  # a rank without rows plans no micro-batch
+
+    def no_terms_message(self) -> str:
+        return (
+            "no SDE-window steps in the batch: nothing to train on (check "
+            "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
+        )
+
+    def log_probs(self, ctx: Any, micro: Any):
+        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``micro.step`` for ``micro.rows`` under the
+        current weights, through the scheduler's step — the one formula the rollout used."""
+        t, rows, step = ctx.tensors, micro.rows, micro.step
+        columns = micro.tensors["columns"]
+        sample, prev_sample = t["latents"][rows, columns], t["latents"][rows, columns + 1]
+        velocity = ctx.velocity(sample, t["timesteps"][rows, step], micro)
+        sigmas = t["sigmas"][rows]
+        sde = self.rollout.algo
+        return sde_step_with_logprob(
+            velocity.float(),
+            sample.float(),
+            sigmas[:, step],
+            sigmas[:, step + 1],
+            noise_level=float(sde.noise_level),
+            sde_type=sde.sde_type,
+            sigma_max=ctx.constants["sigma_max"],
+            prev_sample=prev_sample.float(),
+        )
+
+    def loss(self, ctx: Any, micro: Any) -> Loss:
+        cfg = self.actor
+        out = self.log_probs(ctx, micro)
+        kl = None
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), ctx.reference():
+                ref = self.log_probs(ctx, micro)
+            kl = flowgrpo_kl(out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(micro.rows)))
+        bad = (~torch.isfinite(out.log_prob.detach())).sum()
+        if kl is not None:
+            bad = bad + (~torch.isfinite(kl)).sum()
+        rows, step = micro.rows, micro.step
+        loss, metrics = flowgrpo_policy_loss(
+            out.log_prob,
+            ctx.tensors["old_log_probs"][rows, step],
+            ctx.tensors["advantages"][rows],
+            cfg.clip_ratio,
+            adv_clip_max=cfg.adv_clip_max,
+            kl=kl,
+            kl_beta=cfg.kl_coef,
+            check_finite=False,
+            as_tensors=True,
+        )
+        return Loss(loss, metrics, bad)
+
+
+def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:
+    """The SDE std as [batch] (the scheduler may return it broadcastable, e.g. [B, 1, 1])."""
+    flat = std.reshape(-1)
+    return flat if flat.numel() == batch else flat[:1].expand(batch)

@@ -5,23 +5,20 @@ the key and the allowed values."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
-from verl.base_config import BaseConfig
+from verl_omni.core.section import (  # noqa: F401 (re-exported: the sections import them from here)
+    DEVICE_HELP,
+    Section,
+    freeze_list,
+    require_bool,
+    require_choice,
+    require_device,
+    require_int,
+    require_number,
+)
 
 T = TypeVar("T")
-
-DEVICE_HELP = "'cpu', 'cuda' or 'cuda:<index>'"
-
-
-@dataclasses.dataclass
-class Section(BaseConfig):
-    """A config section at a fixed place of the YAML tree; ``_prefix`` is that place (for error messages)."""
-
-    _prefix: ClassVar[str] = ""
-
-    def key(self, name: str) -> str:
-        return f"{self._prefix}.{name}" if self._prefix else name
 
 
 def to_plain(section: Any) -> dict:
@@ -67,31 +64,3 @@ def build(cls: type[T], data: Any, prefix: Optional[str] = None) -> T:
         else:
             kwargs[name] = value
     return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------------------------- validators
-def require_int(key: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} must be an int >= {minimum}")
-
-
-def require_number(key: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ValueError(f"{key}={value!r} must be a number {'>' if strict else '>='} {minimum}")
-
-
-def require_choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {allowed}")
-
-
-def require_device(key: str, value: Any) -> None:
-    if not isinstance(value, str) or not (value in ("cpu", "cuda") or value.startswith("cuda:")):
-        raise ValueError(f"{key}={value!r} must be {DEVICE_HELP}")
-
-
-def freeze_list(value: Any) -> Any:
-    """Lists from YAML as tuples (the sections are frozen; a shared mutable list would not be)."""
-    return tuple(value) if isinstance(value, list) else value

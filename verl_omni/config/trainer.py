@@ -1,4 +1,4 @@
-"""The whole FlowGRPO config: ``data``, ``actor_rollout_ref``, ``reward``, ``algorithm``, ``trainer``.
+"""The whole run's config: ``data``, ``actor_rollout_ref``, ``reward``, ``algorithm``, ``trainer``.
 
 ``FlowGRPOConfig.from_omega(cfg)`` is the one place the YAML (``verl_omni/trainer/config/flowgrpo_trainer.yaml``,
 overridable with Hydra) becomes typed sections; every component gets the section it needs from it.
@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from verl_omni.algorithms import get_algorithm
 from verl_omni.config.actor import ActorConfig
+from verl_omni.config.algorithm import AlgorithmConfigBase, algorithm_config_class
 from verl_omni.config.base import Section, build, freeze_list, require_choice, require_int, to_plain
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
@@ -57,14 +59,6 @@ class RewardConfig(Section):
 
     def as_dict(self) -> dict[str, Any]:
         return {"rewards": [dict(r) for r in self.rewards], "custom_reward_function": dict(self.custom_reward_function)}
-
-
-@dataclass
-class AlgorithmConfig(Section):
-    _prefix = "algorithm"
-
-    # std over the whole batch instead of per prompt group (advantages are clipped by actor.adv_clip_max)
-    global_std: bool = False
 
 
 @dataclass
@@ -132,7 +126,8 @@ class FlowGRPOConfig(Section):
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # algorithm.name and one typed section per registered algorithm (config/algorithm.py)
+    algorithm: AlgorithmConfigBase = field(default_factory=lambda: algorithm_config_class()())
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @classmethod
@@ -148,25 +143,8 @@ class FlowGRPOConfig(Section):
             raise ValueError(
                 f"actor_rollout_ref.model.lora_rank={ref.model.lora_rank} must be >= 1: the actor trains a LoRA"
             )
-        if rollout.n < 2:
-            raise ValueError(
-                f"{prefix}.n={rollout.n} must be >= 2: FlowGRPO's advantages are normalised within the "
-                "n samples of a prompt, so a group of one has advantage 0 and nothing is learned"
-            )
-        if not rollout.algo.noise_level > 0:
-            raise ValueError(
-                f"{prefix}.algo.noise_level={rollout.algo.noise_level!r} must be > 0 for training "
-                "(0 is the deterministic sampler: no log-probs to train on; use it in val_kwargs)"
-            )
-        steps, size = rollout.pipeline.num_inference_steps, rollout.algo.sde_window_size
-        last_start = steps - size if rollout.algo.sde_window_range is None else rollout.algo.sde_window_range[1]
-        window_reaches_end = size == 0 or last_start + size >= steps
-        if rollout.algo.sde_type == "cps" and actor.kl_coef > 0 and window_reaches_end:
-            raise ValueError(
-                f"{prefix}.algo.sde_type='cps' with actor_rollout_ref.actor.kl_coef>0 needs an SDE window that ends "
-                f"before the last step (cps has zero noise there, so the KL divides by 0): set {prefix}.algo."
-                "sde_window_size / sde_window_range, or kl_coef=0"
-            )
+        # The chosen algorithm's checks across sections (rollout.n, the SDE settings it needs ...).
+        get_algorithm(self.algorithm.name).check_config(self)
         if ref.hybrid_engine:
             if actor.on_cuda != rollout.on_cuda:
                 raise ValueError(

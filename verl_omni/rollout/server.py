@@ -224,8 +224,10 @@ class DiffusionHttpServer:
         sock.close()  # the store binds it next, on the same node; the window between is short
         return ray.util.get_node_ip_address(), port
 
-    async def init_actor(self, actor, rank: int, world_size: int, address, lora_seed: int) -> None:
-        await self.engine.init_actor(actor, rank, world_size, None if address is None else tuple(address), lora_seed)
+    async def init_actor(self, actor, rank: int, world_size: int, address, lora_seed: int, algorithm=None) -> None:
+        await self.engine.init_actor(
+            actor, rank, world_size, None if address is None else tuple(address), lora_seed, algorithm
+        )
 
     async def actor_call(self, verb: str, *args: Any) -> Any:
         return await self.engine.actor_call(verb, *args)

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from verl_omni.config.actor import ActorConfig
+from verl_omni.config.algorithm import make_algorithm
 from verl_omni.core.errors import assert_finite
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
@@ -34,14 +35,16 @@ _PER_RANK_METRICS = {
 
 
 class ColocatedActorGroup:
-    def __init__(self, servers: DiffusionServerManager, actor: ActorConfig, lora_seed: int):
+    def __init__(self, servers: DiffusionServerManager, actor: ActorConfig, lora_seed: int, algorithm: Any = None):
+        """``algorithm``: the ``algorithm`` config section (None: the default algorithm); every rank builds its own."""
         self.servers = [replica.server_handle for replica in servers.replicas]
+        self.algorithm = make_algorithm(algorithm, actor=actor)
         self.world_size = len(self.servers)
         address = ray.get(self.servers[0].rendezvous_address.remote()) if self.world_size > 1 else None
         # Every rank at once: each waits in the rendezvous for the others.
         gather_ranks(
             [
-                s.init_actor.remote(actor, rank, self.world_size, address, lora_seed)
+                s.init_actor.remote(actor, rank, self.world_size, address, lora_seed, algorithm)
                 for rank, s in enumerate(self.servers)
             ]
         )
@@ -54,9 +57,9 @@ class ColocatedActorGroup:
         batch = TrainBatch.from_data_proto(data, advantages)
         # Data checks here, before any rank starts: they name the batch's rows, and no rank is left waiting in the
         # all-reduce for one that refused its shard. (Non-finite model outputs are agreed on inside the all-reduce.)
-        for name in ("advantages", "old_log_probs", "latents"):
+        for name in self.algorithm.checked_fields:
             assert_finite(name, batch.tensors[name])
-        num_terms = batch.num_terms
+        num_terms = self.algorithm.num_terms(batch)
         refs = [
             s.actor_call.remote("update", shard.as_dict(), num_terms)
             for s, shard in zip(self.servers, batch.shards(self.world_size), strict=True)

@@ -1,4 +1,4 @@
-"""The FlowGRPO training loop: rollout → reward → advantages → LoRA update → weight sync.
+"""The training loop of any registered algorithm: rollout → reward → advantages → LoRA update → weight sync.
 
 The driver owns the LoRA actor (one device; plain module) and talks to the engine replicas through the
 agent-loop manager (rollout) and the server manager (sleep / wake / LoRA sync). Nothing here knows which
@@ -23,7 +23,6 @@ from tqdm import tqdm
 from verl import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager, DiffusionServerClient
-from verl_omni.algorithms.flowgrpo import compute_group_advantages
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
@@ -58,6 +57,8 @@ class FlowGRPOTrainer:
         """``config``: the Hydra tree (or a ``FlowGRPOConfig``); parsed and validated here, once."""
         self.config = FlowGRPOConfig.from_omega(config)
         self.rollout_cfg = self.config.actor_rollout_ref.rollout
+        # algorithm.name's algorithm: its advantages here, its sampling in the agent loops, its loss on the actor
+        self.algorithm = self.config.algorithm.make(self.config.actor_rollout_ref.actor, self.rollout_cfg)
         self.loop = asyncio.new_event_loop()
         self.global_step = 0
         self._lora_checksum: Optional[str] = None  # last_lora_checksum
@@ -156,12 +157,12 @@ class FlowGRPOTrainer:
     def _build_actor(self):
         """The hybrid engine's ranks (one beside each replica's engine), or, split: one process or W FSDP ranks.
         All three have the same interface; all start from the adapter seeded by ``trainer.seed``."""
-        ref, seed = self.config.actor_rollout_ref, self.config.trainer.seed
+        ref, seed, algorithm = self.config.actor_rollout_ref, self.config.trainer.seed, self.config.algorithm
         if ref.hybrid_engine:
-            return ColocatedActorGroup(self.servers, ref.actor, lora_seed=seed)
+            return ColocatedActorGroup(self.servers, ref.actor, lora_seed=seed, algorithm=algorithm)
         if ref.actor.world_size > 1:
-            return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed)
-        return DiffusionLoRAActor(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed)
+            return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)
+        return DiffusionLoRAActor(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)
 
     def _check_gpus(self) -> None:
         """Each cuda replica and each FSDP rank holds a whole GPU: fail now, naming the keys, not hang in Ray."""
@@ -340,9 +341,7 @@ class FlowGRPOTrainer:
         }
         with timer("reward"):
             scores, reward_metrics = self.score(output)
-        advantages = compute_group_advantages(
-            torch.as_tensor(scores), output.non_tensor_batch["uid"], global_std=cfg.algorithm.global_std
-        )
+        advantages, advantage_metrics = self.algorithm.advantages(scores, output.non_tensor_batch["uid"])
         # Split placement on shared devices: the engines free their memory while the actor trains. The hybrid
         # engine's ranks train on the engines' own weights: nothing to free, nothing to move.
         swap = self.rollout_cfg.free_cache_engine and not cfg.actor_rollout_ref.hybrid_engine
@@ -373,6 +372,7 @@ class FlowGRPOTrainer:
             **output.meta_info.get("metrics", {}),
             "advantages/mean": float(advantages.mean()),
             "advantages/abs_max": float(advantages.abs().max()),
+            **advantage_metrics,
             **timer.metrics(),
             **busy,
             "perf/img_per_s_rollout": n_images / max(timer.seconds["rollout"], 1e-9),

@@ -1,9 +1,11 @@
-"""The LoRA actor: recompute window-step log-probs under the current policy and take a FlowGRPO step.
+"""The LoRA actor: one update of the configured algorithm (``algorithm.name``) over a rollout batch.
 
-It trains a peft LoRA on an RL pipeline's transformer and scores each stored transition with the scheduler's
-``sde_step_with_logprob`` — the one log-prob formula the rollout used — through the pipeline's own
-``predict_velocity``. The reference policy for the KL term is the same transformer with the adapter disabled,
-so no second copy of the weights exists.
+It trains a peft LoRA on an RL pipeline's transformer. The algorithm (``verl_omni/algorithms``) says which forward
+passes an update makes (its units: e.g. FlowGRPO's (window step, rows) transitions) and computes each micro-batch's
+loss through an ``UpdateContext``: the policy's velocity from the pipeline's own ``predict_velocity``, the
+reference policy (the same transformer with the adapter disabled, so no second copy of the weights exists) and
+the staged rollout tensors. The actor does the rest: planning, staging, micro-batching, backward, the gradient
+all-reduce, clipping, the optimizer step, metric reduction and the non-finite check.
 
 Where the transformer comes from:
 - the hybrid engine (``actor_rollout_ref.hybrid_engine=true``): the engine's own pipeline on the same GPU
@@ -33,14 +35,15 @@ import copy
 import logging
 import time
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from verl_omni.algorithms.flowgrpo import flowgrpo_kl, flowgrpo_policy_loss
+from verl_omni.algorithms import Algorithm
 from verl_omni.config.actor import ActorConfig
+from verl_omni.config.algorithm import make_algorithm
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.checksum import tensors_checksum
@@ -50,11 +53,10 @@ from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
 from verl_omni.models.checkpointing import BlockCheckpointing
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
-from verl_omni.schedulers.flow_match_sde import sde_step_with_logprob
 from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMemory
 from verl_omni.workers.gc_heap import freeze_gc_heap
 from verl_omni.workers.grad_sync import LoRAGradSync
-from verl_omni.workers.train_batch import STAGED, TrainBatch
+from verl_omni.workers.train_batch import TrainBatch
 from verl_omni.workers.update_probe import UpdateProbe
 
 logger = logging.getLogger(__name__)
@@ -75,15 +77,19 @@ class DiffusionLoRAActor:
         grad_sync: Optional[LoRAGradSync] = None,
         device: Optional[str] = None,
         lora_seed: Optional[int] = None,
+        algorithm: Any = None,
     ):
         """``pipe``: an engine's loaded pipeline to train in place (hybrid engine); None loads a copy.
         ``device``: where to train (default ``actor.device``). ``lora_seed``: initialise the adapter from this seed
-        (the same adapter in every process), else keep peft's initialisation."""
+        (the same adapter in every process), else keep peft's initialisation. ``algorithm``: the ``algorithm``
+        config section (or its plain dict, or an ``Algorithm``); None: the default algorithm with its defaults."""
         if model.lora is None:
             raise ValueError(
                 f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)"
             )
         self.model, self.config, self.rollout = model, actor, rollout
+        self.algorithm: Algorithm = make_algorithm(algorithm, actor=actor, rollout=rollout)
+        self.optimizer_steps = 0
         self.device = torch.device(device or actor.device)
         if pipe is None:
             # Only the transformer is needed: the VAE and text encoders stay on the CPU.
@@ -171,59 +177,35 @@ class DiffusionLoRAActor:
         finally:
             self.transformer.enable_adapters()
 
-    # ------------------------------------------------------------------ the log-prob of stored transitions
+    # ------------------------------------------------------------------ the update's plan
     def plan(self, batch: TrainBatch) -> list[MicroBatch]:
-        """Every micro-batch of an epoch, from the batch on the host: its rows (on the device) and its model inputs,
-        prepared once (their host work -- trimming padding, dropping all-ones masks -- happens here, before any
-        training compute is queued, so the loop itself never waits for the device)."""
-        guidance = float(self.rollout.pipeline.true_cfg_scale)
-        window = batch.window
+        """Every micro-batch of an epoch, from the batch on the host: the algorithm's units split into micro-batches,
+        each with its rows and tensors (on the device) and its model inputs, prepared once (their host work --
+        trimming padding, dropping all-ones masks -- happens here, before any training compute is queued, so the
+        loop itself never waits for the device)."""
+        guidance = self.algorithm.guidance_scale
         out = []
-        for step in range(window.shape[1]):
-            step_rows = torch.nonzero(window[:, step]).flatten()
-            if step_rows.numel() == 0:  # outside every row's SDE window
-                continue
-            for rows, idle in self._micro_batches(step_rows):
+        for step, unit_rows in self.algorithm.units(batch):
+            for rows, idle in self._micro_batches(unit_rows):
                 cond = batch.conditioning(rows).without_padding()
                 inputs = self._model_inputs(cond, guidance)
-                columns = batch.latent_columns(rows, step).to(self.device)
-                out.append(MicroBatch(step, rows.to(self.device), columns, inputs, idle))
+                tensors = {k: v.to(self.device) for k, v in self.algorithm.micro_tensors(batch, step, rows).items()}
+                out.append(MicroBatch(step, rows.to(self.device), inputs, idle, tensors))
         return out
 
-    def transition_log_probs(self, batch: TrainBatch, micro: MicroBatch, sigma_max: float):
-        """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``micro.step`` for ``micro.rows`` under the
-        policy. ``batch`` holds the rollout tensors on the actor's device (``_stage``)."""
-        t, rows, step = batch.tensors, micro.rows, micro.step
-        sample, prev_sample = t["latents"][rows, micro.columns], t["latents"][rows, micro.columns + 1]
-        guidance = float(self.rollout.pipeline.true_cfg_scale)
-        velocity = self.pipe.predict_velocity(
-            sample.to(self.transformer.dtype),
-            t["timesteps"][rows, step],
-            micro.inputs,
-            guidance,
-            batch.height,
-            batch.width,
-        )
-        sigmas = t["sigmas"][rows]
-        algo = self.rollout.algo
-        return sde_step_with_logprob(
-            velocity.float(),
-            sample.float(),
-            sigmas[:, step],
-            sigmas[:, step + 1],
-            noise_level=float(algo.noise_level),
-            sde_type=algo.sde_type,
-            sigma_max=sigma_max,
-            prev_sample=prev_sample.float(),
-        )
-
     def compute_log_probs(self, data: Any, step: int, rows: torch.Tensor):
-        """The log-probs of ``rows`` at window step ``step`` of a verl ``DataProto`` rollout batch (tests, tools)."""
+        """The algorithm's log-probs of ``rows`` at its step ``step`` of a verl ``DataProto`` rollout batch (tests,
+        tools); for FlowGRPO (log_prob [b], prev_sample_mean, std_dev_t) of the window transition."""
         host = TrainBatch.from_data_proto(data, torch.zeros(len(data)))
-        guidance = float(self.rollout.pipeline.true_cfg_scale)
-        inputs = self._model_inputs(host.conditioning(rows).without_padding(), guidance)
-        micro = MicroBatch(step, rows.to(self.device), host.latent_columns(rows, step).to(self.device), inputs)
-        return self.transition_log_probs(_stage(host, self.device), micro, host.sigma_max)
+        inputs = self._model_inputs(host.conditioning(rows).without_padding(), self.algorithm.guidance_scale)
+        tensors = {k: v.to(self.device) for k, v in self.algorithm.micro_tensors(host, step, rows).items()}
+        micro = MicroBatch(step, rows.to(self.device), inputs, False, tensors)
+        return self.algorithm.log_probs(self._context(host), micro)
+
+    def _context(self, host: TrainBatch) -> UpdateContext:
+        """The algorithm's view of one update: ``host``'s tensors staged on the device, its update-wide constants."""
+        staged = _stage(host, self.algorithm.staged_fields, self.device)
+        return UpdateContext(self, staged, self.algorithm.update_constants(host))
 
     def _model_inputs(self, cond: Any, guidance: float) -> Any:
         return self.pipe.prepare_model_inputs(
@@ -245,20 +227,17 @@ class DiffusionLoRAActor:
 
     # ------------------------------------------------------------------ update
     def update(self, data: Any, advantages: torch.Tensor) -> dict[str, float]:
-        """One FlowGRPO update over all window transitions of a verl ``DataProto`` rollout batch."""
+        """One update of the algorithm over a verl ``DataProto`` rollout batch."""
         return self.update_batch(TrainBatch.from_data_proto(data, advantages))
 
     def update_batch(self, batch: TrainBatch, num_terms: Optional[int] = None) -> dict[str, float]:
-        """One FlowGRPO update over ``batch`` (on the host); ``num_terms``: the transitions of the whole step over all
-        ranks (default: this batch's). Raises ``NonFiniteError`` before stepping on NaN/inf (LoRA unchanged)."""
-        for name in ("advantages", "old_log_probs", "latents"):
+        """One update over ``batch`` (on the host); ``num_terms``: the algorithm's loss terms of the whole step over
+        all ranks (default: this batch's). Raises ``NonFiniteError`` before stepping on NaN/inf (LoRA unchanged)."""
+        for name in self.algorithm.checked_fields:
             assert_finite(name, batch.tensors[name])
-        num_terms = batch.num_terms if num_terms is None else num_terms
+        num_terms = self.algorithm.num_terms(batch) if num_terms is None else num_terms
         if num_terms == 0:
-            raise ValueError(
-                "no SDE-window steps in the batch: nothing to train on (check "
-                "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
-            )
+            raise ValueError(self.algorithm.no_terms_message())
         metrics = self._update_retrying_oom(batch, num_terms)
         if self.config.freeze_gc_heap and not self._gc_heap_frozen:
             # After the warm-up (the compiled training graphs exist): later full collections skip what lives on.
@@ -294,7 +273,7 @@ class DiffusionLoRAActor:
             self.memory_plan.before_update()
         self._all_reduce_started = False
         plan = self.plan(batch)
-        staged = _stage(batch, self.device)
+        ctx = self._context(batch)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
         snapshot = self._snapshot() if self.config.ppo_epochs > 1 else None
         self.transformer.train()
@@ -306,8 +285,7 @@ class DiffusionLoRAActor:
                 every_sdpa_backend(),
                 UpdateProbe(self.device) as probe,
             ):
-                sigma_max = batch.sigma_max if len(batch) else 0.0  # a rank without rows plans no micro-batch
-                metrics = self._update(staged, plan, num_terms, sigma_max)
+                metrics = self._update(ctx, plan, num_terms)
             metrics.update({f"actor/{k}": v for k, v in probe.metrics().items()})
             # This process's own wall time (the all-reduce waited for the slowest rank): shows idle ranks.
             metrics["actor/busy_s"] = time.perf_counter() - start
@@ -333,9 +311,8 @@ class DiffusionLoRAActor:
                 p.copy_(saved)
         self.optimizer.load_state_dict(optimizer_state)
 
-    def _update(self, batch: TrainBatch, plan: list[MicroBatch], num_terms: int, sigma_max: float) -> dict[str, float]:
+    def _update(self, ctx: UpdateContext, plan: list[MicroBatch], num_terms: int) -> dict[str, float]:
         cfg = self.config
-        old_log_probs, advantages = batch.tensors["old_log_probs"], batch.tensors["advantages"]
         sums: dict[str, torch.Tensor] = {}
         grad_norms = []
         for p in self.trainable:  # a rank without rows still joins the all-reduce with zeros
@@ -345,38 +322,17 @@ class DiffusionLoRAActor:
         for _ in range(cfg.ppo_epochs):
             epoch_start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=False)
-            bad = torch.zeros((), device=self.device)  # non-finite log-probs / KL seen (read once, below)
+            bad = torch.zeros((), device=self.device)  # non-finite values the loss saw (read once, below)
             for micro in plan:
-                out = self.transition_log_probs(batch, micro, sigma_max)
-                kl = None
-                if cfg.kl_coef > 0:
-                    with torch.no_grad(), self._adapter_disabled():
-                        ref = self.transition_log_probs(batch, micro, sigma_max)
-                    kl = flowgrpo_kl(
-                        out.prev_sample_mean, ref.prev_sample_mean, _per_sample(out.std_dev_t, len(micro.rows))
-                    )
+                out = self.algorithm.loss(ctx, micro)
                 if micro.idle:  # keeps FSDP's collectives in step; contributes nothing
-                    (out.log_prob.sum() * 0.0).backward()
+                    (out.loss * 0.0).backward()
                     continue
-                if kl is not None:
-                    bad = bad + (~torch.isfinite(kl)).sum()
-                bad = bad + (~torch.isfinite(out.log_prob.detach())).sum()
-                rows, step = micro.rows, micro.step
-                loss, metrics = flowgrpo_policy_loss(
-                    out.log_prob,
-                    old_log_probs[rows, step],
-                    advantages[rows],
-                    cfg.clip_ratio,
-                    adv_clip_max=cfg.adv_clip_max,
-                    kl=kl,
-                    kl_beta=cfg.kl_coef,
-                    check_finite=False,
-                    as_tensors=True,
-                )
-                # Weight by rows so the accumulated gradient is the mean over all (sample, step) terms.
-                weight = len(rows) / num_terms
-                (loss * weight).backward()
-                for key, value in metrics.items():
+                bad = bad + out.bad
+                # Weight by rows so the accumulated gradient is the mean over all the update's terms.
+                weight = len(micro.rows) / num_terms
+                (out.loss * weight).backward()
+                for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
             if self.device.type == "cuda":  # the all-reduce waits for the device anyway: no extra stall
                 torch.cuda.synchronize(self.device)
@@ -384,6 +340,8 @@ class DiffusionLoRAActor:
             self._all_reduce_started = True
             grad_norms.append(self._reduce_and_clip(bad))
             self.optimizer.step()
+            self.optimizer_steps += 1
+            self.algorithm.after_optimizer_step(self, self.optimizer_steps)
         metrics = self._reduce_metrics(sums)
         # This rank's forward/backward seconds, without the wait for the other ranks in the all-reduce.
         metrics["compute_s"] = compute_s
@@ -425,21 +383,53 @@ class DiffusionLoRAActor:
 
 @dataclass
 class MicroBatch:
-    """One forward/backward of an epoch: window step, rows (on the device), their prepared model inputs; ``idle``:
-    a pass whose gradient is discarded (FSDP ranks without rows must still join every collective); ``columns``:
-    where x_step sits in each row's stored latents (on the device)."""
+    """One forward/backward of an epoch: the algorithm's step (e.g. a window step), rows (on the device), their
+    prepared model inputs; ``idle``: a pass whose gradient is discarded (FSDP ranks without rows must still join
+    every collective); ``tensors``: what the algorithm asked for this micro-batch (``micro_tensors``, on the device)."""
 
     step: int
     rows: torch.Tensor
-    columns: torch.Tensor
     inputs: Any
     idle: bool = False
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _stage(batch: TrainBatch, device: torch.device) -> TrainBatch:
+class UpdateContext:
+    """What an algorithm's ``loss`` sees of the actor during one update.
+
+    ``tensors``: the staged rollout tensors on the device (the algorithm's ``staged_fields``); ``constants``: its
+    ``update_constants``; ``velocity(...)``: the policy's velocity through the pipeline's ``predict_velocity``;
+    ``reference()``: a context in which the same transformer is the reference policy (adapter disabled);
+    ``config`` / ``rollout``: the shared actor / rollout sections."""
+
+    def __init__(self, actor: DiffusionLoRAActor, batch: TrainBatch, constants: dict[str, Any]):
+        self._actor = actor
+        self.batch, self.tensors, self.constants = batch, batch.tensors, constants
+        self.config, self.rollout = actor.config, actor.rollout
+
+    def velocity(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, micro: MicroBatch, guidance: Optional[float] = None
+    ) -> torch.Tensor:
+        """The transformer's (CFG-combined) velocity at ``sample`` / ``timesteps`` for ``micro``'s conditioning;
+        ``guidance`` must be the scale its inputs were prepared for (default: the algorithm's)."""
+        actor = self._actor
+        scale = actor.algorithm.guidance_scale if guidance is None else guidance
+        return actor.pipe.predict_velocity(
+            sample.to(actor.transformer.dtype), timesteps, micro.inputs, scale, self.batch.height, self.batch.width
+        )
+
+    def reference(self) -> AbstractContextManager:
+        return self._actor._adapter_disabled()
+
+    @property
+    def device(self) -> torch.device:
+        return self._actor.device
+
+
+def _stage(batch: TrainBatch, fields: tuple[str, ...], device: torch.device) -> TrainBatch:
     """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
     prepared inputs)."""
-    return TrainBatch({k: v for k, v in batch.tensors.items() if k in STAGED}, batch.height, batch.width).to(device)
+    return TrainBatch({k: v for k, v in batch.tensors.items() if k in fields}, batch.height, batch.width).to(device)
 
 
 def every_sdpa_backend() -> AbstractContextManager:
@@ -475,9 +465,3 @@ def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:
         or getattr(m, "_compiled_call_impl", None) is not None
         for m in transformer.modules()
     )
-
-
-def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:
-    """The SDE std as [batch] (the scheduler may return it broadcastable, e.g. [B, 1, 1])."""
-    flat = std.reshape(-1)
-    return flat if flat.numel() == batch else flat[:1].expand(batch)

@@ -44,9 +44,10 @@ class ColocatedActorRank:
         address: Optional[tuple[str, int]],
         device: str,
         lora_seed: int,
+        algorithm: Any = None,
     ):
-        """``model`` / ``actor`` / ``rollout``: config sections or their plain dicts (they cross processes);
-        ``lora_seed``: every rank initialises the same adapter from it."""
+        """``model`` / ``actor`` / ``rollout`` / ``algorithm``: config sections or their plain dicts (they cross
+        processes; no ``algorithm``: the default one); ``lora_seed``: every rank starts from the same adapter."""
         model, actor, rollout = build(ModelConfig, model), build(ActorConfig, actor), build(RolloutConfig, rollout)
         device = torch.device(device)
         if device.type == "cuda":
@@ -60,6 +61,7 @@ class ColocatedActorRank:
             device=str(device),
             lora_seed=lora_seed,
             grad_sync=LoRAGradSync(rank, world_size, address, device),
+            algorithm=algorithm,
         )
 
     def call(self, verb: str, *args: Any) -> Any:

@@ -29,7 +29,7 @@ import os
 import socket
 import warnings
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import ray
 import torch
@@ -73,6 +73,7 @@ class FSDPActorRank(DiffusionLoRAActor):
         world_size: int,
         master_port: int,
         lora_seed: Optional[int] = None,
+        algorithm: Any = None,
     ):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -86,7 +87,7 @@ class FSDPActorRank(DiffusionLoRAActor):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-        super().__init__(model, actor, rollout, lora_seed=lora_seed)
+        super().__init__(model, actor, rollout, lora_seed=lora_seed, algorithm=algorithm)
         # The LoRA A matrices are drawn from each process's RNG: start every rank from rank 0's.
         for p in self.trainable:
             dist.broadcast(p.data, src=0)
@@ -197,14 +198,23 @@ class FSDPLoRAActorGroup:
     which only calls those two, takes the group unchanged.
     """
 
-    def __init__(self, model: ModelConfig, actor: ActorConfig, rollout: RolloutConfig, lora_seed: Optional[int] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        actor: ActorConfig,
+        rollout: RolloutConfig,
+        lora_seed: Optional[int] = None,
+        algorithm: Any = None,
+    ):
         world_size = actor.world_size
         self.config, self.world_size = actor, world_size
         # All ranks on this host (MASTER_ADDR=127.0.0.1); the 2-core CI machine has no CPU to reserve.
         resources = {"num_gpus": 1} if actor.on_cuda else {"num_cpus": 0}
         remote = ray.remote(**resources)(_Rank)
         port = _free_port()
-        self.ranks = [remote.remote(model, actor, rollout, r, world_size, port, lora_seed) for r in range(world_size)]
+        self.ranks = [
+            remote.remote(model, actor, rollout, r, world_size, port, lora_seed, algorithm) for r in range(world_size)
+        ]
         try:
             gather_ranks([r.__ray_ready__.remote() for r in self.ranks])  # every rank built, or its error raised
         except Exception:

@@ -18,8 +18,6 @@ from verl_omni.schedulers.flow_match_sde import reference_sigma_max
 # The rollout's fields the actor reads (conditioning fields come on top, where present; ``latent_steps`` is absent
 # from a batch that holds the whole trajectory).
 ROLLOUT_FIELDS = ("latents", "latent_steps", "timesteps", "sigmas", "old_log_probs", "window_mask")
-# What the update indexes on the device (the conditioning travels inside each micro-batch's prepared inputs).
-STAGED = ("latents", "timesteps", "sigmas", "old_log_probs", "advantages")
 
 
 @dataclass

@@ -58,11 +58,18 @@ class DiffusionEngine(abc.ABC):
     # ------------------------------------------------------------------ the hybrid engine: an actor rank here
     @abc.abstractmethod
     async def init_actor(
-        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+        self,
+        actor: ActorConfig,
+        rank: int,
+        world_size: int,
+        address: Optional[tuple[str, int]],
+        lora_seed: int,
+        algorithm: Any = None,
     ) -> None:
         """Start actor rank ``rank`` of ``world_size`` in the process that holds this engine's weights, training the
         engine's own adapter (``verl_omni.workers.colocated.ColocatedActorRank``); ``address`` is rank 0's
-        rendezvous (host, port) for the gradient all-reduce; every rank initialises the adapter from ``lora_seed``."""
+        rendezvous (host, port) for the gradient all-reduce; every rank initialises the adapter from ``lora_seed``;
+        ``algorithm``: the ``algorithm`` config section (None: the default algorithm)."""
 
     @abc.abstractmethod
     async def actor_call(self, verb: str, *args: Any) -> Any:

@@ -109,14 +109,20 @@ class DiffusersEngine(DiffusionEngine):
 
     # ------------------------------------------------------------------ the hybrid engine
     async def init_actor(
-        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+        self,
+        actor: ActorConfig,
+        rank: int,
+        world_size: int,
+        address: Optional[tuple[str, int]],
+        lora_seed: int,
+        algorithm: Any = None,
     ) -> None:
         from verl_omni.workers.colocated import ColocatedActorRank
 
         def build():
             device = "cuda:0" if self.rollout.on_cuda else "cpu"  # Ray shows this actor its one GPU as cuda:0
             self._actor = ColocatedActorRank(
-                self.pipe, self.model, actor, self.rollout, rank, world_size, address, device, lora_seed
+                self.pipe, self.model, actor, self.rollout, rank, world_size, address, device, lora_seed, algorithm
             )
 
         await self._locked(build)

@@ -188,7 +188,13 @@ class VllmOmniEngine(DiffusionEngine):
 
     # ------------------------------------------------------------------ the hybrid engine
     async def init_actor(
-        self, actor: ActorConfig, rank: int, world_size: int, address: Optional[tuple[str, int]], lora_seed: int
+        self,
+        actor: ActorConfig,
+        rank: int,
+        world_size: int,
+        address: Optional[tuple[str, int]],
+        lora_seed: int,
+        algorithm: Any = None,
     ) -> None:
         sections = {
             name: plain(dataclasses.asdict(section))
@@ -200,6 +206,7 @@ class VllmOmniEngine(DiffusionEngine):
             "world_size": world_size,
             "address": None if address is None else list(address),
             "lora_seed": int(lora_seed),
+            "algorithm": plain(dataclasses.asdict(algorithm) if dataclasses.is_dataclass(algorithm) else algorithm),
         }
         await self._omni.collective_rpc("verl_omni_init_actor", args=(payload,))
 

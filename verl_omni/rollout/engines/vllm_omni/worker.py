@@ -231,6 +231,7 @@ class VllmOmniRLWorkerExtension:
             None if address is None else tuple(address),
             str(pipeline.device),
             payload["lora_seed"],
+            payload.get("algorithm"),
         )
         return True
 
