@@ -18,12 +18,17 @@ the old adapter's update), config/base.py and config/nft.py (defaults), flow_grp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import torch
 
+from verl_omni.algorithms.base import Algorithm, AlgorithmSection, Loss
+from verl_omni.algorithms.flowgrpo import compute_group_advantages
+from verl_omni.algorithms.registry import register_algorithm
 from verl_omni.core.errors import assert_finite
+from verl_omni.core.section import require_bool, require_choice, require_number
+from verl_omni.models.ema import ShadowWeights
 
 # adv_mode of the original's config: how the clipped advantage is shaped before it becomes r.
 ADV_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
@@ -44,16 +49,6 @@ def old_policy_decay(step: int, decay_type: int) -> float:
     if step < flat:
         return 0.0
     return min((step - flat) * uprate, uphold)
-
-
-@torch.no_grad()
-def update_old_policy(old: Iterable[torch.Tensor], current: Iterable[torch.Tensor], decay: float) -> None:
-    """old <- decay * old + (1 - decay) * current, in place (the original's loop after each epoch)."""
-    old, current = list(old), list(current)
-    if len(old) != len(current):
-        raise ValueError(f"old policy has {len(old)} tensors, the trained one {len(current)}")
-    for o, c in zip(old, current, strict=True):
-        o.copy_(o * decay + c.detach().to(o.dtype) * (1.0 - decay))
 
 
 def num_train_timesteps(num_steps: int, timestep_fraction: float) -> int:
@@ -174,3 +169,181 @@ def _per_row(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.shape != like.shape[:1]:
         raise ValueError(f"t has shape {tuple(t.shape)}, expected ({like.shape[0]},) or a scalar")
     return t.view(-1, *([1] * (like.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------- the algorithm
+# The advantages' std floor: PerPromptStatTracker's ``std + 1e-4`` (flow_grpo/stat_tracking.py in the original).
+STD_EPS = 1e-4
+
+
+@dataclasses.dataclass
+class DiffusionNFTSection(AlgorithmSection):
+    """``algorithm.diffusion_nft``; defaults are the original's (config/base.py, config/nft.py). Shared keys keep
+    verl's names: ``actor_rollout_ref.actor.adv_clip_max`` is r's scale (5 there) and ``.kl_coef`` the weight of the
+    velocity KL to the reference policy (the original's ``train.beta``, 1e-4)."""
+
+    _prefix = "algorithm.diffusion_nft"
+
+    # The implicit policies' mixing, v+ = beta v + (1 - beta) v_old (the original's ``beta``: 1.0; 0.1 for OCR).
+    beta: float = 1.0
+    # The old policy's schedule after each optimizer step s (``return_decay``; 2 for OCR): 0 follows the policy;
+    # 1 keeps min(0.001 s, 0.5) of itself; 2 follows it for 75 steps, then keeps min(0.0075 (s - 75), 0.999).
+    decay_type: int = 1
+    # Each row trains on int(num_inference_steps * timestep_fraction) of its sampler's timesteps, drawn per row.
+    timestep_fraction: float = 0.99
+    # The clipped advantage's shape before it becomes r: all | positive_only | negative_only | one_only | binary.
+    adv_mode: str = "all"
+    # Advantages (reward - group mean) / (std + 1e-4) with the std of the whole batch, as the original's
+    # PerPromptStatTracker(global_std=True); false: the std of each prompt group.
+    global_std: bool = True
+
+    def __post_init__(self) -> None:
+        require_number(self.key("beta"), self.beta, 0, strict=True)
+        require_choice(self.key("decay_type"), self.decay_type, tuple(DECAY_SCHEDULES))
+        if not (isinstance(self.timestep_fraction, (int, float)) and 0 < self.timestep_fraction <= 1):
+            raise ValueError(f"{self.key('timestep_fraction')}={self.timestep_fraction!r} must be in (0, 1]")
+        require_choice(self.key("adv_mode"), self.adv_mode, ADV_MODES)
+        require_bool(self.key("global_std"), self.global_std)
+
+
+@register_algorithm("diffusion_nft")
+class DiffusionNFT(Algorithm):
+    """DiffusionNFT: CFG-free ODE rollouts by the old policy that keep only x_0; the update noises x_0 again at
+    sampled timesteps ((timestep, rows) units) and regresses the implicit positive / negative policies
+    (``nft_loss``); the old policy (shadow weights of the adapter) moves towards the trained one after each
+    optimizer step by ``old_policy_decay`` and is what the engines serve for training rollouts."""
+
+    Config = DiffusionNFTSection
+    needs_log_probs = False
+    serves_rollout_weights = True
+    staged_fields = ("latents", "timesteps", "sigmas", "advantages")
+    checked_fields = ("advantages", "latents")
+
+    def __init__(self, config: Optional[DiffusionNFTSection] = None, *, actor: Any = None, rollout: Any = None):
+        super().__init__(config, actor=actor, rollout=rollout)
+        self.old: Optional[ShadowWeights] = None  # on the actor rank: the old policy (``attach``)
+        self._timestep_index: Optional[torch.Tensor] = None  # [B, k] of the update being planned
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        rollout, actor = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
+        if rollout.n < 2:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.n={rollout.n} must be >= 2: DiffusionNFT's advantages are centred on "
+                "each prompt's mean, so a group of one has advantage 0 and nothing is learned"
+            )
+        if rollout.pipeline.true_cfg_scale != 1.0:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.pipeline.true_cfg_scale={rollout.pipeline.true_cfg_scale} must be 1.0: "
+                "DiffusionNFT samples, trains and validates without CFG"
+            )
+        if actor.adv_clip_max is None:
+            raise ValueError("actor_rollout_ref.actor.adv_clip_max=null: DiffusionNFT needs it (r's scale, e.g. 5)")
+        num_train_timesteps(rollout.pipeline.num_inference_steps, cfg.algorithm.section.timestep_fraction)
+
+    # ------------------------------------------------------------------ rollout
+    @property
+    def guidance_scale(self) -> float:
+        return 1.0
+
+    def sampling(self, params: Any, *, step: int, group_seed: int, validate: bool) -> Any:
+        """CFG-free; training rollouts are deterministic ODE samples (no SDE step, no log-probs) that keep x_0."""
+        params = params.replace(guidance_scale=1.0, negative_prompt=None)
+        if validate:
+            return params
+        return params.replace(
+            noise_level=0.0,
+            sde_window_size=0,
+            sde_window_range=None,
+            window_start=None,
+            trajectory_window_only=True,
+            keep_latent_steps=(-1,),
+        )
+
+    # ------------------------------------------------------------------ advantages
+    def advantages(self, rewards, group_ids) -> tuple[torch.Tensor, dict[str, float]]:
+        rewards = torch.as_tensor(rewards)
+        advantages = compute_group_advantages(rewards, group_ids, global_std=self.config.global_std, eps=STD_EPS)
+        return advantages.float(), {}
+
+    # ------------------------------------------------------------------ the update: (sampled timestep, rows) terms
+    def _count(self, batch: Any) -> int:
+        return num_train_timesteps(int(batch.tensors["timesteps"].shape[1]), self.config.timestep_fraction)
+
+    def num_terms(self, batch: Any) -> int:
+        return len(batch) * self._count(batch) if len(batch) else 0
+
+    def units(self, batch: Any) -> list[tuple[int, torch.Tensor]]:
+        """Unit j trains every row at its own j-th sampled timestep (a fresh per-row permutation per update)."""
+        rows = len(batch)
+        if rows == 0:
+            return []
+        count = self._count(batch)
+        self._timestep_index = train_timestep_indices(rows, int(batch.tensors["timesteps"].shape[1]), count)
+        everyone = torch.arange(rows)
+        return [(j, everyone) for j in range(count)]
+
+    def micro_tensors(self, batch: Any, step: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"timestep_index": self._timestep_index[rows, step], "x0_column": _x0_columns(batch, rows)}
+
+    def no_terms_message(self) -> str:
+        return "DiffusionNFT: the batch has no rows to train on"
+
+    def loss(self, ctx: Any, micro: Any) -> Loss:
+        t, rows = ctx.tensors, micro.rows
+        index = micro.tensors["timestep_index"].unsqueeze(1)
+        sigma = t["sigmas"][rows].gather(1, index).squeeze(1)  # t in [0, 1] of x_t = (1 - t) x0 + t noise
+        model_timestep = t["timesteps"][rows].gather(1, index).squeeze(1)  # what the transformer receives
+        x0 = t["latents"][rows, micro.tensors["x0_column"]].float()
+        xt = noised_latents(x0, torch.randn_like(x0), sigma)
+        with torch.no_grad(), self.old.swapped_in():  # before the policy's forward: the swap writes the parameters
+            old_velocity = ctx.velocity(xt, model_timestep, micro).float()
+        velocity = ctx.velocity(xt, model_timestep, micro).float()
+        ref_velocity = None
+        if self.actor.kl_coef > 0:
+            with torch.no_grad(), ctx.reference():
+                ref_velocity = ctx.velocity(xt, model_timestep, micro).float()
+        r = reward_weight(t["advantages"][rows], self.actor.adv_clip_max, self.config.adv_mode)
+        loss, metrics = nft_loss(
+            velocity,
+            old_velocity,
+            x0,
+            xt,
+            sigma,
+            r,
+            self.config.beta,
+            self.actor.adv_clip_max,
+            ref_velocity=ref_velocity,
+            kl_coef=self.actor.kl_coef,
+            check_finite=False,
+        )
+        bad = (~torch.isfinite(velocity.detach())).sum() + (~torch.isfinite(old_velocity)).sum()
+        return Loss(loss, metrics, bad)
+
+    # ------------------------------------------------------------------ the old policy (actor rank)
+    def attach(self, actor: Any) -> None:
+        """The old policy starts as (and after a resume restarts from) a copy of the adapter, as the original."""
+        self.old = ShadowWeights(actor.trainable)
+
+    def after_optimizer_step(self, actor: Any, step: int) -> None:
+        self.old.update(old_policy_decay(step, self.config.decay_type))
+
+    def rollout_weights(self) -> Optional[ShadowWeights]:
+        return self.old
+
+
+def _x0_columns(batch: Any, rows: torch.Tensor) -> torch.Tensor:
+    """int64 [len(rows)]: the column of ``latents`` that holds each row's x_0 (trajectory position T)."""
+    last = int(batch.tensors["timesteps"].shape[1])
+    positions = batch.tensors.get("latent_steps")
+    if positions is None:  # the whole trajectory
+        return torch.full((len(rows),), last, dtype=torch.int64)
+    positions = positions[rows]
+    found = positions == last
+    if not bool(found.any(dim=1).all()):
+        missing = rows[~found.any(dim=1)].tolist()
+        raise ValueError(
+            f"rollout rows {missing} lack the final latent x_0 (trajectory position {last}) DiffusionNFT trains "
+            "on: the rollout must keep it (sampling keep_latent_steps=(-1,))"
+        )
+    return found.int().argmax(dim=1)

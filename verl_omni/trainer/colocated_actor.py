@@ -93,5 +93,12 @@ class ColocatedActorGroup:
         """Per rank: whether the adapter it trains (= the one its engine serves) is bitwise rank 0's."""
         return self._all("lora_matches_rank0")
 
+    # The algorithm's rollout weights: every rank swaps them into the adapter its engine serves, and back.
+    def swap_in_rollout_weights(self) -> None:
+        self._all("swap_in_rollout_weights")
+
+    def swap_out_rollout_weights(self) -> None:
+        self._all("swap_out_rollout_weights")
+
     def shutdown(self) -> None:
         """The ranks live in the replicas: they go with them."""

@@ -29,6 +29,8 @@ ACTOR_VERBS = (
     "load_optimizer_state_dict",
     "lora_checksum",
     "lora_matches_rank0",
+    "swap_in_rollout_weights",
+    "swap_out_rollout_weights",
 )
 
 
@@ -90,3 +92,11 @@ class ColocatedActorRank:
 
     def lora_matches_rank0(self) -> bool:
         return self.actor.lora_matches_rank0()
+
+    # The algorithm's rollout weights (e.g. DiffusionNFT's old policy): in the adapter the engine serves during a
+    # training rollout, the trained values back after it.
+    def swap_in_rollout_weights(self) -> None:
+        self.actor.swap_in_rollout_weights()
+
+    def swap_out_rollout_weights(self) -> None:
+        self.actor.swap_out_rollout_weights()
