@@ -79,10 +79,12 @@ def test_the_learning_check_trains_the_demo_recipe():
 
 
 GPU_RECIPE = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_ocr_lora.sh")
+NFT_GPU_RECIPE = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_ocr_lora_nft.sh")
 
 
-def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
-    """Every Hydra override of the GPU recipe names a key of the YAML and gives a value its section accepts (a
+@pytest.mark.parametrize("recipe", [GPU_RECIPE, NFT_GPU_RECIPE], ids=["flowgrpo", "diffusion_nft"])
+def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values(recipe):
+    """Every Hydra override of a GPU recipe names a key of the YAML and gives a value its section accepts (a
     renamed or mistyped key would otherwise first fail on the user's GPU machine)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -91,14 +93,15 @@ def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
 
     words = [
         word
-        for line in open(GPU_RECIPE)
+        for line in open(recipe)
         if not line.lstrip().startswith("#")
         for word in shlex.split(line.rstrip().rstrip("\\"))
     ]
     overrides = [
         w
         for w in words
-        if "=" in w and w.split("=", 1)[0].startswith(("data.", "actor_rollout_ref.", "reward.", "trainer."))
+        if "=" in w
+        and w.split("=", 1)[0].startswith(("data.", "actor_rollout_ref.", "reward.", "trainer.", "algorithm."))
     ]
     assert len(overrides) > 30
     cfg = make_config()
@@ -110,6 +113,9 @@ def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
     parsed = FlowGRPOConfig.from_omega(cfg)
     assert parsed.actor_rollout_ref.model.gradient_checkpointing_blocks == "auto"  # the default, measured
     assert parsed.actor_rollout_ref.rollout.pipeline.batch_cfg == "auto"
+    if recipe == NFT_GPU_RECIPE:  # the original's OCR settings
+        nft = parsed.algorithm.section
+        assert parsed.algorithm.name == "diffusion_nft" and (nft.beta, nft.decay_type) == (0.1, 2)
 
 
 @pytest.mark.e2e
