@@ -309,7 +309,7 @@ class FlowGRPOTrainer:
         history, trained_steps = [], []
         total = cfg.trainer.total_training_steps
         # disable=None: no bar when stderr is not a TTY (a log file); the console logger prints one line per step.
-        bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=total, initial=self.global_step, desc=cfg.algorithm.name, dynamic_ncols=True, disable=None)
         while self.global_step < total:
             step = self.global_step + 1
             metrics = self.train_step(step)
