@@ -110,6 +110,10 @@ def test_the_update_trains_on_noised_x0_and_moves_the_old_policy_by_its_schedule
         torch.testing.assert_close(old, b * decay + a * (1 - decay), rtol=1e-6, atol=1e-7)
     for key in ("actor/policy_loss", "actor/kl_div", "actor/old_deviate", "actor/loss"):
         assert np.isfinite(metrics[key]), key
+    # the update's draws (timesteps, noise) come from rollout.seed and the step: a second run is bit-identical
+    again = _actor(tiny_qwen_image_dir, decay_type=1, beta=0.1)
+    again.update(data, advantages)
+    assert all(torch.equal(a, b) for a, b in zip(again.trainable, after, strict=True))
 
 
 def test_one_micro_batch_loss_is_nft_loss_of_the_actors_velocities(qwen_image_rl_pipe, tiny_qwen_image_dir):
@@ -123,15 +127,15 @@ def test_one_micro_batch_loss_is_nft_loss_of_the_actors_velocities(qwen_image_rl
     batch = TrainBatch.from_data_proto(data, advantages)
     micro = actor.plan(batch)[0]
     ctx = actor._context(batch)
-    torch.manual_seed(0)
     out = algo.loss(ctx, micro)
     # by hand: the same noise, timesteps and velocities
     rows, index = micro.rows, micro.tensors["timestep_index"]
     sigma = batch.tensors["sigmas"][rows, index]
     timestep = batch.tensors["timesteps"][rows, index]
     x0 = batch.tensors["latents"][rows, 0]
-    torch.manual_seed(0)
-    xt = noised_latents(x0, torch.randn_like(x0), sigma)
+    algo.units(batch)  # the same update's draws again: its timesteps and its first noise
+    assert torch.equal(algo._timestep_index[rows.cpu(), micro.step], index.cpu())
+    xt = noised_latents(x0, algo.noise_like(x0), sigma)
     with torch.no_grad(), algo.old.swapped_in():
         old = ctx.velocity(xt, timestep, micro)
     with torch.no_grad():

@@ -222,7 +222,10 @@ class DiffusionNFT(Algorithm):
     def __init__(self, config: Optional[DiffusionNFTSection] = None, *, actor: Any = None, rollout: Any = None):
         super().__init__(config, actor=actor, rollout=rollout)
         self.old: Optional[ShadowWeights] = None  # on the actor rank: the old policy (``attach``)
+        self._actor: Any = None
         self._timestep_index: Optional[torch.Tensor] = None  # [B, k] of the update being planned
+        self._noise_seed = 0
+        self._noise: Optional[torch.Generator] = None
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -279,7 +282,12 @@ class DiffusionNFT(Algorithm):
         if rows == 0:
             return []
         count = self._count(batch)
-        self._timestep_index = train_timestep_indices(rows, int(batch.tensors["timesteps"].shape[1]), count)
+        # The update's draws (timesteps here, x_t's noise in ``loss``) from (rollout.seed, optimizer steps taken):
+        # a run is reproducible and every rank draws alike.
+        seed = (int(getattr(self.rollout, "seed", 0)) * 1_000_003 + int(getattr(self._actor, "optimizer_steps", 0))) * 2
+        self._noise_seed, self._noise = seed + 1, None
+        generator = torch.Generator().manual_seed(seed)
+        self._timestep_index = train_timestep_indices(rows, int(batch.tensors["timesteps"].shape[1]), count, generator)
         everyone = torch.arange(rows)
         return [(j, everyone) for j in range(count)]
 
@@ -295,7 +303,7 @@ class DiffusionNFT(Algorithm):
         sigma = t["sigmas"][rows].gather(1, index).squeeze(1)  # t in [0, 1] of x_t = (1 - t) x0 + t noise
         model_timestep = t["timesteps"][rows].gather(1, index).squeeze(1)  # what the transformer receives
         x0 = t["latents"][rows, micro.tensors["x0_column"]].float()
-        xt = noised_latents(x0, torch.randn_like(x0), sigma)
+        xt = noised_latents(x0, self.noise_like(x0), sigma)
         with torch.no_grad(), self.old.swapped_in():  # before the policy's forward: the swap writes the parameters
             old_velocity = ctx.velocity(xt, model_timestep, micro).float()
         velocity = ctx.velocity(xt, model_timestep, micro).float()
@@ -320,9 +328,16 @@ class DiffusionNFT(Algorithm):
         bad = (~torch.isfinite(velocity.detach())).sum() + (~torch.isfinite(old_velocity)).sum()
         return Loss(loss, metrics, bad)
 
+    def noise_like(self, x0: torch.Tensor) -> torch.Tensor:
+        """The next draw of x_t's noise in this update (one generator on x0's device, seeded by ``units``)."""
+        if self._noise is None or self._noise.device != x0.device:
+            self._noise = torch.Generator(device=x0.device).manual_seed(self._noise_seed)
+        return torch.randn(x0.shape, generator=self._noise, device=x0.device, dtype=x0.dtype)
+
     # ------------------------------------------------------------------ the old policy (actor rank)
     def attach(self, actor: Any) -> None:
         """The old policy starts as (and after a resume restarts from) a copy of the adapter, as the original."""
+        self._actor = actor
         self.old = ShadowWeights(actor.trainable)
 
     def after_optimizer_step(self, actor: Any, step: int) -> None:
