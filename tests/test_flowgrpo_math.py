@@ -9,6 +9,8 @@ import torch
 from verl_omni.algorithms.flowgrpo import compute_group_advantages, flowgrpo_kl, flowgrpo_policy_loss
 from verl_omni.core.errors import assert_finite
 
+EPS = 1e-4  # flow_grpo's std floor (PerPromptStatTracker), the default
+
 # Groups are interleaved on purpose: grouping must follow the ids, not positions.
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 2.0, 0.0, 3.0, 6.0, 5.0])
 GROUPS = ["a", "b", "a", "b", "c", "c", "c", "d"]
@@ -17,7 +19,8 @@ GROUPS = ["a", "b", "a", "b", "c", "c", "c", "d"]
 def test_group_advantages_normalise_within_each_prompt_group():
     adv = compute_group_advantages(REWARDS, GROUPS)
     # a: [1, 3] mean 2, population std 1; c: [0, 3, 6] mean 3, population std sqrt(6)
-    expected = [-1.0, 0.0, 1.0, 0.0, -3 / math.sqrt(6), 0.0, 3 / math.sqrt(6), 0.0]
+    s6 = math.sqrt(6) + EPS
+    expected = [-1 / (1 + EPS), 0.0, 1 / (1 + EPS), 0.0, -3 / s6, 0.0, 3 / s6, 0.0]
     torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=0)
     assert adv.dtype == REWARDS.dtype
 
@@ -27,10 +30,23 @@ def test_zero_std_groups_and_singletons_get_zero_advantage_not_nan():
     assert torch.equal(adv, torch.zeros(4))
 
 
+def test_all_equal_groups_get_exact_zeros_from_float64_rewards_whatever_their_value():
+    """The mean of equal float64 values need not equal them (0.1 * 3 / 3 != 0.1): centred on the group's first
+    reward, an all-equal group's advantages are exactly 0, in any float dtype and beside any other group."""
+    rng = np.random.default_rng(0)
+    for value in (0.1, 0.7, 1 / 3, 0.9999999, 123.456, 1e-9):
+        rewards = np.concatenate([np.full(7, value), rng.random(5)])
+        groups = [0] * 7 + [1] * 5
+        for global_std in (False, True):
+            adv = compute_group_advantages(torch.as_tensor(rewards), groups, global_std=global_std)
+            assert torch.equal(adv[:7], torch.zeros(7, dtype=torch.float64)), (value, adv[:7])
+            assert (adv[7:] != 0).all()
+
+
 def test_global_std_uses_the_batch_std_but_group_means():
     adv = compute_group_advantages(REWARDS, np.array(GROUPS), global_std=True)
     batch_std = 1.8540496217739157  # population std of REWARDS: sqrt(27.5 / 8)
-    expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, -3.0, 0.0, 3.0, 0.0]) / batch_std
+    expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, -3.0, 0.0, 3.0, 0.0]) / (batch_std + EPS)
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
 
 
@@ -42,7 +58,7 @@ def test_advantage_clipping_is_symmetric():
 
 def test_group_ids_can_be_a_tensor():
     adv = compute_group_advantages(torch.tensor([0.0, 2.0, 5.0, 5.0]), torch.tensor([3, 3, 9, 9]))
-    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (1 + EPS), atol=1e-5, rtol=0)
 
 
 def test_non_finite_rewards_are_refused_naming_the_samples():

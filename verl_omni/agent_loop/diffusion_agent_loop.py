@@ -40,6 +40,7 @@ from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
 from verl_omni.core.names import AGENT_LOOP_NAME
 from verl_omni.core.outputs import DiffusionSample
 from verl_omni.core.prompts import prompt_text
+from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rewards.pool import RewardPool
 from verl_omni.rewards.registry import RewardResult, row_metadata
 
@@ -137,6 +138,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         self.rollout: RolloutConfig = config.actor_rollout_ref.rollout
         # algorithm.name's algorithm: it sets each group's sampling settings (its SDE window, ODE steps, CFG ...)
         self.algorithm = config.algorithm.make(config.actor_rollout_ref.actor, self.rollout)
+        self.algorithm.bind_pipeline(get_pipeline_class(config.actor_rollout_ref.model.pipeline))
         self._logged_reasons: set[str] = set()
         quiet_accelerator_warnings_on_cpu()
 

@@ -4,7 +4,8 @@ An algorithm is one module under ``verl_omni/algorithms/`` holding an ``Algorith
 ``@register_algorithm(name)`` (``registry.py``); ``algorithm.name`` in the YAML picks it and ``algorithm.<name>.*``
 is its typed section (the ``Config`` dataclass it declares). Who calls what:
 
-- start-up (``config/trainer.py``): ``check_config(cfg)`` — checks that span the run's sections;
+- start-up (``config/trainer.py``): ``check_config(cfg)`` — checks that span the run's sections; every process
+  that holds an instance then calls ``bind_pipeline(pipeline)`` (the RL pipeline, or its class on the driver);
 - the agent loop, per prompt group: ``sampling(params, step=, group_seed=, validate=)`` — that group's sampling
   settings (the SDE window, ODE steps, CFG ...);
 - the trainer (driver), per step: ``advantages(rewards, group_ids)``;
@@ -75,6 +76,11 @@ class Algorithm:
         """Start-up checks that span the run's sections (``cfg``: the whole parsed config); raise ``ValueError``
         naming the keys. The section's own checks live in ``Config.__post_init__``."""
 
+    def bind_pipeline(self, pipeline: Any) -> None:
+        """The RL pipeline (or its class) this run trains: per-family settings can resolve from its class attributes
+        (``REFERENCE_TRAINER_DEFAULTS``). The driver, the agent loops and every actor rank call it alike."""
+        self.pipeline_name = type(pipeline).__name__ if not isinstance(pipeline, type) else pipeline.__name__
+
     # ------------------------------------------------------------------ rollout (agent loop)
     def sampling(self, params: Any, *, step: int, group_seed: int, validate: bool) -> Any:
         """The sampling settings of one prompt group at training step ``step``: ``params`` (the rollout's
@@ -122,8 +128,9 @@ class Algorithm:
         """Per-row log-probs of ``micro``'s unit under the policy (tools and tests; algorithms with log-probs)."""
         raise NotImplementedError(f"algorithm {self.name!r} computes no per-step log-probs")
 
-    def no_terms_message(self) -> str:
-        """Why an update found nothing to train on (raised as ``ValueError``)."""
+    def no_terms_message(self, batch: Any) -> Optional[str]:
+        """Why an update of ``batch`` (host) with 0 terms over all ranks is an error (raised as ``ValueError``), or
+        None where that is expected (the update then takes no optimizer step)."""
         return f"algorithm {self.name!r}: the batch has no terms to train on"
 
     # ------------------------------------------------------------------ state on the actor rank

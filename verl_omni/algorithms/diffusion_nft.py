@@ -294,7 +294,7 @@ class DiffusionNFT(Algorithm):
     def micro_tensors(self, batch: Any, step: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"timestep_index": self._timestep_index[rows, step], "x0_column": _x0_columns(batch, rows)}
 
-    def no_terms_message(self) -> str:
+    def no_terms_message(self, batch: Any) -> Optional[str]:
         return "DiffusionNFT: the batch has no rows to train on"
 
     def loss(self, ctx: Any, micro: Any) -> Loss:

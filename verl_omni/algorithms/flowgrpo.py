@@ -1,17 +1,26 @@
-"""FlowGRPO: group-normalised advantages, the clipped policy loss over SDE-window transitions and the KL term.
+"""FlowGRPO: group-normalised advantages, the clipped policy loss over SDE-window transitions, the KL term, and
+GRPO-Guard's ratio normalisation as an option.
 
 ``FlowGRPO`` is the algorithm behind the seam (``algorithm.name=flowgrpo``, section ``algorithm.flowgrpo``); the
-functions below it are its math, with no model code.
+functions above it are its math, with no model code.
 
-Reference: yifan123/flow_grpo — flow_grpo/stat_tracking.py (``PerPromptStatTracker.update``) for advantages,
-scripts/train_sd3.py (the inner training loop) for the loss, its metrics and the KL term.
+References (tests/test_flowgrpo_parity.py compares with transcriptions of them):
+- yifan123/flow_grpo at ac4c86e: flow_grpo/stat_tracking.py (``PerPromptStatTracker.update``) for advantages,
+  scripts/train_sd3.py (the inner training loop) for the loss, its metrics and the KL term;
+- scripts/train_sd3_GRPO_Guard.py (flow_grpo's GRPO-Guard trainer, read at zhtmike/flow_grpo 2e2f712, the commit
+  that adds it) for the ratio normalisation and the gradient reweighting.
+
+Where flow_grpo's trainers differ per model family (detaching CFG's unconditional branch, dropping rows with
+advantage 0) the setting is ``null`` by default and resolves to what the family's reference trainer does; each
+pipeline declares that in ``REFERENCE_TRAINER_DEFAULTS`` (``verl_omni/pipelines``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -19,8 +28,13 @@ import torch
 from verl_omni.algorithms.base import Algorithm, AlgorithmSection, Loss
 from verl_omni.algorithms.registry import register_algorithm
 from verl_omni.core.errors import assert_finite
-from verl_omni.core.section import require_bool
+from verl_omni.core.section import require_bool, require_number
 from verl_omni.schedulers.flow_match_sde import choose_window, sde_step_with_logprob
+
+logger = logging.getLogger(__name__)
+
+# flow_grpo's PerPromptStatTracker adds this to the std (per group, or of the batch with global_std).
+STD_FLOOR = 1e-4
 
 
 def compute_group_advantages(
@@ -28,14 +42,17 @@ def compute_group_advantages(
     group_ids: Union[Sequence, np.ndarray, torch.Tensor],
     *,
     global_std: bool = False,
-    eps: float = 1e-6,
+    eps: float = STD_FLOOR,
     clip: Optional[float] = None,
 ) -> torch.Tensor:
-    """(r - mean_group) / (std + eps) per prompt group, as FlowGRPO's PerPromptStatTracker ('grpo').
+    """(r - mean_group) / (std + eps) per prompt group, as flow_grpo's ``PerPromptStatTracker.update`` ('grpo').
 
-    std is the population std (numpy default, as FlowGRPO) of the group, or of the whole batch when
-    ``global_std``. A group whose rewards are all equal (or a group of one) gets advantage 0: its numerator
-    is exactly 0. ``clip`` clamps to [-clip, clip] (FlowGRPO does that in the loss with ``adv_clip_max``).
+    std is the population std (numpy's default, as flow_grpo) of the group, or of the whole batch when
+    ``global_std``; ``eps`` is flow_grpo's floor, 1e-4 (a near-constant group's advantages stay bounded by its
+    spread / 1e-4 before the clip). Computed in float64. A group whose rewards are all equal (or a group of one)
+    gets exactly 0: each group is centred on its first reward before its mean is taken, so equal rewards leave
+    exact zeros (a float mean of equal values need not equal them). ``clip`` clamps to [-clip, clip] (flow_grpo
+    does that in the loss with ``adv_clip_max``). Groups are the ids given (flow_grpo groups by prompt text).
     """
     rewards = torch.as_tensor(rewards)
     if rewards.dim() != 1:
@@ -48,13 +65,14 @@ def compute_group_advantages(
     assert_finite("rewards", rewards)
 
     values = rewards.detach().to(device="cpu", dtype=torch.float64)
-    _, inverse = np.unique(group_ids, return_inverse=True)
+    _, first, inverse = np.unique(group_ids, return_index=True, return_inverse=True)
     inverse = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
-    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    num_groups = len(first)
 
+    shifted = values - values[torch.as_tensor(first, dtype=torch.long)][inverse]  # 0 exactly where equal to the first
     counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
-    means = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, values) / counts
-    centered = values - means[inverse]
+    means = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, inverse, shifted) / counts
+    centered = shifted - means[inverse]
     if global_std:
         std = values.std(unbiased=False)
     else:
@@ -87,6 +105,16 @@ def flowgrpo_kl(prev_mean: torch.Tensor, prev_mean_ref: torch.Tensor, std_dev_t)
     return mse / (2 * std**2)
 
 
+class GuardTerms(NamedTuple):
+    """What GRPO-Guard's ratio normalisation needs of one step (flow_grpo's ``config.rationorm``): the policy's SDE
+    mean, the rollout policy's, the step's ``std_dev_t`` and ``sqrt(-dt)`` (both scalars or broadcastable)."""
+
+    prev_sample_mean: torch.Tensor
+    old_prev_sample_mean: torch.Tensor
+    std_dev_t: torch.Tensor
+    sqrt_dt: torch.Tensor
+
+
 def flowgrpo_policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -96,14 +124,21 @@ def flowgrpo_policy_loss(
     adv_clip_max: Optional[float] = None,
     kl: Optional[torch.Tensor] = None,
     kl_beta: float = 0.0,
+    guard: Optional[GuardTerms] = None,
     check_finite: bool = True,
     as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-style clipped loss of one denoising step, as FlowGRPO's train loop.
+    """PPO-style clipped loss of one denoising step, as flow_grpo's train loop.
 
     ratio = exp(log_prob - old_log_prob); loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))
     with A clamped to [-adv_clip_max, adv_clip_max]; plus ``kl_beta * kl.mean()`` when ``kl`` (from
     ``flowgrpo_kl``) is given and ``kl_beta > 0`` (given with beta 0 it is only reported).
+
+    ``guard``: GRPO-Guard. With s = mean(sqrt_dt) * mean(std_dev_t) (the step's noise scale) the ratio becomes
+    exp((log_prob - old_log_prob + b) * s), b = mean((mu - mu_old)^2) / (2 s^2) per row — the log-ratio's bias
+    removed and its scale made the same at every step — and the policy loss is divided by mean(sqrt_dt)^2 (its
+    gradient reweighting across steps). The KL term is unchanged.
+
     All inputs are [B]; metrics are detached floats, or detached 0-dim tensors with ``as_tensors`` (a training
     loop that must not wait for the device on every micro-batch sums them and syncs once; it then passes
     ``check_finite=False`` and checks once too).
@@ -115,16 +150,25 @@ def flowgrpo_policy_loss(
     if adv_clip_max is not None:
         advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
+    if guard is not None:
+        sqrt_dt = guard.sqrt_dt.mean()
+        scale = sqrt_dt * guard.std_dev_t.mean()
+        mean_diff = guard.prev_sample_mean - guard.old_prev_sample_mean
+        bias = mean_diff.pow(2).mean(dim=tuple(range(1, mean_diff.ndim))) / (2 * scale**2)
+        ratio = torch.exp((log_ratio + bias) * scale)
+    else:
+        ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
     policy_loss = torch.maximum(unclipped, clipped).mean()
+    if guard is not None:
+        policy_loss = policy_loss / sqrt_dt**2
     loss = policy_loss
 
     with torch.no_grad():
         metrics = {
             "policy_loss": policy_loss.detach(),
-            # FlowGRPO's approx_kl is 0.5 * E[(log pi - log pi_old)^2]
+            # flow_grpo's approx_kl is 0.5 * E[(log pi - log pi_old)^2] (the raw log-ratio, also under GRPO-Guard)
             "approx_kl": 0.5 * log_ratio.detach().pow(2).mean(),
             "clip_frac": ((ratio - 1.0).abs() > clip_ratio).float().mean(),
             "clip_frac_high": ((ratio - 1.0) > clip_ratio).float().mean(),
@@ -138,7 +182,7 @@ def flowgrpo_policy_loss(
             assert_finite("kl", kl)
         kl_loss = kl.mean()
         metrics["kl_loss"] = kl_loss.detach()
-        if kl_beta > 0:  # FlowGRPO skips the reference forward entirely when beta == 0
+        if kl_beta > 0:  # flow_grpo skips the reference forward entirely when beta == 0
             loss = policy_loss + kl_beta * kl_loss
     metrics["loss"] = loss.detach()
     if not as_tensors:
@@ -150,27 +194,70 @@ def flowgrpo_policy_loss(
 @dataclasses.dataclass
 class FlowGRPOSection(AlgorithmSection):
     """``algorithm.flowgrpo``. Shared keys keep verl's names: ``actor_rollout_ref.actor.{clip_ratio, kl_coef,
-    adv_clip_max}``; the SDE sampler is ``actor_rollout_ref.rollout.algo.*``."""
+    adv_clip_max, ppo_epochs}``; the SDE sampler is ``actor_rollout_ref.rollout.algo.*``. ``null`` settings take
+    the value flow_grpo's own trainer uses for the model family (the pipeline's ``REFERENCE_TRAINER_DEFAULTS``)."""
 
     _prefix = "algorithm.flowgrpo"
 
     # std over the whole batch instead of per prompt group (advantages are clipped by actor.adv_clip_max)
     global_std: bool = False
+    # added to the std before dividing (flow_grpo's PerPromptStatTracker: 1e-4)
+    adv_std_eps: float = STD_FLOOR
+    # no gradient through CFG's unconditional branch in the update (null: the family's flow_grpo trainer; SD3 true,
+    # Qwen-Image false)
+    detach_unconditional: Optional[bool] = None
+    # leave rows whose advantage is exactly 0 (all-equal groups) out of the update and its average (null: the
+    # family's flow_grpo trainer; SD3 true, Qwen-Image false)
+    drop_zero_advantage: Optional[bool] = None
+    # GRPO-Guard (flow_grpo scripts/train_sd3_GRPO_Guard.py, config.rationorm): the log-ratio's bias removed and its
+    # scale normalised per step, and the policy loss reweighted by 1 / (sigma - sigma_next)
+    grpo_guard: bool = False
 
     def __post_init__(self) -> None:
         require_bool(self.key("global_std"), self.global_std)
+        require_number(self.key("adv_std_eps"), self.adv_std_eps, 0, strict=True)
+        for name in ("detach_unconditional", "drop_zero_advantage"):
+            if getattr(self, name) is not None:
+                require_bool(self.key(name) + " (or null: the model family's flow_grpo default)", getattr(self, name))
+        require_bool(self.key("grpo_guard"), self.grpo_guard)
 
 
 @register_algorithm("flowgrpo")
 class FlowGRPO(Algorithm):
     """FlowGRPO: an SDE window drawn per prompt group, group-normalised advantages, PPO's clipped loss over the
     window's (step, rows) transitions with log-probs recomputed through the scheduler's ``sde_step_with_logprob``,
-    and an optional KL to the reference (the adapter disabled)."""
+    and an optional KL to the reference (the adapter disabled); GRPO-Guard as an option."""
 
     Config = FlowGRPOSection
     needs_log_probs = True
     staged_fields = ("latents", "timesteps", "sigmas", "old_log_probs", "advantages")
     checked_fields = ("advantages", "old_log_probs", "latents")
+
+    def __init__(self, config: Optional[FlowGRPOSection] = None, *, actor: Any = None, rollout: Any = None):
+        super().__init__(config, actor=actor, rollout=rollout)
+        self.family_defaults: dict[str, Any] = {}
+
+    def bind_pipeline(self, pipeline: Any) -> None:
+        super().bind_pipeline(pipeline)
+        self.family_defaults = dict(getattr(pipeline, "REFERENCE_TRAINER_DEFAULTS", {}).get(self.name, {}))
+        logger.info(
+            "algorithm.flowgrpo for %s: detach_unconditional=%s, drop_zero_advantage=%s",
+            type(pipeline).__name__,
+            self.detach_unconditional,
+            self.drop_zero_advantage,
+        )
+
+    def _resolved(self, name: str) -> bool:
+        value = getattr(self.config, name)
+        return bool(self.family_defaults.get(name, False)) if value is None else value
+
+    @property
+    def detach_unconditional(self) -> bool:
+        return self._resolved("detach_unconditional")
+
+    @property
+    def drop_zero_advantage(self) -> bool:
+        return self._resolved("drop_zero_advantage")
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -207,15 +294,24 @@ class FlowGRPO(Algorithm):
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, rewards, group_ids) -> tuple[torch.Tensor, dict[str, float]]:
-        advantages = compute_group_advantages(torch.as_tensor(rewards), group_ids, global_std=self.config.global_std)
-        return advantages, {}
+        cfg = self.config
+        advantages = compute_group_advantages(
+            torch.as_tensor(rewards), group_ids, global_std=cfg.global_std, eps=cfg.adv_std_eps
+        )
+        return advantages, {"advantages/zero_frac": float((advantages == 0).double().mean())}
 
     # ------------------------------------------------------------------ the update: (window step, rows) transitions
+    def _trained_rows(self, batch: Any) -> torch.Tensor:
+        """bool [B]: the rows the update trains on (all, or those with a non-zero advantage)."""
+        if not self.drop_zero_advantage:
+            return torch.ones(len(batch), dtype=torch.bool)
+        return batch.tensors["advantages"] != 0
+
     def num_terms(self, batch: Any) -> int:
-        return batch.num_terms
+        return int((batch.window & self._trained_rows(batch)[:, None]).sum())
 
     def units(self, batch: Any) -> list[tuple[int, torch.Tensor]]:
-        window = batch.window
+        window = batch.window & self._trained_rows(batch)[:, None]
         out = []
         for step in range(window.shape[1]):
             rows = torch.nonzero(window[:, step]).flatten()
@@ -230,7 +326,9 @@ class FlowGRPO(Algorithm):
     def update_constants(self, batch: Any) -> dict[str, Any]:
         return {"sigma_max": batch.sigma_max if len(batch) else 0.0}  # a rank without rows plans no micro-batch
 
-    def no_terms_message(self) -> str:
+    def no_terms_message(self, batch: Any) -> Optional[str]:
+        if len(batch) == 0 or (self.drop_zero_advantage and int(batch.window.sum()) > 0):
+            return None  # every row's advantage is 0 (or this rank has none): no step, nothing to learn
         return (
             "no SDE-window steps in the batch: nothing to train on (check "
             "actor_rollout_ref.rollout.algo.noise_level > 0 and .sde_window_size)"
@@ -242,7 +340,9 @@ class FlowGRPO(Algorithm):
         t, rows, step = ctx.tensors, micro.rows, micro.step
         columns = micro.tensors["columns"]
         sample, prev_sample = t["latents"][rows, columns], t["latents"][rows, columns + 1]
-        velocity = ctx.velocity(sample, t["timesteps"][rows, step], micro)
+        velocity = ctx.velocity(
+            sample, t["timesteps"][rows, step], micro, detach_unconditional=self.detach_unconditional
+        )
         sigmas = t["sigmas"][rows]
         sde = self.rollout.algo
         return sde_step_with_logprob(
@@ -276,10 +376,23 @@ class FlowGRPO(Algorithm):
             adv_clip_max=cfg.adv_clip_max,
             kl=kl,
             kl_beta=cfg.kl_coef,
+            guard=self._guard_terms(ctx, micro, out) if self.config.grpo_guard else None,
             check_finite=False,
             as_tensors=True,
         )
         return Loss(loss, metrics, bad)
+
+    @staticmethod
+    def _guard_terms(ctx: Any, micro: Any, out: Any) -> GuardTerms:
+        """GRPO-Guard's inputs for ``micro``. The rollout policy's SDE mean is the policy's own in the first epoch
+        (no optimizer step has happened yet in this update: the policy is the one that sampled, as the ratio of 1
+        shows), recorded then and reused by later epochs; flow_grpo's trainer stores it from the sampling pass."""
+        old_mean = ctx.cache.get(id(micro))
+        if old_mean is None:
+            old_mean = ctx.cache[id(micro)] = out.prev_sample_mean.detach()
+        sigmas = ctx.tensors["sigmas"][micro.rows]
+        sqrt_dt = (sigmas[:, micro.step] - sigmas[:, micro.step + 1]).float().sqrt()
+        return GuardTerms(out.prev_sample_mean, old_mean, out.std_dev_t, sqrt_dt)
 
 
 def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:

@@ -56,9 +56,13 @@ def algorithm_config_class() -> type[AlgorithmConfigBase]:
 AlgorithmConfig = algorithm_config_class()
 
 
-def make_algorithm(config: Optional[Any], actor: Any = None, rollout: Any = None) -> Algorithm:
-    """An algorithm from the ``algorithm`` section (an instance, its plain dict, or None for the defaults)."""
+def make_algorithm(config: Optional[Any], actor: Any = None, rollout: Any = None, pipeline: Any = None) -> Algorithm:
+    """An algorithm from the ``algorithm`` section (an instance, its plain dict, or None for the defaults), bound to
+    ``pipeline`` (the RL pipeline or its class) when given."""
     if isinstance(config, Algorithm):
-        return config
-    section = build(algorithm_config_class(), config or {})
-    return section.make(actor=actor, rollout=rollout)
+        algorithm = config
+    else:
+        algorithm = build(algorithm_config_class(), config or {}).make(actor=actor, rollout=rollout)
+    if pipeline is not None:
+        algorithm.bind_pipeline(pipeline)
+    return algorithm

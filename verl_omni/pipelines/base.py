@@ -15,8 +15,9 @@ XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
 - ``decode_rl_latents(latents, params) -> uint8 [B, H, W, 3]`` on the latents' device;
 
 and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the server checks requests against),
-``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call)
-and ``REQUIRES_POOLED`` (pooled text embeddings are an input).
+``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call),
+``REQUIRES_POOLED`` (pooled text embeddings are an input) and ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
+what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these).
 
 Requests are validated once, by the server (``verl_omni.rollout.request.validate_request``); a pipeline trusts
 its parameters. Only what the scheduler math itself rejects (e.g. one step with ``shift_terminal``) raises here,
@@ -25,10 +26,11 @@ and before any model runs, because the schedule is computed first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -64,6 +66,7 @@ class RLPipelineMixin:
     MAX_SEQUENCE_LENGTH: int
     SUPPORTS_TEXT_MASK: bool = False
     REQUIRES_POOLED: bool = False
+    REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @property
     def has_unmasked_attention_kernel(self) -> bool:
@@ -143,6 +146,7 @@ class RLPipelineMixin:
         width: int,
         *,
         batch_cfg: Optional[BatchCfg] = None,
+        detach_unconditional: bool = False,
     ) -> torch.Tensor:
         """The (guided) velocity, float32, shaped like ``latents`` [B, ...], at ``timestep`` (scalar or [B], in the
         transformer's units as stored in ``RLBatchOutput.timesteps``). Gradients flow (no ``no_grad`` here).
@@ -151,6 +155,8 @@ class RLPipelineMixin:
         :class:`Conditioning`, prepared on the spot (one host sync per call). ``batch_cfg`` (default True): CFG's
         two branches as one forward of 2B rows instead of two forwards of B rows; same result within float
         rounding. ``height`` / ``width``: the image size (Qwen-Image's packed latents need it).
+        ``detach_unconditional``: no gradient through CFG's unconditional branch (its value is unchanged; with two
+        forwards that branch then runs without autograd).
         """
         inputs = self._model_inputs(cond, guidance_scale, batch_cfg, latents.device)
         batch_size = latents.shape[0]
@@ -163,11 +169,14 @@ class RLPipelineMixin:
                 torch.cat([hidden_states, hidden_states]), torch.cat([timestep, timestep]), inputs.joint, height, width
             )
             unconditional, conditional = both.chunk(2)  # the order stack_branches wrote
+            if detach_unconditional:
+                unconditional = unconditional.detach()
         else:
             conditional = self.transformer_velocity(hidden_states, timestep, inputs.conditional, height, width)
             if inputs.unconditional is None:
                 return conditional.float()
-            unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
+            with torch.no_grad() if detach_unconditional else contextlib.nullcontext():
+                unconditional = self.transformer_velocity(hidden_states, timestep, inputs.unconditional, height, width)
         return self.combine_guidance(conditional, unconditional, guidance_scale).float()
 
     def _model_inputs(

@@ -245,6 +245,9 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     SUPPORTS_TEXT_MASK = True  # encoder_hidden_states_mask: padded CFG branches can share one forward
+    # flow_grpo's Qwen-Image trainer (scripts/train_qwenimage.py): gradients flow through both CFG branches and
+    # every row trains, zero advantage or not.
+    REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(

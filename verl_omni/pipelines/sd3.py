@@ -37,6 +37,10 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     REQUIRES_POOLED = True  # pooled CLIP embeddings condition the timestep embedding
+    # flow_grpo's SD3 trainer (yifan123/flow_grpo scripts/train_sd3.py at ac4c86e): the unconditional CFG branch is
+    # detached in compute_log_prob, and rows whose advantage is 0 are dropped before the update. (Upstream later
+    # dropped the detach, a482878 "fix cfg gradient detach"; set algorithm.flowgrpo.detach_unconditional=false.)
+    REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": True, "drop_zero_advantage": True}}
 
     # ------------------------------------------------------------------------------------------ prompts
     def count_truncated_tokens(self, prompt: str, max_sequence_length: int) -> int:

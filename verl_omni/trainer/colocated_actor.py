@@ -18,6 +18,7 @@ import torch
 from verl_omni.config.actor import ActorConfig
 from verl_omni.config.algorithm import make_algorithm
 from verl_omni.core.errors import assert_finite
+from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
@@ -35,10 +36,18 @@ _PER_RANK_METRICS = {
 
 
 class ColocatedActorGroup:
-    def __init__(self, servers: DiffusionServerManager, actor: ActorConfig, lora_seed: int, algorithm: Any = None):
-        """``algorithm``: the ``algorithm`` config section (None: the default algorithm); every rank builds its own."""
+    def __init__(
+        self,
+        servers: DiffusionServerManager,
+        actor: ActorConfig,
+        lora_seed: int,
+        algorithm: Any = None,
+        pipeline: str = "qwen_image",
+    ):
+        """``algorithm``: the ``algorithm`` config section (None: the default algorithm); every rank builds its own.
+        ``pipeline``: the model's pipeline name (the driver's copy of the algorithm resolves its settings alike)."""
         self.servers = [replica.server_handle for replica in servers.replicas]
-        self.algorithm = make_algorithm(algorithm, actor=actor)
+        self.algorithm = make_algorithm(algorithm, actor=actor, pipeline=get_pipeline_class(pipeline))
         self.world_size = len(self.servers)
         address = ray.get(self.servers[0].rendezvous_address.remote()) if self.world_size > 1 else None
         # Every rank at once: each waits in the rendezvous for the others.

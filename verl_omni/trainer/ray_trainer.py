@@ -26,6 +26,7 @@ from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager,
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
+from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
@@ -59,6 +60,7 @@ class FlowGRPOTrainer:
         self.rollout_cfg = self.config.actor_rollout_ref.rollout
         # algorithm.name's algorithm: its advantages here, its sampling in the agent loops, its loss on the actor
         self.algorithm = self.config.algorithm.make(self.config.actor_rollout_ref.actor, self.rollout_cfg)
+        self.algorithm.bind_pipeline(get_pipeline_class(self.config.actor_rollout_ref.model.pipeline))
         self.loop = asyncio.new_event_loop()
         self.global_step = 0
         self._lora_checksum: Optional[str] = None  # last_lora_checksum
@@ -159,7 +161,9 @@ class FlowGRPOTrainer:
         All three have the same interface; all start from the adapter seeded by ``trainer.seed``."""
         ref, seed, algorithm = self.config.actor_rollout_ref, self.config.trainer.seed, self.config.algorithm
         if ref.hybrid_engine:
-            return ColocatedActorGroup(self.servers, ref.actor, lora_seed=seed, algorithm=algorithm)
+            return ColocatedActorGroup(
+                self.servers, ref.actor, lora_seed=seed, algorithm=algorithm, pipeline=ref.model.pipeline
+            )
         if ref.actor.world_size > 1:
             return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)
         return DiffusionLoRAActor(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)

@@ -98,6 +98,7 @@ class DiffusionLoRAActor:
             )
             pipe.transformer.to(self.device)
         self.pipe = pipe
+        self.algorithm.bind_pipeline(pipe)
         self.transformer = pipe.transformer
         self.trainable = lora_parameters(self.transformer)
         if not self.trainable:
@@ -260,7 +261,10 @@ class DiffusionLoRAActor:
             assert_finite(name, batch.tensors[name])
         num_terms = self.algorithm.num_terms(batch) if num_terms is None else num_terms
         if num_terms == 0:
-            raise ValueError(self.algorithm.no_terms_message())
+            message = self.algorithm.no_terms_message(batch)
+            if message is not None:
+                raise ValueError(message)
+            logger.info("the update has no terms over all ranks (algorithm %r): no optimizer step", self.algorithm.name)
         metrics = self._update_retrying_oom(batch, num_terms)
         if self.config.freeze_gc_heap and not self._gc_heap_frozen:
             # After the warm-up (the compiled training graphs exist): later full collections skip what lives on.
@@ -342,6 +346,8 @@ class DiffusionLoRAActor:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         compute_s = 0.0
+        if num_terms == 0:  # nothing to train on anywhere (every rank sees the same global count): no step
+            return {"actor/compute_s": compute_s, "actor/grad_norm": 0.0, "actor/num_train_terms": 0}
         for _ in range(cfg.ppo_epochs):
             epoch_start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=False)
@@ -429,16 +435,30 @@ class UpdateContext:
         self._actor = actor
         self.batch, self.tensors, self.constants = batch, batch.tensors, constants
         self.config, self.rollout = actor.config, actor.rollout
+        self.cache: dict[Any, Any] = {}  # the algorithm's own, for this update (e.g. values kept from epoch 1)
 
     def velocity(
-        self, sample: torch.Tensor, timesteps: torch.Tensor, micro: MicroBatch, guidance: Optional[float] = None
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        micro: MicroBatch,
+        guidance: Optional[float] = None,
+        *,
+        detach_unconditional: bool = False,
     ) -> torch.Tensor:
         """The transformer's (CFG-combined) velocity at ``sample`` / ``timesteps`` for ``micro``'s conditioning;
-        ``guidance`` must be the scale its inputs were prepared for (default: the algorithm's)."""
+        ``guidance`` must be the scale its inputs were prepared for (default: the algorithm's);
+        ``detach_unconditional``: no gradient through CFG's unconditional branch."""
         actor = self._actor
         scale = actor.algorithm.guidance_scale if guidance is None else guidance
         return actor.pipe.predict_velocity(
-            sample.to(actor.transformer.dtype), timesteps, micro.inputs, scale, self.batch.height, self.batch.width
+            sample.to(actor.transformer.dtype),
+            timesteps,
+            micro.inputs,
+            scale,
+            self.batch.height,
+            self.batch.width,
+            detach_unconditional=detach_unconditional,
         )
 
     def reference(self) -> AbstractContextManager:
