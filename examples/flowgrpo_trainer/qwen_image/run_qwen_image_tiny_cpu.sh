@@ -20,9 +20,9 @@
 #   truncated.
 #
 # Other algorithms (docs/algorithms.md): pass algorithm.name=<name> and the overrides given here for it.
-# - DiffusionNFT: algorithm.name=diffusion_nft actor_rollout_ref.actor.optim.lr=5e-2 (it samples without noise or
-#   CFG, so rollout.algo.* is unused). At lr 2e-2 the reward rose too, but only 5.3-8.3 x the step-1 std in 20
-#   steps; at 5e-2 8.5-10.3 x in 12 (two seeds).
+# - DiffusionNFT: algorithm.name=diffusion_nft actor_rollout_ref.actor.optim.lr=3e-2 (it samples without noise or
+#   CFG, so rollout.algo.* is unused). Its group spread comes from the initial noise alone; at lr 2e-2 the reward
+#   rose only 3.3-4.5 x the step-1 std in 20 steps, at 3e-2 5.6-8.7 x in 24 (two seeds), 5e-2 overshot on one.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PYTHON=${PYTHON:-.venv/bin/python}
