@@ -23,6 +23,7 @@
 # - DiffusionNFT: algorithm.name=diffusion_nft actor_rollout_ref.actor.optim.lr=3e-2 (it samples without noise or
 #   CFG, so rollout.algo.* is unused). Its group spread comes from the initial noise alone; at lr 2e-2 the reward
 #   rose only 3.3-4.5 x the step-1 std in 20 steps, at 3e-2 5.6-8.7 x in 24 (two seeds), 5e-2 overshot on one.
+#   The whole demo at 3e-2 (40 steps): +0.025, 11.8 x; validation 0.546 at step 20, 0.561 at step 40.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PYTHON=${PYTHON:-.venv/bin/python}
