@@ -75,3 +75,26 @@ def test_rows_without_the_latents_of_a_window_step_are_refused_naming_them(qwen_
     assert batch.latent_columns(torch.tensor([2, 3]), 4).tolist() == [1, 1]
     with pytest.raises(ValueError, match=r"rollout rows \[0, 1\] lack the latents of window step 3 -> 4"):
         batch.latent_columns(torch.tensor([0, 1]), 3)
+
+
+def test_keep_latent_steps_adds_positions_and_alone_keeps_only_them(qwen_image_rl_pipe):
+    full = qwen_image_rl_pipe.rl_generate(PROMPTS[0], [3, 4], _params(2, False))
+    # With the window: its latents plus x_0 (-1 counts from the end) and x_T.
+    both = qwen_image_rl_pipe.rl_generate(PROMPTS[0], [3, 4], _params(2, True).replace(keep_latent_steps=(-1, 0)))
+    assert both.latent_steps.tolist() == [0, 2, 3, 4, 5]
+    assert torch.equal(both.latents, full.latents[:, [0, 2, 3, 4, 5]])
+    # ODE sampling (no window) that keeps only the final clean latent: one column, x_0 of the whole trajectory.
+    ode = DiffusionSamplingParams(num_inference_steps=5, height=32, width=32, noise_level=0.0)
+    whole = qwen_image_rl_pipe.rl_generate(PROMPTS[0], [3, 4], ode)
+    x0 = qwen_image_rl_pipe.rl_generate(
+        PROMPTS[0], [3, 4], ode.replace(trajectory_window_only=True, keep_latent_steps=[5])
+    )
+    assert x0.latent_steps.tolist() == [5] and x0.latents.shape[1] == 1
+    assert torch.equal(x0.latents[:, 0], whole.latents[:, -1]) and torch.equal(x0.images, whole.images)
+
+
+@pytest.mark.parametrize("bad", [(6,), (-7,), (1.0,), (True,)])
+def test_keep_latent_steps_outside_the_trajectory_are_refused_naming_the_field(bad):
+    params = DiffusionSamplingParams(num_inference_steps=5, keep_latent_steps=bad)
+    with pytest.raises(ValueError, match=r"keep_latent_steps=.*\[-6, 5\]"):
+        params.validate()

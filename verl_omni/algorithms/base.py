@@ -134,5 +134,18 @@ class Algorithm:
         return f"algorithm {self.name!r}: the batch has no terms to train on"
 
     # ------------------------------------------------------------------ state on the actor rank
+    # Whether training rollouts sample from weights of the algorithm's own (``rollout_weights``) rather than from the
+    # adapter being trained (the driver reads it: the split placement then pushes those to the engines).
+    serves_rollout_weights: ClassVar[bool] = False
+
+    def attach(self, actor: Any) -> None:
+        """Called on the actor rank once its adapter is initialised, and again whenever the adapter is loaded (a
+        resume): build (or rebuild) the state the algorithm keeps beside the adapter (``actor.trainable``)."""
+
     def after_optimizer_step(self, actor: Any, step: int) -> None:
         """Called on every rank after each optimizer step (``step``: the optimizer steps taken so far)."""
+
+    def rollout_weights(self) -> Optional[Any]:
+        """The weights training rollouts sample from instead of the adapter (``ShadowWeights`` of it, e.g. an older
+        policy; the actor swaps them in around the rollout), or None: the adapter itself."""
+        return None

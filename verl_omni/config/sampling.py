@@ -70,6 +70,10 @@ class DiffusionSamplingParams:
     ode_solver_order: int = 2
     ode_solver_type: str = "midpoint"
     ode_compress_ratio: float = 0.4
+    # Trajectory positions to keep besides the window's (0 = x_T, num_inference_steps = x_0; negative ones count from
+    # the end, -1 = x_0): an algorithm that trains on the final clean latent asks for (-1,). None: nothing extra (and,
+    # without ``trajectory_window_only``, the whole trajectory).
+    keep_latent_steps: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
@@ -79,6 +83,11 @@ class DiffusionSamplingParams:
             self.sde_window_range = tuple(
                 int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x for x in value
             )
+        if self.keep_latent_steps is not None:
+            value = self.keep_latent_steps
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"keep_latent_steps={value!r} must be a list of trajectory positions or null")
+            self.keep_latent_steps = tuple(value)
 
     # ---------------------------------------------------------------- validation
     def validate(self, vae_scale_factor: Optional[int] = None) -> DiffusionSamplingParams:
@@ -101,6 +110,14 @@ class DiffusionSamplingParams:
         for name in ("return_trajectory", "trajectory_window_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.keep_latent_steps is not None:
+            last = self.num_inference_steps
+            for position in self.keep_latent_steps:
+                if isinstance(position, bool) or not isinstance(position, int) or not -(last + 1) <= position <= last:
+                    raise ValueError(
+                        f"keep_latent_steps={list(self.keep_latent_steps)!r} must hold trajectory positions, ints in "
+                        f"[-{last + 1}, {last}] (num_inference_steps={last}; -1 = x_0)"
+                    )
         if not isinstance(self.sde_type, str) or self.sde_type not in SDE_TYPES:
             raise ValueError(f"sde_type={self.sde_type!r} is not one of {SDE_TYPES}")
         top = MAX_NOISE_LEVEL[self.sde_type]

@@ -23,8 +23,8 @@ class RLBatchOutput:
     Shapes: T = num_inference_steps; latents are the packed transformer-space latents.
     - images:            uint8 [B, H, W, 3]
     - latents:           [B, K, *latent_shape]: the trajectory's latents at positions ``latent_steps`` (all T+1,
-                         x_T ... x_0, by default; the SDE window's W+1 with ``trajectory_window_only``; K = 0 when
-                         return_trajectory=False)
+                         x_T ... x_0, by default; the SDE window's W+1 with ``trajectory_window_only``, plus the
+                         positions in ``keep_latent_steps``; K = 0 when return_trajectory=False)
     - latent_steps:      int64 [K]      (position j = the latent entering step j; T = x_0)
     - log_probs:         float32 [B, T]   (0 outside the SDE window)
     - window_mask:       bool [T]         (True where the step was stochastic and counts for training)

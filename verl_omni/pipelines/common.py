@@ -65,14 +65,19 @@ def window_mask_for(params: DiffusionSamplingParams) -> torch.Tensor:
 
 
 def trajectory_positions(params: DiffusionSamplingParams) -> list[int]:
-    """Which of the T+1 latents (position j = the input of step j; T = x_0) a call returns: all of them, none, or
-    with ``trajectory_window_only`` those the window's transitions read (x_s and x_{s+1} for each window step s)."""
+    """Which of the T+1 latents (position j = the input of step j; T = x_0) a call returns: none without
+    ``return_trajectory``; else those the window's transitions read (x_s and x_{s+1} for each window step s) with
+    ``trajectory_window_only``, plus ``keep_latent_steps``; all of them when neither is set."""
     if not params.return_trajectory:
         return []
-    if not params.trajectory_window_only:
-        return list(range(params.num_inference_steps + 1))
-    steps = torch.nonzero(window_mask_for(params)).flatten().tolist()
-    return sorted({p for s in steps for p in (s, s + 1)})
+    last = params.num_inference_steps
+    if not params.trajectory_window_only and params.keep_latent_steps is None:
+        return list(range(last + 1))
+    keep = {p % (last + 1) for p in params.keep_latent_steps or ()}
+    if params.trajectory_window_only:
+        steps = torch.nonzero(window_mask_for(params)).flatten().tolist()
+        keep |= {p for s in steps for p in (s, s + 1)}
+    return sorted(keep)
 
 
 @dataclass

@@ -118,5 +118,12 @@ class ColocatedActorGroup:
     def ema_checksums(self) -> list[str]:
         return self._all("ema_checksum")
 
+    # The algorithm's rollout weights: every rank swaps them into the adapter its engine serves, and back.
+    def swap_in_rollout_weights(self) -> None:
+        self._all("swap_in_rollout_weights")
+
+    def swap_out_rollout_weights(self) -> None:
+        self._all("swap_out_rollout_weights")
+
     def shutdown(self) -> None:
         """The ranks live in the replicas: they go with them."""

@@ -259,15 +259,42 @@ class FlowGRPOTrainer:
         rank holds rank 0's, bitwise (one broadcast on the devices; one replica: nothing to compare). The checksum
         is computed when asked for (``last_lora_checksum``: a checkpoint's meta): hashing the recipe's float32 adapter
         (hundreds of MB) on the host every step would cost about a second. Split: LoRA tensors -> every replica, in
-        memory, checksums compared."""
+        memory, checksums compared: the weights training rollouts sample from (the algorithm's rollout weights,
+        e.g. DiffusionNFT's old policy, else the adapter)."""
         if self.config.actor_rollout_ref.hybrid_engine:
             if len(self.servers.replicas) > 1:
                 check_ranks_agree(self.actor.lora_matches_rank0())
             self._lora_checksum = None
         else:
-            self._lora_checksum = self._run(
-                push_lora(self.servers, self.actor.lora_state_dict(), self.rollout_cfg.dtype)
-            )
+            self._push(self.actor.rollout_lora_state_dict())
+
+    def _push(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._lora_checksum = self._run(push_lora(self.servers, tensors, self.rollout_cfg.dtype))
+
+    @contextmanager
+    def _serving(self, rollout_weights: bool):
+        """The engines serve the weights of a training rollout (``rollout_weights``) or the adapter being trained
+        (validation) inside the block. Only an algorithm with rollout weights of its own changes anything: the
+        hybrid engine's ranks swap them into the adapter and back; a split placement pushes the adapter for
+        validation and the rollout weights back after it."""
+        if not self.algorithm.serves_rollout_weights:
+            yield
+            return
+        hybrid = self.config.actor_rollout_ref.hybrid_engine
+        if hybrid and rollout_weights:
+            self.actor.swap_in_rollout_weights()
+            try:
+                yield
+            finally:
+                self.actor.swap_out_rollout_weights()
+        elif not hybrid and not rollout_weights:
+            self._push(self.actor.lora_state_dict())
+            try:
+                yield
+            finally:
+                self._push(self.actor.rollout_lora_state_dict())
+        else:  # the hybrid engine's validation (the adapter itself), or a split training rollout (pushed at sync)
+            yield
 
     @property
     def last_lora_checksum(self) -> str:
@@ -277,6 +304,10 @@ class FlowGRPOTrainer:
         return self._lora_checksum
 
     def rollout(self, step: int, validate: bool = False):
+        with self._serving(rollout_weights=not validate):
+            return self._rollout(step, validate)
+
+    def _rollout(self, step: int, validate: bool):
         cfg = self.config
         if not validate:
             indices = self.train_data.indices_for_step(step, cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
@@ -328,7 +359,7 @@ class FlowGRPOTrainer:
         history, trained_steps = [], []
         total = cfg.trainer.total_training_steps
         # disable=None: no bar when stderr is not a TTY (a log file); the console logger prints one line per step.
-        bar = tqdm(total=total, initial=self.global_step, desc="FlowGRPO", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=total, initial=self.global_step, desc=cfg.algorithm.name, dynamic_ncols=True, disable=None)
         self.graceful_stop.finish_step = True  # a first SIGTERM / SIGINT lets the step in progress finish
         checkpoint = None
         while self.global_step < total:

@@ -37,7 +37,7 @@ def summary_text(
     curve: Optional[str] = None,
     tensorboard_dir: Optional[str] = None,
 ) -> str:
-    lines = ["", "=" * 24 + " FlowGRPO run summary " + "=" * 24]
+    lines = ["", "=" * 24 + " run summary " + "=" * 24]
     if not history:
         lines.append("no step was trained in this run")
     else:
@@ -92,7 +92,7 @@ def _plot_with_matplotlib(steps, means, stds, path) -> None:
     ax.plot(steps, means, marker="o", markersize=3, label=REWARD_KEY)
     ax.set_xlabel("global step")
     ax.set_ylabel("reward")
-    ax.set_title("FlowGRPO reward per step")
+    ax.set_title("reward per step")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

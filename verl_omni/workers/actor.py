@@ -109,6 +109,7 @@ class DiffusionLoRAActor:
             p.requires_grad_(True)
         if lora_seed is not None:
             init_lora_weights(self.transformer, lora_seed)
+        self.algorithm.attach(self)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
         self._gc_heap_frozen = False
         if self.device.type == "cuda":
@@ -159,6 +160,28 @@ class DiffusionLoRAActor:
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         set_lora_state_dict(self.transformer, tensors)
+        self.algorithm.attach(self)  # state kept beside the adapter restarts from the loaded one
+
+    # ------------------------------------------------------------------ the weights training rollouts sample from
+    def swap_in_rollout_weights(self) -> None:
+        """Put the algorithm's rollout weights (if it has any) into the adapter the engine serves (hybrid engine)."""
+        weights = self.algorithm.rollout_weights()
+        if weights is not None:
+            weights.swap_in()
+
+    def swap_out_rollout_weights(self) -> None:
+        """The adapter's own values back after a rollout (a no-op when nothing is swapped in)."""
+        weights = self.algorithm.rollout_weights()
+        if weights is not None and weights.is_swapped_in:
+            weights.swap_out()
+
+    def rollout_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as training rollouts use them: the algorithm's rollout weights, or the adapter."""
+        weights = self.algorithm.rollout_weights()
+        if weights is None:
+            return self.lora_state_dict()
+        with weights.swapped_in():
+            return self.lora_state_dict()
 
     def lora_checksum(self) -> str:
         return tensors_checksum(self.lora_state_dict())

@@ -34,6 +34,8 @@ ACTOR_VERBS = (
     "ema_state_dict",
     "load_ema_state_dict",
     "ema_checksum",
+    "swap_in_rollout_weights",
+    "swap_out_rollout_weights",
 )
 
 
@@ -111,3 +113,11 @@ class ColocatedActorRank:
 
     def ema_checksum(self) -> str:
         return self.actor.ema_checksum()
+
+    # The algorithm's rollout weights (e.g. DiffusionNFT's old policy): in the adapter the engine serves during a
+    # training rollout, the trained values back after it.
+    def swap_in_rollout_weights(self) -> None:
+        self.actor.swap_in_rollout_weights()
+
+    def swap_out_rollout_weights(self) -> None:
+        self.actor.swap_out_rollout_weights()

@@ -107,6 +107,7 @@ class FSDPActorRank(DiffusionLoRAActor):
                 module.set_force_sum_reduction_for_comms(True)
         # fully_shard swapped the parameters for DTensors: the optimizer must hold the new ones.
         self.trainable = lora_parameters(self.transformer)
+        self.algorithm.attach(self)  # and the algorithm's state kept beside them (each rank: its own shard)
         optim = actor.optim
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
@@ -138,6 +139,7 @@ class FSDPActorRank(DiffusionLoRAActor):
         set_lora_state_dict(
             self.transformer, {k: _shard(v.to(device=ref.device, dtype=ref.dtype), ref) for k, v in tensors.items()}
         )
+        self.algorithm.attach(self)
 
     def optimizer_state_dict(self) -> Optional[dict]:
         """The single-process format (``DiffusionLoRAActor.optimizer.state_dict()``): full tensors on CPU."""
@@ -233,6 +235,9 @@ class FSDPLoRAActorGroup:
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("lora_state_dict")[0]
+
+    def rollout_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._all("rollout_lora_state_dict")[0]
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self._all("load_lora_state_dict", ray.put(tensors))
