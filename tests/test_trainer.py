@@ -75,23 +75,58 @@ def test_the_learning_check_trains_the_demo_recipe():
     assert in_preset == DEMO_RECIPE
 
 
-def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
-    """Every key of the GPU recipe's preset is a key of the packaged YAML and holds a value its section accepts (a
+def _flowgrpo_settings(cfg):
+    assert cfg.actor_rollout_ref.rollout.algo.sde_window_size == 2 and cfg.actor_rollout_ref.rollout.n == 16
+    assert cfg.actor_rollout_ref.rollout.pipeline.true_cfg_scale == 4.0
+
+
+def _mixgrpo_settings(cfg):
+    mix = cfg.algorithm.mixgrpo
+    assert (mix.window_size, mix.shift_interval, mix.stride, mix.strategy, mix.roll_back) == (
+        4,
+        20,
+        1,
+        "progressive",
+        True,
+    )
+    assert (mix.ode_solver, mix.ode_solver_order, mix.ode_compress_ratio) == ("dpmsolver++", 2, 0.4)
+    assert cfg.actor_rollout_ref.rollout.algo.noise_level == 0.7 and cfg.actor_rollout_ref.rollout.n == 12
+
+
+def _diffusion_nft_settings(cfg):
+    nft = cfg.algorithm.diffusion_nft
+    assert (nft.beta, nft.decay_type, nft.timestep_fraction, nft.global_std) == (0.1, 2, 0.99, True)
+    assert cfg.actor_rollout_ref.rollout.pipeline.true_cfg_scale == 1.0  # CFG-free
+    assert cfg.actor_rollout_ref.actor.kl_coef == 1e-4
+
+
+@pytest.mark.parametrize(
+    "preset_name, algorithm, settings",
+    [
+        ("qwen_image_flowgrpo_ocr_lora", "flowgrpo", _flowgrpo_settings),
+        ("qwen_image_mixgrpo_ocr_lora", "mixgrpo", _mixgrpo_settings),
+        ("qwen_image_diffusion_nft_ocr_lora", "diffusion_nft", _diffusion_nft_settings),
+    ],
+)
+def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values(preset_name, algorithm, settings):
+    """Every key of a GPU recipe's preset is a key of the packaged YAML and holds a value its section accepts (a
     renamed or mistyped key would otherwise first fail on the user's GPU machine; Hydra merges a preset's unknown
-    keys without a word)."""
+    keys without a word), and the preset selects its algorithm with that algorithm's recipe settings."""
     from omegaconf import OmegaConf
 
     from verl_omni.config.trainer import FlowGRPOConfig
 
-    preset = compose_preset("qwen_image_flowgrpo_ocr_lora", ["actor_rollout_ref.model.path=tiny:qwen_image"])
+    preset = compose_preset(preset_name, ["actor_rollout_ref.model.path=tiny:qwen_image"])
     packaged = make_config()
     for key in _leaf_keys(OmegaConf.to_container(preset, resolve=False)):
         parent, name = key.rsplit(".", 1)
         assert name in OmegaConf.select(packaged, parent).keys(), key  # keys(): "???" (required) counts as present
     parsed = FlowGRPOConfig.from_omega(preset)
+    assert parsed.algorithm.name == algorithm
     assert parsed.actor_rollout_ref.rollout.name == "vllm_omni" and parsed.actor_rollout_ref.model.lora_rank == 64
     assert parsed.actor_rollout_ref.model.gradient_checkpointing_blocks == "auto"  # the default, measured
     assert parsed.actor_rollout_ref.rollout.pipeline.batch_cfg == "auto"
+    settings(parsed)
 
 
 def _leaf_keys(tree, prefix=""):
