@@ -96,7 +96,12 @@ def _presets():
 
 
 def test_there_is_a_preset_per_shipped_recipe():
-    assert {"qwen_image_flowgrpo_tiny_cpu", "qwen_image_flowgrpo_ocr_lora"} <= set(_presets())
+    assert {
+        "qwen_image_flowgrpo_tiny_cpu",
+        "qwen_image_flowgrpo_ocr_lora",
+        "qwen_image_mixgrpo_ocr_lora",
+        "qwen_image_diffusion_nft_ocr_lora",
+    } <= set(_presets())
 
 
 @pytest.mark.parametrize("name", _presets())
@@ -190,20 +195,106 @@ GPU_RECIPE_OVERRIDES_BEFORE_THE_PRESET = [
     "trainer.test_freq=10",
 ]
 
+# The same for the MixGRPO recipe (run_qwen_image_ocr_lora_mixgrpo.sh with its default ODE_SOLVER=dpmsolver++, which
+# also set shift_interval 20) and the DiffusionNFT recipe (run_qwen_image_ocr_lora_nft.sh).
+MIXGRPO_RECIPE_OVERRIDES_BEFORE_THE_PRESET = [
+    "algorithm.name=mixgrpo",
+    "algorithm.mixgrpo.window_size=4",
+    "algorithm.mixgrpo.shift_interval=20",
+    "algorithm.mixgrpo.stride=1",
+    "algorithm.mixgrpo.strategy=progressive",
+    "algorithm.mixgrpo.roll_back=True",
+    "algorithm.mixgrpo.ode_solver=dpmsolver++",
+    "algorithm.mixgrpo.ode_solver_order=2",
+    "algorithm.mixgrpo.ode_solver_type=midpoint",
+    "algorithm.mixgrpo.ode_compress_ratio=0.4",
+    "data.train_batch_size=4",
+    "actor_rollout_ref.model.pipeline=qwen_image",
+    "actor_rollout_ref.model.lora_rank=64",
+    "actor_rollout_ref.model.lora_alpha=128",
+    "actor_rollout_ref.actor.device=cuda",
+    "actor_rollout_ref.actor.dtype=bfloat16",
+    "actor_rollout_ref.actor.optim.lr=3e-4",
+    "actor_rollout_ref.actor.clip_ratio=1e-4",
+    "actor_rollout_ref.actor.adv_clip_max=5.0",
+    "actor_rollout_ref.actor.kl_coef=0.0",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.name=vllm_omni",
+    "actor_rollout_ref.rollout.device=cuda",
+    "actor_rollout_ref.rollout.dtype=bfloat16",
+    "actor_rollout_ref.rollout.n=12",
+    "actor_rollout_ref.rollout.enable_batched_diffusion=True",
+    "actor_rollout_ref.rollout.gpu_memory_utilization=0.5",
+    "actor_rollout_ref.rollout.algo.noise_level=0.7",
+    "actor_rollout_ref.rollout.algo.sde_type=sde",
+    "actor_rollout_ref.rollout.pipeline.num_inference_steps=10",
+    "actor_rollout_ref.rollout.pipeline.height=512",
+    "actor_rollout_ref.rollout.pipeline.width=512",
+    "actor_rollout_ref.rollout.pipeline.true_cfg_scale=4.0",
+    "actor_rollout_ref.rollout.pipeline.negative_prompt= ",
+    "actor_rollout_ref.rollout.pipeline.max_sequence_length=256",
+    "actor_rollout_ref.rollout.val_kwargs.num_inference_steps=20",
+    "reward.rewards=[{name: ocr, weight: 1.0}]",
+    "trainer.project_name=verl_omni_mixgrpo",
+    "trainer.experiment_name=qwen_image_ocr_lora_mixgrpo",
+    "trainer.logger=[console,tensorboard]",
+    "trainer.total_training_steps=300",
+    "trainer.save_freq=20",
+    "trainer.test_freq=10",
+]
+NFT_RECIPE_OVERRIDES_BEFORE_THE_PRESET = [
+    "algorithm.name=diffusion_nft",
+    "algorithm.diffusion_nft.beta=0.1",
+    "algorithm.diffusion_nft.decay_type=2",
+    "algorithm.diffusion_nft.timestep_fraction=0.99",
+    "algorithm.diffusion_nft.adv_mode=all",
+    "algorithm.diffusion_nft.global_std=true",
+    "data.train_batch_size=4",
+    "actor_rollout_ref.model.pipeline=qwen_image",
+    "actor_rollout_ref.model.lora_rank=64",
+    "actor_rollout_ref.model.lora_alpha=128",
+    "actor_rollout_ref.actor.device=cuda",
+    "actor_rollout_ref.actor.dtype=bfloat16",
+    "actor_rollout_ref.actor.optim.lr=3e-4",
+    "actor_rollout_ref.actor.optim.weight_decay=1e-4",
+    "actor_rollout_ref.actor.kl_coef=1e-4",
+    "actor_rollout_ref.actor.adv_clip_max=5.0",
+    "actor_rollout_ref.actor.grad_clip=1.0",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.name=vllm_omni",
+    "actor_rollout_ref.rollout.device=cuda",
+    "actor_rollout_ref.rollout.dtype=bfloat16",
+    "actor_rollout_ref.rollout.n=16",
+    "actor_rollout_ref.rollout.enable_batched_diffusion=True",
+    "actor_rollout_ref.rollout.gpu_memory_utilization=0.5",
+    "actor_rollout_ref.rollout.pipeline.num_inference_steps=10",
+    "actor_rollout_ref.rollout.pipeline.height=512",
+    "actor_rollout_ref.rollout.pipeline.width=512",
+    "actor_rollout_ref.rollout.pipeline.true_cfg_scale=1.0",
+    "actor_rollout_ref.rollout.pipeline.max_sequence_length=256",
+    "actor_rollout_ref.rollout.val_kwargs.num_inference_steps=40",
+    "reward.rewards=[{name: ocr, weight: 1.0}]",
+    "trainer.project_name=verl_omni_diffusion_nft",
+    "trainer.experiment_name=qwen_image_ocr_lora_nft",
+    "trainer.logger=[console,tensorboard]",
+    "trainer.total_training_steps=300",
+    "trainer.save_freq=20",
+    "trainer.test_freq=10",
+]
+GPU_SCRIPT_LINE = [
+    "data.train_files=/data/qwenimage_ocr/train.parquet",
+    "data.val_files=/data/qwenimage_ocr/test.parquet",
+    "actor_rollout_ref.model.path=/models/Qwen-Image",
+]
+
 
 @pytest.mark.parametrize(
     "name, before, on_the_script_line",
     [
         ("qwen_image_flowgrpo_tiny_cpu", DEMO_OVERRIDES_BEFORE_THE_PRESET, []),
-        (
-            "qwen_image_flowgrpo_ocr_lora",
-            GPU_RECIPE_OVERRIDES_BEFORE_THE_PRESET,
-            [
-                "data.train_files=/data/qwenimage_ocr/train.parquet",
-                "data.val_files=/data/qwenimage_ocr/test.parquet",
-                "actor_rollout_ref.model.path=/models/Qwen-Image",
-            ],
-        ),
+        ("qwen_image_flowgrpo_ocr_lora", GPU_RECIPE_OVERRIDES_BEFORE_THE_PRESET, GPU_SCRIPT_LINE),
+        ("qwen_image_mixgrpo_ocr_lora", MIXGRPO_RECIPE_OVERRIDES_BEFORE_THE_PRESET, GPU_SCRIPT_LINE),
+        ("qwen_image_diffusion_nft_ocr_lora", NFT_RECIPE_OVERRIDES_BEFORE_THE_PRESET, GPU_SCRIPT_LINE),
     ],
 )
 def test_a_preset_resolves_to_the_config_its_recipe_passed_as_overrides(name, before, on_the_script_line):

@@ -2,6 +2,7 @@
 dropping rows with advantage 0, the family defaults they resolve to, and GRPO-Guard in the actor's update."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -55,11 +56,14 @@ def _flowgrpo(**section):
 
 
 # ----------------------------------------------------------------------------------------------- family defaults
-def test_null_settings_resolve_to_the_familys_flow_grpo_trainer_and_explicit_ones_win():
+def test_null_settings_resolve_to_the_familys_flow_grpo_trainer_and_explicit_ones_win(caplog):
     for pipeline, expected in ((SD3RLPipeline, True), (QwenImageRLPipeline, False)):
         algo = FlowGRPO()
-        algo.bind_pipeline(pipeline)
+        with caplog.at_level(logging.INFO, logger="verl_omni.algorithms.flowgrpo"):
+            algo.bind_pipeline(pipeline)
         assert algo.detach_unconditional is expected and algo.drop_zero_advantage is expected
+        # the log names the family it resolved for (the driver binds the class, the ranks an instance)
+        assert f"algorithm.flowgrpo for {pipeline.__name__}: detach_unconditional={expected}" in caplog.text
         algo = FlowGRPO(FlowGRPO.Config(detach_unconditional=not expected, drop_zero_advantage=not expected))
         algo.bind_pipeline(pipeline)
         assert algo.detach_unconditional is (not expected) and algo.drop_zero_advantage is (not expected)

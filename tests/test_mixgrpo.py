@@ -2,22 +2,16 @@
 step, its advantages, and its GPU recipe's keys. (Parity with the original code: tests/test_mixgrpo_parity.py;
 learning on the tiny model: tests/test_trainer.py.)"""
 
-import os
-import shlex
-
 import numpy as np
 import pytest
 import torch
-from helpers import make_config
+from helpers import compose_preset, make_config
 
 from verl_omni.algorithms import get_algorithm
 from verl_omni.algorithms.flowgrpo import FlowGRPO
 from verl_omni.algorithms.mixgrpo import MixGRPO, group_advantages, window_steps
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.config.trainer import FlowGRPOConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(REPO, "examples", "flowgrpo_trainer", "qwen_image", "run_qwen_image_ocr_lora_mixgrpo.sh")
 
 
 def _parse(**overrides):
@@ -121,31 +115,21 @@ def test_advantages_are_mixgrpos_sample_std_normalisation_in_float32():
     assert adv[5] == 0  # a group of one
 
 
-def test_the_gpu_recipe_sets_only_keys_the_config_knows_with_valid_values():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    words = [
-        word
-        for line in open(RECIPE)
-        if not line.lstrip().startswith("#")
-        for word in shlex.split(line.rstrip().rstrip("\\"))
-    ]
-    env = {"$SHIFT_INTERVAL": "20", "$ODE_SOLVER": "dpmsolver++", "$DATA_DIR": "/data", "$QWEN_IMAGE_PATH": "/m"}
-    overrides = []
-    for word in words:
-        if "=" in word and word.split("=", 1)[0].startswith(("algorithm.", "data.", "actor_rollout_ref.", "trainer.")):
-            for name, value in env.items():
-                word = word.replace(name, value)
-            overrides.append(word)
-    assert len(overrides) > 30
-    cfg = make_config()
-    for override in OverridesParser.create().parse_overrides(overrides):
-        parent, name = override.key_or_group.rsplit(".", 1)
-        assert name in OmegaConf.select(cfg, parent).keys(), override.key_or_group
-        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
-    parsed = FlowGRPOConfig.from_omega(cfg)
-    assert parsed.algorithm.name == "mixgrpo" and parsed.algorithm.section.ode_solver == "dpmsolver++"
+@pytest.mark.parametrize("ode_solver, shift_interval", [(None, 20), ("euler", 25)])
+def test_the_gpu_recipe_samples_its_first_window_with_its_solver(ode_solver, shift_interval):
+    """The recipe's preset (configs/qwen_image_mixgrpo_ocr_lora.yaml, MixGRPO-Flash), and plain MixGRPO as the
+    script's ODE_SOLVER=euler overrides it, parse and give the first training step the window's first 4 steps."""
+    overrides = ["actor_rollout_ref.model.path=/models/Qwen-Image"]
+    if ode_solver is not None:
+        overrides += [
+            f"algorithm.mixgrpo.ode_solver={ode_solver}",
+            f"algorithm.mixgrpo.shift_interval={shift_interval}",
+        ]
+    parsed = FlowGRPOConfig.from_omega(compose_preset("qwen_image_mixgrpo_ocr_lora", overrides))
+    section = parsed.algorithm.section
+    assert parsed.algorithm.name == "mixgrpo" and section.ode_solver == (ode_solver or "dpmsolver++")
+    assert section.shift_interval == shift_interval
     algo = parsed.algorithm.make(parsed.actor_rollout_ref.actor, parsed.actor_rollout_ref.rollout)
     params = parsed.actor_rollout_ref.rollout.sampling_params(validate=False)
-    assert algo.sampling(params, step=1, group_seed=0, validate=False).validate().window_steps() == (0, 4)
+    sampled = algo.sampling(params, step=1, group_seed=0, validate=False).validate()
+    assert sampled.window_steps() == (0, 4) and sampled.ode_solver == section.ode_solver

@@ -242,7 +242,7 @@ class FlowGRPO(Algorithm):
         self.family_defaults = dict(getattr(pipeline, "REFERENCE_TRAINER_DEFAULTS", {}).get(self.name, {}))
         logger.info(
             "algorithm.flowgrpo for %s: detach_unconditional=%s, drop_zero_advantage=%s",
-            type(pipeline).__name__,
+            self.pipeline_name,
             self.detach_unconditional,
             self.drop_zero_advantage,
         )
