@@ -37,6 +37,23 @@ logger = logging.getLogger(__name__)
 STD_FLOOR = 1e-4
 
 
+def checked_rewards(
+    rewards: Union[torch.Tensor, np.ndarray], group_ids: Union[Sequence, np.ndarray, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(rewards as a tensor, their float64 host copy, the group ids as an array), after checking that the rewards
+    are a finite 1-D [B] and that there is one group id per reward."""
+    rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if isinstance(group_ids, torch.Tensor):
+        group_ids = group_ids.cpu().numpy()
+    group_ids = np.asarray(group_ids)
+    if group_ids.shape != (rewards.shape[0],):
+        raise ValueError(f"group_ids must have shape ({rewards.shape[0]},), got {group_ids.shape}")
+    assert_finite("rewards", rewards)
+    return rewards, rewards.detach().to(device="cpu", dtype=torch.float64), group_ids
+
+
 def compute_group_advantages(
     rewards: torch.Tensor,
     group_ids: Union[Sequence, np.ndarray, torch.Tensor],
@@ -54,17 +71,7 @@ def compute_group_advantages(
     exact zeros (a float mean of equal values need not equal them). ``clip`` clamps to [-clip, clip] (flow_grpo
     does that in the loss with ``adv_clip_max``). Groups are the ids given (flow_grpo groups by prompt text).
     """
-    rewards = torch.as_tensor(rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    if isinstance(group_ids, torch.Tensor):
-        group_ids = group_ids.cpu().numpy()
-    group_ids = np.asarray(group_ids)
-    if group_ids.shape != (rewards.shape[0],):
-        raise ValueError(f"group_ids must have shape ({rewards.shape[0]},), got {group_ids.shape}")
-    assert_finite("rewards", rewards)
-
-    values = rewards.detach().to(device="cpu", dtype=torch.float64)
+    rewards, values, group_ids = checked_rewards(rewards, group_ids)
     _, first, inverse = np.unique(group_ids, return_index=True, return_inverse=True)
     inverse = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
     num_groups = len(first)

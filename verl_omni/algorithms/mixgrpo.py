@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from verl_omni.algorithms.base import AlgorithmSection
-from verl_omni.algorithms.flowgrpo import FlowGRPO
+from verl_omni.algorithms.flowgrpo import FlowGRPO, checked_rewards
 from verl_omni.algorithms.registry import register_algorithm
-from verl_omni.core.errors import assert_finite
 from verl_omni.core.section import require_bool, require_choice, require_int, require_number
 from verl_omni.schedulers.dpm_solver import MAX_ORDER, ODE_SOLVERS, SOLVER_TYPES
 
@@ -100,16 +99,7 @@ def group_advantages(
     """``(r - mean) / (std + 1e-8)`` per prompt group with the sample std (Bessel's correction), as MixGRPO's
     ``train_one_step`` (``multi_reward_mix="reward_aggr"``, no trimming). Computed in float64; a group whose rewards
     are all equal, or a group of one (no sample std), gets exactly 0."""
-    rewards = torch.as_tensor(rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    if isinstance(group_ids, torch.Tensor):
-        group_ids = group_ids.cpu().numpy()
-    group_ids = np.asarray(group_ids)
-    if group_ids.shape != (rewards.shape[0],):
-        raise ValueError(f"group_ids must have shape ({rewards.shape[0]},), got {group_ids.shape}")
-    assert_finite("rewards", rewards)
-    values = rewards.detach().to(device="cpu", dtype=torch.float64)
+    rewards, values, group_ids = checked_rewards(rewards, group_ids)
     advantages = torch.zeros_like(values)
     _, inverse = np.unique(group_ids, return_inverse=True)
     inverse = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
