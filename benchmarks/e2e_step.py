@@ -114,6 +114,8 @@ def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
         "trainer.n_gpus_per_node": args.gpus,
         "trainer.default_local_dir": out_dir,
         "trainer.resume_mode": "disable",
+        # random weights score 0 under OCR: no learning signal, yet every step does all of its work
+        "trainer.max_steps_without_signal": 0,
     }
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
