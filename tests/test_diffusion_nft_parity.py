@@ -7,13 +7,14 @@ The reference functions below are transcribed from NVlabs/DiffusionNFT at commit
   ``config.*`` turned into arguments;
 - ``reference_timesteps`` / ``reference_xt``: the same loop's per-row timestep permutation and noising;
 - ``reference_old_update``: the old adapter's update after each epoch in the same file;
-- ``ReferenceStatTracker.update``: flow_grpo/stat_tracking.py (``PerPromptStatTracker.update``, verbatim but for
-  the unused ``exp`` argument and the history set), run with ``global_std=True`` as the NFT trainer does.
+- the advantages: flow_grpo/stat_tracking.py's ``PerPromptStatTracker`` (DiffusionNFT ships the same file), the
+  transcription in tests/test_flowgrpo_parity.py, run with ``global_std=True`` as the NFT trainer does.
 """
 
 import numpy as np
 import pytest
 import torch
+from test_flowgrpo_parity import PerPromptStatTracker
 
 from verl_omni.algorithms.diffusion_nft import (
     ADV_MODES,
@@ -135,33 +136,6 @@ def reference_old_update(transformer_trainable_parameters, old_transformer_train
             tgt_param.data.copy_(tgt_param.detach().data * decay + src_param.detach().clone().data * (1.0 - decay))
 
 
-class ReferenceStatTracker:
-    def __init__(self, global_std=False):
-        self.global_std = global_std
-        self.stats = {}
-
-    def update(self, prompts, rewards):
-        prompts = np.array(prompts)
-        rewards = np.array(rewards, dtype=np.float64)
-        unique = np.unique(prompts)
-        advantages = np.empty_like(rewards) * 0.0
-        for prompt in unique:
-            prompt_rewards = rewards[prompts == prompt]
-            if prompt not in self.stats:
-                self.stats[prompt] = []
-            self.stats[prompt].extend(prompt_rewards)
-        for prompt in unique:
-            self.stats[prompt] = np.stack(self.stats[prompt])
-            prompt_rewards = rewards[prompts == prompt]
-            mean = np.mean(self.stats[prompt], axis=0, keepdims=True)
-            if self.global_std:
-                std = np.std(rewards, axis=0, keepdims=True) + 1e-4
-            else:
-                std = np.std(self.stats[prompt], axis=0, keepdims=True) + 1e-4
-            advantages[prompts == prompt] = (prompt_rewards - mean) / std
-        return advantages
-
-
 # ---------------------------------------------------------------- parity
 
 
@@ -281,6 +255,6 @@ def test_advantages_are_the_stat_trackers_with_global_std():
     prompts = [f"p{i % 5}" for i in range(40)]
     rewards = rng.random(40)
     rewards[[0, 5, 10, 15, 20, 25, 30, 35]] = 0.25  # one all-equal group
-    expected = ReferenceStatTracker(global_std=True).update(prompts, rewards)
+    expected = PerPromptStatTracker(global_std=True).update(prompts, rewards)
     ours = compute_group_advantages(torch.tensor(rewards), prompts, global_std=True, eps=1e-4)
     _close(ours, torch.tensor(expected), atol=1e-12)
