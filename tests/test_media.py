@@ -1,13 +1,18 @@
-"""The media convention (uint8 [F, H, W, 3], an image one frame) and videos written as MP4 / WebP / GIF."""
+"""The media convention (uint8 [F, H, W, 3], an image one frame), videos written as MP4 / WebP / GIF, and the
+sample / validation files a run writes for images and videos."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from verl_omni.core import video_io
 from verl_omni.core.media import as_frames, as_image, batch_is_video, check_media, is_video, num_frames
 from verl_omni.core.video_io import encode_mp4, mp4_unavailable_reason, read_video, write_video
+from verl_omni.trainer.media_outputs import validation_grid, write_samples, write_validation
+from verl_omni.trainer.run_summary import summary_text
 
 needs_mp4 = pytest.mark.skipif(bool(mp4_unavailable_reason()), reason="PyAV with libx264 is not installed")
 
@@ -102,3 +107,43 @@ def test_an_unknown_suffix_or_fps_is_refused_naming_it(tmp_path):
         write_video(str(tmp_path / "clip.avi"), moving_square(2))
     with pytest.raises(ValueError, match=r"fps=-1 must be a number"):
         write_video(str(tmp_path / "clip.gif"), moving_square(2), fps=-1)
+
+
+# ---------------------------------------------------------------- what a run writes
+
+
+def test_sample_images_stay_png_and_sample_videos_become_mp4(tmp_path):
+    images = np.stack([moving_square(1)[0]] * 3)
+    paths = write_samples(str(tmp_path / "img"), images, np.array([0.5, 0.25, 1.0]), limit=2, fps=8)
+    assert [os.path.basename(p) for p in paths] == ["000_reward0.500.png", "001_reward0.250.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), images[1])
+
+    videos = np.stack([moving_square(5)] * 2)
+    paths = write_samples(str(tmp_path / "vid"), videos, np.array([0.5, 0.25]), limit=4, fps=8)
+    assert [os.path.splitext(os.path.basename(p)) for p in paths] == [
+        ("000_reward0.500", ".mp4" if not mp4_unavailable_reason() else ".webp"),
+        ("001_reward0.250", ".mp4" if not mp4_unavailable_reason() else ".webp"),
+    ]
+    assert read_video(paths[0], fps=8).shape == (5, 32, 48, 3)
+
+
+def test_a_validation_video_is_a_clip_of_per_frame_grids_beside_a_png_of_its_first_frame(tmp_path):
+    videos = np.stack([moving_square(4), 255 - moving_square(4)])
+    prompts, scores = ["a square", "its negative"], np.array([0.1, 0.9])
+    grid, clip_path = write_validation(str(tmp_path / "validation"), "step_3", videos, prompts, scores, fps=8)
+
+    first = np.asarray(validation_grid(videos[:, 0], prompts, scores))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "validation" / "step_3.png")), first)
+    np.testing.assert_array_equal(np.asarray(grid), first)
+    clip = read_video(clip_path, fps=8)
+    assert clip.shape == (4, *first.shape)
+    last = np.asarray(validation_grid(videos[:, 3], prompts, scores))
+    assert np.abs(clip[3].astype(int) - last).mean() < np.abs(clip[3].astype(int) - first).mean()
+    assert f"validation clip: {clip_path}" in summary_text(str(tmp_path), [], [])  # the run summary names it
+
+
+def test_a_validation_batch_of_images_gives_the_png_grid_only(tmp_path):
+    images = np.stack([moving_square(1)[0]] * 2)
+    grid, clip_path = write_validation(str(tmp_path), "step_1", images, ["a", "b"], np.array([0.0, 1.0]), fps=8)
+    assert clip_path is None and sorted(os.listdir(tmp_path)) == ["step_1.png"]
+    np.testing.assert_array_equal(np.asarray(grid), np.asarray(validation_grid(images, ["a", "b"], [0.0, 1.0])))
