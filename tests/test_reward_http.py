@@ -1,4 +1,5 @@
-"""The http reward against a scoring service started here (stdlib server on 127.0.0.1), good and bad answers."""
+"""The http reward against a scoring service started here (stdlib server on 127.0.0.1), good and bad answers,
+images and videos."""
 
 import base64
 import io
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from verl_omni.core.video_io import mp4_unavailable_reason, read_video
 from verl_omni.rewards import RewardComputationError, RewardManager, get_reward_fn
 
 
@@ -174,3 +176,71 @@ def test_bad_options_are_refused_naming_the_key_and_unknown_keys_list_the_allowe
         http_manager("http://127.0.0.1:1/score", retry=3)
     message = str(err.value)
     assert "retry" in message and all(k in message for k in ("url", "timeout_s", "max_concurrency", "retries"))
+
+
+# ---------------------------------------------------------------- videos
+
+
+def clips(count: int, frames: int = 4, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (frames, 16, 24, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def decode_mp4(text: str, tmp_path) -> np.ndarray:
+    path = tmp_path / f"clip_{abs(hash(text))}.mp4"
+    path.write_bytes(base64.b64decode(text))
+    return read_video(str(path))
+
+
+def test_videos_are_posted_as_lists_of_png_frames_in_the_documented_json(service):
+    def answer(payload):  # per clip: the mean brightness of its decoded frames
+        scores = [float(np.mean([decode_png(f).astype(np.float64) / 255 for f in v])) for v in payload["videos"]]
+        return 200, json.dumps({"scores": scores}).encode()
+
+    service.answer = answer
+    batch = [*clips(2, frames=3), images(1)[0]]  # two videos and an image: all sent as clips
+    result = http_manager(service.url, batch_size=2, fps=8)(batch, ["a", "b", "c"], [{"data_source": "x"}] * 3)
+
+    first, second = sorted(service.requests, key=lambda r: r["prompts"])
+    assert set(first) == {"videos", "video_format", "fps", "prompts", "metadata"}
+    assert first["video_format"] == "frames" and first["fps"] == 8 and first["metadata"] == [{"data_source": "x"}] * 2
+    assert [len(v) for v in first["videos"]] == [3, 3] and [len(v) for v in second["videos"]] == [1]
+    np.testing.assert_array_equal(decode_png(first["videos"][1][2]), batch[1][2])  # lossless, frames in order
+    expected = [np.mean(clip.astype(np.float64) / 255) for clip in batch]
+    np.testing.assert_allclose(result.per_reward["http"], expected, rtol=1e-12)
+
+
+@pytest.mark.skipif(bool(mp4_unavailable_reason()), reason="PyAV with libx264 is not installed")
+def test_videos_are_posted_as_base64_mp4_clips_with_video_format_mp4(service, tmp_path):
+    decoded = []
+
+    def answer(payload):
+        decoded.extend(decode_mp4(v, tmp_path) for v in payload["videos"])
+        return 200, json.dumps({"scores": [0.5] * len(payload["videos"])}).encode()
+
+    service.answer = answer
+    batch = clips(2, frames=5)
+    batch[1] = np.repeat(np.linspace(0, 255, 5, dtype=np.uint8)[:, None, None, None], 16 * 24 * 3, 1).reshape(
+        5, 16, 24, 3
+    )  # grey levels rising frame by frame: survives lossy coding
+    http_manager(service.url, video_format="mp4")(batch, ["a", "b"], None)
+
+    assert service.requests[0]["video_format"] == "mp4" and service.requests[0]["fps"] == 16
+    assert [d.shape for d in decoded] == [(5, 16, 24, 3)] * 2
+    np.testing.assert_allclose(decoded[1].mean(axis=(1, 2, 3)), batch[1].mean(axis=(1, 2, 3)), atol=3)
+
+
+def test_image_batches_and_per_frame_entries_still_post_images(service):
+    http_manager(service.url)(images(2), ["a", "b"], None)
+    video = clips(1, frames=3)[0]
+    result = http_manager(service.url, frame_reduction="max")([video], ["v"], None)
+    assert [set(r) for r in service.requests] == [{"images", "prompts", "metadata"}] * 2
+    assert len(service.requests[1]["images"]) == 3 and service.requests[1]["prompts"] == ["v"] * 3
+    assert result.per_reward["http"][0] == pytest.approx(max(f.astype(np.float64).mean() / 255 for f in video))
+
+
+def test_bad_video_options_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"video_format='avi' must be one of \['frames', 'mp4'\]"):
+        http_manager("http://127.0.0.1:1/score", video_format="avi")
+    with pytest.raises(ValueError, match=r"reward 'http': fps=0 must be a number"):
+        http_manager("http://127.0.0.1:1/score", fps=0)

@@ -1,11 +1,12 @@
 """Rewards for diffusion RL: a registry of batched reward functions and a weighted manager.
 
 Importing this package registers the built-in rewards: ocr, jpeg / jpeg_compressibility,
-jpeg_incompressibility, brightness, redness, and the configured ones: pickscore, clipscore (a local CLIP
-directory), http (a scoring service). ``verl_omni.rewards.pool.RewardPool`` scores groups on Ray workers.
+jpeg_incompressibility, brightness, redness, temporal_consistency (videos), and the configured ones: pickscore,
+clipscore (a local CLIP directory), http (a scoring service). Image rewards score videos frame by frame
+(``frames.py``). ``verl_omni.rewards.pool.RewardPool`` scores groups on Ray workers.
 """
 
-from verl_omni.rewards import http, image_stats, jpeg, ocr, pickscore  # noqa: F401  (register built-ins)
+from verl_omni.rewards import http, image_stats, jpeg, ocr, pickscore, temporal  # noqa: F401  (register built-ins)
 from verl_omni.rewards.registry import (
     RewardComputationError,
     RewardFactory,

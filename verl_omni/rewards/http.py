@@ -1,7 +1,7 @@
 """Remote reward: a scoring service of the user's own, called over HTTP.
 
 Entry: ``{name: http, url: http://host:port/score, weight: 1.0, timeout_s: 60, batch_size: 16,
-max_concurrency: 4, retries: 3, backoff_s: 0.5}`` (only ``url`` is required).
+max_concurrency: 4, retries: 3, backoff_s: 0.5, video_format: frames, fps: 16}`` (only ``url`` is required).
 
 Request: ``POST <url>`` with ``Content-Type: application/json`` and the body::
 
@@ -9,7 +9,19 @@ Request: ``POST <url>`` with ``Content-Type: application/json`` and the body::
      "prompts":  ["<prompt text>", ...],
      "metadata": [{...}, ...]}                # per sample: reward_model (ground_truth), data_source, extra_info
 
-Response: status 200, ``application/json`` body ``{"scores": [<number>, ...]}`` -- one finite real number per image,
+Videos (uint8 ``[F, H, W, 3]`` samples, F > 1): when any sample of a call is a video, every sample of it is sent as
+one, in ``"videos"`` instead of ``"images"`` (an image as a clip of one frame), as the entry's ``video_format`` says::
+
+    video_format: frames -> {"videos": [["<base64 PNG>", ...], ...],   # per sample its frames, in order
+                             "video_format": "frames", "fps": 16, "prompts": [...], "metadata": [...]}
+    video_format: mp4    -> {"videos": ["<base64 of an MP4 file>", ...],  # H.264, yuv420p (core/video_io.py)
+                             "video_format": "mp4", "fps": 16, "prompts": [...], "metadata": [...]}
+
+PNG frames are lossless and the service decodes them with any image library; an MP4 is much smaller but lossy,
+and an odd width or height is padded by one edge row / column. With ``frame_reduction`` in the entry the service
+gets each video's frames as images instead, and their scores are reduced per clip (``frames.py``).
+
+Response: status 200, ``application/json`` body ``{"scores": [<number>, ...]}`` -- one finite real number per sample,
 in request order. Anything else is an error naming the URL and the samples (never a silent 0): a wrong count,
 NaN/inf, a string / bool / null score, a body that is not JSON or has no ``scores`` list, a 4xx status.
 
@@ -34,9 +46,12 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from verl_omni.core.media import as_frames, as_image, is_video
+from verl_omni.core.video_io import check_fps, encode_mp4, mp4_unavailable_reason
 from verl_omni.rewards.registry import RewardSampleError, is_real_number, register_reward_factory
 
-HTTP_OPTIONS = ("url", "batch_size", "max_concurrency", "retries", "backoff_s")
+HTTP_OPTIONS = ("url", "batch_size", "max_concurrency", "retries", "backoff_s", "video_format", "fps")
+VIDEO_FORMATS = ("frames", "mp4")
 _BODY_EXCERPT = 200
 
 
@@ -60,7 +75,8 @@ def _json_default(value: Any):
     raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON serialisable")
 
 
-@register_reward_factory("http", HTTP_OPTIONS, owns_timeout=True)  # the entry's keys are the constructor's
+# the entry's keys are the constructor's; it takes images and whole videos (the module docstring)
+@register_reward_factory("http", HTTP_OPTIONS, owns_timeout=True, media="any")
 class HttpReward:
     """Reward function that POSTs samples to ``url`` (schema in the module docstring)."""
 
@@ -73,6 +89,8 @@ class HttpReward:
         max_concurrency: int = 4,
         retries: int = 3,
         backoff_s: float = 0.5,
+        video_format: str = "frames",
+        fps: float = 16,
     ):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"reward 'http': url={url!r} must start with http:// or https://")
@@ -86,6 +104,14 @@ class HttpReward:
         for key, value in (("timeout_s", timeout_s), ("backoff_s", backoff_s)):
             if not is_real_number(value) or not value >= 0:
                 raise ValueError(f"reward 'http': {key}={value!r} must be a number >= 0")
+        if video_format not in VIDEO_FORMATS:
+            raise ValueError(f"reward 'http': video_format={video_format!r} must be one of {list(VIDEO_FORMATS)}")
+        if video_format == "mp4" and mp4_unavailable_reason():
+            raise ValueError(
+                f"reward 'http': video_format='mp4' cannot encode here: {mp4_unavailable_reason()}; "
+                "use video_format: frames"
+            )
+        self.video_format, self.fps = video_format, check_fps(fps, "reward 'http': fps")
         self.url, self.timeout_s, self.batch_size = url, float(timeout_s), batch_size
         self.max_concurrency, self.retries, self.backoff_s = max_concurrency, retries, float(backoff_s)
 
@@ -96,27 +122,37 @@ class HttpReward:
             for start in range(0, len(images), self.batch_size)
         ]
         scores: list[float] = [math.nan] * len(images)
+        videos = any(is_video(sample, f"sample {i}") for i, sample in enumerate(images))
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="http-reward") as pool:
-            futures = {pool.submit(self._score_chunk, idx, images, prompts, metadata): idx for idx in chunks}
+            futures = {pool.submit(self._score_chunk, idx, images, prompts, metadata, videos): idx for idx in chunks}
             for future in concurrent.futures.as_completed(futures):
                 for i, score in zip(futures[future], future.result(), strict=True):
                     scores[i] = score
         return scores
 
-    def _score_chunk(self, indices: list[int], images, prompts, metadata) -> list[float]:
+    def _score_chunk(self, indices: list[int], images, prompts, metadata, videos: bool) -> list[float]:
         try:
+            media = (
+                self._video_fields(indices, images)
+                if videos
+                else {"images": [encode_png(as_image(images[i], f"sample {i}")) for i in indices]}
+            )
             body = json.dumps(
-                {
-                    "images": [encode_png(images[i]) for i in indices],
-                    "prompts": [prompts[i] for i in indices],
-                    "metadata": [metadata[i] for i in indices],
-                },
+                {**media, "prompts": [prompts[i] for i in indices], "metadata": [metadata[i] for i in indices]},
                 default=_json_default,
             ).encode()
         except TypeError as exc:
             raise RewardSampleError(indices, f"cannot encode the request to {self.url}: {exc}") from exc
         answer = self._post_with_retries(indices, body)
-        return self._parse(indices, answer)
+        return self._parse(indices, answer, "videos" if videos else "images")
+
+    def _video_fields(self, indices: list[int], samples) -> dict[str, Any]:
+        clips = [as_frames(samples[i], f"sample {i}") for i in indices]
+        if self.video_format == "mp4":
+            encoded = [base64.b64encode(encode_mp4(clip, self.fps)).decode("ascii") for clip in clips]
+        else:
+            encoded = [[encode_png(frame) for frame in clip] for clip in clips]
+        return {"videos": encoded, "video_format": self.video_format, "fps": self.fps}
 
     def _post_with_retries(self, indices: list[int], body: bytes) -> bytes:
         last_error = ""
@@ -149,7 +185,7 @@ class HttpReward:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:  # refused, reset, timed out
             raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
 
-    def _parse(self, indices: list[int], answer: bytes) -> list[float]:
+    def _parse(self, indices: list[int], answer: bytes, sent: str = "images") -> list[float]:
         def bad(detail: str, at: Sequence[int] = indices) -> RewardSampleError:
             return RewardSampleError(at, f"bad response from scoring service {self.url}: {detail}")
 
@@ -161,7 +197,7 @@ class HttpReward:
         if not isinstance(scores, list):
             raise bad(f'expected {{"scores": [numbers]}}, got {str(payload)[:_BODY_EXCERPT]!r}')
         if len(scores) != len(indices):
-            raise bad(f"{len(scores)} scores for {len(indices)} images")
+            raise bad(f"{len(scores)} scores for {len(indices)} {sent}")
         for i, score in zip(indices, scores, strict=True):
             if not is_real_number(score):
                 raise bad(f"score {score!r} ({type(score).__name__}) is not a number", [i])

@@ -4,6 +4,12 @@ A reward function scores a whole batch at once, so expensive scorers (an OCR eng
 
     fn(images: list[np.ndarray uint8 HxWx3], prompts: list[str], metadata: list[dict]) -> list[float]
 
+A sample may also be a video, uint8 ``[F, H, W, 3]`` (``verl_omni.core.media``). What a reward receives depends on
+the ``media`` it registers with: ``image`` (the default) gets images, and a video's frames one by one, their scores
+reduced by the entry's ``frame_reduction`` / ``frame_stride`` (``frames.py``); ``video`` gets every sample as
+``[F, H, W, 3]`` frames (an image as one frame); ``any`` gets samples as they are (whole clips), or frames when its
+entry sets ``frame_reduction``.
+
 Rewards register by name (``@register_reward("ocr")``); ``RewardManager`` combines several by weight, plus an
 optional custom function loaded from a file like verl's ``reward.custom_reward_function.path/name``.
 A reward whose entry carries its own options (a model path, a service URL) registers a factory instead
@@ -26,6 +32,14 @@ from typing import Any, Optional
 
 import numpy as np
 
+from verl_omni.core.media import as_frames
+from verl_omni.rewards.frames import (
+    DEFAULT_FRAME_REDUCTION,
+    check_frame_options,
+    frame_plan,
+    reduce_frames,
+)
+
 RewardFn = Callable[[list, list, list], Sequence[float]]
 
 # Seconds one reward may take for one call (a group or a piece of one) unless its entry sets ``timeout_s``
@@ -36,13 +50,18 @@ DEFAULT_TIMEOUT_KEY = "reward.default_timeout_s"
 
 _REWARD_REGISTRY: dict[str, RewardFn] = {}
 
+MEDIA = ("image", "video", "any")  # what a reward scores (module docstring)
+_MEDIA_OF: dict[str, str] = {}
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+
+def register_reward(name: str, *, media: str = "image") -> Callable[[RewardFn], RewardFn]:
     """Register ``fn`` under ``name``; stackable to register one function under several names."""
+    _check_media(name, media)
 
     def decorator(fn: RewardFn) -> RewardFn:
         _refuse_taken_name(name, fn)
         _REWARD_REGISTRY[name] = fn
+        _MEDIA_OF[name] = media
         return fn
 
     return decorator
@@ -65,16 +84,29 @@ _FACTORY_REGISTRY: dict[str, RewardFactory] = {}
 
 
 def register_reward_factory(
-    name: str, options: Sequence[str], *, owns_timeout: bool = False, model: bool = False
+    name: str, options: Sequence[str], *, owns_timeout: bool = False, model: bool = False, media: str = "image"
 ) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
     """Register ``build(**options) -> RewardFn`` under ``name``; ``options`` are the entry keys it accepts."""
+    _check_media(name, media)
 
     def decorator(build: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         _refuse_taken_name(name, build)
         _FACTORY_REGISTRY[name] = RewardFactory(build, tuple(options), owns_timeout, model)
+        _MEDIA_OF[name] = media
         return build
 
     return decorator
+
+
+def _check_media(name: str, media: str) -> None:
+    if media not in MEDIA:
+        raise ValueError(f"reward {name!r}: media={media!r} must be one of {list(MEDIA)}")
+
+
+def reward_media(name: str) -> str:
+    """What the registered reward ``name`` scores: ``image``, ``video`` or ``any`` (module docstring)."""
+    get_reward_factory(name) or get_reward_fn(name)  # an unknown name raises, listing the registered ones
+    return _MEDIA_OF.get(name, "image")
 
 
 def _refuse_taken_name(name: str, fn: Callable) -> None:
@@ -234,8 +266,9 @@ def _name_samples(labels: Sequence) -> str:
     return "samples " + ", ".join(str(x) for x in labels[:16]) + (" ..." if len(labels) > 16 else "")
 
 
-_REWARD_KEYS = ("name", "weight", "timeout_s")
-_CUSTOM_KEYS = ("path", "name", "weight", "reward_kwargs", "timeout_s")
+_FRAME_KEYS = ("frame_reduction", "frame_stride")
+_REWARD_KEYS = ("name", "weight", "timeout_s", *_FRAME_KEYS)
+_CUSTOM_KEYS = ("path", "name", "weight", "reward_kwargs", "timeout_s", "media", *_FRAME_KEYS)
 
 
 def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
@@ -275,6 +308,7 @@ class RewardManager:
                 raise ValueError(f"unknown reward {name!r}; registered rewards: {registered_rewards()}")
             _check_keys(entry, allowed_entry_keys(name), f"reward {name!r}")
             fn = reward_fns.pop(name) if name in reward_fns else build_reward_fn(entry)
+            fn = media_adapter(name, fn, reward_media(name), entry, f"reward.rewards[{index}]")
             factory = _FACTORY_REGISTRY.get(name)
             own_key = f"reward.rewards[{index}].timeout_s"
             if entry.get("timeout_s") is not None:
@@ -294,6 +328,13 @@ class RewardManager:
             if not custom.get("name"):
                 raise ValueError("custom_reward_function.path is set but custom_reward_function.name is not")
             fn = load_custom_reward_fn(custom["path"], custom["name"], custom.get("reward_kwargs"))
+            media = custom.get("media", "image")
+            if media not in ("image", "video"):
+                raise ValueError(
+                    f"reward.custom_reward_function.media={media!r} must be 'image' (the function scores images; "
+                    "a video's frames one by one) or 'video' (it scores [F, H, W, 3] clips)"
+                )
+            fn = media_adapter(f"custom/{custom['name']}", fn, media, custom, "reward.custom_reward_function")
             timeout_s, timeout_key = default_timeout, DEFAULT_TIMEOUT_KEY
             if custom.get("timeout_s") is not None:
                 timeout_key = "reward.custom_reward_function.timeout_s"
@@ -445,3 +486,67 @@ def _call_with_timeout(spec: RewardSpec, images, prompts, metadata):
         return future.result()
     finally:
         executor.shutdown(wait=False)
+
+
+# -- videos: what each reward receives (module docstring) --
+
+
+def media_adapter(name: str, fn: RewardFn, media: str, entry: Mapping[str, Any], where: str) -> RewardFn:
+    """``fn`` wrapped to receive what its ``media`` takes; ``entry``'s frame keys are checked (``where`` names it)."""
+    frame_keys = [key for key in ("frame_reduction", "frame_stride") if key in entry]
+    if media == "video" and frame_keys:
+        raise ValueError(
+            f"{where}.{frame_keys[0]} does not apply to reward {name!r}: it scores whole clips, not frames"
+        )
+    if media == "video":
+        return _WholeClips(fn)
+    if media == "any" and not frame_keys:
+        return fn
+    reduction, stride = check_frame_options(
+        where, entry.get("frame_reduction", DEFAULT_FRAME_REDUCTION), entry.get("frame_stride", 1)
+    )
+    return _PerFrame(name, fn, reduction, stride)
+
+
+@dataclass
+class _WholeClips:
+    """Every sample as ``[F, H, W, 3]`` uint8 frames (an image as one frame)."""
+
+    fn: RewardFn
+
+    def __call__(self, samples: list, prompts: list[str], metadata: list[dict]):
+        return self.fn([as_frames(s, f"sample {i}") for i, s in enumerate(samples)], prompts, metadata)
+
+
+@dataclass
+class _PerFrame:
+    """An image reward on a video's frames, reduced per clip (``frames.py``); a batch of images passes unchanged."""
+
+    name: str
+    fn: RewardFn
+    reduction: str
+    stride: int
+
+    def __call__(self, samples: list, prompts: list[str], metadata: list[dict]):
+        if all(np.ndim(s) == 3 for s in samples):
+            return self.fn(samples, prompts, metadata)
+        frames, owners, times = frame_plan(samples, self.reduction, self.stride)
+        try:
+            raw = self.fn(frames, [prompts[i] for i in owners], [metadata[i] for i in owners])
+        except RewardSampleError as known:  # its indices are frames: name their samples
+            samples_hit = sorted({owners[k] for k in known.indices if 0 <= k < len(owners)})
+            raise RewardSampleError(samples_hit, f"on frames of these samples: {known.detail}") from known
+        values = _score_values(self.name, raw)
+        if len(values) != len(frames):
+            raise RewardComputationError(
+                f"reward {self.name!r} returned {len(values)} scores for {len(frames)} frames "
+                f"(of {len(samples)} samples)"
+            )
+        for k, value in enumerate(values):
+            if not is_real_number(value):
+                raise RewardSampleError(
+                    [owners[k]],
+                    f"returned a non-number for its frame {times[k]}: {value!r} of type {type(value).__name__}; "
+                    "rewards must return real numbers (int or float)",
+                )
+        return reduce_frames(np.asarray(values, dtype=np.float64), owners, len(samples), self.reduction)

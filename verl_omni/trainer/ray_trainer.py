@@ -18,7 +18,6 @@ from typing import Any, Optional
 import numpy as np
 import ray
 import torch
-from PIL import Image
 from tqdm import tqdm
 from verl import DataProto
 
@@ -44,6 +43,7 @@ from verl_omni.trainer.checkpoint import (
 from verl_omni.trainer.colocated_actor import ColocatedActorGroup
 from verl_omni.trainer.console import use_short_console_line
 from verl_omni.trainer.data import PromptDataset
+from verl_omni.trainer.media_outputs import video_fps, write_samples, write_validation
 from verl_omni.trainer.ray_watchdog import start_ray_watchdog
 from verl_omni.trainer.run_lock import acquire_run_lock
 from verl_omni.trainer.run_summary import write_run_summary
@@ -469,7 +469,7 @@ class FlowGRPOTrainer:
     def validate(self, step: int) -> dict[str, float]:
         """The validation set's rewards under the trained adapter (``val/*``, ``validation/step_<k>.png``) and, with
         the policy EMA on, under the EMA too (``val/ema/*``, ``validation/ema_step_<k>.png``), from the same
-        prompts and seeds."""
+        prompts and seeds. Videos also give ``.mp4`` grids beside the PNG of their first frame (media_outputs.py)."""
         metrics = self._validate(step, "val", f"step_{step}")
         if self.ema_enabled:
             with self.serving_ema():
@@ -479,10 +479,14 @@ class FlowGRPOTrainer:
     def _validate(self, step: int, prefix: str, image_name: str) -> dict[str, float]:
         output = self.rollout(step, validate=True)
         scores, metrics = self.score(output)
-        grid = validation_grid(output.batch["images"].numpy(), list(output.non_tensor_batch["prompt_text"]), scores)
-        folder = os.path.join(self.output_dir, "validation")
-        os.makedirs(folder, exist_ok=True)
-        grid.save(os.path.join(folder, f"{image_name}.png"))
+        grid, _ = write_validation(
+            os.path.join(self.output_dir, "validation"),
+            image_name,
+            output.batch["images"].numpy(),
+            list(output.non_tensor_batch["prompt_text"]),
+            scores,
+            video_fps(output.meta_info),
+        )
         writer = getattr(getattr(self, "tracker", None), "logger", {}).get("tensorboard")
         if writer is not None and hasattr(writer, "writer"):
             writer.writer.add_image(f"{prefix}/grid", np.asarray(grid), step, dataformats="HWC")
@@ -509,10 +513,7 @@ class FlowGRPOTrainer:
         if limit <= 0:
             return
         folder = os.path.join(self.output_dir, "samples", f"{prefix}_step_{step}")
-        os.makedirs(folder, exist_ok=True)
-        images = output.batch["images"].numpy()
-        for i in range(min(limit, len(images))):
-            Image.fromarray(images[i]).save(os.path.join(folder, f"{i:03d}_reward{scores[i]:.3f}.png"))
+        write_samples(folder, output.batch["images"].numpy(), scores, limit, video_fps(output.meta_info))
 
     def save(self, step: int) -> str:
         return save_checkpoint(
@@ -548,25 +549,6 @@ class FlowGRPOTrainer:
             self.graceful_stop.uninstall()
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
-
-
-def validation_grid(
-    images: np.ndarray, prompts: list[str], scores: np.ndarray, columns: int = 4, caption_height: int = 36
-) -> Image.Image:
-    """One image per validation sample with its prompt and reward written under it."""
-    from PIL import ImageDraw
-
-    n, h, w = images.shape[:3]
-    cell_w = max(w, 192)
-    rows = -(-n // columns)
-    grid = Image.new("RGB", (columns * cell_w, rows * (h + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        x, y = (i % columns) * cell_w, (i // columns) * (h + caption_height)
-        grid.paste(Image.fromarray(images[i]), (x, y))
-        draw.text((x + 2, y + h + 2), prompts[i][:32], fill="black")
-        draw.text((x + 2, y + h + 18), f"reward {scores[i]:.3f}", fill="black")
-    return grid
 
 
 class _PhaseTimer:

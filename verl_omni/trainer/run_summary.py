@@ -57,6 +57,7 @@ def summary_text(
         ("reward curve", curve),
         ("sample images", _newest(os.path.join(output_dir, "samples", "train_step_*"))),
         ("validation grid", _newest(os.path.join(output_dir, "validation", "step_*.png"))),
+        ("validation clip", _newest_video(os.path.join(output_dir, "validation", "step_*"))),
         ("checkpoint", _newest(os.path.join(output_dir, "global_step_*"))),
     ]
     tensorboard_dir = tensorboard_dir or os.path.join(output_dir, "tensorboard")
@@ -141,6 +142,11 @@ def _plot_with_pillow(steps, means, stds, path, size=(640, 360), margin=(64, 24,
     draw.text((left + 4, top + 4), f"{REWARD_KEY} per step (band: +-1 std over the step's images)", fill="black")
     draw.text((width // 2 - 30, height - 18), "global step", fill="black")
     image.save(path)
+
+
+def _newest_video(stem_pattern: str) -> Optional[str]:
+    """The newest MP4 of ``stem_pattern``, or the newest animated WebP (written where MP4 cannot be encoded)."""
+    return _newest(stem_pattern + ".mp4") or _newest(stem_pattern + ".webp")
 
 
 def _newest(pattern: str) -> Optional[str]:
