@@ -133,6 +133,25 @@ def build_model(root: str, layers: int, device: str | None = None, light_text_en
     return path
 
 
+def model_summary(model_dir: str) -> dict:
+    """What a benchmark ran on, for its report: the model (the stand-in's checkpoint and depth, or the light text
+    encoder's model) and the values stored per component."""
+    record_path = os.path.join(model_dir, "standin.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            rec = json.load(f)
+        model = (
+            f"stand-in of {rec['checkpoint']} (verl_omni.models.standins): every component at its real size, "
+            f"{rec['layers']} of {rec['published_layers']} transformer layers, random {rec['dtype']} weights"
+        )
+    else:
+        model = (
+            "Qwen-Image transformer and VAE at the real size, 2-layer 3584-wide text encoder "
+            "(verl_omni.models.tiny.build_qwen_image, full width), random bf16 weights"
+        )
+    return {"model": model, "params": component_params(model_dir)}
+
+
 def _log_params(model_dir: str) -> None:
     counts = component_params(model_dir)
     log("parameters: " + ", ".join(f"{name} {n / 1e9:.3f}B" for name, n in counts.items()))
