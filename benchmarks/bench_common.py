@@ -1,9 +1,10 @@
 """Helpers every GPU benchmark shares: logging, the measured bf16 matmul peak, the analytic transformer FLOPs and
-the full-width random Qwen-Image builder."""
+the real-size random Qwen-Image builder (the faithful stand-in) with its parameters per component."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -46,39 +47,114 @@ def params_billion(folder: str) -> float:
     return size / 2 / 1e9
 
 
-def build_model(root: str, layers: int, device: str = "cpu") -> str:
-    """The random full-width Qwen-Image of ``layers`` layers under ``root``, built once (a ``.complete`` marker).
+def _safetensors_numel(folder: str) -> int:
+    """Values stored in a folder's safetensors files, read from their headers (no tensor is loaded)."""
+    total = 0
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
 
-    ``device="cuda"`` draws the weights on the GPU (PyTorch's CPU random fills run on one thread, so a CPU build
-    takes minutes at the real size): only where nothing else uses that GPU at the time. If that build fails (no
-    GPU, out of memory) it is logged and the model is built on the CPU instead.
+
+def component_params(model_dir: str) -> dict[str, int]:
+    """Values stored per component of a pipeline directory (the model folders holding safetensors)."""
+    counts = {}
+    for name in sorted(os.listdir(model_dir)):
+        folder = os.path.join(model_dir, name)
+        if os.path.isdir(folder) and any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            counts[name] = _safetensors_numel(folder)
+    return counts
+
+
+# Run in a child process for a GPU build, so the benchmark's own process starts no CUDA context for it.
+_BUILD_IN_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import bench_common as b; b._build(*sys.argv[2:])"
+
+
+def _build(path: str, layers: str, device: str, light_text_encoder: str) -> None:
+    import torch
+
+    if light_text_encoder == "1":
+        from verl_omni.models.tiny import build_qwen_image
+
+        build_qwen_image(path, num_layers=int(layers), full_width=True, seed=0, dtype=torch.bfloat16, device=device)
+    else:
+        from verl_omni.models.standins import build_standin
+
+        build_standin("qwen_image", path, layers=int(layers), device=device, dtype=torch.bfloat16, seed=0)
+
+
+def build_model(root: str, layers: int, device: str | None = None, light_text_encoder: bool = False) -> str:
+    """The random real-size Qwen-Image of ``layers`` transformer layers under ``root``, built once (a ``.complete``
+    marker); logs the parameters of every component.
+
+    The model is the faithful stand-in (``verl_omni.models.standins``: the real transformer, Qwen2.5-VL-7B text
+    encoder with its vision tower, VAE and vocabulary sizes). ``light_text_encoder=True`` gives the earlier model
+    instead: the same transformer and VAE with a 2-layer, 3584-wide text encoder with a narrow MLP (~14 GB lighter).
+
+    ``device`` (default: "cuda" when a GPU exists) is where the weights are drawn (PyTorch's CPU random fills run
+    on one thread, so a CPU build takes many minutes at the real size); a GPU build runs in a child process, so this
+    process keeps no CUDA context from it. If it fails (no GPU, out of memory) that is logged and the model is
+    built on the CPU instead.
     """
     import shutil
+    import subprocess
+    import sys
 
     import torch
 
-    from verl_omni.models.tiny import build_qwen_image
-
-    path = os.path.join(root, f"qwen_image_full_width_L{layers}")
+    kind = "full_width" if light_text_encoder else "standin"
+    path = os.path.join(root, f"qwen_image_{kind}_L{layers}")
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
         log(f"model exists: {path}")
+        _log_params(path)
         return path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args = [path, str(layers), device, "1" if light_text_encoder else "0"]
     t0 = time.perf_counter()
-    try:
-        build_qwen_image(path, num_layers=layers, full_width=True, seed=0, dtype=torch.bfloat16, device=device)
-    except Exception as err:  # noqa: BLE001 - any failure of the device build falls back to the CPU, logged
-        if torch.device(device).type == "cpu":
-            raise
-        log(f"building on {device} failed ({type(err).__name__}: {err}); building on the CPU instead")
-        shutil.rmtree(path, ignore_errors=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        device = "cpu"
-        build_qwen_image(path, num_layers=layers, full_width=True, seed=0, dtype=torch.bfloat16, device=device)
+    if torch.device(device).type == "cpu":
+        _build(*args)
+    else:
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            here = os.path.dirname(os.path.abspath(__file__))
+            subprocess.run([sys.executable, "-c", _BUILD_IN_CHILD, here, *args], check=True)
+        except (RuntimeError, subprocess.CalledProcessError) as err:
+            log(f"building on {device} failed ({type(err).__name__}: {err}); building on the CPU instead")
+            shutil.rmtree(path, ignore_errors=True)
+            device = "cpu"
+            _build(path, str(layers), device, args[3])
     open(done, "w").close()
     log(f"built {path} on {device} in {time.perf_counter() - t0:.0f} s")
+    _log_params(path)
     return path
+
+
+def model_summary(model_dir: str) -> dict:
+    """What a benchmark ran on, for its report: the model (the stand-in's checkpoint and depth, or the light text
+    encoder's model) and the values stored per component."""
+    record_path = os.path.join(model_dir, "standin.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            rec = json.load(f)
+        model = (
+            f"stand-in of {rec['checkpoint']} (verl_omni.models.standins): every component at its real size, "
+            f"{rec['layers']} of {rec['published_layers']} transformer layers, random {rec['dtype']} weights"
+        )
+    else:
+        model = (
+            "Qwen-Image transformer and VAE at the real size, 2-layer 3584-wide text encoder "
+            "(verl_omni.models.tiny.build_qwen_image, full width), random bf16 weights"
+        )
+    return {"model": model, "params": component_params(model_dir)}
+
+
+def _log_params(model_dir: str) -> None:
+    counts = component_params(model_dir)
+    log("parameters: " + ", ".join(f"{name} {n / 1e9:.3f}B" for name, n in counts.items()))
 
 
 def write_report(report: dict, out: str) -> None:

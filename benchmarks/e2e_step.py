@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log  # noqa: E402
+from bench_common import build_model, log, model_summary  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,6 +162,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0),
         "gpus": args.gpus,
         "layers": args.layers,
+        **model_summary(model_dir),
         "engine": args.engine,
         "micro_batch": args.micro_batch,
         "rewards": args.rewards,

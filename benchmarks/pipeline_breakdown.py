@@ -56,7 +56,13 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image  # noqa: E402
+from bench_common import (  # noqa: E402
+    build_model,
+    log,
+    measured_bf16_peak_tflops,
+    model_summary,
+    transformer_flops_per_image,
+)
 from rollout_throughput import PROMPTS, add_workload_args, versions  # noqa: E402
 
 # torch.compile's ``dynamic`` per variant prefix: vllm-omni's engine compiles with dynamic=True (every dim symbolic);
@@ -382,6 +388,7 @@ def main() -> None:
         "measured_bf16_peak_tflops": peak,
         "versions": versions(),
         "config": {
+            **model_summary(model_dir),
             "layers": tcfg["num_layers"],
             "n": args.n,
             "steps": args.steps,

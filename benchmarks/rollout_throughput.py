@@ -39,6 +39,7 @@ from bench_common import (  # noqa: E402
     build_model,
     log,
     measured_bf16_peak_tflops,
+    model_summary,
     params_billion,
     transformer_flops_per_image,
     write_report,
@@ -313,8 +314,7 @@ async def main_async(args) -> dict:
         "measured_bf16_peak_tflops": peak,
         "versions": versions(),
         "config": {
-            "model": "Qwen-Image architecture, full width, random bf16 weights "
-            "(verl_omni.models.tiny.build_qwen_image)",
+            **model_summary(model_dir),
             "transformer_layers": tcfg["num_layers"],
             "real_model_layers": 60,
             "transformer_params_billion": params_billion(os.path.join(model_dir, "transformer")),

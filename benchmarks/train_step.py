@@ -35,7 +35,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log, measured_bf16_peak_tflops, transformer_flops_per_image, write_report  # noqa: E402
+from bench_common import (  # noqa: E402
+    build_model,
+    log,
+    measured_bf16_peak_tflops,
+    model_summary,
+    transformer_flops_per_image,
+    write_report,
+)
 
 # name -> (batch_cfg, torch.compile, gradient checkpointing, micro-batch rows, share of the blocks recomputed
 # (model.gradient_checkpointing_blocks = round(share x layers); 1.0 = all; "auto" = auto), LoRA matmuls in the
@@ -275,6 +282,7 @@ def main() -> None:
     default = variants.get("default", {})
     report = {
         "device": device_name,
+        **model_summary(model_dir),
         "layers": args.layers,
         "mfu": default.get("mfu"),
         "variants": variants,

@@ -117,13 +117,14 @@ def test_an_explicit_cpu_device_builds_the_default_weights(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no GPU exists")
 def test_benchmark_build_falls_back_to_the_cpu_with_a_log_line(tmp_path, capsys, monkeypatch):
     """The benchmarks' full-width build asked for ``device="cuda"`` on a machine without one: it says so and builds
-    on the CPU (the real width at one layer, bf16)."""
+    on the CPU (the real width at one layer, bf16; the light text encoder keeps it small enough for the CPU)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_common import build_model
 
-    path = build_model(str(tmp_path), 1, device="cuda")
+    path = build_model(str(tmp_path), 1, device="cuda", light_text_encoder=True)
     out = capsys.readouterr().out
     assert "building on cuda failed" in out and f"built {path} on cpu" in out
+    assert "parameters: text_encoder 0.149B, transformer 0.380B, vae 0.127B" in out  # one layer, light encoder
     assert (Path(path) / ".complete").exists() and json.loads((Path(path) / "model_index.json").read_text())
     transformer = _weights(Path(path) / "transformer")
     blocks = {k.split("transformer_blocks.")[1].split(".")[0] for k in transformer if "transformer_blocks." in k}
