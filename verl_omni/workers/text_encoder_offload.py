@@ -157,6 +157,10 @@ class TextEncoderOffload:
         return owned, pooled
 
     # ------------------------------------------------------------------ off and back
+    # Both outside inference mode (vllm-omni's worker runs its calls under it): the host copies and the tensors
+    # moved back are normal tensors, as the weights were when loaded.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def offload(self) -> None:
         if self.offloaded:
             raise RuntimeError("text encoders are already offloaded")
@@ -221,6 +225,8 @@ class TextEncoderOffload:
         self.pool.unmap(address)
         self._unmapped.append(record)
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def restore(self) -> None:
         if not self.offloaded:
             raise RuntimeError("text encoders are not offloaded")
