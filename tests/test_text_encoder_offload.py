@@ -205,3 +205,41 @@ def test_the_update_uses_the_batch_embeddings_with_or_without_offload(fresh_pipe
     params = DiffusionSamplingParams(**PARAMS, sde_window_size=2, window_start=0)
     images = [pipes[s].rl_generate("a green tree", [3], params).images for s in (True, False)]
     assert torch.equal(images[0], images[1])
+
+
+def test_vllm_cumem_pool_unmaps_the_weights_segments_that_hold_only_text_encoder_tensors():
+    """``CuMemWeightPool`` over a stand-in of vllm's CuMem allocator: segments of the ``weights`` tag from the
+    allocator, their live blocks from PyTorch's snapshot (freed blocks ignored), unmapped and mapped back by handle."""
+    from types import SimpleNamespace
+
+    from verl_omni.rollout.engines.vllm_omni.worker import CuMemWeightPool
+
+    encoder = torch.nn.Linear(8, 8).requires_grad_(False)
+    other = torch.zeros(4)
+    weight, bias = (t.untyped_storage().data_ptr() for t in (encoder.weight, encoder.bias))
+    handles = {1000: (0, 4096, 1000, None), 2000: (0, 4096, 2000, None), 3000: (0, 4096, 3000, None)}
+    allocator = SimpleNamespace(
+        pointer_to_data={
+            1000: SimpleNamespace(tag="weights", handle=handles[1000]),
+            2000: SimpleNamespace(tag="weights", handle=handles[2000]),
+            3000: SimpleNamespace(tag="kv_cache", handle=handles[3000]),
+        }
+    )
+    block = lambda address, state="active_allocated": {"address": address, "state": state}  # noqa: E731
+    snapshot = [
+        {"address": 1000, "blocks": [block(weight), block(12345, "inactive")]},  # the weight and a freed block
+        {"address": 2000, "blocks": [block(bias), block(other.untyped_storage().data_ptr())]},  # shared
+        {"address": 3000, "blocks": [block(bias)]},  # not the weights' tag
+    ]
+    unmapped, mapped = [], []
+    pool = CuMemWeightPool(allocator, unmapped.append, mapped.append, snapshot=lambda: snapshot)
+    assert sorted(a for a, _, _ in pool.segments()) == [1000, 2000]
+
+    original = encoder.weight.detach().clone()
+    offload = TextEncoderOffload({"text_encoder": encoder}, pool=pool)
+    offload.offload()
+    assert unmapped == [handles[1000]] and mapped == []
+    assert offload.kept_bytes == encoder.bias.untyped_storage().nbytes()
+    assert encoder.weight.untyped_storage().data_ptr() == weight  # in place: the segment keeps its addresses
+    offload.restore()
+    assert mapped == [handles[1000]] and torch.equal(encoder.weight, original)

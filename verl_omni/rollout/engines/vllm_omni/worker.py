@@ -198,9 +198,13 @@ class CuMemWeightPool:
 
     TAG = "weights"
 
-    def __init__(self, allocator: Any, unmap_and_release: Any, create_and_map: Any) -> None:
+    def __init__(self, allocator: Any, unmap_and_release: Any, create_and_map: Any, snapshot: Any = None) -> None:
+        """``allocator``: vllm's ``CuMemAllocator`` (its ``pointer_to_data``: segment address -> allocation with
+        ``tag`` and ``handle``); ``unmap_and_release`` / ``create_and_map``: vllm's, on a handle; ``snapshot``: the
+        allocator's segments with their blocks (default ``torch.cuda.memory_snapshot``)."""
         self.allocator = allocator
         self._unmap_and_release, self._create_and_map = unmap_and_release, create_and_map
+        self._snapshot = snapshot or torch.cuda.memory_snapshot
 
     @classmethod
     def of_this_process(cls) -> Optional[CuMemWeightPool]:
@@ -217,13 +221,14 @@ class CuMemWeightPool:
     def segments(self) -> list[tuple[int, int, list[int]]]:
         mine = {ptr: data for ptr, data in self.allocator.pointer_to_data.items() if data.tag == self.TAG}
         live: dict[int, list[int]] = {ptr: [] for ptr in mine}
-        for segment in torch.cuda.memory_snapshot():
+        for segment in self._snapshot():
             if segment["address"] in live:
                 live[segment["address"]] = [b["address"] for b in segment["blocks"] if b["state"] != "inactive"]
         return [(ptr, int(data.handle[1]), live[ptr]) for ptr, data in mine.items()]
 
     def unmap(self, address: int) -> None:
-        torch.cuda.synchronize()  # nothing queued may still read the segment
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # nothing queued may still read the segment
         self._unmap_and_release(self.allocator.pointer_to_data[address].handle)
 
     def map(self, address: int) -> None:
