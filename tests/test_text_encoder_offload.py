@@ -243,3 +243,8 @@ def test_vllm_cumem_pool_unmaps_the_weights_segments_that_hold_only_text_encoder
     assert encoder.weight.untyped_storage().data_ptr() == weight  # in place: the segment keeps its addresses
     offload.restore()
     assert mapped == [handles[1000]] and torch.equal(encoder.weight, original)
+
+
+def test_a_bad_setting_names_the_key(tiny_qwen_image_dir):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.model\.text_encoder_offload='yes' must be true, false"):
+        model_config(tiny_qwen_image_dir, text_encoder_offload="yes")

@@ -68,7 +68,8 @@ def test_the_diffusers_rank_frees_the_text_encoder_during_its_update(wide_text_e
     from verl_omni.workers.colocated import ColocatedActorRank
 
     model = ModelConfig(path=wide_text_encoder_dir, lora_rank=8, lora_alpha=16.0, text_encoder_offload=True)
-    rollout = rollout_config(device="cuda", dtype="bfloat16")
+    # The rank recomputes with the rollout's guidance (the batch below: CFG 4 with the negative prompt " ").
+    rollout = rollout_config(device="cuda", dtype="bfloat16", pipeline={"true_cfg_scale": 4.0, "negative_prompt": " "})
     actor = ActorConfig(device="cuda", dtype="bfloat16", ppo_micro_batch_size_per_gpu=4)
     pipe = load_rl_pipeline(wide_text_encoder_dir, "qwen_image", "bfloat16", model.lora).to("cuda")
     rank = ColocatedActorRank(pipe, model, actor, rollout, 0, 1, None, "cuda", lora_seed=0)
