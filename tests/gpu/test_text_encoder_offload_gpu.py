@@ -140,6 +140,9 @@ def test_both_engines_train_with_the_text_encoder_off(engine, wide_text_encoder_
                 "actor_rollout_ref.rollout.gpu_memory_utilization": 0.5,
                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 4,
                 "actor_rollout_ref.actor.optim.lr": 1e-3,
+                # No compilation (engine or actor): two trainer starts per engine fit the GPU tests' time limit.
+                "actor_rollout_ref.rollout.enforce_eager": True,
+                "actor_rollout_ref.actor.use_torch_compile": False,
                 "trainer.total_training_steps": 2,
                 "trainer.n_gpus_per_node": 1,
             },
