@@ -4,7 +4,9 @@ Runs the real trainer (``FlowGRPOTrainer``: Ray, replicas, agent loop, rewards, 
 random-weight Qwen-Image at full width with ``--layers`` layers, for ``--steps`` steps, and appends one record per
 run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, images_per_step, the medians over the
 steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
-img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s).
+img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s);
+text_encoder_offload (the setting) and text_encoder_offload_s (median seconds per update moving the text encoders,
+the ranks' mean).
 The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
@@ -13,6 +15,8 @@ LoRA r64 / alpha 128 on to_q/k/v/out, lr 3e-4, bf16, the hybrid engine (one repl
 
     python benchmarks/e2e_step.py --layers 60 --gpus 4 --engine vllm_omni --out $OUT/e2e_scaling.json
     (a variant: --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false)
+    (the text encoders on the GPU through the update: --name te_resident
+     --set actor_rollout_ref.model.text_encoder_offload=false)
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ def main() -> None:
         "rewards": args.rewards,
         "images_per_step": args.prompts_per_gpu * args.gpus * 16,
         "algorithm": str(cfg.algorithm.get("name", "flowgrpo")),
+        "text_encoder_offload": cfg.actor_rollout_ref.model.get("text_encoder_offload", "auto"),
         "commit": args.commit,
     }
     if args.set or args.name:
@@ -214,6 +219,10 @@ def main() -> None:
         for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
             record[f"{phase}_s"] = median(f"timing/{phase}_s")
         record["img_per_s"] = record["images_per_step"] / record["step_s"]
+        record["text_encoder_offload_s"] = statistics.median(
+            statistics.mean([v for k, v in h.items() if k.startswith("timing/update_text_encoder_offload_s/")] or [0])
+            for h in steady
+        )
         record["img_per_s_per_gpu"] = record["img_per_s"] / args.gpus
     record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
     record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key e2e_single_gpu.json's readers use

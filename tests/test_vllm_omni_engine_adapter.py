@@ -611,6 +611,33 @@ def test_an_actor_rank_trains_inside_the_worker_on_the_engines_own_transformer(f
     assert worker._verl_omni_actor.actor.transformer is worker.model_runner.pipeline.transformer
 
 
+def test_the_worker_rank_takes_the_text_encoder_off_for_its_update(fake_vllm_omni, tiny_qwen_image_dir):
+    """``model.text_encoder_offload=true`` reaches the rank inside the worker: its update moves the pipeline's text
+    encoder off and back (no vllm CuMem pool here: host copies), and the next rollout encodes as before."""
+    import numpy as np
+
+    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+    from verl_omni.config.actor import ActorConfig
+    from verl_omni.core.outputs import unpack_batch
+    from verl_omni.workers.train_batch import TrainBatch
+
+    lora = {"lora_rank": 4, "lora_alpha": 8.0, "text_encoder_offload": True}
+    engine = make_engine(tiny_qwen_image_dir, lora=lora, pipeline={"true_cfg_scale": 2.0})
+    params = PARAMS.replace(sde_window_size=2, window_start=0, guidance_scale=2.0)
+    out = run(engine.generate(PROMPT, [1, 2], params))
+    run(engine.init_actor(ActorConfig(ppo_micro_batch_size_per_gpu=2), 0, 1, None, lora_seed=5))
+    offload = FakeAsyncOmni.instances[0].worker._verl_omni_actor.text_encoders
+    assert list(offload.modules) == ["text_encoder"] and offload.pool is None
+    info = {"raw_prompt": np.array([PROMPT] * 2, dtype=object), "uid": np.array(["g"] * 2, dtype=object)}
+    batch = TrainBatch.from_data_proto(samples_to_data_proto(unpack_batch(out), info, {}), torch.tensor([1.0, -1.0]))
+    metrics = run(engine.actor_call("update", batch.as_dict(), batch.num_terms))
+    assert metrics["actor/text_encoder_offloaded_gb"] > 0 and metrics["actor/grad_norm"] > 0
+    assert not offload.offloaded
+    again = run(engine.generate(PROMPT, [1, 2], params))
+    assert torch.equal(again.prompt_embeds, out.prompt_embeds)
+    assert torch.equal(again.negative_prompt_embeds, out.negative_prompt_embeds)
+
+
 def test_rope_frequencies_cached_under_inference_mode_can_train():
     """diffusers caches Qwen-Image's RoPE tables per device; on a GPU the first rollout (vllm-omni runs it under
     inference mode) fills that cache with inference tensors, which autograd refuses. The worker's hook hands

@@ -67,6 +67,10 @@ class ModelConfig(Section):
     # inductor's defaults; these graphs skip the FX graph cache (rollout/engines/vllm_omni/worker.py says why), so
     # they compile afresh at each engine start.
     inductor_multi_kernel: bool = True
+    # The hybrid engine: every text encoder of the engine's pipeline in host memory during the actor's update (the
+    # update reads the prompt embeddings its batch carries) and back before the next rollout, so the update's
+    # activations can use that memory (workers/text_encoder_offload.py). auto: on where the actor rank trains on a GPU.
+    text_encoder_offload: Union[bool, str] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
@@ -99,6 +103,11 @@ class ModelConfig(Section):
         for name in ROLLOUT_KERNEL_SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
+        if self.text_encoder_offload not in (True, False, "auto"):
+            raise ValueError(
+                f"{self.key('text_encoder_offload')}={self.text_encoder_offload!r} must be true, false or auto "
+                "(auto: on where the hybrid engine's actor trains on a GPU)"
+            )
         blocks = self.gradient_checkpointing_blocks
         if blocks is not None and blocks != "auto":
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:

@@ -70,6 +70,18 @@ class RLPipelineMixin:
     REQUIRES_POOLED: bool = False
     REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    def text_encoder_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (every module component whose name starts with
+        ``text_encoder``: Qwen-Image's one, SD3's three): what the hybrid engine's actor takes off the device during
+        its update (``actor_rollout_ref.model.text_encoder_offload``). A family whose encoders are named otherwise
+        overrides this."""
+        components = getattr(self, "components", {}) or {}
+        return {
+            name: module
+            for name, module in components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        }
+
     @property
     def has_unmasked_attention_kernel(self) -> bool:
         """Whether the transformer's attention runs a fused kernel that serves only unmasked calls (an engine's

@@ -32,6 +32,8 @@ _PER_RANK_METRICS = {
     "gc_frozen_objects": "perf/update",
     "sm_clock_mhz": "perf/update",
     "sm_clock_min_mhz": "perf/update",
+    "text_encoder_offload_s": "timing/update",
+    "text_encoder_offloaded_gb": "perf/update",
 }
 
 

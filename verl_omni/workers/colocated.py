@@ -18,6 +18,7 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.grad_sync import LoRAGradSync
+from verl_omni.workers.text_encoder_offload import PoolSegments, TextEncoderOffload, offload_enabled
 from verl_omni.workers.train_batch import TrainBatch
 
 # What the driver may call on a colocated rank (through ``DiffusionEngine.actor_call``).
@@ -52,9 +53,12 @@ class ColocatedActorRank:
         device: str,
         lora_seed: int,
         algorithm: Any = None,
+        weight_pool: Optional[PoolSegments] = None,
     ):
         """``model`` / ``actor`` / ``rollout`` / ``algorithm``: config sections or their plain dicts (they cross
-        processes; no ``algorithm``: the default one); ``lora_seed``: every rank starts from the same adapter."""
+        processes; no ``algorithm``: the default one); ``lora_seed``: every rank starts from the same adapter.
+        ``weight_pool``: the engine's own memory pool holding the pipeline's weights, if any (vllm-omni's CuMem
+        pool): text encoders offloaded for the update leave it by whole segments."""
         model, actor, rollout = build(ModelConfig, model), build(ActorConfig, actor), build(RolloutConfig, rollout)
         device = torch.device(device)
         if device.type == "cuda":
@@ -70,6 +74,10 @@ class ColocatedActorRank:
             grad_sync=LoRAGradSync(rank, world_size, address, device),
             algorithm=algorithm,
         )
+        encoders = pipe.text_encoder_components() if offload_enabled(model.text_encoder_offload, device) else {}
+        for encoder in encoders.values():
+            encoder.requires_grad_(False)  # never trained: their host copies stay valid from one update to the next
+        self.text_encoders = TextEncoderOffload(encoders, pool=weight_pool) if encoders else None
 
     def call(self, verb: str, *args: Any) -> Any:
         if verb not in ACTOR_VERBS:
@@ -77,7 +85,17 @@ class ColocatedActorRank:
         return getattr(self, verb)(*args)
 
     def update(self, batch: dict, num_terms: int) -> dict[str, float]:
-        return self.actor.update_batch(TrainBatch.from_dict(batch), num_terms)
+        """One update; the text encoders (``model.text_encoder_offload``) are off the device during it and back
+        when it returns. Adds ``actor/text_encoder_offload_s`` (seconds moving them off and back) and
+        ``actor/text_encoder_offloaded_gb`` (0 when off)."""
+        batch = TrainBatch.from_dict(batch)
+        if self.text_encoders is None:
+            metrics = self.actor.update_batch(batch, num_terms)
+            moved = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0}
+        else:
+            with self.text_encoders.offloaded_during() as moved:
+                metrics = self.actor.update_batch(batch, num_terms)
+        return {**metrics, **{f"actor/{name}": value for name, value in moved.items()}}
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return self.actor.lora_state_dict()

@@ -188,6 +188,53 @@ class VllmOmniRLPipeline(torch.nn.Module):
         return tensors_checksum(get_lora_state_dict(self.transformer))
 
 
+class CuMemWeightPool:
+    """vllm's CuMem allocator (vllm-omni's sleep mode: the pipeline's weights load under its ``weights`` tag) as the
+    ``PoolSegments`` of ``workers/text_encoder_offload.py``. A tensor freed in that pool stays cached in it, out of
+    the reach of the update's allocations and of ``torch.cuda.empty_cache``; so the text encoders leave it as vllm's
+    own ``sleep`` / ``wake_up`` move weights, by allocation: the physical memory of a segment is unmapped and mapped
+    back at the same addresses, and PyTorch's allocator sees no change (its counters keep the segment allocated,
+    ``cudaMemGetInfo`` shows it free). Remove when vllm-omni can offload one component of a pipeline itself."""
+
+    TAG = "weights"
+
+    def __init__(self, allocator: Any, unmap_and_release: Any, create_and_map: Any, snapshot: Any = None) -> None:
+        """``allocator``: vllm's ``CuMemAllocator`` (its ``pointer_to_data``: segment address -> allocation with
+        ``tag`` and ``handle``); ``unmap_and_release`` / ``create_and_map``: vllm's, on a handle; ``snapshot``: the
+        allocator's segments with their blocks (default ``torch.cuda.memory_snapshot``)."""
+        self.allocator = allocator
+        self._unmap_and_release, self._create_and_map = unmap_and_release, create_and_map
+        self._snapshot = snapshot or torch.cuda.memory_snapshot
+
+    @classmethod
+    def of_this_process(cls) -> Optional[CuMemWeightPool]:
+        """The pool when this process loaded weights into it (sleep mode on), else None."""
+        try:
+            from vllm.device_allocator.cumem import CuMemAllocator, create_and_map, unmap_and_release
+        except ImportError:
+            return None
+        allocator = CuMemAllocator.instance
+        if allocator is None or not any(d.tag == cls.TAG for d in allocator.pointer_to_data.values()):
+            return None
+        return cls(allocator, unmap_and_release, create_and_map)
+
+    def segments(self) -> list[tuple[int, int, list[int]]]:
+        mine = {ptr: data for ptr, data in self.allocator.pointer_to_data.items() if data.tag == self.TAG}
+        live: dict[int, list[int]] = {ptr: [] for ptr in mine}
+        for segment in self._snapshot():
+            if segment["address"] in live:
+                live[segment["address"]] = [b["address"] for b in segment["blocks"] if b["state"] != "inactive"]
+        return [(ptr, int(data.handle[1]), live[ptr]) for ptr, data in mine.items()]
+
+    def unmap(self, address: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # nothing queued may still read the segment
+        self._unmap_and_release(self.allocator.pointer_to_data[address].handle)
+
+    def map(self, address: int) -> None:
+        self._create_and_map(self.allocator.pointer_to_data[address].handle)
+
+
 class VllmOmniRLWorkerExtension:
     """Mixed into vllm-omni's diffusion worker (``worker_extension_cls``); its methods are collective_rpc targets."""
 
@@ -232,6 +279,7 @@ class VllmOmniRLWorkerExtension:
             str(pipeline.device),
             payload["lora_seed"],
             payload.get("algorithm"),
+            weight_pool=CuMemWeightPool.of_this_process(),
         )
         return True
 
