@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log  # noqa: E402
+from bench_common import build_model, log, model_summary  # noqa: E402
 from e2e_step import REPO, recipe_config  # noqa: E402
 
 # Each algorithm's settings on top of the e2e recipe (512² there; --resolution here): FlowGRPO as the OCR recipe;
@@ -160,6 +160,7 @@ def main() -> None:
         "eval_trained_mean": trained["mean"],
         "gpu_minutes": (time.perf_counter() - t0) / 60,
         "commit": args.commit,
+        "model": model_summary(model_dir)["model"],
         "eval_base_stderr": base["stderr"],
         "eval_trained_stderr": trained["stderr"],
         "eval_gain_over_base_stderr": (trained["mean"] - base["mean"]) / max(base["stderr"], 1e-12),
