@@ -80,7 +80,7 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         for name in ("sm_clock_mhz", "sm_clock_min_mhz"):
             assert m_single.pop(f"actor/{name}") == 0
             assert [m_group.pop(f"perf/update_{name}/rank{k}") for k in range(2)] == [0, 0]
-        # Off a GPU the text encoders stay where they are (text_encoder_offload: auto): each rank moved nothing.
+        # Off a GPU the text encoders stay where they are (text_encoder_offload: false): each rank moved nothing.
         assert [m_group.pop(f"timing/update_text_encoder_offload_s/rank{k}") for k in range(2)] == [0, 0]
         assert [m_group.pop(f"perf/update_text_encoder_offloaded_gb/rank{k}") for k in range(2)] == [0, 0]
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())

@@ -70,7 +70,7 @@ class ModelConfig(Section):
     # The hybrid engine: every text encoder of the engine's pipeline in host memory during the actor's update (the
     # update reads the prompt embeddings its batch carries) and back before the next rollout, so the update's
     # activations can use that memory (workers/text_encoder_offload.py). auto: on where the actor rank trains on a GPU.
-    text_encoder_offload: Union[bool, str] = "auto"
+    text_encoder_offload: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", freeze_list(self.target_modules))
