@@ -16,7 +16,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
-from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.full_actor import make_actor
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
 
@@ -60,7 +60,7 @@ class ColocatedActorRank:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.rank = rank
-        self.actor = DiffusionLoRAActor(
+        self.actor = make_actor(  # lora_rank=0: full fine-tuning of the engine's own weights
             model,
             actor,
             rollout,

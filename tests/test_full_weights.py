@@ -1,0 +1,193 @@
+"""Full fine-tuning (model.lora_rank=0) on CPU: two ranks in their own processes (gloo) train every transformer weight
+with the sharded AdamW (workers/full_weights.py) against one process stepping torch's own AdamW over all the
+weights; the pipeline's transformer (what an engine serves) holds the new weights, bitwise alike on both ranks;
+a resume from the saved weights and optimizer shards repeats the next step bit for bit. And the memory plan."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import model_config, rollout_config
+from test_hybrid_engine import _rollout
+
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.full_actor import DiffusionFullActor, make_actor
+from verl_omni.workers.full_weights import (
+    GiB,
+    ShardedAdamW,
+    activation_bytes_estimate,
+    check_full_weights_fit,
+    plan_full_weights_memory,
+)
+from verl_omni.workers.grad_sync import LoRAGradSync
+from verl_omni.workers.train_batch import TrainBatch
+
+# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised
+ACTOR = dict(optim=OptimConfig(lr=1e-3, weight_decay=0.01), ppo_micro_batch_size_per_gpu=2, grad_clip=0.05)
+
+
+def _configs(model_dir):
+    return model_config(model_dir, lora_rank=0), ActorConfig(**ACTOR), rollout_config(pipeline={"true_cfg_scale": 2.0})
+
+
+def _load_pipe(model_dir):
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+
+    return QwenImageRLPipeline.from_pretrained(model_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
+    """One rank: two optimizer steps on its shard; then a resume from the state after step 1 and step 2 again."""
+    torch.set_num_threads(1)
+    model, actor_cfg, rollout = _configs(model_dir)
+    pipe = _load_pipe(model_dir)  # the engine's pipeline: the actor trains its transformer in place
+    sync = LoRAGradSync(rank, world_size, ("127.0.0.1", port), torch.device("cpu"))
+    actor = make_actor(model, actor_cfg, rollout, pipe=pipe, grad_sync=sync)
+    assert isinstance(actor, DiffusionFullActor) and isinstance(actor.optimizer, ShardedAdamW)
+    batch = TrainBatch.from_dict(shards[rank])
+    metrics = actor.update_batch(batch, num_terms)
+    saved = (actor.lora_state_dict(), actor.optimizer_state_dict())
+    actor.update_batch(batch, num_terms)
+    served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    matches = actor.lora_matches_rank0()
+    # Resume: the weights and this rank's optimizer shard as saved after step 1, then step 2 again.
+    actor.load_lora_state_dict(saved[0])
+    actor.load_optimizer_state_dict(saved[1])
+    actor.update_batch(batch, num_terms)
+    resumed = actor.lora_state_dict()
+    torch.save(
+        {"metrics": metrics, "served": served, "matches": matches, "resumed": resumed, "shard": saved[1]},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def _reference(model_dir, batch, num_terms):
+    """One process, every row, torch.optim.AdamW over all the weights and torch's clip_grad_norm_."""
+    model, actor_cfg, rollout = _configs(model_dir)
+    actor = DiffusionFullActor(model, actor_cfg, rollout)
+    optim = actor_cfg.optim
+    actor.optimizer = torch.optim.AdamW(
+        actor.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+    )
+    actor._reduce_and_clip = lambda bad: DiffusionLoRAActor._reduce_and_clip(actor, bad)
+    actor._after_optimizer_step = lambda: DiffusionLoRAActor._after_optimizer_step(actor)
+    metrics = actor.update_batch(batch, num_terms)
+    actor.update_batch(batch, num_terms)
+    return metrics, actor.lora_state_dict()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(qwen_image_rl_pipe, tiny_qwen_image_dir, tmp_path_factory):
+    batch = TrainBatch.from_data_proto(
+        _rollout(qwen_image_rl_pipe), torch.randn(6, generator=torch.Generator().manual_seed(0))
+    )
+    out = tmp_path_factory.mktemp("full_ranks")
+    shards = [s.as_dict() for s in batch.shards(2)]
+    args = (2, _free_port(), tiny_qwen_image_dir, shards, batch.num_terms, str(out))
+    mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(2)]
+    return batch, ranks
+
+
+def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ranks, tiny_qwen_image_dir):
+    batch, ranks = two_ranks
+    ref_metrics, reference = _reference(tiny_qwen_image_dir, batch, batch.num_terms)
+    start = _load_pipe(tiny_qwen_image_dir).transformer.state_dict()
+    served = ranks[0]["served"]
+    assert set(served) == set(reference) == set(start)
+    moved = max((reference[k] - start[k]).abs().max().item() for k in start)
+    diff = max((served[k] - reference[k]).abs().max().item() for k in start)
+    print(f"2 ranks (sharded AdamW) vs 1 process (torch AdamW): max abs diff {diff:.2e}, moved {moved:.2e}")
+    assert moved > 1e-3 and diff < 1e-6
+    # Every weight trained (the text encoder and the VAE are not the transformer's: they stay as loaded).
+    assert all(not torch.equal(reference[k], start[k]) for k in start if start[k].numel() > 1)
+    # The clipping saw the global norm (the sum of both shards'), as clip_grad_norm_ over all weights does.
+    norm = ranks[0]["metrics"]["actor/grad_norm"]
+    assert norm == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5) and norm > ACTOR["grad_clip"]
+    assert ranks[0]["metrics"]["actor/weight_sync_s"] > 0
+
+
+def test_both_engines_serve_the_same_weights_bitwise(two_ranks):
+    _, ranks = two_ranks
+    assert [r["matches"] for r in ranks] == [True, True]
+    for name, tensor in ranks[0]["served"].items():
+        assert torch.equal(tensor, ranks[1]["served"][name]), name
+
+
+def test_resume_from_the_saved_weights_and_shards_is_bit_identical(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        for name, tensor in r["served"].items():
+            assert torch.equal(tensor, r["resumed"][name]), name
+    # Each rank saved its own half of the master weights and AdamW state.
+    shards = [r["shard"] for r in ranks]
+    assert [s["rank"] for s in shards] == [0, 1] and shards[0]["master"].shape == shards[1]["master"].shape
+    numel = shards[0]["numel"]
+    assert shards[0]["master"].numel() == (numel + 1) // 2
+
+
+def test_an_optimizer_shard_of_another_world_size_is_refused(tiny_qwen_image_dir, two_ranks):
+    model, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
+    actor = DiffusionFullActor(model, actor_cfg, rollout)
+    with pytest.raises(ValueError, match=r"rank 0 of 2 over \d+ weights; this rank is 0 of 1 .* same number of ranks"):
+        actor.load_optimizer_state_dict(two_ranks[1][0]["shard"])
+
+
+def test_full_fine_tuning_refuses_a_kl_term_naming_the_key(tiny_qwen_image_dir):
+    model, _, rollout = _configs(tiny_qwen_image_dir)
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.actor.kl_coef=0.1 needs a reference policy"):
+        DiffusionFullActor(model, ActorConfig(kl_coef=0.1), rollout)
+
+
+# ---------------------------------------------------------------- memory planning
+
+
+def test_the_memory_plan_of_a_known_configuration():
+    # 20B bf16 weights on 8 GPUs: weights 2P, gradients 2P, one bf16 shard 2P/8, master + its gradient 8P/8,
+    # AdamW's moments 8P/8.
+    p = 20 * 10**9
+    plan = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
+    assert (plan.weights, plan.grads, plan.shard, plan.master, plan.optimizer) == (
+        2 * p,
+        2 * p,
+        p // 4,
+        p,
+        p,
+    )
+    assert plan.device_total == 2 * p + 2 * p + p // 4 + 2 * p + 8 * GiB and plan.host_total == 0
+    offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
+    assert offloaded.device_total == plan.device_total - 2 * p and offloaded.host_total == 2 * p
+    # Activations with every block recomputed: each block's input plus one block's working set (34 s b h bytes).
+    assert activation_bytes_estimate(60, 3072, 4096, 2) == 60 * 4096 * 2 * 3072 * 2 + 34 * 4096 * 2 * 3072
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_that_fits():
+    p = 20 * 10**9
+    gpu = 80 * GiB
+    # On 8 GPUs: 2P + 2P + P/4 + 2P = 6.25P = 116 GiB does not fit; offloaded: 4.25P = 79 GiB does.
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit: 20.00B trained weights on 8 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
+        r"116.42 GiB per GPU \(weights 37.25 GiB, gradients 37.25 GiB, .*\), more than the GPU's 80.00 GiB. "
+        r"Set actor_rollout_ref.actor.optimizer_offload=true \(79.16 GiB per GPU, 37.25 GiB host per GPU\)",
+    ):
+        check_full_weights_fit(p, 8, False, gpu)
+    # With 2 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
+    with pytest.raises(
+        ValueError,
+        match=r"Use 96 GPUs \(80.00 GiB per GPU\) or 11 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
+        r"\(79.89 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
+    ):
+        check_full_weights_fit(p, 8, False, gpu, activation_bytes=2 * GiB)
+    with pytest.raises(ValueError, match=r"No GPU count fits: .* train a LoRA \(actor_rollout_ref.model.lora_rank"):
+        check_full_weights_fit(p, 8, True, 60 * GiB)
+    assert check_full_weights_fit(p, 8, True, gpu).device_total < gpu
