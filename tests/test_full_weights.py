@@ -9,10 +9,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import model_config, rollout_config
+from helpers import make_config, model_config, rollout_config, trainer_config
 from test_hybrid_engine import _rollout
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.core.checksum import tensors_checksum
+from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.full_actor import DiffusionFullActor, make_actor
 from verl_omni.workers.full_weights import (
@@ -191,3 +193,68 @@ def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_tha
     with pytest.raises(ValueError, match=r"No GPU count fits: .* train a LoRA \(actor_rollout_ref.model.lora_rank"):
         check_full_weights_fit(p, 8, True, 60 * GiB)
     assert check_full_weights_fit(p, 8, True, gpu).device_total < gpu
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def trainer_blocks(state: dict) -> set:
+    return {k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}
+
+
+def test_full_fine_tuning_config_refusals_name_the_keys():
+    base = {"actor_rollout_ref.model.path": "tiny:qwen_image", "actor_rollout_ref.model.lora_rank": 0}
+    with pytest.raises(ValueError, match=r"lora_rank=0 \(full fine-tuning\) .* actor_rollout_ref.hybrid_engine=true"):
+        FlowGRPOTrainer(make_config({**base, "actor_rollout_ref.hybrid_engine": False}))
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.actor.kl_coef=0.1 needs a reference policy"):
+        FlowGRPOTrainer(make_config({**base, "actor_rollout_ref.actor.kl_coef": 0.1}))
+
+
+@pytest.mark.e2e
+def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys
+):
+    overrides = {
+        "actor_rollout_ref.model.lora_rank": 0,
+        "actor_rollout_ref.actor.optim.lr": 1e-4,
+        "trainer.n_gpus_per_node": 2,
+        "trainer.save_freq": 1,
+    }
+    cfg = trainer_config(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 2}
+    )
+    start = _load_pipe(tiny_qwen_image_dir).transformer.state_dict()
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        assert "full fine-tuning memory plan: " in capsys.readouterr().out
+        history = trainer.fit()
+        assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0 and history[-1]["actor/weight_sync_s"] > 0
+        weights = trainer.actor.lora_state_dict()
+        unmoved = [k for k in start if torch.equal(weights[k], start[k])]
+        # Every weight moved but the last block's text stream, whose output nothing reads (zero gradient; no decay).
+        last = f"transformer_blocks.{len(trainer_blocks(start)) - 1}."
+        text_stream = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added", "txt_")
+        assert set(weights) == set(start) and unmoved
+        assert all(k.startswith(last) and any(t in k for t in text_stream) for k in unmoved), unmoved
+        # Both engines serve their ranks' weights, bitwise alike; the checkpoint's checksum is theirs.
+        assert trainer.actor.lora_matches_rank0() == [True, True]
+        assert trainer.actor.lora_checksums() == [tensors_checksum(weights)] * 2 == [trainer.last_lora_checksum] * 2
+        shards = trainer.actor.optimizer.state_dict()["full_weights_shards"]
+        assert [s["rank"] for s in shards] == [0, 1]
+    finally:
+        trainer.shutdown()
+    cfg3 = trainer_config(
+        ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3}
+    )
+    resumed = FlowGRPOTrainer(cfg3).init()
+    try:
+        assert resumed.global_step == 2
+        again = resumed.actor.lora_state_dict()
+        assert all(torch.equal(weights[k], again[k]) for k in weights)
+        for mine, saved in zip(resumed.actor.optimizer.state_dict()["full_weights_shards"], shards, strict=True):
+            assert torch.equal(mine["master"], saved["master"])
+            for name, value in saved["optimizer"]["state"][0].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(mine["optimizer"]["state"][0][name])), name
+        assert len(resumed.fit()) == 1 and resumed.global_step == 3
+    finally:
+        resumed.shutdown()

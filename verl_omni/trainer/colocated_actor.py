@@ -20,6 +20,7 @@ from verl_omni.config.algorithm import make_algorithm
 from verl_omni.core.errors import assert_finite
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.workers.full_weights import is_shard_state
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
 
@@ -89,10 +90,24 @@ class ColocatedActorGroup:
         self._all("load_lora_state_dict", tensors)
 
     def optimizer_state_dict(self) -> dict:
-        return ray.get(self.servers[0].actor_call.remote("optimizer_state_dict"))
+        state = ray.get(self.servers[0].actor_call.remote("optimizer_state_dict"))
+        if is_shard_state(state):  # full fine-tuning: each rank holds its own shard of the AdamW state
+            rest = gather_ranks([s.actor_call.remote("optimizer_state_dict") for s in self.servers[1:]])
+            return {"full_weights_shards": [state, *rest]}
+        return state
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        self._all("load_optimizer_state_dict", state)
+        shards = state.get("full_weights_shards")
+        if shards is None:
+            self._all("load_optimizer_state_dict", state)
+            return
+        if len(shards) != self.world_size:
+            raise ValueError(
+                f"the checkpoint's optimizer state is sharded over {len(shards)} ranks, this run has "
+                f"{self.world_size}: resume full fine-tuning with the same trainer.n_gpus_per_node x trainer.nnodes"
+            )
+        pairs = zip(self.servers, shards, strict=True)
+        gather_ranks([s.actor_call.remote("load_optimizer_state_dict", shard) for s, shard in pairs])
 
     def lora_checksums(self) -> list[str]:
         """The adapter each rank trains (= the one its engine serves)."""

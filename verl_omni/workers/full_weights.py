@@ -16,8 +16,11 @@ numbers, which also carries the non-finite count the loss saw).
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,7 +161,7 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        if not is_shard_state(state):
             raise ValueError(f"not a full-weights optimizer shard (format {STATE_FORMAT!r} expected)")
         mine = (self.rank, self.world_size, self.numel)
         theirs = (state["rank"], state["world_size"], state["numel"])
@@ -169,6 +172,11 @@ class ShardedAdamW:
             )
         self.master.copy_(state["master"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def is_shard_state(state: object) -> bool:
+    """Whether ``state`` is a ``ShardedAdamW.state_dict`` (one rank's shard), not a whole optimizer's."""
+    return isinstance(state, dict) and state.get("format") == STATE_FORMAT
 
 
 def _to_host(state):
@@ -315,3 +323,45 @@ def check_full_weights_fit(
         message + "No GPU count fits: the weights, their gradients and the frozen components alone take "
         f"{_gib(chosen.weights + chosen.grads + chosen.frozen)}; train a LoRA (actor_rollout_ref.model.lora_rank >= 1)"
     )
+
+
+def stored_parameter_counts(model_dir: str) -> dict[str, int]:
+    """Every component's parameter count read from its safetensors headers (no weights loaded): {component: n}."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*", "*.safetensors"))):
+        component = os.path.basename(os.path.dirname(path))
+        with safe_open(path, framework="pt") as f:
+            counts[component] = counts.get(component, 0) + sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return counts
+
+
+def plan_for_model_dir(
+    model_dir: str,
+    num_gpus: int,
+    offload: bool,
+    *,
+    dtype_bytes: int,
+    rows: int,
+    text_tokens: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+) -> tuple[int, int, int]:
+    """(trained weights, bytes of the frozen components, activation bytes) for a diffusers pipeline directory: the
+    transformer trains; everything else the engine keeps on the GPU counts as frozen; the activations are
+    ``activation_bytes_estimate`` for one micro-batch of ``rows`` at ``height`` x ``width`` plus ``text_tokens``."""
+    counts = stored_parameter_counts(model_dir)
+    if "transformer" not in counts:
+        raise ValueError(f"{model_dir!r} has no transformer/*.safetensors to plan full fine-tuning from")
+    with open(os.path.join(model_dir, "transformer", "config.json")) as f:
+        cfg = json.load(f)
+    patch = int(cfg.get("patch_size", 2))
+    image_tokens = (height // (vae_scale_factor * patch)) * (width // (vae_scale_factor * patch))
+    hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    activations = activation_bytes_estimate(
+        int(cfg["num_layers"]), hidden, image_tokens + text_tokens, rows, dtype_bytes=dtype_bytes
+    )
+    frozen = sum(n for name, n in counts.items() if name != "transformer") * dtype_bytes
+    return counts["transformer"], frozen, activations
