@@ -258,3 +258,27 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
         assert len(resumed.fit()) == 1 and resumed.global_step == 3
     finally:
         resumed.shutdown()
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_full_weights_export_to_a_pipeline_directory_that_from_pretrained_loads(tiny_qwen_image_dir, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from verl_omni.export.__main__ import main as export_main
+    from verl_omni.trainer.checkpoint import lora_meta, save_checkpoint
+
+    model, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
+    actor = DiffusionFullActor(model, actor_cfg, rollout)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in actor.trainable:
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    weights = actor.lora_state_dict()
+    meta = {"lora_checksum": tensors_checksum(weights), "lora": lora_meta(0, 16.0, [])}
+    save_checkpoint(str(tmp_path / "run"), 2, weights, actor.optimizer, meta)
+    out = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--base", tiny_qwen_image_dir, "--out", str(out)]) == 0
+    loaded = QwenImagePipeline.from_pretrained(str(out)).transformer.state_dict()
+    assert set(loaded) == set(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
