@@ -4,7 +4,9 @@ Runs the real trainer (``FlowGRPOTrainer``: Ray, replicas, agent loop, rewards, 
 random-weight Qwen-Image at full width with ``--layers`` layers, for ``--steps`` steps, and appends one record per
 run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, images_per_step, the medians over the
 steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
-img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s).
+img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s);
+full fine-tuning (``--set actor_rollout_ref.model.lora_rank=0``) adds weight_sync_s (the all-gather of the updated
+shards into the engines' weights, inside update_s) and offload (``actor.optimizer_offload``).
 The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
@@ -196,6 +198,7 @@ def main() -> None:
                     "perf/",
                     "actor/ratio",
                     "actor/recomputed",
+                    "actor/weight_sync_s",
                     "reward/total",
                     "reward/tail_s",
                     "rollout/generate_s",
@@ -212,6 +215,11 @@ def main() -> None:
 
         for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
             record[f"{phase}_s"] = median(f"timing/{phase}_s")
+        if int(cfg.actor_rollout_ref.model.lora_rank) == 0:
+            # Full fine-tuning: the all-gather of the updated shards into the engines' weights (inside update_s),
+            # and whether the master weights and AdamW state lived in host memory.
+            record["weight_sync_s"] = median("actor/weight_sync_s")
+            record["offload"] = bool(cfg.actor_rollout_ref.actor.get("optimizer_offload", False))
         record["img_per_s"] = record["images_per_step"] / record["step_s"]
         record["img_per_s_per_gpu"] = record["img_per_s"] / args.gpus
     record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
