@@ -150,6 +150,32 @@ def test_full_fine_tuning_refuses_a_kl_term_naming_the_key(tiny_qwen_image_dir):
         DiffusionFullActor(model, ActorConfig(kl_coef=0.1), rollout)
 
 
+def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_old_policy_follows(tiny_qwen_image_dir):
+    """Another algorithm behind the seam: DiffusionNFT's forward-process loss, its old policy a copy of every weight
+    moved by its schedule (flow_grpo-style decay), on the engine's own pipeline."""
+    from test_diffusion_nft import _nft_rollout
+
+    from verl_omni.algorithms.diffusion_nft import old_policy_decay
+
+    pipe = _load_pipe(tiny_qwen_image_dir)
+    data = _nft_rollout(pipe)
+    model, _, rollout = _configs(tiny_qwen_image_dir)
+    section = {"name": "diffusion_nft", "diffusion_nft": {"decay_type": 1, "beta": 0.1}}
+    actor = DiffusionFullActor(model, ActorConfig(**ACTOR), rollout, pipe=pipe, algorithm=section)
+    before = [p.detach().clone() for p in pipe.transformer.parameters()]
+    assert len(actor.algorithm.old.shadow) == len(before)  # the old policy covers every weight
+    advantages, _ = actor.algorithm.advantages(
+        torch.tensor([0.1, 0.5, 0.9, 0.3, 0.3, 0.6], dtype=torch.float64), data.non_tensor_batch["uid"]
+    )
+    metrics = actor.update(data, advantages)
+    after = [p.detach() for p in pipe.transformer.parameters()]
+    assert sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)) > 0.9 * len(before)
+    assert metrics["actor/num_train_terms"] == 24 and metrics["actor/weight_sync_s"] > 0
+    decay = old_policy_decay(1, 1)
+    for old, b, a in zip(actor.algorithm.old.shadow, before, after, strict=True):
+        torch.testing.assert_close(old, b * decay + a * (1 - decay), rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- memory planning
 
 
@@ -169,6 +195,9 @@ def test_the_memory_plan_of_a_known_configuration():
     offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
     assert offloaded.device_total == plan.device_total - 2 * p and offloaded.host_total == 2 * p
     # Activations with every block recomputed: each block's input plus one block's working set (34 s b h bytes).
+    # The policy EMA or DiffusionNFT's old policy: a float32 copy of every weight each.
+    nft = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, policy_copies=1)
+    assert nft.device_total == plan.device_total + 4 * p
     assert activation_bytes_estimate(60, 3072, 4096, 2) == 60 * 4096 * 2 * 3072 * 2 + 34 * 4096 * 2 * 3072
 
 

@@ -73,7 +73,9 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
         width=params.width,
         vae_scale_factor=vae_scale_factor_of(path) or 8,
     )
-    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations)
+    # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
+    copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
+    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations, policy_copies=copies)
     plan = plan_full_weights_memory(num_params, cfg.num_replicas, ref.actor.optimizer_offload, **kwargs)
     if ref.actor.on_cuda and torch.cuda.is_available():
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory

@@ -207,12 +207,14 @@ class FullWeightsMemory:
     master: int  # float32 master shard + its float32 gradient
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
+    copies: int  # float32 copies of every weight kept beside them (the policy EMA, DiffusionNFT's old policy)
     activations: int
 
     @property
     def device_total(self) -> int:
         on_device = 0 if self.offload else self.master + self.optimizer
-        return self.weights + self.grads + self.shard + on_device + self.frozen + self.activations
+        fixed = self.weights + self.grads + self.shard + self.frozen + self.copies
+        return fixed + on_device + self.activations
 
     @property
     def host_total(self) -> int:
@@ -226,6 +228,7 @@ class FullWeightsMemory:
             ("master shard" + (" (host)" if self.offload else ""), self.master),
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
+            ("policy copies", self.copies),
             ("activations", self.activations),
         ]
         items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
@@ -247,6 +250,7 @@ def plan_full_weights_memory(
     weight_bytes: int = 2,
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
+    policy_copies: int = 0,
 ) -> FullWeightsMemory:
     """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``."""
     shard = math.ceil(num_params / num_gpus)
@@ -260,6 +264,7 @@ def plan_full_weights_memory(
         master=shard * 8,
         optimizer=shard * 8,
         frozen=frozen_bytes,
+        copies=policy_copies * num_params * 4,
         activations=activation_bytes,
     )
 
@@ -287,6 +292,7 @@ def check_full_weights_fit(
     weight_bytes: int = 2,
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
+    policy_copies: int = 0,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
     max_gpus: int = 1024,
 ) -> FullWeightsMemory:
@@ -301,6 +307,7 @@ def check_full_weights_fit(
             weight_bytes=weight_bytes,
             frozen_bytes=frozen_bytes,
             activation_bytes=activation_bytes,
+            policy_copies=policy_copies,
         )
 
     chosen = plan(num_gpus, offload)
@@ -320,8 +327,9 @@ def check_full_weights_fit(
     if options:
         raise ValueError(message + f"Use {' or '.join(options)}; GPUs: {gpus_key}")
     raise ValueError(
-        message + "No GPU count fits: the weights, their gradients and the frozen components alone take "
-        f"{_gib(chosen.weights + chosen.grads + chosen.frozen)}; train a LoRA (actor_rollout_ref.model.lora_rank >= 1)"
+        message + "No GPU count fits: the weights, their gradients, the frozen components and the policy copies "
+        f"alone take {_gib(chosen.weights + chosen.grads + chosen.frozen + chosen.copies)}; train a LoRA "
+        "(actor_rollout_ref.model.lora_rank >= 1)"
     )
 
 
