@@ -3,6 +3,7 @@ with the sharded AdamW (workers/full_weights.py) against one process stepping to
 weights; the pipeline's transformer (what an engine serves) holds the new weights, bitwise alike on both ranks;
 a resume from the saved weights and optimizer shards repeats the next step bit for bit. And the memory plan."""
 
+import json
 import os
 import socket
 
@@ -135,6 +136,39 @@ def test_resume_from_the_saved_weights_and_shards_is_bit_identical(two_ranks):
     assert [s["rank"] for s in shards] == [0, 1] and shards[0]["master"].shape == shards[1]["master"].shape
     numel = shards[0]["numel"]
     assert shards[0]["master"].numel() == (numel + 1) // 2
+
+
+class _RanksWritingShards:
+    """What the hybrid engine's group does at a checkpoint: each rank writes its own shard file."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def write_shards(self, folder):
+        names = [f"optim_shard_rank{k}.pt" for k in range(len(self.shards))]
+        for name, shard in zip(names, self.shards, strict=True):
+            torch.save(shard, os.path.join(folder, name))
+        return names
+
+
+def test_a_checkpoint_holds_one_verified_optimizer_shard_file_per_rank(two_ranks, tmp_path):
+    from verl_omni.trainer.checkpoint import SHARD_FILES, DamagedCheckpointError, read_checkpoint, save_checkpoint
+
+    _, ranks = two_ranks
+    shards = [r["shard"] for r in ranks]
+    path = save_checkpoint(str(tmp_path), 1, ranks[0]["served"], _RanksWritingShards(shards), {})
+    loaded = read_checkpoint(path)
+    files = loaded.optimizer_state[SHARD_FILES]
+    assert [os.path.basename(f) for f in files] == ["optim_shard_rank0.pt", "optim_shard_rank1.pt"]
+    for file, shard in zip(files, shards, strict=True):
+        again = torch.load(file, weights_only=True)
+        assert torch.equal(again["master"], shard["master"]) and again["rank"] == shard["rank"]
+    damaged = os.path.join(path, "optim_shard_rank1.pt")
+    data = bytearray(open(damaged, "rb").read())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    open(damaged, "wb").write(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=r"optim_shard_rank1.pt: sha256 .* does not match"):
+        read_checkpoint(path)
 
 
 def test_an_optimizer_shard_of_another_world_size_is_refused(tiny_qwen_image_dir, two_ranks):
@@ -270,6 +304,10 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
         assert trainer.actor.lora_checksums() == [tensors_checksum(weights)] * 2 == [trainer.last_lora_checksum] * 2
         shards = trainer.actor.optimizer.state_dict()["full_weights_shards"]
         assert [s["rank"] for s in shards] == [0, 1]
+        # Each rank wrote its own optimizer shard into the checkpoint, recorded with its sha256.
+        with open(tmp_path / "global_step_2" / "meta.json") as f:
+            recorded = json.load(f)["files"]
+        assert {"optim_shard_rank0.pt", "optim_shard_rank1.pt"} <= set(recorded)
     finally:
         trainer.shutdown()
     cfg3 = trainer_config(

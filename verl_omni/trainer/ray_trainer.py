@@ -216,7 +216,12 @@ class FlowGRPOTrainer:
         ref, seed, algorithm = self.config.actor_rollout_ref, self.config.trainer.seed, self.config.algorithm
         if ref.hybrid_engine:
             return ColocatedActorGroup(
-                self.servers, ref.actor, lora_seed=seed, algorithm=algorithm, pipeline=ref.model.pipeline
+                self.servers,
+                ref.actor,
+                lora_seed=seed,
+                algorithm=algorithm,
+                pipeline=ref.model.pipeline,
+                full_weights=ref.model.lora_rank == 0,
             )
         if ref.actor.world_size > 1:
             return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)

@@ -27,6 +27,8 @@ ACTOR_VERBS = (
     "load_lora_state_dict",
     "optimizer_state_dict",
     "load_optimizer_state_dict",
+    "save_optimizer_shard",
+    "load_optimizer_shard",
     "lora_checksum",
     "lora_matches_rank0",
     "swap_in_ema",
@@ -91,6 +93,14 @@ class ColocatedActorRank:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.actor.load_optimizer_state_dict(state)
+
+    # Full fine-tuning's checkpoints: each rank writes and reads its own optimizer shard (a file in the checkpoint).
+    def save_optimizer_shard(self, path: str) -> None:
+        with open(path, "wb") as f:  # Python's open(): a full disk raises OSError(ENOSPC)
+            torch.save(self.actor.optimizer_state_dict(), f)
+
+    def load_optimizer_shard(self, path: str) -> None:
+        self.actor.load_optimizer_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def lora_checksum(self) -> str:
         return self.actor.lora_checksum()
