@@ -236,6 +236,48 @@ def test_the_memory_plan_of_a_known_configuration():
     assert activation_bytes_estimate(60, 3072, 4096, 2) == 60 * 4096 * 2 * 3072 * 2 + 34 * 4096 * 2 * 3072
 
 
+def test_the_plan_reads_the_parameter_counts_from_the_model_directory(tiny_qwen_image_dir):
+    from verl_omni.workers.full_weights import stored_parameter_counts
+
+    pipe = _load_pipe(tiny_qwen_image_dir)
+    counts = stored_parameter_counts(tiny_qwen_image_dir)
+    assert counts["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
+    assert counts["text_encoder"] == sum(p.numel() for p in pipe.text_encoder.parameters())
+    assert counts["vae"] == sum(p.numel() for p in pipe.vae.parameters())
+
+
+def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_qwen_image_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from verl_omni.config.trainer import FlowGRPOConfig
+    from verl_omni.trainer.ray_trainer import check_full_fine_tuning_memory
+    from verl_omni.workers.full_weights import plan_for_model_dir
+
+    overrides = {"actor_rollout_ref.model.lora_rank": 0, "trainer.n_gpus_per_node": 2}
+    overrides.update({f"actor_rollout_ref.{s}.device": "cuda" for s in ("actor", "rollout")})
+    cfg = FlowGRPOConfig.from_omega(make_config({"actor_rollout_ref.model.path": tiny_qwen_image_dir, **overrides}))
+    params = cfg.actor_rollout_ref.rollout.sampling_params()
+    p, frozen, activations = plan_for_model_dir(
+        tiny_qwen_image_dir,
+        2,
+        False,
+        dtype_bytes=4,
+        rows=2 * cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu,
+        text_tokens=params.max_sequence_length,
+        height=params.height,
+        width=params.width,
+        vae_scale_factor=8,
+    )
+    # Per GPU on 2: 4P weights + 4P gradients + 2P shard + 8P master + 8P moments; offloaded: 10P on the GPU.
+    fits_offloaded = frozen + activations + 11 * p
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=fits_offloaded))
+    with pytest.raises(
+        ValueError, match=r"does not fit: .* on 2 GPU\(s\).* Set actor_rollout_ref.actor.optimizer_offload"
+    ):
+        check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir)
+
+
 def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_that_fits():
     p = 20 * 10**9
     gpu = 80 * GiB
