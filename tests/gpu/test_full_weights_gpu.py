@@ -76,7 +76,6 @@ def test_full_fine_tuning_trains_the_engines_weights(
         "step_s": [h["timing/step_s"] for h in history],
         "step1_ratio_min": history[0]["actor/ratio_min"],
         "step1_ratio_max": history[0]["actor/ratio_max"],
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if engine == "diffusers" else None,
     }
     write_figures(f"gpu_full_weights_{engine}_{gpus}gpu{'_offload' if offload else ''}.json", figures)
     assert all(g > 0 for g in figures["grad_norms"]), figures

@@ -46,14 +46,17 @@ class DiffusionFullActor(DiffusionLoRAActor):
     def _make_optimizer(self, actor: ActorConfig) -> ShardedAdamW:
         optim = actor.optim
         self.sync_s = 0.0
-        return ShardedAdamW(
-            self.trainable,
-            self.grad_sync,
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            weight_decay=optim.weight_decay,
-            offload=actor.optimizer_offload,
-        )
+        # vllm-omni's worker may run this under inference mode: the bucket and master must be normal tensors
+        # (autograd accumulates into the bucket, AdamW updates the master).
+        with torch.inference_mode(False):
+            return ShardedAdamW(
+                self.trainable,
+                self.grad_sync,
+                lr=optim.lr,
+                betas=tuple(optim.betas),
+                weight_decay=optim.weight_decay,
+                offload=actor.optimizer_offload,
+            )
 
     # ------------------------------------------------------------------ weights, by the transformer's names
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
