@@ -170,7 +170,8 @@ class ShardedAdamW:
                 f"the optimizer shard is rank {theirs[0]} of {theirs[1]} over {theirs[2]} weights; this rank is "
                 f"{mine[0]} of {mine[1]} over {mine[2]}: resume with the same number of ranks and model"
             )
-        with torch.inference_mode(False):  # AdamW's loaded state must be normal tensors (a worker's inference mode)
+        # AdamW's loaded state must be normal tensors (a worker may call under inference mode)
+        with torch.inference_mode(False), torch.no_grad():
             self.master.copy_(state["master"])
             self.optimizer.load_state_dict(state["optimizer"])
 
