@@ -29,8 +29,10 @@ from verl_omni.workers.full_weights import (
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
 
-# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised
-ACTOR = dict(optim=OptimConfig(lr=1e-3, weight_decay=0.01), ppo_micro_batch_size_per_gpu=2, grad_clip=0.05)
+# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised; two optimizer steps per update
+ACTOR = dict(
+    optim=OptimConfig(lr=1e-3, weight_decay=0.01), ppo_micro_batch_size_per_gpu=2, grad_clip=0.05, ppo_epochs=2
+)
 
 
 def _configs(model_dir):
@@ -196,7 +198,7 @@ def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_ol
     data = _nft_rollout(pipe)
     model, _, rollout = _configs(tiny_qwen_image_dir)
     section = {"name": "diffusion_nft", "diffusion_nft": {"decay_type": 1, "beta": 0.1}}
-    actor = DiffusionFullActor(model, ActorConfig(**ACTOR), rollout, pipe=pipe, algorithm=section)
+    actor = DiffusionFullActor(model, ActorConfig(**{**ACTOR, "ppo_epochs": 1}), rollout, pipe=pipe, algorithm=section)
     before = [p.detach().clone() for p in pipe.transformer.parameters()]
     assert len(actor.algorithm.old.shadow) == len(before)  # the old policy covers every weight
     advantages, _ = actor.algorithm.advantages(
