@@ -6,7 +6,8 @@ run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, image
 steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
 img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s);
 text_encoder_offload (the setting) and text_encoder_offload_s (median seconds per update moving the text encoders,
-the ranks' mean).
+the ranks' mean); full fine-tuning (``--set actor_rollout_ref.model.lora_rank=0``) adds weight_sync_s (the all-gather of the updated
+shards into the engines' weights, inside update_s) and offload (``actor.optimizer_offload``).
 The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
@@ -15,8 +16,8 @@ LoRA r64 / alpha 128 on to_q/k/v/out, lr 3e-4, bf16, the hybrid engine (one repl
 
     python benchmarks/e2e_step.py --layers 60 --gpus 4 --engine vllm_omni --out $OUT/e2e_scaling.json
     (a variant: --name two_cfg_forwards --set actor_rollout_ref.rollout.pipeline.batch_cfg=false)
-    (the text encoders on the GPU through the update: --name te_resident
-     --set actor_rollout_ref.model.text_encoder_offload=false)
+    (the text encoders off the GPU during the update: --name te_offload
+     --set actor_rollout_ref.model.text_encoder_offload=true)
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def main() -> None:
                     "perf/",
                     "actor/ratio",
                     "actor/recomputed",
+                    "actor/weight_sync_s",
                     "reward/total",
                     "reward/tail_s",
                     "rollout/generate_s",
@@ -218,6 +220,11 @@ def main() -> None:
 
         for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
             record[f"{phase}_s"] = median(f"timing/{phase}_s")
+        if int(cfg.actor_rollout_ref.model.lora_rank) == 0:
+            # Full fine-tuning: the all-gather of the updated shards into the engines' weights (inside update_s),
+            # and whether the master weights and AdamW state lived in host memory.
+            record["weight_sync_s"] = median("actor/weight_sync_s")
+            record["offload"] = bool(cfg.actor_rollout_ref.actor.get("optimizer_offload", False))
         record["img_per_s"] = record["images_per_step"] / record["step_s"]
         record["text_encoder_offload_s"] = statistics.median(
             statistics.mean([v for k, v in h.items() if k.startswith("timing/update_text_encoder_offload_s/")] or [0])

@@ -305,7 +305,7 @@ def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_
     [
         ("actor_rollout_ref.rollout.n", 0, "actor_rollout_ref.rollout.n=0 must be an int >= 1"),
         ("actor_rollout_ref.rollout.n", 1, "actor_rollout_ref.rollout.n=1 must be >= 2: FlowGRPO's advantages"),
-        ("actor_rollout_ref.model.lora_rank", 0, "actor_rollout_ref.model.lora_rank=0 must be >= 1"),
+        ("actor_rollout_ref.model.lora_rank", -1, "actor_rollout_ref.model.lora_rank=-1 must be an int >= 0"),
         ("actor_rollout_ref.rollout.limits.max_pixels", 0, "actor_rollout_ref.rollout.limits.max_pixels=0 must be"),
         ("trainer.n_gpus_per_node", 0, "trainer.n_gpus_per_node=0 must be an int >= 1"),
         ("actor_rollout_ref.rollout.name", "sglang", "actor_rollout_ref.rollout.name='sglang' is not one of"),

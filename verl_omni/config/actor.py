@@ -79,6 +79,9 @@ class ActorConfig(Section):
     # which stalled the update by ~1 s every few steps at the real size, skip the long-lived objects
     freeze_gc_heap: bool = True
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # Full fine-tuning (model.lora_rank=0): the float32 master weights and AdamW state of each rank's shard in host
+    # memory (pinned), stepped on the CPU; the GPU keeps the weights and their gradients (workers/full_weights.py)
+    optimizer_offload: bool = False
 
     def __post_init__(self) -> None:
         require_int(self.key("world_size"), self.world_size)
@@ -92,6 +95,8 @@ class ActorConfig(Section):
         require_int(self.key("ppo_epochs"), self.ppo_epochs)
         require_number(self.key("grad_clip"), self.grad_clip, 0, strict=True)
         check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
+        if not isinstance(self.optimizer_offload, bool):
+            raise ValueError(f"{self.key('optimizer_offload')}={self.optimizer_offload!r} must be true or false")
         if not isinstance(self.freeze_gc_heap, bool):
             raise ValueError(f"{self.key('freeze_gc_heap')}={self.freeze_gc_heap!r} must be true or false")
         if self.use_torch_compile not in (None, True, False):

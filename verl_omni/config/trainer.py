@@ -168,10 +168,18 @@ class FlowGRPOConfig(Section):
         ref = self.actor_rollout_ref
         rollout, actor = ref.rollout, ref.actor
         prefix = "actor_rollout_ref.rollout"
-        if ref.model.lora_rank < 1:
-            raise ValueError(
-                f"actor_rollout_ref.model.lora_rank={ref.model.lora_rank} must be >= 1: the actor trains a LoRA"
-            )
+        if ref.model.lora_rank == 0:  # full fine-tuning: the engines' own weights train (workers/full_actor.py)
+            if not ref.hybrid_engine:
+                raise ValueError(
+                    "actor_rollout_ref.model.lora_rank=0 (full fine-tuning) trains the engines' own weights: it needs "
+                    "actor_rollout_ref.hybrid_engine=true (the split placement pushes a LoRA to the engines)"
+                )
+            if actor.kl_coef > 0:
+                raise ValueError(
+                    f"actor_rollout_ref.actor.kl_coef={actor.kl_coef} needs a reference policy, which full fine-tuning "
+                    "(actor_rollout_ref.model.lora_rank=0) would keep as a second copy of every weight: set kl_coef=0, "
+                    "or train a LoRA (lora_rank >= 1), whose reference is the base model"
+                )
         # The chosen algorithm's checks across sections (rollout.n, the SDE settings it needs ...).
         get_algorithm(self.algorithm.name).check_config(self)
         if ref.hybrid_engine:

@@ -1,4 +1,5 @@
-"""Ship a trained adapter: a diffusers LoRA file, or a pipeline directory with the adapter merged into the weights.
+"""Ship a trained adapter: a diffusers LoRA file, or a pipeline directory with the adapter merged into the weights;
+a full fine-tuning run's checkpoint (``lora_rank=0``): a pipeline directory with its transformer weights.
 
 ``export_lora`` writes ``<out>/pytorch_lora_weights.safetensors`` in diffusers' layout (``transformer.``-prefixed
 peft names, the adapter's rank / alpha / target modules in the file's metadata), so
@@ -89,6 +90,8 @@ def read_adapter(
         ema = getattr(loaded, "ema", None)
         tensors = ema["lora"] if ema is not None else _read_ema(path, loaded.meta)
     recorded = loaded.meta.get("lora") or {}
+    if recorded.get("rank") == 0:  # full fine-tuning (lora_rank=0): the transformer's own weights, by name
+        return TrainedAdapter(path, loaded.step, weights, tensors, 0, 0.0, [], tensors_checksum(tensors))
     alpha = recorded.get("alpha", alpha)
     if alpha is None:
         raise ValueError(
@@ -185,6 +188,25 @@ def export_merged(adapter: TrainedAdapter, base: str, out: str) -> str:
         pipe.load_lora_weights(export_lora(adapter, base, tmp), adapter_name="verl_omni")
     pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter modules
+    pipe.save_pretrained(out)
+    _write_info(out, adapter, base, merged=True)
+    return out
+
+
+def export_full_weights(adapter: TrainedAdapter, base: str, out: str) -> str:
+    """Write a pipeline directory whose transformer holds a full fine-tuning run's weights (``adapter.rank == 0``),
+    every other component the base's, saved in the base's precision (``from_pretrained(out)`` loads it)."""
+    pipe = pipeline_class_of(base).from_pretrained(base, torch_dtype=_base_dtype(base))
+    transformer = pipe.transformer
+    expected = set(transformer.state_dict())
+    if set(adapter.tensors) != expected:
+        missing, unexpected = sorted(expected - set(adapter.tensors)), sorted(set(adapter.tensors) - expected)
+        raise ValueError(
+            f"{adapter.checkpoint} holds full weights that do not match --base {base}'s transformer: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    dtype = transformer.dtype
+    transformer.load_state_dict({k: v.to(dtype) for k, v in adapter.tensors.items()}, strict=True)
     pipe.save_pretrained(out)
     _write_info(out, adapter, base, merged=True)
     return out

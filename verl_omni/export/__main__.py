@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Optional
 
-from verl_omni.export import WEIGHTS_CHOICES, export_lora, export_merged, read_adapter, resolve_base
+from verl_omni.export import (
+    WEIGHTS_CHOICES,
+    export_full_weights,
+    export_lora,
+    export_merged,
+    read_adapter,
+    resolve_base,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +34,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     base = resolve_base(args.base)
     adapter = read_adapter(args.checkpoint, args.weights, alpha=args.lora_alpha)
+    if adapter.rank == 0:  # full fine-tuning: always a whole pipeline directory
+        written = export_full_weights(adapter, base, args.out)
+        print(f"[verl_omni] exported the full weights of {adapter.checkpoint} (step {adapter.step}) to {written}")
+        return 0
     written = export_merged(adapter, base, args.out) if args.merge else export_lora(adapter, base, args.out)
     print(
         f"[verl_omni] exported {adapter.weights} of {adapter.checkpoint} (step {adapter.step}, rank {adapter.rank}, "

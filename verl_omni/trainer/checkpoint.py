@@ -8,6 +8,8 @@
   file's metadata;
 - ``optim.pt``: the optimizer state dict and torch's RNG state, only tensors and plain containers, so it is read
   with ``torch.load(weights_only=True)`` (a planted pickle cannot run code on resume);
+- ``optim_shard_rank<k>.pt`` (full fine-tuning): each rank's shard of the master weights and AdamW state, written
+  by the rank itself (an optimizer with ``write_shards``); ``optim.pt`` then names them (``SHARD_FILES``);
 - ``rng.json``: Python's and numpy's RNG states as JSON lists (no pickle);
 - ``meta.json``: the global step, the sha256 of every other file (``files``) and the caller's metadata.
 
@@ -48,6 +50,7 @@ LORA_FILE = "lora.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIM_FILE = "optim.pt"
 RNG_FILE = "rng.json"
+SHARD_FILES = "shard_files"  # optim.pt's optimizer state of a sharded optimizer: its files, one per rank
 META_FILE = "meta.json"
 CHECKSUMMED_FILES = (LORA_FILE, OPTIM_FILE, RNG_FILE)
 FORMAT_VERSION = 2  # 1: optim.pt held numpy/python RNG states as pickles and meta.json had no checksums
@@ -141,8 +144,12 @@ def _write_checkpoint_files(
                 )
             )
         names.append(EMA_FILE)
+    write_shards = getattr(optimizer, "write_shards", None)
+    shards = write_shards(tmp) if write_shards is not None else None  # file names in tmp, or None: not sharded
+    state = {SHARD_FILES: list(shards)} if shards else optimizer.state_dict()
+    names += list(shards or [])
     with open(os.path.join(tmp, OPTIM_FILE), "wb") as f:
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, f)
+        torch.save({"optimizer": state, "torch_rng": torch.get_rng_state()}, f)
     with open(os.path.join(tmp, RNG_FILE), "w") as f:
         json.dump(
             {"numpy": _numpy_state_to_json(np.random.get_state()), "python": _python_state_to_json(random.getstate())},
@@ -195,8 +202,8 @@ def read_checkpoint(path: str) -> Checkpoint:
             f"format_version={meta.get('format_version')!r}, expected {FORMAT_VERSION} "
             "(written before checksums were recorded; it cannot be verified)",
         )
-    # The EMA's file is verified whenever the checkpoint recorded one.
-    for name in (*CHECKSUMMED_FILES, *([EMA_FILE] if EMA_FILE in files else [])):
+    # The EMA's file and the optimizer's shards are verified whenever the checkpoint recorded them.
+    for name in (*CHECKSUMMED_FILES, *sorted(set(files) - set(CHECKSUMMED_FILES))):
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
             raise DamagedCheckpointError(path, name, "missing")
@@ -223,6 +230,12 @@ def read_checkpoint(path: str) -> Checkpoint:
         ) from None
     if not isinstance(state, dict) or not {"optimizer", "torch_rng"} <= set(state):
         raise DamagedCheckpointError(path, OPTIM_FILE, "does not hold 'optimizer' and 'torch_rng'")
+    shards = state["optimizer"].get(SHARD_FILES) if isinstance(state["optimizer"], dict) else None
+    if shards is not None:  # verified above with the other files; each rank reads its own
+        unrecorded = [n for n in shards if n not in files]
+        if unrecorded:
+            raise DamagedCheckpointError(path, OPTIM_FILE, f"names shard files {unrecorded} that {META_FILE} lacks")
+        state["optimizer"] = {SHARD_FILES: [os.path.join(path, n) for n in shards]}
     try:
         with open(os.path.join(path, RNG_FILE)) as f:
             rng = json.load(f)

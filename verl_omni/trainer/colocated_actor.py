@@ -10,7 +10,8 @@ on ``DiffusionLoRAActor`` (update, LoRA and optimizer state).
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 import ray
 import torch
@@ -20,6 +21,8 @@ from verl_omni.config.algorithm import make_algorithm
 from verl_omni.core.errors import assert_finite
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rollout.server_manager import DiffusionServerManager
+from verl_omni.trainer.checkpoint import SHARD_FILES
+from verl_omni.workers.full_weights import is_shard_state
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
 
@@ -45,12 +48,14 @@ class ColocatedActorGroup:
         lora_seed: int,
         algorithm: Any = None,
         pipeline: str = "qwen_image",
+        full_weights: bool = False,
     ):
         """``algorithm``: the ``algorithm`` config section (None: the default algorithm); every rank builds its own.
         ``pipeline``: the model's pipeline name (the driver's copy of the algorithm resolves its settings alike)."""
         self.servers = [replica.server_handle for replica in servers.replicas]
         self.algorithm = make_algorithm(algorithm, actor=actor, pipeline=get_pipeline_class(pipeline))
         self.world_size = len(self.servers)
+        self.full_weights = full_weights  # model.lora_rank=0: each rank holds its own optimizer shard
         address = ray.get(self.servers[0].rendezvous_address.remote()) if self.world_size > 1 else None
         # Every rank at once: each waits in the rendezvous for the others.
         gather_ranks(
@@ -91,10 +96,43 @@ class ColocatedActorGroup:
         self._all("load_lora_state_dict", tensors)
 
     def optimizer_state_dict(self) -> dict:
-        return ray.get(self.servers[0].actor_call.remote("optimizer_state_dict"))
+        state = ray.get(self.servers[0].actor_call.remote("optimizer_state_dict"))
+        if is_shard_state(state):  # full fine-tuning: each rank holds its own shard of the AdamW state
+            rest = gather_ranks([s.actor_call.remote("optimizer_state_dict") for s in self.servers[1:]])
+            return {"full_weights_shards": [state, *rest]}
+        return state
+
+    def write_optimizer_shards(self, folder: str) -> Optional[list[str]]:
+        """Full fine-tuning: every rank writes its optimizer shard into ``folder``; the file names (else None)."""
+        if not self.full_weights:
+            return None
+        names = [f"optim_shard_rank{k}.pt" for k in range(self.world_size)]
+        gather_ranks(
+            [
+                s.actor_call.remote("save_optimizer_shard", os.path.join(folder, n))
+                for s, n in zip(self.servers, names, strict=True)
+            ]
+        )
+        return names
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        self._all("load_optimizer_state_dict", state)
+        if SHARD_FILES in state:  # a checkpoint's shard files, verified: each rank reads its own
+            self._load_shards("load_optimizer_shard", state[SHARD_FILES])
+            return
+        shards = state.get("full_weights_shards")
+        if shards is None:
+            self._all("load_optimizer_state_dict", state)
+            return
+        self._load_shards("load_optimizer_state_dict", shards)
+
+    def _load_shards(self, verb: str, shards: list) -> None:
+        if len(shards) != self.world_size:
+            raise ValueError(
+                f"the checkpoint's optimizer state is sharded over {len(shards)} ranks, this run has "
+                f"{self.world_size}: resume full fine-tuning with the same trainer.n_gpus_per_node x trainer.nnodes"
+            )
+        pairs = zip(self.servers, shards, strict=True)
+        gather_ranks([s.actor_call.remote(verb, shard) for s, shard in pairs])
 
     def lora_checksums(self) -> list[str]:
         """The adapter each rank trains (= the one its engine serves)."""

@@ -23,6 +23,7 @@ from verl import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager, DiffusionServerClient
 from verl_omni.config.trainer import FlowGRPOConfig
+from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.pipelines import get_pipeline_class
@@ -50,8 +51,36 @@ from verl_omni.trainer.run_summary import write_run_summary
 from verl_omni.trainer.stopping import GracefulStop, NoSignalWatch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
+from verl_omni.workers.full_weights import check_full_weights_fit, plan_for_model_dir, plan_full_weights_memory
 
 logger = logging.getLogger(__name__)
+
+
+def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
+    """Full fine-tuning's per-GPU footprint (workers/full_weights.py), printed before Ray starts; refused with its
+    numbers and the option that fits when it exceeds the GPU the driver sees (no GPU here: printed only)."""
+    ref = cfg.actor_rollout_ref
+    params = ref.rollout.sampling_params()
+    dtype_bytes = resolve_dtype(ref.actor.dtype).itemsize
+    num_params, frozen, activations = plan_for_model_dir(
+        path,
+        cfg.num_replicas,
+        ref.actor.optimizer_offload,
+        dtype_bytes=dtype_bytes,
+        rows=2 * ref.actor.ppo_micro_batch_size_per_gpu,  # CFG's two branches, batched
+        text_tokens=params.max_sequence_length,
+        height=params.height,
+        width=params.width,
+        vae_scale_factor=vae_scale_factor_of(path) or 8,
+    )
+    # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
+    copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
+    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations, policy_copies=copies)
+    plan = plan_full_weights_memory(num_params, cfg.num_replicas, ref.actor.optimizer_offload, **kwargs)
+    if ref.actor.on_cuda and torch.cuda.is_available():
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+        plan = check_full_weights_fit(num_params, cfg.num_replicas, ref.actor.optimizer_offload, gpu_bytes, **kwargs)
+    print(f"[verl_omni] full fine-tuning memory plan: {plan.describe()}")
 
 
 def resolve_model_path(path: str, cache_root: str) -> str:
@@ -170,6 +199,8 @@ class FlowGRPOTrainer:
                 "(no model_index.json there); or use tiny:qwen_image / tiny:sd3"
             )
         check_pipeline_matches(path, self.config.actor_rollout_ref.model.pipeline)
+        if self.config.actor_rollout_ref.model.lora_rank == 0:
+            check_full_fine_tuning_memory(self.config, path)
         for validate in (False, True):
             params = self.rollout_cfg.sampling_params(validate=validate)
             where = "val_kwargs" if validate else "pipeline"
@@ -185,7 +216,12 @@ class FlowGRPOTrainer:
         ref, seed, algorithm = self.config.actor_rollout_ref, self.config.trainer.seed, self.config.algorithm
         if ref.hybrid_engine:
             return ColocatedActorGroup(
-                self.servers, ref.actor, lora_seed=seed, algorithm=algorithm, pipeline=ref.model.pipeline
+                self.servers,
+                ref.actor,
+                lora_seed=seed,
+                algorithm=algorithm,
+                pipeline=ref.model.pipeline,
+                full_weights=ref.model.lora_rank == 0,
             )
         if ref.actor.world_size > 1:
             return FSDPLoRAActorGroup(ref.model, ref.actor, self.rollout_cfg, lora_seed=seed, algorithm=algorithm)
@@ -299,7 +335,10 @@ class FlowGRPOTrainer:
     @property
     def last_lora_checksum(self) -> str:
         """The checksum of the adapter the engines serve since the last sync."""
-        if self._lora_checksum is None:  # the hybrid engine: computed on demand, from replica 0 (all agree)
+        if self._lora_checksum is None and self.config.actor_rollout_ref.model.lora_rank == 0:
+            # Full fine-tuning: the engines serve their ranks' own parameters (bitwise alike at sync): rank 0's.
+            self._lora_checksum = self.actor.lora_checksums()[0]
+        elif self._lora_checksum is None:  # the hybrid engine: computed on demand, from replica 0 (all agree)
             self._lora_checksum = self._run(self.servers.lora_checksums())[0]
         return self._lora_checksum
 

@@ -84,10 +84,7 @@ class DiffusionLoRAActor:
         ``device``: where to train (default ``actor.device``). ``lora_seed``: initialise the adapter from this seed
         (the same adapter in every process), else keep peft's initialisation. ``algorithm``: the ``algorithm``
         config section (or its plain dict, or an ``Algorithm``); None: the default algorithm with its defaults."""
-        if model.lora is None:
-            raise ValueError(
-                f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the actor trains a LoRA)"
-            )
+        self._check_model(model, actor)
         self.model, self.config, self.rollout = model, actor, rollout
         self.algorithm: Algorithm = make_algorithm(algorithm, actor=actor, rollout=rollout)
         self.optimizer_steps = 0
@@ -101,26 +98,41 @@ class DiffusionLoRAActor:
         self.pipe = pipe
         self.algorithm.bind_pipeline(pipe)
         self.transformer = pipe.transformer
-        self.trainable = lora_parameters(self.transformer)
-        if not self.trainable:
-            raise ValueError("the pipeline's transformer has no LoRA adapter to train")
-        for p in self.trainable:  # the adapter trains in float32 over bf16 base weights
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        if lora_seed is not None:
-            init_lora_weights(self.transformer, lora_seed)
+        self.trainable = self._trainable_parameters(lora_seed)
         self.algorithm.attach(self)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
         self._gc_heap_frozen = False
         if self.device.type == "cuda":
             use_tf32_for_float32_matmuls()
         self._set_up_speed(model, actor)
+        self.optimizer = self._make_optimizer(actor)
+        self._set_up_ema()
+
+    # ------------------------------------------------------------------ what trains (the full actor overrides these)
+    def _check_model(self, model: ModelConfig, actor: ActorConfig) -> None:
+        if model.lora is None:
+            raise ValueError(
+                f"actor_rollout_ref.model.lora_rank={model.lora_rank} must be >= 1 (the LoRA actor trains a LoRA; "
+                "lora_rank=0 trains every weight: workers/full_actor.py)"
+            )
+
+    def _trainable_parameters(self, lora_seed: Optional[int]) -> list[torch.nn.Parameter]:
+        trainable = lora_parameters(self.transformer)
+        if not trainable:
+            raise ValueError("the pipeline's transformer has no LoRA adapter to train")
+        for p in trainable:  # the adapter trains in float32 over bf16 base weights
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if lora_seed is not None:
+            init_lora_weights(self.transformer, lora_seed)
+        return trainable
+
+    def _make_optimizer(self, actor: ActorConfig) -> Any:
         optim = actor.optim
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole AdamW step
-        self.optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused
         )
-        self._set_up_ema()
 
     def _set_up_ema(self) -> None:
         """The policy EMA over ``self.trainable`` (``actor.ema.enable``), starting from the adapter's values."""

@@ -16,7 +16,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
-from verl_omni.workers.actor import DiffusionLoRAActor
+from verl_omni.workers.full_actor import make_actor
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.text_encoder_offload import PoolSegments, TextEncoderOffload, offload_enabled
 from verl_omni.workers.train_batch import TrainBatch
@@ -28,6 +28,8 @@ ACTOR_VERBS = (
     "load_lora_state_dict",
     "optimizer_state_dict",
     "load_optimizer_state_dict",
+    "save_optimizer_shard",
+    "load_optimizer_shard",
     "lora_checksum",
     "lora_matches_rank0",
     "swap_in_ema",
@@ -64,7 +66,7 @@ class ColocatedActorRank:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.rank = rank
-        self.actor = DiffusionLoRAActor(
+        self.actor = make_actor(  # lora_rank=0: full fine-tuning of the engine's own weights
             model,
             actor,
             rollout,
@@ -109,6 +111,14 @@ class ColocatedActorRank:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.actor.load_optimizer_state_dict(state)
+
+    # Full fine-tuning's checkpoints: each rank writes and reads its own optimizer shard (a file in the checkpoint).
+    def save_optimizer_shard(self, path: str) -> None:
+        with open(path, "wb") as f:  # Python's open(): a full disk raises OSError(ENOSPC)
+            torch.save(self.actor.optimizer_state_dict(), f)
+
+    def load_optimizer_shard(self, path: str) -> None:
+        self.actor.load_optimizer_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def lora_checksum(self) -> str:
         return self.actor.lora_checksum()

@@ -1,4 +1,5 @@
-"""Data parallel over the LoRA only: one all-reduce of the flattened LoRA gradients per optimizer step.
+"""Data parallel over the LoRA: one all-reduce of the flattened LoRA gradients per optimizer step (full
+fine-tuning: a reduce-scatter and an all-gather over the same group, workers/full_weights.py).
 
 The ranks live in processes that may already own a ``torch.distributed`` default group (vllm-omni's worker
 initialises its own, of world size 1), so this group is built directly from a store, without touching the
@@ -42,6 +43,24 @@ class LoRAGradSync:
             opts.reduceOp = dist.ReduceOp.SUM
             self._group.allreduce([flat], opts).wait()
         return flat
+
+    def reduce_scatter(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous 1/world_size of the sum of ``flat`` over the ranks (``flat``'s length: a multiple
+        of the world size); world size 1: ``flat`` itself."""
+        if self._group is None:
+            return flat
+        out = torch.empty(flat.numel() // self.world_size, dtype=flat.dtype, device=flat.device)
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        self._group._reduce_scatter_base(out, flat, opts).wait()
+        return out
+
+    def all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``shard`` in rank order, in ``out``; world size 1: ``shard`` itself."""
+        if self._group is None:
+            return shard
+        self._group._allgather_base(out, shard).wait()
+        return out
 
     def broadcast_(self, flat: torch.Tensor) -> torch.Tensor:
         """In place: every rank's ``flat`` becomes rank 0's."""

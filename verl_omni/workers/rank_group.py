@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import ray
 
@@ -34,3 +34,9 @@ class OptimizerHandle:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._group.load_optimizer_state_dict(state)
+
+    def write_shards(self, folder: str) -> Optional[list[str]]:
+        """Where each rank writes its own optimizer shard into ``folder`` (full fine-tuning): the file names; else
+        None (the checkpoint holds ``state_dict()``)."""
+        write = getattr(self._group, "write_optimizer_shards", None)
+        return write(folder) if write is not None else None
