@@ -6,8 +6,9 @@ run to ``--out`` (a JSON list): device, gpus, layers, engine, micro_batch, image
 steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / sync_s / swap_s, img_per_s,
 img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s);
 text_encoder_offload (the setting) and text_encoder_offload_s (median seconds per update moving the text encoders,
-the ranks' mean); full fine-tuning (``--set actor_rollout_ref.model.lora_rank=0``) adds weight_sync_s (the all-gather of the updated
-shards into the engines' weights, inside update_s) and offload (``actor.optimizer_offload``).
+the ranks' mean); full fine-tuning (``--set actor_rollout_ref.model.lora_rank=0``) adds weight_sync_s (the
+all-gather of the updated shards into the engines' weights, inside update_s) and offload
+(``actor.optimizer_offload``).
 The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
