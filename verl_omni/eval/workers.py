@@ -26,6 +26,7 @@ from verl_omni.eval.report import add_row, timing_entry, write_report
 from verl_omni.export import TrainedAdapter
 
 POLL_S = 1.0  # how often the parent looks for workers that died without a word (killed, out of memory)
+EXIT_S = 60.0  # how long a finished worker may take to exit before it is terminated
 
 
 def worker_devices(device: str, gpus: int) -> list[Optional[str]]:
@@ -53,7 +54,7 @@ def evaluate_in_workers(
     job: EvalJob, adapter: Optional[TrainedAdapter], prompts: list[EvalPrompt], pending: list[int], report: dict, bar
 ) -> None:
     """Evaluate ``pending`` on ``job.gpus`` workers, adding each row to ``report`` as it arrives."""
-    visible = worker_devices(job.device, job.gpus)
+    visible = worker_devices(job.device, job.gpus)[: len(pending)]  # no worker without a prompt to take
     ctx = mp.get_context("spawn")
     results, go, counter = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
     worker_job = dataclasses.replace(job, gpus=1, progress=False)
@@ -70,6 +71,8 @@ def evaluate_in_workers(
                 proc.start()
             procs.append(proc)
         _collect(job, visible, procs, prompts, report, bar, results, go)
+        for proc in procs:  # every worker said it finished: let it exit by itself
+            proc.join(timeout=EXIT_S)
     finally:
         for proc in procs:
             if proc.is_alive():
