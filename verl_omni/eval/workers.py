@@ -14,6 +14,8 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -66,7 +68,7 @@ def evaluate_in_workers(
                     target=_work,
                     args=(rank, worker_job, adapter, prompts, pending, counter, results, go, os.getpid()),
                     name=f"verl-omni-eval-{rank}",
-                    daemon=True,
+                    daemon=False,  # an engine may start processes of its own (vllm-omni's)
                 )
                 proc.start()
             procs.append(proc)
@@ -74,11 +76,7 @@ def evaluate_in_workers(
         for proc in procs:  # every worker said it finished: let it exit by itself
             proc.join(timeout=EXIT_S)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join()
+        _stop(procs)
 
 
 def _collect(job, visible, procs, prompts, report, bar, results, go) -> None:
@@ -119,6 +117,19 @@ def _collect(job, visible, procs, prompts, report, bar, results, go) -> None:
     report.setdefault("timing", []).append(timing_entry(rows, images, end - start, len(procs)))
 
 
+def _stop(procs) -> None:
+    """Workers still running (after an error or an interrupt) get SIGTERM, which shuts their engine down; one that
+    does not exit in ``EXIT_S`` is killed."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=EXIT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def _raise_if_dead(device, visible, procs, current, prompts) -> None:
     """A worker killed from outside (out of memory, a signal) sends no error: its exit code tells."""
     for rank, proc in enumerate(procs):
@@ -132,6 +143,7 @@ def _raise_if_dead(device, visible, procs, current, prompts) -> None:
 def _work(rank, job, adapter, prompts, pending, counter, results, go, parent) -> None:
     """A worker: build the engine, wait for the others, then evaluate prompts until none is left (or the parent
     process is gone)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     index = None
     try:
         with engine_session(job, adapter) as evaluate:
@@ -146,6 +158,10 @@ def _work(rank, job, adapter, prompts, pending, counter, results, go, parent) ->
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which stops the run
         error = {"index": index, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         results.put(("error", rank, error))
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)  # unwinds through engine_session, which shuts the engine down
 
 
 def _next(counter, pending: list[int]) -> Optional[int]:
