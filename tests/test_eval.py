@@ -184,3 +184,45 @@ def test_evaluating_a_checkpoint_reproduces_the_runs_validation_scores(
     assert report["checkpoint"]["checksum"] == meta["lora_checksum"] and report["checkpoint"]["alpha"] == 8.0
     base = run_evaluation(EvalJob(tiny_qwen_image_dir, test_file, str(tmp_path / "base"), protocol, rewards))
     assert base["summary"]["total"]["mean"] != pytest.approx(val_mean, abs=1e-6)  # the adapter is what is measured
+
+
+def _rows(report):
+    return sorted(report["per_prompt"], key=lambda p: p["index"])
+
+
+def test_two_workers_write_the_report_of_one(tiny_qwen_image_dir, tmp_path):
+    prompts = _prompt_file(tmp_path)
+    one = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "one"), SMALL, [{"name": "brightness"}])
+    reference = run_evaluation(one)
+    report = run_evaluation(EvalJob(**{**one.__dict__, "out": str(tmp_path / "two"), "gpus": 2}))
+    assert report["per_prompt"] == reference["per_prompt"] == _rows(reference)  # seeds and scores bit-identical
+    assert report["summary"] == reference["summary"]
+    assert report["done"] == [0, 1, 2] and report["timing"][-1]["devices"] == 2
+    assert report["timing"][-1]["images"] == 6 and report["timing"][-1]["images_per_s"] > 0
+    with pytest.raises(ValueError, match="--gpus 2 runs one worker per GPU with --device cuda"):
+        run_evaluation(EvalJob(**{**one.__dict__, "gpus": 2, "device": "cuda:1"}))
+    with pytest.raises(ValueError, match="--gpus must be an int >= 1"):
+        EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path), gpus=0)
+
+
+def test_a_failing_worker_stops_the_run_and_a_rerun_evaluates_what_is_missing(tiny_qwen_image_dir, tmp_path):
+    prompts = _prompt_file(tmp_path)
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "two"), SMALL, [{"name": "brightness"}], gpus=2)
+    blocked = tmp_path / "two" / "images" / "00002_0.png"
+    blocked.mkdir(parents=True)  # prompt 2's first image cannot be written
+    with pytest.raises(RuntimeError, match=r"worker \d \(cpu\) failed on prompt 2 .*IsADirectoryError"):
+        run_evaluation(job)
+    report_path = tmp_path / "two" / REPORT_FILE
+    kept = json.loads(report_path.read_text())
+    reference = run_evaluation(EvalJob(**{**job.__dict__, "out": str(tmp_path / "one"), "gpus": 1}))
+    # The worker that took prompt 2 had finished another one first: that row, and the other worker's, are kept.
+    assert kept["per_prompt"] and 2 not in kept["done"]
+    assert _rows(kept) == [reference["per_prompt"][i] for i in sorted(kept["done"])]
+
+    # A rerun (its first kept row deleted as well) evaluates exactly the prompts missing from the report.
+    blocked.rmdir()
+    kept["per_prompt"], kept["done"] = kept["per_prompt"][1:], kept["done"][1:]
+    report_path.write_text(json.dumps(kept))
+    resumed = run_evaluation(job)
+    assert resumed["timing"][-1]["prompts"] == 3 - len(kept["done"])
+    assert resumed["per_prompt"] == reference["per_prompt"] and resumed["summary"] == reference["summary"]

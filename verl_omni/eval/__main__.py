@@ -59,7 +59,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-url", help="the http reward's service URL (e.g. a GenEval scorer, --preset geneval)")
     p.add_argument("--pipeline", default="qwen_image")
     p.add_argument("--engine", default="diffusers", choices=ENGINE_NAMES)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (with --gpus N: each worker's own GPU)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="worker processes, one engine on one GPU each (CUDA_VISIBLE_DEVICES), sharing the prompts; "
+        "with --device cpu, CPU processes",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompt-key", default="prompt")
     p.add_argument("--limit", type=int, help="evaluate only the first LIMIT prompts")
@@ -109,6 +116,7 @@ def job_from(args) -> EvalJob:
         limit=args.limit,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        gpus=args.gpus,
     )
 
 

@@ -50,6 +50,29 @@ def write_report(out_dir: str, report: dict) -> str:
     return path
 
 
+def add_row(report: dict, row: dict) -> None:
+    """One evaluated prompt: its row, and its index among those done."""
+    report["per_prompt"].append(row)
+    report["done"].append(row["index"])
+
+
+def sort_rows(report: dict) -> None:
+    """Rows by prompt index, whichever order (worker, resume) they were evaluated in."""
+    report["per_prompt"].sort(key=lambda p: p["index"])
+    report["done"].sort()
+
+
+def timing_entry(prompts: int, images: int, seconds: float, devices: int) -> dict[str, Any]:
+    """One run's throughput: images per second over all its devices, from the engines ready to the last image."""
+    return {
+        "prompts": prompts,
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "devices": devices,
+    }
+
+
 def mean_and_stderr(values: Sequence[float]) -> dict[str, float]:
     """Mean and its standard error (sample std / sqrt(n); 0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)

@@ -1,0 +1,37 @@
+"""What one evaluation is: the model, the prompts, the protocol, the rewards and where the report goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from verl_omni.eval.protocol import EvalProtocol
+
+
+@dataclass
+class EvalJob:
+    """Everything one evaluation needs; ``run_evaluation`` writes its report under ``out``."""
+
+    base: str  # a diffusers pipeline directory
+    prompts: str  # a prompt file (prompts.py)
+    out: str
+    protocol: EvalProtocol = field(default_factory=EvalProtocol)
+    rewards: list[dict] = field(default_factory=lambda: [{"name": "ocr", "weight": 1.0}])
+    checkpoint: Optional[str] = None  # a global_step_<k> dir or a run dir; None: the base pipeline alone
+    weights: str = "lora"  # lora | ema (export.WEIGHTS_CHOICES)
+    lora_alpha: Optional[float] = None  # only for checkpoints that do not record it
+    pipeline: str = "qwen_image"
+    engine: str = "diffusers"
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt_key: str = "prompt"
+    limit: Optional[int] = None  # the first ``limit`` prompts of the file
+    save_every: int = 16  # prompts between report rewrites
+    prompts_per_grid: int = 16
+    overwrite: bool = False
+    progress: Optional[bool] = None  # tqdm's disable=None: a bar on a terminal only
+    gpus: int = 1  # worker processes, one engine each (workers.py); 1: the engine runs in this process
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise ValueError(f"--gpus must be an int >= 1 (worker processes, one per GPU), got {self.gpus!r}")
