@@ -57,7 +57,7 @@ def build_model(root: str, layers: int, device: str = "cpu") -> str:
 
     import torch
 
-    from verl_omni.models.tiny import build_qwen_image
+    from verl_omni.pipelines.qwen_image.standin import build_qwen_image
 
     path = os.path.join(root, f"qwen_image_full_width_L{layers}")
     done = os.path.join(path, ".complete")

@@ -314,7 +314,7 @@ async def main_async(args) -> dict:
         "versions": versions(),
         "config": {
             "model": "Qwen-Image architecture, full width, random bf16 weights "
-            "(verl_omni.models.tiny.build_qwen_image)",
+            "(verl_omni.pipelines.qwen_image.standin.build_qwen_image)",
             "transformer_layers": tcfg["num_layers"],
             "real_model_layers": 60,
             "transformer_params_billion": params_billion(os.path.join(model_dir, "transformer")),

@@ -31,6 +31,7 @@ from verl_omni.eval.report import (
     write_report,
 )
 from verl_omni.export import TrainedAdapter, read_adapter
+from verl_omni.pipelines import AUTO, family_for_model_dir
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines import get_engine_class
@@ -48,7 +49,7 @@ class EvalJob:
     checkpoint: Optional[str] = None  # a global_step_<k> dir or a run dir; None: the base pipeline alone
     weights: str = "lora"  # lora | ema (export.WEIGHTS_CHOICES)
     lora_alpha: Optional[float] = None  # only for checkpoints that do not record it
-    pipeline: str = "qwen_image"
+    pipeline: str = AUTO  # the model family; auto: from the base's model_index.json
     engine: str = "diffusers"
     device: str = "cpu"
     dtype: str = "float32"
@@ -100,7 +101,7 @@ def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -
     return {
         "model": {
             "base": os.path.abspath(job.base),
-            "pipeline": job.pipeline,
+            "pipeline": _family(job),
             "engine": job.engine,
             "dtype": job.dtype,
         },
@@ -111,6 +112,10 @@ def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -
     }
 
 
+def _family(job: EvalJob) -> str:
+    return family_for_model_dir(job.base) if job.pipeline == AUTO else job.pipeline
+
+
 def _reward_names(job: EvalJob) -> list[str]:
     return [r["name"] for r in job.rewards]
 
@@ -119,7 +124,7 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
     """The engine behind the seam, serving ``adapter`` (verified by the checksum the engine reports)."""
     model = ModelConfig(
         path=job.base,
-        pipeline=job.pipeline,
+        pipeline=_family(job),
         lora_rank=adapter.rank if adapter else 0,
         lora_alpha=adapter.alpha if adapter else 16.0,
         target_modules=tuple(adapter.target_modules) if adapter else ModelConfig.target_modules,
