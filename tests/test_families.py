@@ -51,7 +51,8 @@ def test_finding_the_families_imports_no_pipeline_and_no_diffusers():
         "from verl_omni.config.model import ModelConfig\n"
         "assert family_names()\n"
         "assert ModelConfig(path='tiny:' + family_names()[0]).pipeline == family_names()[0]\n"
-        "loaded = [m for m in sys.modules if m == 'diffusers' or m.endswith('.pipeline')]\n"
+        "loaded = [m for m in sys.modules if m == 'diffusers' or m.startswith('verl_omni.pipelines.') and "
+        "m.endswith('.pipeline')]\n"
         "print(loaded)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -34,17 +34,17 @@ class ModelFamily:
     @staticmethod
     def pipeline_class() -> type:
         """The RL pipeline class (imported here, lazily: it imports diffusers)."""
-        raise NotImplementedError
+        raise NotImplementedError("a model family names its RL pipeline class")
 
     @staticmethod
     def build_tiny(path: str | os.PathLike, seed: int = 0, dtype: Any = None) -> str:
         """Write the family's tiny random pipeline directory for CPU tests (``tiny:<name>``); return its path."""
-        raise NotImplementedError
+        raise NotImplementedError("this model family has no tiny model builder")
 
     @staticmethod
     def build_standin(path: str | os.PathLike, *, layers: Optional[int] = None, device: str = "cpu", dtype: Any = None):
         """Write a random-weight pipeline directory at the real model's sizes; return its path."""
-        raise NotImplementedError
+        raise NotImplementedError("this model family has no real-size stand-in builder")
 
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}

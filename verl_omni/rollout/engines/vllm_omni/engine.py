@@ -85,7 +85,7 @@ class VllmOmniEngine(DiffusionEngine):
             "pipeline": model.pipeline,
             **model.rollout_kernel_switches,  # read by the worker by these names
             # the family's own options section (actor_rollout_ref.model.<pipeline>), rebuilt by the worker
-            "family_options": to_plain(model.family_options),
+            "family_options": {k: v for k, v in to_plain(model.family_options).items() if k != "_target_"},
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
