@@ -76,7 +76,7 @@ def _build(path: str, layers: str, device: str, light_text_encoder: str) -> None
     import torch
 
     if light_text_encoder == "1":
-        from verl_omni.models.tiny import build_qwen_image
+        from verl_omni.pipelines.qwen_image.standin import build_qwen_image
 
         build_qwen_image(path, num_layers=int(layers), full_width=True, seed=0, dtype=torch.bfloat16, device=device)
     else:
@@ -147,7 +147,7 @@ def model_summary(model_dir: str) -> dict:
     else:
         model = (
             "Qwen-Image transformer and VAE at the real size, 2-layer 3584-wide text encoder "
-            "(verl_omni.models.tiny.build_qwen_image, full width), random bf16 weights"
+            "(verl_omni.pipelines.qwen_image.standin.build_qwen_image, full width), random bf16 weights"
         )
     return {"model": model, "params": component_params(model_dir)}
 

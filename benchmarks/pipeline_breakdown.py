@@ -98,7 +98,7 @@ class Variant(NamedTuple):
 def parse_variant(variant: str) -> Variant:
     """``<compile>_<attention>[_<rope>][_<option>...]`` (options: ``VARIANT_OPTIONS``) -> :class:`Variant`, or
     exit naming what is allowed."""
-    from verl_omni.pipelines.qwen_image import ROPE_FORMS
+    from verl_omni.pipelines.qwen_image.pipeline import ROPE_FORMS
 
     parts = variant.split("_")
     compiled, attention, options = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]

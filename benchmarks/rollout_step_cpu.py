@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import make_config, prompt_batch  # noqa: E402
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager  # noqa: E402
-from verl_omni.models.tiny import tiny_model_dir  # noqa: E402
+from verl_omni.pipelines.tiny import tiny_model_dir  # noqa: E402
 from verl_omni.rollout.server_manager import DiffusionServerManager  # noqa: E402
 
 

@@ -5,21 +5,21 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_qwen_image_dir():
-    from verl_omni.models.tiny import tiny_model_dir
+    from verl_omni.pipelines.tiny import tiny_model_dir
 
     return tiny_model_dir("qwen_image")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_dir():
-    from verl_omni.models.tiny import tiny_model_dir
+    from verl_omni.pipelines.tiny import tiny_model_dir
 
     return tiny_model_dir("sd3")
 
 
 @pytest.fixture(scope="session")
 def qwen_image_rl_pipe(tiny_qwen_image_dir):
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -28,7 +28,7 @@ def qwen_image_rl_pipe(tiny_qwen_image_dir):
 
 @pytest.fixture(scope="session")
 def sd3_rl_pipe(tiny_sd3_dir):
-    from verl_omni.pipelines.sd3 import SD3RLPipeline
+    from verl_omni.pipelines.sd3.pipeline import SD3RLPipeline
 
     pipe = SD3RLPipeline.from_pretrained(tiny_sd3_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from verl_omni.models.lora import LoRASpec, add_lora_adapter, lora_parts  # noqa: E402
 from verl_omni.models.qk_norm_rope import joint_qk_norm_rope, kernel_applies  # noqa: E402
-from verl_omni.pipelines.qwen_image import QwenImageRLPipeline, _rotate  # noqa: E402
+from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline, _rotate  # noqa: E402
 
 
 def eager_joint(txt, img, txt_norm, img_norm, txt_freqs, img_freqs, heads):

@@ -14,7 +14,7 @@ from test_actor_speed import _rollout
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.models.checkpointing import BlockCheckpointing
-from verl_omni.models.tiny import build_tiny_qwen_image
+from verl_omni.pipelines.qwen_image.standin import build_tiny_qwen_image
 from verl_omni.workers.activation_memory import SLACK, AutoCheckpointing, blocks_to_recompute
 from verl_omni.workers.actor import DiffusionLoRAActor
 

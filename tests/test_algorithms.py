@@ -34,7 +34,10 @@ def test_an_unknown_algorithm_name_lists_the_registered_ones():
 
 def test_a_typo_in_an_algorithm_section_names_its_dotted_key():
     with pytest.raises(ValueError, match=r"unknown config keys \['algorithm.flowgrpo.global_sdt'\]"):
-        tree = {"actor_rollout_ref": {"model": {"path": "x"}}, "algorithm": {"flowgrpo": {"global_sdt": 1}}}
+        tree = {
+            "actor_rollout_ref": {"model": {"path": "tiny:qwen_image"}},
+            "algorithm": {"flowgrpo": {"global_sdt": 1}},
+        }
         build(FlowGRPOConfig, tree)
     with pytest.raises(ValueError, match=r"algorithm.flowgrpo.global_std='yes' must be true or false"):
         _parse(**{"algorithm.flowgrpo.global_std": "yes"})

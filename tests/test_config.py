@@ -59,20 +59,13 @@ def test_parsed_once_into_typed_frozen_sections():
 
 def test_unknown_keys_name_their_dotted_path():
     with pytest.raises(ValueError, match=r"unknown config keys \['actor_rollout_ref.rollout.algo.noise'\]"):
-        build(FlowGRPOConfig, {"actor_rollout_ref": {"model": {"path": "x"}, "rollout": {"algo": {"noise": 1}}}})
+        build(
+            FlowGRPOConfig,
+            {"actor_rollout_ref": {"model": {"path": "tiny:qwen_image"}, "rollout": {"algo": {"noise": 1}}}},
+        )
 
 
-@pytest.mark.parametrize(
-    "key, default",
-    [
-        ("gelu_epilogue", True),
-        ("qk_norm_rope_kernel", True),
-        ("qk_kernel_adds_lora", True),
-        ("fuse_qkv_projections", False),
-        ("project_joint_attention_output", True),
-        ("inductor_multi_kernel", True),
-    ],
-)
+@pytest.mark.parametrize("key, default", [("gelu_epilogue", True), ("inductor_multi_kernel", True)])
 def test_rollout_kernel_switches_are_booleans_named_in_the_error(key, default):
     from verl_omni.config.model import ModelConfig
 
@@ -80,6 +73,41 @@ def test_rollout_kernel_switches_are_booleans_named_in_the_error(key, default):
     assert getattr(ModelConfig(path="tiny:qwen_image", **{key: not default}), key) is (not default)
     with pytest.raises(ValueError, match=rf"actor_rollout_ref\.model\.{key}='yes' must be true or false"):
         ModelConfig(path="tiny:qwen_image", **{key: "yes"})
+
+
+@pytest.mark.parametrize(
+    "key, default",
+    [
+        ("qk_norm_rope_kernel", True),
+        ("qk_kernel_adds_lora", True),
+        ("fuse_qkv_projections", False),
+        ("project_joint_attention_output", True),
+    ],
+)
+def test_qwen_image_options_are_its_own_section_validated_by_the_family(key, default):
+    """Qwen-Image's attention switches live under actor_rollout_ref.model.qwen_image (its family's options class),
+    parsed from the YAML like every section, refused by their dotted key; the chosen family's section is
+    ``family_options`` (none for SD3)."""
+    from verl_omni.config.model import ModelConfig
+
+    parsed = FlowGRPOConfig.from_omega(
+        make_config(
+            {
+                "actor_rollout_ref.model.path": "tiny:qwen_image",
+                f"actor_rollout_ref.model.qwen_image.{key}": not default,
+            }
+        )
+    )
+    assert getattr(parsed.actor_rollout_ref.model.family_options, key) is (not default)
+    assert getattr(ModelConfig(path="tiny:qwen_image").family_options, key) is default
+    with pytest.raises(ValueError, match=rf"actor_rollout_ref\.model\.qwen_image\.{key}='yes' must be true or false"):
+        ModelConfig(path="tiny:qwen_image", qwen_image={key: "yes"})
+    with pytest.raises(ValueError, match=r"unknown config keys \['actor_rollout_ref.model.qwen_image.qk_kernel'\]"):
+        build(
+            FlowGRPOConfig,
+            {"actor_rollout_ref": {"model": {"path": "tiny:qwen_image", "qwen_image": {"qk_kernel": 1}}}},
+        )
+    assert ModelConfig(path="tiny:sd3").family_options is None
 
 
 def test_freezing_the_gc_heap_is_a_boolean_named_in_the_error():
@@ -94,5 +122,6 @@ def test_turning_the_qk_kernel_off_alone_is_valid():
     """qk_kernel_adds_lora (on by default) only refines the q/k kernel: switching the kernel off needs nothing else."""
     from verl_omni.config.model import ModelConfig
 
-    config = ModelConfig(path="tiny:qwen_image", qk_norm_rope_kernel=False)
-    assert config.qk_norm_rope_kernel is False and config.qk_kernel_adds_lora is True
+    options = ModelConfig(path="tiny:qwen_image", qwen_image={"qk_norm_rope_kernel": False}).family_options
+    assert options.qk_norm_rope_kernel is False and options.qk_kernel_adds_lora is True
+    assert options.attention_options()["lora_in_kernel"] is False

@@ -9,7 +9,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift as diffusers_calculate_shift
 
-from verl_omni.models.tiny import QWEN_IMAGE_SCHEDULER_CONFIG, SD35_SCHEDULER_CONFIG
+from verl_omni.pipelines.qwen_image.standin import QWEN_IMAGE_SCHEDULER_CONFIG
+from verl_omni.pipelines.sd3.standin import SD35_SCHEDULER_CONFIG
 from verl_omni.schedulers.flow_match_sde import (
     choose_window,
     compute_log_prob,

@@ -14,8 +14,8 @@ from verl_omni.algorithms.flowgrpo import FlowGRPO
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import unpack_batch
-from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
-from verl_omni.pipelines.sd3 import SD3RLPipeline
+from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
+from verl_omni.pipelines.sd3.pipeline import SD3RLPipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
 

@@ -40,7 +40,7 @@ def _configs(model_dir):
 
 
 def _load_pipe(model_dir):
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     return QwenImageRLPipeline.from_pretrained(model_dir)
 

@@ -53,7 +53,7 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
     loop = asyncio.new_event_loop()
     servers = loop.run_until_complete(DiffusionServerManager(rollout, model, num_replicas=2).start())
     try:
-        group = ColocatedActorGroup(servers, actor, lora_seed=7)
+        group = ColocatedActorGroup(servers, actor, lora_seed=7, pipeline=model.pipeline)
         single = DiffusionLoRAActor(model, actor, rollout, lora_seed=7)
         # Same seed: every rank and the single process start from the same adapter, which the engines serve.
         start = single.lora_state_dict()

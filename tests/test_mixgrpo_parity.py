@@ -391,7 +391,7 @@ def test_compressed_tail_matches_the_original_post_schedule(num_steps, compress_
 
 
 def test_tail_with_shift_terminal_starts_on_the_full_schedule_and_ends_at_zero():
-    from verl_omni.models.tiny import QWEN_IMAGE_SCHEDULER_CONFIG
+    from verl_omni.pipelines.qwen_image.standin import QWEN_IMAGE_SCHEDULER_CONFIG
 
     steps, seq = 10, 64
     base = np.linspace(1.0, 1 / steps, steps)

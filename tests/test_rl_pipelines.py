@@ -14,7 +14,7 @@ from diffusers import QwenImagePipeline, StableDiffusion3Pipeline
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.common import RequestAborted
-from verl_omni.pipelines.qwen_image import STOCK_TEMPLATE_START_IDX
+from verl_omni.pipelines.qwen_image.pipeline import STOCK_TEMPLATE_START_IDX
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 
 PROMPT = "a red cat"
@@ -354,8 +354,8 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
     mask) gives diffusers' result: same seeds -> same latents within float32 rounding. The kernel serves every
     unmasked call: batched CFG whose texts have equal lengths (one call of 2B rows), or CFG as two calls; batched
     CFG with padded text goes through diffusers' masked attention instead."""
-    from verl_omni.pipelines import qwen_image
-    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor, QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image import pipeline as qwen_image
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageFusedAttnProcessor, QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -413,7 +413,7 @@ def test_fused_attention_processor_computes_what_diffusers_computes(tiny_qwen_im
 def test_swapped_rope_form_gives_the_same_numbers_as_the_stacked_pairs(dtype):
     """The two RoPE forms the fused processor can use are the same float32 products (a sum of a negated product
     equals the difference), so they agree bit for bit."""
-    from verl_omni.pipelines.qwen_image import _rotate, _rotate_swapped
+    from verl_omni.pipelines.qwen_image.pipeline import _rotate, _rotate_swapped
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 3, 16, generator=g).to(dtype)
@@ -427,8 +427,8 @@ def test_swapped_rope_form_gives_the_same_numbers_as_the_stacked_pairs(dtype):
 def test_fused_processor_with_swapped_rope_generates_the_same_images(tiny_qwen_image_dir, monkeypatch):
     """Through the whole pipeline: the "swapped" form's rollout equals the default "pairs" form's (same seeds);
     an unknown form is refused, naming the allowed ones."""
-    from verl_omni.pipelines import qwen_image
-    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor, QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image import pipeline as qwen_image
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageFusedAttnProcessor, QwenImageRLPipeline
 
     monkeypatch.setattr(qwen_image, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in kernel run
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
@@ -449,8 +449,8 @@ def test_fused_projections_and_joint_output_projection_generate_the_same_images(
     attention output) compute the same rollout as the default processor within float32 rounding, with a LoRA on
     to_q/k/v/out whose product is not zero."""
     from verl_omni.models.lora import LoRASpec, add_lora_adapter
-    from verl_omni.pipelines import qwen_image
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image import pipeline as qwen_image
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     monkeypatch.setattr(qwen_image, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in kernel run
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
@@ -491,7 +491,7 @@ def test_fused_projections_and_joint_output_projection_generate_the_same_images(
 
 def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
     """decode_latents runs the decoder without its frame cache and with 2D convs: the same pixels as vae.decode."""
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline, SingleFrameCausalConv3d
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline, SingleFrameCausalConv3d
 
     pipe = QwenImageRLPipeline.from_pretrained(tiny_qwen_image_dir)
     h = w = 64

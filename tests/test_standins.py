@@ -284,7 +284,7 @@ def test_qwen_image_transformer_and_vae_stay_those_of_the_full_width_builder(met
     transformer and VAE configuration, so figures of both compare."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-    from verl_omni.models.tiny import _qwen_vae_config, qwen_image_transformer_config
+    from verl_omni.pipelines.qwen_image.standin import _qwen_vae_config, qwen_image_transformer_config
 
     with torch.device("meta"):
         transformer = QwenImageTransformer2DModel(**qwen_image_transformer_config(60, full_width=True))

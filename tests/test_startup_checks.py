@@ -25,18 +25,27 @@ def test_a_tiny_model_of_another_family_than_the_pipeline_is_refused_naming_both
     with pytest.raises(
         ValueError,
         match=r"actor_rollout_ref.model.path='tiny:sd3' is a sd3 model but actor_rollout_ref.model.pipeline="
-        r"'qwen_image': set actor_rollout_ref.model.pipeline=sd3 \(allowed pipelines: qwen_image, sd3",
+        r"'qwen_image': set actor_rollout_ref.model.pipeline=sd3 or auto \(allowed pipelines: .*qwen_image, .*sd3",
     ):
-        FlowGRPOTrainer(make_config({"actor_rollout_ref.model.path": "tiny:sd3"}))  # the default pipeline: qwen_image
+        FlowGRPOTrainer(
+            make_config({"actor_rollout_ref.model.path": "tiny:sd3", "actor_rollout_ref.model.pipeline": "qwen_image"})
+        )
     with pytest.raises(
-        ValueError, match=r"'tiny:flux': no tiny model of that family; allowed: tiny:qwen_image, tiny:sd3"
+        ValueError, match=r"'tiny:no_such_family': no tiny model of that family; allowed: .*tiny:qwen_image, .*tiny:sd3"
     ):
-        ModelConfig(path="tiny:flux")
+        ModelConfig(path="tiny:no_such_family")
     assert ModelConfig(path="tiny:sd3", pipeline="sd3").pipeline == "sd3"
+    assert ModelConfig(path="tiny:sd3").pipeline == "sd3"  # auto: the tiny model's family
 
 
 def test_a_model_directory_of_another_pipeline_is_refused_before_ray_starts(tiny_sd3_dir, tmp_path, monkeypatch):
-    cfg = make_config({"actor_rollout_ref.model.path": tiny_sd3_dir, "trainer.default_local_dir": str(tmp_path)})
+    cfg = make_config(
+        {
+            "actor_rollout_ref.model.path": tiny_sd3_dir,
+            "actor_rollout_ref.model.pipeline": "qwen_image",
+            "trainer.default_local_dir": str(tmp_path),
+        }
+    )
     trainer = FlowGRPOTrainer(cfg)
 
     def no_ray(*args, **kwargs):
@@ -48,8 +57,8 @@ def test_a_model_directory_of_another_pipeline_is_refused_before_ray_starts(tiny
         ValueError,
         match=r"model.path=.*sd3.* holds a StableDiffusion3Pipeline \(model_index.json _class_name\), but "
         r"actor_rollout_ref.model.pipeline='qwen_image' loads QwenImagePipeline: set "
-        r"actor_rollout_ref.model.pipeline=sd3 \(allowed pipelines: qwen_image for QwenImagePipeline, "
-        r"sd3 for StableDiffusion3Pipeline\)",
+        r"actor_rollout_ref.model.pipeline=sd3 \(or auto\) \(allowed pipelines: .*qwen_image for QwenImagePipeline, "
+        r".*sd3 for StableDiffusion3Pipeline",
     ):
         trainer.init()
 

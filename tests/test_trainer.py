@@ -312,7 +312,11 @@ def test_non_finite_rollout_is_refused_and_lora_unchanged(ray_session, ocr_data_
         ("actor_rollout_ref.rollout.algo.sde_type", "ode", "sde_type='ode' is not one of"),
         ("actor_rollout_ref.rollout.pipeline.num_inference_steps", 0, "num_inference_steps=0 must be >= 1"),
         ("actor_rollout_ref.rollout.algo.sde_window_size", 20, "sde_window_size=20 exceeds num_inference_steps=10"),
-        ("actor_rollout_ref.model.pipeline", "flux", "actor_rollout_ref.model.pipeline='flux' is not one of"),
+        (
+            "actor_rollout_ref.model.pipeline",
+            "no_such_family",
+            "actor_rollout_ref.model.pipeline='no_such_family' is not a registered model family; registered: ",
+        ),
         ("actor_rollout_ref.actor.clip_ratio", 0.0, "actor_rollout_ref.actor.clip_ratio=0.0 must be a number > 0"),
         ("trainer.resume_mode", "sometimes", "trainer.resume_mode='sometimes' is not one of"),
         ("trainer.logger", ["console", "papyrus"], "trainer.logger has \\['papyrus'\\]"),

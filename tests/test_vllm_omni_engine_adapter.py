@@ -219,7 +219,7 @@ def test_import_verl_omni_and_registry_work_without_vllm_omni():
         "cls = get_engine_class('vllm_omni')\n"
         "assert cls.__name__ == 'VllmOmniEngine', cls\n"
         "try:\n"
-        "    cls(ModelConfig(path='/nonexistent'), RolloutConfig(name='vllm_omni'))\n"
+        "    cls(ModelConfig(path='/nonexistent', pipeline='qwen_image'), RolloutConfig(name='vllm_omni'))\n"
         "except ImportError as e:\n"
         "    assert 'vllm-omni' in str(e), e\n"
         "else:\n"
@@ -288,11 +288,13 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
     assert kw["custom_pipeline_args"]["verl_omni"] == {
         "pipeline": "qwen_image",
         "gelu_epilogue": True,  # actor_rollout_ref.model.gelu_epilogue's default
-        "qk_norm_rope_kernel": True,  # actor_rollout_ref.model.qk_norm_rope_kernel's default
-        "qk_kernel_adds_lora": True,  # actor_rollout_ref.model.qk_kernel_adds_lora's default
-        "fuse_qkv_projections": False,
-        "project_joint_attention_output": True,  # actor_rollout_ref.model.project_joint_attention_output's default
         "inductor_multi_kernel": True,  # actor_rollout_ref.model.inductor_multi_kernel's default
+        "family_options": {  # actor_rollout_ref.model.qwen_image's defaults
+            "qk_norm_rope_kernel": True,
+            "qk_kernel_adds_lora": True,
+            "fuse_qkv_projections": False,
+            "project_joint_attention_output": True,
+        },
         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"]},
     }
     assert kw["worker_extension_cls"] == mod.WORKER_EXTENSION_CLASS
@@ -305,13 +307,14 @@ def test_engine_options_reach_async_omni(fake_vllm_omni, tiny_qwen_image_dir):
 
 @pytest.mark.parametrize("joint_output", [False, True])
 def test_attention_options_reach_the_worker_processor(fake_vllm_omni, tiny_qwen_image_dir, monkeypatch, joint_output):
-    """With an attention kernel served (a stand-in here: CPU has no FA3), model.project_joint_attention_output
-    reaches every block's processor."""
-    from verl_omni.pipelines.qwen_image import QwenImageFusedAttnProcessor
+    """With an attention kernel served (a stand-in here: CPU has no FA3), the family's own option
+    model.qwen_image.project_joint_attention_output reaches every block's processor."""
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageFusedAttnProcessor
     from verl_omni.rollout.engines.vllm_omni import worker
 
     monkeypatch.setattr(worker, "resolve_flash_attention", lambda: torch.nn.functional.scaled_dot_product_attention)
-    options = {"lora_rank": 0, "qk_norm_rope_kernel": False, "project_joint_attention_output": joint_output}
+    qwen_image = {"qk_norm_rope_kernel": False, "project_joint_attention_output": joint_output}
+    options = {"lora_rank": 0, "qwen_image": qwen_image}
     make_engine(tiny_qwen_image_dir, lora=options)
     (omni,) = FakeAsyncOmni.instances
     blocks = omni.worker.model_runner.pipeline.pipe.transformer.transformer_blocks

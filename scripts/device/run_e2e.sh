@@ -14,7 +14,7 @@ mkdir -p "$WORK"
 REWARDS=${E2E_REWARDS:-"[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.1}]"}
 python3 examples/flowgrpo_trainer/data_process/qwenimage_ocr.py --local_dir "$WORK/data" --train_size 64 --test_size 4
 # bf16 on disk, as vllm-omni expects (a float32 text encoder breaks its bf16 transformer)
-python3 -c "import torch; from verl_omni.models.tiny import build_tiny_qwen_image as b; b('$WORK/model', seed=0, dtype=torch.bfloat16)"
+python3 -c "import torch; from verl_omni.pipelines.qwen_image.standin import build_tiny_qwen_image as b; b('$WORK/model', seed=0, dtype=torch.bfloat16)"
 rc=0
 for engine in ${E2E_ENGINES:-vllm_omni diffusers}; do
   VERL_FILE_LOGGER_PATH="$OUT/metrics_$engine.jsonl" timeout "${E2E_TIMEOUT_S:-240}" python3 -m verl_omni.trainer.main_flowgrpo \

@@ -32,7 +32,7 @@ def gpu_qwen_image_dir(tmp_path_factory):
         pytest.skip("needs a CUDA GPU")
     import torch
 
-    from verl_omni.models.tiny import build_tiny_qwen_image
+    from verl_omni.pipelines.qwen_image.standin import build_tiny_qwen_image
 
     path = tmp_path_factory.mktemp("qwen_image_gpu")
     return build_tiny_qwen_image(str(path), seed=0, dtype=torch.bfloat16, num_layers=2, num_attention_heads=24)

@@ -17,7 +17,7 @@ from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import unpack_batch
-from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -46,7 +46,7 @@ NEGATIVES = {
 
 @pytest.fixture(scope="module")
 def pipe(gpu_qwen_image_dir):
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(gpu_qwen_image_dir, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 
 @pytest.fixture(scope="module")
 def pipe(gpu_qwen_image_dir):
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(gpu_qwen_image_dir, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -63,6 +63,7 @@ def _use_engine_attention(pipe, engine: bool) -> None:
     """The vllm-omni engine's attention (FA3 + the q/k kernel, options as the engine's defaults) or diffusers'."""
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
+    from verl_omni.config.base import to_plain
     from verl_omni.config.model import ModelConfig
     from verl_omni.rollout.engines.vllm_omni.worker import attention_options, resolve_flash_attention
 
@@ -75,7 +76,8 @@ def _use_engine_attention(pipe, engine: bool) -> None:
     if flash is None:
         pytest.skip("vllm-omni's flash attention is not installed")
     defaults = ModelConfig(path="tiny:qwen_image")
-    pipe.use_attention_function(flash, **attention_options(defaults.rollout_kernel_switches))
+    engine_options = {"pipeline": defaults.pipeline, "family_options": to_plain(defaults.family_options)}
+    pipe.use_attention_function(flash, **attention_options(engine_options))
 
 
 # "engine_dpm": the engine's configuration with MixGRPO-Flash's DPM-Solver++ steps after the window.

@@ -50,7 +50,7 @@ def test_epilogue_matches_the_two_kernel_path_and_survives_compile():
 
 
 def test_transformer_forward_with_the_epilogue(gpu_qwen_image_dir):
-    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
     pipe = QwenImageRLPipeline.from_pretrained(gpu_qwen_image_dir, torch_dtype=torch.bfloat16).to("cuda")
     transformer = pipe.transformer

@@ -32,7 +32,7 @@ def test_kernel_matches_eager_in_bf16_and_times():
     from diffusers.models.normalization import RMSNorm
 
     from verl_omni.models.qk_norm_rope import joint_qk_norm_rope
-    from verl_omni.pipelines.qwen_image import _rotate
+    from verl_omni.pipelines.qwen_image.pipeline import _rotate
 
     batch, seq_txt, seq_img, heads, head_dim = 4, 256, 1024, 24, 128
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -29,7 +29,7 @@ SIZE = 256
 
 @pytest.fixture(scope="module")
 def wide_text_encoder_dir(tmp_path_factory):
-    from verl_omni.models.tiny import build_qwen_image
+    from verl_omni.pipelines.qwen_image.standin import build_qwen_image
 
     path = tmp_path_factory.mktemp("qwen_image_wide_te")
     return build_qwen_image(str(path), num_layers=2, full_width=True, seed=0, dtype=torch.bfloat16, device="cuda")

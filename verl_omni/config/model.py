@@ -1,33 +1,41 @@
-"""``actor_rollout_ref.model``: which pipeline, from where, with which LoRA."""
+"""``actor_rollout_ref.model``: which model family, from where, with which LoRA, and each family's own options.
+
+The section's fields are the generic ones plus one ``actor_rollout_ref.model.<family>`` sub-section per registered
+family that declares options (its ``ModelFamily.options_class``), so
+the YAML carries every family's defaults and a typo under any of them is refused by its dotted key. The class is
+assembled from the family registry (``model_config_class``): adding a family adds its section without touching
+this file."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Optional, Union
 
-from verl_omni.config.base import Section, freeze_list, require_choice, require_int, require_number
-from verl_omni.core.names import PIPELINE_NAMES
+from verl_omni.config.base import Section, build, freeze_list, require_bool, require_int, require_number
 from verl_omni.models.lora import DEFAULT_TARGET_MODULES, LoRASpec
-
-# ModelConfig's speed switches for forwards without a gradient (true or false each)
-ROLLOUT_KERNEL_SWITCHES = (
-    "gelu_epilogue",
-    "qk_norm_rope_kernel",
-    "qk_kernel_adds_lora",
-    "fuse_qkv_projections",
-    "project_joint_attention_output",
-    "inductor_multi_kernel",
+from verl_omni.pipelines.registry import (
+    AUTO,
+    TINY_PREFIX,
+    family_for_model_dir,
+    family_names,
+    get_family,
+    registered_families,
 )
+
+# ModelConfig's speed switches for forwards without a gradient (true or false each), for every family
+ROLLOUT_KERNEL_SWITCHES = ("gelu_epilogue", "inductor_multi_kernel")
 
 
 @dataclass
-class ModelConfig(Section):
+class ModelConfigBase(Section):
     _prefix = "actor_rollout_ref.model"
 
-    # A diffusers pipeline directory; "tiny:qwen_image" / "tiny:sd3" build a tiny random model locally.
+    # A diffusers pipeline directory; "tiny:<family>" builds that family's tiny random model locally.
     path: Optional[str] = None
-    pipeline: str = "qwen_image"
+    # The model family (a registered one, verl_omni/pipelines/<family>/); auto: the one serving model_index.json's
+    # _class_name in the model directory (tiny:<family> paths: that family).
+    pipeline: Optional[str] = AUTO
     lora_rank: int = 8
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
@@ -43,23 +51,6 @@ class ModelConfig(Section):
     # a gradient on CUDA: the rollout, in either engine. Training forwards and CPU keep diffusers' two steps
     # (models/gelu_epilogue.py; measured in docs/performance.md).
     gelu_epilogue: bool = True
-    # The vllm-omni engine's attention: q/k RMSNorm + RoPE + the joint [text, image] cat as one Triton kernel in
-    # forwards without a gradient (models/qk_norm_rope.py). Only where the engine serves FA3 (the diffusers engine
-    # keeps diffusers' attention). Measured in docs/performance.md.
-    qk_norm_rope_kernel: bool = True
-    # With the q/k kernel (ignored without it): a plain LoRA's product on the q/k projections is added inside the
-    # kernel, rounded as peft adds it (the same numbers), so the sum is never written to memory.
-    qk_kernel_adds_lora: bool = True
-    # The vllm-omni engine's attention, forwards without a gradient: each stream's q, k, v projections (and their
-    # adapters' lora_A) as one matmul over stacked weights (models/lora.fused_projections), so each stream's input
-    # is read once. Equal within bf16 rounding (a wider GEMM may tile differently). Off: it gains nothing on top of
-    # qk_kernel_adds_lora (docs/performance.md).
-    fuse_qkv_projections: bool = False
-    # The vllm-omni engine's attention, forwards without a gradient: to_out over every row of the joint [text, image]
-    # attention output, the text rows then dropped, instead of copying the image rows out first (a GEMM cannot read
-    # them in place: they are not evenly strided across the batch). Costs to_out FLOPs on the text rows and saves
-    # more (docs/performance.md).
-    project_joint_attention_output: bool = True
     # The vllm-omni engine's compiled transformer, rollout graphs only: inductor's multi-kernel reductions
     # (triton.multi_kernel=1), which also build a one-pass (persistent) kernel for reductions up to 16384 wide and
     # keep the one measured faster when the graph compiles. Inductor's default one-pass limit is 1024, so the
@@ -77,21 +68,9 @@ class ModelConfig(Section):
         if isinstance(self.path, os.PathLike):
             object.__setattr__(self, "path", os.fspath(self.path))
         if not self.path:
-            raise ValueError(
-                f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)"
-            )
-        require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)
-        if self.path.startswith("tiny:"):
-            family = self.path.split(":", 1)[1]
-            allowed = ", ".join(f"tiny:{name}" for name in PIPELINE_NAMES)
-            if family not in PIPELINE_NAMES:
-                raise ValueError(f"{self.key('path')}={self.path!r}: no tiny model of that family; allowed: {allowed}")
-            if family != self.pipeline:
-                raise ValueError(
-                    f"{self.key('path')}={self.path!r} is a {family} model but {self.key('pipeline')}="
-                    f"{self.pipeline!r}: set {self.key('pipeline')}={family} (allowed pipelines: "
-                    f"{', '.join(PIPELINE_NAMES)}; tiny models: {allowed})"
-                )
+            raise ValueError(f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:<family>)")
+        self._resolve_family()
+        self._build_family_options()
         require_int(self.key("lora_rank"), self.lora_rank, minimum=0)  # 0: no adapter (rollout-only engines)
         if self.lora_rank:
             require_number(self.key("lora_alpha"), self.lora_alpha, 0, strict=True)
@@ -101,8 +80,7 @@ class ModelConfig(Section):
                 "must be true, false or null (null: on for GPU actors)"
             )
         for name in ROLLOUT_KERNEL_SWITCHES:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{self.key(name)}={getattr(self, name)!r} must be true or false")
+            require_bool(self.key(name), getattr(self, name))
         if self.text_encoder_offload not in (True, False, "auto"):
             raise ValueError(
                 f"{self.key('text_encoder_offload')}={self.text_encoder_offload!r} must be true, false or auto "
@@ -116,6 +94,38 @@ class ModelConfig(Section):
                     "(null: every block)"
                 )
 
+    def _resolve_family(self) -> None:
+        """``pipeline``: a registered family, or auto / null (then the one serving the model directory)."""
+        names = family_names()
+        if self.pipeline not in (None, AUTO):
+            get_family(self.pipeline, key=self.key("pipeline"))  # an unknown name lists the registered ones
+        if self.path.startswith(TINY_PREFIX):
+            family = self.path[len(TINY_PREFIX) :]
+            allowed = ", ".join(f"{TINY_PREFIX}{name}" for name in names)
+            if family not in names:
+                raise ValueError(f"{self.key('path')}={self.path!r}: no tiny model of that family; allowed: {allowed}")
+            if self.pipeline not in (None, AUTO, family):
+                raise ValueError(
+                    f"{self.key('path')}={self.path!r} is a {family} model but {self.key('pipeline')}="
+                    f"{self.pipeline!r}: set {self.key('pipeline')}={family} or {AUTO} (allowed pipelines: "
+                    f"{', '.join(names)}, {AUTO}; tiny models: {allowed})"
+                )
+        if self.pipeline in (None, AUTO):
+            family = family_for_model_dir(os.path.expanduser(self.path), key=self.key("pipeline"))
+            object.__setattr__(self, "pipeline", family)
+
+    def _build_family_options(self) -> None:
+        """Each family's options section from a plain dict too (``ModelConfig(path=..., <family>={...})``)."""
+        for name, options_class in family_options_classes().items():
+            value = getattr(self, name, None)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, build(options_class, value, self.key(name)))
+
+    @property
+    def family_options(self) -> Optional[Section]:
+        """The chosen family's own options section (``actor_rollout_ref.model.<pipeline>``), None if it has none."""
+        return getattr(self, self.pipeline, None) if self.pipeline in family_options_classes() else None
+
     @property
     def lora(self) -> Optional[LoRASpec]:
         if not self.lora_rank:
@@ -126,3 +136,31 @@ class ModelConfig(Section):
     def rollout_kernel_switches(self) -> dict[str, bool]:
         """The ``ROLLOUT_KERNEL_SWITCHES`` by name (what the vllm-omni engine hands its worker)."""
         return {name: getattr(self, name) for name in ROLLOUT_KERNEL_SWITCHES}
+
+
+def family_options_classes() -> dict[str, type]:
+    """The registered families that declare options: name -> options section class."""
+    return {n: f.options_class for n, f in sorted(registered_families().items()) if f.options_class is not None}
+
+
+_classes: dict[tuple, type] = {}
+
+
+def model_config_class() -> type[ModelConfigBase]:
+    """The ``actor_rollout_ref.model`` section's dataclass for the families registered now: the generic fields plus
+    one ``actor_rollout_ref.model.<family>`` sub-section per family with options (one class per registry state)."""
+    options = family_options_classes()
+    clash = sorted(set(options) & {f.name for f in fields(ModelConfigBase)})
+    if clash:
+        raise ValueError(f"model families {clash} are named like actor_rollout_ref.model keys: rename the families")
+    key = tuple(options.items())
+    cls = _classes.get(key)
+    if cls is None:
+        extra = [(name, c, field(default_factory=c)) for name, c in options.items()]
+        cls = make_dataclass("ModelConfig", extra, bases=(ModelConfigBase,), namespace={"__module__": __name__})
+        _classes[key] = cls
+    globals()["ModelConfig"] = cls  # pickled by reference (Ray): the module attribute is the current class
+    return cls
+
+
+ModelConfig = model_config_class()

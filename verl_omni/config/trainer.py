@@ -13,8 +13,9 @@ from verl_omni.algorithms import get_algorithm
 from verl_omni.config.actor import ActorConfig
 from verl_omni.config.algorithm import AlgorithmConfigBase, algorithm_config_class
 from verl_omni.config.base import Section, build, freeze_list, require_choice, require_int, require_number, to_plain
-from verl_omni.config.model import ModelConfig
+from verl_omni.config.model import ModelConfigBase, model_config_class
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.pipelines.registry import TINY_PREFIX, family_names
 
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow", "swanlab", "file")
 
@@ -145,7 +146,8 @@ class ActorRolloutRefConfig(Section):
     # verl's key: the actor and the rollout share each GPU (one replica + one actor rank per GPU, the frozen
     # weights held once). false: the split placement (replicas and actor ranks on GPUs of their own).
     hybrid_engine: bool = True
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny:qwen_image"))
+    # (the YAML requires model.path; this default only gives the section its shape)
+    model: ModelConfigBase = field(default_factory=lambda: model_config_class()(path=TINY_PREFIX + family_names()[0]))
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 

@@ -15,6 +15,7 @@ from verl_omni.eval.protocol import PRESETS, SEED_SCHEMES, EvalProtocol
 from verl_omni.eval.report import REPORT_FILE
 from verl_omni.eval.runner import EvalJob, run_evaluation
 from verl_omni.export import WEIGHTS_CHOICES, resolve_base
+from verl_omni.pipelines import AUTO
 
 # command-line flag -> EvalProtocol field
 PROTOCOL_FLAGS = {
@@ -35,7 +36,7 @@ PROTOCOL_FLAGS = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="verl-omni-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="base pipeline directory (or tiny:qwen_image / tiny:sd3)")
+    p.add_argument("--base", required=True, help="base pipeline directory (or tiny:<family>)")
     p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .jsonl or a verl .parquet")
     p.add_argument("--out", required=True, help="output directory: report.json, images/, grids/")
     p.add_argument("--checkpoint", help="global_step_<k> or run directory; omitted: the base pipeline alone")
@@ -57,7 +58,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", metavar="NAME[:WEIGHT]", help="a registered reward; repeat for several")
     p.add_argument("--rewards-json", help='reward entries as JSON, e.g. \'[{"name": "http", "url": "..."}]\'')
     p.add_argument("--reward-url", help="the http reward's service URL (e.g. a GenEval scorer, --preset geneval)")
-    p.add_argument("--pipeline", default="qwen_image")
+    p.add_argument(
+        "--pipeline",
+        default=AUTO,
+        help="the model family (actor_rollout_ref.model.pipeline); auto: from the base's model_index.json",
+    )
     p.add_argument("--engine", default="diffusers", choices=ENGINE_NAMES)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (with --gpus N: each worker's own GPU)")
     p.add_argument(

@@ -29,7 +29,7 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
     """The engine behind the seam, serving ``adapter`` (verified by the checksum the engine reports)."""
     model = ModelConfig(
         path=job.base,
-        pipeline=job.pipeline,
+        pipeline=job.family(),
         lora_rank=adapter.rank if adapter else 0,
         lora_alpha=adapter.alpha if adapter else 16.0,
         target_modules=tuple(adapter.target_modules) if adapter else ModelConfig.target_modules,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from verl_omni.eval.protocol import EvalProtocol
+from verl_omni.pipelines import AUTO, family_for_model_dir
 
 
 @dataclass
@@ -20,7 +21,7 @@ class EvalJob:
     checkpoint: Optional[str] = None  # a global_step_<k> dir or a run dir; None: the base pipeline alone
     weights: str = "lora"  # lora | ema (export.WEIGHTS_CHOICES)
     lora_alpha: Optional[float] = None  # only for checkpoints that do not record it
-    pipeline: str = "qwen_image"
+    pipeline: str = AUTO  # the model family; auto: from the base's model_index.json
     engine: str = "diffusers"
     device: str = "cpu"
     dtype: str = "float32"
@@ -35,3 +36,7 @@ class EvalJob:
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
             raise ValueError(f"--gpus must be an int >= 1 (worker processes, one per GPU), got {self.gpus!r}")
+
+    def family(self) -> str:
+        """The model family: ``pipeline``, or with auto the one serving the base's model_index.json."""
+        return family_for_model_dir(self.base) if self.pipeline == AUTO else self.pipeline

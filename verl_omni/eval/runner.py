@@ -87,7 +87,7 @@ def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -
     return {
         "model": {
             "base": os.path.abspath(job.base),
-            "pipeline": job.pipeline,
+            "pipeline": job.family(),
             "engine": job.engine,
             "dtype": job.dtype,
         },

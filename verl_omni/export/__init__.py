@@ -50,12 +50,10 @@ class TrainedAdapter:
 
 
 def resolve_base(path: str) -> str:
-    """A pipeline directory, or ``tiny:qwen_image`` / ``tiny:sd3`` (the tiny random models, built locally)."""
-    if not path.startswith("tiny:"):
-        return os.path.expanduser(path)
-    from verl_omni.models.tiny import tiny_model_dir
+    """A pipeline directory, or ``tiny:<family>`` (that family's tiny random model, built locally)."""
+    from verl_omni.pipelines.tiny import resolve_model_path
 
-    return tiny_model_dir(path.split(":", 1)[1])
+    return resolve_model_path(path)
 
 
 def resolve_checkpoint_dir(path: str) -> str:

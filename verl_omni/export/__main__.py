@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
         description="Export a trained LoRA as a diffusers LoRA file, or merged into a pipeline directory.",
     )
     p.add_argument("--checkpoint", required=True, help="a global_step_<k> directory, or a run directory (its newest)")
-    p.add_argument("--base", required=True, help="the base pipeline directory the run trained on (or tiny:qwen_image)")
+    p.add_argument("--base", required=True, help="the base pipeline directory the run trained on (or tiny:<family>)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--merge", action="store_true", help="write a whole pipeline with the adapter fused in")
     p.add_argument("--weights", default="lora", choices=WEIGHTS_CHOICES, help="the adapter or the policy EMA")

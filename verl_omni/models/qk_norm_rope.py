@@ -4,7 +4,7 @@ RoPE, and the write into the joint [text, image] sequence, for forwards without 
 Why: inductor's kernels for these steps use a small part of HBM bandwidth in the compiled rollout
 (``docs/benchmarks/pipeline_breakdown_h200_L60.json``), and a single pass that
 reads the projection once and writes the joint buffer once is the least traffic there is. The numbers are those of
-diffusers' ``RMSNorm`` followed by ``pipelines/qwen_image._rotate`` and ``torch.cat``, rounding for rounding:
+diffusers' ``RMSNorm`` followed by ``pipelines/qwen_image/pipeline._rotate`` and ``torch.cat``, rounding for rounding:
 ``n = bf16(x · rsqrt(mean(x²) + eps))``, ``m = bf16(n · w)``, then the rotation in float32 rounded once; only the
 order of the mean's sum differs. One program handles 32 rows of one head's D lanes each, loaded and stored
 contiguously; the rotation pairs lanes (2i, 2i+1) by splitting the row in registers.

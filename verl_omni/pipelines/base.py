@@ -2,7 +2,7 @@
 ``predict_velocity`` over a few per-model hooks.
 
 A model is its diffusers pipeline class with this mixin in front (``class XRLPipeline(RLPipelineMixin,
-XPipeline)``) and these hooks (see ``qwen_image.py``, ``sd3.py``):
+XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
 
 - ``rl_schedule(params) -> (sigmas [T+1], model_timesteps [T])``: the scheduler's sigmas and what the transformer
   receives per step, as the stock pipeline computes them;

@@ -12,7 +12,13 @@ from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.logs import quiet_loading_bars
 from verl_omni.models.gelu_epilogue import use_gelu_epilogue
 from verl_omni.models.lora import LoRASpec, add_lora_adapter
-from verl_omni.pipelines import PIPELINE_REGISTRY, get_pipeline_class
+from verl_omni.pipelines.registry import (
+    families_serving,
+    get_family,
+    get_pipeline_class,
+    model_class_name,
+    registered_families,
+)
 
 
 def load_rl_pipeline(
@@ -35,7 +41,7 @@ def load_rl_pipeline(
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
-            "dir with model_index.json, or tiny:qwen_image / tiny:sd3)"
+            "dir with model_index.json, or tiny:<family>)"
         )
     check_pipeline_matches(path, pipeline)
     quiet_loading_bars()
@@ -53,32 +59,26 @@ def load_rl_pipeline(
 
 
 def loaded_class_names(pipeline: str) -> tuple[str, ...]:
-    """The ``model_index.json`` ``_class_name`` values the ``pipeline`` class loads: its diffusers base (e.g.
-    ``QwenImagePipeline``) and its own name."""
-    from diffusers import DiffusionPipeline
-
-    mro = get_pipeline_class(pipeline).__mro__
-    return tuple(c.__name__ for c in reversed(mro) if issubclass(c, DiffusionPipeline) and c is not DiffusionPipeline)
+    """The ``model_index.json`` ``_class_name`` values the family ``pipeline`` loads: those it declares (e.g.
+    ``QwenImagePipeline``) and its RL pipeline class's own name."""
+    return (*get_family(pipeline).diffusers_class_names, get_pipeline_class(pipeline).__name__)
 
 
 def check_pipeline_matches(model_path: str, pipeline: str) -> None:
     """Raise ``ValueError`` naming both keys when the model directory's ``_class_name`` (``model_index.json``) is
     not what ``pipeline`` loads: loading it anyway fails deep inside diffusers (e.g. an SD3 VAE read as
     Qwen-Image's: ``AttributeError: ... 'temperal_downsample'``)."""
-    index = os.path.join(model_path, "model_index.json")
-    if not os.path.exists(index):
-        return
-    with open(index) as f:
-        class_name = json.load(f).get("_class_name")
+    class_name = model_class_name(model_path)
     if class_name is None or class_name in loaded_class_names(pipeline):
         return
-    loads = {name: loaded_class_names(name) for name in PIPELINE_REGISTRY}
-    fits = [name for name, classes in loads.items() if class_name in classes]
-    fix = f"set actor_rollout_ref.model.pipeline={fits[0]}" if fits else "no registered pipeline loads it"
+    fits = families_serving(class_name)
+    fix = f"set actor_rollout_ref.model.pipeline={fits[0]} (or auto)" if fits else "no registered family loads it"
+    families = registered_families()
     raise ValueError(
         f"actor_rollout_ref.model.path={model_path!r} holds a {class_name} (model_index.json _class_name), but "
-        f"actor_rollout_ref.model.pipeline={pipeline!r} loads {loads[pipeline][0]}: {fix} (allowed pipelines: "
-        + ", ".join(f"{name} for {classes[0]}" for name, classes in loads.items())
+        f"actor_rollout_ref.model.pipeline={pipeline!r} loads {families[pipeline].diffusers_class_names[0]}: {fix} "
+        "(allowed pipelines: "
+        + ", ".join(f"{name} for {family.diffusers_class_names[0]}" for name, family in sorted(families.items()))
         + ")"
     )
 

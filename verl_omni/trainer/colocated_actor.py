@@ -47,11 +47,13 @@ class ColocatedActorGroup:
         actor: ActorConfig,
         lora_seed: int,
         algorithm: Any = None,
-        pipeline: str = "qwen_image",
+        *,
+        pipeline: str,
         full_weights: bool = False,
     ):
         """``algorithm``: the ``algorithm`` config section (None: the default algorithm); every rank builds its own.
-        ``pipeline``: the model's pipeline name (the driver's copy of the algorithm resolves its settings alike)."""
+        ``pipeline``: the model's family (``actor_rollout_ref.model.pipeline``; the driver's copy of the algorithm
+        resolves its settings alike)."""
         self.servers = [replica.server_handle for replica in servers.replicas]
         self.algorithm = make_algorithm(algorithm, actor=actor, pipeline=get_pipeline_class(pipeline))
         self.world_size = len(self.servers)

@@ -28,6 +28,7 @@ from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
+from verl_omni.pipelines.tiny import resolve_model_path
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
 from verl_omni.rewards.registry import RewardResult, row_metadata
@@ -81,15 +82,6 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory
         plan = check_full_weights_fit(num_params, cfg.num_replicas, ref.actor.optimizer_offload, gpu_bytes, **kwargs)
     print(f"[verl_omni] full fine-tuning memory plan: {plan.describe()}")
-
-
-def resolve_model_path(path: str, cache_root: str) -> str:
-    """``tiny:qwen_image`` / ``tiny:sd3`` → a tiny random pipeline built locally (no hub); else the path."""
-    if not path.startswith("tiny:"):
-        return os.path.expanduser(path)
-    from verl_omni.models.tiny import tiny_model_dir
-
-    return tiny_model_dir(path.split(":", 1)[1], root=cache_root)
 
 
 class FlowGRPOTrainer:
@@ -196,7 +188,7 @@ class FlowGRPOTrainer:
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(
                 f"actor_rollout_ref.model.path={path!r} is not a diffusers pipeline directory "
-                "(no model_index.json there); or use tiny:qwen_image / tiny:sd3"
+                "(no model_index.json there); or use tiny:<family>, a family's tiny random model"
             )
         check_pipeline_matches(path, self.config.actor_rollout_ref.model.pipeline)
         if self.config.actor_rollout_ref.model.lora_rank == 0:

@@ -9,9 +9,55 @@ from typing import Any, Optional
 import torch
 
 from verl_omni.models.standins._common import build_module, qwen2_tokenizer, transformer_layers
-from verl_omni.models.tiny import QWEN_IMAGE_SCHEDULER_CONFIG, qwen_image_transformer_config
 
 REPO = "Qwen/Qwen-Image"
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json: dynamic (resolution-dependent) shifting ending at 0.02.
+QWEN_IMAGE_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+
+
+def qwen_image_transformer_config(num_layers: int, full_width: bool) -> dict[str, Any]:
+    """QwenImageTransformer2DModel kwargs: real Qwen-Image sizes when ``full_width`` (24 heads x 128 = 3072 wide,
+    joint_attention_dim 3584, 64 in / 16 out channels; the real model has 60 layers), else the tiny CPU sizes.
+
+    ``attention_head_dim`` stays 128 with rope axes (16, 56, 56) in both cases (FA3 needs head_dim >= 64).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
+    common = {"patch_size": 2, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": False}
+    if full_width:
+        return {
+            **common,
+            "num_layers": num_layers,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 3584,
+            "in_channels": 64,
+            "out_channels": 16,
+        }
+    return {
+        **common,
+        "num_layers": num_layers,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 64,
+        "in_channels": 16,
+        "out_channels": 4,
+    }
+
 
 # Qwen/Qwen-Image transformer/config.json
 TRANSFORMER: dict[str, Any] = {

@@ -19,9 +19,11 @@ from verl_omni.models.standins._text_encoders import (
     T5_V1_1_XXL,
     config_kwargs,
 )
-from verl_omni.models.tiny import SD35_SCHEDULER_CONFIG
 
 REPO = "stabilityai/stable-diffusion-3.5-medium"
+
+# stabilityai/stable-diffusion-3.5-*/scheduler/scheduler_config.json: static shift 3.
+SD35_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # transformer/config.json (SD3Transformer2DModel, MMDiT-X)
 TRANSFORMER: dict[str, Any] = {

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from verl_omni.config.actor import ActorConfig
+from verl_omni.config.base import to_plain
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -83,6 +84,8 @@ class VllmOmniEngine(DiffusionEngine):
         pipeline_opts = {
             "pipeline": model.pipeline,
             **model.rollout_kernel_switches,  # read by the worker by these names
+            # the family's own options section (actor_rollout_ref.model.<pipeline>), rebuilt by the worker
+            "family_options": {k: v for k, v in to_plain(model.family_options).items() if k != "_target_"},
             "lora": None
             if lora is None
             else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},

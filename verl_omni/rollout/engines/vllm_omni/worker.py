@@ -16,12 +16,14 @@ from typing import Any, Optional
 
 import torch
 
+from verl_omni.config.base import build
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import resolve_dtype, use_tf32_for_float32_matmuls
 from verl_omni.core.outputs import slice_batch
 from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
+from verl_omni.pipelines.registry import get_family
 from verl_omni.rollout.engines.vllm_omni.wire import EXTRA_KEY, decode_request, plain, to_diffusion_output
 
 logger = logging.getLogger(__name__)
@@ -41,16 +43,16 @@ def resolve_flash_attention() -> Optional[Any]:
     return fa.flash_attn_func
 
 
-def attention_options(opts: Mapping[str, Any]) -> dict[str, bool]:
-    """``use_attention_function``'s keyword options from the engine's pipeline options (``ModelConfig``'s switches by
-    name; an absent switch is off). The q/k LoRA goes into the kernel only where the kernel runs."""
-    qk_kernel = bool(opts.get("qk_norm_rope_kernel", False))
-    return {
-        "qk_kernel": qk_kernel,
-        "lora_in_kernel": qk_kernel and bool(opts.get("qk_kernel_adds_lora", False)),
-        "fuse_projections": bool(opts.get("fuse_qkv_projections", False)),
-        "project_joint_output": bool(opts.get("project_joint_attention_output", False)),
-    }
+def attention_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """``use_attention_function``'s keyword options from the engine's pipeline options: the family's own options
+    section (``actor_rollout_ref.model.<pipeline>``, sent as ``family_options``) names them through its
+    ``attention_options()``; a family without one takes the pipeline's defaults."""
+    family = get_family(opts["pipeline"])
+    if family.options_class is None:
+        return {}
+    section = build(family.options_class, dict(opts.get("family_options") or {}))
+    to_kwargs = getattr(section, "attention_options", None)
+    return to_kwargs() if to_kwargs is not None else {}
 
 
 def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
@@ -95,7 +97,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         dtype = od_config.dtype if isinstance(od_config.dtype, torch.dtype) else resolve_dtype(str(od_config.dtype))
         pipe = load_rl_pipeline(
             od_config.model,
-            self.opts.get("pipeline", "qwen_image"),
+            self.opts["pipeline"],
             dtype,
             lora,
             gelu_epilogue=bool(self.opts.get("gelu_epilogue", False)),
@@ -106,14 +108,10 @@ class VllmOmniRLPipeline(torch.nn.Module):
             options = attention_options(self.opts)
             blocks = pipe.use_attention_function(flash, **options)
             logger.info(
-                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s "
-                "(LoRA added inside: %s), fused q/k/v projections %s, to_out over the joint output %s",
+                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), options %s",
                 blocks,
                 getattr(flash, "__module__", flash),
-                "on" if options["qk_kernel"] else "off",
-                "yes" if options["lora_in_kernel"] else "no",
-                "on" if options["fuse_projections"] else "off",
-                "on" if options["project_joint_output"] else "off",
+                options,
             )
         self.inductor_multi_kernel = bool(self.opts.get("inductor_multi_kernel", False))
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)

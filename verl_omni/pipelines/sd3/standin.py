@@ -1,0 +1,113 @@
+"""Stable Diffusion 3.5's random-weight pipeline directory for CPU tests (``tiny:sd3``), built offline and
+deterministically from a seed. Tiny SD3: VAE factor 8, 16 latent channels, patch 2, image sides multiples of 16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from verl_omni.models.standins.sd3_5_medium import SD35_SCHEDULER_CONFIG
+from verl_omni.models.tiny import _randomize_zero_params, _seeded_init, build_clip_tokenizer, build_t5_tokenizer
+
+__all__ = ["SD35_SCHEDULER_CONFIG", "build_tiny_sd3"]
+
+
+def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
+    """Tiny random SD3.5-style pipeline (2 MMDiT layers with qk RMSNorm, two CLIPs + T5, 16-channel VAE)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tokenizer = build_clip_tokenizer()
+    t5_tokenizer = build_t5_tokenizer()
+    clip_hidden, t5_hidden = 32, 64  # T5 width >= the two CLIP widths concatenated (the pipeline pads CLIP to it)
+
+    def clip_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            projection_dim=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+
+    with _seeded_init(seed, torch.float32):
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=t5_hidden,
+            caption_projection_dim=64,
+            pooled_projection_dim=2 * clip_hidden,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",
+        )
+    with _seeded_init(seed + 1, torch.float32):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            layers_per_block=1,
+            norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=64,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    with _seeded_init(seed + 2, torch.float32):
+        text_encoder = CLIPTextModelWithProjection(clip_config(clip_hidden))
+    with _seeded_init(seed + 3, torch.float32):
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(clip_hidden))
+    with _seeded_init(seed + 4, torch.float32):
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=t5_hidden,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+    modules = (transformer, vae, text_encoder, text_encoder_2, text_encoder_3)
+    for offset, module in enumerate(modules):
+        _randomize_zero_params(module, seed + 100 + offset)
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.to(dtype).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER_CONFIG),
+        vae=vae.to(dtype).eval(),
+        text_encoder=text_encoder.to(dtype).eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2.to(dtype).eval(),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=text_encoder_3.to(dtype).eval(),
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(str(path))
+    return str(path)
