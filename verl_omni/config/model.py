@@ -74,7 +74,7 @@ class ModelConfig(Section):
             object.__setattr__(self, "path", os.fspath(self.path))
         if not self.path:
             raise ValueError(
-                f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3)"
+                f"{self.key('path')} must be set (a diffusers pipeline dir, or tiny:qwen_image / tiny:sd3 / tiny:flux)"
             )
         require_choice(self.key("pipeline"), self.pipeline, PIPELINE_NAMES)
         if self.path.startswith("tiny:"):

@@ -475,18 +475,25 @@ _BUILT: dict[tuple[str, str], str] = {}
 _LOCK = threading.Lock()
 
 
-def _builder_fingerprint() -> str:
-    """Changes whenever this file or the libraries that define the on-disk format change."""
+def _builder_fingerprint(kind: str) -> str:
+    """Changes whenever this file, the file of ``kind``'s builder (a family may register its own: see
+    ``verl_omni.pipelines``) or the libraries that define the on-disk format change."""
+    import inspect
+
     import diffusers
     import transformers
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
+    builder_file = inspect.getsourcefile(TINY_BUILDERS[kind])
+    if builder_file and Path(builder_file).resolve() != Path(__file__).resolve():
+        digest.update(Path(builder_file).read_bytes())
     digest.update(f"{diffusers.__version__}|{transformers.__version__}|{torch.__version__}".encode())
     return digest.hexdigest()[:12]
 
 
 def tiny_model_dir(kind: str, root: Optional[str | os.PathLike] = None) -> str:
-    """Path of the tiny ``kind`` pipeline ('qwen_image' or 'sd3', seed 0, float32), built on first use.
+    """Path of the tiny ``kind`` pipeline (a ``TINY_BUILDERS`` key: 'qwen_image', 'sd3'; 'flux' once
+    ``verl_omni.pipelines`` is imported; seed 0, float32), built on first use.
 
     The directory lives under ``root`` (default ``$VERL_OMNI_TINY_MODELS`` or ``<tmp>/verl_omni_tiny_models``) and
     is keyed by a fingerprint of this builder, so processes share it and a changed builder never reuses a stale
@@ -497,7 +504,7 @@ def tiny_model_dir(kind: str, root: Optional[str | os.PathLike] = None) -> str:
     root = Path(
         root or os.environ.get("VERL_OMNI_TINY_MODELS") or Path(tempfile.gettempdir()) / "verl_omni_tiny_models"
     )
-    target = root / f"{kind}-{_builder_fingerprint()}"
+    target = root / f"{kind}-{_builder_fingerprint(kind)}"
     key = (kind, str(target))
     with _LOCK:
         if key in _BUILT:
