@@ -1,0 +1,109 @@
+"""The engine attention of SD3 and FLUX (what the vllm-omni engine installs, ``use_attention_function``): the
+engine's kernel serves every call it can, with diffusers' result; regional compile finds each family's blocks.
+(Qwen-Image's processor: tests/test_rl_pipelines.py; FLUX's rollout with it: tests/test_flux_pipeline.py.)"""
+
+import pytest
+import torch
+
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
+from verl_omni.pipelines import engine_attention
+from verl_omni.pipelines.loading import load_rl_pipeline
+
+PROMPT = "a red cat"
+SEEDS = [11, 22]
+
+
+def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
+    """A stand-in for the engine's flash kernel ([B, S, H, D] in and out), counting its calls."""
+    _sdpa_bshd.calls += 1
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale
+    )
+    return out.transpose(1, 2)
+
+
+def _params(**kw):
+    base = dict(num_inference_steps=3, height=64, width=64, noise_level=0.7, sde_window_size=2, window_start=0)
+    return DiffusionSamplingParams(**(base | kw))
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_sd3_engine_attention_computes_what_diffusers_computes(tiny_sd3_dir, monkeypatch, guidance_scale):
+    from verl_omni.pipelines.sd3_attention import SD3EngineAttnProcessor
+
+    pipe = load_rl_pipeline(tiny_sd3_dir, "sd3", "float32")
+    params = _params(guidance_scale=guidance_scale)
+    reference = pipe.rl_generate(PROMPT, SEEDS, params)
+    layers = pipe.transformer.config.num_layers
+    assert pipe.use_attention_function(_sdpa_bshd, qk_kernel=True) == layers
+    assert all(isinstance(p, SD3EngineAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    assert not pipe.has_unmasked_attention_kernel  # float32: flash kernels take bf16 / fp16 only
+    monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in run
+    _sdpa_bshd.calls = 0
+    fused = pipe.rl_generate(PROMPT, SEEDS, params)
+    assert _sdpa_bshd.calls == layers * params.num_inference_steps  # CFG: both branches in one call (same lengths)
+    rel = ((fused.latents - reference.latents).norm() / reference.latents.norm()).item()
+    print(f"[SD3 cfg={guidance_scale}] engine attention vs diffusers: final latents rel L2 {rel:.2e}")
+    assert rel < 1e-5
+    assert torch.allclose(fused.log_probs, reference.log_probs, atol=1e-5)
+    assert (fused.images.int() - reference.images.int()).abs().max().item() <= 1
+    _sdpa_bshd.calls = 0
+    with torch.enable_grad():  # a training forward: diffusers' attention (the engine's kernel has no backward)
+        x = reference.latents[:, 1].clone().requires_grad_(True)
+        pipe.predict_velocity(x, reference.timesteps[1], Conditioning.from_fields(reference), guidance_scale, 64, 64)
+    assert _sdpa_bshd.calls == 0
+
+
+def test_sd35_image_only_attention_goes_through_the_engine_processor_too(monkeypatch):
+    """SD3.5's dual-attention blocks (attn2: image tokens only, no text) take the same processor and give diffusers'
+    result."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from verl_omni.pipelines.sd3_attention import SD3EngineAttnProcessor
+
+    torch.manual_seed(0)
+    kw = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32)
+    model = SD3Transformer2DModel(
+        **kw,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+    ).eval()
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 8, 8),
+        encoder_hidden_states=torch.randn(2, 7, 64),
+        pooled_projections=torch.randn(2, 64),
+        timestep=torch.tensor([500.0, 300.0]),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
+        changed = engine_attention.install_processor(
+            model,
+            (JointAttnProcessor2_0, SD3EngineAttnProcessor),
+            lambda: SD3EngineAttnProcessor(_sdpa_bshd),
+        )
+        assert changed == 3  # two joint attentions and one image-only attn2
+        _sdpa_bshd.calls = 0
+        got = model(**inputs)[0]
+    assert _sdpa_bshd.calls == 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, blocks", [("sd3", ["JointTransformerBlock"]), ("flux", None)])
+def test_regional_compile_finds_each_familys_blocks(request, family, blocks):
+    """diffusers' SD3 transformer names no repeated blocks: the pipeline class names them, so the actor's
+    ``compile_repeated_blocks`` and vllm-omni's regional compile find them (FLUX's own list stays)."""
+    pipe = load_rl_pipeline(request.getfixturevalue(f"tiny_{family}_dir"), family, "float32")
+    expected = blocks or ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    assert list(pipe.transformer._repeated_blocks) == expected
+    pipe.transformer.compile_repeated_blocks(dynamic=True)  # wraps only; nothing compiles until a forward
+    compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and all(type(m).__name__ in expected for m in compiled)
