@@ -39,7 +39,9 @@ def test_sd3_engine_attention_computes_what_diffusers_computes(tiny_sd3_dir, mon
     assert pipe.use_attention_function(_sdpa_bshd, qk_kernel=True) == layers
     assert all(isinstance(p, SD3EngineAttnProcessor) for p in pipe.transformer.attn_processors.values())
     assert not pipe.has_unmasked_attention_kernel  # float32: flash kernels take bf16 / fp16 only
-    monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))  # let the float32 stand-in run
+    # let the float32 stand-in run, at the tiny model's head dim 32 (FA3 takes 64..256)
+    monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
+    monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (32, 256))
     _sdpa_bshd.calls = 0
     fused = pipe.rl_generate(PROMPT, SEEDS, params)
     assert _sdpa_bshd.calls == layers * params.num_inference_steps  # CFG: both branches in one call (same lengths)
@@ -85,6 +87,7 @@ def test_sd35_image_only_attention_goes_through_the_engine_processor_too(monkeyp
     with torch.no_grad():
         expected = model(**inputs)[0]
         monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
+        monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (32, 256))
         changed = engine_attention.install_processor(
             model,
             (JointAttnProcessor2_0, SD3EngineAttnProcessor),
@@ -97,6 +100,21 @@ def test_sd35_image_only_attention_goes_through_the_engine_processor_too(monkeyp
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_kernel_serves_only_unmasked_flash_dtype_calls_at_head_dims_it_takes():
+    def q(head_dim, dtype=torch.bfloat16, grad=False):
+        return torch.zeros(1, 4, 2, head_dim, dtype=dtype, requires_grad=grad)
+
+    assert engine_attention.kernel_applies(q(64), None) and engine_attention.kernel_applies(q(256), None)
+    assert not engine_attention.kernel_applies(q(32), None)  # FA3 takes 64..256
+    assert not engine_attention.kernel_applies(q(512), None)
+    assert not engine_attention.kernel_applies(q(128, torch.float32), None)
+    assert not engine_attention.kernel_applies(q(128), torch.ones(1, 4, dtype=torch.bool))
+    with torch.enable_grad():
+        assert not engine_attention.kernel_applies(q(128, grad=True), None)  # the kernel has no backward
+    with torch.no_grad():
+        assert engine_attention.kernel_applies(q(128, grad=True), None)
+
+
 @pytest.mark.parametrize("family, blocks", [("sd3", ["JointTransformerBlock"]), ("flux", None)])
 def test_regional_compile_finds_each_familys_blocks(request, family, blocks):
     """diffusers' SD3 transformer names no repeated blocks: the pipeline class names them, so the actor's
@@ -107,3 +125,22 @@ def test_regional_compile_finds_each_familys_blocks(request, family, blocks):
     pipe.transformer.compile_repeated_blocks(dynamic=True)  # wraps only; nothing compiles until a forward
     compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and all(type(m).__name__ in expected for m in compiled)
+
+
+def test_the_workers_autograd_hook_takes_a_single_tensor_position_embedding(tiny_sd3_dir):
+    """The hybrid engine's actor trains through the engine's transformer; the worker hooks every family's
+    ``pos_embed``. SD3's patch embedding returns one tensor (FLUX's RoPE a pair, Qwen-Image's a pair): a training
+    forward through the hooked SD3 transformer gets gradients."""
+    from verl_omni.rollout.engines.vllm_omni.worker import _allow_autograd_through_rope
+
+    pipe = load_rl_pipeline(tiny_sd3_dir, "sd3", "float32")
+    _allow_autograd_through_rope(pipe.transformer)
+    params = _params()
+    cond = pipe.encode_conditions(PROMPT, None, params).conditioning
+    latents = pipe.prepare_rl_latents(1, params, [torch.Generator().manual_seed(0)], "cpu").requires_grad_(True)
+    with torch.inference_mode():  # a rollout forward first, as the engine runs it
+        pipe.predict_velocity(latents.detach(), torch.tensor([500.0]), cond, 1.0, 64, 64)
+    with torch.enable_grad():
+        velocity = pipe.predict_velocity(latents, torch.tensor([500.0]), cond, 1.0, 64, 64)
+        (grad,) = torch.autograd.grad(velocity.sum(), latents)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -17,12 +17,14 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 # (q, k, v) [B, S, H, D] -> [B, S, H, D] (or (out, lse)): a fused attention kernel without a mask, e.g. FA3.
 AttentionFn = Callable[..., torch.Tensor]
 FLASH_DTYPES = (torch.bfloat16, torch.float16)  # what flash kernels take
-MAX_KERNEL_HEAD_DIM = 256
+KERNEL_HEAD_DIMS = (64, 256)  # the head dims FA3 serves (multiples of 8 in this range); others: SDPA
 
 
 def kernel_applies(query: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> bool:
     """The fused kernel computes this call: no mask, a flash dtype, a head dim it takes, no gradient needed."""
-    fused = attention_mask is None and query.dtype in FLASH_DTYPES and query.shape[-1] <= MAX_KERNEL_HEAD_DIM
+    head_dim = query.shape[-1]
+    lo, hi = KERNEL_HEAD_DIMS
+    fused = attention_mask is None and query.dtype in FLASH_DTYPES and lo <= head_dim <= hi and head_dim % 8 == 0
     return fused and not (torch.is_grad_enabled() and query.requires_grad)
 
 
