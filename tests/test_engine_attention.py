@@ -4,6 +4,8 @@ engine's kernel serves every call it can, with diffusers' result; regional compi
 
 import pytest
 import torch
+from helpers import model_config, rollout_config
+from test_vllm_omni_engine_adapter import fake_vllm_omni  # noqa: F401  (the test double of vllm-omni, a fixture)
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
@@ -36,7 +38,7 @@ def test_sd3_engine_attention_computes_what_diffusers_computes(tiny_sd3_dir, mon
     params = _params(guidance_scale=guidance_scale)
     reference = pipe.rl_generate(PROMPT, SEEDS, params)
     layers = pipe.transformer.config.num_layers
-    assert pipe.use_attention_function(_sdpa_bshd, qk_kernel=True) == layers
+    assert pipe.use_attention_function(_sdpa_bshd) == layers
     assert all(isinstance(p, SD3EngineAttnProcessor) for p in pipe.transformer.attn_processors.values())
     assert not pipe.has_unmasked_attention_kernel  # float32: flash kernels take bf16 / fp16 only
     # let the float32 stand-in run, at the tiny model's head dim 32 (FA3 takes 64..256)
@@ -144,3 +146,50 @@ def test_the_workers_autograd_hook_takes_a_single_tensor_position_embedding(tiny
         velocity = pipe.predict_velocity(latents, torch.tensor([500.0]), cond, 1.0, 64, 64)
         (grad,) = torch.autograd.grad(velocity.sum(), latents)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures("fake_vllm_omni")
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_each_family_goes_through_the_vllm_omni_workers_path(family, request, monkeypatch):
+    """On vllm-omni's test double (tests/test_vllm_omni_engine_adapter.py): the worker loads the family's RL pipeline,
+    installs its engine attention with the served kernel (a stand-in here: CPU has no FA3) and none of Qwen-Image's
+    switches, and the engine's images, latents and log-probs are the diffusers engine's for the same seeds."""
+    from test_vllm_omni_engine_adapter import FakeAsyncOmni, make_engine, run
+
+    from verl_omni.rollout.engines import get_engine_class
+    from verl_omni.rollout.engines.vllm_omni import worker
+
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    monkeypatch.setattr(worker, "resolve_flash_attention", lambda: _sdpa_bshd)
+    monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
+    monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (32, 256))
+    guidance = {"flux": 1.0, "sd3": 3.0}[family]
+    params = _params(height=32, width=32, guidance_scale=guidance)
+    engine = make_engine(model_dir, lora={"lora_rank": 0, "pipeline": family})
+    (omni,) = FakeAsyncOmni.instances[-1:]
+    pipe = omni.worker.model_runner.pipeline.pipe
+    assert type(pipe).__name__ == {"flux": "FluxRLPipeline", "sd3": "SD3RLPipeline"}[family]
+    assert pipe.has_unmasked_attention_kernel
+    _sdpa_bshd.calls = 0
+    served = run(engine.generate(PROMPT, SEEDS, params))
+    assert _sdpa_bshd.calls > 0  # the engine's kernel ran in the rollout
+    reference = get_engine_class("diffusers")(
+        model_config(model_dir, lora_rank=0, pipeline=family), rollout_config(dtype="float32")
+    )
+    expected = run(reference.generate(PROMPT, SEEDS, params))
+    assert torch.equal(served.latents[:, 0], expected.latents[:, 0])
+    torch.testing.assert_close(served.latents, expected.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(served.log_probs, expected.log_probs, rtol=0, atol=1e-5)
+    assert (served.images.int() - expected.images.int()).abs().max() <= 1
+
+
+def test_the_engine_passes_each_family_only_the_attention_switches_it_takes():
+    from verl_omni.pipelines.flux.pipeline import FluxRLPipeline
+    from verl_omni.pipelines.qwen_image import QwenImageRLPipeline
+    from verl_omni.pipelines.sd3 import SD3RLPipeline
+    from verl_omni.rollout.engines.vllm_omni.worker import attention_options, family_attention_options
+
+    switches = attention_options({"qk_norm_rope_kernel": True, "qk_kernel_adds_lora": True})
+    assert family_attention_options(QwenImageRLPipeline, switches) == switches
+    assert family_attention_options(FluxRLPipeline, switches) == {}
+    assert family_attention_options(SD3RLPipeline, switches) == {}

@@ -145,7 +145,7 @@ def test_engine_attention_processor_computes_what_diffusers_computes(tiny_flux_d
     params = _params(guidance_scale=2.0)
     reference = pipe.rl_generate(PROMPT, SEEDS[:2], params)
     blocks = pipe.transformer.config.num_layers + pipe.transformer.config.num_single_layers
-    assert pipe.use_attention_function(_sdpa_bshd, qk_kernel=True) == blocks
+    assert pipe.use_attention_function(_sdpa_bshd) == blocks
     assert all(isinstance(p, FluxEngineAttnProcessor) for p in pipe.transformer.attn_processors.values())
     _sdpa_bshd.calls = 0
     pipe.rl_generate(PROMPT, SEEDS[:1], params)

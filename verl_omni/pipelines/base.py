@@ -24,8 +24,8 @@ what that algorithm's reference trainer does for this family: an algorithm's nul
 actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``).
 
 Optional: ``use_attention_function(attention_fn, **options)`` routes the transformer's attention through an
-engine's fused kernel (the vllm-omni engine calls it when present; ``options`` are the engine's switches, which a
-family may ignore), with ``has_unmasked_attention_kernel`` saying so.
+engine's fused kernel (the vllm-omni engine calls it when present), with ``has_unmasked_attention_kernel`` saying so;
+``ATTENTION_OPTIONS`` names the engine's attention switches it takes (None: all of them, Qwen-Image's processor).
 
 Requests are validated once, by the server (``verl_omni.rollout.request.validate_request``); a pipeline trusts
 its parameters. Only what the scheduler math itself rejects (e.g. one step with ``shift_terminal``) raises here,
@@ -76,6 +76,7 @@ class RLPipelineMixin:
     REQUIRES_POOLED: bool = False
     REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
     REPEATED_BLOCKS: ClassVar[tuple[str, ...]] = ()
+    ATTENTION_OPTIONS: ClassVar[Optional[tuple[str, ...]]] = None
 
     @property
     def has_unmasked_attention_kernel(self) -> bool:

@@ -20,6 +20,11 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)  # what flash kernels take
 KERNEL_HEAD_DIMS = (64, 256)  # the head dims FA3 serves (multiples of 8 in this range); others: SDPA
 
 
+def serves_dtype(dtype: torch.dtype) -> bool:
+    """Whether flash kernels take tensors of ``dtype``."""
+    return dtype in FLASH_DTYPES
+
+
 def kernel_applies(query: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> bool:
     """The fused kernel computes this call: no mask, a flash dtype, a head dim it takes, no gradient needed."""
     head_dim = query.shape[-1]
@@ -52,4 +57,4 @@ def install_processor(transformer: torch.nn.Module, kinds: tuple[type, ...], mak
     return len(modules)
 
 
-__all__ = ["AttentionFn", "FLASH_DTYPES", "attend", "install_processor", "kernel_applies"]
+__all__ = ["AttentionFn", "FLASH_DTYPES", "attend", "install_processor", "kernel_applies", "serves_dtype"]

@@ -33,7 +33,7 @@ from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
-from verl_omni.pipelines.engine_attention import FLASH_DTYPES, AttentionFn, install_processor
+from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.flux.attention import FluxEngineAttnProcessor
 from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
@@ -53,6 +53,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     # flow_grpo's FLUX trainer (yifan123/flow_grpo scripts/train_flux.py): no CFG branch (true CFG is off), and every
     # row trains, zero advantage or not. With true CFG on, gradients flow through both branches.
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
+    ATTENTION_OPTIONS = ()  # the engine's attention switches (Qwen-Image's q/k kernel, fused projections): none apply
     # The guidance embedding's input in every forward (the module doc says why it is not per request).
     distilled_guidance_scale: float = DISTILLED_GUIDANCE_SCALE
 
@@ -60,13 +61,11 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     @property
     def has_unmasked_attention_kernel(self) -> bool:
         """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
-        return getattr(self, "_attention_fn", None) is not None and self.transformer.dtype in FLASH_DTYPES
+        return getattr(self, "_attention_fn", None) is not None and serves_dtype(self.transformer.dtype)
 
-    def use_attention_function(self, attention_fn: AttentionFn, **options) -> int:
+    def use_attention_function(self, attention_fn: AttentionFn) -> int:
         """Route every attention module (double- and single-stream blocks) through :class:`FluxEngineAttnProcessor`
-        with ``attention_fn`` (an engine's fused kernel). ``options``: the engine's switches for Qwen-Image's
-        processor (q/k kernel, fused projections); FLUX's processor has none of them and ignores them. Returns the
-        number of modules changed."""
+        with ``attention_fn`` (an engine's fused kernel). Returns the number of modules changed."""
         self._attention_fn = attention_fn
         kinds = (FluxAttnProcessor, FluxEngineAttnProcessor)
         return install_processor(self.transformer, kinds, lambda: FluxEngineAttnProcessor(attention_fn))

@@ -53,6 +53,16 @@ def attention_options(opts: Mapping[str, Any]) -> dict[str, bool]:
     }
 
 
+def family_attention_options(pipeline_class: type, options: dict[str, bool]) -> dict[str, bool]:
+    """Of the engine's attention switches, those the family's ``use_attention_function`` takes (its class's
+    ``ATTENTION_OPTIONS``; None: all, Qwen-Image's processor). The model section holds one set of switches for every
+    family; FLUX's and SD3's processors take none."""
+    supported = getattr(pipeline_class, "ATTENTION_OPTIONS", None)
+    if supported is None:
+        return options
+    return {name: value for name, value in options.items() if name in supported}
+
+
 def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
     """Let the actor train through a transformer that vllm-omni also runs under ``torch.inference_mode``.
 
@@ -110,17 +120,13 @@ class VllmOmniRLPipeline(torch.nn.Module):
         use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
         if flash is not None:
-            options = attention_options(self.opts)
+            options = family_attention_options(type(pipe), attention_options(self.opts))
             blocks = pipe.use_attention_function(flash, **options)
             logger.info(
-                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), q/k Triton kernel %s "
-                "(LoRA added inside: %s), fused q/k/v projections %s, to_out over the joint output %s",
+                "verl_omni pipeline: %d attention modules use vllm-omni's flash attention (%s)%s",
                 blocks,
                 getattr(flash, "__module__", flash),
-                "on" if options["qk_kernel"] else "off",
-                "yes" if options["lora_in_kernel"] else "no",
-                "on" if options["fuse_projections"] else "off",
-                "on" if options["project_joint_output"] else "off",
+                "".join(f", {name}={'on' if on else 'off'}" for name, on in options.items()),
             )
         self.inductor_multi_kernel = bool(self.opts.get("inductor_multi_kernel", False))
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)
