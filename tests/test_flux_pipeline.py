@@ -125,6 +125,22 @@ def test_rollout_log_prob_equals_trainer_recomputation(flux_rl_pipe, true_cfg):
     assert len(errors) == 2 and max(errors) < 1e-5
 
 
+def test_prompt_truncation_is_counted_in_the_output(flux_rl_pipe, caplog):
+    """T5 cuts a prompt at max_sequence_length; the output says by how many tokens, our logs say it at DEBUG only."""
+    import logging
+
+    long_prompt, limit = "a very long prompt " * 4, 8
+    full = len(flux_rl_pipe.tokenizer_2(long_prompt).input_ids)
+    params = _params(num_inference_steps=2, sde_window_size=0, window_start=None, max_sequence_length=limit)
+    with caplog.at_level(logging.DEBUG, logger="verl_omni"):
+        out = flux_rl_pipe.rl_generate(long_prompt, SEEDS[:1], params)
+        short = flux_rl_pipe.rl_generate(PROMPT, SEEDS[:1], params.replace(max_sequence_length=64))
+    assert full > limit and out.truncated_prompt_tokens == full - limit and short.truncated_prompt_tokens == 0
+    assert out.prompt_embeds.shape[1] == limit  # T5's tokens only (CLIP gives the pooled embedding)
+    ours = [r for r in caplog.records if r.name.startswith("verl_omni")]
+    assert not [r for r in ours if r.levelno >= logging.WARNING]
+
+
 def _sdpa_bshd(q, k, v, causal=False, softmax_scale=None):
     """A stand-in for the engine's flash kernel ([B, S, H, D] in and out), counting its calls."""
     _sdpa_bshd.calls += 1
