@@ -86,7 +86,7 @@ def test_tiny_model_dir_builds_once_and_reuses(tmp_path):
     assert (Path(first) / "model_index.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [Path(first).name]  # no scratch directories left behind
     with pytest.raises(ValueError, match="kind"):
-        tiny_model_dir("flux", root=tmp_path)
+        tiny_model_dir("no_such_family", root=tmp_path)
 
 
 def test_full_width_transformer_config_matches_qwen_image():

@@ -505,7 +505,10 @@ def tiny_model_dir(kind: str, root: Optional[str | os.PathLike] = None) -> str:
     one. It is written to a scratch directory first and renamed into place, so readers never see half a model.
     """
     if kind not in TINY_BUILDERS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; allowed: {sorted(TINY_BUILDERS)}")
+        raise ValueError(
+            f"unknown tiny model kind {kind!r}; allowed: {sorted(TINY_BUILDERS)} (a family whose builder lives in its "
+            "pipeline package, e.g. flux, registers it when verl_omni.pipelines is imported)"
+        )
     root = Path(
         root or os.environ.get("VERL_OMNI_TINY_MODELS") or Path(tempfile.gettempdir()) / "verl_omni_tiny_models"
     )
