@@ -18,6 +18,13 @@ def tiny_sd3_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir():
+    from verl_omni.pipelines.tiny import tiny_model_dir
+
+    return tiny_model_dir("flux")
+
+
+@pytest.fixture(scope="session")
 def qwen_image_rl_pipe(tiny_qwen_image_dir):
     from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 
@@ -31,6 +38,15 @@ def sd3_rl_pipe(tiny_sd3_dir):
     from verl_omni.pipelines.sd3.pipeline import SD3RLPipeline
 
     pipe = SD3RLPipeline.from_pretrained(tiny_sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def flux_rl_pipe(tiny_flux_dir):
+    from verl_omni.pipelines.flux.pipeline import FluxRLPipeline
+
+    pipe = FluxRLPipeline.from_pretrained(tiny_flux_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

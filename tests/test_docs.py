@@ -101,6 +101,8 @@ def test_there_is_a_preset_per_shipped_recipe():
         "qwen_image_flowgrpo_ocr_lora",
         "qwen_image_mixgrpo_ocr_lora",
         "qwen_image_diffusion_nft_ocr_lora",
+        "flux_flowgrpo_ocr_lora",
+        "sd3_5_medium_flowgrpo_ocr_lora",
     } <= set(_presets())
 
 
@@ -109,7 +111,8 @@ def test_each_preset_composes_over_the_packaged_config_into_a_valid_config(name)
     preset = compose_preset(name)
     overrides = []
     if OmegaConf.is_missing(preset.actor_rollout_ref.model, "path"):
-        overrides.append("actor_rollout_ref.model.path=tiny:qwen_image")  # the recipe's required key, given
+        # the recipe's required key, given: the tiny model of its family
+        overrides.append(f"actor_rollout_ref.model.path=tiny:{preset.actor_rollout_ref.model.pipeline}")
     preset = compose_preset(name, overrides)
     packaged = compose_preset("flowgrpo_trainer", config_dir=PACKAGED)
     assert set(_leaves(preset)) == set(_leaves(packaged)), "a preset sets a key the packaged config does not have"

@@ -11,8 +11,9 @@ from collections import defaultdict
 PKG = pathlib.Path(__file__).resolve().parents[1] / "verl_omni"
 
 # Lowest first. registration.py / __init__.py / version.py sit on top: they wire the package into verl.
-# "families" is the part of pipelines/ that the config reads: the registry, and in each family's package everything
-# but its RL pipeline (pipeline.py), which reads the config (see _layer).
+# "families" is the part of pipelines/ that the config reads: the registry, and in each family's package its
+# declaration (__init__, options, standin); its RL pipeline (pipeline.py and what it uses) reads the config
+# (see _layer).
 LAYERS = [
     {"core"},
     {"schedulers", "models", "algorithms"},
@@ -66,14 +67,20 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+# A family package's modules that declare it (what the config reads); the others (pipeline.py, and what it uses, such
+# as an engine attention processor) are its RL pipeline.
+FAMILY_DECLARATION_MODULES = ([], ["options"], ["standin"])
+
+
 def _is_family_declaration(parts: list[str]) -> bool:
-    """``verl_omni.pipelines`` itself (and the names it exports), its ``registry``, and a family package's modules
-    other than its pipeline. ``parts``: the dotted name below ``verl_omni.pipelines``."""
+    """``verl_omni.pipelines`` itself (and the names it exports), its ``registry``, and a family package's
+    declaration modules (``__init__``, ``options``, ``standin``). ``parts``: the dotted name below
+    ``verl_omni.pipelines``."""
     if not parts:
         return True
     head = PKG / "pipelines" / parts[0]
     if head.is_dir():
-        return parts[1:2] != ["pipeline"]
+        return parts[1:2] in FAMILY_DECLARATION_MODULES
     if head.with_suffix(".py").is_file():
         return parts[0] == "registry"
     return True  # a name exported by verl_omni/pipelines/__init__.py

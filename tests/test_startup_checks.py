@@ -31,7 +31,9 @@ def test_a_tiny_model_of_another_family_than_the_pipeline_is_refused_naming_both
             make_config({"actor_rollout_ref.model.path": "tiny:sd3", "actor_rollout_ref.model.pipeline": "qwen_image"})
         )
     with pytest.raises(
-        ValueError, match=r"'tiny:no_such_family': no tiny model of that family; allowed: .*tiny:qwen_image, .*tiny:sd3"
+        ValueError,
+        match=r"'tiny:no_such_family': no tiny model of that family; allowed: "
+        r".*tiny:flux, .*tiny:qwen_image, .*tiny:sd3",
     ):
         ModelConfig(path="tiny:no_such_family")
     assert ModelConfig(path="tiny:sd3", pipeline="sd3").pipeline == "sd3"
@@ -139,7 +141,8 @@ def test_seeds_outside_int64_are_refused_in_the_config():
     sorted(os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(PRESETS, "*.yaml"))),
 )
 def test_the_shipped_recipes_fit_the_default_request_limits(preset):
-    cfg = compose_preset(preset, ["actor_rollout_ref.model.path=tiny:qwen_image"])
+    family = compose_preset(preset).actor_rollout_ref.model.pipeline
+    cfg = compose_preset(preset, [f"actor_rollout_ref.model.path=tiny:{family}"])  # the tiny model of its family
     rollout = FlowGRPOConfig.from_omega(cfg).actor_rollout_ref.rollout  # raises if a request would be refused
     assert rollout.n >= 8 and rollout.pipeline.num_inference_steps >= 6
 

@@ -36,3 +36,28 @@ def gpu_qwen_image_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("qwen_image_gpu")
     return build_tiny_qwen_image(str(path), seed=0, dtype=torch.bfloat16, num_layers=2, num_attention_heads=24)
+
+
+@pytest.fixture(scope="session")
+def gpu_flux_dir(tmp_path_factory):
+    """The tiny random FLUX (head dim 128, which FA3 takes) saved in bf16, as vllm-omni loads it."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import torch
+
+    from verl_omni.pipelines.flux.standin import build_tiny_flux
+
+    return build_tiny_flux(str(tmp_path_factory.mktemp("flux_gpu")), seed=0, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def gpu_sd3_dir(tmp_path_factory):
+    """The tiny random SD3.5 at SD3.5's head dim 64 (which FA3 takes), saved in bf16."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import torch
+
+    from verl_omni.pipelines.sd3.standin import build_tiny_sd3
+
+    path = str(tmp_path_factory.mktemp("sd3_gpu"))
+    return build_tiny_sd3(path, seed=0, dtype=torch.bfloat16, attention_head_dim=64)

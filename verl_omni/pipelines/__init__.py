@@ -9,6 +9,8 @@ model family.
 - ``model_inputs.py``: ``ModelInputs``, a conditioning prepared once for many forwards (CFG branches batched);
 - ``common.py``: per-sample randomness, the windowed SDE denoising loop, image conversion;
 - ``loading.py``: ``load_rl_pipeline``; ``tiny.py``: ``tiny_model_dir`` (``tiny:<family>`` model paths).
+- ``engine_attention.py``: attention through an engine's fused kernel, what a family's ``use_attention_function``
+  installs.
 """
 
 from verl_omni.pipelines.registry import (

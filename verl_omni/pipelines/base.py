@@ -18,8 +18,15 @@ XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
 
 and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the server checks requests against),
 ``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call),
-``REQUIRES_POOLED`` (pooled text embeddings are an input) and ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
-what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these).
+``REQUIRES_POOLED`` (pooled text embeddings are an input), ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
+what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these) and
+``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's and the
+actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``).
+
+Optional: ``use_attention_function(attention_fn, **options)`` routes the transformer's attention through an
+engine's fused kernel (the vllm-omni engine calls it when present), with ``has_unmasked_attention_kernel`` saying so;
+its keyword options are the family's own speed switches (its options section's ``attention_options()``; a family
+without an options section gets none).
 
 Requests are validated once, by the server (``verl_omni.rollout.request.validate_request``); a pipeline trusts
 its parameters. Only what the scheduler math itself rejects (e.g. one step with ``shift_terminal``) raises here,
@@ -69,6 +76,7 @@ class RLPipelineMixin:
     SUPPORTS_TEXT_MASK: bool = False
     REQUIRES_POOLED: bool = False
     REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    REPEATED_BLOCKS: ClassVar[tuple[str, ...]] = ()
 
     def text_encoder_components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's text encoders by component name (every module component whose name starts with

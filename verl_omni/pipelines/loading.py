@@ -48,6 +48,7 @@ def load_rl_pipeline(
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.requires_grad_(False)
+    name_repeated_blocks(pipe)
     if gelu_epilogue:
         use_gelu_epilogue(pipe.transformer)
     if lora is not None:
@@ -56,6 +57,14 @@ def load_rl_pipeline(
             if "lora_" in name:
                 param.data = param.data.to(lora_dtype)
     return pipe
+
+
+def name_repeated_blocks(pipe: Any) -> None:
+    """Give the transformer ``_repeated_blocks`` (what diffusers' ``compile_repeated_blocks`` and vllm-omni's regional
+    compile look up) from the pipeline class's ``REPEATED_BLOCKS`` when diffusers' class names none (SD3's)."""
+    blocks = tuple(getattr(type(pipe), "REPEATED_BLOCKS", ()))
+    if blocks and not getattr(pipe.transformer, "_repeated_blocks", None):
+        pipe.transformer._repeated_blocks = list(blocks)
 
 
 def loaded_class_names(pipeline: str) -> tuple[str, ...]:

@@ -18,12 +18,15 @@ from typing import Optional
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.model_inputs import TextInputs
+from verl_omni.pipelines.sd3.attention import SD3EngineAttnProcessor
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,22 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
     # detached in compute_log_prob, and rows whose advantage is 0 are dropped before the update. (Upstream later
     # dropped the detach, a482878 "fix cfg gradient detach"; set algorithm.flowgrpo.detach_unconditional=false.)
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": True, "drop_zero_advantage": True}}
+    # diffusers' SD3Transformer2DModel names no _repeated_blocks: its MMDiT blocks, for regional compile
+    REPEATED_BLOCKS = ("JointTransformerBlock",)
+
+    # ------------------------------------------------------------------------------------------ engine attention
+    @property
+    def has_unmasked_attention_kernel(self) -> bool:
+        """An engine's kernel is installed (``use_attention_function``) and takes this transformer's dtype."""
+        return getattr(self, "_attention_fn", None) is not None and serves_dtype(self.transformer.dtype)
+
+    def use_attention_function(self, attention_fn: AttentionFn) -> int:
+        """Route every attention module (the joint attention and SD3.5's image-only ``attn2``) through
+        :class:`SD3EngineAttnProcessor` with ``attention_fn`` (an engine's fused kernel). Returns the number
+        changed."""
+        self._attention_fn = attention_fn
+        kinds = (JointAttnProcessor2_0, SD3EngineAttnProcessor)
+        return install_processor(self.transformer, kinds, lambda: SD3EngineAttnProcessor(attention_fn))
 
     # ------------------------------------------------------------------------------------------ prompts
     def count_truncated_tokens(self, prompt: str, max_sequence_length: int) -> int:

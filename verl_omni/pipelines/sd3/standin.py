@@ -5,6 +5,7 @@ deterministically from a seed. Tiny SD3: VAE factor 8, 16 latent channels, patch
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -14,8 +15,12 @@ from verl_omni.models.tiny import _randomize_zero_params, _seeded_init, build_cl
 __all__ = ["SD35_SCHEDULER_CONFIG", "build_tiny_sd3"]
 
 
-def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
-    """Tiny random SD3.5-style pipeline (2 MMDiT layers with qk RMSNorm, two CLIPs + T5, 16-channel VAE)."""
+def build_tiny_sd3(
+    path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32, **transformer_overrides: Any
+) -> str:
+    """Tiny random SD3.5-style pipeline (2 MMDiT layers with qk RMSNorm, two CLIPs + T5, 16-channel VAE).
+    ``transformer_overrides``: ``SD3Transformer2DModel`` keyword arguments (e.g. ``attention_head_dim=64``, the
+    real head dim, which a GPU's FA3 takes; the tiny default is 32)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -43,21 +48,22 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = 
             pad_token_id=clip_tokenizer.pad_token_id,
         )
 
+    transformer_config = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=t5_hidden,
+        caption_projection_dim=64,
+        pooled_projection_dim=2 * clip_hidden,
+        pos_embed_max_size=32,
+        qk_norm="rms_norm",
+    )
     with _seeded_init(seed, torch.float32):
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=32,
-            num_attention_heads=2,
-            joint_attention_dim=t5_hidden,
-            caption_projection_dim=64,
-            pooled_projection_dim=2 * clip_hidden,
-            pos_embed_max_size=32,
-            qk_norm="rms_norm",
-        )
+        transformer = SD3Transformer2DModel(**{**transformer_config, **transformer_overrides})
     with _seeded_init(seed + 1, torch.float32):
         vae = AutoencoderKL(
             in_channels=3,

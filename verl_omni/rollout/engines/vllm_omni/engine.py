@@ -118,7 +118,7 @@ class VllmOmniEngine(DiffusionEngine):
             return_trajectory_latents=params.return_trajectory,
             extra_args={EXTRA_KEY: request_extra(seeds, params)},
         )
-        if params.guidance_scale > 1.0:  # Qwen-Image true CFG; the request-batch key includes it
+        if params.guidance_scale > 1.0:  # true CFG (any family); the request-batch key includes it
             kwargs["true_cfg_scale"] = float(params.guidance_scale)
             kwargs["guidance_scale"] = float(params.guidance_scale)
         return self._sampling_params_cls(**kwargs)

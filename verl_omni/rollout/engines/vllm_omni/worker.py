@@ -60,16 +60,23 @@ def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
 
     diffusers caches Qwen-Image's RoPE frequencies (``lru_cache`` on the RoPE module); the cache fills during a
     rollout, under inference mode, and autograd refuses inference tensors. A forward hook hands training calls
-    normal copies (a few KB). Remove when vllm-omni runs custom pipelines under ``no_grad`` instead.
+    normal copies (a few KB). The same hook sits on every family's ``pos_embed`` (FLUX's RoPE returns a pair, SD3's
+    patch embedding one tensor; neither caches, so it copies nothing there). Remove when vllm-omni runs custom
+    pipelines under ``no_grad`` instead.
     """
     rope = getattr(transformer, "pos_embed", None)
     if rope is None or getattr(rope, "_verl_omni_autograd_hook", False):
         return
 
+    def normal(t: Any) -> Any:
+        return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
     def normal_outputs(module, args, output):
         if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
             return None
-        return type(output)(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in output)
+        if isinstance(output, torch.Tensor):
+            return normal(output)
+        return type(output)(normal(t) for t in output)
 
     rope.register_forward_hook(normal_outputs)
     rope._verl_omni_autograd_hook = True
@@ -108,10 +115,10 @@ class VllmOmniRLPipeline(torch.nn.Module):
             options = attention_options(self.opts)
             blocks = pipe.use_attention_function(flash, **options)
             logger.info(
-                "verl_omni pipeline: %d attention blocks use vllm-omni's flash attention (%s), options %s",
+                "verl_omni pipeline: %d attention modules use vllm-omni's flash attention (%s)%s",
                 blocks,
                 getattr(flash, "__module__", flash),
-                options,
+                "".join(f", {name}={'on' if on else 'off'}" for name, on in options.items()),
             )
         self.inductor_multi_kernel = bool(self.opts.get("inductor_multi_kernel", False))
         self.rl_batch_sizes: deque[int] = deque(maxlen=1024)  # samples per rl_generate call (batching stats)

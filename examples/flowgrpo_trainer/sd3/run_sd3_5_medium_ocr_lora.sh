@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# FlowGRPO on Stable Diffusion 3.5 Medium with a LoRA and the OCR reward, rollouts on vllm-omni (one GPU; more with
+# trainer.n_gpus_per_node=N data.train_batch_size=2N, several nodes with RAY_ADDRESS and trainer.nnodes: README).
+#   SD3_PATH=/path/to/stable-diffusion-3.5-medium bash examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh [overrides]
+# Needs: pip install -e ".[vllm-omni]" on a CUDA machine. The settings (flow_grpo's general_ocr_sd3) live in the
+# preset configs/sd3_5_medium_flowgrpo_ocr_lora.yaml; extra Hydra overrides are passed through.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
+: "${SD3_PATH:?set SD3_PATH to a local stable-diffusion-3.5-medium pipeline directory}"
+DATA_DIR=${DATA_DIR:-$HOME/data/qwenimage_ocr}
+PYTHON=${PYTHON:-python}
+
+[ -f "$DATA_DIR/train.parquet" ] || "$PYTHON" "$REPO/examples/flowgrpo_trainer/data_process/qwenimage_ocr.py" --local_dir "$DATA_DIR"
+
+"$PYTHON" -m verl_omni.trainer.main_flowgrpo --config-dir "$REPO/configs" --config-name sd3_5_medium_flowgrpo_ocr_lora \
+  data.train_files="$DATA_DIR/train.parquet" \
+  data.val_files="$DATA_DIR/test.parquet" \
+  actor_rollout_ref.model.path="$SD3_PATH" \
+  "$@"

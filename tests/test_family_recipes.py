@@ -1,0 +1,73 @@
+"""The FLUX.1-dev and SD3.5-Medium GPU recipes: their presets compose into valid configs that carry flow_grpo's
+settings for the family (yifan123/flow_grpo config/grpo.py: pickscore_flux for FLUX, general_ocr_sd3 for SD3.5-M;
+scripts/train_flux.py / train_sd3.py for the LoRA, the prompt length and the EMA), and their scripts load them."""
+
+import os
+
+import pytest
+from helpers import compose_preset
+
+from verl_omni.config.trainer import FlowGRPOConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLUX_TARGETS = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)  # fmt: skip
+SD3_TARGETS = (
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
+    "attn.to_q", "attn.to_v",
+)  # fmt: skip
+
+
+def _parsed(name: str, family: str):
+    return FlowGRPOConfig.from_omega(compose_preset(name, [f"actor_rollout_ref.model.path=tiny:{family}"]))
+
+
+def test_the_flux_recipe_is_flow_grpos_flux_training():
+    cfg = _parsed("flux_flowgrpo_ocr_lora", "flux")
+    ref = cfg.actor_rollout_ref
+    model, actor, rollout = ref.model, ref.actor, ref.rollout
+    assert model.pipeline == "flux" and (model.lora_rank, model.lora_alpha) == (64, 128)
+    assert tuple(model.target_modules) == FLUX_TARGETS
+    assert (rollout.pipeline.height, rollout.pipeline.width, rollout.pipeline.num_inference_steps) == (512, 512, 6)
+    assert rollout.pipeline.true_cfg_scale == 1.0  # distilled guidance only (the pipeline's 3.5)
+    assert rollout.val_kwargs.num_inference_steps == 28 and rollout.pipeline.max_sequence_length == 128
+    assert rollout.n == 24 and rollout.algo.noise_level == 0.9
+    # timestep_fraction 0.99 of 6 steps: flow_grpo trains steps 0..4
+    assert (rollout.algo.sde_window_size, tuple(rollout.algo.sde_window_range)) == (5, (0, 0))
+    assert (actor.optim.lr, actor.clip_ratio, actor.kl_coef, actor.adv_clip_max) == (3e-4, 1e-4, 0.0, 5.0)
+    assert actor.ema.enable and (actor.ema.decay, actor.ema.update_interval) == (0.9, 8)
+    assert cfg.algorithm.name == "flowgrpo" and rollout.name == "vllm_omni"
+    assert [r["name"] for r in cfg.reward.rewards] == ["ocr"]
+
+
+def test_the_sd3_5_medium_recipe_is_flow_grpos_general_ocr_sd3():
+    cfg = _parsed("sd3_5_medium_flowgrpo_ocr_lora", "sd3")
+    ref = cfg.actor_rollout_ref
+    model, actor, rollout = ref.model, ref.actor, ref.rollout
+    assert model.pipeline == "sd3" and (model.lora_rank, model.lora_alpha) == (32, 64)
+    assert tuple(model.target_modules) == SD3_TARGETS
+    assert (rollout.pipeline.height, rollout.pipeline.width, rollout.pipeline.num_inference_steps) == (512, 512, 10)
+    assert rollout.pipeline.true_cfg_scale == 4.5 and rollout.pipeline.negative_prompt == ""
+    assert rollout.val_kwargs.num_inference_steps == 40 and rollout.pipeline.max_sequence_length == 128
+    assert rollout.n == 24 and rollout.algo.noise_level == 0.7
+    assert (rollout.algo.sde_window_size, tuple(rollout.algo.sde_window_range)) == (9, (0, 0))
+    assert (actor.optim.lr, actor.clip_ratio, actor.kl_coef) == (3e-4, 1e-4, 0.04)
+    assert actor.ema.enable and (actor.ema.decay, actor.ema.update_interval) == (0.9, 8)
+    assert cfg.algorithm.name == "flowgrpo" and rollout.name == "vllm_omni"
+
+
+@pytest.mark.parametrize(
+    "script, preset, path_variable",
+    [
+        ("examples/flowgrpo_trainer/flux/run_flux_ocr_lora.sh", "flux_flowgrpo_ocr_lora", "FLUX_PATH"),
+        ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh", "sd3_5_medium_flowgrpo_ocr_lora", "SD3_PATH"),
+    ],
+)
+def test_the_recipe_script_loads_its_preset_and_asks_for_the_model(script, preset, path_variable):
+    path = os.path.join(REPO, script)
+    text = open(path).read()
+    assert os.access(path, os.X_OK)
+    assert f"--config-name {preset}" in text and f'actor_rollout_ref.model.path="${path_variable}"' in text
+    assert f"${{{path_variable}:?" in text  # a clear error when the model directory is not given
