@@ -7,6 +7,7 @@ import os
 import pytest
 import ray
 from helpers import PRESETS, compose_preset, make_config
+from omegaconf import OmegaConf
 
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.trainer import FlowGRPOConfig
@@ -141,8 +142,10 @@ def test_seeds_outside_int64_are_refused_in_the_config():
     sorted(os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(PRESETS, "*.yaml"))),
 )
 def test_the_shipped_recipes_fit_the_default_request_limits(preset):
-    family = compose_preset(preset).actor_rollout_ref.model.pipeline
-    cfg = compose_preset(preset, [f"actor_rollout_ref.model.path=tiny:{family}"])  # the tiny model of its family
+    model = compose_preset(preset).actor_rollout_ref.model
+    # a recipe's required model path, given: the tiny model of its family; a preset with a path keeps it
+    overrides = [f"actor_rollout_ref.model.path=tiny:{model.pipeline}"] if OmegaConf.is_missing(model, "path") else []
+    cfg = compose_preset(preset, overrides)
     rollout = FlowGRPOConfig.from_omega(cfg).actor_rollout_ref.rollout  # raises if a request would be refused
     assert rollout.n >= 8 and rollout.pipeline.num_inference_steps >= 6
 
