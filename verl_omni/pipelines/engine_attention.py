@@ -1,5 +1,5 @@
 """Attention through an engine's fused kernel (vllm-omni's FA3) where it applies, diffusers' dispatcher elsewhere:
-what a family's ``use_attention_function`` installs (FLUX: ``flux/attention.py``; SD3: ``sd3/attention.py``).
+what a family's attention processor (``<family>/attention.py``) calls from its ``use_attention_function``.
 
 The kernel takes [B, S, H, D] tensors, no mask, bf16 / fp16 and has no backward: masked calls, float32, head dims
 past its limit and forwards that need a gradient (the hybrid engine's actor trains through the same modules) go
