@@ -1,10 +1,9 @@
 """``actor_rollout_ref.model``: which model family, from where, with which LoRA, and each family's own options.
 
 The section's fields are the generic ones plus one ``actor_rollout_ref.model.<family>`` sub-section per registered
-family that declares options (its ``ModelFamily.options_class``), so
-the YAML carries every family's defaults and a typo under any of them is refused by its dotted key. The class is
-assembled from the family registry (``model_config_class``): adding a family adds its section without touching
-this file."""
+family that declares options (its ``ModelFamily.options_class``), so the YAML carries every family's defaults and a
+typo under any of them is refused by its dotted key. The class is assembled from the family registry
+(``model_config_class``): adding a family adds its section without touching this file."""
 
 from __future__ import annotations
 
