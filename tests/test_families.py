@@ -152,3 +152,13 @@ def test_a_new_family_is_one_registered_class_with_its_options_section_and_tiny_
     finally:
         registry._FAMILIES.pop("echo_family", None)
         model_config_class()  # the module's ModelConfig without it again
+
+
+@pytest.mark.parametrize("name", ["qwen_image", "sd3", "flux"])
+def test_each_familys_real_size_stand_in_is_a_model_that_family_serves(name, tmp_path):
+    """The family's ``build_standin`` (on the meta device: configs, tokenizers and scheduler, no weights) writes a
+    pipeline directory whose ``model_index.json`` class the registry maps back to that family."""
+    path = get_family(name).build_standin(tmp_path / name, layers=1, device="meta")
+    assert family_for_model_dir(path) == name
+    with open(os.path.join(path, "standin.json")) as f:
+        assert json.load(f)["layers"] == 1

@@ -34,16 +34,10 @@ class QwenImageFamily(ModelFamily):
     def build_standin(
         path: str | os.PathLike, *, layers: Optional[int] = None, device: str = "cpu", dtype: Any = None
     ) -> str:
-        """Qwen-Image's transformer at its real width (60 layers unless ``layers``), VAE at its real size; the text
-        encoder is 3584 wide with 2 layers (``standin.build_qwen_image``)."""
+        """Qwen/Qwen-Image at its real size with random weights: every component (the 60-layer transformer, or
+        ``layers``; the Qwen2.5-VL-7B text encoder with its vision tower and vocabulary; the VAE)."""
         import torch
 
-        from verl_omni.pipelines.qwen_image.standin import QWEN_IMAGE_NUM_LAYERS, build_qwen_image
+        from verl_omni.models.standins import build_standin
 
-        return build_qwen_image(
-            path,
-            num_layers=layers or QWEN_IMAGE_NUM_LAYERS,
-            full_width=True,
-            device=device,
-            dtype=dtype or torch.bfloat16,
-        )
+        return build_standin("qwen_image", path, layers=layers, device=device, dtype=dtype or torch.bfloat16)
