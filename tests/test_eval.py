@@ -100,7 +100,8 @@ def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_imag
     assert job.rewards == [{"name": "ocr", "weight": 1.0}]
     job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--steps", "8", "--reward", "jpeg:0.5"]))
     assert job.protocol.num_inference_steps == 8 and job.protocol.guidance_scale == 4.5
-    assert job.rewards == [{"name": "jpeg", "weight": 0.5}]
+    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch == 2
+    assert job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--prefetch", "0"])).prefetch == 0
     with pytest.raises(ValueError, match="--reward-url"):
         job_from(parser().parse_args([*base, "--preset", "geneval"]))
     job = job_from(parser().parse_args([*base, "--preset", "geneval", "--reward-url", "http://127.0.0.1:1/score"]))
