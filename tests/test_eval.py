@@ -100,7 +100,8 @@ def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_imag
     assert job.rewards == [{"name": "ocr", "weight": 1.0}]
     job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--steps", "8", "--reward", "jpeg:0.5"]))
     assert job.protocol.num_inference_steps == 8 and job.protocol.guidance_scale == 4.5
-    assert job.rewards == [{"name": "jpeg", "weight": 0.5}]
+    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch == 2
+    assert job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--prefetch", "0"])).prefetch == 0
     with pytest.raises(ValueError, match="--reward-url"):
         job_from(parser().parse_args([*base, "--preset", "geneval"]))
     job = job_from(parser().parse_args([*base, "--preset", "geneval", "--reward-url", "http://127.0.0.1:1/score"]))
@@ -226,3 +227,75 @@ def test_a_failing_worker_stops_the_run_and_a_rerun_evaluates_what_is_missing(ti
     resumed = run_evaluation(job)
     assert resumed["timing"][-1]["prompts"] == 3 - len(kept["done"])
     assert resumed["per_prompt"] == reference["per_prompt"] and resumed["summary"] == reference["summary"]
+
+
+def test_scoring_overlaps_the_next_generation_and_the_report_is_the_serial_one(
+    tiny_qwen_image_dir, tmp_path, monkeypatch
+):
+    import threading
+
+    import verl_omni.eval.generate as generate_module
+
+    prompts = _prompt_file(tmp_path)
+    serial = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "serial"), SMALL, [{"name": "brightness"}])
+    reference = run_evaluation(EvalJob(**{**serial.__dict__, "prefetch": 0}))
+
+    # Prompt 0's images are saved only once the engine has started prompt 1: without overlap this never happens.
+    second_started, overlapped = threading.Event(), []
+    generate, save = DiffusersEngine.generate, generate_module.save_images
+
+    async def watched(self, prompt, seeds, params, request_id=None):
+        if prompt == PROMPTS[1]:
+            second_started.set()
+        return await generate(self, prompt, seeds, params, request_id)
+
+    def save_after_the_next_started(folder, index, images):
+        if index == 0:
+            overlapped.append(second_started.wait(timeout=60))
+        return save(folder, index, images)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", watched)
+    monkeypatch.setattr(generate_module, "save_images", save_after_the_next_started)
+    report = run_evaluation(EvalJob(**{**serial.__dict__, "out": str(tmp_path / "overlap"), "prefetch": 2}))
+    assert overlapped == [True]
+    assert report["per_prompt"] == reference["per_prompt"] and report["done"] == reference["done"] == [0, 1, 2]
+    assert report["summary"] == reference["summary"]
+    for row in report["per_prompt"]:  # the same images, byte for byte
+        for name in row["images"]:
+            assert (tmp_path / "overlap" / "images" / name).read_bytes() == (
+                tmp_path / "serial" / "images" / name
+            ).read_bytes()
+    with pytest.raises(ValueError, match="--prefetch must be an int >= 0"):
+        EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path), prefetch=-1)
+
+
+def test_a_failing_prompt_is_named_and_the_rows_before_it_are_kept(tiny_qwen_image_dir, tmp_path, monkeypatch):
+    prompts = _prompt_file(tmp_path)
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "out"), SMALL, [{"name": "brightness"}])
+    reference = run_evaluation(EvalJob(**{**job.__dict__, "out": str(tmp_path / "ref"), "prefetch": 0}))
+    report_path = tmp_path / "out" / REPORT_FILE
+
+    blocked = tmp_path / "out" / "images" / "00001_1.png"
+    blocked.mkdir(parents=True)  # prompt 1's second image cannot be written
+    with pytest.raises(RuntimeError, match=r"prompt 1 \('A cake.*IsADirectoryError"):
+        run_evaluation(job)
+    kept = json.loads(report_path.read_text())
+    assert kept["done"] == [0] and kept["per_prompt"] == reference["per_prompt"][:1]
+    blocked.rmdir()
+
+    # A generation failure: the prompts generated before it are scored and kept, then the error names the prompt.
+    generate = DiffusersEngine.generate
+
+    async def failing(self, prompt, seeds, params, request_id=None):
+        if prompt == PROMPTS[2]:
+            raise MemoryError("out of memory")
+        return await generate(self, prompt, seeds, params, request_id)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", failing)
+    with pytest.raises(RuntimeError, match=r"prompt 2 \('A mug.*MemoryError: out of memory"):
+        run_evaluation(job)
+    kept = json.loads(report_path.read_text())
+    assert kept["done"] == [0, 1] and kept["per_prompt"] == reference["per_prompt"][:2]
+    monkeypatch.setattr(DiffusersEngine, "generate", generate)
+    resumed = run_evaluation(job)
+    assert resumed["per_prompt"] == reference["per_prompt"] and resumed["timing"][-1]["prompts"] == 1

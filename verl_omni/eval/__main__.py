@@ -72,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
         help="worker processes, one engine on one GPU each (CUDA_VISIBLE_DEVICES), sharing the prompts; "
         "with --device cpu, CPU processes",
     )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=2,
+        help="prompts whose images may wait for saving and scoring while the engine generates the next; 0: serial",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompt-key", default="prompt")
     p.add_argument("--limit", type=int, help="evaluate only the first LIMIT prompts")
@@ -122,6 +128,7 @@ def job_from(args) -> EvalJob:
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
         gpus=args.gpus,
+        prefetch=args.prefetch,
     )
 
 

@@ -1,12 +1,15 @@
-"""One engine serving the evaluated policy, and the evaluation of one prompt on it: its images generated as one
-batch of ``images_per_prompt`` seeds, saved, and scored by the registered rewards."""
+"""One engine serving the evaluated policy, and the evaluation of prompts on it: each prompt's images generated as
+one batch of ``images_per_prompt`` seeds, then saved and scored by the registered rewards on a scoring thread while
+the engine generates the next prompt."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 from verl_omni.config.base import build
@@ -39,8 +42,26 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
     return get_engine_class(job.engine)(model, rollout)
 
 
+class PromptFailed(RuntimeError):
+    """The evaluation of one prompt failed (its generation, saving or scoring); ``index`` names it."""
+
+    def __init__(self, index: int, prompt: EvalPrompt, cause: BaseException) -> None:
+        super().__init__(f"prompt {index} ({prompt.text[:80]!r}): {type(cause).__name__}: {cause}")
+        self.index, self.cause = index, cause
+
+
 class PromptEvaluator:
-    """``evaluate(index, prompt)``: the report row of one prompt (its seeds, scores, image files, OCR readings)."""
+    """``rows(items)``: the report rows of ``(index, prompt)`` items (seeds, scores, image files, OCR readings), in
+    the items' order.
+
+    The engine generates one prompt at a time on this thread; each prompt's images are saved and scored on one
+    scoring thread, in order (the OCR recorder and the reward functions see one prompt at a time, as serially), while
+    the engine goes on with the next prompts. At most ``prefetch`` prompts wait for their scoring (0: serial). The
+    engine gets one call at a time: neither engine batches prompts of different text into one pipeline call
+    (diffusers serialises calls on its lock; the vllm-omni worker batches only requests of the same prompt and
+    parameters), so concurrent calls would not make larger batches, and would take prompts ahead of the other
+    ``--gpus`` workers.
+    """
 
     def __init__(self, job: EvalJob, loop: asyncio.AbstractEventLoop, engine) -> None:
         self.job, self.loop, self.engine = job, loop, engine
@@ -50,12 +71,35 @@ class PromptEvaluator:
         self.manager = RewardManager({"rewards": job.rewards}, reward_fns=fns)
         self.params = job.protocol.sampling_params()
 
-    def __call__(self, index: int, prompt: EvalPrompt) -> dict[str, Any]:
+    def rows(self, items: Iterable[tuple[int, EvalPrompt]]) -> Iterator[dict[str, Any]]:
+        """Rows in the items' order; a failure raises ``PromptFailed`` after the rows of the prompts before it."""
+        waiting: deque[tuple[int, EvalPrompt, Future]] = deque()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-eval-score")
+        try:
+            for index, prompt in items:
+                try:
+                    seeds, images = self._generate(index, prompt)
+                except BaseException:
+                    yield from self._drain(waiting)  # the prompts before this one keep their rows
+                    raise
+                waiting.append((index, prompt, pool.submit(self._score, index, prompt, seeds, images)))
+                while waiting and (len(waiting) > self.job.prefetch or waiting[0][2].done()):
+                    yield _finished(*waiting.popleft())  # rows leave as soon as scored, in order
+            yield from self._drain(waiting)
+        finally:  # after a failure: prompts queued behind it are dropped, the one being scored finishes first
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _generate(self, index: int, prompt: EvalPrompt):
         seeds = self.job.protocol.seeds(index)
-        output = self.loop.run_until_complete(
-            self.engine.generate(prompt.text, seeds, self.params, request_id=f"eval-{index}")
-        )
-        images = output.images.numpy()
+        try:
+            output = self.loop.run_until_complete(
+                self.engine.generate(prompt.text, seeds, self.params, request_id=f"eval-{index}")
+            )
+            return seeds, output.images.numpy()
+        except Exception as exc:
+            raise PromptFailed(index, prompt, exc) from exc
+
+    def _score(self, index: int, prompt: EvalPrompt, seeds: list[int], images) -> dict[str, Any]:
         n = len(seeds)
         result = self.manager(list(images), [prompt.text] * n, [prompt.metadata] * n)
         row = {
@@ -68,6 +112,18 @@ class PromptEvaluator:
         if "ocr" in self.names:
             row["ocr"] = self.recorder.take()
         return row
+
+    @staticmethod
+    def _drain(waiting: deque) -> Iterator[dict[str, Any]]:
+        while waiting:
+            yield _finished(*waiting.popleft())
+
+
+def _finished(index: int, prompt: EvalPrompt, future: Future) -> dict[str, Any]:
+    try:
+        return future.result()
+    except Exception as exc:
+        raise PromptFailed(index, prompt, exc) from exc
 
 
 @contextlib.contextmanager

@@ -32,10 +32,15 @@ class EvalJob:
     overwrite: bool = False
     progress: Optional[bool] = None  # tqdm's disable=None: a bar on a terminal only
     gpus: int = 1  # worker processes, one engine each (workers.py); 1: the engine runs in this process
+    prefetch: int = 2  # prompts whose images may wait for saving and scoring while the engine goes on; 0: serial
 
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
             raise ValueError(f"--gpus must be an int >= 1 (worker processes, one per GPU), got {self.gpus!r}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(
+                f"--prefetch must be an int >= 0 (prompts generated ahead of their scoring), got {self.prefetch!r}"
+            )
 
     def family(self) -> str:
         """The model family: ``pipeline``, or with auto the one serving the base's model_index.json."""

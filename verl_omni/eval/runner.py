@@ -1,7 +1,8 @@
 """Evaluate a base pipeline, or a checkpoint's adapter on it, over a prompt file with one protocol.
 
 Each prompt is one engine call of ``images_per_prompt`` seeds (a batch of B=N, as a rollout group), through the
-engine seam (``rollout.engines``: diffusers on CPU, vllm_omni on a GPU). Scores come from the registered rewards
+engine seam (``rollout.engines``: diffusers on CPU, vllm_omni on a GPU); its images are saved and scored while the
+engine generates the next prompts (``generate.PromptEvaluator``). Scores come from the registered rewards
 (``rewards.registry.RewardManager``), exactly as training and validation compute them. With ``gpus > 1`` the
 prompts are shared by that many worker processes, one engine each (workers.py); the report is the same.
 """
@@ -104,8 +105,7 @@ def _evaluate_prompts(
     """The pending prompts on one engine in this process."""
     with engine_session(job, adapter) as evaluate:
         start, images = time.perf_counter(), 0
-        for k, index in enumerate(pending):
-            row = evaluate(index, prompts[index])
+        for k, row in enumerate(evaluate.rows((index, prompts[index]) for index in pending)):
             add_row(report, row)
             images += len(row["seeds"])
             bar.update(1)

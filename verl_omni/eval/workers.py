@@ -1,10 +1,11 @@
 """Evaluation over several devices of one host: ``gpus`` worker processes, one engine each.
 
 Each worker is a spawned process started with ``CUDA_VISIBLE_DEVICES`` set to its one GPU (on ``--device cpu``,
-a CPU process). Workers take the pending prompts one at a time from a shared counter, save their images and send
-each prompt's report row to this process, which keeps the report, the progress bar and the timing. A prompt's
-seeds depend on its index only, so the report does not depend on how many workers made it. A worker that fails
-stops the run with its error, naming its device and prompt; the rows already received stay in the report.
+a CPU process). Workers take the pending prompts one at a time from a shared counter (the next one as soon as the
+engine is free, while the last one's images are saved and scored), and send each prompt's report row to this
+process, which keeps the report, the progress bar and the timing. A prompt's seeds depend on its index only, so the
+report does not depend on how many workers made it. A worker that fails stops the run with its error, naming its
+device and prompt; the rows already received stay in the report.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Optional
 
-from verl_omni.eval.generate import engine_session
+from verl_omni.eval.generate import PromptFailed, engine_session
 from verl_omni.eval.job import EvalJob
 from verl_omni.eval.prompts import EvalPrompt
 from verl_omni.eval.report import add_row, timing_entry, write_report
@@ -144,19 +145,26 @@ def _work(rank, job, adapter, prompts, pending, counter, results, go, parent) ->
     """A worker: build the engine, wait for the others, then evaluate prompts until none is left (or the parent
     process is gone)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    index = None
+    taken = [None]  # the prompt this worker took last
+
+    def items():
+        while os.getppid() == parent and (index := _next(counter, pending)) is not None:
+            taken[0] = index
+            results.put(("start", rank, index))
+            yield index, prompts[index]
+
     try:
         with engine_session(job, adapter) as evaluate:
             results.put(("ready", rank, None))
             while not go.wait(POLL_S):
                 if os.getppid() != parent:
                     return
-            while os.getppid() == parent and (index := _next(counter, pending)) is not None:
-                results.put(("start", rank, index))
-                results.put(("row", rank, evaluate(index, prompts[index])))
+            for row in evaluate.rows(items()):
+                results.put(("row", rank, row))
         results.put(("finished", rank, None))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which stops the run
-        error = {"index": index, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        index, cause = (exc.index, exc.cause) if isinstance(exc, PromptFailed) else (taken[0], exc)
+        error = {"index": index, "error": f"{type(cause).__name__}: {cause}", "traceback": traceback.format_exc()}
         results.put(("error", rank, error))
 
 
