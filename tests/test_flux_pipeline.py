@@ -87,6 +87,35 @@ def test_the_distilled_guidance_is_the_pipelines_and_reaches_every_forward(tiny_
     assert (stronger.latents[:, -1] - latents).abs().max() < 1e-5
 
 
+def test_the_configured_distilled_guidance_reaches_the_diffusers_engines_pipeline(tiny_flux_dir):
+    """actor_rollout_ref.model.flux.distilled_guidance_scale reaches the engine's pipeline: other images than the
+    default, the same as diffusers' FluxPipeline with that guidance_scale."""
+    from verl_omni.rollout.engines.diffusers import DiffusersEngine
+
+    params = _params(noise_level=0.0, sde_window_size=0, window_start=None)
+    default = DiffusersEngine(model_config(tiny_flux_dir, lora_rank=0), rollout_config())
+    engine = DiffusersEngine(
+        model_config(tiny_flux_dir, lora_rank=0, flux={"distilled_guidance_scale": 6.0}), rollout_config()
+    )
+    assert default.pipe.distilled_guidance_scale == DISTILLED_GUIDANCE_SCALE == 3.5
+    assert engine.pipe.distilled_guidance_scale == 6.0
+    ours = asyncio.run(engine.generate(PROMPT, SEEDS[:2], params))
+    theirs = asyncio.run(default.generate(PROMPT, SEEDS[:2], params))
+    assert (ours.images.int() - theirs.images.int()).abs().max() > 0
+    latents, images = _stock(engine.pipe, SEEDS[:2], params, distilled=6.0)
+    assert (ours.latents[:, -1] - latents).abs().max() < 1e-5
+    assert np.abs(ours.images.numpy().astype(int) - (images * 255).round().astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "3.5", True])
+def test_a_bad_distilled_guidance_is_refused_naming_the_key(bad):
+    from verl_omni.config.model import ModelConfig
+
+    key = r"actor_rollout_ref\.model\.flux\.distilled_guidance_scale"
+    with pytest.raises(ValueError, match=rf"{key}=.* must be a positive finite number"):
+        ModelConfig(path="tiny:flux", flux={"distilled_guidance_scale": bad})
+
+
 def test_batched_call_equals_single_calls_with_the_same_seeds(flux_rl_pipe):
     params = _params(guidance_scale=2.0)
     batched = flux_rl_pipe.rl_generate(PROMPT, SEEDS, params)
@@ -189,30 +218,42 @@ def test_rollout_through_the_diffusers_engine(tiny_flux_dir):
     assert "lora" in " ".join(n for n, _ in engine.pipe.transformer.named_parameters())  # the LoRA the actor trains
 
 
-def test_an_actor_update_starts_at_ratio_one_and_moves_the_lora(flux_rl_pipe, tiny_flux_dir):
-    """Rollout by one FluxRLPipeline, update by the actor's own copy (identity LoRA at start): the first ratios are
-    1 within 1e-4, and the update changes the LoRA."""
+@pytest.mark.parametrize("distilled", [None, 6.0])
+def test_an_actor_update_starts_at_ratio_one_and_moves_the_lora(tiny_flux_dir, distilled):
+    """Rollout by the diffusers engine's FluxRLPipeline, update by the actor's own copy (split placement; identity
+    LoRA at start), both from one model config: the first ratios are 1 within 1e-4 -- with a non-default distilled
+    guidance too, which both pipelines take from actor_rollout_ref.model.flux -- and the update changes the LoRA."""
     from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+    from verl_omni.rollout.engines.diffusers import DiffusersEngine
     from verl_omni.workers.actor import DiffusionLoRAActor
 
+    model = model_config(tiny_flux_dir, pipeline="flux")
+    if distilled is not None:
+        model = model_config(tiny_flux_dir, pipeline="flux", flux={"distilled_guidance_scale": distilled})
+    engine = DiffusersEngine(model, rollout_config())
     samples, prompts = [], ["a red cat", "text 'OK'"]
     for i, prompt in enumerate(prompts):
         params = _params(height=32, width=32, window_start=i)
-        samples += unpack_batch(flux_rl_pipe.rl_generate(prompt, [s + i for s in SEEDS[:2]], params))
+        out = asyncio.run(engine.generate(prompt, [s + i for s in SEEDS[:2]], params))
+        samples += unpack_batch(out)
     raw = np.empty(4, dtype=object)
     for i in range(4):
         raw[i] = [{"role": "user", "content": prompts[i // 2]}]
     uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
     data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
     actor = DiffusionLoRAActor(
-        model_config(tiny_flux_dir, pipeline="flux"),
+        model,
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2),
         rollout_config(),
         algorithm={"name": "flowgrpo", "flowgrpo": {}},
     )
+    expected = DISTILLED_GUIDANCE_SCALE if distilled is None else distilled
+    assert engine.pipe.distilled_guidance_scale == actor.pipe.distilled_guidance_scale == expected
+    assert actor.pipe is not engine.pipe
     before = actor.lora_state_dict()
     metrics = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
-    print(f"[FLUX] step-1 ratios [{metrics['actor/ratio_min']:.7f}, {metrics['actor/ratio_max']:.7f}]")
+    ratios = f"[{metrics['actor/ratio_min']:.7f}, {metrics['actor/ratio_max']:.7f}]"
+    print(f"[FLUX distilled guidance {expected}] step-1 ratios {ratios}")
     assert metrics["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["actor/grad_norm"] > 0

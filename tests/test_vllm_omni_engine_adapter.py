@@ -323,6 +323,21 @@ def test_attention_options_reach_the_worker_processor(fake_vllm_omni, tiny_qwen_
     assert [p.project_joint_output for p in processors] == [joint_output] * len(blocks)
 
 
+def test_flux_options_reach_the_worker_pipeline(fake_vllm_omni, tiny_flux_dir):
+    """actor_rollout_ref.model.flux travels as family_options and reaches the worker's FluxRLPipeline: the images
+    are the diffusers engine's with the same setting."""
+    from verl_omni.rollout.engines import get_engine_class
+
+    options = {"lora_rank": 0, "flux": {"distilled_guidance_scale": 6.0}}
+    engine = make_engine(tiny_flux_dir, lora=options)
+    (omni,) = FakeAsyncOmni.instances
+    assert omni.kwargs["custom_pipeline_args"]["verl_omni"]["family_options"] == {"distilled_guidance_scale": 6.0}
+    assert omni.worker.model_runner.pipeline.pipe.distilled_guidance_scale == 6.0
+    reference = get_engine_class("diffusers")(model_config(tiny_flux_dir, **options), rollout_config(dtype="float32"))
+    out, ref = run(engine.generate(PROMPT, [3], PARAMS)), run(reference.generate(PROMPT, [3], PARAMS))
+    assert torch.equal(out.images, ref.images) and torch.equal(out.latents, ref.latents)
+
+
 @pytest.mark.parametrize("multi_kernel", [False, True])
 def test_inductor_multi_kernel_is_set_only_while_the_rollout_runs(fake_vllm_omni, tiny_qwen_image_dir, multi_kernel):
     """model.inductor_multi_kernel holds while rl_generate runs (when vllm-omni compiles the rollout's graphs) and

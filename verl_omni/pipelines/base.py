@@ -23,6 +23,10 @@ what that algorithm's reference trainer does for this family: an algorithm's nul
 ``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's and the
 actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``).
 
+``apply_family_options(options)`` takes the family's own options section (``actor_rollout_ref.model.<family>``,
+None for a family without one); ``pipelines/loading.py`` calls it on every pipeline it loads (both engines' and the
+actor's). The default ignores it: a family whose options change what the pipeline computes overrides it.
+
 Optional: ``use_attention_function(attention_fn, **options)`` routes the transformer's attention through an
 engine's fused kernel (the vllm-omni engine calls it when present), with ``has_unmasked_attention_kernel`` saying so;
 its keyword options are the family's own speed switches (its options section's ``attention_options()``; a family
@@ -89,6 +93,10 @@ class RLPipelineMixin:
             for name, module in components.items()
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
         }
+
+    def apply_family_options(self, options: Any) -> None:
+        """Take the family's options section (``actor_rollout_ref.model.<family>``; None: the family has none or
+        the defaults). Nothing here: a family whose options change what its pipeline computes overrides this."""
 
     @property
     def has_unmasked_attention_kernel(self) -> bool:

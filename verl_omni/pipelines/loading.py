@@ -28,6 +28,7 @@ def load_rl_pipeline(
     lora: Optional[LoRASpec] = None,
     lora_dtype: torch.dtype = torch.float32,
     gelu_epilogue: bool = False,
+    family_options: Any = None,
 ) -> Any:
     """``get_pipeline_class(pipeline).from_pretrained(path)`` in ``dtype`` (on CPU), progress bars off, with a
     frozen transformer and, when ``lora`` is given, a peft adapter on it, its weights in ``lora_dtype``.
@@ -37,7 +38,10 @@ def load_rl_pipeline(
     A split-placement sync sends rollout-dtype values; a float32 adapter holds them exactly.
 
     ``gelu_epilogue``: the transformer's tanh GELUs computed in their GEMM's epilogue where nothing needs a
-    gradient (``models/gelu_epilogue.py``; ``actor_rollout_ref.model.gelu_epilogue``)."""
+    gradient (``models/gelu_epilogue.py``; ``actor_rollout_ref.model.gelu_epilogue``).
+
+    ``family_options``: the family's own options section (``ModelConfig.family_options``), handed to the
+    pipeline's ``apply_family_options``: the one place every engine's and actor's pipeline gets it."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"actor_rollout_ref.model.path={path!r} is not a directory (a diffusers pipeline "
@@ -47,6 +51,7 @@ def load_rl_pipeline(
     quiet_loading_bars()
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
+    pipe.apply_family_options(family_options)
     pipe.transformer.requires_grad_(False)
     name_repeated_blocks(pipe)
     if gelu_epilogue:

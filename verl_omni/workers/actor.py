@@ -92,7 +92,12 @@ class DiffusionLoRAActor:
         if pipe is None:
             # Only the transformer is needed: the VAE and text encoders stay on the CPU.
             pipe = load_rl_pipeline(
-                model.path, model.pipeline, actor.dtype, model.lora, gelu_epilogue=model.gelu_epilogue
+                model.path,
+                model.pipeline,
+                actor.dtype,
+                model.lora,
+                gelu_epilogue=model.gelu_epilogue,
+                family_options=model.family_options,
             )
             pipe.transformer.to(self.device)
         self.pipe = pipe

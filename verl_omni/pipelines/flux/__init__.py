@@ -1,7 +1,7 @@
 """FLUX.1-dev (``FluxPipeline``): the registered family. ``pipeline.py`` holds the RL pipeline (``FluxRLPipeline``,
 the diffusers ``FluxPipeline`` with the RL hooks), ``attention.py`` the processor that serves an engine's fused
 attention kernel, ``standin.py`` the tiny random pipeline; its real-size stand-in is FLUX.1-dev's in
-``models/standins``. It has no options of its own (its engine attention takes no switches).
+``models/standins``, ``options.py`` its options (``actor_rollout_ref.model.flux.*``: the distilled guidance).
 
 Cheap to import: the diffusers pipeline class loads only when ``pipeline_class()`` is called.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from verl_omni.pipelines.flux.options import FluxOptions
 from verl_omni.pipelines.registry import ModelFamily, register_family
 
 
@@ -18,7 +19,7 @@ from verl_omni.pipelines.registry import ModelFamily, register_family
 class FluxFamily(ModelFamily):
     name = "flux"
     diffusers_class_names = ("FluxPipeline",)
-    options_class = None
+    options_class = FluxOptions
 
     @staticmethod
     def pipeline_class() -> type:

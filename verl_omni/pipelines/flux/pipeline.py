@@ -2,8 +2,10 @@
 
 FLUX.1-dev is guidance-distilled: the guidance strength is an INPUT of the transformer (its guidance embedding),
 not a second branch. Every forward, rollout and training alike, passes ``distilled_guidance_scale`` (3.5, the
-default of ``FluxPipeline.__call__``'s ``guidance_scale`` and flow_grpo's FLUX configs). It is a property of the
-pipeline, not of a request, so the actor's recomputation always sees what the rollout saw.
+default of ``FluxPipeline.__call__``'s ``guidance_scale`` and flow_grpo's FLUX configs; configured as
+``actor_rollout_ref.model.flux.distilled_guidance_scale``, set on every loaded pipeline by
+``apply_family_options``). It is a property of the pipeline, not of a request, so the actor's recomputation always
+sees what the rollout saw.
 
 True classifier-free guidance is optional, as ``FluxPipeline``'s ``true_cfg_scale``: the sampling params'
 ``guidance_scale`` (the config's ``actor_rollout_ref.rollout.pipeline.true_cfg_scale``) above 1 adds the negative
@@ -35,13 +37,13 @@ from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.flux.attention import FluxEngineAttnProcessor
+from verl_omni.pipelines.flux.options import DISTILLED_GUIDANCE_SCALE, FluxOptions
 from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs limit (T5 tokens)
-DISTILLED_GUIDANCE_SCALE = 3.5  # FluxPipeline.__call__'s guidance_scale default; flow_grpo's FLUX configs
 
 
 class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
@@ -55,6 +57,11 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
     # The guidance embedding's input in every forward (the module doc says why it is not per request).
     distilled_guidance_scale: float = DISTILLED_GUIDANCE_SCALE
+
+    def apply_family_options(self, options: Optional[FluxOptions]) -> None:
+        """``actor_rollout_ref.model.flux``: the distilled guidance every forward passes (None: the default)."""
+        options = options or FluxOptions()
+        self.distilled_guidance_scale = options.distilled_guidance_scale
 
     # ------------------------------------------------------------------------------------------ engine attention
     @property

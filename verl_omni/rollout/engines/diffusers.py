@@ -31,7 +31,12 @@ class DiffusersEngine(DiffusionEngine):
     def __init__(self, model: ModelConfig, rollout: RolloutConfig):
         super().__init__(model, rollout)
         self.pipe = load_rl_pipeline(
-            model.path, model.pipeline, rollout.dtype, model.lora, gelu_epilogue=model.gelu_epilogue
+            model.path,
+            model.pipeline,
+            rollout.dtype,
+            model.lora,
+            gelu_epilogue=model.gelu_epilogue,
+            family_options=model.family_options,
         )
         self.pipe.to(rollout.device)
         if rollout.on_cuda:

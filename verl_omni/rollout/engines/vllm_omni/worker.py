@@ -43,15 +43,19 @@ def resolve_flash_attention() -> Optional[Any]:
     return fa.flash_attn_func
 
 
-def attention_options(opts: Mapping[str, Any]) -> dict[str, Any]:
-    """``use_attention_function``'s keyword options from the engine's pipeline options: the family's own options
-    section (``actor_rollout_ref.model.<pipeline>``, sent as ``family_options``) names them through its
-    ``attention_options()``; a family without one takes the pipeline's defaults."""
+def family_options(opts: Mapping[str, Any]) -> Optional[Any]:
+    """The family's own options section (``actor_rollout_ref.model.<pipeline>``, sent as ``family_options``) rebuilt
+    from the engine's pipeline options; None for a family without one."""
     family = get_family(opts["pipeline"])
     if family.options_class is None:
-        return {}
-    section = build(family.options_class, dict(opts.get("family_options") or {}))
-    to_kwargs = getattr(section, "attention_options", None)
+        return None
+    return build(family.options_class, dict(opts.get("family_options") or {}))
+
+
+def attention_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """``use_attention_function``'s keyword options from the engine's pipeline options: the family's options
+    section names them through its ``attention_options()``; a family without one takes the pipeline's defaults."""
+    to_kwargs = getattr(family_options(opts), "attention_options", None)
     return to_kwargs() if to_kwargs is not None else {}
 
 
@@ -108,6 +112,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
             dtype,
             lora,
             gelu_epilogue=bool(self.opts.get("gelu_epilogue", False)),
+            family_options=family_options(self.opts),
         )
         use_tf32_for_float32_matmuls()
         flash = resolve_flash_attention() if hasattr(pipe, "use_attention_function") else None
