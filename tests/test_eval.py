@@ -299,3 +299,26 @@ def test_a_failing_prompt_is_named_and_the_rows_before_it_are_kept(tiny_qwen_ima
     monkeypatch.setattr(DiffusersEngine, "generate", generate)
     resumed = run_evaluation(job)
     assert resumed["per_prompt"] == reference["per_prompt"] and resumed["timing"][-1]["prompts"] == 1
+
+
+def test_a_family_option_reaches_the_evaluation_engines_pipeline(tiny_flux_dir, tiny_sd3_dir, tmp_path):
+    """--family-option KEY=VALUE is the family's own section for the engine's pipeline (FLUX's distilled guidance
+    here), refused by its key before anything loads, and recorded with the report's model."""
+    from verl_omni.eval.generate import load_engine
+    from verl_omni.eval.runner import _header, check_family_options
+
+    base = ["--base", tiny_flux_dir, "--prompts", _prompt_file(tmp_path), "--out", str(tmp_path), "--reward", "jpeg"]
+    job = job_from(parser().parse_args([*base, "--family-option", "distilled_guidance_scale=6"]))
+    assert job.family_options == {"distilled_guidance_scale": 6}
+    engine = load_engine(job, None)
+    assert engine.pipe.distilled_guidance_scale == 6.0
+    assert _header(job, None, 1)["model"]["family_options"] == {"distilled_guidance_scale": 6}
+    assert load_engine(job_from(parser().parse_args(base)), None).pipe.distilled_guidance_scale == 3.5
+    bad = job_from(parser().parse_args([*base, "--family-option", "distilled_guidance_scale=-1"]))
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.model\.flux\.distilled_guidance_scale=-1"):
+        check_family_options(bad)
+    with pytest.raises(ValueError, match=r"must be KEY=VALUE"):
+        job_from(parser().parse_args([*base, "--family-option", "distilled_guidance_scale"]))
+    sd3 = EvalJob(tiny_sd3_dir, job.prompts, str(tmp_path), family_options={"distilled_guidance_scale": 6})
+    with pytest.raises(ValueError, match=r"the sd3 family has no options section"):
+        check_family_options(sd3)

@@ -63,6 +63,13 @@ def parser() -> argparse.ArgumentParser:
         default=AUTO,
         help="the model family (actor_rollout_ref.model.pipeline); auto: from the base's model_index.json",
     )
+    p.add_argument(
+        "--family-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the family's own section (actor_rollout_ref.model.<family>.KEY, e.g. FLUX's "
+        "distilled_guidance_scale=3.5); repeat for several; VALUE is read as YAML",
+    )
     p.add_argument("--engine", default="diffusers", choices=ENGINE_NAMES)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (with --gpus N: each worker's own GPU)")
     p.add_argument(
@@ -106,6 +113,19 @@ def rewards_from(args, preset: Optional[dict]) -> list[dict]:
     return rewards
 
 
+def family_options_from(items: Optional[list[str]]) -> dict:
+    """``--family-option KEY=VALUE`` flags as a dict, each VALUE read as YAML (``3.5`` a number, ``true`` a bool)."""
+    import yaml
+
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--family-option {item!r} must be KEY=VALUE (e.g. distilled_guidance_scale=3.5)")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def job_from(args) -> EvalJob:
     preset = PRESETS[args.preset] if args.preset else None
     protocol = preset["protocol"] if preset else EvalProtocol()
@@ -129,6 +149,7 @@ def job_from(args) -> EvalJob:
         progress=False if args.no_progress else None,
         gpus=args.gpus,
         prefetch=args.prefetch,
+        family_options=family_options_from(args.family_option),
     )
 
 

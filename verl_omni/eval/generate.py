@@ -37,6 +37,7 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
         lora_alpha=adapter.alpha if adapter else 16.0,
         target_modules=tuple(adapter.target_modules) if adapter else ModelConfig.target_modules,
         gelu_epilogue=job.device.startswith("cuda"),
+        **job.model_options(),
     )
     rollout = build(RolloutConfig, {"name": job.engine, "device": job.device, "dtype": job.dtype})
     return get_engine_class(job.engine)(model, rollout)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from verl_omni.eval.protocol import EvalProtocol
-from verl_omni.pipelines import AUTO, family_for_model_dir
+from verl_omni.pipelines import AUTO, family_for_model_dir, get_family
 
 
 @dataclass
@@ -33,6 +33,9 @@ class EvalJob:
     progress: Optional[bool] = None  # tqdm's disable=None: a bar on a terminal only
     gpus: int = 1  # worker processes, one engine each (workers.py); 1: the engine runs in this process
     prefetch: int = 2  # prompts whose images may wait for saving and scoring while the engine goes on; 0: serial
+    # The family's own options section (actor_rollout_ref.model.<family>, e.g. FLUX's distilled_guidance_scale) for
+    # the engine's pipeline; what a key leaves out keeps its default
+    family_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
@@ -41,6 +44,18 @@ class EvalJob:
             raise ValueError(
                 f"--prefetch must be an int >= 0 (prompts generated ahead of their scoring), got {self.prefetch!r}"
             )
+
+    def model_options(self) -> dict:
+        """``family_options`` as ``ModelConfig`` keywords (``{<family>: {...}}``; nothing when empty)."""
+        if not self.family_options:
+            return {}
+        family = self.family()
+        if get_family(family).options_class is None:
+            raise ValueError(
+                f"--family-option {sorted(self.family_options)}: the {family} family has no options section "
+                f"(actor_rollout_ref.model.{family})"
+            )
+        return {family: dict(self.family_options)}
 
     def family(self) -> str:
         """The model family: ``pipeline``, or with auto the one serving the base's model_index.json."""

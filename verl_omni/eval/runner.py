@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from verl_omni.config.model import ModelConfig
 from verl_omni.eval.generate import engine_session, reward_names
 from verl_omni.eval.job import EvalJob
 from verl_omni.eval.prompts import EvalPrompt, file_sha256, load_prompts
@@ -34,7 +35,7 @@ from verl_omni.eval.workers import evaluate_in_workers, worker_devices
 from verl_omni.export import TrainedAdapter, read_adapter
 from verl_omni.pipelines.loading import check_schedule, vae_scale_factor_of
 
-__all__ = ["EvalJob", "check_protocol_fits", "run_evaluation"]
+__all__ = ["EvalJob", "check_family_options", "check_protocol_fits", "run_evaluation"]
 
 
 def run_evaluation(job: EvalJob) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def run_evaluation(job: EvalJob) -> dict[str, Any]:
     adapter = read_adapter(job.checkpoint, job.weights, alpha=job.lora_alpha) if job.checkpoint else None
     prompts = load_prompts(job.prompts, job.prompt_key)[: job.limit]
     check_protocol_fits(job.protocol, job.base)
+    check_family_options(job)
     if job.gpus > 1:
         worker_devices(job.device, job.gpus)  # --device and --gpus agree: checked before any loading
     header = _header(job, adapter, len(prompts))
@@ -84,6 +86,13 @@ def check_protocol_fits(protocol: EvalProtocol, base: str) -> None:
         raise ValueError(f"evaluation protocol: {exc}") from None
 
 
+def check_family_options(job: EvalJob) -> None:
+    """Build the engine's model section from ``job.family_options`` before anything loads: a bad option is refused
+    by its key (``actor_rollout_ref.model.<family>.<key>``)."""
+    if job.family_options:
+        ModelConfig(path=job.base, pipeline=job.family(), lora_rank=0, **job.model_options())
+
+
 def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -> dict[str, Any]:
     return {
         "model": {
@@ -91,6 +100,7 @@ def _header(job: EvalJob, adapter: Optional[TrainedAdapter], num_prompts: int) -
             "pipeline": job.family(),
             "engine": job.engine,
             "dtype": job.dtype,
+            **({"family_options": dict(job.family_options)} if job.family_options else {}),
         },
         "checkpoint": adapter.info() if adapter else None,
         "protocol": job.protocol.to_dict(),
