@@ -110,6 +110,25 @@ def test_qwen_image_options_are_its_own_section_validated_by_the_family(key, def
     assert ModelConfig(path="tiny:sd3").family_options is None
 
 
+def test_flux_distilled_guidance_is_its_families_section_read_from_the_yaml():
+    """actor_rollout_ref.model.flux.distilled_guidance_scale: 3.5 in the packaged YAML, overridable, FLUX's
+    ``family_options``; the FLUX preset sets flow_grpo's value."""
+    from verl_omni.config.model import ModelConfig
+    from verl_omni.pipelines.flux.options import FluxOptions
+
+    parsed = FlowGRPOConfig.from_omega(make_config({"actor_rollout_ref.model.path": "tiny:flux"}))
+    assert parsed.actor_rollout_ref.model.family_options == FluxOptions(distilled_guidance_scale=3.5)
+    overridden = FlowGRPOConfig.from_omega(
+        make_config(
+            {"actor_rollout_ref.model.path": "tiny:flux", "actor_rollout_ref.model.flux.distilled_guidance_scale": 5}
+        )
+    )
+    assert overridden.actor_rollout_ref.model.family_options.distilled_guidance_scale == 5.0
+    assert ModelConfig(path="tiny:flux").family_options.distilled_guidance_scale == 3.5
+    with pytest.raises(ValueError, match=r"unknown config keys \['actor_rollout_ref.model.flux.guidance_scale'\]"):
+        build(FlowGRPOConfig, {"actor_rollout_ref": {"model": {"path": "tiny:flux", "flux": {"guidance_scale": 1}}}})
+
+
 def test_freezing_the_gc_heap_is_a_boolean_named_in_the_error():
     from verl_omni.config.actor import ActorConfig
 
