@@ -320,8 +320,20 @@ def test_full_fine_tuning_config_refusals_name_the_keys():
 
 @pytest.mark.e2e
 def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
-    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys, monkeypatch
 ):
+    from verl_omni.trainer.colocated_actor import ColocatedActorGroup
+
+    def no_weights_in_the_driver(self):
+        raise AssertionError("the driver fetched the full weights")
+
+    written = []
+    write_weights_file = ColocatedActorGroup.write_weights_file
+
+    def writing_rank0(self, path):
+        written.append(write_weights_file(self, path))
+        return written[-1]
+
     overrides = {
         "actor_rollout_ref.model.lora_rank": 0,
         "actor_rollout_ref.actor.optim.lr": 1e-4,
@@ -335,7 +347,12 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         assert "full fine-tuning memory plan: " in capsys.readouterr().out
-        history = trainer.fit()
+        # The saves: rank 0 writes the weights file; only its sha256 and size come back.
+        with monkeypatch.context() as m:
+            m.setattr(ColocatedActorGroup, "lora_state_dict", no_weights_in_the_driver)
+            m.setattr(ColocatedActorGroup, "write_weights_file", writing_rank0)
+            history = trainer.fit()
+        assert len(written) == 2 and all(isinstance(d, str) and isinstance(n, int) for d, n in written)
         assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0 and history[-1]["actor/weight_sync_s"] > 0
         weights = trainer.actor.lora_state_dict()
         unmoved = [k for k in start if torch.equal(weights[k], start[k])]
@@ -353,12 +370,16 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
         with open(tmp_path / "global_step_2" / "meta.json") as f:
             recorded = json.load(f)["files"]
         assert {"optim_shard_rank0.pt", "optim_shard_rank1.pt"} <= set(recorded)
+        assert recorded["lora.safetensors"] == written[-1][0]
     finally:
         trainer.shutdown()
     cfg3 = trainer_config(
         ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3}
     )
-    resumed = FlowGRPOTrainer(cfg3).init()
+    # The resume: every rank reads the verified weights file itself; the shape check reads its header.
+    with monkeypatch.context() as m:
+        m.setattr(ColocatedActorGroup, "lora_state_dict", no_weights_in_the_driver)
+        resumed = FlowGRPOTrainer(cfg3).init()
     try:
         assert resumed.global_step == 2
         again = resumed.actor.lora_state_dict()
@@ -458,6 +479,7 @@ def test_a_weights_file_the_driver_cannot_see_is_refused_and_no_checkpoint_is_le
 def test_full_weights_export_to_a_pipeline_directory_that_from_pretrained_loads(tiny_qwen_image_dir, tmp_path):
     from diffusers import QwenImagePipeline
 
+    from verl_omni.export import read_adapter
     from verl_omni.export.__main__ import main as export_main
     from verl_omni.trainer.checkpoint import lora_meta, save_checkpoint
 
@@ -466,6 +488,9 @@ def test_full_weights_export_to_a_pipeline_directory_that_from_pretrained_loads(
     meta = {"lora_checksum": tensors_checksum(weights), "lora": lora_meta(0, 16.0, [])}
     # The weights file as the hybrid engine's rank 0 writes it.
     save_checkpoint(str(tmp_path / "run"), 2, _Rank0WritesWeights(actor), actor.optimizer, meta)
+    # What the evaluation reads (verl_omni.eval's read_adapter): the weights by name, verified, rank 0.
+    adapter = read_adapter(str(tmp_path / "run"))
+    assert adapter.rank == 0 and adapter.checksum == meta["lora_checksum"]
     out = tmp_path / "exported"
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--base", tiny_qwen_image_dir, "--out", str(out)]) == 0
     loaded = QwenImagePipeline.from_pretrained(str(out)).transformer.state_dict()
