@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from verl_omni.core.weights_file import safetensors_shapes, write_safetensors_file
+from verl_omni.core.weights_file import safetensors_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +159,12 @@ def _write_checkpoint_files(
 ) -> None:
     # Every file through Python's open(): a full disk then raises OSError(ENOSPC) (as the cause of torch's error),
     # where the libraries' own C++ / Rust writers report it without an errno.
+    known = {}  # sha256 by name, of the files written by another process
     if callable(lora):
-        known = {LORA_FILE: _rank_written(tmp, LORA_FILE, *lora(os.path.join(tmp, LORA_FILE)))}
+        known[LORA_FILE] = _rank_written(tmp, LORA_FILE, *lora(os.path.join(tmp, LORA_FILE)))
     else:
-        known = {LORA_FILE: write_safetensors_file(os.path.join(tmp, LORA_FILE), lora)[0]}
+        with open(os.path.join(tmp, LORA_FILE), "wb") as f:
+            f.write(safetensors_bytes({k: v.contiguous() for k, v in lora.items()}))
     names = list(CHECKSUMMED_FILES)
     if ema is not None:
         with open(os.path.join(tmp, EMA_FILE), "wb") as f:
