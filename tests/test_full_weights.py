@@ -320,8 +320,20 @@ def test_full_fine_tuning_config_refusals_name_the_keys():
 
 @pytest.mark.e2e
 def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
-    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, capsys, monkeypatch
 ):
+    from verl_omni.trainer.colocated_actor import ColocatedActorGroup
+
+    def no_weights_in_the_driver(self):
+        raise AssertionError("the driver fetched the full weights")
+
+    written = []
+    write_weights_file = ColocatedActorGroup.write_weights_file
+
+    def writing_rank0(self, path):
+        written.append(write_weights_file(self, path))
+        return written[-1]
+
     overrides = {
         "actor_rollout_ref.model.lora_rank": 0,
         "actor_rollout_ref.actor.optim.lr": 1e-4,
@@ -335,7 +347,12 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
     trainer = FlowGRPOTrainer(cfg).init()
     try:
         assert "full fine-tuning memory plan: " in capsys.readouterr().out
-        history = trainer.fit()
+        # The saves: rank 0 writes the weights file; only its sha256 and size come back.
+        with monkeypatch.context() as m:
+            m.setattr(ColocatedActorGroup, "lora_state_dict", no_weights_in_the_driver)
+            m.setattr(ColocatedActorGroup, "write_weights_file", writing_rank0)
+            history = trainer.fit()
+        assert len(written) == 2 and all(isinstance(d, str) and isinstance(n, int) for d, n in written)
         assert len(history) == 2 and history[-1]["actor/grad_norm"] > 0 and history[-1]["actor/weight_sync_s"] > 0
         weights = trainer.actor.lora_state_dict()
         unmoved = [k for k in start if torch.equal(weights[k], start[k])]
@@ -353,12 +370,16 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
         with open(tmp_path / "global_step_2" / "meta.json") as f:
             recorded = json.load(f)["files"]
         assert {"optim_shard_rank0.pt", "optim_shard_rank1.pt"} <= set(recorded)
+        assert recorded["lora.safetensors"] == written[-1][0]
     finally:
         trainer.shutdown()
     cfg3 = trainer_config(
         ocr_data_files, tiny_qwen_image_dir, tmp_path, **overrides, **{"trainer.total_training_steps": 3}
     )
-    resumed = FlowGRPOTrainer(cfg3).init()
+    # The resume: every rank reads the verified weights file itself; the shape check reads its header.
+    with monkeypatch.context() as m:
+        m.setattr(ColocatedActorGroup, "lora_state_dict", no_weights_in_the_driver)
+        resumed = FlowGRPOTrainer(cfg3).init()
     try:
         assert resumed.global_step == 2
         again = resumed.actor.lora_state_dict()
@@ -375,21 +396,101 @@ def test_the_trainer_fine_tunes_every_weight_on_two_ranks_and_resumes(
 # ---------------------------------------------------------------- export
 
 
-def test_full_weights_export_to_a_pipeline_directory_that_from_pretrained_loads(tiny_qwen_image_dir, tmp_path):
-    from diffusers import QwenImagePipeline
-
-    from verl_omni.export.__main__ import main as export_main
-    from verl_omni.trainer.checkpoint import lora_meta, save_checkpoint
-
-    model, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
-    actor = DiffusionFullActor(model, actor_cfg, rollout)
+def _moved_actor(model_dir):
+    actor = DiffusionFullActor(*_configs(model_dir))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in actor.trainable:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return actor
+
+
+class _Rank0WritesWeights:
+    """What the hybrid engine's rank 0 does at a checkpoint (``ColocatedActorRank.save_weights_file``): writes the
+    weights file itself; only its sha256 and size reach the caller."""
+
+    def __init__(self, actor):
+        self.actor, self.returned = actor, []
+
+    def __call__(self, path):
+        from verl_omni.core.weights_file import write_safetensors_file
+
+        result = write_safetensors_file(path, self.actor.lora_state_dict())
+        self.returned.append(result)
+        return result
+
+
+def test_rank0_writes_the_weights_file_and_every_rank_reads_it_back_verified(tiny_qwen_image_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from verl_omni.trainer.checkpoint import (
+        DamagedCheckpointError,
+        check_lora_fits,
+        load_resumable_checkpoint,
+        lora_meta,
+        save_checkpoint,
+    )
+
+    actor = _moved_actor(tiny_qwen_image_dir)
+    weights = actor.lora_state_dict()
+    writer = _Rank0WritesWeights(actor)
+    path = save_checkpoint(str(tmp_path), 1, writer, actor.optimizer, {"lora": lora_meta(0, 16.0, [])})
+    # The driver got a checksum and a size, no tensor; it recorded them in meta.json like every file.
+    [(digest, size)] = writer.returned
+    assert isinstance(digest, str) and isinstance(size, int)
+    assert size == os.path.getsize(os.path.join(path, "lora.safetensors"))
+    with open(os.path.join(path, "meta.json")) as f:
+        assert json.load(f)["files"]["lora.safetensors"] == digest
+    # Resume: verified, the weights left on disk; the shape check reads the file's header.
+    loaded = load_resumable_checkpoint(str(tmp_path), "stop", weights_in_memory=False)
+    assert loaded.lora is None and loaded.lora_file == os.path.join(path, "lora.safetensors")
+    assert loaded.lora_shapes() == actor.weight_shapes()
+    check_lora_fits(loaded, lora_meta(0, 16.0, []), actor.weight_shapes())
+    # A rank reading the file: bit-identical weights.
+    fresh = DiffusionFullActor(*_configs(tiny_qwen_image_dir))
+    fresh.load_lora_state_dict(load_file(loaded.lora_file))
+    again = fresh.lora_state_dict()
+    assert set(again) == set(weights) and all(torch.equal(again[k], weights[k]) for k in weights)
+    # A changed shape is named from the header alone.
+    name = next(iter(weights))
+    shapes = {**actor.weight_shapes(), name: (1, 2, 3)}
+    with pytest.raises(ValueError, match=rf"{name} \[.*\] -> \[1, 2, 3\]"):
+        check_lora_fits(loaded, lora_meta(0, 16.0, []), shapes)
+    # One flipped byte in the weights file: refused, naming the file, before any rank reads it.
+    damaged = os.path.join(path, "lora.safetensors")
+    data = bytearray(open(damaged, "rb").read())
+    data[-1] ^= 0xFF
+    open(damaged, "wb").write(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=r"lora.safetensors: sha256 .* does not match"):
+        load_resumable_checkpoint(str(tmp_path), "stop", weights_in_memory=False)
+
+
+def test_a_weights_file_the_driver_cannot_see_is_refused_and_no_checkpoint_is_left(tmp_path):
+    from verl_omni.trainer.checkpoint import LATEST, save_checkpoint
+
+    def elsewhere(path):  # a rank whose filesystem is not the driver's: the file never appears in the driver's view
+        return "0" * 64, 123
+
+    with pytest.raises(RuntimeError, match=r"reported 123 bytes .* no file: trainer.default_local_dir must be one"):
+        save_checkpoint(str(tmp_path), 1, elsewhere, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    assert os.listdir(tmp_path) == [] and not os.path.exists(tmp_path / LATEST)
+
+
+def test_full_weights_export_to_a_pipeline_directory_that_from_pretrained_loads(tiny_qwen_image_dir, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from verl_omni.export import read_adapter
+    from verl_omni.export.__main__ import main as export_main
+    from verl_omni.trainer.checkpoint import lora_meta, save_checkpoint
+
+    actor = _moved_actor(tiny_qwen_image_dir)
     weights = actor.lora_state_dict()
     meta = {"lora_checksum": tensors_checksum(weights), "lora": lora_meta(0, 16.0, [])}
-    save_checkpoint(str(tmp_path / "run"), 2, weights, actor.optimizer, meta)
+    # The weights file as the hybrid engine's rank 0 writes it.
+    save_checkpoint(str(tmp_path / "run"), 2, _Rank0WritesWeights(actor), actor.optimizer, meta)
+    # What the evaluation reads (verl_omni.eval's read_adapter): the weights by name, verified, rank 0.
+    adapter = read_adapter(str(tmp_path / "run"))
+    assert adapter.rank == 0 and adapter.checksum == meta["lora_checksum"]
     out = tmp_path / "exported"
     assert export_main(["--checkpoint", str(tmp_path / "run"), "--base", tiny_qwen_image_dir, "--out", str(out)]) == 0
     loaded = QwenImagePipeline.from_pretrained(str(out)).transformer.state_dict()

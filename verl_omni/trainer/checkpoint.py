@@ -2,7 +2,8 @@
 
 ``<dir>/global_step_<k>/`` holds
 
-- ``lora.safetensors``: the adapter tensors;
+- ``lora.safetensors``: the adapter tensors; with full fine-tuning (``lora_rank=0``) the transformer's weights,
+  written by rank 0 itself (a ``WeightsWriter``), which returns only the file's sha256 and size to the driver;
 - ``ema.safetensors`` (with ``actor_rollout_ref.actor.ema.enable``): the policy EMA as adapter tensors under the same
   names (loadable as the adapter itself, the weights flow_grpo's checkpoints hold), its optimizer-step count in the
   file's metadata;
@@ -18,8 +19,9 @@ temporary directory and renamed, and the marker is replaced last, so a run kille
 checkpoint that resume would pick.
 
 Resume (:func:`load_resumable_checkpoint`) verifies before it trusts: every file's sha256 against ``meta.json``,
-then a safe read of each file. A damaged checkpoint (missing file, zeroed or truncated bytes, a foreign pickle)
-is named with the file and the reason; the newest intact older checkpoint is used instead
+then a safe read of each file (``weights_in_memory=False``: the weights file's header only, each rank then reads
+the file itself from the shared checkpoint directory). A damaged checkpoint (missing file, zeroed or truncated
+bytes, a foreign pickle) is named with the file and the reason; the newest intact older checkpoint is used instead
 (``trainer.resume_on_damage=fallback``) or the run stops (``stop``). Weights are never resumed unverified.
 """
 
@@ -34,14 +36,17 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+
+from verl_omni.core.weights_file import safetensors_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,10 @@ _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _TEMP_DIR = re.compile(r"^\.global_step_\d+\.")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
+# Writes the weights file at the path it is given (from the process that holds the weights: full fine-tuning's
+# rank 0) and returns (sha256 hex digest, size in bytes) of what it wrote.
+WeightsWriter = Callable[[str], tuple[str, int]]
+
 
 class DamagedCheckpointError(RuntimeError):
     """A checkpoint that failed verification; ``path``, ``file`` and ``reason`` say where and why."""
@@ -75,7 +84,7 @@ class Checkpoint:
 
     path: str
     step: int
-    lora: dict[str, torch.Tensor]
+    lora: Optional[dict[str, torch.Tensor]]  # None when read with weights_in_memory=False: see ``lora_file``
     optimizer_state: dict
     torch_rng: torch.Tensor
     numpy_rng: dict
@@ -83,6 +92,17 @@ class Checkpoint:
     meta: dict[str, Any]
     # The policy EMA ({"lora": tensors, "optimizer_steps": int}), None when the run saved none.
     ema: Optional[dict[str, Any]] = None
+
+    @property
+    def lora_file(self) -> str:
+        """The verified weights file, for the processes that read it themselves (full fine-tuning's ranks)."""
+        return os.path.join(self.path, LORA_FILE)
+
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The weights' shapes by name (from the file's header when the tensors were not read)."""
+        if self.lora is not None:
+            return {name: tuple(t.shape) for name, t in self.lora.items()}
+        return safetensors_shapes(self.lora_file)
 
     def restore(self, optimizer) -> None:
         """Load the optimizer state and every RNG state (the LoRA tensors are the caller's to load)."""
@@ -96,12 +116,14 @@ class Checkpoint:
 def save_checkpoint(
     root: str,
     step: int,
-    lora: dict[str, torch.Tensor],
+    lora: Union[dict[str, torch.Tensor], WeightsWriter],
     optimizer,
     meta: Optional[dict[str, Any]] = None,
     ema: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write ``<root>/global_step_<step>`` atomically and point the latest marker at it; returns its path.
+    ``lora``: the tensors, or a ``WeightsWriter`` that writes ``lora.safetensors`` into the temporary directory
+    itself (the directory must be visible to it: full fine-tuning's rank 0 on a shared filesystem).
     ``ema``: the policy EMA as the actor's ``ema_state_dict`` returns it (written to ``ema.safetensors``).
 
     A full disk (ENOSPC / EDQUOT anywhere in the error's chain: torch.save reports it as ``unexpected pos``) raises
@@ -128,12 +150,21 @@ def save_checkpoint(
 
 
 def _write_checkpoint_files(
-    tmp: str, step: int, lora: dict, optimizer, meta: Optional[dict[str, Any]], ema: Optional[dict[str, Any]]
+    tmp: str,
+    step: int,
+    lora: Union[dict, WeightsWriter],
+    optimizer,
+    meta: Optional[dict[str, Any]],
+    ema: Optional[dict[str, Any]],
 ) -> None:
     # Every file through Python's open(): a full disk then raises OSError(ENOSPC) (as the cause of torch's error),
     # where the libraries' own C++ / Rust writers report it without an errno.
-    with open(os.path.join(tmp, LORA_FILE), "wb") as f:
-        f.write(safetensors_bytes({k: v.contiguous() for k, v in lora.items()}))
+    known = {}  # sha256 by name, of the files written by another process
+    if callable(lora):
+        known[LORA_FILE] = _rank_written(tmp, LORA_FILE, *lora(os.path.join(tmp, LORA_FILE)))
+    else:
+        with open(os.path.join(tmp, LORA_FILE), "wb") as f:
+            f.write(safetensors_bytes({k: v.contiguous() for k, v in lora.items()}))
     names = list(CHECKSUMMED_FILES)
     if ema is not None:
         with open(os.path.join(tmp, EMA_FILE), "wb") as f:
@@ -155,7 +186,7 @@ def _write_checkpoint_files(
             {"numpy": _numpy_state_to_json(np.random.get_state()), "python": _python_state_to_json(random.getstate())},
             f,
         )
-    files = {name: _sha256(os.path.join(tmp, name)) for name in names}
+    files = {name: known.get(name) or _sha256(os.path.join(tmp, name)) for name in names}
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(
             {**(meta or {}), "global_step": step, "format_version": FORMAT_VERSION, "files": files},
@@ -163,6 +194,19 @@ def _write_checkpoint_files(
             indent=2,
             default=str,
         )
+
+
+def _rank_written(tmp: str, name: str, digest: str, size: int) -> str:
+    """The sha256 another process reports for the file it wrote into ``tmp``, once the file is there at its size."""
+    path = os.path.join(tmp, name)
+    on_disk = os.path.getsize(path) if os.path.isfile(path) else None
+    if on_disk != size:
+        raise RuntimeError(
+            f"the weights' writer reported {size} bytes for {path}, the driver sees "
+            f"{'no file' if on_disk is None else f'{on_disk} bytes'}: trainer.default_local_dir must be one "
+            "directory shared by the driver and the actor's ranks (a shared filesystem on several nodes)"
+        )
+    return digest
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -191,8 +235,10 @@ def _disk_full_error(root: str, final: str) -> OSError:
 
 
 # ------------------------------------------------------------------------------------------------ verify / read
-def read_checkpoint(path: str) -> Checkpoint:
-    """Verify ``path`` and read it into memory without changing any state. Raises DamagedCheckpointError."""
+def read_checkpoint(path: str, weights_in_memory: bool = True) -> Checkpoint:
+    """Verify ``path`` and read it into memory without changing any state. Raises DamagedCheckpointError.
+    ``weights_in_memory=False``: ``lora.safetensors`` is verified (checksum, then its header) but not read; the
+    caller's processes read ``Checkpoint.lora_file`` themselves."""
     meta = _read_meta(path)
     files = meta.get("files")
     if meta.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
@@ -219,7 +265,9 @@ def read_checkpoint(path: str) -> Checkpoint:
             )
     # Checksums can be rewritten along with the files: the reads below stay safe on their own.
     try:
-        lora = load_file(os.path.join(path, LORA_FILE))
+        lora = load_file(os.path.join(path, LORA_FILE)) if weights_in_memory else None
+        if lora is None:
+            safetensors_shapes(os.path.join(path, LORA_FILE))
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
         raise DamagedCheckpointError(path, LORA_FILE, f"not a readable safetensors file ({exc})") from None
     try:
@@ -269,8 +317,11 @@ def _read_ema(path: str) -> dict[str, Any]:
     return {"lora": tensors, "optimizer_steps": steps}
 
 
-def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optional[Checkpoint]:
+def load_resumable_checkpoint(
+    root: str, on_damage: str = "fallback", weights_in_memory: bool = True
+) -> Optional[Checkpoint]:
     """The newest intact checkpoint under ``root`` (verified, in memory), or None when there is none at all.
+    ``weights_in_memory``: as :func:`read_checkpoint`'s.
 
     A damaged one is reported (log + print) naming the file and the reason; then ``on_damage='fallback'``
     tries the next older one and says which it resumes from, ``'stop'`` raises DamagedCheckpointError.
@@ -283,7 +334,7 @@ def load_resumable_checkpoint(root: str, on_damage: str = "fallback") -> Optiona
     for step in candidates:
         path = os.path.join(root, f"global_step_{step}")
         try:
-            checkpoint = read_checkpoint(path) if os.path.isdir(path) else _missing(path)
+            checkpoint = read_checkpoint(path, weights_in_memory) if os.path.isdir(path) else _missing(path)
         except DamagedCheckpointError as exc:
             _say(f"{exc}", level=logging.ERROR)
             if on_damage == "stop":
@@ -405,11 +456,12 @@ def check_lora_fits(checkpoint: Checkpoint, lora: dict[str, Any], expected_shape
             if key in saved and saved[key] != lora[key]:
                 name = "target_modules" if key == "target_modules" else f"lora_{key}"
                 changed.append(f"actor_rollout_ref.model.{name}={lora[key]!r} (the checkpoint's: {saved[key]!r})")
-    names, saved_names = set(expected_shapes), set(checkpoint.lora)
+    saved_shapes = checkpoint.lora_shapes()
+    names, saved_names = set(expected_shapes), set(saved_shapes)
     shapes = [
-        f"{k} {list(checkpoint.lora[k].shape)} -> {list(expected_shapes[k])}"
+        f"{k} {list(saved_shapes[k])} -> {list(expected_shapes[k])}"
         for k in sorted(names & saved_names)
-        if tuple(checkpoint.lora[k].shape) != tuple(expected_shapes[k])
+        if tuple(saved_shapes[k]) != tuple(expected_shapes[k])
     ]
     tensors = [
         f"{what}: {_short(sorted(keys))}"

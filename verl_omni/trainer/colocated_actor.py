@@ -117,6 +117,19 @@ class ColocatedActorGroup:
         )
         return names
 
+    # Full fine-tuning's weights: a file rank 0 writes and every rank reads, in the (shared) checkpoint directory.
+    def write_weights_file(self, path: str) -> tuple[str, int]:
+        """Rank 0 writes the weights into ``path``; only (sha256, size in bytes) comes back to the driver."""
+        return ray.get(self.servers[0].actor_call.remote("save_weights_file", path))
+
+    def load_weights_file(self, path: str) -> None:
+        """Every rank reads the (verified) weights file itself."""
+        self._all("load_weights_file", path)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes a checkpoint's weights must have, by name (no weights cross to the driver)."""
+        return ray.get(self.servers[0].actor_call.remote("weight_shapes"))
+
     def load_optimizer_state_dict(self, state: dict) -> None:
         if SHARD_FILES in state:  # a checkpoint's shard files, verified: each rank reads its own
             self._load_shards("load_optimizer_shard", state[SHARD_FILES])

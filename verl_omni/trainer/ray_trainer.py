@@ -244,13 +244,24 @@ class FlowGRPOTrainer:
 
     def _maybe_resume(self) -> None:
         # Verified before anything is loaded; a damaged newest checkpoint is named, then skipped or fatal.
-        checkpoint = load_resumable_checkpoint(self.output_dir, self.config.trainer.resume_on_damage)
+        # Full fine-tuning: the weights file is verified here, then every rank reads it itself (no weights in
+        # the driver); the shape check reads the file's header.
+        full = self.full_weights
+        checkpoint = load_resumable_checkpoint(
+            self.output_dir, self.config.trainer.resume_on_damage, weights_in_memory=not full
+        )
         if checkpoint is None:
             return
         # A changed lora_rank / alpha / target_modules is named here, not as a size mismatch inside a rank.
-        expected = {name: tensor.shape for name, tensor in self.actor.lora_state_dict().items()}
+        if full:
+            expected = self.actor.weight_shapes()
+        else:
+            expected = {name: tensor.shape for name, tensor in self.actor.lora_state_dict().items()}
         check_lora_fits(checkpoint, self._lora_meta(), expected)
-        self.actor.load_lora_state_dict(checkpoint.lora)
+        if full:
+            self.actor.load_weights_file(checkpoint.lora_file)
+        else:
+            self.actor.load_lora_state_dict(checkpoint.lora)
         checkpoint.restore(self.actor.optimizer)
         self._resume_ema(checkpoint)
         self.global_step = checkpoint.step
@@ -259,6 +270,11 @@ class FlowGRPOTrainer:
         if past_total:
             logger.warning(past_total)
             print(f"[verl_omni] {past_total}")
+
+    @property
+    def full_weights(self) -> bool:
+        """Full fine-tuning (``lora_rank=0``, hybrid engine): the ranks write and read the weights file themselves."""
+        return self.config.actor_rollout_ref.model.lora_rank == 0
 
     @property
     def ema_enabled(self) -> bool:
@@ -550,7 +566,7 @@ class FlowGRPOTrainer:
         return save_checkpoint(
             self.output_dir,
             step,
-            self.actor.lora_state_dict(),
+            self.actor.write_weights_file if self.full_weights else self.actor.lora_state_dict(),
             self.actor.optimizer,
             {"lora_checksum": self.last_lora_checksum, "lora": self._lora_meta()},
             ema=self.actor.ema_state_dict() if self.ema_enabled else None,

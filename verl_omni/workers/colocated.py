@@ -16,6 +16,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.weights_file import write_safetensors_file
 from verl_omni.workers.full_actor import make_actor
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.text_encoder_offload import PoolSegments, TextEncoderOffload, offload_enabled
@@ -30,6 +31,9 @@ ACTOR_VERBS = (
     "load_optimizer_state_dict",
     "save_optimizer_shard",
     "load_optimizer_shard",
+    "save_weights_file",
+    "load_weights_file",
+    "weight_shapes",
     "lora_checksum",
     "lora_matches_rank0",
     "swap_in_ema",
@@ -119,6 +123,20 @@ class ColocatedActorRank:
 
     def load_optimizer_shard(self, path: str) -> None:
         self.actor.load_optimizer_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    # ... and rank 0 writes the weights file, which every rank reads back on resume (no weights through the driver).
+    def save_weights_file(self, path: str) -> tuple[str, int]:
+        """The weights into ``path`` (safetensors); (sha256, size in bytes) for the checkpoint's meta."""
+        return write_safetensors_file(path, self.actor.lora_state_dict())
+
+    def load_weights_file(self, path: str) -> None:
+        """The weights from ``path`` (a checkpoint's file, verified by the driver before this is called)."""
+        from safetensors.torch import load_file
+
+        self.load_lora_state_dict(load_file(path))
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.actor.weight_shapes()
 
     def lora_checksum(self) -> str:
         return self.actor.lora_checksum()

@@ -62,6 +62,10 @@ class DiffusionFullActor(DiffusionLoRAActor):
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True) for name, p in self.transformer.named_parameters()}
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each weight's shape by name (what a checkpoint must hold), without copying any weight."""
+        return {name: tuple(p.shape) for name, p in self.transformer.named_parameters()}
+
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         params = dict(self.transformer.named_parameters())
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
