@@ -165,3 +165,16 @@ def write_report(report: dict, out: str) -> None:
     with open(out, "w") as f:
         f.write(text)
     log(f"wrote {out}")
+
+
+def append_run(record: dict, out: str) -> None:
+    """Append one run's record to ``out``, a JSON list (created with its folders when missing)."""
+    runs = []
+    if os.path.exists(out):
+        with open(out) as f:
+            runs = json.load(f)
+    runs.append(record)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(runs, f, indent=1)
+    log(f"appended to {out}")

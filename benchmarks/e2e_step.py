@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log, model_summary  # noqa: E402
+from bench_common import append_run, build_model, log, model_summary  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,10 +125,17 @@ def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
     }
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    for item in args.set:  # a variant of the recipe: key=value (YAML value)
+    apply_sets(cfg, args.set)
+    return cfg
+
+
+def apply_sets(cfg, items: list[str]) -> None:
+    """A variant of the recipe: each ``KEY=VALUE`` (the value read as YAML) set in ``cfg``."""
+    from omegaconf import OmegaConf
+
+    for item in items:
         key, value = item.split("=", 1)
         OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
-    return cfg
 
 
 def main() -> None:
@@ -236,15 +243,7 @@ def main() -> None:
     record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key e2e_single_gpu.json's readers use
     record["peak_mem_gb_by_gpu"] = {str(k): v * 1.048576e-3 for k, v in sorted(memory.peak_mib.items())}
     log(json.dumps({k: v for k, v in record.items() if k != "steps"}))
-    runs = []
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            runs = json.load(f)
-    runs.append(record)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(runs, f, indent=1)
-    log(f"appended to {args.out}")
+    append_run(record, args.out)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import build_model, log, model_summary  # noqa: E402
-from e2e_step import REPO, recipe_config  # noqa: E402
+from bench_common import append_run, build_model, log, model_summary  # noqa: E402
+from e2e_step import REPO, apply_sets, recipe_config  # noqa: E402
 
 # Each algorithm's settings on top of the e2e recipe (512² there; --resolution here): FlowGRPO as the OCR recipe;
 # MixGRPO-Flash with its window sliding every 5 steps so a short run sees it move; DiffusionNFT as its preset
@@ -76,11 +76,7 @@ def train(args, model_dir: str, work_dir: str) -> tuple[list[dict], str, Any]:
     }
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        import yaml
-
-        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    apply_sets(cfg, args.set)  # the user's overrides last
     trainer = FlowGRPOTrainer(cfg)
     try:
         trainer.init()
@@ -175,15 +171,7 @@ def main() -> None:
         "overrides": {**ALGORITHMS[args.algorithm], **dict(s.split("=", 1) for s in args.set)},
     }
     log(json.dumps({k: v for k, v in record.items() if k != "reward_by_step"}))
-    runs = []
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            runs = json.load(f)
-    runs.append(record)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(runs, f, indent=1)
-    log(f"appended to {args.out}")
+    append_run(record, args.out)
 
 
 if __name__ == "__main__":
