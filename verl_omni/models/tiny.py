@@ -71,6 +71,26 @@ def build_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def tiny_clip_text_config(tokenizer, hidden: int):
+    """A 2-layer, 4-head CLIP text encoder of width ``hidden`` over ``tokenizer`` (77 positions, as CLIP): the tiny
+    models' CLIP-L / bigG."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_t5_tokenizer():
     """T5Tokenizer (Unigram) over single printable ASCII characters; anything else maps to <unk>."""
     from transformers import T5Tokenizer

@@ -15,30 +15,18 @@ from typing import Any
 import torch
 
 from verl_omni.models.standins import flux_1_dev
-from verl_omni.models.tiny import _randomize_zero_params, _seeded_init, build_clip_tokenizer, build_t5_tokenizer
+from verl_omni.models.tiny import (
+    _randomize_zero_params,
+    _seeded_init,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    tiny_clip_text_config,
+)
 
 # The published scheduler and VAE latent scaling (black-forest-labs/FLUX.1-dev scheduler/ and vae/config.json)
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = flux_1_dev.SCHEDULER
 
 CLIP_HIDDEN, T5_HIDDEN = 32, 64
-
-
-def _clip_config(tokenizer):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_HIDDEN,
-        intermediate_size=2 * CLIP_HIDDEN,
-        projection_dim=CLIP_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def _t5_config(tokenizer):
@@ -95,7 +83,7 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype =
             use_post_quant_conv=False,
         )
     with _seeded_init(seed + 2, torch.float32):
-        text_encoder = CLIPTextModel(_clip_config(clip_tokenizer))
+        text_encoder = CLIPTextModel(tiny_clip_text_config(clip_tokenizer, CLIP_HIDDEN))
     with _seeded_init(seed + 3, torch.float32):
         text_encoder_2 = T5EncoderModel(_t5_config(t5_tokenizer))
     for offset, module in enumerate((transformer, vae, text_encoder, text_encoder_2)):

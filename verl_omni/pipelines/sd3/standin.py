@@ -10,7 +10,13 @@ from typing import Any
 import torch
 
 from verl_omni.models.standins.sd3_5_medium import SD35_SCHEDULER_CONFIG
-from verl_omni.models.tiny import _randomize_zero_params, _seeded_init, build_clip_tokenizer, build_t5_tokenizer
+from verl_omni.models.tiny import (
+    _randomize_zero_params,
+    _seeded_init,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    tiny_clip_text_config,
+)
 
 __all__ = ["SD35_SCHEDULER_CONFIG", "build_tiny_sd3"]
 
@@ -27,26 +33,11 @@ def build_tiny_sd3(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
     clip_hidden, t5_hidden = 32, 64  # T5 width >= the two CLIP widths concatenated (the pipeline pads CLIP to it)
-
-    def clip_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            projection_dim=hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
 
     transformer_config = dict(
         sample_size=8,
@@ -81,9 +72,9 @@ def build_tiny_sd3(
             use_post_quant_conv=False,
         )
     with _seeded_init(seed + 2, torch.float32):
-        text_encoder = CLIPTextModelWithProjection(clip_config(clip_hidden))
+        text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer, clip_hidden))
     with _seeded_init(seed + 3, torch.float32):
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config(clip_hidden))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer, clip_hidden))
     with _seeded_init(seed + 4, torch.float32):
         text_encoder_3 = T5EncoderModel(
             T5Config(
