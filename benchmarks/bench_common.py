@@ -34,7 +34,7 @@ def measured_bf16_peak_tflops() -> float:
 
 
 def transformer_flops_per_image(cfg: dict, image_tokens: int, text_tokens: int, steps: int, cfg_passes: int) -> float:
-    layers = cfg["num_layers"]
+    layers = cfg["num_layers"] + cfg.get("num_single_layers", 0)  # FLUX: double- and single-stream blocks
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     seq = image_tokens + text_tokens
     per_forward = 2 * (12 * layers * width**2) * seq + layers * 4 * seq**2 * width
@@ -72,26 +72,34 @@ def component_params(model_dir: str) -> dict[str, int]:
 _BUILD_IN_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import bench_common as b; b._build(*sys.argv[2:])"
 
 
-def _build(path: str, layers: str, device: str, light_text_encoder: str) -> None:
+def _build(path: str, layers: str, device: str, light_text_encoder: str, family: str = "qwen_image") -> None:
     import torch
 
+    depth = None if layers == "full" else int(layers)
     if light_text_encoder == "1":
         from verl_omni.pipelines.qwen_image.standin import build_qwen_image
 
-        build_qwen_image(path, num_layers=int(layers), full_width=True, seed=0, dtype=torch.bfloat16, device=device)
+        build_qwen_image(path, num_layers=depth or 60, full_width=True, seed=0, dtype=torch.bfloat16, device=device)
     else:
         from verl_omni.models.standins import build_standin
 
-        build_standin("qwen_image", path, layers=int(layers), device=device, dtype=torch.bfloat16, seed=0)
+        build_standin(family, path, layers=depth, device=device, dtype=torch.bfloat16, seed=0)
 
 
-def build_model(root: str, layers: int, device: str | None = None, light_text_encoder: bool = False) -> str:
-    """The random real-size Qwen-Image of ``layers`` transformer layers under ``root``, built once (a ``.complete``
-    marker); logs the parameters of every component.
+def build_model(
+    root: str,
+    layers: int | None,
+    device: str | None = None,
+    light_text_encoder: bool = False,
+    family: str = "qwen_image",
+) -> str:
+    """The random real-size pipeline of ``family`` with ``layers`` transformer layers (None: the published depth)
+    under ``root``, built once (a ``.complete`` marker); logs the parameters of every component.
 
-    The model is the faithful stand-in (``verl_omni.models.standins``: the real transformer, Qwen2.5-VL-7B text
-    encoder with its vision tower, VAE and vocabulary sizes). ``light_text_encoder=True`` gives the earlier model
-    instead: the same transformer and VAE with a 2-layer, 3584-wide text encoder with a narrow MLP (~14 GB lighter).
+    The model is the family's faithful stand-in (``verl_omni.models.standins``: every component at the real
+    checkpoint's architecture, size and vocabulary). For Qwen-Image, ``light_text_encoder=True`` gives the earlier
+    model instead: the same transformer and VAE with a 2-layer, 3584-wide text encoder with a narrow MLP (~14 GB
+    lighter).
 
     ``device`` (default: "cuda" when a GPU exists) is where the weights are drawn (PyTorch's CPU random fills run
     on one thread, so a CPU build takes many minutes at the real size); a GPU build runs in a child process, so this
@@ -104,15 +112,19 @@ def build_model(root: str, layers: int, device: str | None = None, light_text_en
 
     import torch
 
+    if light_text_encoder and family != "qwen_image":
+        raise ValueError(f"light_text_encoder applies to qwen_image only, not {family!r}")
     kind = "full_width" if light_text_encoder else "standin"
-    path = os.path.join(root, f"qwen_image_{kind}_L{layers}")
+    depth = "full" if layers is None else str(layers)
+    name = f"qwen_image_{kind}_L{depth}" if family == "qwen_image" else f"{family}_{kind}_L{depth}"
+    path = os.path.join(root, name)
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
         log(f"model exists: {path}")
         _log_params(path)
         return path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = [path, str(layers), device, "1" if light_text_encoder else "0"]
+    args = [path, depth, device, "1" if light_text_encoder else "0", family]
     t0 = time.perf_counter()
     if torch.device(device).type == "cpu":
         _build(*args)
@@ -126,7 +138,7 @@ def build_model(root: str, layers: int, device: str | None = None, light_text_en
             log(f"building on {device} failed ({type(err).__name__}: {err}); building on the CPU instead")
             shutil.rmtree(path, ignore_errors=True)
             device = "cpu"
-            _build(path, str(layers), device, args[3])
+            _build(path, depth, device, args[3], family)
     open(done, "w").close()
     log(f"built {path} on {device} in {time.perf_counter() - t0:.0f} s")
     _log_params(path)

@@ -138,6 +138,71 @@ def apply_sets(cfg, items: list[str]) -> None:
         OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
 
 
+STEP_KEYS = (
+    "timing/",
+    "perf/",
+    "actor/ratio",
+    "actor/recomputed",
+    "actor/weight_sync_s",
+    "reward/total",
+    "reward/tail_s",
+    "rollout/generate_s",
+)
+
+
+def run_trainer(cfg, run_name: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the trainer on ``cfg``; returns its per-step metrics. Adds to ``record``: start_up_s, the GPUs' peak
+    memory (peak_mem_gb_per_gpu, peak_mem_gb, peak_mem_gb_by_gpu), each step's timing and ratio metrics
+    (``steps``), and ``error`` when the run failed (so a failed run still says why)."""
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    t0 = time.perf_counter()
+    with GpuMemoryPeak() as memory:
+        trainer = FlowGRPOTrainer(cfg)
+        try:
+            trainer.init()
+            record["start_up_s"] = time.perf_counter() - t0
+            log(f"{run_name}: up in {record['start_up_s']:.0f} s")
+            history = trainer.fit()
+        except Exception as exc:  # recorded, so a failed run still says why
+            record["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            history = []
+            log(f"{run_name}: FAILED {record['error'][:500]}")
+        finally:
+            trainer.shutdown()
+    record["steps"] = [{k: v for k, v in h.items() if k.startswith(STEP_KEYS)} for h in history]
+    record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
+    record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key e2e_single_gpu.json's readers use
+    record["peak_mem_gb_by_gpu"] = {str(k): v * 1.048576e-3 for k, v in sorted(memory.peak_mib.items())}
+    return history
+
+
+def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpus: int) -> None:
+    """The medians over the steady steps (all but the first) of each phase's seconds, images/s (needs
+    record["images_per_step"]), the text encoders' offload seconds and, for full fine-tuning
+    (``lora_rank=0``), weight_sync_s and offload."""
+    steady = history[1:] or history
+    if not steady:
+        return
+
+    def median(key: str) -> float:
+        return statistics.median(h[key] for h in steady)
+
+    for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
+        record[f"{phase}_s"] = median(f"timing/{phase}_s")
+    if int(cfg.actor_rollout_ref.model.lora_rank) == 0:
+        # Full fine-tuning: the all-gather of the updated shards into the engines' weights (inside update_s),
+        # and whether the master weights and AdamW state lived in host memory.
+        record["weight_sync_s"] = median("actor/weight_sync_s")
+        record["offload"] = bool(cfg.actor_rollout_ref.actor.get("optimizer_offload", False))
+    record["img_per_s"] = record["images_per_step"] / record["step_s"]
+    record["text_encoder_offload_s"] = statistics.median(
+        statistics.mean([v for k, v in h.items() if k.startswith("timing/update_text_encoder_offload_s/")] or [0])
+        for h in steady
+    )
+    record["img_per_s_per_gpu"] = record["img_per_s"] / gpus
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=60)
@@ -163,8 +228,6 @@ def main() -> None:
     sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
     from qwenimage_ocr import write_ocr_parquet
 
-    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
-
     model_dir = build_model(args.model_dir, args.layers)
     data_dir = os.path.join(args.work_dir, "data")
     if not os.path.exists(os.path.join(data_dir, "train.parquet")):
@@ -187,61 +250,8 @@ def main() -> None:
     if args.set or args.name:
         record["variant"] = args.name
         record["overrides"] = list(args.set)
-    t0 = time.perf_counter()
-    with GpuMemoryPeak() as memory:
-        trainer = FlowGRPOTrainer(cfg)
-        try:
-            trainer.init()
-            record["start_up_s"] = time.perf_counter() - t0
-            log(f"{run_name}: up in {record['start_up_s']:.0f} s")
-            history = trainer.fit()
-        except Exception as exc:  # recorded, so a failed run still says why
-            record["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            history = []
-            log(f"{run_name}: FAILED {record['error'][:500]}")
-        finally:
-            trainer.shutdown()
-    record["steps"] = [
-        {
-            k: v
-            for k, v in h.items()
-            if k.startswith(
-                (
-                    "timing/",
-                    "perf/",
-                    "actor/ratio",
-                    "actor/recomputed",
-                    "actor/weight_sync_s",
-                    "reward/total",
-                    "reward/tail_s",
-                    "rollout/generate_s",
-                )
-            )
-        }
-        for h in history
-    ]
-    steady = history[1:] or history
-    if steady:
-
-        def median(key: str) -> float:
-            return statistics.median(h[key] for h in steady)
-
-        for phase in ("step", "rollout", "reward", "update", "sync", "swap"):
-            record[f"{phase}_s"] = median(f"timing/{phase}_s")
-        if int(cfg.actor_rollout_ref.model.lora_rank) == 0:
-            # Full fine-tuning: the all-gather of the updated shards into the engines' weights (inside update_s),
-            # and whether the master weights and AdamW state lived in host memory.
-            record["weight_sync_s"] = median("actor/weight_sync_s")
-            record["offload"] = bool(cfg.actor_rollout_ref.actor.get("optimizer_offload", False))
-        record["img_per_s"] = record["images_per_step"] / record["step_s"]
-        record["text_encoder_offload_s"] = statistics.median(
-            statistics.mean([v for k, v in h.items() if k.startswith("timing/update_text_encoder_offload_s/")] or [0])
-            for h in steady
-        )
-        record["img_per_s_per_gpu"] = record["img_per_s"] / args.gpus
-    record["peak_mem_gb_per_gpu"] = max(memory.peak_mib.values(), default=0) * 1.048576e-3  # MiB -> GB
-    record["peak_mem_gb"] = record["peak_mem_gb_per_gpu"]  # the key e2e_single_gpu.json's readers use
-    record["peak_mem_gb_by_gpu"] = {str(k): v * 1.048576e-3 for k, v in sorted(memory.peak_mib.items())}
+    history = run_trainer(cfg, run_name, record)
+    summarize(history, record, cfg, gpus=args.gpus)
     log(json.dumps({k: v for k, v in record.items() if k != "steps"}))
     append_run(record, args.out)
 

@@ -240,7 +240,7 @@ async def main_async(args) -> dict:
     )
     peak = measured_bf16_peak_tflops()
     log(f"device {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak:.0f} TFLOP/s")
-    model_dir = build_model(args.model_dir, args.layers)
+    model_dir = args.model_path or build_model(args.model_dir, args.layers)
     with open(os.path.join(model_dir, "transformer", "config.json")) as f:
         tcfg = json.load(f)
 
@@ -365,6 +365,9 @@ def main() -> None:
     ap.add_argument("--paths", default="a,b,c,d,e")
     ap.add_argument("--eager", action="store_true", help="vllm-omni enforce_eager (no torch.compile)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one diffusers B=n call (path d)")
+    ap.add_argument(
+        "--model-path", default=None, help="a pipeline directory of any family (default: the Qwen-Image stand-in)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.prompts > len(PROMPTS):

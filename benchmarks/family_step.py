@@ -1,0 +1,217 @@
+"""A model family's shipped recipe end to end on its faithful stand-in: training steps, then (optionally) the B=16
+rollout on both engines, on one GPU.
+
+Builds the family's real-size random-weight pipeline (``verl_omni.models.standins``: every component at the real
+checkpoint's architecture and size; ``--layers`` truncates the transformer only), composes the family's recipe
+preset from ``configs/`` (``--preset``; the settings a user runs) and runs the real trainer for ``--steps`` steps.
+Random weights score every image 0 under OCR, so ``--rewards`` (default brightness) replaces the preset's rewards:
+the update then has a signal and does all of its work. Appends one record per run to ``--out`` (a JSON list) with
+the keys of ``docs/benchmarks/models.json``: family, device, params_b (all components), text_encoder_params_b,
+resolution, steps (denoising), cfg, images_per_step, step_s / rollout_s / update_s (medians of the steady steps,
+all but the first), img_per_s, peak_mem_gb (the GPU's peak from ``nvidia-smi``), step1_ratio_max_dev (the largest
+|ratio - 1| of step 1's update: the actor's recomputed log-probs against the rollout's), rollout_vs_diffusers
+(``--rollout-compare``: ``rollout_throughput.py``'s batched B=16 vllm-omni path over the diffusers engine's, same
+model and sampling, in a child process after the trainer exits) and commit; plus each step's metrics.
+
+    python benchmarks/family_step.py --family sd3 --preset sd3_5_medium_flowgrpo_ocr_lora --steps 3 \\
+        --rollout-compare --out $OUT/models.json --commit $(git rev-parse --short HEAD)
+    (variants: --set KEY=VALUE, e.g. --set actor_rollout_ref.model.text_encoder_offload=true --name te_offload)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import append_run, build_model, component_params, log, model_summary  # noqa: E402
+from e2e_step import apply_sets, run_trainer, summarize  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The stand-in's components that encode text (the rest: transformer, VAE).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def preset_config(args, model_dir: str, data_dir: str, out_dir: str):
+    """The recipe preset ``configs/<preset>.yaml`` as a user runs it, pointed at the stand-in, for ``--steps``
+    steps without checkpoints, validation or sample images."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+        cfg = compose(args.preset)
+    overrides = {
+        "data.train_files": os.path.join(data_dir, "train.parquet"),
+        "data.val_files": None,
+        "actor_rollout_ref.model.path": model_dir,
+        "reward.rewards": [{"name": r, "weight": 1.0} for r in args.rewards.split(",")],
+        "trainer.total_training_steps": args.steps,
+        "trainer.save_freq": -1,
+        "trainer.test_freq": -1,
+        "trainer.logger": ["console"],
+        "trainer.sample_images_per_step": 0,
+        "trainer.n_gpus_per_node": 1,
+        "trainer.default_local_dir": out_dir,
+        "trainer.resume_mode": "disable",
+        "trainer.max_steps_without_signal": 0,
+    }
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    apply_sets(cfg, args.set)
+    return cfg
+
+
+def step1_ratio_max_dev(history: list[dict[str, Any]]) -> float | None:
+    """The largest |ratio - 1| over step 1's update (the trainer logs the ratio's min and max per step)."""
+    if not history or "actor/ratio_max" not in history[0]:
+        return None
+    first = history[0]
+    return max(abs(first["actor/ratio_max"] - 1.0), abs(first["actor/ratio_min"] - 1.0))
+
+
+def rollout_vs_diffusers(model_dir: str, cfg, work_dir: str) -> dict[str, Any]:
+    """``rollout_throughput.py`` paths b (vllm-omni, one B=16 call) and d (diffusers engine, one B=16 call) on the
+    same model and sampling as the recipe's rollout, in a child process (this one holds no engine)."""
+    pipe = cfg.actor_rollout_ref.rollout.pipeline
+    out = os.path.join(work_dir, "rollout_compare.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "rollout_throughput.py"),
+        "--model-path",
+        model_dir,
+        "--paths",
+        "b,d",
+        "--n",
+        "16",
+        "--repeats",
+        "2",
+        "--prompts",
+        "1",
+        "--steps",
+        str(int(pipe.num_inference_steps)),
+        "--size",
+        str(int(pipe.height)),
+        "--max-text-tokens",
+        str(int(pipe.max_sequence_length)),
+        "--cfg",
+        str(float(pipe.true_cfg_scale)),
+        "--out",
+        out,
+    ]
+    log("rollout comparison: " + " ".join(cmd))
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0 or not os.path.exists(out):
+        return {"rollout_vs_diffusers": None, "rollout_compare_error": f"exit {proc.returncode}"}
+    with open(out) as f:
+        report = json.load(f)
+    results = report["results"]
+    return {
+        "rollout_vs_diffusers": report["ratios"]["b_over_d"],
+        "rollout_vllm_omni_b16_img_per_s": results["b"]["img_per_s"],
+        "rollout_diffusers_b16_img_per_s": results["d"]["img_per_s"],
+    }
+
+
+def add_comparison(out: str, family: str, preset: str, model_dir: str, cfg, run_dir: str) -> None:
+    """Time the B=16 rollouts on both engines and add the figures to ``out``'s last record of ``family`` and
+    ``preset`` (written back in place)."""
+    with open(out) as f:
+        runs = json.load(f)
+    index = max((i for i, r in enumerate(runs) if r.get("family") == family and r.get("preset") == preset), default=None)
+    if index is None:
+        raise SystemExit(f"{out} holds no run of family {family!r} with preset {preset!r} to add the comparison to")
+    os.makedirs(run_dir, exist_ok=True)
+    runs[index].update(rollout_vs_diffusers(model_dir, cfg, tempfile.mkdtemp(dir=run_dir)))
+    with open(out, "w") as f:
+        json.dump(runs, f, indent=1)
+    log(f"{family}: rollout_vs_diffusers {runs[index]['rollout_vs_diffusers']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", required=True, help="a registered family with a stand-in: qwen_image, sd3, flux")
+    ap.add_argument("--preset", required=True, help="a recipe preset in configs/ (its name without .yaml)")
+    ap.add_argument("--layers", type=int, default=None, help="transformer layers (default: the real depth)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rewards", default="brightness", help="comma-separated reward names (weight 1 each)")
+    ap.add_argument("--rollout-compare", action="store_true", help="also time B=16 rollouts on both engines")
+    ap.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="no training: time the B=16 rollouts and add them to --out's last record of this family and preset",
+    )
+    ap.add_argument("--model-path", default=None, help="an existing pipeline directory (default: build the stand-in)")
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+    ap.add_argument("--work-dir", default="/tmp/verl_omni_family")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
+    ap.add_argument("--name", default="", help="a label for this variant in the JSON")
+    ap.add_argument("--commit", default="", help="the project commit measured (recorded as is)")
+    args = ap.parse_args()
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE, got {bad}")
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
+    from qwenimage_ocr import write_ocr_parquet
+
+    model_dir = args.model_path or build_model(args.model_dir, args.layers, family=args.family)
+    data_dir = os.path.join(args.work_dir, "data")
+    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
+        write_ocr_parquet(data_dir, 256, 4, 0)
+    run_name = f"{args.family}_{args.preset}_{args.name or 'recipe'}"
+    run_dir = os.path.join(args.work_dir, run_name)
+    cfg = preset_config(args, model_dir, data_dir, run_dir)
+    pipe, rollout = cfg.actor_rollout_ref.rollout.pipeline, cfg.actor_rollout_ref.rollout
+    params = component_params(model_dir)
+    record: dict[str, Any] = {
+        "family": args.family,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "params_b": sum(params.values()) / 1e9,
+        "text_encoder_params_b": sum(v for k, v in params.items() if k in TEXT_ENCODERS) / 1e9,
+        "resolution": [int(pipe.height), int(pipe.width)],
+        "steps": int(pipe.num_inference_steps),
+        "cfg": float(pipe.true_cfg_scale),
+        "images_per_step": int(cfg.data.train_batch_size) * int(rollout.n),
+        "preset": args.preset,
+        "layers": args.layers,
+        **model_summary(model_dir),
+        "engine": str(rollout.name),
+        "algorithm": str(cfg.algorithm.get("name", "flowgrpo")),
+        "rewards": args.rewards,
+        "lora_rank": int(cfg.actor_rollout_ref.model.lora_rank),
+        "text_encoder_offload": cfg.actor_rollout_ref.model.get("text_encoder_offload", False),
+        "commit": args.commit,
+    }
+    if args.set or args.name:
+        record["variant"] = args.name
+        record["overrides"] = list(args.set)
+    if args.compare_only:
+        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir)
+        return
+    history = run_trainer(cfg, run_name, record)
+    summarize(history, record, cfg, gpus=1)
+    record["step1_ratio_max_dev"] = step1_ratio_max_dev(history)
+    record["step_metrics"] = record.pop("steps")  # run_trainer's per-step metrics; "steps" is the denoising steps
+    record["steps"] = int(pipe.num_inference_steps)
+    record["rollout_vs_diffusers"] = None
+    log(json.dumps({k: v for k, v in record.items() if k != "step_metrics"}))
+    append_run(record, args.out)  # kept even if the comparison below does not finish
+    if args.rollout_compare:
+        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir)
+
+
+if __name__ == "__main__":
+    main()
