@@ -127,7 +127,8 @@ def add_comparison(out: str, family: str, preset: str, model_dir: str, cfg, run_
     ``preset`` (written back in place)."""
     with open(out) as f:
         runs = json.load(f)
-    index = max((i for i, r in enumerate(runs) if r.get("family") == family and r.get("preset") == preset), default=None)
+    matches = [i for i, r in enumerate(runs) if r.get("family") == family and r.get("preset") == preset]
+    index = matches[-1] if matches else None
     if index is None:
         raise SystemExit(f"{out} holds no run of family {family!r} with preset {preset!r} to add the comparison to")
     os.makedirs(run_dir, exist_ok=True)
