@@ -186,7 +186,7 @@ async def run_engine_paths(
                 kind=kind,
                 warmup_seconds=[w, w2],
                 engine_start_seconds=start_s,
-                max_num_seqs=config.max_num_seqs,
+                max_num_seqs=rollout.max_num_seqs,
             )
             log(
                 f"  ({label}) {res['img_per_s']:.2f} img/s (median of {repeats}: {res['median_seconds']:.2f} s "
