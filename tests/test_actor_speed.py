@@ -241,6 +241,25 @@ def test_the_update_runs_with_every_sdpa_backend_whatever_the_process_switched_o
     assert after == (False, True, True, True)
 
 
+@pytest.mark.parametrize("family, cudnn", [("qwen_image", True), ("sd3", True), ("flux", False)])
+def test_the_update_leaves_cudnn_attention_off_for_a_family_whose_backward_fails_on_it(family, cudnn):
+    """FLUX.1-dev's update runs without cuDNN's SDPA (its backward fails on FLUX's training shapes on an H100);
+    every other family's gets every backend, whatever the process switched off, and the setting is back after."""
+    from verl_omni.pipelines import get_pipeline_class
+    from verl_omni.workers.actor import update_sdpa_backends
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # what vllm/platforms/cuda.py does at import
+    try:
+        with update_sdpa_backends(get_pipeline_class(family)):
+            inside = _sdpa_backends_enabled()
+        after = _sdpa_backends_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+    assert inside == (cudnn, True, True, True)
+    assert after == (False, True, True, True)
+
+
 def _tracked_by_gc(obj) -> bool:
     """Whether a collection walks ``obj``: ``gc.get_objects`` lists the three generations, not the frozen heap."""
     return any(o is obj for o in gc.get_objects())

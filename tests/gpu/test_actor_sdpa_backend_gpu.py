@@ -34,7 +34,7 @@ def _cudnn_sdpa_enabled_in_a_fresh_process(imports: str) -> bool:
 
 
 def test_importing_vllm_switches_cudnn_sdpa_off():
-    """The cause, kept visible: when a vllm release stops doing this, every_sdpa_backend can go. In fresh
+    """The cause, kept visible: when a vllm release stops doing this, update_sdpa_backends can go. In fresh
     processes: this one may have imported vllm already (``import vllm`` itself loads ``vllm.platforms.cuda``)."""
     pytest.importorskip("vllm")
     assert _cudnn_sdpa_enabled_in_a_fresh_process("")

@@ -21,7 +21,9 @@ and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the serve
 ``REQUIRES_POOLED`` (pooled text embeddings are an input), ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
 what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these) and
 ``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's and the
-actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``).
+actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``) and
+``TRAINING_CUDNN_ATTENTION`` (whether the actor's update may run SDPA on cuDNN: ``workers/actor.py``
+``update_sdpa_backends``).
 
 ``apply_family_options(options)`` takes the family's own options section (``actor_rollout_ref.model.<family>``,
 None for a family without one); ``pipelines/loading.py`` calls it on every pipeline it loads (both engines' and the
@@ -81,6 +83,7 @@ class RLPipelineMixin:
     REQUIRES_POOLED: bool = False
     REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
     REPEATED_BLOCKS: ClassVar[tuple[str, ...]] = ()
+    TRAINING_CUDNN_ATTENTION: ClassVar[bool] = True
 
     def text_encoder_components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's text encoders by component name (every module component whose name starts with

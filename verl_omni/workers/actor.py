@@ -21,8 +21,8 @@ What makes the update fast without changing its result (each has an equivalence 
   micro-batches fit, of the first ``model.gradient_checkpointing_blocks`` only where memory allows; regional
   ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU;
 - the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``);
-- every SDPA backend on for the update (``every_sdpa_backend``), also in the vllm-omni worker, where vllm's import
-  switched cuDNN's off.
+- every SDPA backend on for the update (``update_sdpa_backends``; cuDNN's only where the family allows it), also
+  in the vllm-omni worker, where vllm's import switched cuDNN's off.
 
 Data parallel: with ``grad_sync`` (one rank per GPU) the flattened LoRA gradients and the metric sums are
 all-reduced once per epoch; every rank weights its rows by the *global* number of transitions, so the summed
@@ -390,7 +390,7 @@ class DiffusionLoRAActor:
             with (
                 torch.inference_mode(False),
                 torch.enable_grad(),
-                every_sdpa_backend(),
+                update_sdpa_backends(self.pipe),
                 UpdateProbe(self.device) as probe,
             ):
                 metrics = self._update(ctx, plan, num_terms)
@@ -558,9 +558,10 @@ def _stage(batch: TrainBatch, fields: tuple[str, ...], device: torch.device) -> 
     return TrainBatch({k: v for k, v in batch.tensors.items() if k in fields}, batch.height, batch.width).to(device)
 
 
-def every_sdpa_backend() -> AbstractContextManager:
-    """Every SDPA backend enabled (PyTorch's own priority order picks among them) for the update's forwards and
-    backwards, whatever this process switched off.
+def update_sdpa_backends(pipe: Any) -> AbstractContextManager:
+    """The SDPA backends the update's forwards and backwards may use (PyTorch's own priority order picks among
+    them), whatever this process switched off: every backend, less cuDNN's for a family whose pipeline class says
+    ``TRAINING_CUDNN_ATTENTION = False`` (a cuDNN backward that fails on its shapes).
 
     Why: vllm 0.24 disables cuDNN's SDPA for its whole process when it is imported (``vllm/platforms/cuda.py``, a
     torch 2.5 crash of some diffusers models). In the vllm-omni worker, where the hybrid engine's actor trains, the
@@ -568,9 +569,10 @@ def every_sdpa_backend() -> AbstractContextManager:
     shapes (``docs/benchmarks/attention_backends_h200.json``). The flags are global, so the backward (on CUDA's
     autograd thread) sees them too; they are restored on exit.
     Remove when vllm stops switching cuDNN's SDPA off at import."""
-    return sdpa_kernel(
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if getattr(pipe, "TRAINING_CUDNN_ATTENTION", True):
+        backends.insert(0, SDPBackend.CUDNN_ATTENTION)
+    return sdpa_kernel(backends)
 
 
 def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:
