@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
-from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.common import decode_scaled_latents
 from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.flux.attention import FluxEngineAttnProcessor
 from verl_omni.pipelines.flux.options import DISTILLED_GUIDANCE_SCALE, FluxOptions
@@ -168,8 +168,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Packed latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""
         latents = self._unpack_latents(latents, params.height, params.width, self.vae_scale_factor)
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return to_uint8_images(self.vae.decode(latents, return_dict=False)[0])
+        return decode_scaled_latents(self.vae, latents)
 
 
 __all__ = ["DISTILLED_GUIDANCE_SCALE", "FluxRLPipeline"]

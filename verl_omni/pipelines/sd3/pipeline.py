@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
-from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.common import decode_scaled_latents
 from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.pipelines.sd3.attention import SD3EngineAttnProcessor
@@ -136,8 +136,7 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return to_uint8_images(self.vae.decode(latents, return_dict=False)[0])
+        return decode_scaled_latents(self.vae, latents)
 
 
 __all__ = ["SD3RLPipeline"]
