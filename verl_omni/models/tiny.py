@@ -91,6 +91,47 @@ def tiny_clip_text_config(tokenizer, hidden: int):
     )
 
 
+def tiny_t5_encoder_config(tokenizer, hidden: int):
+    """A 2-layer, 4-head gated-GELU T5 encoder of width ``hidden`` over ``tokenizer``: the tiny models' T5-XXL."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_autoencoder_kl(scaling_factor: float, shift_factor: float):
+    """A random 16-latent-channel ``AutoencoderKL`` with the published 8x downsampling (4 blocks, 8-16 channels wide)
+    and the given latent scaling: the tiny models' FLUX / SD3 VAE. Build it under ``_seeded_init``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def build_t5_tokenizer():
     """T5Tokenizer (Unigram) over single printable ASCII characters; anything else maps to <unk>."""
     from transformers import T5Tokenizer

@@ -4,10 +4,11 @@
 A model is its diffusers pipeline class with this mixin in front (``class XRLPipeline(RLPipelineMixin,
 XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
 
-- ``rl_schedule(params) -> (sigmas [T+1], model_timesteps [T])``: the scheduler's sigmas and what the transformer
-  receives per step, as the stock pipeline computes them;
-- ``rl_tail_schedule(params, start_index, num_points) -> (sigmas [num_points], model_timesteps)``: a coarser
-  schedule from step ``start_index`` to sigma 0 with the same shift (for ``ode_solver="dpmsolver++"``);
+- ``rl_image_seq_len(params)``: the transformer's image token count (what dynamic shifting reads), and optionally
+  ``rl_base_sigmas(steps)``: the unshifted sigmas the stock pipeline passes its scheduler (default None: the
+  scheduler's own spacing). From these the mixin computes ``rl_schedule(params) -> (sigmas [T+1], model_timesteps
+  [T])`` as the stock pipeline does, and ``rl_tail_schedule(params, start_index, num_points)``: a coarser schedule
+  from step ``start_index`` to sigma 0 with the same shift (for ``ode_solver="dpmsolver++"``);
 - ``encode_conditions(prompt, negative_prompt, params) -> EncodedPrompt``: a :class:`Conditioning` of batch 1
   (negative branch only when ``negative_prompt`` is not None) and how many prompt tokens were truncated;
 - ``prepare_rl_latents(batch_size, params, generators, device) -> x_T`` (float32): row i from ``generators[i]``;
@@ -18,10 +19,11 @@ XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
 
 and the class attributes ``MAX_SEQUENCE_LENGTH`` (the text-token limit the server checks requests against),
 ``SUPPORTS_TEXT_MASK`` (the transformer takes a text mask, so CFG branches of different lengths can share a call),
-``REQUIRES_POOLED`` (pooled text embeddings are an input), ``REFERENCE_TRAINER_DEFAULTS`` (per algorithm name,
-what that algorithm's reference trainer does for this family: an algorithm's null settings resolve to these) and
-``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's and the
-actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``) and
+``REQUIRES_POOLED`` (pooled text embeddings are an input), ``MODEL_TIMESTEP_DIVISOR`` (the transformer receives the
+scheduler's timestep divided by it: 1000 for a transformer that takes t / 1000), ``REFERENCE_TRAINER_DEFAULTS`` (per
+algorithm name, what that algorithm's reference trainer does for this family: an algorithm's null settings resolve
+to these), ``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's
+and the actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``) and
 ``TRAINING_CUDNN_ATTENTION`` (whether the actor's update may run SDPA on cuDNN: ``workers/actor.py``
 ``update_sdpa_backends``).
 
@@ -47,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import torch
 
 from verl_omni.config.sampling import AUTO, BatchCfg, DiffusionSamplingParams
@@ -60,6 +63,7 @@ from verl_omni.pipelines.common import (
     to_batch_output,
 )
 from verl_omni.pipelines.model_inputs import ModelInputs, TextInputs, prepare_model_inputs
+from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class RLPipelineMixin:
     REFERENCE_TRAINER_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
     REPEATED_BLOCKS: ClassVar[tuple[str, ...]] = ()
     TRAINING_CUDNN_ATTENTION: ClassVar[bool] = True
+    MODEL_TIMESTEP_DIVISOR: ClassVar[float] = 1.0  # the transformer receives the scheduler's timestep / this
 
     def text_encoder_components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's text encoders by component name (every module component whose name starts with
@@ -107,16 +112,43 @@ class RLPipelineMixin:
         FA3): ``batch_cfg="auto"`` then prefers two unmasked calls to one masked one."""
         return False
 
-    # ------------------------------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------------------------------ schedule
     def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(sigmas [T+1], transformer timesteps [T]): ``flow_match_sigmas`` of the scheduler's config, as the stock
+        pipeline computes them."""
+        steps = params.num_inference_steps
+        sigmas, timesteps = flow_match_sigmas(
+            dict(self.scheduler.config),
+            steps,
+            self.rl_image_seq_len(params),
+            base_sigmas=self.rl_base_sigmas(steps),
+        )
+        return sigmas, timesteps / self.MODEL_TIMESTEP_DIVISOR
 
     def rl_tail_schedule(
         self, params: DiffusionSamplingParams, start_index: int, num_points: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no compressed schedule for ode_solver={params.ode_solver!r}"
+        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
+        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
+        steps = params.num_inference_steps
+        sigmas, timesteps = flow_match_tail_sigmas(
+            dict(self.scheduler.config),
+            steps,
+            self.rl_image_seq_len(params),
+            start_index,
+            num_points,
+            base_sigmas=self.rl_base_sigmas(steps),
         )
+        return sigmas, timesteps / self.MODEL_TIMESTEP_DIVISOR
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def rl_image_seq_len(self, params: DiffusionSamplingParams) -> int:
+        raise NotImplementedError
+
+    def rl_base_sigmas(self, steps: int) -> Optional[np.ndarray]:
+        """The ``steps`` unshifted sigmas the stock pipeline passes its scheduler; None: the scheduler's own
+        spacing."""
+        return None
 
     def encode_conditions(
         self, prompt: str, negative_prompt: Optional[str], params: DiffusionSamplingParams

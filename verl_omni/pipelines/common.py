@@ -213,6 +213,13 @@ def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def decode_scaled_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Spatial latents [B, C, h, w] -> uint8 [B, H, W, 3] through an ``AutoencoderKL`` with its scaling and shift
+    factors undone, as the stock FLUX and SD3 pipelines decode."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return to_uint8_images(vae.decode(latents, return_dict=False)[0])
+
+
 def expand_timestep(timestep: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
     """A scalar or [B] timestep as a float32 [B] tensor on ``device``."""
     timestep = torch.as_tensor(timestep, dtype=torch.float32, device=device)

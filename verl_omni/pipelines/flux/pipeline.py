@@ -34,12 +34,11 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
-from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.common import decode_scaled_latents
 from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.flux.attention import FluxEngineAttnProcessor
 from verl_omni.pipelines.flux.options import DISTILLED_GUIDANCE_SCALE, FluxOptions
 from verl_omni.pipelines.model_inputs import TextInputs
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     REQUIRES_POOLED = True  # CLIP's pooled embedding conditions the timestep embedding
+    MODEL_TIMESTEP_DIVISOR = 1000  # the transformer receives t / 1000, as the stock pipeline passes it
     # flow_grpo's FLUX trainer (yifan123/flow_grpo scripts/train_flux.py): no CFG branch (true CFG is off), and every
     # row trains, zero advantage or not. With true CFG on, gradients flow through both branches.
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
@@ -140,32 +140,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
         return unconditional + guidance_scale * (conditional - unconditional)
 
     # ------------------------------------------------------------------------------------------ schedule, latents
-    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``FluxPipeline.__call__``: dynamic
-        shifting for the packed image sequence length."""
-        steps = params.num_inference_steps
-        sigmas, timesteps = flow_match_sigmas(
-            dict(self.scheduler.config), steps, self._image_seq_len(params), base_sigmas=self._base_sigmas(steps)
-        )
-        return sigmas, timesteps / 1000
-
-    def rl_tail_schedule(
-        self, params: DiffusionSamplingParams, start_index: int, num_points: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
-        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
-        steps = params.num_inference_steps
-        sigmas, timesteps = flow_match_tail_sigmas(
-            dict(self.scheduler.config),
-            steps,
-            self._image_seq_len(params),
-            start_index,
-            num_points,
-            base_sigmas=self._base_sigmas(steps),
-        )
-        return sigmas, timesteps / 1000
-
-    def _base_sigmas(self, steps: int) -> Optional[np.ndarray]:
+    def rl_base_sigmas(self, steps: int) -> Optional[np.ndarray]:
         # FluxPipeline passes linspace(1, 1/T, T) unless the scheduler computes its own (use_flow_sigmas).
         if self.scheduler.config.get("use_flow_sigmas"):
             return None
@@ -175,7 +150,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
         """(rows, columns) of packed 2x2 latent patches, as ``FluxPipeline.prepare_latents`` lays them out."""
         return height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2)
 
-    def _image_seq_len(self, params: DiffusionSamplingParams) -> int:
+    def rl_image_seq_len(self, params: DiffusionSamplingParams) -> int:
         grid_h, grid_w = self._packed_grid(params.height, params.width)
         return grid_h * grid_w
 
@@ -196,8 +171,7 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Packed latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""
         latents = self._unpack_latents(latents, params.height, params.width, self.vae_scale_factor)
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return to_uint8_images(self.vae.decode(latents, return_dict=False)[0])
+        return decode_scaled_latents(self.vae, latents)
 
 
 __all__ = ["DISTILLED_GUIDANCE_SCALE", "FluxRLPipeline"]

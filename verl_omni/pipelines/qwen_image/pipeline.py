@@ -29,7 +29,6 @@ from verl_omni.models.lora import LoRAParts, fused_projections, lora_parts
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
 from verl_omni.pipelines.common import to_uint8_images
 from verl_omni.pipelines.model_inputs import TextInputs
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +243,7 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     SUPPORTS_TEXT_MASK = True  # encoder_hidden_states_mask: padded CFG branches can share one forward
+    MODEL_TIMESTEP_DIVISOR = 1000  # the transformer receives t / 1000, as the stock pipeline passes it
     # flow_grpo's Qwen-Image trainer (scripts/train_qwenimage.py): gradients flow through both CFG branches and
     # every row trains, zero advantage or not.
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
@@ -335,35 +335,10 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         return combined * (conditional_norm / combined_norm)
 
     # ------------------------------------------------------------------------------------------ schedule, latents
-    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [T+1], transformer timesteps [T] = t / 1000), exactly as ``QwenImagePipeline.__call__``: dynamic
-        shifting for the packed image sequence length."""
-        steps = params.num_inference_steps
-        sigmas, timesteps = flow_match_sigmas(
-            dict(self.scheduler.config),
-            steps,
-            self._image_seq_len(params),
-            base_sigmas=np.linspace(1.0, 1 / steps, steps),
-        )
-        return sigmas, timesteps / 1000
+    def rl_base_sigmas(self, steps: int) -> Optional[np.ndarray]:
+        return np.linspace(1.0, 1 / steps, steps)  # as QwenImagePipeline.__call__
 
-    def rl_tail_schedule(
-        self, params: DiffusionSamplingParams, start_index: int, num_points: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
-        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
-        steps = params.num_inference_steps
-        sigmas, timesteps = flow_match_tail_sigmas(
-            dict(self.scheduler.config),
-            steps,
-            self._image_seq_len(params),
-            start_index,
-            num_points,
-            base_sigmas=np.linspace(1.0, 1 / steps, steps),
-        )
-        return sigmas, timesteps / 1000
-
-    def _image_seq_len(self, params: DiffusionSamplingParams) -> int:
+    def rl_image_seq_len(self, params: DiffusionSamplingParams) -> int:
         return (params.height // self.vae_scale_factor // 2) * (params.width // self.vae_scale_factor // 2)
 
     def prepare_rl_latents(

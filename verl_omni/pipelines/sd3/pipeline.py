@@ -23,11 +23,10 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.base import EncodedPrompt, RLPipelineMixin
-from verl_omni.pipelines.common import to_uint8_images
+from verl_omni.pipelines.common import decode_scaled_latents
 from verl_omni.pipelines.engine_attention import AttentionFn, install_processor, serves_dtype
 from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.pipelines.sd3.attention import SD3EngineAttnProcessor
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +112,7 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
         return unconditional + guidance_scale * (conditional - unconditional)
 
     # ------------------------------------------------------------------------------------------ schedule, latents
-    def rl_schedule(self, params: DiffusionSamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [T+1], transformer timesteps [T] in [0, 1000]), exactly as ``StableDiffusion3Pipeline.__call__``."""
-        return flow_match_sigmas(dict(self.scheduler.config), params.num_inference_steps, self._image_seq_len(params))
-
-    def rl_tail_schedule(
-        self, params: DiffusionSamplingParams, start_index: int, num_points: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [num_points], transformer timesteps [num_points - 1]) of a coarser schedule from step
-        ``start_index`` of :meth:`rl_schedule`'s to sigma 0, shifted the same way (``flow_match_tail_sigmas``)."""
-        return flow_match_tail_sigmas(
-            dict(self.scheduler.config),
-            params.num_inference_steps,
-            self._image_seq_len(params),
-            start_index,
-            num_points,
-        )
-
-    def _image_seq_len(self, params: DiffusionSamplingParams) -> int:
+    def rl_image_seq_len(self, params: DiffusionSamplingParams) -> int:
         tokens_per_side = self.vae_scale_factor * self.transformer.config.patch_size  # pixels per image token
         return (params.height // tokens_per_side) * (params.width // tokens_per_side)
 
@@ -154,8 +136,7 @@ class SD3RLPipeline(RLPipelineMixin, StableDiffusion3Pipeline):
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """Latents -> uint8 [B, H, W, 3], as the stock pipeline's decode (scaling / shift factors undone)."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return to_uint8_images(self.vae.decode(latents, return_dict=False)[0])
+        return decode_scaled_latents(self.vae, latents)
 
 
 __all__ = ["SD3RLPipeline"]

@@ -15,7 +15,9 @@ from verl_omni.models.tiny import (
     _seeded_init,
     build_clip_tokenizer,
     build_t5_tokenizer,
+    tiny_autoencoder_kl,
     tiny_clip_text_config,
+    tiny_t5_encoder_config,
 )
 
 __all__ = ["SD35_SCHEDULER_CONFIG", "build_tiny_sd3"]
@@ -28,12 +30,11 @@ def build_tiny_sd3(
     ``transformer_overrides``: ``SD3Transformer2DModel`` keyword arguments (e.g. ``attention_head_dim=64``, the
     real head dim, which a GPU's FA3 takes; the tiny default is 32)."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
@@ -56,41 +57,13 @@ def build_tiny_sd3(
     with _seeded_init(seed, torch.float32):
         transformer = SD3Transformer2DModel(**{**transformer_config, **transformer_overrides})
     with _seeded_init(seed + 1, torch.float32):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=16,
-            layers_per_block=1,
-            norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=64,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_autoencoder_kl(scaling_factor=1.5305, shift_factor=0.0609)
     with _seeded_init(seed + 2, torch.float32):
         text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer, clip_hidden))
     with _seeded_init(seed + 3, torch.float32):
         text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer, clip_hidden))
     with _seeded_init(seed + 4, torch.float32):
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=t5_hidden,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder_3 = T5EncoderModel(tiny_t5_encoder_config(t5_tokenizer, t5_hidden))
     modules = (transformer, vae, text_encoder, text_encoder_2, text_encoder_3)
     for offset, module in enumerate(modules):
         _randomize_zero_params(module, seed + 100 + offset)
