@@ -101,7 +101,8 @@ def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_imag
     assert job.rewards == [{"name": "ocr", "weight": 1.0}]
     job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--steps", "8", "--reward", "jpeg:0.5"]))
     assert job.protocol.num_inference_steps == 8 and job.protocol.guidance_scale == 4.5
-    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch == 2
+    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch is None
+    assert job.prefetch_prompts() == 16  # one call's prompts: 16 images a call, one a prompt
     assert job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--prefetch", "0"])).prefetch == 0
     with pytest.raises(ValueError, match="--reward-url"):
         job_from(parser().parse_args([*base, "--preset", "geneval"]))
@@ -413,3 +414,32 @@ def test_batch_images_holds_whole_prompts(tiny_qwen_image_dir, tmp_path):
     assert job("--images-per-prompt", "4", "--batch-images", "2").prompts_per_call() == 1
     with pytest.raises(ValueError, match="--batch-images must be an int >= 1"):
         job("--batch-images", "0")
+
+
+def test_by_default_a_calls_scoring_overlaps_the_next_call(tiny_qwen_image_dir, tmp_path, monkeypatch):
+    """Calls of 4 prompts (prompts 0-3, then 4): by default as many prompts as one call holds may wait for their
+    scoring, so prompt 0's images are saved once the engine has started the next call (with 2, the engine would wait
+    for prompts 0 and 1 first)."""
+    import threading
+
+    import verl_omni.eval.generate as generate_module
+
+    next_call, overlapped = threading.Event(), []
+    generate, save = DiffusersEngine.generate, generate_module.save_images
+
+    async def watched(self, prompt, seeds, params, request_id=None):  # the last call: prompt 4 alone
+        next_call.set()
+        return await generate(self, prompt, seeds, params, request_id)
+
+    def save_after_the_next_call_started(folder, index, images):
+        if index == 0:
+            overlapped.append(next_call.wait(timeout=60))
+        return save(folder, index, images)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", watched)
+    monkeypatch.setattr(generate_module, "save_images", save_after_the_next_call_started)
+    prompts = _prompt_file(tmp_path, MORE_PROMPTS)
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "o"), SMALL, [{"name": "brightness"}], batch_images=8)
+    assert job.prefetch_prompts() == 4
+    report = run_evaluation(job)
+    assert overlapped == [True] and report["done"] == [0, 1, 2, 3, 4]

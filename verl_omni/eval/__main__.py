@@ -82,8 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefetch",
         type=int,
-        default=2,
-        help="prompts whose images may wait for saving and scoring while the engine generates the next; 0: serial",
+        help="prompts whose images may wait for saving and scoring while the engine generates the next call; "
+        "0: serial; default: the prompts of one call (--batch-images), at least 2",
     )
     p.add_argument(
         "--batch-images",

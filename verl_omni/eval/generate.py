@@ -62,9 +62,10 @@ class PromptEvaluator:
     (up to ``--batch-images`` images, whole prompts; each prompt's seeds as with one call per prompt). Each prompt's
     images are saved and scored on one scoring thread, in order (the OCR recorder and the reward functions see one
     prompt at a time, as serially), while the engine goes on with the next call. The engine starts a call only once
-    at most ``prefetch`` prompts wait for their scoring (0: serial). The engine gets one call at a time: concurrent
-    calls would not make larger batches (diffusers serialises calls on its lock; the vllm-omni worker merges only
-    requests of the same prompts and parameters), and would take prompts ahead of the other ``--gpus`` workers.
+    at most ``job.prefetch_prompts()`` prompts wait for their scoring (0: serial). The engine gets one call at a
+    time: concurrent calls would not make larger batches (diffusers serialises calls on its lock; the vllm-omni
+    worker merges only requests of the same prompts and parameters), and would take prompts ahead of the other
+    ``--gpus`` workers.
     """
 
     def __init__(self, job: EvalJob, loop: asyncio.AbstractEventLoop, engine) -> None:
@@ -79,6 +80,7 @@ class PromptEvaluator:
         """Rows in the items' order; a failure raises ``PromptFailed`` after the rows of the prompts before it."""
         waiting: deque[tuple[int, EvalPrompt, Future]] = deque()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-eval-score")
+        prefetch = self.job.prefetch_prompts()
         try:
             for call in engine_calls(items, self.job.prompts_per_call()):
                 try:
@@ -88,7 +90,7 @@ class PromptEvaluator:
                     raise
                 for index, prompt, seeds, images in generated:
                     waiting.append((index, prompt, pool.submit(self._score, index, prompt, seeds, images)))
-                while waiting and (len(waiting) > self.job.prefetch or waiting[0][2].done()):
+                while waiting and (len(waiting) > prefetch or waiting[0][2].done()):
                     yield _finished(*waiting.popleft())  # rows leave as soon as scored, in order
             yield from self._drain(waiting)
         finally:  # after a failure: prompts queued behind it are dropped, the one being scored finishes first
