@@ -1,5 +1,5 @@
-"""The RL pipeline, written once: :class:`RLPipelineMixin` gives a diffusers pipeline ``rl_generate`` and
-``predict_velocity`` over a few per-model hooks.
+"""The RL pipeline, written once: :class:`RLPipelineMixin` gives a diffusers pipeline ``rl_generate`` (one prompt,
+N seeds), ``rl_generate_rows`` (a prompt and a seed per row) and ``predict_velocity`` over a few per-model hooks.
 
 A model is its diffusers pipeline class with this mixin in front (``class XRLPipeline(RLPipelineMixin,
 XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
