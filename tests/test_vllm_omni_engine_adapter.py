@@ -412,6 +412,13 @@ def test_generate_rows_is_one_request_of_several_prompts_and_matches_diffusers(
     for name in ("images", "latents", "log_probs", "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds"):
         assert _equal_or_none(getattr(out, name), getattr(reference, name)), name
     assert not torch.equal(out.prompt_embeds[0], out.prompt_embeds[2])  # each row its own prompt's embeddings
+    # Over the wire: every row of the prompts' embeddings, one row of the negative prompt's (one per request).
+    pipeline = omni.worker.model_runner.pipeline
+    request = FakeRequest(PROMPT, engine.build_sampling_params(seeds, params, prompts), "r")
+    (sent,) = pipeline.forward(FakeBatch([request]))
+    extra = sent.custom_output["verl_omni"]
+    negative = ["negative_prompt_embeds", "negative_prompt_embeds_mask"] if guidance_scale > 1 else []
+    assert extra["shared_rows"] == negative and extra["prompt_embeds"].shape[0] == 3
 
     run(engine.generate_rows([PROMPT] * 2, [1, 2], params))
     last = [c for c in omni.calls if c[0] == "generate"][-1][1]["sp"]

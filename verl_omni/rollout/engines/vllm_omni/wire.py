@@ -90,7 +90,7 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
 
     The prompt embeddings of a request of ``one_prompt`` are the same row repeated, so one row is sent and
     :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops); a request whose
-    rows have prompts of their own sends every row.
+    rows have prompts of their own sends every row of those, and one of its negative prompt's (one per request).
     """
     extra: dict[str, Any] = {
         "seeds": list(part.seeds),
@@ -101,7 +101,7 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
         if name == "images" or name in _TRAJECTORY:
             continue
         value = getattr(part, name)
-        if one_prompt and name in CONDITIONING_FIELDS and value is not None:
+        if name in CONDITIONING_FIELDS and value is not None and (one_prompt or name.startswith("negative_")):
             value = value[:1].clone()
             extra[SHARED_ROWS_KEY].append(name)
         extra[name] = value
