@@ -7,7 +7,9 @@ it, so every group has a learning signal), saves the adapter at the last step, t
 protocol (deterministic ODE sampling, the algorithm's CFG, fixed seeds). Appends one record to ``--out`` (a JSON
 list) with the keys ``algorithm``, ``engine``, ``device``, ``layers``, ``steps``, ``reward_name``,
 ``reward_first``, ``reward_last5_mean``, ``eval_base_mean``, ``eval_trained_mean``, ``gpu_minutes``, ``commit``,
-plus the evaluations' standard errors, throughput and the settings.
+plus the evaluations' standard errors, the settings and the throughput: ``eval_images_per_s`` (the trained
+adapter's evaluation, ``--eval-batch-images`` images per engine call) beside ``rollout_images_per_s`` (the training
+rollout on the same model, same steps and CFG).
 
     python benchmarks/learning_gpu.py --algorithm flowgrpo --layers 20 --steps 20 --out $OUT/learning_gpu.json
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +98,7 @@ def evaluate(args, model_dir: str, out: str, cfg_scale: float, checkpoint: str |
         "--images-per-prompt", str(args.eval_images_per_prompt), "--reward", args.reward,
         "--engine", args.engine, "--device", args.device, "--dtype", args.dtype, "--max-sequence-length", "256",
         "--negative-prompt", " ", "--limit", str(args.eval_prompts), "--no-progress",
+        "--batch-images", str(args.eval_batch_images),
     ]  # fmt: skip
     if checkpoint:
         command += ["--checkpoint", checkpoint]
@@ -104,6 +108,14 @@ def evaluate(args, model_dir: str, out: str, cfg_scale: float, checkpoint: str |
         report = json.load(f)
     summary = report["summary"][args.reward]
     return {"mean": summary["mean"], "stderr": summary["stderr"], "n": summary["n"], "timing": report.get("timing")}
+
+
+def rollout_images_per_s(history: list[dict], images_per_step: int) -> float | None:
+    """The training rollout's images per second (``timing/rollout_s``), the median over the steps after the first
+    (which compiles): what the evaluation's ``eval_images_per_s`` compares with on the same model."""
+    seconds = [h["timing/rollout_s"] for h in history if "timing/rollout_s" in h]
+    seconds = seconds[1:] or seconds
+    return images_per_step / statistics.median(seconds) if seconds else None
 
 
 def main() -> None:
@@ -118,6 +130,9 @@ def main() -> None:
     ap.add_argument("--reward", default="brightness")
     ap.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts evaluated")
     ap.add_argument("--eval-images-per-prompt", type=int, default=4)
+    ap.add_argument(
+        "--eval-batch-images", type=int, default=16, help="the evaluation's --batch-images (images per engine call)"
+    )
     ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
     ap.add_argument("--model-path", help="an existing pipeline directory instead of the random full-width build")
     ap.add_argument("--work-dir", default="/tmp/verl_omni_learning")
@@ -161,6 +176,8 @@ def main() -> None:
         "eval_trained_stderr": trained["stderr"],
         "eval_gain_over_base_stderr": (trained["mean"] - base["mean"]) / max(base["stderr"], 1e-12),
         "eval_images_per_s": trained["timing"][-1]["images_per_s"] if trained["timing"] else None,
+        "eval_batch_images": args.eval_batch_images,
+        "rollout_images_per_s": rollout_images_per_s(history, args.prompts * int(cfg.actor_rollout_ref.rollout.n)),
         "reward_by_step": rewards,
         "settings": (
             f"{args.resolution}x{args.resolution}, 10 steps, CFG {cfg_scale:g}, {args.prompts} prompts x "

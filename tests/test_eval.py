@@ -34,7 +34,8 @@ def test_a_stopped_evaluation_resumes_with_only_the_missing_prompts(tiny_qwen_im
         return await generate(self, prompt, seeds, params, request_id)
 
     monkeypatch.setattr(DiffusersEngine, "generate", counted)
-    job = EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path / "out"), SMALL, [{"name": "brightness"}])
+    prompts, rewards = _prompt_file(tmp_path), [{"name": "brightness"}]
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "out"), SMALL, rewards, batch_images=2)  # 1 prompt/call
     full = run_evaluation(job)
     assert calls == PROMPTS and full["summary"]["images"] == 6
     assert len({s for p in full["per_prompt"] for s in p["seeds"]}) == 6  # every image its own seed
@@ -100,7 +101,8 @@ def test_preset_sets_flow_grpo_ocr_protocol_and_flags_override_it(tiny_qwen_imag
     assert job.rewards == [{"name": "ocr", "weight": 1.0}]
     job = job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--steps", "8", "--reward", "jpeg:0.5"]))
     assert job.protocol.num_inference_steps == 8 and job.protocol.guidance_scale == 4.5
-    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch == 2
+    assert job.rewards == [{"name": "jpeg", "weight": 0.5}] and job.prefetch is None
+    assert job.prefetch_prompts() == 16  # one call's prompts: 16 images a call, one a prompt
     assert job_from(parser().parse_args([*base, "--preset", "flowgrpo_ocr", "--prefetch", "0"])).prefetch == 0
     with pytest.raises(ValueError, match="--reward-url"):
         job_from(parser().parse_args([*base, "--preset", "geneval"]))
@@ -193,7 +195,8 @@ def _rows(report):
 
 def test_two_workers_write_the_report_of_one(tiny_qwen_image_dir, tmp_path):
     prompts = _prompt_file(tmp_path)
-    one = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "one"), SMALL, [{"name": "brightness"}])
+    # Calls of two prompts ([0, 1] and [2]): one per worker, the same calls as in one process.
+    one = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "one"), SMALL, [{"name": "brightness"}], batch_images=4)
     reference = run_evaluation(one)
     report = run_evaluation(EvalJob(**{**one.__dict__, "out": str(tmp_path / "two"), "gpus": 2}))
     assert report["per_prompt"] == reference["per_prompt"] == _rows(reference)  # seeds and scores bit-identical
@@ -208,7 +211,9 @@ def test_two_workers_write_the_report_of_one(tiny_qwen_image_dir, tmp_path):
 
 def test_a_failing_worker_stops_the_run_and_a_rerun_evaluates_what_is_missing(tiny_qwen_image_dir, tmp_path):
     prompts = _prompt_file(tmp_path)
-    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "two"), SMALL, [{"name": "brightness"}], gpus=2)
+    job = EvalJob(
+        tiny_qwen_image_dir, prompts, str(tmp_path / "two"), SMALL, [{"name": "brightness"}], gpus=2, batch_images=2
+    )  # one prompt per call
     blocked = tmp_path / "two" / "images" / "00002_0.png"
     blocked.mkdir(parents=True)  # prompt 2's first image cannot be written
     with pytest.raises(RuntimeError, match=r"worker \d \(cpu\) failed on prompt 2 .*IsADirectoryError"):
@@ -237,7 +242,9 @@ def test_scoring_overlaps_the_next_generation_and_the_report_is_the_serial_one(
     import verl_omni.eval.generate as generate_module
 
     prompts = _prompt_file(tmp_path)
-    serial = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "serial"), SMALL, [{"name": "brightness"}])
+    serial = EvalJob(
+        tiny_qwen_image_dir, prompts, str(tmp_path / "serial"), SMALL, [{"name": "brightness"}], batch_images=2
+    )  # one prompt per call
     reference = run_evaluation(EvalJob(**{**serial.__dict__, "prefetch": 0}))
 
     # Prompt 0's images are saved only once the engine has started prompt 1: without overlap this never happens.
@@ -271,7 +278,7 @@ def test_scoring_overlaps_the_next_generation_and_the_report_is_the_serial_one(
 
 def test_a_failing_prompt_is_named_and_the_rows_before_it_are_kept(tiny_qwen_image_dir, tmp_path, monkeypatch):
     prompts = _prompt_file(tmp_path)
-    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "out"), SMALL, [{"name": "brightness"}])
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "out"), SMALL, [{"name": "brightness"}], batch_images=2)
     reference = run_evaluation(EvalJob(**{**job.__dict__, "out": str(tmp_path / "ref"), "prefetch": 0}))
     report_path = tmp_path / "out" / REPORT_FILE
 
@@ -322,3 +329,117 @@ def test_a_family_option_reaches_the_evaluation_engines_pipeline(tiny_flux_dir, 
     sd3 = EvalJob(tiny_sd3_dir, job.prompts, str(tmp_path), family_options={"distilled_guidance_scale": 6})
     with pytest.raises(ValueError, match=r"the sd3 family has no options section"):
         check_family_options(sd3)
+
+
+MORE_PROMPTS = [*PROMPTS, 'A poster reading "Sale"', 'A small boat named "Rosa" in a quiet harbour at dawn']
+
+
+def _image_values(folder, name):
+    return np.asarray(Image.open(folder / "images" / name), dtype=np.int16)
+
+
+def test_calls_of_several_prompts_give_the_report_of_one_prompt_per_call(tiny_qwen_image_dir, tmp_path, monkeypatch):
+    """--batch-images 8 at 2 images a prompt: calls of prompts 0-3 and 4, each prompt with its own seeds. The report
+    is the one of a prompt per call: the same rows, seeds and image files; every image value within one uint8 step
+    (a batch of another composition changes only float rounding: tests/test_rl_pipelines.py bounds it), so each
+    brightness score (the mean of the values / 255) within 1/255. A resumed report makes one call of what is
+    missing."""
+    calls = []
+    generate, generate_rows = DiffusersEngine.generate, DiffusersEngine.generate_rows
+
+    async def one(self, prompt, seeds, params, request_id=None):
+        calls.append([prompt] * len(seeds))
+        return await generate(self, prompt, seeds, params, request_id)
+
+    async def rows(self, prompts, seeds, params, request_id=None):
+        calls.append(list(prompts))
+        return await generate_rows(self, prompts, seeds, params, request_id)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", one)
+    monkeypatch.setattr(DiffusersEngine, "generate_rows", rows)
+    prompts, rewards = _prompt_file(tmp_path, MORE_PROMPTS), [{"name": "brightness"}]
+    single = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "single"), SMALL, rewards, batch_images=2)
+    reference = run_evaluation(single)
+    assert calls == [[p] * 2 for p in MORE_PROMPTS]
+    calls.clear()
+    batched = EvalJob(**{**single.__dict__, "out": str(tmp_path / "batched"), "batch_images": 8})
+    report = run_evaluation(batched)
+    assert calls == [[p for p in MORE_PROMPTS[:4] for _ in range(2)], [MORE_PROMPTS[4]] * 2]
+    assert report["timing"][-1]["batch_images"] == 8 and report["timing"][-1]["images"] == 10
+
+    def same_as_reference(got_report, folder):
+        assert got_report["done"] == reference["done"] == [0, 1, 2, 3, 4]
+        for got, want in zip(got_report["per_prompt"], reference["per_prompt"], strict=True):
+            assert (got["index"], got["prompt"], got["seeds"], got["images"]) == (
+                want["index"], want["prompt"], want["seeds"], want["images"]
+            )  # fmt: skip
+            for name in got["images"]:
+                diff = np.abs(_image_values(folder, name) - _image_values(tmp_path / "single", name)).max()
+                assert diff <= 1, name
+            assert got["scores"]["brightness"] == pytest.approx(want["scores"]["brightness"], abs=1 / 255)
+        print("largest score difference:", max(
+            abs(a - b) for g, w in zip(got_report["per_prompt"], reference["per_prompt"], strict=True)
+            for a, b in zip(g["scores"]["total"], w["scores"]["total"], strict=True)
+        ))  # fmt: skip
+
+    same_as_reference(report, tmp_path / "batched")
+
+    # Stopped after two prompts: the rerun generates the other three in one call.
+    report_path = tmp_path / "batched" / REPORT_FILE
+    stopped = json.loads(report_path.read_text())
+    stopped["per_prompt"], stopped["done"] = stopped["per_prompt"][:2], stopped["done"][:2]
+    report_path.write_text(json.dumps(stopped))
+    calls.clear()
+    resumed = run_evaluation(batched)
+    assert calls == [[p for p in MORE_PROMPTS[2:] for _ in range(2)]]
+    same_as_reference(resumed, tmp_path / "batched")
+
+
+@pytest.mark.parametrize("bad", [0, -16, True, 2.5, "16"])
+def test_a_bad_batch_images_is_refused_naming_the_option(tiny_qwen_image_dir, tmp_path, bad):
+    with pytest.raises(ValueError, match=r"--batch-images must be an int >= 1 \(images per engine call"):
+        EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path), batch_images=bad)
+
+
+def test_batch_images_holds_whole_prompts(tiny_qwen_image_dir, tmp_path):
+    base = ["--base", tiny_qwen_image_dir, "--prompts", _prompt_file(tmp_path), "--out", str(tmp_path)]
+
+    def job(*flags):
+        return job_from(parser().parse_args([*base, "--reward", "jpeg", *flags]))
+
+    assert job().batch_images == 16  # the default
+    assert job("--images-per-prompt", "4").prompts_per_call() == 4
+    assert job("--images-per-prompt", "4", "--batch-images", "7").prompts_per_call() == 1
+    # a prompt of more images than --batch-images is a call of its own (never split)
+    assert job("--images-per-prompt", "4", "--batch-images", "2").prompts_per_call() == 1
+    with pytest.raises(ValueError, match="--batch-images must be an int >= 1"):
+        job("--batch-images", "0")
+
+
+def test_by_default_a_calls_scoring_overlaps_the_next_call(tiny_qwen_image_dir, tmp_path, monkeypatch):
+    """Calls of 4 prompts (prompts 0-3, then 4): by default as many prompts as one call holds may wait for their
+    scoring, so prompt 0's images are saved once the engine has started the next call (with 2, the engine would wait
+    for prompts 0 and 1 first)."""
+    import threading
+
+    import verl_omni.eval.generate as generate_module
+
+    next_call, overlapped = threading.Event(), []
+    generate, save = DiffusersEngine.generate, generate_module.save_images
+
+    async def watched(self, prompt, seeds, params, request_id=None):  # the last call: prompt 4 alone
+        next_call.set()
+        return await generate(self, prompt, seeds, params, request_id)
+
+    def save_after_the_next_call_started(folder, index, images):
+        if index == 0:
+            overlapped.append(next_call.wait(timeout=60))
+        return save(folder, index, images)
+
+    monkeypatch.setattr(DiffusersEngine, "generate", watched)
+    monkeypatch.setattr(generate_module, "save_images", save_after_the_next_call_started)
+    prompts = _prompt_file(tmp_path, MORE_PROMPTS)
+    job = EvalJob(tiny_qwen_image_dir, prompts, str(tmp_path / "o"), SMALL, [{"name": "brightness"}], batch_images=8)
+    assert job.prefetch_prompts() == 4
+    report = run_evaluation(job)
+    assert overlapped == [True] and report["done"] == [0, 1, 2, 3, 4]

@@ -114,6 +114,63 @@ def test_batched_call_equals_single_calls_with_the_dpm_solver_tail(pipe):
     assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1
 
 
+@pytest.fixture(params=["qwen_image", "sd3", "flux"])
+def family_pipe(request):
+    return request.getfixturevalue(f"{request.param}_rl_pipe")
+
+
+# Prompts of different token counts (Qwen-Image's call of several is then padded and masked); rows 0 and 2 share a
+# seed, so what tells them apart is their prompt.
+ROW_PROMPTS = [PROMPT, PROMPT, "a dog", 'a shop sign that says "OPEN LATE" above a blue door']
+ROW_SEEDS = [11, 22, 11, 44]
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_a_call_of_several_prompts_equals_one_call_per_prompt(family_pipe, guidance_scale):
+    """``rl_generate_rows``: row i equals ``rl_generate(prompts[i], [seeds[i]])``. Within the bounds of the batched
+    single-prompt call above (B=4 vs 4 x B=1): a batch of another composition changes only float rounding -- GEMMs
+    over other row counts, and for Qwen-Image a masked softmax over padded text keys (mask 0: no weight) where a
+    call of one prompt runs unmasked. Each prompt's text embeddings, and the one negative prompt's under CFG, are
+    exactly the single call's (each prompt encoded alone)."""
+    pipe = family_pipe
+    params = _params(guidance_scale=guidance_scale, max_sequence_length=64)
+    rows = pipe.rl_generate_rows(ROW_PROMPTS, ROW_SEEDS, params)
+    singles = [pipe.rl_generate(p, [s], params) for p, s in zip(ROW_PROMPTS, ROW_SEEDS, strict=True)]
+    pixel = max((rows.images[i].int() - o.images[0].int()).abs().max().item() for i, o in enumerate(singles))
+    latent = max((rows.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
+    logp = max((rows.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
+    print(f"[{type(pipe).__name__} cfg={guidance_scale}] rows vs single calls: pixel {pixel}, latent {latent:.2e}, "
+          f"log-prob {logp:.2e}")  # fmt: skip
+    assert pixel <= 1 and latent < 1e-4 and logp < 1e-4 and rows.seeds == ROW_SEEDS
+    assert (rows.latents[0, -1] - rows.latents[2, -1]).abs().max() > 1e-3  # same seed, another prompt
+    for i, single in enumerate(singles):
+        own = _cond(rows, slice(i, i + 1)).without_padding()
+        assert torch.equal(own.prompt_embeds, single.prompt_embeds)
+        assert (own.negative_prompt_embeds is None) == (guidance_scale == 1.0)
+        if own.negative_prompt_embeds is not None:
+            assert torch.equal(own.negative_prompt_embeds, single.negative_prompt_embeds)
+    masked = rows.prompt_embeds_mask is not None and not bool(rows.prompt_embeds_mask.all())
+    assert masked == ("Qwen" in type(pipe).__name__)  # SD3 / FLUX: T5 padded to a fixed length, no mask
+
+
+def test_a_call_of_one_prompt_for_every_row_is_rl_generate(qwen_image_rl_pipe):
+    params = _params()
+    rows = qwen_image_rl_pipe.rl_generate_rows([PROMPT] * 2, SEEDS[:2], params)
+    one = qwen_image_rl_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    assert torch.equal(rows.images, one.images) and torch.equal(rows.latents, one.latents)
+    with pytest.raises(ValueError, match="one prompt per seed, got 3 prompts and 2"):
+        qwen_image_rl_pipe.rl_generate_rows([PROMPT] * 3, SEEDS[:2], params)
+
+
+def test_conditionings_of_different_lengths_join_only_with_a_mask():
+    short, long = torch.ones(1, 2, 4), torch.ones(2, 5, 4)
+    joined = Conditioning.cat([Conditioning(short, torch.ones(1, 2, dtype=torch.long)), Conditioning(long)])
+    assert joined.prompt_embeds.shape == (3, 5, 4) and joined.prompt_embeds[0, 2:].abs().sum() == 0
+    assert joined.prompt_embeds_mask.tolist() == [[1, 1, 0, 0, 0]] + [[1] * 5] * 2
+    with pytest.raises(ValueError, match=r"prompt_embeds of lengths \[2, 5\] cannot share one call without"):
+        Conditioning.cat([Conditioning(short), Conditioning(long)])
+
+
 def test_dpm_solver_tail_changes_only_what_follows_the_window(pipe):
     flash = pipe.rl_generate(PROMPT, SEEDS[:2], _flash_params())
     euler = pipe.rl_generate(PROMPT, SEEDS[:2], _flash_params(ode_solver="euler"))

@@ -392,6 +392,45 @@ def test_generate_is_one_request_of_batch_n_and_matches_diffusers(fake_vllm_omni
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_generate_rows_is_one_request_of_several_prompts_and_matches_diffusers(
+    fake_vllm_omni, tiny_qwen_image_dir, guidance_scale
+):
+    """A call whose rows have prompts of their own is ONE request: the rows' prompts travel in extra_args, the
+    worker runs one rl_generate_rows and sends every row's embeddings (no shared row); the result is the diffusers
+    engine's bit for bit (the same pipeline call). One prompt for every row is generate's request."""
+    engine = make_engine(tiny_qwen_image_dir)
+    (omni,) = FakeAsyncOmni.instances
+    prompts, seeds = [PROMPT, PROMPT, "a dog on a long sandy beach at noon"], [3, 5, 3]
+    params = PARAMS.replace(guidance_scale=guidance_scale)
+    out = run(engine.generate_rows(prompts, seeds, params))
+    ((_, call),) = [c for c in omni.calls if c[0] == "generate"]
+    assert call["prompt"] == PROMPT and call["sp"].num_outputs_per_prompt == 3
+    assert call["sp"].extra_args["verl_omni"]["prompts"] == prompts and out.seeds == seeds
+
+    reference = run(diffusers_engine(tiny_qwen_image_dir).generate_rows(prompts, seeds, params))
+    for name in ("images", "latents", "log_probs", "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds"):
+        assert _equal_or_none(getattr(out, name), getattr(reference, name)), name
+    assert not torch.equal(out.prompt_embeds[0], out.prompt_embeds[2])  # each row its own prompt's embeddings
+    # Over the wire: every row of the prompts' embeddings, one row of the negative prompt's (one per request).
+    pipeline = omni.worker.model_runner.pipeline
+    request = FakeRequest(PROMPT, engine.build_sampling_params(seeds, params, prompts), "r")
+    (sent,) = pipeline.forward(FakeBatch([request]))
+    extra = sent.custom_output["verl_omni"]
+    negative = ["negative_prompt_embeds", "negative_prompt_embeds_mask"] if guidance_scale > 1 else []
+    assert extra["shared_rows"] == negative and extra["prompt_embeds"].shape[0] == 3
+
+    run(engine.generate_rows([PROMPT] * 2, [1, 2], params))
+    last = [c for c in omni.calls if c[0] == "generate"][-1][1]["sp"]
+    assert "prompts" not in last.extra_args["verl_omni"]  # one prompt: generate's request
+    with pytest.raises(ValueError, match="one prompt per seed"):
+        run(engine.generate_rows([PROMPT], [1, 2], params))
+
+
+def _equal_or_none(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 def test_cfg_params_are_forwarded(fake_vllm_omni, tiny_qwen_image_dir):
     engine = make_engine(tiny_qwen_image_dir)
     params = PARAMS.replace(guidance_scale=3.0, negative_prompt="blurry")

@@ -8,7 +8,7 @@ training batch to recompute the very same forward. A pipeline turns it into what
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
@@ -92,6 +92,27 @@ class Conditioning:
             )
         return out
 
+    @classmethod
+    def cat(cls, parts: Sequence[Conditioning]) -> Conditioning:
+        """The rows of ``parts`` (each of any batch size) as one conditioning, in order. Texts of different lengths
+        are right-padded to the longest with zero embeddings and mask 0 (a missing mask counts as all ones); without
+        masks they must have one length (SD3's and FLUX's fixed-length T5), else ``ValueError`` naming the field.
+        Every part must carry the same fields (the negative branch in all or none)."""
+        if not parts:
+            raise ValueError("Conditioning.cat needs at least one part")
+        out: dict[str, Optional[torch.Tensor]] = {}
+        for prefix in ("", "negative_"):
+            embeds = [getattr(p, f"{prefix}prompt_embeds") for p in parts]
+            pooled = [getattr(p, f"{prefix}pooled_prompt_embeds") for p in parts]
+            if all(e is None for e in embeds):
+                continue
+            if any(e is None for e in embeds) or len({p is None for p in pooled}) > 1:
+                raise ValueError(f"Conditioning.cat: {prefix}prompt_embeds or its pooled twin is missing in some parts")
+            masks = [getattr(p, f"{prefix}prompt_embeds_mask") for p in parts]
+            out[f"{prefix}prompt_embeds"], out[f"{prefix}prompt_embeds_mask"] = _pad_rows(embeds, masks, prefix)
+            out[f"{prefix}pooled_prompt_embeds"] = None if pooled[0] is None else torch.cat(pooled)
+        return cls(**out)
+
     def as_fields(self) -> dict[str, Optional[torch.Tensor]]:
         """The fields under their ``RLBatchOutput`` / ``DiffusionSample`` names."""
         return {name: getattr(self, name) for name in FIELDS}
@@ -107,3 +128,25 @@ class Conditioning:
         if values["prompt_embeds"] is None:
             raise ValueError("conditioning needs prompt_embeds")
         return cls(**values)
+
+
+def _pad_rows(
+    embeds: list[torch.Tensor], masks: list[Optional[torch.Tensor]], prefix: str
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """[B_i, L_i, D] parts -> ([sum B_i, max L_i, D], mask or None): see :meth:`Conditioning.cat`."""
+    length = max(int(e.shape[1]) for e in embeds)
+    if all(m is None for m in masks):
+        lengths = sorted({int(e.shape[1]) for e in embeds})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"{prefix}prompt_embeds of lengths {lengths} cannot share one call without a "
+                f"{prefix}prompt_embeds_mask to pad them with"
+            )
+        return torch.cat(embeds), None
+    padded, padded_masks = [], []
+    for e, m in zip(embeds, masks, strict=True):
+        extra = length - int(e.shape[1])
+        m = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m
+        padded.append(torch.nn.functional.pad(e, (0, 0, 0, extra)))
+        padded_masks.append(torch.nn.functional.pad(m, (0, extra)))
+    return torch.cat(padded), torch.cat(padded_masks)

@@ -82,8 +82,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefetch",
         type=int,
-        default=2,
-        help="prompts whose images may wait for saving and scoring while the engine generates the next; 0: serial",
+        help="prompts whose images may wait for saving and scoring while the engine generates the next call; "
+        "0: serial; default: the prompts of one call (--batch-images), at least 2",
+    )
+    p.add_argument(
+        "--batch-images",
+        type=int,
+        default=16,
+        help="images per engine call: consecutive prompts share one call, whole prompts only (images-per-prompt "
+        "16 and 4: 4 prompts a call); a prompt of more images is a call of its own; 1: one prompt per call",
     )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompt-key", default="prompt")
@@ -149,6 +156,7 @@ def job_from(args) -> EvalJob:
         progress=False if args.no_progress else None,
         gpus=args.gpus,
         prefetch=args.prefetch,
+        batch_images=args.batch_images,
         family_options=family_options_from(args.family_option),
     )
 

@@ -1,11 +1,12 @@
-"""One engine serving the evaluated policy, and the evaluation of prompts on it: each prompt's images generated as
-one batch of ``images_per_prompt`` seeds, then saved and scored by the registered rewards on a scoring thread while
-the engine generates the next prompt."""
+"""One engine serving the evaluated policy, and the evaluation of prompts on it: consecutive prompts' images generated
+as one batch of up to ``batch_images`` (whole prompts of ``images_per_prompt`` seeds each), then saved and scored by
+the registered rewards on a scoring thread while the engine generates the next batch."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -44,10 +45,12 @@ def load_engine(job: EvalJob, adapter: Optional[TrainedAdapter]):
 
 
 class PromptFailed(RuntimeError):
-    """The evaluation of one prompt failed (its generation, saving or scoring); ``index`` names it."""
+    """The evaluation of one prompt failed (its generation, saving or scoring); ``index`` names it. A failed engine
+    call of several prompts names its first prompt and says how many it held."""
 
-    def __init__(self, index: int, prompt: EvalPrompt, cause: BaseException) -> None:
-        super().__init__(f"prompt {index} ({prompt.text[:80]!r}): {type(cause).__name__}: {cause}")
+    def __init__(self, index: int, prompt: EvalPrompt, cause: BaseException, call_prompts: int = 1) -> None:
+        shared = f", the first of the {call_prompts} prompts of its engine call" if call_prompts > 1 else ""
+        super().__init__(f"prompt {index} ({prompt.text[:80]!r}{shared}): {type(cause).__name__}: {cause}")
         self.index, self.cause = index, cause
 
 
@@ -55,12 +58,13 @@ class PromptEvaluator:
     """``rows(items)``: the report rows of ``(index, prompt)`` items (seeds, scores, image files, OCR readings), in
     the items' order.
 
-    The engine generates one prompt at a time on this thread; each prompt's images are saved and scored on one
-    scoring thread, in order (the OCR recorder and the reward functions see one prompt at a time, as serially), while
-    the engine goes on with the next prompts. At most ``prefetch`` prompts wait for their scoring (0: serial). The
-    engine gets one call at a time: neither engine batches prompts of different text into one pipeline call
-    (diffusers serialises calls on its lock; the vllm-omni worker batches only requests of the same prompt and
-    parameters), so concurrent calls would not make larger batches, and would take prompts ahead of the other
+    The engine generates consecutive items together on this thread: one call of ``job.prompts_per_call()`` prompts
+    (up to ``--batch-images`` images, whole prompts; each prompt's seeds as with one call per prompt). Each prompt's
+    images are saved and scored on one scoring thread, in order (the OCR recorder and the reward functions see one
+    prompt at a time, as serially), while the engine goes on with the next call. The engine starts a call only once
+    at most ``job.prefetch_prompts()`` prompts wait for their scoring (0: serial). The engine gets one call at a
+    time: concurrent calls would not make larger batches (diffusers serialises calls on its lock; the vllm-omni
+    worker merges only requests of the same prompts and parameters), and would take prompts ahead of the other
     ``--gpus`` workers.
     """
 
@@ -76,29 +80,43 @@ class PromptEvaluator:
         """Rows in the items' order; a failure raises ``PromptFailed`` after the rows of the prompts before it."""
         waiting: deque[tuple[int, EvalPrompt, Future]] = deque()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verl-omni-eval-score")
+        prefetch = self.job.prefetch_prompts()
         try:
-            for index, prompt in items:
+            for call in engine_calls(items, self.job.prompts_per_call()):
                 try:
-                    seeds, images = self._generate(index, prompt)
+                    generated = self._generate(call)
                 except BaseException:
-                    yield from self._drain(waiting)  # the prompts before this one keep their rows
+                    yield from self._drain(waiting)  # the prompts before this call keep their rows
                     raise
-                waiting.append((index, prompt, pool.submit(self._score, index, prompt, seeds, images)))
-                while waiting and (len(waiting) > self.job.prefetch or waiting[0][2].done()):
+                for index, prompt, seeds, images in generated:
+                    waiting.append((index, prompt, pool.submit(self._score, index, prompt, seeds, images)))
+                while waiting and (len(waiting) > prefetch or waiting[0][2].done()):
                     yield _finished(*waiting.popleft())  # rows leave as soon as scored, in order
             yield from self._drain(waiting)
         finally:  # after a failure: prompts queued behind it are dropped, the one being scored finishes first
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _generate(self, index: int, prompt: EvalPrompt):
-        seeds = self.job.protocol.seeds(index)
+    def _generate(self, call: list[tuple[int, EvalPrompt]]) -> list[tuple[int, EvalPrompt, list[int], Any]]:
+        """One engine call for the prompts of ``call``: (index, prompt, seeds, images) per prompt. One prompt is the
+        engine's ``generate``; several are one ``generate_rows`` call, each prompt's rows in order."""
+        seeds = [self.job.protocol.seeds(index) for index, _ in call]
+        first = call[0][0]
         try:
-            output = self.loop.run_until_complete(
-                self.engine.generate(prompt.text, seeds, self.params, request_id=f"eval-{index}")
-            )
-            return seeds, output.images.numpy()
+            if len(call) == 1:
+                request = self.engine.generate(call[0][1].text, seeds[0], self.params, request_id=f"eval-{first}")
+            else:
+                prompts = [prompt.text for (_, prompt), s in zip(call, seeds, strict=True) for _ in s]
+                flat = [seed for s in seeds for seed in s]
+                request_id = f"eval-{first}-{call[-1][0]}"
+                request = self.engine.generate_rows(prompts, flat, self.params, request_id=request_id)
+            images = self.loop.run_until_complete(request).images.numpy()
         except Exception as exc:
-            raise PromptFailed(index, prompt, exc) from exc
+            raise PromptFailed(first, call[0][1], exc, len(call)) from exc
+        out, start = [], 0
+        for (index, prompt), s in zip(call, seeds, strict=True):
+            out.append((index, prompt, s, images[start : start + len(s)]))
+            start += len(s)
+        return out
 
     def _score(self, index: int, prompt: EvalPrompt, seeds: list[int], images) -> dict[str, Any]:
         n = len(seeds)
@@ -118,6 +136,14 @@ class PromptEvaluator:
     def _drain(waiting: deque) -> Iterator[dict[str, Any]]:
         while waiting:
             yield _finished(*waiting.popleft())
+
+
+def engine_calls(items: Iterable[tuple[int, EvalPrompt]], prompts_per_call: int) -> Iterator[list]:
+    """Consecutive items in lists of ``prompts_per_call`` (the last one shorter), each one engine call; an item is
+    taken from ``items`` only when its call is formed."""
+    it = iter(items)
+    while call := list(itertools.islice(it, prompts_per_call)):
+        yield call
 
 
 def _finished(index: int, prompt: EvalPrompt, future: Future) -> dict[str, Any]:

@@ -32,7 +32,11 @@ class EvalJob:
     overwrite: bool = False
     progress: Optional[bool] = None  # tqdm's disable=None: a bar on a terminal only
     gpus: int = 1  # worker processes, one engine each (workers.py); 1: the engine runs in this process
-    prefetch: int = 2  # prompts whose images may wait for saving and scoring while the engine goes on; 0: serial
+    # prompts whose images may wait for saving and scoring while the engine goes on; 0: serial; None: one engine
+    # call's prompts, at least 2 (prefetch_prompts)
+    prefetch: Optional[int] = None
+    # images per engine call: consecutive prompts share a call, whole prompts only (prompts_per_call)
+    batch_images: int = 16
     # The family's own options section (actor_rollout_ref.model.<family>, e.g. FLUX's distilled_guidance_scale) for
     # the engine's pipeline; what a key leaves out keeps its default
     family_options: dict = field(default_factory=dict)
@@ -40,10 +44,27 @@ class EvalJob:
     def __post_init__(self) -> None:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
             raise ValueError(f"--gpus must be an int >= 1 (worker processes, one per GPU), got {self.gpus!r}")
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+        if self.prefetch is not None and (
+            isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0
+        ):
             raise ValueError(
                 f"--prefetch must be an int >= 0 (prompts generated ahead of their scoring), got {self.prefetch!r}"
             )
+
+        if isinstance(self.batch_images, bool) or not isinstance(self.batch_images, int) or self.batch_images < 1:
+            raise ValueError(
+                f"--batch-images must be an int >= 1 (images per engine call, whole prompts), got {self.batch_images!r}"
+            )
+
+    def prompts_per_call(self) -> int:
+        """Prompts whose images one engine call generates: as many whole prompts as ``batch_images`` holds, at
+        least one (a prompt of more images than ``batch_images`` is a call of its own; prompts are never split)."""
+        return max(1, self.batch_images // self.protocol.images_per_prompt)
+
+    def prefetch_prompts(self) -> int:
+        """``prefetch``; by default one call's prompts (at least 2, the bound with one prompt a call), so a call's
+        scoring overlaps the next call's generation whatever ``batch_images`` is."""
+        return self.prefetch if self.prefetch is not None else max(2, self.prompts_per_call())
 
     def model_options(self) -> dict:
         """``family_options`` as ``ModelConfig`` keywords (``{<family>: {...}}``; nothing when empty)."""

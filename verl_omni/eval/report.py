@@ -62,15 +62,21 @@ def sort_rows(report: dict) -> None:
     report["done"].sort()
 
 
-def timing_entry(prompts: int, images: int, seconds: float, devices: int) -> dict[str, Any]:
-    """One run's throughput: images per second over all its devices, from the engines ready to the last image."""
-    return {
+def timing_entry(
+    prompts: int, images: int, seconds: float, devices: int, batch_images: Optional[int] = None
+) -> dict[str, Any]:
+    """One run's throughput: images per second over all its devices, from the engines ready to the last image;
+    ``batch_images``: the images per engine call it asked for (``--batch-images``)."""
+    entry = {
         "prompts": prompts,
         "images": images,
         "seconds": seconds,
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "devices": devices,
     }
+    if batch_images is not None:
+        entry["batch_images"] = batch_images
+    return entry
 
 
 def mean_and_stderr(values: Sequence[float]) -> dict[str, float]:

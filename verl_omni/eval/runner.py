@@ -1,10 +1,12 @@
 """Evaluate a base pipeline, or a checkpoint's adapter on it, over a prompt file with one protocol.
 
-Each prompt is one engine call of ``images_per_prompt`` seeds (a batch of B=N, as a rollout group), through the
-engine seam (``rollout.engines``: diffusers on CPU, vllm_omni on a GPU); its images are saved and scored while the
-engine generates the next prompts (``generate.PromptEvaluator``). Scores come from the registered rewards
-(``rewards.registry.RewardManager``), exactly as training and validation compute them. With ``gpus > 1`` the
-prompts are shared by that many worker processes, one engine each (workers.py); the report is the same.
+Consecutive prompts share an engine call of up to ``batch_images`` images (whole prompts, each with its
+``images_per_prompt`` seeds), through the engine seam (``rollout.engines``: diffusers on CPU, vllm_omni on a GPU);
+their images are saved and scored while the engine generates the next call (``generate.PromptEvaluator``). Scores
+come from the registered rewards (``rewards.registry.RewardManager``), exactly as training and validation compute
+them. With ``gpus > 1`` the prompts are shared by that many worker processes, one engine each (workers.py); the
+report is the same. A prompt's seeds depend on its index only, so the report does not depend on ``batch_images``
+beyond float rounding (the engine's batch of different composition).
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _evaluate_prompts(
             bar.update(1)
             if (k + 1) % job.save_every == 0:
                 write_report(job.out, report)
-        report.setdefault("timing", []).append(timing_entry(len(pending), images, time.perf_counter() - start, 1))
+        seconds = time.perf_counter() - start
+        report.setdefault("timing", []).append(timing_entry(len(pending), images, seconds, 1, job.batch_images))
 
 
 def _tqdm_disable(progress: Optional[bool]) -> Optional[bool]:

@@ -1,8 +1,9 @@
 """Evaluation over several devices of one host: ``gpus`` worker processes, one engine each.
 
 Each worker is a spawned process started with ``CUDA_VISIBLE_DEVICES`` set to its one GPU (on ``--device cpu``,
-a CPU process). Workers take the pending prompts one at a time from a shared counter (the next one as soon as the
-engine is free, while the last one's images are saved and scored), and send each prompt's report row to this
+a CPU process). Workers take the pending prompts one engine call at a time from a shared counter (the next
+``prompts_per_call`` consecutive ones as soon as the engine is free, while the last call's images are saved and
+scored), and send each prompt's report row to this
 process, which keeps the report, the progress bar and the timing. A prompt's seeds depend on its index only, so the
 report does not depend on how many workers made it. A worker that fails stops the run with its error, naming its
 device and prompt; the rows already received stay in the report.
@@ -57,7 +58,8 @@ def evaluate_in_workers(
     job: EvalJob, adapter: Optional[TrainedAdapter], prompts: list[EvalPrompt], pending: list[int], report: dict, bar
 ) -> None:
     """Evaluate ``pending`` on ``job.gpus`` workers, adding each row to ``report`` as it arrives."""
-    visible = worker_devices(job.device, job.gpus)[: len(pending)]  # no worker without a prompt to take
+    calls = -(-len(pending) // job.prompts_per_call())
+    visible = worker_devices(job.device, job.gpus)[:calls]  # no worker without a call to make
     ctx = mp.get_context("spawn")
     results, go, counter = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
     worker_job = dataclasses.replace(job, gpus=1, progress=False)
@@ -82,7 +84,7 @@ def evaluate_in_workers(
 
 def _collect(job, visible, procs, prompts, report, bar, results, go) -> None:
     """The parent's loop: start the workers together once every engine is ready, record rows, raise on a failure."""
-    ready, finished, current = 0, set(), {}
+    ready, finished, current = 0, set(), {}  # current: each worker's prompts taken and not yet reported
     start = end = time.perf_counter()
     rows = images = 0
     while len(finished) < len(procs):
@@ -97,10 +99,11 @@ def _collect(job, visible, procs, prompts, report, bar, results, go) -> None:
                 start = time.perf_counter()
                 go.set()
         elif kind == "start":
-            current[rank] = payload
+            current.setdefault(rank, []).append(payload)
         elif kind == "row":
             add_row(report, payload)
-            current.pop(rank, None)
+            if payload["index"] in current.get(rank, ()):
+                current[rank].remove(payload["index"])
             rows += 1
             images += len(payload["seeds"])
             end = time.perf_counter()
@@ -115,7 +118,7 @@ def _collect(job, visible, procs, prompts, report, bar, results, go) -> None:
                 f"{_where(payload['index'], prompts)}: {payload['error']}\n--- worker traceback ---\n"
                 f"{payload['traceback']}"
             )
-    report.setdefault("timing", []).append(timing_entry(rows, images, end - start, len(procs)))
+    report.setdefault("timing", []).append(timing_entry(rows, images, end - start, len(procs), job.batch_images))
 
 
 def _stop(procs) -> None:
@@ -137,7 +140,7 @@ def _raise_if_dead(device, visible, procs, current, prompts) -> None:
         if proc.exitcode not in (None, 0):
             raise RuntimeError(
                 f"evaluation worker {rank} ({_device_name(device, visible[rank])}) exited with code "
-                f"{proc.exitcode} {_where(current.get(rank), prompts)}"
+                f"{proc.exitcode} {_where((current.get(rank) or [None])[0], prompts)}"
             )
 
 
@@ -147,11 +150,14 @@ def _work(rank, job, adapter, prompts, pending, counter, results, go, parent) ->
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     taken = [None]  # the prompt this worker took last
 
-    def items():
-        while os.getppid() == parent and (index := _next(counter, pending)) is not None:
-            taken[0] = index
-            results.put(("start", rank, index))
-            yield index, prompts[index]
+    def items():  # one call's prompts taken together, so the evaluator's calls hold consecutive prompts
+        per_call = job.prompts_per_call()
+        while os.getppid() == parent and (call := _take(counter, pending, per_call)):
+            taken[0] = call[0]
+            for index in call:
+                results.put(("start", rank, index))
+            for index in call:
+                yield index, prompts[index]
 
     try:
         with engine_session(job, adapter) as evaluate:
@@ -172,11 +178,12 @@ def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)  # unwinds through engine_session, which shuts the engine down
 
 
-def _next(counter, pending: list[int]) -> Optional[int]:
+def _take(counter, pending: list[int], count: int) -> list[int]:
+    """The next ``count`` pending prompts (fewer at the end, none when all are taken)."""
     with counter.get_lock():
         k = counter.value
-        counter.value = k + 1
-    return pending[k] if k < len(pending) else None
+        counter.value = k + count
+    return pending[k : k + count]
 
 
 def _device_name(device: str, gpu: Optional[str]) -> str:

@@ -1,5 +1,5 @@
-"""The RL pipeline, written once: :class:`RLPipelineMixin` gives a diffusers pipeline ``rl_generate`` and
-``predict_velocity`` over a few per-model hooks.
+"""The RL pipeline, written once: :class:`RLPipelineMixin` gives a diffusers pipeline ``rl_generate`` (one prompt,
+N seeds), ``rl_generate_rows`` (a prompt and a seed per row) and ``predict_velocity`` over a few per-model hooks.
 
 A model is its diffusers pipeline class with this mixin in front (``class XRLPipeline(RLPipelineMixin,
 XPipeline)``, in ``pipelines/<family>/pipeline.py``) and these hooks:
@@ -44,6 +44,7 @@ and before any model runs, because the schedule is computed first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 
 from verl_omni.config.sampling import AUTO, BatchCfg, DiffusionSamplingParams
+from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.pipelines.common import (
@@ -67,6 +69,7 @@ from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_ta
 
 logger = logging.getLogger(__name__)
 
+NEGATIVE_FIELDS = tuple(f for f in CONDITIONING_FIELDS if f.startswith("negative_"))
 DEFAULT_BATCH_CFG = True  # CFG's two branches as one call of 2B rows (see pipelines/model_inputs.py)
 
 
@@ -283,15 +286,57 @@ class RLPipelineMixin:
         equals single calls with the same seeds. ``interrupt()`` (a host-side flag) is checked between denoising
         steps; True raises :class:`~verl_omni.pipelines.common.RequestAborted`."""
         seeds = [int(s) for s in seeds]
-        batch_size = len(seeds)
-        device = self._execution_device
         sigmas, model_timesteps = self.rl_schedule(params)  # first: the scheduler may still reject the request
 
         negative_prompt = negative_prompt_for(params, logger, f"{type(self).__name__}_empty_negative")
         encoded = self.encode_conditions(prompt, negative_prompt, params)
-        cond = encoded.conditioning.repeat(batch_size)
+        cond = encoded.conditioning.repeat(len(seeds))
+        return self._sample(cond, seeds, params, sigmas, model_timesteps, interrupt, encoded.truncated_prompt_tokens)
+
+    @torch.no_grad()
+    def rl_generate_rows(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        params: DiffusionSamplingParams,
+        interrupt: Optional[Callable[[], bool]] = None,
+    ) -> RLBatchOutput:
+        """One call of ``len(seeds)`` rows where row i is an image of ``prompts[i]`` from ``seeds[i]`` (several
+        prompts in one batch, e.g. an evaluation's). Each distinct prompt is encoded alone, as :meth:`rl_generate`
+        encodes it, and the negative prompt once for every row; texts of different lengths are right-padded with
+        mask 0 (:meth:`Conditioning.cat`), which masked attention makes invisible to the real tokens, so row i
+        equals ``rl_generate(prompts[i], [seeds[i]], params)`` within float rounding. One prompt for every row is
+        :meth:`rl_generate` itself. ``truncated_prompt_tokens``: the sum over the distinct prompts."""
+        prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
+        if not seeds or len(prompts) != len(seeds):
+            raise ValueError(f"rl_generate_rows needs one prompt per seed, got {len(prompts)} prompts and {len(seeds)}")
+        if len(set(prompts)) == 1:
+            return self.rl_generate(prompts[0], seeds, params, interrupt)
+        sigmas, model_timesteps = self.rl_schedule(params)
+        negative_prompt = negative_prompt_for(params, logger, f"{type(self).__name__}_empty_negative")
+        encoded: dict[str, EncodedPrompt] = {}
+        for prompt in dict.fromkeys(prompts):  # the negative prompt with the first one only: the same for every row
+            encoded[prompt] = self.encode_conditions(prompt, None if encoded else negative_prompt, params)
+        first = next(iter(encoded.values())).conditioning
+        negative = {name: getattr(first, name) for name in NEGATIVE_FIELDS}
+        cond = Conditioning.cat([dataclasses.replace(encoded[p].conditioning, **negative) for p in prompts])
+        truncated = sum(e.truncated_prompt_tokens for e in encoded.values())
+        return self._sample(cond, seeds, params, sigmas, model_timesteps, interrupt, truncated)
+
+    def _sample(
+        self,
+        cond: Conditioning,
+        seeds: list[int],
+        params: DiffusionSamplingParams,
+        sigmas: torch.Tensor,
+        model_timesteps: torch.Tensor,
+        interrupt: Optional[Callable[[], bool]],
+        truncated_prompt_tokens: int,
+    ) -> RLBatchOutput:
+        """Denoise and decode ``len(seeds)`` rows conditioned on ``cond`` (one row per seed)."""
+        device = self._execution_device
         generators = make_generators(seeds)
-        latents = self.prepare_rl_latents(batch_size, params, generators, device)
+        latents = self.prepare_rl_latents(len(seeds), params, generators, device)
         # Prepared once for the whole request: the denoising loop below never waits for the device.
         model_inputs = self.prepare_model_inputs(cond, params.guidance_scale, params.batch_cfg, device=latents.device)
         result = denoise_with_logprobs(
@@ -305,7 +350,7 @@ class RLPipelineMixin:
             tail_schedule=lambda start, points: self.rl_tail_schedule(params, start, points),
         )
         images = self.decode_rl_latents(result.final_latents, params)
-        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, encoded.truncated_prompt_tokens)
+        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, truncated_prompt_tokens)
 
 
 __all__ = ["DEFAULT_BATCH_CFG", "EncodedPrompt", "RLPipelineMixin"]

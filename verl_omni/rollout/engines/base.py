@@ -33,6 +33,18 @@ class DiffusionEngine(abc.ABC):
     ) -> RLBatchOutput:
         """Run ONE engine call producing ``len(seeds)`` images of ``prompt``; ``abort(request_id)`` may cancel it."""
 
+    async def generate_rows(
+        self, prompts: list[str], seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
+        """Run ONE engine call of ``len(seeds)`` rows, row i an image of ``prompts[i]`` from ``seeds[i]`` (several
+        prompts in one batch; the pipeline's ``rl_generate_rows``). The default serves one prompt for every row
+        through :meth:`generate`; an engine that batches several prompts overrides it."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"generate_rows needs one prompt per seed, got {len(prompts)} prompts and {len(seeds)}")
+        if len(set(prompts)) != 1:
+            raise NotImplementedError(f"{type(self).__name__} cannot batch several prompts in one call")
+        return await self.generate(prompts[0], seeds, params, request_id)
+
     @abc.abstractmethod
     async def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
         """Load LoRA weights from in-memory tensors (peft state-dict names); return the served adapter's checksum."""

@@ -59,13 +59,13 @@ class DiffusersEngine(DiffusionEngine):
 
         return asyncio.to_thread(run)
 
-    def _generate_sync(
-        self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str]
-    ) -> RLBatchOutput:
+    def _generate_sync(self, run, request_id: Optional[str]) -> RLBatchOutput:
+        """``run(interrupt)``: one of the pipeline's generate calls, stopped between steps once this request is
+        aborted."""
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
         try:
-            return self.pipe.rl_generate(prompt, seeds, params, interrupt=lambda: request_id in self._aborted)
+            return run(lambda: request_id in self._aborted)
         finally:  # here, not in the coroutine: a cancelled caller does not stop this thread, the abort flag does
             self._running.discard(request_id)
             self._aborted.discard(request_id)
@@ -73,8 +73,24 @@ class DiffusersEngine(DiffusionEngine):
     async def generate(
         self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
     ) -> RLBatchOutput:
+        def run(stop):
+            return self.pipe.rl_generate(prompt, seeds, params, interrupt=stop)
+
+        return await self._request(request_id, run)
+
+    async def generate_rows(
+        self, prompts: list[str], seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
+        rows = list(prompts)
+
+        def run(stop):
+            return self.pipe.rl_generate_rows(rows, seeds, params, interrupt=stop)
+
+        return await self._request(request_id, run)
+
+    async def _request(self, request_id: Optional[str], run) -> RLBatchOutput:
         self._running.add(request_id)
-        return await self._locked(self._generate_sync, prompt, seeds, params, request_id)
+        return await self._locked(self._generate_sync, run, request_id)
 
     async def abort(self, request_id: Optional[str] = None) -> None:
         # The forward runs in a thread; it stops at its next denoising step and releases the pipeline lock.

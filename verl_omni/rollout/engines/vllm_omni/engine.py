@@ -106,8 +106,11 @@ class VllmOmniEngine(DiffusionEngine):
         return kwargs
 
     # ------------------------------------------------------------------ generation
-    def build_sampling_params(self, seeds: Sequence[int], params: DiffusionSamplingParams) -> Any:
-        """ONE request: ``num_outputs_per_prompt = len(seeds)``, our params and seeds in ``extra_args``."""
+    def build_sampling_params(
+        self, seeds: Sequence[int], params: DiffusionSamplingParams, prompts: Optional[Sequence[str]] = None
+    ) -> Any:
+        """ONE request: ``num_outputs_per_prompt = len(seeds)``, our params and seeds (and the rows' ``prompts``,
+        when they differ) in ``extra_args``."""
         kwargs: dict[str, Any] = dict(
             num_inference_steps=params.num_inference_steps,
             height=params.height,
@@ -116,7 +119,7 @@ class VllmOmniEngine(DiffusionEngine):
             seed=int(seeds[0]),
             max_sequence_length=params.max_sequence_length,
             return_trajectory_latents=params.return_trajectory,
-            extra_args={EXTRA_KEY: request_extra(seeds, params)},
+            extra_args={EXTRA_KEY: request_extra(seeds, params, prompts)},
         )
         if params.guidance_scale > 1.0:  # true CFG (any family); the request-batch key includes it
             kwargs["true_cfg_scale"] = float(params.guidance_scale)
@@ -126,9 +129,25 @@ class VllmOmniEngine(DiffusionEngine):
     async def generate(
         self, prompt: str, seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
     ) -> RLBatchOutput:
+        return await self._request(prompt, self.build_sampling_params(seeds, params), seeds, request_id)
+
+    async def generate_rows(
+        self, prompts: list[str], seeds: list[int], params: DiffusionSamplingParams, request_id: Optional[str] = None
+    ) -> RLBatchOutput:
+        """ONE request whose rows carry their own prompts (``extra_args``); the worker's pipeline runs them as one
+        ``rl_generate_rows`` call. One prompt for every row is :meth:`generate`'s request."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"generate_rows needs one prompt per seed, got {len(prompts)} prompts and {len(seeds)}")
+        if len(set(prompts)) == 1:
+            return await self.generate(prompts[0], seeds, params, request_id)
+        sampling_params = self.build_sampling_params(seeds, params, prompts)
+        return await self._request(prompts[0], sampling_params, seeds, request_id)
+
+    async def _request(
+        self, prompt: str, sampling_params: Any, seeds: list[int], request_id: Optional[str]
+    ) -> RLBatchOutput:
         if self._asleep:
             raise RuntimeError("engine is asleep: call wake_up() before generate()")
-        sampling_params = self.build_sampling_params(seeds, params)
         # vllm-omni needs a unique id per request; the caller's id maps to it so abort(caller_id) reaches it.
         engine_id = f"verl-omni-{uuid.uuid4().hex[:12]}"
         self._inflight[engine_id] = request_id

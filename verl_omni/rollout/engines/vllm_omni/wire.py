@@ -7,7 +7,7 @@ plain ``OmniRequestOutput`` objects.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ WORKER_EXTENSION_CLASS = "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLW
 MODEL_CLASS_NAME = "VerlOmniRLPipeline"
 EXTRA_KEY = "verl_omni"  # key in custom_pipeline_args, extra_args and custom_output
 SHARED_ROWS_KEY = "shared_rows"  # custom_output fields sent as one row for all samples of the request
+ROW_PROMPTS_KEY = "prompts"  # extra_args: one prompt per row (a request of several prompts)
 # Fields that travel in DiffusionOutput's own trajectory slots rather than in custom_output.
 _TRAJECTORY = {
     "latents": "trajectory_latents",
@@ -41,9 +42,22 @@ def plain(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ request
-def request_extra(seeds: Sequence[int], params: DiffusionSamplingParams) -> dict[str, Any]:
-    """Our part of a request, for ``OmniDiffusionSamplingParams.extra_args[EXTRA_KEY]``."""
-    return {"seeds": [int(s) for s in seeds], "params": plain(params.to_dict())}
+def request_extra(
+    seeds: Sequence[int], params: DiffusionSamplingParams, prompts: Optional[Sequence[str]] = None
+) -> dict[str, Any]:
+    """Our part of a request, for ``OmniDiffusionSamplingParams.extra_args[EXTRA_KEY]``; ``prompts``: one per seed
+    when the rows have prompts of their own (``generate_rows``), else the request's prompt serves every row."""
+    extra = {"seeds": [int(s) for s in seeds], "params": plain(params.to_dict())}
+    if prompts is not None:
+        extra[ROW_PROMPTS_KEY] = [str(p) for p in prompts]
+    return extra
+
+
+def row_prompts(req: Any) -> Optional[list[str]]:
+    """The per-row prompts of a request the worker received (None: its one prompt serves every row)."""
+    extra = (getattr(req.sampling_params, "extra_args", None) or {}).get(EXTRA_KEY) or {}
+    rows = extra.get(ROW_PROMPTS_KEY)
+    return None if rows is None else [str(p) for p in rows]
 
 
 def decode_request(req: Any) -> tuple[str, list[int], DiffusionSamplingParams]:
@@ -71,11 +85,12 @@ def decode_request(req: Any) -> tuple[str, list[int], DiffusionSamplingParams]:
 
 
 # ------------------------------------------------------------------------------------------ output
-def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: str) -> Any:
+def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: str, one_prompt: bool = True) -> Any:
     """One request's share of an ``rl_generate`` result as vllm-omni's ``DiffusionOutput``.
 
-    The prompt embeddings of one request are the same row repeated, so one row is sent and
-    :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops).
+    The prompt embeddings of a request of ``one_prompt`` are the same row repeated, so one row is sent and
+    :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops); a request whose
+    rows have prompts of their own sends every row of those, and one of its negative prompt's (one per request).
     """
     extra: dict[str, Any] = {
         "seeds": list(part.seeds),
@@ -86,7 +101,7 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
         if name == "images" or name in _TRAJECTORY:
             continue
         value = getattr(part, name)
-        if name in CONDITIONING_FIELDS and value is not None:
+        if name in CONDITIONING_FIELDS and value is not None and (one_prompt or name.startswith("negative_")):
             value = value[:1].clone()
             extra[SHARED_ROWS_KEY].append(name)
         extra[name] = value

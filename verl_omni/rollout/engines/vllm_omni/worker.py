@@ -24,7 +24,13 @@ from verl_omni.core.outputs import slice_batch
 from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.pipelines.registry import get_family
-from verl_omni.rollout.engines.vllm_omni.wire import EXTRA_KEY, decode_request, plain, to_diffusion_output
+from verl_omni.rollout.engines.vllm_omni.wire import (
+    EXTRA_KEY,
+    decode_request,
+    plain,
+    row_prompts,
+    to_diffusion_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,22 +159,31 @@ class VllmOmniRLPipeline(torch.nn.Module):
         from vllm_omni.diffusion.data import DiffusionOutput
 
         requests = list(getattr(batch, "requests", None) or [batch])
-        groups: dict[tuple[str, str], list[tuple[int, list[int], DiffusionSamplingParams]]] = {}
+        # Requests of the same prompt(s) and params share one pipeline call; rows with prompts of their own (a
+        # ``generate_rows`` request) keep them, in order.
+        groups: dict[tuple[Any, str], list[tuple[int, list[int], DiffusionSamplingParams, list[str]]]] = {}
         for index, req in enumerate(requests):
             prompt, seeds, params = decode_request(req)
-            key = (prompt, json.dumps(plain(params.to_dict()), sort_keys=True))
-            groups.setdefault(key, []).append((index, seeds, params))
+            rows = row_prompts(req)
+            key = (prompt if rows is None else tuple(rows), json.dumps(plain(params.to_dict()), sort_keys=True))
+            groups.setdefault(key, []).append((index, seeds, params, rows or [prompt] * len(seeds)))
         outputs: list[Any] = [None] * len(requests)
-        for (prompt, _), members in groups.items():
-            all_seeds = [s for _, seeds, _ in members for s in seeds]
+        for (prompts, _), members in groups.items():
+            all_seeds = [s for _, seeds, _, _ in members for s in seeds]
+            params = members[0][2]
             with self.rollout_compile_options():
-                result = self.pipe.rl_generate(prompt, all_seeds, members[0][2])
+                if isinstance(prompts, str):
+                    result = self.pipe.rl_generate(prompts, all_seeds, params)
+                else:
+                    result = self.pipe.rl_generate_rows([p for *_, rows in members for p in rows], all_seeds, params)
             self.rl_batch_sizes.append(len(all_seeds))
             start = 0
-            for index, seeds, _ in members:
+            for index, seeds, _, _ in members:
                 part = slice_batch(result, start, start + len(seeds))
                 start += len(seeds)
-                outputs[index] = to_diffusion_output(part, DiffusionOutput, self.od_config.model_class_name)
+                outputs[index] = to_diffusion_output(
+                    part, DiffusionOutput, self.od_config.model_class_name, one_prompt=isinstance(prompts, str)
+                )
         return outputs
 
     def rollout_compile_options(self) -> contextlib.AbstractContextManager:
