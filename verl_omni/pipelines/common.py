@@ -213,6 +213,13 @@ def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def to_uint8_video(decoded: torch.Tensor) -> torch.Tensor:
+    """3D VAE output in [-1, 1], [B, 3, F, H, W] -> uint8 frames [B, F, H, W, 3] on the same device (the same
+    rounding as :func:`to_uint8_images`, frame by frame)."""
+    frames = decoded.permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+    return to_uint8_images(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+
+
 def expand_timestep(timestep: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
     """A scalar or [B] timestep as a float32 [B] tensor on ``device``."""
     timestep = torch.as_tensor(timestep, dtype=torch.float32, device=device)
