@@ -532,7 +532,7 @@ class FlowGRPOTrainer:
             output.batch["images"].numpy(),
             list(output.non_tensor_batch["prompt_text"]),
             scores,
-            video_fps(output.meta_info),
+            video_fps(output.meta_info, self.config.actor_rollout_ref.model.family_options),
         )
         writer = getattr(getattr(self, "tracker", None), "logger", {}).get("tensorboard")
         if writer is not None and hasattr(writer, "writer"):
@@ -560,7 +560,8 @@ class FlowGRPOTrainer:
         if limit <= 0:
             return
         folder = os.path.join(self.output_dir, "samples", f"{prefix}_step_{step}")
-        write_samples(folder, output.batch["images"].numpy(), scores, limit, video_fps(output.meta_info))
+        fps = video_fps(output.meta_info, self.config.actor_rollout_ref.model.family_options)
+        write_samples(folder, output.batch["images"].numpy(), scores, limit, fps)
 
     def save(self, step: int) -> str:
         return save_checkpoint(

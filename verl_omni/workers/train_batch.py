@@ -25,7 +25,7 @@ class TrainBatch:
     """Rows of a rollout with their advantages. Shapes (B rows, T steps, K kept latents):
     latents [B, K, ...] at the trajectory positions latent_steps [B, K] (no latent_steps: K = T+1, all of them),
     timesteps [B, T], sigmas [B, T+1], old_log_probs [B, T], window_mask bool [B, T], advantages [B], the
-    conditioning fields [B, ...]; ``height`` / ``width`` of the images."""
+    conditioning fields [B, ...]; ``height`` / ``width`` of the images (of the frames, for videos)."""
 
     tensors: dict[str, torch.Tensor]
     height: int
@@ -40,7 +40,7 @@ class TrainBatch:
         keys = set(batch.keys())
         tensors = {name: batch[name] for name in (*ROLLOUT_FIELDS, *CONDITIONING_FIELDS) if name in keys}
         tensors["advantages"] = torch.as_tensor(advantages).float()
-        height, width = (int(x) for x in batch["images"].shape[1:3])
+        height, width = (int(x) for x in batch["images"].shape[-3:-1])  # images [B, H, W, 3] or [B, F, H, W, 3]
         return cls(tensors, height, width)
 
     @property

@@ -95,7 +95,9 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
         # vllm-omni applies its model's post-process (VaeImageProcessor.postprocess) to ``output``:
         # give it [-1, 1] NCHW floats and carry our exact uint8 images in custom_output.
         extra["images"] = images
-        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        # images [B, H, W, 3] -> NCHW; videos [B, F, H, W, 3] -> [B, 3, F, H, W] (a video post-process's layout)
+        channels_first = (0, 3, 1, 2) if images.ndim == 4 else (0, 4, 1, 2, 3)
+        images = images.permute(*channels_first).float() / 127.5 - 1.0
     return output_cls(
         output=images,
         **{slot: getattr(part, name) for name, slot in _TRAJECTORY.items()},
@@ -104,7 +106,8 @@ def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: 
 
 
 def _images_to_uint8(images: Any) -> torch.Tensor:
-    """OmniRequestOutput.images -> uint8 [B, H, W, 3]: a [B,H,W,3] tensor, a list of them, or PIL images."""
+    """OmniRequestOutput.images -> uint8 [B, H, W, 3] (videos: [B, F, H, W, 3]): a batched tensor, a list of them,
+    or PIL images."""
     if isinstance(images, torch.Tensor):
         images = [images]
     tensors = []
@@ -115,7 +118,7 @@ def _images_to_uint8(images: Any) -> torch.Tensor:
             t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
         if t.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images from the RL pipeline, got {t.dtype}")
-        tensors.append(t if t.ndim == 4 else t.unsqueeze(0))
+        tensors.append(t if t.ndim in (4, 5) else t.unsqueeze(0))
     if not tensors:
         raise ValueError("vllm-omni returned no images")
     return torch.cat(tensors, dim=0)
