@@ -53,7 +53,7 @@ class WanRLPipeline(RLPipelineMixin, WanPipeline):
     ``predict_velocity`` (``RLPipelineMixin``). Wan2.1 only: one transformer (no Wan2.2 ``transformer_2`` expert)."""
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
-    # flow_grpo's Wan2.1 trainer (yifan123/flow_grpo scripts/train_wan2_1.py): gradients flow through both CFG
+    # flow_grpo's Wan2.1 trainer (scripts/train_wan2_1.py, zhtmike/flow_grpo 9745241): gradients flow through both CFG
     # branches (compute_log_prob detaches neither), and rows whose advantage is 0 are dropped before the update.
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": True}}
     num_frames: int = DEFAULT_NUM_FRAMES
