@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
-from helpers import model_config, rollout_config
+from helpers import model_config, records_data_proto, rollout_config
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.media import as_frames, batch_is_video
-from verl_omni.core.outputs import unpack_batch
+from verl_omni.core.outputs import media_samples
 from verl_omni.pipelines.wan.options import WanOptions
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 
@@ -48,16 +48,17 @@ def _params(**kw):
 def test_a_rollout_is_uint8_videos_with_video_latents(wan_pipe):
     params = _params(sde_window_size=0, window_start=None)
     out = wan_pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    assert out.images.shape == (2, FRAMES, SIDE, SIDE, 3) and out.images.dtype == torch.uint8
-    assert batch_is_video(out.images.numpy())
+    assert out.media.shape == (2, FRAMES, SIDE, SIDE, 3) and out.media.dtype == torch.uint8
+    assert batch_is_video(out.media.numpy()) and out.num_frames == FRAMES
     z_dim = wan_pipe.vae.config.z_dim
     assert out.latents.shape == (2, 5, z_dim, 2, SIDE // 8, SIDE // 8)  # [B, T+1, C, F', h, w]
     assert out.log_probs.shape == (2, 4) and torch.all(out.log_probs != 0)
     assert out.prompt_embeds.shape == (2, 32, wan_pipe.text_encoder.config.d_model)
     assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape and out.prompt_embeds_mask is None
-    (first, _) = unpack_batch(out)
-    assert first.image.shape == (FRAMES, SIDE, SIDE, 3) and as_frames(first.image).shape[0] == FRAMES
-    assert np.abs(np.diff(first.image.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
+    first, _ = media_samples(out.media)  # what a reward gets: one clip per sample
+    assert first.shape == (FRAMES, SIDE, SIDE, 3) and as_frames(first).shape[0] == FRAMES
+    assert np.abs(np.diff(first.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
+    assert out.sampling["guidance_scale"] == 5.0  # the record carries the settings the actor recomputes with
 
 
 def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_make(wan_pipe):
@@ -65,7 +66,7 @@ def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_
     wan_pipe.apply_family_options(WanOptions(num_frames=9))
     try:
         out = wan_pipe.rl_generate(PROMPT, SEEDS[:1], nine)
-        assert out.images.shape[1] == 9 and out.latents.shape[3] == 3
+        assert out.media.shape[1] == 9 and out.latents.shape[3] == 3
     finally:
         wan_pipe.apply_family_options(WanOptions(num_frames=FRAMES, fps=8))
     with pytest.raises(ValueError, match=r"actor_rollout_ref.model.wan.num_frames=8 must be 4k \+ 1 .* e.g. 5 or 9"):
@@ -78,7 +79,7 @@ def test_batched_call_equals_single_calls_with_the_same_seeds(wan_pipe):
     params = _params()
     batched = wan_pipe.rl_generate(PROMPT, SEEDS, params)
     singles = [wan_pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
-    pixel = max((batched.images[i].int() - o.images[0].int()).abs().max().item() for i, o in enumerate(singles))
+    pixel = max((batched.media[i].int() - o.media[0].int()).abs().max().item() for i, o in enumerate(singles))
     latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
     logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
     print(f"[Wan] B=3 vs 3xB=1: max pixel diff {pixel}, latent {latent:.2e}, log-prob {logp:.2e}")
@@ -108,7 +109,7 @@ def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(wan_pipe, 
     latents = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent")
     frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
     latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
-    pixel_err = np.abs(out.images.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
+    pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
     print(f"[Wan cfg={guidance_scale}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}")
     generators = [torch.Generator().manual_seed(s) for s in SEEDS[:2]]
     x_t = stock.prepare_latents(2, 4, SIDE, SIDE, FRAMES, torch.float32, torch.device("cpu"), generators)
@@ -142,7 +143,6 @@ def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(wa
 def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(tiny_wan_dir):
     """The hybrid engine's actor recomputes the rollout's log-probs (ratio 1 at step 1, both CFG branches batched
     as in the rollout), and its LoRA update on the attention projections moves the loss."""
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
     from verl_omni.workers.actor import DiffusionLoRAActor
 
     rollout = rollout_config(
@@ -160,15 +160,15 @@ def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(tin
     lora_targets = {n.rsplit(".lora_A", 1)[0].split(".")[-2:][0] for n in actor.lora_state_dict() if "lora_A" in n}
     assert {"attn1", "attn2"} <= lora_targets  # self- and cross-attention projections carry the adapter
     params = rollout.sampling_params().replace(window_start=1).validate()
-    samples = []
+    records = []
     for i, prompt in enumerate([PROMPT, "text 'OK' on a sign"]):
-        samples += unpack_batch(actor.pipe.rl_generate(prompt, [3 + 2 * i, 4 + 2 * i], params))
+        records.append(actor.pipe.rl_generate(prompt, [3 + 2 * i, 4 + 2 * i], params))
     raw = np.empty(4, dtype=object)
     for i in range(4):
         raw[i] = [{"role": "user", "content": "p"}]
     uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
-    assert tuple(data.batch["images"].shape) == (4, FRAMES, SIDE, SIDE, 3)
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    assert tuple(data.batch["media"].shape) == (4, FRAMES, SIDE, SIDE, 3)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     before = actor.lora_state_dict()
     first = actor.update(data, advantages)

@@ -249,16 +249,18 @@ def to_host(tensors: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[to
 
 
 def to_batch_output(
-    images: torch.Tensor,
+    media: torch.Tensor,
     result: DenoiseResult,
     sigmas: torch.Tensor,
     timesteps: torch.Tensor,
     cond: Conditioning,
     seeds: list[int],
     truncated_prompt_tokens: int = 0,
+    sampling: Optional[dict] = None,
 ) -> RLBatchOutput:
-    """The RL output of one call: ``cond`` (B rows) is stored under ``RLBatchOutput``'s embedding field names."""
-    host = to_host({"images": images, "latents": result.trajectory, "log_probs": result.log_probs, **cond.as_fields()})
+    """The rollout record of one call: ``media`` uint8 [B, H, W, 3] images or [B, F, H, W, 3] videos, ``cond``
+    (B rows) stored under ``RLBatchOutput``'s embedding field names, ``sampling`` the call's settings (a dict)."""
+    host = to_host({"media": media, "latents": result.trajectory, "log_probs": result.log_probs, **cond.as_fields()})
     return RLBatchOutput(
         window_mask=result.window_mask,
         timesteps=timesteps.float().cpu(),
@@ -266,5 +268,6 @@ def to_batch_output(
         latent_steps=result.latent_steps,
         seeds=seeds,
         truncated_prompt_tokens=int(truncated_prompt_tokens),
+        sampling=sampling,
         **host,
     )
