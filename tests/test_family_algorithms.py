@@ -1,5 +1,6 @@
-"""Every algorithm of the algorithm seam on FLUX.1-dev and SD3.5 (tiny random models): each samples the family its
-own way and trains the LoRA from that rollout (Qwen-Image: tests/test_algorithms.py and the algorithms' tests)."""
+"""Every algorithm of the algorithm seam on FLUX.1-dev, SD3.5 and Wan2.1 text-to-video (tiny random models): each
+samples the family its own way and trains the LoRA from that rollout (Qwen-Image: tests/test_algorithms.py and the
+algorithms' tests)."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,11 @@ ALGORITHM_SECTIONS = {
 }
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+# A family's own options for the short run (Wan: 5-frame clips)
+FAMILY_OPTIONS = {"wan": {"wan": {"num_frames": 5}}}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
 @pytest.mark.parametrize("name", sorted(ALGORITHM_SECTIONS))
 def test_every_registered_algorithm_trains_the_family(name, family, request):
     """Each algorithm behind the seam samples the family its way (FlowGRPO's SDE steps, MixGRPO's window with a
@@ -27,7 +32,7 @@ def test_every_registered_algorithm_trains_the_family(name, family, request):
 
     assert set(ALGORITHM_SECTIONS) == set(registered_algorithms())  # a new algorithm is tested here too
     actor = DiffusionLoRAActor(
-        model_config(request.getfixturevalue(f"tiny_{family}_dir"), pipeline=family),
+        model_config(request.getfixturevalue(f"tiny_{family}_dir"), pipeline=family, **FAMILY_OPTIONS.get(family, {})),
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
         rollout_config(),
         lora_seed=3,
