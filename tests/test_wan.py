@@ -333,3 +333,18 @@ def test_the_cpu_demo_trains_tiny_wan_two_steps_and_writes_mp4_samples(ray_sessi
     assert read_video(clips[0]).shape == (FRAMES, SIDE, SIDE, 3)
     with av.open(clips[0]) as container:  # written at the family's fps (actor_rollout_ref.model.wan.fps)
         assert float(container.streams.video[0].average_rate) == pytest.approx(8.0)
+
+
+def test_full_fine_tuning_plans_the_video_tokens_of_the_clip(tiny_wan_dir):
+    """The start-up memory plan of full fine-tuning reads Wan's (t, h, w) patch and counts the clip's latent frames:
+    5 frames are 2 latent frames at the VAE's 4x, so the media tokens double from an image's."""
+    from verl_omni.workers.full_weights import media_tokens, plan_for_model_dir
+
+    kw = dict(dtype_bytes=4, rows=4, text_tokens=32, height=SIDE, width=SIDE, vae_scale_factor=8)
+    assert media_tokens(tiny_wan_dir, [1, 2, 2], SIDE, SIDE, 8, num_frames=1) == 4  # 2 x 2 tokens per frame
+    assert media_tokens(tiny_wan_dir, [1, 2, 2], SIDE, SIDE, 8, num_frames=FRAMES) == 8
+    assert media_tokens(tiny_wan_dir, [1, 2, 2], SIDE, SIDE, 8, num_frames=81) == 21 * 4
+    params, frozen, one_frame = plan_for_model_dir(tiny_wan_dir, 1, False, **kw)
+    _, _, clip = plan_for_model_dir(tiny_wan_dir, 1, False, **kw, num_frames=81)
+    assert params == sum(p.numel() for p in WanPipeline.from_pretrained(tiny_wan_dir).transformer.parameters())
+    assert frozen > 0 and clip > one_frame

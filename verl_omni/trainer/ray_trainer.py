@@ -74,6 +74,7 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
         height=params.height,
         width=params.width,
         vae_scale_factor=vae_scale_factor_of(path) or 8,
+        num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
     )
     # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
     copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
