@@ -375,3 +375,22 @@ def test_gradient_checkpointing_of_the_first_blocks_finds_wans_blocks(wan_pipe):
     finally:
         transformer.disable_gradient_checkpointing()
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tiny_wan_is_a_wan_pipeline_directory_at_the_real_compression_factors(wan_pipe, tiny_wan_dir):
+    import json
+    import os
+
+    from verl_omni.models.standins.wan2_1_t2v import SCHEDULER
+    from verl_omni.pipelines.loading import vae_scale_factor_of
+    from verl_omni.pipelines.registry import family_for_model_dir
+
+    with open(os.path.join(tiny_wan_dir, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "WanPipeline"
+    assert family_for_model_dir(tiny_wan_dir) == "wan"
+    assert (wan_pipe.vae_scale_factor_temporal, wan_pipe.vae_scale_factor_spatial) == (4, 8)
+    assert vae_scale_factor_of(tiny_wan_dir) == 8  # what request validation checks the sides against
+    assert wan_pipe.scheduler.config.shift == SCHEDULER["flow_shift"]  # the published static shift
+    assert wan_pipe.transformer.config.in_channels == wan_pipe.vae.config.z_dim
+    assert wan_pipe.transformer.config.text_dim == wan_pipe.text_encoder.config.d_model
+    assert wan_pipe.text_encoder.get_input_embeddings().num_embeddings >= len(wan_pipe.tokenizer)
