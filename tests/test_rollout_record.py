@@ -201,3 +201,24 @@ def test_a_batch_without_settings_or_with_mixed_ones_is_refused_naming_the_field
     data.batch["sde_type"] = torch.full((2,), 7, dtype=torch.int64)
     with pytest.raises(ValueError, match="sde_type 7 is not an index"):
         actor.update(data, advantages[:2])
+
+
+def test_mixgrpo_rows_carry_the_window_of_their_step_and_train_at_ratio_1(tiny_qwen_image_dir):
+    """MixGRPO supplies each group's settings per training step (its sliding window): the rows' records hold exactly
+    the params each group was sampled with, their window_mask that window, and the update recomputes them."""
+    section = {"name": "mixgrpo", "mixgrpo": {"window_size": 2, "shift_interval": 1, "stride": 1}}
+    cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2)
+    rollout = rollout_config(algo={"noise_level": 0.9})
+    actor = DiffusionLoRAActor(model_config(tiny_qwen_image_dir), cfg, rollout, lora_seed=3, algorithm=section)
+    base = _params(num_inference_steps=5, noise_level=0.9)
+    sampled = [actor.algorithm.sampling(base, step=2, group_seed=i, validate=False) for i in range(2)]
+    records = [actor.pipe.rl_generate(PROMPTS[i], [3 + i, 4 + i], sampled[i]) for i in range(2)]
+    for record, params in zip(records, sampled, strict=True):
+        assert DiffusionSamplingParams.from_dict(record.sampling) == params
+    data = records_data_proto(records, _info(4, 2))
+    start, end = sampled[0].window_steps()
+    assert (start, end) == (1, 3)  # training step 2: the window moved one step from the first
+    assert data.batch["window_mask"].tolist() == [[start <= s < end for s in range(5)]] * 4
+    metrics = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["actor/num_train_terms"] == 8
