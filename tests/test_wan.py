@@ -400,3 +400,36 @@ def test_the_tiny_wan_is_a_wan_pipeline_directory_at_the_real_compression_factor
     assert wan_pipe.transformer.config.in_channels == wan_pipe.vae.config.z_dim
     assert wan_pipe.transformer.config.text_dim == wan_pipe.text_encoder.config.d_model
     assert wan_pipe.text_encoder.get_input_embeddings().num_embeddings >= len(wan_pipe.tokenizer)
+
+
+def test_the_evaluation_command_scores_and_saves_wan_clips(tiny_wan_dir, tmp_path):
+    """verl-omni-eval on a video family: each prompt's clips are scored by a video reward, saved as MP4 at the
+    family's fps (``--family-option``), and the grid shows their first frames."""
+    import os
+
+    import av
+
+    from verl_omni.core.video_io import read_video
+    from verl_omni.eval.protocol import EvalProtocol
+    from verl_omni.eval.runner import EvalJob, run_evaluation
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat walking\na blue car driving\n")
+    protocol = EvalProtocol(num_inference_steps=2, guidance_scale=5.0, height=SIDE, width=SIDE, images_per_prompt=2)
+    job = EvalJob(
+        tiny_wan_dir,
+        str(prompts),
+        str(tmp_path / "out"),
+        protocol,
+        [{"name": "temporal_consistency"}],
+        family_options={"num_frames": FRAMES, "fps": 8},
+    )
+    report = run_evaluation(job)
+    rows = report["per_prompt"]
+    assert len(rows) == 2 and all(len(r["images"]) == 2 and r["images"][0].endswith(".mp4") for r in rows)
+    assert all(0.0 <= s <= 1.0 for r in rows for s in r["scores"]["temporal_consistency"])
+    clip = os.path.join(tmp_path, "out", "images", rows[0]["images"][0])
+    assert read_video(clip).shape == (FRAMES, SIDE, SIDE, 3)
+    with av.open(clip) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(8.0)
+    assert os.listdir(os.path.join(tmp_path, "out", "grids"))

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.outputs import media_samples
 from verl_omni.eval.job import EvalJob
 from verl_omni.eval.ocr import RecordingOcr
 from verl_omni.eval.prompts import EvalPrompt
@@ -22,6 +23,7 @@ from verl_omni.eval.report import save_images
 from verl_omni.export import TrainedAdapter
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines import get_engine_class
+from verl_omni.trainer.media_outputs import DEFAULT_VIDEO_FPS
 
 
 def reward_names(job: EvalJob) -> list[str]:
@@ -96,9 +98,15 @@ class PromptEvaluator:
             output = self.loop.run_until_complete(
                 self.engine.generate(prompt.text, seeds, self.params, request_id=f"eval-{index}")
             )
-            return seeds, output.images.numpy()
+            return seeds, media_samples(output.media)  # images [H, W, 3], video clips [F, H, W, 3]
         except Exception as exc:
             raise PromptFailed(index, prompt, exc) from exc
+
+    @property
+    def video_fps(self) -> float:
+        """Frames per second of saved clips: the family's ``fps`` option (``--family-option fps=...``), else the
+        trainer's default."""
+        return float(self.job.family_options.get("fps") or DEFAULT_VIDEO_FPS)
 
     def _score(self, index: int, prompt: EvalPrompt, seeds: list[int], images) -> dict[str, Any]:
         n = len(seeds)
@@ -108,7 +116,7 @@ class PromptEvaluator:
             "prompt": prompt.text,
             "seeds": seeds,
             "scores": {"total": result.total.tolist(), **{k: v.tolist() for k, v in result.per_reward.items()}},
-            "images": save_images(os.path.join(self.job.out, "images"), index, images),
+            "images": save_images(os.path.join(self.job.out, "images"), index, images, self.video_fps),
         }
         if "ocr" in self.names:
             row["ocr"] = self.recorder.take()
