@@ -36,9 +36,10 @@ def main() -> None:
     import torch
     from verl import DataProto
 
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+    from verl_omni.agent_loop.diffusion_agent_loop import records_to_data_proto
     from verl_omni.agent_loop.transport import pack, unpack_concat
-    from verl_omni.core.outputs import DiffusionSample
+    from verl_omni.config.sampling import DiffusionSamplingParams
+    from verl_omni.core.outputs import RLBatchOutput
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--groups", type=int, default=8)
@@ -50,30 +51,32 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    def sample(seed: int, kept: int) -> DiffusionSample:
-        g = torch.Generator().manual_seed(seed)
-        return DiffusionSample(
-            image=np.random.default_rng(seed).integers(0, 255, (512, 512, 3), dtype=np.uint8),
-            latents=torch.randn(kept, 1024, 64, generator=g),
-            log_probs=torch.randn(10, generator=g),
+    def group(kept: int) -> RLBatchOutput:
+        """One group's rollout record (B = n), as a replica returns it."""
+        g, n = torch.Generator().manual_seed(kept), args.n
+        return RLBatchOutput(
+            media=torch.from_numpy(np.random.default_rng(kept).integers(0, 255, (n, 1, 512, 512, 3), dtype=np.uint8)),
+            latents=torch.randn(n, kept, 1024, 64, generator=g),
+            log_probs=torch.randn(n, 10, generator=g),
             window_mask=torch.zeros(10, dtype=torch.bool),
             timesteps=torch.rand(10, generator=g),
             sigmas=torch.rand(11, generator=g),
             latent_steps=torch.arange(kept),
-            prompt_embeds=torch.randn(args.prompt_tokens, 3584, generator=g).bfloat16(),
-            seed=seed,
-            prompt_embeds_mask=torch.ones(args.prompt_tokens, dtype=torch.long),
-            negative_prompt_embeds=torch.randn(6, 3584, generator=g).bfloat16(),
-            negative_prompt_embeds_mask=torch.ones(6, dtype=torch.long),
+            prompt_embeds=torch.randn(n, args.prompt_tokens, 3584, generator=g).bfloat16(),
+            seeds=list(range(n)),
+            prompt_embeds_mask=torch.ones(n, args.prompt_tokens, dtype=torch.long),
+            negative_prompt_embeds=torch.randn(n, 6, 3584, generator=g).bfloat16(),
+            negative_prompt_embeds_mask=torch.ones(n, 6, dtype=torch.long),
+            sampling=DiffusionSamplingParams(num_inference_steps=10).to_dict(),
         )
 
     @ray.remote(num_cpus=0)
     class Replica:
         def __init__(self):
-            self.samples = {k: [sample(i, k) for i in range(args.n)] for k in (3, 11)}
+            self.records = {k: group(k) for k in (3, 11)}
 
-        async def generate(self, kept: int) -> list[dict]:
-            return [s.to_payload() for s in self.samples[kept]]
+        async def generate(self, kept: int) -> dict:
+            return self.records[kept].to_payload()
 
     @ray.remote(num_cpus=0)
     class Worker:
@@ -82,13 +85,14 @@ def main() -> None:
 
         async def run(self, groups: list[int], kept: int, packed: bool):
             outs = await asyncio.gather(*[self.replicas[g % len(self.replicas)].generate.remote(kept) for g in groups])
-            samples = [DiffusionSample.from_payload(p) for out in outs for p in out]
-            rows = len(samples)
+            records = [RLBatchOutput.from_payload(p) for p in outs]
+            rows = sum(r.batch_size for r in records)
             non_tensor = {
                 "raw_prompt": np.array(["a sign"] * rows, dtype=object),
                 "uid": np.array([str(i // args.n) for i in range(rows)], dtype=object),
             }
-            data = samples_to_data_proto(samples, non_tensor, {})
+            parts = [(list(range(k * args.n, (k + 1) * args.n)), r) for k, r in enumerate(records)]
+            data = records_to_data_proto(parts, non_tensor, {})
             return pack(data) if packed else data
 
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)

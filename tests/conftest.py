@@ -25,6 +25,13 @@ def tiny_flux_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_wan_dir():
+    from verl_omni.pipelines.tiny import tiny_model_dir
+
+    return tiny_model_dir("wan")
+
+
+@pytest.fixture(scope="session")
 def qwen_image_rl_pipe(tiny_qwen_image_dir):
     from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 

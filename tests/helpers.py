@@ -88,3 +88,20 @@ def start_servers(loop, cfg):
     ref = parsed.actor_rollout_ref
     manager = loop.run_until_complete(DiffusionServerManager(ref.rollout, ref.model, parsed.num_replicas).start())
     return parsed, manager, DiffusionServerClient(config=parsed, load_balancer_handle=manager.load_balancer)
+
+
+def num_rows(records) -> int:
+    """Rows of a list of rollout records (``RLBatchOutput``)."""
+    return sum(r.batch_size for r in records)
+
+
+def records_data_proto(records, non_tensor: dict, metrics: dict | None = None):
+    """Rollout records (``RLBatchOutput``, e.g. ``rl_generate`` results) as verl's ``DataProto``, filling the batch's
+    rows in order, as the agent loop does."""
+    from verl_omni.agent_loop.diffusion_agent_loop import records_to_data_proto
+
+    parts, start = [], 0
+    for record in records:
+        parts.append((list(range(start, start + record.batch_size)), record))
+        start += record.batch_size
+    return records_to_data_proto(parts, non_tensor, metrics or {})

@@ -14,13 +14,11 @@ import gc
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.models.checkpointing import transformer_blocks
 from verl_omni.models.lora import (
     LoRASpec,
@@ -37,15 +35,15 @@ PROMPTS = ["a red cat", "a blue house on a hill"]
 
 
 def _rollout(pipe):
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):
         params = DiffusionSamplingParams(
             num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
         )
-        samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
-    raw = np.array([PROMPTS[i // 2] for i in range(len(samples))], dtype=object)
-    uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+        records.append(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
+    raw = np.array([PROMPTS[i // 2] for i in range(num_rows(records))], dtype=object)
+    uid = np.array([f"g{i // 2}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _block_forward_counts(transformer) -> list[int]:

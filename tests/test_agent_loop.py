@@ -8,6 +8,7 @@ import torch
 from helpers import make_config, prompt_batch, start_servers
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager
+from verl_omni.config.sampling import ROW_SETTINGS
 from verl_omni.config.trainer import FlowGRPOConfig
 
 PROMPTS = ['a sign that says "one"', 'a mug that says "two"', 'a cake that says "three"', 'a flag that says "four"']
@@ -58,9 +59,10 @@ def test_batched_and_per_row_paths_return_the_same_samples_in_row_order(rig):
     per_row, stats_off = rig(False, prompt_batch(PROMPTS, N))
     # Same seeds, same window: the same samples. Exact for the discrete fields; float32 kernels of a B=N
     # forward round differently from B=1, so images may differ by 1/255 and latents by ~1e-6.
-    for key in ("window_mask", "timesteps", "prompt_embeds", "seeds"):
+    for key in ("window_mask", "timesteps", "prompt_embeds", "seeds", *ROW_SETTINGS):
         assert torch.equal(batched.batch[key], per_row.batch[key]), key
-    pixel_diff = (batched.batch["images"].int() - per_row.batch["images"].int()).abs().max().item()
+    assert batched.batch["media"].shape == (len(PROMPTS) * N, 1, 64, 64, 3)  # images: one frame each
+    pixel_diff = (batched.batch["media"].int() - per_row.batch["media"].int()).abs().max().item()
     latent_diff = (batched.batch["latents"] - per_row.batch["latents"]).abs().max().item()
     logp_diff = (batched.batch["old_log_probs"] - per_row.batch["old_log_probs"]).abs().max().item()
     print(f"batched vs per-row: max pixel diff {pixel_diff}, latents {latent_diff:.2e}, log-probs {logp_diff:.2e}")
@@ -71,6 +73,11 @@ def test_batched_and_per_row_paths_return_the_same_samples_in_row_order(rig):
     masks = batched.batch["window_mask"].view(len(PROMPTS), N, -1)
     assert (masks == masks[:, :1]).all() and masks.sum(-1).eq(2).all()
     assert len(set(batched.batch["seeds"].tolist())) == len(PROMPTS) * N
+    # every row carries the settings it was sampled with (the config's: noise 0.7, sde, no CFG, 4 steps)
+    rows = len(PROMPTS) * N
+    assert torch.equal(batched.batch["noise_level"], torch.full((rows,), 0.7, dtype=torch.float64))
+    assert batched.batch["sde_type"].eq(0).all() and batched.batch["guidance_scale"].eq(1.0).all()
+    assert batched.batch["num_inference_steps"].eq(4).all()
     # engine calls counted in the engines themselves: one per group batched, one per row otherwise
     assert sum(s["engine_calls"] for s in stats_on) == len(PROMPTS)
     assert sorted(b for s in stats_on for b in s["batch_sizes"]) == [N] * len(PROMPTS)
@@ -137,5 +144,5 @@ def test_row_sampling_params_and_negative_prompts_are_applied_on_both_paths(rig)
             rig(True, bad)
     mixed = prompt_batch(PROMPTS[:2], N, tag="spmixed")
     mixed.non_tensor_batch["sampling_params"] = np.array([{"num_inference_steps": 3}] * N + [{}] * N, dtype=object)
-    with pytest.raises(Exception, match="must share image size and num_inference_steps"):
+    with pytest.raises(Exception, match="must share media size .* num_inference_steps"):
         rig(True, mixed)

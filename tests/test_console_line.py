@@ -8,14 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 from verl.utils.logger import LocalLogger
 from verl.utils.tracking import Tracking
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.trainer.console import ConsoleStepLogger, format_step_line, use_short_console_line
 from verl_omni.workers.actor import DiffusionLoRAActor
 
@@ -26,13 +24,13 @@ MAX_LINE = 250
 def step_metrics(qwen_image_rl_pipe, tiny_qwen_image_dir):
     """A step's metrics as the trainer logs them: a real actor update's, plus the trainer's own keys (per-replica
     engine seconds, reward terms, timings) in the numbers a 4-replica run has."""
-    samples = []
+    records = []
     for i, prompt in enumerate(["a red cat", "a blue house"]):
         params = DiffusionSamplingParams(num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i)
-        samples += unpack_batch(qwen_image_rl_pipe.rl_generate(prompt, [3 + i, 4 + i], params))
-    uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
-    raw = np.array(["p"] * len(samples), dtype=object)
-    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+        records.append(qwen_image_rl_pipe.rl_generate(prompt, [3 + i, 4 + i], params))
+    uid = np.array([f"g{i // 2}" for i in range(num_rows(records))], dtype=object)
+    raw = np.array(["p"] * num_rows(records), dtype=object)
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
     actor = DiffusionLoRAActor(
         model_config(tiny_qwen_image_dir), ActorConfig(optim=OptimConfig(lr=1e-2)), rollout_config(), lora_seed=5
     )

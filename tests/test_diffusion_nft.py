@@ -6,15 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import make_config, model_config, rollout_config
+from helpers import make_config, model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.algorithms import get_algorithm
 from verl_omni.algorithms.diffusion_nft import DiffusionNFT, nft_loss, noised_latents, old_policy_decay, reward_weight
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.config.trainer import FlowGRPOConfig
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
 
@@ -72,13 +70,13 @@ def test_sampling_is_cfg_free_ode_that_keeps_x0_and_validation_stays_cfg_free():
 def _nft_rollout(pipe):
     algo = DiffusionNFT()
     base = DiffusionSamplingParams(num_inference_steps=5, height=32, width=32, trajectory_window_only=True)
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):
         params = algo.sampling(base, step=1, group_seed=i, validate=False)
-        samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i, 5 + i], params))
-    raw = np.array([PROMPTS[i // 3] for i in range(len(samples))], dtype=object)
-    uid = np.array([f"g{i // 3}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+        records.append(pipe.rl_generate(prompt, [3 + i, 4 + i, 5 + i], params))
+    raw = np.array([PROMPTS[i // 3] for i in range(num_rows(records))], dtype=object)
+    uid = np.array([f"g{i // 3}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _actor(model_dir, **algorithm):
@@ -170,9 +168,9 @@ def test_rows_without_x0_are_refused_naming_them(qwen_image_rl_pipe, tiny_qwen_i
     params = DiffusionSamplingParams(
         num_inference_steps=5, height=32, width=32, sde_window_size=2, window_start=0, trajectory_window_only=True
     )
-    samples = unpack_batch(qwen_image_rl_pipe.rl_generate(PROMPTS[0], [3, 4], params))
+    records = [qwen_image_rl_pipe.rl_generate(PROMPTS[0], [3, 4], params)]
     raw, uid = np.array(PROMPTS[:1] * 2, dtype=object), np.array(["g0", "g0"], dtype=object)
-    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
     actor = _actor(tiny_qwen_image_dir)
     with pytest.raises(ValueError, match=r"rollout rows \[0, 1\] lack the final latent x_0"):
         actor.update(data, torch.tensor([1.0, -1.0]))

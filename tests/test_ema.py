@@ -9,15 +9,13 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 import torch
-from helpers import make_config, model_config, rollout_config, trainer_config
+from helpers import make_config, model_config, num_rows, records_data_proto, rollout_config, trainer_config
 from safetensors.torch import load, save
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.models.ema import EMASchedule, PolicyEMA, ShadowWeights
 from verl_omni.models.lora import LoRASpec, lora_parameters
 from verl_omni.pipelines.loading import load_rl_pipeline
@@ -255,17 +253,17 @@ def test_the_schedule_refuses_bad_settings():
 # ---------------------------------------------------------------------------------------------- the actor's EMA
 def _rollout(pipe):
     """6 rows of 2 prompts (4 steps, SDE window 2, CFG 2) in verl's layout, as the actor receives them."""
-    prompts, seeds, samples = ["a red cat", "a blue house on a hill"], [11, 22, 33], []
+    prompts, seeds, records = ["a red cat", "a blue house on a hill"], [11, 22, 33], []
     for i, prompt in enumerate(prompts):
         params = DiffusionSamplingParams(
             num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
         )
-        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in seeds], params))
-    raw = np.empty(len(samples), dtype=object)
-    for i in range(len(samples)):
+        records.append(pipe.rl_generate(prompt, [s + i for s in seeds], params))
+    raw = np.empty(num_rows(records), dtype=object)
+    for i in range(num_rows(records)):
         raw[i] = prompts[i // len(seeds)]
-    uid = np.array([f"g{i // len(seeds)}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    uid = np.array([f"g{i // len(seeds)}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _ema_actor(model_dir: str, seed: int = 5, **actor) -> DiffusionLoRAActor:

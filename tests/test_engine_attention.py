@@ -1,4 +1,4 @@
-"""The engine attention of SD3 and FLUX (what the vllm-omni engine installs, ``use_attention_function``): the
+"""The engine attention of SD3, FLUX and Wan2.1 (what the vllm-omni engine installs, ``use_attention_function``): the
 engine's kernel serves every call it can, with diffusers' result; regional compile finds each family's blocks.
 (Qwen-Image's processor: tests/test_rl_pipelines.py; FLUX's rollout with it: tests/test_flux_pipeline.py.)"""
 
@@ -56,6 +56,37 @@ def test_sd3_engine_attention_computes_what_diffusers_computes(tiny_sd3_dir, mon
     with torch.enable_grad():  # a training forward: diffusers' attention (the engine's kernel has no backward)
         x = reference.latents[:, 1].clone().requires_grad_(True)
         pipe.predict_velocity(x, reference.timesteps[1], Conditioning.from_fields(reference), guidance_scale, 64, 64)
+    assert _sdpa_bshd.calls == 0
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_wan_engine_attention_computes_what_diffusers_computes(tiny_wan_dir, monkeypatch, guidance_scale):
+    """Wan2.1's self- and cross-attention (no text mask: UMT5's embeddings are zero-padded) both go through the
+    engine's kernel, one call per module and step with CFG's branches batched, with diffusers' result."""
+    from verl_omni.pipelines.wan.attention import WanEngineAttnProcessor
+    from verl_omni.pipelines.wan.options import WanOptions
+
+    pipe = load_rl_pipeline(tiny_wan_dir, "wan", "float32", family_options=WanOptions(num_frames=5))
+    params = _params(height=32, width=32, guidance_scale=guidance_scale, negative_prompt="blurry")
+    reference = pipe.rl_generate(PROMPT, SEEDS, params)
+    modules = 2 * pipe.transformer.config.num_layers  # attn1 (self) and attn2 (cross) per block
+    assert pipe.use_attention_function(_sdpa_bshd) == modules
+    assert all(isinstance(p, WanEngineAttnProcessor) for p in pipe.transformer.attn_processors.values())
+    assert not pipe.has_unmasked_attention_kernel  # float32: flash kernels take bf16 / fp16 only
+    monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
+    monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (16, 256))  # the tiny model's head dim 16
+    _sdpa_bshd.calls = 0
+    fused = pipe.rl_generate(PROMPT, SEEDS, params)
+    assert _sdpa_bshd.calls == modules * params.num_inference_steps
+    rel = ((fused.latents - reference.latents).norm() / reference.latents.norm()).item()
+    print(f"[Wan cfg={guidance_scale}] engine attention vs diffusers: final latents rel L2 {rel:.2e}")
+    assert rel < 1e-5
+    assert torch.allclose(fused.log_probs, reference.log_probs, atol=1e-5)
+    assert (fused.media.int() - reference.media.int()).abs().max().item() <= 1
+    _sdpa_bshd.calls = 0
+    with torch.enable_grad():  # a training forward: diffusers' attention (the engine's kernel has no backward)
+        x = reference.latents[:, 1].clone().requires_grad_(True)
+        pipe.predict_velocity(x, reference.timesteps[1], Conditioning.from_fields(reference), guidance_scale, 32, 32)
     assert _sdpa_bshd.calls == 0
 
 
@@ -117,12 +148,14 @@ def test_the_kernel_serves_only_unmasked_flash_dtype_calls_at_head_dims_it_takes
         assert engine_attention.kernel_applies(q(128, grad=True), None)
 
 
-@pytest.mark.parametrize("family, blocks", [("sd3", ["JointTransformerBlock"]), ("flux", None)])
+@pytest.mark.parametrize(
+    "family, blocks", [("sd3", ["JointTransformerBlock"]), ("flux", None), ("wan", ["WanTransformerBlock"])]
+)
 def test_regional_compile_finds_each_familys_blocks(request, family, blocks):
     """diffusers' SD3 transformer names no repeated blocks: the pipeline class names them, so the actor's
     ``compile_repeated_blocks`` and vllm-omni's regional compile find them (FLUX's own list stays)."""
     pipe = load_rl_pipeline(request.getfixturevalue(f"tiny_{family}_dir"), family, "float32")
-    expected = blocks or ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    expected = blocks if family != "flux" else ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
     assert list(pipe.transformer._repeated_blocks) == expected
     pipe.transformer.compile_repeated_blocks(dynamic=True)  # wraps only; nothing compiles until a forward
     compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
@@ -149,7 +182,7 @@ def test_the_workers_autograd_hook_takes_a_single_tensor_position_embedding(tiny
 
 
 @pytest.mark.usefixtures("fake_vllm_omni")
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
 def test_each_family_goes_through_the_vllm_omni_workers_path(family, request, monkeypatch):
     """On vllm-omni's test double (tests/test_vllm_omni_engine_adapter.py): the worker loads the family's RL pipeline,
     installs its engine attention with the served kernel (a stand-in here: CPU has no FA3) and none of Qwen-Image's
@@ -162,25 +195,26 @@ def test_each_family_goes_through_the_vllm_omni_workers_path(family, request, mo
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     monkeypatch.setattr(worker, "resolve_flash_attention", lambda: _sdpa_bshd)
     monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
-    monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (32, 256))
-    guidance = {"flux": 1.0, "sd3": 3.0}[family]
+    monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (16, 256))  # the tiny models' head dims 16 / 32
+    guidance = {"flux": 1.0, "sd3": 3.0, "wan": 5.0}[family]
     params = _params(height=32, width=32, guidance_scale=guidance)
-    engine = make_engine(model_dir, lora={"lora_rank": 0, "pipeline": family})
+    options = {"wan": {"wan": {"num_frames": 5}}}.get(family, {})  # Wan: 5-frame clips
+    engine = make_engine(model_dir, lora={"lora_rank": 0, "pipeline": family, **options})
     (omni,) = FakeAsyncOmni.instances[-1:]
     pipe = omni.worker.model_runner.pipeline.pipe
-    assert type(pipe).__name__ == {"flux": "FluxRLPipeline", "sd3": "SD3RLPipeline"}[family]
+    assert type(pipe).__name__ == {"flux": "FluxRLPipeline", "sd3": "SD3RLPipeline", "wan": "WanRLPipeline"}[family]
     assert pipe.has_unmasked_attention_kernel
     _sdpa_bshd.calls = 0
     served = run(engine.generate(PROMPT, SEEDS, params))
     assert _sdpa_bshd.calls > 0  # the engine's kernel ran in the rollout
     reference = get_engine_class("diffusers")(
-        model_config(model_dir, lora_rank=0, pipeline=family), rollout_config(dtype="float32")
+        model_config(model_dir, lora_rank=0, pipeline=family, **options), rollout_config(dtype="float32")
     )
     expected = run(reference.generate(PROMPT, SEEDS, params))
     assert torch.equal(served.latents[:, 0], expected.latents[:, 0])
     torch.testing.assert_close(served.latents, expected.latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(served.log_probs, expected.log_probs, rtol=0, atol=1e-5)
-    assert (served.images.int() - expected.images.int()).abs().max() <= 1
+    assert (served.media.int() - expected.media.int()).abs().max() <= 1
 
 
 def test_the_engine_passes_each_family_only_the_attention_switches_its_options_section_declares():
@@ -202,3 +236,4 @@ def test_the_engine_passes_each_family_only_the_attention_switches_its_options_s
     assert set(qwen) <= set(inspect.signature(QwenImageFusedAttnProcessor).parameters)  # the processor's keywords
     for family in ("flux", "sd3"):
         assert attention_options({"pipeline": family, "family_options": None}) == {}
+    assert attention_options({"pipeline": "wan", "family_options": {"num_frames": 33}}) == {}  # options, no switch

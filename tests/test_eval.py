@@ -256,10 +256,10 @@ def test_scoring_overlaps_the_next_generation_and_the_report_is_the_serial_one(
             second_started.set()
         return await generate(self, prompt, seeds, params, request_id)
 
-    def save_after_the_next_started(folder, index, images):
+    def save_after_the_next_started(folder, index, images, fps):
         if index == 0:
             overlapped.append(second_started.wait(timeout=60))
-        return save(folder, index, images)
+        return save(folder, index, images, fps)
 
     monkeypatch.setattr(DiffusersEngine, "generate", watched)
     monkeypatch.setattr(generate_module, "save_images", save_after_the_next_started)

@@ -154,7 +154,7 @@ def test_a_new_family_is_one_registered_class_with_its_options_section_and_tiny_
         model_config_class()  # the module's ModelConfig without it again
 
 
-@pytest.mark.parametrize("name", ["qwen_image", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["qwen_image", "sd3", "flux", "wan"])
 def test_each_familys_real_size_stand_in_is_a_model_that_family_serves(name, tmp_path):
     """The family's ``build_standin`` (on the meta device: configs, tokenizers and scheduler, no weights) writes a
     pipeline directory whose ``model_index.json`` class the registry maps back to that family."""

@@ -1,6 +1,7 @@
-"""The FLUX.1-dev and SD3.5-Medium GPU recipes: their presets compose into valid configs that carry flow_grpo's
-settings for the family (yifan123/flow_grpo config/grpo.py: pickscore_flux for FLUX, general_ocr_sd3 for SD3.5-M;
-scripts/train_flux.py / train_sd3.py for the LoRA, the prompt length and the EMA), and their scripts load them."""
+"""The FLUX.1-dev, SD3.5-Medium and Wan2.1-T2V-1.3B GPU recipes: their presets compose into valid configs that carry
+flow_grpo's settings for the family (flow_grpo config/grpo.py: pickscore_flux for FLUX, general_ocr_sd3 for SD3.5-M,
+general_ocr_wan2_1 for Wan2.1; scripts/train_flux.py / train_sd3.py / train_wan2_1.py for the LoRA, the prompt length
+and the EMA), and their scripts load them."""
 
 import os
 
@@ -58,11 +59,32 @@ def test_the_sd3_5_medium_recipe_is_flow_grpos_general_ocr_sd3():
     assert cfg.algorithm.name == "flowgrpo" and rollout.name == "vllm_omni"
 
 
+def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
+    cfg = _parsed("wan2_1_t2v_1_3b_flowgrpo_lora", "wan")
+    ref = cfg.actor_rollout_ref
+    model, actor, rollout = ref.model, ref.actor, ref.rollout
+    assert model.pipeline == "wan" and (model.lora_rank, model.lora_alpha) == (32, 64)
+    assert tuple(model.target_modules) == ("to_q", "to_k", "to_v", "to_out.0")
+    assert (model.wan.num_frames, model.wan.fps) == (33, 8.0)
+    assert (rollout.pipeline.height, rollout.pipeline.width, rollout.pipeline.num_inference_steps) == (240, 416, 20)
+    assert rollout.pipeline.true_cfg_scale == 4.5 and rollout.pipeline.negative_prompt == ""
+    assert rollout.val_kwargs.num_inference_steps == 50 and rollout.pipeline.max_sequence_length == 512
+    assert rollout.n == 4 and rollout.algo.noise_level == 0.7
+    # timestep_fraction 0.99 of 20 steps: flow_grpo trains steps 0..18
+    assert (rollout.algo.sde_window_size, tuple(rollout.algo.sde_window_range)) == (19, (0, 0))
+    assert (actor.optim.lr, actor.clip_ratio, actor.kl_coef) == (1e-4, 1e-3, 0.004)
+    assert actor.ema.enable and (actor.ema.decay, actor.ema.update_interval) == (0.9, 8)
+    assert cfg.algorithm.name == "flowgrpo" and not cfg.algorithm.flowgrpo.global_std
+    (ocr,) = cfg.reward.rewards
+    assert (ocr["name"], ocr["frame_reduction"], ocr["frame_stride"]) == ("ocr", "mean", 4)  # flow_grpo's video_ocr
+
+
 @pytest.mark.parametrize(
     "script, preset, path_variable",
     [
         ("examples/flowgrpo_trainer/flux/run_flux_ocr_lora.sh", "flux_flowgrpo_ocr_lora", "FLUX_PATH"),
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh", "sd3_5_medium_flowgrpo_ocr_lora", "SD3_PATH"),
+        ("examples/flowgrpo_trainer/wan/run_wan_t2v_lora.sh", "wan2_1_t2v_1_3b_flowgrpo_lora", "WAN_PATH"),
     ],
 )
 def test_the_recipe_script_loads_its_preset_and_asks_for_the_model(script, preset, path_variable):

@@ -7,13 +7,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.algorithms.flowgrpo import FlowGRPO
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 from verl_omni.pipelines.sd3.pipeline import SD3RLPipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
@@ -26,7 +24,7 @@ SEEDS = [11, 22]
 
 def _rollout(pipe):
     """3 prompt groups of 2 rows, 4 steps, a 2-step SDE window per group, CFG on."""
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):
         params = DiffusionSamplingParams(
             num_inference_steps=4,
@@ -37,12 +35,12 @@ def _rollout(pipe):
             guidance_scale=GUIDANCE,
             negative_prompt="blurry",
         )
-        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
-    raw = np.empty(len(samples), dtype=object)
-    for i in range(len(samples)):
+        records.append(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
+    raw = np.empty(num_rows(records), dtype=object)
+    for i in range(num_rows(records)):
         raw[i] = PROMPTS[i // len(SEEDS)]
-    uid = np.array([f"g{i // len(SEEDS)}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    uid = np.array([f"g{i // len(SEEDS)}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _actor(model_dir, algorithm=None, **actor):

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from helpers import model_config, rollout_config, trainer_config
+from helpers import model_config, records_data_proto, rollout_config, trainer_config
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.flux.pipeline import DISTILLED_GUIDANCE_SCALE, FluxRLPipeline
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
@@ -223,7 +222,6 @@ def test_an_actor_update_starts_at_ratio_one_and_moves_the_lora(tiny_flux_dir, d
     """Rollout by the diffusers engine's FluxRLPipeline, update by the actor's own copy (split placement; identity
     LoRA at start), both from one model config: the first ratios are 1 within 1e-4 -- with a non-default distilled
     guidance too, which both pipelines take from actor_rollout_ref.model.flux -- and the update changes the LoRA."""
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
     from verl_omni.rollout.engines.diffusers import DiffusersEngine
     from verl_omni.workers.actor import DiffusionLoRAActor
 
@@ -231,16 +229,16 @@ def test_an_actor_update_starts_at_ratio_one_and_moves_the_lora(tiny_flux_dir, d
     if distilled is not None:
         model = model_config(tiny_flux_dir, pipeline="flux", flux={"distilled_guidance_scale": distilled})
     engine = DiffusersEngine(model, rollout_config())
-    samples, prompts = [], ["a red cat", "text 'OK'"]
+    records, prompts = [], ["a red cat", "text 'OK'"]
     for i, prompt in enumerate(prompts):
         params = _params(height=32, width=32, window_start=i)
         out = asyncio.run(engine.generate(prompt, [s + i for s in SEEDS[:2]], params))
-        samples += unpack_batch(out)
+        records.append(out)
     raw = np.empty(4, dtype=object)
     for i in range(4):
         raw[i] = [{"role": "user", "content": prompts[i // 2]}]
     uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
     actor = DiffusionLoRAActor(
         model,
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=2),

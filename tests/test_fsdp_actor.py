@@ -10,14 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.trainer.checkpoint import load_checkpoint, save_checkpoint
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
@@ -27,15 +25,15 @@ SEEDS = [11, 22, 33, 44]
 
 
 def _rollout(pipe) -> "DataProto":  # noqa: F821
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):  # different SDE windows per prompt: steps with 4 and with 8 rows
         params = DiffusionSamplingParams(num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i)
-        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
-    raw = np.empty(len(samples), dtype=object)
-    for i in range(len(samples)):
+        records.append(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
+    raw = np.empty(num_rows(records), dtype=object)
+    for i in range(num_rows(records)):
         raw[i] = [{"role": "user", "content": PROMPTS[i // len(SEEDS)]}]
-    uid = np.array([f"g{i // len(SEEDS)}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    uid = np.array([f"g{i // len(SEEDS)}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _on_policy(actor: DiffusionLoRAActor, data) -> None:

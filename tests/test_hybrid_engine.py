@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import ray
 import torch
-from helpers import model_config, rollout_config, trainer_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config, trainer_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.rollout.server_manager import DiffusionServerManager
 from verl_omni.rollout.weight_sync import LoRASyncError, check_ranks_agree
 from verl_omni.trainer.checkpoint import find_latest_checkpoint
@@ -27,17 +25,17 @@ SEEDS = [11, 22, 33]
 
 
 def _rollout(pipe):
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):  # different SDE windows per prompt
         params = DiffusionSamplingParams(
             num_inference_steps=4, height=32, width=32, sde_window_size=2, window_start=i, guidance_scale=2.0
         )
-        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
-    raw = np.empty(len(samples), dtype=object)
-    for i in range(len(samples)):
+        records.append(pipe.rl_generate(prompt, [s + i for s in SEEDS], params))
+    raw = np.empty(num_rows(records), dtype=object)
+    for i in range(num_rows(records)):
         raw[i] = PROMPTS[i // len(SEEDS)]
-    uid = np.array([f"g{i // len(SEEDS)}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    uid = np.array([f"g{i // len(SEEDS)}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _max_diff(a: dict, b: dict) -> float:

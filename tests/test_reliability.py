@@ -169,7 +169,7 @@ def test_validation_over_several_calls_with_prompts_of_different_lengths(ray_ses
     ).init()
     try:
         output = trainer.rollout(1, validate=True)  # 3 calls, each padding its prompts to its own longest one
-        assert len(output) == 6 and output.batch["images"].shape[0] == 6
+        assert len(output) == 6 and output.batch["media"].shape[0] == 6
         metrics = trainer.validate(1)
         assert set(metrics) >= {"val/reward_mean", "val/reward/total/mean"}
     finally:

@@ -13,7 +13,9 @@ import ray
 import torch
 from helpers import model_config, rollout_config
 
+from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.rollout.ports import reserve_socket
 from verl_omni.rollout.request import ModelLimits
 from verl_omni.rollout.server import DiffusionHttpServer
@@ -40,28 +42,26 @@ def server(ray_session, tiny_qwen_image_dir):
     ray.kill(actor)
 
 
-def test_generate_batched_returns_n_independent_samples(server):
-    outs = ray.get(server.generate_batched.remote("g", PROMPT, 4, [11, 12, 13, 14], SP))
-    assert len(outs) == 4
-    assert [o["seed"] for o in outs] == [11, 12, 13, 14]
-    for o in outs:
-        assert o["image"].shape == (64, 64, 3) and o["image"].dtype == np.uint8
-        assert o["latents"].shape[0] == SP["num_inference_steps"] + 1
-        assert o["log_probs"].shape == (4,) and torch.isfinite(o["log_probs"]).all()
-        assert o["timesteps"].shape == (4,) and o["prompt_embeds"].ndim == 2
-    images = [o["image"].astype(np.int16) for o in outs]
+def test_generate_batched_returns_one_record_of_n_independent_samples(server):
+    """One engine call, one record: the N samples' tensors keep their batch axis (never split per sample), with the
+    settings they were sampled with."""
+    out = ray.get(server.generate_batched.remote("g", PROMPT, 4, [11, 12, 13, 14], SP))
+    record = RLBatchOutput.from_payload(out)
+    assert record.seeds == [11, 12, 13, 14]
+    assert record.media.shape == (4, 1, 64, 64, 3) and record.media.dtype == torch.uint8  # images: one frame
+    assert record.latents.shape[:2] == (4, SP["num_inference_steps"] + 1)
+    assert record.log_probs.shape == (4, 4) and torch.isfinite(record.log_probs).all()
+    assert record.timesteps.shape == (4,) and record.prompt_embeds.ndim == 3 and record.prompt_embeds.shape[0] == 4
+    assert DiffusionSamplingParams.from_dict(record.sampling) == DiffusionSamplingParams.from_dict(SP)
+    images = record.images.numpy().astype(np.int16)
     assert all(np.abs(images[i] - images[j]).max() > 0 for i in range(4) for j in range(i + 1, 4))
-    # No storage shared between samples: editing one leaves its siblings intact.
-    before = outs[1]["latents"].clone()
-    outs[0]["latents"].add_(1.0)
-    assert torch.equal(outs[1]["latents"], before)
 
 
 def test_generate_is_generate_batched_with_one_output(server):
     ray.get(server.reset_stats.remote())
     single = ray.get(server.generate.remote("s", PROMPT, 13, SP))
-    (batched,) = ray.get(server.generate_batched.remote("b", PROMPT, 1, [13], SP))
-    assert np.array_equal(single["image"], batched["image"])
+    batched = ray.get(server.generate_batched.remote("b", PROMPT, 1, [13], SP))
+    assert single["media"].shape == (1, 1, 64, 64, 3) and torch.equal(single["media"], batched["media"])
     assert torch.equal(single["latents"], batched["latents"])
     assert ray.get(server.get_stats.remote())["batch_sizes"] == [1, 1]
 
@@ -108,8 +108,8 @@ def test_requests_over_the_limits_are_refused_naming_the_limit(server, prompt, p
 
 def test_a_request_exactly_at_the_limits_is_served(server):
     at_limit = {**SP, "height": 128, "width": 128, "num_inference_steps": 2}  # 16384 pixels, the limit
-    outs = ray.get(server.generate_batched.remote("edge", "y" * 200, 8, list(range(8)), at_limit))
-    assert len(outs) == 8 and outs[0]["image"].shape == (128, 128, 3)
+    out = ray.get(server.generate_batched.remote("edge", "y" * 200, 8, list(range(8)), at_limit))
+    assert out["media"].shape == (8, 1, 128, 128, 3)
 
 
 def test_unknown_or_invalid_sampling_params_are_rejected(server):
@@ -158,7 +158,7 @@ def test_lora_update_changes_images_and_survives_sleep_wake(server):
     checksum = ray.get(server.update_lora.remote(tensors))
     assert checksum == tensors_checksum(tensors)
     changed = ray.get(server.generate.remote("l1", PROMPT, 5, SP))
-    assert np.abs(changed["image"].astype(int) - base["image"].astype(int)).max() > 0
+    assert np.abs(changed["media"].int() - base["media"].int()).max() > 0
 
     ray.get(server.sleep.remote())
     with pytest.raises(RuntimeError, match="asleep"):
@@ -166,14 +166,14 @@ def test_lora_update_changes_images_and_survives_sleep_wake(server):
     ray.get(server.wake_up.remote())
     assert ray.get(server.lora_checksum.remote()) == checksum
     again = ray.get(server.generate.remote("l3", PROMPT, 5, SP))
-    assert np.array_equal(again["image"], changed["image"])
+    assert torch.equal(again["media"], changed["media"])
 
     with pytest.raises(ValueError, match="LoRA tensors do not match"):
         ray.get(server.update_lora.remote({"not_a_lora_key": torch.zeros(1)}))
     zeros = {k: torch.zeros_like(v) for k, v in tensors.items()}
     ray.get(server.update_lora.remote(zeros))  # B = 0: the adapter is the identity again
     restored = ray.get(server.generate.remote("l4", PROMPT, 5, SP))
-    assert np.array_equal(restored["image"], base["image"])
+    assert torch.equal(restored["media"], base["media"])
 
 
 def test_reserved_ports_never_collide_and_busy_ports_are_skipped():
@@ -307,7 +307,7 @@ def test_a_timed_out_request_is_stopped_in_the_engine_and_the_next_one_is_served
         stats = ray.get(actor.get_stats.remote())
         assert stats["inflight"] == 0 and stats["engine_calls"] == 0  # the slow call ended, unfinished
         quick = ray.get(actor.generate_batched.remote("quick", PROMPT, 1, [1], {**SP, "num_inference_steps": 2}))
-        assert len(quick) == 1
+        assert quick["seeds"] == [1]
         # The engine-side work really stopped: the pipeline lock is free again (a new call did not wait).
         assert ray.get(actor.__ray_call__.remote(lambda self: self.engine._lock.locked())) is False
     finally:

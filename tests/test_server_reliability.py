@@ -59,8 +59,8 @@ def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
 
 def _assert_slow_request_stopped_and_next_served(server, before: int) -> None:
     # The next request needs the pipeline: it is served once the slow one has let go of it.
-    (quick,) = ray.get(server.generate_batched.remote("quick", PROMPT, 1, [1], SP))
-    assert quick["image"].shape == (64, 64, 3)
+    quick = ray.get(server.generate_batched.remote("quick", PROMPT, 1, [1], SP))
+    assert quick["media"].shape == (1, 1, 64, 64, 3)
     ran = _forwards(server, SLOW_N) - before
     assert 1 <= ran < SLOW["num_inference_steps"], f"the abandoned request ran {ran} denoising steps"
     stats = ray.get(server.get_stats.remote())
@@ -185,8 +185,8 @@ def test_seeds_outside_int64_are_refused_over_ray_too_naming_seeds(server):
     with pytest.raises(ValueError, match=r"seeds \[-9223372036854775809\] do not fit"):
         ray.get(server.generate.remote("s", PROMPT, -(2**63) - 1, SP))
     # the int64 edges themselves are served
-    outs = ray.get(server.generate_batched.remote("edges", PROMPT, 2, [2**63 - 1, -(2**63)], SP))
-    assert [o["seed"] for o in outs] == [2**63 - 1, -(2**63)]
+    out = ray.get(server.generate_batched.remote("edges", PROMPT, 2, [2**63 - 1, -(2**63)], SP))
+    assert out["seeds"] == [2**63 - 1, -(2**63)]
 
 
 def test_the_memory_budget_refuses_a_request_each_factor_of_which_is_allowed(server):

@@ -302,7 +302,7 @@ def test_published_config_is_a_copy_and_names_unknown_families():
     first = published_config("flux")
     first["transformer"]["num_layers"] = 1
     assert published_config("flux")["transformer"]["num_layers"] == 19
-    with pytest.raises(ValueError, match="allowed: \\['flux', 'qwen_image', 'sd3'\\]"):
+    with pytest.raises(ValueError, match="allowed: \\['flux', 'qwen_image', 'sd3', 'wan'\\]"):
         published_config("sdxl")
 
 

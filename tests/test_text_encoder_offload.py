@@ -6,12 +6,10 @@ On CPU the mechanism runs with ``true``: host and device are one, so every tenso
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.colocated import ColocatedActorRank
 from verl_omni.workers.text_encoder_offload import TextEncoderOffload, offload_enabled
@@ -159,13 +157,13 @@ def test_pool_segments_holding_only_text_encoder_tensors_are_unmapped_in_place()
 
 
 def _rollout(pipe, prompts=("a red cat", "a blue house on a hill"), seeds=(11, 22)):
-    samples = []
+    records = []
     for i, prompt in enumerate(prompts):
         params = DiffusionSamplingParams(**PARAMS, sde_window_size=2, window_start=i)
-        samples += unpack_batch(pipe.rl_generate(prompt, [s + i for s in seeds], params))
-    raw = np.array([prompts[i // len(seeds)] for i in range(len(samples))], dtype=object)
-    uid = np.array([f"g{i // len(seeds)}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+        records.append(pipe.rl_generate(prompt, [s + i for s in seeds], params))
+    raw = np.array([prompts[i // len(seeds)] for i in range(num_rows(records))], dtype=object)
+    uid = np.array([f"g{i // len(seeds)}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def _refuse_calls(modules: dict) -> list:

@@ -14,6 +14,7 @@ from verl_omni.pipelines.qwen_image.standin import (
 )
 from verl_omni.pipelines.sd3.standin import build_tiny_sd3
 from verl_omni.pipelines.tiny import tiny_model_dir
+from verl_omni.pipelines.wan.standin import build_tiny_wan
 
 
 def _weights(path):
@@ -25,7 +26,9 @@ def _weights(path):
     return out
 
 
-@pytest.mark.parametrize("builder", [build_tiny_qwen_image, build_tiny_sd3], ids=["qwen_image", "sd3"])
+@pytest.mark.parametrize(
+    "builder", [build_tiny_qwen_image, build_tiny_sd3, build_tiny_wan], ids=["qwen_image", "sd3", "wan"]
+)
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(builder, tmp_path):
     a = _weights(builder(tmp_path / "a", seed=3))
     b = _weights(builder(tmp_path / "b", seed=3))

@@ -16,7 +16,7 @@ def _batch(rows: int, seed: int) -> DataProto:
         "window_mask": torch.rand(rows, 4, generator=g) > 0.5,
         "latent_steps": torch.randint(0, 9, (rows, 3), generator=g),
         "empty": torch.zeros(rows, 0, 5),  # validation's trajectories: no latents kept
-        "images": torch.randint(0, 255, (rows, 2, 2, 3), generator=g, dtype=torch.uint8),
+        "media": torch.randint(0, 255, (rows, 1, 2, 2, 3), generator=g, dtype=torch.uint8),
     }
     non_tensor = {
         "uid": np.array([f"u{seed}-{i}" for i in range(rows)], dtype=object),
@@ -48,8 +48,8 @@ def test_packed_batches_cross_ray_and_concatenate_like_dataproto(ray_session):
 def test_one_packed_batch_unpacks_to_its_own_memory():
     part = _batch(4, 2)
     out = unpack_concat([pack(part)])
-    out.batch["images"].zero_()
-    assert part.batch["images"].any()  # the sender's tensor is untouched
+    out.batch["media"].zero_()
+    assert part.batch["media"].any()  # the sender's tensor is untouched
 
 
 def test_batches_that_disagree_are_refused_naming_the_tensor():

@@ -593,6 +593,7 @@ def _fake_output(batch, images_as="tensor"):
             "negative_prompt_embeds_mask",
             "pooled_prompt_embeds",
             "negative_pooled_prompt_embeds",
+            "sampling",
         )
     }
     extra["seeds"] = list(batch.seeds)
@@ -634,10 +635,9 @@ def test_an_actor_rank_trains_inside_the_worker_on_the_engines_own_transformer(f
     """init_actor / actor_call reach the worker through collective_rpc (arguments and results as files); the rank
     trains the very module the engine serves, after rollouts that ran under inference mode (RoPE caches included)."""
     import numpy as np
+    from helpers import records_data_proto
 
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
     from verl_omni.config.actor import ActorConfig
-    from verl_omni.core.outputs import unpack_batch
     from verl_omni.workers.train_batch import TrainBatch
 
     # The rank recomputes with the run's rollout settings (guidance 2): the requests below use the same.
@@ -651,9 +651,9 @@ def test_an_actor_rank_trains_inside_the_worker_on_the_engines_own_transformer(f
     served_before = run(engine.lora_checksum())
     assert served_before == run(engine.actor_call("lora_checksum"))  # the rank's adapter is the engine's
 
-    samples = unpack_batch(out)
     raw = np.array([PROMPT] * 3, dtype=object)
-    data = samples_to_data_proto(samples, {"raw_prompt": raw, "uid": np.array(["g"] * 3, dtype=object)}, {})
+    data = records_data_proto([out], {"raw_prompt": raw, "uid": np.array(["g"] * 3, dtype=object)})
+    assert data.batch["guidance_scale"].eq(2.0).all()  # the settings crossed the worker's wire with the record
     batch = TrainBatch.from_data_proto(data, torch.tensor([1.0, -1.0, 0.5]))
     # The rollout ran with peft's initial adapter (B = 0: the identity) and so does the rank (seeded A, B = 0):
     # the recomputed log-probs equal the rollout's, ratio 1.
@@ -672,10 +672,9 @@ def test_the_worker_rank_takes_the_text_encoder_off_for_its_update(fake_vllm_omn
     """``model.text_encoder_offload=true`` reaches the rank inside the worker: its update moves the pipeline's text
     encoder off and back (no vllm CuMem pool here: host copies), and the next rollout encodes as before."""
     import numpy as np
+    from helpers import records_data_proto
 
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
     from verl_omni.config.actor import ActorConfig
-    from verl_omni.core.outputs import unpack_batch
     from verl_omni.workers.train_batch import TrainBatch
 
     lora = {"lora_rank": 4, "lora_alpha": 8.0, "text_encoder_offload": True}
@@ -686,7 +685,7 @@ def test_the_worker_rank_takes_the_text_encoder_off_for_its_update(fake_vllm_omn
     offload = FakeAsyncOmni.instances[0].worker._verl_omni_actor.text_encoders
     assert list(offload.modules) == ["text_encoder"] and offload.pool is None
     info = {"raw_prompt": np.array([PROMPT] * 2, dtype=object), "uid": np.array(["g"] * 2, dtype=object)}
-    batch = TrainBatch.from_data_proto(samples_to_data_proto(unpack_batch(out), info, {}), torch.tensor([1.0, -1.0]))
+    batch = TrainBatch.from_data_proto(records_data_proto([out], info), torch.tensor([1.0, -1.0]))
     metrics = run(engine.actor_call("update", batch.as_dict(), batch.num_terms))
     assert metrics["actor/text_encoder_offloaded_gb"] > 0 and metrics["actor/grad_norm"] > 0
     assert not offload.offloaded

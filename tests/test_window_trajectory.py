@@ -6,12 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import model_config, rollout_config
+from helpers import model_config, num_rows, records_data_proto, rollout_config
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
 
@@ -31,12 +29,12 @@ def _params(start: int, window_only: bool) -> DiffusionSamplingParams:
 
 
 def _rollout(pipe, window_only: bool):
-    samples = []
+    records = []
     for i, prompt in enumerate(PROMPTS):  # the two groups have different windows: steps 1-2 and 3-4
-        samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i], _params(1 + 2 * i, window_only)))
-    raw = np.array([PROMPTS[i // 2] for i in range(len(samples))], dtype=object)
-    uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+        records.append(pipe.rl_generate(prompt, [3 + i, 4 + i], _params(1 + 2 * i, window_only)))
+    raw = np.array([PROMPTS[i // 2] for i in range(num_rows(records))], dtype=object)
+    uid = np.array([f"g{i // 2}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def test_the_window_only_trajectory_is_the_full_one_at_the_window_positions(qwen_image_rl_pipe):

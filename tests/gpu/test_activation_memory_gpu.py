@@ -12,16 +12,14 @@ import pytest
 import torch
 from gpu_helpers import requires_cuda
 
-from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.core.outputs import unpack_batch
 from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 from verl_omni.workers.actor import DiffusionLoRAActor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import rollout_config  # noqa: E402
+from helpers import num_rows, records_data_proto, rollout_config  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -33,17 +31,17 @@ def fixture_rollout(model_dir, prompts=PROMPTS):
     """Two samples of each prompt (CFG 4, 4 steps, an SDE window of 2), as the agent loop hands them to the actor."""
     pipe = QwenImageRLPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    samples = []
+    records = []
     for i, prompt in enumerate(prompts):
         params = DiffusionSamplingParams(
             num_inference_steps=4, height=SIZE, width=SIZE, sde_window_size=2, window_start=0, guidance_scale=4.0
         )
-        samples += unpack_batch(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
+        records.append(pipe.rl_generate(prompt, [3 + i, 4 + i], params))
     del pipe
     torch.cuda.empty_cache()
-    raw = np.array([prompts[i // 2] for i in range(len(samples))], dtype=object)
-    uid = np.array([f"g{i // 2}" for i in range(len(samples))], dtype=object)
-    return samples_to_data_proto(samples, {"raw_prompt": raw, "uid": uid}, {})
+    raw = np.array([prompts[i // 2] for i in range(num_rows(records))], dtype=object)
+    uid = np.array([f"g{i // 2}" for i in range(num_rows(records))], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
 def bf16_actor(model_dir: str, use_torch_compile: bool = False, **model_kwargs) -> DiffusionLoRAActor:

@@ -41,9 +41,9 @@ def _text_encoder_bytes(model_dir: str) -> int:
 
 
 def _batch(pipe):
-    from verl_omni.agent_loop.diffusion_agent_loop import samples_to_data_proto
+    from helpers import records_data_proto
+
     from verl_omni.config.sampling import DiffusionSamplingParams
-    from verl_omni.core.outputs import unpack_batch
     from verl_omni.workers.train_batch import TrainBatch
 
     params = DiffusionSamplingParams(
@@ -55,9 +55,9 @@ def _batch(pipe):
         sde_window_size=2,
         window_start=0,
     )
-    samples = unpack_batch(pipe.rl_generate("a sign that says HELLO", [1, 2, 3, 4], params))
+    record = pipe.rl_generate("a sign that says HELLO", [1, 2, 3, 4], params)
     info = {"raw_prompt": np.array(["a sign"] * 4, dtype=object), "uid": np.array(["g"] * 4, dtype=object)}
-    data = samples_to_data_proto(samples, info, {})
+    data = records_data_proto([record], info)
     return TrainBatch.from_data_proto(data, torch.tensor([1.0, -1.0, 0.5, -0.5])), params
 
 

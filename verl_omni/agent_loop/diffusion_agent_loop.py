@@ -3,9 +3,12 @@
 - ``DiffusionServerClient``: verl's ``LLMServerClient`` (acquire a server from the global load balancer,
   release it in ``finally``) with the two diffusion verbs.
 - ``DiffusionAgentLoop``: registered in verl's agent-loop registry; ``run`` is one row (per-row path),
-  ``run_group`` is one group of n rows (batched path).
+  ``run_group`` is one group of n rows (batched path); each returns one rollout record (``RLBatchOutput``).
 - ``DiffusionAgentLoopWorker`` / ``DiffusionAgentLoopManager``: verl's worker and manager, subclassed
   because verl offers no hook to hand a *group* of rows to one agent loop, nor to build a non-token batch.
+
+A group's record stays whole from the engine to the ``DataProto``: ``records_to_data_proto`` concatenates the
+records' fields once (no per-sample dicts), and every row carries the sampling settings it was produced with.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from verl.workers.rollout.llm_server import LLMServerClient
 from verl_omni.agent_loop.grouping import RolloutGroup, derive_seed, plan_groups
 from verl_omni.agent_loop.transport import PackedBatch, pack, unpack_concat
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.config.sampling import row_settings_tensors
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
 from verl_omni.core.names import AGENT_LOOP_NAME
-from verl_omni.core.outputs import DiffusionSample
+from verl_omni.core.outputs import SHARED_FIELDS, RLBatchOutput, media_samples
 from verl_omni.core.prompts import prompt_text
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rewards.pool import RewardPool
@@ -50,9 +54,7 @@ logger = logging.getLogger(__name__)
 class DiffusionServerClient(LLMServerClient):
     """Routes diffusion requests through verl's global load balancer (least in-flight, sticky by id)."""
 
-    async def generate_batched(
-        self, request_id: str, *, prompt: str, seeds: list[int], sampling_params: dict
-    ) -> list[dict]:
+    async def generate_batched(self, request_id: str, *, prompt: str, seeds: list[int], sampling_params: dict) -> dict:
         return await self._call(
             request_id,
             "generate_batched",
@@ -93,28 +95,20 @@ class DiffusionAgentLoop(AgentLoopBase):
         self.config = trainer_config.config
         self.server_manager = server_manager
 
-    async def run(self, sampling_params: dict[str, Any], **row: Any) -> DiffusionSample:
-        start = time.perf_counter()
+    async def run(self, sampling_params: dict[str, Any], **row: Any) -> RLBatchOutput:
+        """One row: a record of batch 1."""
         payload = await self.server_manager.generate(
             row["__request_id__"], prompt=_row_prompt(row), seed=int(row["__seed__"]), sampling_params=sampling_params
         )
-        sample = await _postprocess(payload)
-        sample.extra["generate_s"] = time.perf_counter() - start
-        return sample
+        return _postprocess(payload, [int(row["__seed__"])])
 
-    async def run_group(self, sampling_params: dict[str, Any], rows: list[dict[str, Any]]) -> list[DiffusionSample]:
-        start = time.perf_counter()
-        payloads = await self.server_manager.generate_batched(
-            rows[0]["__request_id__"],
-            prompt=_row_prompt(rows[0]),
-            seeds=[int(r["__seed__"]) for r in rows],
-            sampling_params=sampling_params,
+    async def run_group(self, sampling_params: dict[str, Any], rows: list[dict[str, Any]]) -> RLBatchOutput:
+        """A group of rows asking for the same thing: one engine call, one record of batch ``len(rows)``."""
+        seeds = [int(r["__seed__"]) for r in rows]
+        payload = await self.server_manager.generate_batched(
+            rows[0]["__request_id__"], prompt=_row_prompt(rows[0]), seeds=seeds, sampling_params=sampling_params
         )
-        samples = await asyncio.gather(*[_postprocess(p) for p in payloads])
-        elapsed = time.perf_counter() - start
-        for sample in samples:
-            sample.extra["generate_s"] = elapsed
-        return list(samples)
+        return _postprocess(payload, seeds)
 
 
 def _row_prompt(row: dict[str, Any]) -> str:
@@ -126,13 +120,21 @@ def _row_prompt(row: dict[str, Any]) -> str:
     return text
 
 
-async def _postprocess(payload: dict) -> DiffusionSample:
-    sample = DiffusionSample.from_payload(payload)
+def _postprocess(payload: dict, seeds: list[int]) -> RLBatchOutput:
+    """The server's payload as a record, checked: one row per asked seed, finite model outputs (the rows that are
+    not are named by their seeds)."""
+    record = RLBatchOutput.from_payload(payload).check()
+    if [int(s) for s in record.seeds] != seeds:
+        raise ValueError(f"the server returned a record for seeds {list(record.seeds)}, asked for {seeds}")
     for name in ("latents", "log_probs", "prompt_embeds"):
-        value = getattr(sample, name)
-        if value is not None and value.numel() and not torch.isfinite(value.float()).all():
-            raise NonFiniteError(f"engine returned non-finite {name} for the sample with seed {sample.seed}")
-    return sample
+        value = getattr(record, name)
+        if value is None or not value.numel():
+            continue
+        finite = torch.isfinite(value.float()).reshape(value.shape[0], -1).all(dim=1)
+        if not bool(finite.all()):
+            bad = [record.seeds[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise NonFiniteError(f"engine returned non-finite {name} for the samples with seeds {bad}")
+    return record
 
 
 class DiffusionAgentLoopWorker(AgentLoopWorker):
@@ -170,20 +172,20 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         timeline = _StreamTimeline()
 
         async def run(group: RolloutGroup):
-            group_samples = await self._run_group(group, non_tensor, params, step, validate)
+            records = await self._run_group(group, non_tensor, params, step, validate)
             bar.update(len(group.rows))
             timeline.generated()
             if self.reward_pool is None:
-                return group_samples, None
+                return records, None
             # Scored now, while the other groups are still generating (this coroutine alone waits for it).
             scores = await self.reward_pool.submit(
-                [s.image for s in group_samples],
+                [sample for record in records for sample in media_samples(record.media)],
                 [prompt_text(non_tensor["raw_prompt"][i]) for i in group.rows],
                 [row_metadata(non_tensor, i) for i in group.rows],
                 sample_ids=group.rows,
             )
             timeline.scored()
-            return group_samples, scores
+            return records, scores
 
         start = time.perf_counter()
         try:
@@ -192,10 +194,11 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             bar.close()
         elapsed = time.perf_counter() - start
 
-        samples: list[Optional[DiffusionSample]] = [None] * len(batch)
-        for group, (group_samples, _) in zip(groups, results, strict=True):
-            for row, sample in zip(group.rows, group_samples, strict=True):
-                samples[row] = sample
+        parts = [
+            (rows, record)
+            for group, (records, _) in zip(groups, results, strict=True)
+            for rows, record in _record_rows(group, records)
+        ]
         reasons = Counter(g.reason for g in groups if not g.batched)
         for reason in reasons:
             if reason not in self._logged_reasons:
@@ -210,16 +213,19 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             "rollout/generate_s": elapsed,
             "rollout/rows": len(batch),
             # rows whose prompt lost tokens at max_sequence_length (the trainer says so once per step)
-            "rollout/truncated_prompts": sum(s.extra.get("truncated_prompt_tokens", 0) > 0 for s in samples),
+            "rollout/truncated_prompts": sum(len(rows) for rows, r in parts if r.truncated_prompt_tokens > 0),
         }
         rewards = None
         if self.reward_pool is not None:
             rewards = _scatter_rewards(groups, [scores for _, scores in results], len(batch))
             metrics.update({f"reward/{name}/seconds": value for name, value in rewards.seconds.items()})
             metrics.update(timeline.metrics())
-        return pack(samples_to_data_proto(samples, non_tensor, metrics, rewards))
+        return pack(records_to_data_proto(parts, non_tensor, metrics, rewards, batch_len=len(batch)))
 
-    async def _run_group(self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool):
+    async def _run_group(
+        self, group: RolloutGroup, non_tensor: dict, params, step: int, validate: bool
+    ) -> list[RLBatchOutput]:
+        """The group's records, in its rows' order: one of batch n (batched), or one of batch 1 per row."""
         # Seeds and the algorithm's per-group settings (e.g. FlowGRPO's SDE window) come from (seed, step, group,
         # index): the same on both paths, and the settings are drawn per group so the n samples of a prompt share them.
         group_key = f"{step}/{group.key}"
@@ -238,7 +244,7 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
         agent_name = str(rows[0]["agent_name"])
         loop = _instantiate_agent_loop(agent_name, self.config, self.llm_client)
         if group.batched:  # rows of a batched group ask for the same thing: the first row's params serve all
-            return await loop.run_group(row_params(rows[0]), rows)
+            return [await loop.run_group(row_params(rows[0]), rows)]
         outputs = []
         for row in rows:
             row_loop = (
@@ -248,11 +254,23 @@ class DiffusionAgentLoopWorker(AgentLoopWorker):
             )
             row_args = {k: v for k, v in row.items() if k != "sampling_params"}
             outputs.append(row_loop.run(row_params(row), **row_args))
-        return await asyncio.gather(*outputs)
+        return list(await asyncio.gather(*outputs))
+
+
+def _record_rows(group: RolloutGroup, records: list[RLBatchOutput]) -> list[tuple[list[int], RLBatchOutput]]:
+    """(batch rows, record) pairs of a group: its rows in order, each record taking as many as it has samples."""
+    out, start = [], 0
+    for record in records:
+        out.append((group.rows[start : start + record.batch_size], record))
+        start += record.batch_size
+    if start != len(group.rows):
+        raise ValueError(f"group {group.key}: {start} samples returned for {len(group.rows)} rows")
+    return out
 
 
 # What a row may set for itself. The SDE settings (noise_level, sde_type, window) and guidance_scale stay
-# rollout-wide: the actor recomputes log-probs with them, so a per-row value would train on wrong numbers.
+# rollout-wide: every row carries the settings it was sampled with, and one update trains rows of one noise level,
+# SDE type and CFG scale (config/sampling.RowSettings refuses a mixed batch).
 ROW_OVERRIDABLE = ("negative_prompt", "num_inference_steps", "height", "width", "max_sequence_length")
 
 
@@ -323,68 +341,96 @@ def _scatter_rewards(groups: list[RolloutGroup], results: list[RewardResult], ba
     return RewardResult(total=total, per_reward=per_reward, weights=dict(first.weights), seconds=seconds)
 
 
-def samples_to_data_proto(
-    samples: list[DiffusionSample], non_tensor: dict, metrics: dict, rewards: Optional[RewardResult] = None
+def records_to_data_proto(
+    parts: list[tuple[list[int], RLBatchOutput]],
+    non_tensor: dict,
+    metrics: dict,
+    rewards: Optional[RewardResult] = None,
+    *,
+    batch_len: Optional[int] = None,
 ) -> DataProto:
-    """Stack per-sample outputs into a DataProto; prompt embeddings are right-padded (mask 0) to one length.
-    With streamed ``rewards``: a ``rewards`` tensor (the weighted total) and a ``reward_scores`` column (each
-    reward's unweighted score) per row."""
-    shapes = {(s.image.shape, tuple(s.latents.shape), tuple(s.timesteps.shape)) for s in samples}
+    """The rollout records as one ``DataProto`` of ``batch_len`` rows: ``parts`` are (batch rows, record) pairs,
+    each record filling its rows. Every field is one concatenation over the records (prompt embeddings right-padded
+    with mask 0 to the longest); a record's per-call fields (window_mask, timesteps, sigmas, latent_steps) and its
+    sampling settings (``config/sampling.ROW_SETTINGS``) become one value per row. ``media`` is uint8
+    [B, F, H, W, 3]. With streamed ``rewards``: a ``rewards`` tensor (the weighted total) and a ``reward_scores``
+    column (each reward's unweighted score) per row."""
+    order = [row for rows, _ in parts for row in rows]
+    batch_len = len(order) if batch_len is None else batch_len
+    if sorted(order) != list(range(batch_len)):
+        raise ValueError(f"the records fill rows {sorted(order)}, expected each of the batch's {batch_len} rows once")
+    records = [record for _, record in parts]
+    shapes = {
+        (tuple(r.media.shape[1:]), tuple(r.latents.shape[1:]), tuple(r.timesteps.shape), tuple(r.latent_steps.shape))
+        for r in records
+    }
     if len(shapes) > 1:
         raise ValueError(
-            f"rows of one batch must share image size and num_inference_steps; got (image, latents, timesteps) "
-            f"shapes {sorted(shapes)}"
+            "rows of one batch must share media size (frames, height, width), num_inference_steps and kept latents; "
+            f"got (media, latents, timesteps, latent_steps) shapes {sorted(shapes)}"
         )
     tensors: dict[str, torch.Tensor] = {
-        "images": torch.from_numpy(np.stack([s.image for s in samples])),
-        "latents": torch.stack([s.latents for s in samples]),
-        "old_log_probs": torch.stack([s.log_probs for s in samples]).float(),
-        "window_mask": torch.stack([s.window_mask for s in samples]),
-        "timesteps": torch.stack([s.timesteps for s in samples]).float(),
-        "sigmas": torch.stack([s.sigmas for s in samples]).float(),
-        "latent_steps": torch.stack([s.latent_steps for s in samples]),
-        "seeds": torch.tensor([s.seed for s in samples], dtype=torch.int64),
+        "media": _cat(records, "media"),
+        "latents": _cat(records, "latents"),
+        "old_log_probs": _cat(records, "log_probs").float(),
+        "seeds": torch.tensor([int(s) for r in records for s in r.seeds], dtype=torch.int64),
     }
+    for name in SHARED_FIELDS:  # one value per call: one per row
+        tensors[name] = torch.cat([getattr(r, name).unsqueeze(0).expand(r.batch_size, -1) for r in records])
+    for name in ("timesteps", "sigmas"):
+        tensors[name] = tensors[name].float()
+    settings = [row_settings_tensors(r.sampling, r.batch_size) for r in records]
+    for name in settings[0]:
+        tensors[name] = torch.cat([s[name] for s in settings])
     for prefix in ("", "negative_"):
-        embeds = [getattr(s, f"{prefix}prompt_embeds") for s in samples]
+        embeds = [getattr(r, f"{prefix}prompt_embeds") for r in records]
         if any(e is None for e in embeds):
             continue
-        masks = [getattr(s, f"{prefix}prompt_embeds_mask") for s in samples]
+        masks = [getattr(r, f"{prefix}prompt_embeds_mask") for r in records]
         stacked, mask = _pad_embeds(embeds, masks)
         tensors[f"{prefix}prompt_embeds"] = stacked
         if mask is not None:
             tensors[f"{prefix}prompt_embeds_mask"] = mask
-        pooled = [getattr(s, f"{prefix}pooled_prompt_embeds") for s in samples]
+        pooled = [getattr(r, f"{prefix}pooled_prompt_embeds") for r in records]
         if all(p is not None for p in pooled):
-            tensors[f"{prefix}pooled_prompt_embeds"] = torch.stack(pooled)
+            tensors[f"{prefix}pooled_prompt_embeds"] = torch.cat(pooled)
+    if order != list(range(batch_len)):  # records in another order than their rows (groups not contiguous)
+        where = torch.argsort(torch.tensor(order))
+        tensors = {name: value[where] for name, value in tensors.items()}
     out_non_tensor = {k: v for k, v in non_tensor.items()}
-    out_non_tensor["prompt_text"] = np.array([None] * len(samples), dtype=object)
-    for i in range(len(samples)):
+    out_non_tensor["prompt_text"] = np.array([None] * batch_len, dtype=object)
+    for i in range(batch_len):
         out_non_tensor["prompt_text"][i] = prompt_text(non_tensor["raw_prompt"][i])
     meta = {"metrics": metrics}
     if rewards is not None:
         tensors["rewards"] = torch.from_numpy(rewards.total)
         out_non_tensor["reward_scores"] = np.array(
-            [{name: float(scores[i]) for name, scores in rewards.per_reward.items()} for i in range(len(samples))],
+            [{name: float(scores[i]) for name, scores in rewards.per_reward.items()} for i in range(batch_len)],
             dtype=object,
         )
         meta["reward_weights"] = dict(rewards.weights)
     return DataProto.from_dict(tensors=tensors, non_tensors=out_non_tensor, meta_info=meta)
 
 
+def _cat(records: list[RLBatchOutput], name: str) -> torch.Tensor:
+    values = [getattr(r, name) for r in records]
+    return values[0] if len(values) == 1 else torch.cat(values)
+
+
 def _pad_embeds(embeds: list[torch.Tensor], masks: list[Optional[torch.Tensor]]):
-    length = max(e.shape[0] for e in embeds)
+    """[b_r, L_r, D] embeddings of each record as one [B, L, D] (right-padded to the longest L) and its mask."""
+    length = max(e.shape[1] for e in embeds)
     if all(m is None for m in masks):
-        if any(e.shape[0] != length for e in embeds):
+        if any(e.shape[1] != length for e in embeds):
             raise ValueError("prompt embeddings of different lengths and no mask to pad them with")
-        return torch.stack(embeds), None
+        return torch.cat(embeds), None
     padded, padded_masks = [], []
     for e, m in zip(embeds, masks, strict=True):
-        pad = length - e.shape[0]
+        pad = length - e.shape[1]
         padded.append(torch.nn.functional.pad(e, (0, 0, 0, pad)))
-        m = m if m is not None else torch.ones(e.shape[0], dtype=torch.long)
+        m = m if m is not None else torch.ones(e.shape[:2], dtype=torch.long)
         padded_masks.append(torch.nn.functional.pad(m, (0, pad)))
-    return torch.stack(padded), torch.stack(padded_masks)
+    return torch.cat(padded), torch.cat(padded_masks)
 
 
 class DiffusionAgentLoopManager(AgentLoopManager):

@@ -11,7 +11,8 @@ is its typed section (the ``Config`` dataclass it declares). Who calls what:
 - the trainer (driver), per step: ``advantages(rewards, group_ids)``;
 - the actor (every rank), per update: ``num_terms`` / ``units`` (which forward passes the update makes),
   ``micro_tensors`` (what a micro-batch indexes), ``update_constants``, ``loss(ctx, micro)`` (through an
-  ``UpdateContext``: the policy's velocity, the reference with the adapter disabled, the staged tensors), and
+  ``UpdateContext``: the policy's velocity, the reference with the adapter disabled, the staged tensors, and
+  ``ctx.settings``: the sampling settings the rows carry, never this process's copy of the rollout config), and
   ``after_optimizer_step(actor, step)``.
 
 The actor keeps all that is not algorithm math: planning and staging, micro-batching, CFG layout, checkpointing,
@@ -90,7 +91,8 @@ class Algorithm:
 
     @property
     def guidance_scale(self) -> float:
-        """The CFG scale of the update's forwards (the rollout's by default; a CFG-free algorithm returns 1.0)."""
+        """The CFG scale this algorithm's rollouts sample with (the rollout's by default; a CFG-free algorithm
+        returns 1.0). The update's forwards use the scale its rows carry (``config/sampling.RowSettings``)."""
         return float(self.rollout.pipeline.true_cfg_scale)
 
     # ------------------------------------------------------------------ advantages (driver)

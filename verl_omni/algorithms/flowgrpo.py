@@ -343,7 +343,8 @@ class FlowGRPO(Algorithm):
 
     def log_probs(self, ctx: Any, micro: Any):
         """(log_prob [b], prev_sample_mean, std_dev_t) of transition ``micro.step`` for ``micro.rows`` under the
-        current weights, through the scheduler's step — the one formula the rollout used."""
+        current weights, through the scheduler's step — the one formula the rollout used, with the noise level and
+        SDE type the rows were sampled with (``ctx.settings``)."""
         t, rows, step = ctx.tensors, micro.rows, micro.step
         columns = micro.tensors["columns"]
         sample, prev_sample = t["latents"][rows, columns], t["latents"][rows, columns + 1]
@@ -351,13 +352,13 @@ class FlowGRPO(Algorithm):
             sample, t["timesteps"][rows, step], micro, detach_unconditional=self.detach_unconditional
         )
         sigmas = t["sigmas"][rows]
-        sde = self.rollout.algo
+        sde = ctx.settings  # what the rows were sampled with (the batch's, not this process's rollout config)
         return sde_step_with_logprob(
             velocity.float(),
             sample.float(),
             sigmas[:, step],
             sigmas[:, step + 1],
-            noise_level=float(sde.noise_level),
+            noise_level=sde.noise_level,
             sde_type=sde.sde_type,
             sigma_max=ctx.constants["sigma_max"],
             prev_sample=prev_sample.float(),

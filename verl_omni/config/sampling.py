@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+import torch
+
 from verl_omni.schedulers.dpm_solver import MAX_ORDER, ODE_SOLVERS, SOLVER_TYPES
 from verl_omni.schedulers.flow_match_sde import SDE_TYPES
 
@@ -214,6 +216,102 @@ class DiffusionSamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+# ------------------------------------------------------------------------------------------ the rows' settings
+# The sampling settings every rollout row carries (``DataProto`` tensors of these names, one value per row): what
+# the actor recomputes the rows' log-probs with. The SDE window is the row's ``window_mask``.
+ROW_SETTINGS = ("noise_level", "sde_type", "guidance_scale", "num_inference_steps")
+# The settings no row may set for itself (the agent loop's ROW_OVERRIDABLE lets a row choose its steps).
+ROLLOUT_WIDE_SETTINGS = ("noise_level", "sde_type", "guidance_scale")
+# Where the actor's own config sets each (the rows win; a difference is logged, never silent).
+ROW_SETTINGS_CONFIG_KEYS = {
+    "noise_level": "actor_rollout_ref.rollout.algo.noise_level",
+    "sde_type": "actor_rollout_ref.rollout.algo.sde_type",
+    "guidance_scale": "actor_rollout_ref.rollout.pipeline.true_cfg_scale",
+    "num_inference_steps": "actor_rollout_ref.rollout.pipeline.num_inference_steps",
+}
+
+
+def row_settings_tensors(sampling: Optional[Mapping[str, Any]], rows: int) -> dict[str, torch.Tensor]:
+    """The per-row tensors of ``ROW_SETTINGS`` for ``rows`` rows sampled with ``sampling`` (a
+    ``DiffusionSamplingParams`` or its dict): float64 noise_level / guidance_scale (a Python float round-trips
+    exactly, so the actor's step equals the sampler's), int64 num_inference_steps and sde_type (its index in
+    ``SDE_TYPES``)."""
+    if sampling is None:
+        raise ValueError(
+            "the rollout record carries no sampling settings (RLBatchOutput.sampling): the actor could not "
+            "recompute its log-probs"
+        )
+    params = sampling if isinstance(sampling, DiffusionSamplingParams) else DiffusionSamplingParams.from_dict(sampling)
+    if params.sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type={params.sde_type!r} is not one of {SDE_TYPES}")
+    return {
+        "noise_level": torch.full((rows,), float(params.noise_level), dtype=torch.float64),
+        "sde_type": torch.full((rows,), SDE_TYPES.index(params.sde_type), dtype=torch.int64),
+        "guidance_scale": torch.full((rows,), float(params.guidance_scale), dtype=torch.float64),
+        "num_inference_steps": torch.full((rows,), int(params.num_inference_steps), dtype=torch.int64),
+    }
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """The sampling settings of an update's rows, one value each: the actor trains with them."""
+
+    noise_level: float
+    sde_type: str
+    guidance_scale: float
+    num_inference_steps: int
+
+    @classmethod
+    def of_rows(cls, tensors: Mapping[str, torch.Tensor]) -> Optional[RowSettings]:
+        """The settings every row of ``tensors`` (a rollout batch's) shares; None for a batch without rows. Raises
+        ``ValueError`` naming the field when it is missing, invalid, or differs between rows (a batch whose rows
+        were sampled differently cannot be trained as one: each row must be recomputed as it was sampled)."""
+        values = {}
+        for name in ROW_SETTINGS:
+            if name not in tensors:
+                raise ValueError(
+                    f"the rollout batch has no {name!r} tensor: every row must carry the sampling settings it was "
+                    f"produced with ({list(ROW_SETTINGS)}; agent_loop.records_to_data_proto writes them)"
+                )
+            column = tensors[name].reshape(-1)
+            if column.numel() == 0:
+                return None
+            found = torch.unique(column.detach().cpu())
+            if found.numel() != 1:
+                raise ValueError(
+                    f"the rollout batch mixes rows sampled with different {name} ({found.tolist()}); one update "
+                    f"trains rows of one {name} (the batch's {ROW_SETTINGS_CONFIG_KEYS[name]})"
+                )
+            values[name] = found.item()
+        code = int(values["sde_type"])
+        if not 0 <= code < len(SDE_TYPES):
+            raise ValueError(f"the rollout batch's sde_type {code} is not an index into {SDE_TYPES}")
+        settings = cls(
+            noise_level=float(values["noise_level"]),
+            sde_type=SDE_TYPES[code],
+            guidance_scale=float(values["guidance_scale"]),
+            num_inference_steps=int(values["num_inference_steps"]),
+        )
+        if not math.isfinite(settings.noise_level) or settings.noise_level < 0:
+            raise ValueError(f"the rollout batch's noise_level={settings.noise_level} must be a finite number >= 0")
+        if not math.isfinite(settings.guidance_scale) or settings.guidance_scale < 1.0:
+            raise ValueError(f"the rollout batch's guidance_scale={settings.guidance_scale} must be finite and >= 1.0")
+        return settings
+
+    def differences(
+        self, expected: DiffusionSamplingParams, names: tuple[str, ...] = ROLLOUT_WIDE_SETTINGS
+    ) -> dict[str, tuple[Any, Any]]:
+        """``{field: (rows' value, expected value)}`` of ``names`` where ``expected`` (what a config would sample)
+        differs; by default the rollout-wide settings (a row may set its own number of steps)."""
+        out = {}
+        for name in names:
+            mine, theirs = getattr(self, name), getattr(expected, name)
+            same = mine == theirs if isinstance(mine, (str, int)) else math.isclose(mine, float(theirs), rel_tol=1e-6)
+            if not same:
+                out[name] = (mine, theirs)
+        return out
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -229,4 +327,12 @@ def _require_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
-__all__ = ["MAX_NOISE_LEVEL", "DiffusionSamplingParams", "ODE_SOLVERS", "SDE_TYPES"]
+__all__ = [
+    "MAX_NOISE_LEVEL",
+    "ROW_SETTINGS",
+    "DiffusionSamplingParams",
+    "ODE_SOLVERS",
+    "RowSettings",
+    "SDE_TYPES",
+    "row_settings_tensors",
+]

@@ -1,6 +1,6 @@
 """The bottom layer: types and helpers every other package may use, depending on nothing in verl_omni.
 
-- ``outputs``: what a rollout returns (``RLBatchOutput`` per engine call, ``DiffusionSample`` per image);
+- ``outputs``: the rollout record (``RLBatchOutput``: one engine call's group, media with a frame axis);
 - ``conditioning``: the text conditioning a transformer call consumes (``Conditioning``);
 - ``errors``: ``NonFiniteError`` and ``assert_finite``;
 - ``dtypes``: the dtype names configs accept (``DTYPES``) and ``resolve_dtype``;

@@ -1,7 +1,7 @@
 """The text conditioning of a batch, as a transformer call consumes it.
 
 One typed object instead of a ``cond`` dict: the pipelines build it (``encode_conditions``), the rollout stores
-its fields in ``RLBatchOutput`` / ``DiffusionSample`` under the same names, and the actor rebuilds it from a
+its fields in ``RLBatchOutput`` under the same names, and the actor rebuilds it from a
 training batch to recompute the very same forward. A pipeline turns it into what its transformer calls take
 (``prepare_model_inputs``: dtype, device, the CFG branches stacked) once per request or training micro-batch.
 """
@@ -114,7 +114,7 @@ class Conditioning:
         return cls(**out)
 
     def as_fields(self) -> dict[str, Optional[torch.Tensor]]:
-        """The fields under their ``RLBatchOutput`` / ``DiffusionSample`` names."""
+        """The fields under their ``RLBatchOutput`` names."""
         return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod

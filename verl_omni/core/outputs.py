@@ -1,14 +1,15 @@
-"""Per-sample diffusion outputs and the unpacking of a batched engine result into them.
+"""The rollout record: what one engine call returns for one prompt group, carried whole from the engine to the actor.
 
-A batched engine call returns tensors with a leading batch dimension B=N. FlowGRPO, the reward and
-verl's DataProto want one record per sample, so every field is sliced and *cloned*: no sample shares
-storage with another (a later in-place edit of one must never change its siblings).
+A batched engine call returns tensors with a leading batch dimension B=N (the n samples of one prompt). That
+record travels as one object from the engine through the server and the agent loop, and becomes rows of verl's
+``DataProto`` by one concatenation per field (``agent_loop.records_to_data_proto``): it is never split into
+per-sample dicts and stacked again. Media carry a frame axis (``core/media.py``): an image is one frame.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -18,10 +19,10 @@ from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 
 @dataclass
 class RLBatchOutput:
-    """What an RL pipeline returns for one call of batch B (all tensors on CPU).
+    """The rollout record of one engine call of batch B (all tensors on CPU).
 
     Shapes: T = num_inference_steps; latents are the packed transformer-space latents.
-    - images:            uint8 [B, H, W, 3]
+    - media:             uint8 [B, F, H, W, 3] (an image is F = 1; a [B, H, W, 3] tensor is given its frame axis)
     - latents:           [B, K, *latent_shape]: the trajectory's latents at positions ``latent_steps`` (all T+1,
                          x_T ... x_0, by default; the SDE window's W+1 with ``trajectory_window_only``, plus the
                          positions in ``keep_latent_steps``; K = 0 when return_trajectory=False)
@@ -36,9 +37,11 @@ class RLBatchOutput:
     - seeds:             the B seeds used
     - truncated_prompt_tokens: text tokens of this call's prompt cut off at max_sequence_length (0 = none); the
                          pipelines log each cut at DEBUG only, the trainer reports a count per step
+    - sampling:          the sampling settings this call ran with (``DiffusionSamplingParams.to_dict()``), shared
+                         by its B rows: the actor recomputes log-probs with them (``config/sampling.RowSettings``)
     """
 
-    images: torch.Tensor
+    media: torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor
     window_mask: torch.Tensor
@@ -53,77 +56,98 @@ class RLBatchOutput:
     pooled_prompt_embeds: Optional[torch.Tensor] = None
     negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
     truncated_prompt_tokens: int = 0
+    sampling: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        self.media = media_with_frame_axis(self.media)
 
     @property
     def batch_size(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.media.shape[0])
 
+    @property
+    def num_frames(self) -> int:
+        return int(self.media.shape[1])
 
-# Fields that have a leading batch dimension; the rest are shared per call (copied per sample).
-PER_SAMPLE_FIELDS = ("images", "latents", "log_probs", *CONDITIONING_FIELDS)
-SHARED_FIELDS = ("window_mask", "timesteps", "sigmas", "latent_steps")
+    @property
+    def images(self) -> torch.Tensor:
+        """The media as images, uint8 [B, H, W, 3] (a view); a video record is refused."""
+        if self.num_frames != 1:
+            raise ValueError(f"media: a video record of {self.num_frames} frames has no images; read .media")
+        return self.media[:, 0]
 
-
-@dataclass
-class DiffusionSample:
-    """One generated image with everything FlowGRPO needs to score and train on it."""
-
-    image: np.ndarray  # uint8 [H, W, 3]
-    latents: torch.Tensor  # [K, *latent_shape]: the trajectory at positions latent_steps
-    log_probs: torch.Tensor  # [T]
-    window_mask: torch.Tensor  # bool [T]
-    timesteps: torch.Tensor  # [T]
-    sigmas: torch.Tensor  # [T+1]
-    latent_steps: torch.Tensor  # int64 [K]
-    prompt_embeds: torch.Tensor  # [L, D]
-    seed: int
-    prompt_embeds_mask: Optional[torch.Tensor] = None
-    negative_prompt_embeds: Optional[torch.Tensor] = None
-    negative_prompt_embeds_mask: Optional[torch.Tensor] = None
-    pooled_prompt_embeds: Optional[torch.Tensor] = None
-    negative_pooled_prompt_embeds: Optional[torch.Tensor] = None
-    extra: dict = field(default_factory=dict)
-
-    def to_payload(self) -> dict:
-        """Plain dict (numpy / tensors) for Ray or HTTP transport."""
+    def to_payload(self) -> dict[str, Any]:
+        """The record as a plain dict (tensors, ints, lists) for Ray or HTTP transport."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_payload(cls, payload: dict) -> DiffusionSample:
+    def from_payload(cls, payload: dict[str, Any]) -> RLBatchOutput:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(payload) - names)
+        if unknown:
+            raise ValueError(f"rollout record with unknown fields {unknown}; known: {sorted(names)}")
         return cls(**payload)
 
-
-def unpack_batch(batch: RLBatchOutput) -> list[DiffusionSample]:
-    """Split a batched result into independent per-sample outputs (cloned, contiguous, CPU)."""
-    n = batch.batch_size
-    if len(batch.seeds) != n:
-        raise ValueError(f"engine returned {n} images for {len(batch.seeds)} seeds")
-    samples = []
-    for i in range(n):
-        kwargs = {}
+    def check(self) -> RLBatchOutput:
+        """Raise ``ValueError`` naming the field whose batch dimension is not the record's B; return self."""
+        n = self.batch_size
+        if len(self.seeds) != n:
+            raise ValueError(f"engine returned {n} samples (media) for {len(self.seeds)} seeds")
         for name in PER_SAMPLE_FIELDS:
-            value = getattr(batch, name)
-            if value is None:
-                kwargs[name] = None
-            elif value.shape[0] != n:
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
                 raise ValueError(f"engine field {name} has batch {value.shape[0]}, expected {n}")
-            else:
-                kwargs[name] = value[i].detach().to("cpu").clone().contiguous()
-        for name in SHARED_FIELDS:
-            kwargs[name] = getattr(batch, name).detach().to("cpu").clone()
-        image = kwargs.pop("images")
-        extra = {"truncated_prompt_tokens": int(batch.truncated_prompt_tokens)}
-        samples.append(DiffusionSample(image=image.numpy(), seed=int(batch.seeds[i]), extra=extra, **kwargs))
-    return samples
+        return self
+
+
+def media_with_frame_axis(media: Any) -> torch.Tensor:
+    """uint8 ``[B, F, H, W, 3]`` from ``[B, F, H, W, 3]`` or ``[B, H, W, 3]`` (images: F = 1, a view); else a
+    ``ValueError`` naming ``media``."""
+    media = torch.as_tensor(media)
+    if media.dtype != torch.uint8:
+        raise ValueError(f"media: expected uint8 RGB (0-255), got dtype {media.dtype}")
+    if media.ndim == 4:
+        media = media.unsqueeze(1)
+    if media.ndim != 5 or media.shape[-1] != 3:
+        raise ValueError(f"media: expected shape [B, F, H, W, 3] (or [B, H, W, 3] images), got {list(media.shape)}")
+    return media
+
+
+# Fields that have a leading batch dimension; the rest are shared per call (one value for all B rows).
+PER_SAMPLE_FIELDS = ("media", "latents", "log_probs", *CONDITIONING_FIELDS)
+SHARED_FIELDS = ("window_mask", "timesteps", "sigmas", "latent_steps")
 
 
 def slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
-    """Samples ``start:stop`` of a batched result (views; shared fields kept whole)."""
+    """Samples ``start:stop`` of a batched result (views; shared fields kept whole): one request's share of an
+    engine call that served several requests of the same prompt and settings."""
     kwargs = {
         name: None if getattr(batch, name) is None else getattr(batch, name)[start:stop] for name in PER_SAMPLE_FIELDS
     }
     kwargs.update({name: getattr(batch, name) for name in SHARED_FIELDS})
-    # Every sample of a call shares its one prompt, hence its truncation.
+    # Every sample of a call shares its one prompt, hence its truncation, and its sampling settings.
     return RLBatchOutput(
-        seeds=list(batch.seeds[start:stop]), truncated_prompt_tokens=batch.truncated_prompt_tokens, **kwargs
+        seeds=list(batch.seeds[start:stop]),
+        truncated_prompt_tokens=batch.truncated_prompt_tokens,
+        sampling=batch.sampling,
+        **kwargs,
     )
+
+
+def media_samples(media: Any) -> list[np.ndarray]:
+    """The samples of a batched media array as rewards take them: an image ``[H, W, 3]`` where a sample has one
+    frame, else its ``[F, H, W, 3]`` frames (views, no copy)."""
+    array = media.numpy() if isinstance(media, torch.Tensor) else np.asarray(media)
+    if array.ndim == 5:
+        return [sample[0] if sample.shape[0] == 1 else sample for sample in array]
+    return list(array)
+
+
+__all__ = [
+    "PER_SAMPLE_FIELDS",
+    "SHARED_FIELDS",
+    "RLBatchOutput",
+    "media_samples",
+    "media_with_frame_axis",
+    "slice_batch",
+]

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.core.outputs import media_samples
 from verl_omni.eval.job import EvalJob
 from verl_omni.eval.ocr import RecordingOcr
 from verl_omni.eval.prompts import EvalPrompt
@@ -23,6 +24,7 @@ from verl_omni.eval.report import save_images
 from verl_omni.export import TrainedAdapter
 from verl_omni.rewards import RewardManager
 from verl_omni.rollout.engines import get_engine_class
+from verl_omni.trainer.media_outputs import DEFAULT_VIDEO_FPS
 
 
 def reward_names(job: EvalJob) -> list[str]:
@@ -109,7 +111,8 @@ class PromptEvaluator:
                 flat = [seed for s in seeds for seed in s]
                 request_id = f"eval-{first}-{call[-1][0]}"
                 request = self.engine.generate_rows(prompts, flat, self.params, request_id=request_id)
-            images = self.loop.run_until_complete(request).images.numpy()
+            # images [H, W, 3], video clips [F, H, W, 3]
+            images = media_samples(self.loop.run_until_complete(request).media)
         except Exception as exc:
             raise PromptFailed(first, call[0][1], exc, len(call)) from exc
         out, start = [], 0
@@ -117,6 +120,12 @@ class PromptEvaluator:
             out.append((index, prompt, s, images[start : start + len(s)]))
             start += len(s)
         return out
+
+    @property
+    def video_fps(self) -> float:
+        """Frames per second of saved clips: the family's ``fps`` option (``--family-option fps=...``), else the
+        trainer's default."""
+        return float(self.job.family_options.get("fps") or DEFAULT_VIDEO_FPS)
 
     def _score(self, index: int, prompt: EvalPrompt, seeds: list[int], images) -> dict[str, Any]:
         n = len(seeds)
@@ -126,7 +135,7 @@ class PromptEvaluator:
             "prompt": prompt.text,
             "seeds": seeds,
             "scores": {"total": result.total.tolist(), **{k: v.tolist() for k, v in result.per_reward.items()}},
-            "images": save_images(os.path.join(self.job.out, "images"), index, images),
+            "images": save_images(os.path.join(self.job.out, "images"), index, images, self.video_fps),
         }
         if "ocr" in self.names:
             row["ocr"] = self.recorder.take()

@@ -15,6 +15,10 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from verl_omni.core.media import as_image, is_video
+from verl_omni.core.video_io import read_video, write_video
+from verl_omni.trainer.media_outputs import DEFAULT_VIDEO_FPS
+
 REPORT_FILE = "report.json"
 # The fields that must match for a rerun to continue an existing report instead of refusing it.
 IDENTITY_KEYS = ("model", "checkpoint", "protocol", "rewards", "prompts")
@@ -102,26 +106,39 @@ def summarize(per_prompt: Sequence[dict], reward_names: Sequence[str]) -> dict[s
     return summary
 
 
-def save_images(folder: str, index: int, images: np.ndarray) -> list[str]:
+def save_images(folder: str, index: int, images: Sequence[np.ndarray], fps: float = DEFAULT_VIDEO_FPS) -> list[str]:
+    """Each sample of a prompt as ``<index>_<j>.png`` (an image ``[H, W, 3]``) or ``.mp4`` (a clip ``[F, H, W, 3]``
+    at ``fps``; animated WebP where MP4 cannot be encoded); the file names."""
     os.makedirs(folder, exist_ok=True)
     names = []
     for j, image in enumerate(images):
-        name = f"{index:05d}_{j}.png"
-        Image.fromarray(image).save(os.path.join(folder, name))
-        names.append(name)
+        stem = os.path.join(folder, f"{index:05d}_{j}")
+        if is_video(image, f"prompt {index} sample {j}"):
+            names.append(os.path.basename(write_video(stem + ".mp4", image, fps, field=f"prompt {index} sample {j}")))
+            continue
+        Image.fromarray(as_image(image, f"prompt {index} sample {j}")).save(stem + ".png")
+        names.append(os.path.basename(stem) + ".png")
     return names
 
 
+def _first_frame(path: str) -> Image.Image:
+    """A saved sample as one picture: the image, or a clip's first frame."""
+    if path.lower().endswith(".mp4"):
+        return Image.fromarray(read_video(path)[0])
+    with Image.open(path) as image:  # an animated WebP opens at its first frame
+        return image.convert("RGB")
+
+
 def write_grids(out_dir: str, per_prompt: Sequence[dict], prompts_per_grid: int = 16, caption: int = 30) -> list[str]:
-    """Grids of the saved images: one row per prompt (its images side by side), the prompt and each image's total
-    score written under it; ``grids/grid_<first>-<last>.png`` per ``prompts_per_grid`` prompts."""
+    """Grids of the saved images (a clip's first frame): one row per prompt (its images side by side), the prompt and
+    each image's total score written under it; ``grids/grid_<first>-<last>.png`` per ``prompts_per_grid`` prompts."""
     folder = os.path.join(out_dir, "grids")
     os.makedirs(folder, exist_ok=True)
     written = []
     rows = sorted(per_prompt, key=lambda p: p["index"])
     for start in range(0, len(rows), prompts_per_grid):
         chunk = rows[start : start + prompts_per_grid]
-        images = [[Image.open(os.path.join(out_dir, "images", n)) for n in p["images"]] for p in chunk]
+        images = [[_first_frame(os.path.join(out_dir, "images", n)) for n in p["images"]] for p in chunk]
         w, h = images[0][0].size
         cell_w = max(w, 160)
         columns = max(len(r) for r in images)

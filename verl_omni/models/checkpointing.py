@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # diffusers' names, in execution order
+# diffusers' names of the block lists, in execution order (Wan's transformer names its list ``blocks``)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 KEY = "actor_rollout_ref.model.gradient_checkpointing_blocks"
 
 

@@ -178,6 +178,8 @@ class RLPipelineMixin:
         raise NotImplementedError
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
+        """The final latents as uint8 media on the device: [B, H, W, 3] images or [B, F, H, W, 3] videos (the
+        record gives images their frame axis)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ model call
@@ -350,7 +352,9 @@ class RLPipelineMixin:
             tail_schedule=lambda start, points: self.rl_tail_schedule(params, start, points),
         )
         images = self.decode_rl_latents(result.final_latents, params)
-        return to_batch_output(images, result, sigmas, model_timesteps, cond, seeds, truncated_prompt_tokens)
+        return to_batch_output(
+            images, result, sigmas, model_timesteps, cond, seeds, truncated_prompt_tokens, params.to_dict()
+        )
 
 
 __all__ = ["DEFAULT_BATCH_CFG", "EncodedPrompt", "RLPipelineMixin"]

@@ -220,6 +220,13 @@ def decode_scaled_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.
     return to_uint8_images(vae.decode(latents, return_dict=False)[0])
 
 
+def to_uint8_video(decoded: torch.Tensor) -> torch.Tensor:
+    """3D VAE output in [-1, 1], [B, 3, F, H, W] -> uint8 frames [B, F, H, W, 3] on the same device (the same
+    rounding as :func:`to_uint8_images`, frame by frame)."""
+    frames = decoded.permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+    return to_uint8_images(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+
+
 def expand_timestep(timestep: torch.Tensor | float, batch_size: int, device: torch.device) -> torch.Tensor:
     """A scalar or [B] timestep as a float32 [B] tensor on ``device``."""
     timestep = torch.as_tensor(timestep, dtype=torch.float32, device=device)
@@ -249,16 +256,18 @@ def to_host(tensors: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[to
 
 
 def to_batch_output(
-    images: torch.Tensor,
+    media: torch.Tensor,
     result: DenoiseResult,
     sigmas: torch.Tensor,
     timesteps: torch.Tensor,
     cond: Conditioning,
     seeds: list[int],
     truncated_prompt_tokens: int = 0,
+    sampling: Optional[dict] = None,
 ) -> RLBatchOutput:
-    """The RL output of one call: ``cond`` (B rows) is stored under ``RLBatchOutput``'s embedding field names."""
-    host = to_host({"images": images, "latents": result.trajectory, "log_probs": result.log_probs, **cond.as_fields()})
+    """The rollout record of one call: ``media`` uint8 [B, H, W, 3] images or [B, F, H, W, 3] videos, ``cond``
+    (B rows) stored under ``RLBatchOutput``'s embedding field names, ``sampling`` the call's settings (a dict)."""
+    host = to_host({"media": media, "latents": result.trajectory, "log_probs": result.log_probs, **cond.as_fields()})
     return RLBatchOutput(
         window_mask=result.window_mask,
         timesteps=timesteps.float().cpu(),
@@ -266,5 +275,6 @@ def to_batch_output(
         latent_steps=result.latent_steps,
         seeds=seeds,
         truncated_prompt_tokens=int(truncated_prompt_tokens),
+        sampling=sampling,
         **host,
     )

@@ -2,7 +2,9 @@
 
 verl's server manager acquires a server handle from its load balancer and calls ``generate`` on it as a
 Ray method (like verl's vLLM server); the same verbs are also served over HTTP for health checks and
-clients outside Ray. ``generate`` is ``generate_batched`` with N=1: one code path.
+clients outside Ray. ``generate`` is ``generate_batched`` with N=1: one code path. Over Ray a call returns its
+rollout record whole (``RLBatchOutput.to_payload()``: the N samples' tensors with their batch axis, never split per
+sample); HTTP clients get a JSON summary per sample.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from starlette.requests import Request
 
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
-from verl_omni.core.outputs import unpack_batch
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.rollout.engines import get_engine_class
 from verl_omni.rollout.ports import reserve_socket
 from verl_omni.rollout.request import ModelLimits, validate_request
@@ -103,7 +105,8 @@ class DiffusionHttpServer:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
             except TimeoutError as exc:
                 raise HTTPException(status_code=504, detail=str(exc)) from None
-            return {"outputs": [_json_summary(o) for o in outputs]}
+            record = RLBatchOutput.from_payload(outputs)
+            return {"outputs": [_json_summary(record, i) for i in range(record.batch_size)]}
 
         return app
 
@@ -130,8 +133,9 @@ class DiffusionHttpServer:
         num_outputs_per_prompt: int,
         seeds: list[int],
         sampling_params: Optional[dict] = None,
-    ) -> list[dict]:
-        """N images of one prompt from ONE engine call of batch N; returns N per-sample payloads."""
+    ) -> dict:
+        """N samples of one prompt from ONE engine call of batch N; returns its rollout record as one payload
+        (``RLBatchOutput.to_payload()``, with the settings it was sampled with)."""
         request = validate_request(
             prompt, num_outputs_per_prompt, seeds, sampling_params, self.rollout.limits, self.model_limits
         )
@@ -153,12 +157,13 @@ class DiffusionHttpServer:
             ) from None
         finally:
             self._inflight.pop(request_id, None)
-        return [sample.to_payload() for sample in unpack_batch(batch)]
+        if batch.sampling is None:  # an engine that did not say: it ran the validated request
+            batch.sampling = request.params.to_dict()
+        return batch.check().to_payload()
 
     async def generate(self, request_id: str, prompt: str, seed: int, sampling_params: Optional[dict] = None) -> dict:
-        """One image: the N=1 case of ``generate_batched``."""
-        (payload,) = await self.generate_batched(request_id, prompt, 1, [seed], sampling_params)
-        return payload
+        """One sample: the N=1 case of ``generate_batched`` (a record of batch 1)."""
+        return await self.generate_batched(request_id, prompt, 1, [seed], sampling_params)
 
     async def _engine_call(self, prompt, seeds, params, request_id: Optional[str] = None):
         # engine_seconds: wall time with at least one call in flight (the union of the calls' intervals, not their
@@ -278,19 +283,21 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _json_summary(payload: dict) -> dict:
-    """JSON-safe view of a sample for HTTP clients: PNG image (base64) and per-step log-probs."""
+def _json_summary(record: RLBatchOutput, i: int) -> dict:
+    """JSON-safe view of sample ``i`` of a record for HTTP clients: PNG of its (first) frame (base64), its number of
+    frames and per-step log-probs."""
     import base64
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(payload["image"]).save(buf, format="PNG")
+    Image.fromarray(record.media[i, 0].numpy()).save(buf, format="PNG")
     return {
-        "seed": payload["seed"],
+        "seed": int(record.seeds[i]),
         "image_png_base64": base64.b64encode(buf.getvalue()).decode(),
-        "log_probs": payload["log_probs"].tolist(),
-        "timesteps": payload["timesteps"].tolist(),
-        "window_mask": payload["window_mask"].tolist(),
+        "num_frames": record.num_frames,
+        "log_probs": record.log_probs[i].tolist(),
+        "timesteps": record.timesteps.tolist(),
+        "window_mask": record.window_mask.tolist(),
     }

@@ -77,6 +77,7 @@ class ColocatedActorGroup:
         # all-reduce for one that refused its shard. (Non-finite model outputs are agreed on inside the all-reduce.)
         for name in self.algorithm.checked_fields:
             assert_finite(name, batch.tensors[name])
+        batch.row_settings()  # every row carries one set of sampling settings (ValueError naming the field)
         num_terms = self.algorithm.num_terms(batch)
         refs = [
             s.actor_call.remote("update", shard.as_dict(), num_terms)

@@ -20,8 +20,10 @@ from verl_omni.core.video_io import write_video
 DEFAULT_VIDEO_FPS = 16  # when the rollout does not say (its meta_info "fps")
 
 
-def video_fps(meta_info: dict[str, Any]) -> float:
-    return meta_info.get("fps") or DEFAULT_VIDEO_FPS
+def video_fps(meta_info: dict[str, Any], family_options: Any = None) -> float:
+    """The rollout's own ``fps`` (meta_info), else the model family's (its options section's ``fps``, as Wan's
+    ``actor_rollout_ref.model.wan.fps``), else ``DEFAULT_VIDEO_FPS``."""
+    return meta_info.get("fps") or getattr(family_options, "fps", None) or DEFAULT_VIDEO_FPS
 
 
 def write_samples(folder: str, media: np.ndarray, scores: np.ndarray, limit: int, fps: float) -> list[str]:

@@ -26,6 +26,7 @@ from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
+from verl_omni.core.outputs import media_samples
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
 from verl_omni.pipelines.tiny import resolve_model_path
@@ -73,6 +74,7 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
         height=params.height,
         width=params.width,
         vae_scale_factor=vae_scale_factor_of(path) or 8,
+        num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
     )
     # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
     copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
@@ -369,7 +371,7 @@ class FlowGRPOTrainer:
         weights = outputs[0].meta_info.get("reward_weights")
         # Validation keeps what it scores and shows: each call padded its prompt embeddings to its own longest
         # prompt, so those (and the empty trajectories) cannot be concatenated, and nothing trains on them.
-        kept = [out.select(batch_keys=[k for k in ("images", "rewards") if k in out.batch.keys()]) for out in outputs]
+        kept = [out.select(batch_keys=[k for k in ("media", "rewards") if k in out.batch.keys()]) for out in outputs]
         merged = DataProto.concat(kept)
         merged.meta_info = {"reward_weights": weights} if weights is not None else {}
         return merged
@@ -394,7 +396,7 @@ class FlowGRPOTrainer:
         else:
             non_tensor = output.non_tensor_batch
             result = self._post_hoc_rewards(
-                list(output.batch["images"].numpy()),
+                media_samples(output.batch["media"]),
                 list(non_tensor["prompt_text"]),
                 [row_metadata(non_tensor, i) for i in range(len(output))],
             )
@@ -529,10 +531,10 @@ class FlowGRPOTrainer:
         grid, _ = write_validation(
             os.path.join(self.output_dir, "validation"),
             image_name,
-            output.batch["images"].numpy(),
+            output.batch["media"].numpy(),
             list(output.non_tensor_batch["prompt_text"]),
             scores,
-            video_fps(output.meta_info),
+            video_fps(output.meta_info, self.config.actor_rollout_ref.model.family_options),
         )
         writer = getattr(getattr(self, "tracker", None), "logger", {}).get("tensorboard")
         if writer is not None and hasattr(writer, "writer"):
@@ -560,7 +562,8 @@ class FlowGRPOTrainer:
         if limit <= 0:
             return
         folder = os.path.join(self.output_dir, "samples", f"{prefix}_step_{step}")
-        write_samples(folder, output.batch["images"].numpy(), scores, limit, video_fps(output.meta_info))
+        fps = video_fps(output.meta_info, self.config.actor_rollout_ref.model.family_options)
+        write_samples(folder, output.batch["media"].numpy(), scores, limit, fps)
 
     def save(self, step: int) -> str:
         return save_checkpoint(

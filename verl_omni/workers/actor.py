@@ -46,6 +46,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.algorithm import make_algorithm
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
+from verl_omni.config.sampling import ROW_SETTINGS_CONFIG_KEYS, RowSettings
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
@@ -87,6 +88,7 @@ class DiffusionLoRAActor:
         self._check_model(model, actor)
         self.model, self.config, self.rollout = model, actor, rollout
         self.algorithm: Algorithm = make_algorithm(algorithm, actor=actor, rollout=rollout)
+        self._reported_settings: set[tuple] = set()  # row settings that differ from this config, logged once each
         self.optimizer_steps = 0
         self.device = torch.device(device or actor.device)
         if pipe is None:
@@ -287,8 +289,8 @@ class DiffusionLoRAActor:
         """Every micro-batch of an epoch, from the batch on the host: the algorithm's units split into micro-batches,
         each with its rows and tensors (on the device) and its model inputs, prepared once (their host work --
         trimming padding, dropping all-ones masks -- happens here, before any training compute is queued, so the
-        loop itself never waits for the device)."""
-        guidance = self.algorithm.guidance_scale
+        loop itself never waits for the device). CFG's scale is the rows' own (``row_settings``)."""
+        guidance = self._guidance(self.row_settings(batch))
         out = []
         for step, unit_rows in self.algorithm.units(batch):
             for rows, idle in self._micro_batches(unit_rows):
@@ -302,15 +304,46 @@ class DiffusionLoRAActor:
         """The algorithm's log-probs of ``rows`` at its step ``step`` of a verl ``DataProto`` rollout batch (tests,
         tools); for FlowGRPO (log_prob [b], prev_sample_mean, std_dev_t) of the window transition."""
         host = TrainBatch.from_data_proto(data, torch.zeros(len(data)))
-        inputs = self._model_inputs(host.conditioning(rows).without_padding(), self.algorithm.guidance_scale)
+        inputs = self._model_inputs(host.conditioning(rows).without_padding(), self._guidance(self.row_settings(host)))
         tensors = {k: v.to(self.device) for k, v in self.algorithm.micro_tensors(host, step, rows).items()}
         micro = MicroBatch(step, rows.to(self.device), inputs, False, tensors)
         return self.algorithm.log_probs(self._context(host), micro)
 
     def _context(self, host: TrainBatch) -> UpdateContext:
-        """The algorithm's view of one update: ``host``'s tensors staged on the device, its update-wide constants."""
+        """The algorithm's view of one update: ``host``'s tensors staged on the device, its update-wide constants
+        and the sampling settings its rows were produced with."""
         staged = _stage(host, self.algorithm.staged_fields, self.device)
-        return UpdateContext(self, staged, self.algorithm.update_constants(host))
+        return UpdateContext(self, staged, self.algorithm.update_constants(host), self.row_settings(host))
+
+    # ------------------------------------------------------------------ the rows' sampling settings
+    def row_settings(self, batch: TrainBatch) -> Optional[RowSettings]:
+        """The settings ``batch``'s rows were sampled with (None without rows), which the update recomputes their
+        log-probs with; ``ValueError`` naming the field for a batch without them or with rows that differ. Where
+        they differ from what this actor's config would sample (``Algorithm.sampling`` of the rollout's params),
+        the rows win and the difference is logged once."""
+        settings = batch.row_settings()
+        if settings is not None:
+            self._report_differences(settings)
+        return settings
+
+    def _report_differences(self, settings: RowSettings) -> None:
+        expected = self.algorithm.sampling(self.rollout.sampling_params(), step=1, group_seed=0, validate=False)
+        for name, (rows, config) in settings.differences(expected).items():
+            if (name, rows, config) in self._reported_settings:
+                continue
+            self._reported_settings.add((name, rows, config))
+            logger.warning(
+                "the rollout rows were sampled with %s=%r, the actor's config gives %r (%s): the update uses the "
+                "rows' value",
+                name,
+                rows,
+                config,
+                ROW_SETTINGS_CONFIG_KEYS[name],
+            )
+
+    def _guidance(self, settings: Optional[RowSettings]) -> float:
+        """CFG's scale for the update's forwards: the rows' (the algorithm's for a rank without rows)."""
+        return self.algorithm.guidance_scale if settings is None else settings.guidance_scale
 
     def _model_inputs(self, cond: Any, guidance: float) -> Any:
         return self.pipe.prepare_model_inputs(
@@ -512,11 +545,19 @@ class UpdateContext:
     ``tensors``: the staged rollout tensors on the device (the algorithm's ``staged_fields``); ``constants``: its
     ``update_constants``; ``velocity(...)``: the policy's velocity through the pipeline's ``predict_velocity``;
     ``reference()``: a context in which the same transformer is the reference policy (adapter disabled);
-    ``config`` / ``rollout``: the shared actor / rollout sections."""
+    ``settings``: the sampling settings of the update's rows (``RowSettings``; None on a rank without rows), which
+    the log-prob recomputation uses; ``config`` / ``rollout``: the shared actor / rollout sections."""
 
-    def __init__(self, actor: DiffusionLoRAActor, batch: TrainBatch, constants: dict[str, Any]):
+    def __init__(
+        self,
+        actor: DiffusionLoRAActor,
+        batch: TrainBatch,
+        constants: dict[str, Any],
+        settings: Optional[RowSettings] = None,
+    ):
         self._actor = actor
         self.batch, self.tensors, self.constants = batch, batch.tensors, constants
+        self.settings = settings
         self.config, self.rollout = actor.config, actor.rollout
         self.cache: dict[Any, Any] = {}  # the algorithm's own, for this update (e.g. values kept from epoch 1)
 
@@ -530,10 +571,10 @@ class UpdateContext:
         detach_unconditional: bool = False,
     ) -> torch.Tensor:
         """The transformer's (CFG-combined) velocity at ``sample`` / ``timesteps`` for ``micro``'s conditioning;
-        ``guidance`` must be the scale its inputs were prepared for (default: the algorithm's);
-        ``detach_unconditional``: no gradient through CFG's unconditional branch."""
+        ``guidance`` must be the scale its inputs were prepared for (default: the rows' own, as ``plan`` prepared
+        them); ``detach_unconditional``: no gradient through CFG's unconditional branch."""
         actor = self._actor
-        scale = actor.algorithm.guidance_scale if guidance is None else guidance
+        scale = actor._guidance(self.settings) if guidance is None else guidance
         return actor.pipe.predict_velocity(
             sample.to(actor.transformer.dtype),
             timesteps,
@@ -555,7 +596,7 @@ class UpdateContext:
 def _stage(batch: TrainBatch, fields: tuple[str, ...], device: torch.device) -> TrainBatch:
     """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
     prepared inputs)."""
-    return TrainBatch({k: v for k, v in batch.tensors.items() if k in fields}, batch.height, batch.width).to(device)
+    return batch._with({k: v for k, v in batch.tensors.items() if k in fields}).to(device)
 
 
 def update_sdpa_backends(pipe: Any) -> AbstractContextManager:

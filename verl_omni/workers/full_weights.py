@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -347,6 +348,23 @@ def stored_parameter_counts(model_dir: str) -> dict[str, int]:
     return counts
 
 
+def media_tokens(
+    model_dir: str, patch_size: Any, height: int, width: int, vae_scale_factor: int, num_frames: int = 1
+) -> int:
+    """The transformer's media tokens per sample: ``patch_size`` an int (image transformers) or (t, h, w) (video
+    transformers: Wan's [1, 2, 2]); ``num_frames`` video frames become ``(num_frames - 1) / s + 1`` latent frames for
+    the VAE's temporal factor ``s`` (``vae/config.json`` ``scale_factor_temporal``; 1 frame for an image)."""
+    patch_t, patch_h, patch_w = (1, patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    temporal = 1
+    vae_config = os.path.join(model_dir, "vae", "config.json")
+    if num_frames > 1 and os.path.exists(vae_config):
+        with open(vae_config) as f:
+            temporal = int(json.load(f).get("scale_factor_temporal") or 1)
+    latent_frames = (num_frames - 1) // temporal + 1
+    side_h, side_w = vae_scale_factor * int(patch_h), vae_scale_factor * int(patch_w)
+    return max(1, latent_frames // int(patch_t)) * (height // side_h) * (width // side_w)
+
+
 def plan_for_model_dir(
     model_dir: str,
     num_gpus: int,
@@ -358,17 +376,18 @@ def plan_for_model_dir(
     height: int,
     width: int,
     vae_scale_factor: int,
+    num_frames: int = 1,
 ) -> tuple[int, int, int]:
     """(trained weights, bytes of the frozen components, activation bytes) for a diffusers pipeline directory: the
     transformer trains; everything else the engine keeps on the GPU counts as frozen; the activations are
-    ``activation_bytes_estimate`` for one micro-batch of ``rows`` at ``height`` x ``width`` plus ``text_tokens``."""
+    ``activation_bytes_estimate`` for one micro-batch of ``rows`` at ``height`` x ``width`` (x ``num_frames`` for a
+    video family) plus ``text_tokens``."""
     counts = stored_parameter_counts(model_dir)
     if "transformer" not in counts:
         raise ValueError(f"{model_dir!r} has no transformer/*.safetensors to plan full fine-tuning from")
     with open(os.path.join(model_dir, "transformer", "config.json")) as f:
         cfg = json.load(f)
-    patch = int(cfg.get("patch_size", 2))
-    image_tokens = (height // (vae_scale_factor * patch)) * (width // (vae_scale_factor * patch))
+    image_tokens = media_tokens(model_dir, cfg.get("patch_size", 2), height, width, vae_scale_factor, num_frames)
     hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
     activations = activation_bytes_estimate(
         int(cfg["num_layers"]), hidden, image_tokens + text_tokens, rows, dtype_bytes=dtype_bytes

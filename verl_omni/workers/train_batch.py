@@ -11,13 +11,14 @@ from typing import Any, Optional
 
 import torch
 
+from verl_omni.config.sampling import ROW_SETTINGS, RowSettings
 from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.schedulers.flow_match_sde import reference_sigma_max
 
 # The rollout's fields the actor reads (conditioning fields come on top, where present; ``latent_steps`` is absent
-# from a batch that holds the whole trajectory).
-ROLLOUT_FIELDS = ("latents", "latent_steps", "timesteps", "sigmas", "old_log_probs", "window_mask")
+# from a batch that holds the whole trajectory), and the sampling settings of every row (``ROW_SETTINGS``).
+ROLLOUT_FIELDS = ("latents", "latent_steps", "timesteps", "sigmas", "old_log_probs", "window_mask", *ROW_SETTINGS)
 
 
 @dataclass
@@ -25,11 +26,13 @@ class TrainBatch:
     """Rows of a rollout with their advantages. Shapes (B rows, T steps, K kept latents):
     latents [B, K, ...] at the trajectory positions latent_steps [B, K] (no latent_steps: K = T+1, all of them),
     timesteps [B, T], sigmas [B, T+1], old_log_probs [B, T], window_mask bool [B, T], advantages [B], the
-    conditioning fields [B, ...]; ``height`` / ``width`` of the images."""
+    conditioning fields [B, ...], each row's sampling settings (``ROW_SETTINGS``: noise_level, sde_type,
+    guidance_scale, num_inference_steps [B]); ``height`` / ``width`` / ``num_frames`` of the media."""
 
     tensors: dict[str, torch.Tensor]
     height: int
     width: int
+    num_frames: int = 1
 
     def __len__(self) -> int:
         return int(self.tensors["latents"].shape[0])
@@ -40,12 +43,24 @@ class TrainBatch:
         keys = set(batch.keys())
         tensors = {name: batch[name] for name in (*ROLLOUT_FIELDS, *CONDITIONING_FIELDS) if name in keys}
         tensors["advantages"] = torch.as_tensor(advantages).float()
-        height, width = (int(x) for x in batch["images"].shape[1:3])
-        return cls(tensors, height, width)
+        num_frames, height, width = (int(x) for x in batch["media"].shape[1:4])  # media: [B, F, H, W, 3]
+        return cls(tensors, height, width, num_frames)
 
     @property
     def window(self) -> torch.Tensor:
         return self.tensors["window_mask"].bool()
+
+    def row_settings(self) -> Optional[RowSettings]:
+        """The sampling settings the rows were produced with (None without rows); ``ValueError`` naming the field
+        when a row lacks them, or rows differ (``RowSettings.of_rows``), or they disagree with the rows' steps."""
+        settings = RowSettings.of_rows(self.tensors)
+        steps = int(self.tensors["timesteps"].shape[1])
+        if settings is not None and settings.num_inference_steps != steps:
+            raise ValueError(
+                f"the rollout batch's num_inference_steps={settings.num_inference_steps} disagrees with its "
+                f"timesteps ({steps} per row)"
+            )
+        return settings
 
     @property
     def sigma_max(self) -> float:
@@ -84,14 +99,15 @@ class TrainBatch:
         with its whole base storage — each of W shards would carry the full batch (one full-batch transfer per
         rank)."""
         if isinstance(rows, slice):
-            return TrainBatch({k: v[rows].clone() for k, v in self.tensors.items()}, self.height, self.width)
-        return TrainBatch({k: v[rows] for k, v in self.tensors.items()}, self.height, self.width)
+            return self._with({k: v[rows].clone() for k, v in self.tensors.items()})
+        return self._with({k: v[rows] for k, v in self.tensors.items()})
+
+    def _with(self, tensors: dict[str, torch.Tensor]) -> TrainBatch:
+        return TrainBatch(tensors, self.height, self.width, self.num_frames)
 
     def to(self, device: torch.device | str) -> TrainBatch:
         """Every tensor on ``device`` in one pass (the update then makes no host-device copies)."""
-        return TrainBatch(
-            {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.height, self.width
-        )
+        return self._with({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()})
 
     def shards(self, world_size: int) -> list[TrainBatch]:
         """``world_size`` contiguous row ranges with about equal numbers of window transitions (whole rows)."""
@@ -106,10 +122,10 @@ class TrainBatch:
     # ------------------------------------------------------------------ transport (no pickle needed)
     def as_dict(self) -> dict[str, Any]:
         """Tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
-        return {"tensors": self.tensors, "height": self.height, "width": self.width}
+        return {"tensors": self.tensors, "height": self.height, "width": self.width, "num_frames": self.num_frames}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | TrainBatch) -> TrainBatch:
         if isinstance(data, TrainBatch):
             return data
-        return cls(dict(data["tensors"]), int(data["height"]), int(data["width"]))
+        return cls(dict(data["tensors"]), int(data["height"]), int(data["width"]), int(data.get("num_frames", 1)))

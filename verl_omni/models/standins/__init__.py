@@ -11,7 +11,8 @@ the family's ``from_pretrained`` loads, plus ``standin.json`` (family, depth, pa
 component).
 
 Families: ``qwen_image`` (Qwen/Qwen-Image), ``sd3`` (stabilityai/stable-diffusion-3.5-medium), ``flux``
-(black-forest-labs/FLUX.1-dev).
+(black-forest-labs/FLUX.1-dev), ``wan`` (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its 14B sibling with
+``variant="14B"``: a family module with several published checkpoints names them in ``REPOS``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from verl_omni.models.standins._common import (
     stored_counts,
 )
 
-FAMILY_MODULES = {"qwen_image": "qwen_image", "sd3": "sd3_5_medium", "flux": "flux_1_dev"}
+FAMILY_MODULES = {"qwen_image": "qwen_image", "sd3": "sd3_5_medium", "flux": "flux_1_dev", "wan": "wan2_1_t2v"}
 
 
 def family_module(family: str) -> ModuleType:
@@ -42,9 +43,24 @@ def family_module(family: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{FAMILY_MODULES[family]}")
 
 
-def published_config(family: str) -> dict[str, dict[str, Any]]:
-    """The real checkpoint's published configs of ``family``, per component (a copy)."""
-    return copy.deepcopy(family_module(family).PUBLISHED)
+def published_config(family: str, variant: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The real checkpoint's published configs of ``family`` (its ``variant``, where it has several), per component
+    (a copy)."""
+    module = family_module(family)
+    return copy.deepcopy(module.PUBLISHED if variant is None else _variant_module(module, variant).published(variant))
+
+
+def _variant_module(module: ModuleType, variant: str) -> ModuleType:
+    if not hasattr(module, "REPOS"):
+        raise ValueError(
+            f"{module.__name__} has one published checkpoint ({module.REPO}); variant={variant!r} is not one of its"
+        )
+    module.check_variant(variant)
+    return module
+
+
+def _variant_kwargs(module: ModuleType, variant: Optional[str]) -> dict[str, str]:
+    return {} if variant is None else {"variant": _variant_module(module, variant).check_variant(variant)}
 
 
 def build_components(
@@ -54,10 +70,15 @@ def build_components(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    variant: Optional[str] = None,
 ) -> dict[str, Any]:
     """``family``'s pipeline components (models, tokenizers, scheduler), models constructed in ``dtype`` on
-    ``device``. ``device="meta"`` allocates nothing: shapes, configs and parameter counts only."""
-    return family_module(family).build_components(layers=layers, device=torch.device(device), dtype=dtype, seed=seed)
+    ``device``. ``device="meta"`` allocates nothing: shapes, configs and parameter counts only. ``variant``: which
+    published checkpoint, for a family with several (Wan2.1: "1.3B", "14B"); None: its default."""
+    module = family_module(family)
+    return module.build_components(
+        layers=layers, device=torch.device(device), dtype=dtype, seed=seed, **_variant_kwargs(module, variant)
+    )
 
 
 def build_standin(
@@ -68,19 +89,22 @@ def build_standin(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    variant: Optional[str] = None,
 ) -> str:
     """Write ``family``'s real-size random-weight pipeline directory to ``path``; return the path.
 
     ``layers`` truncates the transformer's depth only (for quick runs; recorded in ``standin.json``). Weights are
     drawn on ``device`` (use "cuda" on a GPU machine) in ``dtype`` and saved so; the same seed and device give the
-    same weights. ``device="meta"`` writes configs, tokenizers and the scheduler but no weights."""
+    same weights. ``device="meta"`` writes configs, tokenizers and the scheduler but no weights. ``variant``: as
+    in :func:`build_components`."""
     module = family_module(family)
-    components = build_components(family, layers=layers, device=device, dtype=dtype, seed=seed)
+    components = build_components(family, layers=layers, device=device, dtype=dtype, seed=seed, variant=variant)
+    checkpoint = module.REPO if variant is None else module.REPOS[variant]
     record = {
         "family": family,
-        "checkpoint": module.REPO,
+        "checkpoint": checkpoint,
         "layers": components["transformer"].config.num_layers,
-        "published_layers": module.PUBLISHED_LAYERS,
+        "published_layers": module.PUBLISHED_LAYERS if variant is None else module.TRANSFORMERS[variant]["num_layers"],
         "dtype": str(dtype).removeprefix("torch."),
         "seed": seed,
         "device": str(torch.device(device)),

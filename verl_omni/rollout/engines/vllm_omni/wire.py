@@ -86,30 +86,35 @@ def decode_request(req: Any) -> tuple[str, list[int], DiffusionSamplingParams]:
 
 # ------------------------------------------------------------------------------------------ output
 def to_diffusion_output(part: RLBatchOutput, output_cls: Any, model_class_name: str, one_prompt: bool = True) -> Any:
-    """One request's share of an ``rl_generate`` result as vllm-omni's ``DiffusionOutput``.
+    """One request's share of an ``rl_generate`` result (one rollout record) as vllm-omni's ``DiffusionOutput``.
 
     The prompt embeddings of a request of ``one_prompt`` are the same row repeated, so one row is sent and
     :func:`request_output_to_batch` repeats it (B copies of [L, D] would cross two process hops); a request whose
     rows have prompts of their own sends every row of those, and one of its negative prompt's (one per request).
+    Images travel in ``output`` as uint8 [B, H, W, 3]; videos (and images under a model class vllm-omni
+    post-processes) travel exactly in ``custom_output`` with their frame axis.
     """
     extra: dict[str, Any] = {
         "seeds": list(part.seeds),
         "truncated_prompt_tokens": part.truncated_prompt_tokens,
+        "sampling": part.sampling,
         SHARED_ROWS_KEY: [],
     }
     for name in PER_SAMPLE_FIELDS + SHARED_FIELDS:
-        if name == "images" or name in _TRAJECTORY:
+        if name == "media" or name in _TRAJECTORY:
             continue
         value = getattr(part, name)
         if name in CONDITIONING_FIELDS and value is not None and (one_prompt or name.startswith("negative_")):
             value = value[:1].clone()
             extra[SHARED_ROWS_KEY].append(name)
         extra[name] = value
-    images = part.images
+    images = part.media[:, 0]  # the first frames: what vllm-omni's own output slot holds
+    if part.num_frames != 1:
+        extra["media"] = part.media
     if model_class_name != MODEL_CLASS_NAME:
         # vllm-omni applies its model's post-process (VaeImageProcessor.postprocess) to ``output``:
-        # give it [-1, 1] NCHW floats and carry our exact uint8 images in custom_output.
-        extra["images"] = images
+        # give it [-1, 1] NCHW floats and carry our exact uint8 media in custom_output.
+        extra["media"] = part.media
         images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return output_cls(
         output=images,
@@ -137,7 +142,7 @@ def _images_to_uint8(images: Any) -> torch.Tensor:
 
 
 def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
-    """Our RLBatchOutput from one vllm-omni ``OmniRequestOutput`` produced by VllmOmniRLPipeline."""
+    """Our rollout record from one vllm-omni ``OmniRequestOutput`` produced by VllmOmniRLPipeline."""
     custom = getattr(out, "custom_output", None) or getattr(out, "_custom_output", None) or {}
     extra = custom.get(EXTRA_KEY)
     if extra is None:
@@ -145,9 +150,9 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
             "vllm-omni output has no verl_omni payload in custom_output: was the engine started with "
             f"custom_pipeline_args.pipeline_class={PIPELINE_CLASS}?"
         )
-    images = extra.get("images")
-    images = _images_to_uint8(images if images is not None else out.images)
-    fields: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("images", "seeds", SHARED_ROWS_KEY)}
+    media = extra.get("media")
+    media = media.detach().to("cpu") if media is not None else _images_to_uint8(out.images)
+    fields: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("media", "seeds", SHARED_ROWS_KEY)}
     for name in extra.get(SHARED_ROWS_KEY, ()):  # one row sent for the whole request: repeat it per sample
         fields[name] = fields[name].expand(len(seeds), *fields[name].shape[1:]).clone()
     for name, slot in _TRAJECTORY.items():
@@ -157,10 +162,10 @@ def request_output_to_batch(out: Any, seeds: Sequence[int]) -> RLBatchOutput:
     returned_seeds = [int(s) for s in extra.get("seeds", [])]
     if returned_seeds != [int(s) for s in seeds]:
         raise RuntimeError(f"engine returned seeds {returned_seeds}, asked for {list(seeds)}")
-    batch = RLBatchOutput(images=images, seeds=returned_seeds, **fields)
+    batch = RLBatchOutput(media=media, seeds=returned_seeds, **fields)
     if batch.batch_size != len(seeds) or batch.log_probs.shape[0] != len(seeds):
         raise RuntimeError(
-            f"engine returned {batch.batch_size} images / {batch.log_probs.shape[0]} log-prob rows "
+            f"engine returned {batch.batch_size} samples / {batch.log_probs.shape[0]} log-prob rows "
             f"for {len(seeds)} seeds"
         )
     return batch

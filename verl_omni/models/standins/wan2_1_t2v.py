@@ -1,0 +1,199 @@
+"""Wan2.1 text-to-video (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan-AI/Wan2.1-T2V-14B-Diffusers) at their real size
+with random weights: the WanTransformer3DModel of the chosen variant, the UMT5-XXL text encoder (google/umt5-xxl's
+encoder, vocabulary 256,384) with a tokenizer of that size, the 3D causal VAE (AutoencoderKLWan: 4x temporal, 8x
+spatial, 16 latent channels) and the published UniPC flow scheduler. Both variants share the text encoder, the VAE and
+the scheduler; they differ in the transformer only."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from verl_omni.models.standins._common import build_module, t5_tokenizer, transformer_layers
+
+REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+VARIANTS = tuple(REPOS)
+DEFAULT_VARIANT = "1.3B"
+
+# transformer/config.json (WanTransformer3DModel) of each variant
+_TRANSFORMER_COMMON: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-06,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "1.3B": {**_TRANSFORMER_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+    "14B": {**_TRANSFORMER_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+}
+
+# text_encoder/config.json: google/umt5-xxl's encoder (UMT5EncoderModel; a relative-position bias in every layer)
+UMT5_XXL: dict[str, Any] = {
+    "model_type": "umt5",
+    "architectures": ["UMT5EncoderModel"],
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "dropout_rate": 0.1,
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+    "scalable_attention": True,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+# google/umt5-xxl's SentencePiece model: 256,000 pieces plus 300 sentinels (<extra_id_0> at 256,299); the
+# embedding table is padded to 256,384 rows.
+UMT5_TOKENIZER: dict[str, Any] = {"piece_count": 256000, "extra_ids": 300, "model_max_length": 512}
+
+# vae/config.json (AutoencoderKLWan); latents_mean / latents_std are the class defaults, as published
+VAE: dict[str, Any] = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "latents_mean": [
+        -0.7571,
+        -0.7089,
+        -0.9113,
+        0.1075,
+        -0.1745,
+        0.9653,
+        -0.1517,
+        1.5508,
+        0.4134,
+        -0.0715,
+        0.5517,
+        -0.3632,
+        -0.1922,
+        -0.9497,
+        0.2503,
+        -0.2921,
+    ],
+    "latents_std": [
+        2.8184,
+        1.4541,
+        2.3275,
+        2.6558,
+        1.2196,
+        1.7708,
+        2.6052,
+        2.0743,
+        3.2687,
+        2.1526,
+        2.8652,
+        1.5579,
+        1.6382,
+        1.1253,
+        2.8251,
+        1.9160,
+    ],
+}
+
+# scheduler/scheduler_config.json: UniPC over flow-matching sigmas with a static shift of 3
+SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "solver_order": 2,
+    "prediction_type": "flow_prediction",
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
+
+
+def published(variant: str = DEFAULT_VARIANT) -> dict[str, dict[str, Any]]:
+    """The published configs of ``variant`` ("1.3B" or "14B"), per component."""
+    check_variant(variant)
+    return {
+        "transformer": TRANSFORMERS[variant],
+        "vae": VAE,
+        "text_encoder": UMT5_XXL,
+        "tokenizer": UMT5_TOKENIZER,
+        "scheduler": SCHEDULER,
+    }
+
+
+def check_variant(variant: str) -> str:
+    if variant not in REPOS:
+        raise ValueError(f"Wan2.1 stand-in variant={variant!r} is not one of {list(VARIANTS)}")
+    return variant
+
+
+PUBLISHED = published(DEFAULT_VARIANT)
+REPO = REPOS[DEFAULT_VARIANT]
+PUBLISHED_LAYERS = TRANSFORMERS[DEFAULT_VARIANT]["num_layers"]
+
+
+def pipeline_class() -> type:
+    from diffusers import WanPipeline
+
+    return WanPipeline
+
+
+def umt5_config():
+    """``UMT5Config`` of the published text encoder (keys the config class derives itself, such as
+    ``dense_act_fn`` and ``is_gated_act`` from ``feed_forward_proj``, are left to it)."""
+    import inspect
+
+    from transformers import UMT5Config
+
+    accepted = set(inspect.signature(UMT5Config.__init__).parameters)
+    return UMT5Config(**{k: v for k, v in UMT5_XXL.items() if k in accepted})
+
+
+def build_components(
+    *,
+    layers: Optional[int] = None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    variant: str = DEFAULT_VARIANT,
+) -> dict[str, Any]:
+    """Every pipeline component of ``variant`` at the published configuration (``layers`` truncates the
+    transformer only)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    check_variant(variant)
+    transformer_kwargs = dict(TRANSFORMERS[variant])
+    transformer_kwargs["num_layers"] = transformer_layers(layers, transformer_kwargs["num_layers"])
+    transformer_kwargs["patch_size"] = tuple(transformer_kwargs["patch_size"])
+    text_config = umt5_config()
+    return {
+        "transformer": build_module(lambda: WanTransformer3DModel(**transformer_kwargs), seed, dtype, device),
+        "vae": build_module(lambda: AutoencoderKLWan(**VAE), seed + 1, dtype, device),
+        "text_encoder": build_module(lambda: UMT5EncoderModel(text_config), seed + 2, dtype, device),
+        "tokenizer": t5_tokenizer(**UMT5_TOKENIZER),
+        "scheduler": UniPCMultistepScheduler(**SCHEDULER),
+    }

@@ -1,0 +1,58 @@
+"""Wan2.1 text-to-video (``WanPipeline``): the registered family. ``pipeline.py`` holds the RL pipeline
+(``WanRLPipeline``, the diffusers ``WanPipeline`` with the RL hooks over video latents), ``attention.py`` the processor
+that serves an engine's fused attention kernel, ``standin.py`` the tiny random pipeline; its real-size stand-ins are
+Wan2.1-T2V-1.3B's and -14B's in ``models/standins``, ``options.py`` its options (``actor_rollout_ref.model.wan.*``:
+frames per clip, the clips' frame rate).
+
+Cheap to import: the diffusers pipeline class loads only when ``pipeline_class()`` is called.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from verl_omni.pipelines.registry import ModelFamily, register_family
+from verl_omni.pipelines.wan.options import WanOptions
+
+
+@register_family
+class WanFamily(ModelFamily):
+    name = "wan"
+    diffusers_class_names = ("WanPipeline",)
+    options_class = WanOptions
+
+    @staticmethod
+    def pipeline_class() -> type:
+        from verl_omni.pipelines.wan.pipeline import WanRLPipeline
+
+        return WanRLPipeline
+
+    @staticmethod
+    def build_tiny(path: str | os.PathLike, seed: int = 0, dtype: Any = None) -> str:
+        import torch
+
+        from verl_omni.pipelines.wan.standin import build_tiny_wan
+
+        return build_tiny_wan(path, seed=seed, dtype=dtype or torch.float32)
+
+    @staticmethod
+    def build_standin(
+        path: str | os.PathLike,
+        *,
+        layers: Optional[int] = None,
+        device: str = "cpu",
+        dtype: Any = None,
+        variant: str = "1.3B",
+    ) -> str:
+        """Wan-AI/Wan2.1-T2V-1.3B-Diffusers (``variant="1.3B"``: 30 blocks, 1536 wide) or -14B (``"14B"``: 40 blocks,
+        5120 wide) at the real size with random weights: every component, the UMT5-XXL encoder included (or
+        ``layers`` transformer blocks)."""
+        import torch
+
+        from verl_omni.models.standins import build_standin
+
+        return build_standin("wan", path, layers=layers, device=device, dtype=dtype or torch.bfloat16, variant=variant)
+
+
+__all__ = ["WanFamily"]
