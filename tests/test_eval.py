@@ -431,10 +431,10 @@ def test_by_default_a_calls_scoring_overlaps_the_next_call(tiny_qwen_image_dir, 
         next_call.set()
         return await generate(self, prompt, seeds, params, request_id)
 
-    def save_after_the_next_call_started(folder, index, images):
+    def save_after_the_next_call_started(folder, index, images, fps):
         if index == 0:
             overlapped.append(next_call.wait(timeout=60))
-        return save(folder, index, images)
+        return save(folder, index, images, fps)
 
     monkeypatch.setattr(DiffusersEngine, "generate", watched)
     monkeypatch.setattr(generate_module, "save_images", save_after_the_next_call_started)
