@@ -15,7 +15,8 @@ from verl_omni.agent_loop.diffusion_agent_loop import records_to_data_proto
 from verl_omni.agent_loop.transport import pack, unpack_concat
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import ROW_SETTINGS, DiffusionSamplingParams, RowSettings
-from verl_omni.core.outputs import RLBatchOutput, media_samples
+from verl_omni.core.media import media_samples
+from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.rewards.registry import RewardManager
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.train_batch import TrainBatch
@@ -222,3 +223,17 @@ def test_mixgrpo_rows_carry_the_window_of_their_step_and_train_at_ratio_1(tiny_q
     metrics = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["actor/num_train_terms"] == 8
+
+
+def test_a_video_record_crosses_the_vllm_omni_workers_wire_whole():
+    """The worker's hop (``engines/vllm_omni/wire.py``): a record of clips keeps its frames and its settings."""
+    import types
+
+    from verl_omni.rollout.engines.vllm_omni.wire import MODEL_CLASS_NAME, request_output_to_batch, to_diffusion_output
+
+    record = _video_record([7, 8], 3, _params(noise_level=0.4), tokens=5)
+    sent = to_diffusion_output(record, types.SimpleNamespace, MODEL_CLASS_NAME)
+    assert sent.output.shape == (2, 8, 12, 3)  # vllm-omni's own slot: the first frames, as images
+    received = request_output_to_batch(types.SimpleNamespace(images=sent.output, **vars(sent)), [7, 8])
+    assert torch.equal(received.media, record.media) and received.sampling == record.sampling
+    assert torch.equal(received.prompt_embeds, record.prompt_embeds[:1].expand(2, -1, -1))

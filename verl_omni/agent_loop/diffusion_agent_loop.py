@@ -41,8 +41,9 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import row_settings_tensors
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
+from verl_omni.core.media import media_samples
 from verl_omni.core.names import AGENT_LOOP_NAME
-from verl_omni.core.outputs import SHARED_FIELDS, RLBatchOutput, media_samples
+from verl_omni.core.outputs import SHARED_FIELDS, RLBatchOutput
 from verl_omni.core.prompts import prompt_text
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rewards.pool import RewardPool

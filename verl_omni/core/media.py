@@ -58,3 +58,13 @@ def batch_is_video(batch: Any) -> bool:
     """A batched array ``[B, F, H, W, 3]`` with F > 1 (``[B, H, W, 3]`` and ``[B, 1, H, W, 3]`` are images)."""
     shape = np.shape(batch)
     return len(shape) == 5 and shape[1] > 1
+
+
+def media_samples(batch: Any) -> list[np.ndarray]:
+    """The samples of a batched media array (``[B, F, H, W, 3]``, or ``[B, H, W, 3]`` images; a CPU tensor too) as
+    rewards take them: an image ``[H, W, 3]`` where a sample has one frame, else its ``[F, H, W, 3]`` frames (views,
+    no copy)."""
+    array = np.asarray(batch)
+    if array.ndim == 5:
+        return [sample[0] if sample.shape[0] == 1 else sample for sample in array]
+    return list(array)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
@@ -134,20 +133,10 @@ def slice_batch(batch: RLBatchOutput, start: int, stop: int) -> RLBatchOutput:
     )
 
 
-def media_samples(media: Any) -> list[np.ndarray]:
-    """The samples of a batched media array as rewards take them: an image ``[H, W, 3]`` where a sample has one
-    frame, else its ``[F, H, W, 3]`` frames (views, no copy)."""
-    array = media.numpy() if isinstance(media, torch.Tensor) else np.asarray(media)
-    if array.ndim == 5:
-        return [sample[0] if sample.shape[0] == 1 else sample for sample in array]
-    return list(array)
-
-
 __all__ = [
     "PER_SAMPLE_FIELDS",
     "SHARED_FIELDS",
     "RLBatchOutput",
-    "media_samples",
     "media_with_frame_axis",
     "slice_batch",
 ]

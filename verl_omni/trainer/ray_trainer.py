@@ -26,7 +26,7 @@ from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
-from verl_omni.core.outputs import media_samples
+from verl_omni.core.media import media_samples
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
 from verl_omni.pipelines.tiny import resolve_model_path
