@@ -11,8 +11,7 @@ from helpers import model_config, records_data_proto, rollout_config
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import Conditioning
-from verl_omni.core.media import as_frames, batch_is_video
-from verl_omni.core.outputs import media_samples
+from verl_omni.core.media import as_frames, batch_is_video, media_samples
 from verl_omni.pipelines.wan.options import WanOptions
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 

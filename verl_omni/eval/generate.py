@@ -16,7 +16,7 @@ from typing import Any, Optional
 from verl_omni.config.base import build
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
-from verl_omni.core.outputs import media_samples
+from verl_omni.core.media import media_samples
 from verl_omni.eval.job import EvalJob
 from verl_omni.eval.ocr import RecordingOcr
 from verl_omni.eval.prompts import EvalPrompt
