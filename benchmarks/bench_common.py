@@ -72,7 +72,9 @@ def component_params(model_dir: str) -> dict[str, int]:
 _BUILD_IN_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import bench_common as b; b._build(*sys.argv[2:])"
 
 
-def _build(path: str, layers: str, device: str, light_text_encoder: str, family: str = "qwen_image") -> None:
+def _build(
+    path: str, layers: str, device: str, light_text_encoder: str, family: str = "qwen_image", variant: str = ""
+) -> None:
     import torch
 
     depth = None if layers == "full" else int(layers)
@@ -83,7 +85,8 @@ def _build(path: str, layers: str, device: str, light_text_encoder: str, family:
     else:
         from verl_omni.models.standins import build_standin
 
-        build_standin(family, path, layers=depth, device=device, dtype=torch.bfloat16, seed=0)
+        kwargs = {"variant": variant} if variant else {}
+        build_standin(family, path, layers=depth, device=device, dtype=torch.bfloat16, seed=0, **kwargs)
 
 
 def build_model(
@@ -92,6 +95,7 @@ def build_model(
     device: str | None = None,
     light_text_encoder: bool = False,
     family: str = "qwen_image",
+    variant: str | None = None,
 ) -> str:
     """The random real-size pipeline of ``family`` with ``layers`` transformer layers (None: the published depth)
     under ``root``, built once (a ``.complete`` marker); logs the parameters of every component.
@@ -99,7 +103,7 @@ def build_model(
     The model is the family's faithful stand-in (``verl_omni.models.standins``: every component at the real
     checkpoint's architecture, size and vocabulary). For Qwen-Image, ``light_text_encoder=True`` gives the earlier
     model instead: the same transformer and VAE with a 2-layer, 3584-wide text encoder with a narrow MLP (~14 GB
-    lighter).
+    lighter). ``variant`` picks one of a family's checkpoints (Wan2.1: "1.3B" or "14B").
 
     ``device`` (default: "cuda" when a GPU exists) is where the weights are drawn (PyTorch's CPU random fills run
     on one thread, so a CPU build takes many minutes at the real size); a GPU build runs in a child process, so this
@@ -117,6 +121,8 @@ def build_model(
     kind = "full_width" if light_text_encoder else "standin"
     depth = "full" if layers is None else str(layers)
     name = f"qwen_image_{kind}_L{depth}" if family == "qwen_image" else f"{family}_{kind}_L{depth}"
+    if variant:
+        name += f"_{variant}"
     path = os.path.join(root, name)
     done = os.path.join(path, ".complete")
     if os.path.exists(done):
@@ -124,7 +130,7 @@ def build_model(
         _log_params(path)
         return path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = [path, depth, device, "1" if light_text_encoder else "0", family]
+    args = [path, depth, device, "1" if light_text_encoder else "0", family, variant or ""]
     t0 = time.perf_counter()
     if torch.device(device).type == "cpu":
         _build(*args)
@@ -138,7 +144,7 @@ def build_model(
             log(f"building on {device} failed ({type(err).__name__}: {err}); building on the CPU instead")
             shutil.rmtree(path, ignore_errors=True)
             device = "cpu"
-            _build(path, depth, device, args[3], family)
+            _build(path, depth, device, args[3], family, variant or "")
     open(done, "w").close()
     log(f"built {path} on {device} in {time.perf_counter() - t0:.0f} s")
     _log_params(path)
@@ -156,11 +162,13 @@ def model_summary(model_dir: str) -> dict:
             f"stand-in of {rec['checkpoint']} (verl_omni.models.standins): every component at its real size, "
             f"{rec['layers']} of {rec['published_layers']} transformer layers, random {rec['dtype']} weights"
         )
-    else:
+    elif "_full_width_" in os.path.basename(os.path.normpath(model_dir)):
         model = (
             "Qwen-Image transformer and VAE at the real size, 2-layer 3584-wide text encoder "
             "(verl_omni.pipelines.qwen_image.standin.build_qwen_image, full width), random bf16 weights"
         )
+    else:
+        model = f"the pipeline directory {model_dir}"
     return {"model": model, "params": component_params(model_dir)}
 
 

@@ -11,7 +11,9 @@ resolution, steps (denoising), cfg, images_per_step, step_s / rollout_s / update
 all but the first), img_per_s, peak_mem_gb (the GPU's peak from ``nvidia-smi``), step1_ratio_max_dev (the largest
 |ratio - 1| of step 1's update: the actor's recomputed log-probs against the rollout's), rollout_vs_diffusers
 (``--rollout-compare``: ``rollout_throughput.py``'s batched B=16 vllm-omni path over the diffusers engine's, same
-model and sampling, in a child process after the trainer exits) and commit; plus each step's metrics.
+model and sampling, in a child process after the trainer exits) and commit; plus each step's metrics. A video family
+(its option ``num_frames`` > 1) adds the keys of ``docs/benchmarks/video.json``: frames, videos_per_step,
+videos_per_s (``--variant`` picks the checkpoint, e.g. Wan2.1's 1.3B or 14B).
 
     python benchmarks/family_step.py --family sd3 --preset sd3_5_medium_flowgrpo_ocr_lora --steps 3 \\
         --rollout-compare --out $OUT/models.json --commit $(git rev-parse --short HEAD)
@@ -77,6 +79,25 @@ def step1_ratio_max_dev(history: list[dict[str, Any]]) -> float | None:
     return max(abs(first["actor/ratio_max"] - 1.0), abs(first["actor/ratio_min"] - 1.0))
 
 
+def family_options(cfg) -> dict[str, Any]:
+    """The model section's options of the run's family (``{"wan": {"num_frames": 33, ...}}``; {} without any)."""
+    from omegaconf import OmegaConf
+
+    from verl_omni.pipelines.registry import family_for_model_dir
+
+    model = cfg.actor_rollout_ref.model
+    family = model.pipeline if model.pipeline not in (None, "auto") else family_for_model_dir(model.path)
+    section = model.get(family)
+    return {family: OmegaConf.to_container(section, resolve=True)} if section else {}
+
+
+def num_frames(cfg) -> int:
+    """Frames per sample: the family option ``num_frames`` of a video family, else 1 (an image)."""
+    for options in family_options(cfg).values():
+        return int(options.get("num_frames") or 1)
+    return 1
+
+
 def rollout_vs_diffusers(model_dir: str, cfg, work_dir: str) -> dict[str, Any]:
     """``rollout_throughput.py`` paths b (vllm-omni, one B=16 call) and d (diffusers engine, one B=16 call) on the
     same model and sampling as the recipe's rollout, in a child process (this one holds no engine)."""
@@ -108,6 +129,9 @@ def rollout_vs_diffusers(model_dir: str, cfg, work_dir: str) -> dict[str, Any]:
         "--out",
         out,
     ]
+    options = family_options(cfg)
+    if options:
+        cmd += ["--model-options", json.dumps(options)]
     log("rollout comparison: " + " ".join(cmd))
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0 or not os.path.exists(out):
@@ -143,6 +167,7 @@ def main() -> None:
     ap.add_argument("--family", required=True, help="a registered family with a stand-in: qwen_image, sd3, flux")
     ap.add_argument("--preset", required=True, help="a recipe preset in configs/ (its name without .yaml)")
     ap.add_argument("--layers", type=int, default=None, help="transformer layers (default: the real depth)")
+    ap.add_argument("--variant", default=None, help="a family's checkpoint variant (Wan2.1: 1.3B or 14B)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rewards", default="brightness", help="comma-separated reward names (weight 1 each)")
     ap.add_argument("--rollout-compare", action="store_true", help="also time B=16 rollouts on both engines")
@@ -168,7 +193,7 @@ def main() -> None:
     sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
     from qwenimage_ocr import write_ocr_parquet
 
-    model_dir = args.model_path or build_model(args.model_dir, args.layers, family=args.family)
+    model_dir = args.model_path or build_model(args.model_dir, args.layers, family=args.family, variant=args.variant)
     data_dir = os.path.join(args.work_dir, "data")
     if not os.path.exists(os.path.join(data_dir, "train.parquet")):
         write_ocr_parquet(data_dir, 256, 4, 0)
@@ -202,8 +227,13 @@ def main() -> None:
     if args.compare_only:
         add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir)
         return
+    frames = num_frames(cfg)
+    if frames > 1:  # the keys of docs/benchmarks/video.json beside the image ones
+        record.update(frames=frames, videos_per_step=record["images_per_step"], checkpoint_variant=args.variant)
     history = run_trainer(cfg, run_name, record)
     summarize(history, record, cfg, gpus=1)
+    if frames > 1 and "img_per_s" in record:
+        record["videos_per_s"] = record["img_per_s"]
     record["step1_ratio_max_dev"] = step1_ratio_max_dev(history)
     record["step_metrics"] = record.pop("steps")  # run_trainer's per-step metrics; "steps" is the denoising steps
     record["steps"] = int(pipe.num_inference_steps)

@@ -219,6 +219,7 @@ def versions() -> dict:
 async def main_async(args) -> dict:
     import torch
 
+    from verl_omni.config.base import build
     from verl_omni.config.model import ModelConfig
     from verl_omni.config.rollout import RolloutConfig
     from verl_omni.config.sampling import DiffusionSamplingParams
@@ -244,8 +245,11 @@ async def main_async(args) -> dict:
     with open(os.path.join(model_dir, "transformer", "config.json")) as f:
         tcfg = json.load(f)
 
+    model_options = json.loads(args.model_options) if args.model_options else {}
+
     def cfg(**kw):  # (model, rollout) sections; no LoRA: the rollout alone is measured
-        return ModelConfig(path=model_dir, lora_rank=0), RolloutConfig(device="cuda", dtype="bfloat16", **kw)
+        model = build(ModelConfig, {"path": model_dir, "lora_rank": 0, **model_options})
+        return model, RolloutConfig(device="cuda", dtype="bfloat16", **kw)
 
     results: dict[str, Any] = {}
     if {"a", "b"} & set(wanted):
@@ -367,6 +371,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one diffusers B=n call (path d)")
     ap.add_argument(
         "--model-path", default=None, help="a pipeline directory of any family (default: the Qwen-Image stand-in)"
+    )
+    ap.add_argument(
+        "--model-options",
+        default=None,
+        help='the model section\'s family options as JSON, e.g. \'{"wan": {"num_frames": 33}}\'',
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
