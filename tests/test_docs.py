@@ -103,6 +103,7 @@ def test_there_is_a_preset_per_shipped_recipe():
         "qwen_image_diffusion_nft_ocr_lora",
         "flux_flowgrpo_ocr_lora",
         "sd3_5_medium_flowgrpo_ocr_lora",
+        "sd3_5_medium_flowgrpo_ocr_full",
         "wan2_1_t2v_1_3b_flowgrpo_lora",
     } <= set(_presets())
 

@@ -1,7 +1,8 @@
 """The FLUX.1-dev, SD3.5-Medium and Wan2.1-T2V-1.3B GPU recipes: their presets compose into valid configs that carry
 flow_grpo's settings for the family (flow_grpo config/grpo.py: pickscore_flux for FLUX, general_ocr_sd3 for SD3.5-M,
 general_ocr_wan2_1 for Wan2.1; scripts/train_flux.py / train_sd3.py / train_wan2_1.py for the LoRA, the prompt length
-and the EMA), and their scripts load them."""
+and the EMA), SD3.5-Medium's full fine-tuning recipe is its LoRA recipe training every weight, and their scripts load
+them."""
 
 import os
 
@@ -59,6 +60,51 @@ def test_the_sd3_5_medium_recipe_is_flow_grpos_general_ocr_sd3():
     assert cfg.algorithm.name == "flowgrpo" and rollout.name == "vllm_omni"
 
 
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_sd3_5_medium_full_recipe_is_the_lora_recipe_training_every_weight():
+    """configs/sd3_5_medium_flowgrpo_ocr_full.yaml: the LoRA recipe with lora_rank 0, lr 3e-5 and no KL term (full
+    fine-tuning keeps no reference policy); the LoRA's own keys and the experiment name aside, nothing else differs."""
+    from omegaconf import OmegaConf
+
+    path = ["actor_rollout_ref.model.path=tiny:sd3"]
+    full = _flat(OmegaConf.to_container(compose_preset("sd3_5_medium_flowgrpo_ocr_full", path)))
+    lora = _flat(OmegaConf.to_container(compose_preset("sd3_5_medium_flowgrpo_ocr_lora", path)))
+    differ = {k: (lora.get(k), full.get(k)) for k in set(full) | set(lora) if full.get(k) != lora.get(k)}
+    m, a = "actor_rollout_ref.model.", "actor_rollout_ref.actor."
+    assert differ == {
+        f"{m}lora_rank": (32, 0),
+        f"{m}lora_alpha": (64, differ[f"{m}lora_alpha"][1]),
+        f"{m}target_modules": (list(SD3_TARGETS), differ[f"{m}target_modules"][1]),
+        f"{a}optim.lr": (3e-4, 3e-5),
+        f"{a}kl_coef": (0.04, 0.0),
+        "trainer.experiment_name": ("sd3_5_medium_ocr_lora", "sd3_5_medium_ocr_full"),
+    }
+    cfg = _parsed("sd3_5_medium_flowgrpo_ocr_full", "sd3")
+    assert cfg.actor_rollout_ref.model.lora is None and not cfg.actor_rollout_ref.actor.optimizer_offload
+
+
+def test_the_sd3_5_medium_full_recipe_passes_the_start_up_checks(tiny_sd3_dir, capsys):
+    """The trainer's checks before Ray starts, on the tiny SD3 model: the config, the model and the full
+    fine-tuning memory plan (printed; no GPU here to refuse it)."""
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    trainer = FlowGRPOTrainer(
+        compose_preset("sd3_5_medium_flowgrpo_ocr_full", [f"actor_rollout_ref.model.path={tiny_sd3_dir}"])
+    )
+    trainer._check_model(tiny_sd3_dir)
+    out = capsys.readouterr().out
+    assert "full fine-tuning memory plan" in out and "actor_rollout_ref.actor.optimizer_offload=false" in out
+
+
 def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
     cfg = _parsed("wan2_1_t2v_1_3b_flowgrpo_lora", "wan")
     ref = cfg.actor_rollout_ref
@@ -84,6 +130,7 @@ def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
     [
         ("examples/flowgrpo_trainer/flux/run_flux_ocr_lora.sh", "flux_flowgrpo_ocr_lora", "FLUX_PATH"),
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh", "sd3_5_medium_flowgrpo_ocr_lora", "SD3_PATH"),
+        ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_full.sh", "sd3_5_medium_flowgrpo_ocr_full", "SD3_PATH"),
         ("examples/flowgrpo_trainer/wan/run_wan_t2v_lora.sh", "wan2_1_t2v_1_3b_flowgrpo_lora", "WAN_PATH"),
     ],
 )

@@ -103,7 +103,11 @@ def vae_scale_factor_of(model_path: str) -> Optional[int]:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        cfg = json.load(f)
+        return vae_scale_factor_of_config(json.load(f))
+
+
+def vae_scale_factor_of_config(cfg: dict) -> Optional[int]:
+    """``vae_scale_factor_of`` from the VAE's config itself (None where it names no downsampling)."""
     for key in ("temperal_downsample", "temporal_downsample"):
         if key in cfg:
             return 2 ** len(cfg[key])

@@ -28,7 +28,12 @@ from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.core.media import media_samples
 from verl_omni.pipelines import get_pipeline_class
-from verl_omni.pipelines.loading import check_pipeline_matches, check_schedule, vae_scale_factor_of
+from verl_omni.pipelines.loading import (
+    check_pipeline_matches,
+    check_schedule,
+    vae_scale_factor_of,
+    vae_scale_factor_of_config,
+)
 from verl_omni.pipelines.tiny import resolve_model_path
 from verl_omni.rewards import RewardManager
 from verl_omni.rewards.pool import RewardPool, resolve_num_reward_workers
@@ -53,32 +58,43 @@ from verl_omni.trainer.run_summary import write_run_summary
 from verl_omni.trainer.stopping import GracefulStop, NoSignalWatch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
-from verl_omni.workers.full_weights import check_full_weights_fit, plan_for_model_dir, plan_full_weights_memory
+from verl_omni.workers.full_weights import (
+    PipelineShape,
+    check_full_weights_fit,
+    plan_full_weights_memory,
+    plan_inputs,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> tuple[int, dict[str, int]]:
+    """(trained weights, ``plan_full_weights_memory``'s keyword arguments) of ``cfg``'s full fine-tuning on a
+    pipeline of ``shape``: what the start-up check plans, for any number of GPUs and either offload setting."""
+    ref = cfg.actor_rollout_ref
+    params = ref.rollout.sampling_params()
+    dtype_bytes = resolve_dtype(ref.actor.dtype).itemsize
+    num_params, frozen, activations = plan_inputs(
+        shape,
+        dtype_bytes=dtype_bytes,
+        rows=2 * ref.actor.ppo_micro_batch_size_per_gpu,  # CFG's two branches, batched
+        text_tokens=params.max_sequence_length,
+        height=params.height,
+        width=params.width,
+        vae_scale_factor=vae_scale_factor_of_config(shape.vae) or 8,
+        num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
+    )
+    # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
+    copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
+    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations, policy_copies=copies)
+    return num_params, kwargs
 
 
 def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str) -> None:
     """Full fine-tuning's per-GPU footprint (workers/full_weights.py), printed before Ray starts; refused with its
     numbers and the option that fits when it exceeds the GPU the driver sees (no GPU here: printed only)."""
     ref = cfg.actor_rollout_ref
-    params = ref.rollout.sampling_params()
-    dtype_bytes = resolve_dtype(ref.actor.dtype).itemsize
-    num_params, frozen, activations = plan_for_model_dir(
-        path,
-        cfg.num_replicas,
-        ref.actor.optimizer_offload,
-        dtype_bytes=dtype_bytes,
-        rows=2 * ref.actor.ppo_micro_batch_size_per_gpu,  # CFG's two branches, batched
-        text_tokens=params.max_sequence_length,
-        height=params.height,
-        width=params.width,
-        vae_scale_factor=vae_scale_factor_of(path) or 8,
-        num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
-    )
-    # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
-    copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
-    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations, policy_copies=copies)
+    num_params, kwargs = full_fine_tuning_plan_inputs(cfg, PipelineShape.from_model_dir(path))
     plan = plan_full_weights_memory(num_params, cfg.num_replicas, ref.actor.optimizer_offload, **kwargs)
     if ref.actor.on_cuda and torch.cuda.is_available():
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory

@@ -354,15 +354,74 @@ def media_tokens(
     """The transformer's media tokens per sample: ``patch_size`` an int (image transformers) or (t, h, w) (video
     transformers: Wan's [1, 2, 2]); ``num_frames`` video frames become ``(num_frames - 1) / s + 1`` latent frames for
     the VAE's temporal factor ``s`` (``vae/config.json`` ``scale_factor_temporal``; 1 frame for an image)."""
+    vae = _read_config(model_dir, "vae") if num_frames > 1 else {}
+    return _media_tokens(vae, patch_size, height, width, vae_scale_factor, num_frames)
+
+
+def _media_tokens(
+    vae_config: dict[str, Any], patch_size: Any, height: int, width: int, vae_scale_factor: int, num_frames: int
+) -> int:
     patch_t, patch_h, patch_w = (1, patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-    temporal = 1
-    vae_config = os.path.join(model_dir, "vae", "config.json")
-    if num_frames > 1 and os.path.exists(vae_config):
-        with open(vae_config) as f:
-            temporal = int(json.load(f).get("scale_factor_temporal") or 1)
+    temporal = int(vae_config.get("scale_factor_temporal") or 1) if num_frames > 1 else 1
     latent_frames = (num_frames - 1) // temporal + 1
     side_h, side_w = vae_scale_factor * int(patch_h), vae_scale_factor * int(patch_w)
     return max(1, latent_frames // int(patch_t)) * (height // side_h) * (width // side_w)
+
+
+@dataclass(frozen=True)
+class PipelineShape:
+    """What the memory plan reads of a pipeline: every component's stored values (parameters and persistent
+    buffers, as its safetensors hold them), the transformer's config and the VAE's config."""
+
+    counts: dict[str, int]
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> PipelineShape:
+        """Read from a diffusers pipeline directory: the safetensors headers (no weights loaded) and the configs."""
+        counts = stored_parameter_counts(model_dir)
+        if "transformer" not in counts:
+            raise ValueError(f"{model_dir!r} has no transformer/*.safetensors to plan full fine-tuning from")
+        return cls(
+            counts=counts,
+            transformer=_read_config(model_dir, "transformer"),
+            vae=_read_config(model_dir, "vae"),
+        )
+
+
+def _read_config(model_dir: str, component: str) -> dict[str, Any]:
+    """``<component>/config.json`` of a pipeline directory ({} where it has none)."""
+    path = os.path.join(model_dir, component, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def plan_inputs(
+    shape: PipelineShape,
+    *,
+    dtype_bytes: int,
+    rows: int,
+    text_tokens: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    num_frames: int = 1,
+) -> tuple[int, int, int]:
+    """(trained weights, bytes of the frozen components, activation bytes) of a pipeline of ``shape``: the
+    transformer trains; everything else the engine keeps on the GPU counts as frozen; the activations are
+    ``activation_bytes_estimate`` for one micro-batch of ``rows`` at ``height`` x ``width`` (x ``num_frames`` for a
+    video family) plus ``text_tokens``."""
+    cfg = shape.transformer
+    image_tokens = _media_tokens(shape.vae, cfg.get("patch_size", 2), height, width, vae_scale_factor, num_frames)
+    hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    activations = activation_bytes_estimate(
+        int(cfg["num_layers"]), hidden, image_tokens + text_tokens, rows, dtype_bytes=dtype_bytes
+    )
+    frozen = sum(n for name, n in shape.counts.items() if name != "transformer") * dtype_bytes
+    return shape.counts["transformer"], frozen, activations
 
 
 def plan_for_model_dir(
@@ -378,19 +437,14 @@ def plan_for_model_dir(
     vae_scale_factor: int,
     num_frames: int = 1,
 ) -> tuple[int, int, int]:
-    """(trained weights, bytes of the frozen components, activation bytes) for a diffusers pipeline directory: the
-    transformer trains; everything else the engine keeps on the GPU counts as frozen; the activations are
-    ``activation_bytes_estimate`` for one micro-batch of ``rows`` at ``height`` x ``width`` (x ``num_frames`` for a
-    video family) plus ``text_tokens``."""
-    counts = stored_parameter_counts(model_dir)
-    if "transformer" not in counts:
-        raise ValueError(f"{model_dir!r} has no transformer/*.safetensors to plan full fine-tuning from")
-    with open(os.path.join(model_dir, "transformer", "config.json")) as f:
-        cfg = json.load(f)
-    image_tokens = media_tokens(model_dir, cfg.get("patch_size", 2), height, width, vae_scale_factor, num_frames)
-    hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    activations = activation_bytes_estimate(
-        int(cfg["num_layers"]), hidden, image_tokens + text_tokens, rows, dtype_bytes=dtype_bytes
+    """``plan_inputs`` of a diffusers pipeline directory (``PipelineShape.from_model_dir``)."""
+    return plan_inputs(
+        PipelineShape.from_model_dir(model_dir),
+        dtype_bytes=dtype_bytes,
+        rows=rows,
+        text_tokens=text_tokens,
+        height=height,
+        width=width,
+        vae_scale_factor=vae_scale_factor,
+        num_frames=num_frames,
     )
-    frozen = sum(n for name, n in counts.items() if name != "transformer") * dtype_bytes
-    return counts["transformer"], frozen, activations

@@ -1,0 +1,89 @@
+"""The full fine-tuning memory tables of the README and docs/architecture.md are what scripts/full_ft_memory_table.py
+prints from the start-up check's plan, and that plan, computed from a stand-in built on the meta device, is the one
+the start-up check computes from a pipeline directory."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+from helpers import compose_preset
+
+from verl_omni.config.trainer import FlowGRPOConfig
+from verl_omni.workers.full_weights import PipelineShape, plan_full_weights_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+    path = os.path.join(REPO, "scripts", "full_ft_memory_table.py")
+    spec = importlib.util.spec_from_file_location("full_ft_memory_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def all_plans(script):
+    return script.all_recipe_plans()
+
+
+def test_the_readme_table_is_the_scripts_output(script, all_plans):
+    table = script.readme_table(all_plans)
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert table in readme, f"README.md's table is stale: python scripts/full_ft_memory_table.py --write\n{table}"
+
+
+def test_the_architecture_table_is_the_scripts_output(script, all_plans):
+    table = script.full_table(all_plans)
+    doc = open(os.path.join(REPO, "docs", "architecture.md"), encoding="utf-8").read()
+    assert table in doc, "docs/architecture.md's table is stale: python scripts/full_ft_memory_table.py --write"
+
+
+def test_the_tables_plan_the_published_checkpoints_at_their_recipe_settings(script, all_plans):
+    # the published transformer sizes: SD3.5-Medium 2.47B (with its positional-embedding buffer), FLUX.1-dev 11.9B,
+    # Qwen-Image 20.4B
+    sizes = {model: round(plans[1, False].num_params / 1e9, 2) for model, plans in all_plans.items()}
+    assert sizes == {"SD3.5-Medium": 2.47, "FLUX.1-dev": 11.9, "Qwen-Image": 20.43}
+    sd3 = all_plans["SD3.5-Medium"]
+    # the SD3.5 full recipe keeps flow_grpo's policy EMA (one float32 copy); Qwen-Image's recipe has none
+    assert sd3[1, False].copies == 4 * sd3[1, False].num_params and all_plans["Qwen-Image"][1, False].copies == 0
+    # more GPUs shrink only the shards; the offload moves master and AdamW shards to the host
+    for model, plans in all_plans.items():
+        totals = [plans[n, False].device_total for n in script.GPUS]
+        assert totals == sorted(totals, reverse=True), model
+        for n in script.GPUS:
+            on, off = plans[n, True], plans[n, False]
+            assert off.device_total - on.device_total == on.host_total == on.master + on.optimizer > 0
+
+
+def test_a_stand_ins_meta_shape_is_what_the_start_up_check_reads_from_its_directory(script, tiny_sd3_dir):
+    """The table's parameter counts (a meta-device build's ``stored_counts``) and the start-up check's (the
+    directory's safetensors headers) agree, SD3's persistent positional-embedding buffer included."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from verl_omni.models.standins import stored_counts
+    from verl_omni.trainer.ray_trainer import full_fine_tuning_plan_inputs
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    components = {name: c for name, c in pipe.components.items() if c is not None}
+    from_modules = PipelineShape(
+        counts=stored_counts(components),
+        transformer=dict(pipe.transformer.config),
+        vae=dict(pipe.vae.config),
+    )
+    from_dir = PipelineShape.from_model_dir(tiny_sd3_dir)
+    assert from_modules.counts == from_dir.counts
+    cfg = FlowGRPOConfig.from_omega(
+        compose_preset("sd3_5_medium_flowgrpo_ocr_full", [f"actor_rollout_ref.model.path={tiny_sd3_dir}"])
+    )
+    a, a_kwargs = full_fine_tuning_plan_inputs(cfg, from_modules)
+    b, b_kwargs = full_fine_tuning_plan_inputs(cfg, from_dir)
+    assert (a, a_kwargs) == (b, b_kwargs)
+    assert plan_full_weights_memory(a, 2, True, **a_kwargs) == plan_full_weights_memory(b, 2, True, **b_kwargs)
