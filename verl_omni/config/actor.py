@@ -74,7 +74,9 @@ class ActorConfig(Section):
     # batched unless that needs a text mask on a GPU in bf16/fp16, where SDPA's unmasked kernels are faster. true
     # is the default by measurement: two forwards halve every GEMM's rows and the update was slower (README)
     batch_cfg: BatchCfg = True
-    use_torch_compile: Optional[bool] = None  # regional compile of the transformer blocks; None: on for cuda
+    # Regional compile of the transformer blocks for the update; None: on for cuda. False also runs the update through
+    # the blocks' original forwards where the engine compiled them (vllm-omni, hybrid engine; rollouts stay compiled)
+    use_torch_compile: Optional[bool] = None
     # After the first update (the warm-up), gc.freeze() the process's heap so that later full garbage collections,
     # which stalled the update by ~1 s every few steps at the real size, skip the long-lived objects
     freeze_gc_heap: bool = True

@@ -19,7 +19,8 @@ What makes the update fast without changing its result (each has an equivalence 
   check are summed on the device and read once per epoch);
 - gradient checkpointing of the transformer blocks (``model.enable_gradient_checkpointing``), so larger
   micro-batches fit, of the first ``model.gradient_checkpointing_blocks`` only where memory allows; regional
-  ``torch.compile`` of the blocks (``actor.use_torch_compile``); fused AdamW on GPU;
+  ``torch.compile`` of the blocks (``actor.use_torch_compile``; explicitly false, the update runs the blocks'
+  original forwards even where the engine compiled them, ``models/eager.py``); fused AdamW on GPU;
 - the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``);
 - every SDPA backend on for the update (``update_sdpa_backends``; cuDNN's only where the family allows it), also
   in the vllm-omni worker, where vllm's import switched cuDNN's off.
@@ -34,7 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -52,6 +53,7 @@ from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
 from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
 from verl_omni.models.checkpointing import BlockCheckpointing
+from verl_omni.models.eager import compiled_modules, eager_forwards
 from verl_omni.models.ema import EMASchedule, PolicyEMA
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
@@ -164,7 +166,15 @@ class DiffusionLoRAActor:
                 logger.info("%s=auto measures GPU memory; on %s every block recomputes", CHECKPOINTING_KEY, self.device)
         else:
             self.transformer.disable_gradient_checkpointing()
-        if actor.compile_blocks and not _blocks_already_compiled(self.transformer):
+        engine_compiled = bool(compiled_modules(self.transformer))  # vllm-omni compiles the blocks it serves
+        # Explicitly false: the update runs the blocks' original forwards even where the engine compiled them.
+        self.eager_update = actor.use_torch_compile is False
+        if self.eager_update and engine_compiled:
+            logger.info(
+                "actor.use_torch_compile=false: the update runs the transformer blocks' original forwards; the "
+                "engine's rollouts keep its compiled blocks"
+            )
+        if actor.compile_blocks and not engine_compiled:
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
             self.transformer.compile_repeated_blocks(dynamic=True)
 
@@ -424,6 +434,7 @@ class DiffusionLoRAActor:
                 torch.inference_mode(False),
                 torch.enable_grad(),
                 update_sdpa_backends(self.pipe),
+                self._update_forwards(),
                 UpdateProbe(self.device) as probe,
             ):
                 metrics = self._update(ctx, plan, num_terms)
@@ -441,6 +452,11 @@ class DiffusionLoRAActor:
             raise
         finally:
             self.transformer.eval()
+
+    def _update_forwards(self) -> AbstractContextManager:
+        """Which forwards the update's blocks run, their backward's recomputations included (the backward runs
+        inside ``_update``): the originals with ``actor.use_torch_compile=false``, else the blocks as they are."""
+        return eager_forwards(self.transformer) if self.eager_update else nullcontext()
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict, Any]:
         ema = self.ema.snapshot() if self.ema is not None else None
@@ -620,12 +636,3 @@ def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PyTorch's SDPA serves unmasked calls faster than masked ones: on a GPU in bf16 / fp16 (flash takes no
     mask; cuDNN, its default there, is faster unmasked: ``docs/benchmarks/attention_backends_h200.json``)."""
     return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-
-
-def _blocks_already_compiled(transformer: torch.nn.Module) -> bool:
-    """vllm-omni compiles the blocks of the engine's transformer (regional compile): do not wrap them twice."""
-    return any(
-        getattr(m.forward, "_torchdynamo_orig_callable", None) is not None
-        or getattr(m, "_compiled_call_impl", None) is not None
-        for m in transformer.modules()
-    )
