@@ -9,6 +9,9 @@
 #   gpu-tests-actor         the compiled actor reuses its graphs over every text length | the actor's SDPA
 #                           backends where vllm switched cuDNN off (2-layer fixture, no model build)
 #   gpu-tests-cfg-engine    the CFG-batching and vllm-omni engine GPU tests
+#   gpu-tests-families      the model families' GPU tests, one file after another: FLUX / SD3.5 / Wan2.1 on the
+#                           vllm-omni engine against the diffusers engine, then on the hybrid engine (step-1 ratios),
+#                           then the stand-ins built on the GPU (Wan2.1-T2V-1.3B's clips at its recipe's size)
 #   build-model             the random full-width Qwen-Image of $E2E_LAYERS layers, weights drawn on the GPU
 #   e2e-1gpu-vllm-omni      benchmarks/e2e_step.py on one GPU with the vllm-omni engine (builds the model if missing)
 #   e2e-1gpu-diffusers      the same with the diffusers engine
@@ -22,15 +25,22 @@
 #   rollout-breakdown       the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then
 #                           benchmarks/pipeline_breakdown.py on the recipe's rollout call (CFG 4, LoRA r64)
 #   vllm-import-cost        the actor's update at 20 layers in a plain process, then in one that imported vllm first
+#   families                benchmarks/family_step.py on each family's stand-in and recipe, one after another: SD3.5
+#                           and FLUX.1-dev (-> $OUT/models.json), Wan2.1-T2V-1.3B with the temporal-consistency
+#                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each
 # A build that runs alone draws the weights on the GPU (seconds); one beside other jobs draws them on the CPU.
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), TRAIN_VARIANTS (train-step),
 # PROBE_VARIANTS / PROBE_REPEATS / PROBE_GPU_TEST (rollout-breakdown: 0 leaves out its GPU tests) / PROBE_TIMEOUT
-# (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name).
+# (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name),
+# FAMILIES (families: which of "sd3 flux wan", in that order) / FAMILY_TIMEOUT (seconds per family run, 560) /
+# FAMILY_KEEP_MODELS (1 keeps each stand-in in $MODEL_DIR/family_<family> for the next run; by default it is deleted
+# after its run: the three take ~65 GB of disk), FAMILY_TESTS_K (gpu-tests-families: a pytest -k expression, e.g.
+# wan) / FAMILY_TESTS_TIMEOUT (seconds per test file, 560).
 set -uo pipefail
-STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine build-model e2e-1gpu-vllm-omni e2e-1gpu-diffusers \
-e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards rollout-breakdown \
-vllm-import-cost"
+STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine gpu-tests-families build-model e2e-1gpu-vllm-omni \
+e2e-1gpu-diffusers e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards \
+rollout-breakdown vllm-import-cost families"
 stage="${1:-}"
 if [ -z "$stage" ] || ! [[ " $STAGES " == *" $stage "* ]]; then
   echo "usage: run_stage.sh <stage>; stages: $STAGES" >&2
@@ -77,7 +87,26 @@ train_step() {  # train_step <gpu> <layers> <timeout s> [train_step.py args...]:
 results() {  # results <logs...>: the pass / fail lines of pytest logs
   grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$@" | tail -30
 }
+family_step() {  # family_step <family>: benchmarks/family_step.py on the family's stand-in with its recipe preset,
+  # 3 steps then the B=16 rollout on both engines; log in $OUT/family_<family>.log, the stand-in in
+  # $MODEL_DIR/family_<family> (deleted afterwards unless FAMILY_KEEP_MODELS=1)
+  local args
+  case "$1" in
+    sd3) args=(--preset sd3_5_medium_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
+    flux) args=(--preset flux_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
+    wan) args=(--variant 1.3B --preset wan2_1_t2v_1_3b_flowgrpo_lora --rewards temporal_consistency
+               --out "$OUT/video.json") ;;
+    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan)" | tee -a "$RUN_LOG"; return 2 ;;
+  esac
+  CUDA_VISIBLE_DEVICES=0 timeout "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$1" "${args[@]}" \
+    --steps 3 --rollout-compare --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
+    --commit "$(git rev-parse --short HEAD 2>/dev/null)" > "$OUT/family_$1.log" 2>&1
+  echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
+  [ "${FAMILY_KEEP_MODELS:-0}" = 1 ] || rm -rf "$MODEL_DIR/family_$1"
+}
 CFG_ENGINE_TESTS=(tests/gpu/test_cfg_batching_gpu.py tests/gpu/test_vllm_omni_engine_gpu.py)
+FAMILY_TESTS=(tests/gpu/test_families_vllm_omni_gpu.py tests/gpu/test_families_hybrid_gpu.py
+              tests/gpu/test_standins_gpu.py)
 cores=$(nproc)
 
 case "$stage" in
@@ -92,6 +121,13 @@ case "$stage" in
   gpu-tests-cfg-engine)  # ~3 min
     gpu_tests 0 "0-$((cores - 1))" 300 cfg_engine "${CFG_ENGINE_TESTS[@]}"
     results "$OUT"/gpu_tests_cfg_engine.log ;;
+  gpu-tests-families)  # one file after another (each starts its own engines); FAMILY_TESTS_K narrows them (-k)
+    for file in "${FAMILY_TESTS[@]}"; do
+      name=$(basename "$file" _gpu.py)
+      gpu_tests 0 "0-$((cores - 1))" "${FAMILY_TESTS_TIMEOUT:-560}" "${name#test_}" "$file" \
+        ${FAMILY_TESTS_K:+-k "$FAMILY_TESTS_K"}
+    done
+    results "$OUT"/gpu_tests_families_*.log "$OUT"/gpu_tests_standins.log ;;
   build-model)  # ~1 min for 60 layers on the GPU
     build_logged "$LAYERS" "" cuda
     tail -n 3 "$OUT/build.log" ;;
@@ -145,6 +181,11 @@ case "$stage" in
 runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_step_L20_$run.log" 2>&1
       echo "train_step L20 ($run) exit $?" | tee -a "$RUN_LOG"
       tail -n 4 "$OUT/train_step_L20_$run.log"
+    done ;;
+  families)  # one family after another on GPU 0 (each run starts and stops its own engines)
+    for family in ${FAMILIES:-sd3 flux wan}; do
+      family_step "$family"
+      grep -v -e Loading -e WARNING "$OUT/family_$family.log" 2>/dev/null | tail -n 8
     done ;;
 esac
 tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60

@@ -61,3 +61,17 @@ def gpu_sd3_dir(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("sd3_gpu"))
     return build_tiny_sd3(path, seed=0, dtype=torch.bfloat16, attention_head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def gpu_wan_dir(tmp_path_factory):
+    """The tiny random Wan2.1 text-to-video model at head dim 64 (2 heads, which FA3 takes; the tiny default is 16),
+    saved in bf16. Its VAE has Wan2.1's factors: clips of 4k + 1 frames, sides multiples of 16."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import torch
+
+    from verl_omni.pipelines.wan.standin import build_tiny_wan
+
+    path = str(tmp_path_factory.mktemp("wan_gpu"))
+    return build_tiny_wan(path, seed=0, dtype=torch.bfloat16, attention_head_dim=64)

@@ -1,8 +1,9 @@
-"""The hybrid engine on vllm-omni for FLUX.1-dev and SD3.5 (run on the device: scripts/device/run_gpu.sh): one
-replica + one actor rank on one GPU, the actor training the engine's own transformer inside vllm-omni's worker. Step
-1's importance ratios must be within 1e-4 of 1: the actor recomputes the rollout's log-probs (FA3 + compiled blocks
-in the rollout, SDPA in the actor's training forwards). FLUX as flow_grpo trains it (no CFG branch), SD3 with CFG
-4.5. Each family's run starts its own engine (no other engine holds the GPU meanwhile)."""
+"""The hybrid engine on vllm-omni for FLUX.1-dev, SD3.5 and Wan2.1 text-to-video (run on the device:
+scripts/device/run_gpu.sh): one replica + one actor rank on one GPU, the actor training the engine's own transformer
+inside vllm-omni's worker. Step 1's importance ratios must be within 1e-4 of 1: the actor recomputes the rollout's
+log-probs (FA3 + compiled blocks in the rollout, SDPA in the actor's training forwards). FLUX as flow_grpo trains it
+(no CFG branch), SD3 and Wan with CFG 4.5, Wan on 5-frame clips (the brightness reward scores them frame by frame).
+Each family's run starts its own engine (no other engine holds the GPU meanwhile)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 from gpu_helpers import requires_cuda, requires_vllm_omni, write_figures
-from test_families_vllm_omni_gpu import TRUE_CFG
+from test_families_vllm_omni_gpu import FAMILIES, FRAMES, TRUE_CFG
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import trainer_config  # noqa: E402
@@ -19,7 +20,7 @@ from helpers import trainer_config  # noqa: E402
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_engine_first_update_sees_ratio_one(family, request, ocr_data_files, tmp_path):
     """One FlowGRPO step through the hybrid engine on vllm-omni: the actor trains the engine's transformer in the
     engine's process and recomputes the rollout's log-probs (step-1 ratios within 1e-4 of 1)."""
@@ -42,6 +43,8 @@ def test_hybrid_engine_first_update_sees_ratio_one(family, request, ocr_data_fil
         "actor_rollout_ref.actor.optim.lr": 1e-3,
         "trainer.total_training_steps": 2,
     }
+    if family in FRAMES:  # a video family's clip length (its options section)
+        overrides[f"actor_rollout_ref.model.{family}.num_frames"] = FRAMES[family]
     trainer = FlowGRPOTrainer(trainer_config(ocr_data_files, model_dir, tmp_path / family, **overrides)).init()
     try:
         start = trainer.last_lora_checksum

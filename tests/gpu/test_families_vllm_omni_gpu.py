@@ -1,11 +1,13 @@
-"""FLUX.1-dev and SD3.5 through the vllm-omni engine on the GPU (run on the device: scripts/device/run_gpu.sh), the
-same path as Qwen-Image: our RL pipeline class re-initialised inside vllm-omni's worker, its attention through
-vllm-omni's FA3 (``use_attention_function``), its blocks compiled regionally (``_repeated_blocks``).
+"""FLUX.1-dev, SD3.5 and Wan2.1 text-to-video through the vllm-omni engine on the GPU (run on the device:
+scripts/device/run_gpu.sh), the same path as Qwen-Image: our RL pipeline class re-initialised inside vllm-omni's
+worker, its attention through vllm-omni's FA3 (``use_attention_function``), its blocks compiled regionally
+(``_repeated_blocks``).
 
-Per family (tiny random models in bf16 at head dims FA3 takes: FLUX 128, SD3.5 64): a rollout of B=4; B=4 equals
-4 x B=1 within bf16 tolerance; the vllm-omni engine equals the diffusers engine (same seeds); the hybrid engine's
-first update sees ratios within 1e-4 of 1 (tests/gpu/test_families_hybrid_gpu.py). FLUX runs as flow_grpo trains
-it (distilled guidance, no CFG branch); SD3 with CFG 4.5 (its recipe's).
+Per family (tiny random models in bf16 at head dims FA3 takes: FLUX 128, SD3.5 64, Wan 64): a rollout of B=4; B=4
+equals 4 x B=1 within bf16 tolerance; the vllm-omni engine equals the diffusers engine (same seeds); the hybrid
+engine's first update sees ratios within 1e-4 of 1 (tests/gpu/test_families_hybrid_gpu.py). FLUX runs as flow_grpo
+trains it (distilled guidance, no CFG branch); SD3 and Wan with CFG 4.5 (their recipes'), Wan making 5-frame clips
+(media [B, 5, H, W, 3]; images are one frame).
 
 bf16 bounds as tests/gpu/test_vllm_omni_engine_gpu.py's: final latents relative L2 <= 5e-2 and images mean |diff|
 <= 4 levels for B=4 vs 4 x B=1 (different GEMM kernels per batch size); <= 2e-2 and 2 levels between the engines
@@ -30,8 +32,16 @@ pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 PROMPT = "a red bicycle leaning on a blue wall"
 SEEDS = [11, 12, 13, 14]
-# The families' rollouts as their recipes run them: FLUX without a CFG branch, SD3 with CFG 4.5.
-TRUE_CFG = {"flux": 1.0, "sd3": 4.5}  # also read by test_families_hybrid_gpu.py
+FAMILIES = ["flux", "sd3", "wan"]  # also read by test_families_hybrid_gpu.py
+# The families' rollouts as their recipes run them: FLUX without a CFG branch, SD3 and Wan with CFG 4.5 (the empty
+# negative prompt).
+TRUE_CFG = {"flux": 1.0, "sd3": 4.5, "wan": 4.5}  # also read by test_families_hybrid_gpu.py
+# Frames per sample: Wan's clips of 5 frames (2 latent frames; actor_rollout_ref.model.wan.num_frames), images 1.
+FRAMES = {"wan": 5}
+# Each family's own options section (actor_rollout_ref.model.<family>)
+FAMILY_OPTIONS = {"wan": {"wan": {"num_frames": FRAMES["wan"]}}}
+# The families whose text conditioning carries pooled embeddings (CLIP's); Wan's UMT5 has none.
+POOLED = {"flux", "sd3"}
 LORA = dict(lora_rank=4, lora_alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
 
 
@@ -51,7 +61,7 @@ def _config(family: str, model_dir: str, name: str) -> tuple[ModelConfig, Rollou
     # compiled blocks (enforce_eager off) as in training; room left for the diffusers engine beside it
     settings = {"name": name, "device": "cuda", "dtype": "bfloat16", "enforce_eager": False}
     rollout = build(RolloutConfig, {**settings, "gpu_memory_utilization": 0.4})
-    return ModelConfig(path=model_dir, pipeline=family, **LORA), rollout
+    return ModelConfig(path=model_dir, pipeline=family, **LORA, **FAMILY_OPTIONS.get(family, {})), rollout
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +73,7 @@ def _img_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().mean())
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param
 
@@ -92,20 +102,25 @@ def run(event_loop_gpu):
     return event_loop_gpu.run_until_complete
 
 
-def test_rollout_of_four_images(family, engine, run):
+def test_rollout_of_four_samples(family, engine, run):
     params = _params(family)
     out = run(engine.generate(PROMPT, SEEDS, params))
-    T = params.num_inference_steps
-    assert out.images.shape == (4, 128, 128, 3) and out.images.dtype == torch.uint8
+    T, frames = params.num_inference_steps, FRAMES.get(family, 1)
+    assert out.media.shape == (4, frames, 128, 128, 3) and out.media.dtype == torch.uint8
     assert out.latents.shape[:2] == (4, T + 1) and out.log_probs.shape == (4, T)
+    if family == "wan":  # video latents [B, T+1, C, F', h, w]: 2 latent frames of 128 / 8
+        assert out.latents.shape[3:] == ((frames - 1) // 4 + 1, 16, 16)
+        assert (out.media[:, 0].float() - out.media[:, -1].float()).abs().mean() > 1.0  # frames, not one image
     assert out.window_mask.tolist() == [False, True, True, False]
-    assert out.pooled_prompt_embeds.shape[0] == 4 and out.seeds == SEEDS
+    assert out.prompt_embeds.shape[0] == 4 and out.seeds == SEEDS
+    assert (out.pooled_prompt_embeds is not None) == (family in POOLED)
+    assert out.pooled_prompt_embeds is None or out.pooled_prompt_embeds.shape[0] == 4
     assert (out.negative_prompt_embeds is not None) == (TRUE_CFG[family] > 1)
     assert torch.isfinite(out.log_probs).all() and torch.isfinite(out.latents).all()
-    for i in range(1, 4):  # distinct seeds -> distinct images
-        assert _img_diff(out.images[0], out.images[i]) > 1.0
+    for i in range(1, 4):  # distinct seeds -> distinct samples
+        assert _img_diff(out.media[0], out.media[i]) > 1.0
     again = run(engine.generate(PROMPT, SEEDS, params))
-    assert torch.equal(again.images, out.images), "same seeds, same batch must be deterministic"
+    assert torch.equal(again.media, out.media), "same seeds, same batch must be deterministic"
 
 
 def test_batched_equals_single_requests(family, engine, run):
@@ -118,7 +133,7 @@ def test_batched_equals_single_requests(family, engine, run):
         "latents_initial_equal": bool(torch.equal(batched.latents[:, 0], latents[:, 0])),
         "final_latents_rel_l2": _rel_l2(batched.latents[:, -1], latents[:, -1]),
         "log_probs_max_abs_diff": float((batched.log_probs - torch.cat([s.log_probs for s in singles])).abs().max()),
-        "images_mean_abs_diff": _img_diff(batched.images, torch.cat([s.images for s in singles])),
+        "images_mean_abs_diff": _img_diff(batched.media, torch.cat([s.media for s in singles])),
     }
     write_figures(f"gpu_{family}_batched_vs_single.json", figures)
     assert figures["latents_initial_equal"], "sample i's initial noise must depend only on seeds[i]"
@@ -140,7 +155,7 @@ def test_vllm_omni_engine_equals_the_diffusers_engine(family, engine, model_dir,
         "initial_latents_equal": bool(torch.equal(served.latents[:, 0], expected.latents[:, 0])),
         "final_latents_rel_l2": _rel_l2(served.latents[:, -1], expected.latents[:, -1]),
         "log_probs_max_abs_diff": float((served.log_probs - expected.log_probs).abs().max()),
-        "images_mean_abs_diff": _img_diff(served.images, expected.images),
+        "images_mean_abs_diff": _img_diff(served.media, expected.media),
     }
     write_figures(f"gpu_{family}_vllm_omni_vs_diffusers.json", figures)
     assert figures["initial_latents_equal"]
