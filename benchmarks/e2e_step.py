@@ -203,6 +203,36 @@ def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpu
     record["img_per_s_per_gpu"] = record["img_per_s"] / gpus
 
 
+def ocr_data_dir(work_dir: str) -> str:
+    """``<work_dir>/data`` with the OCR prompts' train.parquet / test.parquet (written on first use)."""
+    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
+    from qwenimage_ocr import write_ocr_parquet
+
+    data_dir = os.path.join(work_dir, "data")
+    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
+        write_ocr_parquet(data_dir, 256, 4, 0)
+    return data_dir
+
+
+def add_run_args(ap: argparse.ArgumentParser, work_dir: str) -> None:
+    """The flags every trainer benchmark takes: where models and runs go, the JSON list, variants, the commit."""
+    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
+    ap.add_argument("--work-dir", default=work_dir)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
+    ap.add_argument("--name", default="", help="a label for this variant in the JSON")
+    ap.add_argument("--commit", default="", help="the project commit measured (recorded as is)")
+
+
+def parse_run_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """``ap``'s arguments; every ``--set`` must be KEY=VALUE."""
+    args = ap.parse_args()
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE, got {bad}")
+    return args
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=60)
@@ -212,26 +242,13 @@ def main() -> None:
     ap.add_argument("--prompts-per-gpu", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rewards", default="ocr", help="comma-separated reward names (weight 1 each)")
-    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
-    ap.add_argument("--work-dir", default="/tmp/verl_omni_e2e")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
-    ap.add_argument("--name", default="", help="a label for this variant in the JSON")
-    ap.add_argument("--commit", default="", help="the project commit measured (recorded as is)")
-    args = ap.parse_args()
-    bad = [item for item in args.set if "=" not in item]
-    if bad:
-        ap.error(f"--set takes KEY=VALUE, got {bad}")
+    add_run_args(ap, "/tmp/verl_omni_e2e")
+    args = parse_run_args(ap)
 
     import torch
 
-    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
-    from qwenimage_ocr import write_ocr_parquet
-
     model_dir = build_model(args.model_dir, args.layers)
-    data_dir = os.path.join(args.work_dir, "data")
-    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
-        write_ocr_parquet(data_dir, 256, 4, 0)
+    data_dir = ocr_data_dir(args.work_dir)
     run_name = f"{args.engine}_g{args.gpus}_L{args.layers}_mb{args.micro_batch}"
     cfg = recipe_config(args, model_dir, data_dir, os.path.join(args.work_dir, run_name))
     record: dict[str, Any] = {

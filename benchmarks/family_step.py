@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import append_run, build_model, component_params, log, model_summary  # noqa: E402
-from e2e_step import apply_sets, run_trainer, summarize  # noqa: E402
+from e2e_step import add_run_args, apply_sets, ocr_data_dir, parse_run_args, run_trainer, summarize  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,26 +177,13 @@ def main() -> None:
         help="no training: time the B=16 rollouts and add them to --out's last record of this family and preset",
     )
     ap.add_argument("--model-path", default=None, help="an existing pipeline directory (default: build the stand-in)")
-    ap.add_argument("--model-dir", default="/tmp/verl_omni_models")
-    ap.add_argument("--work-dir", default="/tmp/verl_omni_family")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
-    ap.add_argument("--name", default="", help="a label for this variant in the JSON")
-    ap.add_argument("--commit", default="", help="the project commit measured (recorded as is)")
-    args = ap.parse_args()
-    bad = [item for item in args.set if "=" not in item]
-    if bad:
-        ap.error(f"--set takes KEY=VALUE, got {bad}")
+    add_run_args(ap, "/tmp/verl_omni_family")
+    args = parse_run_args(ap)
 
     import torch
 
-    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
-    from qwenimage_ocr import write_ocr_parquet
-
     model_dir = args.model_path or build_model(args.model_dir, args.layers, family=args.family, variant=args.variant)
-    data_dir = os.path.join(args.work_dir, "data")
-    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
-        write_ocr_parquet(data_dir, 256, 4, 0)
+    data_dir = ocr_data_dir(args.work_dir)
     run_name = f"{args.family}_{args.preset}_{args.name or 'recipe'}"
     run_dir = os.path.join(args.work_dir, run_name)
     cfg = preset_config(args, model_dir, data_dir, run_dir)

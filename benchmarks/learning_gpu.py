@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import append_run, build_model, log, model_summary  # noqa: E402
-from e2e_step import REPO, apply_sets, recipe_config  # noqa: E402
+from e2e_step import REPO, apply_sets, ocr_data_dir, recipe_config  # noqa: E402
 
 # Each algorithm's settings on top of the e2e recipe (512² there; --resolution here): FlowGRPO as the OCR recipe;
 # MixGRPO-Flash with its window sliding every 5 steps so a short run sees it move; DiffusionNFT as its preset
@@ -59,12 +59,7 @@ def train(args, model_dir: str, work_dir: str) -> tuple[list[dict], str, Any]:
 
     from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 
-    sys.path.insert(0, os.path.join(REPO, "examples", "flowgrpo_trainer", "data_process"))
-    from qwenimage_ocr import write_ocr_parquet
-
-    data_dir = os.path.join(args.work_dir, "data")
-    if not os.path.exists(os.path.join(data_dir, "train.parquet")):
-        write_ocr_parquet(data_dir, 256, 4, 0)
+    data_dir = ocr_data_dir(args.work_dir)
     e2e_args = SimpleNamespace(
         prompts_per_gpu=args.prompts, gpus=1, micro_batch=args.micro_batch, engine=args.engine, rewards=args.reward,
         steps=args.steps, set=[],
