@@ -86,11 +86,8 @@ def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
 
     cfg = OmegaConf.load(os.path.join(REPO, "verl_omni", "trainer", "config", "flowgrpo_trainer.yaml"))
     overrides = {
-        "data.train_files": os.path.join(data_dir, "train.parquet"),
-        "data.val_files": None,
         "data.train_batch_size": args.prompts_per_gpu * args.gpus,
         "actor_rollout_ref.hybrid_engine": True,
-        "actor_rollout_ref.model.path": model_dir,
         "actor_rollout_ref.model.lora_rank": 64,
         "actor_rollout_ref.model.lora_alpha": 128,
         "actor_rollout_ref.actor.device": "cuda",
@@ -111,21 +108,40 @@ def recipe_config(args, model_dir: str, data_dir: str, out_dir: str):
         "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
         "actor_rollout_ref.rollout.pipeline.negative_prompt": " ",
         "actor_rollout_ref.rollout.pipeline.max_sequence_length": 256,
+        **run_settings(args, model_dir, data_dir, out_dir, args.gpus),
+    }
+    return with_settings(cfg, overrides, args.set)
+
+
+def run_settings(args, model_dir: str, data_dir: str, out_dir: str, gpus: int) -> dict[str, Any]:
+    """What every benchmark run sets beside its recipe: the OCR prompts of ``data_dir``, the model, ``args.rewards``
+    (weight 1 each), ``args.steps`` steps on ``gpus`` GPUs, console metrics only, no checkpoints, validation, sample
+    images or resume."""
+    return {
+        "data.train_files": os.path.join(data_dir, "train.parquet"),
+        "data.val_files": None,
+        "actor_rollout_ref.model.path": model_dir,
         "reward.rewards": [{"name": r, "weight": 1.0} for r in args.rewards.split(",")],
         "trainer.total_training_steps": args.steps,
         "trainer.save_freq": -1,
         "trainer.test_freq": -1,
         "trainer.logger": ["console"],
         "trainer.sample_images_per_step": 0,
-        "trainer.n_gpus_per_node": args.gpus,
+        "trainer.n_gpus_per_node": gpus,
         "trainer.default_local_dir": out_dir,
         "trainer.resume_mode": "disable",
         # random weights score 0 under OCR: no learning signal, yet every step does all of its work
         "trainer.max_steps_without_signal": 0,
     }
+
+
+def with_settings(cfg, overrides: dict[str, Any], sets: list[str]):
+    """``cfg`` with ``overrides`` (dotted keys) and then the ``--set`` variants applied; returns it."""
+    from omegaconf import OmegaConf
+
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
-    apply_sets(cfg, args.set)
+    apply_sets(cfg, sets)
     return cfg
 
 

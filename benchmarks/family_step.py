@@ -33,7 +33,15 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import append_run, build_model, component_params, log, model_summary  # noqa: E402
-from e2e_step import add_run_args, apply_sets, ocr_data_dir, parse_run_args, run_trainer, summarize  # noqa: E402
+from e2e_step import (  # noqa: E402
+    add_run_args,
+    ocr_data_dir,
+    parse_run_args,
+    run_settings,
+    run_trainer,
+    summarize,
+    with_settings,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,29 +54,10 @@ def preset_config(args, model_dir: str, data_dir: str, out_dir: str):
     """The recipe preset ``configs/<preset>.yaml`` as a user runs it, pointed at the stand-in, for ``--steps``
     steps without checkpoints, validation or sample images."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
         cfg = compose(args.preset)
-    overrides = {
-        "data.train_files": os.path.join(data_dir, "train.parquet"),
-        "data.val_files": None,
-        "actor_rollout_ref.model.path": model_dir,
-        "reward.rewards": [{"name": r, "weight": 1.0} for r in args.rewards.split(",")],
-        "trainer.total_training_steps": args.steps,
-        "trainer.save_freq": -1,
-        "trainer.test_freq": -1,
-        "trainer.logger": ["console"],
-        "trainer.sample_images_per_step": 0,
-        "trainer.n_gpus_per_node": 1,
-        "trainer.default_local_dir": out_dir,
-        "trainer.resume_mode": "disable",
-        "trainer.max_steps_without_signal": 0,
-    }
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    apply_sets(cfg, args.set)
-    return cfg
+    return with_settings(cfg, run_settings(args, model_dir, data_dir, out_dir, gpus=1), args.set)
 
 
 def step1_ratio_max_dev(history: list[dict[str, Any]]) -> float | None:
