@@ -41,7 +41,6 @@ from verl_omni.pipelines.engine_attention import AttentionFn, install_processor,
 from verl_omni.pipelines.model_inputs import TextInputs
 from verl_omni.pipelines.wan.attention import WanEngineAttnProcessor
 from verl_omni.pipelines.wan.options import DEFAULT_FPS, DEFAULT_NUM_FRAMES, WanOptions, check_num_frames
-from verl_omni.schedulers.flow_match_sde import flow_match_sigmas, flow_match_tail_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ class WanRLPipeline(RLPipelineMixin, WanPipeline):
         them (the module doc)."""
         steps = params.num_inference_steps
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
-            return flow_match_sigmas(dict(self.scheduler.config), steps, self._latent_seq_len(params))
+            return super().rl_schedule(params)
         if not getattr(self.scheduler.config, "use_flow_sigmas", False):
             raise ValueError(
                 f"{type(self.scheduler).__name__} without use_flow_sigmas has no flow-matching schedule: the wan "
@@ -155,15 +154,9 @@ class WanRLPipeline(RLPipelineMixin, WanPipeline):
                 f"ode_solver={params.ode_solver!r} needs a FlowMatchEulerDiscreteScheduler; this Wan pipeline has "
                 f"{type(self.scheduler).__name__}: use ode_solver=euler"
             )
-        return flow_match_tail_sigmas(
-            dict(self.scheduler.config),
-            params.num_inference_steps,
-            self._latent_seq_len(params),
-            start_index,
-            num_points,
-        )
+        return super().rl_tail_schedule(params, start_index, num_points)
 
-    def _latent_seq_len(self, params: DiffusionSamplingParams) -> int:
+    def rl_image_seq_len(self, params: DiffusionSamplingParams) -> int:
         """Video tokens per sample (only a dynamically shifted scheduler would read it; Wan2.1's shift is static)."""
         _, patch_h, patch_w = self.transformer.config.patch_size
         frames = (self.num_frames - 1) // self.vae_scale_factor_temporal + 1
