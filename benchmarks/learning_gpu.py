@@ -8,7 +8,8 @@ protocol (deterministic ODE sampling, the algorithm's CFG, fixed seeds). Appends
 list) with the keys ``algorithm``, ``engine``, ``device``, ``layers``, ``steps``, ``reward_name``,
 ``reward_first``, ``reward_last5_mean``, ``eval_base_mean``, ``eval_trained_mean``, ``gpu_minutes``, ``commit``,
 plus the evaluations' standard errors, the settings and the throughput: ``eval_images_per_s`` (the trained
-adapter's evaluation, ``--eval-batch-images`` images per engine call) beside ``rollout_images_per_s`` (the training
+adapter's evaluation, ``--eval-batch-images`` images per engine call; ``eval_steady_images_per_s`` without its
+first call, which compiles) beside ``rollout_images_per_s`` (the training
 rollout on the same model, same steps and CFG).
 
     python benchmarks/learning_gpu.py --algorithm flowgrpo --layers 20 --steps 20 --out $OUT/learning_gpu.json
@@ -171,6 +172,7 @@ def main() -> None:
         "eval_trained_stderr": trained["stderr"],
         "eval_gain_over_base_stderr": (trained["mean"] - base["mean"]) / max(base["stderr"], 1e-12),
         "eval_images_per_s": trained["timing"][-1]["images_per_s"] if trained["timing"] else None,
+        "eval_steady_images_per_s": trained["timing"][-1].get("steady_images_per_s") if trained["timing"] else None,
         "eval_batch_images": args.eval_batch_images,
         "rollout_images_per_s": rollout_images_per_s(history, args.prompts * int(cfg.actor_rollout_ref.rollout.n)),
         "reward_by_step": rewards,

@@ -67,10 +67,17 @@ def sort_rows(report: dict) -> None:
 
 
 def timing_entry(
-    prompts: int, images: int, seconds: float, devices: int, batch_images: Optional[int] = None
+    prompts: int,
+    images: int,
+    seconds: float,
+    devices: int,
+    batch_images: Optional[int] = None,
+    steady: Optional[tuple[int, float]] = None,
 ) -> dict[str, Any]:
     """One run's throughput: images per second over all its devices, from the engines ready to the last image;
-    ``batch_images``: the images per engine call it asked for (``--batch-images``)."""
+    ``batch_images``: the images per engine call it asked for (``--batch-images``); ``steady``: (images, seconds)
+    after the first engine call returned, which leaves out the compilation the first call pays
+    (``steady_images_per_s``, the figure a training rollout's steady steps compare with)."""
     entry = {
         "prompts": prompts,
         "images": images,
@@ -80,6 +87,8 @@ def timing_entry(
     }
     if batch_images is not None:
         entry["batch_images"] = batch_images
+    if steady is not None and steady[1] > 0 and steady[0] > 0:
+        entry.update(steady_images=steady[0], steady_seconds=steady[1], steady_images_per_s=steady[0] / steady[1])
     return entry
 
 

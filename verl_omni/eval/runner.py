@@ -117,14 +117,19 @@ def _evaluate_prompts(
     """The pending prompts on one engine in this process."""
     with engine_session(job, adapter) as evaluate:
         start, images = time.perf_counter(), 0
+        first_call, first = job.prompts_per_call(), None  # first: (images, time) once the first call's rows are in
         for k, row in enumerate(evaluate.rows((index, prompts[index]) for index in pending)):
             add_row(report, row)
             images += len(row["seeds"])
+            if k + 1 == first_call:
+                first = (images, time.perf_counter())
             bar.update(1)
             if (k + 1) % job.save_every == 0:
                 write_report(job.out, report)
-        seconds = time.perf_counter() - start
-        report.setdefault("timing", []).append(timing_entry(len(pending), images, seconds, 1, job.batch_images))
+        end = time.perf_counter()
+        steady = (images - first[0], end - first[1]) if first else None
+        entry = timing_entry(len(pending), images, end - start, 1, job.batch_images, steady)
+        report.setdefault("timing", []).append(entry)
 
 
 def _tqdm_disable(progress: Optional[bool]) -> Optional[bool]:
