@@ -54,13 +54,15 @@ def test_the_tables_plan_the_published_checkpoints_at_their_recipe_settings(scri
     sd3 = all_plans["SD3.5-Medium"]
     # the SD3.5 full recipe keeps flow_grpo's policy EMA (one float32 copy); Qwen-Image's recipe has none
     assert sd3[1, False].copies == 4 * sd3[1, False].num_params and all_plans["Qwen-Image"][1, False].copies == 0
-    # more GPUs shrink only the shards; the offload moves master and AdamW shards to the host
+    # more GPUs shrink only the shards; the offload moves master and AdamW shards to the host and keeps the gradient
+    # shard on the GPU in the weights' dtype
     for model, plans in all_plans.items():
         totals = [plans[n, False].device_total for n in script.GPUS]
         assert totals == sorted(totals, reverse=True), model
         for n in script.GPUS:
             on, off = plans[n, True], plans[n, False]
-            assert off.device_total - on.device_total == on.host_total == on.master + on.optimizer > 0
+            assert on.host_total == on.master + on.optimizer > 0 and off.grads == 0 < on.grads
+            assert off.device_total - on.device_total == on.host_total - on.grads
 
 
 def test_a_stand_ins_meta_shape_is_what_the_start_up_check_reads_from_its_directory(script, tiny_sd3_dir):

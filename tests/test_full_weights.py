@@ -20,6 +20,7 @@ from verl_omni.trainer.run_summary import TAIL_STEPS
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.full_actor import DiffusionFullActor, make_actor
 from verl_omni.workers.full_weights import (
+    BUCKETS_IN_FLIGHT,
     GiB,
     ShardedAdamW,
     activation_bytes_estimate,
@@ -29,9 +30,14 @@ from verl_omni.workers.full_weights import (
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
 
-# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised; two optimizer steps per update
+# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised; two optimizer steps per update;
+# 1 MiB gradient buckets: the tiny transformer's 19 MiB of float32 weights reduce in many buckets, several per block
 ACTOR = dict(
-    optim=OptimConfig(lr=1e-3, weight_decay=0.01), ppo_micro_batch_size_per_gpu=2, grad_clip=0.05, ppo_epochs=2
+    optim=OptimConfig(lr=1e-3, weight_decay=0.01),
+    ppo_micro_batch_size_per_gpu=2,
+    grad_clip=0.05,
+    ppo_epochs=2,
+    grad_bucket_mb=1.0,
 )
 
 
@@ -61,6 +67,8 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
     assert isinstance(actor, DiffusionFullActor) and isinstance(actor.optimizer, ShardedAdamW)
     batch = TrainBatch.from_dict(shards[rank])
     metrics = actor.update_batch(batch, num_terms)
+    optimizer = actor.optimizer
+    layout = {"buckets": len(optimizer.buckets), "peak": optimizer.peak_buckets, "plan": len(actor.plan(batch))}
     saved = (actor.lora_state_dict(), actor.optimizer_state_dict())
     actor.update_batch(batch, num_terms)
     served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
@@ -71,7 +79,14 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
     actor.update_batch(batch, num_terms)
     resumed = actor.lora_state_dict()
     torch.save(
-        {"metrics": metrics, "served": served, "matches": matches, "resumed": resumed, "shard": saved[1]},
+        {
+            "metrics": metrics,
+            "served": served,
+            "matches": matches,
+            "resumed": resumed,
+            "shard": saved[1],
+            "layout": layout,
+        },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
 
@@ -84,7 +99,8 @@ def _reference(model_dir, batch, num_terms):
     actor.optimizer = torch.optim.AdamW(
         actor.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
     )
-    actor._reduce_and_clip = lambda bad: DiffusionLoRAActor._reduce_and_clip(actor, bad)
+    for verb in ("_prepare_grads", "_backward", "_reduce_and_clip"):  # the LoRA actor's: plain .grad, all of it
+        setattr(actor, verb, getattr(DiffusionLoRAActor, verb).__get__(actor))
     actor._after_optimizer_step = lambda: DiffusionLoRAActor._after_optimizer_step(actor)
     metrics = actor.update_batch(batch, num_terms)
     actor.update_batch(batch, num_terms)
@@ -97,29 +113,67 @@ def two_ranks(qwen_image_rl_pipe, tiny_qwen_image_dir, tmp_path_factory):
         _rollout(qwen_image_rl_pipe), torch.randn(6, generator=torch.Generator().manual_seed(0))
     )
     out = tmp_path_factory.mktemp("full_ranks")
-    shards = [s.as_dict() for s in batch.shards(2)]
+    # Uneven ranks: 4 rows (two micro-batches a window step) and 2 rows (one), so the second rank pads its backwards
+    shards = [batch.select(slice(0, 4)).as_dict(), batch.select(slice(4, 6)).as_dict()]
     args = (2, _free_port(), tiny_qwen_image_dir, shards, batch.num_terms, str(out))
     mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(2)]
     return batch, ranks
 
 
-def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ranks, tiny_qwen_image_dir):
+@pytest.fixture(scope="module")
+def reference(two_ranks, tiny_qwen_image_dir):
+    batch, _ = two_ranks
+    return _reference(tiny_qwen_image_dir, batch, batch.num_terms)
+
+
+def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ranks, reference, tiny_qwen_image_dir):
     batch, ranks = two_ranks
-    ref_metrics, reference = _reference(tiny_qwen_image_dir, batch, batch.num_terms)
+    ref_metrics, reference = reference
     start = _load_pipe(tiny_qwen_image_dir).transformer.state_dict()
     served = ranks[0]["served"]
     assert set(served) == set(reference) == set(start)
     moved = max((reference[k] - start[k]).abs().max().item() for k in start)
     diff = max((served[k] - reference[k]).abs().max().item() for k in start)
     print(f"2 ranks (sharded AdamW) vs 1 process (torch AdamW): max abs diff {diff:.2e}, moved {moved:.2e}")
-    assert moved > 1e-3 and diff < 1e-6
+    # (the reference sums the micro-batches' gradients before any reduction, the ranks reduce each micro-batch's:
+    # float32 sums in another order)
+    assert moved > 1e-3 and diff < 2e-6
     # Every weight trained (the text encoder and the VAE are not the transformer's: they stay as loaded).
     assert all(not torch.equal(reference[k], start[k]) for k in start if start[k].numel() > 1)
     # The clipping saw the global norm (the sum of both shards'), as clip_grad_norm_ over all weights does.
     norm = ranks[0]["metrics"]["actor/grad_norm"]
     assert norm == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5) and norm > ACTOR["grad_clip"]
     assert ranks[0]["metrics"]["actor/weight_sync_s"] > 0
+    # The gradients were reduced in many buckets, at most BUCKETS_IN_FLIGHT held at once; rank 0 ran more
+    # micro-batches than rank 1, which joined the extra reduce-scatters with zeros.
+    layouts = [r["layout"] for r in ranks]
+    assert layouts[0]["buckets"] == layouts[1]["buckets"] >= 10
+    assert all(0 < lay["peak"] <= BUCKETS_IN_FLIGHT for lay in layouts), layouts
+    assert layouts[0]["plan"] > layouts[1]["plan"] > 0
+
+
+def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, reference, tiny_qwen_image_dir):
+    """World size 1: the rank's shard is every bucket; the blocks recompute in the backward (the gradients still
+    arrive bucket by bucket)."""
+    batch, _ = two_ranks
+    _, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
+    model = model_config(tiny_qwen_image_dir, lora_rank=0, enable_gradient_checkpointing=True)
+    actor = DiffusionFullActor(model, actor_cfg, rollout)
+    assert actor.checkpointed_blocks > 0 and len(actor.optimizer.buckets) >= 10
+    metrics = actor.update_batch(batch, batch.num_terms)
+    actor.update_batch(batch, batch.num_terms)
+    ref_metrics, weights = reference
+    diff = max((p - weights[k]).abs().max().item() for k, p in actor.lora_state_dict().items())
+    assert diff < 2e-6 and metrics["actor/grad_norm"] == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5)
+    assert all(p.grad is None for p in actor.trainable)  # no weight keeps a full-size gradient
+    # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
+    state = actor.optimizer_state_dict()
+    other = DiffusionFullActor(model_config(tiny_qwen_image_dir, lora_rank=0), ActorConfig(), rollout)
+    with pytest.raises(ValueError, match=r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"):
+        other.load_optimizer_state_dict(state)
+    with pytest.raises(ValueError, match=r"format 'verl_omni.full_weights_shard.v1' .* resume from a checkpoint"):
+        actor.load_optimizer_state_dict({**state, "format": "verl_omni.full_weights_shard.v1"})
 
 
 def test_both_engines_serve_the_same_weights_bitwise(two_ranks):
@@ -137,8 +191,9 @@ def test_resume_from_the_saved_weights_and_shards_is_bit_identical(two_ranks):
     # Each rank saved its own half of the master weights and AdamW state.
     shards = [r["shard"] for r in ranks]
     assert [s["rank"] for s in shards] == [0, 1] and shards[0]["master"].shape == shards[1]["master"].shape
-    numel = shards[0]["numel"]
-    assert shards[0]["master"].numel() == (numel + 1) // 2
+    # A rank's shard: its half of every gradient bucket (padded to an even count).
+    assert shards[0]["buckets"] == shards[1]["buckets"] and sum(shards[0]["buckets"]) == shards[0]["numel"]
+    assert shards[0]["master"].numel() == sum((n + 1) // 2 for n in shards[0]["buckets"])
 
 
 class _RanksWritingShards:
@@ -217,20 +272,20 @@ def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_ol
 
 
 def test_the_memory_plan_of_a_known_configuration():
-    # 20B bf16 weights on 8 GPUs: weights 2P, gradients 2P, one bf16 shard 2P/8, master + its gradient 8P/8,
-    # AdamW's moments 8P/8.
+    # 20B bf16 weights on 8 GPUs: weights 2P, three 256 MiB gradient buckets, master + its gradient 8P/8 (the
+    # master's gradient is the gradient shard), AdamW's moments 8P/8.
     p = 20 * 10**9
+    buckets = BUCKETS_IN_FLIGHT * 256 * 2**20
     plan = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert (plan.weights, plan.grads, plan.shard, plan.master, plan.optimizer) == (
-        2 * p,
-        2 * p,
-        p // 4,
-        p,
-        p,
-    )
-    assert plan.device_total == 2 * p + 2 * p + p // 4 + 2 * p + 8 * GiB and plan.host_total == 0
+    assert (plan.weights, plan.grads, plan.buckets, plan.master, plan.optimizer) == (2 * p, 0, buckets, p, p)
+    assert plan.device_total == 2 * p + buckets + 2 * p + 8 * GiB and plan.host_total == 0
+    # Offloaded: the master, its gradient and the moments on the host; the gradient shard on the GPU in bf16.
     offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert offloaded.device_total == plan.device_total - 2 * p and offloaded.host_total == 2 * p
+    assert offloaded.grads == p // 4 and offloaded.host_total == 2 * p
+    assert offloaded.device_total == plan.device_total - 2 * p + p // 4
+    # Smaller buckets, less held; never more than the weights.
+    small = plan_full_weights_memory(p, 8, False, bucket_mb=64)
+    assert small.buckets == buckets // 4 and plan_full_weights_memory(1000, 1, False).buckets == 2000
     # Activations with every block recomputed: each block's input plus one block's working set (34 s b h bytes).
     # The policy EMA or DiffusionNFT's old policy: a float32 copy of every weight each.
     nft = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, policy_copies=1)
@@ -270,7 +325,8 @@ def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_q
         width=params.width,
         vae_scale_factor=8,
     )
-    # Per GPU on 2: 4P weights + 4P gradients + 2P shard + 8P master + 8P moments; offloaded: 10P on the GPU.
+    # Per GPU on 2: 4P weights + 4P gradient buckets (three of 256 MiB hold the tiny model's every gradient) + 8P
+    # master and its gradient + 8P moments; offloaded: 4P + 4P + a 2P gradient shard = 10P on the GPU.
     fits_offloaded = frozen + activations + 11 * p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=fits_offloaded))
@@ -283,24 +339,25 @@ def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_q
 def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_that_fits():
     p = 20 * 10**9
     gpu = 80 * GiB
-    # On 8 GPUs: 2P + 2P + P/4 + 2P = 6.25P = 116 GiB does not fit; offloaded: 4.25P = 79 GiB does.
+    # On 4 GPUs: 2P + 0.75 GiB buckets + 4P = 112.5 GiB does not fit; offloaded: 2P + P/2 + 0.75 GiB = 47.3 GiB does.
     with pytest.raises(
         ValueError,
-        match=r"does not fit: 20.00B trained weights on 8 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
-        r"116.42 GiB per GPU \(weights 37.25 GiB, gradients 37.25 GiB, .*\), more than the GPU's 80.00 GiB. "
-        r"Set actor_rollout_ref.actor.optimizer_offload=true \(79.16 GiB per GPU, 37.25 GiB host per GPU\)",
+        match=r"does not fit: 20.00B trained weights on 4 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
+        r"112.51 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 0.75 GiB, .*\), more than "
+        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.32 GiB per GPU, 74.51 GiB host "
+        r"per GPU\)",
     ):
-        check_full_weights_fit(p, 8, False, gpu)
-    # With 2 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
+        check_full_weights_fit(p, 4, False, gpu)
+    # With 35 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
     with pytest.raises(
         ValueError,
-        match=r"Use 96 GPUs \(80.00 GiB per GPU\) or 11 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
-        r"\(79.89 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
+        match=r"Use 43 GPUs \(79.93 GiB per GPU\) or 6 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
+        r"\(79.21 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
     ):
-        check_full_weights_fit(p, 8, False, gpu, activation_bytes=2 * GiB)
+        check_full_weights_fit(p, 4, False, gpu, activation_bytes=35 * GiB)
     with pytest.raises(ValueError, match=r"No GPU count fits: .* train a LoRA \(actor_rollout_ref.model.lora_rank"):
-        check_full_weights_fit(p, 8, True, 60 * GiB)
-    assert check_full_weights_fit(p, 8, True, gpu).device_total < gpu
+        check_full_weights_fit(p, 8, True, 37 * GiB)
+    assert check_full_weights_fit(p, 4, True, gpu).device_total < gpu
 
 
 # ---------------------------------------------------------------- the trainer

@@ -86,7 +86,13 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
     )
     # float32 copies of every weight: the policy EMA, DiffusionNFT's old policy (models/ema.py ShadowWeights)
     copies = int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft")
-    kwargs = dict(weight_bytes=dtype_bytes, frozen_bytes=frozen, activation_bytes=activations, policy_copies=copies)
+    kwargs = dict(
+        weight_bytes=dtype_bytes,
+        frozen_bytes=frozen,
+        activation_bytes=activations,
+        policy_copies=copies,
+        bucket_mb=ref.actor.grad_bucket_mb,
+    )
     return num_params, kwargs
 
 
