@@ -6,6 +6,7 @@ a resume from the saved weights and optimizer shards repeats the next step bit f
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ import torch.multiprocessing as mp
 from helpers import make_config, model_config, rollout_config, trainer_config
 from test_hybrid_engine import _rollout
 
-from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.models.ema import PolicyEMA
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 from verl_omni.trainer.run_summary import TAIL_STEPS
 from verl_omni.workers.actor import DiffusionLoRAActor
@@ -57,27 +59,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gathered_ema(actor) -> dict:
+    """The policy EMA as weights by name on every rank (its shards swapped in: a collective)."""
+    with actor._ema_in_params():
+        return {"lora": actor.lora_state_dict(), "optimizer_steps": actor.ema.optimizer_steps}
+
+
 def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
-    """One rank: two optimizer steps on its shard; then a resume from the state after step 1 and step 2 again."""
+    """One rank: two optimizer steps on its shard; then a resume from the state after step 1 and step 2 again. The
+    policy EMA (moved after every step) beside an unsharded one of the same live weights."""
     torch.set_num_threads(1)
     model, actor_cfg, rollout = _configs(model_dir)
+    actor_cfg = replace(actor_cfg, ema=EMAConfig(enable=True, update_interval=1))
     pipe = _load_pipe(model_dir)  # the engine's pipeline: the actor trains its transformer in place
     sync = LoRAGradSync(rank, world_size, ("127.0.0.1", port), torch.device("cpu"))
     actor = make_actor(model, actor_cfg, rollout, pipe=pipe, grad_sync=sync)
     assert isinstance(actor, DiffusionFullActor) and isinstance(actor.optimizer, ShardedAdamW)
+    plain = PolicyEMA(actor.trainable, actor.ema.schedule)  # every weight's float32 average, in this process
+    sharded_step = actor._after_optimizer_step
+
+    def both_emas_step():
+        sharded_step()
+        plain.after_optimizer_step()
+
+    actor._after_optimizer_step = both_emas_step
     batch = TrainBatch.from_dict(shards[rank])
     metrics = actor.update_batch(batch, num_terms)
     optimizer = actor.optimizer
     layout = {"buckets": len(optimizer.buckets), "peak": optimizer.peak_buckets, "plan": len(actor.plan(batch))}
-    saved = (actor.lora_state_dict(), actor.optimizer_state_dict())
+    saved = (actor.lora_state_dict(), actor.optimizer_state_dict(), _gathered_ema(actor))
     actor.update_batch(batch, num_terms)
     served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     matches = actor.lora_matches_rank0()
-    # Resume: the weights and this rank's optimizer shard as saved after step 1, then step 2 again.
+    ema = _gathered_ema(actor)
+    names = [n for n, _ in pipe.transformer.named_parameters()]
+    ema_report = {
+        "shard": actor.ema.weights.shadow[0].numel(),
+        "equal_to_unsharded": all(
+            torch.equal(ema["lora"][n], s) for n, s in zip(names, plain.weights.shadow, strict=True)
+        ),
+        "moved": max((ema["lora"][n] - saved[2]["lora"][n]).abs().max().item() for n in names),
+        "state_dict_is_none": actor.ema_state_dict() is None,
+        "checksum": actor.ema_checksum(),
+        "live_back": all(torch.equal(p, served[n]) for n, p in pipe.transformer.named_parameters()),
+    }
+    # Resume: the weights, this rank's optimizer shard and the EMA as saved after step 1, then step 2 again.
     actor.load_lora_state_dict(saved[0])
     actor.load_optimizer_state_dict(saved[1])
+    actor.load_ema_state_dict(saved[2])
     actor.update_batch(batch, num_terms)
     resumed = actor.lora_state_dict()
+    resumed_ema = _gathered_ema(actor)["lora"]
+    ema_report["resumed_equal"] = all(torch.equal(resumed_ema[n], ema["lora"][n]) for n in names)
     torch.save(
         {
             "metrics": metrics,
@@ -86,6 +119,7 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
             "resumed": resumed,
             "shard": saved[1],
             "layout": layout,
+            "ema": ema_report,
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
@@ -170,10 +204,27 @@ def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, refer
     # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
     state = actor.optimizer_state_dict()
     other = DiffusionFullActor(model_config(tiny_qwen_image_dir, lora_rank=0), ActorConfig(), rollout)
-    with pytest.raises(ValueError, match=r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"):
+    refused = r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"
+    with pytest.raises(ValueError, match=refused):
         other.load_optimizer_state_dict(state)
     with pytest.raises(ValueError, match=r"format 'verl_omni.full_weights_shard.v1' .* resume from a checkpoint"):
         actor.load_optimizer_state_dict({**state, "format": "verl_omni.full_weights_shard.v1"})
+
+
+def test_the_sharded_policy_ema_equals_the_unsharded_one_and_resumes_bit_identically(two_ranks):
+    _, ranks = two_ranks
+    reports = [r["ema"] for r in ranks]
+    numel = ranks[0]["shard"]["numel"]
+    for report in reports:
+        # each rank keeps the float32 average of its half of the weights only
+        assert report["shard"] == ranks[0]["shard"]["master"].numel() < numel
+        # all-gathered, it is bitwise the unsharded average of the same live weights, which it moved with
+        assert report["equal_to_unsharded"] and report["moved"] > 0
+        # swapping it in and out leaves the live weights bitwise as they were
+        assert report["live_back"] and report["resumed_equal"]
+    # rank 0 returns the EMA weights (a checkpoint's ema.safetensors), the other rank None; both see one checksum
+    assert [r["state_dict_is_none"] for r in reports] == [False, True]
+    assert reports[0]["checksum"] == reports[1]["checksum"]
 
 
 def test_both_engines_serve_the_same_weights_bitwise(two_ranks):

@@ -21,9 +21,11 @@ import torch
 
 from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
+from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError
+from verl_omni.models.ema import EMASchedule, PolicyEMA
 from verl_omni.workers.actor import DiffusionLoRAActor, UpdateContext
-from verl_omni.workers.full_weights import ShardedAdamW
+from verl_omni.workers.full_weights import ShardedAdamW, ShardedShadowWeights
 
 
 class DiffusionFullActor(DiffusionLoRAActor):
@@ -60,6 +62,36 @@ class DiffusionFullActor(DiffusionLoRAActor):
                 bucket_mb=actor.grad_bucket_mb,
             )
 
+    def _set_up_ema(self) -> None:
+        """The policy EMA sharded like the master: each rank moves the float32 average of its shard only."""
+        ema = self.config.ema
+        if not ema.enable:
+            self.ema = None
+            return
+        weights = ShardedShadowWeights(self.optimizer)
+        self.ema = PolicyEMA(self.trainable, EMASchedule(ema.decay, ema.update_interval), weights=weights)
+
+    # ------------------------------------------------------------------ the policy EMA, gathered where needed
+    def ema_state_dict(self) -> Optional[dict]:
+        """The EMA as the transformer's weights by name (swapped in: a collective, every rank calls it); rank 0
+        returns them, the other ranks None."""
+        with self._ema_in_params():
+            tensors = self.lora_state_dict() if self.grad_sync.rank == 0 else None
+        return None if tensors is None else {"lora": tensors, "optimizer_steps": self.ema.optimizer_steps}
+
+    def ema_checksum(self) -> Optional[str]:
+        """The checksum of the EMA as the transformer's weights, on every rank (a collective)."""
+        with self._ema_in_params():
+            return tensors_checksum(self.lora_state_dict())
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        """Each rank keeps its shard of the EMA weights by name; the live weights and the master stay as they are."""
+        ema = self._policy_ema()
+        tensors = state["lora"]
+        self._check_names(tensors)
+        ema.weights.load_full([tensors[name] for name, _ in self.transformer.named_parameters()])
+        ema.optimizer_steps = int(state["optimizer_steps"])
+
     # ------------------------------------------------------------------ weights, by the transformer's names
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True) for name, p in self.transformer.named_parameters()}
@@ -69,13 +101,7 @@ class DiffusionFullActor(DiffusionLoRAActor):
         return {name: tuple(p.shape) for name, p in self.transformer.named_parameters()}
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self.transformer.named_parameters())
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(
-                f"the weights do not match the transformer: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                "(a LoRA checkpoint into full fine-tuning, or another model?)"
-            )
+        params = self._check_names(tensors)
         with torch.no_grad():
             for name, p in params.items():
                 if tensors[name].shape != p.shape:
@@ -84,6 +110,16 @@ class DiffusionFullActor(DiffusionLoRAActor):
                 p.copy_(tensors[name])
         self.optimizer.reset_master_from_params()
         self.algorithm.attach(self)
+
+    def _check_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+        params = dict(self.transformer.named_parameters())
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"the weights do not match the transformer: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                "(a LoRA checkpoint into full fine-tuning, or another model?)"
+            )
+        return params
 
     def lora_matches_rank0(self) -> bool:
         """Whether every weight of this rank is bitwise rank 0's (a collective: every rank calls it), one weight

@@ -33,6 +33,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -392,6 +393,97 @@ class ShardedAdamW:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+class ShardedShadowWeights:
+    """``models/ema.py``'s ``ShadowWeights`` for full fine-tuning, sharded like ``optimizer``'s master: each rank
+    keeps the float32 shadow of its shard only (beside the master: host memory with the offload), so the policy EMA
+    costs 4·P/N bytes a rank instead of 4·P.
+
+    ``update`` and ``copy_from_live`` are the unsharded arithmetic on this rank's values of the live weights (no
+    collective). ``swap_in`` / ``swap_out`` are collectives: the shadow shards are all-gathered bucket by bucket
+    into the weights (in their dtype, as ``param.copy_(shadow)`` rounds), this rank's live shard kept aside in the
+    weights' dtype and all-gathered back on ``swap_out``, bit for bit."""
+
+    def __init__(self, optimizer: ShardedAdamW):
+        self.optimizer = optimizer
+        self.params = optimizer.params
+        device = optimizer.master.device
+        pin = device.type == "cpu" and optimizer.device.type == "cuda"
+        with torch.inference_mode(False), torch.no_grad():
+            flat = torch.zeros(optimizer.shard_numel, dtype=torch.float32, device=device, pin_memory=pin)
+            optimizer.read_shard(flat)
+        self.shadow = [flat]
+        self._kept: Optional[torch.Tensor] = None
+
+    def update(self, decay: float) -> None:
+        """One moving-average step towards the live values: ``shadow += (1 - decay) * (live - shadow)``."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay={decay} must lie in [0, 1]")
+        self._refuse_while_swapped("update")
+        one_minus_decay = 1.0 - decay
+        flat = self.shadow[0]
+        with torch.inference_mode(False), torch.no_grad():
+            for p, lo, hi, at in self.optimizer.shard_pieces():
+                shadow = flat[at : at + hi - lo]
+                live = p.detach().reshape(-1)[lo:hi].to(shadow.device, torch.float32)
+                shadow.add_(one_minus_decay * (live - shadow))
+
+    def copy_from_live(self) -> None:
+        self._refuse_while_swapped("copy_from_live")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.read_shard(self.shadow[0])
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        self.swap_in()
+        try:
+            yield
+        finally:
+            self.swap_out()
+
+    def swap_in(self) -> None:
+        if self._kept is not None:
+            raise RuntimeError("the shadow weights are already swapped in (swap_out first)")
+        opt = self.optimizer
+        with torch.inference_mode(False), torch.no_grad():
+            kept = opt.read_shard(torch.empty(opt.shard_numel, dtype=opt.dtype, device=opt.device))
+            opt.write_from_shards(self.shadow[0])
+        self._kept = kept
+
+    def swap_out(self) -> None:
+        if self._kept is None:
+            raise RuntimeError("the shadow weights are not swapped in")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.write_from_shards(self._kept)
+        self._kept = None
+
+    @property
+    def is_swapped_in(self) -> bool:
+        return self._kept is not None
+
+    def load_full(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The shadow from full tensors (the weights' shapes, in their order): this rank's shard of them."""
+        self._refuse_while_swapped("load_full")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.read_shard(self.shadow[0], tensors)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``shadow.0``: this rank's float32 shard, on the CPU."""
+        return {"shadow.0": self.shadow[0].detach().to("cpu").clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._refuse_while_swapped("load_state_dict")
+        value = state.get("shadow.0")
+        if value is None or tuple(value.shape) != tuple(self.shadow[0].shape):
+            found = None if value is None else tuple(value.shape)
+            raise ValueError(f"sharded shadow weights: shard of shape {found}, expected {tuple(self.shadow[0].shape)}")
+        with torch.inference_mode(False), torch.no_grad():
+            self.shadow[0].copy_(value)
+
+    def _refuse_while_swapped(self, what: str) -> None:
+        if self._kept is not None:
+            raise RuntimeError(f"{what} while the shadow weights are swapped in would mix the two copies")
+
+
 def is_shard_state(state: object) -> bool:
     """Whether ``state`` is a ``ShardedAdamW.state_dict`` (one rank's shard), not a whole optimizer's."""
     return isinstance(state, dict) and state.get("format") in (STATE_FORMAT, *OLD_STATE_FORMATS)
@@ -425,18 +517,19 @@ class FullWeightsMemory:
     master: int  # float32 master shard + its float32 gradient
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
-    copies: int  # float32 copies of every weight kept beside them (the policy EMA, DiffusionNFT's old policy)
+    copies: int  # float32 copies of every weight on the GPU (DiffusionNFT's old policy)
+    sharded_copies: int  # float32 copies sharded like the master (the policy EMA): on the host with the offload
     activations: int
 
     @property
     def device_total(self) -> int:
-        on_device = 0 if self.offload else self.master + self.optimizer
+        on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
         fixed = self.weights + self.grads + self.buckets + self.frozen + self.copies
         return fixed + on_device + self.activations
 
     @property
     def host_total(self) -> int:
-        return self.master + self.optimizer if self.offload else 0
+        return self.master + self.optimizer + self.sharded_copies if self.offload else 0
 
     def describe(self) -> str:
         parts = [
@@ -447,6 +540,7 @@ class FullWeightsMemory:
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
             ("policy copies", self.copies),
+            ("policy EMA shard" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
         ]
         items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
@@ -469,6 +563,7 @@ def plan_full_weights_memory(
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
     policy_copies: int = 0,
+    sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
 ) -> FullWeightsMemory:
     """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``
@@ -486,6 +581,7 @@ def plan_full_weights_memory(
         optimizer=shard * 8,
         frozen=frozen_bytes,
         copies=policy_copies * num_params * 4,
+        sharded_copies=sharded_copies * shard * 4,
         activations=activation_bytes,
     )
 
@@ -514,6 +610,7 @@ def check_full_weights_fit(
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
     policy_copies: int = 0,
+    sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
     max_gpus: int = 1024,
@@ -530,6 +627,7 @@ def check_full_weights_fit(
             frozen_bytes=frozen_bytes,
             activation_bytes=activation_bytes,
             policy_copies=policy_copies,
+            sharded_copies=sharded_copies,
             bucket_mb=bucket_mb,
         )
 
