@@ -187,14 +187,16 @@ def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ran
     assert layouts[0]["plan"] > layouts[1]["plan"] > 0
 
 
-def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, reference, tiny_qwen_image_dir):
+@pytest.mark.parametrize("offload", [False, True], ids=["master_beside_weights", "optimizer_offload"])
+def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, reference, tiny_qwen_image_dir, offload):
     """World size 1: the rank's shard is every bucket; the blocks recompute in the backward (the gradients still
-    arrive bucket by bucket)."""
+    arrive bucket by bucket). With the offload the gradient shard is its own tensor, copied into the master's."""
     batch, _ = two_ranks
     _, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
     model = model_config(tiny_qwen_image_dir, lora_rank=0, enable_gradient_checkpointing=True)
-    actor = DiffusionFullActor(model, actor_cfg, rollout)
+    actor = DiffusionFullActor(model, replace(actor_cfg, optimizer_offload=offload), rollout)
     assert actor.checkpointed_blocks > 0 and len(actor.optimizer.buckets) >= 10
+    assert (actor.optimizer.grad_shard is actor.optimizer.master.grad) != offload
     metrics = actor.update_batch(batch, batch.num_terms)
     actor.update_batch(batch, batch.num_terms)
     ref_metrics, weights = reference
