@@ -49,10 +49,11 @@ BUCKET_KEY = "actor_rollout_ref.actor.grad_bucket_mb"
 MiB = 1024**2
 STATE_FORMAT = "verl_omni.full_weights_shard.v2"
 OLD_STATE_FORMATS = ("verl_omni.full_weights_shard.v1",)
-# Buckets a rank holds at once during the backward once the reduction order is learned: measured 3 on the tiny
-# Qwen-Image (29 buckets of 1 MiB, several per block): the one filling, the one being reduced, and one whose first
-# gradients came early and whose last ones (a block's modulation weights, used first in the forward) come at the
-# end of the block's backward. The first backward of a run, in bucket order, may hold up to one block more.
+# Buckets a rank holds at once during the backward, measured on the tiny Qwen-Image (9 MiB blocks): at most 3 once
+# the reduction order is learned (the one filling, the one being reduced, and one whose first gradients came early
+# and whose last ones, a block's modulation weights used first in the forward, come at the end of the block's
+# backward); in the first backward, in bucket order, about one block's worth (8 buckets of 1 MiB, 22 of 0.25 MiB),
+# 3 with 4 MiB buckets: the ratio of the default 256 MiB to Qwen-Image's 649 MiB blocks.
 BUCKETS_IN_FLIGHT = 3
 
 
