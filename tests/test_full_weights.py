@@ -229,6 +229,35 @@ def test_the_sharded_policy_ema_equals_the_unsharded_one_and_resumes_bit_identic
     assert reports[0]["checksum"] == reports[1]["checksum"]
 
 
+def test_the_ranks_shards_cover_every_weight_once_bucket_by_bucket():
+    """Three ranks' shards (each its part of every bucket) hold every value of the weights exactly once; buckets stay
+    under the cap unless one weight is larger, and take the weights in reverse order."""
+    from types import SimpleNamespace
+
+    from verl_omni.workers.full_weights import plan_buckets
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (3,), (40,), (2, 2), (11,), (1,), (9, 3)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in shapes]
+    numels = [p.numel() for p in params]
+    cap = 30
+    buckets = plan_buckets(numels, 3, cap)
+    assert [i for b in buckets for i in b.members] == list(reversed(range(len(params))))
+    assert all(b.numel <= cap or len(b.members) == 1 for b in buckets) and len(buckets) > 2
+    assert all(b.padded == 3 * b.chunk >= b.numel > b.padded - 3 for b in buckets)
+    pieces = []
+    for rank in range(3):
+        sync = SimpleNamespace(rank=rank, world_size=3)
+        optimizer = ShardedAdamW(params, sync, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, bucket_mb=cap * 4 / 2**20)
+        shard = optimizer.read_shard(torch.empty(optimizer.shard_numel))
+        assert torch.equal(shard, optimizer.master.detach())  # the master starts from the weights' values
+        pieces += [(id(p), lo, hi, shard[at : at + hi - lo]) for p, lo, hi, at in optimizer.shard_pieces()]
+    for p in params:
+        mine = sorted((lo, hi, values) for key, lo, hi, values in pieces if key == id(p))
+        assert [lo for lo, _, _ in mine] == [0] + [hi for _, hi, _ in mine[:-1]] and mine[-1][1] == p.numel()
+        assert torch.equal(torch.cat([values for _, _, values in mine]), p.detach().reshape(-1))
+
+
 def test_both_engines_serve_the_same_weights_bitwise(two_ranks):
     _, ranks = two_ranks
     assert [r["matches"] for r in ranks] == [True, True]

@@ -218,9 +218,10 @@ class ShardedAdamW:
                     self.peak_buckets = max(self.peak_buckets, sum(t is not None for t in self._filled))
             self._filled[k][off : off + p.numel()].add_(p.grad.reshape(-1))
             p.grad = None
-            self._waiting[k].discard(index)
-            if not self._waiting[k]:
-                self._completed.append(k)
+            if index in self._waiting[k]:  # (a weight whose gradient accumulates twice completes its bucket once)
+                self._waiting[k].discard(index)
+                if not self._waiting[k]:
+                    self._completed.append(k)
             self._reduce_ready()
 
         return hook
