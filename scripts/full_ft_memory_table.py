@@ -96,7 +96,7 @@ def readme_table(all_plans: dict[str, dict]) -> str:
 def full_table(all_plans: dict[str, dict]) -> str:
     """Every term of every plan, GiB per GPU (host: what the offload keeps in host memory per GPU)."""
     lines = [
-        "| model | offload | GPUs | weights | gradients | gathered shard | master + AdamW shards | frozen "
+        "| model | offload | GPUs | weights | gradient shard | gradient buckets | master + AdamW shards | frozen "
         "components | policy copies | activations | total per GPU | host per GPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -105,8 +105,9 @@ def full_table(all_plans: dict[str, dict]) -> str:
             for n in GPUS:
                 p = all_plans[recipe.model][n, off]
                 shards = _gib(p.master + p.optimizer, 2) + (" (host)" if off else "")
-                terms = [_gib(t, 2) for t in (p.weights, p.grads, p.shard)] + [shards]
-                terms += [_gib(t, 2) for t in (p.frozen, p.copies, p.activations)]
+                terms = [_gib(t, 2) for t in (p.weights, p.grads, p.buckets)] + [shards]
+                copies = _gib(p.copies + p.sharded_copies, 2) + (" (host)" if off and p.sharded_copies else "")
+                terms += [_gib(p.frozen, 2), copies, _gib(p.activations, 2)]
                 cells = [recipe.model, "on" if off else "off", str(n), *terms]
                 cells += [_gib(p.device_total, 2), _gib(p.host_total, 2)]
                 lines.append("| " + " | ".join(cells) + " |")

@@ -385,11 +385,21 @@ def test_the_split_placement_pushes_the_ema_for_validation_and_the_adapter_after
         trainer.loop.close()
 
 
+# Full fine-tuning on two ranks: each rank keeps its shard of the EMA (workers/full_weights.py ShardedShadowWeights).
+FULL_ON_TWO_RANKS = {
+    "actor_rollout_ref.model.lora_rank": 0,
+    "actor_rollout_ref.actor.optim.lr": 1e-4,
+    "trainer.n_gpus_per_node": 2,
+}
+
+
 @pytest.mark.e2e
+@pytest.mark.parametrize("trained", [{}, FULL_ON_TWO_RANKS], ids=["lora", "full_weights_two_ranks"])
 def test_hybrid_engine_validates_the_ema_it_serves_and_resumes_it_bit_for_bit(
-    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path
+    ray_session, ocr_data_files, tiny_qwen_image_dir, tmp_path, trained
 ):
     overrides = {
+        **trained,
         "actor_rollout_ref.actor.ema.enable": True,
         "actor_rollout_ref.actor.ema.update_interval": 1,
         "trainer.test_freq": 2,
@@ -402,8 +412,13 @@ def test_hybrid_engine_validates_the_ema_it_serves_and_resumes_it_bit_for_bit(
     seen, metrics = {}, {}
     validate, validate_all = trainer._validate, trainer.validate
 
+    def serving():  # what the engines serve: full fine-tuning's engines serve the actor ranks' own weights
+        if trained:
+            return trainer.actor.lora_checksums()
+        return trainer._run(trainer.servers.lora_checksums())
+
     def recording_validate(step, prefix, name):
-        seen[prefix] = trainer._run(trainer.servers.lora_checksums())[0]
+        seen[prefix] = serving()[0]
         return validate(step, prefix, name)
 
     trainer._validate = recording_validate
@@ -416,7 +431,9 @@ def test_hybrid_engine_validates_the_ema_it_serves_and_resumes_it_bit_for_bit(
         assert live != ema
         # The engine served the EMA during the EMA's validation and serves the trained adapter again after it.
         assert seen == {"val": live, "val/ema": ema}
-        assert trainer._run(trainer.servers.lora_checksums()) == [live]
+        replicas = trainer.config.num_replicas
+        assert trainer.actor.ema_checksums() == [ema] * replicas
+        assert serving() == [live] * replicas
         assert {"val/reward_mean", "val/ema/reward_mean"} <= set(metrics)
         assert (tmp_path / "validation" / "ema_step_2.png").exists()
         saved = trainer.actor.ema_state_dict()
@@ -432,6 +449,7 @@ def test_hybrid_engine_validates_the_ema_it_serves_and_resumes_it_bit_for_bit(
         state = resumed.actor.ema_state_dict()
         assert state["optimizer_steps"] == 2 and set(state["lora"]) == set(saved["lora"])
         assert all(torch.equal(state["lora"][k], saved["lora"][k]) for k in saved["lora"])
-        assert resumed.actor.lora_checksums() == [live]
+        assert resumed.actor.lora_checksums() == [live] * replicas
+        assert resumed.actor.ema_checksums() == [ema] * replicas
     finally:
         resumed.shutdown()

@@ -6,6 +6,7 @@ a resume from the saved weights and optimizer shards repeats the next step bit f
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,13 +14,15 @@ import torch.multiprocessing as mp
 from helpers import make_config, model_config, rollout_config, trainer_config
 from test_hybrid_engine import _rollout
 
-from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.actor import ActorConfig, EMAConfig, OptimConfig
 from verl_omni.core.checksum import tensors_checksum
+from verl_omni.models.ema import PolicyEMA
 from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 from verl_omni.trainer.run_summary import TAIL_STEPS
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.full_actor import DiffusionFullActor, make_actor
 from verl_omni.workers.full_weights import (
+    BUCKETS_IN_FLIGHT,
     GiB,
     ShardedAdamW,
     activation_bytes_estimate,
@@ -29,9 +32,14 @@ from verl_omni.workers.full_weights import (
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
 
-# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised; two optimizer steps per update
+# grad_clip below the tiny model's gradient norm: the global-norm clipping is exercised; two optimizer steps per update;
+# 1 MiB gradient buckets: the tiny transformer's 19 MiB of float32 weights reduce in many buckets, several per block
 ACTOR = dict(
-    optim=OptimConfig(lr=1e-3, weight_decay=0.01), ppo_micro_batch_size_per_gpu=2, grad_clip=0.05, ppo_epochs=2
+    optim=OptimConfig(lr=1e-3, weight_decay=0.01),
+    ppo_micro_batch_size_per_gpu=2,
+    grad_clip=0.05,
+    ppo_epochs=2,
+    grad_bucket_mb=1.0,
 )
 
 
@@ -51,27 +59,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gathered_ema(actor) -> dict:
+    """The policy EMA as weights by name on every rank (its shards swapped in: a collective)."""
+    with actor._ema_in_params():
+        return {"lora": actor.lora_state_dict(), "optimizer_steps": actor.ema.optimizer_steps}
+
+
 def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
-    """One rank: two optimizer steps on its shard; then a resume from the state after step 1 and step 2 again."""
+    """One rank: two optimizer steps on its shard; then a resume from the state after step 1 and step 2 again. The
+    policy EMA (moved after every step) beside an unsharded one of the same live weights."""
     torch.set_num_threads(1)
     model, actor_cfg, rollout = _configs(model_dir)
+    actor_cfg = replace(actor_cfg, ema=EMAConfig(enable=True, update_interval=1))
     pipe = _load_pipe(model_dir)  # the engine's pipeline: the actor trains its transformer in place
     sync = LoRAGradSync(rank, world_size, ("127.0.0.1", port), torch.device("cpu"))
     actor = make_actor(model, actor_cfg, rollout, pipe=pipe, grad_sync=sync)
     assert isinstance(actor, DiffusionFullActor) and isinstance(actor.optimizer, ShardedAdamW)
+    plain = PolicyEMA(actor.trainable, actor.ema.schedule)  # every weight's float32 average, in this process
+    sharded_step = actor._after_optimizer_step
+
+    def both_emas_step():
+        sharded_step()
+        plain.after_optimizer_step()
+
+    actor._after_optimizer_step = both_emas_step
     batch = TrainBatch.from_dict(shards[rank])
     metrics = actor.update_batch(batch, num_terms)
-    saved = (actor.lora_state_dict(), actor.optimizer_state_dict())
+    optimizer = actor.optimizer
+    layout = {"buckets": len(optimizer.buckets), "peak": optimizer.peak_buckets, "plan": len(actor.plan(batch))}
+    saved = (actor.lora_state_dict(), actor.optimizer_state_dict(), _gathered_ema(actor))
     actor.update_batch(batch, num_terms)
     served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     matches = actor.lora_matches_rank0()
-    # Resume: the weights and this rank's optimizer shard as saved after step 1, then step 2 again.
+    ema = _gathered_ema(actor)
+    names = [n for n, _ in pipe.transformer.named_parameters()]
+    ema_report = {
+        "shard": actor.ema.weights.shadow[0].numel(),
+        "equal_to_unsharded": all(
+            torch.equal(ema["lora"][n], s) for n, s in zip(names, plain.weights.shadow, strict=True)
+        ),
+        "moved": max((ema["lora"][n] - saved[2]["lora"][n]).abs().max().item() for n in names),
+        "state_dict_is_none": actor.ema_state_dict() is None,
+        "checksum": actor.ema_checksum(),
+        "live_back": all(torch.equal(p, served[n]) for n, p in pipe.transformer.named_parameters()),
+    }
+    # Resume: the weights, this rank's optimizer shard and the EMA as saved after step 1, then step 2 again.
     actor.load_lora_state_dict(saved[0])
     actor.load_optimizer_state_dict(saved[1])
+    actor.load_ema_state_dict(saved[2])
     actor.update_batch(batch, num_terms)
     resumed = actor.lora_state_dict()
+    resumed_ema = _gathered_ema(actor)["lora"]
+    ema_report["resumed_equal"] = all(torch.equal(resumed_ema[n], ema["lora"][n]) for n in names)
     torch.save(
-        {"metrics": metrics, "served": served, "matches": matches, "resumed": resumed, "shard": saved[1]},
+        {
+            "metrics": metrics,
+            "served": served,
+            "matches": matches,
+            "resumed": resumed,
+            "shard": saved[1],
+            "layout": layout,
+            "ema": ema_report,
+        },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
 
@@ -84,7 +133,8 @@ def _reference(model_dir, batch, num_terms):
     actor.optimizer = torch.optim.AdamW(
         actor.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
     )
-    actor._reduce_and_clip = lambda bad: DiffusionLoRAActor._reduce_and_clip(actor, bad)
+    for verb in ("_prepare_grads", "_backward", "_reduce_and_clip"):  # the LoRA actor's: plain .grad, all of it
+        setattr(actor, verb, getattr(DiffusionLoRAActor, verb).__get__(actor))
     actor._after_optimizer_step = lambda: DiffusionLoRAActor._after_optimizer_step(actor)
     metrics = actor.update_batch(batch, num_terms)
     actor.update_batch(batch, num_terms)
@@ -97,29 +147,115 @@ def two_ranks(qwen_image_rl_pipe, tiny_qwen_image_dir, tmp_path_factory):
         _rollout(qwen_image_rl_pipe), torch.randn(6, generator=torch.Generator().manual_seed(0))
     )
     out = tmp_path_factory.mktemp("full_ranks")
-    shards = [s.as_dict() for s in batch.shards(2)]
+    # Uneven ranks: 4 rows (two micro-batches a window step) and 2 rows (one), so the second rank pads its backwards
+    shards = [batch.select(slice(0, 4)).as_dict(), batch.select(slice(4, 6)).as_dict()]
     args = (2, _free_port(), tiny_qwen_image_dir, shards, batch.num_terms, str(out))
     mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(out / f"rank{k}.pt", weights_only=False) for k in range(2)]
     return batch, ranks
 
 
-def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ranks, tiny_qwen_image_dir):
+@pytest.fixture(scope="module")
+def reference(two_ranks, tiny_qwen_image_dir):
+    batch, _ = two_ranks
+    return _reference(tiny_qwen_image_dir, batch, batch.num_terms)
+
+
+def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ranks, reference, tiny_qwen_image_dir):
     batch, ranks = two_ranks
-    ref_metrics, reference = _reference(tiny_qwen_image_dir, batch, batch.num_terms)
+    ref_metrics, reference = reference
     start = _load_pipe(tiny_qwen_image_dir).transformer.state_dict()
     served = ranks[0]["served"]
     assert set(served) == set(reference) == set(start)
     moved = max((reference[k] - start[k]).abs().max().item() for k in start)
     diff = max((served[k] - reference[k]).abs().max().item() for k in start)
     print(f"2 ranks (sharded AdamW) vs 1 process (torch AdamW): max abs diff {diff:.2e}, moved {moved:.2e}")
-    assert moved > 1e-3 and diff < 1e-6
+    # (the reference sums the micro-batches' gradients before any reduction, the ranks reduce each micro-batch's:
+    # float32 sums in another order)
+    assert moved > 1e-3 and diff < 2e-6
     # Every weight trained (the text encoder and the VAE are not the transformer's: they stay as loaded).
     assert all(not torch.equal(reference[k], start[k]) for k in start if start[k].numel() > 1)
     # The clipping saw the global norm (the sum of both shards'), as clip_grad_norm_ over all weights does.
     norm = ranks[0]["metrics"]["actor/grad_norm"]
     assert norm == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5) and norm > ACTOR["grad_clip"]
     assert ranks[0]["metrics"]["actor/weight_sync_s"] > 0
+    # The gradients were reduced in many buckets, at most BUCKETS_IN_FLIGHT held at once; rank 0 ran more
+    # micro-batches than rank 1, which joined the extra reduce-scatters with zeros.
+    layouts = [r["layout"] for r in ranks]
+    assert layouts[0]["buckets"] == layouts[1]["buckets"] >= 10
+    assert all(0 < lay["peak"] <= BUCKETS_IN_FLIGHT for lay in layouts), layouts
+    assert layouts[0]["plan"] > layouts[1]["plan"] > 0
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["master_beside_weights", "optimizer_offload"])
+def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, reference, tiny_qwen_image_dir, offload):
+    """World size 1: the rank's shard is every bucket; the blocks recompute in the backward (the gradients still
+    arrive bucket by bucket). With the offload the gradient shard is its own tensor, copied into the master's."""
+    batch, _ = two_ranks
+    _, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
+    model = model_config(tiny_qwen_image_dir, lora_rank=0, enable_gradient_checkpointing=True)
+    actor = DiffusionFullActor(model, replace(actor_cfg, optimizer_offload=offload), rollout)
+    assert actor.checkpointed_blocks > 0 and len(actor.optimizer.buckets) >= 10
+    assert (actor.optimizer.grad_shard is actor.optimizer.master.grad) != offload
+    metrics = actor.update_batch(batch, batch.num_terms)
+    actor.update_batch(batch, batch.num_terms)
+    ref_metrics, weights = reference
+    diff = max((p - weights[k]).abs().max().item() for k, p in actor.lora_state_dict().items())
+    assert diff < 2e-6 and metrics["actor/grad_norm"] == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5)
+    assert all(p.grad is None for p in actor.trainable)  # no weight keeps a full-size gradient
+    # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
+    state = actor.optimizer_state_dict()
+    other = DiffusionFullActor(model_config(tiny_qwen_image_dir, lora_rank=0), ActorConfig(), rollout)
+    refused = r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"
+    with pytest.raises(ValueError, match=refused):
+        other.load_optimizer_state_dict(state)
+    with pytest.raises(ValueError, match=r"format 'verl_omni.full_weights_shard.v1' .* resume from a checkpoint"):
+        actor.load_optimizer_state_dict({**state, "format": "verl_omni.full_weights_shard.v1"})
+
+
+def test_the_sharded_policy_ema_equals_the_unsharded_one_and_resumes_bit_identically(two_ranks):
+    _, ranks = two_ranks
+    reports = [r["ema"] for r in ranks]
+    numel = ranks[0]["shard"]["numel"]
+    for report in reports:
+        # each rank keeps the float32 average of its half of the weights only
+        assert report["shard"] == ranks[0]["shard"]["master"].numel() < numel
+        # all-gathered, it is bitwise the unsharded average of the same live weights, which it moved with
+        assert report["equal_to_unsharded"] and report["moved"] > 0
+        # swapping it in and out leaves the live weights bitwise as they were
+        assert report["live_back"] and report["resumed_equal"]
+    # rank 0 returns the EMA weights (a checkpoint's ema.safetensors), the other rank None; both see one checksum
+    assert [r["state_dict_is_none"] for r in reports] == [False, True]
+    assert reports[0]["checksum"] == reports[1]["checksum"]
+
+
+def test_the_ranks_shards_cover_every_weight_once_bucket_by_bucket():
+    """Three ranks' shards (each its part of every bucket) hold every value of the weights exactly once; buckets stay
+    under the cap unless one weight is larger, and take the weights in reverse order."""
+    from types import SimpleNamespace
+
+    from verl_omni.workers.full_weights import plan_buckets
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (3,), (40,), (2, 2), (11,), (1,), (9, 3)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in shapes]
+    numels = [p.numel() for p in params]
+    cap = 30
+    buckets = plan_buckets(numels, 3, cap)
+    assert [i for b in buckets for i in b.members] == list(reversed(range(len(params))))
+    assert all(b.numel <= cap or len(b.members) == 1 for b in buckets) and len(buckets) > 2
+    assert all(b.padded == 3 * b.chunk >= b.numel > b.padded - 3 for b in buckets)
+    pieces = []
+    for rank in range(3):
+        sync = SimpleNamespace(rank=rank, world_size=3)
+        optimizer = ShardedAdamW(params, sync, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, bucket_mb=cap * 4 / 2**20)
+        shard = optimizer.read_shard(torch.empty(optimizer.shard_numel))
+        assert torch.equal(shard, optimizer.master.detach())  # the master starts from the weights' values
+        pieces += [(id(p), lo, hi, shard[at : at + hi - lo]) for p, lo, hi, at in optimizer.shard_pieces()]
+    for p in params:
+        mine = sorted((lo, hi, values) for key, lo, hi, values in pieces if key == id(p))
+        assert [lo for lo, _, _ in mine] == [0] + [hi for _, hi, _ in mine[:-1]] and mine[-1][1] == p.numel()
+        assert torch.equal(torch.cat([values for _, _, values in mine]), p.detach().reshape(-1))
 
 
 def test_both_engines_serve_the_same_weights_bitwise(two_ranks):
@@ -137,8 +273,9 @@ def test_resume_from_the_saved_weights_and_shards_is_bit_identical(two_ranks):
     # Each rank saved its own half of the master weights and AdamW state.
     shards = [r["shard"] for r in ranks]
     assert [s["rank"] for s in shards] == [0, 1] and shards[0]["master"].shape == shards[1]["master"].shape
-    numel = shards[0]["numel"]
-    assert shards[0]["master"].numel() == (numel + 1) // 2
+    # A rank's shard: its half of every gradient bucket (padded to an even count).
+    assert shards[0]["buckets"] == shards[1]["buckets"] and sum(shards[0]["buckets"]) == shards[0]["numel"]
+    assert shards[0]["master"].numel() == sum((n + 1) // 2 for n in shards[0]["buckets"])
 
 
 class _RanksWritingShards:
@@ -217,20 +354,20 @@ def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_ol
 
 
 def test_the_memory_plan_of_a_known_configuration():
-    # 20B bf16 weights on 8 GPUs: weights 2P, gradients 2P, one bf16 shard 2P/8, master + its gradient 8P/8,
-    # AdamW's moments 8P/8.
+    # 20B bf16 weights on 8 GPUs: weights 2P, three 256 MiB gradient buckets, master + its gradient 8P/8 (the
+    # master's gradient is the gradient shard), AdamW's moments 8P/8.
     p = 20 * 10**9
+    buckets = BUCKETS_IN_FLIGHT * 256 * 2**20
     plan = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert (plan.weights, plan.grads, plan.shard, plan.master, plan.optimizer) == (
-        2 * p,
-        2 * p,
-        p // 4,
-        p,
-        p,
-    )
-    assert plan.device_total == 2 * p + 2 * p + p // 4 + 2 * p + 8 * GiB and plan.host_total == 0
+    assert (plan.weights, plan.grads, plan.buckets, plan.master, plan.optimizer) == (2 * p, 0, buckets, p, p)
+    assert plan.device_total == 2 * p + buckets + 2 * p + 8 * GiB and plan.host_total == 0
+    # Offloaded: the master, its gradient and the moments on the host; the gradient shard on the GPU in bf16.
     offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert offloaded.device_total == plan.device_total - 2 * p and offloaded.host_total == 2 * p
+    assert offloaded.grads == p // 4 and offloaded.host_total == 2 * p
+    assert offloaded.device_total == plan.device_total - 2 * p + p // 4
+    # Smaller buckets, less held; never more than the weights.
+    small = plan_full_weights_memory(p, 8, False, bucket_mb=64)
+    assert small.buckets == buckets // 4 and plan_full_weights_memory(1000, 1, False).buckets == 2000
     # Activations with every block recomputed: each block's input plus one block's working set (34 s b h bytes).
     # The policy EMA or DiffusionNFT's old policy: a float32 copy of every weight each.
     nft = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, policy_copies=1)
@@ -270,7 +407,8 @@ def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_q
         width=params.width,
         vae_scale_factor=8,
     )
-    # Per GPU on 2: 4P weights + 4P gradients + 2P shard + 8P master + 8P moments; offloaded: 10P on the GPU.
+    # Per GPU on 2: 4P weights + 4P gradient buckets (three of 256 MiB hold the tiny model's every gradient) + 8P
+    # master and its gradient + 8P moments; offloaded: 4P + 4P + a 2P gradient shard = 10P on the GPU.
     fits_offloaded = frozen + activations + 11 * p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=fits_offloaded))
@@ -283,24 +421,25 @@ def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_q
 def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_that_fits():
     p = 20 * 10**9
     gpu = 80 * GiB
-    # On 8 GPUs: 2P + 2P + P/4 + 2P = 6.25P = 116 GiB does not fit; offloaded: 4.25P = 79 GiB does.
+    # On 4 GPUs: 2P + 0.75 GiB buckets + 4P = 112.5 GiB does not fit; offloaded: 2P + P/2 + 0.75 GiB = 47.3 GiB does.
     with pytest.raises(
         ValueError,
-        match=r"does not fit: 20.00B trained weights on 8 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
-        r"116.42 GiB per GPU \(weights 37.25 GiB, gradients 37.25 GiB, .*\), more than the GPU's 80.00 GiB. "
-        r"Set actor_rollout_ref.actor.optimizer_offload=true \(79.16 GiB per GPU, 37.25 GiB host per GPU\)",
+        match=r"does not fit: 20.00B trained weights on 4 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
+        r"112.51 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 0.75 GiB, .*\), more than "
+        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.32 GiB per GPU, 74.51 GiB host "
+        r"per GPU\)",
     ):
-        check_full_weights_fit(p, 8, False, gpu)
-    # With 2 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
+        check_full_weights_fit(p, 4, False, gpu)
+    # With 35 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
     with pytest.raises(
         ValueError,
-        match=r"Use 96 GPUs \(80.00 GiB per GPU\) or 11 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
-        r"\(79.89 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
+        match=r"Use 43 GPUs \(79.93 GiB per GPU\) or 6 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
+        r"\(79.21 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
     ):
-        check_full_weights_fit(p, 8, False, gpu, activation_bytes=2 * GiB)
+        check_full_weights_fit(p, 4, False, gpu, activation_bytes=35 * GiB)
     with pytest.raises(ValueError, match=r"No GPU count fits: .* train a LoRA \(actor_rollout_ref.model.lora_rank"):
-        check_full_weights_fit(p, 8, True, 60 * GiB)
-    assert check_full_weights_fit(p, 8, True, gpu).device_total < gpu
+        check_full_weights_fit(p, 8, True, 37 * GiB)
+    assert check_full_weights_fit(p, 4, True, gpu).device_total < gpu
 
 
 # ---------------------------------------------------------------- the trainer

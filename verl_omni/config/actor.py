@@ -16,6 +16,8 @@ from verl_omni.config.base import (
 from verl_omni.config.sampling import BatchCfg, check_batch_cfg
 from verl_omni.core.dtypes import DTYPES
 
+DEFAULT_GRAD_BUCKET_MB = 256  # full fine-tuning: MiB of gradients per reduce-scatter during the backward
+
 
 @dataclass
 class OptimConfig(Section):
@@ -84,6 +86,9 @@ class ActorConfig(Section):
     # Full fine-tuning (model.lora_rank=0): the float32 master weights and AdamW state of each rank's shard in host
     # memory (pinned), stepped on the CPU; the GPU keeps the weights and their gradients (workers/full_weights.py)
     optimizer_offload: bool = False
+    # Full fine-tuning: the most MiB of gradients (in the weights' dtype) one bucket gathers before the backward
+    # reduce-scatters it over the ranks; about three are held at once (workers/full_weights.py)
+    grad_bucket_mb: float = DEFAULT_GRAD_BUCKET_MB
 
     def __post_init__(self) -> None:
         require_int(self.key("world_size"), self.world_size)
@@ -97,6 +102,7 @@ class ActorConfig(Section):
         require_int(self.key("ppo_epochs"), self.ppo_epochs)
         require_number(self.key("grad_clip"), self.grad_clip, 0, strict=True)
         check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
+        require_number(self.key("grad_bucket_mb"), self.grad_bucket_mb, 0, strict=True)
         if not isinstance(self.optimizer_offload, bool):
             raise ValueError(f"{self.key('optimizer_offload')}={self.optimizer_offload!r} must be true or false")
         if not isinstance(self.freeze_gc_heap, bool):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -161,8 +162,10 @@ class PolicyEMA:
     optimizer-step count, so under gradient accumulation a due step is applied once per micro-batch; here it is
     applied once.)"""
 
-    def __init__(self, params: Sequence[torch.Tensor], schedule: EMASchedule):
-        self.weights = ShadowWeights(params)
+    def __init__(self, params: Sequence[torch.Tensor], schedule: EMASchedule, weights: Optional[Any] = None):
+        """``weights``: the shadow to move (default ``ShadowWeights(params)``; full fine-tuning passes its sharded
+        one, workers/full_weights.py ``ShardedShadowWeights``, with the same verbs)."""
+        self.weights = ShadowWeights(params) if weights is None else weights
         self.schedule = schedule
         self.optimizer_steps = 0
 

@@ -166,6 +166,8 @@ class ColocatedActorGroup:
         self._all("swap_out_ema")
 
     def ema_state_dict(self) -> dict:
+        if self.full_weights:  # each rank holds a shard of the EMA: every rank swaps it in, rank 0 returns it
+            return self._all("ema_state_dict")[0]
         return ray.get(self.servers[0].actor_call.remote("ema_state_dict"))
 
     def load_ema_state_dict(self, state: dict) -> None:

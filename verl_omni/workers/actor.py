@@ -475,9 +475,7 @@ class DiffusionLoRAActor:
         cfg = self.config
         sums: dict[str, torch.Tensor] = {}
         grad_norms = []
-        for p in self.trainable:  # a rank without rows still joins the all-reduce with zeros
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        self._prepare_grads()
         compute_s = 0.0
         if num_terms == 0:  # nothing to train on anywhere (every rank sees the same global count): no step
             return {"actor/compute_s": compute_s, "actor/grad_norm": 0.0, "actor/num_train_terms": 0}
@@ -488,12 +486,12 @@ class DiffusionLoRAActor:
             for micro in plan:
                 out = self.algorithm.loss(ctx, micro)
                 if micro.idle:  # keeps FSDP's collectives in step; contributes nothing
-                    (out.loss * 0.0).backward()
+                    self._backward(out.loss * 0.0)
                     continue
                 bad = bad + out.bad
                 # Weight by rows so the accumulated gradient is the mean over all the update's terms.
                 weight = len(micro.rows) / num_terms
-                (out.loss * weight).backward()
+                self._backward(out.loss * weight)
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value * (weight / cfg.ppo_epochs)
             if self.device.type == "cuda":  # the all-reduce waits for the device anyway: no extra stall
@@ -509,6 +507,16 @@ class DiffusionLoRAActor:
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["num_train_terms"] = num_terms
         return {f"actor/{k}": v for k, v in metrics.items()}
+
+    def _prepare_grads(self) -> None:
+        """Zero gradients where there are none: a rank without rows still joins the all-reduce with zeros."""
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward: the gradients accumulate in the parameters' ``.grad``."""
+        loss.backward()
 
     def _reduce_and_clip(self, bad: torch.Tensor) -> float:
         """All-reduce the LoRA gradients (and the non-finite count) over the ranks, clip; the one host sync of

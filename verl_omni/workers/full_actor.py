@@ -2,11 +2,12 @@
 
 The update is the LoRA actor's (the algorithm's units, micro-batches, loss and metrics are the same); what trains
 and how it steps differ: every transformer parameter, in its own dtype (the text encoders and the VAE stay frozen),
-stepped by ``ShardedAdamW`` (workers/full_weights.py: gradients reduce-scattered over the ranks, float32 master
-and AdamW state sharded, the new weights all-gathered in place). In the hybrid engine the parameters are the
-engine's own, so after each step every engine serves the new weights; ``lora_matches_rank0`` compares them across
-ranks bitwise. The verbs keep their LoRA names (``lora_state_dict`` and the rest) so the trainer, the hybrid
-engine's ranks and the checkpoints drive both actors alike: here they carry the transformer's weights by name.
+stepped by ``ShardedAdamW`` (workers/full_weights.py: gradients reduce-scattered over the ranks bucket by
+bucket during every backward, float32 master and AdamW state sharded, the new weights all-gathered in place). In
+the hybrid engine the parameters are the engine's own, so after each step every engine serves the new weights;
+``lora_matches_rank0`` compares them across ranks bitwise. The verbs keep their LoRA names (``lora_state_dict`` and
+the rest) so the trainer, the hybrid engine's ranks and the checkpoints drive both actors alike: here they carry the
+transformer's weights by name.
 
 No reference policy: it would need a frozen copy of every weight, so ``actor.kl_coef`` must be 0.
 """
@@ -20,9 +21,11 @@ import torch
 
 from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
+from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.errors import NonFiniteError
+from verl_omni.models.ema import EMASchedule, PolicyEMA
 from verl_omni.workers.actor import DiffusionLoRAActor, UpdateContext
-from verl_omni.workers.full_weights import ShardedAdamW
+from verl_omni.workers.full_weights import ShardedAdamW, ShardedShadowWeights
 
 
 class DiffusionFullActor(DiffusionLoRAActor):
@@ -46,8 +49,8 @@ class DiffusionFullActor(DiffusionLoRAActor):
     def _make_optimizer(self, actor: ActorConfig) -> ShardedAdamW:
         optim = actor.optim
         self.sync_s = 0.0
-        # vllm-omni's worker may run this under inference mode: the bucket and master must be normal tensors
-        # (autograd accumulates into the bucket, AdamW updates the master).
+        # vllm-omni's worker may run this under inference mode: the gradient shard and master must be normal
+        # tensors (every backward adds into the shard, AdamW updates the master).
         with torch.inference_mode(False):
             return ShardedAdamW(
                 self.trainable,
@@ -56,7 +59,38 @@ class DiffusionFullActor(DiffusionLoRAActor):
                 betas=tuple(optim.betas),
                 weight_decay=optim.weight_decay,
                 offload=actor.optimizer_offload,
+                bucket_mb=actor.grad_bucket_mb,
             )
+
+    def _set_up_ema(self) -> None:
+        """The policy EMA sharded like the master: each rank moves the float32 average of its shard only."""
+        ema = self.config.ema
+        if not ema.enable:
+            self.ema = None
+            return
+        weights = ShardedShadowWeights(self.optimizer)
+        self.ema = PolicyEMA(self.trainable, EMASchedule(ema.decay, ema.update_interval), weights=weights)
+
+    # ------------------------------------------------------------------ the policy EMA, gathered where needed
+    def ema_state_dict(self) -> Optional[dict]:
+        """The EMA as the transformer's weights by name (swapped in: a collective, every rank calls it); rank 0
+        returns them, the other ranks None."""
+        with self._ema_in_params():
+            tensors = self.lora_state_dict() if self.grad_sync.rank == 0 else None
+        return None if tensors is None else {"lora": tensors, "optimizer_steps": self.ema.optimizer_steps}
+
+    def ema_checksum(self) -> Optional[str]:
+        """The checksum of the EMA as the transformer's weights, on every rank (a collective)."""
+        with self._ema_in_params():
+            return tensors_checksum(self.lora_state_dict())
+
+    def load_ema_state_dict(self, state: dict) -> None:
+        """Each rank keeps its shard of the EMA weights by name; the live weights and the master stay as they are."""
+        ema = self._policy_ema()
+        tensors = state["lora"]
+        self._check_names(tensors)
+        ema.weights.load_full([tensors[name] for name, _ in self.transformer.named_parameters()])
+        ema.optimizer_steps = int(state["optimizer_steps"])
 
     # ------------------------------------------------------------------ weights, by the transformer's names
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -67,13 +101,7 @@ class DiffusionFullActor(DiffusionLoRAActor):
         return {name: tuple(p.shape) for name, p in self.transformer.named_parameters()}
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self.transformer.named_parameters())
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(
-                f"the weights do not match the transformer: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                "(a LoRA checkpoint into full fine-tuning, or another model?)"
-            )
+        params = self._check_names(tensors)
         with torch.no_grad():
             for name, p in params.items():
                 if tensors[name].shape != p.shape:
@@ -82,6 +110,16 @@ class DiffusionFullActor(DiffusionLoRAActor):
                 p.copy_(tensors[name])
         self.optimizer.reset_master_from_params()
         self.algorithm.attach(self)
+
+    def _check_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+        params = dict(self.transformer.named_parameters())
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"the weights do not match the transformer: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                "(a LoRA checkpoint into full fine-tuning, or another model?)"
+            )
+        return params
 
     def lora_matches_rank0(self) -> bool:
         """Whether every weight of this rank is bitwise rank 0's (a collective: every rank calls it), one weight
@@ -93,7 +131,24 @@ class DiffusionFullActor(DiffusionLoRAActor):
         return same
 
     # ------------------------------------------------------------------ the step
+    def _prepare_grads(self) -> None:
+        """Nothing: the weights keep no ``.grad``; each backward reduces theirs into the optimizer's shard."""
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.backward(loss)
+
+    def _backwards_per_step(self, plan: list) -> int:
+        """The most micro-batches (backwards) any rank runs per optimizer step: every backward reduce-scatters the
+        gradients, so a rank with fewer pads its count with zero gradients. One all-reduce of the counts."""
+        if self.grad_sync.world_size == 1:
+            return len(plan)
+        counts = torch.zeros(self.grad_sync.world_size, dtype=torch.float32, device=self.device)
+        counts[self.grad_sync.rank] = len(plan)
+        self.grad_sync.all_reduce_(counts)
+        return int(counts.max().item())
+
     def _reduce_and_clip(self, bad: torch.Tensor) -> float:
+        self.optimizer.pad_backwards(self._step_backwards)
         norm, bad_count = self.optimizer.reduce_and_clip(bad, self.config.grad_clip)
         if bad_count > 0 or not math.isfinite(norm):
             self.optimizer.zero_grad()
@@ -109,6 +164,10 @@ class DiffusionFullActor(DiffusionLoRAActor):
 
     def _update(self, ctx: UpdateContext, plan: list, num_terms: int) -> dict[str, float]:
         self.sync_s = 0.0
+        # The ranks' collectives start here (and go on in every backward): an out-of-memory error past this point
+        # cannot be retried by one rank alone.
+        self._all_reduce_started = self.grad_sync.world_size > 1
+        self._step_backwards = self._backwards_per_step(plan)
         metrics = super()._update(ctx, plan, num_terms)
         # The all-gather of the updated shards into the weights the engine serves, summed over the epochs.
         metrics["actor/weight_sync_s"] = self.sync_s

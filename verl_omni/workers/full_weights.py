@@ -1,14 +1,24 @@
-"""Full fine-tuning's optimizer: the transformer's own weights train, ZeRO-1 style over the ranks' gradient group.
+"""Full fine-tuning's optimizer: the transformer's own weights train, ZeRO-2 style over the ranks' gradient group.
 
 Every rank keeps one copy of the weights in their dtype (bf16 on the GPU): the very tensors its engine serves. The
-gradients accumulate in one flat bucket of the same dtype (every parameter's ``.grad`` is a view into it); once per
-optimizer step the bucket is reduce-scattered over the ranks, each rank steps the float32 master values of its
-contiguous shard with its own AdamW state (``torch.optim.AdamW`` over the shard as one flat parameter), and the new
-values of every shard are all-gathered back into the bucket and copied into the weights in place. So the update
-moves no model copy between actor and engine: the sync is the all-gather (``sync_s``).
+weights are grouped into gradient buckets of at most ``actor_rollout_ref.actor.grad_bucket_mb`` (in the reverse of
+their registration order, roughly the order the backward produces their gradients; a larger weight is a bucket of
+its own). During the backward each weight's gradient is copied into its bucket as soon as autograd has accumulated
+it (``register_post_accumulate_grad_hook``; the weight's ``.grad`` is freed at once), and a complete bucket is
+reduce-scattered over the ranks, in bucket order, into each rank's gradient shard: its 1/world_size of every bucket.
+Several backwards per optimizer step (micro-batches) add into the shard. No rank holds more than the buckets in
+flight besides its shard. Each rank steps the float32 master values of its shard with its own AdamW state
+(``torch.optim.AdamW`` over the shard as one flat parameter), and the new values are all-gathered back bucket by
+bucket and copied into the weights in place. So the update moves no model copy between actor and engine: the sync
+is the all-gather (``sync_s``).
+
+Which weights take part in a backward is read from the loss's autograd graph before it runs (a weight the graph
+does not reach, such as a last block's unused text stream, is not waited for); buckets are reduced strictly in
+bucket order and each exactly once per backward, so every rank issues the same collectives in the same order.
 
 ``offload``: the master shard, its gradient and the AdamW state live in host memory (pinned when the weights are
-on a GPU) and AdamW steps on the CPU; the device holds the weights, the gradient bucket and one shard in their dtype.
+on a GPU) and AdamW steps on the CPU; the device holds the weights, the gradient shard in their dtype and the
+buckets in flight. Without it the gradient shard is the float32 master's gradient itself.
 
 Clipping uses the global norm: each rank's shard norm squared, summed over the ranks (one all-reduce of two
 numbers, which also carries the non-finite count the loss saw).
@@ -22,25 +32,75 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from verl_omni.config.actor import DEFAULT_GRAD_BUCKET_MB
 from verl_omni.workers.grad_sync import LoRAGradSync
 
 logger = logging.getLogger(__name__)
 
 OFFLOAD_KEY = "actor_rollout_ref.actor.optimizer_offload"
-STATE_FORMAT = "verl_omni.full_weights_shard.v1"
+BUCKET_KEY = "actor_rollout_ref.actor.grad_bucket_mb"
+MiB = 1024**2
+STATE_FORMAT = "verl_omni.full_weights_shard.v2"
+OLD_STATE_FORMATS = ("verl_omni.full_weights_shard.v1",)
+# Buckets a rank holds at once during the backward, measured on the tiny Qwen-Image (9 MiB blocks): at most 3 once
+# the reduction order is learned (the one filling, the one being reduced, and one whose first gradients came early
+# and whose last ones, a block's modulation weights used first in the forward, come at the end of the block's
+# backward); in the first backward, in bucket order, about one block's worth (8 buckets of 1 MiB, 22 of 0.25 MiB),
+# 3 with 4 MiB buckets: the ratio of the default 256 MiB to Qwen-Image's 649 MiB blocks.
+BUCKETS_IN_FLIGHT = 3
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One gradient bucket: weights ``members`` (indices into the parameter list) at ``offsets`` in a flat run of
+    ``numel`` values, padded to ``padded`` (a multiple of the world size); each rank owns ``chunk`` of them, at
+    ``shard_start`` in its shard."""
+
+    members: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numel: int
+    padded: int
+    chunk: int
+    shard_start: int
+
+
+def plan_buckets(numels: Sequence[int], world_size: int, cap: int) -> list[Bucket]:
+    """Buckets of at most ``cap`` values over weights of ``numels`` values (a larger weight alone), the weights taken
+    in reverse order: the order the backward roughly produces their gradients."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i in reversed(range(len(numels))):
+        if groups[-1] and size + numels[i] > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += numels[i]
+    buckets, shard_start = [], 0
+    for members in groups:
+        offsets = [0]
+        for i in members[:-1]:
+            offsets.append(offsets[-1] + numels[i])
+        numel = offsets[-1] + numels[members[-1]]
+        chunk = math.ceil(numel / world_size)
+        buckets.append(Bucket(tuple(members), tuple(offsets), numel, chunk * world_size, chunk, shard_start))
+        shard_start += chunk
+    return buckets
 
 
 class ShardedAdamW:
-    """AdamW over ``params`` with the float32 master values and optimizer state sharded over ``grad_sync``'s ranks.
+    """AdamW over ``params`` with their gradients, float32 master values and optimizer state sharded over
+    ``grad_sync``'s ranks.
 
     Has the optimizer verbs the actor calls (``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``) plus
-    ``reduce_and_clip``, which comes first in every step."""
+    ``backward`` (every backward of the update goes through it) and ``reduce_and_clip``, which comes first in every
+    step."""
 
     def __init__(
         self,
@@ -51,6 +111,7 @@ class ShardedAdamW:
         betas: tuple[float, float],
         weight_decay: float,
         offload: bool = False,
+        bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     ):
         self.params = list(params)
         dtypes = {p.dtype for p in self.params}
@@ -62,11 +123,12 @@ class ShardedAdamW:
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
         self.numel = sum(p.numel() for p in self.params)
-        self.shard_numel = math.ceil(self.numel / self.world_size)
-        self.start = self.rank * self.shard_numel
-        # The bucket also receives the all-gather of the new weights (then it is zeroed for the next gradients).
-        self.bucket = torch.zeros(self.shard_numel * self.world_size, dtype=self.dtype, device=self.device)
-        self._attach_grads()
+        cap = max(1, int(bucket_mb * MiB) // first.element_size())
+        self.buckets = plan_buckets([p.numel() for p in self.params], self.world_size, cap)
+        self.shard_numel = sum(b.chunk for b in self.buckets)
+        self._where = {
+            i: (k, off) for k, b in enumerate(self.buckets) for i, off in zip(b.members, b.offsets, strict=True)
+        }
         host = torch.device("cpu")
         master_device = host if offload else self.device
         pin = offload and self.device.type == "cuda"
@@ -74,59 +136,202 @@ class ShardedAdamW:
             torch.zeros(self.shard_numel, dtype=torch.float32, device=master_device, pin_memory=pin)
         )
         self.master.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=master_device, pin_memory=pin)
+        # Where each backward's reduce-scattered buckets add up: the master's gradient, or on the device in the
+        # weights' dtype when the master lives in host memory.
+        self.grad_shard = (
+            torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device) if offload else self.master.grad
+        )
         self.reset_master_from_params()
         fused = {"fused": True} if master_device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW([self.master], lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
         self.last_sync_s = 0.0
+        self.backwards = 0  # backwards reduced into the shard since the last zero_grad
+        self.peak_buckets = 0  # the most buckets held at once during a backward since the order was learned
+        # The order buckets are reduced in: bucket order until the first backward shows the order their gradients
+        # complete in (rank 0's, sent to every rank); the same on every rank, each bucket once per backward.
+        self.order = list(range(len(self.buckets)))
+        self.order_learned = False
+        self._reset_backward()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(i)) for i, p in enumerate(self.params)]
 
-    # ------------------------------------------------------------------ the flat layout
-    def _spans(self):
-        """(param, start, end) of each parameter in the flat layout."""
-        offset = 0
-        for p in self.params:
-            yield p, offset, offset + p.numel()
-            offset += p.numel()
-
-    def _attach_grads(self) -> None:
-        """Every parameter's ``.grad`` a view of its span of the bucket (autograd accumulates into it in place)."""
-        for p, a, b in self._spans():
-            p.grad = self.bucket[a:b].view_as(p)
-
-    def _grads_attached(self) -> bool:
-        ptr, size = self.bucket.data_ptr(), self.bucket.element_size()
-        return all(p.grad is not None and p.grad.data_ptr() == ptr + a * size for p, a, _ in self._spans())
+    # ------------------------------------------------------------------ this rank's shard of the weights
+    def shard_pieces(self) -> Iterator[tuple[torch.nn.Parameter, int, int, int]]:
+        """(param, lo, hi, at): values ``lo:hi`` of ``param`` (flattened) are this rank's, at ``at`` in its shard."""
+        for b in self.buckets:
+            mine_lo = self.rank * b.chunk
+            mine_hi = mine_lo + b.chunk
+            for i, off in zip(b.members, b.offsets, strict=True):
+                p = self.params[i]
+                lo, hi = max(off, mine_lo), min(off + p.numel(), mine_hi)
+                if lo < hi:
+                    yield p, lo - off, hi - off, b.shard_start + lo - mine_lo
 
     @torch.no_grad()
+    def read_shard(self, out: torch.Tensor, tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """This rank's shard of ``tensors`` (the weights' shapes, in their order; default the weights themselves)
+        copied into ``out`` (values beyond the weights, the buckets' padding, are zero)."""
+        out.zero_()
+        index = {id(p): i for i, p in enumerate(self.params)} if tensors is not None else None
+        for p, lo, hi, at in self.shard_pieces():
+            source = p if tensors is None else tensors[index[id(p)]]
+            out[at : at + hi - lo].copy_(source.reshape(-1)[lo:hi])
+        return out
+
+    @torch.no_grad()
+    def write_from_shards(self, shard: torch.Tensor) -> None:
+        """Every rank's ``shard`` (a collective) all-gathered bucket by bucket into the weights, in their dtype."""
+        for b in self.buckets:
+            mine = shard[b.shard_start : b.shard_start + b.chunk].to(self.device, self.dtype, non_blocking=True)
+            full = mine
+            if self.world_size > 1:
+                full = self.grad_sync.all_gather(torch.empty(b.padded, dtype=self.dtype, device=self.device), mine)
+            for i, off in zip(b.members, b.offsets, strict=True):
+                p = self.params[i]
+                p.copy_(full[off : off + p.numel()].view_as(p))
+
     def reset_master_from_params(self) -> None:
         """The master shard from the weights' current values (after loading weights without optimizer state)."""
-        end = self.start + self.shard_numel
-        self.master.zero_()
-        for p, a, b in self._spans():
-            lo, hi = max(a, self.start), min(b, end)
-            if lo < hi:
-                self.master[lo - self.start : hi - self.start].copy_(p.reshape(-1)[lo - a : hi - a])
+        self.read_shard(self.master.data)
+
+    # ------------------------------------------------------------------ the backward, bucket by bucket
+    def _reset_backward(self) -> None:
+        self._waiting: list[set[int]] = [set(b.members) for b in self.buckets]
+        self._filled: list[Optional[torch.Tensor]] = [None] * len(self.buckets)
+        self._position = {k: n for n, k in enumerate(self.order)}
+        self._next = 0  # the position in ``order`` of the next bucket to reduce
+        self._completed: list[int] = []  # buckets in the order their last gradient arrived
+        self._in_backward = False
+
+    def _grad_hook(self, index: int):
+        def hook(p: torch.Tensor) -> None:
+            if not self._in_backward:  # a plain backward: the gradient stays in .grad (reduce_and_clip refuses it)
+                return
+            k, off = self._where[index]
+            if self._position[k] < self._next:
+                raise RuntimeError(
+                    f"weight {index} of {len(self.params)}: its gradient arrived after its bucket was reduced (the "
+                    "loss's autograd graph did not reach it, yet autograd accumulated a gradient into it)"
+                )
+            if self._filled[k] is None:
+                self._filled[k] = torch.zeros(self.buckets[k].padded, dtype=self.dtype, device=self.device)
+                if self.order_learned:
+                    self.peak_buckets = max(self.peak_buckets, sum(t is not None for t in self._filled))
+            self._filled[k][off : off + p.numel()].add_(p.grad.reshape(-1))
+            p.grad = None
+            if index in self._waiting[k]:  # (a weight whose gradient accumulates twice completes its bucket once)
+                self._waiting[k].discard(index)
+                if not self._waiting[k]:
+                    self._completed.append(k)
+            self._reduce_ready()
+
+        return hook
+
+    def _reduce_ready(self) -> None:
+        """Reduce every bucket, in ``order`` from the next one, that waits for no more gradient."""
+        while self._next < len(self.order) and not self._waiting[self.order[self._next]]:
+            self._reduce_bucket(self.order[self._next])
+            self._next += 1
+
+    def _reduce_bucket(self, k: int) -> None:
+        b = self.buckets[k]
+        filled = self._filled[k]
+        if filled is None:  # no weight of it took part in this backward: its gradients are zero on this rank
+            filled = torch.zeros(b.padded, dtype=self.dtype, device=self.device)
+        self._filled[k] = None
+        mine = self.grad_sync.reduce_scatter(filled)
+        self.grad_shard[b.shard_start : b.shard_start + b.chunk].add_(mine)
+
+    def _reached(self, loss: torch.Tensor) -> set[int]:
+        """The indices of the weights ``loss``'s autograd graph reaches (their AccumulateGrad nodes)."""
+        ids = {id(p): i for i, p in enumerate(self.params)}
+        found: set[int] = set()
+        seen: set[Any] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)
+            if variable is not None and id(variable) in ids:
+                found.add(ids[id(variable)])
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        return found
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with every weight's gradient reduce-scattered into this rank's gradient shard (a
+        collective: every rank runs the same number of backwards per step, see :meth:`pad_backwards`)."""
+        reached = self._reached(loss)
+        self._begin(reached)
+        try:
+            loss.backward()
+            self._finish()
+        except BaseException:
+            self._reset_backward()
+            raise
+
+    def pad_backwards(self, count: int) -> None:
+        """Reduce zero gradients until this rank has run ``count`` backwards since ``zero_grad``: a rank with fewer
+        micro-batches than another still joins each of its reduce-scatters."""
+        while self.backwards < count:
+            self._begin(set())
+            self._finish()
+
+    def _begin(self, reached: set[int]) -> None:
+        if self._in_backward:
+            raise RuntimeError("ShardedAdamW.backward is not re-entrant")
+        self._reset_backward()
+        self._waiting = [{i for i in b.members if i in reached} for b in self.buckets]
+        self._in_backward = True
+        self._reduce_ready()
+
+    def _finish(self) -> None:
+        """After the backward: every bucket not reduced yet (a weight whose gradient never came) is, in order."""
+        completed = self._completed + [k for k in self.order if k not in set(self._completed)]
+        self._waiting = [set() for _ in self.buckets]
+        self._reduce_ready()
+        if not self.order_learned:  # at the same point on every rank: its first backward, padded or not
+            self._learn_order(completed)
+        self._reset_backward()
+        self.backwards += 1
+
+    def _learn_order(self, completed: list[int]) -> None:
+        """Rank 0's completion order of its first backward becomes every rank's reduction order (a broadcast)."""
+        order = torch.tensor(completed, dtype=torch.float64, device=self.device)
+        self.order = [int(k) for k in self.grad_sync.broadcast_(order).tolist()]
+        self.order_learned = True
 
     # ------------------------------------------------------------------ the optimizer verbs
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the bucket; the views stay (``set_to_none`` is accepted and ignored: the bucket is the storage)."""
-        if not self._grads_attached():
-            self._attach_grads()
-        self.bucket.zero_()
+        """Zero the gradient shard and forget a backward left unfinished (``set_to_none`` is accepted and ignored:
+        the shard is the storage)."""
+        self._reset_backward()
+        for p in self.params:
+            p.grad = None
+        self.grad_shard.zero_()
         self.master.grad.zero_()
+        self.backwards = 0
 
     @torch.no_grad()
     def reduce_and_clip(self, bad: torch.Tensor, max_norm: float) -> tuple[float, float]:
-        """Reduce-scatter the summed gradients (this rank's shard into the master's gradient), clip every shard by
-        the global norm. Returns (global norm before clipping, the non-finite count summed over the ranks): the one
-        host sync of the step."""
-        if not self._grads_attached():
-            raise RuntimeError("a parameter's .grad is no longer a view of the gradient bucket (set to None?)")
-        shard = self.grad_sync.reduce_scatter(self.bucket)
+        """Clip every rank's gradient shard (the backwards reduced it already) by the global norm. Returns (global
+        norm before clipping, the non-finite count summed over the ranks): the one host sync of the step."""
+        if self._in_backward:
+            raise RuntimeError("reduce_and_clip inside an unfinished ShardedAdamW.backward")
+        if any(p.grad is not None for p in self.params):
+            raise RuntimeError(
+                "a weight holds a .grad: a backward ran outside ShardedAdamW.backward, so its gradients were never "
+                "reduced into the shard"
+            )
+        norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for b in self.buckets:  # float32 sums a bucket's chunk at a time: no float32 copy of a bf16 shard
+            norm_sq += self.grad_shard[b.shard_start : b.shard_start + b.chunk].float().pow(2).sum()
         grad = self.master.grad
-        grad.copy_(shard, non_blocking=grad.device != shard.device)
-        if grad.device != shard.device and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        stats = torch.stack([shard.float().pow(2).sum(), bad.to(self.device).float().reshape(())])
+        if grad is not self.grad_shard:
+            grad.copy_(self.grad_shard, non_blocking=self.device.type == "cuda")
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        stats = torch.stack([norm_sq, bad.to(self.device).float().reshape(())])
         self.grad_sync.all_reduce_(stats)
         norm_sq, bad_count = stats.tolist()
         norm = math.sqrt(norm_sq)
@@ -140,14 +345,15 @@ class ShardedAdamW:
         """AdamW on this rank's master shard, then every rank's new values all-gathered into the weights in place."""
         self.optimizer.step()
         start = time.perf_counter()
-        new = self.master.detach().to(self.device, self.dtype, non_blocking=True)
-        gathered = self.grad_sync.all_gather(self.bucket, new)
-        for p, a, b in self._spans():
-            p.copy_(gathered[a:b].view_as(p))
+        self.write_from_shards(self.master.detach())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_sync_s = time.perf_counter() - start
-        self.bucket.zero_()
+        self.grad_shard.zero_()
+
+    def layout(self) -> list[int]:
+        """The buckets' sizes: with the world size, what fixes which values a rank's shard holds."""
+        return [b.numel for b in self.buckets]
 
     def state_dict(self) -> dict:
         """This rank's shard: its master values and AdamW state (plain tensors on the host)."""
@@ -156,12 +362,19 @@ class ShardedAdamW:
             "rank": self.rank,
             "world_size": self.world_size,
             "numel": self.numel,
+            "buckets": self.layout(),
             "master": self.master.detach().to("cpu", copy=True),
             "optimizer": _to_host(self.optimizer.state_dict()),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        if isinstance(state, dict) and state.get("format") in OLD_STATE_FORMATS:
+            raise ValueError(
+                f"the optimizer shard has format {state['format']!r} (one contiguous slice of the weights per rank, "
+                f"written before the gradients were sharded bucket by bucket); this version reads {STATE_FORMAT!r} "
+                "only: resume from a checkpoint written by this version"
+            )
         if not is_shard_state(state):
             raise ValueError(f"not a full-weights optimizer shard (format {STATE_FORMAT!r} expected)")
         mine = (self.rank, self.world_size, self.numel)
@@ -171,15 +384,111 @@ class ShardedAdamW:
                 f"the optimizer shard is rank {theirs[0]} of {theirs[1]} over {theirs[2]} weights; this rank is "
                 f"{mine[0]} of {mine[1]} over {mine[2]}: resume with the same number of ranks and model"
             )
+        if list(state["buckets"]) != self.layout():
+            raise ValueError(
+                f"the optimizer shard was written with {len(state['buckets'])} gradient buckets, this run has "
+                f"{len(self.buckets)}: resume with the same {BUCKET_KEY}"
+            )
         # AdamW's loaded state must be normal tensors (a worker may call under inference mode)
         with torch.inference_mode(False), torch.no_grad():
             self.master.copy_(state["master"])
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+class ShardedShadowWeights:
+    """``models/ema.py``'s ``ShadowWeights`` for full fine-tuning, sharded like ``optimizer``'s master: each rank
+    keeps the float32 shadow of its shard only (beside the master: host memory with the offload), so the policy EMA
+    costs 4·P/N bytes a rank instead of 4·P.
+
+    ``update`` and ``copy_from_live`` are the unsharded arithmetic on this rank's values of the live weights (no
+    collective). ``swap_in`` / ``swap_out`` are collectives: the shadow shards are all-gathered bucket by bucket
+    into the weights (in their dtype, as ``param.copy_(shadow)`` rounds), this rank's live shard kept aside in the
+    weights' dtype and all-gathered back on ``swap_out``, bit for bit."""
+
+    def __init__(self, optimizer: ShardedAdamW):
+        self.optimizer = optimizer
+        self.params = optimizer.params
+        device = optimizer.master.device
+        pin = device.type == "cpu" and optimizer.device.type == "cuda"
+        with torch.inference_mode(False), torch.no_grad():
+            flat = torch.zeros(optimizer.shard_numel, dtype=torch.float32, device=device, pin_memory=pin)
+            optimizer.read_shard(flat)
+        self.shadow = [flat]
+        self._kept: Optional[torch.Tensor] = None
+
+    def update(self, decay: float) -> None:
+        """One moving-average step towards the live values: ``shadow += (1 - decay) * (live - shadow)``."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay={decay} must lie in [0, 1]")
+        self._refuse_while_swapped("update")
+        one_minus_decay = 1.0 - decay
+        flat = self.shadow[0]
+        with torch.inference_mode(False), torch.no_grad():
+            for p, lo, hi, at in self.optimizer.shard_pieces():
+                shadow = flat[at : at + hi - lo]
+                live = p.detach().reshape(-1)[lo:hi].to(shadow.device, torch.float32)
+                shadow.add_(one_minus_decay * (live - shadow))
+
+    def copy_from_live(self) -> None:
+        self._refuse_while_swapped("copy_from_live")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.read_shard(self.shadow[0])
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        self.swap_in()
+        try:
+            yield
+        finally:
+            self.swap_out()
+
+    def swap_in(self) -> None:
+        if self._kept is not None:
+            raise RuntimeError("the shadow weights are already swapped in (swap_out first)")
+        opt = self.optimizer
+        with torch.inference_mode(False), torch.no_grad():
+            kept = opt.read_shard(torch.empty(opt.shard_numel, dtype=opt.dtype, device=opt.device))
+            opt.write_from_shards(self.shadow[0])
+        self._kept = kept
+
+    def swap_out(self) -> None:
+        if self._kept is None:
+            raise RuntimeError("the shadow weights are not swapped in")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.write_from_shards(self._kept)
+        self._kept = None
+
+    @property
+    def is_swapped_in(self) -> bool:
+        return self._kept is not None
+
+    def load_full(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The shadow from full tensors (the weights' shapes, in their order): this rank's shard of them."""
+        self._refuse_while_swapped("load_full")
+        with torch.inference_mode(False), torch.no_grad():
+            self.optimizer.read_shard(self.shadow[0], tensors)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``shadow.0``: this rank's float32 shard, on the CPU."""
+        return {"shadow.0": self.shadow[0].detach().to("cpu").clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._refuse_while_swapped("load_state_dict")
+        value = state.get("shadow.0")
+        if value is None or tuple(value.shape) != tuple(self.shadow[0].shape):
+            found = None if value is None else tuple(value.shape)
+            raise ValueError(f"sharded shadow weights: shard of shape {found}, expected {tuple(self.shadow[0].shape)}")
+        with torch.inference_mode(False), torch.no_grad():
+            self.shadow[0].copy_(value)
+
+    def _refuse_while_swapped(self, what: str) -> None:
+        if self._kept is not None:
+            raise RuntimeError(f"{what} while the shadow weights are swapped in would mix the two copies")
+
+
 def is_shard_state(state: object) -> bool:
     """Whether ``state`` is a ``ShardedAdamW.state_dict`` (one rank's shard), not a whole optimizer's."""
-    return isinstance(state, dict) and state.get("format") == STATE_FORMAT
+    return isinstance(state, dict) and state.get("format") in (STATE_FORMAT, *OLD_STATE_FORMATS)
 
 
 def _to_host(state):
@@ -205,33 +514,35 @@ class FullWeightsMemory:
     num_gpus: int
     offload: bool
     weights: int  # the trained weights, one copy shared by engine and actor
-    grads: int  # the gradient bucket (every weight's gradient, in the weights' dtype)
-    shard: int  # the reduce-scatter output / all-gather input: one shard in the weights' dtype
+    grads: int  # the gradient shard on the device in the weights' dtype (offload; else the master's gradient is it)
+    buckets: int  # the gradient buckets held during the backward (BUCKETS_IN_FLIGHT of grad_bucket_mb)
     master: int  # float32 master shard + its float32 gradient
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
-    copies: int  # float32 copies of every weight kept beside them (the policy EMA, DiffusionNFT's old policy)
+    copies: int  # float32 copies of every weight on the GPU (DiffusionNFT's old policy)
+    sharded_copies: int  # float32 copies sharded like the master (the policy EMA): on the host with the offload
     activations: int
 
     @property
     def device_total(self) -> int:
-        on_device = 0 if self.offload else self.master + self.optimizer
-        fixed = self.weights + self.grads + self.shard + self.frozen + self.copies
+        on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
+        fixed = self.weights + self.grads + self.buckets + self.frozen + self.copies
         return fixed + on_device + self.activations
 
     @property
     def host_total(self) -> int:
-        return self.master + self.optimizer if self.offload else 0
+        return self.master + self.optimizer + self.sharded_copies if self.offload else 0
 
     def describe(self) -> str:
         parts = [
             ("weights", self.weights),
-            ("gradients", self.grads),
-            ("gathered shard", self.shard),
+            ("gradient shard", self.grads),
+            ("gradient buckets", self.buckets),
             ("master shard" + (" (host)" if self.offload else ""), self.master),
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
             ("policy copies", self.copies),
+            ("policy EMA shard" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
         ]
         items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
@@ -254,20 +565,25 @@ def plan_full_weights_memory(
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
     policy_copies: int = 0,
+    sharded_copies: int = 0,
+    bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
 ) -> FullWeightsMemory:
-    """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``."""
+    """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``
+    (``ShardedAdamW``'s buffers; its per-bucket padding, under num_gpus values a bucket, is left out)."""
     shard = math.ceil(num_params / num_gpus)
+    bucket = max(1, int(bucket_mb * MiB) // weight_bytes)
     return FullWeightsMemory(
         num_params=num_params,
         num_gpus=num_gpus,
         offload=offload,
         weights=num_params * weight_bytes,
-        grads=shard * num_gpus * weight_bytes,
-        shard=shard * weight_bytes,
+        grads=shard * weight_bytes if offload else 0,
+        buckets=min(BUCKETS_IN_FLIGHT * bucket, num_params) * weight_bytes,
         master=shard * 8,
         optimizer=shard * 8,
         frozen=frozen_bytes,
         copies=policy_copies * num_params * 4,
+        sharded_copies=sharded_copies * shard * 4,
         activations=activation_bytes,
     )
 
@@ -296,6 +612,8 @@ def check_full_weights_fit(
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
     policy_copies: int = 0,
+    sharded_copies: int = 0,
+    bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
     max_gpus: int = 1024,
 ) -> FullWeightsMemory:
@@ -311,6 +629,8 @@ def check_full_weights_fit(
             frozen_bytes=frozen_bytes,
             activation_bytes=activation_bytes,
             policy_copies=policy_copies,
+            sharded_copies=sharded_copies,
+            bucket_mb=bucket_mb,
         )
 
     chosen = plan(num_gpus, offload)
@@ -330,8 +650,8 @@ def check_full_weights_fit(
     if options:
         raise ValueError(message + f"Use {' or '.join(options)}; GPUs: {gpus_key}")
     raise ValueError(
-        message + "No GPU count fits: the weights, their gradients, the frozen components and the policy copies "
-        f"alone take {_gib(chosen.weights + chosen.grads + chosen.frozen + chosen.copies)}; train a LoRA "
+        message + "No GPU count fits: the weights, the gradient buckets, the frozen components and the policy copies "
+        f"alone take {_gib(chosen.weights + chosen.buckets + chosen.frozen + chosen.copies)}; train a LoRA "
         "(actor_rollout_ref.model.lora_rank >= 1)"
     )
 
