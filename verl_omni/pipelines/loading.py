@@ -107,7 +107,11 @@ def vae_scale_factor_of(model_path: str) -> Optional[int]:
 
 
 def vae_scale_factor_of_config(cfg: dict) -> Optional[int]:
-    """``vae_scale_factor_of`` from the VAE's config itself (None where it names no downsampling)."""
+    """``vae_scale_factor_of`` from the VAE's config itself (None where it names no downsampling). A VAE that
+    states its spatial factor (Wan's ``scale_factor_spatial``: 16 for Wan2.2's, whose 2x2 pixel patches add to its
+    three halvings) is taken at its word."""
+    if "scale_factor_spatial" in cfg:
+        return int(cfg["scale_factor_spatial"])
     for key in ("temperal_downsample", "temporal_downsample"):
         if key in cfg:
             return 2 ** len(cfg[key])

@@ -1,6 +1,8 @@
-"""Wan2.1 text-to-video RL pipeline: the diffusers ``WanPipeline`` plus the RL hooks of ``pipelines/base.py``.
+"""Wan text-to-video RL pipeline (Wan2.1 T2V, Wan2.2 TI2V-5B's text-to-video): the diffusers ``WanPipeline`` plus the
+RL hooks of ``pipelines/base.py``.
 
-Latents are video latents ``[B, C, F', h, w]`` (F' = (num_frames - 1) / 4 + 1 latent frames, h, w = H / 8, W / 8):
+Latents are video latents ``[B, C, F', h, w]`` (F' = (num_frames - 1) / 4 + 1 latent frames, h, w = H / s, W / s with
+the VAE's spatial factor s: 8 for Wan2.1's VAE, 16 for Wan2.2's):
 the SDE step, its log-prob (a mean over every latent element) and the trajectory are the other families', with a
 frame axis. The clip length is ``actor_rollout_ref.model.wan.num_frames``, a property of the pipeline (set by
 ``apply_family_options`` on every loaded pipeline), so every rollout and the actor's recomputation agree on it.
@@ -17,6 +19,10 @@ Schedule: the pipeline's own scheduler. ``FlowMatchEulerDiscreteScheduler`` (the
 sigmas and timesteps directly (``set_timesteps`` on a fresh copy); its multistep UniPC update is not used: the ODE
 steps are Euler steps and the window's are the flow-matching SDE's, as flow_grpo's Wan trainer does.
 ``RLBatchOutput.timesteps`` holds what the transformer receives (``sigma * 1000``; UniPC's are whole numbers).
+
+Wan2.2-TI2V-5B (``expand_timesteps`` in model_index.json): the transformer takes one timestep per video token
+(``[R, F' * h/2 * w/2]``, every token at the step's timestep in text-to-video), as ``WanPipeline.__call__`` passes it.
+The two-expert Wan2.2-T2V-A14B (``transformer_2`` / ``boundary_ratio``) is refused by ``apply_family_options``.
 
 Decode: the latents de-normalised with the VAE's ``latents_mean`` / ``latents_std``, the 3D VAE's output as uint8
 frames ``[B, F, H, W, 3]`` (``core/media.py``'s convention).
@@ -49,7 +55,8 @@ MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s max_sequence_length (UMT5 to
 
 class WanRLPipeline(RLPipelineMixin, WanPipeline):
     """``WanPipeline`` (same components, loadable with ``from_pretrained``) with ``rl_generate`` and
-    ``predict_velocity`` (``RLPipelineMixin``). Wan2.1 only: one transformer (no Wan2.2 ``transformer_2`` expert)."""
+    ``predict_velocity`` (``RLPipelineMixin``). One transformer: Wan2.1, or Wan2.2-TI2V-5B's per-token timesteps
+    (no Wan2.2 ``transformer_2`` expert)."""
 
     MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH
     # flow_grpo's Wan2.1 trainer (scripts/train_wan2_1.py, zhtmike/flow_grpo 9745241): gradients flow through both CFG
@@ -63,8 +70,8 @@ class WanRLPipeline(RLPipelineMixin, WanPipeline):
         options = options or WanOptions()
         if self.transformer_2 is not None or self.config.boundary_ratio is not None:
             raise ValueError(
-                "actor_rollout_ref.model.path holds a two-expert Wan2.2 pipeline (transformer_2 / boundary_ratio); "
-                "the wan family serves Wan2.1's single transformer"
+                "actor_rollout_ref.model.path holds a two-expert Wan2.2 pipeline (transformer_2 / boundary_ratio, "
+                "Wan2.2-T2V-A14B); the wan family serves one transformer: Wan2.1 T2V or Wan2.2-TI2V-5B"
             )
         check_num_frames(options.key("num_frames"), options.num_frames, self.vae_scale_factor_temporal)
         self.num_frames, self.fps = options.num_frames, options.fps
@@ -113,13 +120,24 @@ class WanRLPipeline(RLPipelineMixin, WanPipeline):
     def transformer_velocity(
         self, latents: torch.Tensor, timestep: torch.Tensor, text: TextInputs, height: int, width: int
     ) -> torch.Tensor:
-        """One forward on video latents [R, C, F', h, w] (the positions come from the latents' own shape)."""
+        """One forward on video latents [R, C, F', h, w] (the positions come from the latents' own shape); with
+        ``expand_timesteps`` (Wan2.2-TI2V-5B) the timestep of each row goes to every one of its tokens."""
+        if self.config.expand_timesteps:
+            timestep = self.token_timesteps(latents, timestep)
         return self.transformer(
             hidden_states=latents,
             timestep=timestep,
             encoder_hidden_states=text.embeds,
             return_dict=False,
         )[0]
+
+    def token_timesteps(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """[R] -> [R, tokens]: each row's timestep for each of its video tokens (F' * h * w over the patch), as
+        ``WanPipeline.__call__`` builds it with ``expand_timesteps``."""
+        patch_t, patch_h, patch_w = self.transformer.config.patch_size
+        frames, height, width = latents.shape[-3:]
+        tokens = (frames // patch_t) * (height // patch_h) * (width // patch_w)
+        return timestep[:, None].expand(-1, tokens)
 
     def combine_guidance(
         self, conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float
