@@ -1,7 +1,7 @@
-"""Every algorithm of the algorithm seam on FLUX.1-dev, SD3.5, Wan2.1 text-to-video and Wan2.2-TI2V-5B's text-to-video
-(tiny random models; ``tiny:wan2_2_ti2v`` through the ``wan`` family): each
-samples the family its own way and trains the LoRA from that rollout (Qwen-Image: tests/test_algorithms.py and the
-algorithms' tests)."""
+"""Every algorithm of the algorithm seam on FLUX.1-dev, SD3.5, Wan2.1 text-to-video, Wan2.2-TI2V-5B's text-to-video
+and the two-expert Wan2.2-T2V-A14B (tiny random models; ``tiny:wan2_2_ti2v`` / ``tiny:wan2_2_t2v`` through the ``wan``
+family): each samples the family its own way and trains the LoRA from that rollout (Qwen-Image:
+tests/test_algorithms.py and the algorithms' tests)."""
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ ALGORITHM_SECTIONS = {
 FAMILY_OPTIONS = {"wan": {"wan": {"num_frames": 5}}}
 
 
-@pytest.mark.parametrize("tiny", ["flux", "sd3", "wan", "wan2_2_ti2v"])
+@pytest.mark.parametrize("tiny", ["flux", "sd3", "wan", "wan2_2_ti2v", "wan2_2_t2v"])
 @pytest.mark.parametrize("name", sorted(ALGORITHM_SECTIONS))
 def test_every_registered_algorithm_trains_the_family(name, tiny, request):
     """Each algorithm behind the seam samples the family its way (FlowGRPO's SDE steps, MixGRPO's window with a

@@ -72,9 +72,9 @@ def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_
         WanOptions(num_frames=8)
     with pytest.raises(ValueError, match=r"actor_rollout_ref.model.wan.fps=0 must be a number > 0"):
         WanOptions(fps=0)
-    wan_pipe.register_to_config(boundary_ratio=0.875)  # what a two-expert Wan2.2 pipeline declares
+    wan_pipe.register_to_config(boundary_ratio=0.875)  # a two-expert Wan2.2 pipeline's boundary, without its expert
     try:
-        with pytest.raises(ValueError, match="two-expert Wan2.2 pipeline .* serves one transformer"):
+        with pytest.raises(ValueError, match="only one of transformer_2 / boundary_ratio: a two-expert Wan2.2"):
             wan_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
     finally:
         wan_pipe.register_to_config(boundary_ratio=None)

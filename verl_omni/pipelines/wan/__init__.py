@@ -1,8 +1,9 @@
-"""Wan2.1 text-to-video (``WanPipeline``): the registered family. ``pipeline.py`` holds the RL pipeline
-(``WanRLPipeline``, the diffusers ``WanPipeline`` with the RL hooks over video latents), ``attention.py`` the processor
-that serves an engine's fused attention kernel, ``standin.py`` the tiny random pipeline; its real-size stand-ins are
-Wan2.1-T2V-1.3B's and -14B's in ``models/standins``, ``options.py`` its options (``actor_rollout_ref.model.wan.*``:
-frames per clip, the clips' frame rate).
+"""Wan text-to-video (``WanPipeline``: Wan2.1, Wan2.2-TI2V-5B, the two-expert Wan2.2-T2V-A14B): the registered
+family. ``pipeline.py`` holds the RL pipeline (``WanRLPipeline``, the diffusers ``WanPipeline`` with the RL hooks over
+video latents), ``attention.py`` the processor that serves an engine's fused attention kernel, ``standin.py`` the tiny
+random pipelines (``tiny:wan``, ``tiny:wan2_2_ti2v``, ``tiny:wan2_2_t2v``); its real-size stand-ins (Wan2.1-T2V-1.3B,
+-14B, Wan2.2-TI2V-5B, -T2V-A14B) are in ``models/standins``, ``options.py`` its options
+(``actor_rollout_ref.model.wan.*``: frames per clip, the clips' frame rate, the low-noise expert's CFG scale).
 
 Cheap to import: the diffusers pipeline class loads only when ``pipeline_class()`` is called.
 """
