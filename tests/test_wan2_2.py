@@ -461,5 +461,13 @@ def test_the_a14b_stand_in_has_two_14b_experts_and_the_published_boundary(tmp_pa
     )
     assert c["boundary_ratio"] == 0.875 and c["vae"].config.z_dim == 16
     assert c["scheduler"].config.flow_shift == 3.0
+    from verl_omni.models.standins import read_standin_record
+    from verl_omni.pipelines.loading import denoiser_components
+    from verl_omni.pipelines.registry import family_for_model_dir, get_family
+
+    path = get_family("wan").build_standin(tmp_path / "a14b", layers=1, device="meta", variant="T2V-A14B")
+    assert read_standin_record(path)["checkpoint"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert family_for_model_dir(path) == "wan" and denoiser_components(path) == ["transformer", "transformer_2"]
+    assert WanPipeline.load_config(path)["boundary_ratio"] == 0.875
     with pytest.raises(ValueError, match=r"variant='7B' is not one of \['1.3B', '14B', 'TI2V-5B', 'T2V-A14B'\]"):
         build_components("wan", device="meta", variant="7B")
