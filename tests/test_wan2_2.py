@@ -362,6 +362,44 @@ def test_both_engines_serve_the_a14b_adapter_on_both_experts(tiny_wan2_2_t2v_dir
     torch.testing.assert_close(adapted_served.latents, adapted.latents, rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("tiny, side, guidance_scale_2", [("wan2_2_ti2v", SIDE, None), ("wan2_2_t2v", A14B_SIDE, 3.0)])
+def test_the_trainer_trains_the_tiny_wan2_2_models_two_steps(
+    ray_session, ocr_data_files, tmp_path, tiny, side, guidance_scale_2
+):
+    """Two FlowGRPO steps of each tiny Wan2.2 model through the real trainer (hybrid engine, diffusers engine): the
+    rollout engine serves the actor's adapter (A14B: on both experts; step-1 ratios 1), and every step trains."""
+    from helpers import trainer_config
+
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    cfg = trainer_config(
+        ocr_data_files,
+        f"tiny:{tiny}",
+        tmp_path,
+        **{
+            "actor_rollout_ref.model.wan.num_frames": FRAMES,
+            "actor_rollout_ref.model.wan.guidance_scale_2": guidance_scale_2,
+            "actor_rollout_ref.rollout.pipeline.height": side,
+            "actor_rollout_ref.rollout.pipeline.width": side,
+            "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
+            "actor_rollout_ref.rollout.pipeline.negative_prompt": NEGATIVE,
+            "reward.rewards": [{"name": "temporal_consistency", "weight": 1.0}],
+            "trainer.total_training_steps": 2,
+        },
+    )
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert len(history) == 2
+    assert history[0]["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert history[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    for metrics in history:
+        assert np.isfinite(metrics["actor/policy_loss"]) and metrics["actor/grad_norm"] > 0
+
+
 def test_the_two_expert_options_are_checked_naming_their_key(a14b_pipe, ti2v_pipe, tiny_wan2_2_t2v_dir):
     from verl_omni.workers.fsdp_actor import FSDPActorRank
     from verl_omni.workers.full_actor import DiffusionFullActor

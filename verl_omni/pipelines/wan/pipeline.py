@@ -1,5 +1,5 @@
-"""Wan text-to-video RL pipeline (Wan2.1 T2V, Wan2.2 TI2V-5B's text-to-video): the diffusers ``WanPipeline`` plus the
-RL hooks of ``pipelines/base.py``.
+"""Wan text-to-video RL pipeline (Wan2.1 T2V; Wan2.2: TI2V-5B's text-to-video, the two-expert T2V-A14B): the
+diffusers ``WanPipeline`` plus the RL hooks of ``pipelines/base.py``.
 
 Latents are video latents ``[B, C, F', h, w]`` (F' = (num_frames - 1) / 4 + 1 latent frames, h, w = H / s, W / s with
 the VAE's spatial factor s: 8 for Wan2.1's VAE, 16 for Wan2.2's):
