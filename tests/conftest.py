@@ -32,6 +32,20 @@ def tiny_wan_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_wan2_2_ti2v_dir():
+    from verl_omni.pipelines.tiny import tiny_model_dir
+
+    return tiny_model_dir("wan2_2_ti2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan2_2_t2v_dir():
+    from verl_omni.pipelines.tiny import tiny_model_dir
+
+    return tiny_model_dir("wan2_2_t2v")
+
+
+@pytest.fixture(scope="session")
 def qwen_image_rl_pipe(tiny_qwen_image_dir):
     from verl_omni.pipelines.qwen_image.pipeline import QwenImageRLPipeline
 

@@ -182,17 +182,20 @@ def test_the_workers_autograd_hook_takes_a_single_tensor_position_embedding(tiny
 
 
 @pytest.mark.usefixtures("fake_vllm_omni")
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
-def test_each_family_goes_through_the_vllm_omni_workers_path(family, request, monkeypatch):
+@pytest.mark.parametrize("tiny", ["flux", "sd3", "wan", "wan2_2_ti2v", "wan2_2_t2v"])
+def test_each_family_goes_through_the_vllm_omni_workers_path(tiny, request, monkeypatch):
     """On vllm-omni's test double (tests/test_vllm_omni_engine_adapter.py): the worker loads the family's RL pipeline,
     installs its engine attention with the served kernel (a stand-in here: CPU has no FA3) and none of Qwen-Image's
-    switches, and the engine's images, latents and log-probs are the diffusers engine's for the same seeds."""
+    switches, and the engine's images, latents and log-probs are the diffusers engine's for the same seeds (Wan2.2's
+    TI2V-5B shape too: per-token timesteps, the 16x VAE; and A14B's two experts, both served by the kernel)."""
     from test_vllm_omni_engine_adapter import FakeAsyncOmni, make_engine, run
 
+    from verl_omni.pipelines.registry import tiny_model
     from verl_omni.rollout.engines import get_engine_class
     from verl_omni.rollout.engines.vllm_omni import worker
 
-    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    family = tiny_model(tiny)[0].name
+    model_dir = request.getfixturevalue(f"tiny_{tiny}_dir")
     monkeypatch.setattr(worker, "resolve_flash_attention", lambda: _sdpa_bshd)
     monkeypatch.setattr(engine_attention, "FLASH_DTYPES", (torch.float32,))
     monkeypatch.setattr(engine_attention, "KERNEL_HEAD_DIMS", (16, 256))  # the tiny models' head dims 16 / 32

@@ -1,6 +1,7 @@
-"""Every algorithm of the algorithm seam on FLUX.1-dev, SD3.5 and Wan2.1 text-to-video (tiny random models): each
-samples the family its own way and trains the LoRA from that rollout (Qwen-Image: tests/test_algorithms.py and the
-algorithms' tests)."""
+"""Every algorithm of the algorithm seam on FLUX.1-dev, SD3.5, Wan2.1 text-to-video, Wan2.2-TI2V-5B's text-to-video
+and the two-expert Wan2.2-T2V-A14B (tiny random models; ``tiny:wan2_2_ti2v`` / ``tiny:wan2_2_t2v`` through the ``wan``
+family): each samples the family its own way and trains the LoRA from that rollout (Qwen-Image:
+tests/test_algorithms.py and the algorithms' tests)."""
 
 import numpy as np
 import pytest
@@ -22,17 +23,19 @@ ALGORITHM_SECTIONS = {
 FAMILY_OPTIONS = {"wan": {"wan": {"num_frames": 5}}}
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
+@pytest.mark.parametrize("tiny", ["flux", "sd3", "wan", "wan2_2_ti2v", "wan2_2_t2v"])
 @pytest.mark.parametrize("name", sorted(ALGORITHM_SECTIONS))
-def test_every_registered_algorithm_trains_the_family(name, family, request):
+def test_every_registered_algorithm_trains_the_family(name, tiny, request):
     """Each algorithm behind the seam samples the family its way (FlowGRPO's SDE steps, MixGRPO's window with a
     DPM-Solver++ tail, DiffusionNFT's CFG-free ODE keeping x_0) and updates the LoRA from that rollout."""
     from verl_omni.algorithms.registry import registered_algorithms
+    from verl_omni.pipelines.registry import tiny_model
     from verl_omni.workers.actor import DiffusionLoRAActor
 
     assert set(ALGORITHM_SECTIONS) == set(registered_algorithms())  # a new algorithm is tested here too
+    family = tiny_model(tiny)[0].name
     actor = DiffusionLoRAActor(
-        model_config(request.getfixturevalue(f"tiny_{family}_dir"), pipeline=family, **FAMILY_OPTIONS.get(family, {})),
+        model_config(request.getfixturevalue(f"tiny_{tiny}_dir"), pipeline=family, **FAMILY_OPTIONS.get(family, {})),
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
         rollout_config(),
         lora_seed=3,

@@ -33,12 +33,13 @@ def test_a_tiny_model_of_another_family_than_the_pipeline_is_refused_naming_both
         )
     with pytest.raises(
         ValueError,
-        match=r"'tiny:no_such_family': no tiny model of that family; allowed: "
-        r".*tiny:flux, .*tiny:qwen_image, .*tiny:sd3",
+        match=r"'tiny:no_such_family': no tiny model of that name; allowed: "
+        r".*tiny:flux, .*tiny:qwen_image, .*tiny:sd3, tiny:wan, tiny:wan2_2_t2v, tiny:wan2_2_ti2v",
     ):
         ModelConfig(path="tiny:no_such_family")
     assert ModelConfig(path="tiny:sd3", pipeline="sd3").pipeline == "sd3"
     assert ModelConfig(path="tiny:sd3").pipeline == "sd3"  # auto: the tiny model's family
+    assert ModelConfig(path="tiny:wan2_2_ti2v").pipeline == "wan"  # a family's tiny variant: that family
 
 
 def test_a_model_directory_of_another_pipeline_is_refused_before_ray_starts(tiny_sd3_dir, tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ def test_tiny_model_dir_builds_once_and_reuses(tmp_path):
     assert tiny_model_dir("sd3", root=tmp_path) == first
     assert (Path(first) / "model_index.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [Path(first).name]  # no scratch directories left behind
-    with pytest.raises(ValueError, match=r"tiny model='no_such_family' is not a registered model family"):
+    allowed = r"allowed: .*sd3, wan, wan2_2_t2v, wan2_2_ti2v"  # each family's name and its tiny variants
+    with pytest.raises(ValueError, match=rf"tiny model='no_such_family' is not a tiny model; {allowed}"):
         tiny_model_dir("no_such_family", root=tmp_path)
 
 

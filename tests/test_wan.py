@@ -72,9 +72,9 @@ def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_
         WanOptions(num_frames=8)
     with pytest.raises(ValueError, match=r"actor_rollout_ref.model.wan.fps=0 must be a number > 0"):
         WanOptions(fps=0)
-    wan_pipe.register_to_config(boundary_ratio=0.875)  # what a two-expert Wan2.2 pipeline declares
+    wan_pipe.register_to_config(boundary_ratio=0.875)  # a two-expert Wan2.2 pipeline's boundary, without its expert
     try:
-        with pytest.raises(ValueError, match="two-expert Wan2.2 pipeline .* serves Wan2.1's single transformer"):
+        with pytest.raises(ValueError, match="only one of transformer_2 / boundary_ratio: a two-expert Wan2.2"):
             wan_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
     finally:
         wan_pipe.register_to_config(boundary_ratio=None)
@@ -287,7 +287,7 @@ def test_the_14b_skeleton_records_its_checkpoint_and_an_unknown_variant_is_named
     assert record["checkpoint"] == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
     assert (record["layers"], record["published_layers"], record["weights"]) == (1, 40, False)
     assert family_for_model_dir(path) == "wan"
-    with pytest.raises(ValueError, match=r"variant='7B' is not one of \['1.3B', '14B'\]"):
+    with pytest.raises(ValueError, match=r"variant='7B' is not one of \['1.3B', '14B', 'TI2V-5B', 'T2V-A14B'\]"):
         build_components("wan", device="meta", variant="7B")
     with pytest.raises(ValueError, match="has one published checkpoint"):
         build_components("flux", device="meta", variant="14B")

@@ -20,6 +20,8 @@ from verl_omni.pipelines.registry import (
     family_names,
     get_family,
     registered_families,
+    tiny_model,
+    tiny_model_names,
 )
 
 # ModelConfig's speed switches for forwards without a gradient (true or false each), for every family
@@ -99,10 +101,11 @@ class ModelConfigBase(Section):
         if self.pipeline not in (None, AUTO):
             get_family(self.pipeline, key=self.key("pipeline"))  # an unknown name lists the registered ones
         if self.path.startswith(TINY_PREFIX):
-            family = self.path[len(TINY_PREFIX) :]
-            allowed = ", ".join(f"{TINY_PREFIX}{name}" for name in names)
-            if family not in names:
-                raise ValueError(f"{self.key('path')}={self.path!r}: no tiny model of that family; allowed: {allowed}")
+            tiny = self.path[len(TINY_PREFIX) :]
+            allowed = ", ".join(f"{TINY_PREFIX}{name}" for name in tiny_model_names())
+            if tiny not in tiny_model_names():
+                raise ValueError(f"{self.key('path')}={self.path!r}: no tiny model of that name; allowed: {allowed}")
+            family = tiny_model(tiny)[0].name
             if self.pipeline not in (None, AUTO, family):
                 raise ValueError(
                     f"{self.key('path')}={self.path!r} is a {family} model but {self.key('pipeline')}="

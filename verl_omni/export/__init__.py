@@ -166,6 +166,12 @@ def diffusers_lora_metadata(adapter: TrainedAdapter) -> dict:
 
 def export_lora(adapter: TrainedAdapter, base: str, out: str) -> str:
     """Write the adapter as ``<out>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out)``."""
+    if any(k.startswith("transformer_2.") for k in adapter.tensors):
+        raise ValueError(
+            f"{adapter.checkpoint} holds a two-expert adapter (tensors named transformer.* and transformer_2.*, "
+            "Wan2.2-T2V-A14B): diffusers' LoRA file holds one transformer's; load the checkpoint's "
+            "lora.safetensors into each expert instead"
+        )
     os.makedirs(out, exist_ok=True)
     pipeline_class_of(base).save_lora_weights(
         out,

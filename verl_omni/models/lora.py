@@ -50,6 +50,34 @@ def add_lora_adapter(transformer: torch.nn.Module, spec: LoRASpec) -> None:
     compute_lora_in_activation_dtype(transformer)
 
 
+class ExpertModules(torch.nn.Module):
+    """Several transformers of one pipeline (Wan2.2-T2V-A14B's high- and low-noise experts) as one module for the
+    adapter: :func:`add_lora_adapter` gives each the same adapter, the state-dict functions here name each tensor by
+    its transformer (``transformer.blocks...``, ``transformer_2.blocks...``), and the adapter switches reach each."""
+
+    def __init__(self, experts: dict[str, torch.nn.Module]):
+        super().__init__()
+        for name, expert in experts.items():
+            self.add_module(name, expert)
+
+    @property
+    def peft_config(self) -> dict:
+        """The first expert's (every expert's adapter has the same config)."""
+        return next(iter(self.children())).peft_config
+
+    def add_adapter(self, config: LoraConfig) -> None:
+        for expert in self.children():
+            expert.add_adapter(config)
+
+    def disable_adapters(self) -> None:
+        for expert in self.children():
+            expert.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        for expert in self.children():
+            expert.enable_adapters()
+
+
 class ActivationDtypeLinear(torch.nn.Linear):
     """A LoRA factor (peft's ``lora_A`` / ``lora_B``, an ``nn.Linear``) that computes in its input's dtype.
 

@@ -57,6 +57,7 @@ from verl_omni.config.sampling import AUTO, BatchCfg, DiffusionSamplingParams
 from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
+from verl_omni.models.lora import ExpertModules
 from verl_omni.pipelines.common import (
     denoise_with_logprobs,
     expand_timestep,
@@ -176,6 +177,25 @@ class RLPipelineMixin:
         self, conditional: torch.Tensor, unconditional: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """The denoising transformers by component name: ``{"transformer": ...}``; a pipeline with several experts
+        (Wan2.2-T2V-A14B) names each. Loading freezes them and the adapter wraps each (:attr:`lora_module`)."""
+        return {"transformer": self.transformer}
+
+    @property
+    def lora_module(self) -> torch.nn.Module:
+        """The module the LoRA is added to, trained and exchanged through (actor and engines alike): the transformer,
+        or every denoiser as one :class:`~verl_omni.models.lora.ExpertModules` (tensors named by expert)."""
+        denoisers = self.denoisers
+        if len(denoisers) == 1:
+            return next(iter(denoisers.values()))
+        cached = self.__dict__.get("_lora_module")
+        if cached is None or dict(cached.named_children()) != denoisers:
+            cached = ExpertModules(denoisers)
+            self.__dict__["_lora_module"] = cached
+        return cached
 
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """The final latents as uint8 media on the device: [B, H, W, 3] images or [B, F, H, W, 3] videos (the

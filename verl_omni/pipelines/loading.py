@@ -52,13 +52,15 @@ def load_rl_pipeline(
     pipe = get_pipeline_class(pipeline).from_pretrained(path, torch_dtype=resolve_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
     pipe.apply_family_options(family_options)
-    pipe.transformer.requires_grad_(False)
+    for denoiser in pipe.denoisers.values():
+        denoiser.requires_grad_(False)
     name_repeated_blocks(pipe)
     if gelu_epilogue:
-        use_gelu_epilogue(pipe.transformer)
+        for denoiser in pipe.denoisers.values():
+            use_gelu_epilogue(denoiser)
     if lora is not None:
-        add_lora_adapter(pipe.transformer, lora)
-        for name, param in pipe.transformer.named_parameters():
+        add_lora_adapter(pipe.lora_module, lora)
+        for name, param in pipe.lora_module.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(lora_dtype)
     return pipe
@@ -97,6 +99,20 @@ def check_pipeline_matches(model_path: str, pipeline: str) -> None:
     )
 
 
+DENOISER_COMPONENTS = ("transformer", "transformer_2")  # model_index.json's denoisers (transformer_2: Wan2.2's expert)
+
+
+def denoiser_components(model_path: str) -> list[str]:
+    """The denoising transformers ``<model_path>/model_index.json`` declares (``["transformer", "transformer_2"]``
+    for a two-expert Wan2.2 pipeline); read without loading anything."""
+    path = os.path.join(model_path, "model_index.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        index = json.load(f)
+    return [name for name in DENOISER_COMPONENTS if isinstance(index.get(name), list) and index[name][0] is not None]
+
+
 def vae_scale_factor_of(model_path: str) -> Optional[int]:
     """The pipeline's VAE factor from ``vae/config.json`` (Qwen-Image: 2 ** len(temperal_downsample))."""
     path = os.path.join(model_path, "vae", "config.json")
@@ -107,7 +123,11 @@ def vae_scale_factor_of(model_path: str) -> Optional[int]:
 
 
 def vae_scale_factor_of_config(cfg: dict) -> Optional[int]:
-    """``vae_scale_factor_of`` from the VAE's config itself (None where it names no downsampling)."""
+    """``vae_scale_factor_of`` from the VAE's config itself (None where it names no downsampling). A VAE that
+    states its spatial factor (Wan's ``scale_factor_spatial``: 16 for Wan2.2's, whose 2x2 pixel patches add to its
+    three halvings) is taken at its word."""
+    if "scale_factor_spatial" in cfg:
+        return int(cfg["scale_factor_spatial"])
     for key in ("temperal_downsample", "temporal_downsample"):
         if key in cfg:
             return 2 ** len(cfg[key])

@@ -30,6 +30,8 @@ class ModelFamily:
     diffusers_class_names: ClassVar[tuple[str, ...]] = ()
     # a ``Section`` dataclass of the family's own options (actor_rollout_ref.model.<name>.*), or None
     options_class: ClassVar[Optional[type]] = None
+    # tiny models beyond ``tiny:<name>``: tiny model name -> the ``variant`` its ``build_tiny`` takes
+    tiny_variants: ClassVar[dict[str, str]] = {}
 
     @staticmethod
     def pipeline_class() -> type:
@@ -38,7 +40,8 @@ class ModelFamily:
 
     @staticmethod
     def build_tiny(path: str | os.PathLike, seed: int = 0, dtype: Any = None) -> str:
-        """Write the family's tiny random pipeline directory for CPU tests (``tiny:<name>``); return its path."""
+        """Write the family's tiny random pipeline directory for CPU tests (``tiny:<name>``); return its path. A
+        family with ``tiny_variants`` also takes ``variant=`` (one of their values)."""
         raise NotImplementedError("this model family has no tiny model builder")
 
     @staticmethod
@@ -108,6 +111,25 @@ def get_family(name: str, key: str = "actor_rollout_ref.model.pipeline") -> type
     return families[name]
 
 
+def tiny_model_names() -> tuple[str, ...]:
+    """Every ``tiny:<name>`` name, sorted: each family's own name and its ``tiny_variants``."""
+    names = [n for family in registered_families().values() for n in (family.name, *family.tiny_variants)]
+    return tuple(sorted(names))
+
+
+def tiny_model(
+    name: str, key: str = "actor_rollout_ref.model.path (tiny:<family>)"
+) -> tuple[type[ModelFamily], Optional[str]]:
+    """The family of the tiny model ``name`` and the variant its ``build_tiny`` takes (None: the family's own);
+    an unknown name is an error naming ``key`` and the tiny models there are."""
+    for family in registered_families().values():
+        if name == family.name:
+            return family, None
+        if name in family.tiny_variants:
+            return family, family.tiny_variants[name]
+    raise ValueError(f"{key}={name!r} is not a tiny model; allowed: {', '.join(tiny_model_names())}")
+
+
 def get_pipeline_class(name: str) -> type:
     """The RL pipeline class of the family ``name`` (imports only that family's pipeline module)."""
     return get_family(name).pipeline_class()
@@ -138,7 +160,7 @@ def family_for_model_dir(path: str | os.PathLike, key: str = "actor_rollout_ref.
     found and the registered families."""
     path = os.fspath(path)
     if path.startswith(TINY_PREFIX):
-        return get_family(path[len(TINY_PREFIX) :], key="actor_rollout_ref.model.path (tiny:<family>)").name
+        return tiny_model(path[len(TINY_PREFIX) :])[0].name
     index = os.path.join(path, MODEL_INDEX)
     if not os.path.isfile(index):
         raise FileNotFoundError(

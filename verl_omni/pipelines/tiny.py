@@ -1,5 +1,6 @@
-"""``tiny:<family>`` model paths: each family's tiny random pipeline (``ModelFamily.build_tiny``, seed 0, float32),
-built once into a shared cache directory and reused."""
+"""``tiny:<name>`` model paths: each family's tiny random pipeline (``ModelFamily.build_tiny``, seed 0, float32;
+``<name>`` is the family's name or one of its ``tiny_variants``), built once into a shared cache directory and
+reused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from verl_omni.pipelines.registry import TINY_PREFIX, get_family
+from verl_omni.pipelines.registry import TINY_PREFIX, get_family, tiny_model
 
 _BUILT: dict[tuple[str, str], str] = {}
 _LOCK = threading.Lock()
@@ -39,17 +40,18 @@ def _builder_fingerprint(name: str) -> str:
 
 
 def tiny_model_dir(name: str, root: Optional[str | os.PathLike] = None) -> str:
-    """Path of the family ``name``'s tiny pipeline (seed 0, float32), built on first use.
+    """Path of the tiny pipeline ``name`` (a family's, or one of its ``tiny_variants``; seed 0, float32), built on
+    first use.
 
     The directory lives under ``root`` (default ``$VERL_OMNI_TINY_MODELS`` or ``<tmp>/verl_omni_tiny_models``) and
     is keyed by a fingerprint of the builder, so processes share it and a changed builder never reuses a stale one.
     It is written to a scratch directory first and renamed into place, so readers never see half a model.
     """
-    family = get_family(name, key="tiny model")
+    family, variant = tiny_model(name, key="tiny model")
     root = Path(
         root or os.environ.get("VERL_OMNI_TINY_MODELS") or Path(tempfile.gettempdir()) / "verl_omni_tiny_models"
     )
-    target = root / f"{name}-{_builder_fingerprint(name)}"
+    target = root / f"{name}-{_builder_fingerprint(family.name)}"
     key = (name, str(target))
     with _LOCK:
         if key in _BUILT:
@@ -58,7 +60,7 @@ def tiny_model_dir(name: str, root: Optional[str | os.PathLike] = None) -> str:
             root.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
             try:
-                family.build_tiny(scratch)
+                family.build_tiny(scratch, **({} if variant is None else {"variant": variant}))
                 try:
                     os.replace(scratch, target)
                 except OSError:  # another process won the race; its copy is identical

@@ -103,10 +103,13 @@ class DiffusionLoRAActor:
                 gelu_epilogue=model.gelu_epilogue,
                 family_options=model.family_options,
             )
-            pipe.transformer.to(self.device)
+            for denoiser in pipe.denoisers.values():
+                denoiser.to(self.device)
         self.pipe = pipe
         self.algorithm.bind_pipeline(pipe)
         self.transformer = pipe.transformer
+        # What the adapter wraps: the transformer, or every expert of a two-expert pipeline (pipelines/base.py)
+        self.lora_module = pipe.lora_module
         self.trainable = self._trainable_parameters(lora_seed)
         self.algorithm.attach(self)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
@@ -126,14 +129,14 @@ class DiffusionLoRAActor:
             )
 
     def _trainable_parameters(self, lora_seed: Optional[int]) -> list[torch.nn.Parameter]:
-        trainable = lora_parameters(self.transformer)
+        trainable = lora_parameters(self.lora_module)
         if not trainable:
             raise ValueError("the pipeline's transformer has no LoRA adapter to train")
         for p in trainable:  # the adapter trains in float32 over bf16 base weights
             p.data = p.data.float()
             p.requires_grad_(True)
         if lora_seed is not None:
-            init_lora_weights(self.transformer, lora_seed)
+            init_lora_weights(self.lora_module, lora_seed)
         return trainable
 
     def _make_optimizer(self, actor: ActorConfig) -> Any:
@@ -160,13 +163,16 @@ class DiffusionLoRAActor:
             memory = CudaMemory(self.device) if blocks == AUTO and on_gpu else None
             recomputed = None if blocks == AUTO else blocks  # auto starts from every block (None)
             self.checkpointing = BlockCheckpointing(self.transformer, recomputed, memory and memory.allocated)
+            for expert in self._other_experts():  # a two-expert pipeline's low-noise expert: the same blocks
+                BlockCheckpointing(expert, recomputed)
             if memory is not None:
                 self.memory_plan = AutoCheckpointing(self.checkpointing, memory)
             elif blocks == AUTO:
                 logger.info("%s=auto measures GPU memory; on %s every block recomputes", CHECKPOINTING_KEY, self.device)
         else:
-            self.transformer.disable_gradient_checkpointing()
-        engine_compiled = bool(compiled_modules(self.transformer))  # vllm-omni compiles the blocks it serves
+            for denoiser in self.pipe.denoisers.values():
+                denoiser.disable_gradient_checkpointing()
+        engine_compiled = bool(compiled_modules(self.lora_module))  # vllm-omni compiles the blocks it serves
         # Explicitly false: the update runs the blocks' original forwards even where the engine compiled them.
         self.eager_update = actor.use_torch_compile is False
         if self.eager_update and engine_compiled:
@@ -176,7 +182,12 @@ class DiffusionLoRAActor:
             )
         if actor.compile_blocks and not engine_compiled:
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
-            self.transformer.compile_repeated_blocks(dynamic=True)
+            for denoiser in self.pipe.denoisers.values():
+                denoiser.compile_repeated_blocks(dynamic=True)
+
+    def _other_experts(self) -> list[torch.nn.Module]:
+        """The denoisers besides ``transformer`` (a two-expert pipeline's low-noise expert)."""
+        return [d for d in self.pipe.denoisers.values() if d is not self.transformer]
 
     @property
     def checkpointed_blocks(self) -> int:
@@ -185,10 +196,10 @@ class DiffusionLoRAActor:
 
     # ------------------------------------------------------------------ weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        return get_lora_state_dict(self.transformer)
+        return get_lora_state_dict(self.lora_module)
 
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        set_lora_state_dict(self.transformer, tensors)
+        set_lora_state_dict(self.lora_module, tensors)
         self.algorithm.attach(self)  # state kept beside the adapter restarts from the loaded one
 
     # ------------------------------------------------------------------ the weights training rollouts sample from
@@ -288,11 +299,11 @@ class DiffusionLoRAActor:
 
     @contextmanager
     def _adapter_disabled(self):
-        self.transformer.disable_adapters()
+        self.lora_module.disable_adapters()
         try:
             yield
         finally:
-            self.transformer.enable_adapters()
+            self.lora_module.enable_adapters()
 
     # ------------------------------------------------------------------ the update's plan
     def plan(self, batch: TrainBatch) -> list[MicroBatch]:
@@ -427,7 +438,7 @@ class DiffusionLoRAActor:
         ctx = self._context(batch)
         # With several epochs an epoch can fail after an earlier one stepped: keep what to restore (on the device).
         snapshot = self._snapshot() if self.config.ppo_epochs > 1 else None
-        self.transformer.train()
+        self.lora_module.train()
         try:
             # vllm-omni runs its worker's calls under inference mode: training needs autograd back.
             with (
@@ -451,12 +462,12 @@ class DiffusionLoRAActor:
                 self._restore(snapshot)
             raise
         finally:
-            self.transformer.eval()
+            self.lora_module.eval()
 
     def _update_forwards(self) -> AbstractContextManager:
         """Which forwards the update's blocks run, their backward's recomputations included (the backward runs
         inside ``_update``): the originals with ``actor.use_torch_compile=false``, else the blocks as they are."""
-        return eager_forwards(self.transformer) if self.eager_update else nullcontext()
+        return eager_forwards(self.lora_module) if self.eager_update else nullcontext()
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict, Any]:
         ema = self.ema.snapshot() if self.ema is not None else None

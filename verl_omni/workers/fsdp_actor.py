@@ -41,6 +41,7 @@ from verl_omni.config.actor import ActorConfig
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.models.lora import lora_parameters, set_lora_state_dict
+from verl_omni.pipelines.loading import denoiser_components
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 
@@ -78,6 +79,13 @@ class FSDPActorRank(DiffusionLoRAActor):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        experts = denoiser_components(model.path)
+        if len(experts) > 1:
+            raise ValueError(
+                f"the sharded (FSDP) LoRA actor shards one transformer; actor_rollout_ref.model.path={model.path!r} "
+                f"has {len(experts)} experts ({', '.join(experts)}): train it in the hybrid engine (one model copy "
+                "per GPU)"
+            )
         self.rank, self.world_size = rank, world_size
         cuda = actor.on_cuda
         if cuda:

@@ -41,6 +41,12 @@ class DiffusionFullActor(DiffusionLoRAActor):
 
     def _trainable_parameters(self, lora_seed: Optional[int]) -> list[torch.nn.Parameter]:
         """Every transformer weight, in place and in its dtype (``lora_seed`` has nothing to draw)."""
+        if len(self.pipe.denoisers) > 1:
+            raise ValueError(
+                f"actor_rollout_ref.model.lora_rank=0 trains one transformer's weights; this pipeline has "
+                f"{len(self.pipe.denoisers)} experts ({', '.join(self.pipe.denoisers)}): train a LoRA "
+                "(lora_rank >= 1), which wraps every expert"
+            )
         trainable = list(self.transformer.parameters())
         for p in trainable:
             p.requires_grad_(True)

@@ -143,6 +143,8 @@ def save_standin(
         pipe.save_config(path)
         for name, component in components.items():
             target = os.path.join(path, name)
+            if component is None or isinstance(component, (bool, int, float)):  # a pipeline setting, not a component
+                continue
             if isinstance(component, torch.nn.Module):
                 config = component.config
                 config.save_pretrained(target) if hasattr(config, "save_pretrained") else component.save_config(target)

@@ -1,8 +1,9 @@
-"""Wan2.1 text-to-video (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan-AI/Wan2.1-T2V-14B-Diffusers) at their real size
-with random weights: the WanTransformer3DModel of the chosen variant, the UMT5-XXL text encoder (google/umt5-xxl's
-encoder, vocabulary 256,384) with a tokenizer of that size, the 3D causal VAE (AutoencoderKLWan: 4x temporal, 8x
-spatial, 16 latent channels) and the published UniPC flow scheduler. Both variants share the text encoder, the VAE and
-the scheduler; they differ in the transformer only."""
+"""Wan text-to-video (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan-AI/Wan2.1-T2V-14B-Diffusers; Wan2.2's
+Wan-AI/Wan2.2-TI2V-5B-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers, their figures in ``wan2_2.py``) at their real
+size with random weights: the WanTransformer3DModel of the chosen variant (A14B: two experts, ``transformer`` and
+``transformer_2``), the UMT5-XXL text encoder (google/umt5-xxl's encoder, vocabulary 256,384) with a tokenizer of that
+size, the 3D causal VAE (Wan2.1's AutoencoderKLWan: 4x temporal, 8x spatial, 16 latent channels; TI2V-5B's own: 16x
+spatial, 48 latent channels) and the published UniPC flow scheduler. Every variant shares the text encoder."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any, Optional
 
 import torch
 
+from verl_omni.models.standins import wan2_2
 from verl_omni.models.standins._common import build_module, t5_tokenizer, transformer_layers
 
-REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers", **wan2_2.REPOS}
 VARIANTS = tuple(REPOS)
 DEFAULT_VARIANT = "1.3B"
 
@@ -35,6 +37,8 @@ TRANSFORMERS: dict[str, dict[str, Any]] = {
     "1.3B": {**_TRANSFORMER_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     "14B": {**_TRANSFORMER_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
 }
+TRANSFORMERS["TI2V-5B"] = wan2_2.TI2V_5B_TRANSFORMER
+TRANSFORMERS["T2V-A14B"] = TRANSFORMERS["14B"]  # each of its two experts
 
 # text_encoder/config.json: google/umt5-xxl's encoder (UMT5EncoderModel; a relative-position bias in every layer)
 UMT5_XXL: dict[str, Any] = {
@@ -133,20 +137,26 @@ SCHEDULER: dict[str, Any] = {
 
 
 def published(variant: str = DEFAULT_VARIANT) -> dict[str, dict[str, Any]]:
-    """The published configs of ``variant`` ("1.3B" or "14B"), per component."""
+    """The published configs of ``variant`` (one of ``VARIANTS``), per component; Wan2.2's with ``pipeline``, what
+    its model_index.json declares (``expand_timesteps`` / ``boundary_ratio``), and A14B's with ``transformer_2``."""
     check_variant(variant)
-    return {
+    configs = {
         "transformer": TRANSFORMERS[variant],
-        "vae": VAE,
+        "vae": wan2_2.TI2V_5B_VAE if variant == "TI2V-5B" else VAE,
         "text_encoder": UMT5_XXL,
         "tokenizer": UMT5_TOKENIZER,
-        "scheduler": SCHEDULER,
+        "scheduler": {**SCHEDULER, "flow_shift": wan2_2.FLOW_SHIFTS.get(variant, SCHEDULER["flow_shift"])},
     }
+    if variant == "T2V-A14B":
+        configs["transformer_2"] = TRANSFORMERS[variant]
+    if variant in wan2_2.PIPELINE_CONFIGS:
+        configs["pipeline"] = wan2_2.PIPELINE_CONFIGS[variant]
+    return configs
 
 
 def check_variant(variant: str) -> str:
     if variant not in REPOS:
-        raise ValueError(f"Wan2.1 stand-in variant={variant!r} is not one of {list(VARIANTS)}")
+        raise ValueError(f"Wan stand-in variant={variant!r} is not one of {list(VARIANTS)}")
     return variant
 
 
@@ -161,15 +171,21 @@ def pipeline_class() -> type:
     return WanPipeline
 
 
+def accepted_by(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``config`` that ``cls.__init__`` takes (a published config.json may carry keys a later library
+    version reads, e.g. TI2V-5B's VAE ``clip_output``)."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return {k: v for k, v in config.items() if k in accepted}
+
+
 def umt5_config():
     """``UMT5Config`` of the published text encoder (keys the config class derives itself, such as
     ``dense_act_fn`` and ``is_gated_act`` from ``feed_forward_proj``, are left to it)."""
-    import inspect
-
     from transformers import UMT5Config
 
-    accepted = set(inspect.signature(UMT5Config.__init__).parameters)
-    return UMT5Config(**{k: v for k, v in UMT5_XXL.items() if k in accepted})
+    return UMT5Config(**accepted_by(UMT5Config, UMT5_XXL))
 
 
 def build_components(
@@ -181,19 +197,26 @@ def build_components(
     variant: str = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
     """Every pipeline component of ``variant`` at the published configuration (``layers`` truncates the
-    transformer only)."""
+    transformers only), plus the pipeline's own settings of a Wan2.2 variant (``expand_timesteps`` /
+    ``boundary_ratio``: ``WanPipeline`` keyword arguments, like the components)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    check_variant(variant)
-    transformer_kwargs = dict(TRANSFORMERS[variant])
+    configs = published(variant)
+    transformer_kwargs = dict(configs["transformer"])
     transformer_kwargs["num_layers"] = transformer_layers(layers, transformer_kwargs["num_layers"])
     transformer_kwargs["patch_size"] = tuple(transformer_kwargs["patch_size"])
     text_config = umt5_config()
-    return {
+    components = {
         "transformer": build_module(lambda: WanTransformer3DModel(**transformer_kwargs), seed, dtype, device),
-        "vae": build_module(lambda: AutoencoderKLWan(**VAE), seed + 1, dtype, device),
+        "vae": build_module(
+            lambda: AutoencoderKLWan(**accepted_by(AutoencoderKLWan, configs["vae"])), seed + 1, dtype, device
+        ),
         "text_encoder": build_module(lambda: UMT5EncoderModel(text_config), seed + 2, dtype, device),
         "tokenizer": t5_tokenizer(**UMT5_TOKENIZER),
-        "scheduler": UniPCMultistepScheduler(**SCHEDULER),
+        "scheduler": UniPCMultistepScheduler(**configs["scheduler"]),
     }
+    if "transformer_2" in configs:
+        build = lambda: WanTransformer3DModel(**transformer_kwargs)  # noqa: E731
+        components["transformer_2"] = build_module(build, seed + 3, dtype, device)
+    return {**components, **configs.get("pipeline", {})}

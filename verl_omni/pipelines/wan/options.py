@@ -1,4 +1,4 @@
-"""``actor_rollout_ref.model.wan``: Wan2.1 text-to-video's own options. ``WanRLPipeline.apply_family_options`` takes
+"""``actor_rollout_ref.model.wan``: Wan text-to-video's own options. ``WanRLPipeline.apply_family_options`` takes
 them wherever a pipeline is loaded (``pipelines/loading.py``): both engines' pipelines and the actor's, so every
 rollout of a run makes clips of the same length."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from verl_omni.core.section import Section, require_int, require_number
 
@@ -23,6 +24,9 @@ class WanOptions(Section):
     num_frames: int = DEFAULT_NUM_FRAMES
     # Frames per second of the clips as written (sample and validation MP4s); the rollout does not depend on it.
     fps: float = DEFAULT_FPS
+    # Two-expert Wan2.2 (T2V-A14B): the CFG scale of the low-noise expert's steps (WanPipeline's guidance_scale_2);
+    # null: the rollout's own scale (rollout.pipeline.true_cfg_scale), as WanPipeline does without it.
+    guidance_scale_2: Optional[float] = None
 
     def __post_init__(self) -> None:
         require_int(self.key("num_frames"), self.num_frames, minimum=1)
@@ -31,6 +35,11 @@ class WanOptions(Section):
         if not math.isfinite(self.fps):
             raise ValueError(f"{self.key('fps')}={self.fps!r} must be a finite number > 0")
         object.__setattr__(self, "fps", float(self.fps))
+        if self.guidance_scale_2 is not None:
+            require_number(self.key("guidance_scale_2"), self.guidance_scale_2, 1.0)
+            if not math.isfinite(self.guidance_scale_2):
+                raise ValueError(f"{self.key('guidance_scale_2')}={self.guidance_scale_2!r} must be finite or null")
+            object.__setattr__(self, "guidance_scale_2", float(self.guidance_scale_2))
 
 
 def check_num_frames(key: str, num_frames: int, temporal_factor: int) -> None:

@@ -97,8 +97,8 @@ class DiffusersEngine(DiffusionEngine):
         self._aborted.update(self._running if request_id is None else {request_id} & self._running)
 
     def _update_lora_sync(self, tensors: dict[str, torch.Tensor]) -> str:
-        set_lora_state_dict(self.pipe.transformer, tensors)
-        return tensors_checksum(get_lora_state_dict(self.pipe.transformer))
+        set_lora_state_dict(self.pipe.lora_module, tensors)
+        return tensors_checksum(get_lora_state_dict(self.pipe.lora_module))
 
     async def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
         if self.model.lora is None:
@@ -108,7 +108,7 @@ class DiffusersEngine(DiffusionEngine):
     async def lora_checksum(self) -> Optional[str]:
         if self.model.lora is None:
             return None
-        return await self._locked(lambda: tensors_checksum(get_lora_state_dict(self.pipe.transformer)))
+        return await self._locked(lambda: tensors_checksum(get_lora_state_dict(self.pipe.lora_module)))
 
     def _sleep_sync(self) -> None:
         if self.rollout.on_cuda:

@@ -204,13 +204,13 @@ class VllmOmniRLPipeline(torch.nn.Module):
 
     # ------------------------------------------------------------------ LoRA (called from the worker extension)
     def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
-        set_lora_state_dict(self.transformer, tensors)
-        return tensors_checksum(get_lora_state_dict(self.transformer))
+        set_lora_state_dict(self.pipe.lora_module, tensors)
+        return tensors_checksum(get_lora_state_dict(self.pipe.lora_module))
 
     def lora_checksum(self) -> Optional[str]:
         if not self.opts.get("lora"):
             return None
-        return tensors_checksum(get_lora_state_dict(self.transformer))
+        return tensors_checksum(get_lora_state_dict(self.pipe.lora_module))
 
 
 class CuMemWeightPool:
@@ -291,7 +291,8 @@ class VllmOmniRLWorkerExtension:
         from verl_omni.workers.colocated import ColocatedActorRank
 
         pipeline = self.model_runner.pipeline
-        _allow_autograd_through_rope(pipeline.transformer)
+        for denoiser in pipeline.pipe.denoisers.values():
+            _allow_autograd_through_rope(denoiser)
         address = payload["address"]
         self._verl_omni_actor = ColocatedActorRank(
             pipeline.pipe,

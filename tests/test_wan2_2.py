@@ -1,0 +1,511 @@
+"""Wan2.2 through the ``wan`` family, on tiny random models. TI2V-5B's text-to-video (``tiny:wan2_2_ti2v``: the Wan2.2
+VAE at 16x spatial, ``expand_timesteps``) and the two-expert T2V-A14B (``tiny:wan2_2_t2v``: ``transformer`` above
+``boundary_ratio``, ``transformer_2`` below, ``guidance_scale_2``): video rollouts, equality with the stock diffusers
+``WanPipeline`` at noise level 0, batch invariance, the log-prob recomputation (by the expert the rollout ran), the
+actor's step-1 ratio and a LoRA update (A14B: on both experts); the real-size stand-ins' published figures."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+from helpers import model_config, records_data_proto, rollout_config
+from test_vllm_omni_engine_adapter import fake_vllm_omni  # noqa: F401  (the test double of vllm-omni, a fixture)
+
+from verl_omni.config.actor import ActorConfig, OptimConfig
+from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.conditioning import Conditioning
+from verl_omni.pipelines.wan.options import WanOptions
+from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
+
+PROMPT = "a red cat walking"
+NEGATIVE = "blurry, static"
+SEEDS = [11, 22, 33]
+FRAMES = 5  # 2 latent frames at the VAE's 4x temporal compression
+SIDE = 64  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per frame
+
+
+@pytest.fixture(scope="module")
+def ti2v_pipe(tiny_wan2_2_ti2v_dir):
+    from verl_omni.pipelines.loading import load_rl_pipeline
+
+    return load_rl_pipeline(tiny_wan2_2_ti2v_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES))
+
+
+def _params(**kw):
+    base = dict(
+        num_inference_steps=4,
+        height=SIDE,
+        width=SIDE,
+        noise_level=0.7,
+        sde_window_size=2,
+        window_start=1,
+        guidance_scale=5.0,
+        negative_prompt=NEGATIVE,
+        max_sequence_length=32,
+    )
+    return DiffusionSamplingParams(**(base | kw)).validate()
+
+
+def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_vae(ti2v_pipe, tiny_wan2_2_ti2v_dir):
+    from verl_omni.models.standins import published_config
+    from verl_omni.pipelines.loading import vae_scale_factor_of
+    from verl_omni.pipelines.registry import family_for_model_dir
+
+    assert family_for_model_dir(tiny_wan2_2_ti2v_dir) == "wan"
+    assert family_for_model_dir("tiny:wan2_2_ti2v") == "wan"
+    assert ti2v_pipe.config.expand_timesteps and ti2v_pipe.transformer_2 is None
+    assert (ti2v_pipe.vae_scale_factor_temporal, ti2v_pipe.vae_scale_factor_spatial) == (4, 16)
+    assert vae_scale_factor_of(tiny_wan2_2_ti2v_dir) == 16  # request validation: sides multiples of 32
+    with pytest.raises(ValueError, match="multiples? of 32"):
+        DiffusionSamplingParams(height=48, width=48).validate(vae_scale_factor_of(tiny_wan2_2_ti2v_dir))
+    published = published_config("wan", "TI2V-5B")
+    assert ti2v_pipe.scheduler.config.shift == published["scheduler"]["flow_shift"]
+    assert ti2v_pipe.vae.config.is_residual and ti2v_pipe.vae.config.patch_size == 2
+    assert ti2v_pipe.transformer.config.in_channels == ti2v_pipe.vae.config.z_dim
+    latents = torch.zeros(3, ti2v_pipe.vae.config.z_dim, 2, SIDE // 16, SIDE // 16)
+    tokens = ti2v_pipe.token_timesteps(latents, torch.tensor([900.0, 500.0, 20.0]))
+    assert tokens.shape == (3, 2 * 2 * 2) and torch.equal(tokens[:, 0], tokens[:, -1])
+
+
+def test_a_rollout_is_uint8_videos_with_48_channel_shaped_latents(ti2v_pipe):
+    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], _params(sde_window_size=0, window_start=None))
+    z_dim = ti2v_pipe.vae.config.z_dim
+    assert out.media.shape == (2, FRAMES, SIDE, SIDE, 3) and out.media.dtype == torch.uint8
+    assert out.latents.shape == (2, 5, z_dim, 2, SIDE // 16, SIDE // 16)  # [B, T+1, C, F', h, w]
+    assert out.log_probs.shape == (2, 4) and torch.all(out.log_probs != 0)
+    first = out.media[0].numpy()
+    assert np.abs(np.diff(first.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(ti2v_pipe, tiny_wan2_2_ti2v_dir, guidance_scale):
+    params = _params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
+    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    assert not out.window_mask.any() and torch.all(out.log_probs == 0)
+    stock = WanPipeline.from_pretrained(tiny_wan2_2_ti2v_dir)
+    stock.set_progress_bar_config(disable=True)
+    assert stock.config.expand_timesteps
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        height=SIDE,
+        width=SIDE,
+        num_frames=FRAMES,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=guidance_scale,
+        num_videos_per_prompt=2,
+        max_sequence_length=params.max_sequence_length,
+    )
+    latents = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent")
+    frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
+    latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
+    pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
+    print(
+        f"[Wan2.2-TI2V cfg={guidance_scale}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}"
+    )
+    assert latent_err < 1e-5 and pixel_err <= 1
+
+
+def test_batched_call_equals_single_calls_with_the_same_seeds(ti2v_pipe):
+    params = _params()
+    batched = ti2v_pipe.rl_generate(PROMPT, SEEDS, params)
+    singles = [ti2v_pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
+    pixel = max((batched.media[i].int() - o.media[0].int()).abs().max().item() for i, o in enumerate(singles))
+    latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
+    logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
+    print(f"[Wan2.2-TI2V] B=3 vs 3xB=1: max pixel diff {pixel}, latent {latent:.2e}, log-prob {logp:.2e}")
+    assert pixel <= 1 and latent < 1e-4 and logp < 1e-4
+    assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1  # the seeds differ
+
+
+def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(ti2v_pipe):
+    params = _params()
+    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    sigma_max, max_err = reference_sigma_max(out.sigmas), 0.0
+    for t in torch.nonzero(out.window_mask).flatten().tolist():
+        with torch.enable_grad():
+            velocity = ti2v_pipe.predict_velocity(
+                out.latents[:, t], out.timesteps[t], Conditioning.from_fields(out), 5.0, SIDE, SIDE
+            )
+        recomputed = compute_log_prob(
+            velocity.detach(),
+            out.latents[:, t],
+            out.latents[:, t + 1],
+            out.sigmas[t],
+            out.sigmas[t + 1],
+            noise_level=params.noise_level,
+            sde_type=params.sde_type,
+            sigma_max=sigma_max,
+        )
+        max_err = max(max_err, (recomputed - out.log_probs[:, t]).abs().max().item())
+    assert max_err < 1e-5
+
+
+def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(tiny_wan2_2_ti2v_dir):
+    """The hybrid engine's actor recomputes the rollout's log-probs with the per-token timesteps (ratio 1 at step 1,
+    both CFG branches batched as in the rollout), and its LoRA update moves the loss."""
+    from verl_omni.workers.actor import DiffusionLoRAActor
+
+    rollout = rollout_config(
+        pipeline={"true_cfg_scale": 5.0, "negative_prompt": NEGATIVE, "max_sequence_length": 32, "height": SIDE,
+                  "width": SIDE, "num_inference_steps": 4},
+        algo={"noise_level": 0.7, "sde_window_size": 2},
+    )  # fmt: skip
+    actor = DiffusionLoRAActor(
+        model_config(tiny_wan2_2_ti2v_dir, pipeline="wan", wan={"num_frames": FRAMES}),
+        ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
+        rollout,
+        lora_seed=3,
+    )
+    assert actor.pipe.config.expand_timesteps and actor.pipe.num_frames == FRAMES
+    params = rollout.sampling_params().replace(window_start=1).validate()
+    records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
+    raw = np.empty(4, dtype=object)
+    for i in range(4):
+        raw[i] = [{"role": "user", "content": "p"}]
+    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    before = actor.lora_state_dict()
+    first = actor.update(data, advantages)
+    print(f"[Wan2.2-TI2V] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
+    assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/grad_norm"] > 0 and np.isfinite(first["actor/policy_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in actor.lora_state_dict().items())
+    second = actor.update(data, advantages)
+    assert second["actor/policy_loss"] != first["actor/policy_loss"]
+
+
+# ------------------------------------------------------------------------------------------- T2V-A14B: two experts
+A14B_SIDE = 32  # 4 x 4 latents at Wan2.1's 8x VAE
+
+
+@pytest.fixture(scope="module")
+def a14b_pipe(tiny_wan2_2_t2v_dir):
+    from verl_omni.pipelines.loading import load_rl_pipeline
+
+    return load_rl_pipeline(tiny_wan2_2_t2v_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES))
+
+
+def _a14b_params(**kw):
+    return _params(**({"height": A14B_SIDE, "width": A14B_SIDE, "window_start": 0} | kw))
+
+
+def test_the_a14b_schedule_runs_both_experts_and_a_row_runs_the_expert_of_its_timestep(a14b_pipe):
+    """The tiny A14B's 4 steps straddle the boundary (875: one high-noise step, three low); a call of rows on both
+    sides of it equals each row alone, and each row's velocity is its own expert's."""
+    out = a14b_pipe.rl_generate(PROMPT, SEEDS[:2], _a14b_params(sde_window_size=0, window_start=None))
+    boundary = a14b_pipe.boundary_timestep
+    assert boundary == 875.0 and (out.timesteps >= boundary).any() and (out.timesteps < boundary).any()
+    high, low = out.timesteps[0], out.timesteps[-2]
+    assert high >= boundary > low
+    latents = torch.cat([out.latents[:1, 0], out.latents[1:, -2]])  # row 0 at the high step, row 1 at a low one
+    timesteps = torch.stack([high, low])
+    text = Conditioning.from_fields(out)
+    mixed = a14b_pipe.predict_velocity(latents, timesteps, text, 1.0, A14B_SIDE, A14B_SIDE)
+    embeds = out.prompt_embeds
+    by_high = a14b_pipe.transformer(latents[:1], high.reshape(1), embeds[:1], return_dict=False)[0]
+    by_low = a14b_pipe.transformer_2(latents[1:], low.reshape(1), embeds[1:], return_dict=False)[0]
+    torch.testing.assert_close(mixed, torch.cat([by_high, by_low]), rtol=0, atol=1e-6)
+    other = a14b_pipe.transformer(latents[1:], low.reshape(1), embeds[1:], return_dict=False)[0]
+    assert (other - by_low).abs().max() > 1e-2  # the experts differ: the routing matters
+
+
+@pytest.mark.parametrize("guidance_scale, guidance_scale_2", [(1.0, None), (5.0, None), (4.0, 3.0)])
+def test_a14b_at_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(
+    a14b_pipe, tiny_wan2_2_t2v_dir, guidance_scale, guidance_scale_2
+):
+    """The rollout switches experts where ``WanPipeline`` does, with ``guidance_scale_2`` on the low-noise steps."""
+    a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=guidance_scale_2))
+    try:
+        params = _a14b_params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
+        out = a14b_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    finally:
+        a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
+    stock = WanPipeline.from_pretrained(tiny_wan2_2_t2v_dir)
+    stock.set_progress_bar_config(disable=True)
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        height=A14B_SIDE,
+        width=A14B_SIDE,
+        num_frames=FRAMES,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
+        num_videos_per_prompt=2,
+        max_sequence_length=params.max_sequence_length,
+    )
+    latents = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent")
+    frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
+    latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
+    pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
+    print(
+        f"[Wan2.2-A14B cfg={guidance_scale}/{guidance_scale_2}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}"
+    )
+    assert latent_err < 1e-5 and pixel_err <= 1
+
+
+def test_a14b_rollout_log_probs_equal_the_recomputation_and_batched_equals_single(a14b_pipe):
+    """The window covers a high-noise and a low-noise step: each step's recomputation runs the rollout's expert."""
+    a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=3.0))
+    try:
+        params = _a14b_params()
+        out = a14b_pipe.rl_generate(PROMPT, SEEDS, params)
+        window = torch.nonzero(out.window_mask).flatten().tolist()
+        assert out.timesteps[window[0]] >= a14b_pipe.boundary_timestep > out.timesteps[window[-1]]
+        sigma_max, max_err = reference_sigma_max(out.sigmas), 0.0
+        for t in window:
+            velocity = a14b_pipe.predict_velocity(
+                out.latents[:, t], out.timesteps[t], Conditioning.from_fields(out), 5.0, A14B_SIDE, A14B_SIDE
+            )
+            recomputed = compute_log_prob(
+                velocity,
+                out.latents[:, t],
+                out.latents[:, t + 1],
+                out.sigmas[t],
+                out.sigmas[t + 1],
+                noise_level=params.noise_level,
+                sde_type=params.sde_type,
+                sigma_max=sigma_max,
+            )
+            max_err = max(max_err, (recomputed - out.log_probs[:, t]).abs().max().item())
+        single = a14b_pipe.rl_generate(PROMPT, SEEDS[1:2], params)
+    finally:
+        a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
+    assert max_err < 1e-5
+    assert (single.latents[0] - out.latents[1]).abs().max() < 1e-4
+    assert (single.log_probs[0] - out.log_probs[1]).abs().max() < 1e-4
+
+
+def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(tiny_wan2_2_t2v_dir):
+    """LoRA on both experts (tensors named by expert); the actor recomputes each window step with the rollout's
+    expert and ``guidance_scale_2`` (ratio 1 at step 1), and one update moves both experts' adapters."""
+    from verl_omni.workers.actor import DiffusionLoRAActor
+
+    rollout = rollout_config(
+        pipeline={"true_cfg_scale": 4.0, "negative_prompt": NEGATIVE, "max_sequence_length": 32,
+                  "height": A14B_SIDE, "width": A14B_SIDE, "num_inference_steps": 4},
+        algo={"noise_level": 0.7, "sde_window_size": 2},
+    )  # fmt: skip
+    actor = DiffusionLoRAActor(
+        model_config(tiny_wan2_2_t2v_dir, pipeline="wan", wan={"num_frames": FRAMES, "guidance_scale_2": 3.0}),
+        ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
+        rollout,
+        lora_seed=3,
+    )
+    before = actor.lora_state_dict()
+    assert {k.split(".", 1)[0] for k in before} == {"transformer", "transformer_2"}
+    params = rollout.sampling_params().replace(window_start=0).validate()
+    records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
+    raw = np.empty(4, dtype=object)
+    for i in range(4):
+        raw[i] = [{"role": "user", "content": "p"}]
+    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
+    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    first = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    print(f"[Wan2.2-A14B] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
+    assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert first["actor/grad_norm"] > 0 and np.isfinite(first["actor/policy_loss"])
+    after = actor.lora_state_dict()
+    for expert in ("transformer", "transformer_2"):
+        assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith(expert + ".")), expert
+
+
+def test_exporting_a_two_expert_adapter_is_refused_naming_why(tiny_wan2_2_t2v_dir, tmp_path):
+    from verl_omni.export import TrainedAdapter, export_lora
+
+    tensors = {f"{e}.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32) for e in ("transformer", "transformer_2")}
+    adapter = TrainedAdapter("ckpt", 1, "lora", tensors, 4, 4.0, ["to_q"], "sum")
+    with pytest.raises(ValueError, match=r"ckpt holds a two-expert adapter \(tensors named transformer.\* and "):
+        export_lora(adapter, tiny_wan2_2_t2v_dir, str(tmp_path))
+
+
+def test_an_engines_attention_kernel_serves_both_experts(tiny_wan2_2_t2v_dir):
+    """``use_attention_function`` installs the engine's processor in both experts: every attention module of each."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from verl_omni.pipelines.loading import load_rl_pipeline
+    from verl_omni.pipelines.wan.attention import WanEngineAttnProcessor
+
+    pipe = load_rl_pipeline(tiny_wan2_2_t2v_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES))
+    modules = [2 * expert.config.num_layers for expert in pipe.experts]  # attn1 and attn2 per block
+    assert pipe.use_attention_function(scaled_dot_product_attention) == sum(modules) and len(modules) == 2
+    for expert in pipe.experts:
+        assert all(isinstance(p, WanEngineAttnProcessor) for p in expert.attn_processors.values())
+
+
+@pytest.mark.usefixtures("fake_vllm_omni")
+def test_both_engines_serve_the_a14b_adapter_on_both_experts(tiny_wan2_2_t2v_dir):
+    """The diffusers engine and vllm-omni's worker (its test double) take both experts' LoRA tensors (named by
+    expert), report the same checksum, and roll out the same adapted clips."""
+    from test_vllm_omni_engine_adapter import make_engine, run
+
+    from verl_omni.core.checksum import tensors_checksum
+    from verl_omni.models.lora import get_lora_state_dict
+    from verl_omni.rollout.engines import get_engine_class
+
+    lora = {"lora_rank": 4, "lora_alpha": 4.0, "pipeline": "wan", "wan": {"num_frames": FRAMES}}
+    served = make_engine(tiny_wan2_2_t2v_dir, lora=lora)
+    plain = get_engine_class("diffusers")(model_config(tiny_wan2_2_t2v_dir, **lora), rollout_config(dtype="float32"))
+    params = _a14b_params(guidance_scale=4.0)
+    base = run(plain.generate(PROMPT, SEEDS[:2], params))
+    gen = torch.Generator().manual_seed(0)
+    names = get_lora_state_dict(plain.pipe.lora_module)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in names.items()}
+    assert {k.split(".", 1)[0] for k in tensors} == {"transformer", "transformer_2"}
+    assert run(plain.update_lora(tensors)) == run(served.update_lora(tensors)) == tensors_checksum(tensors)
+    adapted, adapted_served = (run(e.generate(PROMPT, SEEDS[:2], params)) for e in (plain, served))
+    assert (adapted.latents[:, -1] - base.latents[:, -1]).abs().max() > 1e-3  # the adapter changed the clips
+    torch.testing.assert_close(adapted_served.latents, adapted.latents, rtol=0, atol=1e-5)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("tiny, side, guidance_scale_2", [("wan2_2_ti2v", SIDE, None), ("wan2_2_t2v", A14B_SIDE, 3.0)])
+def test_the_trainer_trains_the_tiny_wan2_2_models_two_steps(
+    ray_session, ocr_data_files, tmp_path, tiny, side, guidance_scale_2
+):
+    """Two FlowGRPO steps of each tiny Wan2.2 model through the real trainer (hybrid engine, diffusers engine): the
+    rollout engine serves the actor's adapter (A14B: on both experts; step-1 ratios 1), and every step trains."""
+    from helpers import trainer_config
+
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    cfg = trainer_config(
+        ocr_data_files,
+        f"tiny:{tiny}",
+        tmp_path,
+        **{
+            "actor_rollout_ref.model.wan.num_frames": FRAMES,
+            "actor_rollout_ref.model.wan.guidance_scale_2": guidance_scale_2,
+            "actor_rollout_ref.rollout.pipeline.height": side,
+            "actor_rollout_ref.rollout.pipeline.width": side,
+            "actor_rollout_ref.rollout.pipeline.true_cfg_scale": 4.0,
+            "actor_rollout_ref.rollout.pipeline.negative_prompt": NEGATIVE,
+            "reward.rewards": [{"name": "temporal_consistency", "weight": 1.0}],
+            "trainer.total_training_steps": 2,
+        },
+    )
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert len(history) == 2
+    assert history[0]["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert history[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    for metrics in history:
+        assert np.isfinite(metrics["actor/policy_loss"]) and metrics["actor/grad_norm"] > 0
+
+
+def test_the_two_expert_options_are_checked_naming_their_key(a14b_pipe, ti2v_pipe, tiny_wan2_2_t2v_dir):
+    from verl_omni.workers.fsdp_actor import FSDPActorRank
+    from verl_omni.workers.full_actor import DiffusionFullActor
+
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.model.wan.guidance_scale_2=0.5 must be a number >= 1"):
+        WanOptions(guidance_scale_2=0.5)
+    with pytest.raises(ValueError, match=r"wan.guidance_scale_2=3.0 is the low-noise expert's .* \(no transformer_2\)"):
+        ti2v_pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=3.0))
+    a14b_pipe.register_to_config(boundary_ratio=None)  # transformer_2 without its boundary
+    try:
+        with pytest.raises(ValueError, match="only one of transformer_2 / boundary_ratio"):
+            a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
+    finally:
+        a14b_pipe.register_to_config(boundary_ratio=0.875)
+    with pytest.raises(ValueError, match=r"FSDP\) LoRA actor shards one transformer; .* 2 experts \(transformer, "):
+        FSDPActorRank(
+            model_config(tiny_wan2_2_t2v_dir, pipeline="wan"), ActorConfig(), rollout_config(), 0, 2, master_port=1
+        )
+    with pytest.raises(ValueError, match=r"lora_rank=0 trains one transformer's .* 2 experts \(transformer, "):
+        DiffusionFullActor(
+            model_config(tiny_wan2_2_t2v_dir, pipeline="wan", lora_rank=0, wan={"num_frames": FRAMES}),
+            ActorConfig(optim=OptimConfig(lr=1e-5)),
+            rollout_config(),
+        )
+
+
+# ------------------------------------------------------------------------------------------- real-size stand-ins
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers: transformer/config.json, vae/config.json, scheduler's flow_shift and
+# model_index.json's expand_timesteps, as diffusers' scripts/convert_wan_to_diffusers.py writes them
+# (get_transformer_config("Wan2.2-TI2V-5B"), vae22_diffusers_config, flow_shift 5.0 for TI2V).
+TI2V_5B_TRANSFORMER = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "in_channels": 48,
+    "out_channels": 48,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+}
+TI2V_5B_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_temporal": 4,
+    "scale_factor_spatial": 16,
+}
+# Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of Wan2.1-T2V-14B's shape (get_transformer_config
+# ("Wan2.2-T2V-A14B")), boundary_ratio 0.875, Wan2.1's VAE, flow_shift 3.0
+A14B_EXPERT = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40}
+
+
+def test_the_ti2v_5b_stand_in_has_the_published_configs_and_5b_parameters(tmp_path):
+    from verl_omni.models.standins import build_components, param_counts, read_standin_record
+    from verl_omni.pipelines.registry import family_for_model_dir, get_family
+
+    c = build_components("wan", device="meta", variant="TI2V-5B")
+    for key, value in TI2V_5B_TRANSFORMER.items():
+        got = list(c["transformer"].config[key]) if isinstance(value, list) else c["transformer"].config[key]
+        assert got == value, f"transformer.{key}: {got!r} != {value!r}"
+    for key, value in TI2V_5B_VAE.items():
+        got = list(c["vae"].config[key]) if isinstance(value, list) else c["vae"].config[key]
+        assert got == value, f"vae.{key}: {got!r} != {value!r}"
+    assert len(c["vae"].config.latents_mean) == len(c["vae"].config.latents_std) == 48
+    assert c["expand_timesteps"] is True and "transformer_2" not in c
+    assert c["scheduler"].config.use_flow_sigmas and c["scheduler"].config.flow_shift == 5.0
+    transformer = param_counts(c)["transformer"]
+    assert 4.95e9 < transformer < 5.05e9, f"{transformer:,}"  # the "5B" of its name
+    path = get_family("wan").build_standin(tmp_path / "ti2v", layers=1, device="meta", variant="TI2V-5B")
+    assert read_standin_record(path)["checkpoint"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert family_for_model_dir(path) == "wan"
+    assert WanPipeline.load_config(path)["expand_timesteps"] is True
+
+
+def test_the_a14b_stand_in_has_two_14b_experts_and_the_published_boundary(tmp_path):
+    from verl_omni.models.standins import build_components, param_counts
+
+    c = build_components("wan", device="meta", variant="T2V-A14B")
+    for name in ("transformer", "transformer_2"):
+        for key, value in A14B_EXPERT.items():
+            assert c[name].config[key] == value, f"{name}.{key}"
+    counts = param_counts(c)
+    assert (
+        counts["transformer"]
+        == counts["transformer_2"]
+        == param_counts(build_components("wan", device="meta", variant="14B"))["transformer"]
+    )
+    assert c["boundary_ratio"] == 0.875 and c["vae"].config.z_dim == 16
+    assert c["scheduler"].config.flow_shift == 3.0
+    from verl_omni.models.standins import read_standin_record
+    from verl_omni.pipelines.loading import denoiser_components
+    from verl_omni.pipelines.registry import family_for_model_dir, get_family
+
+    path = get_family("wan").build_standin(tmp_path / "a14b", layers=1, device="meta", variant="T2V-A14B")
+    assert read_standin_record(path)["checkpoint"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert family_for_model_dir(path) == "wan" and denoiser_components(path) == ["transformer", "transformer_2"]
+    assert WanPipeline.load_config(path)["boundary_ratio"] == 0.875
+    with pytest.raises(ValueError, match=r"variant='7B' is not one of \['1.3B', '14B', 'TI2V-5B', 'T2V-A14B'\]"):
+        build_components("wan", device="meta", variant="7B")
