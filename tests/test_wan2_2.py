@@ -314,13 +314,88 @@ def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(
         assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith(expert + ".")), expert
 
 
-def test_exporting_a_two_expert_adapter_is_refused_naming_why(tiny_wan2_2_t2v_dir, tmp_path):
+@pytest.fixture(scope="module")
+def a14b_trained(tiny_wan2_2_t2v_dir, tmp_path_factory):
+    """A checkpoint of a two-expert adapter (B not zero, as after training; alpha != rank, so the files must carry the
+    scaling) and the pipeline serving it."""
+    from verl_omni.models.lora import LoRASpec, get_lora_state_dict, init_lora_weights, lora_parameters
+    from verl_omni.pipelines.loading import load_rl_pipeline
+    from verl_omni.trainer.checkpoint import save_checkpoint
+
+    rank, alpha = 4, 12.0
+    lora = LoRASpec(rank, alpha, ("to_q", "to_k", "to_v", "to_out.0"))
+    pipe = load_rl_pipeline(tiny_wan2_2_t2v_dir, "wan", "float32", lora, family_options=WanOptions(num_frames=FRAMES))
+    init_lora_weights(pipe.lora_module, seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.lora_module):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    root = tmp_path_factory.mktemp("a14b_run")
+    meta = {"lora": {"rank": rank, "alpha": alpha, "target_modules": list(lora.target_modules)}}
+    optimizer = torch.optim.AdamW(lora_parameters(pipe.lora_module))
+    save_checkpoint(str(root), 2, get_lora_state_dict(pipe.lora_module), optimizer, meta)
+    return root, pipe
+
+
+def _expert_outputs(pipe) -> list[torch.Tensor]:
+    """Each expert's velocity on the same latents, timestep and text (the high-noise expert's input at 900, the
+    low-noise expert's at 300)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, pipe.transformer.config.in_channels, 2, 4, 4, generator=g)
+    text = torch.randn(2, 6, pipe.transformer.config.text_dim, generator=g)
+    outs = []
+    with torch.no_grad():
+        for expert, t in ((pipe.transformer, 900.0), (pipe.transformer_2, 300.0)):
+            kw = dict(hidden_states=latents, timestep=torch.full((2,), t), encoder_hidden_states=text)
+            outs.append(expert(**kw, return_dict=False)[0])
+    return outs
+
+
+def test_a_two_expert_adapter_exports_one_diffusers_file_per_expert_and_a_merged_pipeline(
+    a14b_trained, tiny_wan2_2_t2v_dir, tmp_path
+):
+    """``verl-omni-export`` of an A14B adapter: diffusers' ``WanPipeline.load_lora_weights`` loads the high-noise file
+    into ``transformer`` and the low-noise one with ``load_into_transformer_2=True``; the merged directory loads with
+    ``from_pretrained``; both give each expert's outputs of our adapted pipeline."""
+    import json
+
+    from verl_omni.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
+    from verl_omni.export.__main__ import main as export_main
+
+    root, ours_pipe = a14b_trained
+    ours = _expert_outputs(ours_pipe)
+    out = tmp_path / "lora"
+    assert export_main(["--checkpoint", str(root), "--base", tiny_wan2_2_t2v_dir, "--out", str(out)]) == 0
+    pipe = WanPipeline.from_pretrained(tiny_wan2_2_t2v_dir)
+    base = _expert_outputs(pipe)
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, adapter_name="rl")
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME_2, adapter_name="rl", load_into_transformer_2=True)
+    loaded = _expert_outputs(pipe)
+    for expert, (b, o, got) in enumerate(zip(base, ours, loaded, strict=True)):
+        assert (b - o).abs().max() > 1e-3, expert  # the adapter changes each expert's output ...
+        torch.testing.assert_close(got, o, rtol=1e-5, atol=1e-5)  # ... and each file carries that change
+    info = json.loads((out / "verl_omni_export.json").read_text())
+    assert (info["step"], info["rank"], info["alpha"], info["merged"]) == (2, 4, 12.0, False)
+
+    merged_dir = tmp_path / "merged"
+    export_main(["--checkpoint", str(root), "--base", tiny_wan2_2_t2v_dir, "--out", str(merged_dir), "--merge"])
+    merged = WanPipeline.from_pretrained(str(merged_dir))
+    for expert in (merged.transformer, merged.transformer_2):
+        assert not any("lora" in name for name, _ in expert.named_parameters())
+    for got, o in zip(_expert_outputs(merged), ours, strict=True):
+        torch.testing.assert_close(got, o, rtol=1e-4, atol=1e-4)
+
+
+def test_a_two_expert_adapter_on_a_one_transformer_base_is_refused_naming_why(tiny_wan_dir, tmp_path):
     from verl_omni.export import TrainedAdapter, export_lora
 
     tensors = {f"{e}.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32) for e in ("transformer", "transformer_2")}
     adapter = TrainedAdapter("ckpt", 1, "lora", tensors, 4, 4.0, ["to_q"], "sum")
-    with pytest.raises(ValueError, match=r"ckpt holds a two-expert adapter \(tensors named transformer.\* and "):
-        export_lora(adapter, tiny_wan2_2_t2v_dir, str(tmp_path))
+    with pytest.raises(ValueError, match=r"ckpt holds a two-expert adapter but --base .* has no transformer_2"):
+        export_lora(adapter, tiny_wan_dir, str(tmp_path))
+    adapter.tensors = tensors | {"other.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32)}
+    with pytest.raises(ValueError, match=r"tensor 'other.blocks.0.attn1.to_q.lora_A.weight' names neither expert"):
+        export_lora(adapter, tiny_wan_dir, str(tmp_path))
 
 
 def test_an_engines_attention_kernel_serves_both_experts(tiny_wan2_2_t2v_dir):
