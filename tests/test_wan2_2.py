@@ -279,9 +279,9 @@ def test_a14b_rollout_log_probs_equal_the_recomputation_and_batched_equals_singl
     assert (single.log_probs[0] - out.log_probs[1]).abs().max() < 1e-4
 
 
-def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(tiny_wan2_2_t2v_dir):
-    """LoRA on both experts (tensors named by expert); the actor recomputes each window step with the rollout's
-    expert and ``guidance_scale_2`` (ratio 1 at step 1), and one update moves both experts' adapters."""
+def _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, **model):
+    """A LoRA actor on the tiny A14B (``guidance_scale_2`` 3.0) and a batch of 4 rollouts (2 prompts x 2) whose window
+    covers step 0 (high noise) and step 1 (low noise)."""
     from verl_omni.workers.actor import DiffusionLoRAActor
 
     rollout = rollout_config(
@@ -290,21 +290,30 @@ def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(
         algo={"noise_level": 0.7, "sde_window_size": 2},
     )  # fmt: skip
     actor = DiffusionLoRAActor(
-        model_config(tiny_wan2_2_t2v_dir, pipeline="wan", wan={"num_frames": FRAMES, "guidance_scale_2": 3.0}),
+        model_config(tiny_wan2_2_t2v_dir, pipeline="wan", wan={"num_frames": FRAMES, "guidance_scale_2": 3.0}, **model),
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
         rollout,
         lora_seed=3,
     )
-    before = actor.lora_state_dict()
-    assert {k.split(".", 1)[0] for k in before} == {"transformer", "transformer_2"}
     params = rollout.sampling_params().replace(window_start=0).validate()
     records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
     raw = np.empty(4, dtype=object)
     for i in range(4):
         raw[i] = [{"role": "user", "content": "p"}]
     uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
-    first = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    return actor, records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+
+
+A14B_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+
+def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(tiny_wan2_2_t2v_dir):
+    """LoRA on both experts (tensors named by expert); the actor recomputes each window step with the rollout's
+    expert and ``guidance_scale_2`` (ratio 1 at step 1), and one update moves both experts' adapters."""
+    actor, data = _a14b_actor_and_batch(tiny_wan2_2_t2v_dir)
+    before = actor.lora_state_dict()
+    assert {k.split(".", 1)[0] for k in before} == {"transformer", "transformer_2"}
+    first = actor.update(data, A14B_ADVANTAGES)
     print(f"[Wan2.2-A14B] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
     assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
     assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
@@ -312,6 +321,58 @@ def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(
     after = actor.lora_state_dict()
     for expert in ("transformer", "transformer_2"):
         assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith(expert + ".")), expert
+
+
+def test_the_low_noise_expert_recomputes_the_blocks_the_memory_plan_chooses(tiny_wan2_2_t2v_dir, monkeypatch):
+    """``gradient_checkpointing_blocks=auto`` (its plan fed by a host-side allocator, as on a GPU): update 1 keeps the
+    last block of both experts, and with room for every block update 2 recomputes none in either; the low-noise
+    expert's kept blocks are measured like the high-noise one's; the adapter after both updates is the one every
+    block recomputing gives."""
+    from collections import Counter
+
+    from test_activation_memory import LiveActivations
+
+    import verl_omni.models.checkpointing as checkpointing
+    from verl_omni.models.checkpointing import transformer_blocks
+    from verl_omni.workers.activation_memory import AutoCheckpointing
+
+    recomputations = Counter()  # checkpointed block calls by expert
+    real = checkpointing.checkpoint
+
+    def counted(fn, *args, **kw):
+        recomputations[owner[id(fn.__self__)]] += 1
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", counted)
+    results = {}
+    for planned in (True, False):
+        actor, data = _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, enable_gradient_checkpointing=True)
+        owner = {id(b): name for name, e in actor.pipe.denoisers.items() for b in transformer_blocks(e)}
+        blocks = len(transformer_blocks(actor.pipe.transformer_2))
+        if not planned:  # auto off a GPU: every block of both experts recomputes
+            for _ in range(2):
+                actor.update(data, A14B_ADVANTAGES)
+            results[planned] = actor.lora_state_dict()
+            continue
+        memory = LiveActivations()  # a card with room for every block
+        actor.checkpointing = actor._block_checkpointing(None, memory.allocated)
+        actor.memory_plan = AutoCheckpointing(actor.checkpointing, memory)
+        counts = []
+        with memory.hooks():
+            for _ in range(2):
+                recomputations.clear()
+                metrics = actor.update(data, A14B_ADVANTAGES)
+                counts.append((metrics["actor/recomputed_blocks"], dict(recomputations)))
+        assert blocks >= 2 and actor.checkpointing.kept_bytes[-1] > 0
+        (first, calls_1), (second, calls_2) = counts
+        assert first == blocks - 1 and second == 0, counts
+        # update 1: the window's low-noise step checkpoints the first blocks - 1 of transformer_2 (once per
+        # micro-batch's forward), exactly as many as the high-noise step does of transformer; update 2: none
+        assert calls_1.get("transformer_2", 0) == calls_1.get("transformer", 0) > 0, calls_1
+        assert calls_2 == {}, calls_2
+        results[planned] = actor.lora_state_dict()
+    for name, value in results[True].items():
+        torch.testing.assert_close(value, results[False][name], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
