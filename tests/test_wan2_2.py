@@ -2,7 +2,9 @@
 VAE at 16x spatial, ``expand_timesteps``) and the two-expert T2V-A14B (``tiny:wan2_2_t2v``: ``transformer`` above
 ``boundary_ratio``, ``transformer_2`` below, ``guidance_scale_2``): video rollouts, equality with the stock diffusers
 ``WanPipeline`` at noise level 0, batch invariance, the log-prob recomputation (by the expert the rollout ran), the
-actor's step-1 ratio and a LoRA update (A14B: on both experts); the real-size stand-ins' published figures."""
+actor's step-1 ratio and a LoRA update (A14B: on both experts), the A14B adapter's export (a diffusers file per
+expert, a merged pipeline) and its low-noise expert under the checkpointing plan; the real-size stand-ins' published
+figures."""
 
 import numpy as np
 import pytest

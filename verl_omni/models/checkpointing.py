@@ -14,7 +14,9 @@ what each kept block's forward leaves allocated for its backward (the number the
 
 A two-expert pipeline (Wan2.2-T2V-A14B) gives its low-noise expert to the same ``BlockCheckpointing``: the experts
 have one architecture, so block i of either recomputes when block i of the other does, and a kept block's measured
-size is the larger of the two experts' (a FlowGRPO step runs one expert on all its rows).
+size is the larger of the two experts' (a FlowGRPO step runs one expert on all its rows; a micro-batch whose rows
+straddle the boundary, DiffusionNFT's random timesteps, runs each expert on its share, and the ``auto`` plan's
+out-of-memory fallback covers what the two shares together keep beyond the larger one).
 """
 
 from __future__ import annotations
