@@ -1,8 +1,8 @@
-"""The FLUX.1-dev, SD3.5-Medium and Wan2.1-T2V-1.3B GPU recipes: their presets compose into valid configs that carry
-flow_grpo's settings for the family (flow_grpo config/grpo.py: pickscore_flux for FLUX, general_ocr_sd3 for SD3.5-M,
-general_ocr_wan2_1 for Wan2.1; scripts/train_flux.py / train_sd3.py / train_wan2_1.py for the LoRA, the prompt length
-and the EMA), SD3.5-Medium's full fine-tuning recipe is its LoRA recipe training every weight, and their scripts load
-them."""
+"""The FLUX.1-dev, SD3.5-Medium, Wan2.1-T2V-1.3B and Wan2.2-TI2V-5B GPU recipes: their presets compose into valid
+configs that carry flow_grpo's settings for the family (flow_grpo config/grpo.py: pickscore_flux for FLUX,
+general_ocr_sd3 for SD3.5-M, general_ocr_wan2_1 for Wan2.1; scripts/train_flux.py / train_sd3.py / train_wan2_1.py
+for the LoRA, the prompt length and the EMA) or, for Wan2.2-TI2V-5B, verl-omni's Wan2.2 settings; SD3.5-Medium's full
+fine-tuning recipe is its LoRA recipe training every weight, and their scripts load them."""
 
 import os
 
@@ -127,6 +127,45 @@ def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
     assert (ocr["name"], ocr["frame_reduction"], ocr["frame_stride"]) == ("ocr", "mean", 4)  # flow_grpo's video_ocr
 
 
+def test_the_wan2_2_ti2v_5b_recipe_carries_verl_omnis_wan2_2_settings():
+    """verl-omni's Wan2.2 recipe (examples/dancegrpo_trainer/wan22/run_wan22_5b_t2v_hpsv3_*.sh): 704 x 1280, 10 steps
+    (50 to validate), CFG 5.0, groups of 8, micro-batches of 4, a 2-step window starting in steps 0..3 (its range
+    [0, 5]), its num_frames=8 as WanPipeline rounds it (9); the LoRA and the rest are Wan2.1's recipe's."""
+    cfg = _parsed("wan2_2_ti2v_5b_flowgrpo_lora", "wan2_2_ti2v")
+    wan2_1 = _parsed("wan2_1_t2v_1_3b_flowgrpo_lora", "wan")
+    ref = cfg.actor_rollout_ref
+    model, actor, rollout = ref.model, ref.actor, ref.rollout
+    height, width = rollout.pipeline.height, rollout.pipeline.width
+    assert (height, width) == (704, 1280) and height % 32 == 0 and width % 32 == 0  # the Wan2.2 VAE's 16x x patch 2
+    assert model.wan.num_frames == 8 // 4 * 4 + 1
+    assert (rollout.pipeline.num_inference_steps, rollout.val_kwargs.num_inference_steps) == (10, 50)
+    assert rollout.pipeline.true_cfg_scale == 5.0 and rollout.n == 8 and actor.ppo_micro_batch_size_per_gpu == 4
+    assert (rollout.algo.sde_window_size, tuple(rollout.algo.sde_window_range)) == (2, (0, 5 - 2))
+    assert cfg.trainer.total_training_steps == 120 and cfg.trainer.save_freq == cfg.trainer.test_freq == 30
+    # not knowable from verl-omni's full fine-tuning DanceGRPO script: Wan2.1's recipe's
+    w_ref = wan2_1.actor_rollout_ref
+    assert model.pipeline == "wan" and (model.lora_rank, model.lora_alpha) == (w_ref.model.lora_rank, 64)
+    assert tuple(model.target_modules) == tuple(w_ref.model.target_modules)
+    assert (actor.optim.lr, actor.clip_ratio, actor.kl_coef) == (
+        w_ref.actor.optim.lr, w_ref.actor.clip_ratio, w_ref.actor.kl_coef,
+    )  # fmt: skip
+    assert rollout.algo.noise_level == w_ref.rollout.algo.noise_level and rollout.algo.sde_type == "sde"
+    assert rollout.pipeline.max_sequence_length == 512 and rollout.pipeline.negative_prompt == ""
+    assert cfg.reward.rewards == wan2_1.reward.rewards and actor.ema.enable
+
+
+def test_the_wan2_2_ti2v_5b_recipe_passes_the_start_up_checks_on_the_tiny_ti2v(tiny_wan2_2_ti2v_dir):
+    """The trainer's checks before Ray starts on the tiny TI2V-5B (the Wan2.2 VAE): the sides fit its 16x VAE and its
+    scheduler takes the step counts; a side that is not a multiple of 32 is refused naming the key."""
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    path = [f"actor_rollout_ref.model.path={tiny_wan2_2_ti2v_dir}"]
+    FlowGRPOTrainer(compose_preset("wan2_2_ti2v_5b_flowgrpo_lora", path))._check_model(tiny_wan2_2_ti2v_dir)
+    odd = compose_preset("wan2_2_ti2v_5b_flowgrpo_lora", [*path, "actor_rollout_ref.rollout.pipeline.height=720"])
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.rollout.pipeline: .*multiples? of 32"):
+        FlowGRPOTrainer(odd)._check_model(tiny_wan2_2_ti2v_dir)
+
+
 @pytest.mark.parametrize(
     "script, preset, path_variable",
     [
@@ -134,6 +173,7 @@ def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh", "sd3_5_medium_flowgrpo_ocr_lora", "SD3_PATH"),
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_full.sh", "sd3_5_medium_flowgrpo_ocr_full", "SD3_PATH"),
         ("examples/flowgrpo_trainer/wan/run_wan_t2v_lora.sh", "wan2_1_t2v_1_3b_flowgrpo_lora", "WAN_PATH"),
+        ("examples/flowgrpo_trainer/wan/run_wan2_2_ti2v_lora.sh", "wan2_2_ti2v_5b_flowgrpo_lora", "WAN_PATH"),
     ],
 )
 def test_the_recipe_script_loads_its_preset_and_asks_for_the_model(script, preset, path_variable):

@@ -2,7 +2,9 @@
 VAE at 16x spatial, ``expand_timesteps``) and the two-expert T2V-A14B (``tiny:wan2_2_t2v``: ``transformer`` above
 ``boundary_ratio``, ``transformer_2`` below, ``guidance_scale_2``): video rollouts, equality with the stock diffusers
 ``WanPipeline`` at noise level 0, batch invariance, the log-prob recomputation (by the expert the rollout ran), the
-actor's step-1 ratio and a LoRA update (A14B: on both experts); the real-size stand-ins' published figures."""
+actor's step-1 ratio and a LoRA update (A14B: on both experts), the A14B adapter's export (a diffusers file per
+expert, a merged pipeline) and its low-noise expert under the checkpointing plan; the real-size stand-ins' published
+figures."""
 
 import numpy as np
 import pytest
@@ -279,9 +281,9 @@ def test_a14b_rollout_log_probs_equal_the_recomputation_and_batched_equals_singl
     assert (single.log_probs[0] - out.log_probs[1]).abs().max() < 1e-4
 
 
-def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(tiny_wan2_2_t2v_dir):
-    """LoRA on both experts (tensors named by expert); the actor recomputes each window step with the rollout's
-    expert and ``guidance_scale_2`` (ratio 1 at step 1), and one update moves both experts' adapters."""
+def _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, **model):
+    """A LoRA actor on the tiny A14B (``guidance_scale_2`` 3.0) and a batch of 4 rollouts (2 prompts x 2) whose window
+    covers step 0 (high noise) and step 1 (low noise)."""
     from verl_omni.workers.actor import DiffusionLoRAActor
 
     rollout = rollout_config(
@@ -290,21 +292,30 @@ def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(
         algo={"noise_level": 0.7, "sde_window_size": 2},
     )  # fmt: skip
     actor = DiffusionLoRAActor(
-        model_config(tiny_wan2_2_t2v_dir, pipeline="wan", wan={"num_frames": FRAMES, "guidance_scale_2": 3.0}),
+        model_config(tiny_wan2_2_t2v_dir, pipeline="wan", wan={"num_frames": FRAMES, "guidance_scale_2": 3.0}, **model),
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
         rollout,
         lora_seed=3,
     )
-    before = actor.lora_state_dict()
-    assert {k.split(".", 1)[0] for k in before} == {"transformer", "transformer_2"}
     params = rollout.sampling_params().replace(window_start=0).validate()
     records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
     raw = np.empty(4, dtype=object)
     for i in range(4):
         raw[i] = [{"role": "user", "content": "p"}]
     uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
-    first = actor.update(data, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    return actor, records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+
+
+A14B_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+
+def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(tiny_wan2_2_t2v_dir):
+    """LoRA on both experts (tensors named by expert); the actor recomputes each window step with the rollout's
+    expert and ``guidance_scale_2`` (ratio 1 at step 1), and one update moves both experts' adapters."""
+    actor, data = _a14b_actor_and_batch(tiny_wan2_2_t2v_dir)
+    before = actor.lora_state_dict()
+    assert {k.split(".", 1)[0] for k in before} == {"transformer", "transformer_2"}
+    first = actor.update(data, A14B_ADVANTAGES)
     print(f"[Wan2.2-A14B] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
     assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
     assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
@@ -314,13 +325,140 @@ def test_the_a14b_actors_step_one_ratio_is_one_and_its_lora_trains_both_experts(
         assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith(expert + ".")), expert
 
 
-def test_exporting_a_two_expert_adapter_is_refused_naming_why(tiny_wan2_2_t2v_dir, tmp_path):
+def test_the_low_noise_expert_recomputes_the_blocks_the_memory_plan_chooses(tiny_wan2_2_t2v_dir, monkeypatch):
+    """``gradient_checkpointing_blocks=auto`` (its plan fed by a host-side allocator, as on a GPU): update 1 keeps the
+    last block of both experts, and with room for every block update 2 recomputes none in either; the low-noise
+    expert's kept blocks are measured like the high-noise one's; the adapter after both updates is the one every
+    block recomputing gives."""
+    from collections import Counter
+
+    from test_activation_memory import LiveActivations
+
+    import verl_omni.models.checkpointing as checkpointing
+    from verl_omni.models.checkpointing import transformer_blocks
+    from verl_omni.workers.activation_memory import AutoCheckpointing
+
+    recomputations = Counter()  # checkpointed block calls by expert
+    real = checkpointing.checkpoint
+
+    def counted(fn, *args, **kw):
+        recomputations[owner[id(fn.__self__)]] += 1
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", counted)
+    results = {}
+    for planned in (True, False):
+        actor, data = _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, enable_gradient_checkpointing=True)
+        owner = {id(b): name for name, e in actor.pipe.denoisers.items() for b in transformer_blocks(e)}
+        blocks = len(transformer_blocks(actor.pipe.transformer_2))
+        if not planned:  # auto off a GPU: every block of both experts recomputes
+            for _ in range(2):
+                actor.update(data, A14B_ADVANTAGES)
+            results[planned] = actor.lora_state_dict()
+            continue
+        memory = LiveActivations()  # a card with room for every block
+        actor.checkpointing = actor._block_checkpointing(None, memory.allocated)
+        actor.memory_plan = AutoCheckpointing(actor.checkpointing, memory)
+        counts = []
+        with memory.hooks():
+            for _ in range(2):
+                recomputations.clear()
+                metrics = actor.update(data, A14B_ADVANTAGES)
+                counts.append((metrics["actor/recomputed_blocks"], dict(recomputations)))
+        assert blocks >= 2 and actor.checkpointing.kept_bytes[-1] > 0
+        (first, calls_1), (second, calls_2) = counts
+        assert first == blocks - 1 and second == 0, counts
+        # update 1: the window's low-noise step checkpoints the first blocks - 1 of transformer_2 (once per
+        # micro-batch's forward), exactly as many as the high-noise step does of transformer; update 2: none
+        assert calls_1.get("transformer_2", 0) == calls_1.get("transformer", 0) > 0, calls_1
+        assert calls_2 == {}, calls_2
+        results[planned] = actor.lora_state_dict()
+    for name, value in results[True].items():
+        torch.testing.assert_close(value, results[False][name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def a14b_trained(tiny_wan2_2_t2v_dir, tmp_path_factory):
+    """A checkpoint of a two-expert adapter (B not zero, as after training; alpha != rank, so the files must carry the
+    scaling) and the pipeline serving it."""
+    from verl_omni.models.lora import LoRASpec, get_lora_state_dict, init_lora_weights, lora_parameters
+    from verl_omni.pipelines.loading import load_rl_pipeline
+    from verl_omni.trainer.checkpoint import save_checkpoint
+
+    rank, alpha = 4, 12.0
+    lora = LoRASpec(rank, alpha, ("to_q", "to_k", "to_v", "to_out.0"))
+    pipe = load_rl_pipeline(tiny_wan2_2_t2v_dir, "wan", "float32", lora, family_options=WanOptions(num_frames=FRAMES))
+    init_lora_weights(pipe.lora_module, seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.lora_module):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    root = tmp_path_factory.mktemp("a14b_run")
+    meta = {"lora": {"rank": rank, "alpha": alpha, "target_modules": list(lora.target_modules)}}
+    optimizer = torch.optim.AdamW(lora_parameters(pipe.lora_module))
+    save_checkpoint(str(root), 2, get_lora_state_dict(pipe.lora_module), optimizer, meta)
+    return root, pipe
+
+
+def _expert_outputs(pipe) -> list[torch.Tensor]:
+    """Each expert's velocity on the same latents, timestep and text (the high-noise expert's input at 900, the
+    low-noise expert's at 300)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, pipe.transformer.config.in_channels, 2, 4, 4, generator=g)
+    text = torch.randn(2, 6, pipe.transformer.config.text_dim, generator=g)
+    outs = []
+    with torch.no_grad():
+        for expert, t in ((pipe.transformer, 900.0), (pipe.transformer_2, 300.0)):
+            kw = dict(hidden_states=latents, timestep=torch.full((2,), t), encoder_hidden_states=text)
+            outs.append(expert(**kw, return_dict=False)[0])
+    return outs
+
+
+def test_a_two_expert_adapter_exports_one_diffusers_file_per_expert_and_a_merged_pipeline(
+    a14b_trained, tiny_wan2_2_t2v_dir, tmp_path
+):
+    """``verl-omni-export`` of an A14B adapter: diffusers' ``WanPipeline.load_lora_weights`` loads the high-noise file
+    into ``transformer`` and the low-noise one with ``load_into_transformer_2=True``; the merged directory loads with
+    ``from_pretrained``; both give each expert's outputs of our adapted pipeline."""
+    import json
+
+    from verl_omni.export import LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_2
+    from verl_omni.export.__main__ import main as export_main
+
+    root, ours_pipe = a14b_trained
+    ours = _expert_outputs(ours_pipe)
+    out = tmp_path / "lora"
+    assert export_main(["--checkpoint", str(root), "--base", tiny_wan2_2_t2v_dir, "--out", str(out)]) == 0
+    pipe = WanPipeline.from_pretrained(tiny_wan2_2_t2v_dir)
+    base = _expert_outputs(pipe)
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, adapter_name="rl")
+    pipe.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME_2, adapter_name="rl", load_into_transformer_2=True)
+    loaded = _expert_outputs(pipe)
+    for expert, (b, o, got) in enumerate(zip(base, ours, loaded, strict=True)):
+        assert (b - o).abs().max() > 1e-3, expert  # the adapter changes each expert's output ...
+        torch.testing.assert_close(got, o, rtol=1e-5, atol=1e-5)  # ... and each file carries that change
+    info = json.loads((out / "verl_omni_export.json").read_text())
+    assert (info["step"], info["rank"], info["alpha"], info["merged"]) == (2, 4, 12.0, False)
+
+    merged_dir = tmp_path / "merged"
+    export_main(["--checkpoint", str(root), "--base", tiny_wan2_2_t2v_dir, "--out", str(merged_dir), "--merge"])
+    merged = WanPipeline.from_pretrained(str(merged_dir))
+    for expert in (merged.transformer, merged.transformer_2):
+        assert not any("lora" in name for name, _ in expert.named_parameters())
+    for got, o in zip(_expert_outputs(merged), ours, strict=True):
+        torch.testing.assert_close(got, o, rtol=1e-4, atol=1e-4)
+
+
+def test_a_two_expert_adapter_on_a_one_transformer_base_is_refused_naming_why(tiny_wan_dir, tmp_path):
     from verl_omni.export import TrainedAdapter, export_lora
 
     tensors = {f"{e}.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32) for e in ("transformer", "transformer_2")}
     adapter = TrainedAdapter("ckpt", 1, "lora", tensors, 4, 4.0, ["to_q"], "sum")
-    with pytest.raises(ValueError, match=r"ckpt holds a two-expert adapter \(tensors named transformer.\* and "):
-        export_lora(adapter, tiny_wan2_2_t2v_dir, str(tmp_path))
+    with pytest.raises(ValueError, match=r"ckpt holds a two-expert adapter but --base .* has no transformer_2"):
+        export_lora(adapter, tiny_wan_dir, str(tmp_path))
+    adapter.tensors = tensors | {"other.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32)}
+    with pytest.raises(ValueError, match=r"tensor 'other.blocks.0.attn1.to_q.lora_A.weight' names neither expert"):
+        export_lora(adapter, tiny_wan_dir, str(tmp_path))
 
 
 def test_an_engines_attention_kernel_serves_both_experts(tiny_wan2_2_t2v_dir):

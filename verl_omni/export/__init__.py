@@ -6,6 +6,12 @@ peft names, the adapter's rank / alpha / target modules in the file's metadata),
 ``pipe.load_lora_weights(out)`` works on the base pipeline. ``export_merged`` writes a whole pipeline directory whose
 transformer holds base + adapter (``DiffusionPipeline.from_pretrained(out)`` needs no peft). Both read the adapter
 from one of our checkpoints (``trainer/checkpoint.py``), verified by its checksums before anything is written.
+
+A two-expert adapter (Wan2.2-T2V-A14B: tensors named ``transformer.*`` and ``transformer_2.*``) is written as one file
+per expert, as diffusers' ``WanLoraLoaderMixin`` loads it: ``pytorch_lora_weights.safetensors`` for the high-noise
+``transformer`` (``pipe.load_lora_weights(out)``) and ``pytorch_lora_weights_transformer_2.safetensors`` for the
+low-noise expert (``pipe.load_lora_weights(out, weight_name=..., load_into_transformer_2=True)``); the merged
+directory holds both experts fused.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from verl_omni.trainer.checkpoint import (
 EMA_FILE = "ema.safetensors"  # written beside lora.safetensors by runs with actor_rollout_ref.actor.ema.enable
 WEIGHTS_CHOICES = ("lora", "ema")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# the low-noise expert's file of a two-expert adapter (WanLoraLoaderMixin: load_into_transformer_2=True)
+LORA_WEIGHT_NAME_2 = "pytorch_lora_weights_transformer_2.safetensors"
+EXPERT_FILES = {"transformer": LORA_WEIGHT_NAME, "transformer_2": LORA_WEIGHT_NAME_2}
 EXPORT_INFO = "verl_omni_export.json"
 
 
@@ -155,6 +164,13 @@ def pipeline_class_of(base: str):
     return cls
 
 
+def _has_component(base: str, name: str) -> bool:
+    """Whether ``<base>/model_index.json`` declares component ``name`` (an entry that is not ``[null, null]``)."""
+    with open(os.path.join(base, "model_index.json")) as f:
+        entry = json.load(f).get(name)
+    return isinstance(entry, list) and any(part is not None for part in entry)
+
+
 def diffusers_lora_metadata(adapter: TrainedAdapter) -> dict:
     """The peft config diffusers rebuilds the adapter from (``transformer_lora_adapter_metadata``): all of
     ``LoraConfig``'s fields, as diffusers' own training scripts save them."""
@@ -164,33 +180,69 @@ def diffusers_lora_metadata(adapter: TrainedAdapter) -> dict:
     return config.to_dict()
 
 
+def expert_tensors(adapter: TrainedAdapter) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors per denoiser, under the names diffusers' file holds for one transformer: a one-transformer
+    adapter as it is (``{"transformer": tensors}``), a two-expert one split by its ``transformer.`` /
+    ``transformer_2.`` prefixes."""
+    if not any(k.startswith("transformer_2.") for k in adapter.tensors):
+        return {"transformer": dict(adapter.tensors)}
+    split: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EXPERT_FILES}
+    for key, value in adapter.tensors.items():
+        expert, _, rest = key.partition(".")
+        if expert not in split or not rest:
+            raise ValueError(
+                f"{adapter.checkpoint} holds a two-expert adapter whose tensor {key!r} names neither expert "
+                f"(allowed prefixes: {[e + '.' for e in EXPERT_FILES]})"
+            )
+        split[expert][rest] = value
+    return split
+
+
 def export_lora(adapter: TrainedAdapter, base: str, out: str) -> str:
-    """Write the adapter as ``<out>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out)``."""
-    if any(k.startswith("transformer_2.") for k in adapter.tensors):
+    """Write the adapter as ``<out>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out)``; a
+    two-expert adapter as one file per expert (the module doc). Returns the (first) file written."""
+    experts = expert_tensors(adapter)
+    pipeline_class = pipeline_class_of(base)
+    if len(experts) > 1 and not _has_component(base, "transformer_2"):
         raise ValueError(
-            f"{adapter.checkpoint} holds a two-expert adapter (tensors named transformer.* and transformer_2.*, "
-            "Wan2.2-T2V-A14B): diffusers' LoRA file holds one transformer's; load the checkpoint's "
-            "lora.safetensors into each expert instead"
+            f"{adapter.checkpoint} holds a two-expert adapter but --base {base} has no transformer_2 "
+            "(model_index.json): pass the two-expert pipeline the run trained on (Wan2.2-T2V-A14B)"
         )
     os.makedirs(out, exist_ok=True)
-    pipeline_class_of(base).save_lora_weights(
-        out,
-        transformer_lora_layers={k: v.contiguous() for k, v in adapter.tensors.items()},
-        weight_name=LORA_WEIGHT_NAME,
-        transformer_lora_adapter_metadata=diffusers_lora_metadata(adapter),
-    )
+    for expert, tensors in experts.items():
+        pipeline_class.save_lora_weights(
+            out,
+            transformer_lora_layers={k: v.contiguous() for k, v in tensors.items()},
+            weight_name=EXPERT_FILES[expert],
+            transformer_lora_adapter_metadata=diffusers_lora_metadata(adapter),
+        )
     _write_info(out, adapter, base, merged=False)
     return os.path.join(out, LORA_WEIGHT_NAME)
 
 
+def load_exported_lora(pipe, out: str, adapter_name: Optional[str] = None) -> list[str]:
+    """Load what :func:`export_lora` wrote in ``out`` into ``pipe`` (every expert's file it finds), as a user would
+    with diffusers; returns the components loaded."""
+    loaded = []
+    for expert, weight_name in EXPERT_FILES.items():
+        if not os.path.isfile(os.path.join(out, weight_name)):
+            continue
+        into_2 = {"load_into_transformer_2": True} if expert == "transformer_2" else {}
+        pipe.load_lora_weights(out, weight_name=weight_name, adapter_name=adapter_name, **into_2)
+        loaded.append(expert)
+    return loaded
+
+
 def export_merged(adapter: TrainedAdapter, base: str, out: str) -> str:
-    """Write a pipeline directory whose transformer weights are base + adapter (fused, peft layers removed)."""
+    """Write a pipeline directory whose transformer weights (both experts' for a two-expert adapter) are base +
+    adapter (fused, peft layers removed)."""
     import tempfile
 
     pipe = pipeline_class_of(base).from_pretrained(base, torch_dtype=_base_dtype(base))
     with tempfile.TemporaryDirectory() as tmp:
-        pipe.load_lora_weights(export_lora(adapter, base, tmp), adapter_name="verl_omni")
-    pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        export_lora(adapter, base, tmp)
+        components = load_exported_lora(pipe, tmp, adapter_name="verl_omni")
+    pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter modules
     pipe.save_pretrained(out)
     _write_info(out, adapter, base, merged=True)

@@ -7,7 +7,9 @@ import sys
 from typing import Optional
 
 from verl_omni.export import (
+    EXPERT_FILES,
     WEIGHTS_CHOICES,
+    expert_tensors,
     export_full_weights,
     export_lora,
     export_merged,
@@ -39,6 +41,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[verl_omni] exported the full weights of {adapter.checkpoint} (step {adapter.step}) to {written}")
         return 0
     written = export_merged(adapter, base, args.out) if args.merge else export_lora(adapter, base, args.out)
+    if not args.merge and len(expert_tensors(adapter)) > 1:
+        written = f"{args.out} (one file per expert: {', '.join(EXPERT_FILES.values())})"
     print(
         f"[verl_omni] exported {adapter.weights} of {adapter.checkpoint} (step {adapter.step}, rank {adapter.rank}, "
         f"alpha {adapter.alpha:g}, checksum {adapter.checksum[:12]}) to {written}"

@@ -11,11 +11,17 @@ diffusers' transformers call ``self._gradient_checkpointing_func(block, *args)``
 checkpointing is on (and gradients are enabled); ``enable_gradient_checkpointing(gradient_checkpointing_func=...)``
 is its public way to choose that function, which here checkpoints only the chosen blocks and, when asked, measures
 what each kept block's forward leaves allocated for its backward (the number the ``auto`` plan needs).
+
+A two-expert pipeline (Wan2.2-T2V-A14B) gives its low-noise expert to the same ``BlockCheckpointing``: the experts
+have one architecture, so block i of either recomputes when block i of the other does, and a kept block's measured
+size is the larger of the two experts' (a FlowGRPO step runs one expert on all its rows; a micro-batch whose rows
+straddle the boundary, DiffusionNFT's random timesteps, runs each expert on its share, and the ``auto`` plan's
+out-of-memory fallback covers what the two shares together keep beyond the larger one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -41,14 +47,30 @@ class BlockCheckpointing:
     activations."""
 
     def __init__(
-        self, transformer: torch.nn.Module, recomputed: Optional[int], allocated: Optional[Callable[[], int]] = None
+        self,
+        transformer: torch.nn.Module,
+        recomputed: Optional[int],
+        allocated: Optional[Callable[[], int]] = None,
+        others: Sequence[torch.nn.Module] = (),
     ) -> None:
         self.blocks = transformer_blocks(transformer)
         self._index = {id(block): i for i, block in enumerate(self.blocks)}
+        for other in others:  # another expert of the pipeline: its block i follows block i (the module doc)
+            self._index.update({id(block): i for i, block in enumerate(self._same_blocks(other))})
         self.recomputed = self.check(recomputed)
         self._allocated = allocated
         self.kept_bytes = [0] * len(self.blocks)
-        transformer.enable_gradient_checkpointing(gradient_checkpointing_func=self._call)
+        for module in (transformer, *others):
+            module.enable_gradient_checkpointing(gradient_checkpointing_func=self._call)
+
+    def _same_blocks(self, other: torch.nn.Module) -> list[torch.nn.Module]:
+        blocks = transformer_blocks(other)
+        if len(blocks) != len(self.blocks):
+            raise ValueError(
+                f"{KEY}: the pipeline's experts differ in depth ({len(self.blocks)} and {len(blocks)} blocks); one "
+                "plan covers experts of one architecture"
+            )
+        return blocks
 
     def check(self, recomputed: Optional[int]) -> int:
         """``recomputed`` blocks (None: every one), refused naming the key when the transformer has fewer."""

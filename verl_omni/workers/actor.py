@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -162,9 +163,7 @@ class DiffusionLoRAActor:
             blocks = model.gradient_checkpointing_blocks
             memory = CudaMemory(self.device) if blocks == AUTO and on_gpu else None
             recomputed = None if blocks == AUTO else blocks  # auto starts from every block (None)
-            self.checkpointing = BlockCheckpointing(self.transformer, recomputed, memory and memory.allocated)
-            for expert in self._other_experts():  # a two-expert pipeline's low-noise expert: the same blocks
-                BlockCheckpointing(expert, recomputed)
+            self.checkpointing = self._block_checkpointing(recomputed, memory and memory.allocated)
             if memory is not None:
                 self.memory_plan = AutoCheckpointing(self.checkpointing, memory)
             elif blocks == AUTO:
@@ -184,6 +183,13 @@ class DiffusionLoRAActor:
             # Regional compile (one graph reused by every block), as diffusers' compile_repeated_blocks does.
             for denoiser in self.pipe.denoisers.values():
                 denoiser.compile_repeated_blocks(dynamic=True)
+
+    def _block_checkpointing(
+        self, recomputed: Optional[int], allocated: Optional[Callable[[], int]]
+    ) -> BlockCheckpointing:
+        """The blocks' checkpointing: the transformer's and, in a two-expert pipeline, the low-noise expert's with
+        the same blocks recomputed (with ``auto``, the memory plan's choice for both)."""
+        return BlockCheckpointing(self.transformer, recomputed, allocated, others=self._other_experts())
 
     def _other_experts(self) -> list[torch.nn.Module]:
         """The denoisers besides ``transformer`` (a two-expert pipeline's low-noise expert)."""
