@@ -27,7 +27,8 @@
 #   vllm-import-cost        the actor's update at 20 layers in a plain process, then in one that imported vllm first
 #   families                benchmarks/family_step.py on each family's stand-in and recipe, one after another: SD3.5
 #                           and FLUX.1-dev (-> $OUT/models.json), Wan2.1-T2V-1.3B with the temporal-consistency
-#                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each
+#                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each; FAMILIES=wan22
+#                           runs Wan2.2-TI2V-5B's recipe the same way
 # A build that runs alone draws the weights on the GPU (seconds); one beside other jobs draws them on the CPU.
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), TRAIN_VARIANTS (train-step),
@@ -96,9 +97,12 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
     flux) args=(--preset flux_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
     wan) args=(--variant 1.3B --preset wan2_1_t2v_1_3b_flowgrpo_lora --rewards temporal_consistency
                --out "$OUT/video.json") ;;
-    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan)" | tee -a "$RUN_LOG"; return 2 ;;
+    wan22) args=(--variant TI2V-5B --preset wan2_2_ti2v_5b_flowgrpo_lora --rewards temporal_consistency
+                 --out "$OUT/video.json") ;;
+    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
-  CUDA_VISIBLE_DEVICES=0 timeout "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$1" "${args[@]}" \
+  local family="$1"; [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
+  CUDA_VISIBLE_DEVICES=0 timeout "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
     --steps 3 --rollout-compare --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
     --commit "$(git rev-parse --short HEAD 2>/dev/null)" > "$OUT/family_$1.log" 2>&1
   echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
