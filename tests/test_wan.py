@@ -82,7 +82,6 @@ WAN = Variant("wan", "wan_pipe", "tiny_wan_dir", SIDE, 8, False, "Wan")
 TI2V = Variant("wan2_2_ti2v", "ti2v_pipe", "tiny_wan2_2_ti2v_dir", 64, 16, True, "Wan2.2-TI2V")
 A14B = Variant("wan2_2_t2v", "a14b_pipe", "tiny_wan2_2_t2v_dir", SIDE, 8, False, "Wan2.2-A14B")
 ONE_EXPERT = pytest.mark.parametrize("variant", [WAN, TI2V], ids=lambda v: v.name)
-ALL = pytest.mark.parametrize("variant", [WAN, TI2V, A14B], ids=lambda v: v.name)
 
 
 @pytest.fixture
@@ -121,14 +120,26 @@ def test_batched_call_equals_single_calls_with_the_same_seeds(pipe, variant):
     assert batched.seeds == SEEDS
 
 
-@ALL
-@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
-def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(pipe, variant, request, guidance_scale):
+@pytest.mark.parametrize(
+    "variant, guidance_scale, guidance_scale_2",
+    [(v, cfg, None) for v in (WAN, TI2V, A14B) for cfg in (1.0, 5.0)] + [(A14B, 4.0, 3.0)],
+    ids=lambda x: x.name if isinstance(x, Variant) else str(x),
+)
+def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(
+    pipe, variant, request, guidance_scale, guidance_scale_2
+):
     """The rollout at noise level 0 is ``WanPipeline``'s sampling: its first noise and its clips (A14B: switching
-    experts where the stock pipeline does; its ``guidance_scale_2`` is tested in test_wan2_2.py)."""
+    experts where the stock pipeline does, with ``guidance_scale_2`` on the low-noise steps)."""
     side = variant.side
     params = variant.params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
-    out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    if guidance_scale_2 is None:
+        out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    else:
+        pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=guidance_scale_2))
+        try:
+            out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+        finally:
+            pipe.apply_family_options(WanOptions(num_frames=FRAMES))
     assert not out.window_mask.any() and torch.all(out.log_probs == 0)
     stock = WanPipeline.from_pretrained(request.getfixturevalue(variant.model_dir))
     stock.set_progress_bar_config(disable=True)
@@ -141,6 +152,7 @@ def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(pipe, vari
         num_frames=FRAMES,
         num_inference_steps=params.num_inference_steps,
         guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
         num_videos_per_prompt=2,
         max_sequence_length=params.max_sequence_length,
     )
@@ -148,7 +160,7 @@ def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(pipe, vari
     frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
     latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
     pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
-    label = f"{variant.label} cfg={guidance_scale}"
+    label = f"{variant.label} cfg={guidance_scale}" + (f"/{guidance_scale_2}" if guidance_scale_2 else "")
     print(f"[{label}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}")
     generators = [torch.Generator().manual_seed(s) for s in SEEDS[:2]]
     channels = stock.transformer.config.in_channels
