@@ -193,6 +193,15 @@ def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(pi
     assert max_err < 1e-5
 
 
+def records_batch(records):
+    """The actor's batch of 2 rollouts of 2 samples: 4 rows, one group (uid) per rollout."""
+    raw = np.empty(4, dtype=object)
+    for i in range(4):
+        raw[i] = [{"role": "user", "content": "p"}]
+    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+
+
 @ONE_EXPERT
 def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(variant, request):
     """The hybrid engine's actor recomputes the rollout's log-probs (TI2V: with the per-token timesteps; ratio 1 at
@@ -220,11 +229,7 @@ def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(var
     records = []
     for i, prompt in enumerate([PROMPT, "text 'OK' on a sign"]):
         records.append(actor.pipe.rl_generate(prompt, [3 + 2 * i, 4 + 2 * i], params))
-    raw = np.empty(4, dtype=object)
-    for i in range(4):
-        raw[i] = [{"role": "user", "content": "p"}]
-    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    data = records_batch(records)
     assert tuple(data.batch["media"].shape) == (4, FRAMES, side, side, 3)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     before = actor.lora_state_dict()

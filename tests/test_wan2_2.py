@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
-from helpers import model_config, records_data_proto, rollout_config
+from helpers import model_config, rollout_config
 from test_vllm_omni_engine_adapter import fake_vllm_omni  # noqa: F401  (the test double of vllm-omni, a fixture)
+from test_wan import A14B, FRAMES, NEGATIVE, PROMPT, SEEDS, TI2V, records_batch
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -20,26 +21,7 @@ from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.wan.options import WanOptions
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 
-PROMPT = "a red cat walking"
-NEGATIVE = "blurry, static"
-SEEDS = [11, 22, 33]
-FRAMES = 5  # 2 latent frames at the VAE's 4x temporal compression
-SIDE = 64  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per frame
-
-
-def _params(**kw):
-    base = dict(
-        num_inference_steps=4,
-        height=SIDE,
-        width=SIDE,
-        noise_level=0.7,
-        sde_window_size=2,
-        window_start=1,
-        guidance_scale=5.0,
-        negative_prompt=NEGATIVE,
-        max_sequence_length=32,
-    )
-    return DiffusionSamplingParams(**(base | kw)).validate()
+SIDE = TI2V.side  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per frame
 
 
 def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_vae(ti2v_pipe, tiny_wan2_2_ti2v_dir):
@@ -64,11 +46,11 @@ def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_va
 
 
 # ------------------------------------------------------------------------------------------- T2V-A14B: two experts
-A14B_SIDE = 32  # 4 x 4 latents at Wan2.1's 8x VAE
+A14B_SIDE = A14B.side  # 4 x 4 latents at Wan2.1's 8x VAE
 
 
 def _a14b_params(**kw):
-    return _params(**({"height": A14B_SIDE, "width": A14B_SIDE, "window_start": 0} | kw))
+    return A14B.params(**({"window_start": 0} | kw))
 
 
 def test_the_a14b_schedule_runs_both_experts_and_a_row_runs_the_expert_of_its_timestep(a14b_pipe):
@@ -141,11 +123,7 @@ def _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, **model):
     )
     params = rollout.sampling_params().replace(window_start=0).validate()
     records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
-    raw = np.empty(4, dtype=object)
-    for i in range(4):
-        raw[i] = [{"role": "user", "content": "p"}]
-    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    return actor, records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    return actor, records_batch(records)
 
 
 A14B_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
