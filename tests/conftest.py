@@ -72,6 +72,31 @@ def flux_rl_pipe(tiny_flux_dir):
     return pipe
 
 
+def _wan_rl_pipe(model_dir, **options):
+    from verl_omni.pipelines.loading import load_rl_pipeline
+    from verl_omni.pipelines.wan.options import WanOptions
+
+    return load_rl_pipeline(model_dir, "wan", "float32", family_options=WanOptions(num_frames=5, **options))
+
+
+@pytest.fixture(scope="session")
+def wan_pipe(tiny_wan_dir):
+    """The tiny Wan2.1 at 5 frames (2 latent frames), 8 fps."""
+    return _wan_rl_pipe(tiny_wan_dir, fps=8)
+
+
+@pytest.fixture(scope="session")
+def ti2v_pipe(tiny_wan2_2_ti2v_dir):
+    """The tiny Wan2.2-TI2V at 5 frames."""
+    return _wan_rl_pipe(tiny_wan2_2_ti2v_dir)
+
+
+@pytest.fixture(scope="session")
+def a14b_pipe(tiny_wan2_2_t2v_dir):
+    """The tiny two-expert Wan2.2-T2V-A14B at 5 frames."""
+    return _wan_rl_pipe(tiny_wan2_2_t2v_dir)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole run (starting Ray costs seconds on 2 cores)."""

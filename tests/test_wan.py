@@ -1,6 +1,10 @@
-"""Wan2.1 text-to-video (the ``wan`` family) on its tiny random model: video rollouts with a frame axis, batch
-invariance, equality with the stock diffusers ``WanPipeline`` at noise level 0, the actor's step-1 ratio and a LoRA
-update, the published UniPC schedule, the options and the real-size stand-ins' published figures."""
+"""Wan2.1 text-to-video (the ``wan`` family) on its tiny random model, and what the tiny Wan2.2 models share with it
+(each test over the variants it applies to: ``tiny:wan``, ``tiny:wan2_2_ti2v``, ``tiny:wan2_2_t2v``): video rollouts
+with a frame axis, batch invariance, equality with the stock diffusers ``WanPipeline`` at noise level 0, the log-prob
+recomputation, the actor's step-1 ratio and a LoRA update; Wan2.1's published UniPC schedule, the options and the
+real-size stand-ins' published figures."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,13 +26,6 @@ FRAMES = 5  # 2 latent frames at the VAE's 4x temporal compression
 SIDE = 32  # 4 x 4 latents, 2 x 2 tokens per frame
 
 
-@pytest.fixture(scope="module")
-def wan_pipe(tiny_wan_dir):
-    from verl_omni.pipelines.loading import load_rl_pipeline
-
-    return load_rl_pipeline(tiny_wan_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES, fps=8))
-
-
 def _params(**kw):
     base = dict(
         num_inference_steps=4,
@@ -42,22 +39,6 @@ def _params(**kw):
         max_sequence_length=32,
     )
     return DiffusionSamplingParams(**(base | kw)).validate()
-
-
-def test_a_rollout_is_uint8_videos_with_video_latents(wan_pipe):
-    params = _params(sde_window_size=0, window_start=None)
-    out = wan_pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    assert out.media.shape == (2, FRAMES, SIDE, SIDE, 3) and out.media.dtype == torch.uint8
-    assert batch_is_video(out.media.numpy()) and out.num_frames == FRAMES
-    z_dim = wan_pipe.vae.config.z_dim
-    assert out.latents.shape == (2, 5, z_dim, 2, SIDE // 8, SIDE // 8)  # [B, T+1, C, F', h, w]
-    assert out.log_probs.shape == (2, 4) and torch.all(out.log_probs != 0)
-    assert out.prompt_embeds.shape == (2, 32, wan_pipe.text_encoder.config.d_model)
-    assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape and out.prompt_embeds_mask is None
-    first, _ = media_samples(out.media)  # what a reward gets: one clip per sample
-    assert first.shape == (FRAMES, SIDE, SIDE, 3) and as_frames(first).shape[0] == FRAMES
-    assert np.abs(np.diff(first.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
-    assert out.sampling["guidance_scale"] == 5.0  # the record carries the settings the actor recomputes with
 
 
 def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_make(wan_pipe):
@@ -80,34 +61,98 @@ def test_the_frames_option_sets_the_clip_length_and_refuses_what_the_vae_cannot_
         wan_pipe.register_to_config(boundary_ratio=None)
 
 
-def test_batched_call_equals_single_calls_with_the_same_seeds(wan_pipe):
-    params = _params()
-    batched = wan_pipe.rl_generate(PROMPT, SEEDS, params)
-    singles = [wan_pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
+@dataclass(frozen=True)
+class Variant:
+    """A tiny Wan model the shared tests run on: its session pipe and directory fixtures, its clip side (4 x 4
+    latents at its VAE's spatial factor) and the label its measurements print under."""
+
+    name: str
+    pipe: str
+    model_dir: str
+    side: int
+    spatial: int
+    expand_timesteps: bool
+    label: str
+
+    def params(self, **kw):
+        return _params(**({"height": self.side, "width": self.side} | kw))
+
+
+WAN = Variant("wan", "wan_pipe", "tiny_wan_dir", SIDE, 8, False, "Wan")
+TI2V = Variant("wan2_2_ti2v", "ti2v_pipe", "tiny_wan2_2_ti2v_dir", 64, 16, True, "Wan2.2-TI2V")
+A14B = Variant("wan2_2_t2v", "a14b_pipe", "tiny_wan2_2_t2v_dir", SIDE, 8, False, "Wan2.2-A14B")
+ONE_EXPERT = pytest.mark.parametrize("variant", [WAN, TI2V], ids=lambda v: v.name)
+
+
+@pytest.fixture
+def pipe(variant, request):
+    return request.getfixturevalue(variant.pipe)
+
+
+@ONE_EXPERT
+def test_a_rollout_is_uint8_videos_with_video_latents(pipe, variant):
+    side = variant.side
+    out = pipe.rl_generate(PROMPT, SEEDS[:2], variant.params(sde_window_size=0, window_start=None))
+    assert out.media.shape == (2, FRAMES, side, side, 3) and out.media.dtype == torch.uint8
+    assert batch_is_video(out.media.numpy()) and out.num_frames == FRAMES
+    z_dim, h = pipe.vae.config.z_dim, side // variant.spatial
+    assert out.latents.shape == (2, 5, z_dim, 2, h, h)  # [B, T+1, C, F', h, w]
+    assert out.log_probs.shape == (2, 4) and torch.all(out.log_probs != 0)
+    assert out.prompt_embeds.shape == (2, 32, pipe.text_encoder.config.d_model)
+    assert out.negative_prompt_embeds.shape == out.prompt_embeds.shape and out.prompt_embeds_mask is None
+    first, _ = media_samples(out.media)  # what a reward gets: one clip per sample
+    assert first.shape == (FRAMES, side, side, 3) and as_frames(first).shape[0] == FRAMES
+    assert np.abs(np.diff(first.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
+    assert out.sampling["guidance_scale"] == 5.0  # the record carries the settings the actor recomputes with
+
+
+@ONE_EXPERT
+def test_batched_call_equals_single_calls_with_the_same_seeds(pipe, variant):
+    params = variant.params()
+    batched = pipe.rl_generate(PROMPT, SEEDS, params)
+    singles = [pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
     pixel = max((batched.media[i].int() - o.media[0].int()).abs().max().item() for i, o in enumerate(singles))
     latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
     logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
-    print(f"[Wan] B=3 vs 3xB=1: max pixel diff {pixel}, latent {latent:.2e}, log-prob {logp:.2e}")
+    print(f"[{variant.label}] B=3 vs 3xB=1: max pixel diff {pixel}, latent {latent:.2e}, log-prob {logp:.2e}")
     assert pixel <= 1 and latent < 1e-4 and logp < 1e-4
     assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1  # the seeds differ
     assert batched.seeds == SEEDS
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
-def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(wan_pipe, tiny_wan_dir, guidance_scale):
-    params = _params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
-    out = wan_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+@pytest.mark.parametrize(
+    "variant, guidance_scale, guidance_scale_2",
+    [(v, cfg, None) for v in (WAN, TI2V, A14B) for cfg in (1.0, 5.0)] + [(A14B, 4.0, 3.0)],
+    ids=lambda x: x.name if isinstance(x, Variant) else str(x),
+)
+def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(
+    pipe, variant, request, guidance_scale, guidance_scale_2
+):
+    """The rollout at noise level 0 is ``WanPipeline``'s sampling: its first noise and its clips (A14B: switching
+    experts where the stock pipeline does, with ``guidance_scale_2`` on the low-noise steps)."""
+    side = variant.side
+    params = variant.params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
+    if guidance_scale_2 is None:
+        out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+    else:
+        pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=guidance_scale_2))
+        try:
+            out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
+        finally:
+            pipe.apply_family_options(WanOptions(num_frames=FRAMES))
     assert not out.window_mask.any() and torch.all(out.log_probs == 0)
-    stock = WanPipeline.from_pretrained(tiny_wan_dir)
+    stock = WanPipeline.from_pretrained(request.getfixturevalue(variant.model_dir))
     stock.set_progress_bar_config(disable=True)
+    assert bool(stock.config.expand_timesteps) == variant.expand_timesteps
     kw = dict(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
-        height=SIDE,
-        width=SIDE,
+        height=side,
+        width=side,
         num_frames=FRAMES,
         num_inference_steps=params.num_inference_steps,
         guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
         num_videos_per_prompt=2,
         max_sequence_length=params.max_sequence_length,
     )
@@ -115,21 +160,24 @@ def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(wan_pipe, 
     frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
     latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
     pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
-    print(f"[Wan cfg={guidance_scale}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}")
+    label = f"{variant.label} cfg={guidance_scale}" + (f"/{guidance_scale_2}" if guidance_scale_2 else "")
+    print(f"[{label}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}")
     generators = [torch.Generator().manual_seed(s) for s in SEEDS[:2]]
-    x_t = stock.prepare_latents(2, 4, SIDE, SIDE, FRAMES, torch.float32, torch.device("cpu"), generators)
+    channels = stock.transformer.config.in_channels
+    x_t = stock.prepare_latents(2, channels, side, side, FRAMES, torch.float32, torch.device("cpu"), generators)
     assert torch.equal(out.latents[:, 0], x_t)
     assert latent_err < 1e-5 and pixel_err <= 1
 
 
-def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(wan_pipe):
-    params = _params()
-    out = wan_pipe.rl_generate(PROMPT, SEEDS[:2], params)
+@ONE_EXPERT
+def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(pipe, variant):
+    params = variant.params()
+    out = pipe.rl_generate(PROMPT, SEEDS[:2], params)
     sigma_max, max_err = reference_sigma_max(out.sigmas), 0.0
     for t in torch.nonzero(out.window_mask).flatten().tolist():
         with torch.enable_grad():
-            velocity = wan_pipe.predict_velocity(
-                out.latents[:, t], out.timesteps[t], Conditioning.from_fields(out), 5.0, SIDE, SIDE
+            velocity = pipe.predict_velocity(
+                out.latents[:, t], out.timesteps[t], Conditioning.from_fields(out), 5.0, variant.side, variant.side
             )
         recomputed = compute_log_prob(
             velocity.detach(),
@@ -145,39 +193,48 @@ def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(wa
     assert max_err < 1e-5
 
 
-def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(tiny_wan_dir):
-    """The hybrid engine's actor recomputes the rollout's log-probs (ratio 1 at step 1, both CFG branches batched
-    as in the rollout), and its LoRA update on the attention projections moves the loss."""
+def records_batch(records):
+    """The actor's batch of 2 rollouts of 2 samples: 4 rows, one group (uid) per rollout."""
+    raw = np.empty(4, dtype=object)
+    for i in range(4):
+        raw[i] = [{"role": "user", "content": "p"}]
+    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
+    return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+
+
+@ONE_EXPERT
+def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(variant, request):
+    """The hybrid engine's actor recomputes the rollout's log-probs (TI2V: with the per-token timesteps; ratio 1 at
+    step 1, both CFG branches batched as in the rollout), and its LoRA update on the attention projections moves the
+    loss."""
     from verl_omni.workers.actor import DiffusionLoRAActor
 
+    side = variant.side
     rollout = rollout_config(
-        pipeline={"true_cfg_scale": 5.0, "negative_prompt": NEGATIVE, "max_sequence_length": 32, "height": SIDE,
-                  "width": SIDE, "num_inference_steps": 4},
+        pipeline={"true_cfg_scale": 5.0, "negative_prompt": NEGATIVE, "max_sequence_length": 32, "height": side,
+                  "width": side, "num_inference_steps": 4},
         algo={"noise_level": 0.7, "sde_window_size": 2},
     )  # fmt: skip
     actor = DiffusionLoRAActor(
-        model_config(tiny_wan_dir, pipeline="wan", wan={"num_frames": FRAMES}),
+        model_config(request.getfixturevalue(variant.model_dir), pipeline="wan", wan={"num_frames": FRAMES}),
         ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
         rollout,
         lora_seed=3,
     )
     assert actor.pipe.num_frames == FRAMES
+    assert bool(actor.pipe.config.expand_timesteps) == variant.expand_timesteps
     lora_targets = {n.rsplit(".lora_A", 1)[0].split(".")[-2:][0] for n in actor.lora_state_dict() if "lora_A" in n}
     assert {"attn1", "attn2"} <= lora_targets  # self- and cross-attention projections carry the adapter
     params = rollout.sampling_params().replace(window_start=1).validate()
     records = []
     for i, prompt in enumerate([PROMPT, "text 'OK' on a sign"]):
         records.append(actor.pipe.rl_generate(prompt, [3 + 2 * i, 4 + 2 * i], params))
-    raw = np.empty(4, dtype=object)
-    for i in range(4):
-        raw[i] = [{"role": "user", "content": "p"}]
-    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
-    assert tuple(data.batch["media"].shape) == (4, FRAMES, SIDE, SIDE, 3)
+    data = records_batch(records)
+    assert tuple(data.batch["media"].shape) == (4, FRAMES, side, side, 3)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     before = actor.lora_state_dict()
     first = actor.update(data, advantages)
-    print(f"[Wan] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
+    print(f"[{variant.label}] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
     assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
     assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
     assert first["actor/grad_norm"] > 0 and np.isfinite(first["actor/policy_loss"])

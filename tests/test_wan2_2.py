@@ -1,17 +1,19 @@
 """Wan2.2 through the ``wan`` family, on tiny random models. TI2V-5B's text-to-video (``tiny:wan2_2_ti2v``: the Wan2.2
 VAE at 16x spatial, ``expand_timesteps``) and the two-expert T2V-A14B (``tiny:wan2_2_t2v``: ``transformer`` above
-``boundary_ratio``, ``transformer_2`` below, ``guidance_scale_2``): video rollouts, equality with the stock diffusers
-``WanPipeline`` at noise level 0, batch invariance, the log-prob recomputation (by the expert the rollout ran), the
-actor's step-1 ratio and a LoRA update (A14B: on both experts), the A14B adapter's export (a diffusers file per
-expert, a merged pipeline) and its low-noise expert under the checkpointing plan; the real-size stand-ins' published
-figures."""
+``boundary_ratio``, ``transformer_2`` below, ``guidance_scale_2``). What they share with Wan2.1 (video rollouts, batch
+invariance, equality with the stock diffusers ``WanPipeline`` at noise level 0, A14B's ``guidance_scale_2`` included,
+the log-prob recomputation, the actor's step-1 ratio and a LoRA update) runs over the tiny variants in test_wan.py;
+here: the per-token timesteps, the expert routing, the log-prob recomputation by the expert the rollout ran, the A14B
+actor's LoRA on both experts, its adapter's export (a diffusers file per expert, a merged pipeline) and its low-noise
+expert under the checkpointing plan; the real-size stand-ins' published figures."""
 
 import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
-from helpers import model_config, records_data_proto, rollout_config
+from helpers import model_config, rollout_config
 from test_vllm_omni_engine_adapter import fake_vllm_omni  # noqa: F401  (the test double of vllm-omni, a fixture)
+from test_wan import A14B, FRAMES, NEGATIVE, PROMPT, SEEDS, TI2V, records_batch
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -19,33 +21,7 @@ from verl_omni.core.conditioning import Conditioning
 from verl_omni.pipelines.wan.options import WanOptions
 from verl_omni.schedulers.flow_match_sde import compute_log_prob, reference_sigma_max
 
-PROMPT = "a red cat walking"
-NEGATIVE = "blurry, static"
-SEEDS = [11, 22, 33]
-FRAMES = 5  # 2 latent frames at the VAE's 4x temporal compression
-SIDE = 64  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per frame
-
-
-@pytest.fixture(scope="module")
-def ti2v_pipe(tiny_wan2_2_ti2v_dir):
-    from verl_omni.pipelines.loading import load_rl_pipeline
-
-    return load_rl_pipeline(tiny_wan2_2_ti2v_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES))
-
-
-def _params(**kw):
-    base = dict(
-        num_inference_steps=4,
-        height=SIDE,
-        width=SIDE,
-        noise_level=0.7,
-        sde_window_size=2,
-        window_start=1,
-        guidance_scale=5.0,
-        negative_prompt=NEGATIVE,
-        max_sequence_length=32,
-    )
-    return DiffusionSamplingParams(**(base | kw)).validate()
+SIDE = TI2V.side  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per frame
 
 
 def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_vae(ti2v_pipe, tiny_wan2_2_ti2v_dir):
@@ -69,129 +45,12 @@ def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_va
     assert tokens.shape == (3, 2 * 2 * 2) and torch.equal(tokens[:, 0], tokens[:, -1])
 
 
-def test_a_rollout_is_uint8_videos_with_48_channel_shaped_latents(ti2v_pipe):
-    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], _params(sde_window_size=0, window_start=None))
-    z_dim = ti2v_pipe.vae.config.z_dim
-    assert out.media.shape == (2, FRAMES, SIDE, SIDE, 3) and out.media.dtype == torch.uint8
-    assert out.latents.shape == (2, 5, z_dim, 2, SIDE // 16, SIDE // 16)  # [B, T+1, C, F', h, w]
-    assert out.log_probs.shape == (2, 4) and torch.all(out.log_probs != 0)
-    first = out.media[0].numpy()
-    assert np.abs(np.diff(first.astype(int), axis=0)).max() > 0  # the frames are not copies of one image
-
-
-@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
-def test_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(ti2v_pipe, tiny_wan2_2_ti2v_dir, guidance_scale):
-    params = _params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
-    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    assert not out.window_mask.any() and torch.all(out.log_probs == 0)
-    stock = WanPipeline.from_pretrained(tiny_wan2_2_ti2v_dir)
-    stock.set_progress_bar_config(disable=True)
-    assert stock.config.expand_timesteps
-    kw = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        height=SIDE,
-        width=SIDE,
-        num_frames=FRAMES,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=guidance_scale,
-        num_videos_per_prompt=2,
-        max_sequence_length=params.max_sequence_length,
-    )
-    latents = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent")
-    frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
-    latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
-    pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
-    print(
-        f"[Wan2.2-TI2V cfg={guidance_scale}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}, pixel {pixel_err}"
-    )
-    assert latent_err < 1e-5 and pixel_err <= 1
-
-
-def test_batched_call_equals_single_calls_with_the_same_seeds(ti2v_pipe):
-    params = _params()
-    batched = ti2v_pipe.rl_generate(PROMPT, SEEDS, params)
-    singles = [ti2v_pipe.rl_generate(PROMPT, [s], params) for s in SEEDS]
-    pixel = max((batched.media[i].int() - o.media[0].int()).abs().max().item() for i, o in enumerate(singles))
-    latent = max((batched.latents[i] - o.latents[0]).abs().max().item() for i, o in enumerate(singles))
-    logp = max((batched.log_probs[i] - o.log_probs[0]).abs().max().item() for i, o in enumerate(singles))
-    print(f"[Wan2.2-TI2V] B=3 vs 3xB=1: max pixel diff {pixel}, latent {latent:.2e}, log-prob {logp:.2e}")
-    assert pixel <= 1 and latent < 1e-4 and logp < 1e-4
-    assert (batched.latents[0, 0] - batched.latents[1, 0]).abs().max() > 0.1  # the seeds differ
-
-
-def test_rollout_log_probs_equal_the_recomputation_from_the_stored_trajectory(ti2v_pipe):
-    params = _params()
-    out = ti2v_pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    sigma_max, max_err = reference_sigma_max(out.sigmas), 0.0
-    for t in torch.nonzero(out.window_mask).flatten().tolist():
-        with torch.enable_grad():
-            velocity = ti2v_pipe.predict_velocity(
-                out.latents[:, t], out.timesteps[t], Conditioning.from_fields(out), 5.0, SIDE, SIDE
-            )
-        recomputed = compute_log_prob(
-            velocity.detach(),
-            out.latents[:, t],
-            out.latents[:, t + 1],
-            out.sigmas[t],
-            out.sigmas[t + 1],
-            noise_level=params.noise_level,
-            sde_type=params.sde_type,
-            sigma_max=sigma_max,
-        )
-        max_err = max(max_err, (recomputed - out.log_probs[:, t]).abs().max().item())
-    assert max_err < 1e-5
-
-
-def test_the_actors_step_one_ratio_is_one_and_a_lora_update_changes_the_loss(tiny_wan2_2_ti2v_dir):
-    """The hybrid engine's actor recomputes the rollout's log-probs with the per-token timesteps (ratio 1 at step 1,
-    both CFG branches batched as in the rollout), and its LoRA update moves the loss."""
-    from verl_omni.workers.actor import DiffusionLoRAActor
-
-    rollout = rollout_config(
-        pipeline={"true_cfg_scale": 5.0, "negative_prompt": NEGATIVE, "max_sequence_length": 32, "height": SIDE,
-                  "width": SIDE, "num_inference_steps": 4},
-        algo={"noise_level": 0.7, "sde_window_size": 2},
-    )  # fmt: skip
-    actor = DiffusionLoRAActor(
-        model_config(tiny_wan2_2_ti2v_dir, pipeline="wan", wan={"num_frames": FRAMES}),
-        ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4),
-        rollout,
-        lora_seed=3,
-    )
-    assert actor.pipe.config.expand_timesteps and actor.pipe.num_frames == FRAMES
-    params = rollout.sampling_params().replace(window_start=1).validate()
-    records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
-    raw = np.empty(4, dtype=object)
-    for i in range(4):
-        raw[i] = [{"role": "user", "content": "p"}]
-    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    data = records_data_proto(records, {"raw_prompt": raw, "uid": uid})
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    before = actor.lora_state_dict()
-    first = actor.update(data, advantages)
-    print(f"[Wan2.2-TI2V] step-1 ratios [{first['actor/ratio_min']:.7f}, {first['actor/ratio_max']:.7f}]")
-    assert first["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
-    assert first["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
-    assert first["actor/grad_norm"] > 0 and np.isfinite(first["actor/policy_loss"])
-    assert any(not torch.equal(before[k], v) for k, v in actor.lora_state_dict().items())
-    second = actor.update(data, advantages)
-    assert second["actor/policy_loss"] != first["actor/policy_loss"]
-
-
 # ------------------------------------------------------------------------------------------- T2V-A14B: two experts
-A14B_SIDE = 32  # 4 x 4 latents at Wan2.1's 8x VAE
-
-
-@pytest.fixture(scope="module")
-def a14b_pipe(tiny_wan2_2_t2v_dir):
-    from verl_omni.pipelines.loading import load_rl_pipeline
-
-    return load_rl_pipeline(tiny_wan2_2_t2v_dir, "wan", "float32", family_options=WanOptions(num_frames=FRAMES))
+A14B_SIDE = A14B.side  # 4 x 4 latents at Wan2.1's 8x VAE
 
 
 def _a14b_params(**kw):
-    return _params(**({"height": A14B_SIDE, "width": A14B_SIDE, "window_start": 0} | kw))
+    return A14B.params(**({"window_start": 0} | kw))
 
 
 def test_the_a14b_schedule_runs_both_experts_and_a_row_runs_the_expert_of_its_timestep(a14b_pipe):
@@ -212,41 +71,6 @@ def test_the_a14b_schedule_runs_both_experts_and_a_row_runs_the_expert_of_its_ti
     torch.testing.assert_close(mixed, torch.cat([by_high, by_low]), rtol=0, atol=1e-6)
     other = a14b_pipe.transformer(latents[1:], low.reshape(1), embeds[1:], return_dict=False)[0]
     assert (other - by_low).abs().max() > 1e-2  # the experts differ: the routing matters
-
-
-@pytest.mark.parametrize("guidance_scale, guidance_scale_2", [(1.0, None), (5.0, None), (4.0, 3.0)])
-def test_a14b_at_noise_level_zero_reproduces_the_stock_diffusers_wan_pipeline(
-    a14b_pipe, tiny_wan2_2_t2v_dir, guidance_scale, guidance_scale_2
-):
-    """The rollout switches experts where ``WanPipeline`` does, with ``guidance_scale_2`` on the low-noise steps."""
-    a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES, guidance_scale_2=guidance_scale_2))
-    try:
-        params = _a14b_params(noise_level=0.0, sde_window_size=0, window_start=None, guidance_scale=guidance_scale)
-        out = a14b_pipe.rl_generate(PROMPT, SEEDS[:2], params)
-    finally:
-        a14b_pipe.apply_family_options(WanOptions(num_frames=FRAMES))
-    stock = WanPipeline.from_pretrained(tiny_wan2_2_t2v_dir)
-    stock.set_progress_bar_config(disable=True)
-    kw = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        height=A14B_SIDE,
-        width=A14B_SIDE,
-        num_frames=FRAMES,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=guidance_scale,
-        guidance_scale_2=guidance_scale_2,
-        num_videos_per_prompt=2,
-        max_sequence_length=params.max_sequence_length,
-    )
-    latents = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent")
-    frames = stock(**kw, generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="np")
-    latent_err = (out.latents[:, -1] - latents.frames).abs().max().item()
-    pixel_err = np.abs(out.media.numpy().astype(int) - (frames.frames * 255).round().astype(int)).max()
-    print(
-        f"[Wan2.2-A14B cfg={guidance_scale}/{guidance_scale_2}] noise_level=0 vs WanPipeline: latent {latent_err:.2e}"
-    )
-    assert latent_err < 1e-5 and pixel_err <= 1
 
 
 def test_a14b_rollout_log_probs_equal_the_recomputation_and_batched_equals_single(a14b_pipe):
@@ -299,11 +123,7 @@ def _a14b_actor_and_batch(tiny_wan2_2_t2v_dir, **model):
     )
     params = rollout.sampling_params().replace(window_start=0).validate()
     records = [actor.pipe.rl_generate(p, [3 + 2 * i, 4 + 2 * i], params) for i, p in enumerate([PROMPT, "a sign"])]
-    raw = np.empty(4, dtype=object)
-    for i in range(4):
-        raw[i] = [{"role": "user", "content": "p"}]
-    uid = np.array([f"g{i // 2}" for i in range(4)], dtype=object)
-    return actor, records_data_proto(records, {"raw_prompt": raw, "uid": uid})
+    return actor, records_batch(records)
 
 
 A14B_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
