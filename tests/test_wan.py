@@ -351,6 +351,24 @@ def test_the_14b_skeleton_records_its_checkpoint_and_an_unknown_variant_is_named
 
 
 @pytest.mark.e2e
+def fit_two_steps(cfg) -> list[dict]:
+    """Two steps of the real trainer on ``cfg``: step 1's ratios within 1e-4 of 1, every step's loss finite and its
+    gradient nonzero. Returns the steps' metrics."""
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+
+    trainer = FlowGRPOTrainer(cfg).init()
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.shutdown()
+    assert len(history) == 2
+    assert history[0]["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert history[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    for metrics in history:
+        assert np.isfinite(metrics["actor/policy_loss"]) and metrics["actor/grad_norm"] > 0
+    return history
+
+
 def test_the_cpu_demo_trains_tiny_wan_two_steps_and_writes_mp4_samples(ray_session, ocr_data_files, tmp_path):
     """Two FlowGRPO steps of the tiny Wan through the real trainer (hybrid engine, diffusers engine, the streamed
     temporal-consistency reward): step-1 ratios are 1, every step trains, and each step's samples are MP4 clips."""
@@ -361,7 +379,6 @@ def test_the_cpu_demo_trains_tiny_wan_two_steps_and_writes_mp4_samples(ray_sessi
     from helpers import trainer_config
 
     from verl_omni.core.video_io import read_video
-    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
 
     cfg = trainer_config(
         ocr_data_files,
@@ -379,17 +396,9 @@ def test_the_cpu_demo_trains_tiny_wan_two_steps_and_writes_mp4_samples(ray_sessi
             "trainer.sample_images_per_step": 2,
         },
     )
-    trainer = FlowGRPOTrainer(cfg).init()
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.shutdown()
-    assert len(history) == 2
-    assert history[0]["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
-    assert history[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    history = fit_two_steps(cfg)
     for metrics in history:
         assert 0.0 <= metrics["reward/temporal_consistency/mean"] <= 1.0
-        assert np.isfinite(metrics["actor/policy_loss"]) and metrics["actor/grad_norm"] > 0
     clips = sorted(glob.glob(os.path.join(str(tmp_path), "**", "train_step_*", "*.mp4"), recursive=True))
     assert len(clips) == 4, clips  # 2 per step
     assert read_video(clips[0]).shape == (FRAMES, SIDE, SIDE, 3)

@@ -13,7 +13,7 @@ import torch
 from diffusers import WanPipeline
 from helpers import model_config, rollout_config
 from test_vllm_omni_engine_adapter import fake_vllm_omni  # noqa: F401  (the test double of vllm-omni, a fixture)
-from test_wan import A14B, FRAMES, NEGATIVE, PROMPT, SEEDS, TI2V, records_batch
+from test_wan import A14B, FRAMES, NEGATIVE, PROMPT, SEEDS, TI2V, fit_two_steps, records_batch
 
 from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
@@ -329,8 +329,6 @@ def test_the_trainer_trains_the_tiny_wan2_2_models_two_steps(
     rollout engine serves the actor's adapter (A14B: on both experts; step-1 ratios 1), and every step trains."""
     from helpers import trainer_config
 
-    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
-
     cfg = trainer_config(
         ocr_data_files,
         f"tiny:{tiny}",
@@ -346,16 +344,7 @@ def test_the_trainer_trains_the_tiny_wan2_2_models_two_steps(
             "trainer.total_training_steps": 2,
         },
     )
-    trainer = FlowGRPOTrainer(cfg).init()
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.shutdown()
-    assert len(history) == 2
-    assert history[0]["actor/ratio_min"] == pytest.approx(1.0, abs=1e-4)
-    assert history[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-4)
-    for metrics in history:
-        assert np.isfinite(metrics["actor/policy_loss"]) and metrics["actor/grad_norm"] > 0
+    fit_two_steps(cfg)
 
 
 def test_the_two_expert_options_are_checked_naming_their_key(a14b_pipe, ti2v_pipe, tiny_wan2_2_t2v_dir):
