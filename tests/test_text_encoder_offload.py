@@ -246,3 +246,26 @@ def test_vllm_cumem_pool_unmaps_the_weights_segments_that_hold_only_text_encoder
 def test_a_bad_setting_names_the_key(tiny_qwen_image_dir):
     with pytest.raises(ValueError, match=r"actor_rollout_ref\.model\.text_encoder_offload='yes' must be true, false"):
         model_config(tiny_qwen_image_dir, text_encoder_offload="yes")
+
+
+def test_restore_gives_the_updates_cached_memory_back_before_mapping_the_encoders_again():
+    """The update fills the memory the encoders left (its planner counts it free) and PyTorch's allocator keeps the
+    freed blocks cached: the cache is emptied before any segment is mapped back or any tensor moves back."""
+    encoder = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).requires_grad_(False)
+    first = encoder[0]
+    events = []
+
+    class Pool(_FakePool):
+        def map(self, address):
+            events.append(("map", address))
+            super().map(address)
+
+    pool = Pool({100: [first.weight, first.bias]})
+    offload = TextEncoderOffload({"text_encoder": encoder}, pool=pool, release=lambda: events.append("release"))
+    original = {k: v.clone() for k, v in encoder.state_dict().items()}
+    offload.offload()
+    assert events == ["release"]  # the encoders' memory handed to the update
+    events.clear()
+    offload.restore()
+    assert events == ["release", ("map", 100)]
+    assert all(torch.equal(v, original[k]) for k, v in encoder.state_dict().items())

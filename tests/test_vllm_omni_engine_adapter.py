@@ -694,6 +694,36 @@ def test_the_worker_rank_takes_the_text_encoder_off_for_its_update(fake_vllm_omn
     assert torch.equal(again.negative_prompt_embeds, out.negative_prompt_embeds)
 
 
+def test_an_actor_call_that_fails_in_the_worker_raises_the_ranks_own_error(fake_vllm_omni, tiny_qwen_image_dir):
+    """vllm-omni's collective_rpc logs a worker's exception without raising it in the caller: the worker writes the
+    rank's exception beside the call's result and the engine raises it, naming the verb; the rank goes on serving."""
+    from verl_omni.config.actor import ActorConfig
+
+    engine = make_engine(tiny_qwen_image_dir, lora={"lora_rank": 4, "lora_alpha": 8.0})
+    run(engine.init_actor(ActorConfig(ppo_micro_batch_size_per_gpu=2), 0, 1, None, lora_seed=5))
+    before = run(engine.actor_call("lora_checksum"))
+    with pytest.raises(RuntimeError) as failure:
+        run(engine.actor_call("load_lora_state_dict", {"not_a_lora_weight": torch.zeros(2)}))
+    text = str(failure.value)
+    assert "failed in 'load_lora_state_dict'" in text and "not_a_lora_weight" in text
+    assert "The rank's traceback" in text and "set_lora_state_dict" in text
+    assert "out of memory" not in text
+    assert run(engine.actor_call("lora_checksum")) == before
+
+
+def test_an_out_of_memory_in_the_worker_says_which_keys_lower_the_update_memory():
+    from verl_omni.rollout.engines.vllm_omni.wire import actor_call_failed, actor_error
+
+    try:
+        raise RuntimeError("CUDA Error: out of memory at /workspace/csrc/cumem_allocator.cpp:163")
+    except RuntimeError as exc:
+        error = actor_error(exc, "Traceback ...")
+    text = str(actor_call_failed("update", error))
+    assert text.startswith("the actor rank in vllm-omni's worker failed in 'update': RuntimeError: CUDA Error: out of")
+    for key in ("ppo_micro_batch_size_per_gpu", "gpu_memory_utilization", "gradient_checkpointing_blocks"):
+        assert key in text
+
+
 def test_rope_frequencies_cached_under_inference_mode_can_train():
     """diffusers caches Qwen-Image's RoPE tables per device; on a GPU the first rollout (vllm-omni runs it under
     inference mode) fills that cache with inference tensors, which autograd refuses. The worker's hook hands

@@ -10,7 +10,8 @@ after it, before the next rollout:
 - each frozen weight is copied once into (pinned) host memory and that copy is kept: later offloads only drop the
   device tensors, and each restore is one host-to-device copy; buffers and trainable tensors are copied every time;
 - the freed memory goes back to the device (``release``: the CUDA cache emptied), so the update's memory planner
-  (``workers/activation_memory.py``) counts it as free;
+  (``workers/activation_memory.py``) counts it as free; on restore the cache is emptied again first, so the memory
+  the update's activations used is there for the encoders;
 - tensors in an engine's own memory pool, which a freed tensor cannot leave (vllm-omni's CuMem pool of sleep mode),
   go through a :class:`PoolSegments`: every pool segment that holds only text-encoder tensors is unmapped (its
   tensors keep their addresses) and mapped back and refilled on restore; pool segments shared with other weights
@@ -233,6 +234,10 @@ class TextEncoderOffload:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        # The update's freed blocks stay cached by PyTorch's allocator; given back first, the device memory they
+        # hold can back the segments mapped again and the tensors moved back (else a mapping runs out of memory
+        # on a GPU the update filled).
+        self.release()
         for record in self._unmapped:
             self.pool.map(record.address)
             for device_bytes, host in record.storages:

@@ -20,10 +20,12 @@ from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.rollout.engines.base import DiffusionEngine
 from verl_omni.rollout.engines.vllm_omni.wire import (
+    ACTOR_ERROR_FILE,
     EXTRA_KEY,
     MODEL_CLASS_NAME,
     PIPELINE_CLASS,
     WORKER_EXTENSION_CLASS,
+    actor_call_failed,
     plain,
     request_extra,
     request_output_to_batch,
@@ -240,6 +242,14 @@ class VllmOmniEngine(DiffusionEngine):
             path_in, path_out = os.path.join(tmp, "args.pt"), os.path.join(tmp, "result.pt")
             torch.save(list(args), path_in)
             await self._omni.collective_rpc("verl_omni_actor_call", args=(verb, path_in, path_out))
+            path_error = os.path.join(tmp, ACTOR_ERROR_FILE)
+            if os.path.exists(path_error):
+                raise actor_call_failed(verb, torch.load(path_error, weights_only=True))
+            if not os.path.exists(path_out):
+                raise RuntimeError(
+                    f"vllm-omni's worker returned no result for the actor's {verb!r} (no {path_out}): the worker "
+                    "stopped before it finished; its log above says why"
+                )
             return torch.load(path_out, weights_only=True)
 
     async def shutdown(self) -> None:

@@ -32,6 +32,32 @@ _TRAJECTORY = {
 }
 
 
+ACTOR_ERROR_FILE = "error.pt"  # beside an actor call's result: the exception the worker's rank raised
+
+
+def actor_error(exc: BaseException, traceback_text: str) -> dict[str, str]:
+    """What the worker writes to ``ACTOR_ERROR_FILE`` when its actor rank raises: vllm-omni's ``collective_rpc``
+    logs a worker's exception but need not raise it in the caller."""
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback_text}
+
+
+def actor_call_failed(verb: str, error: dict[str, str]) -> RuntimeError:
+    """The engine's exception for an actor call the worker's rank failed: the rank's own exception and traceback,
+    with what to change when the GPU ran out of memory."""
+    text = f"{error['type']}: {error['message']}"
+    hint = ""
+    if "out of memory" in text.lower():
+        hint = (
+            " The GPU ran out of memory in the update or around it: lower actor_rollout_ref.actor."
+            "ppo_micro_batch_size_per_gpu or actor_rollout_ref.rollout.gpu_memory_utilization, or checkpoint "
+            "more blocks (actor_rollout_ref.model.gradient_checkpointing_blocks)."
+        )
+    return RuntimeError(
+        f"the actor rank in vllm-omni's worker failed in {verb!r}: {text}.{hint}\nThe rank's traceback:\n"
+        f"{error['traceback']}"
+    )
+
+
 def plain(value: Any) -> Any:
     """Tuples -> lists, recursively (the request crosses process boundaries; keep it JSON-like)."""
     if isinstance(value, dict):

@@ -10,6 +10,8 @@ import contextlib
 import gc
 import json
 import logging
+import os
+import traceback
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -25,7 +27,9 @@ from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.pipelines.registry import get_family
 from verl_omni.rollout.engines.vllm_omni.wire import (
+    ACTOR_ERROR_FILE,
     EXTRA_KEY,
+    actor_error,
     decode_request,
     plain,
     row_prompts,
@@ -313,8 +317,14 @@ class VllmOmniRLWorkerExtension:
         actor = getattr(self, "_verl_omni_actor", None)
         if actor is None:
             raise RuntimeError("verl_omni_actor_call before verl_omni_init_actor")
-        args = torch.load(path_in, weights_only=True)
-        torch.save(actor.call(verb, *args), path_out)
+        try:
+            args = torch.load(path_in, weights_only=True)
+            torch.save(actor.call(verb, *args), path_out)
+        except Exception as exc:  # the engine raises it in the caller (collective_rpc only logs a worker's error)
+            error = actor_error(exc, traceback.format_exc())
+            torch.save(error, os.path.join(os.path.dirname(path_out), ACTOR_ERROR_FILE))
+            logger.error("the actor rank failed in %r: %s: %s", verb, error["type"], error["message"])
+            return False
         return True
 
     def verl_omni_empty_cache(self) -> bool:
