@@ -57,6 +57,26 @@ def test_a_stopped_evaluation_resumes_with_only_the_missing_prompts(tiny_qwen_im
         run_evaluation(other)
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_device_and_dtype_default_to_the_gpu_in_bfloat16_where_one_is_visible(gpu, monkeypatch, tmp_path):
+    """``--device auto`` / ``--dtype auto`` (the defaults): cuda in bfloat16 where a GPU is visible, else the CPU in
+    float32; given values stay; the vllm-omni engine on the CPU is refused before anything loads."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    base = ["--base", str(tmp_path), "--prompts", "p.txt", "--out", str(tmp_path / "o"), "--reward", "jpeg"]
+    job = job_from(parser().parse_args(base))
+    assert (job.device, job.dtype) == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
+    job = job_from(parser().parse_args([*base, "--device", "cpu", "--dtype", "float16"]))
+    assert (job.device, job.dtype) == ("cpu", "float16")
+    assert job_from(parser().parse_args([*base, "--device", "cpu"])).dtype == "float32"
+    engine = ["--engine", "vllm_omni"]
+    if gpu:
+        assert job_from(parser().parse_args([*base, *engine])).device == "cuda"
+    with pytest.raises(ValueError, match="--engine vllm_omni runs on a GPU, got --device cpu"):
+        job_from(parser().parse_args([*base, *engine, "--device", "cpu" if gpu else "auto"]))
+
+
 def test_summary_is_the_image_mean_with_the_standard_error_over_prompts(tiny_qwen_image_dir, tmp_path):
     job = EvalJob(tiny_qwen_image_dir, _prompt_file(tmp_path), str(tmp_path / "o"), SMALL, [{"name": "brightness"}])
     report = run_evaluation(job)

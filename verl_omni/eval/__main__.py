@@ -71,7 +71,11 @@ def parser() -> argparse.ArgumentParser:
         "distilled_guidance_scale=3.5); repeat for several; VALUE is read as YAML",
     )
     p.add_argument("--engine", default="diffusers", choices=ENGINE_NAMES)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (with --gpus N: each worker's own GPU)")
+    p.add_argument(
+        "--device",
+        default=AUTO,
+        help="cpu, or cuda (with --gpus N: each worker's own GPU); auto: cuda where a GPU is visible, else cpu",
+    )
     p.add_argument(
         "--gpus",
         type=int,
@@ -92,7 +96,11 @@ def parser() -> argparse.ArgumentParser:
         help="images per engine call: consecutive prompts share one call, whole prompts only (images-per-prompt "
         "16 and 4: 4 prompts a call); a prompt of more images is a call of its own; 1: one prompt per call",
     )
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype",
+        default=AUTO,
+        help="the engine's dtype (float32, bfloat16, float16); auto: bfloat16 on cuda, else float32",
+    )
     p.add_argument("--prompt-key", default="prompt")
     p.add_argument("--limit", type=int, help="evaluate only the first LIMIT prompts")
     p.add_argument("--overwrite", action="store_true", help="discard an existing report in --out")

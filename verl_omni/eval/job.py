@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from verl_omni.eval.protocol import EvalProtocol
 from verl_omni.pipelines import AUTO, family_for_model_dir, get_family
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,8 +26,8 @@ class EvalJob:
     lora_alpha: Optional[float] = None  # only for checkpoints that do not record it
     pipeline: str = AUTO  # the model family; auto: from the base's model_index.json
     engine: str = "diffusers"
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"  # auto: cuda where a GPU is visible, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     prompt_key: str = "prompt"
     limit: Optional[int] = None  # the first ``limit`` prompts of the file
     save_every: int = 16  # prompts between report rewrites
@@ -42,6 +45,7 @@ class EvalJob:
     family_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._resolve_device_and_dtype()
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
             raise ValueError(f"--gpus must be an int >= 1 (worker processes, one per GPU), got {self.gpus!r}")
         if self.prefetch is not None and (
@@ -54,6 +58,23 @@ class EvalJob:
         if isinstance(self.batch_images, bool) or not isinstance(self.batch_images, int) or self.batch_images < 1:
             raise ValueError(
                 f"--batch-images must be an int >= 1 (images per engine call, whole prompts), got {self.batch_images!r}"
+            )
+
+    def _resolve_device_and_dtype(self) -> None:
+        """``auto`` device and dtype made concrete (the report records what ran); an engine on a device it cannot
+        run on is refused before anything loads."""
+        if self.device == AUTO:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            logger.info("--device auto: %s", self.device)
+        if self.dtype == AUTO:
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+            logger.info("--dtype auto: %s on %s", self.dtype, self.device)
+        if self.engine == "vllm_omni" and self.device == "cpu":
+            raise ValueError(
+                "--engine vllm_omni runs on a GPU, got --device cpu: pass --device cuda (or auto, the default, where "
+                "a GPU is visible), or evaluate with --engine diffusers on the CPU"
             )
 
     def prompts_per_call(self) -> int:
