@@ -66,13 +66,13 @@ build() {  # build <layers> [cores] [device]: the random full-width model, once 
 build_model('$MODEL_DIR', $1, device='${3:-cpu}')"
 }
 e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]; $E2E_ARGS: to every run
-  CUDA_VISIBLE_DEVICES=$1 timeout 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
+  CUDA_VISIBLE_DEVICES=$1 timeout -k 15 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
     --out "$OUT/e2e_runs_$4.json" "${@:5}" ${E2E_ARGS:-} > "$OUT/e2e_$4.log" 2>&1
   echo "e2e $4 exit code $?" | tee -a "$RUN_LOG"
 }
 gpu_tests() {  # gpu_tests <visible gpus> <cores> <timeout s> <name> <pytest args...>: log in $OUT/gpu_tests_<name>.log
-  CUDA_VISIBLE_DEVICES=$1 taskset -c "$2" timeout "$3" python3 -m pytest -m gpu -v -s -p no:cacheprovider "${@:5}" \
+  CUDA_VISIBLE_DEVICES=$1 taskset -c "$2" timeout -k 15 "$3" python3 -m pytest -m gpu -v -s -p no:cacheprovider "${@:5}" \
     > "$OUT/gpu_tests_$4.log" 2>&1
   echo "gpu tests $4 exit $?" | tee -a "$RUN_LOG"
 }
@@ -81,7 +81,7 @@ build_logged() {  # build_logged <layers> <cores> [device]: a stage's build, its
   echo "build L$1 exit $?" | tee -a "$RUN_LOG"
 }
 train_step() {  # train_step <gpu> <layers> <timeout s> [train_step.py args...]: one run of benchmarks/train_step.py
-  CUDA_VISIBLE_DEVICES=$1 timeout "$3" python3 benchmarks/train_step.py --layers "$2" --model-dir "$MODEL_DIR" \
+  CUDA_VISIBLE_DEVICES=$1 timeout -k 15 "$3" python3 benchmarks/train_step.py --layers "$2" --model-dir "$MODEL_DIR" \
     --out "$OUT/train_step_L$2.json" "${@:4}" > "$OUT/train_step_L$2.log" 2>&1
   echo "train_step L$2 exit $?" | tee -a "$RUN_LOG"
 }
@@ -102,7 +102,7 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
     *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
   local family="$1"; [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
-  CUDA_VISIBLE_DEVICES=0 timeout "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
+  CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
     --steps 3 --rollout-compare --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
     --commit "$(git rev-parse --short HEAD 2>/dev/null)" > "$OUT/family_$1.log" 2>&1
   echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
@@ -115,7 +115,7 @@ cores=$(nproc)
 
 case "$stage" in
   gpu-tests)
-    timeout 570 python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider --timeout=400 2>&1 \
+    timeout -k 15 570 python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider --timeout=400 2>&1 \
       | tee "$OUT/gpu_test_log.txt" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|figures" ;;
   gpu-tests-actor)  # ~5 min: both on GPU 0, on disjoint cores
     gpu_tests 0 "0-$((cores * 3 / 4 - 1))" 340 compile tests/gpu/test_actor_compile_gpu.py &
@@ -151,7 +151,7 @@ case "$stage" in
     wait ;;
   train-step)
     build 60 "" cuda | tail -1
-    timeout 500 python3 benchmarks/train_step.py --layers 60 --prompts 1 --repeats "${TRAIN_REPEATS:-1}" \
+    timeout -k 15 500 python3 benchmarks/train_step.py --layers 60 --prompts 1 --repeats "${TRAIN_REPEATS:-1}" \
       --variants "${TRAIN_VARIANTS:-ckpt_mb1_two_forwards,default,compiled_ckpt_mb8}" --model-dir "$MODEL_DIR" \
       --out "$OUT/train_step_L60.json" 2>&1 | grep -v -e Loading -e WARNING | tee "$OUT/train_step_L60.log" | tail -25
     echo "train_step L60 exit ${PIPESTATUS[0]}" | tee -a "$RUN_LOG" ;;
@@ -159,7 +159,7 @@ case "$stage" in
     if [ "$gpus" -ge 3 ]; then
       (build 60 && train_step 0 60 540 --prompts 1) &
       (build 20 && train_step 1 20 540) &
-      (CUDA_VISIBLE_DEVICES=2 timeout 400 python3 benchmarks/rewards_scale.py --out "$OUT/rewards_scale.json" \
+      (CUDA_VISIBLE_DEVICES=2 timeout -k 15 400 python3 benchmarks/rewards_scale.py --out "$OUT/rewards_scale.json" \
         > "$OUT/rewards_scale.log" 2>&1; echo "rewards_scale exit $?" | tee -a "$RUN_LOG") &
       wait
     else
@@ -170,7 +170,7 @@ case "$stage" in
     [ "${PROBE_GPU_TEST:-1}" = 1 ] && gpu_tests 0 0-1 230 kernels tests/gpu/test_gelu_epilogue_gpu.py \
       tests/gpu/test_qk_norm_rope_gpu.py tests/gpu/test_denoise_no_sync_gpu.py &
     wait
-    timeout "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers "${PROBE_LAYERS:-60}" --cfg 4 \
+    timeout -k 15 "${PROBE_TIMEOUT:-420}" python3 benchmarks/pipeline_breakdown.py --layers "${PROBE_LAYERS:-60}" --cfg 4 \
       --lora-rank 64 \
       --variants "${PROBE_VARIANTS:-eager_sdpa,compiled_flash}" --repeats "${PROBE_REPEATS:-2}" --model-dir "$MODEL_DIR" \
       --out "$OUT/pipeline_breakdown_L60.json" > "$OUT/pipeline_breakdown_L60.log" 2>&1
@@ -180,7 +180,7 @@ case "$stage" in
     build 20 "" cuda > /dev/null
     for run in plain vllm; do
       pre=""; [ "$run" = vllm ] && pre="import vllm; "
-      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -c "${pre}import runpy, sys; sys.argv = ['train_step.py', '--layers',
+      CUDA_VISIBLE_DEVICES=0 timeout -k 15 240 python3 -c "${pre}import runpy, sys; sys.argv = ['train_step.py', '--layers',
 '20', '--repeats', '2', '--variants', 'default', '--model-dir', '$MODEL_DIR', '--out', '$OUT/train_step_L20_$run.json'];
 runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_step_L20_$run.log" 2>&1
       echo "train_step L20 ($run) exit $?" | tee -a "$RUN_LOG"

@@ -16,6 +16,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and vllm-omni for engine tests); run on the device")
 
 
+def pytest_runtest_logreport(report):
+    """A failure's traceback printed when it happens: a device call's time limit can stop pytest before its
+    closing summary, which is where pytest prints them."""
+    if report.failed:
+        print(f"\n[failure] {report.nodeid} ({report.when}):\n{report.longreprtext}\n", flush=True)
+
+
 @pytest.fixture(scope="module")
 def event_loop_gpu():
     """One loop for everything an AsyncOmni client does (its output task lives on the loop of the first call)."""
