@@ -169,8 +169,10 @@ STEP_KEYS = (
 def run_trainer(cfg, run_name: str, record: dict[str, Any]) -> list[dict[str, Any]]:
     """Run the trainer on ``cfg``; returns its per-step metrics. Adds to ``record``: start_up_s, the GPUs' peak
     memory (peak_mem_gb_per_gpu, peak_mem_gb, peak_mem_gb_by_gpu), each step's timing and ratio metrics
-    (``steps``), and ``error`` when the run failed (so a failed run still says why)."""
+    (``steps``), and ``error`` when the run failed (so a failed run still says why; the steps it finished are
+    kept)."""
     from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+    from verl_omni.trainer.stopping import TrainingInterrupted
 
     t0 = time.perf_counter()
     with GpuMemoryPeak() as memory:
@@ -180,10 +182,12 @@ def run_trainer(cfg, run_name: str, record: dict[str, Any]) -> list[dict[str, An
             record["start_up_s"] = time.perf_counter() - t0
             log(f"{run_name}: up in {record['start_up_s']:.0f} s")
             history = trainer.fit()
-        except Exception as exc:  # recorded, so a failed run still says why
+        # Recorded, so a failed or stopped (SIGTERM: TrainingInterrupted) run still says why and what its finished
+        # steps measured.
+        except (Exception, TrainingInterrupted) as exc:
             record["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            history = []
-            log(f"{run_name}: FAILED {record['error'][:500]}")
+            history = list(trainer.history)
+            log(f"{run_name}: FAILED after {len(history)} step(s): {record['error'][:500]}")
         finally:
             trainer.shutdown()
     record["steps"] = [{k: v for k, v in h.items() if k.startswith(STEP_KEYS)} for h in history]

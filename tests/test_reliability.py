@@ -369,6 +369,7 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_stops_with_128_plus_the_si
     finally:
         trainer.graceful_stop.uninstall()
     assert finished == [1, 2] and trainer.global_step == 2 and trainer.saved == [2]  # saved though 2 % 5 != 0
+    assert len(trainer.history) == 2  # the finished steps' metrics stay readable after the exception
     assert info.value.exit_code == code
     name = signal.Signals(signum).name
     assert str(info.value) == (
@@ -394,7 +395,7 @@ def test_a_second_stop_signal_abandons_the_step_at_once(stub_trainer):
             trainer.fit()
     finally:
         trainer.graceful_stop.uninstall()
-    assert trainer.global_step == 0 and trainer.saved == []
+    assert trainer.global_step == 0 and trainer.saved == [] and trainer.history == []
 
 
 def test_resume_mode_disable_in_a_directory_with_checkpoints_is_refused_before_anything_starts(tmp_path):

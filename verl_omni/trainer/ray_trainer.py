@@ -119,6 +119,8 @@ class FlowGRPOTrainer:
         self.algorithm.bind_pipeline(get_pipeline_class(self.config.actor_rollout_ref.model.pipeline))
         self.loop = asyncio.new_event_loop()
         self.global_step = 0
+        # each trained step's metrics, filled as fit() goes: what a run that stops with an exception completed
+        self.history: list[dict[str, float]] = []
         self._lora_checksum: Optional[str] = None  # last_lora_checksum
         self.output_dir = os.path.abspath(os.path.expanduser(self.config.trainer.default_local_dir))
         self.graceful_stop = GracefulStop()  # SIGTERM / Ctrl-C: finish the step, stop, exit 143 / 130
@@ -428,7 +430,8 @@ class FlowGRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
         cfg = self.config
-        history, trained_steps = [], []
+        history, trained_steps = self.history, []
+        history.clear()
         total = cfg.trainer.total_training_steps
         # disable=None: no bar when stderr is not a TTY (a log file); the console logger prints one line per step.
         bar = tqdm(total=total, initial=self.global_step, desc=cfg.algorithm.name, dynamic_ncols=True, disable=None)
