@@ -28,7 +28,11 @@
 #   families                benchmarks/family_step.py on each family's stand-in and recipe, one after another: SD3.5
 #                           and FLUX.1-dev (-> $OUT/models.json), Wan2.1-T2V-1.3B with the temporal-consistency
 #                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each; FAMILIES=wan22
-#                           runs Wan2.2-TI2V-5B's recipe the same way
+#                           runs Wan2.2-TI2V-5B's recipe the same way, FAMILIES=qwen Qwen-Image's with
+#                           text_encoder_offload=true (its stand-in: ~55 GB of disk, alone)
+#   eval-throughput         verl-omni-eval (vllm-omni, B=16 calls of the recipe's 512², 10 steps, CFG 4) on the
+#                           stand-in a `FAMILY_KEEP_MODELS=1 ... families` run kept ($EVAL_FAMILY, default qwen): the
+#                           report's steady images/s against the training rollout's
 # A build that runs alone draws the weights on the GPU (seconds); one beside other jobs draws them on the CPU.
 # Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), TRAIN_VARIANTS (train-step),
@@ -41,7 +45,7 @@
 set -uo pipefail
 STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine gpu-tests-families build-model e2e-1gpu-vllm-omni \
 e2e-1gpu-diffusers e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards \
-rollout-breakdown vllm-import-cost families"
+rollout-breakdown vllm-import-cost families eval-throughput"
 stage="${1:-}"
 if [ -z "$stage" ] || ! [[ " $STAGES " == *" $stage "* ]]; then
   echo "usage: run_stage.sh <stage>; stages: $STAGES" >&2
@@ -97,11 +101,15 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
     flux) args=(--preset flux_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
     wan) args=(--variant 1.3B --preset wan2_1_t2v_1_3b_flowgrpo_lora --rewards temporal_consistency
                --out "$OUT/video.json") ;;
+    qwen) args=(--preset qwen_image_flowgrpo_ocr_lora --set actor_rollout_ref.model.text_encoder_offload=true
+                --name te_offload --out "$OUT/models.json") ;;
     wan22) args=(--variant TI2V-5B --preset wan2_2_ti2v_5b_flowgrpo_lora --rewards temporal_consistency
                  --out "$OUT/video.json") ;;
-    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22)" | tee -a "$RUN_LOG"; return 2 ;;
+    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
-  local family="$1"; [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
+  local family="$1"
+  [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
+  [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
   CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
     --steps 3 --rollout-compare --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
     --commit "$(git rev-parse --short HEAD 2>/dev/null)" > "$OUT/family_$1.log" 2>&1
@@ -191,6 +199,15 @@ runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_s
       family_step "$family"
       grep -v -e Loading -e WARNING "$OUT/family_$family.log" 2>/dev/null | tail -n 8
     done ;;
+  eval-throughput)  # verl-omni-eval on a stand-in kept by `FAMILY_KEEP_MODELS=1 FAMILIES=<f> ... families`
+    family="${EVAL_FAMILY:-qwen}"
+    base=$(dirname "$(find "$MODEL_DIR/family_$family" -maxdepth 2 -name model_index.json | head -n 1)")
+    CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${EVAL_TIMEOUT:-420}" python3 -m verl_omni.eval --base "$base" \
+      --prompts "/tmp/family_$family/data/train.parquet" --out "$OUT/eval_$family" --steps 10 --cfg 4 \
+      --noise-level 0 --height 512 --width 512 --images-per-prompt 16 --batch-images 16 --negative-prompt " " \
+      --reward ocr --engine vllm_omni --limit "${EVAL_PROMPTS:-12}" --no-progress > "$OUT/eval_$family.log" 2>&1
+    echo "eval $family exit $?" | tee -a "$RUN_LOG"
+    grep -A12 '"timing"' "$OUT/eval_$family/report.json" 2>/dev/null | head -n 14 ;;
 esac
 tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60
 # Pack this stage's outputs into one archive (run_log.txt stays beside it, readable).
