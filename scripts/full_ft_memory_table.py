@@ -106,7 +106,7 @@ def full_table(all_plans: dict[str, dict]) -> str:
                 p = all_plans[recipe.model][n, off]
                 shards = _gib(p.master + p.optimizer, 2) + (" (host)" if off else "")
                 terms = [_gib(t, 2) for t in (p.weights, p.grads, p.buckets)] + [shards]
-                copies = _gib(p.copies + p.sharded_copies, 2) + (" (host)" if off and p.sharded_copies else "")
+                copies = _gib(p.sharded_copies, 2) + (" (host)" if off and p.sharded_copies else "")
                 terms += [_gib(p.frozen, 2), copies, _gib(p.activations, 2)]
                 cells = [recipe.model, "on" if off else "off", str(n), *terms]
                 cells += [_gib(p.device_total, 2), _gib(p.host_total, 2)]

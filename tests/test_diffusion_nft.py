@@ -79,8 +79,9 @@ def _nft_rollout(pipe):
     return records_data_proto(records, {"raw_prompt": raw, "uid": uid})
 
 
-def _actor(model_dir, **algorithm):
-    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), ppo_micro_batch_size_per_gpu=4, kl_coef=1e-4)
+def _actor(model_dir, actor_options=None, **algorithm):
+    options = {"ppo_micro_batch_size_per_gpu": 4, "kl_coef": 1e-4, **(actor_options or {})}
+    actor_cfg = ActorConfig(optim=OptimConfig(lr=1e-2), **options)
     section = {"name": "diffusion_nft", "diffusion_nft": algorithm}
     return DiffusionLoRAActor(model_config(model_dir), actor_cfg, rollout_config(), lora_seed=5, algorithm=section)
 
@@ -125,7 +126,10 @@ def test_one_micro_batch_loss_is_nft_loss_of_the_actors_velocities(qwen_image_rl
     batch = TrainBatch.from_data_proto(data, advantages)
     micro = actor.plan(batch)[0]
     ctx = actor._context(batch)
+    algo.prepare_epoch(ctx, [micro])  # x_t and the old policy's velocity, under one swap
     out = algo.loss(ctx, micro)
+    with pytest.raises(RuntimeError, match="prepare_epoch did not see"):
+        algo.loss(ctx, micro)  # each prepared micro-batch is trained once
     # by hand: the same noise, timesteps and velocities
     rows, index = micro.rows, micro.tensors["timestep_index"]
     sigma = batch.tensors["sigmas"][rows, index]
@@ -145,6 +149,23 @@ def test_one_micro_batch_loss_is_nft_loss_of_the_actors_velocities(qwen_image_rl
     )
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-6, atol=0)
     assert int(out.bad) == 0 and not torch.equal(old, v)
+
+
+def test_an_epoch_swaps_the_old_policy_in_once_whatever_its_micro_batches(qwen_image_rl_pipe, tiny_qwen_image_dir):
+    """The old policy's forwards of an epoch run under one swap (with full fine-tuning a collective: every rank makes
+    the same number whatever its rows), the rank without rows included; the adapter is back after each."""
+    data = _nft_rollout(qwen_image_rl_pipe)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])
+    for rows, epochs in ((6, 1), (6, 2), (0, 2)):
+        actor = _actor(tiny_qwen_image_dir, {"ppo_epochs": epochs, "ppo_micro_batch_size_per_gpu": 2})
+        swaps = []
+        swap_in = actor.algorithm.old.swap_in
+        actor.algorithm.old.swap_in = lambda swap_in=swap_in, swaps=swaps: (swaps.append(1), swap_in())[1]
+        batch = TrainBatch.from_data_proto(data, advantages).select(slice(0, rows))
+        micros = len(actor.plan(batch))
+        assert micros == (4 * 6 // 2 if rows else 0)  # 4 timesteps of 6 rows, 2 rows a micro-batch
+        actor.update_batch(batch, num_terms=24)  # the global count: another rank has the rows
+        assert len(swaps) == epochs and not actor.algorithm.old.is_swapped_in
 
 
 def test_rollouts_sample_from_the_old_policy_and_the_adapter_comes_back(tiny_qwen_image_dir):

@@ -337,7 +337,8 @@ def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_ol
     section = {"name": "diffusion_nft", "diffusion_nft": {"decay_type": 1, "beta": 0.1}}
     actor = DiffusionFullActor(model, ActorConfig(**{**ACTOR, "ppo_epochs": 1}), rollout, pipe=pipe, algorithm=section)
     before = [p.detach().clone() for p in pipe.transformer.parameters()]
-    assert len(actor.algorithm.old.shadow) == len(before)  # the old policy covers every weight
+    old = actor.algorithm.old  # every weight, sharded like the master (one rank here: one shard of all of them)
+    assert old.shadow[0].numel() == sum(p.numel() for p in before) and old.shadow[0].dtype == torch.float32
     advantages, _ = actor.algorithm.advantages(
         torch.tensor([0.1, 0.5, 0.9, 0.3, 0.3, 0.6], dtype=torch.float64), data.non_tensor_batch["uid"]
     )
@@ -346,8 +347,67 @@ def test_diffusion_nft_trains_every_weight_of_the_engines_transformer_and_its_ol
     assert sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)) > 0.9 * len(before)
     assert metrics["actor/num_train_terms"] == 24 and metrics["actor/weight_sync_s"] > 0
     decay = old_policy_decay(1, 1)
-    for old, b, a in zip(actor.algorithm.old.shadow, before, after, strict=True):
-        torch.testing.assert_close(old, b * decay + a * (1 - decay), rtol=1e-6, atol=1e-7)
+    actor.swap_in_rollout_weights()  # what training rollouts sample from: the old policy in the engine's weights
+    served = [p.detach().clone() for p in pipe.transformer.parameters()]
+    actor.swap_out_rollout_weights()
+    for o, b, a in zip(served, before, after, strict=True):
+        torch.testing.assert_close(o, b * decay + a * (1 - decay), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(p, a) for p, a in zip(pipe.transformer.parameters(), after, strict=True))
+
+
+def _nft_rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
+    """One DiffusionNFT rank of full fine-tuning: its old policy sharded like the master, one update."""
+    torch.set_num_threads(1)
+    model, actor_cfg, rollout = _configs(model_dir)
+    actor_cfg = replace(actor_cfg, ppo_epochs=1)
+    section = {"name": "diffusion_nft", "diffusion_nft": {"decay_type": 1, "beta": 0.1}}
+    pipe = _load_pipe(model_dir)
+    sync = LoRAGradSync(rank, world_size, ("127.0.0.1", port), torch.device("cpu"))
+    actor = make_actor(model, actor_cfg, rollout, pipe=pipe, grad_sync=sync, algorithm=section)
+    batch = TrainBatch.from_dict(shards[rank])
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    actor.update_batch(batch, num_terms)
+    after = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    actor.swap_in_rollout_weights()  # a collective: the old policy's shards all-gathered into the served weights
+    old = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    actor.swap_out_rollout_weights()
+    live_back = all(torch.equal(p, after[n]) for n, p in pipe.transformer.named_parameters())
+    report = {"micro_batches": len(actor.plan(batch)), "shard": actor.algorithm.old.shadow[0].numel()}
+    torch.save(
+        {**report, "before": before, "after": after, "old": old, "live_back": live_back},
+        os.path.join(out_dir, f"nft{rank}.pt"),
+    )
+
+
+def test_diffusion_nft_keeps_its_old_policy_sharded_and_ranks_of_unequal_rows_stay_in_step(
+    tiny_qwen_image_dir, tmp_path
+):
+    """Two ranks (gloo) of unequal rows, so of unequal micro-batch counts: each keeps its shard of the float32 old
+    policy; the epoch's one swap (all-gathers) keeps them in step; after the update both serve the same old policy,
+    which moved by its schedule from the weights before towards the trained ones."""
+    from test_diffusion_nft import _nft_rollout
+
+    from verl_omni.algorithms.diffusion_nft import old_policy_decay
+
+    pipe = _load_pipe(tiny_qwen_image_dir)
+    advantages = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.3, 0.6])
+    batch = TrainBatch.from_data_proto(_nft_rollout(pipe), advantages)
+    shards = [batch.select(slice(0, 4)).as_dict(), batch.select(slice(4, 6)).as_dict()]
+    args = (2, _free_port(), tiny_qwen_image_dir, shards, 24, str(tmp_path))
+    mp.start_processes(_nft_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"nft{k}.pt", weights_only=False) for k in range(2)]
+    numel = sum(p.numel() for p in pipe.transformer.parameters())
+    assert [r["micro_batches"] for r in ranks] == [8, 4]  # 4 timesteps of 4 rows / of 2 rows, 2 rows a micro-batch
+    assert all(r["shard"] < numel and r["live_back"] for r in ranks)
+    decay = old_policy_decay(1, 1)
+    names = list(ranks[0]["after"])
+    assert sum(not torch.equal(ranks[0]["after"][n], ranks[0]["before"][n]) for n in names) > 0.9 * len(names)
+    for n in names:
+        assert torch.equal(ranks[0]["after"][n], ranks[1]["after"][n]) and torch.equal(
+            ranks[0]["old"][n], ranks[1]["old"][n]
+        )
+        expected = ranks[0]["before"][n] * decay + ranks[0]["after"][n] * (1 - decay)
+        torch.testing.assert_close(ranks[0]["old"][n], expected, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- memory planning
@@ -369,9 +429,12 @@ def test_the_memory_plan_of_a_known_configuration():
     small = plan_full_weights_memory(p, 8, False, bucket_mb=64)
     assert small.buckets == buckets // 4 and plan_full_weights_memory(1000, 1, False).buckets == 2000
     # Activations with every block recomputed: each block's input plus one block's working set (34 s b h bytes).
-    # The policy EMA or DiffusionNFT's old policy: a float32 copy of every weight each.
-    nft = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, policy_copies=1)
-    assert nft.device_total == plan.device_total + 4 * p
+    # The policy EMA and DiffusionNFT's old policy: a float32 copy of every weight each, sharded like the master
+    # (on the host with the offload).
+    both = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, sharded_copies=2)
+    assert both.device_total == plan.device_total + 2 * 4 * p // 8
+    both_off = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB, sharded_copies=2)
+    assert both_off.device_total == offloaded.device_total and both_off.host_total == offloaded.host_total + p
     assert activation_bytes_estimate(60, 3072, 4096, 2) == 60 * 4096 * 2 * 3072 * 2 + 34 * 4096 * 2 * 3072
 
 

@@ -121,6 +121,11 @@ class Algorithm:
         """Update-wide numbers computed once from the host batch (``ctx.constants``); a rank may have no rows."""
         return {}
 
+    def prepare_epoch(self, ctx: Any, plan: Sequence[Any]) -> None:
+        """Called on every rank before each epoch's micro-batches, with all of this rank's (``plan``; a rank may
+        have none): forwards under other weights than the policy's, done once for the epoch (DiffusionNFT's old
+        policy: one swap, which with full fine-tuning is a collective every rank makes once whatever its rows)."""
+
     def loss(self, ctx: Any, micro: Any) -> Loss:
         """The loss of one micro-batch (``micro.step``, ``micro.rows`` on the device, ``micro.inputs``,
         ``micro.tensors``) under the current policy; ``ctx`` is the actor's ``UpdateContext``."""

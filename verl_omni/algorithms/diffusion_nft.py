@@ -19,6 +19,7 @@ the old adapter's update), config/base.py and config/nft.py (defaults), flow_grp
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -221,11 +222,14 @@ class DiffusionNFT(Algorithm):
 
     def __init__(self, config: Optional[DiffusionNFTSection] = None, *, actor: Any = None, rollout: Any = None):
         super().__init__(config, actor=actor, rollout=rollout)
-        self.old: Optional[ShadowWeights] = None  # on the actor rank: the old policy (``attach``)
+        # on the actor rank: the old policy (``attach``: the actor's shadow weights, sharded with full fine-tuning)
+        self.old: Optional[ShadowWeights] = None
         self._actor: Any = None
         self._timestep_index: Optional[torch.Tensor] = None  # [B, k] of the update being planned
         self._noise_seed = 0
         self._noise: Optional[torch.Generator] = None
+        # id(micro-batch) -> (x_t, the old policy's velocity) of the epoch being trained (``prepare_epoch``)
+        self._prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -297,15 +301,33 @@ class DiffusionNFT(Algorithm):
     def no_terms_message(self, batch: Any) -> Optional[str]:
         return "DiffusionNFT: the batch has no rows to train on"
 
-    def loss(self, ctx: Any, micro: Any) -> Loss:
+    @staticmethod
+    def _timestep(ctx: Any, micro: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigma, the transformer's timestep, x_0) of ``micro``'s rows at their sampled timesteps."""
         t, rows = ctx.tensors, micro.rows
         index = micro.tensors["timestep_index"].unsqueeze(1)
         sigma = t["sigmas"][rows].gather(1, index).squeeze(1)  # t in [0, 1] of x_t = (1 - t) x0 + t noise
         model_timestep = t["timesteps"][rows].gather(1, index).squeeze(1)  # what the transformer receives
-        x0 = t["latents"][rows, micro.tensors["x0_column"]].float()
-        xt = noised_latents(x0, self.noise_like(x0), sigma)
-        with torch.no_grad(), self.old.swapped_in():  # before the policy's forward: the swap writes the parameters
-            old_velocity = ctx.velocity(xt, model_timestep, micro).float()
+        return sigma, model_timestep, t["latents"][rows, micro.tensors["x0_column"]].float()
+
+    def prepare_epoch(self, ctx: Any, plan: Sequence[Any]) -> None:
+        """x_t of every micro-batch (its noise drawn in the micro-batches' order, as the loss used to) and the old
+        policy's velocity there, all under one swap of the old policy into the weights: with full fine-tuning the
+        swap all-gathers the sharded old policy, so every rank makes it once an epoch whatever its micro-batches."""
+        self._prepared = {}
+        with torch.no_grad(), self.old.swapped_in():
+            for micro in plan:
+                sigma, model_timestep, x0 = self._timestep(ctx, micro)
+                xt = noised_latents(x0, self.noise_like(x0), sigma)
+                self._prepared[id(micro)] = (xt, ctx.velocity(xt, model_timestep, micro).float())
+
+    def loss(self, ctx: Any, micro: Any) -> Loss:
+        t, rows = ctx.tensors, micro.rows
+        sigma, model_timestep, x0 = self._timestep(ctx, micro)
+        prepared = self._prepared.pop(id(micro), None)
+        if prepared is None:
+            raise RuntimeError("DiffusionNFT's loss of a micro-batch its epoch's prepare_epoch did not see")
+        xt, old_velocity = prepared
         velocity = ctx.velocity(xt, model_timestep, micro).float()
         ref_velocity = None
         if self.actor.kl_coef > 0:
@@ -338,7 +360,7 @@ class DiffusionNFT(Algorithm):
     def attach(self, actor: Any) -> None:
         """The old policy starts as (and after a resume restarts from) a copy of the adapter, as the original."""
         self._actor = actor
-        self.old = ShadowWeights(actor.trainable)
+        self.old = actor.shadow_weights()
 
     def after_optimizer_step(self, actor: Any, step: int) -> None:
         self.old.update(old_policy_decay(step, self.config.decay_type))

@@ -84,14 +84,13 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         vae_scale_factor=vae_scale_factor_of_config(shape.vae) or 8,
         num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
     )
-    # float32 copies of the weights: DiffusionNFT's old policy whole on every rank (models/ema.py ShadowWeights),
-    # the policy EMA sharded like the master (workers/full_weights.py ShardedShadowWeights)
+    # float32 copies of the weights, each sharded like the master (workers/full_weights.py ShardedShadowWeights):
+    # the policy EMA and DiffusionNFT's old policy
     kwargs = dict(
         weight_bytes=dtype_bytes,
         frozen_bytes=frozen,
         activation_bytes=activations,
-        policy_copies=int(cfg.algorithm.name == "diffusion_nft"),
-        sharded_copies=int(ref.actor.ema.enable),
+        sharded_copies=int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft"),
         bucket_mb=ref.actor.grad_bucket_mb,
     )
     return num_params, kwargs

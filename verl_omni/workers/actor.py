@@ -55,7 +55,7 @@ from verl_omni.core.errors import NonFiniteError, assert_finite
 from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
 from verl_omni.models.checkpointing import BlockCheckpointing
 from verl_omni.models.eager import compiled_modules, eager_forwards
-from verl_omni.models.ema import EMASchedule, PolicyEMA
+from verl_omni.models.ema import EMASchedule, PolicyEMA, ShadowWeights
 from verl_omni.models.lora import get_lora_state_dict, init_lora_weights, lora_parameters, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMemory
@@ -112,7 +112,6 @@ class DiffusionLoRAActor:
         # What the adapter wraps: the transformer, or every expert of a two-expert pipeline (pipelines/base.py)
         self.lora_module = pipe.lora_module
         self.trainable = self._trainable_parameters(lora_seed)
-        self.algorithm.attach(self)
         self.grad_sync = grad_sync or LoRAGradSync(0, 1, None, self.device)
         self._gc_heap_frozen = False
         if self.device.type == "cuda":
@@ -120,6 +119,7 @@ class DiffusionLoRAActor:
         self._set_up_speed(model, actor)
         self.optimizer = self._make_optimizer(actor)
         self._set_up_ema()
+        self.algorithm.attach(self)  # after the optimizer: full fine-tuning shards the algorithm's copies like it
 
     # ------------------------------------------------------------------ what trains (the full actor overrides these)
     def _check_model(self, model: ModelConfig, actor: ActorConfig) -> None:
@@ -207,6 +207,11 @@ class DiffusionLoRAActor:
     def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         set_lora_state_dict(self.lora_module, tensors)
         self.algorithm.attach(self)  # state kept beside the adapter restarts from the loaded one
+
+    def shadow_weights(self) -> ShadowWeights:
+        """A float32 copy of the trainable weights for an algorithm to keep beside them (DiffusionNFT's old
+        policy): the adapter's tensors whole on every rank. Full fine-tuning shards it like its master."""
+        return ShadowWeights(self.trainable)
 
     # ------------------------------------------------------------------ the weights training rollouts sample from
     def swap_in_rollout_weights(self) -> None:
@@ -499,6 +504,7 @@ class DiffusionLoRAActor:
         for _ in range(cfg.ppo_epochs):
             epoch_start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=False)
+            self.algorithm.prepare_epoch(ctx, plan)
             bad = torch.zeros((), device=self.device)  # non-finite values the loss saw (read once, below)
             for micro in plan:
                 out = self.algorithm.loss(ctx, micro)

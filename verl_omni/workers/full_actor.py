@@ -77,6 +77,11 @@ class DiffusionFullActor(DiffusionLoRAActor):
         weights = ShardedShadowWeights(self.optimizer)
         self.ema = PolicyEMA(self.trainable, EMASchedule(ema.decay, ema.update_interval), weights=weights)
 
+    def shadow_weights(self) -> ShardedShadowWeights:
+        """An algorithm's float32 copy of every weight (DiffusionNFT's old policy) sharded like the master: each
+        rank keeps its shard (4·P/N bytes, on the host with the offload); swapping it in is a collective."""
+        return ShardedShadowWeights(self.optimizer)
+
     # ------------------------------------------------------------------ the policy EMA, gathered where needed
     def ema_state_dict(self) -> Optional[dict]:
         """The EMA as the transformer's weights by name (swapped in: a collective, every rank calls it); rank 0

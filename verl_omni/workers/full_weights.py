@@ -519,14 +519,15 @@ class FullWeightsMemory:
     master: int  # float32 master shard + its float32 gradient
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
-    copies: int  # float32 copies of every weight on the GPU (DiffusionNFT's old policy)
-    sharded_copies: int  # float32 copies sharded like the master (the policy EMA): on the host with the offload
+    # float32 copies of the weights sharded like the master (the policy EMA, DiffusionNFT's old policy): on the host
+    # with the offload
+    sharded_copies: int
     activations: int
 
     @property
     def device_total(self) -> int:
         on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
-        fixed = self.weights + self.grads + self.buckets + self.frozen + self.copies
+        fixed = self.weights + self.grads + self.buckets + self.frozen
         return fixed + on_device + self.activations
 
     @property
@@ -541,8 +542,7 @@ class FullWeightsMemory:
             ("master shard" + (" (host)" if self.offload else ""), self.master),
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
-            ("policy copies", self.copies),
-            ("policy EMA shard" + (" (host)" if self.offload else ""), self.sharded_copies),
+            ("policy copy shards" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
         ]
         items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
@@ -564,7 +564,6 @@ def plan_full_weights_memory(
     weight_bytes: int = 2,
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
-    policy_copies: int = 0,
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
 ) -> FullWeightsMemory:
@@ -582,7 +581,6 @@ def plan_full_weights_memory(
         master=shard * 8,
         optimizer=shard * 8,
         frozen=frozen_bytes,
-        copies=policy_copies * num_params * 4,
         sharded_copies=sharded_copies * shard * 4,
         activations=activation_bytes,
     )
@@ -611,7 +609,6 @@ def check_full_weights_fit(
     weight_bytes: int = 2,
     frozen_bytes: int = 0,
     activation_bytes: int = 0,
-    policy_copies: int = 0,
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
@@ -628,7 +625,6 @@ def check_full_weights_fit(
             weight_bytes=weight_bytes,
             frozen_bytes=frozen_bytes,
             activation_bytes=activation_bytes,
-            policy_copies=policy_copies,
             sharded_copies=sharded_copies,
             bucket_mb=bucket_mb,
         )
@@ -650,8 +646,8 @@ def check_full_weights_fit(
     if options:
         raise ValueError(message + f"Use {' or '.join(options)}; GPUs: {gpus_key}")
     raise ValueError(
-        message + "No GPU count fits: the weights, the gradient buckets, the frozen components and the policy copies "
-        f"alone take {_gib(chosen.weights + chosen.buckets + chosen.frozen + chosen.copies)}; train a LoRA "
+        message + "No GPU count fits: the weights, the gradient buckets and the frozen components alone take "
+        f"{_gib(chosen.weights + chosen.buckets + chosen.frozen)}; train a LoRA "
         "(actor_rollout_ref.model.lora_rank >= 1)"
     )
 
