@@ -81,6 +81,7 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         # Off a GPU the text encoders stay where they are (text_encoder_offload: false): each rank moved nothing.
         assert [m_group.pop(f"timing/update_text_encoder_offload_s/rank{k}") for k in range(2)] == [0, 0]
         assert [m_group.pop(f"perf/update_text_encoder_offloaded_gb/rank{k}") for k in range(2)] == [0, 0]
+        assert [m_group.pop(f"perf/update_text_encoder_kept_gb/rank{k}") for k in range(2)] == [0, 0]
         lora_diff = _max_diff(single.lora_state_dict(), group.lora_state_dict())
         moved = _max_diff(start, single.lora_state_dict())
         print(f"2 colocated ranks vs 1 process: LoRA max abs diff {lora_diff:.2e} (the update moved it {moved:.2e})")

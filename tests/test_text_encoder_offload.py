@@ -154,6 +154,10 @@ def test_pool_segments_holding_only_text_encoder_tensors_are_unmapped_in_place()
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, originals[k]), k
     assert encoder.state_dict()["0.weight"].data_ptr() == pointers["0.weight"]
+    with offload.offloaded_during() as moved:  # the update's metrics: what moved, and what stayed
+        pass
+    assert moved["text_encoder_kept_gb"] == second.bias.untyped_storage().nbytes() / 1e9
+    assert moved["text_encoder_offloaded_gb"] == offload.offloaded_bytes / 1e9 > 0
 
 
 def _rollout(pipe, prompts=("a red cat", "a blue house on a hill"), seeds=(11, 22)):

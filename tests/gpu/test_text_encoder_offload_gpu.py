@@ -154,6 +154,7 @@ def test_both_engines_train_with_the_text_encoder_off(engine, wide_text_encoder_
             trainer.shutdown()
         figures[f"offload_{setting}"] = {
             "offloaded_gb": [h["perf/update_text_encoder_offloaded_gb/rank0"] for h in history],
+            "kept_gb": [h["perf/update_text_encoder_kept_gb/rank0"] for h in history],
             "offload_s": [h["timing/update_text_encoder_offload_s/rank0"] for h in history],
             "update_s": [h["timing/update_s"] for h in history],
             "recomputed_blocks": [h["actor/recomputed_blocks"] for h in history],
@@ -161,7 +162,11 @@ def test_both_engines_train_with_the_text_encoder_off(engine, wide_text_encoder_
         }
     write_figures(f"gpu_text_encoder_offload_{engine}.json", figures)
     on, off = figures["offload_True"], figures["offload_False"]
-    # The encoder's weights left the GPU in every update (vllm-omni: all but pool segments shared with others).
-    assert all(gb >= 0.9 * figures["text_encoder_gb"] for gb in on["offloaded_gb"]), figures
+    # Every byte of the encoder is accounted for in every update: off the GPU, or kept in pool segments it shares
+    # with other weights (vllm-omni's CuMem pool; none with the diffusers engine). Kept bytes sit at the boundaries
+    # of the components' allocations: 15% of this 2-layer encoder's 0.3 GB on an H100 (0.253 GB moved).
+    for moved, kept in zip(on["offloaded_gb"], on["kept_gb"], strict=True):
+        assert moved + kept >= 0.99 * figures["text_encoder_gb"] and moved >= 0.8 * figures["text_encoder_gb"], figures
+    assert engine == "vllm_omni" or on["kept_gb"] == [0.0, 0.0]
     assert off["offloaded_gb"] == [0.0, 0.0] and off["offload_s"] == [0.0, 0.0]
     assert all(g > 0 for g in on["grad_norms"] + off["grad_norms"]), figures

@@ -37,6 +37,7 @@ _PER_RANK_METRICS = {
     "sm_clock_min_mhz": "perf/update",
     "text_encoder_offload_s": "timing/update",
     "text_encoder_offloaded_gb": "perf/update",
+    "text_encoder_kept_gb": "perf/update",
 }
 
 

@@ -92,12 +92,13 @@ class ColocatedActorRank:
 
     def update(self, batch: dict, num_terms: int) -> dict[str, float]:
         """One update; the text encoders (``model.text_encoder_offload``) are off the device during it and back
-        when it returns. Adds ``actor/text_encoder_offload_s`` (seconds moving them off and back) and
-        ``actor/text_encoder_offloaded_gb`` (0 when off)."""
+        when it returns. Adds ``actor/text_encoder_offload_s`` (seconds moving them off and back),
+        ``actor/text_encoder_offloaded_gb`` and ``actor/text_encoder_kept_gb`` (what stayed: pool segments shared
+        with other weights; both 0 when off)."""
         batch = TrainBatch.from_dict(batch)
         if self.text_encoders is None:
             metrics = self.actor.update_batch(batch, num_terms)
-            moved = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0}
+            moved = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0, "text_encoder_kept_gb": 0.0}
         else:
             with self.text_encoders.offloaded_during() as moved:
                 metrics = self.actor.update_batch(batch, num_terms)

@@ -278,12 +278,14 @@ class TextEncoderOffload:
     @contextmanager
     def offloaded_during(self) -> Iterator[dict[str, float]]:
         """Offload, run the block, restore (also when it raises); yields the seconds spent moving
-        (``text_encoder_offload_s``, filled in on exit) and the bytes taken off the device."""
-        metrics = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0}
+        (``text_encoder_offload_s``, filled in on exit), the bytes taken off the device and the bytes that stayed in
+        pool segments shared with other weights (``text_encoder_kept_gb``)."""
+        metrics = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0, "text_encoder_kept_gb": 0.0}
         start = time.perf_counter()
         self.offload()
         metrics["text_encoder_offload_s"] = time.perf_counter() - start
         metrics["text_encoder_offloaded_gb"] = self.offloaded_bytes / 1e9
+        metrics["text_encoder_kept_gb"] = self.kept_bytes / 1e9
         try:
             yield metrics
         finally:
