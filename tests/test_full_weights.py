@@ -86,7 +86,13 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
     batch = TrainBatch.from_dict(shards[rank])
     metrics = actor.update_batch(batch, num_terms)
     optimizer = actor.optimizer
-    layout = {"buckets": len(optimizer.buckets), "peak": optimizer.peak_buckets, "plan": len(actor.plan(batch))}
+    layout = {
+        "buckets": len(optimizer.buckets),
+        "peak": optimizer.peak_buckets,
+        "plan": len(actor.plan(batch)),
+        "grads_during_reductions": optimizer.grads_during_reductions,
+        "grads": optimizer.grads_seen,
+    }
     saved = (actor.lora_state_dict(), actor.optimizer_state_dict(), _gathered_ema(actor))
     actor.update_batch(batch, num_terms)
     served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
@@ -184,6 +190,8 @@ def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ran
     layouts = [r["layout"] for r in ranks]
     assert layouts[0]["buckets"] == layouts[1]["buckets"] >= 10
     assert all(0 < lay["peak"] <= BUCKETS_IN_FLIGHT for lay in layouts), layouts
+    # A bucket reduces while the backward computes the next gradients: most gradients arrive beside a reduction.
+    assert all(lay["grads_during_reductions"] > lay["grads"] // 2 for lay in layouts), layouts
     assert layouts[0]["plan"] > layouts[1]["plan"] > 0
 
 
@@ -414,7 +422,7 @@ def test_diffusion_nft_keeps_its_old_policy_sharded_and_ranks_of_unequal_rows_st
 
 
 def test_the_memory_plan_of_a_known_configuration():
-    # 20B bf16 weights on 8 GPUs: weights 2P, three 256 MiB gradient buckets, master + its gradient 8P/8 (the
+    # 20B bf16 weights on 8 GPUs: weights 2P, four 256 MiB gradient buckets, master + its gradient 8P/8 (the
     # master's gradient is the gradient shard), AdamW's moments 8P/8.
     p = 20 * 10**9
     buckets = BUCKETS_IN_FLIGHT * 256 * 2**20

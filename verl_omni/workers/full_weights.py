@@ -49,12 +49,16 @@ BUCKET_KEY = "actor_rollout_ref.actor.grad_bucket_mb"
 MiB = 1024**2
 STATE_FORMAT = "verl_omni.full_weights_shard.v2"
 OLD_STATE_FORMATS = ("verl_omni.full_weights_shard.v1",)
-# Buckets a rank holds at once during the backward, measured on the tiny Qwen-Image (9 MiB blocks): at most 3 once
-# the reduction order is learned (the one filling, the one being reduced, and one whose first gradients came early
-# and whose last ones, a block's modulation weights used first in the forward, come at the end of the block's
-# backward); in the first backward, in bucket order, about one block's worth (8 buckets of 1 MiB, 22 of 0.25 MiB),
-# 3 with 4 MiB buckets: the ratio of the default 256 MiB to Qwen-Image's 649 MiB blocks.
-BUCKETS_IN_FLIGHT = 3
+# Reduce-scatters a backward leaves running while it computes on (each holds its bucket): one, so a bucket reduces
+# while the next ones fill.
+REDUCTIONS_IN_FLIGHT = 1
+# Buckets a rank holds at once during the backward, measured on the tiny Qwen-Image (9 MiB blocks): at most 4 once
+# the reduction order is learned (the one reducing beside the backward, the one filling, one whose first gradients
+# came early and whose last ones, a block's modulation weights used first in the forward, come at the end of the
+# block's backward, and the next one starting); in the first backward, in bucket order, about one block's worth
+# (8 buckets of 1 MiB, 22 of 0.25 MiB), 3 with 4 MiB buckets: the ratio of the default 256 MiB to Qwen-Image's 649
+# MiB blocks.
+BUCKETS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class ShardedAdamW:
         self.last_sync_s = 0.0
         self.backwards = 0  # backwards reduced into the shard since the last zero_grad
         self.peak_buckets = 0  # the most buckets held at once during a backward since the order was learned
+        self.grads_seen = 0  # gradients the backwards delivered
+        self.grads_during_reductions = 0  # ... of which arrived while a reduce-scatter was running
         # The order buckets are reduced in: bucket order until the first backward shows the order their gradients
         # complete in (rank 0's, sent to every rank); the same on every rank, each bucket once per backward.
         self.order = list(range(len(self.buckets)))
@@ -201,12 +207,17 @@ class ShardedAdamW:
         self._next = 0  # the position in ``order`` of the next bucket to reduce
         self._completed: list[int] = []  # buckets in the order their last gradient arrived
         self._in_backward = False
+        # Reduce-scatters started and not yet added into the shard (bucket, its output, work, its input), oldest
+        # first: the backward goes on computing while they run. Dropped unfinished only after an exception.
+        self._pending: list[tuple[int, torch.Tensor, Any, torch.Tensor]] = []
 
     def _grad_hook(self, index: int):
         def hook(p: torch.Tensor) -> None:
             if not self._in_backward:  # a plain backward: the gradient stays in .grad (reduce_and_clip refuses it)
                 return
             k, off = self._where[index]
+            self.grads_seen += 1
+            self.grads_during_reductions += bool(self._pending)
             if self._position[k] < self._next:
                 raise RuntimeError(
                     f"weight {index} of {len(self.params)}: its gradient arrived after its bucket was reduced (the "
@@ -214,8 +225,9 @@ class ShardedAdamW:
                 )
             if self._filled[k] is None:
                 self._filled[k] = torch.zeros(self.buckets[k].padded, dtype=self.dtype, device=self.device)
-                if self.order_learned:
-                    self.peak_buckets = max(self.peak_buckets, sum(t is not None for t in self._filled))
+                if self.order_learned:  # the buckets filling and the ones still reducing
+                    held = sum(t is not None for t in self._filled) + len(self._pending)
+                    self.peak_buckets = max(self.peak_buckets, held)
             self._filled[k][off : off + p.numel()].add_(p.grad.reshape(-1))
             p.grad = None
             if index in self._waiting[k]:  # (a weight whose gradient accumulates twice completes its bucket once)
@@ -233,12 +245,23 @@ class ShardedAdamW:
             self._next += 1
 
     def _reduce_bucket(self, k: int) -> None:
+        """Start bucket ``k``'s reduce-scatter; the one started before it is added into the shard first (at most
+        ``REDUCTIONS_IN_FLIGHT`` run while the backward computes the next gradients)."""
         b = self.buckets[k]
         filled = self._filled[k]
         if filled is None:  # no weight of it took part in this backward: its gradients are zero on this rank
             filled = torch.zeros(b.padded, dtype=self.dtype, device=self.device)
         self._filled[k] = None
-        mine = self.grad_sync.reduce_scatter(filled)
+        while len(self._pending) >= REDUCTIONS_IN_FLIGHT:
+            self._add_oldest_reduction()
+        mine, work = self.grad_sync.reduce_scatter_async(filled)
+        self._pending.append((k, mine, work, filled))
+
+    def _add_oldest_reduction(self) -> None:
+        k, mine, work, _ = self._pending.pop(0)
+        if work is not None:
+            work.wait()
+        b = self.buckets[k]
         self.grad_shard[b.shard_start : b.shard_start + b.chunk].add_(mine)
 
     def _reached(self, loss: torch.Tensor) -> set[int]:
@@ -290,6 +313,8 @@ class ShardedAdamW:
         completed = self._completed + [k for k in self.order if k not in set(self._completed)]
         self._waiting = [set() for _ in self.buckets]
         self._reduce_ready()
+        while self._pending:  # every bucket of this backward in the shard before anything reads it
+            self._add_oldest_reduction()
         if not self.order_learned:  # at the same point on every rank: its first backward, padded or not
             self._learn_order(completed)
         self._reset_backward()

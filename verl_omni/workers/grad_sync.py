@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,13 +47,21 @@ class LoRAGradSync:
     def reduce_scatter(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous 1/world_size of the sum of ``flat`` over the ranks (``flat``'s length: a multiple
         of the world size); world size 1: ``flat`` itself."""
+        out, work = self.reduce_scatter_async(flat)
+        if work is not None:
+            work.wait()
+        return out
+
+    def reduce_scatter_async(self, flat: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
+        """``reduce_scatter`` started, not waited for: (the output, its work handle, or None with world size 1).
+        ``out`` holds the sum after ``work.wait()`` (on CUDA: for the work enqueued after the wait on the current
+        stream); ``flat`` must stay alive until then."""
         if self._group is None:
-            return flat
+            return flat, None
         out = torch.empty(flat.numel() // self.world_size, dtype=flat.dtype, device=flat.device)
         opts = dist.ReduceScatterOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        self._group._reduce_scatter_base(out, flat, opts).wait()
-        return out
+        return out, self._group._reduce_scatter_base(out, flat, opts)
 
     def all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """Every rank's ``shard`` in rank order, in ``out``; world size 1: ``shard`` itself."""
