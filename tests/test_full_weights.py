@@ -492,20 +492,21 @@ def test_the_trainer_refuses_a_plan_the_gpu_cannot_hold_before_ray_starts(tiny_q
 def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_that_fits():
     p = 20 * 10**9
     gpu = 80 * GiB
-    # On 4 GPUs: 2P + 0.75 GiB buckets + 4P = 112.5 GiB does not fit; offloaded: 2P + P/2 + 0.75 GiB = 47.3 GiB does.
+    # On 4 GPUs: 2P + 1 GiB buckets + 4P = 112.8 GiB does not fit; offloaded: 2P + P/2 + 1 GiB = 47.6 GiB does.
     with pytest.raises(
         ValueError,
         match=r"does not fit: 20.00B trained weights on 4 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
-        r"112.51 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 0.75 GiB, .*\), more than "
-        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.32 GiB per GPU, 74.51 GiB host "
+        r"112.76 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 1.00 GiB, .*\), more than "
+        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.57 GiB per GPU, 74.51 GiB host "
         r"per GPU\)",
     ):
         check_full_weights_fit(p, 4, False, gpu)
-    # With 35 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it.
+    # With 35 GiB of activations the offload alone is not enough: the fewest GPUs that fit, without and with it
+    # (2P + 1 GiB + 35 GiB + 16P/N, or + 2P/N offloaded).
     with pytest.raises(
         ValueError,
-        match=r"Use 43 GPUs \(79.93 GiB per GPU\) or 6 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
-        r"\(79.21 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
+        match=r"Use 45 GPUs \(79.88 GiB per GPU\) or 6 GPUs with actor_rollout_ref.actor.optimizer_offload=true "
+        r"\(79.46 GiB per GPU\); GPUs: trainer.n_gpus_per_node x trainer.nnodes",
     ):
         check_full_weights_fit(p, 4, False, gpu, activation_bytes=35 * GiB)
     with pytest.raises(ValueError, match=r"No GPU count fits: .* train a LoRA \(actor_rollout_ref.model.lora_rank"):
