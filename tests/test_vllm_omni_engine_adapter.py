@@ -711,6 +711,32 @@ def test_an_actor_call_that_fails_in_the_worker_raises_the_ranks_own_error(fake_
     assert run(engine.actor_call("lora_checksum")) == before
 
 
+def test_an_engine_that_does_not_start_says_whether_its_weights_fit_the_gpu(fake_vllm_omni, tiny_qwen_image_dir):
+    """vllm-omni's start-up error can be empty; the engine's names the model and compares the weights, in the
+    rollout's dtype, with what the engine may take of the GPU."""
+    from verl_omni.rollout.engines.vllm_omni.engine import start_failure
+    from verl_omni.workers.full_weights import stored_parameter_counts
+
+    class NoStart(FakeAsyncOmni):
+        def __init__(self, **kwargs):
+            raise RuntimeError("Orchestrator initialization failed: ")
+
+    fake_vllm_omni.AsyncOmni = NoStart
+    with pytest.raises(
+        RuntimeError, match=r"vllm-omni's engine did not start for .*Orchestrator initialization"
+    ) as info:
+        make_engine(tiny_qwen_image_dir)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    params = sum(stored_parameter_counts(tiny_qwen_image_dir).values())
+    error = RuntimeError("Orchestrator initialization failed: ")
+    gpu = 3 * params  # a GPU between the weights in bfloat16 (2 bytes each, at 0.9 of it) and in float32
+    too_big = start_failure(tiny_qwen_image_dir, rollout_config(dtype="float32"), error, gpu_bytes=gpu)
+    assert f"{4 * params / 1e9:.1f} GB in float32" in too_big and "do not fit" in too_big
+    assert "actor_rollout_ref.rollout.dtype=bfloat16" in too_big and "--dtype bfloat16" in too_big
+    fits = start_failure(tiny_qwen_image_dir, rollout_config(dtype="bfloat16"), error, gpu_bytes=gpu)
+    assert "in bfloat16" in fits and "do not fit" not in fits and fits.endswith("The engine's log above says why.")
+
+
 def test_an_out_of_memory_in_the_worker_says_which_keys_lower_the_update_memory():
     from verl_omni.rollout.engines.vllm_omni.wire import actor_call_failed, actor_error
 

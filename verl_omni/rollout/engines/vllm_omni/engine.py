@@ -67,6 +67,36 @@ def _check_acks(verb: str, acks: Any) -> None:
             raise RuntimeError(f"vllm-omni {verb} failed: {getattr(ack, 'error_msg', None) or ack}")
 
 
+def _gpu_bytes() -> Optional[int]:
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def start_failure(path: str, rollout: RolloutConfig, exc: Exception, gpu_bytes: Optional[int] = None) -> str:
+    """Why vllm-omni's engine may not have started: its error, and the pipeline's weights in the rollout's dtype
+    (from the safetensors headers) against what the engine may take of the GPU, with the keys to change when they
+    do not fit. ``gpu_bytes``: the GPU's memory (default: device 0's, when there is one)."""
+    from verl_omni.workers.full_weights import stored_parameter_counts
+
+    message = f"vllm-omni's engine did not start for {path}: {type(exc).__name__}: {str(exc).strip() or '(no message)'}"
+    counts = stored_parameter_counts(path) if os.path.isdir(path) else {}
+    gpu_bytes = _gpu_bytes() if gpu_bytes is None else gpu_bytes
+    if not counts or not gpu_bytes:
+        return message + ". The engine's log above says why."
+    weights = sum(counts.values()) * torch.empty(0, dtype=getattr(torch, rollout.dtype)).element_size()
+    usable = rollout.gpu_memory_utilization * gpu_bytes
+    message += (
+        f". Its weights take {weights / 1e9:.1f} GB in {rollout.dtype} ({sum(counts.values()) / 1e9:.2f}B parameters); "
+        f"the engine may use {usable / 1e9:.1f} GB of this GPU's {gpu_bytes / 1e9:.1f} GB "
+        f"(actor_rollout_ref.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization})"
+    )
+    if weights < usable:
+        return message + ". The engine's log above says why."
+    return message + (
+        ": they do not fit. Load them in bfloat16 (actor_rollout_ref.rollout.dtype=bfloat16; verl-omni-eval "
+        "--dtype bfloat16), raise gpu_memory_utilization, or use a GPU with more memory"
+    )
+
+
 class VllmOmniEngine(DiffusionEngine):
     """Runs our RL pipeline inside vllm-omni's diffusion worker, driven through ``AsyncOmni``."""
 
@@ -74,7 +104,10 @@ class VllmOmniEngine(DiffusionEngine):
         super().__init__(model, rollout)
         async_omni_cls, self._sampling_params_cls = _load_vllm_omni()
         self.engine_kwargs = self.build_engine_kwargs(model, rollout, **engine_kwargs)
-        self._omni = async_omni_cls(model=model.path, **self.engine_kwargs)
+        try:
+            self._omni = async_omni_cls(model=model.path, **self.engine_kwargs)
+        except Exception as exc:  # vllm-omni's own message can be empty ("Orchestrator initialization failed: ")
+            raise RuntimeError(start_failure(model.path, rollout, exc)) from exc
         self._inflight: dict[str, Optional[str]] = {}  # engine request id -> caller's request id
         self._asleep = False
 
