@@ -190,7 +190,8 @@ def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ran
     layouts = [r["layout"] for r in ranks]
     assert layouts[0]["buckets"] == layouts[1]["buckets"] >= 10
     assert all(0 < lay["peak"] <= BUCKETS_IN_FLIGHT for lay in layouts), layouts
-    # A bucket reduces while the backward computes the next gradients: most gradients arrive beside a reduction.
+    # A bucket's reduce-scatter is not waited for while the backward computes the next gradients: most gradients
+    # arrive with one outstanding.
     assert all(lay["grads_during_reductions"] > lay["grads"] // 2 for lay in layouts), layouts
     assert layouts[0]["plan"] > layouts[1]["plan"] > 0
 

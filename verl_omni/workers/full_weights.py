@@ -152,7 +152,7 @@ class ShardedAdamW:
         self.backwards = 0  # backwards reduced into the shard since the last zero_grad
         self.peak_buckets = 0  # the most buckets held at once during a backward since the order was learned
         self.grads_seen = 0  # gradients the backwards delivered
-        self.grads_during_reductions = 0  # ... of which arrived while a reduce-scatter was running
+        self.grads_during_reductions = 0  # ... of which arrived with a reduce-scatter started and not yet waited for
         # The order buckets are reduced in: bucket order until the first backward shows the order their gradients
         # complete in (rank 0's, sent to every rank); the same on every rank, each bucket once per backward.
         self.order = list(range(len(self.buckets)))
