@@ -19,7 +19,12 @@ from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.weights_file import write_safetensors_file
 from verl_omni.workers.full_actor import make_actor
 from verl_omni.workers.grad_sync import LoRAGradSync
-from verl_omni.workers.text_encoder_offload import PoolSegments, TextEncoderOffload, offload_enabled
+from verl_omni.workers.text_encoder_offload import (
+    PoolSegments,
+    TextEncoderOffload,
+    no_offload_metrics,
+    offload_enabled,
+)
 from verl_omni.workers.train_batch import TrainBatch
 
 # What the driver may call on a colocated rank (through ``DiffusionEngine.actor_call``).
@@ -98,7 +103,7 @@ class ColocatedActorRank:
         batch = TrainBatch.from_dict(batch)
         if self.text_encoders is None:
             metrics = self.actor.update_batch(batch, num_terms)
-            moved = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0, "text_encoder_kept_gb": 0.0}
+            moved = no_offload_metrics()
         else:
             with self.text_encoders.offloaded_during() as moved:
                 metrics = self.actor.update_batch(batch, num_terms)

@@ -104,6 +104,11 @@ class _Unmapped:
     storages: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (device bytes, host bytes)
 
 
+def no_offload_metrics() -> dict[str, float]:
+    """The update's offload metrics when nothing moved (``TextEncoderOffload.offloaded_during`` fills them in)."""
+    return {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0, "text_encoder_kept_gb": 0.0}
+
+
 class TextEncoderOffload:
     """Moves ``modules`` (name -> frozen text encoder) off their device and back; see the module docstring."""
 
@@ -280,7 +285,7 @@ class TextEncoderOffload:
         """Offload, run the block, restore (also when it raises); yields the seconds spent moving
         (``text_encoder_offload_s``, filled in on exit), the bytes taken off the device and the bytes that stayed in
         pool segments shared with other weights (``text_encoder_kept_gb``)."""
-        metrics = {"text_encoder_offload_s": 0.0, "text_encoder_offloaded_gb": 0.0, "text_encoder_kept_gb": 0.0}
+        metrics = no_offload_metrics()
         start = time.perf_counter()
         self.offload()
         metrics["text_encoder_offload_s"] = time.perf_counter() - start
@@ -294,4 +299,4 @@ class TextEncoderOffload:
             metrics["text_encoder_offload_s"] += time.perf_counter() - start
 
 
-__all__ = ["AUTO", "KEY", "PoolSegments", "TextEncoderOffload", "offload_enabled"]
+__all__ = ["AUTO", "KEY", "PoolSegments", "TextEncoderOffload", "no_offload_metrics", "offload_enabled"]

@@ -17,6 +17,7 @@ from verl_omni.config.base import to_plain
 from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
+from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.rollout.engines.base import DiffusionEngine
 from verl_omni.rollout.engines.vllm_omni.wire import (
@@ -82,7 +83,7 @@ def start_failure(path: str, rollout: RolloutConfig, exc: Exception, gpu_bytes: 
     gpu_bytes = _gpu_bytes() if gpu_bytes is None else gpu_bytes
     if not counts or not gpu_bytes:
         return message + ". The engine's log above says why."
-    weights = sum(counts.values()) * torch.empty(0, dtype=getattr(torch, rollout.dtype)).element_size()
+    weights = sum(counts.values()) * resolve_dtype(rollout.dtype).itemsize
     usable = rollout.gpu_memory_utilization * gpu_bytes
     message += (
         f". Its weights take {weights / 1e9:.1f} GB in {rollout.dtype} ({sum(counts.values()) / 1e9:.2f}B parameters); "
