@@ -39,6 +39,8 @@
 # PROBE_VARIANTS / PROBE_REPEATS / PROBE_GPU_TEST (rollout-breakdown: 0 leaves out its GPU tests) / PROBE_TIMEOUT
 # (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name),
 # FAMILIES (families: which of "sd3 flux wan", in that order) / FAMILY_TIMEOUT (seconds per family run, 560) /
+# FAMILY_STEPS (training steps per family run, 3) / FAMILY_COMPARE (0 leaves out the B=16 engine comparison) /
+# COMMIT (the commit the records name, where the copy has no .git) /
 # FAMILY_KEEP_MODELS (1 keeps each stand-in in $MODEL_DIR/family_<family> for the next run; by default it is deleted
 # after its run: the three take ~65 GB of disk), FAMILY_TESTS_K (gpu-tests-families: a pytest -k expression, e.g.
 # wan) / FAMILY_TESTS_TIMEOUT (seconds per test file, 560).
@@ -111,8 +113,8 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
   [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
   [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
   CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
-    --steps 3 --rollout-compare --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
-    --commit "$(git rev-parse --short HEAD 2>/dev/null)" > "$OUT/family_$1.log" 2>&1
+    --steps "${FAMILY_STEPS:-3}" $([ "${FAMILY_COMPARE:-1}" = 1 ] && echo --rollout-compare) --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
+    --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$OUT/family_$1.log" 2>&1
   echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
   [ "${FAMILY_KEEP_MODELS:-0}" = 1 ] || rm -rf "$MODEL_DIR/family_$1"
 }
