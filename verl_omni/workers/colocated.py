@@ -73,6 +73,8 @@ class ColocatedActorRank:
         model, actor, rollout = build(ModelConfig, model), build(ActorConfig, actor), build(RolloutConfig, rollout)
         device = torch.device(device)
         if device.type == "cuda":
+            if device.index is None:  # torch.cuda.set_device needs an index ("cuda" alone: the current device)
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         self.rank = rank
         self.actor = make_actor(  # lora_rank=0: full fine-tuning of the engine's own weights
