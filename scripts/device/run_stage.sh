@@ -39,7 +39,8 @@
 # PROBE_VARIANTS / PROBE_REPEATS / PROBE_GPU_TEST (rollout-breakdown: 0 leaves out its GPU tests) / PROBE_TIMEOUT
 # (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name),
 # FAMILIES (families: which of "sd3 flux wan", in that order) / FAMILY_TIMEOUT (seconds per family run, 560) /
-# FAMILY_STEPS (training steps per family run, 3) / FAMILY_COMPARE (0 leaves out the B=16 engine comparison) /
+# FAMILY_STEPS (training steps per family run, 3; 0: the B=16 engine comparison alone, added to the family's last
+# record in docs/benchmarks/) / FAMILY_COMPARE (0 leaves out the B=16 engine comparison) /
 # COMMIT (the commit the records name, where the copy has no .git) /
 # FAMILY_KEEP_MODELS (1 keeps each stand-in in $MODEL_DIR/family_<family> for the next run; by default it is deleted
 # after its run: the three take ~65 GB of disk), FAMILY_TESTS_K (gpu-tests-families: a pytest -k expression, e.g.
@@ -95,25 +96,31 @@ results() {  # results <logs...>: the pass / fail lines of pytest logs
   grep -h -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$@" | tail -30
 }
 family_step() {  # family_step <family>: benchmarks/family_step.py on the family's stand-in with its recipe preset,
-  # 3 steps then the B=16 rollout on both engines; log in $OUT/family_<family>.log, the stand-in in
-  # $MODEL_DIR/family_<family> (deleted afterwards unless FAMILY_KEEP_MODELS=1)
-  local args
+  # $FAMILY_STEPS steps then the B=16 rollout on both engines; log in $OUT/family_<family>.log, the stand-in in
+  # $MODEL_DIR/family_<family> (deleted afterwards unless FAMILY_KEEP_MODELS=1). FAMILY_STEPS=0: the comparison
+  # alone, added to the family's last record in docs/benchmarks/<models|video>.json (copied to $OUT first)
+  local args out=models.json
   case "$1" in
-    sd3) args=(--preset sd3_5_medium_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
-    flux) args=(--preset flux_flowgrpo_ocr_lora --out "$OUT/models.json") ;;
-    wan) args=(--variant 1.3B --preset wan2_1_t2v_1_3b_flowgrpo_lora --rewards temporal_consistency
-               --out "$OUT/video.json") ;;
+    sd3) args=(--preset sd3_5_medium_flowgrpo_ocr_lora) ;;
+    flux) args=(--preset flux_flowgrpo_ocr_lora) ;;
+    wan) args=(--variant 1.3B --preset wan2_1_t2v_1_3b_flowgrpo_lora --rewards temporal_consistency); out=video.json ;;
     qwen) args=(--preset qwen_image_flowgrpo_ocr_lora --set actor_rollout_ref.model.text_encoder_offload=true
-                --name te_offload --out "$OUT/models.json") ;;
-    wan22) args=(--variant TI2V-5B --preset wan2_2_ti2v_5b_flowgrpo_lora --rewards temporal_consistency
-                 --out "$OUT/video.json") ;;
+                --name te_offload) ;;
+    wan22) args=(--variant TI2V-5B --preset wan2_2_ti2v_5b_flowgrpo_lora --rewards temporal_consistency)
+           out=video.json ;;
     *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
   local family="$1"
   [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
   [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
-  CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" "${args[@]}" \
-    --steps "${FAMILY_STEPS:-3}" $([ "${FAMILY_COMPARE:-1}" = 1 ] && echo --rollout-compare) --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
+  local run=(--steps "${FAMILY_STEPS:-3}")
+  [ "${FAMILY_COMPARE:-1}" = 1 ] && run+=(--rollout-compare)
+  if [ "${FAMILY_STEPS:-3}" = 0 ]; then
+    run=(--compare-only)
+    [ -f "$OUT/$out" ] || cp "docs/benchmarks/$out" "$OUT/$out"
+  fi
+  CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" \
+    "${args[@]}" "${run[@]}" --out "$OUT/$out" --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
     --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$OUT/family_$1.log" 2>&1
   echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
   [ "${FAMILY_KEEP_MODELS:-0}" = 1 ] || rm -rf "$MODEL_DIR/family_$1"
