@@ -262,12 +262,18 @@ def main() -> None:
     ap.add_argument("--prompts-per-gpu", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rewards", default="ocr", help="comma-separated reward names (weight 1 each)")
+    ap.add_argument(
+        "--light-text-encoder",
+        action="store_true",
+        help="the model with a 2-layer text encoder in place of Qwen2.5-VL-7B (the figures of earlier code were "
+        "measured on it)",
+    )
     add_run_args(ap, "/tmp/verl_omni_e2e")
     args = parse_run_args(ap)
 
     import torch
 
-    model_dir = build_model(args.model_dir, args.layers)
+    model_dir = build_model(args.model_dir, args.layers, light_text_encoder=args.light_text_encoder)
     data_dir = ocr_data_dir(args.work_dir)
     run_name = f"{args.engine}_g{args.gpus}_L{args.layers}_mb{args.micro_batch}"
     cfg = recipe_config(args, model_dir, data_dir, os.path.join(args.work_dir, run_name))

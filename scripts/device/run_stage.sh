@@ -25,6 +25,9 @@
 #   rollout-breakdown       the 60-layer build | the GELU-epilogue, q/k-kernel and no-sync GPU tests, then
 #                           benchmarks/pipeline_breakdown.py on the recipe's rollout call (CFG 4, LoRA r64)
 #   vllm-import-cost        the actor's update at 20 layers in a plain process, then in one that imported vllm first
+#   e2e-tree                benchmarks/e2e_step.py of another checkout ($E2E_TREE, e.g. an earlier commit's `git
+#                           archive`) on one GPU, its model built by that checkout: beside `E2E_LIGHT_TE=1
+#                           e2e-1gpu-vllm-omni`, the same machine's figures for that code and this
 #   families                benchmarks/family_step.py on each family's stand-in and recipe, one after another: SD3.5
 #                           and FLUX.1-dev (-> $OUT/models.json), Wan2.1-T2V-1.3B with the temporal-consistency
 #                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each; FAMILIES=wan22
@@ -34,7 +37,8 @@
 #                           stand-in a `FAMILY_KEEP_MODELS=1 ... families` run kept ($EVAL_FAMILY, default qwen): the
 #                           report's steady images/s against the training rollout's
 # A build that runs alone draws the weights on the GPU (seconds); one beside other jobs draws them on the CPU.
-# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_ARGS (added
+# Knobs: E2E_STEPS (3), E2E_LAYERS (60), E2E_REWARDS (ocr), MODEL_DIR (/tmp/verl_omni_models), E2E_LIGHT_TE (1: the
+# e2e stages' model with the 2-layer text encoder, as the figures of earlier code), E2E_ARGS (added
 # to every e2e run, e.g. "--name x --set actor_rollout_ref.actor.batch_cfg=auto"), TRAIN_VARIANTS (train-step),
 # PROBE_VARIANTS / PROBE_REPEATS / PROBE_GPU_TEST (rollout-breakdown: 0 leaves out its GPU tests) / PROBE_TIMEOUT
 # (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name),
@@ -48,7 +52,7 @@
 set -uo pipefail
 STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine gpu-tests-families build-model e2e-1gpu-vllm-omni \
 e2e-1gpu-diffusers e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards \
-rollout-breakdown vllm-import-cost families eval-throughput"
+rollout-breakdown vllm-import-cost e2e-tree families eval-throughput"
 stage="${1:-}"
 if [ -z "$stage" ] || ! [[ " $STAGES " == *" $stage "* ]]; then
   echo "usage: run_stage.sh <stage>; stages: $STAGES" >&2
@@ -70,12 +74,13 @@ build() {  # build <layers> [cores] [device]: the random full-width model, once 
   # all), drawing the weights on device $3 (default cpu; cuda where the GPU is free then: PyTorch's CPU random fills
   # run on one thread; a failed GPU build falls back to the CPU, logged)
   ${2:+taskset -c $2} python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_common import build_model; \
-build_model('$MODEL_DIR', $1, device='${3:-cpu}')"
+build_model('$MODEL_DIR', $1, device='${3:-cpu}', light_text_encoder=${E2E_LIGHT_TE:-0} == 1)"
 }
 e2e() {  # e2e <visible gpus> <n gpus> <engine> <log name> [--name N --set KEY=VALUE ...]; $E2E_ARGS: to every run
   CUDA_VISIBLE_DEVICES=$1 timeout -k 15 560 python3 benchmarks/e2e_step.py --layers "$LAYERS" --gpus "$2" --engine "$3" \
     --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR" --work-dir "/tmp/e2e_$4" \
-    --out "$OUT/e2e_runs_$4.json" "${@:5}" ${E2E_ARGS:-} > "$OUT/e2e_$4.log" 2>&1
+    --out "$OUT/e2e_runs_$4.json" "${@:5}" $([ "${E2E_LIGHT_TE:-0}" = 1 ] && echo --light-text-encoder) ${E2E_ARGS:-} \
+    > "$OUT/e2e_$4.log" 2>&1
   echo "e2e $4 exit code $?" | tee -a "$RUN_LOG"
 }
 gpu_tests() {  # gpu_tests <visible gpus> <cores> <timeout s> <name> <pytest args...>: log in $OUT/gpu_tests_<name>.log
@@ -203,6 +208,17 @@ runpy.run_path('benchmarks/train_step.py', run_name='__main__')" > "$OUT/train_s
       echo "train_step L20 ($run) exit $?" | tee -a "$RUN_LOG"
       tail -n 4 "$OUT/train_step_L20_$run.log"
     done ;;
+  e2e-tree)  # benchmarks/e2e_step.py of another checkout ($E2E_TREE, e.g. `git archive <commit> | tar -x -C
+    # .device/base`, carried) on GPU 0 with vllm-omni, its model built on the GPU by that checkout's own code in
+    # $MODEL_DIR/tree; then `E2E_LIGHT_TE=1 ... e2e-1gpu-vllm-omni` on the same machine gives this code's figure
+    tree=$(cd "${E2E_TREE:?set E2E_TREE to a checkout of the code to measure}" && pwd)
+    (cd "$tree" && PYTHONPATH="$tree:$PYTHONPATH" python3 -c "import sys; sys.path.insert(0, 'benchmarks'); \
+from bench_common import build_model; build_model('$MODEL_DIR/tree', $LAYERS, device='cuda')") > "$OUT/build_tree.log" 2>&1
+    (cd "$tree" && PYTHONPATH="$tree:$PYTHONPATH" CUDA_VISIBLE_DEVICES=0 timeout -k 15 560 python3 benchmarks/e2e_step.py \
+      --layers "$LAYERS" --gpus 1 --engine vllm_omni --steps "$STEPS" --rewards "$REWARDS" --model-dir "$MODEL_DIR/tree" \
+      --work-dir /tmp/e2e_tree --out "$OUT/e2e_runs_tree.json" ${E2E_ARGS:-}) > "$OUT/e2e_tree.log" 2>&1
+    echo "e2e tree exit $?" | tee -a "$RUN_LOG"
+    tail -n 25 "$OUT/e2e_tree.log" ;;
   families)  # one family after another on GPU 0 (each run starts and stops its own engines)
     for family in ${FAMILIES:-sd3 flux wan}; do
       family_step "$family"
