@@ -232,10 +232,12 @@ from bench_common import build_model; build_model('$MODEL_DIR/tree', $LAYERS, de
       --noise-level 0 --height 512 --width 512 --images-per-prompt 16 --batch-images 16 --negative-prompt " " \
       --reward ocr --engine vllm_omni --limit "${EVAL_PROMPTS:-12}" --no-progress > "$OUT/eval_$family.log" 2>&1
     echo "eval $family exit $?" | tee -a "$RUN_LOG"
+    # The random weights' images and grids (~200 MB) would keep the archive from coming back: the report stays.
+    rm -rf "$OUT/eval_$family/images" "$OUT/eval_$family/grids"
     grep -A12 '"timing"' "$OUT/eval_$family/report.json" 2>/dev/null | head -n 14 ;;
 esac
 tail -n 3 "$OUT"/*.log 2>/dev/null | tail -n 60
 # Pack this stage's outputs into one archive (run_log.txt stays beside it, readable).
 ( cd "$OUT" && files=$(ls | grep -v -e '^run_log.txt$' -e '\.tgz$') && [ -n "$files" ] && \
-  tar czf "$stage.tgz" $files && rm -f $files )
+  tar czf "$stage.tgz" $files && rm -rf $files )
 ls -la "$OUT"
