@@ -12,7 +12,7 @@ from verl_omni.config.actor import ActorConfig, OptimConfig
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.workers.colocated import ColocatedActorRank
-from verl_omni.workers.text_encoder_offload import TextEncoderOffload, offload_enabled
+from verl_omni.workers.text_encoder_offload import HostArena, TextEncoderOffload, offload_enabled
 from verl_omni.workers.train_batch import TrainBatch
 
 PARAMS = dict(num_inference_steps=4, height=32, width=32, guidance_scale=2.0)
@@ -86,12 +86,23 @@ def test_offload_moves_every_text_encoder_and_the_rollout_after_is_bit_identical
         # (the tensors of before this offload: in the second round, restored ones; an address freed after the first
         # round may be the allocator's for a new host copy of a buffer)
         live = {k: t.data_ptr() for k, t in _tensors(encoders).items()}
+        live_bytes = sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(encoders).values()}.values()
+        )
         offload.offload()
         # Every parameter and buffer of every encoder now lives in its host copy, none in the module's tensor.
         moved = _tensors(encoders)
         assert set(moved) == set(originals)
         assert all(t.data_ptr() != live[k] for k, t in moved.items())
-        assert offload.offloaded_bytes == sum(t.untyped_storage().nbytes() for t in moved.values())
+        assert offload.offloaded_bytes == live_bytes
+        # The frozen weights' kept copies fill one host buffer of their exact size (each start 512-byte aligned),
+        # not one allocation each.
+        arena = offload.arena
+        weights = [t for t in moved.values() if isinstance(t, torch.nn.Parameter)]
+        assert arena.nbytes == arena.used == sum(-(-t.numel() * t.element_size() // 512) * 512 for t in weights)
+        start = arena.buffer.data_ptr()
+        assert all(start <= t.data_ptr() < start + arena.nbytes for t in weights)
+        assert not arena.pinned  # nothing to page-lock for a CPU module
         on_host = {k: t.data_ptr() for k, t in moved.items()}
         host_ptrs.append({k: p for k, p in on_host.items() if isinstance(moved[k], torch.nn.Parameter)})
         # An encoder called while off is refused, naming the key (a rollout would call it).
@@ -108,6 +119,55 @@ def test_offload_moves_every_text_encoder_and_the_rollout_after_is_bit_identical
     assert torch.equal(after.images, before.images)
     for name in ("prompt_embeds", "negative_prompt_embeds"):
         assert torch.equal(getattr(after, name), getattr(before, name)), name
+
+
+class _CudartRecorder:
+    """Records the page-locking calls a HostArena makes (``torch.cuda.cudart()``'s functions of those names)."""
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - CUDA's name
+        self.registered.append((ptr, size, flags))
+        return 0
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_host_arena_page_locks_exactly_its_bytes_once_and_releases_them(monkeypatch):
+    import gc
+    import mmap
+
+    cudart = _CudartRecorder()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    nbytes = 3 * 4096 + 100  # not a power of two, not whole pages
+    arena = HostArena(nbytes, pin=True)
+    assert arena.pinned and cudart.registered == [(arena.buffer.data_ptr(), nbytes, 0)]
+    assert arena.buffer.data_ptr() % mmap.PAGESIZE == 0
+    a = arena.take(torch.Size([10, 7]), torch.bfloat16)  # 140 bytes: the next copy starts 512 bytes on
+    b = arena.take(torch.Size([3]), torch.float32)
+    assert (a.data_ptr(), b.data_ptr()) == (arena.buffer.data_ptr(), arena.buffer.data_ptr() + 512)
+    assert b.dtype == torch.float32 and b.shape == (3,) and arena.used == 1024
+    assert arena.take(torch.Size([nbytes]), torch.uint8) is None  # no room: the caller allocates on its own
+    ptr = arena.buffer.data_ptr()
+    del arena, a, b
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+
+
+def test_host_arena_that_cannot_page_lock_keeps_pageable_copies_and_says_so(caplog):
+    """Without CUDA (this machine) the registration fails: a logged fallback; the copies still work."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where cudaHostRegister is unavailable")
+    with caplog.at_level("WARNING"):
+        arena = HostArena(4096, pin=True)
+    assert not arena.pinned
+    assert "text_encoder_offload" in caplog.text and "pageable" in caplog.text
+    copy = arena.take(torch.Size([4, 4]), torch.float32)
+    copy.copy_(torch.arange(16.0).view(4, 4))
+    assert torch.equal(copy, torch.arange(16.0).view(4, 4))
 
 
 class _FakePool:
@@ -152,6 +212,8 @@ def test_pool_segments_holding_only_text_encoder_tensors_are_unmapped_in_place()
     # Unmapped tensors keep their addresses, the kept one too; the tensor in no pool moved to its host copy.
     assert [k for k in now if now[k] != pointers[k]] == ["1.weight"]
     assert torch.isnan(first.weight).all()  # what the unmapped segment holds while off
+    # The kept copies, of the unmapped segment's storages and of the weight in no pool, share one host buffer.
+    assert offload.arena.used == sum(-(-nbytes[k] // 512) * 512 for k in ("0.weight", "0.bias", "1.weight"))
     offload.restore()
     assert pool.mapped == [100]
     for k, v in encoder.state_dict().items():

@@ -106,7 +106,12 @@ def test_the_diffusers_rank_frees_the_text_encoder_during_its_update(wide_text_e
             assert all(p.device.type == "cuda" for p in encoder.parameters())  # back for the next rollout
     finally:
         hook.remove()
+    # The host copies: one page-locked buffer of the weights' own size (PyTorch's pinned allocator would round
+    # each weight up to a power of two).
+    figures["host_copies_gb"], figures["host_copies_pinned"] = offload.arena.nbytes / 1e9, offload.arena.pinned
     write_figures("gpu_text_encoder_offload_diffusers.json", figures)
+    num_weights = sum(1 for _ in encoder.parameters())
+    assert offload.arena.pinned and encoder_bytes <= offload.arena.nbytes <= encoder_bytes + 512 * num_weights
     on, off = figures["on"], figures["off"]
     assert on["encoder_on_host"] and not off["encoder_on_host"]
     freed = (off["allocated_at_first_forward_gb"] - on["allocated_at_first_forward_gb"]) * 1e9
