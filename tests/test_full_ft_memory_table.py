@@ -91,3 +91,29 @@ def test_a_stand_ins_meta_shape_is_what_the_start_up_check_reads_from_its_direct
     b, b_kwargs = full_fine_tuning_plan_inputs(cfg, from_dir)
     assert (a, a_kwargs) == (b, b_kwargs)
     assert plan_full_weights_memory(a, 2, True, **a_kwargs) == plan_full_weights_memory(b, 2, True, **b_kwargs)
+
+
+@pytest.mark.parametrize(
+    "setting, device, offloaded",
+    [(True, "cuda", True), ("auto", "cuda", True), ("auto", "cpu", False), (False, "cuda", False)],
+)
+def test_the_plan_counts_the_text_encoders_off_the_gpu_where_text_encoder_offload_is_on(
+    setting, device, offloaded, tiny_sd3_dir
+):
+    """SD3's three text encoders leave the GPU for the update with ``model.text_encoder_offload`` (``auto``: where
+    the actor trains on a GPU); the CLIP, OpenCLIP and T5 encoders' bytes, read from the directory."""
+    from verl_omni.trainer.ray_trainer import full_fine_tuning_plan_inputs
+    from verl_omni.workers.full_weights import stored_parameter_counts
+
+    overrides = [
+        f"actor_rollout_ref.model.path={tiny_sd3_dir}",
+        f"actor_rollout_ref.model.text_encoder_offload={str(setting).lower()}",
+        f"actor_rollout_ref.actor.device={device}",
+        f"actor_rollout_ref.rollout.device={device}",
+    ]
+    cfg = FlowGRPOConfig.from_omega(compose_preset("sd3_5_medium_flowgrpo_ocr_full", overrides))
+    _, kwargs = full_fine_tuning_plan_inputs(cfg, PipelineShape.from_model_dir(tiny_sd3_dir))
+    counts = stored_parameter_counts(tiny_sd3_dir)
+    encoders = sum(counts[f"text_encoder{suffix}"] for suffix in ("", "_2", "_3")) * 2  # bf16
+    assert kwargs["offloaded_frozen_bytes"] == (encoders if offloaded else 0)
+    assert 0 < encoders < kwargs["frozen_bytes"]  # the VAE stays

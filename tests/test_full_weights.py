@@ -447,6 +447,24 @@ def test_the_memory_plan_of_a_known_configuration():
     assert activation_bytes_estimate(60, 3072, 4096, 2) == 60 * 4096 * 2 * 3072 * 2 + 34 * 4096 * 2 * 3072
 
 
+def test_text_encoders_off_the_gpu_for_the_update_leave_the_larger_of_update_and_rollout():
+    p = 20 * 10**9
+    kw = dict(frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
+    plan = plan_full_weights_memory(p, 8, False, **kw)
+    # 2 of the 3 GiB of frozen components leave for the update, whose peak (activations, buckets) still dominates.
+    off = plan_full_weights_memory(p, 8, False, **kw, offloaded_frozen_bytes=2 * GiB)
+    assert off.device_total == plan.device_total - 2 * GiB and off.offloaded_frozen == 2 * GiB
+    assert "of them off the GPU for the update (text encoders) 2.00 GiB" in off.describe()
+    assert "of them off" not in plan.describe()
+    # Without activations and with small buckets the rollout's footprint (every component on the GPU) is the larger.
+    small = dict(frozen_bytes=3 * GiB, bucket_mb=1)
+    between = plan_full_weights_memory(p, 8, False, **small, offloaded_frozen_bytes=3 * GiB)
+    resident = between.weights + between.master + between.optimizer
+    assert between.device_total == resident + 3 * GiB > resident + between.buckets
+    with pytest.raises(ValueError, match="offloaded_frozen_bytes=.* must be within"):
+        plan_full_weights_memory(p, 8, False, frozen_bytes=GiB, offloaded_frozen_bytes=2 * GiB)
+
+
 def test_the_plan_reads_the_parameter_counts_from_the_model_directory(tiny_qwen_image_dir):
     from verl_omni.workers.full_weights import stored_parameter_counts
 

@@ -63,7 +63,9 @@ from verl_omni.workers.full_weights import (
     check_full_weights_fit,
     plan_full_weights_memory,
     plan_inputs,
+    text_encoder_bytes,
 )
+from verl_omni.workers.text_encoder_offload import offload_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +88,15 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
     )
     # float32 copies of the weights, each sharded like the master (workers/full_weights.py ShardedShadowWeights):
     # the policy EMA and DiffusionNFT's old policy
+    # model.text_encoder_offload: the text encoders leave the GPU for each update (workers/text_encoder_offload.py)
+    offloaded = offload_enabled(ref.model.text_encoder_offload, torch.device(ref.actor.device))
     kwargs = dict(
         weight_bytes=dtype_bytes,
         frozen_bytes=frozen,
         activation_bytes=activations,
         sharded_copies=int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft"),
         bucket_mb=ref.actor.grad_bucket_mb,
+        offloaded_frozen_bytes=text_encoder_bytes(shape, dtype_bytes) if offloaded else 0,
     )
     return num_params, kwargs
 

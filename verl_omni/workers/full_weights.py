@@ -548,12 +548,18 @@ class FullWeightsMemory:
     # with the offload
     sharded_copies: int
     activations: int
+    # of ``frozen``: the text encoders, off the GPU during each update (model.text_encoder_offload)
+    offloaded_frozen: int = 0
 
     @property
     def device_total(self) -> int:
+        """The larger of the update's footprint and the one between updates (the rollout's: every component on the
+        GPU, no gradient buckets or activations of the update); the second is larger only where the text encoders
+        leave the GPU for the update."""
         on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
-        fixed = self.weights + self.grads + self.buckets + self.frozen
-        return fixed + on_device + self.activations
+        resident = self.weights + self.grads + on_device
+        update = resident + self.buckets + self.frozen - self.offloaded_frozen + self.activations
+        return max(update, resident + self.frozen)
 
     @property
     def host_total(self) -> int:
@@ -567,10 +573,11 @@ class FullWeightsMemory:
             ("master shard" + (" (host)" if self.offload else ""), self.master),
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
+            ("of them off the GPU for the update (text encoders)", self.offloaded_frozen),
             ("policy copy shards" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
         ]
-        items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
+        items = ", ".join(f"{name} {_gib(n)}" for name, n in parts if n or not name.startswith("of them"))
         return (
             f"{self.num_params / 1e9:.2f}B trained weights on {self.num_gpus} GPU(s), {OFFLOAD_KEY}="
             f"{str(self.offload).lower()}: {_gib(self.device_total)} per GPU ({items})"
@@ -591,9 +598,15 @@ def plan_full_weights_memory(
     activation_bytes: int = 0,
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
+    offloaded_frozen_bytes: int = 0,
 ) -> FullWeightsMemory:
     """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``
-    (``ShardedAdamW``'s buffers; its per-bucket padding, under num_gpus values a bucket, is left out)."""
+    (``ShardedAdamW``'s buffers; its per-bucket padding, under num_gpus values a bucket, is left out);
+    ``offloaded_frozen_bytes`` of the ``frozen_bytes`` leave the GPU during each update."""
+    if not 0 <= offloaded_frozen_bytes <= frozen_bytes:
+        raise ValueError(
+            f"offloaded_frozen_bytes={offloaded_frozen_bytes} must be within [0, frozen_bytes={frozen_bytes}]"
+        )
     shard = math.ceil(num_params / num_gpus)
     bucket = max(1, int(bucket_mb * MiB) // weight_bytes)
     return FullWeightsMemory(
@@ -608,6 +621,7 @@ def plan_full_weights_memory(
         frozen=frozen_bytes,
         sharded_copies=sharded_copies * shard * 4,
         activations=activation_bytes,
+        offloaded_frozen=offloaded_frozen_bytes,
     )
 
 
@@ -636,6 +650,7 @@ def check_full_weights_fit(
     activation_bytes: int = 0,
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
+    offloaded_frozen_bytes: int = 0,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
     max_gpus: int = 1024,
 ) -> FullWeightsMemory:
@@ -652,6 +667,7 @@ def check_full_weights_fit(
             activation_bytes=activation_bytes,
             sharded_copies=sharded_copies,
             bucket_mb=bucket_mb,
+            offloaded_frozen_bytes=offloaded_frozen_bytes,
         )
 
     chosen = plan(num_gpus, offload)
@@ -672,7 +688,8 @@ def check_full_weights_fit(
         raise ValueError(message + f"Use {' or '.join(options)}; GPUs: {gpus_key}")
     raise ValueError(
         message + "No GPU count fits: the weights, the gradient buckets and the frozen components alone take "
-        f"{_gib(chosen.weights + chosen.buckets + chosen.frozen)}; train a LoRA "
+        f"{_gib(chosen.weights + max(chosen.buckets + chosen.frozen - chosen.offloaded_frozen, chosen.frozen))}; "
+        "train a LoRA "
         "(actor_rollout_ref.model.lora_rank >= 1)"
     )
 
@@ -763,6 +780,13 @@ def plan_inputs(
     )
     frozen = sum(n for name, n in shape.counts.items() if name != "transformer") * dtype_bytes
     return shape.counts["transformer"], frozen, activations
+
+
+def text_encoder_bytes(shape: PipelineShape, dtype_bytes: int) -> int:
+    """The bytes of a pipeline's text encoders (its components named ``text_encoder*``, as
+    ``RLPipelineMixin.text_encoder_components`` finds them): what ``model.text_encoder_offload`` takes off the GPU
+    for each update."""
+    return sum(n for name, n in shape.counts.items() if name.startswith("text_encoder")) * dtype_bytes
 
 
 def plan_for_model_dir(
