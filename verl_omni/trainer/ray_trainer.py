@@ -86,14 +86,14 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         vae_scale_factor=vae_scale_factor_of_config(shape.vae) or 8,
         num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
     )
-    # float32 copies of the weights, each sharded like the master (workers/full_weights.py ShardedShadowWeights):
-    # the policy EMA and DiffusionNFT's old policy
     # model.text_encoder_offload: the text encoders leave the GPU for each update (workers/text_encoder_offload.py)
     offloaded = offload_enabled(ref.model.text_encoder_offload, torch.device(ref.actor.device))
     kwargs = dict(
         weight_bytes=dtype_bytes,
         frozen_bytes=frozen,
         activation_bytes=activations,
+        # float32 copies of the weights, each sharded like the master (workers/full_weights.py
+        # ShardedShadowWeights): the policy EMA and DiffusionNFT's old policy
         sharded_copies=int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft"),
         bucket_mb=ref.actor.grad_bucket_mb,
         offloaded_frozen_bytes=text_encoder_bytes(shape, dtype_bytes) if offloaded else 0,

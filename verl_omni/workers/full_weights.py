@@ -573,11 +573,15 @@ class FullWeightsMemory:
             ("master shard" + (" (host)" if self.offload else ""), self.master),
             ("AdamW shard" + (" (host)" if self.offload else ""), self.optimizer),
             ("frozen components", self.frozen),
-            ("of them off the GPU for the update (text encoders)", self.offloaded_frozen),
+            *(
+                [("of them off the GPU for the update (text encoders)", self.offloaded_frozen)]
+                if self.offloaded_frozen
+                else []
+            ),
             ("policy copy shards" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
         ]
-        items = ", ".join(f"{name} {_gib(n)}" for name, n in parts if n or not name.startswith("of them"))
+        items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
         return (
             f"{self.num_params / 1e9:.2f}B trained weights on {self.num_gpus} GPU(s), {OFFLOAD_KEY}="
             f"{str(self.offload).lower()}: {_gib(self.device_total)} per GPU ({items})"

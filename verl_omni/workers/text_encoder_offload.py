@@ -285,7 +285,8 @@ class TextEncoderOffload:
         return total
 
     def _kept_empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = self.arena.take(tensor.shape, tensor.dtype) if self.arena is not None else None
+        """A kept copy's tensor in the arena (made by the first offload; sized for every kept copy)."""
+        host = self.arena.take(tensor.shape, tensor.dtype)
         return _host_empty_like(tensor) if host is None else host
 
     def _swap_out(self, entry: _Entry) -> None:
