@@ -181,6 +181,7 @@ def main() -> None:
     record: dict[str, Any] = {
         "family": args.family,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus": 1,
         "params_b": sum(params.values()) / 1e9,
         "text_encoder_params_b": sum(v for k, v in params.items() if k in TEXT_ENCODERS) / 1e9,
         "resolution": [int(pipe.height), int(pipe.width)],

@@ -9,6 +9,8 @@
 #   gpu-tests-actor         the compiled actor reuses its graphs over every text length | the actor's SDPA
 #                           backends where vllm switched cuDNN off (2-layer fixture, no model build)
 #   gpu-tests-cfg-engine    the CFG-batching and vllm-omni engine GPU tests
+#   gpu-tests-full-weights  full fine-tuning in the hybrid engine on one GPU (both engines, the optimizer offload;
+#                           the 2-GPU case where the machine has two)
 #   gpu-tests-families      the model families' GPU tests, one file after another: FLUX / SD3.5 / Wan2.1 on the
 #                           vllm-omni engine against the diffusers engine, then on the hybrid engine (step-1 ratios),
 #                           then the stand-ins built on the GPU (Wan2.1-T2V-1.3B's clips at its recipe's size)
@@ -32,7 +34,9 @@
 #                           and FLUX.1-dev (-> $OUT/models.json), Wan2.1-T2V-1.3B with the temporal-consistency
 #                           reward (-> $OUT/video.json); 3 steps and the B=16 engine comparison each; FAMILIES=wan22
 #                           runs Wan2.2-TI2V-5B's recipe the same way, FAMILIES=qwen Qwen-Image's with
-#                           text_encoder_offload=true (its stand-in: ~55 GB of disk, alone)
+#                           text_encoder_offload=true (its stand-in: ~55 GB of disk, alone); FAMILIES="sd3full
+#                           qwen20full" the full fine-tuning runs (-> $OUT/full_finetune.json): SD3.5-Medium's full
+#                           recipe, Qwen-Image's recipe at 20 layers with lora_rank=0 and the optimizer offload
 #   eval-throughput         verl-omni-eval (vllm-omni, B=16 calls of the recipe's 512², 10 steps, CFG 4) on the
 #                           stand-in a `FAMILY_KEEP_MODELS=1 ... families` run kept ($EVAL_FAMILY, default qwen): the
 #                           report's steady images/s against the training rollout's
@@ -50,7 +54,7 @@
 # after its run: the three take ~65 GB of disk), FAMILY_TESTS_K (gpu-tests-families: a pytest -k expression, e.g.
 # wan) / FAMILY_TESTS_TIMEOUT (seconds per test file, 560).
 set -uo pipefail
-STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine gpu-tests-families build-model e2e-1gpu-vllm-omni \
+STAGES="gpu-tests gpu-tests-actor gpu-tests-cfg-engine gpu-tests-full-weights gpu-tests-families build-model e2e-1gpu-vllm-omni \
 e2e-1gpu-diffusers e2e-4gpu-vllm-omni e2e-4gpu-diffusers e2e-engines-side-by-side train-step bench-actor-rewards \
 rollout-breakdown vllm-import-cost e2e-tree families eval-throughput"
 stage="${1:-}"
@@ -113,11 +117,17 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
                 --name te_offload) ;;
     wan22) args=(--variant TI2V-5B --preset wan2_2_ti2v_5b_flowgrpo_lora --rewards temporal_consistency)
            out=video.json ;;
-    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen)" | tee -a "$RUN_LOG"; return 2 ;;
+    sd3full) args=(--preset sd3_5_medium_flowgrpo_ocr_full --name full); out=full_finetune.json ;;
+    qwen20full) args=(--preset qwen_image_flowgrpo_ocr_lora --layers 20 --name full_offload
+                      --set actor_rollout_ref.model.lora_rank=0 --set actor_rollout_ref.actor.optimizer_offload=true)
+                out=full_finetune.json ;;
+    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen, sd3full, qwen20full)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
   local family="$1"
   [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
   [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
+  [ "$family" = sd3full ] && family=sd3  # sd3full: SD3.5-Medium's full fine-tuning recipe
+  [ "$family" = qwen20full ] && family=qwen_image  # qwen20full: Qwen-Image at 20 layers, every weight, optimizer offload
   local run=(--steps "${FAMILY_STEPS:-3}")
   [ "${FAMILY_COMPARE:-1}" = 1 ] && run+=(--rollout-compare)
   if [ "${FAMILY_STEPS:-3}" = 0 ]; then
@@ -147,6 +157,9 @@ case "$stage" in
   gpu-tests-cfg-engine)  # ~3 min
     gpu_tests 0 "0-$((cores - 1))" 300 cfg_engine "${CFG_ENGINE_TESTS[@]}"
     results "$OUT"/gpu_tests_cfg_engine.log ;;
+  gpu-tests-full-weights)
+    gpu_tests "$(seq -s, 0 $((gpus - 1)))" "0-$((cores - 1))" "${FULL_TESTS_TIMEOUT:-500}" full_weights tests/gpu/test_full_weights_gpu.py
+    results "$OUT"/gpu_tests_full_weights.log ;;
   gpu-tests-families)  # one file after another (each starts its own engines); FAMILY_TESTS_K narrows them (-k)
     for file in "${FAMILY_TESTS[@]}"; do
       name=$(basename "$file" _gpu.py)
