@@ -135,9 +135,9 @@ def rollout_vs_diffusers(model_dir: str, cfg, work_dir: str) -> dict[str, Any]:
     }
 
 
-def add_comparison(out: str, family: str, preset: str, model_dir: str, cfg, run_dir: str) -> None:
-    """Time the B=16 rollouts on both engines and add the figures to ``out``'s last record of ``family`` and
-    ``preset`` (written back in place)."""
+def add_comparison(out: str, family: str, preset: str, model_dir: str, cfg, run_dir: str, commit: str) -> None:
+    """Time the B=16 rollouts on both engines and add the figures, and ``commit`` as rollout_compare_commit, to
+    ``out``'s last record of ``family`` and ``preset`` (written back in place; an earlier attempt's error goes)."""
     with open(out) as f:
         runs = json.load(f)
     matches = [i for i, r in enumerate(runs) if r.get("family") == family and r.get("preset") == preset]
@@ -145,7 +145,9 @@ def add_comparison(out: str, family: str, preset: str, model_dir: str, cfg, run_
     if index is None:
         raise SystemExit(f"{out} holds no run of family {family!r} with preset {preset!r} to add the comparison to")
     os.makedirs(run_dir, exist_ok=True)
+    runs[index].pop("rollout_compare_error", None)
     runs[index].update(rollout_vs_diffusers(model_dir, cfg, tempfile.mkdtemp(dir=run_dir)))
+    runs[index]["rollout_compare_commit"] = commit
     with open(out, "w") as f:
         json.dump(runs, f, indent=1)
     log(f"{family}: rollout_vs_diffusers {runs[index]['rollout_vs_diffusers']}")
@@ -202,7 +204,7 @@ def main() -> None:
         record["variant"] = args.name
         record["overrides"] = list(args.set)
     if args.compare_only:
-        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir)
+        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir, args.commit)
         return
     frames = num_frames(cfg)
     if frames > 1:  # the keys of docs/benchmarks/video.json beside the image ones
@@ -218,7 +220,7 @@ def main() -> None:
     log(json.dumps({k: v for k, v in record.items() if k != "step_metrics"}))
     append_run(record, args.out)  # kept even if the comparison below does not finish
     if args.rollout_compare:
-        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir)
+        add_comparison(args.out, args.family, args.preset, model_dir, cfg, run_dir, args.commit)
 
 
 if __name__ == "__main__":
