@@ -78,6 +78,15 @@ def test_two_colocated_ranks_update_exactly_like_one_process(ray_session, qwen_i
         for name in ("sm_clock_mhz", "sm_clock_min_mhz"):
             assert m_single.pop(f"actor/{name}") == 0
             assert [m_group.pop(f"perf/update_{name}/rank{k}") for k in range(2)] == [0, 0]
+        # No CUDA allocator off a GPU: each rank's memory peaks (the update's, and the rollout's before it) are 0.
+        for name in (
+            "update_peak_allocated_gb",
+            "update_peak_reserved_gb",
+            "rollout_peak_allocated_gb",
+            "rollout_peak_reserved_gb",
+        ):
+            assert m_single.pop(f"actor/{name.removeprefix('update_')}") == 0
+            assert [m_group.pop(f"perf/{name}/rank{k}") for k in range(2)] == [0, 0]
         # Off a GPU the text encoders stay where they are (text_encoder_offload: false): each rank moved nothing.
         assert [m_group.pop(f"timing/update_text_encoder_offload_s/rank{k}") for k in range(2)] == [0, 0]
         assert [m_group.pop(f"perf/update_text_encoder_offloaded_gb/rank{k}") for k in range(2)] == [0, 0]

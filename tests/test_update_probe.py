@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from verl_omni.workers.update_probe import UpdateProbe
+from verl_omni.workers.update_probe import PeakMemory, UpdateProbe
 
 
 class _Cycle:
@@ -102,3 +102,55 @@ def test_probe_stops_its_clock_thread_when_the_block_raises():
     read = len(clock.returned)
     time.sleep(0.05)
     assert len(clock.returned) == read and not any(t.name == "update-clock-sampler" for t in threading.enumerate())
+
+
+class _Allocator:
+    """A stand-in allocator: ``alloc``/``free`` move the allocated bytes (reserved = the most ever allocated, as a
+    cache that never releases); the peaks follow since the last reset."""
+
+    def __init__(self):
+        self.allocated = self.reserved = 0
+        self.peak_allocated = self.peak_reserved = 0
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def free(self, n: int) -> None:
+        self.allocated -= n
+
+    def peaks(self) -> tuple[int, int]:
+        return self.peak_allocated, self.peak_reserved
+
+    def reset(self) -> None:
+        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+
+def test_peak_memory_tells_the_rollouts_peak_from_the_updates():
+    memory = _Allocator()
+    memory.alloc(10**9)  # the weights, resident throughout
+    memory.alloc(6 * 10**9)  # a rollout's working memory, then freed (its cache stays reserved)
+    memory.free(6 * 10**9)
+    with PeakMemory(torch.device("cpu"), memory=memory) as first:
+        memory.reset()  # what AutoCheckpointing does when the update starts: the update's peak is still read
+        memory.alloc(3 * 10**9)
+        memory.free(3 * 10**9)
+    assert first.metrics() == {
+        "peak_allocated_gb": 4.0,
+        "peak_reserved_gb": 7.0,
+        "rollout_peak_allocated_gb": 7.0,
+        "rollout_peak_reserved_gb": 7.0,
+    }
+    memory.alloc(2 * 10**9)  # the next rollout: smaller than the update before it, and read alone
+    memory.free(2 * 10**9)
+    with PeakMemory(torch.device("cpu"), memory=memory) as second:
+        pass
+    assert second.metrics()["rollout_peak_allocated_gb"] == 3.0 and second.metrics()["peak_allocated_gb"] == 1.0
+
+
+def test_peak_memory_reads_nothing_off_cuda():
+    with PeakMemory(torch.device("cpu")) as peaks:
+        torch.ones(1000)
+    assert set(peaks.metrics().values()) == {0.0}

@@ -77,6 +77,9 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
         "gc_frozen_objects": [[h[f"perf/update_gc_frozen_objects/rank{k}"] for k in range(gpus)] for h in history],
         "sm_clock_mhz": [[h[f"perf/update_sm_clock_mhz/rank{k}"] for k in range(gpus)] for h in history],
         "sm_clock_min_mhz": [[h[f"perf/update_sm_clock_min_mhz/rank{k}"] for k in range(gpus)] for h in history],
+        "peak_gb": [
+            {k: v for k, v in h.items() if k.startswith(("perf/update_peak_", "perf/rollout_peak_"))} for h in history
+        ],
     }
     write_figures(f"gpu_hybrid_{engine}_{gpus}gpu.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-3 and abs(first["actor/ratio_max"] - 1) < 1e-3, figures
@@ -93,3 +96,10 @@ def test_hybrid_engine_trains_in_the_engines_process(engine, gpus, gpu_qwen_imag
     # The probe read the GPU's SM clock (NVML) in every rank's update: a real clock, its lowest sample under the mean.
     for means, lows in zip(figures["sm_clock_mhz"], figures["sm_clock_min_mhz"], strict=True):
         assert all(0 < low <= mean for mean, low in zip(means, lows, strict=True)), figures["sm_clock_mhz"]
+    # Every rank's allocator peaks, in the update and in the rollout before it: real, reserved >= allocated.
+    for step in figures["peak_gb"]:
+        assert len(step) == 4 * gpus, step
+        for k in range(gpus):
+            for phase in ("update", "rollout"):
+                allocated = step[f"perf/{phase}_peak_allocated_gb/rank{k}"]
+                assert 0 < allocated <= step[f"perf/{phase}_peak_reserved_gb/rank{k}"], step

@@ -26,18 +26,23 @@ from verl_omni.workers.full_weights import is_shard_state
 from verl_omni.workers.rank_group import OptimizerHandle, gather_ranks
 from verl_omni.workers.train_batch import TrainBatch
 
-# Each rank's own figure for these (the rest of the update's metrics are all-reduced): the metric's name prefix.
+# Each rank's own figure for these (the rest of the update's metrics are all-reduced): the actor's metric name ->
+# the step's metric name, "/rank<k>" appended.
 _PER_RANK_METRICS = {
-    "busy_s": "timing/update",
-    "compute_s": "timing/update",
-    "gc_s": "timing/update",
-    "cuda_mallocs": "perf/update",
-    "gc_frozen_objects": "perf/update",
-    "sm_clock_mhz": "perf/update",
-    "sm_clock_min_mhz": "perf/update",
-    "text_encoder_offload_s": "timing/update",
-    "text_encoder_offloaded_gb": "perf/update",
-    "text_encoder_kept_gb": "perf/update",
+    "busy_s": "timing/update_busy_s",
+    "compute_s": "timing/update_compute_s",
+    "gc_s": "timing/update_gc_s",
+    "cuda_mallocs": "perf/update_cuda_mallocs",
+    "gc_frozen_objects": "perf/update_gc_frozen_objects",
+    "sm_clock_mhz": "perf/update_sm_clock_mhz",
+    "sm_clock_min_mhz": "perf/update_sm_clock_min_mhz",
+    "peak_allocated_gb": "perf/update_peak_allocated_gb",
+    "peak_reserved_gb": "perf/update_peak_reserved_gb",
+    "rollout_peak_allocated_gb": "perf/rollout_peak_allocated_gb",
+    "rollout_peak_reserved_gb": "perf/rollout_peak_reserved_gb",
+    "text_encoder_offload_s": "timing/update_text_encoder_offload_s",
+    "text_encoder_offloaded_gb": "perf/update_text_encoder_offloaded_gb",
+    "text_encoder_kept_gb": "perf/update_text_encoder_kept_gb",
 }
 
 
@@ -87,10 +92,10 @@ class ColocatedActorGroup:
         per_rank = gather_ranks(refs)
         metrics = dict(per_rank[0])  # all-reduced: the same on every rank, but for each rank's own busy time
         # Per rank: busy = compute + waiting for the slowest rank; the garbage collector's seconds, the allocator's
-        # cudaMalloc calls and the GPU's SM clock inside the update (workers/update_probe.py).
-        for name, prefix in _PER_RANK_METRICS.items():
+        # cudaMalloc calls, the GPU's SM clock and the allocator's peaks (workers/update_probe.py).
+        for name, step_name in _PER_RANK_METRICS.items():
             metrics.pop(f"actor/{name}", None)
-            metrics.update({f"{prefix}_{name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})
+            metrics.update({f"{step_name}/rank{k}": m[f"actor/{name}"] for k, m in enumerate(per_rank)})
         return metrics
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

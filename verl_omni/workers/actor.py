@@ -62,7 +62,7 @@ from verl_omni.workers.activation_memory import AUTO, AutoCheckpointing, CudaMem
 from verl_omni.workers.gc_heap import freeze_gc_heap
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.train_batch import TrainBatch
-from verl_omni.workers.update_probe import UpdateProbe
+from verl_omni.workers.update_probe import PeakMemory, UpdateProbe
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,9 @@ class DiffusionLoRAActor:
             if message is not None:
                 raise ValueError(message)
             logger.info("the update has no terms over all ranks (algorithm %r): no optimizer step", self.algorithm.name)
-        metrics = self._update_retrying_oom(batch, num_terms)
+        with PeakMemory(self.device) as peaks:
+            metrics = self._update_retrying_oom(batch, num_terms)
+        metrics.update({f"actor/{k}": v for k, v in peaks.metrics().items()})
         if self.config.freeze_gc_heap and not self._gc_heap_frozen:
             # After the warm-up (the compiled training graphs exist): later full collections skip what lives on.
             objects, seconds = freeze_gc_heap()

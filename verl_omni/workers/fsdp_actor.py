@@ -56,6 +56,10 @@ _GLOBAL_METRICS = (
     "actor/gc_frozen_objects",
     "actor/sm_clock_mhz",
     "actor/sm_clock_min_mhz",
+    "actor/peak_allocated_gb",
+    "actor/peak_reserved_gb",
+    "actor/rollout_peak_allocated_gb",
+    "actor/rollout_peak_reserved_gb",
     "actor/recomputed_blocks",
 )
 

@@ -11,6 +11,13 @@ counted per update, per rank, in the step's metrics so a real-size run tells the
 - ``perf/update_sm_clock_mhz/rank<k>`` (mean) and ``..._min_mhz`` (lowest sample): the SM clock sampled through NVML
   during the update (a slow clock and a held-up launch thread look the same in wall seconds).
 
+Where the GPU's peak memory comes from, per rank (``PeakMemory``): ``perf/update_peak_allocated_gb/rank<k>`` and
+``perf/update_peak_reserved_gb/rank<k>``, the caching allocator's peaks during the update (tensors; tensors plus
+the allocator's cache), and ``perf/rollout_peak_allocated_gb/rank<k>`` / ``perf/rollout_peak_reserved_gb/rank<k>``,
+the same from the end of the previous update to the start of this one. With the hybrid engine the rollout runs in
+the rank's process, so these hold the rollout's peak (step 1's: also the engine's start-up). Beside the GPU's peak
+(``nvidia-smi``) they tell which phase sets it and what lies outside PyTorch's allocator.
+
 Readings at the real size: ``docs/performance.md``.
 """
 
@@ -22,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -94,6 +101,60 @@ class UpdateProbe:
             _warn_no_malloc_count()
             return 0
         return int(stats["num_device_alloc"])
+
+
+class MemoryPeaks(Protocol):
+    def peaks(self) -> tuple[int, int]:
+        """(allocated, reserved) peak bytes since the last ``reset``."""
+
+    def reset(self) -> None: ...
+
+
+class CudaMemoryPeaks:
+    """PyTorch's CUDA caching allocator's peaks on ``device``, all of its pools."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def peaks(self) -> tuple[int, int]:
+        return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+
+    def reset(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class PeakMemory:
+    """A ``with`` block around the whole update: entering reads the allocator's peaks since the previous update's
+    end (then resets them), leaving reads the update's own (then resets them for the next reading). Whatever resets
+    the peaks inside the block (``activation_memory.AutoCheckpointing`` does, when its update starts) reads them
+    inside it too: the update's peak is then measured from that reset, still the update's start.
+
+    ``memory``: where the peaks come from; by default PyTorch's CUDA allocator on a CUDA ``device``, none elsewhere
+    (every figure 0)."""
+
+    def __init__(self, device: torch.device, memory: Optional[MemoryPeaks] = None):
+        self.memory = memory if memory is not None else (CudaMemoryPeaks(device) if device.type == "cuda" else None)
+        self.before = (0, 0)  # (allocated, reserved) bytes between the previous update and this one
+        self.during = (0, 0)  # the same during this update
+
+    def __enter__(self) -> PeakMemory:
+        if self.memory is not None:
+            self.before = self.memory.peaks()
+            self.memory.reset()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.memory is not None:
+            self.during = self.memory.peaks()
+            self.memory.reset()
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "peak_allocated_gb": self.during[0] / 1e9,
+            "peak_reserved_gb": self.during[1] / 1e9,
+            "rollout_peak_allocated_gb": self.before[0] / 1e9,
+            "rollout_peak_reserved_gb": self.before[1] / 1e9,
+        }
 
 
 @functools.cache
