@@ -752,3 +752,54 @@ def test_the_cpu_demo_learns_with_full_fine_tuning(ray_session, ocr_data_files, 
     step1_std = history[0]["reward/total/std"]
     print(f"full fine-tuning: change {change:+.4f} = {change / step1_std:.1f} x the step-1 std; {rewards}")
     assert len(history) == LEARNING_CHECK_STEPS and change >= 5 * step1_std
+
+
+def test_host_memory_a_node_cannot_hold_is_refused_with_the_node_count_that_fits():
+    from verl_omni.workers.full_weights import check_host_memory_fits
+
+    p = 20 * 10**9
+
+    def replan(gpus: int, offload: bool):
+        return plan_full_weights_memory(p, gpus, offload)
+
+    # 8 GPUs on one node with the offload: each keeps 16P/8 bytes of master, its gradient and AdamW moments in host
+    # memory, 320 GB a node: more than 256 GiB. Two nodes halve each GPU's shards (more GPUs on one node would not
+    # change a node's share); without the offload each GPU holds 2P + 1 GiB + 16P/8 = 75.5 GiB, within 80 GiB.
+    on_one_node = replan(8, True)
+    with pytest.raises(
+        ValueError,
+        match=r"host memory does not fit: 8 GPU\(s\) per node x 37.25 GiB \(37.25 GiB of master, AdamW and "
+        r"policy-copy shards\) = 298.02 GiB, more than the 256.00 GiB available on this node. Use trainer.nnodes=2 "
+        r"\(149.01 GiB of host memory a node\) or actor_rollout_ref.actor.optimizer_offload=false "
+        r"\(75.51 GiB per GPU\)",
+    ):
+        check_host_memory_fits(on_one_node, 8, 256 * GiB, replan=replan, gpu_bytes=80 * GiB)
+    # What fits is returned: the node's bytes.
+    assert check_host_memory_fits(on_one_node, 8, 300 * GiB, replan=replan) == 8 * on_one_node.host_total
+    # The text encoders' host copies (one per GPU with model.text_encoder_offload) count; turning that off is named.
+    with pytest.raises(ValueError, match=r"\+ 16.00 GiB of text encoders .* Use model.text_encoder_offload=false"):
+        check_host_memory_fits(on_one_node, 8, 300 * GiB, text_encoder_host_bytes=16 * GiB)
+    # Nothing fits: no node count within the limit, the GPU too small without the offload.
+    with pytest.raises(ValueError, match=r"Add host memory, or train a LoRA"):
+        check_host_memory_fits(on_one_node, 8, GiB, replan=replan, gpu_bytes=40 * GiB, max_nodes=4)
+    # Without the offload nothing lives in host memory: nothing to check.
+    assert check_host_memory_fits(replan(8, False), 8, 0, replan=replan) == 0
+
+
+def test_the_trainer_refuses_host_memory_the_node_cannot_hold_before_ray_starts(tiny_qwen_image_dir, capsys):
+    from verl_omni.config.trainer import FlowGRPOConfig
+    from verl_omni.trainer.ray_trainer import check_full_fine_tuning_memory
+
+    overrides = {
+        "actor_rollout_ref.model.path": tiny_qwen_image_dir,
+        "actor_rollout_ref.model.lora_rank": 0,
+        "actor_rollout_ref.actor.optimizer_offload": True,
+        "trainer.n_gpus_per_node": 2,
+    }
+    cfg = FlowGRPOConfig.from_omega(make_config(overrides))
+    check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host_available=64 * GiB)
+    assert "full fine-tuning host memory per node: " in capsys.readouterr().out
+    # The tiny model's 2 GPUs keep ~0.07 GiB a node (16 bytes a weight, halved by each rank's shard); on 2 nodes
+    # each GPU's shard halves again.
+    with pytest.raises(ValueError, match=r"host memory does not fit: 2 GPU\(s\) per node x .* Use trainer.nnodes=2"):
+        check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host_available=50 * 2**20)

@@ -74,7 +74,7 @@ def start_ray_watchdog() -> Optional[RayWatchdog]:
 # ------------------------------------------------------------------------------------------------ the watchdog
 def _snapshot(roots: list[int], known: dict[int, float]) -> None:
     """Add the roots and their descendants to ``known`` (pid -> start time); drop entries that have ended."""
-    import psutil  # a dependency of peft / accelerate, which verl_omni depends on
+    import psutil
 
     for pid in list(known):
         if not psutil.pid_exists(pid):

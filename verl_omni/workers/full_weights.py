@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -696,6 +696,51 @@ def check_full_weights_fit(
         "train a LoRA "
         "(actor_rollout_ref.model.lora_rank >= 1)"
     )
+
+
+def check_host_memory_fits(
+    plan: FullWeightsMemory,
+    gpus_per_node: int,
+    host_available: int,
+    *,
+    text_encoder_host_bytes: int = 0,
+    replan: Optional[Callable[[int, bool], FullWeightsMemory]] = None,
+    gpu_bytes: Optional[int] = None,
+    max_nodes: int = 1024,
+) -> int:
+    """The host memory one node needs for ``plan`` with the offload: each of its ``gpus_per_node`` GPUs keeps its
+    shards of the master, AdamW and the policy copies (``plan.host_total``) and, with ``model.text_encoder_offload``,
+    its own host copy of the text encoders (``text_encoder_host_bytes``). Returns the bytes, or raises a
+    ``ValueError`` with the numbers when they exceed ``host_available``, naming what fits: ``replan(gpus, offload)``
+    is the plan on that many GPUs in all, for the node count whose shards fit (more GPUs on one node do not shrink
+    a node's share) and, where the GPU (``gpu_bytes``) holds it, the offload off."""
+    per_gpu = plan.host_total + text_encoder_host_bytes
+    need = gpus_per_node * per_gpu
+    if plan.host_total == 0 or need <= host_available:
+        return need
+    parts = f"{_gib(plan.host_total)} of master, AdamW and policy-copy shards"
+    if text_encoder_host_bytes:
+        parts += f" + {_gib(text_encoder_host_bytes)} of text encoders (model.text_encoder_offload)"
+    message = (
+        f"full fine-tuning's host memory does not fit: {gpus_per_node} GPU(s) per node x {_gib(per_gpu)} ({parts}) "
+        f"= {_gib(need)}, more than the {_gib(host_available)} available on this node. "
+    )
+    options = []
+    if text_encoder_host_bytes and gpus_per_node * plan.host_total <= host_available:
+        options.append(f"model.text_encoder_offload=false ({_gib(gpus_per_node * plan.host_total)} of host memory)")
+    if replan is not None:
+        nodes = plan.num_gpus // gpus_per_node
+        for more in range(nodes + 1, max_nodes + 1):
+            wider = replan(gpus_per_node * more, True)
+            node_need = gpus_per_node * (wider.host_total + text_encoder_host_bytes)
+            if node_need <= host_available and (gpu_bytes is None or wider.device_total <= gpu_bytes):
+                options.append(f"trainer.nnodes={more} ({_gib(node_need)} of host memory a node)")
+                break
+        if gpu_bytes is not None and replan(plan.num_gpus, False).device_total <= gpu_bytes:
+            options.append(f"{OFFLOAD_KEY}=false ({_gib(replan(plan.num_gpus, False).device_total)} per GPU)")
+    if options:
+        raise ValueError(message + "Use " + " or ".join(options))
+    raise ValueError(message + "Add host memory, or train a LoRA (actor_rollout_ref.model.lora_rank >= 1)")
 
 
 def stored_parameter_counts(model_dir: str) -> dict[str, int]:
