@@ -199,8 +199,8 @@ def run_trainer(cfg, run_name: str, record: dict[str, Any]) -> list[dict[str, An
 
 def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpus: int) -> None:
     """The medians over the steady steps (all but the first) of each phase's seconds, images/s (needs
-    record["images_per_step"]), the text encoders' offload seconds and, for full fine-tuning
-    (``lora_rank=0``), weight_sync_s and offload."""
+    record["images_per_step"]), the text encoders' offload seconds, the actor's allocator peaks per phase (the
+    largest of the run) and, for full fine-tuning (``lora_rank=0``), weight_sync_s and offload."""
     steady = history[1:] or history
     if not steady:
         return
@@ -221,6 +221,17 @@ def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpu
         for h in steady
     )
     record["img_per_s_per_gpu"] = record["img_per_s"] / gpus
+    # The actor's allocator peaks per phase, the largest over every step and rank (step 1 included, as the GPU's
+    # peak is): which phase sets the GPU's peak.
+    for name in (
+        "update_peak_allocated_gb",
+        "update_peak_reserved_gb",
+        "rollout_peak_allocated_gb",
+        "rollout_peak_reserved_gb",
+    ):
+        values = [v for h in history for k, v in h.items() if k.startswith(f"perf/{name}/")]
+        if values:
+            record[name] = max(values)
 
 
 def ocr_data_dir(work_dir: str) -> str:
