@@ -105,27 +105,30 @@ def test_probe_stops_its_clock_thread_when_the_block_raises():
 
 
 class _Allocator:
-    """A stand-in allocator: ``alloc``/``free`` move the allocated bytes (reserved = the most ever allocated, as a
-    cache that never releases); the peaks follow since the last reset."""
+    """A stand-in allocator with ``CudaMemory``'s peak interface: ``alloc``/``free`` move the allocated bytes
+    (reserved = the most ever allocated, as a cache that never releases); the peaks follow since the last reset."""
 
     def __init__(self):
         self.allocated = self.reserved = 0
-        self.peak_allocated = self.peak_reserved = 0
+        self.peak_allocated = self.peak_reserved_bytes = 0
 
     def alloc(self, n: int) -> None:
         self.allocated += n
         self.reserved = max(self.reserved, self.allocated)
         self.peak_allocated = max(self.peak_allocated, self.allocated)
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved)
 
     def free(self, n: int) -> None:
         self.allocated -= n
 
-    def peaks(self) -> tuple[int, int]:
-        return self.peak_allocated, self.peak_reserved
+    def peak(self) -> int:
+        return self.peak_allocated
 
-    def reset(self) -> None:
-        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+    def peak_reserved(self) -> int:
+        return self.peak_reserved_bytes
+
+    def reset_peak(self) -> None:
+        self.peak_allocated, self.peak_reserved_bytes = self.allocated, self.reserved
 
 
 def test_peak_memory_tells_the_rollouts_peak_from_the_updates():
@@ -134,7 +137,7 @@ def test_peak_memory_tells_the_rollouts_peak_from_the_updates():
     memory.alloc(6 * 10**9)  # a rollout's working memory, then freed (its cache stays reserved)
     memory.free(6 * 10**9)
     with PeakMemory(torch.device("cpu"), memory=memory) as first:
-        memory.reset()  # what AutoCheckpointing does when the update starts: the update's peak is still read
+        memory.reset_peak()  # what AutoCheckpointing does when the update starts: the update's peak is still read
         memory.alloc(3 * 10**9)
         memory.free(3 * 10**9)
     assert first.metrics() == {

@@ -66,6 +66,10 @@ class CudaMemory:
     def peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)
 
+    def peak_reserved(self) -> int:
+        """The most the allocator held (its tensors and its cache) since ``reset_peak``."""
+        return torch.cuda.max_memory_reserved(self.device)
+
     def budget(self, margin: float) -> float:
         """Bytes this process can still allocate, less ``margin`` of the card: free on the device (other processes
         and the sleeping engine already subtracted) plus what the allocator caches unused."""

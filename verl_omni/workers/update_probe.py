@@ -29,9 +29,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import torch
+
+from verl_omni.workers.activation_memory import CudaMemory
 
 logger = logging.getLogger(__name__)
 
@@ -103,50 +105,33 @@ class UpdateProbe:
         return int(stats["num_device_alloc"])
 
 
-class MemoryPeaks(Protocol):
-    def peaks(self) -> tuple[int, int]:
-        """(allocated, reserved) peak bytes since the last ``reset``."""
-
-    def reset(self) -> None: ...
-
-
-class CudaMemoryPeaks:
-    """PyTorch's CUDA caching allocator's peaks on ``device``, all of its pools."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def peaks(self) -> tuple[int, int]:
-        return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
-
-    def reset(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-
 class PeakMemory:
     """A ``with`` block around the whole update: entering reads the allocator's peaks since the previous update's
     end (then resets them), leaving reads the update's own (then resets them for the next reading). Whatever resets
     the peaks inside the block (``activation_memory.AutoCheckpointing`` does, when its update starts) reads them
     inside it too: the update's peak is then measured from that reset, still the update's start.
 
-    ``memory``: where the peaks come from; by default PyTorch's CUDA allocator on a CUDA ``device``, none elsewhere
-    (every figure 0)."""
+    ``memory``: where the peaks come from (``activation_memory.CudaMemory``'s ``reset_peak`` / ``peak`` /
+    ``peak_reserved``); by default the CUDA allocator's on a CUDA ``device``, none elsewhere (every figure 0)."""
 
-    def __init__(self, device: torch.device, memory: Optional[MemoryPeaks] = None):
-        self.memory = memory if memory is not None else (CudaMemoryPeaks(device) if device.type == "cuda" else None)
+    def __init__(self, device: torch.device, memory: Optional[CudaMemory] = None):
+        self.memory = memory if memory is not None else (CudaMemory(device) if device.type == "cuda" else None)
         self.before = (0, 0)  # (allocated, reserved) bytes between the previous update and this one
         self.during = (0, 0)  # the same during this update
 
     def __enter__(self) -> PeakMemory:
-        if self.memory is not None:
-            self.before = self.memory.peaks()
-            self.memory.reset()
+        self.before = self._read_and_reset()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.memory is not None:
-            self.during = self.memory.peaks()
-            self.memory.reset()
+        self.during = self._read_and_reset()
+
+    def _read_and_reset(self) -> tuple[int, int]:
+        if self.memory is None:
+            return (0, 0)
+        peaks = (self.memory.peak(), self.memory.peak_reserved())
+        self.memory.reset_peak()
+        return peaks
 
     def metrics(self) -> dict[str, float]:
         return {
