@@ -726,8 +726,9 @@ def check_host_memory_fits(
         f"= {_gib(need)}, more than the {_gib(host_available)} available on this node. "
     )
     options = []
-    if text_encoder_host_bytes and gpus_per_node * plan.host_total <= host_available:
-        options.append(f"model.text_encoder_offload=false ({_gib(gpus_per_node * plan.host_total)} of host memory)")
+    shards_only = gpus_per_node * plan.host_total
+    if text_encoder_host_bytes and shards_only <= host_available:
+        options.append(f"model.text_encoder_offload=false ({_gib(shards_only)} of host memory)")
     if replan is not None:
         nodes = plan.num_gpus // gpus_per_node
         for more in range(nodes + 1, max_nodes + 1):
@@ -736,8 +737,9 @@ def check_host_memory_fits(
             if node_need <= host_available and (gpu_bytes is None or wider.device_total <= gpu_bytes):
                 options.append(f"trainer.nnodes={more} ({_gib(node_need)} of host memory a node)")
                 break
-        if gpu_bytes is not None and replan(plan.num_gpus, False).device_total <= gpu_bytes:
-            options.append(f"{OFFLOAD_KEY}=false ({_gib(replan(plan.num_gpus, False).device_total)} per GPU)")
+        on_gpu = replan(plan.num_gpus, False).device_total
+        if gpu_bytes is not None and on_gpu <= gpu_bytes:
+            options.append(f"{OFFLOAD_KEY}=false ({_gib(on_gpu)} per GPU)")
     if options:
         raise ValueError(message + "Use " + " or ".join(options))
     raise ValueError(message + "Add host memory, or train a LoRA (actor_rollout_ref.model.lora_rank >= 1)")
