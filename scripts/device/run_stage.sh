@@ -48,7 +48,8 @@
 # (seconds for pipeline_breakdown, 420) / PROBE_LAYERS (60; 20 for a quick check, the files keep the L60 name),
 # FAMILIES (families: which of "sd3 flux wan", in that order) / FAMILY_TIMEOUT (seconds per family run, 560) /
 # FAMILY_STEPS (training steps per family run, 3; 0: the B=16 engine comparison alone, added to the family's last
-# record in docs/benchmarks/) / FAMILY_COMPARE (0 leaves out the B=16 engine comparison) /
+# record in docs/benchmarks/) / FAMILY_COMPARE (0 leaves out the B=16 engine comparison) / FAMILY_SET (space-separated
+# key=value overrides for every family run, each a --set of family_step.py; the record lists them) /
 # COMMIT (the commit the records name, where the copy has no .git) /
 # FAMILY_KEEP_MODELS (1 keeps each stand-in in $MODEL_DIR/family_<family> for the next run; by default it is deleted
 # after its run: the three take ~65 GB of disk), FAMILY_TESTS_K (gpu-tests-families: a pytest -k expression, e.g.
@@ -128,7 +129,8 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
   [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
   [ "$family" = sd3full ] && family=sd3  # sd3full: SD3.5-Medium's full fine-tuning recipe
   [ "$family" = qwen20full ] && family=qwen_image  # qwen20full: Qwen-Image at 20 layers, every weight, optimizer offload
-  local run=(--steps "${FAMILY_STEPS:-3}")
+  local run=(--steps "${FAMILY_STEPS:-3}") kv
+  for kv in ${FAMILY_SET:-}; do args+=(--set "$kv"); done
   [ "${FAMILY_COMPARE:-1}" = 1 ] && run+=(--rollout-compare)
   if [ "${FAMILY_STEPS:-3}" = 0 ]; then
     run=(--compare-only)

@@ -20,13 +20,19 @@ from helpers import trainer_config  # noqa: E402
 pytestmark = [pytest.mark.gpu, requires_cuda, requires_vllm_omni]
 
 
-# Every family with its LoRA; SD3.5 also training every weight (lora_rank=0), where the faithful stand-in's
-# recipe measured step-1 ratios 2.8e-4 below 1 (docs/performance.md, "Full fine-tuning").
-CASES = [(family, None) for family in FAMILIES] + [("sd3", 0)]
+# (family, lora_rank, actor.use_torch_compile): every family with its LoRA; SD3.5 also training every weight
+# (lora_rank=0), where the faithful stand-in's recipe measured step-1 ratios 2.8e-4 below 1 (docs/performance.md,
+# "Full fine-tuning"), with the update's blocks as the engine compiled them (the default) and with their original
+# forwards: the two cases tell the compiled training graphs' share of the gap from the attention kernels'.
+CASES = [(family, None, None) for family in FAMILIES] + [("sd3", 0, None), ("sd3", 0, False)]
 
 
-@pytest.mark.parametrize(("family", "lora_rank"), CASES, ids=[f if r is None else f"{f}_full" for f, r in CASES])
-def test_hybrid_engine_first_update_sees_ratio_one(family, lora_rank, request, ocr_data_files, tmp_path):
+def _case_id(family, lora_rank, compiled):
+    return family + ("" if lora_rank is None else "_full") + ("" if compiled is None else "_eager")
+
+
+@pytest.mark.parametrize(("family", "lora_rank", "compiled"), CASES, ids=[_case_id(*c) for c in CASES])
+def test_hybrid_engine_first_update_sees_ratio_one(family, lora_rank, compiled, request, ocr_data_files, tmp_path):
     """One FlowGRPO step through the hybrid engine on vllm-omni: the actor trains the engine's transformer in the
     engine's process and recomputes the rollout's log-probs (step-1 ratios within 1e-4 of 1)."""
     model_dir = request.getfixturevalue(f"gpu_{family}_dir")
@@ -51,6 +57,8 @@ def test_hybrid_engine_first_update_sees_ratio_one(family, lora_rank, request, o
     if lora_rank is not None:
         overrides["actor_rollout_ref.model.lora_rank"] = lora_rank
         overrides["actor_rollout_ref.actor.optim.lr"] = 1e-5
+    if compiled is not None:
+        overrides["actor_rollout_ref.actor.use_torch_compile"] = compiled
     if family in FRAMES:  # a video family's clip length (its options section)
         overrides[f"actor_rollout_ref.model.{family}.num_frames"] = FRAMES[family]
     trainer = FlowGRPOTrainer(trainer_config(ocr_data_files, model_dir, tmp_path / family, **overrides)).init()
@@ -64,11 +72,12 @@ def test_hybrid_engine_first_update_sees_ratio_one(family, lora_rank, request, o
     figures = {
         "family": family,
         "lora_rank": lora_rank,
+        "actor_use_torch_compile": compiled,
         "step1_ratio_min": first["actor/ratio_min"],
         "step1_ratio_max": first["actor/ratio_max"],
         "grad_norms": [h["actor/grad_norm"] for h in history],
         "step_s": [h["timing/step_s"] for h in history],
     }
-    write_figures(f"gpu_hybrid_{family}{'' if lora_rank is None else '_full'}_vllm_omni.json", figures)
+    write_figures(f"gpu_hybrid_{_case_id(family, lora_rank, compiled)}_vllm_omni.json", figures)
     assert abs(first["actor/ratio_min"] - 1) < 1e-4 and abs(first["actor/ratio_max"] - 1) < 1e-4, figures
     assert all(g > 0 for g in figures["grad_norms"]) and final != start
