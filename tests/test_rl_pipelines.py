@@ -567,3 +567,33 @@ def test_single_frame_vae_decode_equals_diffusers_decode(tiny_qwen_image_dir):
     # a video-shaped input (3 frames) still takes the 3D path of the switched convs
     video = pipe.vae.decode(unpacked.repeat(1, 1, 3, 1, 1) * std + mean, return_dict=False)[0]
     assert video.shape[2] > 1 and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("family", ["qwen_image_rl_pipe", "sd3_rl_pipe", "flux_rl_pipe", "wan_pipe"])
+def test_decoding_a_few_rows_at_a_time_gives_the_media_of_one_decode(family, request, monkeypatch):
+    """``vae_decode_batch``: the final latents decode in calls of that many rows (the last one shorter), and the media
+    are one decode's of all rows within a unit of uint8 rounding (a convolution over another batch size may round
+    differently, as in the batch-composition tests above); the latents and log-probs are untouched."""
+    pipe = request.getfixturevalue(family)
+    params = _params(num_inference_steps=2, sde_window_size=1, window_start=0)
+    whole = pipe.rl_generate(PROMPT, SEEDS[:3], params)
+    decoded_rows = []
+    decode = type(pipe).decode_rl_latents
+
+    def counting(self, latents, p):
+        decoded_rows.append(latents.shape[0])
+        return decode(self, latents, p)
+
+    monkeypatch.setattr(type(pipe), "decode_rl_latents", counting)
+    parts = pipe.rl_generate(PROMPT, SEEDS[:3], params.replace(vae_decode_batch=2))
+    assert decoded_rows == [2, 1]
+    assert parts.media.shape == whole.media.shape
+    pixel = (parts.media.int() - whole.media.int()).abs().max().item()
+    print(f"[{type(pipe).__name__}] decoded 2 + 1 rows vs 3 at once: pixel {pixel}")
+    assert pixel <= 1
+    assert torch.equal(parts.latents, whole.latents) and torch.equal(parts.log_probs, whole.log_probs)
+
+
+def test_a_negative_vae_decode_batch_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"vae_decode_batch=-1"):
+        _params(vae_decode_batch=-1).validate()

@@ -161,3 +161,10 @@ def test_a_data_row_of_zero_width_characters_is_an_empty_prompt(tmp_path):
     pd.DataFrame({"prompt": ['a sign that says "open"', "\u200b\u200b \ufeff"]}).to_parquet(path)
     with pytest.raises(ValueError, match=r"row 1: empty prompt \(only whitespace, zero-width or control characters\)"):
         PromptDataset(str(path))
+
+
+def test_a_negative_vae_decode_batch_fails_at_start_naming_the_key():
+    with pytest.raises(ValueError, match=rf"{R}.pipeline.vae_decode_batch=-2 must be an int >= 0"):
+        _config(**{f"{R}.pipeline.vae_decode_batch": -2})
+    params = _config(**{f"{R}.pipeline.vae_decode_batch": 8}).actor_rollout_ref.rollout.sampling_params()
+    assert params.vae_decode_batch == 8  # what every training request carries to the pipeline

@@ -48,9 +48,11 @@ class PipelineSamplingConfig(Section):
     height: int = 64
     width: int = 64
     max_sequence_length: int = 64
+    vae_decode_batch: int = 0  # rows per VAE decode call; 0: all of a call's rows at once (config/sampling.py)
 
     def __post_init__(self) -> None:
         check_batch_cfg(self.key("batch_cfg"), self.batch_cfg)
+        require_int(self.key("vae_decode_batch"), self.vae_decode_batch, minimum=0)
 
 
 @dataclass
@@ -225,6 +227,7 @@ class RolloutConfig(Section):
             batch_cfg=p.batch_cfg,
             negative_prompt=p.negative_prompt,
             max_sequence_length=p.max_sequence_length,
+            vae_decode_batch=p.vae_decode_batch,
             noise_level=float(a.noise_level),
             sde_type=a.sde_type,
             sde_window_size=a.sde_window_size,

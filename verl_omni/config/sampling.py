@@ -76,6 +76,10 @@ class DiffusionSamplingParams:
     # the end, -1 = x_0): an algorithm that trains on the final clean latent asks for (-1,). None: nothing extra (and,
     # without ``trajectory_window_only``, the whole trajectory).
     keep_latent_steps: Optional[tuple[int, ...]] = None
+    # Rows per VAE decode call; 0: every row of the call in one decode. The decode's activations grow with its rows
+    # (SD3.5's VAE holds ~0.4 GB per 512x512 image in bfloat16 at its peak), so decoding a large group at once can set
+    # the rollout's memory peak; fewer rows per call cap it at the cost of more, smaller decodes.
+    vae_decode_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.sde_window_range is not None:
@@ -98,6 +102,7 @@ class DiffusionSamplingParams:
         _require_int("height", self.height, minimum=1)
         _require_int("width", self.width, minimum=1)
         _require_int("max_sequence_length", self.max_sequence_length, minimum=1)
+        _require_int("vae_decode_batch", self.vae_decode_batch, minimum=0)
         if vae_scale_factor is not None:
             multiple = vae_scale_factor * 2  # VAE downsampling x 2x2 patchify
             for name in ("height", "width"):

@@ -59,6 +59,7 @@ from verl_omni.core.conditioning import Conditioning
 from verl_omni.core.outputs import RLBatchOutput
 from verl_omni.models.lora import ExpertModules
 from verl_omni.pipelines.common import (
+    decode_in_batches,
     denoise_with_logprobs,
     expand_timestep,
     make_generators,
@@ -371,7 +372,9 @@ class RLPipelineMixin:
             interrupt,
             tail_schedule=lambda start, points: self.rl_tail_schedule(params, start, points),
         )
-        images = self.decode_rl_latents(result.final_latents, params)
+        images = decode_in_batches(
+            lambda latents: self.decode_rl_latents(latents, params), result.final_latents, params.vae_decode_batch
+        )
         return to_batch_output(
             images, result, sigmas, model_timesteps, cond, seeds, truncated_prompt_tokens, params.to_dict()
         )

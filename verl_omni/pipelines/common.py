@@ -213,6 +213,14 @@ def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def decode_in_batches(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, rows: int) -> torch.Tensor:
+    """``decode(latents)``, ``rows`` rows of the final latents at a time (0: all at once), the media concatenated:
+    the decode's working memory is then that of ``rows`` rows (``vae_decode_batch``)."""
+    if rows <= 0 or latents.shape[0] <= rows:
+        return decode(latents)
+    return torch.cat([decode(part) for part in latents.split(rows)])
+
+
 def decode_scaled_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Spatial latents [B, C, h, w] -> uint8 [B, H, W, 3] through an ``AutoencoderKL`` with its scaling and shift
     factors undone, as the stock FLUX and SD3 pipelines decode."""
