@@ -73,8 +73,9 @@ def _flat(tree, prefix=""):
 
 
 def test_the_sd3_5_medium_full_recipe_is_the_lora_recipe_training_every_weight():
-    """configs/sd3_5_medium_flowgrpo_ocr_full.yaml: the LoRA recipe with lora_rank 0, lr 3e-5 and no KL term (full
-    fine-tuning keeps no reference policy); the LoRA's own keys and the experiment name aside, nothing else differs."""
+    """configs/sd3_5_medium_flowgrpo_ocr_full.yaml: the LoRA recipe with lora_rank 0, lr 3e-5, no KL term (full
+    fine-tuning keeps no reference policy) and 8 images per VAE decode (the optimizer's shards sit beside the
+    rollout's decode); the LoRA's own keys and the experiment name aside, nothing else differs."""
     from omegaconf import OmegaConf
 
     path = ["actor_rollout_ref.model.path=tiny:sd3"]
@@ -88,6 +89,7 @@ def test_the_sd3_5_medium_full_recipe_is_the_lora_recipe_training_every_weight()
         f"{m}target_modules": (list(SD3_TARGETS), differ[f"{m}target_modules"][1]),
         f"{a}optim.lr": (3e-4, 3e-5),
         f"{a}kl_coef": (0.04, 0.0),
+        "actor_rollout_ref.rollout.pipeline.vae_decode_batch": (0, 8),
         "trainer.experiment_name": ("sd3_5_medium_ocr_lora", "sd3_5_medium_ocr_full"),
     }
     cfg = _parsed("sd3_5_medium_flowgrpo_ocr_full", "sd3")
