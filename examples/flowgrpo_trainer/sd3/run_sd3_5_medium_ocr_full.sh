@@ -3,8 +3,8 @@
 # rollouts on vllm-omni (one GPU; more with trainer.n_gpus_per_node=N data.train_batch_size=2N, which also shards the
 # optimizer over the GPUs; several nodes with RAY_ADDRESS and trainer.nnodes: README).
 #   SD3_PATH=/path/to/stable-diffusion-3.5-medium bash examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_full.sh [overrides]
-# Needs: pip install -e ".[vllm-omni]" on a CUDA machine. The settings (the LoRA recipe's, with lora_rank=0, lr 3e-5
-# and no KL term) live in the preset configs/sd3_5_medium_flowgrpo_ocr_full.yaml; extra Hydra overrides are passed
+# Needs: pip install -e ".[vllm-omni]" on a CUDA machine. The settings (the LoRA recipe's, with lora_rank=0, lr 3e-5,
+# no KL term and 8 images per VAE decode) live in the preset configs/sd3_5_medium_flowgrpo_ocr_full.yaml; extra Hydra overrides are passed
 # through, e.g. actor_rollout_ref.actor.optimizer_offload=true (the optimizer in host memory: README's table).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
