@@ -60,10 +60,11 @@ def standin_shape(family: str):
     from verl_omni.workers.full_weights import PipelineShape
 
     components = build_components(family, device="meta")
+    vae = components["vae"]
     return PipelineShape(
         counts=stored_counts(components),
         transformer=dict(components["transformer"].config),
-        vae=dict(components["vae"].config),
+        vae={**vae.config, "_class_name": type(vae).__name__},  # as the directory's vae/config.json names it
     )
 
 
@@ -97,8 +98,8 @@ def full_table(all_plans: dict[str, dict]) -> str:
     """Every term of every plan, GiB per GPU (host: what the offload keeps in host memory per GPU)."""
     lines = [
         "| model | offload | GPUs | weights | gradient shard | gradient buckets | master + AdamW shards | frozen "
-        "components | policy copies | activations | total per GPU | host per GPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "components | policy copies | activations | rollout's VAE decode | total per GPU | host per GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         for off in (False, True):
@@ -107,7 +108,7 @@ def full_table(all_plans: dict[str, dict]) -> str:
                 shards = _gib(p.master + p.optimizer, 2) + (" (host)" if off else "")
                 terms = [_gib(t, 2) for t in (p.weights, p.grads, p.buckets)] + [shards]
                 copies = _gib(p.sharded_copies, 2) + (" (host)" if off and p.sharded_copies else "")
-                terms += [_gib(p.frozen, 2), copies, _gib(p.activations, 2)]
+                terms += [_gib(p.frozen, 2), copies, _gib(p.activations, 2), _gib(p.decode, 2)]
                 cells = [recipe.model, "on" if off else "off", str(n), *terms]
                 cells += [_gib(p.device_total, 2), _gib(p.host_total, 2)]
                 lines.append("| " + " | ".join(cells) + " |")

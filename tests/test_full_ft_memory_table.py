@@ -80,7 +80,7 @@ def test_a_stand_ins_meta_shape_is_what_the_start_up_check_reads_from_its_direct
     from_modules = PipelineShape(
         counts=stored_counts(components),
         transformer=dict(pipe.transformer.config),
-        vae=dict(pipe.vae.config),
+        vae={**pipe.vae.config, "_class_name": type(pipe.vae).__name__},
     )
     from_dir = PipelineShape.from_model_dir(tiny_sd3_dir)
     assert from_modules.counts == from_dir.counts

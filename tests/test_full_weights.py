@@ -803,3 +803,19 @@ def test_the_trainer_refuses_host_memory_the_node_cannot_hold_before_ray_starts(
     # each GPU's shard halves again.
     with pytest.raises(ValueError, match=r"host memory does not fit: 2 GPU\(s\) per node x .* Use trainer.nnodes=2"):
         check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host_available=50 * 2**20)
+
+
+def test_the_rollouts_vae_decode_counts_beside_every_component_between_updates():
+    p = 20 * 10**9
+    kw = dict(frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
+    plan = plan_full_weights_memory(p, 8, False, **kw)
+    resident = plan.weights + plan.master + plan.optimizer
+    # A decode smaller than the update's buckets and activations changes nothing; a larger one is the plan.
+    small = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=GiB)
+    assert small.device_total == plan.device_total and "the rollout's VAE decode 1.00 GiB" in small.describe()
+    large = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=9 * GiB)
+    assert large.device_total == resident + 3 * GiB + 9 * GiB > plan.device_total
+    assert "VAE decode" not in plan.describe()
+    # It never leaves the GPU: with the text encoders off for the update, the rollout keeps both.
+    both = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=9 * GiB, offloaded_frozen_bytes=2 * GiB)
+    assert both.device_total == large.device_total

@@ -198,6 +198,12 @@ class RLPipelineMixin:
             self.__dict__["_lora_module"] = cached
         return cached
 
+    @staticmethod
+    def vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> Any:
+        """The VAE call of this family's decode, on latents already scaled for it; the full fine-tuning memory plan
+        runs it on fake tensors to count the rollout's decode (models/vae_memory.py)."""
+        return vae.decode(latents, return_dict=False)[0]
+
     def decode_rl_latents(self, latents: torch.Tensor, params: DiffusionSamplingParams) -> torch.Tensor:
         """The final latents as uint8 media on the device: [B, H, W, 3] images or [B, F, H, W, 3] videos (the
         record gives images their frame axis)."""

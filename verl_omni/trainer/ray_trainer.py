@@ -28,6 +28,7 @@ from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
 from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
 from verl_omni.core.media import media_samples
+from verl_omni.models.vae_memory import decode_activation_bytes
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import (
     check_pipeline_matches,
@@ -77,7 +78,10 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
     pipeline of ``shape``: what the start-up check plans, for any number of GPUs and either offload setting."""
     ref = cfg.actor_rollout_ref
     params = ref.rollout.sampling_params()
-    dtype_bytes = resolve_dtype(ref.actor.dtype).itemsize
+    dtype = resolve_dtype(ref.actor.dtype)
+    dtype_bytes = dtype.itemsize
+    vae_scale_factor = vae_scale_factor_of_config(shape.vae) or 8
+    num_frames = getattr(ref.model.family_options, "num_frames", 1)  # a video family's clip length
     num_params, frozen, activations = plan_inputs(
         shape,
         dtype_bytes=dtype_bytes,
@@ -85,8 +89,20 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         text_tokens=params.max_sequence_length,
         height=params.height,
         width=params.width,
-        vae_scale_factor=vae_scale_factor_of_config(shape.vae) or 8,
-        num_frames=getattr(ref.model.family_options, "num_frames", 1),  # a video family's clip length
+        vae_scale_factor=vae_scale_factor,
+        num_frames=num_frames,
+    )
+    # One engine call decodes a group's n rows (a replica joins the requests of one prompt), vae_decode_batch at a time
+    decode_rows = min(ref.rollout.n, params.vae_decode_batch or ref.rollout.n)
+    decode = decode_activation_bytes(
+        shape.vae,
+        decode_rows,
+        params.height,
+        params.width,
+        vae_scale_factor,
+        num_frames,
+        dtype=dtype,
+        decode=get_pipeline_class(ref.model.pipeline).vae_decode,
     )
     # model.text_encoder_offload: the text encoders leave the GPU for each update (workers/text_encoder_offload.py)
     offloaded = offload_enabled(ref.model.text_encoder_offload, torch.device(ref.actor.device))
@@ -99,6 +115,7 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         sharded_copies=int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft"),
         bucket_mb=ref.actor.grad_bucket_mb,
         offloaded_frozen_bytes=text_encoder_bytes(shape, dtype_bytes) if offloaded else 0,
+        decode_bytes=decode,
     )
     return num_params, kwargs
 

@@ -550,16 +550,17 @@ class FullWeightsMemory:
     activations: int
     # of ``frozen``: the text encoders, off the GPU during each update (model.text_encoder_offload)
     offloaded_frozen: int = 0
+    # the rollout's VAE decode of one call's rows (models/vae_memory.py; rollout.pipeline.vae_decode_batch)
+    decode: int = 0
 
     @property
     def device_total(self) -> int:
-        """The larger of the update's footprint and the one between updates (the rollout's: every component on the
-        GPU, no gradient buckets or activations of the update); the second is larger only where the text encoders
-        leave the GPU for the update."""
+        """The larger of the update's footprint and the rollout's (every component on the GPU and the VAE decode's
+        activations, no gradient buckets or activations of the update)."""
         on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
         resident = self.weights + self.grads + on_device
         update = resident + self.buckets + self.frozen - self.offloaded_frozen + self.activations
-        return max(update, resident + self.frozen)
+        return max(update, resident + self.frozen + self.decode)
 
     @property
     def host_total(self) -> int:
@@ -580,6 +581,7 @@ class FullWeightsMemory:
             ),
             ("policy copy shards" + (" (host)" if self.offload else ""), self.sharded_copies),
             ("activations", self.activations),
+            *([("the rollout's VAE decode", self.decode)] if self.decode else []),
         ]
         items = ", ".join(f"{name} {_gib(n)}" for name, n in parts)
         return (
@@ -603,10 +605,12 @@ def plan_full_weights_memory(
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     offloaded_frozen_bytes: int = 0,
+    decode_bytes: int = 0,
 ) -> FullWeightsMemory:
     """The per-GPU footprint of full fine-tuning ``num_params`` weights of ``weight_bytes`` each over ``num_gpus``
     (``ShardedAdamW``'s buffers; its per-bucket padding, under num_gpus values a bucket, is left out);
-    ``offloaded_frozen_bytes`` of the ``frozen_bytes`` leave the GPU during each update."""
+    ``offloaded_frozen_bytes`` of the ``frozen_bytes`` leave the GPU during each update; ``decode_bytes``: the
+    rollout's VAE decode beside them."""
     if not 0 <= offloaded_frozen_bytes <= frozen_bytes:
         raise ValueError(
             f"offloaded_frozen_bytes={offloaded_frozen_bytes} must be within [0, frozen_bytes={frozen_bytes}]"
@@ -626,6 +630,7 @@ def plan_full_weights_memory(
         sharded_copies=sharded_copies * shard * 4,
         activations=activation_bytes,
         offloaded_frozen=offloaded_frozen_bytes,
+        decode=decode_bytes,
     )
 
 
@@ -655,6 +660,7 @@ def check_full_weights_fit(
     sharded_copies: int = 0,
     bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
     offloaded_frozen_bytes: int = 0,
+    decode_bytes: int = 0,
     gpus_key: str = "trainer.n_gpus_per_node x trainer.nnodes",
     max_gpus: int = 1024,
 ) -> FullWeightsMemory:
@@ -672,6 +678,7 @@ def check_full_weights_fit(
             sharded_copies=sharded_copies,
             bucket_mb=bucket_mb,
             offloaded_frozen_bytes=offloaded_frozen_bytes,
+            decode_bytes=decode_bytes,
         )
 
     chosen = plan(num_gpus, offload)
@@ -690,11 +697,13 @@ def check_full_weights_fit(
             options.append(f"{fewest} GPUs{extra} ({_gib(plan(fewest, off).device_total)} per GPU)")
     if options:
         raise ValueError(message + f"Use {' or '.join(options)}; GPUs: {gpus_key}")
+    # What no GPU count shards: the weights, with the update's buckets and frozen components or the rollout's
+    unsharded = chosen.weights + max(
+        chosen.buckets + chosen.frozen - chosen.offloaded_frozen, chosen.frozen + chosen.decode
+    )
     raise ValueError(
-        message + "No GPU count fits: the weights, the gradient buckets and the frozen components alone take "
-        f"{_gib(chosen.weights + max(chosen.buckets + chosen.frozen - chosen.offloaded_frozen, chosen.frozen))}; "
-        "train a LoRA "
-        "(actor_rollout_ref.model.lora_rank >= 1)"
+        message + "No GPU count fits: the weights, the gradient buckets, the frozen components and the rollout's "
+        f"VAE decode alone take {_gib(unsharded)}; train a LoRA (actor_rollout_ref.model.lora_rank >= 1)"
     )
 
 

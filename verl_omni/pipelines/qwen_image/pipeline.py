@@ -375,7 +375,12 @@ class QwenImageRLPipeline(RLPipelineMixin, QwenImagePipeline):
         # frame sees no cache either) minus copying every activation into that cache, and its causal convs run
         # as 2D convs (SingleFrameCausalConv3d).
         self._use_single_frame_convs()
-        return self.vae.decoder(self.vae.post_quant_conv(latents)).clamp(-1.0, 1.0)[:, :, 0]
+        return self.vae_decode(self.vae, latents).clamp(-1.0, 1.0)[:, :, 0]
+
+    @staticmethod
+    def vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """One frame through the decoder without its frame cache (``decode_latents_to_pixels``)."""
+        return vae.decoder(vae.post_quant_conv(latents))
 
     def _use_single_frame_convs(self) -> None:
         # Our pipeline's own VAE instance, switched once at first decode; the class falls back to the 3D path
