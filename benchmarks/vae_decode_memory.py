@@ -1,10 +1,11 @@
 """The VAE decode's working memory per row, at each family's real VAE architecture and its recipe's media size.
 
 The rollout decodes a call's final latents in calls of ``rollout.pipeline.vae_decode_batch`` rows (0: all at once).
-This measures what one row adds to the decode's peak: a dispatch mode counts the bytes of the tensors the decode's
-operators create that are alive at once (the inputs and weights not counted), for a decode of 1 and of 2 rows (random
-bfloat16 weights, on the CPU: the tensors the decode keeps alive are the same on a GPU; the GPU's convolution
-workspaces come on top), and the difference is one row's share.
+This measures what one row adds to the decode's peak: ``LiveBytes`` (models/vae_memory.py) counts the bytes of the
+tensors the family's decode (its pipeline's ``vae_decode``) creates that are alive at once, for a decode of 1 and of 2
+rows (random bfloat16 weights, on the CPU: the tensors the decode keeps alive are the same on a GPU; the GPU's
+convolution workspaces come on top), and the difference is one row's share. The full fine-tuning memory plan counts
+the same decode on fake tensors.
 
     python benchmarks/vae_decode_memory.py --out docs/benchmarks/vae_decode_memory.json
 """
@@ -19,83 +20,42 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from verl_omni.models.standins import flux_1_dev, qwen_image, sd3_5_medium, wan2_1_t2v
+from verl_omni.models.vae_memory import LiveBytes, decode_latent_shape
+from verl_omni.pipelines.registry import get_pipeline_class
 
 DTYPE = torch.bfloat16
 
-
-def _autoencoder_kl(config: dict[str, Any]) -> tuple[torch.nn.Module, Callable]:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**config)
-    return vae, lambda z: vae.decode(z, return_dict=False)[0]
-
-
-def _qwen_image() -> tuple[torch.nn.Module, Callable]:
-    from diffusers import AutoencoderKLQwenImage
-
-    vae = AutoencoderKLQwenImage(**qwen_image.VAE)
-    # The RL pipeline's single-frame decode (pipelines/qwen_image/pipeline.py): the decoder without its frame cache.
-    return vae, lambda z: vae.decoder(vae.post_quant_conv(z))
-
-
-def _wan() -> tuple[torch.nn.Module, Callable]:
-    from diffusers import AutoencoderKLWan
-
-    vae = AutoencoderKLWan(**wan2_1_t2v.VAE)
-    return vae, lambda z: vae.decode(z, return_dict=False)[0]
-
-
-# family -> (builder, latent shape of one row at the recipe's size without the batch axis, the media it decodes to)
-FAMILIES: dict[str, tuple[Callable, tuple[int, ...], str]] = {
-    "sd3": (lambda: _autoencoder_kl(sd3_5_medium.VAE), (16, 64, 64), "512x512 image"),
-    "flux": (lambda: _autoencoder_kl(flux_1_dev.VAE), (16, 64, 64), "512x512 image"),
-    "qwen_image": (_qwen_image, (16, 1, 64, 64), "512x512 image"),
-    "wan": (_wan, (16, 9, 30, 52), "33 frames of 240x416"),
+# family -> (its stand-in's VAE: diffusers class name and config, the recipe's media: height, width, frames)
+FAMILIES: dict[str, tuple[str, dict[str, Any], tuple[int, int, int]]] = {
+    "sd3": ("AutoencoderKL", sd3_5_medium.VAE, (512, 512, 1)),
+    "flux": ("AutoencoderKL", flux_1_dev.VAE, (512, 512, 1)),
+    "qwen_image": ("AutoencoderKLQwenImage", qwen_image.VAE, (512, 512, 1)),
+    "wan": ("AutoencoderKLWan", wan2_1_t2v.VAE, (240, 416, 33)),
 }
 
 
-class LiveBytes(TorchDispatchMode):
-    """The most bytes of operator outputs alive at once inside the mode: each new storage an operator returns is
-    counted until it is freed (a weak reference that expires)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[StorageWeakRef, int] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.live = {ref: n for ref, n in self.live.items() if not ref.expired()}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                self.live.setdefault(StorageWeakRef(storage), storage.nbytes())
-        self.peak = max(self.peak, sum(self.live.values()))
-        return out
-
-
-def activation_peak(decode: Callable, latents: torch.Tensor) -> int:
-    with torch.no_grad(), LiveBytes() as tracker:
-        decode(latents)
-    return tracker.peak
+def activation_peak(decode: Callable, vae: torch.nn.Module, latents: torch.Tensor) -> int:
+    with torch.no_grad(), LiveBytes() as live:
+        decode(vae, latents)
+    return live.peak
 
 
 def measure(family: str) -> dict[str, Any]:
-    build, shape, media = FAMILIES[family]
+    import diffusers
+
+    class_name, config, (height, width, frames) = FAMILIES[family]
     torch.manual_seed(0)
-    vae, decode = build()
-    vae = vae.to(DTYPE).eval()
+    vae = getattr(diffusers, class_name)(**config).to(DTYPE).eval()
+    shape = decode_latent_shape(config, height, width, 8, frames)
+    decode = get_pipeline_class(family).vae_decode  # the VAE call of the family's rollout decode
     start = time.perf_counter()
-    peaks = {rows: activation_peak(decode, torch.randn(rows, *shape, dtype=DTYPE)) for rows in (1, 2)}
+    peaks = {rows: activation_peak(decode, vae, torch.randn(rows, *shape, dtype=DTYPE)) for rows in (1, 2)}
     return {
         "family": family,
-        "vae": type(vae).__name__,
-        "media": media,
+        "vae": class_name,
+        "media": f"{frames} frames of {height}x{width}" if frames > 1 else f"{height}x{width} image",
         "latent_shape": list(shape),
         "dtype": "bfloat16",
         "device": "cpu",
