@@ -45,7 +45,8 @@ def test_the_fake_count_of_a_decode_is_the_real_decodes(family, height, width, f
 
 def test_a_config_naming_no_diffusers_vae_plans_no_decode_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="verl_omni.models.vae_memory"):
-        assert decode_activation_bytes({"_class_name": "NoSuchVAE", "latent_channels": 4}, 2, 64, 64, 8) == 0
+        config = {"_class_name": "NoSuchVAE", "latent_channels": 4}
+        assert decode_activation_bytes(config, 2, 64, 64, 8, decode=get_pipeline_class("sd3").vae_decode) == 0
     assert "leaves out the rollout's VAE decode" in caplog.text
 
 
@@ -67,7 +68,7 @@ def test_the_start_up_plan_counts_a_decode_of_vae_decode_batch_rows(tiny_sd3_dir
     p = "actor_rollout_ref.rollout.pipeline"
     eight = decode_bytes()  # the preset: 8 of the group's 24 rows a call
     whole = decode_bytes(**{f"{p}.vae_decode_batch": 0})
-    config = _vae_config(tiny_sd3_dir)
-    one = decode_activation_bytes(config, 1, 512, 512, 8, decode=get_pipeline_class("sd3").vae_decode)
-    assert eight == decode_activation_bytes(config, 8, 512, 512, 8) and whole > eight > one > 0
+    config, decode = _vae_config(tiny_sd3_dir), get_pipeline_class("sd3").vae_decode
+    one = decode_activation_bytes(config, 1, 512, 512, 8, decode=decode)
+    assert eight == decode_activation_bytes(config, 8, 512, 512, 8, decode=decode) and whole > eight > one > 0
     assert decode_bytes(**{f"{p}.vae_decode_batch": 64}) == whole  # never more rows than the group's

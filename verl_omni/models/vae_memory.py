@@ -64,10 +64,6 @@ def decode_latent_shape(
     return (int(vae_config["z_dim"]), (num_frames - 1) // temporal + 1, *spatial)
 
 
-def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> Any:
-    return vae.decode(latents, return_dict=False)[0]
-
-
 def decode_activation_bytes(
     vae_config: dict[str, Any],
     rows: int,
@@ -76,10 +72,11 @@ def decode_activation_bytes(
     vae_scale_factor: int,
     num_frames: int = 1,
     dtype: torch.dtype = torch.bfloat16,
-    decode: Callable[[torch.nn.Module, torch.Tensor], Any] = _vae_decode,
+    *,
+    decode: Callable[[torch.nn.Module, torch.Tensor], Any],
 ) -> int:
     """The activation bytes of one decode of ``rows`` rows at ``height`` x ``width`` (x ``num_frames``) in ``dtype``:
-    ``decode(vae, latents)`` (a family's ``vae_decode``; default ``vae.decode``) for the diffusers VAE class
+    ``decode(vae, latents)`` (the family pipeline's ``vae_decode``) for the diffusers VAE class
     ``vae_config["_class_name"]`` (a pipeline directory's vae/config.json). 0, with a warning, where the config names
     no diffusers VAE or the decode cannot run on fake tensors."""
     import diffusers
