@@ -134,3 +134,22 @@ def test_benchmark_build_falls_back_to_the_cpu_with_a_log_line(tmp_path, capsys,
     blocks = {k.split("transformer_blocks.")[1].split(".")[0] for k in transformer if "transformer_blocks." in k}
     assert blocks == {"0"} and transformer["diffusion_pytorch_model.safetensors/img_in.weight"].shape[0] == 3072
     assert all(t.dtype == torch.bfloat16 for t in transformer.values() if t.is_floating_point())
+
+
+def test_tiny_sd3_at_the_real_head_dim_runs_its_transformer(tmp_path):
+    """The GPU tests' SD3.5 (head dim 64, which FA3 takes): the caption projection follows the blocks' width, so
+    the joint blocks take the text stream."""
+    from diffusers import SD3Transformer2DModel
+
+    path = build_tiny_sd3(tmp_path / "sd3", attention_head_dim=64)
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+    cfg = transformer.config
+    assert cfg.caption_projection_dim == cfg.attention_head_dim * cfg.num_attention_heads == 128
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=torch.randn(1, cfg.in_channels, 16, 16),
+            encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim),
+            timestep=torch.tensor([500.0]),
+        ).sample
+    assert out.shape == (1, cfg.out_channels, 16, 16) and torch.isfinite(out).all()

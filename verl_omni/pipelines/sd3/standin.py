@@ -28,7 +28,8 @@ def build_tiny_sd3(
 ) -> str:
     """Tiny random SD3.5-style pipeline (2 MMDiT layers with qk RMSNorm, two CLIPs + T5, 16-channel VAE).
     ``transformer_overrides``: ``SD3Transformer2DModel`` keyword arguments (e.g. ``attention_head_dim=64``, the
-    real head dim, which a GPU's FA3 takes; the tiny default is 32)."""
+    real head dim, which a GPU's FA3 takes; the tiny default is 32). The caption projection follows the blocks'
+    width (heads x head dim), as in SD3.5, unless ``caption_projection_dim`` is given."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -49,13 +50,16 @@ def build_tiny_sd3(
         attention_head_dim=32,
         num_attention_heads=2,
         joint_attention_dim=t5_hidden,
-        caption_projection_dim=64,
         pooled_projection_dim=2 * clip_hidden,
         pos_embed_max_size=32,
         qk_norm="rms_norm",
     )
+    transformer_config.update(transformer_overrides)
+    if "caption_projection_dim" not in transformer_overrides:  # the joint blocks norm the text stream at their width
+        width = transformer_config["attention_head_dim"] * transformer_config["num_attention_heads"]
+        transformer_config["caption_projection_dim"] = width
     with _seeded_init(seed, torch.float32):
-        transformer = SD3Transformer2DModel(**{**transformer_config, **transformer_overrides})
+        transformer = SD3Transformer2DModel(**transformer_config)
     with _seeded_init(seed + 1, torch.float32):
         vae = tiny_autoencoder_kl(scaling_factor=1.5305, shift_factor=0.0609)
     with _seeded_init(seed + 2, torch.float32):
