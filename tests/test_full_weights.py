@@ -23,10 +23,14 @@ from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.full_actor import DiffusionFullActor, make_actor
 from verl_omni.workers.full_weights import (
     BUCKETS_IN_FLIGHT,
+    HOST_RESERVE_PER_GPU,
+    HOST_RESERVE_PER_NODE,
     GiB,
+    HostBudget,
     ShardedAdamW,
     activation_bytes_estimate,
     check_full_weights_fit,
+    check_host_memory_fits,
     plan_full_weights_memory,
 )
 from verl_omni.workers.grad_sync import LoRAGradSync
@@ -755,8 +759,6 @@ def test_the_cpu_demo_learns_with_full_fine_tuning(ray_session, ocr_data_files, 
 
 
 def test_host_memory_a_node_cannot_hold_is_refused_with_the_node_count_that_fits():
-    from verl_omni.workers.full_weights import check_host_memory_fits
-
     p = 20 * 10**9
 
     def replan(gpus: int, offload: bool):
@@ -797,12 +799,42 @@ def test_the_trainer_refuses_host_memory_the_node_cannot_hold_before_ray_starts(
         "trainer.n_gpus_per_node": 2,
     }
     cfg = FlowGRPOConfig.from_omega(make_config(overrides))
-    check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host_available=64 * GiB)
-    assert "full fine-tuning host memory per node: " in capsys.readouterr().out
+    check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host=HostBudget(128 * GiB, 120 * GiB, 2))
+    assert "full fine-tuning host memory per node: 0.07 GiB of the 87.60 GiB for the shards" in capsys.readouterr().out
     # The tiny model's 2 GPUs keep ~0.07 GiB a node (16 bytes a weight, halved by each rank's shard); on 2 nodes
-    # each GPU's shard halves again.
-    with pytest.raises(ValueError, match=r"host memory does not fit: 2 GPU\(s\) per node x .* Use trainer.nnodes=2"):
-        check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host_available=50 * 2**20)
+    # each GPU's shard halves again. A node with 26.05 GiB free leaves 50 MiB for them beside the run's processes.
+    nearly_full = HostBudget(128 * GiB, 26 * GiB + 50 * 2**20 + int(0.05 * 128 * GiB), 2)
+    with pytest.raises(
+        ValueError,
+        match=r"host memory does not fit: 2 GPU\(s\) per node x .* more than the 0.05 GiB this node leaves for them "
+        r"\(95% of the node's 128.00 GiB .* 26.00 GiB for the run's processes\)\. Use trainer.nnodes=2",
+    ):
+        check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host=nearly_full)
+
+
+def test_the_host_budget_keeps_below_rays_memory_monitor_and_leaves_room_for_the_runs_processes():
+    # The measured case: Qwen-Image's 20 layers on one GPU with the offload (6.84B weights, 16 bytes each in host
+    # memory: 101.9 GiB) on a node of 125.85 GiB with 124.19 GiB available; Ray's monitor stopped the run. The budget
+    # now refuses it.
+    node = HostBudget(int(125.85 * GiB), int(124.19 * GiB), gpus_per_node=1)
+    assert node.reserve == HOST_RESERVE_PER_NODE + HOST_RESERVE_PER_GPU
+    assert node.for_shards == int(0.95 * node.total) - (node.total - node.available) - node.reserve
+    plan = plan_full_weights_memory(6_837_149_248, 1, True)
+    beside = 17.6 * GiB  # what the run's processes used beside the shards when the monitor stopped it
+    assert plan.host_total > 101 * GiB and plan.host_total + beside > 0.95 * node.total - (node.total - node.available)
+    with pytest.raises(ValueError, match=r"host memory does not fit: 1 GPU\(s\) per node"):
+        check_host_memory_fits(plan, 1, node.for_shards, budget="this node leaves for them")
+    # More GPUs on the node: each engine process's own memory counts.
+    assert HostBudget(node.total, node.available, 8).for_shards == node.for_shards - 7 * HOST_RESERVE_PER_GPU
+    # Nothing left: zero, never negative.
+    assert HostBudget(64 * GiB, 8 * GiB, 8).for_shards == 0
+
+
+def test_the_host_budget_reads_rays_memory_monitor_settings():
+    default = HostBudget.of_this_node(1, env={})
+    assert default.kill_fraction == 0.95 and 0 < default.available <= default.total
+    assert HostBudget.of_this_node(1, env={"RAY_memory_usage_threshold": "0.8"}).kill_fraction == 0.8
+    assert HostBudget.of_this_node(1, env={"RAY_memory_monitor_refresh_ms": "0"}).kill_fraction == 1.0
 
 
 def test_the_rollouts_vae_decode_counts_beside_every_component_between_updates():

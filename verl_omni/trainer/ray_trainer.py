@@ -16,7 +16,6 @@ from dataclasses import asdict, replace
 from typing import Any, Optional
 
 import numpy as np
-import psutil
 import ray
 import torch
 from tqdm import tqdm
@@ -61,6 +60,8 @@ from verl_omni.trainer.stopping import GracefulStop, NoSignalWatch
 from verl_omni.workers.actor import DiffusionLoRAActor
 from verl_omni.workers.fsdp_actor import FSDPLoRAActorGroup
 from verl_omni.workers.full_weights import (
+    GiB,
+    HostBudget,
     PipelineShape,
     check_full_weights_fit,
     check_host_memory_fits,
@@ -120,11 +121,12 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
     return num_params, kwargs
 
 
-def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str, host_available: Optional[int] = None) -> None:
+def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str, host: Optional[HostBudget] = None) -> None:
     """Full fine-tuning's per-GPU footprint (workers/full_weights.py), printed before Ray starts; refused with its
     numbers and the option that fits when it exceeds the GPU the driver sees (no GPU here: the GPU is not checked),
-    or, with the optimizer offload, when a node's share of host memory exceeds what this node has available
-    (``host_available`` bytes; default: the operating system's figure now; the nodes taken to be alike)."""
+    or, with the optimizer offload, when a node's share of host memory exceeds what this node leaves for it
+    (``host``; default: ``HostBudget.of_this_node``, below Ray's memory monitor's limit; the nodes taken to be
+    alike)."""
     ref = cfg.actor_rollout_ref
     num_params, kwargs = full_fine_tuning_plan_inputs(cfg, PipelineShape.from_model_dir(path))
     plan = plan_full_weights_memory(num_params, cfg.num_replicas, ref.actor.optimizer_offload, **kwargs)
@@ -134,18 +136,18 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str, host_available
         plan = check_full_weights_fit(num_params, cfg.num_replicas, ref.actor.optimizer_offload, gpu_bytes, **kwargs)
     print(f"[verl_omni] full fine-tuning memory plan: {plan.describe()}")
     if plan.host_total:
-        available = psutil.virtual_memory().available if host_available is None else host_available
+        host = HostBudget.of_this_node(cfg.trainer.n_gpus_per_node) if host is None else host
         need = check_host_memory_fits(
             plan,
             cfg.trainer.n_gpus_per_node,
-            available,
+            host.for_shards,
             # each GPU's process keeps its own host copy of the text encoders (workers/text_encoder_offload.py)
             text_encoder_host_bytes=kwargs["offloaded_frozen_bytes"],
             replan=lambda gpus, offload: plan_full_weights_memory(num_params, gpus, offload, **kwargs),
             gpu_bytes=gpu_bytes,
+            budget=f"this node leaves for them ({host.describe().split(': ', 1)[1]})",
         )
-        gib = 2**30
-        print(f"[verl_omni] full fine-tuning host memory per node: {need / gib:.2f} of {available / gib:.2f} GiB")
+        print(f"[verl_omni] full fine-tuning host memory per node: {need / GiB:.2f} GiB of the {host.describe()}")
 
 
 class FlowGRPOTrainer:

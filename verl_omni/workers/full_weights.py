@@ -707,6 +707,55 @@ def check_full_weights_fit(
     )
 
 
+# Host memory a run takes beside the offloaded shards (calibrated on one H100 node: the Qwen-Image stand-in's 20
+# layers trained on one GPU used 17.6 GiB beside its 101.9 GiB of shards when Ray's memory monitor stopped it):
+HOST_RESERVE_PER_NODE = 14 * GiB  # Ray's workers, the driver, and the model files' pages the monitor counts
+HOST_RESERVE_PER_GPU = 6 * GiB  # each engine process beside its shards: CUDA context, libraries, pinned staging
+# Ray's memory monitor stops workers once the node uses more than this fraction of its memory (its default)
+RAY_KILL_FRACTION = 0.95
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """One node's host memory for the offloaded shards: what Ray's memory monitor lets a node use (``kill_fraction``
+    of ``total``), less what is in use now (``total - available``) and the run's own processes
+    (``HOST_RESERVE_PER_NODE`` + ``HOST_RESERVE_PER_GPU`` per GPU)."""
+
+    total: int
+    available: int
+    gpus_per_node: int
+    kill_fraction: float = RAY_KILL_FRACTION
+
+    @classmethod
+    def of_this_node(cls, gpus_per_node: int, env: Optional[dict[str, str]] = None) -> HostBudget:
+        """From the operating system's figures now and Ray's settings: ``RAY_memory_usage_threshold`` (the
+        fraction; default 0.95) or ``RAY_memory_monitor_refresh_ms=0`` (no monitor: the whole of memory)."""
+        import psutil
+
+        env = os.environ if env is None else env
+        fraction = float(env.get("RAY_memory_usage_threshold", RAY_KILL_FRACTION))
+        if env.get("RAY_memory_monitor_refresh_ms", "").strip() == "0":
+            fraction = 1.0
+        memory = psutil.virtual_memory()
+        return cls(memory.total, memory.available, gpus_per_node, fraction)
+
+    @property
+    def reserve(self) -> int:
+        return HOST_RESERVE_PER_NODE + self.gpus_per_node * HOST_RESERVE_PER_GPU
+
+    @property
+    def for_shards(self) -> int:
+        in_use = self.total - self.available
+        return max(0, int(self.kill_fraction * self.total) - in_use - self.reserve)
+
+    def describe(self) -> str:
+        return (
+            f"{_gib(self.for_shards)} for the shards: {self.kill_fraction:.0%} of the node's {_gib(self.total)} "
+            f"(Ray's memory monitor stops workers above it), less {_gib(self.total - self.available)} in use and "
+            f"{_gib(self.reserve)} for the run's processes"
+        )
+
+
 def check_host_memory_fits(
     plan: FullWeightsMemory,
     gpus_per_node: int,
@@ -716,13 +765,15 @@ def check_host_memory_fits(
     replan: Optional[Callable[[int, bool], FullWeightsMemory]] = None,
     gpu_bytes: Optional[int] = None,
     max_nodes: int = 1024,
+    budget: str = "",
 ) -> int:
     """The host memory one node needs for ``plan`` with the offload: each of its ``gpus_per_node`` GPUs keeps its
     shards of the master, AdamW and the policy copies (``plan.host_total``) and, with ``model.text_encoder_offload``,
     its own host copy of the text encoders (``text_encoder_host_bytes``). Returns the bytes, or raises a
     ``ValueError`` with the numbers when they exceed ``host_available``, naming what fits: ``replan(gpus, offload)``
     is the plan on that many GPUs in all, for the node count whose shards fit (more GPUs on one node do not shrink
-    a node's share) and, where the GPU (``gpu_bytes``) holds it, the offload off."""
+    a node's share) and, where the GPU (``gpu_bytes``) holds it, the offload off. ``budget``: how
+    ``host_available`` was reckoned, for the message (``HostBudget.describe``)."""
     per_gpu = plan.host_total + text_encoder_host_bytes
     need = gpus_per_node * per_gpu
     if plan.host_total == 0 or need <= host_available:
@@ -732,7 +783,7 @@ def check_host_memory_fits(
         parts += f" + {_gib(text_encoder_host_bytes)} of text encoders (model.text_encoder_offload)"
     message = (
         f"full fine-tuning's host memory does not fit: {gpus_per_node} GPU(s) per node x {_gib(per_gpu)} ({parts}) "
-        f"= {_gib(need)}, more than the {_gib(host_available)} available on this node. "
+        f"= {_gib(need)}, more than the {_gib(host_available)} {budget or 'available on this node'}. "
     )
     options = []
     shards_only = gpus_per_node * plan.host_total
