@@ -137,10 +137,18 @@ def _actor(model_dir: str, blocks="auto") -> DiffusionLoRAActor:
     return DiffusionLoRAActor(model, actor_cfg, rollout_config(pipeline={"true_cfg_scale": 2.0}), lora_seed=5)
 
 
-def _plan_with(actor: DiffusionLoRAActor, memory: LiveActivations) -> AutoCheckpointing:
+class CardActivations(LiveActivations):
+    """``LiveActivations`` on a card of ``card`` bytes whose free share honours the planner's margin, as
+    ``CudaMemory.budget`` does."""
+
+    def budget(self, margin: float) -> float:
+        return self.card * (1 - margin) - self.total
+
+
+def _plan_with(actor: DiffusionLoRAActor, memory: LiveActivations, utilization: float = 0.92) -> AutoCheckpointing:
     """What ``auto`` sets up on a GPU, on the CPU with ``memory`` in place of the CUDA allocator."""
     actor.checkpointing = BlockCheckpointing(actor.transformer, len(actor.checkpointing.blocks), memory.allocated)
-    actor.memory_plan = AutoCheckpointing(actor.checkpointing, memory)
+    actor.memory_plan = AutoCheckpointing(actor.checkpointing, memory, utilization)
     return actor.memory_plan
 
 
@@ -246,3 +254,32 @@ def test_no_retry_once_another_rank_may_wait_in_the_all_reduce(tiny_qwen_image_d
 def test_a_bad_block_count_is_refused_naming_the_key_and_the_choices(tiny_qwen_image_dir, bad):
     with pytest.raises(ValueError, match=r"gradient_checkpointing_blocks=.* must be an int >= 0, auto or null"):
         ModelConfig(path=tiny_qwen_image_dir, gradient_checkpointing_blocks=bad)
+
+
+def test_a_lower_memory_utilization_keeps_fewer_blocks(four_layer_dir, qwen_image_rl_pipe):
+    """``model.gradient_checkpointing_memory_utilization``: the share of the card ``auto`` may fill. On a card with
+    room for every block at 100%, a share that leaves room for two keeps two."""
+    data = _rollout(qwen_image_rl_pipe)
+    actor = _actor(four_layer_dir)
+    plan = _plan_with(actor, LiveActivations(1e12))
+    with plan.memory.hooks():
+        actor.update(data, ADVANTAGES)
+    block = max(plan.checkpointing.kept_bytes)
+    fixed = plan._last.peak_bytes - plan._last.start_bytes - block  # update 1 kept one block
+    card = fixed + 4 * SLACK * block + 1
+
+    def counts(utilization: float) -> list[int]:
+        actor = _actor(four_layer_dir)
+        memory = CardActivations(card)
+        _plan_with(actor, memory, utilization)
+        with memory.hooks():
+            return [actor.update(data, ADVANTAGES)["actor/recomputed_blocks"] for _ in range(2)]
+
+    assert counts(1.0) == [3, 0]
+    assert counts((fixed + 2 * SLACK * block + 1) / card) == [3, 2]
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, True, "0.9"])
+def test_a_bad_memory_utilization_is_refused_naming_the_key(tiny_qwen_image_dir, bad):
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_memory_utilization=.* must be in \(0, 1\]"):
+        ModelConfig(path=tiny_qwen_image_dir, gradient_checkpointing_memory_utilization=bad)

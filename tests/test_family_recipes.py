@@ -74,8 +74,9 @@ def _flat(tree, prefix=""):
 
 def test_the_sd3_5_medium_full_recipe_is_the_lora_recipe_training_every_weight():
     """configs/sd3_5_medium_flowgrpo_ocr_full.yaml: the LoRA recipe with lora_rank 0, lr 3e-5, no KL term (full
-    fine-tuning keeps no reference policy) and 8 images per VAE decode (the optimizer's shards sit beside the
-    rollout's decode); the LoRA's own keys and the experiment name aside, nothing else differs."""
+    fine-tuning keeps no reference policy), 8 images per VAE decode (the optimizer's shards sit beside the
+    rollout's decode) and blocks' activations kept up to 88% of the card; the LoRA's own keys and the experiment
+    name aside, nothing else differs."""
     from omegaconf import OmegaConf
 
     path = ["actor_rollout_ref.model.path=tiny:sd3"]
@@ -85,6 +86,7 @@ def test_the_sd3_5_medium_full_recipe_is_the_lora_recipe_training_every_weight()
     m, a = "actor_rollout_ref.model.", "actor_rollout_ref.actor."
     assert differ == {
         f"{m}lora_rank": (32, 0),
+        f"{m}gradient_checkpointing_memory_utilization": (0.92, 0.88),
         f"{m}lora_alpha": (64, differ[f"{m}lora_alpha"][1]),
         f"{m}target_modules": (list(SD3_TARGETS), differ[f"{m}target_modules"][1]),
         f"{a}optim.lr": (3e-4, 3e-5),

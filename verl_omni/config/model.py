@@ -48,6 +48,10 @@ class ModelConfigBase(Section):
     # recomputation's forward. None: every block. "auto": as few as the GPU's memory allows, measured
     # (workers/activation_memory.py; every block off a GPU).
     gradient_checkpointing_blocks: Optional[Union[int, str]] = "auto"
+    # With "auto" on a GPU: the share of the card (every process's use, as nvidia-smi shows it) up to which the
+    # update keeps blocks' activations; the rest of the card is left free (the caching allocator's fragmentation,
+    # the engine's wake-up). Lower: a lower peak and more recomputation.
+    gradient_checkpointing_memory_utilization: float = 0.92
     # The feed-forwards' tanh GELU inside the first projection's GEMM (cuBLASLt epilogue) in every forward without
     # a gradient on CUDA: the rollout, in either engine. Training forwards and CPU keep diffusers' two steps
     # (models/gelu_epilogue.py; measured in docs/performance.md).
@@ -86,6 +90,12 @@ class ModelConfigBase(Section):
             raise ValueError(
                 f"{self.key('text_encoder_offload')}={self.text_encoder_offload!r} must be true, false or auto "
                 "(auto: on where the hybrid engine's actor trains on a GPU)"
+            )
+        utilization = self.gradient_checkpointing_memory_utilization
+        if isinstance(utilization, bool) or not (isinstance(utilization, (int, float)) and 0 < utilization <= 1):
+            raise ValueError(
+                f"{self.key('gradient_checkpointing_memory_utilization')}={utilization!r} must be in (0, 1] (the "
+                "share of the GPU that gradient_checkpointing_blocks=auto may fill)"
             )
         blocks = self.gradient_checkpointing_blocks
         if blocks is not None and blocks != "auto":

@@ -7,9 +7,10 @@ colocated engine keeps while it sleeps, so it is measured rather than configured
 
 - update 1 recomputes all blocks but the last, and measures what that block's forward leaves allocated (its saved
   activations, read from the allocator's host-side counters: no device sync) and the update's peak above its start;
-- every later update reads the memory left on the card (``cudaMemGetInfo`` + the allocator's cached blocks, less a
-  ``MARGIN`` of the card for fragmentation) and keeps as many blocks as fit, each counted ``SLACK`` times its largest
-  measured size (a later batch's prompts may be longer); the first blocks recompute, the rest keep;
+- every later update reads the memory left on the card (``cudaMemGetInfo`` + the allocator's cached blocks, less
+  the share of the card above ``model.gradient_checkpointing_memory_utilization``, by default ``1 - MARGIN``, left
+  for fragmentation) and keeps as many blocks as fit, each counted ``SLACK`` times its largest measured size (a later
+  batch's prompts may be longer); the first blocks recompute, the rest keep;
 - should an update still run out of memory, the actor retries it with every block recomputed (when no other rank
   can be waiting for it, see ``DiffusionLoRAActor._may_retry_after_oom``) and later updates keep at most 3/4 of the
   blocks that did not fit: a logged fallback, not a lost step.
@@ -35,7 +36,7 @@ from verl_omni.models.checkpointing import KEY, BlockCheckpointing
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
-MARGIN = 0.08  # share of the card left free: fragmentation of the caching allocator, the engine's wake-up
+MARGIN = 0.08  # default share of the card left free: fragmentation of the caching allocator, the engine's wake-up
 SLACK = 1.25  # a kept block's activations grow with the tokens: prompts up to 25% longer than measured still fit
 
 
@@ -87,13 +88,15 @@ class _Update:
 
 class AutoCheckpointing:
     """Sets ``checkpointing.recomputed`` before each update from the last one's measurement. ``memory``: where the
-    numbers come from (``CudaMemory``; its ``allocated`` must be what ``checkpointing`` measures with).
+    numbers come from (``CudaMemory``; its ``allocated`` must be what ``checkpointing`` measures with);
+    ``utilization``: the share of the card the update may fill (``model.gradient_checkpointing_memory_utilization``).
 
     Ranks may choose different counts: harmless, as the choice adds no collective (the colocated ranks all-reduce
     only gradients; FSDP2 gathers a block's weights in its pre-backward hook, not in the recomputation)."""
 
-    def __init__(self, checkpointing: BlockCheckpointing, memory: CudaMemory) -> None:
+    def __init__(self, checkpointing: BlockCheckpointing, memory: CudaMemory, utilization: float = 1 - MARGIN) -> None:
         self.checkpointing, self.memory = checkpointing, memory
+        self.margin = 1 - utilization
         self.num_blocks = len(checkpointing.blocks)
         self._last: Optional[_Update] = None
         self._start = 0
@@ -111,7 +114,7 @@ class AutoCheckpointing:
             block_bytes = max(self.checkpointing.kept_bytes)
             last = self._last
             fixed = max(0, last.peak_bytes - last.start_bytes - last.kept * block_bytes)
-            budget = self.memory.budget(MARGIN)
+            budget = self.memory.budget(self.margin)
             recomputed = blocks_to_recompute(self.num_blocks, block_bytes, fixed, budget)
             if self._max_kept is not None:
                 recomputed = max(recomputed, self.num_blocks - self._max_kept)

@@ -165,7 +165,8 @@ class DiffusionLoRAActor:
             recomputed = None if blocks == AUTO else blocks  # auto starts from every block (None)
             self.checkpointing = self._block_checkpointing(recomputed, memory and memory.allocated)
             if memory is not None:
-                self.memory_plan = AutoCheckpointing(self.checkpointing, memory)
+                utilization = model.gradient_checkpointing_memory_utilization
+                self.memory_plan = AutoCheckpointing(self.checkpointing, memory, utilization)
             elif blocks == AUTO:
                 logger.info("%s=auto measures GPU memory; on %s every block recomputes", CHECKPOINTING_KEY, self.device)
         else:
