@@ -72,3 +72,10 @@ def test_the_start_up_plan_counts_a_decode_of_vae_decode_batch_rows(tiny_sd3_dir
     one = decode_activation_bytes(config, 1, 512, 512, 8, decode=decode)
     assert eight == decode_activation_bytes(config, 8, 512, 512, 8, decode=decode) and whole > eight > one > 0
     assert decode_bytes(**{f"{p}.vae_decode_batch": 64}) == whole  # never more rows than the group's
+    # A validation group larger than the training group decodes more rows at once: counted where the run validates.
+    small = {"actor_rollout_ref.rollout.n": 4, "data.train_batch_size": 12}  # groups of 4, 48 images a step
+    four = decode_bytes(**small)
+    assert four == decode_activation_bytes(config, 4, 512, 512, 8, decode=decode) < eight
+    v = "actor_rollout_ref.rollout.val_kwargs.n"
+    assert decode_bytes(**small, **{v: 8}) == eight
+    assert decode_bytes(**small, **{v: 8, "trainer.test_freq": -1}) == four

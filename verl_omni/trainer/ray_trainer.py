@@ -74,6 +74,18 @@ from verl_omni.workers.text_encoder_offload import offload_enabled
 logger = logging.getLogger(__name__)
 
 
+def largest_decode_rows(cfg: FlowGRPOConfig) -> int:
+    """Rows of the largest VAE decode one engine call makes: a training group's ``rollout.n`` and, where the run
+    validates (``trainer.test_freq > 0`` with ``data.val_files``), a validation group's ``val_kwargs.n`` (a replica
+    joins the requests of one prompt), ``rollout.pipeline.vae_decode_batch`` at a time."""
+    rollout = cfg.actor_rollout_ref.rollout
+    groups = [rollout.n]
+    if cfg.trainer.test_freq > 0 and cfg.data.val_files:
+        groups.append(rollout.val_kwargs.n)
+    batch = rollout.pipeline.vae_decode_batch
+    return max(min(n, batch or n) for n in groups)
+
+
 def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> tuple[int, dict[str, int]]:
     """(trained weights, ``plan_full_weights_memory``'s keyword arguments) of ``cfg``'s full fine-tuning on a
     pipeline of ``shape``: what the start-up check plans, for any number of GPUs and either offload setting."""
@@ -93,11 +105,9 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         vae_scale_factor=vae_scale_factor,
         num_frames=num_frames,
     )
-    # One engine call decodes a group's n rows (a replica joins the requests of one prompt), vae_decode_batch at a time
-    decode_rows = min(ref.rollout.n, params.vae_decode_batch or ref.rollout.n)
     decode = decode_activation_bytes(
         shape.vae,
-        decode_rows,
+        largest_decode_rows(cfg),
         params.height,
         params.width,
         vae_scale_factor,
