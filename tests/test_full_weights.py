@@ -3,6 +3,7 @@ with the sharded AdamW (workers/full_weights.py) against one process stepping to
 weights; the pipeline's transformer (what an engine serves) holds the new weights, bitwise alike on both ranks;
 a resume from the saved weights and optimizer shards repeats the next step bit for bit. And the memory plan."""
 
+import copy
 import json
 import os
 import socket
@@ -97,7 +98,8 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
         "grads_during_reductions": optimizer.grads_during_reductions,
         "grads": optimizer.grads_seen,
     }
-    saved = (actor.lora_state_dict(), actor.optimizer_state_dict(), _gathered_ema(actor))
+    # optimizer_state_dict() holds the live host tensors (the CPU actor's): copied to outlive the next step
+    saved = (actor.lora_state_dict(), copy.deepcopy(actor.optimizer_state_dict()), _gathered_ema(actor))
     actor.update_batch(batch, num_terms)
     served = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     matches = actor.lora_matches_rank0()
@@ -216,8 +218,13 @@ def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, refer
     diff = max((p - weights[k]).abs().max().item() for k, p in actor.lora_state_dict().items())
     assert diff < 2e-6 and metrics["actor/grad_norm"] == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5)
     assert all(p.grad is None for p in actor.trainable)  # no weight keeps a full-size gradient
-    # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
+    # The shard's state is the live host tensors (the offload, and any CPU actor): a checkpoint writes them without a
+    # second copy in host memory.
     state = actor.optimizer_state_dict()
+    assert state["master"].data_ptr() == actor.optimizer.master.data_ptr()
+    live = actor.optimizer.optimizer.state[actor.optimizer.master]
+    assert all(state["optimizer"]["state"][0][k].data_ptr() == live[k].data_ptr() for k in ("exp_avg", "exp_avg_sq"))
+    # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
     other = DiffusionFullActor(model_config(tiny_qwen_image_dir, lora_rank=0), ActorConfig(), rollout)
     refused = r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"
     with pytest.raises(ValueError, match=refused):

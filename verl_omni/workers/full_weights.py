@@ -381,14 +381,17 @@ class ShardedAdamW:
         return [b.numel for b in self.buckets]
 
     def state_dict(self) -> dict:
-        """This rank's shard: its master values and AdamW state (plain tensors on the host)."""
+        """This rank's shard: its master values and AdamW state, as plain tensors on the host: the live tensors
+        where they live there (``offload``, or an actor on the CPU), so that writing a checkpoint takes no second
+        copy of them, and copies of those on a GPU. Like ``torch.optim.Optimizer.state_dict``: copy what must
+        outlive the next step."""
         return {
             "format": STATE_FORMAT,
             "rank": self.rank,
             "world_size": self.world_size,
             "numel": self.numel,
             "buckets": self.layout(),
-            "master": self.master.detach().to("cpu", copy=True),
+            "master": self.master.detach().to("cpu"),
             "optimizer": _to_host(self.optimizer.state_dict()),
         }
 
@@ -517,8 +520,9 @@ def is_shard_state(state: object) -> bool:
 
 
 def _to_host(state):
+    """``state``'s tensors on the host: those already there as they are, the others copied."""
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        return state.detach().to("cpu")
     if isinstance(state, dict):
         return {k: _to_host(v) for k, v in state.items()}
     if isinstance(state, list):
