@@ -26,6 +26,7 @@ from verl_omni.workers.full_weights import (
     BUCKETS_IN_FLIGHT,
     HOST_RESERVE_PER_GPU,
     HOST_RESERVE_PER_NODE,
+    HOST_STEP_PIECE,
     GiB,
     HostBudget,
     ShardedAdamW,
@@ -222,8 +223,11 @@ def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, refer
     # second copy in host memory.
     state = actor.optimizer_state_dict()
     assert state["master"].data_ptr() == actor.optimizer.master.data_ptr()
-    live = actor.optimizer.optimizer.state[actor.optimizer.master]
-    assert all(state["optimizer"]["state"][0][k].data_ptr() == live[k].data_ptr() for k in ("exp_avg", "exp_avg_sq"))
+    opt = actor.optimizer
+    live = opt._moments if offload else [opt.optimizer.state[opt.master][k] for k in ("exp_avg", "exp_avg_sq")]
+    assert [state["optimizer"]["state"][0][k].data_ptr() for k in ("exp_avg", "exp_avg_sq")] == [
+        t.data_ptr() for t in live
+    ]
     # The optimizer shard of another bucket size, or of the format before per-bucket sharding, is refused.
     other = DiffusionFullActor(model_config(tiny_qwen_image_dir, lora_rank=0), ActorConfig(), rollout)
     refused = r"with \d+ gradient buckets, this run has 1: resume with the same actor_rollout_ref.actor.grad_bucket_mb"
@@ -441,9 +445,11 @@ def test_the_memory_plan_of_a_known_configuration():
     plan = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
     assert (plan.weights, plan.grads, plan.buckets, plan.master, plan.optimizer) == (2 * p, 0, buckets, p, p)
     assert plan.device_total == 2 * p + buckets + 2 * p + 8 * GiB and plan.host_total == 0
-    # Offloaded: the master, its gradient and the moments on the host; the gradient shard on the GPU in bf16.
+    # Offloaded: the master, one piece's float32 gradient (the step goes piece by piece) and the moments on the host;
+    # the gradient shard on the GPU in bf16.
     offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert offloaded.grads == p // 4 and offloaded.host_total == 2 * p
+    piece = HOST_STEP_PIECE * 4
+    assert offloaded.grads == p // 4 and offloaded.host_total == 3 * p // 2 + piece
     assert offloaded.device_total == plan.device_total - 2 * p + p // 4
     # Smaller buckets, less held; never more than the weights.
     small = plan_full_weights_memory(p, 8, False, bucket_mb=64)
@@ -527,7 +533,7 @@ def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_tha
         ValueError,
         match=r"does not fit: 20.00B trained weights on 4 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
         r"112.76 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 1.00 GiB, .*\), more than "
-        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.57 GiB per GPU, 74.51 GiB host "
+        r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.57 GiB per GPU, 55.94 GiB host "
         r"per GPU\)",
     ):
         check_full_weights_fit(p, 4, False, gpu)
@@ -771,18 +777,18 @@ def test_host_memory_a_node_cannot_hold_is_refused_with_the_node_count_that_fits
     def replan(gpus: int, offload: bool):
         return plan_full_weights_memory(p, gpus, offload)
 
-    # 8 GPUs on one node with the offload: each keeps 16P/8 bytes of master, its gradient and AdamW moments in host
-    # memory, 320 GB a node: more than 256 GiB. Two nodes halve each GPU's shards (more GPUs on one node would not
-    # change a node's share); without the offload each GPU holds 2P + 1 GiB + 16P/8 = 75.5 GiB, within 80 GiB.
+    # 8 GPUs on one node with the offload: each keeps 12P/8 bytes of master and AdamW moments (and a 64 MiB piece of
+    # gradient) in host memory, 240 GB a node: more than 200 GiB. Two nodes halve each GPU's shards (more GPUs on one
+    # node would not change a node's share); without the offload each GPU holds 2P + 1 GiB + 16P/8 = 75.5 GiB.
     on_one_node = replan(8, True)
     with pytest.raises(
         ValueError,
-        match=r"host memory does not fit: 8 GPU\(s\) per node x 37.25 GiB \(37.25 GiB of master, AdamW and "
-        r"policy-copy shards\) = 298.02 GiB, more than the 256.00 GiB available on this node. Use trainer.nnodes=2 "
-        r"\(149.01 GiB of host memory a node\) or actor_rollout_ref.actor.optimizer_offload=false "
+        match=r"host memory does not fit: 8 GPU\(s\) per node x 28.00 GiB \(28.00 GiB of master, AdamW and "
+        r"policy-copy shards\) = 224.02 GiB, more than the 200.00 GiB available on this node. Use trainer.nnodes=2 "
+        r"\(112.26 GiB of host memory a node\) or actor_rollout_ref.actor.optimizer_offload=false "
         r"\(75.51 GiB per GPU\)",
     ):
-        check_host_memory_fits(on_one_node, 8, 256 * GiB, replan=replan, gpu_bytes=80 * GiB)
+        check_host_memory_fits(on_one_node, 8, 200 * GiB, replan=replan, gpu_bytes=80 * GiB)
     # What fits is returned: the node's bytes.
     assert check_host_memory_fits(on_one_node, 8, 300 * GiB, replan=replan) == 8 * on_one_node.host_total
     # The text encoders' host copies (one per GPU with model.text_encoder_offload) count; turning that off is named.
@@ -820,17 +826,22 @@ def test_the_trainer_refuses_host_memory_the_node_cannot_hold_before_ray_starts(
 
 
 def test_the_host_budget_keeps_below_rays_memory_monitor_and_leaves_room_for_the_runs_processes():
-    # The measured case: Qwen-Image's 20 layers on one GPU with the offload (6.84B weights, 16 bytes each in host
-    # memory: 101.9 GiB) on a node of 125.85 GiB with 124.19 GiB available; Ray's monitor stopped the run. The budget
-    # now refuses it.
+    # The measured case: Qwen-Image's 20 layers on one GPU with the offload, when the shards took 16 bytes a weight
+    # in host memory (101.9 GiB for 6.84B weights), on a node of 125.85 GiB with 124.19 GiB available; Ray's monitor
+    # stopped the run. The budget refuses that; the step piece by piece (12 bytes a weight, 76.5 GiB) fits.
     node = HostBudget(int(125.85 * GiB), int(124.19 * GiB), gpus_per_node=1)
     assert node.reserve == HOST_RESERVE_PER_NODE + HOST_RESERVE_PER_GPU
     assert node.for_shards == int(0.95 * node.total) - (node.total - node.available) - node.reserve
-    plan = plan_full_weights_memory(6_837_149_248, 1, True)
+    weights = 6_837_149_248
+    measured = replace(plan_full_weights_memory(weights, 1, True), master=8 * weights)
     beside = 17.6 * GiB  # what the run's processes used beside the shards when the monitor stopped it
-    assert plan.host_total > 101 * GiB and plan.host_total + beside > 0.95 * node.total - (node.total - node.available)
+    assert round(measured.host_total / GiB, 2) == 101.88
+    assert measured.host_total + beside > 0.95 * node.total - (node.total - node.available)
     with pytest.raises(ValueError, match=r"host memory does not fit: 1 GPU\(s\) per node"):
-        check_host_memory_fits(plan, 1, node.for_shards, budget="this node leaves for them")
+        check_host_memory_fits(measured, 1, node.for_shards, budget="this node leaves for them")
+    plan = plan_full_weights_memory(weights, 1, True)
+    assert round(plan.host_total / GiB, 1) == 76.5
+    assert check_host_memory_fits(plan, 1, node.for_shards) == plan.host_total
     # More GPUs on the node: each engine process's own memory counts.
     assert HostBudget(node.total, node.available, 8).for_shards == node.for_shards - 7 * HOST_RESERVE_PER_GPU
     # Nothing left: zero, never negative.
@@ -858,3 +869,45 @@ def test_the_rollouts_vae_decode_counts_beside_every_component_between_updates()
     # It never leaves the GPU: with the text encoders off for the update, the rollout keeps both.
     both = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=9 * GiB, offloaded_frozen_bytes=2 * GiB)
     assert both.device_total == large.device_total
+
+
+def test_the_offloaded_step_goes_piece_by_piece_exactly_as_one_adamw_over_the_shard():
+    """With the offload AdamW steps the host master a piece at a time through one small float32 gradient buffer:
+    the weights, master and moments equal one AdamW over the whole shard bit for bit (AdamW is elementwise), with
+    clipping; the state of either resumes in the other."""
+    from verl_omni.workers.grad_sync import LoRAGradSync
+
+    def run(offload: bool, steps: int, state=None, piece: int = 37, first: int = 0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+        sync = LoRAGradSync(0, 1, None, "cpu")
+        optimizer = ShardedAdamW(
+            list(model.parameters()), sync, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, offload=offload,
+            bucket_mb=256 * 4 / 2**20, host_step_piece=piece,
+        )  # fmt: skip
+        if state is not None:
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(copy.deepcopy(state[1]))
+        for step in range(first, first + steps):
+            optimizer.zero_grad()
+            x = torch.randn(5, 16, generator=torch.Generator().manual_seed(step))
+            optimizer.backward(model(x).pow(2).mean())
+            optimizer.reduce_and_clip(torch.zeros(()), max_norm=0.05)  # clips: the norm is above 0.05
+            optimizer.step()
+        return model, optimizer
+
+    whole, whole_opt = run(False, 3)
+    pieces, pieces_opt = run(True, 3)
+    assert len(pieces_opt._pieces) > 10 and pieces_opt._grad_buffer.numel() == 37
+    assert not hasattr(pieces_opt.master, "grad") or pieces_opt.master.grad is None  # no whole-shard gradient
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), pieces.parameters(), strict=True))
+    a, b = whole_opt.state_dict(), pieces_opt.state_dict()
+    assert torch.equal(a["master"], b["master"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(a["optimizer"]["state"][0][key], b["optimizer"]["state"][0][key]), key
+    # Either's checkpoint resumes in the other: two more steps from step 3 equal five steps straight.
+    five, _ = run(False, 5)
+    for offload, saved in ((True, (whole.state_dict(), a)), (False, (pieces.state_dict(), b))):
+        resumed, _ = run(offload, 2, saved, piece=53, first=3)
+        assert all(torch.equal(x, y) for x, y in zip(five.parameters(), resumed.parameters(), strict=True)), offload

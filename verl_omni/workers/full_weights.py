@@ -16,9 +16,12 @@ Which weights take part in a backward is read from the loss's autograd graph bef
 does not reach, such as a last block's unused text stream, is not waited for); buckets are reduced strictly in
 bucket order and each exactly once per backward, so every rank issues the same collectives in the same order.
 
-``offload``: the master shard, its gradient and the AdamW state live in host memory (pinned when the weights are
-on a GPU) and AdamW steps on the CPU; the device holds the weights, the gradient shard in their dtype and the
-buckets in flight. Without it the gradient shard is the float32 master's gradient itself.
+``offload``: the master shard and the AdamW state live in host memory (the master pinned when the weights are on a
+GPU) and AdamW steps on the CPU; the device holds the weights, the gradient shard in their dtype and the buckets in
+flight. The step goes over the shard a piece of ``HOST_STEP_PIECE`` values at a time: the piece's gradient is copied
+into one reused float32 host buffer and stepped, so no float32 gradient of the whole shard exists in host memory
+(AdamW is elementwise: the pieces step exactly as the whole would). Without it the gradient shard is the float32
+master's gradient itself.
 
 Clipping uses the global norm: each rank's shard norm squared, summed over the ranks (one all-reduce of two
 numbers, which also carries the non-finite count the loss saw).
@@ -59,6 +62,9 @@ REDUCTIONS_IN_FLIGHT = 1
 # (8 buckets of 1 MiB, 22 of 0.25 MiB), 3 with 4 MiB buckets: the ratio of the default 256 MiB to Qwen-Image's 649
 # MiB blocks.
 BUCKETS_IN_FLIGHT = 4
+# Values per piece of the offloaded step (a 64 MiB float32 gradient buffer in host memory, as much in the device's
+# conversion of the piece)
+HOST_STEP_PIECE = 16 * MiB
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class ShardedAdamW:
         weight_decay: float,
         offload: bool = False,
         bucket_mb: float = DEFAULT_GRAD_BUCKET_MB,
+        host_step_piece: int = HOST_STEP_PIECE,
     ):
         self.params = list(params)
         dtypes = {p.dtype for p in self.params}
@@ -139,15 +146,27 @@ class ShardedAdamW:
         self.master = torch.nn.Parameter(
             torch.zeros(self.shard_numel, dtype=torch.float32, device=master_device, pin_memory=pin)
         )
-        self.master.grad = torch.zeros(self.shard_numel, dtype=torch.float32, device=master_device, pin_memory=pin)
-        # Where each backward's reduce-scattered buckets add up: the master's gradient, or on the device in the
-        # weights' dtype when the master lives in host memory.
-        self.grad_shard = (
-            torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device) if offload else self.master.grad
-        )
+        hyper = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self._coef = 1.0  # the last reduce_and_clip's clipping factor, applied piece by piece (offload)
+        if offload:
+            # Where each backward's reduce-scattered buckets add up: on the device in the weights' dtype. AdamW steps
+            # the master a piece at a time (views of it, their moments views of two flat tensors).
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+            size = max(1, host_step_piece)
+            self._bounds = [(lo, min(lo + size, self.shard_numel)) for lo in range(0, self.shard_numel, size)]
+            self._pieces = [torch.nn.Parameter(self.master.data[lo:hi]) for lo, hi in self._bounds]
+            self._grad_buffer = torch.empty(
+                min(self.shard_numel, host_step_piece), dtype=torch.float32, device=master_device, pin_memory=pin
+            )
+            self.optimizer = torch.optim.AdamW(self._pieces, **hyper)
+            self._moments = (torch.zeros_like(self.master.data), torch.zeros_like(self.master.data))
+            self._reset_piece_state(0.0)
+        else:
+            self.master.grad = torch.zeros_like(self.master.data)
+            self.grad_shard = self.master.grad  # the backwards reduce into the master's gradient itself
+            fused = {"fused": True} if master_device.type == "cuda" else {}
+            self.optimizer = torch.optim.AdamW([self.master], **hyper, **fused)
         self.reset_master_from_params()
-        fused = {"fused": True} if master_device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW([self.master], lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
         self.last_sync_s = 0.0
         self.backwards = 0  # backwards reduced into the shard since the last zero_grad
         self.peak_buckets = 0  # the most buckets held at once during a backward since the order was learned
@@ -194,6 +213,16 @@ class ShardedAdamW:
             for i, off in zip(b.members, b.offsets, strict=True):
                 p = self.params[i]
                 p.copy_(full[off : off + p.numel()].view_as(p))
+
+    def _reset_piece_state(self, step: float) -> None:
+        """The offloaded pieces' AdamW state: views of the two flat moments, every piece at ``step``."""
+        exp_avg, exp_avg_sq = self._moments
+        for piece, (lo, hi) in zip(self._pieces, self._bounds, strict=True):
+            self.optimizer.state[piece] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": exp_avg[lo:hi],
+                "exp_avg_sq": exp_avg_sq[lo:hi],
+            }
 
     def reset_master_from_params(self) -> None:
         """The master shard from the weights' current values (after loading weights without optimizer state)."""
@@ -334,7 +363,6 @@ class ShardedAdamW:
         for p in self.params:
             p.grad = None
         self.grad_shard.zero_()
-        self.master.grad.zero_()
         self.backwards = 0
 
     @torch.no_grad()
@@ -351,30 +379,58 @@ class ShardedAdamW:
         norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for b in self.buckets:  # float32 sums a bucket's chunk at a time: no float32 copy of a bf16 shard
             norm_sq += self.grad_shard[b.shard_start : b.shard_start + b.chunk].float().pow(2).sum()
-        grad = self.master.grad
-        if grad is not self.grad_shard:
-            grad.copy_(self.grad_shard, non_blocking=self.device.type == "cuda")
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
         stats = torch.stack([norm_sq, bad.to(self.device).float().reshape(())])
         self.grad_sync.all_reduce_(stats)
         norm_sq, bad_count = stats.tolist()
         norm = math.sqrt(norm_sq)
         # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6), clamped to 1
-        coef = min(max_norm / (norm + 1e-6), 1.0)
-        grad.mul_(coef)
+        self._coef = min(max_norm / (norm + 1e-6), 1.0)
+        if not self.offload:
+            self.master.grad.mul_(self._coef)
         return norm, bad_count
 
     @torch.no_grad()
     def step(self) -> None:
         """AdamW on this rank's master shard, then every rank's new values all-gathered into the weights in place."""
-        self.optimizer.step()
+        if self.offload:
+            self._step_pieces()
+        else:
+            self.optimizer.step()
         start = time.perf_counter()
         self.write_from_shards(self.master.detach())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_sync_s = time.perf_counter() - start
         self.grad_shard.zero_()
+
+    def _step_pieces(self) -> None:
+        """The offloaded step: each piece's gradient from the device's shard into the host buffer (in float32,
+        clipped), then AdamW on that piece alone."""
+        on_cuda = self.device.type == "cuda"
+        for piece, (lo, hi) in zip(self._pieces, self._bounds, strict=True):
+            grad = self._grad_buffer[: hi - lo]
+            grad.copy_(self.grad_shard[lo:hi], non_blocking=on_cuda)
+            if on_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            grad.mul_(self._coef)
+            piece.grad = grad
+            self.optimizer.step()  # steps the one piece holding a gradient
+            piece.grad = None
+
+    def _load_piece_state(self, optimizer_state: dict) -> None:
+        """One AdamW's state over the whole shard (``state_dict``'s format) into the offloaded pieces."""
+        group = {k: v for k, v in optimizer_state["param_groups"][0].items() if k != "params"}
+        self.optimizer.param_groups[0].update(group)
+        state = optimizer_state["state"].get(0)
+        exp_avg, exp_avg_sq = self._moments
+        if state is None:  # saved before the first step
+            exp_avg.zero_()
+            exp_avg_sq.zero_()
+            self._reset_piece_state(0.0)
+            return
+        exp_avg.copy_(state["exp_avg"])
+        exp_avg_sq.copy_(state["exp_avg_sq"])
+        self._reset_piece_state(float(torch.as_tensor(state["step"]).item()))
 
     def layout(self) -> list[int]:
         """The buckets' sizes: with the world size, what fixes which values a rank's shard holds."""
@@ -392,8 +448,18 @@ class ShardedAdamW:
             "numel": self.numel,
             "buckets": self.layout(),
             "master": self.master.detach().to("cpu"),
-            "optimizer": _to_host(self.optimizer.state_dict()),
+            "optimizer": self._piece_state_dict() if self.offload else _to_host(self.optimizer.state_dict()),
         }
+
+    def _piece_state_dict(self) -> dict:
+        """The offloaded pieces' AdamW state in the format of one AdamW over the whole shard (the flat moments)."""
+        group = {k: v for k, v in self.optimizer.state_dict()["param_groups"][0].items() if k != "params"}
+        step = self.optimizer.state[self._pieces[0]]["step"]
+        state = {}
+        if step.item() > 0:
+            exp_avg, exp_avg_sq = self._moments
+            state[0] = {"step": step.clone(), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        return {"state": state, "param_groups": [{**group, "params": [0]}]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -420,7 +486,10 @@ class ShardedAdamW:
         # AdamW's loaded state must be normal tensors (a worker may call under inference mode)
         with torch.inference_mode(False), torch.no_grad():
             self.master.copy_(state["master"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.offload:
+                self._load_piece_state(state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
 
 
 class ShardedShadowWeights:
@@ -545,7 +614,7 @@ class FullWeightsMemory:
     weights: int  # the trained weights, one copy shared by engine and actor
     grads: int  # the gradient shard on the device in the weights' dtype (offload; else the master's gradient is it)
     buckets: int  # the gradient buckets held during the backward (BUCKETS_IN_FLIGHT of grad_bucket_mb)
-    master: int  # float32 master shard + its float32 gradient
+    master: int  # float32 master shard + its float32 gradient (offload: + one piece's gradient buffer)
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
     # float32 copies of the weights sharded like the master (the policy EMA, DiffusionNFT's old policy): on the host
@@ -628,7 +697,7 @@ def plan_full_weights_memory(
         weights=num_params * weight_bytes,
         grads=shard * weight_bytes if offload else 0,
         buckets=min(BUCKETS_IN_FLIGHT * bucket, num_params) * weight_bytes,
-        master=shard * 8,
+        master=shard * 4 + (min(shard, HOST_STEP_PIECE) * 4 if offload else shard * 4),
         optimizer=shard * 8,
         frozen=frozen_bytes,
         sharded_copies=sharded_copies * shard * 4,
