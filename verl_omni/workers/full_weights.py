@@ -418,9 +418,10 @@ class ShardedAdamW:
             piece.grad = None
 
     def _load_piece_state(self, optimizer_state: dict) -> None:
-        """One AdamW's state over the whole shard (``state_dict``'s format) into the offloaded pieces."""
-        group = {k: v for k, v in optimizer_state["param_groups"][0].items() if k != "params"}
-        self.optimizer.param_groups[0].update(group)
+        """One AdamW's state over the whole shard (``state_dict``'s format) into the offloaded pieces: its
+        hyperparameters and moments (a shard stepped on the GPU brings no implementation switch such as ``fused``)."""
+        saved = optimizer_state["param_groups"][0]
+        self.optimizer.param_groups[0].update({k: saved[k] for k in ("lr", "betas", "eps", "weight_decay")})
         state = optimizer_state["state"].get(0)
         exp_avg, exp_avg_sq = self._moments
         if state is None:  # saved before the first step
