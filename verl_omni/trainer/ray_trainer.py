@@ -155,7 +155,7 @@ def check_full_fine_tuning_memory(cfg: FlowGRPOConfig, path: str, host: Optional
             text_encoder_host_bytes=kwargs["offloaded_frozen_bytes"],
             replan=lambda gpus, offload: plan_full_weights_memory(num_params, gpus, offload, **kwargs),
             gpu_bytes=gpu_bytes,
-            budget=f"this node leaves for them ({host.describe().split(': ', 1)[1]})",
+            budget=f"this node leaves for them ({host.reckoning()})",
         )
         print(f"[verl_omni] full fine-tuning host memory per node: {need / GiB:.2f} GiB of the {host.describe()}")
 

@@ -822,12 +822,15 @@ class HostBudget:
         in_use = self.total - self.available
         return max(0, int(self.kill_fraction * self.total) - in_use - self.reserve)
 
-    def describe(self) -> str:
+    def reckoning(self) -> str:
+        """How ``for_shards`` is reckoned, in words."""
         return (
-            f"{_gib(self.for_shards)} for the shards: {self.kill_fraction:.0%} of the node's {_gib(self.total)} "
-            f"(Ray's memory monitor stops workers above it), less {_gib(self.total - self.available)} in use and "
-            f"{_gib(self.reserve)} for the run's processes"
+            f"{self.kill_fraction:.0%} of the node's {_gib(self.total)} (Ray's memory monitor stops workers above "
+            f"it), less {_gib(self.total - self.available)} in use and {_gib(self.reserve)} for the run's processes"
         )
+
+    def describe(self) -> str:
+        return f"{_gib(self.for_shards)} for the shards: {self.reckoning()}"
 
 
 def check_host_memory_fits(
