@@ -815,7 +815,8 @@ def test_the_trainer_refuses_host_memory_the_node_cannot_hold_before_ray_starts(
     check_full_fine_tuning_memory(cfg, tiny_qwen_image_dir, host=HostBudget(128 * GiB, 120 * GiB, 2))
     assert "full fine-tuning host memory per node: 0.07 GiB of the 87.60 GiB for the shards" in capsys.readouterr().out
     # The tiny model's 2 GPUs keep ~0.07 GiB a node (16 bytes a weight, halved by each rank's shard); on 2 nodes
-    # each GPU's shard halves again. A node with 26.05 GiB free leaves 50 MiB for them beside the run's processes.
+    # each GPU's shard halves again. A 128 GiB node with 32.45 GiB available leaves them 50 MiB: 6.40 GiB lie above
+    # Ray's line and 26 GiB go to the run's processes.
     nearly_full = HostBudget(128 * GiB, 26 * GiB + 50 * 2**20 + int(0.05 * 128 * GiB), 2)
     with pytest.raises(
         ValueError,
