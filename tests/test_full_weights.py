@@ -912,3 +912,32 @@ def test_the_offloaded_step_goes_piece_by_piece_exactly_as_one_adamw_over_the_sh
     for offload, saved in ((True, (whole.state_dict(), a)), (False, (pieces.state_dict(), b))):
         resumed, _ = run(offload, 2, saved, piece=53, first=3)
         assert all(torch.equal(x, y) for x, y in zip(five.parameters(), resumed.parameters(), strict=True)), offload
+
+
+def _anonymous_bytes() -> int:
+    """This process's anonymous memory (what a file mapping does not add), from /proc/self/smaps_rollup."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+
+def test_a_resume_reads_the_shard_file_without_a_second_copy_in_process_memory(tmp_path):
+    """``read_shard_file`` maps the shard file: loading it into the live shards adds no anonymous memory of the
+    file's size (with the offload the live shards already take 12 bytes a weight of the node)."""
+    import gc
+
+    from verl_omni.workers.full_weights import read_shard_file
+
+    n = 24 * 2**20  # 288 MiB of shards: master and two moments
+    moments = {"exp_avg": torch.randn(n), "exp_avg_sq": torch.rand(n)}
+    torch.save({"master": torch.randn(n), "optimizer": {"state": {0: moments}}}, tmp_path / "optim_shard_rank0.pt")
+    live = [torch.ones(n) for _ in range(3)]  # the live shards, allocated before
+    del moments
+    gc.collect()
+    before = _anonymous_bytes()
+    state = read_shard_file(str(tmp_path / "optim_shard_rank0.pt"))
+    loaded = state["optimizer"]["state"][0]
+    for dst, src in zip(live, (state["master"], loaded["exp_avg"], loaded["exp_avg_sq"]), strict=True):
+        dst.copy_(src)
+    grown = _anonymous_bytes() - before
+    assert grown < 3 * n * 4 / 4, f"{grown / 2**20:.0f} MiB of anonymous memory for {3 * n * 4 / 2**20:.0f} MiB read"
+    assert torch.equal(live[0], state["master"]) and live[2].min() >= 0

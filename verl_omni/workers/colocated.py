@@ -18,6 +18,7 @@ from verl_omni.config.model import ModelConfig
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.core.weights_file import write_safetensors_file
 from verl_omni.workers.full_actor import make_actor
+from verl_omni.workers.full_weights import read_shard_file
 from verl_omni.workers.grad_sync import LoRAGradSync
 from verl_omni.workers.text_encoder_offload import (
     PoolSegments,
@@ -130,7 +131,7 @@ class ColocatedActorRank:
             torch.save(self.actor.optimizer_state_dict(), f)
 
     def load_optimizer_shard(self, path: str) -> None:
-        self.actor.load_optimizer_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.actor.load_optimizer_state_dict(read_shard_file(path))
 
     # ... and rank 0 writes the weights file, which every rank reads back on resume (no weights through the driver).
     def save_weights_file(self, path: str) -> tuple[str, int]:
