@@ -243,8 +243,8 @@ def test_the_update_runs_with_every_sdpa_backend_whatever_the_process_switched_o
 def test_the_update_leaves_cudnn_attention_off_for_a_family_whose_backward_fails_on_it(family, cudnn):
     """FLUX.1-dev's update runs without cuDNN's SDPA (its backward fails on FLUX's training shapes on an H100);
     every other family's gets every backend, whatever the process switched off, and the setting is back after."""
+    from verl_omni.core.workarounds import update_sdpa_backends
     from verl_omni.pipelines import get_pipeline_class
-    from verl_omni.workers.actor import update_sdpa_backends
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)  # what vllm/platforms/cuda.py does at import

@@ -166,10 +166,10 @@ def test_the_workers_autograd_hook_takes_a_single_tensor_position_embedding(tiny
     """The hybrid engine's actor trains through the engine's transformer; the worker hooks every family's
     ``pos_embed``. SD3's patch embedding returns one tensor (FLUX's RoPE a pair, Qwen-Image's a pair): a training
     forward through the hooked SD3 transformer gets gradients."""
-    from verl_omni.rollout.engines.vllm_omni.worker import _allow_autograd_through_rope
+    from verl_omni.core.workarounds import allow_autograd_through_rope
 
     pipe = load_rl_pipeline(tiny_sd3_dir, "sd3", "float32")
-    _allow_autograd_through_rope(pipe.transformer)
+    allow_autograd_through_rope(pipe.transformer)
     params = _params()
     cond = pipe.encode_conditions(PROMPT, None, params).conditioning
     latents = pipe.prepare_rl_latents(1, params, [torch.Generator().manual_seed(0)], "cpu").requires_grad_(True)

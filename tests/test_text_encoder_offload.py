@@ -279,7 +279,7 @@ def test_vllm_cumem_pool_unmaps_the_weights_segments_that_hold_only_text_encoder
     allocator, their live blocks from PyTorch's snapshot (freed blocks ignored), unmapped and mapped back by handle."""
     from types import SimpleNamespace
 
-    from verl_omni.rollout.engines.vllm_omni.worker import CuMemWeightPool
+    from verl_omni.core.workarounds import CuMemWeightPool
 
     encoder = torch.nn.Linear(8, 8).requires_grad_(False)
     other = torch.zeros(4)

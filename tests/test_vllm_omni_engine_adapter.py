@@ -754,7 +754,7 @@ def test_rope_frequencies_cached_under_inference_mode_can_train():
     """diffusers caches Qwen-Image's RoPE tables per device; on a GPU the first rollout (vllm-omni runs it under
     inference mode) fills that cache with inference tensors, which autograd refuses. The worker's hook hands
     training calls normal copies."""
-    from verl_omni.rollout.engines.vllm_omni.worker import _allow_autograd_through_rope
+    from verl_omni.core.workarounds import allow_autograd_through_rope
 
     class CachingRope(torch.nn.Module):  # what the per-device cache does: the first call's tensors, kept
         def forward(self):
@@ -769,8 +769,8 @@ def test_rope_frequencies_cached_under_inference_mode_can_train():
     x = torch.randn(4, requires_grad=True)
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         (x * transformer.pos_embed()[0]).sum().backward()
-    _allow_autograd_through_rope(transformer)
-    _allow_autograd_through_rope(transformer)  # idempotent: one hook
+    allow_autograd_through_rope(transformer)
+    allow_autograd_through_rope(transformer)  # idempotent: one hook
     (x * transformer.pos_embed()[0]).sum().backward()
     assert torch.equal(x.grad, transformer.pos_embed.cached[0])
     with torch.inference_mode():  # rollouts still get the cached tensors themselves

@@ -40,11 +40,11 @@ from verl_omni.agent_loop.transport import PackedBatch, pack, unpack_concat
 from verl_omni.config.rollout import RolloutConfig
 from verl_omni.config.sampling import row_settings_tensors
 from verl_omni.core.errors import NonFiniteError
-from verl_omni.core.logs import quiet_accelerator_warnings_on_cpu
 from verl_omni.core.media import media_samples
 from verl_omni.core.names import AGENT_LOOP_NAME
 from verl_omni.core.outputs import SHARED_FIELDS, RLBatchOutput
 from verl_omni.core.prompts import prompt_text
+from verl_omni.core.workarounds import quiet_accelerator_warnings_on_cpu
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.rewards.pool import RewardPool
 from verl_omni.rewards.registry import RewardResult, row_metadata

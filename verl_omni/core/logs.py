@@ -1,22 +1,9 @@
-"""Quiet console output where the messages say nothing to act on (CPU runs, logs written to files)."""
+"""Quiet console output where the messages say nothing to act on (logs written to files). verl's warning on a
+CPU-only machine: ``core/workarounds.py``."""
 
 from __future__ import annotations
 
-import logging
 import sys
-
-
-def quiet_accelerator_warnings_on_cpu() -> None:
-    """verl 0.9.1 warns once per process that it found no accelerator (``verl/plugin/platform/platform_manager.py``),
-    which is the expected state of a CPU run. Raise that one logger's level when there is no GPU. Its module sets the
-    level on import, so it is imported first."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    import verl.plugin.platform.platform_manager as platform_manager
-
-    logging.getLogger(platform_manager.__name__).setLevel(logging.ERROR)
 
 
 def output_is_a_terminal() -> bool:

@@ -24,7 +24,7 @@ scheduler's timestep divided by it: 1000 for a transformer that takes t / 1000),
 algorithm name, what that algorithm's reference trainer does for this family: an algorithm's null settings resolve
 to these), ``REPEATED_BLOCKS`` (the transformer's block classes that regional compile compiles -- the engine's
 and the actor's -- for a diffusers transformer class that names none in ``_repeated_blocks``) and
-``TRAINING_CUDNN_ATTENTION`` (whether the actor's update may run SDPA on cuDNN: ``workers/actor.py``
+``TRAINING_CUDNN_ATTENTION`` (whether the actor's update may run SDPA on cuDNN: ``core/workarounds.py``
 ``update_sdpa_backends``).
 
 ``apply_family_options(options)`` takes the family's own options section (``actor_rollout_ref.model.<family>``,

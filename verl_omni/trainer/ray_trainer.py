@@ -25,8 +25,9 @@ from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager,
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
-from verl_omni.core.logs import output_is_a_terminal, quiet_accelerator_warnings_on_cpu
+from verl_omni.core.logs import output_is_a_terminal
 from verl_omni.core.media import media_samples
+from verl_omni.core.workarounds import quiet_accelerator_warnings_on_cpu
 from verl_omni.models.vae_memory import decode_activation_bytes
 from verl_omni.pipelines import get_pipeline_class
 from verl_omni.pipelines.loading import (

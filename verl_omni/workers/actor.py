@@ -22,8 +22,8 @@ What makes the update fast without changing its result (each has an equivalence 
   ``torch.compile`` of the blocks (``actor.use_torch_compile``; explicitly false, the update runs the blocks'
   original forwards even where the engine compiled them, ``models/eager.py``); fused AdamW on GPU;
 - the LoRA's matmuls in the activations' dtype (bf16), its weights float32 (``models/lora.py``);
-- every SDPA backend on for the update (``update_sdpa_backends``; cuDNN's only where the family allows it), also
-  in the vllm-omni worker, where vllm's import switched cuDNN's off.
+- every SDPA backend on for the update (``core/workarounds.py`` ``update_sdpa_backends``; cuDNN's only where the
+  family allows it), also in the vllm-omni worker, where vllm's import switched cuDNN's off.
 
 Data parallel: with ``grad_sync`` (one rank per GPU) the flattened LoRA gradients and the metric sums are
 all-reduced once per epoch; every rank weights its rows by the *global* number of transitions, so the summed
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from verl_omni.algorithms import Algorithm
 from verl_omni.config.actor import ActorConfig
@@ -52,6 +51,7 @@ from verl_omni.config.sampling import ROW_SETTINGS_CONFIG_KEYS, RowSettings
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import use_tf32_for_float32_matmuls
 from verl_omni.core.errors import NonFiniteError, assert_finite
+from verl_omni.core.workarounds import update_sdpa_backends
 from verl_omni.models.checkpointing import KEY as CHECKPOINTING_KEY
 from verl_omni.models.checkpointing import BlockCheckpointing
 from verl_omni.models.eager import compiled_modules, eager_forwards
@@ -647,23 +647,6 @@ def _stage(batch: TrainBatch, fields: tuple[str, ...], device: torch.device) -> 
     """The rollout tensors the loop indexes, on the device in one pass (the text goes with each micro-batch's
     prepared inputs)."""
     return batch._with({k: v for k, v in batch.tensors.items() if k in fields}).to(device)
-
-
-def update_sdpa_backends(pipe: Any) -> AbstractContextManager:
-    """The SDPA backends the update's forwards and backwards may use (PyTorch's own priority order picks among
-    them), whatever this process switched off: every backend, less cuDNN's for a family whose pipeline class says
-    ``TRAINING_CUDNN_ATTENTION = False`` (a cuDNN backward that fails on its shapes).
-
-    Why: vllm 0.24 disables cuDNN's SDPA for its whole process when it is imported (``vllm/platforms/cuda.py``, a
-    torch 2.5 crash of some diffusers models). In the vllm-omni worker, where the hybrid engine's actor trains, the
-    actor's attention would then fall back to flash or the memory-efficient kernel, both slower than cuDNN for its
-    shapes (``docs/benchmarks/attention_backends_h200.json``). The flags are global, so the backward (on CUDA's
-    autograd thread) sees them too; they are restored on exit.
-    Remove when vllm stops switching cuDNN's SDPA off at import."""
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if getattr(pipe, "TRAINING_CUDNN_ATTENTION", True):
-        backends.insert(0, SDPBackend.CUDNN_ATTENTION)
-    return sdpa_kernel(backends)
 
 
 def sdpa_has_unmasked_kernel(device: torch.device, dtype: torch.dtype) -> bool:

@@ -56,7 +56,8 @@ class FluxRLPipeline(RLPipelineMixin, FluxPipeline):
     # row trains, zero advantage or not. With true CFG on, gradients flow through both branches.
     REFERENCE_TRAINER_DEFAULTS = {"flowgrpo": {"detach_unconditional": False, "drop_zero_advantage": False}}
     # cuDNN's SDPA backward (torch 2.11, cuDNN 9 on an H100) fails with an illegal memory access on FLUX.1-dev's
-    # training shapes (24 heads x 128, 4096 image + 128 text tokens at 512^2); flash serves the update instead.
+    # training shapes (24 heads x 128, 4096 image + 128 text tokens at 512^2); flash serves the update instead
+    # (core/workarounds.py, update_sdpa_backends).
     TRAINING_CUDNN_ATTENTION = False
     # The guidance embedding's input in every forward (the module doc says why it is not per request).
     distilled_guidance_scale: float = DISTILLED_GUIDANCE_SCALE

@@ -15,6 +15,7 @@ import torch
 from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.conditioning import FIELDS as CONDITIONING_FIELDS
 from verl_omni.core.outputs import PER_SAMPLE_FIELDS, SHARED_FIELDS, RLBatchOutput
+from verl_omni.core.workarounds import dummy_run_sampling
 
 PIPELINE_CLASS = "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLPipeline"
 WORKER_EXTENSION_CLASS = "verl_omni.rollout.engines.vllm_omni.worker.VllmOmniRLWorkerExtension"
@@ -95,19 +96,9 @@ def decode_request(req: Any) -> tuple[str, list[int], DiffusionSamplingParams]:
     extra = (getattr(sp, "extra_args", None) or {}).get(EXTRA_KEY)
     if extra is not None:
         return str(prompt), [int(s) for s in extra["seeds"]], DiffusionSamplingParams.from_dict(extra["params"])
-    # A request that did not come from VllmOmniEngine: vllm-omni 0.24's start-up dummy run (1 step at 512x512).
-    # Served as plain ODE sampling with at least 2 steps (a 1-step Qwen-Image schedule with shift_terminal is NaN).
-    # Remove when vllm-omni lets a custom pipeline skip or shape its dummy run.
-    n = max(1, int(getattr(sp, "num_outputs_per_prompt", 1) or 1))
-    seed0 = int(sp.seed) if getattr(sp, "seed", None) is not None else 0
-    params = DiffusionSamplingParams(
-        num_inference_steps=max(2, int(sp.num_inference_steps or 2)),
-        height=int(sp.height or 512),
-        width=int(sp.width or 512),
-        noise_level=0.0,
-        return_trajectory=False,
-    )
-    return str(prompt), [seed0 + i for i in range(n)], params
+    # A request that did not come from VllmOmniEngine: vllm-omni's start-up dummy run (core/workarounds.py).
+    seeds, fields = dummy_run_sampling(sp)
+    return str(prompt), seeds, DiffusionSamplingParams(**fields)
 
 
 # ------------------------------------------------------------------------------------------ output

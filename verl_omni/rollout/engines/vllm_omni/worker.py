@@ -23,6 +23,13 @@ from verl_omni.config.sampling import DiffusionSamplingParams
 from verl_omni.core.checksum import tensors_checksum
 from verl_omni.core.dtypes import resolve_dtype, use_tf32_for_float32_matmuls
 from verl_omni.core.outputs import slice_batch
+from verl_omni.core.workarounds import (
+    CuMemWeightPool,
+    allow_autograd_through_rope,
+    empty_cuda_cache,
+    inductor_multi_kernel,
+    reload_custom_pipeline,
+)
 from verl_omni.models.lora import LoRASpec, get_lora_state_dict, set_lora_state_dict
 from verl_omni.pipelines.loading import load_rl_pipeline
 from verl_omni.pipelines.registry import get_family
@@ -67,38 +74,6 @@ def attention_options(opts: Mapping[str, Any]) -> dict[str, Any]:
     section names them through its ``attention_options()``; a family without one takes the pipeline's defaults."""
     to_kwargs = getattr(family_options(opts), "attention_options", None)
     return to_kwargs() if to_kwargs is not None else {}
-
-
-def _allow_autograd_through_rope(transformer: torch.nn.Module) -> None:
-    """Let the actor train through a transformer that vllm-omni also runs under ``torch.inference_mode``.
-
-    diffusers caches Qwen-Image's RoPE frequencies (``lru_cache`` on the RoPE module); the cache fills during a
-    rollout, under inference mode, and autograd refuses inference tensors. A forward hook hands training calls
-    normal copies (a few KB). The same hook sits on every family's ``pos_embed`` (FLUX's RoPE returns a pair, SD3's
-    patch embedding one tensor; neither caches, so it copies nothing there). Remove when vllm-omni runs custom
-    pipelines under ``no_grad`` instead.
-    """
-    rope = getattr(transformer, "pos_embed", None)
-    if rope is None or getattr(rope, "_verl_omni_autograd_hook", False):
-        return
-
-    def normal(t: Any) -> Any:
-        return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
-
-    def normal_outputs(module, args, output):
-        if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
-            return None
-        if isinstance(output, torch.Tensor):
-            return normal(output)
-        return type(output)(normal(t) for t in output)
-
-    rope.register_forward_hook(normal_outputs)
-    rope._verl_omni_autograd_hook = True
-
-
-def _empty_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class VllmOmniRLPipeline(torch.nn.Module):
@@ -197,14 +172,7 @@ class VllmOmniRLPipeline(torch.nn.Module):
         defaults. A graph keeps the settings it was compiled with (dynamo does not guard on inductor's config)."""
         if not self.inductor_multi_kernel:
             return contextlib.nullcontext()
-        import torch._inductor.config as inductor_config
-
-        # Without the FX graph cache (which also turns off AOTAutograd's): with torch 2.11 + its Triton, a
-        # multi-kernel graph loaded from that cache fails (MultiKernelCall.cache_file_path reads the reloaded
-        # JITFunction's cache_key, whose _hash_lock is None: "'NoneType' object does not support the context
-        # manager protocol"; seen on the device on a second compile of the same blocks). These graphs then compile
-        # afresh at each engine start. Remove the override when the pinned torch loads them.
-        return inductor_config.patch({"triton.multi_kernel": 1, "fx_graph_cache": False})
+        return inductor_multi_kernel()  # without the FX graph cache (core/workarounds.py)
 
     # ------------------------------------------------------------------ LoRA (called from the worker extension)
     def update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
@@ -217,65 +185,12 @@ class VllmOmniRLPipeline(torch.nn.Module):
         return tensors_checksum(get_lora_state_dict(self.pipe.lora_module))
 
 
-class CuMemWeightPool:
-    """vllm's CuMem allocator (vllm-omni's sleep mode: the pipeline's weights load under its ``weights`` tag) as the
-    ``PoolSegments`` of ``workers/text_encoder_offload.py``. A tensor freed in that pool stays cached in it, out of
-    the reach of the update's allocations and of ``torch.cuda.empty_cache``; so the text encoders leave it as vllm's
-    own ``sleep`` / ``wake_up`` move weights, by allocation: the physical memory of a segment is unmapped and mapped
-    back at the same addresses, and PyTorch's allocator sees no change (its counters keep the segment allocated,
-    ``cudaMemGetInfo`` shows it free). Remove when vllm-omni can offload one component of a pipeline itself."""
-
-    TAG = "weights"
-
-    def __init__(self, allocator: Any, unmap_and_release: Any, create_and_map: Any, snapshot: Any = None) -> None:
-        """``allocator``: vllm's ``CuMemAllocator`` (its ``pointer_to_data``: segment address -> allocation with
-        ``tag`` and ``handle``); ``unmap_and_release`` / ``create_and_map``: vllm's, on a handle; ``snapshot``: the
-        allocator's segments with their blocks (default ``torch.cuda.memory_snapshot``)."""
-        self.allocator = allocator
-        self._unmap_and_release, self._create_and_map = unmap_and_release, create_and_map
-        self._snapshot = snapshot or torch.cuda.memory_snapshot
-
-    @classmethod
-    def of_this_process(cls) -> Optional[CuMemWeightPool]:
-        """The pool when this process loaded weights into it (sleep mode on), else None."""
-        try:
-            from vllm.device_allocator.cumem import CuMemAllocator, create_and_map, unmap_and_release
-        except ImportError:
-            return None
-        allocator = CuMemAllocator.instance
-        if allocator is None or not any(d.tag == cls.TAG for d in allocator.pointer_to_data.values()):
-            return None
-        return cls(allocator, unmap_and_release, create_and_map)
-
-    def segments(self) -> list[tuple[int, int, list[int]]]:
-        mine = {ptr: data for ptr, data in self.allocator.pointer_to_data.items() if data.tag == self.TAG}
-        live: dict[int, list[int]] = {ptr: [] for ptr in mine}
-        for segment in self._snapshot():
-            if segment["address"] in live:
-                live[segment["address"]] = [b["address"] for b in segment["blocks"] if b["state"] != "inactive"]
-        return [(ptr, int(data.handle[1]), live[ptr]) for ptr, data in mine.items()]
-
-    def unmap(self, address: int) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # nothing queued may still read the segment
-        self._unmap_and_release(self.allocator.pointer_to_data[address].handle)
-
-    def map(self, address: int) -> None:
-        self._create_and_map(self.allocator.pointer_to_data[address].handle)
-
-
 class VllmOmniRLWorkerExtension:
     """Mixed into vllm-omni's diffusion worker (``worker_extension_cls``); its methods are collective_rpc targets."""
 
     def re_init_pipeline(self, custom_pipeline_args: dict[str, Any]) -> None:
-        # Setting ``worker_extension_cls`` replaces vllm-omni 0.24's ``CustomPipelineWorkerExtension``, whose
-        # re_init_pipeline also starts vllm-omni's LoRA manager (which cannot serve a peft adapter): the same steps
-        # without it. Remove when vllm-omni composes worker extensions.
-        if getattr(self.model_runner, "pipeline", None) is not None:
-            self.model_runner.pipeline = None
-            gc.collect()
-            _empty_cuda_cache()
-        self.load_model(load_format="custom_pipeline", custom_pipeline_name=custom_pipeline_args["pipeline_class"])
+        """Loads our pipeline by its qualified name, without vllm-omni's LoRA manager (``reload_custom_pipeline``)."""
+        reload_custom_pipeline(self, custom_pipeline_args)
 
     def verl_omni_update_lora(self, tensors: dict[str, torch.Tensor]) -> str:
         with torch.no_grad():
@@ -296,7 +211,7 @@ class VllmOmniRLWorkerExtension:
 
         pipeline = self.model_runner.pipeline
         for denoiser in pipeline.pipe.denoisers.values():
-            _allow_autograd_through_rope(denoiser)
+            allow_autograd_through_rope(denoiser)
         address = payload["address"]
         self._verl_omni_actor = ColocatedActorRank(
             pipeline.pipe,
@@ -329,7 +244,7 @@ class VllmOmniRLWorkerExtension:
 
     def verl_omni_empty_cache(self) -> bool:
         gc.collect()
-        _empty_cuda_cache()
+        empty_cuda_cache()
         return True
 
     def verl_omni_memory_info(self) -> dict[str, float]:
