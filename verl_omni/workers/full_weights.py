@@ -454,7 +454,7 @@ class ShardedAdamW:
 
     def _piece_state_dict(self) -> dict:
         """The offloaded pieces' AdamW state in the format of one AdamW over the whole shard (the flat moments)."""
-        group = {k: v for k, v in self.optimizer.state_dict()["param_groups"][0].items() if k != "params"}
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         step = self.optimizer.state[self._pieces[0]]["step"]
         state = {}
         if step.item() > 0:
