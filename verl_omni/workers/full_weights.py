@@ -23,6 +23,12 @@ into one reused float32 host buffer and stepped, so no float32 gradient of the w
 (AdamW is elementwise: the pieces step exactly as the whole would). Without it the gradient shard is the float32
 master's gradient itself.
 
+AdamW is PyTorch's fused implementation on either device (``fused=True``: one pass over the values; on the CPU
+``benchmarks/host_adamw_step.py`` measures it against the default per-tensor loop). Its CPU kernel splits the work
+into units of one cache line and runs a unit's last partial vector through scalar code, whose rounding can differ:
+so the pieces' bounds fall on multiples of ``PIECE_ALIGN`` values, and every value takes the same path as in one
+step over the whole shard.
+
 Clipping uses the global norm: each rank's shard norm squared, summed over the ranks (one all-reduce of two
 numbers, which also carries the non-finite count the loss saw).
 """
@@ -65,6 +71,9 @@ BUCKETS_IN_FLIGHT = 4
 # Values per piece of the offloaded step (a 64 MiB float32 gradient buffer in host memory, as much in the device's
 # conversion of the piece)
 HOST_STEP_PIECE = 16 * MiB
+# Pieces start at multiples of this many values: a multiple of the fused CPU AdamW's unit (a 64-byte cache line of
+# float32) and of its widest vector (16 float32 lanes), so a piece's values are computed as in the whole shard's step
+PIECE_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -152,20 +161,19 @@ class ShardedAdamW:
             # Where each backward's reduce-scattered buckets add up: on the device in the weights' dtype. AdamW steps
             # the master a piece at a time (views of it, their moments views of two flat tensors).
             self.grad_shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
-            size = max(1, host_step_piece)
+            size = -(-max(1, host_step_piece) // PIECE_ALIGN) * PIECE_ALIGN  # rounded up to a multiple
             self._bounds = [(lo, min(lo + size, self.shard_numel)) for lo in range(0, self.shard_numel, size)]
             self._pieces = [torch.nn.Parameter(self.master.data[lo:hi]) for lo, hi in self._bounds]
             self._grad_buffer = torch.empty(
-                min(self.shard_numel, host_step_piece), dtype=torch.float32, device=master_device, pin_memory=pin
+                min(self.shard_numel, size), dtype=torch.float32, device=master_device, pin_memory=pin
             )
-            self.optimizer = torch.optim.AdamW(self._pieces, **hyper)
+            self.optimizer = torch.optim.AdamW(self._pieces, **hyper, fused=True)
             self._moments = (torch.zeros_like(self.master.data), torch.zeros_like(self.master.data))
             self._reset_piece_state(0.0)
         else:
             self.master.grad = torch.zeros_like(self.master.data)
             self.grad_shard = self.master.grad  # the backwards reduce into the master's gradient itself
-            fused = {"fused": True} if master_device.type == "cuda" else {}
-            self.optimizer = torch.optim.AdamW([self.master], **hyper, **fused)
+            self.optimizer = torch.optim.AdamW([self.master], **hyper, fused=True)
         self.reset_master_from_params()
         self.last_sync_s = 0.0
         self.backwards = 0  # backwards reduced into the shard since the last zero_grad
