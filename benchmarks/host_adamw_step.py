@@ -7,7 +7,8 @@ Full fine-tuning with ``actor_rollout_ref.actor.optimizer_offload=true`` steps A
 - ``forloop`` (PyTorch's default on the CPU: one tensor op per AdamW term), ``foreach`` and ``fused`` (one pass over
   the values; what ``ShardedAdamW`` uses), each the median of ``--repeats`` steps after one warm-up step;
 - ``ShardedAdamW.step()`` with ``offload=True`` over ``--shard-values`` weights (on the GPU where there is one: the
-  gradient pieces' copies to the host and the new weights' copy back included), as seconds per billion weights.
+  gradient pieces' copies to the host and the new weights' copy back included), its pieces stepped by ``forloop``
+  and by ``fused``, as seconds per billion weights.
 
     python benchmarks/host_adamw_step.py --out docs/benchmarks/host_adamw_step.json
 """
@@ -53,21 +54,24 @@ def piece_step_seconds(kwargs: dict[str, Any], values: int, repeats: int) -> flo
     return statistics.median(times)
 
 
-def sharded_step_seconds(values: int, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``ShardedAdamW.step()`` with the offload over ``values`` bf16 weights on ``device``."""
+def sharded_step_seconds(values: int, repeats: int, device: torch.device, implementation: str) -> float:
+    """Median seconds of ``ShardedAdamW.step()`` with the offload over ``values`` bf16 weights on ``device``, its
+    pieces stepped by ``implementation`` (the shipped one is ``fused``)."""
     weight = torch.nn.Parameter(torch.randn(values, dtype=torch.bfloat16, device=device))
-    optimizer = ShardedAdamW(
-        [weight], LoRAGradSync(0, 1, None, device.type), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, offload=True
-    )
+    hyper = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-4}
+    optimizer = ShardedAdamW([weight], LoRAGradSync(0, 1, None, device.type), **hyper, offload=True)
+    if implementation != "fused":  # the same pieces and moments, stepped by another implementation
+        optimizer.optimizer = torch.optim.AdamW(optimizer._pieces, **hyper, **IMPLEMENTATIONS[implementation])
+        optimizer._reset_piece_state(0.0)
     optimizer.grad_shard.normal_()
+    optimizer._coef = 1.0  # what reduce_and_clip sets (no clipping here)
     times = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
-        optimizer._coef = 1.0  # what reduce_and_clip sets (no clipping here)
-        optimizer.step()
-        optimizer.grad_shard.normal_()
+        optimizer.grad_shard.normal_()  # step() zeroes the shard
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()  # synchronizes the device itself (the weights' all-gather is timed as sync_s)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -82,7 +86,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     per_piece = {name: piece_step_seconds(kw, args.piece_values, args.repeats) for name, kw in IMPLEMENTATIONS.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sharded = sharded_step_seconds(args.shard_values, args.repeats, device)
+    sharded = {
+        name: sharded_step_seconds(args.shard_values, args.repeats, device, name) for name in ("forloop", "fused")
+    }
     record = {
         "host_cpu": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -92,7 +98,7 @@ def main() -> None:
         "fused_speedup_over_forloop": per_piece["forloop"] / per_piece["fused"],
         "weights_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shard_values": args.shard_values,
-        "sharded_offload_step_s_per_billion": sharded * 1e9 / args.shard_values,
+        "sharded_offload_step_s_per_billion": {name: t * 1e9 / args.shard_values for name, t in sharded.items()},
         "repeats": args.repeats,
         "commit": commit,
     }
