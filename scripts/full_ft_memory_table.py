@@ -38,7 +38,7 @@ FULL = ("actor_rollout_ref.model.lora_rank=0",)
 RECIPES = (
     Recipe("SD3.5-Medium", "sd3", "sd3_5_medium_flowgrpo_ocr_full"),
     Recipe("FLUX.1-dev", "flux", "flux_flowgrpo_ocr_lora", FULL),
-    Recipe("Qwen-Image", "qwen_image", "qwen_image_flowgrpo_ocr_lora", FULL),
+    Recipe("Qwen-Image", "qwen_image", "qwen_image_flowgrpo_ocr_full"),
 )
 
 

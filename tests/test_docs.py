@@ -104,6 +104,7 @@ def test_there_is_a_preset_per_shipped_recipe():
         "flux_flowgrpo_ocr_lora",
         "sd3_5_medium_flowgrpo_ocr_lora",
         "sd3_5_medium_flowgrpo_ocr_full",
+        "qwen_image_flowgrpo_ocr_full",
         "wan2_1_t2v_1_3b_flowgrpo_lora",
         "wan2_2_ti2v_5b_flowgrpo_lora",
     } <= set(_presets())

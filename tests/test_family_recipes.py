@@ -111,6 +111,44 @@ def test_the_sd3_5_medium_full_recipe_passes_the_start_up_checks(tiny_sd3_dir, c
     assert "full fine-tuning memory plan" in out and "actor_rollout_ref.actor.optimizer_offload=false" in out
 
 
+def test_the_qwen_image_full_recipe_is_verl_omnis_full_weight_recipe():
+    """configs/qwen_image_flowgrpo_ocr_full.yaml: verl-omni's full-weight FlowGRPO recipe for Qwen-Image
+    (examples/flowgrpo_trainer/qwen_image/run_qwen_image_ocr.sh): 4 GPUs, 32 prompts x 16 images, no CFG, lr 3e-5,
+    weight decay 1e-4, clip 1e-5, noise 1.2, a 2-step window starting in steps 0..4, 256-token prompts; every weight
+    trained with the optimizer's shards in host memory and the text encoder off the GPU for each update."""
+    cfg = _parsed("qwen_image_flowgrpo_ocr_full", "qwen_image")
+    ref = cfg.actor_rollout_ref
+    model, actor, rollout = ref.model, ref.actor, ref.rollout
+    assert model.pipeline == "qwen_image" and model.lora is None and model.text_encoder_offload is True
+    assert (cfg.trainer.n_gpus_per_node, cfg.data.train_batch_size, rollout.n) == (4, 32, 16)
+    assert rollout.pipeline.true_cfg_scale == 1.0 and rollout.pipeline.max_sequence_length == 256
+    assert (rollout.pipeline.height, rollout.pipeline.width, rollout.pipeline.num_inference_steps) == (512, 512, 10)
+    assert rollout.algo.noise_level == 1.2
+    assert (rollout.algo.sde_window_size, tuple(rollout.algo.sde_window_range)) == (2, (0, 5))
+    assert (actor.optim.lr, actor.optim.weight_decay, actor.clip_ratio, actor.kl_coef) == (3e-5, 1e-4, 1e-5, 0.0)
+    assert actor.optimizer_offload and not actor.ema.enable
+    assert cfg.algorithm.name == "flowgrpo" and rollout.name == "vllm_omni"
+    assert [r["name"] for r in cfg.reward.rewards] == ["ocr"]
+
+
+def test_the_qwen_image_full_recipe_passes_the_start_up_checks(tiny_qwen_image_dir, capsys, monkeypatch):
+    """The trainer's checks before Ray starts, on the tiny Qwen-Image, on a node of 4 GPUs with 512 GiB of host
+    memory (this machine's own memory leaves less than the run's processes take on 4 GPUs, which the host check
+    refuses): the plan is printed with the offload on, and the host memory's reckoning."""
+    from verl_omni.trainer.ray_trainer import FlowGRPOTrainer
+    from verl_omni.workers.full_weights import GiB, HostBudget
+
+    node = HostBudget(512 * GiB, 500 * GiB, 4)
+    monkeypatch.setattr(HostBudget, "of_this_node", classmethod(lambda cls, gpus, env=None: node))
+    trainer = FlowGRPOTrainer(
+        compose_preset("qwen_image_flowgrpo_ocr_full", [f"actor_rollout_ref.model.path={tiny_qwen_image_dir}"])
+    )
+    trainer._check_model(tiny_qwen_image_dir)
+    out = capsys.readouterr().out
+    assert "full fine-tuning memory plan" in out and "actor_rollout_ref.actor.optimizer_offload=true" in out
+    assert "host memory per node" in out and "38.00 GiB for the run's processes" in out  # 14 GiB + 4 x 6 GiB
+
+
 def test_the_wan2_1_recipe_is_flow_grpos_general_ocr_wan2_1():
     cfg = _parsed("wan2_1_t2v_1_3b_flowgrpo_lora", "wan")
     ref = cfg.actor_rollout_ref
@@ -176,6 +214,11 @@ def test_the_wan2_2_ti2v_5b_recipe_passes_the_start_up_checks_on_the_tiny_ti2v(t
         ("examples/flowgrpo_trainer/flux/run_flux_ocr_lora.sh", "flux_flowgrpo_ocr_lora", "FLUX_PATH"),
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_lora.sh", "sd3_5_medium_flowgrpo_ocr_lora", "SD3_PATH"),
         ("examples/flowgrpo_trainer/sd3/run_sd3_5_medium_ocr_full.sh", "sd3_5_medium_flowgrpo_ocr_full", "SD3_PATH"),
+        (
+            "examples/flowgrpo_trainer/qwen_image/run_qwen_image_ocr_full.sh",
+            "qwen_image_flowgrpo_ocr_full",
+            "QWEN_IMAGE_PATH",
+        ),
         ("examples/flowgrpo_trainer/wan/run_wan_t2v_lora.sh", "wan2_1_t2v_1_3b_flowgrpo_lora", "WAN_PATH"),
         ("examples/flowgrpo_trainer/wan/run_wan2_2_ti2v_lora.sh", "wan2_2_ti2v_5b_flowgrpo_lora", "WAN_PATH"),
     ],

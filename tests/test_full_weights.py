@@ -207,15 +207,25 @@ def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ran
 @pytest.mark.parametrize("offload", [False, True], ids=["master_beside_weights", "optimizer_offload"])
 def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, reference, tiny_qwen_image_dir, offload):
     """World size 1: the rank's shard is every bucket; the blocks recompute in the backward (the gradients still
-    arrive bucket by bucket). With the offload the gradient shard is its own tensor, copied into the master's."""
+    arrive bucket by bucket). With the offload the gradient shard is its own tensor in the weights' dtype, copied
+    into the master's a piece at a time; without it, the master's float32 gradient. Either exists during an update
+    only: none before the first, none after each step."""
     batch, _ = two_ranks
     _, actor_cfg, rollout = _configs(tiny_qwen_image_dir)
     model = model_config(tiny_qwen_image_dir, lora_rank=0, enable_gradient_checkpointing=True)
     actor = DiffusionFullActor(model, replace(actor_cfg, optimizer_offload=offload), rollout)
-    assert actor.checkpointed_blocks > 0 and len(actor.optimizer.buckets) >= 10
-    assert (actor.optimizer.grad_shard is actor.optimizer.master.grad) != offload
+    opt = actor.optimizer
+    assert actor.checkpointed_blocks > 0 and len(opt.buckets) >= 10
+    assert opt.grad_shard is None and opt.master.grad is None
+    shards = []
+    backward = opt.backward
+    opt.backward = lambda loss: (backward(loss), shards.append(opt.grad_shard))[0]  # the shard during the update
     metrics = actor.update_batch(batch, batch.num_terms)
     actor.update_batch(batch, batch.num_terms)
+    assert opt.grad_shard is None and opt.master.grad is None  # released after the step
+    assert shards and all(t is not None for t in shards)
+    expected = (actor.transformer.dtype, opt.shard_numel) if offload else (torch.float32, opt.shard_numel)
+    assert {(t.dtype, t.numel()) for t in shards} == {expected}
     ref_metrics, weights = reference
     diff = max((p - weights[k]).abs().max().item() for k, p in actor.lora_state_dict().items())
     assert diff < 2e-6 and metrics["actor/grad_norm"] == pytest.approx(ref_metrics["actor/grad_norm"], rel=1e-5)
@@ -224,7 +234,6 @@ def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, refer
     # second copy in host memory.
     state = actor.optimizer_state_dict()
     assert state["master"].data_ptr() == actor.optimizer.master.data_ptr()
-    opt = actor.optimizer
     live = opt._moments if offload else [opt.optimizer.state[opt.master][k] for k in ("exp_avg", "exp_avg_sq")]
     assert [state["optimizer"]["state"][0][k].data_ptr() for k in ("exp_avg", "exp_avg_sq")] == [
         t.data_ptr() for t in live
@@ -439,13 +448,17 @@ def test_diffusion_nft_keeps_its_old_policy_sharded_and_ranks_of_unequal_rows_st
 
 
 def test_the_memory_plan_of_a_known_configuration():
-    # 20B bf16 weights on 8 GPUs: weights 2P, four 256 MiB gradient buckets, master + its gradient 8P/8 (the
-    # master's gradient is the gradient shard), AdamW's moments 8P/8.
+    # 20B bf16 weights on 8 GPUs: weights 2P, four 256 MiB gradient buckets, the master 4P/8 and its gradient 4P/8
+    # (the master's gradient is the gradient shard, during the update only), AdamW's moments 8P/8.
     p = 20 * 10**9
     buckets = BUCKETS_IN_FLIGHT * 256 * 2**20
     plan = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
-    assert (plan.weights, plan.grads, plan.buckets, plan.master, plan.optimizer) == (2 * p, 0, buckets, p, p)
+    assert (plan.weights, plan.grads, plan.buckets, plan.master, plan.optimizer) == (2 * p, p // 2, buckets, p // 2, p)
     assert plan.device_total == 2 * p + buckets + 2 * p + 8 * GiB and plan.host_total == 0
+    # Between updates (the rollout) the GPU holds no gradient shard: the rollout's footprint is the weights, the
+    # master and moments, the frozen components and the VAE decode.
+    decoding = plan_full_weights_memory(p, 8, False, frozen_bytes=3 * GiB, decode_bytes=40 * GiB)
+    assert decoding.device_total == 2 * p + p // 2 + p + 3 * GiB + 40 * GiB
     # Offloaded: the master, one piece's float32 gradient (the step goes piece by piece) and the moments on the host;
     # the gradient shard on the GPU in bf16.
     offloaded = plan_full_weights_memory(p, 8, True, frozen_bytes=3 * GiB, activation_bytes=5 * GiB)
@@ -474,11 +487,12 @@ def test_text_encoders_off_the_gpu_for_the_update_leave_the_larger_of_update_and
     assert off.device_total == plan.device_total - 2 * GiB and off.offloaded_frozen == 2 * GiB
     assert "of them off the GPU for the update (text encoders) 2.00 GiB" in off.describe()
     assert "of them off" not in plan.describe()
-    # Without activations and with small buckets the rollout's footprint (every component on the GPU) is the larger.
-    small = dict(frozen_bytes=3 * GiB, bucket_mb=1)
-    between = plan_full_weights_memory(p, 8, False, **small, offloaded_frozen_bytes=3 * GiB)
+    # Without activations, with small buckets and text encoders larger than the gradient shard, the rollout's
+    # footprint (every component on the GPU, no gradient shard) is the larger.
+    small = dict(frozen_bytes=12 * GiB, bucket_mb=1)
+    between = plan_full_weights_memory(p, 8, False, **small, offloaded_frozen_bytes=12 * GiB)
     resident = between.weights + between.master + between.optimizer
-    assert between.device_total == resident + 3 * GiB > resident + between.buckets
+    assert between.device_total == resident + 12 * GiB > resident + between.grads + between.buckets
     with pytest.raises(ValueError, match="offloaded_frozen_bytes=.* must be within"):
         plan_full_weights_memory(p, 8, False, frozen_bytes=GiB, offloaded_frozen_bytes=2 * GiB)
 
@@ -533,7 +547,7 @@ def test_a_plan_that_does_not_fit_is_refused_with_its_numbers_and_the_option_tha
     with pytest.raises(
         ValueError,
         match=r"does not fit: 20.00B trained weights on 4 GPU\(s\), actor_rollout_ref.actor.optimizer_offload=false: "
-        r"112.76 GiB per GPU \(weights 37.25 GiB, gradient shard 0.00 GiB, gradient buckets 1.00 GiB, .*\), more than "
+        r"112.76 GiB per GPU \(weights 37.25 GiB, gradient shard 18.63 GiB, gradient buckets 1.00 GiB, .*\), more than "
         r"the GPU's 80.00 GiB. Set actor_rollout_ref.actor.optimizer_offload=true \(47.57 GiB per GPU, 55.94 GiB host "
         r"per GPU\)",
     ):
@@ -865,11 +879,11 @@ def test_the_rollouts_vae_decode_counts_beside_every_component_between_updates()
     # A decode smaller than the update's buckets and activations changes nothing; a larger one is the plan.
     small = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=GiB)
     assert small.device_total == plan.device_total and "the rollout's VAE decode 1.00 GiB" in small.describe()
-    large = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=9 * GiB)
-    assert large.device_total == resident + 3 * GiB + 9 * GiB > plan.device_total
+    large = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=20 * GiB)
+    assert large.device_total == resident + 3 * GiB + 20 * GiB > plan.device_total
     assert "VAE decode" not in plan.describe()
     # It never leaves the GPU: with the text encoders off for the update, the rollout keeps both.
-    both = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=9 * GiB, offloaded_frozen_bytes=2 * GiB)
+    both = plan_full_weights_memory(p, 8, False, **kw, decode_bytes=20 * GiB, offloaded_frozen_bytes=2 * GiB)
     assert both.device_total == large.device_total
 
 

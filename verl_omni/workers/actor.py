@@ -471,7 +471,7 @@ class DiffusionLoRAActor:
                 self.memory_plan.after_update()
             return metrics
         except (NonFiniteError, torch.OutOfMemoryError):
-            self.optimizer.zero_grad(set_to_none=False)  # nothing of the failed attempt carries over
+            self.optimizer.zero_grad(set_to_none=True)  # nothing of the failed attempt carries over
             if snapshot is not None:
                 self._restore(snapshot)
             raise

@@ -162,7 +162,7 @@ class DiffusionFullActor(DiffusionLoRAActor):
         self.optimizer.pad_backwards(self._step_backwards)
         norm, bad_count = self.optimizer.reduce_and_clip(bad, self.config.grad_clip)
         if bad_count > 0 or not math.isfinite(norm):
-            self.optimizer.zero_grad()
+            self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
                 f"non-finite log-probs/KL ({int(bad_count)} values) or gradient norm ({norm}); step refused, "
                 "weights unchanged"

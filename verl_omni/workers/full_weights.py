@@ -23,6 +23,10 @@ into one reused float32 host buffer and stepped, so no float32 gradient of the w
 (AdamW is elementwise: the pieces step exactly as the whole would). Without it the gradient shard is the float32
 master's gradient itself.
 
+The gradient shard exists during an update only: allocated (zeros) at the update's first use, released after the
+optimizer step. So the rollouts between updates run without it (in the hybrid engine they share the process's CUDA
+caching allocator, which hands them its memory).
+
 AdamW is PyTorch's fused implementation on either device (``fused=True``: one pass over the values; on the CPU
 ``benchmarks/host_adamw_step.py`` measures it against the default per-tensor loop). Its CPU kernel splits the work
 into units of one cache line and runs a unit's last partial vector through scalar code, whose rounding can differ:
@@ -157,10 +161,11 @@ class ShardedAdamW:
         )
         hyper = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self._coef = 1.0  # the last reduce_and_clip's clipping factor, applied piece by piece (offload)
+        # Where each backward's reduce-scatter adds up, during an update only (``_shard_grads``): on the device in the
+        # weights' dtype with the offload, else the float32 master's gradient.
+        self.grad_shard: Optional[torch.Tensor] = None
         if offload:
-            # Where each backward's reduce-scattered buckets add up: on the device in the weights' dtype. AdamW steps
-            # the master a piece at a time (views of it, their moments views of two flat tensors).
-            self.grad_shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+            # AdamW steps the master a piece at a time (views of it, their moments views of two flat tensors).
             size = -(-max(1, host_step_piece) // PIECE_ALIGN) * PIECE_ALIGN  # rounded up to a multiple
             self._bounds = [(lo, min(lo + size, self.shard_numel)) for lo in range(0, self.shard_numel, size)]
             self._pieces = [torch.nn.Parameter(self.master.data[lo:hi]) for lo, hi in self._bounds]
@@ -171,8 +176,6 @@ class ShardedAdamW:
             self._moments = (torch.zeros_like(self.master.data), torch.zeros_like(self.master.data))
             self._reset_piece_state(0.0)
         else:
-            self.master.grad = torch.zeros_like(self.master.data)
-            self.grad_shard = self.master.grad  # the backwards reduce into the master's gradient itself
             self.optimizer = torch.optim.AdamW([self.master], **hyper, fused=True)
         self.reset_master_from_params()
         self.last_sync_s = 0.0
@@ -231,6 +234,23 @@ class ShardedAdamW:
                 "exp_avg": exp_avg[lo:hi],
                 "exp_avg_sq": exp_avg_sq[lo:hi],
             }
+
+    def _shard_grads(self) -> torch.Tensor:
+        """The gradient shard of this update, allocated as zeros at its first use (a worker may call under inference
+        mode: the shard must be a normal tensor, as every backward adds into it)."""
+        if self.grad_shard is None:
+            with torch.inference_mode(False):
+                if self.offload:
+                    self.grad_shard = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+                else:  # the backwards reduce into the master's gradient itself
+                    self.master.grad = torch.zeros_like(self.master.data)
+                    self.grad_shard = self.master.grad
+        return self.grad_shard
+
+    def _release_grads(self) -> None:
+        """Free the gradient shard (after the step, or an update that failed): nothing of it lives between updates."""
+        self.grad_shard = None
+        self.master.grad = None
 
     def reset_master_from_params(self) -> None:
         """The master shard from the weights' current values (after loading weights without optimizer state)."""
@@ -299,7 +319,7 @@ class ShardedAdamW:
         if work is not None:
             work.wait()
         b = self.buckets[k]
-        self.grad_shard[b.shard_start : b.shard_start + b.chunk].add_(mine)
+        self._shard_grads()[b.shard_start : b.shard_start + b.chunk].add_(mine)
 
     def _reached(self, loss: torch.Tensor) -> set[int]:
         """The indices of the weights ``loss``'s autograd graph reaches (their AccumulateGrad nodes)."""
@@ -365,12 +385,14 @@ class ShardedAdamW:
 
     # ------------------------------------------------------------------ the optimizer verbs
     def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the gradient shard and forget a backward left unfinished (``set_to_none`` is accepted and ignored:
-        the shard is the storage)."""
+        """Zero the gradient shard (``set_to_none``: free it) and forget a backward left unfinished."""
         self._reset_backward()
         for p in self.params:
             p.grad = None
-        self.grad_shard.zero_()
+        if set_to_none:
+            self._release_grads()
+        else:
+            self._shard_grads().zero_()
         self.backwards = 0
 
     @torch.no_grad()
@@ -384,9 +406,10 @@ class ShardedAdamW:
                 "a weight holds a .grad: a backward ran outside ShardedAdamW.backward, so its gradients were never "
                 "reduced into the shard"
             )
+        grads = self._shard_grads()
         norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for b in self.buckets:  # float32 sums a bucket's chunk at a time: no float32 copy of a bf16 shard
-            norm_sq += self.grad_shard[b.shard_start : b.shard_start + b.chunk].float().pow(2).sum()
+            norm_sq += grads[b.shard_start : b.shard_start + b.chunk].float().pow(2).sum()
         stats = torch.stack([norm_sq, bad.to(self.device).float().reshape(())])
         self.grad_sync.all_reduce_(stats)
         norm_sq, bad_count = stats.tolist()
@@ -409,15 +432,16 @@ class ShardedAdamW:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_sync_s = time.perf_counter() - start
-        self.grad_shard.zero_()
+        self._release_grads()
 
     def _step_pieces(self) -> None:
         """The offloaded step: each piece's gradient from the device's shard into the host buffer (in float32,
         clipped), then AdamW on that piece alone."""
         on_cuda = self.device.type == "cuda"
+        shard = self._shard_grads()
         for piece, (lo, hi) in zip(self._pieces, self._bounds, strict=True):
             grad = self._grad_buffer[: hi - lo]
-            grad.copy_(self.grad_shard[lo:hi], non_blocking=on_cuda)
+            grad.copy_(shard[lo:hi], non_blocking=on_cuda)
             if on_cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             grad.mul_(self._coef)
@@ -628,9 +652,11 @@ class FullWeightsMemory:
     num_gpus: int
     offload: bool
     weights: int  # the trained weights, one copy shared by engine and actor
-    grads: int  # the gradient shard on the device in the weights' dtype (offload; else the master's gradient is it)
+    # the gradient shard on the device during an update: in the weights' dtype with the offload, else the master's
+    # float32 gradient
+    grads: int
     buckets: int  # the gradient buckets held during the backward (BUCKETS_IN_FLIGHT of grad_bucket_mb)
-    master: int  # float32 master shard + its float32 gradient (offload: + one piece's gradient buffer)
+    master: int  # the float32 master shard (offload: + one piece's float32 gradient buffer, on the host)
     optimizer: int  # AdamW's two float32 moments of the shard
     frozen: int  # the engine's other components on the GPU (text encoders, VAE)
     # float32 copies of the weights sharded like the master (the policy EMA, DiffusionNFT's old policy): on the host
@@ -643,13 +669,26 @@ class FullWeightsMemory:
     decode: int = 0
 
     @property
+    def resident(self) -> int:
+        """What stays on the GPU through updates and rollouts: the weights (and the optimizer's shards without the
+        offload)."""
+        return self.weights + (0 if self.offload else self.master + self.optimizer + self.sharded_copies)
+
+    @property
+    def update_total(self) -> int:
+        """The update's footprint: the gradient shard, the buckets and the activations beside what stays, the text
+        encoders off the GPU where ``offloaded_frozen``."""
+        return self.resident + self.grads + self.buckets + self.frozen - self.offloaded_frozen + self.activations
+
+    @property
+    def rollout_total(self) -> int:
+        """The rollout's footprint: every component on the GPU and the VAE decode's activations; no gradient shard."""
+        return self.resident + self.frozen + self.decode
+
+    @property
     def device_total(self) -> int:
-        """The larger of the update's footprint and the rollout's (every component on the GPU and the VAE decode's
-        activations, no gradient buckets or activations of the update)."""
-        on_device = 0 if self.offload else self.master + self.optimizer + self.sharded_copies
-        resident = self.weights + self.grads + on_device
-        update = resident + self.buckets + self.frozen - self.offloaded_frozen + self.activations
-        return max(update, resident + self.frozen + self.decode)
+        """The larger of the update's footprint and the rollout's."""
+        return max(self.update_total, self.rollout_total)
 
     @property
     def host_total(self) -> int:
@@ -711,9 +750,9 @@ def plan_full_weights_memory(
         num_gpus=num_gpus,
         offload=offload,
         weights=num_params * weight_bytes,
-        grads=shard * weight_bytes if offload else 0,
+        grads=shard * weight_bytes if offload else shard * 4,
         buckets=min(BUCKETS_IN_FLIGHT * bucket, num_params) * weight_bytes,
-        master=shard * 4 + (min(shard, HOST_STEP_PIECE) * 4 if offload else shard * 4),
+        master=shard * 4 + (min(shard, HOST_STEP_PIECE) * 4 if offload else 0),
         optimizer=shard * 8,
         frozen=frozen_bytes,
         sharded_copies=sharded_copies * shard * 4,
