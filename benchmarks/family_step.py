@@ -1,5 +1,6 @@
 """A model family's shipped recipe end to end on its faithful stand-in: training steps, then (optionally) the B=16
-rollout on both engines, on one GPU.
+rollout on both engines, on the preset's GPUs (``trainer.n_gpus_per_node``; ``--gpus`` sets another count; the
+comparison on one GPU).
 
 Builds the family's real-size random-weight pipeline (``verl_omni.models.standins``: every component at the real
 checkpoint's architecture and size; ``--layers`` truncates the transformer only), composes the family's recipe
@@ -57,7 +58,8 @@ def preset_config(args, model_dir: str, data_dir: str, out_dir: str):
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
         cfg = compose(args.preset)
-    return with_settings(cfg, run_settings(args, model_dir, data_dir, out_dir, gpus=1), args.set)
+    gpus = args.gpus or int(cfg.trainer.n_gpus_per_node)  # the preset's GPUs unless --gpus says otherwise
+    return with_settings(cfg, run_settings(args, model_dir, data_dir, out_dir, gpus=gpus), args.set)
 
 
 def step1_ratio_max_dev(history: list[dict[str, Any]]) -> float | None:
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="transformer layers (default: the real depth)")
     ap.add_argument("--variant", default=None, help="a family's checkpoint variant (Wan2.1: 1.3B or 14B)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs of this node (default: the preset's n_gpus_per_node)")
     ap.add_argument("--rewards", default="brightness", help="comma-separated reward names (weight 1 each)")
     ap.add_argument("--rollout-compare", action="store_true", help="also time B=16 rollouts on both engines")
     ap.add_argument(
@@ -179,11 +182,12 @@ def main() -> None:
     run_dir = os.path.join(args.work_dir, run_name)
     cfg = preset_config(args, model_dir, data_dir, run_dir)
     pipe, rollout = cfg.actor_rollout_ref.rollout.pipeline, cfg.actor_rollout_ref.rollout
+    gpus = int(cfg.trainer.n_gpus_per_node)
     params = component_params(model_dir)
     record: dict[str, Any] = {
         "family": args.family,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "gpus": 1,
+        "gpus": gpus,
         "params_b": sum(params.values()) / 1e9,
         "text_encoder_params_b": sum(v for k, v in params.items() if k in TEXT_ENCODERS) / 1e9,
         "resolution": [int(pipe.height), int(pipe.width)],
@@ -210,7 +214,7 @@ def main() -> None:
     if frames > 1:  # the keys of docs/benchmarks/video.json beside the image ones
         record.update(frames=frames, videos_per_step=record["images_per_step"], checkpoint_variant=args.variant)
     history = run_trainer(cfg, run_name, record)
-    summarize(history, record, cfg, gpus=1)
+    summarize(history, record, cfg, gpus=gpus)
     if frames > 1 and "img_per_s" in record:
         record["videos_per_s"] = record["img_per_s"]
     record["step1_ratio_max_dev"] = step1_ratio_max_dev(history)

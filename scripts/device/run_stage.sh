@@ -36,7 +36,9 @@
 #                           runs Wan2.2-TI2V-5B's recipe the same way, FAMILIES=qwen Qwen-Image's with
 #                           text_encoder_offload=true (its stand-in: ~55 GB of disk, alone); FAMILIES="sd3full
 #                           qwen20full" the full fine-tuning runs (-> $OUT/full_finetune.json): SD3.5-Medium's full
-#                           recipe, Qwen-Image's recipe at 20 layers with lora_rank=0 and the optimizer offload
+#                           recipe, Qwen-Image's recipe at 20 layers with lora_rank=0 and the optimizer offload;
+#                           FAMILIES=qwenfull Qwen-Image's full fine-tuning recipe at 60 layers on every GPU of the
+#                           machine (4 or 8; 8 prompts a GPU), its stand-in ~55 GB of disk
 #   eval-throughput         verl-omni-eval (vllm-omni, B=16 calls of the recipe's 512², 10 steps, CFG 4) on the
 #                           stand-in a `FAMILY_KEEP_MODELS=1 ... families` run kept ($EVAL_FAMILY, default qwen): the
 #                           report's steady images/s against the training rollout's
@@ -122,13 +124,18 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
     qwen20full) args=(--preset qwen_image_flowgrpo_ocr_lora --layers 20 --name full_offload
                       --set actor_rollout_ref.model.lora_rank=0 --set actor_rollout_ref.actor.optimizer_offload=true)
                 out=full_finetune.json ;;
-    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen, sd3full, qwen20full)" | tee -a "$RUN_LOG"; return 2 ;;
+    qwenfull) args=(--preset qwen_image_flowgrpo_ocr_full --gpus "$gpus" --set "data.train_batch_size=$((8 * gpus))")
+              out=full_finetune.json ;;
+    *) echo "family_step: unknown family $1 (FAMILIES takes sd3, flux, wan, wan22, qwen, sd3full, qwen20full, qwenfull)" | tee -a "$RUN_LOG"; return 2 ;;
   esac
+  local visible=0  # one GPU; qwenfull: every GPU of the machine (its preset's 8 prompts a GPU)
+  [ "$1" = qwenfull ] && visible=$(seq -s, 0 $((gpus - 1)))
   local family="$1"
   [ "$family" = wan22 ] && family=wan  # wan22: Wan2.2-TI2V-5B on the wan family
   [ "$family" = qwen ] && family=qwen_image  # qwen: Qwen-Image's recipe with its text encoder off during updates
   [ "$family" = sd3full ] && family=sd3  # sd3full: SD3.5-Medium's full fine-tuning recipe
   [ "$family" = qwen20full ] && family=qwen_image  # qwen20full: Qwen-Image at 20 layers, every weight, optimizer offload
+  [ "$family" = qwenfull ] && family=qwen_image  # qwenfull: Qwen-Image's full fine-tuning recipe on every GPU
   local run=(--steps "${FAMILY_STEPS:-3}") kv
   for kv in ${FAMILY_SET:-}; do args+=(--set "$kv"); done
   [ "${FAMILY_COMPARE:-1}" = 1 ] && run+=(--rollout-compare)
@@ -136,7 +143,7 @@ family_step() {  # family_step <family>: benchmarks/family_step.py on the family
     run=(--compare-only)
     [ -f "$OUT/$out" ] || cp "docs/benchmarks/$out" "$OUT/$out"
   fi
-  CUDA_VISIBLE_DEVICES=0 timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" \
+  CUDA_VISIBLE_DEVICES=$visible timeout -k 15 "${FAMILY_TIMEOUT:-560}" python3 benchmarks/family_step.py --family "$family" \
     "${args[@]}" "${run[@]}" --out "$OUT/$out" --model-dir "$MODEL_DIR/family_$1" --work-dir "/tmp/family_$1" \
     --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$OUT/family_$1.log" 2>&1
   echo "family_step $1 exit $?" | tee -a "$RUN_LOG"
