@@ -7,8 +7,8 @@ steady steps (all but the first) of step_s / rollout_s / reward_s / update_s / s
 img_per_s_per_gpu, and peak_mem_gb_per_gpu (the most any GPU held, from ``nvidia-smi``, sampled every 0.5 s);
 text_encoder_offload (the setting) and text_encoder_offload_s (median seconds per update moving the text encoders,
 the ranks' mean); full fine-tuning (``--set actor_rollout_ref.model.lora_rank=0``) adds weight_sync_s (the
-all-gather of the updated shards into the engines' weights, inside update_s) and offload
-(``actor.optimizer_offload``).
+all-gather of the updated shards into the engines' weights, inside update_s), optimizer_step_s (AdamW over the
+shard, on the host with the offload, inside update_s) and offload (``actor.optimizer_offload``).
 The algorithm is the config's ``algorithm.name`` (``--set algorithm.name=...``); ``--commit`` labels the record.
 
 Weak scaling: ``data.train_batch_size = --prompts-per-gpu x --gpus`` prompts of n=16 images per step.
@@ -160,6 +160,7 @@ STEP_KEYS = (
     "actor/ratio",
     "actor/recomputed",
     "actor/weight_sync_s",
+    "actor/optimizer_step_s",
     "reward/total",
     "reward/tail_s",
     "rollout/generate_s",
@@ -200,7 +201,7 @@ def run_trainer(cfg, run_name: str, record: dict[str, Any]) -> list[dict[str, An
 def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpus: int) -> None:
     """The medians over the steady steps (all but the first) of each phase's seconds, images/s (needs
     record["images_per_step"]), the text encoders' offload seconds, the actor's allocator peaks per phase (the
-    largest of the run) and, for full fine-tuning (``lora_rank=0``), weight_sync_s and offload."""
+    largest of the run) and, for full fine-tuning (``lora_rank=0``), weight_sync_s, optimizer_step_s and offload."""
     steady = history[1:] or history
     if not steady:
         return
@@ -214,6 +215,7 @@ def summarize(history: list[dict[str, Any]], record: dict[str, Any], cfg, *, gpu
         # Full fine-tuning: the all-gather of the updated shards into the engines' weights (inside update_s),
         # and whether the master weights and AdamW state lived in host memory.
         record["weight_sync_s"] = median("actor/weight_sync_s")
+        record["optimizer_step_s"] = median("actor/optimizer_step_s")
         record["offload"] = bool(cfg.actor_rollout_ref.actor.get("optimizer_offload", False))
     record["img_per_s"] = record["images_per_step"] / record["step_s"]
     record["text_encoder_offload_s"] = statistics.median(

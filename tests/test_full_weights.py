@@ -99,6 +99,8 @@ def _rank_main(rank, world_size, port, model_dir, shards, num_terms, out_dir):
         "plan": len(actor.plan(batch)),
         "grads_during_reductions": optimizer.grads_during_reductions,
         "grads": optimizer.grads_seen,
+        "local_world_size": sync.local_world_size,
+        "host_threads": optimizer.host_threads,
     }
     # optimizer_state_dict() holds the live host tensors (the CPU actor's): copied to outlive the next step
     saved = (actor.lora_state_dict(), copy.deepcopy(actor.optimizer_state_dict()), _gathered_ema(actor))
@@ -202,6 +204,9 @@ def test_two_ranks_update_every_weight_like_one_process_with_torch_adamw(two_ran
     # arrive with one outstanding.
     assert all(lay["grads_during_reductions"] > lay["grads"] // 2 for lay in layouts), layouts
     assert layouts[0]["plan"] > layouts[1]["plan"] > 0
+    # Both ranks run on this host: an offloaded step would take half of its cores each.
+    cores = len(os.sched_getaffinity(0))
+    assert all((lay["local_world_size"], lay["host_threads"]) == (2, max(1, cores // 2)) for lay in layouts), layouts
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["master_beside_weights", "optimizer_offload"])
@@ -217,11 +222,21 @@ def test_one_rank_with_recomputed_blocks_steps_like_torch_adamw(two_ranks, refer
     opt = actor.optimizer
     assert actor.checkpointed_blocks > 0 and len(opt.buckets) >= 10
     assert opt.grad_shard is None and opt.master.grad is None
-    shards = []
-    backward = opt.backward
+    shards, threads = [], []
+    backward, adamw_step = opt.backward, opt.optimizer.step
     opt.backward = lambda loss: (backward(loss), shards.append(opt.grad_shard))[0]  # the shard during the update
-    metrics = actor.update_batch(batch, batch.num_terms)
-    actor.update_batch(batch, batch.num_terms)
+    opt.optimizer.step = lambda: (threads.append(torch.get_num_threads()), adamw_step())[1]
+    opt.host_threads = 2  # the offloaded step's CPU threads, whatever the process runs with (a Ray actor: 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = actor.update_batch(batch, batch.num_terms)
+        actor.update_batch(batch, batch.num_terms)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert set(threads) == ({2} if offload else {1}) and after == 1
+    assert metrics["actor/optimizer_step_s"] > 0 and metrics["actor/weight_sync_s"] > 0
     assert opt.grad_shard is None and opt.master.grad is None  # released after the step
     assert shards and all(t is not None for t in shards)
     expected = (actor.transformer.dtype, opt.shard_numel) if offload else (torch.float32, opt.shard_numel)
@@ -281,7 +296,7 @@ def test_the_ranks_shards_cover_every_weight_once_bucket_by_bucket():
     assert all(b.padded == 3 * b.chunk >= b.numel > b.padded - 3 for b in buckets)
     pieces = []
     for rank in range(3):
-        sync = SimpleNamespace(rank=rank, world_size=3)
+        sync = SimpleNamespace(rank=rank, world_size=3, local_world_size=3)
         optimizer = ShardedAdamW(params, sync, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, bucket_mb=cap * 4 / 2**20)
         shard = optimizer.read_shard(torch.empty(optimizer.shard_numel))
         assert torch.equal(shard, optimizer.master.detach())  # the master starts from the weights' values

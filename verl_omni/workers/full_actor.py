@@ -54,7 +54,7 @@ class DiffusionFullActor(DiffusionLoRAActor):
 
     def _make_optimizer(self, actor: ActorConfig) -> ShardedAdamW:
         optim = actor.optim
-        self.sync_s = 0.0
+        self.sync_s = self.step_s = 0.0
         # vllm-omni's worker may run this under inference mode: the gradient shard and master must be normal
         # tensors (every backward adds into the shard, AdamW updates the master).
         with torch.inference_mode(False):
@@ -171,10 +171,11 @@ class DiffusionFullActor(DiffusionLoRAActor):
 
     def _after_optimizer_step(self) -> None:
         self.sync_s += self.optimizer.last_sync_s
+        self.step_s += self.optimizer.last_step_s
         super()._after_optimizer_step()
 
     def _update(self, ctx: UpdateContext, plan: list, num_terms: int) -> dict[str, float]:
-        self.sync_s = 0.0
+        self.sync_s = self.step_s = 0.0
         # The ranks' collectives start here (and go on in every backward): an out-of-memory error past this point
         # cannot be retried by one rank alone.
         self._all_reduce_started = self.grad_sync.world_size > 1
@@ -182,6 +183,8 @@ class DiffusionFullActor(DiffusionLoRAActor):
         metrics = super()._update(ctx, plan, num_terms)
         # The all-gather of the updated shards into the weights the engine serves, summed over the epochs.
         metrics["actor/weight_sync_s"] = self.sync_s
+        # AdamW's step over the shard before it (with the offload: on the host, the pieces' copies included).
+        metrics["actor/optimizer_step_s"] = self.step_s
         return metrics
 
 

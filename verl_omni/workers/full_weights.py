@@ -27,6 +27,10 @@ The gradient shard exists during an update only: allocated (zeros) at the update
 optimizer step. So the rollouts between updates run without it (in the hybrid engine they share the process's CUDA
 caching allocator, which hands them its memory).
 
+The offloaded step runs its CPU work (AdamW, the clipping, the float32-to-bf16 conversion of the write-back) on this
+rank's share of the host's cores (``host_threads``: the cores this process may use over the ranks on its host).
+Ray starts its actors, and so the engines' processes, with one thread (``OMP_NUM_THREADS=1``).
+
 AdamW is PyTorch's fused implementation on either device (``fused=True``: one pass over the values; on the CPU
 ``benchmarks/host_adamw_step.py`` measures it against the default per-tensor loop). Its CPU kernel splits the work
 into units of one cache line and runs a unit's last partial vector through scalar code, whose rounding can differ:
@@ -46,7 +50,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -178,6 +182,8 @@ class ShardedAdamW:
         else:
             self.optimizer = torch.optim.AdamW([self.master], **hyper, fused=True)
         self.reset_master_from_params()
+        self.host_threads = host_threads(grad_sync.local_world_size)
+        self.last_step_s = 0.0  # the last step's AdamW (with the offload: its pieces' copies and CPU work)
         self.last_sync_s = 0.0
         self.backwards = 0  # backwards reduced into the shard since the last zero_grad
         self.peak_buckets = 0  # the most buckets held at once during a backward since the order was learned
@@ -423,15 +429,20 @@ class ShardedAdamW:
     @torch.no_grad()
     def step(self) -> None:
         """AdamW on this rank's master shard, then every rank's new values all-gathered into the weights in place."""
-        if self.offload:
-            self._step_pieces()
-        else:
-            self.optimizer.step()
-        start = time.perf_counter()
-        self.write_from_shards(self.master.detach())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last_sync_s = time.perf_counter() - start
+        with torch_threads(self.host_threads) if self.offload else nullcontext():
+            start = time.perf_counter()
+            if self.offload:
+                self._step_pieces()
+            else:
+                self.optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.last_step_s = time.perf_counter() - start
+            start = time.perf_counter()
+            self.write_from_shards(self.master.detach())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.last_sync_s = time.perf_counter() - start
         self._release_grads()
 
     def _step_pieces(self) -> None:
@@ -523,6 +534,23 @@ class ShardedAdamW:
                 self._load_piece_state(state["optimizer"])
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
+
+
+def host_threads(ranks_on_host: int) -> int:
+    """The CPU threads one rank's offloaded step may use: the cores this process may run on, shared by the ranks on
+    its host (they step at the same time)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_on_host))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ShardedShadowWeights:

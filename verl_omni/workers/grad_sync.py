@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 from typing import Any, Optional
 
 import torch
@@ -26,11 +27,15 @@ class LoRAGradSync:
     def __init__(self, rank: int, world_size: int, address: Optional[tuple[str, int]], device: torch.device):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self._group = None
+        self.local_world_size = 1  # the ranks on this rank's host (this one included)
         if world_size == 1:
             return
         host, port = address
         store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=TIMEOUT)
         prefix = dist.PrefixStore("verl_omni_lora", store)
+        me = socket.gethostname()
+        prefix.set(f"host/{rank}", me)
+        self.local_world_size = [prefix.get(f"host/{r}").decode() for r in range(world_size)].count(me)
         if self.device.type == "cuda":
             self._group = dist.ProcessGroupNCCL(prefix, rank, world_size)
         else:
