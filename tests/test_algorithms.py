@@ -2,6 +2,8 @@
 trainer and agent loop take from the chosen algorithm."""
 
 import dataclasses
+import pathlib
+import tokenize
 
 import pytest
 import torch
@@ -70,6 +72,25 @@ def test_a_registered_algorithm_gets_its_own_typed_section_and_runs_behind_the_s
         from verl_omni.algorithms import registry
 
         registry._ALGORITHMS.pop("echo_test", None)
+
+
+def test_no_module_outside_algorithms_names_an_algorithm():
+    """Code outside ``verl_omni/algorithms/`` reads what an algorithm declares through the seam, never its name: a
+    string literal equal to a registered algorithm's name is allowed only as a key of a family's
+    ``REFERENCE_TRAINER_DEFAULTS`` (what flow_grpo's own trainer for that family does)."""
+    package = pathlib.Path(__file__).resolve().parents[1] / "verl_omni"
+    names = set(registered_algorithms())
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if (package / "algorithms") in path.parents:
+            continue
+        with open(path, "rb") as f:
+            for token in tokenize.tokenize(f.readline):
+                if token.type != tokenize.STRING or token.string.strip("\"'") not in names:
+                    continue
+                if "REFERENCE_TRAINER_DEFAULTS" not in token.line:
+                    found.append(f"{path.relative_to(package.parent)}:{token.start[0]}: {token.line.strip()}")
+    assert not found, "\n".join(found)
 
 
 def test_flowgrpo_advantages_behind_the_seam_equal_its_math():

@@ -124,3 +124,26 @@ def test_the_plan_counts_the_text_encoders_off_the_gpu_where_text_encoder_offloa
     encoders = sum(counts[f"text_encoder{suffix}"] for suffix in ("", "_2", "_3")) * 2  # bf16
     assert kwargs["offloaded_frozen_bytes"] == (encoders if offloaded else 0)
     assert 0 < encoders < kwargs["frozen_bytes"]  # the VAE stays
+
+
+@pytest.mark.parametrize("algorithm", ["flowgrpo", "mixgrpo", "diffusion_nft"])
+@pytest.mark.parametrize("ema", [False, True])
+def test_the_plan_counts_the_weight_copies_the_policy_ema_and_the_algorithm_keep(algorithm, ema, tiny_sd3_dir):
+    """With full fine-tuning each copy of the weights kept on the actor rank is a float32 shard like the master's:
+    the policy EMA's, and those the algorithm declares (DiffusionNFT's old policy); FlowGRPO and MixGRPO keep none."""
+    from verl_omni.trainer.ray_trainer import full_fine_tuning_plan_inputs
+
+    overrides = [
+        f"actor_rollout_ref.model.path={tiny_sd3_dir}",
+        f"algorithm.name={algorithm}",
+        f"actor_rollout_ref.actor.ema.enable={str(ema).lower()}",
+    ]
+    if algorithm == "diffusion_nft":  # CFG-free, as DiffusionNFT's start-up check asks
+        overrides.append("actor_rollout_ref.rollout.pipeline.true_cfg_scale=1.0")
+    cfg = FlowGRPOConfig.from_omega(compose_preset("sd3_5_medium_flowgrpo_ocr_full", overrides))
+    num_params, kwargs = full_fine_tuning_plan_inputs(cfg, PipelineShape.from_model_dir(tiny_sd3_dir))
+    assert kwargs["sharded_copies"] == int(ema) + (algorithm == "diffusion_nft")
+    one = plan_full_weights_memory(num_params, 1, False, **{**kwargs, "sharded_copies": 1})
+    assert plan_full_weights_memory(num_params, 1, False, **kwargs).sharded_copies == kwargs["sharded_copies"] * (
+        one.sharded_copies
+    )

@@ -144,6 +144,10 @@ class Algorithm:
     # Whether training rollouts sample from weights of the algorithm's own (``rollout_weights``) rather than from the
     # adapter being trained (the driver reads it: the split placement then pushes those to the engines).
     serves_rollout_weights: ClassVar[bool] = False
+    # How many copies of the trained weights the algorithm keeps on the actor rank (``actor.shadow_weights()``, e.g.
+    # an old policy). With full fine-tuning each is a float32 copy sharded like the master weights: the start-up
+    # memory plan counts them (``trainer/ray_trainer.py``).
+    shadow_weight_copies: ClassVar[int] = 0
 
     def attach(self, actor: Any) -> None:
         """Called on the actor rank once its adapter is initialised, and again whenever the adapter is loaded (a

@@ -217,6 +217,7 @@ class DiffusionNFT(Algorithm):
     Config = DiffusionNFTSection
     needs_log_probs = False
     serves_rollout_weights = True
+    shadow_weight_copies = 1  # the old policy
     staged_fields = ("latents", "timesteps", "sigmas", "advantages")
     checked_fields = ("advantages", "latents")
 

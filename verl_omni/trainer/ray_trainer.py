@@ -22,6 +22,7 @@ from tqdm import tqdm
 from verl import DataProto
 
 from verl_omni.agent_loop.diffusion_agent_loop import DiffusionAgentLoopManager, DiffusionServerClient
+from verl_omni.algorithms import get_algorithm
 from verl_omni.config.trainer import FlowGRPOConfig
 from verl_omni.core.dtypes import resolve_dtype
 from verl_omni.core.errors import NonFiniteError
@@ -123,8 +124,8 @@ def full_fine_tuning_plan_inputs(cfg: FlowGRPOConfig, shape: PipelineShape) -> t
         frozen_bytes=frozen,
         activation_bytes=activations,
         # float32 copies of the weights, each sharded like the master (workers/full_weights.py
-        # ShardedShadowWeights): the policy EMA and DiffusionNFT's old policy
-        sharded_copies=int(ref.actor.ema.enable) + int(cfg.algorithm.name == "diffusion_nft"),
+        # ShardedShadowWeights): the policy EMA and those the algorithm keeps (e.g. an old policy)
+        sharded_copies=int(ref.actor.ema.enable) + get_algorithm(cfg.algorithm.name).shadow_weight_copies,
         bucket_mb=ref.actor.grad_bucket_mb,
         offloaded_frozen_bytes=text_encoder_bytes(shape, dtype_bytes) if offloaded else 0,
         decode_bytes=decode,
