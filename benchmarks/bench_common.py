@@ -83,7 +83,7 @@ def _build(
 
         build_qwen_image(path, num_layers=depth or 60, full_width=True, seed=0, dtype=torch.bfloat16, device=device)
     else:
-        from verl_omni.models.standins import build_standin
+        from verl_omni.pipelines.standins import build_standin
 
         kwargs = {"variant": variant} if variant else {}
         build_standin(family, path, layers=depth, device=device, dtype=torch.bfloat16, seed=0, **kwargs)
@@ -100,7 +100,7 @@ def build_model(
     """The random real-size pipeline of ``family`` with ``layers`` transformer layers (None: the published depth)
     under ``root``, built once (a ``.complete`` marker); logs the parameters of every component.
 
-    The model is the family's faithful stand-in (``verl_omni.models.standins``: every component at the real
+    The model is the family's faithful stand-in (``verl_omni.pipelines.standins``: every component at the real
     checkpoint's architecture, size and vocabulary). For Qwen-Image, ``light_text_encoder=True`` gives the earlier
     model instead: the same transformer and VAE with a 2-layer, 3584-wide text encoder with a narrow MLP (~14 GB
     lighter). ``variant`` picks one of a family's checkpoints (Wan2.1: "1.3B" or "14B").
@@ -159,7 +159,7 @@ def model_summary(model_dir: str) -> dict:
         with open(record_path) as f:
             rec = json.load(f)
         model = (
-            f"stand-in of {rec['checkpoint']} (verl_omni.models.standins): every component at its real size, "
+            f"stand-in of {rec['checkpoint']} (verl_omni.pipelines.standins): every component at its real size, "
             f"{rec['layers']} of {rec['published_layers']} transformer layers, random {rec['dtype']} weights"
         )
     elif "_full_width_" in os.path.basename(os.path.normpath(model_dir)):

@@ -2,7 +2,7 @@
 rollout on both engines, on the preset's GPUs (``trainer.n_gpus_per_node``; ``--gpus`` sets another count; the
 comparison on one GPU).
 
-Builds the family's real-size random-weight pipeline (``verl_omni.models.standins``: every component at the real
+Builds the family's real-size random-weight pipeline (``verl_omni.pipelines.standins``: every component at the real
 checkpoint's architecture and size; ``--layers`` truncates the transformer only), composes the family's recipe
 preset from ``configs/`` (``--preset``; the settings a user runs) and runs the real trainer for ``--steps`` steps.
 Random weights score every image 0 under OCR, so ``--rewards`` (default brightness) replaces the preset's rewards:

@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from verl_omni.models.standins import flux_1_dev, qwen_image, sd3_5_medium, wan2_1_t2v
 from verl_omni.models.vae_memory import LiveBytes, decode_latent_shape
 from verl_omni.pipelines.registry import get_pipeline_class
+from verl_omni.pipelines.standins import published_config
 
 DTYPE = torch.bfloat16
 
 # family -> (its stand-in's VAE: diffusers class name and config, the recipe's media: height, width, frames)
 FAMILIES: dict[str, tuple[str, dict[str, Any], tuple[int, int, int]]] = {
-    "sd3": ("AutoencoderKL", sd3_5_medium.VAE, (512, 512, 1)),
-    "flux": ("AutoencoderKL", flux_1_dev.VAE, (512, 512, 1)),
-    "qwen_image": ("AutoencoderKLQwenImage", qwen_image.VAE, (512, 512, 1)),
-    "wan": ("AutoencoderKLWan", wan2_1_t2v.VAE, (240, 416, 33)),
+    "sd3": ("AutoencoderKL", published_config("sd3")["vae"], (512, 512, 1)),
+    "flux": ("AutoencoderKL", published_config("flux")["vae"], (512, 512, 1)),
+    "qwen_image": ("AutoencoderKLQwenImage", published_config("qwen_image")["vae"], (512, 512, 1)),
+    "wan": ("AutoencoderKLWan", published_config("wan")["vae"], (240, 416, 33)),
 }
 
 

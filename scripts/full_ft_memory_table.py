@@ -29,7 +29,7 @@ GiB = 1024**3
 @dataclass(frozen=True)
 class Recipe:
     model: str  # the name in the table
-    family: str  # the stand-in family (verl_omni/models/standins)
+    family: str  # the stand-in family (verl_omni/pipelines/<family>/published.py)
     preset: str  # configs/<preset>.yaml
     overrides: tuple[str, ...] = ()  # what makes a LoRA preset a full fine-tuning run
 
@@ -56,7 +56,8 @@ def recipe_config(recipe: Recipe):
 
 def standin_shape(family: str):
     """The ``PipelineShape`` of ``family``'s published checkpoint: its stand-in built on the meta device."""
-    from verl_omni.models.standins import build_components, stored_counts
+    from verl_omni.models.standins import stored_counts
+    from verl_omni.pipelines.standins import build_components
     from verl_omni.workers.full_weights import PipelineShape
 
     components = build_components(family, device="meta")

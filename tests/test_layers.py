@@ -12,8 +12,8 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "verl_omni"
 
 # Lowest first. registration.py / __init__.py / version.py sit on top: they wire the package into verl.
 # "families" is the part of pipelines/ that the config reads: the registry, and in each family's package its
-# declaration (__init__, options, standin); its RL pipeline (pipeline.py and what it uses) reads the config
-# (see _layer).
+# declaration (__init__, options, standin, published); its RL pipeline (pipeline.py and what it uses) reads the
+# config (see _layer).
 LAYERS = [
     {"core"},
     {"schedulers", "models", "algorithms"},
@@ -69,20 +69,21 @@ def _layer(module: str) -> str:
 
 # A family package's modules that declare it (what the config reads); the others (pipeline.py, and what it uses, such
 # as an engine attention processor) are its RL pipeline.
-FAMILY_DECLARATION_MODULES = ([], ["options"], ["standin"])
+FAMILY_DECLARATION_MODULES = ([], ["options"], ["standin"], ["published"])
 
 
 def _is_family_declaration(parts: list[str]) -> bool:
-    """``verl_omni.pipelines`` itself (and the names it exports), its ``registry``, and a family package's
-    declaration modules (``__init__``, ``options``, ``standin``). ``parts``: the dotted name below
-    ``verl_omni.pipelines``."""
+    """``verl_omni.pipelines`` itself (and the names it exports), its ``registry`` and ``standins``, and a family
+    package's declaration modules (``__init__``, ``options``, ``standin``, ``published``). ``parts``: the dotted
+    name below ``verl_omni.pipelines``."""
     if not parts:
         return True
     head = PKG / "pipelines" / parts[0]
     if head.is_dir():
-        return parts[1:2] in FAMILY_DECLARATION_MODULES
+        # published.py, and modules it splits into (published_<part>.py): the real checkpoint's configs
+        return parts[1:2] in FAMILY_DECLARATION_MODULES or parts[1].startswith("published_")
     if head.with_suffix(".py").is_file():
-        return parts[0] == "registry"
+        return parts[0] in ("registry", "standins")
     return True  # a name exported by verl_omni/pipelines/__init__.py
 
 

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from verl_omni.models.standins import (
-    build_components,
-    build_standin,
-    published_config,
-    read_standin_record,
-    stored_counts,
-)
+from verl_omni.models.standins import read_standin_record, stored_counts
+from verl_omni.pipelines.standins import build_components, build_standin, published_config
 
 # ------------------------------------------------------------------------------------------- published figures
 # Qwen/Qwen-Image transformer/config.json
@@ -302,8 +297,25 @@ def test_published_config_is_a_copy_and_names_unknown_families():
     first = published_config("flux")
     first["transformer"]["num_layers"] = 1
     assert published_config("flux")["transformer"]["num_layers"] == 19
-    with pytest.raises(ValueError, match="allowed: \\['flux', 'qwen_image', 'sd3', 'wan'\\]"):
+    with pytest.raises(
+        ValueError, match="stand-in family='sdxl'.*registered: \\['flux', 'qwen_image', 'sd3', 'wan'\\]"
+    ):
         published_config("sdxl")
+
+
+def test_each_family_keeps_its_published_configs_in_its_own_package():
+    """A family's stand-in is found through the registry in ``verl_omni/pipelines/<family>/published.py``; a family
+    without one says so, naming the module it looked for."""
+    from verl_omni.pipelines.registry import ModelFamily, registered_families
+
+    for name, family in registered_families().items():
+        assert family.published().__name__ == f"verl_omni.pipelines.{name}.published"
+
+    class NoStandIn(ModelFamily):
+        name = "no_stand_in"
+
+    with pytest.raises(NotImplementedError, match=f"'no_stand_in' has no {__name__}.published"):
+        NoStandIn.published()
 
 
 # ------------------------------------------------------------------------------------------- the directory

@@ -250,7 +250,7 @@ def test_the_published_unipc_scheduler_gives_its_flow_sigmas_and_timesteps(wan_p
     transcribed here: linspace(1, 1/1000, T+1)[:-1], shifted, the first moved off 1 by 1e-6, terminal 0."""
     from diffusers import UniPCMultistepScheduler
 
-    from verl_omni.models.standins.wan2_1_t2v import SCHEDULER
+    from verl_omni.pipelines.wan.published import SCHEDULER
 
     steps = 20
     sigmas = np.linspace(1, 1 / 1000, steps + 1)[:-1]
@@ -312,7 +312,8 @@ WAN_PARAMS = {
 
 @pytest.mark.parametrize("variant", ["1.3B", "14B"])
 def test_the_wan_stand_ins_have_the_published_configs_and_sizes(variant):
-    from verl_omni.models.standins import build_components, param_counts
+    from verl_omni.models.standins import param_counts
+    from verl_omni.pipelines.standins import build_components
 
     c = build_components("wan", device="meta", variant=variant)
     transformer = c["transformer"].config
@@ -336,8 +337,9 @@ def test_the_wan_stand_ins_have_the_published_configs_and_sizes(variant):
 
 
 def test_the_14b_skeleton_records_its_checkpoint_and_an_unknown_variant_is_named(tmp_path):
-    from verl_omni.models.standins import build_components, read_standin_record
+    from verl_omni.models.standins import read_standin_record
     from verl_omni.pipelines.registry import family_for_model_dir, get_family
+    from verl_omni.pipelines.standins import build_components
 
     path = get_family("wan").build_standin(tmp_path / "wan14b", layers=1, device="meta", variant="14B")
     record = read_standin_record(path)
@@ -452,9 +454,9 @@ def test_the_tiny_wan_is_a_wan_pipeline_directory_at_the_real_compression_factor
     import json
     import os
 
-    from verl_omni.models.standins.wan2_1_t2v import SCHEDULER
     from verl_omni.pipelines.loading import vae_scale_factor_of
     from verl_omni.pipelines.registry import family_for_model_dir
+    from verl_omni.pipelines.wan.published import SCHEDULER
 
     with open(os.path.join(tiny_wan_dir, "model_index.json")) as f:
         assert json.load(f)["_class_name"] == "WanPipeline"

@@ -25,9 +25,9 @@ SIDE = TI2V.side  # 4 x 4 latents at the Wan2.2 VAE's 16x, 2 x 2 tokens per fram
 
 
 def test_the_tiny_ti2v_is_a_wan_pipeline_with_per_token_timesteps_and_the_16x_vae(ti2v_pipe, tiny_wan2_2_ti2v_dir):
-    from verl_omni.models.standins import published_config
     from verl_omni.pipelines.loading import vae_scale_factor_of
     from verl_omni.pipelines.registry import family_for_model_dir
+    from verl_omni.pipelines.standins import published_config
 
     assert family_for_model_dir(tiny_wan2_2_ti2v_dir) == "wan"
     assert family_for_model_dir("tiny:wan2_2_ti2v") == "wan"
@@ -410,8 +410,9 @@ A14B_EXPERT = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 
 
 
 def test_the_ti2v_5b_stand_in_has_the_published_configs_and_5b_parameters(tmp_path):
-    from verl_omni.models.standins import build_components, param_counts, read_standin_record
+    from verl_omni.models.standins import param_counts, read_standin_record
     from verl_omni.pipelines.registry import family_for_model_dir, get_family
+    from verl_omni.pipelines.standins import build_components
 
     c = build_components("wan", device="meta", variant="TI2V-5B")
     for key, value in TI2V_5B_TRANSFORMER.items():
@@ -432,7 +433,8 @@ def test_the_ti2v_5b_stand_in_has_the_published_configs_and_5b_parameters(tmp_pa
 
 
 def test_the_a14b_stand_in_has_two_14b_experts_and_the_published_boundary(tmp_path):
-    from verl_omni.models.standins import build_components, param_counts
+    from verl_omni.models.standins import param_counts
+    from verl_omni.pipelines.standins import build_components
 
     c = build_components("wan", device="meta", variant="T2V-A14B")
     for name in ("transformer", "transformer_2"):

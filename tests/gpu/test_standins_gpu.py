@@ -11,7 +11,8 @@ import torch
 from gpu_helpers import requires_cuda, write_figures
 
 from verl_omni.config.sampling import DiffusionSamplingParams
-from verl_omni.models.standins import build_standin, read_standin_record
+from verl_omni.models.standins import read_standin_record
+from verl_omni.pipelines.standins import build_standin
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 

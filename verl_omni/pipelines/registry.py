@@ -14,6 +14,7 @@ import json
 import os
 import pkgutil
 import threading
+from types import ModuleType
 from typing import Any, ClassVar, Optional
 
 AUTO = "auto"  # actor_rollout_ref.model.pipeline: the family from the model directory's model_index.json
@@ -48,6 +49,20 @@ class ModelFamily:
     def build_standin(path: str | os.PathLike, *, layers: Optional[int] = None, device: str = "cpu", dtype: Any = None):
         """Write a random-weight pipeline directory at the real model's sizes; return its path."""
         raise NotImplementedError("this model family has no real-size stand-in builder")
+
+    @classmethod
+    def published(cls) -> ModuleType:
+        """The family package's ``published.py``: the real checkpoint's published configs and the builder of its
+        real-size stand-in (``verl_omni.pipelines.standins`` reads it; imported here, lazily)."""
+        module = f"{cls.__module__}.published"
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            raise NotImplementedError(
+                f"model family {cls.name!r} has no {module} (its real checkpoint's configs)"
+            ) from e
 
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}

@@ -20,9 +20,9 @@ _LOCK = threading.Lock()
 
 
 def _builder_fingerprint(name: str) -> str:
-    """Changes whenever the family's builder files (its package, without the RL pipeline), the shared building blocks
-    (``models/tiny.py``), the published configs (``models/standins``) or the libraries that define the on-disk format
-    change."""
+    """Changes whenever the family's builder files (its package, without the RL pipeline: its published configs
+    included), the shared building blocks (``models/tiny.py``, ``models/standins``) or the libraries that define the
+    on-disk format change."""
     import diffusers
     import torch
     import transformers
@@ -31,7 +31,7 @@ def _builder_fingerprint(name: str) -> str:
 
     family_dir = Path(sys.modules[get_family(name).__module__].__file__).parent
     files = sorted(p for p in family_dir.glob("*.py") if p.name != "pipeline.py") + [Path(tiny.__file__)]
-    files += sorted(Path(standins.__file__).parent.glob("*.py"))  # the published figures the builders read
+    files += sorted(Path(standins.__file__).parent.glob("*.py"))  # the shared tokenizers and text encoders' figures
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.read_bytes())

@@ -1,7 +1,7 @@
 """FLUX.1-dev (``FluxPipeline``): the registered family. ``pipeline.py`` holds the RL pipeline (``FluxRLPipeline``,
 the diffusers ``FluxPipeline`` with the RL hooks), ``attention.py`` the processor that serves an engine's fused
-attention kernel, ``standin.py`` the tiny random pipeline; its real-size stand-in is FLUX.1-dev's in
-``models/standins``, ``options.py`` its options (``actor_rollout_ref.model.flux.*``: the distilled guidance).
+attention kernel, ``standin.py`` the tiny random pipeline, ``published.py`` FLUX.1-dev's published configs (its
+real-size stand-in), ``options.py`` its options (``actor_rollout_ref.model.flux.*``: the distilled guidance).
 
 Cheap to import: the diffusers pipeline class loads only when ``pipeline_class()`` is called.
 """
@@ -43,7 +43,7 @@ class FluxFamily(ModelFamily):
         and 38 single-stream blocks, or ``layers`` and twice as many)."""
         import torch
 
-        from verl_omni.models.standins import build_standin
+        from verl_omni.pipelines.standins import build_standin
 
         return build_standin("flux", path, layers=layers, device=device, dtype=dtype or torch.bfloat16)
 

@@ -1,5 +1,5 @@
 """FLUX.1-dev's tiny random pipeline for CPU tests (``tiny:flux``); the real checkpoint's published figures and its
-real-size stand-in are in ``models/standins/flux_1_dev.py``.
+real-size stand-in are in ``published.py``.
 
 Tiny FLUX: one double-stream and one single-stream block (head dim 128 with RoPE axes (16, 56, 56) as the real
 model, so a GPU's FA3 takes it), the guidance embedding, CLIP-L-style and T5-style text encoders with tokenizers
@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from verl_omni.models.standins import flux_1_dev
 from verl_omni.models.tiny import (
     _randomize_zero_params,
     _seeded_init,
@@ -24,6 +23,7 @@ from verl_omni.models.tiny import (
     tiny_clip_text_config,
     tiny_t5_encoder_config,
 )
+from verl_omni.pipelines.flux import published as flux_1_dev
 
 # The published scheduler and VAE latent scaling (black-forest-labs/FLUX.1-dev scheduler/ and vae/config.json)
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = flux_1_dev.SCHEDULER

@@ -1,5 +1,6 @@
 """Qwen-Image (``QwenImagePipeline``): the registered family. ``pipeline.py`` holds the RL pipeline, ``options.py``
-its speed options (``actor_rollout_ref.model.qwen_image.*``), ``standin.py`` its random-weight builders."""
+its speed options (``actor_rollout_ref.model.qwen_image.*``), ``standin.py`` its random-weight builders,
+``published.py`` Qwen-Image's published configs (its real-size stand-in)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,6 @@ class QwenImageFamily(ModelFamily):
         ``layers``; the Qwen2.5-VL-7B text encoder with its vision tower and vocabulary; the VAE)."""
         import torch
 
-        from verl_omni.models.standins import build_standin
+        from verl_omni.pipelines.standins import build_standin
 
         return build_standin("qwen_image", path, layers=layers, device=device, dtype=dtype or torch.bfloat16)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from verl_omni.models.standins.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, qwen_image_transformer_config
 from verl_omni.models.tiny import _byte_level_alphabet, _randomize_zero_params, _seeded_init
+from verl_omni.pipelines.qwen_image.published import QWEN_IMAGE_SCHEDULER_CONFIG, qwen_image_transformer_config
 
 __all__ = [
     "QWEN_IMAGE_NUM_LAYERS",

@@ -1,6 +1,6 @@
 """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): the registered family. ``pipeline.py`` holds the RL
-pipeline, ``standin.py`` its tiny random-weight builder; its real-size stand-in is SD3.5 Medium's
-(``models/standins``). It has no options of its own."""
+pipeline, ``standin.py`` its tiny random-weight builder, ``published.py`` SD3.5 Medium's published configs (its
+real-size stand-in). It has no options of its own."""
 
 from __future__ import annotations
 
@@ -38,6 +38,6 @@ class SD3Family(ModelFamily):
         transformer layers unless ``layers``)."""
         import torch
 
-        from verl_omni.models.standins import build_standin
+        from verl_omni.pipelines.standins import build_standin
 
         return build_standin("sd3", path, layers=layers, device=device, dtype=dtype or torch.bfloat16)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from verl_omni.models.standins.sd3_5_medium import SD35_SCHEDULER_CONFIG
 from verl_omni.models.tiny import (
     _randomize_zero_params,
     _seeded_init,
@@ -19,6 +18,7 @@ from verl_omni.models.tiny import (
     tiny_clip_text_config,
     tiny_t5_encoder_config,
 )
+from verl_omni.pipelines.sd3.published import SD35_SCHEDULER_CONFIG
 
 __all__ = ["SD35_SCHEDULER_CONFIG", "build_tiny_sd3"]
 

@@ -1,8 +1,9 @@
 """Wan text-to-video (``WanPipeline``: Wan2.1, Wan2.2-TI2V-5B, the two-expert Wan2.2-T2V-A14B): the registered
 family. ``pipeline.py`` holds the RL pipeline (``WanRLPipeline``, the diffusers ``WanPipeline`` with the RL hooks over
 video latents), ``attention.py`` the processor that serves an engine's fused attention kernel, ``standin.py`` the tiny
-random pipelines (``tiny:wan``, ``tiny:wan2_2_ti2v``, ``tiny:wan2_2_t2v``); its real-size stand-ins (Wan2.1-T2V-1.3B,
--14B, Wan2.2-TI2V-5B, -T2V-A14B) are in ``models/standins``, ``options.py`` its options
+random pipelines (``tiny:wan``, ``tiny:wan2_2_ti2v``, ``tiny:wan2_2_t2v``); ``published.py`` and
+``published_wan2_2.py`` the published configs of its real-size stand-ins (Wan2.1-T2V-1.3B, -14B, Wan2.2-TI2V-5B,
+-T2V-A14B), ``options.py`` its options
 (``actor_rollout_ref.model.wan.*``: frames per clip, the clips' frame rate, the low-noise expert's CFG scale).
 
 Cheap to import: the diffusers pipeline class loads only when ``pipeline_class()`` is called.
@@ -54,7 +55,7 @@ class WanFamily(ModelFamily):
         every component, the UMT5-XXL encoder included (or ``layers`` transformer blocks)."""
         import torch
 
-        from verl_omni.models.standins import build_standin
+        from verl_omni.pipelines.standins import build_standin
 
         return build_standin("wan", path, layers=layers, device=device, dtype=dtype or torch.bfloat16, variant=variant)
 

@@ -11,7 +11,7 @@ at the real factors but 8 channels wide, so a 5-frame clip decodes in millisecon
 
 The scheduler is ``FlowMatchEulerDiscreteScheduler`` with the published static shift: the stock ``WanPipeline`` then
 steps exactly as the RL pipeline's ODE steps do, which the equivalence tests rely on. The published checkpoints'
-UniPC scheduler (``models/standins/wan2_1_t2v.py``) gives the same sigmas; ``WanRLPipeline.rl_schedule`` reads
+UniPC scheduler (``published.py``) gives the same sigmas; ``WanRLPipeline.rl_schedule`` reads
 either.
 """
 
@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import torch
 
-from verl_omni.models.standins import published_config
-from verl_omni.models.standins.wan2_1_t2v import SCHEDULER as PUBLISHED_SCHEDULER
 from verl_omni.models.tiny import _randomize_zero_params, _seeded_init, build_t5_tokenizer
+from verl_omni.pipelines.standins import published_config
+from verl_omni.pipelines.wan.published import SCHEDULER as PUBLISHED_SCHEDULER
 
 __all__ = ["TINY_SCHEDULER_CONFIG", "build_tiny_wan"]
 

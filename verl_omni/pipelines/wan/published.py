@@ -1,9 +1,10 @@
 """Wan text-to-video (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan-AI/Wan2.1-T2V-14B-Diffusers; Wan2.2's
-Wan-AI/Wan2.2-TI2V-5B-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers, their figures in ``wan2_2.py``) at their real
-size with random weights: the WanTransformer3DModel of the chosen variant (A14B: two experts, ``transformer`` and
-``transformer_2``), the UMT5-XXL text encoder (google/umt5-xxl's encoder, vocabulary 256,384) with a tokenizer of that
-size, the 3D causal VAE (Wan2.1's AutoencoderKLWan: 4x temporal, 8x spatial, 16 latent channels; TI2V-5B's own: 16x
-spatial, 48 latent channels) and the published UniPC flow scheduler. Every variant shares the text encoder."""
+Wan-AI/Wan2.2-TI2V-5B-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers, their figures in ``published_wan2_2.py``) at
+their real size with random weights: the WanTransformer3DModel of the chosen variant (A14B: two experts,
+``transformer`` and ``transformer_2``), the UMT5-XXL text encoder (google/umt5-xxl's encoder, vocabulary 256,384) with
+a tokenizer of that size, the 3D causal VAE (Wan2.1's AutoencoderKLWan: 4x temporal, 8x spatial, 16 latent
+channels; TI2V-5B's own: 16x spatial, 48 latent channels) and the published UniPC flow scheduler. Every variant shares
+the text encoder."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any, Optional
 
 import torch
 
-from verl_omni.models.standins import wan2_2
 from verl_omni.models.standins._common import build_module, t5_tokenizer, transformer_layers
+from verl_omni.pipelines.wan import published_wan2_2 as wan2_2
 
 REPOS = {"1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers", **wan2_2.REPOS}
 VARIANTS = tuple(REPOS)

@@ -1,5 +1,5 @@
 """Wan2.2's published figures (Wan-AI/Wan2.2-TI2V-5B-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers): what differs
-from Wan2.1's (``wan2_1_t2v.py``, which builds both generations' stand-ins).
+from Wan2.1's (``published.py``, which builds both generations' stand-ins).
 
 - TI2V-5B: one 30-block, 3072-wide transformer over 48 latent channels; its own VAE (``AutoencoderKLWan`` with
   ``is_residual``: 12 patchified pixel channels in and out, z_dim 48, 4x temporal and 16x spatial compression, 160 /
