@@ -23,10 +23,11 @@ from verl_omni.models.tiny import (
     tiny_clip_text_config,
     tiny_t5_encoder_config,
 )
-from verl_omni.pipelines.flux import published as flux_1_dev
+from verl_omni.pipelines.flux.published import SCHEDULER as PUBLISHED_SCHEDULER
+from verl_omni.pipelines.flux.published import VAE as PUBLISHED_VAE
 
 # The published scheduler and VAE latent scaling (black-forest-labs/FLUX.1-dev scheduler/ and vae/config.json)
-FLUX_SCHEDULER_CONFIG: dict[str, Any] = flux_1_dev.SCHEDULER
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = PUBLISHED_SCHEDULER
 
 CLIP_HIDDEN, T5_HIDDEN = 32, 64
 
@@ -52,7 +53,7 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype =
         )
     with _seeded_init(seed + 1, torch.float32):
         vae = tiny_autoencoder_kl(
-            scaling_factor=flux_1_dev.VAE["scaling_factor"], shift_factor=flux_1_dev.VAE["shift_factor"]
+            scaling_factor=PUBLISHED_VAE["scaling_factor"], shift_factor=PUBLISHED_VAE["shift_factor"]
         )
     with _seeded_init(seed + 2, torch.float32):
         text_encoder = CLIPTextModel(tiny_clip_text_config(clip_tokenizer, CLIP_HIDDEN))
